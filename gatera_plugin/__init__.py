@@ -1,0 +1,20 @@
+"""GateRA (token-gated parameter-efficient fine-tuning) as a PEFT method.
+
+`import gatera_plugin` registers the method with PEFT (`PeftType.GATERA`, prefix `gatera_`), so `get_peft_model`,
+`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and TRL's `SFTTrainer(peft_config=GateRAConfig(...))` work
+with it, and installs the small Trainer integration that applies and logs the entropy penalty.
+"""
+
+from ._registration import PEFT_TYPE, register as _register
+from .config import GateRAConfig
+from .layer import GateRALayer
+from .model import GateRAModel
+from .penalty import binary_entropy
+from .trainer_integration import find_gatera_model, install as _install_trainer_integration
+
+__version__ = "0.1.0"
+
+_register(GateRAConfig, GateRAModel)
+_install_trainer_integration()
+
+__all__ = ["PEFT_TYPE", "GateRAConfig", "GateRALayer", "GateRAModel", "binary_entropy", "find_gatera_model"]

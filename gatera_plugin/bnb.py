@@ -1,0 +1,100 @@
+"""GateRA on bitsandbytes' quantised linears (QLoRA-style training on 4-bit or 8-bit bases).
+
+The base layer keeps its own quantised forward; the HiRA branch needs `W0` itself, which `base_weight` dequantises
+through PEFT's helper on demand (in forward, and again in backward, where the memory-lean HiRA function rebuilds it
+rather than keeping a dequantised copy alive between the two).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.integrations import dequantize_bnb_weight
+
+from .layer import Linear, _unmergeable_message
+
+
+class _QuantizedLinear(Linear):
+    """Shared part of the 4-bit and 8-bit wrappers: dequantised `W0`, merge by re-quantising."""
+
+    def base_weight(self) -> torch.Tensor:
+        base = self.get_base_layer()
+        return dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))  # (d_out, d_in)
+
+    def _check_base_frozen(self) -> None:  # quantised weights are never trainable
+        return None
+
+    def _requantize(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold ungated adapters into the quantised weight (dequantise, add, re-quantise: rounding changes outputs)."""
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.gatera_A]
+        for name in adapter_names:
+            if self.gate_kind[name] != "none":
+                raise ValueError(_unmergeable_message(name, self.gate_kind[name]))
+        if not adapter_names:
+            return
+        base = self.base_weight()
+        if self._weight_before_merge is None:
+            self._weight_before_merge = base.detach().clone()
+        merged = base.float()
+        for name in adapter_names:
+            merged = merged + self.get_delta_weight(name).float()
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaN or inf in the merged weight: adapter(s) {adapter_names} seem to be broken.")
+        self._requantize(merged.to(base.dtype))
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self._requantize(self._weight_before_merge)
+        self._weight_before_merge = None
+        self.merged_adapters.clear()
+
+
+if is_bnb_available():
+    import bitsandbytes as bnb
+
+    class Linear8bitLt(_QuantizedLinear):
+        """GateRA on `bitsandbytes.nn.Linear8bitLt`."""
+
+        def _requantize(self, weight: torch.Tensor) -> None:
+            base = self.get_base_layer()
+            old = base.weight
+            base.weight = bnb.nn.Int8Params(
+                weight.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights
+            ).to(old.device)
+            base.state.reset_grads()
+
+    def dispatch_bnb_8bit(target, adapter_name, config, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, bnb.nn.Linear8bitLt):
+            return Linear8bitLt(target, adapter_name, config=config, **kwargs)
+        return None
+
+
+if is_bnb_4bit_available():
+    import bitsandbytes as bnb
+
+    class Linear4bit(_QuantizedLinear):
+        """GateRA on `bitsandbytes.nn.Linear4bit` (NF4 / FP4)."""
+
+        def _requantize(self, weight: torch.Tensor) -> None:
+            base = self.get_base_layer()
+            old = base.weight
+            kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
+            kwargs["requires_grad"] = False
+            if "bnb_quantized" in kwargs:
+                kwargs["bnb_quantized"] = False
+            base.weight = bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
+
+    def dispatch_bnb_4bit(target, adapter_name, config, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, bnb.nn.Linear4bit):
+            return Linear4bit(target, adapter_name, config=config, **kwargs)
+        return None

@@ -1,0 +1,39 @@
+"""Branch kinds: how a GateRA layer computes its (gated, scaled) update `s · g ⊙ Δy(x)`.
+
+Every branch kind is one function `(layer, adapter_name, x, gate) -> (..., d_out)` where `x` is the (dropped-out)
+branch input (..., d_in) and `gate` the token gate (..., 1) or None. The gate is passed in, not applied after, so that
+each branch can form the gate's gradient without storing its own output (see `ops/`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .ops import gated_hira, gated_lora
+
+
+def hira_branch(layer, adapter_name: str, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    """HiRA: `s · g ⊙ (x (W0 ⊙ BA)ᵀ)`, W0 re-read (and dequantised) in backward instead of kept."""
+    return gated_hira(
+        x, gate, layer.gatera_A[adapter_name], layer.gatera_B[adapter_name], layer.base_weight, layer.scaling[adapter_name]
+    )
+
+
+def lora_branch(layer, adapter_name: str, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    """LoRA: `s · g ⊙ (x Aᵀ Bᵀ)` with `s = lora_alpha / r`."""
+    return gated_lora(x, gate, layer.gatera_A[adapter_name], layer.gatera_B[adapter_name], layer.scaling[adapter_name])
+
+
+BRANCH_FUNCTIONS: dict[str, Callable] = {"hira": hira_branch, "lora": lora_branch}
+
+
+def delta_weight(kind: str, base_weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float):
+    """Additive weight update (d_out × d_in) of an ungated branch: `W' = W0 + delta_weight` (used by merge)."""
+    BA = B.float() @ A.float()
+    if kind == "hira":
+        return scaling * base_weight.float() * BA
+    if kind == "lora":
+        return scaling * BA
+    raise ValueError(f"Unknown branch {kind!r}.")

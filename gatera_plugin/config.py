@@ -1,0 +1,217 @@
+"""`GateRAConfig`: one config for every token-gate kind over every branch kind (SPEC.md section 5)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._registration import PEFT_TYPE
+
+# The kinds a user may pick. Each name maps to one implementation in `gates.py` / `branches.py`; adding a kind means
+# adding it here and there, nothing else.
+TOKEN_GATES = ("sigmoid", "none")
+BRANCHES = ("hira", "lora")
+
+# Version of the on-disk adapter format written by this package. Bump when a saved adapter would be read wrongly by an
+# older release; `GateRAConfig` refuses a newer version instead of guessing.
+FORMAT_VERSION = 1
+
+# Default weight of the entropy penalty for gated adapters (see README, "Choosing entropy_weight").
+DEFAULT_ENTROPY_WEIGHT = 0.01
+
+
+def _check_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False, integer=False) -> None:
+    """Raise a `ValueError` naming `name` unless `value` is a finite number inside the given bounds."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ValueError(f"`{name}` must be {kind}, got {value!r} ({type(value).__name__}).")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value!r}.")
+    if low is not None and (value <= low if low_open else value < low):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"`{name}` must be {bound}, got {value!r}.")
+    if high is not None and (value >= high if high_open else value > high):
+        bound = f"< {high}" if high_open else f"<= {high}"
+        raise ValueError(f"`{name}` must be {bound}, got {value!r}.")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+@dataclass
+class GateRAConfig(PeftConfig):
+    """
+    Configuration of a GateRA adapter: a per-token gate on a parameter-efficient branch.
+
+    `y = base(x) + g(x) · Δy(x)` where `g(x) = σ(w·x + b)` is one scalar per token (`gate="sigmoid"`, GateRA) or 1
+    (`gate="none"`), and `Δy(x)` is HiRA's `(W0 ⊙ BA) x` (`branch="hira"`) or LoRA's `(lora_alpha / r) · BA x`
+    (`branch="lora"`). An entropy penalty `entropy_weight · mean H(g) / log 2` over real tokens and gated layers pushes
+    gates towards 0 or 1; it is applied inside the gated layers' backward pass, so every trainer applies it without
+    extra code. See `SPEC.md` for the maths.
+
+    Args:
+        r: rank of the branch factors `A` (r × d_in) and `B` (d_out × r).
+        target_modules: module names (list: exact or suffix match; str: regex) to adapt, or `"all-linear"`.
+        exclude_modules: module names (same matching) never to adapt.
+        layers_to_transform / layers_pattern: restrict adaptation to these layer indices (PEFT semantics).
+        rank_pattern / alpha_pattern: per-module overrides of `r` / `lora_alpha`, keyed by regex.
+        modules_to_save: extra modules trained in full and saved with the adapter.
+        branch: `"hira"` (default) or `"lora"`.
+        gate: `"sigmoid"` (default, GateRA) or `"none"` (plain HiRA / LoRA; such an adapter can be merged).
+        lora_alpha: LoRA scaling numerator (`scaling = lora_alpha / r`); only for `branch="lora"`, default `r`.
+        dropout: dropout probability on the branch input (the gate always reads the undropped input).
+        gate_bias_init: initial gate bias `b`; 0 gives `g = 0.5` at step 0.
+        entropy_weight: weight λ of the entropy penalty; 0 switches it off. Default: `DEFAULT_ENTROPY_WEIGHT` when
+            gated, 0 for `gate="none"`.
+        init_weights: `True`: `B = 0` so the adapted model equals the base model at step 0; `False`: random `B`
+            (for tests and debugging only).
+        per_layer_stats: also log mean gate, entropy and open fraction per adapted module.
+    """
+
+    r: int = field(default=32, metadata={"help": "Rank of the branch factors A (r x d_in) and B (d_out x r)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules to adapt: a list (exact name or suffix match), a regex string, or 'all-linear'. If "
+            "unset, the architecture's default projections are chosen (as for PEFT's HiRA)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules never to adapt (list: exact or suffix match; str: regex)."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices (needs a list `target_modules`)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list that `layers_to_transform` indexes, e.g. 'layers'."}
+    )
+    rank_pattern: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Per-module rank overrides: {regex: rank}."}
+    )
+    alpha_pattern: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Per-module lora_alpha overrides: {regex: alpha} (lora branch)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+    )
+    branch: Literal["hira", "lora"] = field(
+        default="hira", metadata={"help": f"Branch kind, one of {list(BRANCHES)}."}
+    )
+    gate: Literal["sigmoid", "none"] = field(
+        default="sigmoid", metadata={"help": f"Token gate kind, one of {list(TOKEN_GATES)}."}
+    )
+    lora_alpha: Optional[float] = field(
+        default=None,
+        metadata={"help": "LoRA scaling numerator, scaling = lora_alpha / r (branch='lora' only; default r)."},
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the branch input."})
+    gate_bias_init: float = field(default=0.0, metadata={"help": "Initial gate bias b; 0 gives g = 0.5."})
+    entropy_weight: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": f"Weight of the entropy penalty on the token gates; 0 switches it off. Default "
+            f"{DEFAULT_ENTROPY_WEIGHT} for gated adapters, 0 for gate='none'."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: B = 0 (adapter is a no-op at step 0). False: random B, for debugging only."},
+        repr=False,
+    )
+    per_layer_stats: bool = field(
+        default=False, metadata={"help": "Also log gate statistics per adapted module."}
+    )
+    format_version: int = field(
+        default=FORMAT_VERSION, metadata={"help": "Version of the saved adapter format (set by the package)."}
+    )
+    # Read by PEFT and TRL on every config; GateRA targets modules, not bare parameters or token rows.
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Not supported by GateRA."})
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "Token rows of embedding layers to train alongside the adapter."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        _check_number("r", self.r, low=0, low_open=True, integer=True)
+        _check_choice("branch", self.branch, BRANCHES)
+        _check_choice("gate", self.gate, TOKEN_GATES)
+        if self.lora_alpha is not None:
+            if self.branch != "lora":
+                raise ValueError(
+                    f"`lora_alpha` only applies to branch='lora' (HiRA has no scaling, SPEC.md section 1), got "
+                    f"lora_alpha={self.lora_alpha!r} with branch={self.branch!r}. Remove `lora_alpha` or set "
+                    "branch='lora'."
+                )
+            _check_number("lora_alpha", self.lora_alpha, low=0, low_open=True)
+        _check_number("dropout", self.dropout, low=0, high=1, high_open=True)
+        _check_number("gate_bias_init", self.gate_bias_init)
+        if self.entropy_weight is None:
+            self.entropy_weight = DEFAULT_ENTROPY_WEIGHT if self.gate == "sigmoid" else 0.0
+        _check_number("entropy_weight", self.entropy_weight, low=0)
+        if self.entropy_weight > 0 and self.gate == "none":
+            raise ValueError(
+                f"`entropy_weight`={self.entropy_weight} needs a token gate, but gate='none'. Set entropy_weight=0 "
+                "or gate='sigmoid'."
+            )
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"`init_weights` must be True or False, got {self.init_weights!r}.")
+        if not isinstance(self.per_layer_stats, bool):
+            raise ValueError(f"`per_layer_stats` must be True or False, got {self.per_layer_stats!r}.")
+        _check_number("format_version", self.format_version, low=1, integer=True)
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This adapter was saved in GateRA format version {self.format_version}, but this installation of "
+                f"gatera_plugin reads versions up to {FORMAT_VERSION}. Upgrade gatera_plugin "
+                "(`pip install -U gatera-plugin`) to load it."
+            )
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if pattern is None:
+                setattr(self, name, {})
+                continue
+            if not isinstance(pattern, dict):
+                raise ValueError(f"`{name}` must be a dict {{module regex: value}}, got {type(pattern).__name__}.")
+            for key, value in pattern.items():
+                if name == "rank_pattern":
+                    _check_number(f"rank_pattern[{key!r}]", value, low=0, low_open=True, integer=True)
+                else:
+                    _check_number(f"alpha_pattern[{key!r}]", value, low=0, low_open=True)
+        if self.alpha_pattern and self.branch != "lora":
+            raise ValueError("`alpha_pattern` only applies to branch='lora' (HiRA has no scaling).")
+        if self.target_parameters:
+            raise ValueError(
+                "`target_parameters` is not supported by GateRA: the gate needs a module's input. Use "
+                "`target_modules` instead."
+            )
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, str):
+                continue
+            if not isinstance(value, (list, set, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"`{name}` must be a list of module names or a regex string, got {value!r}.")
+            setattr(self, name, set(value))
+        if isinstance(self.target_modules, set) and not self.target_modules:
+            raise ValueError("`target_modules` is an empty list; name at least one module or use 'all-linear'.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a regex string.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` needs `layers_to_transform` to be set as well.")
+
+    @property
+    def is_gated(self) -> bool:
+        """True when the adapter has a per-token gate (then it cannot be merged into the base weight)."""
+        return self.gate != "none"
+
+    def scaling_for(self, r: int, lora_alpha: Optional[float]) -> float:
+        """Branch scale `s` (SPEC.md section 1): 1 for HiRA, `lora_alpha / r` for LoRA (alpha defaults to r)."""
+        if self.branch == "hira":
+            return 1.0
+        return (r if lora_alpha is None else lora_alpha) / r

@@ -1,0 +1,227 @@
+"""`GateRAModel`: PEFT's tuner for GateRA (injection, merging rules, loading checks, penalty context)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+)
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+from ._registration import PREFIX
+from .config import GateRAConfig
+from .layer import SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
+from .penalty import GateStats, PenaltyRun
+
+
+class GateRAModel(BaseTuner):
+    """
+    Creates a GateRA model from a pretrained transformers model; built by `get_peft_model` / `PeftModel` from a
+    `GateRAConfig`.
+
+    Example:
+
+        ```py
+        >>> import gatera_plugin  # registers GateRA with PEFT
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, gatera_plugin.GateRAConfig(r=32, target_modules=["q_proj", "v_proj"]))
+        ```
+
+    Besides PEFT's tuner duties it owns the `PenaltyRun` its gated layers share: a forward pre-hook on the wrapped
+    model records each batch's attention mask (padding is excluded from the entropy penalty and the statistics).
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = GateRALayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        # set before injection: `_create_and_replace` hands it to every new layer
+        self.penalty_run = PenaltyRun()
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        self._batch_hook = self.model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
+
+    # ----------------------------------------------------------------------------------------------- injection
+    def _create_and_replace(self, config: GateRAConfig, adapter_name, target, target_name, parent, current_key):
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), config.r)
+        lora_alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), current_key), config.lora_alpha)
+        if isinstance(target, GateRALayer):
+            target.update_layer(adapter_name, r, lora_alpha, config)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, r=r, lora_alpha=lora_alpha)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until activated
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(config: GateRAConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
+        from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+
+        dispatchers = []
+        if is_bnb_available():
+            from .bnb import dispatch_bnb_8bit
+
+            dispatchers.append(dispatch_bnb_8bit)
+        if is_bnb_4bit_available():
+            from .bnb import dispatch_bnb_4bit
+
+            dispatchers.append(dispatch_bnb_4bit)
+        dispatchers.append(dispatch_default)
+        for dispatcher in dispatchers:
+            new_module = dispatcher(target, adapter_name, config=config, **kwargs)
+            if new_module is not None:
+                return new_module
+        raise ValueError(
+            f"GateRA cannot adapt target module of type {type(target).__name__} ({target}). Supported layer types: "
+            f"{SUPPORTED_LAYERS}. Remove it from `target_modules` (or add it to `exclude_modules`)."
+        )
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        new_module.penalty_run = self.penalty_run
+        device = child.weight.device
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
+                module.to(device)
+
+    def inject_adapter(self, *args, **kwargs) -> None:
+        super().inject_adapter(*args, **kwargs)
+        self._count_gated_layers()  # also reached by `PeftModel.add_adapter`
+
+    def _count_gated_layers(self) -> None:
+        counts: dict[str, int] = {}
+        for module in self.model.modules():
+            if isinstance(module, GateRALayer):
+                module.penalty_run = self.penalty_run
+                for name in module.gatera_gate:
+                    counts[name] = counts.get(name, 0) + 1
+        self.penalty_run.gated_layers = counts
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._count_gated_layers()
+
+    # ----------------------------------------------------------------------------------------------- batches
+    def _record_batch(self, module, args, kwargs):
+        """Forward pre-hook on the wrapped model: remember this batch's attention mask for the gated layers."""
+        reference = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if reference is None and args and isinstance(args[0], torch.Tensor):
+            reference = args[0]
+        if reference is None:
+            num_positions = 0
+        elif kwargs.get("inputs_embeds") is not None and reference is kwargs["inputs_embeds"]:
+            num_positions = reference.shape[:-1].numel()
+        else:
+            num_positions = reference.numel()
+        self.penalty_run.set_batch(kwargs.get("attention_mask"), num_positions)
+
+    # ----------------------------------------------------------------------------------------------- statistics
+    def pop_gate_stats(self, per_layer: Optional[bool] = None) -> dict[str, float]:
+        """Gate statistics recorded since the last call, as log entries; empty if no gated backward ran.
+
+        `gatera/gate_mean`, `gatera/entropy` (mean `H(g)/log 2` over real tokens and gated layers, in [0, 1]),
+        `gatera/gate_open_frac` (fraction of gates > 0.5) and `gatera/penalty` (λ · entropy), and with `per_layer`
+        (default: the adapter config's `per_layer_stats`) the same three per module under `gatera/<stat>/<module>`.
+        Sums are all-reduced across data-parallel ranks when torch.distributed is initialised.
+        """
+        rows = []  # (adapter, module name, GateStats), in a fixed order so that ranks all-reduce alike
+        device = None
+        for name, module in self.model.named_modules():
+            if isinstance(module, GateRALayer):
+                for adapter_name in module.gatera_gate:
+                    rows.append((adapter_name, name, module.gate_stats[adapter_name]))
+                    device = device or module.gatera_gate[adapter_name].weight.device
+        if not rows:
+            return {}
+        table = torch.zeros(len(rows), len(GateStats.KEYS), dtype=torch.float64, device=device)  # (layers, 4)
+        for i, (_, _, stats) in enumerate(rows):
+            sums = stats.pop_tensor()
+            if sums is not None:
+                table[i] = sums.to(device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(table)
+        table = table.cpu()
+        if not table[:, 0].any():
+            return {}
+        logs: dict[str, float] = {}
+        for adapter_name in sorted({row[0] for row in rows}):
+            index = [i for i, row in enumerate(rows) if row[0] == adapter_name and table[i, 0] > 0]
+            if not index:
+                continue
+            part = table[index]
+            suffix = "" if adapter_name == "default" else f"/{adapter_name}"
+            # per-layer means, then their mean: every gated layer weighs the same, as in the penalty
+            means = part[:, 1:] / part[:, :1].clamp(min=1)  # (layers, 3): gate, entropy, open
+            gate_mean, entropy, open_frac = means.mean(dim=0).tolist()
+            weight = self.peft_config[adapter_name].entropy_weight
+            logs[f"gatera/gate_mean{suffix}"] = gate_mean
+            logs[f"gatera/entropy{suffix}"] = entropy
+            logs[f"gatera/gate_open_frac{suffix}"] = open_frac
+            logs[f"gatera/penalty{suffix}"] = weight * entropy
+            show = self.peft_config[adapter_name].per_layer_stats if per_layer is None else per_layer
+            if show:
+                for i, row_index in enumerate(index):
+                    module_name = rows[row_index][1].removeprefix("model.")
+                    for stat, value in zip(("gate_mean", "entropy", "gate_open_frac"), means[i].tolist()):
+                        logs[f"gatera/{stat}{suffix}/{module_name}"] = value
+        return logs
+
+    # ----------------------------------------------------------------------------------------------- merging
+    def _check_mergeable(self, adapter_names: Optional[list[str]]) -> None:
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for name in names:
+            config = self.peft_config.get(name)
+            if config is not None and config.is_gated:
+                raise ValueError(_unmergeable_message(name, config.gate))
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        self._check_mergeable(adapter_names)
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        self._batch_hook.remove()
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Map checkpoint keys to the model and refuse, with a clear message, weights that do not fit this base."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        base_name = getattr(config, "base_model_name_or_path", None) or "the base model it was trained on"
+        mismatched = [
+            f"{key}: {tuple(remapped[key].shape)} in the adapter, {tuple(value.shape)} in this model"
+            for key, value in expected.items()
+            if key in remapped and tuple(remapped[key].shape) != tuple(value.shape)
+        ]
+        if mismatched:
+            raise ValueError(
+                f"The GateRA adapter does not fit this base model ({len(mismatched)} tensor(s) differ in shape), so it "
+                f"was trained on another model or with another rank. Load it onto {base_name}. First differences:\n  "
+                + "\n  ".join(mismatched[:5])
+            )
+        missing = sorted(key for key in expected if key not in remapped)
+        if missing:
+            raise ValueError(
+                f"The GateRA adapter checkpoint lacks {len(missing)} of the {len(expected)} tensors this model expects "
+                f"(e.g. {missing[0]!r}): it was saved from another base model or configuration, or the file is "
+                f"incomplete. Load it onto {base_name} with its own adapter_config.json."
+            )
+        return remapped

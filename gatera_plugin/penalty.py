@@ -1,0 +1,171 @@
+"""The entropy penalty on token gates, applied inside each gated layer's backward, and the gate statistics.
+
+The penalty (SPEC.md section 1, normalisation ours) is
+
+    P = λ · (1 / (N · L)) · Σ_layers Σ_real tokens H(g) / log 2,      H(g) = −[g log g + (1−g) log(1−g)]
+
+with `N` the number of real (non-padding) tokens of the optimisation step (all micro-batches, all data-parallel
+ranks) and `L` the number of gated layers; `P` lies in [0, λ].
+
+Why not `loss = task_loss + P`: TRL's SFTTrainer recomputes the loss from a fused LM head and never reads a loss the
+model adds to its outputs, and with reentrant gradient checkpointing (forced by TRL for ZeRO-3) a penalty tensor
+stashed during forward has no graph. Instead each gated layer passes its gate through `_EntropyTap`, an identity in
+forward whose backward adds `∂P/∂g` to the incoming gradient (the pattern Megatron uses for MoE auxiliary losses).
+Every trainer, every checkpointing mode and every parallelism that runs the layer's backward once per micro-batch
+therefore applies the penalty exactly once, with no code outside this package.
+
+Each rank's backward adds `λ · W / (N · L) · ∂H/∂g` per real token, where `W` is the data-parallel world size
+(DDP and DeepSpeed average gradients across ranks). `N` and the loss scale of fp16 training are set once per
+optimisation step by `trainer_integration` from the micro-batches the Trainer has already prefetched; outside a
+Trainer, `N` is the number of real tokens of the current forward (so `loss.backward()` in a plain loop gets the
+gradient of `task_loss + P`).
+
+Gate statistics are recorded in the same backward, which also runs exactly once per micro-batch under gradient
+checkpointing (a forward-side record would count recomputed forwards twice).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+LOG2 = math.log(2.0)
+# Gates are clamped to [ENTROPY_EPS, 1 − ENTROPY_EPS] before the logs (SPEC.md section 1).
+ENTROPY_EPS = 1e-6
+
+
+def binary_entropy(gate: torch.Tensor) -> torch.Tensor:
+    """`H(g) / log 2` elementwise, in [0, 1], with `g` clamped to [ε, 1 − ε]."""
+    g = gate.float().clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
+    return -(g * torch.log(g) + (1.0 - g) * torch.log1p(-g)) / LOG2
+
+
+def binary_entropy_grad(gate: torch.Tensor) -> torch.Tensor:
+    """`∂(H(g) / log 2)/∂g = log((1 − g) / g) / log 2`, and 0 where the clamp to [ε, 1 − ε] is active."""
+    g = gate.float()
+    inside = (g >= ENTROPY_EPS) & (g <= 1.0 - ENTROPY_EPS)
+    gc = g.clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
+    return torch.where(inside, (torch.log1p(-gc) - torch.log(gc)) / LOG2, torch.zeros_like(gc))
+
+
+class GateStats:
+    """Running sums of one gated layer's statistics over real tokens, accumulated on the gate's device.
+
+    `add` takes the gate (N, 1) and a mask of real tokens (N, 1) or None; `pop` returns and clears the sums as
+    floats: `tokens`, `gate` (Σ g), `entropy` (Σ H(g)/log 2), `open` (count of g > 0.5).
+    """
+
+    KEYS = ("tokens", "gate", "entropy", "open")
+
+    def __init__(self):
+        self._sums: Optional[torch.Tensor] = None  # (4,) float64: tokens, Σg, ΣH, Σ[g>0.5]
+
+    @torch.no_grad()
+    def add(self, gate: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        g = gate.detach().float()
+        weight = mask.float() if mask is not None else torch.ones_like(g)
+        sums = torch.stack(
+            [weight.sum(), (g * weight).sum(), (binary_entropy(g) * weight).sum(), ((g > 0.5).float() * weight).sum()]
+        ).double()
+        self._sums = sums if self._sums is None else self._sums + sums.to(self._sums.device)
+
+    def pending(self) -> bool:
+        return self._sums is not None
+
+    def pop_tensor(self) -> Optional[torch.Tensor]:
+        """The (4,) sums (tokens, Σg, ΣH, open count), then cleared; None if nothing was recorded."""
+        sums, self._sums = self._sums, None
+        return sums
+
+
+@dataclass
+class PenaltyRun:
+    """What the gated layers of one GateRA model share while training.
+
+    Set by the model's forward pre-hook (`set_batch`) and, inside a `transformers.Trainer`, once per optimisation
+    step by `trainer_integration` (`begin_step`).
+    """
+
+    attention_mask: Optional[torch.Tensor] = None  # (B, T) bool of the current forward, or None: every token is real
+    num_positions: int = 0  # batch × sequence length of the current forward
+    step_tokens: Optional[float] = None  # real tokens of the whole optimisation step, all ranks (Trainer only)
+    world_size: int = 1  # data-parallel ranks whose gradients are averaged
+    loss_scale: float = 1.0  # fp16 loss scale applied to the task loss before backward
+    gated_layers: dict = field(default_factory=dict)  # adapter name -> number of layers with a token gate
+    _batch_tokens: Optional[int] = field(default=None, repr=False)
+
+    def set_batch(self, attention_mask: Optional[torch.Tensor], num_positions: int) -> None:
+        """Record the token mask of a new forward; `num_positions` = batch × sequence length."""
+        self.attention_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        self.num_positions = num_positions
+        self._batch_tokens = None
+
+    @property
+    def batch_tokens(self) -> int:
+        """Real tokens of the current forward (counted on first use: it syncs with the device)."""
+        if self._batch_tokens is None:
+            mask = self.attention_mask
+            self._batch_tokens = int(mask.sum()) if mask is not None else self.num_positions
+        return self._batch_tokens
+
+    def begin_step(self, step_tokens: float, world_size: int = 1, loss_scale: float = 1.0) -> None:
+        """Fix the normaliser for one optimisation step: real tokens over all its micro-batches and ranks."""
+        self.step_tokens = float(step_tokens)
+        self.world_size = int(world_size)
+        self.loss_scale = float(loss_scale)
+
+    def end_training(self) -> None:
+        """Return to per-forward normalisation (used after a Trainer run)."""
+        self.step_tokens = None
+        self.world_size = 1
+        self.loss_scale = 1.0
+
+    def token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Mask (N, 1) of real tokens for a layer input x (..., d); None when every position counts.
+
+        The mask applies when x is laid out as (batch, sequence, d) like the model input; inputs of any other layout
+        (e.g. tokens routed to an expert) count every position.
+        """
+        mask = self.attention_mask
+        if mask is None or tuple(x.shape[:-1]) != tuple(mask.shape):
+            return None
+        return mask.to(x.device).reshape(-1, 1)
+
+    def entropy_scale(self, adapter_name: str, weight: float) -> float:
+        """Factor on `∂(H/log 2)/∂g` per real token in this rank's backward: λ·W·loss_scale / (N·L)."""
+        layers = self.gated_layers.get(adapter_name, 0)
+        tokens = self.step_tokens if self.step_tokens is not None else self.batch_tokens
+        if weight == 0.0 or layers == 0 or tokens <= 0:
+            return 0.0
+        return weight * self.world_size * self.loss_scale / (tokens * layers)
+
+
+class _EntropyTap(torch.autograd.Function):
+    """Identity on the gate (N, 1); backward adds `scale · ∂(H/log 2)/∂g` on real tokens and records statistics."""
+
+    @staticmethod
+    def forward(ctx, gate, mask, scale, stats):
+        ctx.save_for_backward(gate, mask)
+        ctx.scale = scale
+        ctx.stats = stats
+        return gate.view_as(gate)
+
+    @staticmethod
+    def backward(ctx, grad_gate):
+        gate, mask = ctx.saved_tensors
+        if ctx.stats is not None:
+            ctx.stats.add(gate, mask)
+        if ctx.scale != 0.0:
+            extra = binary_entropy_grad(gate) * ctx.scale
+            if mask is not None:
+                extra = extra * mask
+            grad_gate = grad_gate + extra.to(grad_gate.dtype)
+        return grad_gate, None, None, None
+
+
+def entropy_tap(gate: torch.Tensor, mask: Optional[torch.Tensor], scale: float, stats: Optional[GateStats]):
+    """Pass `gate` (N, 1) through unchanged; its backward adds the entropy penalty's gradient and records stats."""
+    return _EntropyTap.apply(gate, mask, scale, stats)

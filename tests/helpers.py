@@ -1,0 +1,100 @@
+"""Tiny models, tokenizers and naive reference implementations shared by the tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gatera_plugin.penalty import ENTROPY_EPS
+
+
+def tiny_llama(hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate: int = 64, seed: int = 0):
+    """A randomly initialised LlamaForCausalLM small enough for CPU tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(hidden: int = 32, layers: int = 2, vocab: int = 128, seed: int = 0):
+    """A randomly initialised GPT2LMHeadModel (its projections are transformers' transposed `Conv1D`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def copy_adapter_weights(src_model, dst_model, mapping: dict[str, str]) -> None:
+    """Copy adapter tensors between two PEFT models whose parameter names differ by `mapping` substrings."""
+    dst = dict(dst_model.named_parameters())
+    with torch.no_grad():
+        for name, param in src_model.named_parameters():
+            target = name
+            for old, new in mapping.items():
+                target = target.replace(old, new)
+            if target != name:
+                dst[target].copy_(param.reshape(dst[target].shape))
+
+
+def naive_gated_hira(x, W0, A, B, gate_w, gate_b, scaling=1.0):
+    """Reference: s · σ(x·w + b) ⊙ (x (W0 ⊙ BA)ᵀ), plain autograd."""
+    g = torch.sigmoid(x @ gate_w.t() + gate_b) if gate_w is not None else None
+    out = x @ (W0 * (B @ A)).t()
+    return scaling * (g * out if g is not None else out)
+
+
+def naive_gated_lora(x, A, B, gate_w, gate_b, scaling=1.0):
+    g = torch.sigmoid(x @ gate_w.t() + gate_b) if gate_w is not None else None
+    out = (x @ A.t()) @ B.t()
+    return scaling * (g * out if g is not None else out)
+
+
+def naive_entropy(g):
+    """H(g)/log 2 with the same clamp as the package, written independently."""
+    g = g.clamp(ENTROPY_EPS, 1 - ENTROPY_EPS)
+    return -(g * torch.log(g) + (1 - g) * torch.log(1 - g)) / math.log(2)
+
+
+def collect_gates(model) -> tuple[list, list]:
+    """Register hooks recording every GateRA gate output (with graph) during the next forward; returns (gates, handles)."""
+    from gatera_plugin.gates import SigmoidGate
+
+    gates, handles = [], []
+    for module in model.modules():
+        if isinstance(module, SigmoidGate):
+            handles.append(module.register_forward_hook(lambda m, i, o: gates.append(o)))
+    return gates, handles
+
+
+def gate_params(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if "gatera_gate" in n}
+
+
+class TwoLinear(nn.Module):
+    """A model of two linears (the second on the first's output) for layer-level tests."""
+
+    def __init__(self, d_in=12, d_hidden=20, d_out=8, bias=True):
+        super().__init__()
+        self.lin0 = nn.Linear(d_in, d_hidden, bias=bias)
+        self.lin1 = nn.Linear(d_hidden, d_out, bias=bias)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))

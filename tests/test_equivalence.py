@@ -1,0 +1,137 @@
+"""The anchors of the suite (SPEC.md section 5): ungated GateRA equals PEFT's HiRA and LoRA; gated equals the formula."""
+
+import copy
+
+import pytest
+import torch
+from peft import HiraConfig, LoraConfig, get_peft_model
+
+from gatera_plugin import GateRAConfig
+from tests.helpers import TwoLinear, copy_adapter_weights, naive_gated_hira, naive_gated_lora, tiny_gpt2, tiny_llama
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _loss_and_grads(model, input_ids, names):
+    out = model(input_ids=input_ids, labels=input_ids)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(out.loss, [params[n] for n in names])
+    return out.logits.detach(), dict(zip(names, grads))
+
+
+def _compare(ours, theirs, mapping, input_ids):
+    """Same logits and same adapter gradients (theirs' names = ours' names with `mapping` applied)."""
+    copy_adapter_weights(ours, theirs, mapping)
+    our_names = [n for n, p in ours.named_parameters() if p.requires_grad]
+    their_names = []
+    for n in our_names:
+        for old, new in mapping.items():
+            n = n.replace(old, new)
+        their_names.append(n)
+    assert our_names and len(our_names) == len([p for p in theirs.parameters() if p.requires_grad])
+    logits, grads = _loss_and_grads(ours, input_ids, our_names)
+    ref_logits, ref_grads = _loss_and_grads(theirs, input_ids, their_names)
+    assert not torch.allclose(logits, _base_logits(ours, input_ids), atol=1e-4), "adapter must change the output"
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    for ours_name, their_name in zip(our_names, their_names):
+        torch.testing.assert_close(grads[ours_name].reshape(ref_grads[their_name].shape), ref_grads[their_name],
+                                   rtol=1e-4, atol=1e-6, msg=ours_name)
+
+
+def _base_logits(model, input_ids):
+    with model.disable_adapter(), torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("builder,targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
+def test_ungated_hira_equals_peft_hira(builder, targets):
+    input_ids = torch.randint(3, 128, (2, 9))
+    ours = get_peft_model(builder(), GateRAConfig(r=4, target_modules=targets, gate="none", init_weights=False))
+    fan_in_fan_out = builder is tiny_gpt2
+    theirs = get_peft_model(
+        builder(), HiraConfig(r=4, target_modules=targets, init_weights=False, fan_in_fan_out=fan_in_fan_out)
+    )
+    _compare(ours, theirs, {"gatera_A": "hira_A", "gatera_B": "hira_B"}, input_ids)
+
+
+@pytest.mark.parametrize("builder,targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
+def test_ungated_lora_equals_peft_lora(builder, targets):
+    input_ids = torch.randint(3, 128, (2, 9))
+    ours = get_peft_model(
+        builder(), GateRAConfig(r=4, lora_alpha=12, branch="lora", target_modules=targets, gate="none", init_weights=False)
+    )
+    fan_in_fan_out = builder is tiny_gpt2
+    theirs = get_peft_model(
+        builder(),
+        LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False, fan_in_fan_out=fan_in_fan_out),
+    )
+    _compare(ours, theirs, {"gatera_A.default": "lora_A.default.weight", "gatera_B.default": "lora_B.default.weight"},
+             input_ids)
+
+
+@pytest.mark.parametrize("branch", ["hira", "lora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gated_layer_equals_naive_formula(branch, dropout):
+    """y = W0 x + b0 + s·σ(w·x + b)·Δy(dropout(x)): output and every gradient against the formula written out."""
+    model = TwoLinear()
+    config = GateRAConfig(r=3, target_modules=["lin0", "lin1"], branch=branch, init_weights=False, dropout=dropout,
+                          lora_alpha=6 if branch == "lora" else None, entropy_weight=0.0)
+    peft_model = get_peft_model(model, config)
+    layer = peft_model.base_model.model.lin1
+    x = torch.randn(5, 7, 20, requires_grad=True)
+    torch.manual_seed(11)
+    out = layer(x)
+    A, B = layer.gatera_A["default"], layer.gatera_B["default"]
+    gate = layer.gatera_gate["default"]
+    W0, b0 = layer.base_layer.weight, layer.base_layer.bias
+    torch.manual_seed(11)
+    x_drop = torch.nn.functional.dropout(x, p=dropout, training=True) if dropout else x
+    g = torch.sigmoid(x @ gate.weight.t() + gate.bias)
+    if branch == "hira":
+        delta = naive_gated_hira(x_drop, W0, A, B, None, None)
+    else:
+        delta = naive_gated_lora(x_drop, A, B, None, None, scaling=2.0)
+    expected = x @ W0.t() + b0 + g * delta
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grad_out = torch.randn_like(out)
+    inputs = [x, A, B, gate.weight, gate.bias]
+    ours = torch.autograd.grad(out, inputs, grad_out)
+    ref = torch.autograd.grad(expected, inputs, grad_out)
+    for name, a, b in zip(["x", "A", "B", "gate.weight", "gate.bias"], ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_init_is_identity_and_gate_starts_at_sigmoid_of_bias():
+    """Default init: B = 0 so the adapted model equals the base model; every gate starts at σ(gate_bias_init)."""
+    base = tiny_llama()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, GateRAConfig(r=4, target_modules=LLAMA_TARGETS, gate_bias_init=1.5))
+    input_ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    g = layer.gatera_gate["default"](torch.randn(4, 32))
+    torch.testing.assert_close(g, torch.full((4, 1), torch.sigmoid(torch.tensor(1.5)).item()))
+    assert layer.gatera_gate["default"].weight.abs().sum() == 0
+    assert layer.gatera_B["default"].abs().sum() == 0 and layer.gatera_A["default"].abs().sum() > 0
+
+
+def test_parameter_count_one_gate_per_projection():
+    """d_in + 1 gate parameters per adapted projection, on top of HiRA's r·(d_in + d_out)."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    trainable, _ = model.get_nb_trainable_parameters()
+    layers, hidden, inter = 2, 32, 64
+    expected = layers * ((4 * (hidden + hidden) + hidden + 1) + (4 * (inter + hidden) + inter + 1))
+    assert trainable == expected
+
+
+def test_bf16_base_keeps_fp32_adapter_and_output_dtype():
+    base = tiny_llama().to(torch.bfloat16)
+    model = get_peft_model(base, GateRAConfig(r=4, target_modules=LLAMA_TARGETS, init_weights=False))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.gatera_A["default"].dtype == torch.float32
+    assert layer.gatera_gate["default"].weight.dtype == torch.float32
+    out = model(input_ids=torch.randint(3, 128, (2, 5)), labels=torch.randint(3, 128, (2, 5)))
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert layer.gatera_A["default"].grad is not None and torch.isfinite(layer.gatera_A["default"].grad).all()

@@ -1,0 +1,230 @@
+"""GateRA through PEFT's machinery: save/load, AutoPeftModel, merging rules, adapters, checkpointing, registration."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
+from peft.utils import PeftType
+from torch import nn
+
+import gatera_plugin
+from gatera_plugin import GateRAConfig, GateRALayer
+from tests.helpers import TwoLinear, tiny_gpt2, tiny_llama
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _trained_like(model):
+    """Give every adapter tensor non-trivial values (as after training)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "gatera_" in name:
+                param.normal_(0, 0.2)
+    return model
+
+
+def _logits(model, input_ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("branch", ["hira", "lora"])
+def test_save_load_round_trip_is_exact(tmp_path, branch):
+    model = _trained_like(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, branch=branch)))
+    input_ids = torch.randint(3, 128, (2, 9))
+    expected = _logits(model, input_ids)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "GATERA" and saved["branch"] == branch and saved["format_version"] == 1
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert isinstance(loaded.peft_config["default"], GateRAConfig)
+    torch.testing.assert_close(_logits(loaded, input_ids), expected, rtol=0, atol=0)
+    config = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(config, GateRAConfig) and config.entropy_weight == 0.01
+
+
+def test_saved_keys_are_adapter_only_and_prefixed(tmp_path):
+    from safetensors.torch import load_file
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys == sorted(
+        f"base_model.model.model.layers.{i}.self_attn.q_proj.gatera_{p}"
+        for i in range(2)
+        for p in ("A", "B", "gate.weight", "gate.bias")
+    )
+
+
+def test_auto_peft_model_loads_base_and_adapter(tmp_path):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    model = _trained_like(get_peft_model(base, GateRAConfig(r=4, target_modules=TARGETS)))
+    input_ids = torch.randint(3, 128, (2, 9))
+    expected = _logits(model, input_ids)
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert isinstance(auto.base_model, gatera_plugin.GateRAModel)
+    torch.testing.assert_close(_logits(auto, input_ids), expected)
+
+
+def test_loading_onto_a_wrong_base_is_refused_clearly(tmp_path):
+    model = get_peft_model(tiny_llama(hidden=32), GateRAConfig(r=4, target_modules=TARGETS))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not fit this base model.*differ in shape"):
+        PeftModel.from_pretrained(tiny_llama(hidden=64, intermediate=96), tmp_path)
+    with pytest.raises(ValueError, match="lacks .* tensors"):
+        PeftModel.from_pretrained(tiny_llama(layers=3), tmp_path)
+
+
+def test_loading_in_a_process_without_the_plugin_needs_the_import(tmp_path):
+    """Without `import gatera_plugin` PEFT cannot know the type; with it, loading works (documented in README)."""
+    get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    code = "from peft import PeftConfig; PeftConfig.from_pretrained({!r})".format(str(tmp_path))
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert bare.returncode != 0 and "GATERA" in bare.stderr
+    ok = subprocess.run([sys.executable, "-c", "import gatera_plugin; " + code], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_gated_adapter_refuses_to_merge_and_leaves_model_intact():
+    model = _trained_like(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS)))
+    input_ids = torch.randint(3, 128, (2, 9))
+    before = _logits(model, input_ids)
+    for call in (model.merge_and_unload, model.merge_adapter, model.base_model.merge_and_unload):
+        with pytest.raises(ValueError, match="per-token gate.*no single merged weight"):
+            call()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="per-token gate"):
+        layer.merge()
+    assert not layer.merged
+    torch.testing.assert_close(_logits(model, input_ids), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("branch", ["hira", "lora"])
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+def test_ungated_adapter_merges_exactly(branch, builder):
+    targets = TARGETS if builder is tiny_llama else ["c_attn", "c_proj", "c_fc"]
+    model = _trained_like(get_peft_model(builder(), GateRAConfig(r=4, target_modules=targets, gate="none", branch=branch)))
+    input_ids = torch.randint(3, 128, (2, 9))
+    expected = _logits(model, input_ids)
+    model.merge_adapter()
+    torch.testing.assert_close(_logits(model, input_ids), expected, rtol=1e-4, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(_logits(model, input_ids), expected, rtol=0, atol=0)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, GateRALayer) for m in merged.modules())
+    torch.testing.assert_close(_logits(merged, input_ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_unload_disable_and_delete_adapter():
+    base = tiny_llama()
+    input_ids = torch.randint(3, 128, (2, 9))
+    base_logits = _logits(base, input_ids)
+    model = _trained_like(get_peft_model(base, GateRAConfig(r=4, target_modules=TARGETS)))
+    adapted = _logits(model, input_ids)
+    assert not torch.allclose(adapted, base_logits)
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits(model, input_ids), base_logits)
+    torch.testing.assert_close(_logits(model, input_ids), adapted)
+
+    model.add_adapter("second", GateRAConfig(r=2, target_modules=["q_proj"], branch="lora"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".second" in name:
+                param.normal_(0, 0.2)
+    model.set_adapter("second")
+    second = _logits(model, input_ids)
+    assert not torch.allclose(second, adapted)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".second" in n for n in trainable)
+    assert model.base_model.penalty_run.gated_layers == {"default": 14, "second": 2}
+    model.set_adapter("default")
+    torch.testing.assert_close(_logits(model, input_ids), adapted)
+    model.delete_adapter("second")
+    assert model.base_model.penalty_run.gated_layers == {"default": 14}
+    assert not any("second" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(_logits(model, input_ids), adapted)
+
+    unloaded = model.unload()
+    assert not any(isinstance(m, GateRALayer) for m in unloaded.modules())
+    torch.testing.assert_close(_logits(unloaded, input_ids), base_logits)
+    assert not unloaded._forward_pre_hooks  # the batch-recording hook went with the adapter
+
+
+def test_rank_pattern_layers_to_transform_and_exclude():
+    config = GateRAConfig(
+        r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, layers_to_transform=[1],
+        layers_pattern="layers",
+    )
+    model = get_peft_model(tiny_llama(layers=3), config)
+    names = [n for n, m in model.named_modules() if isinstance(m, GateRALayer)]
+    assert names == ["base_model.model.model.layers.1.self_attn.q_proj", "base_model.model.model.layers.1.self_attn.v_proj"]
+    assert model.base_model.model.model.layers[1].self_attn.v_proj.r["default"] == 2
+    excluded = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules="all-linear", exclude_modules=["down_proj"]))
+    kinds = {n.rsplit(".", 1)[-1] for n, m in excluded.named_modules() if isinstance(m, GateRALayer)}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}  # all-linear skips lm_head
+
+
+def test_unsupported_layer_type_names_the_supported_ones():
+    class WithConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match="cannot adapt target module of type Conv2d.*Supported layer types.*nn.Linear"):
+        get_peft_model(WithConv(), GateRAConfig(target_modules=["conv"]))
+
+
+def test_targets_matching_nothing_are_refused():
+    with pytest.raises(ValueError, match="not found in the base model"):
+        get_peft_model(TwoLinear(), GateRAConfig(target_modules=["nope"]))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    """Recomputed forwards must not change gradients, nor apply the penalty or record statistics twice."""
+    input_ids = torch.randint(3, 128, (3, 11))
+    mask = torch.ones_like(input_ids)
+    mask[0, 7:] = 0
+    results = []
+    for checkpointing in (False, True):
+        model = _trained_like(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.5)))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        out = model(input_ids=input_ids, attention_mask=mask, labels=input_ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((grads, model.base_model.pop_gate_stats(per_layer=True)))
+    (grads, stats), (grads_ckpt, stats_ckpt) = results
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert stats.keys() == stats_ckpt.keys() and len(stats) == 4 + 3 * 14
+    for key in stats:
+        assert stats_ckpt[key] == pytest.approx(stats[key], rel=1e-6), key
+
+
+def test_registration_is_idempotent():
+    import importlib
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
+
+    members = list(PeftType)
+    importlib.reload(gatera_plugin._registration)
+    importlib.reload(gatera_plugin)
+    assert list(PeftType) == members and PeftType.GATERA.value == "GATERA"
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.GATERA] == "gatera_"
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.GATERA] is gatera_plugin.GateRAConfig
+    model = get_peft_model(TwoLinear(), gatera_plugin.GateRAConfig(target_modules=["lin0"]))
+    assert isinstance(model.base_model, gatera_plugin.GateRAModel)

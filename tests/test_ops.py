@@ -1,0 +1,174 @@
+"""The memory-lean branch functions against naive autograd references: outputs, all gradients, saved memory."""
+
+import pytest
+import torch
+
+from gatera_plugin.ops import gated_hira, gated_lora
+from tests.helpers import naive_gated_hira, naive_gated_lora
+
+D_IN, D_OUT, R, N = 24, 40, 6, 17
+
+
+def _inputs(dtype, gated=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D_IN, generator=g)
+    W0 = torch.randn(D_OUT, D_IN, generator=g) * 0.5
+    A = torch.randn(R, D_IN, generator=g) * 0.3
+    B = torch.randn(D_OUT, R, generator=g) * 0.3
+    w = torch.randn(1, D_IN, generator=g) * 0.3 if gated else None
+    b = torch.randn(1, generator=g) if gated else None
+    tensors = dict(x=x, W0=W0, A=A, B=B, w=w, b=b)
+    return {k: (v.to(dtype).requires_grad_(k != "W0") if v is not None else None) for k, v in tensors.items()}
+
+
+def _run(kind, t, scaling, use_ops):
+    if use_ops:
+        gate = torch.sigmoid(t["x"] @ t["w"].t() + t["b"]) if t["w"] is not None else None
+        if kind == "hira":
+            return gated_hira(t["x"], gate, t["A"], t["B"], lambda: t["W0"], scaling)
+        return gated_lora(t["x"], gate, t["A"], t["B"], scaling)
+    if kind == "hira":
+        return naive_gated_hira(t["x"], t["W0"], t["A"], t["B"], t["w"], t["b"], scaling)
+    return naive_gated_lora(t["x"], t["A"], t["B"], t["w"], t["b"], scaling)
+
+
+def _grads(kind, t, scaling, use_ops, grad_out):
+    out = _run(kind, t, scaling, use_ops)
+    names = [k for k, v in t.items() if v is not None and v.requires_grad]
+    grads = torch.autograd.grad(out, [t[k] for k in names], grad_out)
+    return out, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("kind", ["hira", "lora"])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("scaling", [1.0, 0.37])
+def test_fp32_matches_naive_reference(kind, gated, scaling):
+    t = _inputs(torch.float32, gated)
+    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1))
+    out, grads = _grads(kind, t, scaling, True, grad_out)
+    ref_out, ref_grads = _grads(kind, t, scaling, False, grad_out)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert set(grads) == set(ref_grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("kind", ["hira", "lora"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_within_2x_of_naive(kind, dtype):
+    """In bf16/fp16 the function's error against the fp32 truth stays within 2x the naive bf16/fp16 error.
+
+    A fixed absolute tolerance would either hide a real bug or fail on rounding; comparing with the reference run in
+    the same precision (Liger-Kernel's convention) asks only that we round no worse than plain autograd does. Two
+    units of the dtype's resolution at the tensor's scale are added because a scalar gradient (the gate bias) is one
+    rounded number: 1 ulp for the reference and 2 for us is luck of the summation order, not a bug.
+    """
+    eps = torch.finfo(dtype).eps
+    truth_t = _inputs(torch.float32)
+    low_t = _inputs(dtype)
+    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1))
+    truth_out, truth = _grads(kind, truth_t, 1.0, False, grad_out)
+    ours_out, ours = _grads(kind, low_t, 1.0, True, grad_out.to(dtype))
+    naive_out, naive = _grads(kind, low_t, 1.0, False, grad_out.to(dtype))
+
+    def err(a, b):
+        return (a.float() - b.float()).abs().max().item()
+
+    scale = truth_out.abs().max().item()
+    assert err(ours_out, truth_out) <= 2 * err(naive_out, truth_out) + 2 * eps * scale
+    for name in truth:
+        s = truth[name].abs().max().item()
+        assert err(ours[name], truth[name]) <= 2 * err(naive[name], truth[name]) + 2 * eps * s, name
+        assert ours[name].dtype == dtype
+
+
+@pytest.mark.parametrize("kind", ["hira", "lora"])
+def test_closed_gate_sends_no_gradient_to_factors(kind):
+    """SPEC.md section 1 (Theorem 1): ∂L/∂(A, B) is linear in g per token, so a token with g = 0 contributes nothing."""
+    t = _inputs(torch.float32)
+    x, A, B, W0 = t["x"], t["A"], t["B"], t["W0"]
+    gate = torch.rand(N, 1, generator=torch.Generator().manual_seed(2))
+    closed = torch.arange(N) % 3 == 0
+    gate[closed] = 0.0
+    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(3))
+
+    def factor_grads(x_, gate_, grad_out_):
+        if kind == "hira":
+            out = gated_hira(x_, gate_, A, B, lambda: W0)
+        else:
+            out = gated_lora(x_, gate_, A, B)
+        return torch.autograd.grad(out, [A, B], grad_out_)
+
+    all_tokens = factor_grads(x, gate, grad_out)
+    open_only = factor_grads(x[~closed], gate[~closed], grad_out[~closed])
+    for full, part in zip(all_tokens, open_only):
+        torch.testing.assert_close(full, part, rtol=1e-5, atol=1e-6)
+    # linear in g: halving every gate halves the factor gradients
+    halved = factor_grads(x, gate * 0.5, grad_out)
+    for full, half in zip(all_tokens, halved):
+        torch.testing.assert_close(half, 0.5 * full, rtol=1e-5, atol=1e-6)
+    # and the gate's own gradient is s·δ·(ΔW x) even where g = 0 (a closed gate can reopen)
+    gate_leaf = gate.clone().requires_grad_(True)
+    out = gated_hira(x, gate_leaf, A, B, lambda: W0) if kind == "hira" else gated_lora(x, gate_leaf, A, B)
+    (dg,) = torch.autograd.grad(out, [gate_leaf], grad_out)
+    ungated = (x @ (W0 * (B @ A)).t()) if kind == "hira" else (x @ A.t() @ B.t())
+    torch.testing.assert_close(dg, (grad_out * ungated).sum(-1, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+def _saved_numels(fn):
+    """Numel of every tensor autograd saves while running `fn()` (the memory kept between forward and backward)."""
+    numels = []
+
+    def pack(tensor):
+        numels.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return numels
+
+
+def test_hira_keeps_no_weight_sized_tensor():
+    """Only x, g, A, B are kept for backward: nothing of size d_out × d_in (PEFT's HiRA keeps W0 ⊙ BA)."""
+    t = _inputs(torch.float32)
+    gate = torch.sigmoid(t["x"] @ t["w"].t() + t["b"])
+    ours = _saved_numels(lambda: gated_hira(t["x"], gate, t["A"], t["B"], lambda: t["W0"]))
+    assert max(ours) < D_OUT * D_IN
+    assert sum(ours) == N * D_IN + N + R * D_IN + D_OUT * R
+    naive = _saved_numels(lambda: naive_gated_hira(t["x"], t["W0"], t["A"], t["B"], None, None))
+    assert D_OUT * D_IN in naive  # the check above would catch a materialised ΔW
+
+
+def test_lora_keeps_no_output_sized_tensor():
+    """The gated LoRA function keeps x, g, A, B and the rank-r activation, not the branch output (N × d_out)."""
+    t = _inputs(torch.float32)
+    gate = torch.sigmoid(t["x"] @ t["w"].t() + t["b"])
+    ours = _saved_numels(lambda: gated_lora(t["x"], gate, t["A"], t["B"]))
+    assert sum(ours) == N * D_IN + N + R * D_IN + D_OUT * R + N * R
+    naive = _saved_numels(lambda: naive_gated_lora(t["x"], t["A"], t["B"], t["w"], t["b"]))
+    assert N * D_OUT in naive
+
+
+def test_weight_fn_called_again_in_backward():
+    """The base weight is re-read in backward (so a dequantised copy need not be kept alive)."""
+    t = _inputs(torch.float32)
+    calls = []
+
+    def weight_fn():
+        calls.append(1)
+        return t["W0"]
+
+    out = gated_hira(t["x"], None, t["A"], t["B"], weight_fn)
+    assert len(calls) == 1
+    out.sum().backward()
+    assert len(calls) == 2
+
+
+def test_leading_dimensions_are_preserved():
+    t = _inputs(torch.float32)
+    x = t["x"].detach()[:16].reshape(2, 8, D_IN)
+    gate = torch.rand(2, 8, 1)
+    out = gated_hira(x, gate, t["A"], t["B"], lambda: t["W0"])
+    assert out.shape == (2, 8, D_OUT)
+    flat = gated_hira(x.reshape(16, D_IN), gate.reshape(16, 1), t["A"], t["B"], lambda: t["W0"])
+    torch.testing.assert_close(out.reshape(16, D_OUT), flat)
