@@ -81,8 +81,31 @@ if is_bnb_available():
 if is_bnb_4bit_available():
     import bitsandbytes as bnb
 
+    def _keep_standard_4bit_layout(base) -> None:
+        """Stop bitsandbytes' CPU inference repacking, and undo it if it already happened.
+
+        On CPUs with AVX512-BF16, `Linear4bit` repacks its weight on the first eval forward into a layout that
+        `dequantize_4bit` (and so PEFT's `dequantize_bnb_weight`) reads as garbage. GateRA dequantises `W0` on every
+        forward, so the repacked fast path would only make its branch wrong.
+        """
+        if hasattr(base, "support_avx512bf16_for_cpu"):
+            base.support_avx512bf16_for_cpu = False
+        state = getattr(base.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+
     class Linear4bit(_QuantizedLinear):
         """GateRA on `bitsandbytes.nn.Linear4bit` (NF4 / FP4)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            _keep_standard_4bit_layout(self.get_base_layer())
+
+        def base_weight(self) -> torch.Tensor:
+            _keep_standard_4bit_layout(self.get_base_layer())
+            return super().base_weight()
 
         def _requantize(self, weight: torch.Tensor) -> None:
             base = self.get_base_layer()

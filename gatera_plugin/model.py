@@ -125,6 +125,21 @@ class GateRAModel(BaseTuner):
             num_positions = reference.numel()
         self.penalty_run.set_batch(kwargs.get("attention_mask"), num_positions)
 
+    def upcast_gates_to_fp32(self) -> list[str]:
+        """Return half-precision gate parameters to fp32; the names of those changed.
+
+        TRL casts every trainable parameter of a quantised model to bf16 (QLoRA's recipe for LoRA factors). A gate's
+        bias sits at O(1) and its updates are ~lr, below bf16's resolution there (2^-8 relative), so in bf16 the
+        gates would silently stop learning (TRL exempts DoRA's magnitude vector for the same reason). Called by the
+        Trainer integration before the first optimizer step, while the optimizer holds no state yet.
+        """
+        changed = []
+        for name, param in self.model.named_parameters():
+            if "gatera_gate" in name and param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+                changed.append(name)
+        return changed
+
     # ----------------------------------------------------------------------------------------------- statistics
     def pop_gate_stats(self, per_layer: Optional[bool] = None) -> dict[str, float]:
         """Gate statistics recorded since the last call, as log entries; empty if no gated backward ran.

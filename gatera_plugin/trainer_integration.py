@@ -4,7 +4,8 @@ Installed once on `import gatera_plugin`, these wrappers do nothing unless the t
 
 - `get_batch_samples` (the Trainer prefetches the micro-batches of one optimisation step): count the real tokens of
   the whole step across data-parallel ranks and read the fp16 loss scale, and hand both to the model's
-  `PenaltyRun`, so that the penalty is the mean over the step's tokens whatever the gradient accumulation;
+  `PenaltyRun`, so that the penalty is the mean over the step's tokens whatever the gradient accumulation; before
+  the first step, return gate parameters that TRL cast to bf16 to fp32 (`GateRAModel.upcast_gates_to_fp32`);
 - `log`: add the gate statistics gathered since the last log (`gatera/...` keys) to training logs, before they
   reach `state.log_history` and every `report_to` backend;
 - `train`: afterwards return the model to per-forward normalisation.
@@ -74,6 +75,10 @@ def begin_step(trainer, batch_samples) -> None:
             "GateRA could not count the real tokens of a training batch: batches must be dicts with `input_ids` "
             "(and `attention_mask` if padded) or `inputs_embeds`."
         )
+    if not getattr(trainer, "_gatera_gates_checked", False):
+        trainer._gatera_gates_checked = True
+        if trainer.state.global_step == 0 and not trainer.is_deepspeed_enabled:
+            tuner.upcast_gates_to_fp32()
     accelerator = trainer.accelerator
     world_size = accelerator.num_processes
     if world_size > 1:

@@ -10,8 +10,14 @@ from torch import nn
 from gatera_plugin.penalty import ENTROPY_EPS
 
 
-def tiny_llama(hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate: int = 64, seed: int = 0):
-    """A randomly initialised LlamaForCausalLM small enough for CPU tests."""
+def tiny_llama(
+    hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate: int = 64, seed: int = 0, init_std: float = 0.02
+):
+    """A randomly initialised LlamaForCausalLM small enough for CPU tests.
+
+    `init_std` is the weights' standard deviation; HiRA's update is proportional to W0, so end-to-end training tests
+    use a larger one (closer to a pretrained model's scale) to learn in few steps.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -26,6 +32,7 @@ def tiny_llama(hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        initializer_range=init_std,
     )
     return LlamaForCausalLM(config)
 
@@ -98,3 +105,34 @@ class TwoLinear(nn.Module):
 
     def forward(self, x):
         return self.lin1(torch.relu(self.lin0(x)))
+
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def word_tokenizer(texts, vocab_size: int = 128):
+    """An offline word-level tokenizer (pad=0, bos=1, eos=2, unk=3) over the words of `texts`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in t.split()})
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in words[: vocab_size - len(SPECIAL_TOKENS)]:
+        vocab[word] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def toy_texts(n: int = 32, seed: int = 0) -> list[str]:
+    """Short, learnable sentences of varying length ("count up from k": 'three four five six')."""
+    numbers = "zero one two three four five six seven eight nine ten eleven twelve".split()
+    g = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(n):
+        start = int(torch.randint(0, 6, (1,), generator=g))
+        length = int(torch.randint(3, 8, (1,), generator=g))
+        texts.append("count " + " ".join(numbers[start : start + length]))
+    return texts

@@ -1,0 +1,131 @@
+"""GateRA on 4-bit bitsandbytes bases (QLoRA style), on CPU."""
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from gatera_plugin import GateRAConfig
+from tests.helpers import naive_gated_hira, tiny_llama
+
+bnb = pytest.importorskip("bitsandbytes")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load_4bit(path, compute_dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny4bit")
+    tiny_llama(hidden=64, intermediate=128, init_std=0.2).save_pretrained(path)
+    return path
+
+
+def test_4bit_layer_equals_naive_with_dequantised_weight(base_dir):
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    model = get_peft_model(load_4bit(base_dir), GateRAConfig(r=4, target_modules=TARGETS, init_weights=False))
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == "Linear4bit" and isinstance(layer.base_layer, bnb.nn.Linear4bit)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    out = layer(x)
+    W0 = dequantize_bnb_weight(layer.base_layer.weight).float()
+    gate = layer.gatera_gate["default"]
+    A, B = layer.gatera_A["default"], layer.gatera_B["default"]
+    expected = layer.base_layer(x) + naive_gated_hira(x, W0, A, B, gate.weight, gate.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    inputs = [x, A, B, gate.weight, gate.bias]
+    for ours, ref in zip(torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out)):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_4bit_eval_forward_equals_training_forward(base_dir):
+    """bitsandbytes repacks 4-bit weights for CPU inference on the first eval forward (AVX512-BF16 CPUs), a layout
+    its own dequantisation misreads; the adapter must give the same outputs in eval/no-grad as in training mode."""
+    model = get_peft_model(load_4bit(base_dir), GateRAConfig(r=4, target_modules=TARGETS, init_weights=False))
+    input_ids = torch.randint(3, 128, (2, 7))
+    model.train()
+    with torch.no_grad():
+        train_logits = model(input_ids=input_ids).logits
+    model.eval()
+    with torch.no_grad():
+        first = model(input_ids=input_ids).logits
+        second = model(input_ids=input_ids).logits
+    torch.testing.assert_close(first, train_logits, rtol=1e-3, atol=2e-2)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def test_4bit_branch_keeps_no_dequantised_weight(base_dir):
+    """Between forward and backward the HiRA branch holds no d_out × d_in tensor (PEFT's HiRA keeps W0 ⊙ BA and the
+    dequantised W0)."""
+    model = get_peft_model(load_4bit(base_dir), GateRAConfig(r=4, target_modules=["down_proj"]))
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    numels = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: numels.append(t.numel()) or t, lambda t: t):
+        layer(x)
+    assert numels and max(numels) < 64 * 128
+
+
+def test_4bit_ungated_merge_matches_unmerged(base_dir):
+    model = get_peft_model(load_4bit(base_dir), GateRAConfig(r=4, target_modules=["q_proj"], gate="none"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gatera_" in name:
+                p.normal_(0, 0.1)
+    model.eval()
+    input_ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        model.merge_adapter()
+        merged = model(input_ids=input_ids).logits
+        model.unmerge_adapter()
+        unmerged = model(input_ids=input_ids).logits
+    # re-quantising the merged weight rounds it to NF4 again: close, not equal
+    assert (merged - expected).abs().max() < 0.1 * expected.abs().max()
+    torch.testing.assert_close(unmerged, expected, rtol=0, atol=1e-2)
+
+
+@pytest.mark.slow
+def test_sft_trainer_on_4bit_base(base_dir, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from tests.helpers import toy_texts, word_tokenizer
+
+    texts = toy_texts(32)
+    args = SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=30,
+        learning_rate=3e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False, save_strategy="no",
+        max_length=32, disable_tqdm=True, seed=0,
+    )
+    torch.manual_seed(0)
+    trainer = SFTTrainer(
+        model=load_4bit(base_dir), args=args, train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=word_tokenizer(toy_texts(64)), peft_config=GateRAConfig(r=8, target_modules=TARGETS),
+    )
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in history]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    assert all("gatera/entropy" in h for h in history)
+    assert history[-1]["gatera/entropy"] < 0.5 * history[0]["gatera/entropy"]  # gates leave 0.5 as training goes
+    # TRL casts trainable parameters of quantised models to bf16; the gates are kept in fp32 (see upcast_gates_to_fp32)
+    params = dict(trainer.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if "gatera_gate" in n} == {torch.float32}
+    assert {p.dtype for n, p in params.items() if "gatera_A" in n} == {torch.bfloat16}
+    trainer.save_model(str(tmp_path / "adapter"))
+    trained = trainer.model.eval()
+    loaded = PeftModel.from_pretrained(load_4bit(base_dir), tmp_path / "adapter").eval()
+    for name, param in loaded.named_parameters():  # same dtypes as trained, so outputs must match exactly
+        if "gatera_A" in name or "gatera_B" in name:
+            param.data = param.data.to(torch.bfloat16)
+    input_ids = torch.randint(3, 17, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=input_ids).logits, trained(input_ids=input_ids).logits)

@@ -1,0 +1,152 @@
+"""The entropy penalty injected in backward equals the gradient of the explicit penalty; statistics are exact."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from gatera_plugin import GateRAConfig
+from gatera_plugin.penalty import binary_entropy, binary_entropy_grad
+from tests.helpers import collect_gates, naive_entropy, tiny_llama
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+LAMBDA = 0.7
+
+
+def _model(entropy_weight, seed=0):
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        tiny_llama(seed=seed), GateRAConfig(r=4, target_modules=TARGETS, init_weights=False, entropy_weight=entropy_weight)
+    )
+    model.train()
+    return model
+
+
+def _batch():
+    input_ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(input_ids)
+    mask[0, 6:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    labels = input_ids.masked_fill(mask == 0, -100)
+    return input_ids, mask, labels
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _explicit_penalty(gates, mask):
+    """λ · mean over real tokens and gated layers of H(g)/log 2, with autograd (the naive reference)."""
+    m = mask.reshape(-1).float()
+    per_layer = torch.stack([(naive_entropy(g.reshape(-1)) * m).sum() / m.sum() for g in gates])
+    return LAMBDA * per_layer.mean()
+
+
+def test_injected_gradient_equals_explicit_penalty_gradient():
+    input_ids, mask, labels = _batch()
+    injected = _model(LAMBDA)
+    injected(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+
+    explicit = _model(0.0)
+    gates, handles = collect_gates(explicit)
+    out = explicit(input_ids=input_ids, attention_mask=mask, labels=labels)
+    assert len(gates) == 2 * len(TARGETS)
+    (out.loss + _explicit_penalty(gates, mask)).backward()
+    for h in handles:
+        h.remove()
+
+    a, b = _grads(injected), _grads(explicit)
+    differs = 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+    # and the penalty really moved the gradients (the test would pass vacuously with λ ignored)
+    no_penalty = _model(0.0)
+    no_penalty(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+    for name, grad in _grads(no_penalty).items():
+        differs += not torch.allclose(grad, a[name], atol=1e-6)
+    assert differs > 0
+
+
+def test_padding_tokens_carry_no_penalty_and_no_statistics():
+    """Changing what sits under padding changes neither the penalty gradient of the gates nor the statistics."""
+    input_ids, mask, _ = _batch()
+    results = []
+    for pad_token in (0, 77):
+        model = _model(LAMBDA)
+        ids = input_ids.masked_fill(mask == 0, pad_token)
+        # no task loss: only the penalty drives gradients, so any dependence on padded positions would show
+        model(input_ids=ids, attention_mask=mask)
+        gates, handles = collect_gates(model)
+        out = model(input_ids=ids, attention_mask=mask)
+        (out.logits.sum() * 0).backward()
+        for h in handles:
+            h.remove()
+        gate_grads = {n: g for n, g in _grads(model).items() if "gatera_gate" in n}
+        results.append((gate_grads, model.base_model.pop_gate_stats()))
+    (g0, s0), (g1, s1) = results
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], rtol=1e-5, atol=1e-8)
+    assert s0 == pytest.approx(s1, rel=1e-6)
+
+
+def test_statistics_equal_the_explicit_means():
+    input_ids, mask, labels = _batch()
+    model = _model(LAMBDA)
+    gates, handles = collect_gates(model)
+    model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+    for h in handles:
+        h.remove()
+    stats = model.base_model.pop_gate_stats()
+    m = mask.reshape(-1).bool()
+    flat = [g.detach().reshape(-1)[m] for g in gates]
+    assert stats["gatera/gate_mean"] == pytest.approx(torch.stack([g.mean() for g in flat]).mean().item(), rel=1e-6)
+    assert stats["gatera/entropy"] == pytest.approx(
+        torch.stack([naive_entropy(g).mean() for g in flat]).mean().item(), rel=1e-5
+    )
+    assert stats["gatera/gate_open_frac"] == pytest.approx(
+        torch.stack([(g > 0.5).float().mean() for g in flat]).mean().item(), rel=1e-6
+    )
+    assert stats["gatera/penalty"] == pytest.approx(LAMBDA * stats["gatera/entropy"], rel=1e-9)
+    assert model.base_model.pop_gate_stats() == {}  # popped
+
+
+def test_step_normaliser_world_size_and_loss_scale():
+    """Inside a Trainer step the normaliser is the step's tokens; world size and fp16 loss scale multiply the
+    injected gradient exactly as they multiply the task gradient."""
+    input_ids, mask, _ = _batch()
+
+    def penalty_grads(**step):
+        model = _model(LAMBDA)
+        if step:
+            model.base_model.penalty_run.begin_step(**step)
+        out = model(input_ids=input_ids, attention_mask=mask)
+        (out.logits.sum() * 0).backward()
+        return {n: g for n, g in _grads(model).items() if "gatera_gate" in n}
+
+    real_tokens = int(mask.sum())
+    plain = penalty_grads()
+    same = penalty_grads(step_tokens=real_tokens)
+    double_tokens = penalty_grads(step_tokens=2 * real_tokens)
+    scaled = penalty_grads(step_tokens=real_tokens, world_size=2, loss_scale=1024.0)
+    for name in plain:
+        assert plain[name].abs().sum() > 0
+        torch.testing.assert_close(same[name], plain[name], rtol=1e-6, atol=0)
+        torch.testing.assert_close(double_tokens[name], plain[name] / 2, rtol=1e-6, atol=0)
+        torch.testing.assert_close(scaled[name], plain[name] * 2048, rtol=1e-6, atol=0)
+
+
+def test_eval_mode_applies_nothing_and_records_nothing():
+    input_ids, mask, labels = _batch()
+    model = _model(LAMBDA)
+    model.eval()
+    model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+    assert model.base_model.pop_gate_stats() == {}
+
+
+def test_entropy_and_its_gradient():
+    g = torch.tensor([0.0, 1e-9, 1e-3, 0.25, 0.5, 0.9, 1.0 - 1e-9, 1.0], dtype=torch.float64, requires_grad=True)
+    h = binary_entropy(g)
+    assert h[4].item() == pytest.approx(1.0)
+    assert h.min() >= 0 and h.max() <= 1 + 1e-12
+    (auto,) = torch.autograd.grad(h.sum(), g)
+    torch.testing.assert_close(binary_entropy_grad(g.detach()).double(), auto, rtol=1e-5, atol=1e-9)
+    assert torch.isfinite(binary_entropy_grad(g.detach())).all()

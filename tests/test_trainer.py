@@ -1,0 +1,177 @@
+"""GateRA inside TRL's SFTTrainer and transformers' Trainer, with nothing but the config."""
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+from gatera_plugin import GateRAConfig
+from tests.helpers import collect_gates, naive_entropy, tiny_llama, toy_texts, word_tokenizer
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LAMBDA = 0.5
+
+
+class GradCapture(TrainerCallback):
+    """Records the accumulated gate gradients just before the first optimizer step, and the batches fed."""
+
+    def __init__(self):
+        self.grads = None
+        self.initial = None
+        self.batches = []
+        self._hook = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items() if "gatera_" in k}
+        inner = model.base_model.model
+        self._hook = inner.register_forward_pre_hook(
+            lambda m, a, kw: self.batches.append((kw["input_ids"].clone(), kw["attention_mask"].clone())),
+            with_kwargs=True,
+        )
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if "gatera_gate" in n}
+            self._hook.remove()
+
+
+def _sft_trainer(
+    tmp_path, texts, entropy_weight, batch, accum, steps=1, checkpointing=False, reentrant=True, init_std=0.02, **extra
+):
+    tokenizer = word_tokenizer(toy_texts(64))
+    torch.manual_seed(0)
+    args = SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+        max_steps=steps, learning_rate=extra.pop("learning_rate", 1e-2), logging_steps=1, report_to="none",
+        use_cpu=True, bf16=False, save_strategy="no", max_grad_norm=0.0, seed=0, max_length=32,
+        gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+        disable_tqdm=True, **extra,
+    )
+    config = GateRAConfig(
+        r=4, target_modules=TARGETS, init_weights=False, gate_bias_init=0.8, entropy_weight=entropy_weight
+    )
+    return SFTTrainer(
+        model=tiny_llama(init_std=init_std), args=args, train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+        peft_config=config,
+    )
+
+
+def _plain_trainer(tmp_path, texts, entropy_weight, batch, accum):
+    from peft import get_peft_model
+
+    tokenizer = word_tokenizer(toy_texts(64))
+    torch.manual_seed(0)
+    config = GateRAConfig(
+        r=4, target_modules=TARGETS, init_weights=False, gate_bias_init=0.8, entropy_weight=entropy_weight
+    )
+    model = get_peft_model(tiny_llama(), config)
+    dataset = Dataset.from_dict({"text": texts}).map(lambda e: tokenizer(e["text"]), remove_columns=["text"])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1,
+        learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no", max_grad_norm=0.0, seed=0,
+        disable_tqdm=True, logging_steps=1,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+
+
+def _penalty_gradient(make, tmp_path, texts, batch, accum, **kwargs):
+    """Gate gradient due to the penalty alone: (run with λ) − (same run with λ = 0)."""
+    runs = []
+    for weight in (LAMBDA, 0.0):
+        capture = GradCapture()
+        trainer = make(tmp_path, texts, weight, batch, accum, **kwargs)
+        trainer.add_callback(capture)
+        trainer.train()
+        runs.append(capture)
+    with_penalty, without = runs
+    return {n: with_penalty.grads[n] - without.grads[n] for n in with_penalty.grads}, with_penalty
+
+
+def _explicit_penalty_gradient(capture):
+    """λ·∇ mean_{real tokens of the whole step, gated layers} H(g)/log 2 from the initial weights (naive reference)."""
+    torch.manual_seed(0)
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.0))
+    model.load_state_dict(capture.initial, strict=False)
+    per_layer_sums, tokens = None, 0
+    for input_ids, mask in capture.batches:
+        gates, handles = collect_gates(model)
+        model(input_ids=input_ids, attention_mask=mask)
+        for h in handles:
+            h.remove()
+        m = mask.reshape(-1).float()
+        sums = torch.stack([(naive_entropy(g.reshape(-1)) * m).sum() for g in gates])
+        per_layer_sums = sums if per_layer_sums is None else per_layer_sums + sums
+        tokens += int(m.sum())
+    penalty = LAMBDA * (per_layer_sums / tokens).mean()
+    params = {n: p for n, p in model.named_parameters() if "gatera_gate" in n}
+    grads = torch.autograd.grad(penalty, list(params.values()))
+    return dict(zip(params, grads))
+
+
+def _texts_of_unequal_length():
+    return ["count one two", "count three four five six seven eight nine", "count two three four five", "count six"]
+
+
+@pytest.mark.parametrize(
+    "make,kwargs",
+    [
+        (_sft_trainer, {}),
+        (_sft_trainer, {"checkpointing": True, "reentrant": True}),
+        (_sft_trainer, {"checkpointing": True, "reentrant": False}),
+        (_plain_trainer, {}),
+    ],
+    ids=["sft", "sft-ckpt-reentrant", "sft-ckpt-nonreentrant", "trainer"],
+)
+def test_penalty_gradient_is_independent_of_accumulation_and_exact(tmp_path, make, kwargs):
+    """GA=2 × batch 2 and GA=1 × batch 4 give the same penalty gradient on the gates, equal to the gradient of
+    λ · mean H over the 4 sequences' real tokens (unequal lengths, so padding differs between the two)."""
+    texts = _texts_of_unequal_length()
+    ga2, capture = _penalty_gradient(make, tmp_path, texts, batch=2, accum=2, **kwargs)
+    ga1, _ = _penalty_gradient(make, tmp_path, texts, batch=4, accum=1, **kwargs)
+    (_, mask_a), (_, mask_b) = capture.batches
+    assert mask_a.shape != mask_b.shape and not (mask_a.all() and mask_b.all())  # padding differs between set-ups
+    explicit = _explicit_penalty_gradient(capture)
+    for name in ga1:
+        assert ga1[name].abs().max() > 1e-6, name
+        torch.testing.assert_close(ga2[name], ga1[name], rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(ga2[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_sft_trainer_end_to_end(tmp_path):
+    """Loss falls, gate statistics reach the logs, the saved adapter reloads to the same outputs."""
+    texts = toy_texts(32)
+    trainer = _sft_trainer(tmp_path, texts, 0.01, batch=8, accum=1, steps=40, learning_rate=3e-2,
+                           checkpointing=True, reentrant=False, init_std=0.2)
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in history]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+    for key in ("gatera/gate_mean", "gatera/entropy", "gatera/gate_open_frac", "gatera/penalty"):
+        assert all(key in h for h in history), key
+        assert all(0.0 <= h[key] <= 1.0 for h in history)
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    trained = trainer.model.eval()
+    loaded = PeftModel.from_pretrained(tiny_llama(init_std=0.2), tmp_path / "adapter").eval()
+    input_ids = torch.randint(3, 17, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=input_ids).logits, trained(input_ids=input_ids).logits)
+
+
+def test_per_layer_stats_and_plain_trainer_logs(tmp_path):
+    trainer = _plain_trainer(tmp_path, _texts_of_unequal_length(), LAMBDA, batch=2, accum=2)
+    trainer.model.peft_config["default"].per_layer_stats = True
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h][0]
+    assert "gatera/gate_mean/model.layers.0.self_attn.q_proj".replace("model.", "", 1) in logged
+    assert logged["gatera/penalty"] == pytest.approx(LAMBDA * logged["gatera/entropy"])
+    # after training the model is back to per-forward normalisation
+    assert trainer.model.base_model.penalty_run.step_tokens is None
