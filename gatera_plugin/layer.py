@@ -115,8 +115,8 @@ class GateRALayer(BaseTunerLayer):
             )
 
     # ----------------------------------------------------------------------------------------------- forward
-    def _adapter_update(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """`s · g(x) ⊙ Δy(dropout(x))` for one adapter: (..., d_in) → (..., d_out), in the adapter's dtype."""
+    def _add_adapter_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result + s · g(x) ⊙ Δy(dropout(x))` for one adapter; x (..., d_in), result (..., d_out)."""
         A = self.gatera_A[adapter_name]
         x = self._cast_input_dtype(x, A.dtype)
         gate = None
@@ -127,7 +127,7 @@ class GateRALayer(BaseTunerLayer):
         if self.branch_kind[adapter_name] == "hira" and self.training:
             self._check_base_frozen()
         x = self.gatera_dropout[adapter_name](x)
-        return BRANCH_FUNCTIONS[self.branch_kind[adapter_name]](self, adapter_name, x, gate)
+        return BRANCH_FUNCTIONS[self.branch_kind[adapter_name]](self, adapter_name, x, gate, result)
 
     def _tap_gate(self, adapter_name: str, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Route the gate through the entropy tap: its backward adds the penalty gradient and records statistics."""
@@ -212,11 +212,9 @@ class Linear(nn.Module, GateRALayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        result_dtype = result.dtype
         for adapter_name in self.active_adapters:
-            if adapter_name not in self.gatera_A:
-                continue
-            result = result + self._adapter_update(adapter_name, x).to(result_dtype)
+            if adapter_name in self.gatera_A:
+                result = self._add_adapter_update(adapter_name, x, result)
         return result
 
     def __repr__(self) -> str:

@@ -22,14 +22,17 @@ def _inputs(dtype, gated=True, seed=0):
 
 
 def _run(kind, t, scaling, use_ops):
+    base = t.get("base")
     if use_ops:
         gate = torch.sigmoid(t["x"] @ t["w"].t() + t["b"]) if t["w"] is not None else None
         if kind == "hira":
-            return gated_hira(t["x"], gate, t["A"], t["B"], lambda: t["W0"], scaling)
-        return gated_lora(t["x"], gate, t["A"], t["B"], scaling)
+            return gated_hira(t["x"], gate, t["A"], t["B"], lambda: t["W0"], scaling, base=base)
+        return gated_lora(t["x"], gate, t["A"], t["B"], scaling, base=base)
     if kind == "hira":
-        return naive_gated_hira(t["x"], t["W0"], t["A"], t["B"], t["w"], t["b"], scaling)
-    return naive_gated_lora(t["x"], t["A"], t["B"], t["w"], t["b"], scaling)
+        update = naive_gated_hira(t["x"], t["W0"], t["A"], t["B"], t["w"], t["b"], scaling)
+    else:
+        update = naive_gated_lora(t["x"], t["A"], t["B"], t["w"], t["b"], scaling)
+    return update if base is None else base + update.to(base.dtype)
 
 
 def _grads(kind, t, scaling, use_ops, grad_out):
@@ -39,14 +42,29 @@ def _grads(kind, t, scaling, use_ops, grad_out):
     return out, dict(zip(names, grads))
 
 
+@pytest.fixture(params=["one-block", "many-blocks"])
+def hira_blocks(request, monkeypatch):
+    """Run HiRA tests with ΔW built whole and in blocks of 2 rows (D_OUT = 40 is 20 blocks)."""
+    import gatera_plugin.ops.hira as hira_ops
+
+    if request.param == "many-blocks":
+        monkeypatch.setattr(hira_ops, "CHUNK_ELEMENTS", 2 * D_IN)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["hira", "lora"])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("scaling", [1.0, 0.37])
-def test_fp32_matches_naive_reference(kind, gated, scaling):
+@pytest.mark.parametrize("base_dtype", [None, torch.float32, torch.bfloat16], ids=["no-base", "base", "bf16-base"])
+def test_fp32_matches_naive_reference(kind, gated, scaling, base_dtype, hira_blocks):
+    """Outputs and all gradients, with the residual add fused in (`base`) or not, and a bf16 base output."""
     t = _inputs(torch.float32, gated)
-    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1))
+    if base_dtype is not None:
+        t["base"] = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(4)).to(base_dtype).requires_grad_()
+    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1)).to(base_dtype or torch.float32)
     out, grads = _grads(kind, t, scaling, True, grad_out)
     ref_out, ref_grads = _grads(kind, t, scaling, False, grad_out)
+    assert out.dtype == (base_dtype or torch.float32)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     assert set(grads) == set(ref_grads)
     for name in grads:
@@ -55,7 +73,7 @@ def test_fp32_matches_naive_reference(kind, gated, scaling):
 
 @pytest.mark.parametrize("kind", ["hira", "lora"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_error_within_2x_of_naive(kind, dtype):
+def test_low_precision_error_within_2x_of_naive(kind, dtype, hira_blocks):
     """In bf16/fp16 the function's error against the fp32 truth stays within 2x the naive bf16/fp16 error.
 
     A fixed absolute tolerance would either hide a real bug or fail on rounding; comparing with the reference run in

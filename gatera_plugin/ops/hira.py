@@ -4,13 +4,16 @@ PEFT's HiRA builds `ΔW = W0 ⊙ BA` (d_out × d_in) every forward and lets auto
 matrix per adapted layer (and, on 4-bit bases, a dequantised `W0` too). Here `BA`, `ΔW` and the dequantised `W0` are
 rebuilt in backward instead, so between forward and backward a layer holds nothing of size d_out × d_in.
 
+Even transiently `ΔW` is never whole: forward and backward walk over blocks of `rows` output rows (the same tiling
+the Triton kernel uses on the GPU), so the largest temporary is `rows × d_in` (`CHUNK_ELEMENTS` elements).
+
 Backward (SPEC.md section 2), with `δ = ∂L/∂out` (N × d_out) and `G = s·g ⊙ δ`:
 
-    P  = δ ΔW                    (N × d_in)   one product serves both:
-    dx = s·g ⊙ P                              dx_t = s g_t ΔWᵀ δ_t
-    dg = s · Σ_i P ⊙ x                        dg_t = s δ_tᵀ (ΔW x_t) = s (δ_t ΔW) · x_t
-    dM = W0 ⊙ (Gᵀ x)             (d_out × d_in, transient)
-    dB = dM Aᵀ,  dA = Bᵀ dM
+    P  = δ ΔW = Σ_blocks δ_b ΔW_b    (N × d_in)   one product serves both:
+    dx = s·g ⊙ P                                   dx_t = s g_t ΔWᵀ δ_t
+    dg = s · Σ_i P ⊙ x                             dg_t = s δ_tᵀ (ΔW x_t) = s (δ_t ΔW) · x_t
+    dM_b = W0_b ⊙ (G_bᵀ x)           (rows × d_in, per block)
+    dB_b = dM_b Aᵀ,  dA = Σ_blocks B_bᵀ dM_b
 
 so the gate's gradient costs no extra product with `ΔW`: three matmuls of size N·d_in·d_out in all (one forward, two
 backward), as many as PEFT's HiRA, plus the cheap rebuild of `BA` (d_out·r·d_in).
@@ -25,56 +28,111 @@ from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_state, restore_autocast
 
+# Largest temporary block of ΔW, in elements (2^21: 8 MiB in fp32).
+CHUNK_ELEMENTS = 1 << 21
 
-def _delta_weight(weight_fn: Callable[[], torch.Tensor], A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """`ΔW = W0 ⊙ (B A)`, (d_out × d_in), in the dtype of the factors (one d_out × d_in buffer)."""
-    return (B @ A).mul_(weight_fn())
+
+def _row_blocks(d_out: int, d_in: int):
+    rows = max(1, min(d_out, CHUNK_ELEMENTS // max(d_in, 1)))
+    for start in range(0, d_out, rows):
+        yield slice(start, min(start + rows, d_out))
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums over blocks are kept in fp32 when the operands are half precision."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional[torch.Tensor], scaling: float):
+    """`base + s · g ⊙ update` in one pass where dtypes allow (base: (N, d_out) or None, gate: (N, 1) or None)."""
+    if base is None:
+        if gate is not None:
+            return update * (gate * scaling)
+        return update * scaling if scaling != 1.0 else update
+    if base.dtype != update.dtype:
+        return base + add_gated(None, update, gate, scaling).to(base.dtype)
+    if gate is not None:
+        return torch.addcmul(base, update, (gate * scaling).to(update.dtype))
+    return torch.add(base, update, alpha=scaling)
 
 
 class GatedHiraFunction(torch.autograd.Function):
-    """Autograd function for `s · g ⊙ (x (W0 ⊙ BA)ᵀ)`; `g` may be `None` (ungated HiRA)."""
+    """Autograd function for `base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)`; `g` and `base` may be `None`."""
 
     @staticmethod
-    def forward(ctx, x, gate, A, B, weight_fn, scaling):
-        """x: (N, d_in), gate: (N, 1) or None, A: (r, d_in), B: (d_out, r), weight_fn() -> W0 (d_out, d_in)."""
+    def forward(ctx, base, x, gate, A, B, weight_fn, scaling):
+        """base: (N, d_out) or None, x: (N, d_in), gate: (N, 1) or None, A: (r, d_in), B: (d_out, r),
+        weight_fn() -> W0 (d_out, d_in)."""
         ctx.autocast = autocast_state(x.device.type)
-        out = x @ _delta_weight(weight_fn, A, B).t()  # (N, d_out)
-        if gate is not None:
-            out = out * (gate * scaling)
-        elif scaling != 1.0:
-            out = out * scaling
+        W0 = weight_fn()
+        d_out, d_in = W0.shape
+        blocks = list(_row_blocks(d_out, d_in))
+        if len(blocks) == 1:
+            delta_w = (B @ A).mul_(W0)  # (d_out, d_in)
+            if gate is None and base is not None and base.dtype == torch.result_type(x, delta_w) \
+                    and not ctx.autocast["enabled"]:
+                out = torch.addmm(base, x, delta_w.t(), alpha=scaling)  # the residual add rides on the GEMM
+            else:
+                out = add_gated(base, x @ delta_w.t(), gate, scaling)
+        else:
+            update = None  # (N, d_out), filled block by block
+            for rows in blocks:
+                block = x @ (B[rows] @ A).mul_(W0[rows]).t()  # x ΔW_bᵀ: (N, rows)
+                if update is None:
+                    update = block.new_empty((x.shape[0], d_out))
+                update[:, rows] = block
+            out = add_gated(base, update, gate, scaling)
         ctx.save_for_backward(x, gate, A, B)
         ctx.weight_fn = weight_fn
         ctx.scaling = scaling
+        ctx.has_base = base is not None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, gate, A, B = ctx.saved_tensors
-        need_x, need_gate, need_A, need_B = ctx.needs_input_grad[:4]
+        need_x, need_gate, need_A, need_B = ctx.needs_input_grad[1:5]
         s = ctx.scaling
         grad_x = grad_gate = grad_A = grad_B = None
-        # per-token factor multiplying the branch: s·g (N, 1) or the scalar s
-        token_scale = gate * s if gate is not None else s
+        grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
         with torch.no_grad(), restore_autocast(ctx.autocast):
+            go = grad_out.to(x.dtype)  # the branch ran in the adapter's dtype (a no-op unless the base differs)
             W0 = ctx.weight_fn()
-            if need_x or need_gate:
-                P = grad_out @ _delta_weight(lambda: W0, A, B).to(grad_out.dtype)  # (N, d_in)
-                if need_gate:
-                    grad_gate = (P * x).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
-                if need_x:
-                    grad_x = (P * token_scale).to(x.dtype)
-                del P
+            d_out, d_in = W0.shape
+            token_scale = gate * s if gate is not None else s  # (N, 1) or scalar
+            G = None  # s·g ⊙ δ: (N, d_out)
             if need_A or need_B:
-                G = grad_out * token_scale  # (N, d_out)
-                dM = (G.t() @ x.to(G.dtype)).mul_(W0)  # (d_out, d_in)
-                del G
-                if need_B:
-                    grad_B = (dM @ A.to(dM.dtype).t()).to(B.dtype)
-                if need_A:
-                    grad_A = (B.to(dM.dtype).t() @ dM).to(A.dtype)
-        return grad_x, grad_gate, grad_A, grad_B, None, None
+                G = go * token_scale if (gate is not None or s != 1.0) else go
+            factor_dtype = torch.result_type(B, A)
+            P = None  # δ ΔW: (N, d_in)
+            if need_A:
+                grad_A = torch.zeros_like(A, dtype=_accumulator_dtype(factor_dtype))
+            if need_B:
+                grad_B = torch.empty_like(B, dtype=factor_dtype)
+            for rows in _row_blocks(d_out, d_in):
+                W0_b = W0[rows]
+                if need_x or need_gate:
+                    delta_w = (B[rows] @ A).mul_(W0_b).to(go.dtype)  # (rows, d_in)
+                    part = go[:, rows] @ delta_w  # (N, d_in)
+                    del delta_w
+                    P = part.to(_accumulator_dtype(part.dtype)) if P is None else P.add_(part)
+                if G is not None:
+                    dM = (G[:, rows].t() @ x).to(factor_dtype).mul_(W0_b)  # (rows, d_in)
+                    if need_B:
+                        grad_B[rows] = dM @ A.t()
+                    if need_A:
+                        grad_A.add_(B[rows].t() @ dM)
+                    del dM
+            if need_gate:
+                grad_gate = (P * x).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
+            if need_x:
+                grad_x = (P * token_scale if (gate is not None or s != 1.0) else P).to(x.dtype)
+            if need_A:
+                grad_A = grad_A.to(A.dtype)
+            if need_B:
+                grad_B = grad_B.to(B.dtype)
+        return grad_base, grad_x, grad_gate, grad_A, grad_B, None, None
 
 
 def gated_hira(
@@ -84,14 +142,17 @@ def gated_hira(
     B: torch.Tensor,
     weight_fn: Callable[[], torch.Tensor],
     scaling: float = 1.0,
+    base: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """`s · g ⊙ (x (W0 ⊙ BA)ᵀ)` for x of shape (..., d_in) and gate (..., 1) or None; returns (..., d_out).
+    """`base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)` for x (..., d_in), gate (..., 1) or None, base (..., d_out) or None.
 
     `weight_fn` returns the frozen base weight `W0` (d_out × d_in); it is called again in backward, so it may
-    dequantise or gather on demand.
+    dequantise or gather on demand. Passing the base layer's output as `base` lets the residual add share the GEMM
+    (ungated) or one fused pass (gated); the result then has `base`'s dtype.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     g2 = gate.reshape(-1, 1) if gate is not None else None
-    out = GatedHiraFunction.apply(x2, g2, A, B, weight_fn, scaling)
+    b2 = base.reshape(-1, base.shape[-1]) if base is not None else None
+    out = GatedHiraFunction.apply(b2, x2, g2, A, B, weight_fn, scaling)
     return out.reshape(*lead, out.shape[-1])

@@ -1,4 +1,4 @@
-"""Gated LoRA branch: `s · g ⊙ (x Aᵀ Bᵀ)`, keeping `x`, `g`, `A`, `B` and the rank-r activation `h = x Aᵀ`.
+"""Gated LoRA branch: `base + s · g ⊙ (x Aᵀ Bᵀ)`, keeping `x`, `g`, `A`, `B` and the rank-r activation `h = x Aᵀ`.
 
 Plain autograd would also keep the branch output (N × d_out) to form the gate's gradient. It is not needed:
 `dg_t = s δ_tᵀ B h_t = s (δ_t B) · h_t` is a dot product in the rank-r space, so this function stores only what
@@ -17,35 +17,38 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_state, restore_autocast
+from .hira import add_gated
 
 
 class GatedLoraFunction(torch.autograd.Function):
-    """Autograd function for `s · g ⊙ (x Aᵀ Bᵀ)`; `g` may be `None` (plain LoRA)."""
+    """Autograd function for `base + s · g ⊙ (x Aᵀ Bᵀ)`; `g` and `base` may be `None`."""
 
     @staticmethod
-    def forward(ctx, x, gate, A, B, scaling):
-        """x: (N, d_in), gate: (N, 1) or None, A: (r, d_in), B: (d_out, r)."""
+    def forward(ctx, base, x, gate, A, B, scaling):
+        """base: (N, d_out) or None, x: (N, d_in), gate: (N, 1) or None, A: (r, d_in), B: (d_out, r)."""
         ctx.autocast = autocast_state(x.device.type)
         h = x @ A.t()  # (N, r)
-        out = h @ B.t()  # (N, d_out)
-        if gate is not None:
-            out = out * (gate * scaling)
-        elif scaling != 1.0:
-            out = out * scaling
+        if gate is None and base is not None and base.dtype == h.dtype and not ctx.autocast["enabled"]:
+            out = torch.addmm(base, h, B.t(), alpha=scaling)
+        else:
+            out = add_gated(base, h @ B.t(), gate, scaling)
         ctx.save_for_backward(x, gate, A, B, h)
         ctx.scaling = scaling
+        ctx.has_base = base is not None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, gate, A, B, h = ctx.saved_tensors
-        need_x, need_gate, need_A, need_B = ctx.needs_input_grad[:4]
+        need_x, need_gate, need_A, need_B = ctx.needs_input_grad[1:5]
         s = ctx.scaling
         grad_x = grad_gate = grad_A = grad_B = None
+        grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
         token_scale = gate * s if gate is not None else s
         with torch.no_grad(), restore_autocast(ctx.autocast):
-            u = grad_out @ B.to(grad_out.dtype)  # (N, r)
+            go = grad_out.to(x.dtype)
+            u = go @ B.to(go.dtype)  # (N, r)
             if need_gate:
                 grad_gate = (u * h).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
             dh = u * token_scale  # (N, r)
@@ -54,16 +57,22 @@ class GatedLoraFunction(torch.autograd.Function):
             if need_A:
                 grad_A = (dh.t() @ x.to(dh.dtype)).to(A.dtype)
             if need_B:
-                grad_B = ((grad_out * token_scale).t() @ h.to(grad_out.dtype)).to(B.dtype)
-        return grad_x, grad_gate, grad_A, grad_B, None
+                grad_B = ((go * token_scale).t() @ h.to(go.dtype)).to(B.dtype)
+        return grad_base, grad_x, grad_gate, grad_A, grad_B, None
 
 
 def gated_lora(
-    x: torch.Tensor, gate: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0
+    x: torch.Tensor,
+    gate: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float = 1.0,
+    base: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """`s · g ⊙ (x Aᵀ Bᵀ)` for x of shape (..., d_in) and gate (..., 1) or None; returns (..., d_out)."""
+    """`base + s · g ⊙ (x Aᵀ Bᵀ)` for x (..., d_in), gate (..., 1) or None, base (..., d_out) or None."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     g2 = gate.reshape(-1, 1) if gate is not None else None
-    out = GatedLoraFunction.apply(x2, g2, A, B, scaling)
+    b2 = base.reshape(-1, base.shape[-1]) if base is not None else None
+    out = GatedLoraFunction.apply(b2, x2, g2, A, B, scaling)
     return out.reshape(*lead, out.shape[-1])

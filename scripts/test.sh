@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the whole test suite: the fast default set, then the slow end-to-end runs (marker `slow`).
+# Assumes scripts/setup.sh has run (.ci/run does both).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled DO_NOT_TRACK=1 TRITON_INTERPRET=1
+.venv/bin/python -m pytest -q -m "not slow" "$@"
+.venv/bin/python -m pytest -q -m slow "$@"
