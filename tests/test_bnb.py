@@ -12,10 +12,15 @@ bnb = pytest.importorskip("bitsandbytes")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def load_4bit(path, compute_dtype=torch.float32):
+def load_4bit(path, compute_dtype=torch.float32, bits=4):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    if bits == 8:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
 
 
@@ -26,15 +31,17 @@ def base_dir(tmp_path_factory):
     return path
 
 
-def test_4bit_layer_equals_naive_with_dequantised_weight(base_dir):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantised_layer_equals_naive_with_dequantised_weight(base_dir, bits):
     from peft.utils.integrations import dequantize_bnb_weight
 
-    model = get_peft_model(load_4bit(base_dir), GateRAConfig(r=4, target_modules=TARGETS, init_weights=False))
+    model = get_peft_model(load_4bit(base_dir, bits=bits), GateRAConfig(r=4, target_modules=TARGETS, init_weights=False))
     layer = model.base_model.model.model.layers[0].mlp.down_proj
-    assert type(layer).__name__ == "Linear4bit" and isinstance(layer.base_layer, bnb.nn.Linear4bit)
+    expected_type = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt}[bits]
+    assert type(layer).__name__ == expected_type.__name__ and isinstance(layer.base_layer, expected_type)
     x = torch.randn(3, 5, 128, requires_grad=True)
     out = layer(x)
-    W0 = dequantize_bnb_weight(layer.base_layer.weight).float()
+    W0 = dequantize_bnb_weight(layer.base_layer.weight, state=getattr(layer.base_layer, "state", None)).float()
     gate = layer.gatera_gate["default"]
     A, B = layer.gatera_A["default"], layer.gatera_B["default"]
     expected = layer.base_layer(x) + naive_gated_hira(x, W0, A, B, gate.weight, gate.bias)

@@ -167,10 +167,25 @@ def test_sft_trainer_end_to_end(tmp_path):
 
 
 def test_per_layer_stats_and_plain_trainer_logs(tmp_path):
+    """Statistics reach state.log_history and every callback's on_log (which is how report_to backends get them)."""
+
+    class Backend(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    backend = Backend()
     trainer = _plain_trainer(tmp_path, _texts_of_unequal_length(), LAMBDA, batch=2, accum=2)
+    trainer.add_callback(backend)
     trainer.model.peft_config["default"].per_layer_stats = True
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h][0]
+    reported = [h for h in backend.seen if "loss" in h][0]
+    assert {k: v for k, v in reported.items() if k.startswith("gatera/")} == {
+        k: v for k, v in logged.items() if k.startswith("gatera/")
+    }
     assert "gatera/gate_mean/model.layers.0.self_attn.q_proj".replace("model.", "", 1) in logged
     assert logged["gatera/penalty"] == pytest.approx(LAMBDA * logged["gatera/entropy"])
     # after training the model is back to per-forward normalisation
