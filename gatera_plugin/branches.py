@@ -1,9 +1,10 @@
-"""Branch kinds: how a GateRA layer computes its (gated, scaled) update `s · g ⊙ Δy(x)`.
+"""Branch kinds: how a GateRA layer adds its (gated, scaled) update `s · g ⊙ Δy(x)` to the output so far.
 
-Every branch kind is one function `(layer, adapter_name, x, gate, base) -> base + s · g ⊙ Δy(x)` where `x` is the
-(dropped-out) branch input (..., d_in), `gate` the token gate (..., 1) or None and `base` the output so far
-(..., d_out). The gate is passed in, not applied after, so that each branch can form the gate's gradient without
-storing its own output, and the residual add happens inside the same fused operation (see `ops/`).
+Every branch kind is one function `(layer, adapter_name, x, gate, result, base_out) -> result + s · g ⊙ Δy(x)`:
+`x` is the (dropped-out) branch input (..., d_in), `gate` the multiplier per token (..., 1) or None, `result` the
+output so far (..., d_out), or None to return the update alone, and `base_out` the base layer's own output. The
+gate is passed in, not applied after, so that a branch can form the gate's gradient without storing its own output,
+and the residual add happens inside the same fused operation (see `ops/`).
 """
 
 from __future__ import annotations
@@ -11,30 +12,66 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .ops import gated_hira, gated_lora
+from .ops.hira import add_gated
 
 
-def hira_branch(layer, adapter_name: str, x: torch.Tensor, gate: Optional[torch.Tensor], base: torch.Tensor):
-    """HiRA: `base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)`, W0 re-read (and dequantised) in backward instead of kept."""
+def hira_branch(layer, adapter_name, x, gate, result, base_out=None):
+    """HiRA: `Δy = (W0 ⊙ BA) x`; W0 is re-read (and dequantised) in backward instead of kept."""
     A, B = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name]
-    return gated_hira(x, gate, A, B, layer.base_weight, layer.scaling[adapter_name], base=base)
+    return gated_hira(x, gate, A, B, layer.base_weight, layer.scaling[adapter_name], base=result)
 
 
-def lora_branch(layer, adapter_name: str, x: torch.Tensor, gate: Optional[torch.Tensor], base: torch.Tensor):
-    """LoRA: `base + s · g ⊙ (x Aᵀ Bᵀ)` with `s = lora_alpha / r`."""
+def lora_branch(layer, adapter_name, x, gate, result, base_out=None):
+    """LoRA: `Δy = (lora_alpha / r) · BA x`."""
     A, B = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name]
-    return gated_lora(x, gate, A, B, layer.scaling[adapter_name], base=base)
+    return gated_lora(x, gate, A, B, layer.scaling[adapter_name], base=result)
 
 
-BRANCH_FUNCTIONS: dict[str, Callable] = {"hira": hira_branch, "lora": lora_branch}
+def dora_weight_norm(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`‖W0 + s·BA‖` per output row (d_out,), detached (DoRA section 4.3, as PEFT)."""
+    with torch.no_grad():
+        return torch.linalg.norm(W0.float() + scaling * (B.float() @ A.float()), dim=1)
 
 
-def delta_weight(kind: str, base_weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float):
-    """Additive weight update (d_out × d_in) of an ungated branch: `W' = W0 + delta_weight` (used by merge)."""
+def dora_branch(layer, adapter_name, x, gate, result, base_out):
+    """DoRA: `Δy = DoRA(x) − base(x) = (m/‖W0 + sBA‖ − 1) ⊙ W0 x + (m/‖W0 + sBA‖) ⊙ s·BA x` (PEFT's formula).
+
+    Plain autograd (DoRA's magnitude needs the weight norm, a d_out × d_in computation, which is detached and not
+    kept); `W0 x` is the base output minus bias, or recomputed from the dropped-out input when dropout is active.
+    """
+    A, B = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name]
+    magnitude = layer.gatera_magnitude[adapter_name]  # (d_out,)
+    s = layer.scaling[adapter_name]
+    W0 = layer.base_weight()
+    scale = (magnitude / dora_weight_norm(W0, A, B, s).to(magnitude.dtype)).to(x.dtype)  # (d_out,)
+    dropout_active = layer.training and not isinstance(layer.gatera_dropout[adapter_name], torch.nn.Identity)
+    if dropout_active:
+        base_wx = F.linear(x, W0.to(x.dtype))
+    else:
+        bias = layer.get_base_layer().bias
+        base_wx = (base_out - bias if bias is not None else base_out).to(x.dtype)
+    lora_out = (x @ A.t()) @ B.t()
+    update = (scale - 1) * base_wx + scale * lora_out * s
+    return add_gated(result, update, gate, 1.0)
+
+
+BRANCH_FUNCTIONS: dict[str, Callable] = {"hira": hira_branch, "lora": lora_branch, "dora": dora_branch}
+
+
+def delta_weight(
+    kind: str, W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+    magnitude: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Additive weight update (d_out × d_in, fp32) of an ungated branch: `W' = W0 + delta_weight`."""
     BA = B.float() @ A.float()
     if kind == "hira":
-        return scaling * base_weight.float() * BA
+        return scaling * W0.float() * BA
     if kind == "lora":
         return scaling * BA
+    if kind == "dora":
+        norm = dora_weight_norm(W0, A, B, scaling)
+        return (magnitude.float() / norm).unsqueeze(1) * (W0.float() + scaling * BA) - W0.float()
     raise ValueError(f"Unknown branch {kind!r}.")

@@ -12,15 +12,20 @@ from ._registration import PEFT_TYPE
 
 # The kinds a user may pick. Each name maps to one implementation in `gates.py` / `branches.py`; adding a kind means
 # adding it here and there, nothing else.
-TOKEN_GATES = ("sigmoid", "none")
-BRANCHES = ("hira", "lora")
+TOKEN_GATES = ("sigmoid", "threshold", "none")
+BRANCHES = ("hira", "lora", "dora")
 
 # Version of the on-disk adapter format written by this package. Bump when a saved adapter would be read wrongly by an
 # older release; `GateRAConfig` refuses a newer version instead of guessing.
 FORMAT_VERSION = 1
 
-# Default weight of the entropy penalty for gated adapters (see README, "Choosing entropy_weight").
+# Defaults of the penalties and gates (our choices where the papers are silent; README, "Gate kinds").
 DEFAULT_ENTROPY_WEIGHT = 0.01
+DEFAULT_THRESHOLD_INIT = 0.0  # τ = 0 keeps every token at step 0 (r ≥ 0), so training starts dense
+DEFAULT_THRESHOLD_TEMPERATURE = 0.05
+DEFAULT_KEEP_RATIO_WEIGHT = 1.0
+DEFAULT_STRUCTURE_INIT = 3.0  # σ(3) = 0.95: every module starts (almost) fully on
+DEFAULT_STRUCTURE_WEIGHT = 0.1
 
 
 def _check_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False, integer=False) -> None:
@@ -48,11 +53,13 @@ class GateRAConfig(PeftConfig):
     """
     Configuration of a GateRA adapter: a per-token gate on a parameter-efficient branch.
 
-    `y = base(x) + g(x) · Δy(x)` where `g(x) = σ(w·x + b)` is one scalar per token (`gate="sigmoid"`, GateRA) or 1
-    (`gate="none"`), and `Δy(x)` is HiRA's `(W0 ⊙ BA) x` (`branch="hira"`) or LoRA's `(lora_alpha / r) · BA x`
-    (`branch="lora"`). An entropy penalty `entropy_weight · mean H(g) / log 2` over real tokens and gated layers pushes
-    gates towards 0 or 1; it is applied inside the gated layers' backward pass, so every trainer applies it without
-    extra code. See `SPEC.md` for the maths.
+    `y = base(x) + σ(α) · g(x) · Δy(x)`: `g(x)` is one multiplier per token, GateRA's `σ(w·x + b)`
+    (`gate="sigmoid"`), TS-PEFT's hard selector `1[‖Δy‖ / ‖W0 x‖ ≥ τ]` (`gate="threshold"`) or 1 (`gate="none"`);
+    `σ(α)` is an optional per-module gate (`structure_gate=True`, Structure-Learnable Adapter); `Δy(x)` is HiRA's
+    `(W0 ⊙ BA) x` (`branch="hira"`), LoRA's `(lora_alpha / r) · BA x` (`branch="lora"`) or DoRA's change of output
+    (`branch="dora"`). The penalties (entropy of sigmoid gates, kept fraction of threshold gates, sparsity of
+    structure gates) are applied inside the gated layers' backward pass, so every trainer applies them without extra
+    code. See `SPEC.md` for the maths.
 
     Args:
         r: rank of the branch factors `A` (r × d_in) and `B` (d_out × r).
@@ -61,9 +68,9 @@ class GateRAConfig(PeftConfig):
         layers_to_transform / layers_pattern: restrict adaptation to these layer indices (PEFT semantics).
         rank_pattern / alpha_pattern: per-module overrides of `r` / `lora_alpha`, keyed by regex.
         modules_to_save: extra modules trained in full and saved with the adapter.
-        branch: `"hira"` (default) or `"lora"`.
-        gate: `"sigmoid"` (default, GateRA) or `"none"` (plain HiRA / LoRA; such an adapter can be merged).
-        lora_alpha: LoRA scaling numerator (`scaling = lora_alpha / r`); only for `branch="lora"`, default `r`.
+        branch: `"hira"` (default), `"lora"` or `"dora"`.
+        gate: `"sigmoid"` (default, GateRA), `"threshold"` (TS-PEFT) or `"none"` (plain branch; can be merged).
+        lora_alpha: LoRA scaling numerator (`scaling = lora_alpha / r`); LoRA and DoRA branches only, default `r`.
         dropout: dropout probability on the branch input (the gate always reads the undropped input).
         gate_bias_init: initial gate bias `b`; 0 gives `g = 0.5` at step 0.
         entropy_weight: weight λ of the entropy penalty; 0 switches it off. Default: `DEFAULT_ENTROPY_WEIGHT` when
@@ -71,6 +78,15 @@ class GateRAConfig(PeftConfig):
         init_weights: `True`: `B = 0` so the adapted model equals the base model at step 0; `False`: random `B`
             (for tests and debugging only).
         per_layer_stats: also log mean gate, entropy and open fraction per adapted module.
+        threshold_init / threshold_temperature: initial τ of threshold gates and the temperature T of their
+            straight-through estimator (backward uses the gradient of `σ((r − τ) / T)`).
+        keep_ratio / keep_ratio_weight: target fraction of tokens a threshold gate keeps, and the weight of the
+            penalty `(kept fraction − keep_ratio)²` pulling towards it (none if `keep_ratio` is unset).
+        structure_gate / structure_init / structure_weight: one learnable `σ(α)` per adapted module, its initial
+            `α`, and the weight λ_s of the sparsity penalty `λ_s · mean σ(α)` (see `prune_structure`).
+        sparse_threshold: ε > 0: in eval (and in training with `sparse_training=True`) tokens whose gate is below ε
+            skip the branch entirely (gather the rest, compute, scatter); 0 (default): dense.
+        cache_delta: in eval, keep the HiRA branch's dense `s·W0 ⊙ BA` between forwards (fast decoding).
     """
 
     r: int = field(default=32, metadata={"help": "Rank of the branch factors A (r x d_in) and B (d_out x r)."})
@@ -99,10 +115,10 @@ class GateRAConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
     )
-    branch: Literal["hira", "lora"] = field(
+    branch: Literal["hira", "lora", "dora"] = field(
         default="hira", metadata={"help": f"Branch kind, one of {list(BRANCHES)}."}
     )
-    gate: Literal["sigmoid", "none"] = field(
+    gate: Literal["sigmoid", "threshold", "none"] = field(
         default="sigmoid", metadata={"help": f"Token gate kind, one of {list(TOKEN_GATES)}."}
     )
     lora_alpha: Optional[float] = field(
@@ -126,6 +142,40 @@ class GateRAConfig(PeftConfig):
     per_layer_stats: bool = field(
         default=False, metadata={"help": "Also log gate statistics per adapted module."}
     )
+    threshold_init: Optional[float] = field(
+        default=None, metadata={"help": f"Initial τ of threshold gates (default {DEFAULT_THRESHOLD_INIT})."}
+    )
+    threshold_temperature: Optional[float] = field(
+        default=None,
+        metadata={"help": f"Temperature of the threshold gates' straight-through estimator (default "
+                  f"{DEFAULT_THRESHOLD_TEMPERATURE})."},
+    )
+    keep_ratio: Optional[float] = field(
+        default=None, metadata={"help": "Target fraction of tokens a threshold gate keeps (unset: no target)."}
+    )
+    keep_ratio_weight: Optional[float] = field(
+        default=None, metadata={"help": f"Weight of the keep-ratio penalty (default {DEFAULT_KEEP_RATIO_WEIGHT})."}
+    )
+    structure_gate: bool = field(
+        default=False, metadata={"help": "Add one learnable gate σ(α) per adapted module (Structure-Learnable Adapter)."}
+    )
+    structure_init: Optional[float] = field(
+        default=None, metadata={"help": f"Initial α of structure gates (default {DEFAULT_STRUCTURE_INIT})."}
+    )
+    structure_weight: Optional[float] = field(
+        default=None,
+        metadata={"help": f"Weight of the structure sparsity penalty λ_s · mean σ(α) (default "
+                  f"{DEFAULT_STRUCTURE_WEIGHT})."},
+    )
+    sparse_threshold: float = field(
+        default=0.0, metadata={"help": "Tokens whose gate is below this skip the branch (eval, or sparse_training)."}
+    )
+    sparse_training: bool = field(
+        default=False, metadata={"help": "Also skip closed tokens in training (an approximation when > 0)."}
+    )
+    cache_delta: bool = field(
+        default=False, metadata={"help": "In eval, cache the HiRA branch's dense update between forwards."}
+    )
     format_version: int = field(
         default=FORMAT_VERSION, metadata={"help": "Version of the saved adapter format (set by the package)."}
     )
@@ -142,10 +192,10 @@ class GateRAConfig(PeftConfig):
         _check_choice("branch", self.branch, BRANCHES)
         _check_choice("gate", self.gate, TOKEN_GATES)
         if self.lora_alpha is not None:
-            if self.branch != "lora":
+            if self.branch == "hira":
                 raise ValueError(
-                    f"`lora_alpha` only applies to branch='lora' (HiRA has no scaling, SPEC.md section 1), got "
-                    f"lora_alpha={self.lora_alpha!r} with branch={self.branch!r}. Remove `lora_alpha` or set "
+                    f"`lora_alpha` only applies to branch='lora' or 'dora' (HiRA has no scaling, SPEC.md section 1), "
+                    f"got lora_alpha={self.lora_alpha!r} with branch={self.branch!r}. Remove `lora_alpha` or set "
                     "branch='lora'."
                 )
             _check_number("lora_alpha", self.lora_alpha, low=0, low_open=True)
@@ -154,11 +204,12 @@ class GateRAConfig(PeftConfig):
         if self.entropy_weight is None:
             self.entropy_weight = DEFAULT_ENTROPY_WEIGHT if self.gate == "sigmoid" else 0.0
         _check_number("entropy_weight", self.entropy_weight, low=0)
-        if self.entropy_weight > 0 and self.gate == "none":
+        if self.entropy_weight > 0 and self.gate != "sigmoid":
             raise ValueError(
-                f"`entropy_weight`={self.entropy_weight} needs a token gate, but gate='none'. Set entropy_weight=0 "
-                "or gate='sigmoid'."
+                f"`entropy_weight`={self.entropy_weight} needs sigmoid token gates, but gate={self.gate!r}. Set "
+                "entropy_weight=0 or gate='sigmoid'."
             )
+        self._check_gate_options()
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"`init_weights` must be True or False, got {self.init_weights!r}.")
         if not isinstance(self.per_layer_stats, bool):
@@ -182,8 +233,8 @@ class GateRAConfig(PeftConfig):
                     _check_number(f"rank_pattern[{key!r}]", value, low=0, low_open=True, integer=True)
                 else:
                     _check_number(f"alpha_pattern[{key!r}]", value, low=0, low_open=True)
-        if self.alpha_pattern and self.branch != "lora":
-            raise ValueError("`alpha_pattern` only applies to branch='lora' (HiRA has no scaling).")
+        if self.alpha_pattern and self.branch == "hira":
+            raise ValueError("`alpha_pattern` only applies to branch='lora' or 'dora' (HiRA has no scaling).")
         if self.target_parameters:
             raise ValueError(
                 "`target_parameters` is not supported by GateRA: the gate needs a module's input. Use "
@@ -205,13 +256,57 @@ class GateRAConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` needs `layers_to_transform` to be set as well.")
 
+    def _check_gate_options(self) -> None:
+        """Options of one gate kind may not be set for another; unset ones take their defaults."""
+        threshold_options = ("threshold_init", "threshold_temperature", "keep_ratio", "keep_ratio_weight")
+        if self.gate != "threshold":
+            for name in threshold_options:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"`{name}` only applies to gate='threshold', got gate={self.gate!r}.")
+        else:
+            if self.threshold_init is None:
+                self.threshold_init = DEFAULT_THRESHOLD_INIT
+            if self.threshold_temperature is None:
+                self.threshold_temperature = DEFAULT_THRESHOLD_TEMPERATURE
+            _check_number("threshold_init", self.threshold_init)
+            _check_number("threshold_temperature", self.threshold_temperature, low=0, low_open=True)
+            if self.keep_ratio is not None:
+                _check_number("keep_ratio", self.keep_ratio, low=0, high=1, low_open=True)
+                if self.keep_ratio_weight is None:
+                    self.keep_ratio_weight = DEFAULT_KEEP_RATIO_WEIGHT
+            elif self.keep_ratio_weight is not None:
+                raise ValueError("`keep_ratio_weight` needs a `keep_ratio` target (a fraction in (0, 1]).")
+            if self.keep_ratio_weight is not None:
+                _check_number("keep_ratio_weight", self.keep_ratio_weight, low=0)
+        if not isinstance(self.structure_gate, bool):
+            raise ValueError(f"`structure_gate` must be True or False, got {self.structure_gate!r}.")
+        if not self.structure_gate:
+            for name in ("structure_init", "structure_weight"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"`{name}` only applies with structure_gate=True.")
+        else:
+            if self.structure_init is None:
+                self.structure_init = DEFAULT_STRUCTURE_INIT
+            if self.structure_weight is None:
+                self.structure_weight = DEFAULT_STRUCTURE_WEIGHT
+            _check_number("structure_init", self.structure_init)
+            _check_number("structure_weight", self.structure_weight, low=0)
+        _check_number("sparse_threshold", self.sparse_threshold, low=0, high=1, high_open=True)
+        for name in ("sparse_training", "cache_delta"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.sparse_training and self.sparse_threshold == 0:
+            raise ValueError("`sparse_training=True` needs `sparse_threshold` > 0 (the gate value below which tokens skip).")
+        if self.cache_delta and self.branch != "hira":
+            raise ValueError("`cache_delta` caches the HiRA branch's dense update; it needs branch='hira'.")
+
     @property
     def is_gated(self) -> bool:
         """True when the adapter has a per-token gate (then it cannot be merged into the base weight)."""
         return self.gate != "none"
 
     def scaling_for(self, r: int, lora_alpha: Optional[float]) -> float:
-        """Branch scale `s` (SPEC.md section 1): 1 for HiRA, `lora_alpha / r` for LoRA (alpha defaults to r)."""
+        """Branch scale `s` (SPEC.md section 1): 1 for HiRA, `lora_alpha / r` for LoRA / DoRA (alpha defaults to r)."""
         if self.branch == "hira":
             return 1.0
         return (r if lora_alpha is None else lora_alpha) / r

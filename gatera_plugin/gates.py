@@ -1,7 +1,9 @@
-"""Token-gate kinds. Each kind is an `nn.Module` stored per adapter in `GateRALayer.gatera_gate`.
+"""Gate kinds. Each is an `nn.Module` stored per adapter: token gates in `GateRALayer.gatera_gate`, structure gates
+in `GateRALayer.gatera_structure`.
 
-A token gate maps the layer input x (..., d_in) to one multiplier per token (..., 1) that scales the branch output.
-`gate="none"` stores no module; the branch is then used ungated.
+A token gate gives one multiplier per token (..., 1) that scales the branch output: `SigmoidGate` reads the layer
+input before the branch runs; `ThresholdGate` reads the branch's output and the base output after it (TS-PEFT).
+`gate="none"` stores no module. A structure gate is one multiplier per module, `σ(α)`, composed with any token gate.
 """
 
 from __future__ import annotations
@@ -41,10 +43,85 @@ class SigmoidGate(nn.Module):
         return f"in_features={self.weight.shape[1]}, bias_init={self.bias_init}"
 
 
+class _ThresholdSTE(torch.autograd.Function):
+    """Hard `1[r ≥ τ]` forward; backward as if it were `σ((r − τ) / T)` (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, ratio, threshold, temperature):
+        ctx.save_for_backward(ratio, threshold)
+        ctx.temperature = temperature
+        return (ratio >= threshold).to(ratio.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ratio, threshold = ctx.saved_tensors
+        soft = torch.sigmoid((ratio.float() - threshold.float()) / ctx.temperature)
+        slope = grad.float() * soft * (1.0 - soft) / ctx.temperature  # (N, 1)
+        grad_ratio = slope.to(ratio.dtype) if ctx.needs_input_grad[0] else None
+        grad_threshold = (-slope.sum()).reshape(threshold.shape).to(threshold.dtype) if ctx.needs_input_grad[1] else None
+        return grad_ratio, grad_threshold, None
+
+
+class ThresholdGate(nn.Module):
+    """TS-PEFT's token selector `S(x) = 1[r(x) ≥ τ]`, `r(x) = ‖Δy(x)‖₂ / ‖W0 x‖₂`, with one learnable τ (1,).
+
+    The selection is hard in forward (a dropped token gets exactly no update) and trained by a straight-through
+    estimator: backward uses the gradient of `σ((r − τ) / T)`, with respect to τ and, through r, to the branch.
+    """
+
+    def __init__(self, threshold_init: float = 0.0, temperature: float = 0.05):
+        super().__init__()
+        self.threshold_init = threshold_init
+        self.temperature = temperature
+        self.threshold = nn.Parameter(torch.full((1,), float(threshold_init)))
+
+    def reset_parameters(self, random: bool = False) -> None:
+        with torch.no_grad():
+            self.threshold.fill_(self.threshold_init)
+
+    @staticmethod
+    def ratio(update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """`‖Δy‖ / ‖W0 x‖` per token: update, base (..., d_out) → (..., 1)."""
+        base_norm = base.detach().float().norm(dim=-1, keepdim=True)
+        return (update.float().norm(dim=-1, keepdim=True) / base_norm.clamp(min=1e-12)).to(update.dtype)
+
+    def forward(self, update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Selection (..., 1) in {0, 1} for the branch output `update` and the base output without bias `base`."""
+        return _ThresholdSTE.apply(self.ratio(update, base), self.threshold.to(update.dtype), self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"threshold_init={self.threshold_init}, temperature={self.temperature}"
+
+
+class StructureGate(nn.Module):
+    """The Structure-Learnable Adapter's per-module gate `σ(α)`: `alpha` (1,), no input."""
+
+    def __init__(self, alpha_init: float = 3.0):
+        super().__init__()
+        self.alpha_init = alpha_init
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
+
+    def reset_parameters(self, random: bool = False) -> None:
+        with torch.no_grad():
+            self.alpha.fill_(self.alpha_init)
+
+    def forward(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha_init={self.alpha_init}"
+
+
 def make_token_gate(kind: str, in_features: int, config) -> nn.Module | None:
-    """Build the gate module of `kind` for a layer with `in_features` inputs; None for `"none"`."""
+    """Build the token gate of `kind` for a layer with `in_features` inputs; None for `"none"`."""
     if kind == "none":
         return None
     if kind == "sigmoid":
         return SigmoidGate(in_features, bias_init=config.gate_bias_init)
+    if kind == "threshold":
+        return ThresholdGate(config.threshold_init, config.threshold_temperature)
     raise ValueError(f"Unknown token gate {kind!r}.")  # GateRAConfig validates the name first
+
+
+def make_structure_gate(config) -> nn.Module | None:
+    return StructureGate(config.structure_init) if config.structure_gate else None

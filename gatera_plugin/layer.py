@@ -1,9 +1,12 @@
-"""GateRA tuner layers: `y = base(x) + Σ_adapters s · g(x) ⊙ Δy(dropout(x))`.
+"""GateRA tuner layers: `y = base(x) + Σ_adapters σ(α) · g(x) ⊙ Δy(dropout(x))`.
 
 `GateRALayer` follows PEFT's contract (see `peft.tuners.hira.layer`): adapter tensors live in dicts keyed by adapter
 name, everything under the layer except `base_layer` is adapter state, and `update_layer` adds one adapter. `Linear`
 wraps `nn.Linear` and transformers' `Conv1D` (GPT-2 style, weight stored transposed); `bnb.py` adds bitsandbytes'
 quantised linears by overriding `base_weight`.
+
+One adapter's update composes three independent choices (SPEC.md section 5): the token gate (`gates.py`: sigmoid,
+threshold or none), the optional structure gate σ(α), and the branch (`branches.py`: hira, lora, dora).
 """
 
 from __future__ import annotations
@@ -17,19 +20,22 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .branches import BRANCH_FUNCTIONS, delta_weight
+from .branches import BRANCH_FUNCTIONS, delta_weight, dora_weight_norm
 from .config import GateRAConfig
-from .gates import make_token_gate
-from .penalty import GateStats, PenaltyRun, entropy_tap
+from .gates import make_structure_gate, make_token_gate
+from .ops.hira import add_gated
+from .penalty import GateStats, PenaltyRun, constant_term_grad, entropy_term_grad, keep_ratio_term_grad, penalty_tap
 
-SUPPORTED_LAYERS = "`torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`, `bitsandbytes.nn.Linear4bit`, `bitsandbytes.nn.Linear8bitLt`"
+SUPPORTED_LAYERS = (
+    "`torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`, `bitsandbytes.nn.Linear4bit`, `bitsandbytes.nn.Linear8bitLt`"
+)
 
 
 class GateRALayer(BaseTunerLayer):
     # Trainable, saved per-adapter state.
-    adapter_layer_names: tuple[str, ...] = ("gatera_A", "gatera_B", "gatera_gate")
+    adapter_layer_names: tuple[str, ...] = ("gatera_A", "gatera_B", "gatera_gate", "gatera_structure", "gatera_magnitude")
     # Other per-adapter state (plain dicts / dropout modules keyed by adapter name).
-    other_param_names: tuple[str, ...] = ("r", "scaling", "branch_kind", "gate_kind", "entropy_weight", "gatera_dropout")
+    other_param_names: tuple[str, ...] = ("r", "scaling", "branch_kind", "gate_kind", "gatera_dropout", "options")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -37,19 +43,22 @@ class GateRALayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.branch_kind: dict[str, str] = {}
         self.gate_kind: dict[str, str] = {}
-        self.entropy_weight: dict[str, float] = {}
+        self.options: dict[str, GateRAConfig] = {}  # the adapter's config: penalty weights, sparsity, caching
         self.gatera_dropout = nn.ModuleDict({})
         self.gatera_A = nn.ParameterDict({})  # (r, d_in)
         self.gatera_B = nn.ParameterDict({})  # (d_out, r)
         self.gatera_gate = nn.ModuleDict({})  # token gate modules, absent for gate="none"
+        self.gatera_structure = nn.ModuleDict({})  # σ(α) per adapter with structure_gate=True
+        self.gatera_magnitude = nn.ParameterDict({})  # (d_out,) DoRA magnitude, branch="dora" only
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.cast_input_dtype_enabled = True
         self.kwargs = kwargs
-        # Not adapter state (plain attributes, never saved): statistics and the model-wide penalty context.
-        self.gate_stats: dict[str, GateStats] = {}
+        # Not adapter state (plain attributes, never saved): statistics, the model-wide penalty context, caches.
+        self.gate_stats: dict[tuple[str, str], GateStats] = {}  # (adapter, "sigmoid" | "threshold" | "structure")
         self.penalty_run: Optional[PenaltyRun] = None
         self._weight_before_merge: Optional[torch.Tensor] = None
+        self._delta_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
 
         base = self.get_base_layer()
         if isinstance(base, Conv1D):
@@ -64,27 +73,37 @@ class GateRALayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------- adapters
     def update_layer(self, adapter_name: str, r: int, lora_alpha: Optional[float], config: GateRAConfig) -> None:
-        """Add adapter `adapter_name` with rank `r` (and `lora_alpha` for the LoRA branch) to this layer."""
+        """Add adapter `adapter_name` with rank `r` (and `lora_alpha` for LoRA / DoRA branches) to this layer."""
         if r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {r} for adapter {adapter_name!r}.")
         self.r[adapter_name] = r
         self.scaling[adapter_name] = config.scaling_for(r, lora_alpha)
         self.branch_kind[adapter_name] = config.branch
         self.gate_kind[adapter_name] = config.gate
-        self.entropy_weight[adapter_name] = float(config.entropy_weight)
+        self.options[adapter_name] = config
         self.gatera_dropout[adapter_name] = nn.Dropout(p=config.dropout) if config.dropout > 0 else nn.Identity()
         self.gatera_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
         self.gatera_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r))
-        gate = make_token_gate(config.gate, self.in_features, config)
-        if gate is not None:
-            self.gatera_gate[adapter_name] = gate
-        self.gate_stats[adapter_name] = GateStats()
+        for container, gate in ((self.gatera_gate, make_token_gate(config.gate, self.in_features, config)),
+                                (self.gatera_structure, make_structure_gate(config))):
+            if gate is not None:
+                container[adapter_name] = gate
+        if config.branch == "dora":
+            self.gatera_magnitude[adapter_name] = nn.Parameter(torch.empty(self.out_features))
+        for kind in self._gate_kinds(adapter_name):
+            self.gate_stats[(adapter_name, kind)] = GateStats()
         self.reset_gatera_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
+    def _gate_kinds(self, adapter_name: str) -> list[str]:
+        """The penalised gate kinds this adapter has here: "sigmoid" / "threshold", and "structure"."""
+        kinds = [self.gate_kind[adapter_name]] if adapter_name in self.gatera_gate else []
+        return kinds + (["structure"] if adapter_name in self.gatera_structure else [])
+
     def reset_gatera_parameters(self, adapter_name: str, init_weights: bool) -> None:
-        """HiRA's init: `A` Kaiming-uniform (a=√5), `B = 0`, gate weight 0; `init_weights=False` randomises B and w."""
+        """HiRA's init: `A` Kaiming-uniform (a=√5), `B = 0`, gates at their initial values; DoRA's magnitude is
+        `‖W0 + s·BA‖`. `init_weights=False` randomises `B` and the sigmoid gate's weight (tests, debugging)."""
         A, B = self.gatera_A[adapter_name], self.gatera_B[adapter_name]
         if A.device.type == "meta":
             return
@@ -93,12 +112,23 @@ class GateRALayer(BaseTunerLayer):
             nn.init.zeros_(B)
         else:
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        if adapter_name in self.gatera_gate:
-            self.gatera_gate[adapter_name].reset_parameters(random=not init_weights)
+        for container in (self.gatera_gate, self.gatera_structure):
+            if adapter_name in container:
+                container[adapter_name].reset_parameters(random=not init_weights)
+        if adapter_name in self.gatera_magnitude:
+            norm = dora_weight_norm(self.base_weight(), A, B, self.scaling[adapter_name])
+            with torch.no_grad():
+                self.gatera_magnitude[adapter_name].copy_(norm)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.gate_stats.pop(adapter_name, None)
+        for key in [k for k in self.gate_stats if k[0] == adapter_name]:
+            del self.gate_stats[key]
+        self._delta_cache.pop(adapter_name, None)
+
+    def train(self, mode: bool = True):
+        self._delta_cache.clear()
+        return super().train(mode)
 
     # ----------------------------------------------------------------------------------------------- weights
     def base_weight(self) -> torch.Tensor:
@@ -114,28 +144,90 @@ class GateRALayer(BaseTunerLayer):
                 "(`weight.requires_grad_(False)`) or use branch='lora'."
             )
 
+    def _without_bias(self, base_out: torch.Tensor) -> torch.Tensor:
+        bias = self.get_base_layer().bias
+        return base_out - bias if bias is not None else base_out
+
+    def _cached_delta(self, adapter_name: str) -> torch.Tensor:
+        """`s · W0 ⊙ BA` (d_out, d_in) for inference, rebuilt only when A, B or W0 changed."""
+        A, B = self.gatera_A[adapter_name], self.gatera_B[adapter_name]
+        weight = self.get_base_layer().weight
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), weight.data_ptr(), weight._version)
+        cached = self._delta_cache.get(adapter_name)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                delta = (B @ A).mul_(self.base_weight()).mul_(self.scaling[adapter_name])
+            cached = self._delta_cache[adapter_name] = (key, delta)
+        return cached[1]
+
     # ----------------------------------------------------------------------------------------------- forward
-    def _add_adapter_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """`result + s · g(x) ⊙ Δy(dropout(x))` for one adapter; x (..., d_in), result (..., d_out)."""
+    def _tap(self, adapter_name, kind, value, mask, weight, term_grad, per_token=True):
+        """Route a gate value through its penalty tap (backward adds the penalty's gradient, records statistics)."""
+        run = self.penalty_run
+        if per_token:
+            scale = run.token_scale(adapter_name, kind, weight)
+        else:
+            scale = run.module_scale(adapter_name, weight)
+        flat = penalty_tap(value.reshape(-1, 1), mask, scale, term_grad, self.gate_stats[(adapter_name, kind)])
+        return flat.reshape(value.shape)
+
+    def _add_adapter_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor):
+        """`result + σ(α) · g(x) ⊙ Δy(dropout(x))` for one adapter; x (..., d_in), result and base_out (..., d_out)."""
         A = self.gatera_A[adapter_name]
+        config = self.options[adapter_name]
         x = self._cast_input_dtype(x, A.dtype)
-        gate = None
-        if adapter_name in self.gatera_gate:
-            gate = self.gatera_gate[adapter_name](x)  # (..., 1)
-            if self.training and gate.requires_grad and self.penalty_run is not None:
-                gate = self._tap_gate(adapter_name, x, gate)
+        taps = self.training and self.penalty_run is not None
+        mask = self.penalty_run.token_mask(x) if taps else None
+        kind = self.gate_kind[adapter_name]
         if self.branch_kind[adapter_name] == "hira" and self.training:
             self._check_base_frozen()
-        x = self.gatera_dropout[adapter_name](x)
-        return BRANCH_FUNCTIONS[self.branch_kind[adapter_name]](self, adapter_name, x, gate, result)
 
-    def _tap_gate(self, adapter_name: str, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Route the gate through the entropy tap: its backward adds the penalty gradient and records statistics."""
-        run = self.penalty_run
-        mask = run.token_mask(x)
-        scale = run.entropy_scale(adapter_name, self.entropy_weight[adapter_name])
-        flat = entropy_tap(gate.reshape(-1, 1), mask, scale, self.gate_stats[adapter_name])
-        return flat.reshape(gate.shape)
+        multiplier = None  # (..., 1) or None
+        if kind == "sigmoid":
+            multiplier = self.gatera_gate[adapter_name](x)
+            if taps and multiplier.requires_grad:
+                multiplier = self._tap(adapter_name, "sigmoid", multiplier, mask, config.entropy_weight,
+                                       entropy_term_grad)
+        if adapter_name in self.gatera_structure:
+            structure = self.gatera_structure[adapter_name]()  # (1,)
+            if taps and structure.requires_grad:
+                structure = self._tap(adapter_name, "structure", structure, None, config.structure_weight,
+                                      constant_term_grad, per_token=False)
+            structure = structure.to(x.dtype).expand(*x.shape[:-1], 1)
+            multiplier = structure if multiplier is None else multiplier * structure
+        x_branch = self.gatera_dropout[adapter_name](x)
+
+        if kind == "threshold":  # TS-PEFT selects after seeing the branch's output
+            update = self._branch(adapter_name, x_branch, None, None, base_out)
+            selection = self.gatera_gate[adapter_name](update, self._without_bias(base_out).to(update.dtype))
+            if taps and selection.requires_grad:
+                term = keep_ratio_term_grad(config.keep_ratio) if config.keep_ratio is not None else constant_term_grad
+                selection = self._tap(adapter_name, "threshold", selection, mask, config.keep_ratio_weight or 0.0, term)
+            multiplier = selection if multiplier is None else selection * multiplier
+            return add_gated(result, update, multiplier, 1.0)
+
+        if multiplier is not None and config.sparse_threshold > 0 and (not self.training or config.sparse_training):
+            return self._sparse_update(adapter_name, x_branch, multiplier, result, base_out)
+        return self._branch(adapter_name, x_branch, multiplier, result, base_out)
+
+    def _branch(self, adapter_name, x, multiplier, result, base_out):
+        if not self.training and self.options[adapter_name].cache_delta:
+            return add_gated(result, x @ self._cached_delta(adapter_name).t().to(x.dtype), multiplier, 1.0)
+        return BRANCH_FUNCTIONS[self.branch_kind[adapter_name]](self, adapter_name, x, multiplier, result, base_out)
+
+    def _sparse_update(self, adapter_name, x, multiplier, result, base_out):
+        """Run the branch only on tokens whose multiplier is at least ε; the others get no update at all."""
+        flat = multiplier.reshape(-1)
+        active = flat >= self.options[adapter_name].sparse_threshold
+        if bool(active.all()):
+            return self._branch(adapter_name, x, multiplier, result, base_out)
+        index = active.nonzero().squeeze(1)
+        rows = result.reshape(-1, result.shape[-1])
+        if index.numel() == 0:
+            return result
+        update = self._branch(adapter_name, x.reshape(-1, x.shape[-1])[index], flat[index].unsqueeze(1), None,
+                              base_out.reshape(-1, base_out.shape[-1])[index])
+        return rows.index_add(0, index, update.to(rows.dtype)).reshape(result.shape)
 
     # ----------------------------------------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -144,12 +236,13 @@ class GateRALayer(BaseTunerLayer):
             raise ValueError(_unmergeable_message(adapter_name, self.gate_kind[adapter_name]))
         base = self.base_weight()
         delta = delta_weight(
-            self.branch_kind[adapter_name],
-            base,
-            self.gatera_A[adapter_name],
-            self.gatera_B[adapter_name],
-            self.scaling[adapter_name],
-        ).to(base.dtype)
+            self.branch_kind[adapter_name], base, self.gatera_A[adapter_name], self.gatera_B[adapter_name],
+            self.scaling[adapter_name], self.gatera_magnitude[adapter_name] if adapter_name in self.gatera_magnitude
+            else None,
+        )
+        if adapter_name in self.gatera_structure:
+            delta = delta * self.gatera_structure[adapter_name]().float()
+        delta = delta.to(base.dtype)
         return delta.t() if self.weight_is_transposed else delta
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -162,7 +255,7 @@ class GateRALayer(BaseTunerLayer):
             return
         weight = self.get_base_layer().weight
         if self._weight_before_merge is None:
-            # HiRA's update depends on W0, so unmerge restores the original weight instead of subtracting.
+            # HiRA's and DoRA's updates depend on W0, so unmerge restores the original weight instead of subtracting.
             self._weight_before_merge = weight.data.detach().clone()
         merged = weight.data.clone()
         for name in adapter_names:
@@ -211,10 +304,10 @@ class Linear(nn.Module, GateRALayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        result = base_out = self.base_layer(x, *args, **kwargs)
         for adapter_name in self.active_adapters:
             if adapter_name in self.gatera_A:
-                result = self._add_adapter_update(adapter_name, x, result)
+                result = self._add_adapter_update(adapter_name, x, result, base_out)
         return result
 
     def __repr__(self) -> str:
@@ -227,6 +320,7 @@ def dispatch_default(target: nn.Module, adapter_name: str, config: GateRAConfig,
     if not isinstance(base, (nn.Linear, Conv1D)):
         return None
     weight = getattr(base, "weight", None)
-    if not (isinstance(weight, torch.Tensor) and type(weight) in (nn.Parameter, torch.Tensor) and weight.is_floating_point()):
+    dense = isinstance(weight, torch.Tensor) and type(weight) in (nn.Parameter, torch.Tensor)
+    if not (dense and weight.is_floating_point()):
         return None  # e.g. a quantised nn.Linear subclass of a backend GateRA does not know
     return Linear(target, adapter_name, config=config, **kwargs)

@@ -99,13 +99,15 @@ class GateRAModel(BaseTuner):
         self._count_gated_layers()  # also reached by `PeftModel.add_adapter`
 
     def _count_gated_layers(self) -> None:
-        counts: dict[str, int] = {}
+        """Layers per (adapter, gate kind): the `L` each penalty's mean divides by."""
+        counts: dict[tuple[str, str], int] = {}
         for module in self.model.modules():
             if isinstance(module, GateRALayer):
                 module.penalty_run = self.penalty_run
-                for name in module.gatera_gate:
-                    counts[name] = counts.get(name, 0) + 1
-        self.penalty_run.gated_layers = counts
+                for adapter_name in module.gatera_A:
+                    for kind in module._gate_kinds(adapter_name):
+                        counts[(adapter_name, kind)] = counts.get((adapter_name, kind), 0) + 1
+        self.penalty_run.layer_counts = counts
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -125,17 +127,20 @@ class GateRAModel(BaseTuner):
             num_positions = reference.numel()
         self.penalty_run.set_batch(kwargs.get("attention_mask"), num_positions)
 
+    FP32_PARAMETERS = ("gatera_gate", "gatera_structure", "gatera_magnitude")
+
     def upcast_gates_to_fp32(self) -> list[str]:
-        """Return half-precision gate parameters to fp32; the names of those changed.
+        """Return half-precision gate, threshold, structure and magnitude parameters to fp32; the names changed.
 
         TRL casts every trainable parameter of a quantised model to bf16 (QLoRA's recipe for LoRA factors). A gate's
-        bias sits at O(1) and its updates are ~lr, below bf16's resolution there (2^-8 relative), so in bf16 the
-        gates would silently stop learning (TRL exempts DoRA's magnitude vector for the same reason). Called by the
-        Trainer integration before the first optimizer step, while the optimizer holds no state yet.
+        bias, a threshold, a structure logit or a DoRA magnitude sits at O(1) and its updates are ~lr, below bf16's
+        resolution there (2^-8 relative), so in bf16 they would silently stop learning (TRL exempts DoRA's magnitude
+        vector for the same reason). Called by the Trainer integration before the first optimizer step, while the
+        optimizer holds no state yet.
         """
         changed = []
         for name, param in self.model.named_parameters():
-            if "gatera_gate" in name and param.dtype in (torch.float16, torch.bfloat16):
+            if any(part in name for part in self.FP32_PARAMETERS) and param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
                 changed.append(name)
         return changed
@@ -144,52 +149,92 @@ class GateRAModel(BaseTuner):
     def pop_gate_stats(self, per_layer: Optional[bool] = None) -> dict[str, float]:
         """Gate statistics recorded since the last call, as log entries; empty if no gated backward ran.
 
-        `gatera/gate_mean`, `gatera/entropy` (mean `H(g)/log 2` over real tokens and gated layers, in [0, 1]),
-        `gatera/gate_open_frac` (fraction of gates > 0.5) and `gatera/penalty` (λ · entropy), and with `per_layer`
-        (default: the adapter config's `per_layer_stats`) the same three per module under `gatera/<stat>/<module>`.
-        Sums are all-reduced across data-parallel ranks when torch.distributed is initialised.
+        Sigmoid gates: `gatera/gate_mean`, `gatera/entropy` (mean `H(g)/log 2` over real tokens and gated layers, in
+        [0, 1]), `gatera/gate_open_frac` (fraction > 0.5), `gatera/penalty` (λ · entropy). Threshold gates:
+        `gatera/kept_frac` and, always, `gatera/kept_frac/<module>`; `gatera/keep_penalty` with a `keep_ratio`.
+        Structure gates: `gatera/structure_mean` (mean σ(α)) and `gatera/structure_penalty` (λ_s · mean σ(α)).
+        Per layer (default: the config's `per_layer_stats`) adds `gatera/<stat>/<module>` for every statistic.
+        Adapters other than "default" get a `/<adapter>` suffix on the summary keys. Sums are all-reduced across
+        data-parallel ranks when torch.distributed is initialised (every rank must call this, as `Trainer.log` does).
         """
-        rows = []  # (adapter, module name, GateStats), in a fixed order so that ranks all-reduce alike
+        rows = []  # (adapter, kind, module name, GateStats) in a fixed order, so that ranks all-reduce alike
         device = None
         for name, module in self.model.named_modules():
             if isinstance(module, GateRALayer):
-                for adapter_name in module.gatera_gate:
-                    rows.append((adapter_name, name, module.gate_stats[adapter_name]))
-                    device = device or module.gatera_gate[adapter_name].weight.device
+                for (adapter_name, kind), stats in module.gate_stats.items():
+                    rows.append((adapter_name, kind, name.removeprefix("model."), stats))
+                    device = device or module.gatera_A[adapter_name].device
         if not rows:
             return {}
-        table = torch.zeros(len(rows), len(GateStats.KEYS), dtype=torch.float64, device=device)  # (layers, 4)
-        for i, (_, _, stats) in enumerate(rows):
-            sums = stats.pop_tensor()
+        table = torch.zeros(len(rows), len(GateStats.KEYS), dtype=torch.float64, device=device)  # (rows, 4)
+        for i, row in enumerate(rows):
+            sums = row[3].pop_tensor()
             if sums is not None:
                 table[i] = sums.to(device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(table)
         table = table.cpu()
-        if not table[:, 0].any():
-            return {}
         logs: dict[str, float] = {}
-        for adapter_name in sorted({row[0] for row in rows}):
-            index = [i for i, row in enumerate(rows) if row[0] == adapter_name and table[i, 0] > 0]
+        for adapter_name, kind in sorted({(row[0], row[1]) for row in rows}):
+            index = [i for i, row in enumerate(rows) if row[:2] == (adapter_name, kind) and table[i, 0] > 0]
             if not index:
                 continue
-            part = table[index]
+            config = self.peft_config[adapter_name]
             suffix = "" if adapter_name == "default" else f"/{adapter_name}"
-            # per-layer means, then their mean: every gated layer weighs the same, as in the penalty
-            means = part[:, 1:] / part[:, :1].clamp(min=1)  # (layers, 3): gate, entropy, open
-            gate_mean, entropy, open_frac = means.mean(dim=0).tolist()
-            weight = self.peft_config[adapter_name].entropy_weight
-            logs[f"gatera/gate_mean{suffix}"] = gate_mean
-            logs[f"gatera/entropy{suffix}"] = entropy
-            logs[f"gatera/gate_open_frac{suffix}"] = open_frac
-            logs[f"gatera/penalty{suffix}"] = weight * entropy
-            show = self.peft_config[adapter_name].per_layer_stats if per_layer is None else per_layer
-            if show:
-                for i, row_index in enumerate(index):
-                    module_name = rows[row_index][1].removeprefix("model.")
-                    for stat, value in zip(("gate_mean", "entropy", "gate_open_frac"), means[i].tolist()):
+            # per-layer means, then their mean: every gated layer weighs the same, as in the penalties
+            means = table[index, 1:] / table[index, :1]  # (layers, 3): mean value, mean H/log 2, open fraction
+            modules = [rows[i][2] for i in index]
+            show = config.per_layer_stats if per_layer is None else per_layer
+            if kind == "sigmoid":
+                stats = {"gate_mean": means[:, 0], "entropy": means[:, 1], "gate_open_frac": means[:, 2]}
+                logs[f"gatera/penalty{suffix}"] = config.entropy_weight * means[:, 1].mean().item()
+            elif kind == "threshold":
+                stats = {"kept_frac": means[:, 0]}
+                show = True  # the kept fraction per layer tells which modules matter (TS-PEFT)
+                if config.keep_ratio is not None:
+                    deviation = ((means[:, 0] - config.keep_ratio) ** 2).mean().item()
+                    logs[f"gatera/keep_penalty{suffix}"] = config.keep_ratio_weight * deviation
+            else:
+                stats = {"structure_mean": means[:, 0]}
+                logs[f"gatera/structure_penalty{suffix}"] = config.structure_weight * means[:, 0].mean().item()
+            for stat, values in stats.items():
+                logs[f"gatera/{stat}{suffix}"] = values.mean().item()
+                if show:
+                    for module_name, value in zip(modules, values.tolist()):
                         logs[f"gatera/{stat}{suffix}/{module_name}"] = value
         return logs
+
+    # ----------------------------------------------------------------------------------------------- pruning
+    def prune_structure(self, threshold: float, adapter_name: str = "default") -> dict:
+        """Remove `adapter_name` from every module whose structure gate σ(α) is below `threshold`.
+
+        Returns `{"kept": [...], "pruned": [...], "values": {module: σ(α)}}`; the adapter's `target_modules` becomes
+        the kept modules, so `save_pretrained` then writes the smaller adapter. A module left without adapters is
+        unwrapped back to its base layer.
+        """
+        from .pruning import split_by_threshold
+
+        config = self.peft_config[adapter_name]
+        if not config.structure_gate:
+            raise ValueError(f"Adapter {adapter_name!r} has no structure gates (structure_gate=False): nothing to prune by.")
+        layers = {name: module for name, module in self.model.named_modules()
+                  if isinstance(module, GateRALayer) and adapter_name in module.gatera_structure}
+        values = {name: module.gatera_structure[adapter_name]().item() for name, module in layers.items()}
+        kept, pruned = split_by_threshold(values, threshold)
+        for name in pruned:
+            module = layers[name]
+            active = [a for a in module.active_adapters if a != adapter_name]
+            module.delete_adapter(adapter_name)
+            if module.gatera_A:
+                module.set_adapter(active)
+            else:
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent_name), child, module.get_base_layer())
+        config.target_modules = set(kept)
+        config.layers_to_transform = config.layers_pattern = None
+        self.targeted_module_names = [n for n in self.targeted_module_names if n not in set(pruned)]
+        self._count_gated_layers()
+        return {"kept": kept, "pruned": pruned, "values": values}
 
     # ----------------------------------------------------------------------------------------------- merging
     def _check_mergeable(self, adapter_names: Optional[list[str]]) -> None:

@@ -86,20 +86,23 @@ class PenaltyRun:
     """What the gated layers of one GateRA model share while training.
 
     Set by the model's forward pre-hook (`set_batch`) and, inside a `transformers.Trainer`, once per optimisation
-    step by `trainer_integration` (`begin_step`).
+    step by `trainer_integration` (`begin_step`). `layer_counts[(adapter, kind)]` is the number of layers with a gate
+    of that kind ("sigmoid", "threshold", "structure"), the `L` of each penalty's mean.
     """
 
     attention_mask: Optional[torch.Tensor] = None  # (B, T) bool of the current forward, or None: every token is real
     num_positions: int = 0  # batch × sequence length of the current forward
     step_tokens: Optional[float] = None  # real tokens of the whole optimisation step, all ranks (Trainer only)
+    step_micro_batches: int = 1  # forwards (micro-batches) per optimisation step on this rank
     world_size: int = 1  # data-parallel ranks whose gradients are averaged
     loss_scale: float = 1.0  # fp16 loss scale applied to the task loss before backward
-    gated_layers: dict = field(default_factory=dict)  # adapter name -> number of layers with a token gate
+    layer_counts: dict = field(default_factory=dict)
     _batch_tokens: Optional[int] = field(default=None, repr=False)
 
     def set_batch(self, attention_mask: Optional[torch.Tensor], num_positions: int) -> None:
         """Record the token mask of a new forward; `num_positions` = batch × sequence length."""
-        self.attention_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        has_mask = attention_mask is not None and attention_mask.dim() == 2
+        self.attention_mask = attention_mask.bool() if has_mask else None
         self.num_positions = num_positions
         self._batch_tokens = None
 
@@ -111,17 +114,19 @@ class PenaltyRun:
             self._batch_tokens = int(mask.sum()) if mask is not None else self.num_positions
         return self._batch_tokens
 
-    def begin_step(self, step_tokens: float, world_size: int = 1, loss_scale: float = 1.0) -> None:
-        """Fix the normaliser for one optimisation step: real tokens over all its micro-batches and ranks."""
+    def begin_step(self, step_tokens: float, world_size: int = 1, loss_scale: float = 1.0, micro_batches: int = 1):
+        """Fix the normalisers for one optimisation step: real tokens over all its micro-batches and ranks."""
         self.step_tokens = float(step_tokens)
         self.world_size = int(world_size)
         self.loss_scale = float(loss_scale)
+        self.step_micro_batches = int(micro_batches)
 
     def end_training(self) -> None:
         """Return to per-forward normalisation (used after a Trainer run)."""
         self.step_tokens = None
         self.world_size = 1
         self.loss_scale = 1.0
+        self.step_micro_batches = 1
 
     def token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Mask (N, 1) of real tokens for a layer input x (..., d); None when every position counts.
@@ -134,38 +139,78 @@ class PenaltyRun:
             return None
         return mask.to(x.device).reshape(-1, 1)
 
-    def entropy_scale(self, adapter_name: str, weight: float) -> float:
-        """Factor on `∂(H/log 2)/∂g` per real token in this rank's backward: λ·W·loss_scale / (N·L)."""
-        layers = self.gated_layers.get(adapter_name, 0)
+    def token_scale(self, adapter_name: str, kind: str, weight: float) -> float:
+        """Factor on a per-token penalty term's gradient in this rank's backward: λ·W·loss_scale / (N·L)."""
+        layers = self.layer_counts.get((adapter_name, kind), 0)
         tokens = self.step_tokens if self.step_tokens is not None else self.batch_tokens
         if weight == 0.0 or layers == 0 or tokens <= 0:
             return 0.0
         return weight * self.world_size * self.loss_scale / (tokens * layers)
 
+    def module_scale(self, adapter_name: str, weight: float) -> float:
+        """Factor on a per-module penalty term's gradient per forward: λ_s·loss_scale / (L_s · micro-batches).
 
-class _EntropyTap(torch.autograd.Function):
-    """Identity on the gate (N, 1); backward adds `scale · ∂(H/log 2)/∂g` on real tokens and records statistics."""
+        Every rank adds the whole penalty's gradient (its forwards sum to it), so the data-parallel average keeps it.
+        """
+        layers = self.layer_counts.get((adapter_name, "structure"), 0)
+        if weight == 0.0 or layers == 0:
+            return 0.0
+        return weight * self.loss_scale / (layers * self.step_micro_batches)
+
+
+def entropy_term_grad(gate: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-token gradient of the entropy penalty's summand `H(g)/log 2`."""
+    return binary_entropy_grad(gate)
+
+
+def keep_ratio_term_grad(target: float):
+    """Per-token gradient of `n · (k − ρ)²` with k the micro-batch's kept fraction: `2 (k − ρ)` for every token.
+
+    The penalty is `λ_k · (1/L) Σ_layers Σ_micro-batches (n_mb / N) (k_mb − ρ)²`, the token-weighted mean over
+    micro-batches of the squared deviation of each micro-batch's kept fraction; its gradient per token is known when
+    the micro-batch's own backward runs.
+    """
+
+    def grad(selected: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        s = selected.float()
+        kept = (s * mask).sum() / mask.sum().clamp(min=1) if mask is not None else s.mean()
+        return torch.full_like(s, 2.0) * (kept - target)
+
+    return grad
+
+
+def constant_term_grad(value: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Gradient of a penalty linear in the value (the structure penalty λ_s · σ(α))."""
+    return torch.ones_like(value, dtype=torch.float32)
+
+
+class _PenaltyTap(torch.autograd.Function):
+    """Identity on a gate value; backward adds `scale · term_grad(value, mask)` (masked) and records statistics."""
 
     @staticmethod
-    def forward(ctx, gate, mask, scale, stats):
-        ctx.save_for_backward(gate, mask)
-        ctx.scale = scale
-        ctx.stats = stats
-        return gate.view_as(gate)
+    def forward(ctx, value, mask, scale, term_grad, stats):
+        ctx.save_for_backward(value, mask)
+        ctx.scale, ctx.term_grad, ctx.stats = scale, term_grad, stats
+        return value.view_as(value)
 
     @staticmethod
-    def backward(ctx, grad_gate):
-        gate, mask = ctx.saved_tensors
+    def backward(ctx, grad_value):
+        value, mask = ctx.saved_tensors
         if ctx.stats is not None:
-            ctx.stats.add(gate, mask)
+            ctx.stats.add(value, mask)
         if ctx.scale != 0.0:
-            extra = binary_entropy_grad(gate) * ctx.scale
+            extra = ctx.term_grad(value, mask) * ctx.scale
             if mask is not None:
                 extra = extra * mask
-            grad_gate = grad_gate + extra.to(grad_gate.dtype)
-        return grad_gate, None, None, None
+            grad_value = grad_value + extra.to(grad_value.dtype)
+        return grad_value, None, None, None, None
+
+
+def penalty_tap(value: torch.Tensor, mask: Optional[torch.Tensor], scale: float, term_grad, stats=None):
+    """Pass `value` (N, 1) through unchanged; its backward adds `scale · term_grad` and records `stats`."""
+    return _PenaltyTap.apply(value, mask, scale, term_grad, stats)
 
 
 def entropy_tap(gate: torch.Tensor, mask: Optional[torch.Tensor], scale: float, stats: Optional[GateStats]):
-    """Pass `gate` (N, 1) through unchanged; its backward adds the entropy penalty's gradient and records stats."""
-    return _EntropyTap.apply(gate, mask, scale, stats)
+    """The entropy penalty's tap on sigmoid gates (N, 1)."""
+    return penalty_tap(gate, mask, scale, entropy_term_grad, stats)

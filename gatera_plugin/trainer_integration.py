@@ -83,7 +83,9 @@ def begin_step(trainer, batch_samples) -> None:
     world_size = accelerator.num_processes
     if world_size > 1:
         tokens = accelerator.gather(tokens.reshape(1).to(accelerator.device)).sum()
-    tuner.penalty_run.begin_step(float(tokens), world_size=world_size, loss_scale=loss_scale_of(trainer))
+    tuner.penalty_run.begin_step(
+        float(tokens), world_size=world_size, loss_scale=loss_scale_of(trainer), micro_batches=len(batch_samples)
+    )
 
 
 def install() -> None:

@@ -144,11 +144,11 @@ def test_unload_disable_and_delete_adapter():
     assert not torch.allclose(second, adapted)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".second" in n for n in trainable)
-    assert model.base_model.penalty_run.gated_layers == {"default": 14, "second": 2}
+    assert model.base_model.penalty_run.layer_counts == {("default", "sigmoid"): 14, ("second", "sigmoid"): 2}
     model.set_adapter("default")
     torch.testing.assert_close(_logits(model, input_ids), adapted)
     model.delete_adapter("second")
-    assert model.base_model.penalty_run.gated_layers == {"default": 14}
+    assert model.base_model.penalty_run.layer_counts == {("default", "sigmoid"): 14}
     assert not any("second" in n for n, _ in model.named_parameters())
     torch.testing.assert_close(_logits(model, input_ids), adapted)
 

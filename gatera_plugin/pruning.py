@@ -1,0 +1,82 @@
+"""Structure pruning: drop the adapters whose structure gate σ(α) ended below a threshold (Structure-Learnable Adapter).
+
+Two entry points share the selection: `GateRAModel.prune_structure(threshold)` on a model in memory, and
+`prune_saved_adapter(src, dst, threshold)` (the `gatera prune` command) on a saved adapter folder, without loading
+the base model. A pruned module simply has no adapter any more: the pruned adapter's output equals the unpruned one's
+minus those modules' contributions, and its `target_modules` lists the modules that stayed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+STRUCTURE_KEY = ".gatera_structure.alpha"
+PEFT_PREFIX = "base_model.model."
+
+
+def split_by_threshold(values: dict[str, float], threshold: float) -> tuple[list[str], list[str]]:
+    """(kept, pruned) module names: a module stays when its σ(α) ≥ threshold."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"`threshold` compares with σ(α) in [0, 1], got {threshold}.")
+    kept = sorted(name for name, value in values.items() if value >= threshold)
+    pruned = sorted(name for name, value in values.items() if value < threshold)
+    return kept, pruned
+
+
+def report(values: dict[str, float], kept: list[str], pruned: list[str]) -> str:
+    lines = [f"kept {len(kept)} of {len(values)} adapted modules (σ(α) per module):"]
+    lines += [f"  kept    {values[name]:.4f}  {name}" for name in kept]
+    lines += [f"  pruned  {values[name]:.4f}  {name}" for name in pruned]
+    return "\n".join(lines)
+
+
+def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> dict:
+    """Write a pruned copy of the adapter folder `src` to the new folder `dst`; returns what stayed and what went.
+
+    `dst` must not exist yet (nothing saved is overwritten); the copy is written to a temporary folder beside it and
+    renamed into place, so an interrupted run leaves no half-written adapter.
+    """
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    config_path, weights_path = src / "adapter_config.json", src / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: `gatera prune` needs a saved GateRA adapter folder.")
+    if dst.exists():
+        raise FileExistsError(f"{dst} already exists; choose a new output folder (nothing is overwritten).")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "GATERA":
+        raise ValueError(f"{src} holds a {config.get('peft_type')!r} adapter, not a GateRA one.")
+    if not config.get("structure_gate"):
+        raise ValueError(f"{src} was trained without structure gates (structure_gate=False): nothing to prune by.")
+    state = load_file(weights_path)
+    values = {
+        key.removesuffix(STRUCTURE_KEY).removeprefix(PEFT_PREFIX): torch.sigmoid(tensor.float()).item()
+        for key, tensor in state.items()
+        if key.endswith(STRUCTURE_KEY)
+    }
+    kept, pruned = split_by_threshold(values, threshold)
+    pruned_prefixes = tuple(PEFT_PREFIX + name + ".gatera_" for name in pruned)
+    new_state = {k: v for k, v in state.items() if not k.startswith(pruned_prefixes)}
+    config.update(target_modules=kept, layers_to_transform=None, layers_pattern=None)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
+    try:
+        for extra in src.iterdir():  # README, tokenizer files, ... travel along
+            if extra.name not in (config_path.name, weights_path.name) and extra.is_file():
+                shutil.copy2(extra, partial / extra.name)
+        (partial / config_path.name).write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(new_state, partial / weights_path.name, metadata={"format": "pt"})
+        partial.rename(dst)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)
+    return {"kept": kept, "pruned": pruned, "values": values,
+            "tensors_before": len(state), "tensors_after": len(new_state)}
