@@ -107,6 +107,13 @@ if is_bnb_4bit_available():
             _keep_standard_4bit_layout(self.get_base_layer())
             return super().base_weight()
 
+        def kernel_weight(self):
+            """W0 for the Triton kernels: the packed 4-bit bytes, dequantised inside the kernel."""
+            from .kernels.hira_triton import Packed4bit
+
+            _keep_standard_4bit_layout(self.get_base_layer())
+            return Packed4bit.from_params(self.get_base_layer().weight)
+
         def _requantize(self, weight: torch.Tensor) -> None:
             base = self.get_base_layer()
             old = base.weight

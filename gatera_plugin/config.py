@@ -9,6 +9,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ._registration import PEFT_TYPE
+from .kernels import KERNELS, triton_available
 
 # The kinds a user may pick. Each name maps to one implementation in `gates.py` / `branches.py`; adding a kind means
 # adding it here and there, nothing else.
@@ -87,6 +88,8 @@ class GateRAConfig(PeftConfig):
         sparse_threshold: ε > 0: in eval (and in training with `sparse_training=True`) tokens whose gate is below ε
             skip the branch entirely (gather the rest, compute, scatter); 0 (default): dense.
         cache_delta: in eval, keep the HiRA branch's dense `s·W0 ⊙ BA` between forwards (fast decoding).
+        kernel: "auto" (Triton kernels for CUDA tensors when triton imports, the exact PyTorch path otherwise),
+            "triton" (an error off CUDA unless TRITON_INTERPRET=1) or "torch".
     """
 
     r: int = field(default=32, metadata={"help": "Rank of the branch factors A (r x d_in) and B (d_out x r)."})
@@ -176,6 +179,10 @@ class GateRAConfig(PeftConfig):
     cache_delta: bool = field(
         default=False, metadata={"help": "In eval, cache the HiRA branch's dense update between forwards."}
     )
+    kernel: Literal["auto", "triton", "torch"] = field(
+        default="auto",
+        metadata={"help": "'auto': Triton kernels on CUDA, exact PyTorch path elsewhere; 'triton'; 'torch'."},
+    )
     format_version: int = field(
         default=FORMAT_VERSION, metadata={"help": "Version of the saved adapter format (set by the package)."}
     )
@@ -191,6 +198,9 @@ class GateRAConfig(PeftConfig):
         _check_number("r", self.r, low=0, low_open=True, integer=True)
         _check_choice("branch", self.branch, BRANCHES)
         _check_choice("gate", self.gate, TOKEN_GATES)
+        _check_choice("kernel", self.kernel, KERNELS)
+        if self.kernel == "triton" and not triton_available():
+            raise ValueError("kernel='triton' needs the `triton` package: `pip install gatera-plugin[triton]`.")
         if self.lora_alpha is not None:
             if self.branch == "hira":
                 raise ValueError(

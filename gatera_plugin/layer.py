@@ -136,6 +136,10 @@ class GateRALayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         return weight.t() if self.weight_is_transposed else weight
 
+    def kernel_weight(self):
+        """W0 as the Triton kernels read it (a dense (d_out, d_in) view here; packed bytes for 4-bit bases)."""
+        return self.base_weight()
+
     def _check_base_frozen(self) -> None:
         if self.get_base_layer().weight.requires_grad:
             raise RuntimeError(
