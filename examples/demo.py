@@ -11,8 +11,8 @@ answers after, and saves the adapter (adapter_config.json + adapter_model.safete
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -27,32 +27,10 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import gatera_plugin  # noqa: E402  (registers GateRA with PEFT)
 
-DATA = Path(__file__).parent / "data" / "elements.jsonl"
+sys.path.insert(0, str(Path(__file__).parent))
+from common import load_rows, tiny_model_and_tokenizer  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-
-
-def load_rows(split: str) -> list[dict]:
-    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
-    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows if r["split"] == split]
-
-
-def tiny_model_and_tokenizer():
-    """A 2-layer random Llama with a word-level tokenizer over the data (no download, no pretrained weights)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = sorted({w for r in load_rows("train") + load_rows("test") for w in (r["prompt"] + r["completion"]).split()})
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config), tokenizer
 
 
 class PrintProgress(TrainerCallback):

@@ -17,6 +17,26 @@ from peft.utils.integrations import dequantize_bnb_weight
 from .layer import Linear, _unmergeable_message
 
 
+def _refuse_zero3_4bit() -> None:
+    """4-bit bases under DeepSpeed ZeRO-3 are refused rather than half-supported.
+
+    ZeRO-3 would partition the packed 4-bit bytes (with bitsandbytes' `quant_storage` trick) while their quantisation
+    state stays whole, and GateRA's HiRA branch needs the dequantised W0 in forward and backward; gathering and
+    dequantising a partitioned packed weight per layer and per pass is not implemented or tested here.
+    """
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        return
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "GateRA does not support 4-bit (bitsandbytes) bases under DeepSpeed ZeRO-3: ZeRO-3 would partition the "
+            "packed 4-bit weights that GateRA's HiRA branch dequantises in every forward and backward. Use ZeRO-2 "
+            "(integrations/deepspeed/zero2.json), which keeps the frozen 4-bit base whole on each rank and shards "
+            "the adapter's optimizer state, or load the base in bf16 for ZeRO-3."
+        )
+
+
 class _QuantizedLinear(Linear):
     """Shared part of the 4-bit and 8-bit wrappers: dequantised `W0`, merge by re-quantising."""
 
@@ -100,6 +120,7 @@ if is_bnb_4bit_available():
         """GateRA on `bitsandbytes.nn.Linear4bit` (NF4 / FP4)."""
 
         def __init__(self, *args, **kwargs) -> None:
+            _refuse_zero3_4bit()
             super().__init__(*args, **kwargs)
             _keep_standard_4bit_layout(self.get_base_layer())
 

@@ -95,6 +95,7 @@ class GateRALayer(BaseTunerLayer):
         self.reset_gatera_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+        _register_base_weight_with_zero3(self)
 
     def _gate_kinds(self, adapter_name: str) -> list[str]:
         """The penalised gate kinds this adapter has here: "sigmoid" / "threshold", and "structure"."""
@@ -276,6 +277,23 @@ class GateRALayer(BaseTunerLayer):
         self.get_base_layer().weight.data.copy_(self._weight_before_merge)
         self._weight_before_merge = None
         self.merged_adapters.clear()
+
+
+def _register_base_weight_with_zero3(layer: GateRALayer) -> None:
+    """Under DeepSpeed ZeRO-3, declare the base weight an external parameter of the GateRA layer.
+
+    The HiRA branch (and DoRA's norm) read W0 in this layer's forward and, for the memory-lean backward, again in its
+    backward; registered, ZeRO-3 gathers W0 for both like one of the layer's own parameters and releases it after,
+    so nothing keeps a second, gathered copy.
+    """
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        return
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(layer, layer.get_base_layer().weight)
 
 
 def _unmergeable_message(adapter_name: str, gate_kind: str) -> str:

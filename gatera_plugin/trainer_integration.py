@@ -57,7 +57,17 @@ def count_real_tokens(batches) -> Optional[torch.Tensor]:
 
 
 def loss_scale_of(trainer) -> float:
-    """The loss scale the trainer multiplies the loss by before backward (fp16 mixed precision), else 1."""
+    """The factor the trainer multiplies the loss by before backward (fp16 loss scaling), else 1.
+
+    Accelerate's GradScaler for plain fp16 training; under DeepSpeed, the ZeRO optimizer's loss scaler (which
+    `engine.backward` applies; bf16 and fp32 runs have none or a static scale of 1).
+    """
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        optimizer = getattr(getattr(trainer, "model_wrapped", None), "optimizer", None)
+        if getattr(optimizer, "custom_loss_scaler", False):
+            return float(optimizer.external_loss_scale)
+        scaler = getattr(optimizer, "loss_scaler", None)
+        return float(getattr(scaler, "loss_scale", 1.0)) if scaler is not None else 1.0
     scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
     if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
         return float(scaler.get_scale())

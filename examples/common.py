@@ -1,0 +1,36 @@
+"""Shared by the examples: the bundled data and a tiny offline model for smoke runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).parent / "data" / "elements.jsonl"
+
+
+def load_rows(split: str, path: Path = DATA) -> list[dict]:
+    """Prompt/completion pairs of one split ("train" or "test") of a JSONL file with a `split` field."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows if r.get("split", "train") == split]
+
+
+def tiny_model_and_tokenizer(path: Path = DATA, hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A small random Llama with a word-level tokenizer over the data's words (no download, no pretrained weights)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    words = sorted({w for r in rows for w in (r["prompt"] + r["completion"]).split()})
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config), tokenizer

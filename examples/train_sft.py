@@ -1,0 +1,121 @@
+"""Fine-tune a causal LM with GateRA through TRL's SFTTrainer: the script the launch recipes in integrations/ run.
+
+Single process (CPU or one GPU):
+    python examples/train_sft.py --model PATH_OR_tiny --output-dir out
+DeepSpeed on one machine (N GPUs, or N CPU processes with DS_ACCELERATOR=cpu):
+    torchrun --nproc_per_node N examples/train_sft.py --deepspeed integrations/deepspeed/zero3.json ...
+    deepspeed --num_gpus N examples/train_sft.py --deepspeed integrations/deepspeed/zero2.json ...
+Several machines: see integrations/README.md (accelerate config per node, or `deepspeed --hostfile`).
+
+Data: a JSONL file of {"prompt", "completion"} rows (default: examples/data/elements.jsonl, its "train" split);
+loss on the completion only. On the main process the run's log history is written to <output-dir>/metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="model folder, or 'tiny' (a small random Llama, offline)")
+    parser.add_argument("--data", default=None, help="JSONL with prompt/completion (default: the bundled elements)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (integrations/deepspeed/)")
+    parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4, help="per-device micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--gate", default="sigmoid")
+    parser.add_argument("--branch", default="hira")
+    parser.add_argument("--entropy-weight", type=float, default=None)
+    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the end)")
+    parser.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'last'")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--load-in-4bit", action="store_true", help="quantise the base with bitsandbytes (QLoRA)")
+    parser.add_argument("--cpu", action="store_true", help="train on CPU (with DeepSpeed: DS_ACCELERATOR=cpu, gloo)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def build_trainer(args: argparse.Namespace, callbacks=()):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    import gatera_plugin
+    from common import DATA, load_rows, tiny_model_and_tokenizer
+
+    if args.deepspeed and args.cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        # with use_cpu, transformers would otherwise set up partitioning for a world of one process
+        deepspeed.init_distributed(dist_backend="gloo")
+    config = SFTConfig(
+        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="constant",
+        logging_steps=1, report_to="none", save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500, seed=args.seed, data_seed=args.seed, deepspeed=args.deepspeed,
+        use_cpu=args.cpu, ddp_backend="gloo" if args.cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        bf16=args.bf16, fp16=False,
+        gradient_checkpointing=args.gradient_checkpointing, max_length=64, disable_tqdm=True, max_grad_norm=0.0,
+        optim="adamw_torch", save_only_model=False,
+    )
+    data = Path(args.data) if args.data else DATA
+    model_path = args.model
+    if args.model == "tiny":
+        model, tokenizer = tiny_model_and_tokenizer(data)
+        if args.load_in_4bit:  # quantising needs a checkpoint to load from
+            model_path = str(Path(args.output_dir) / "tiny-base")
+            if int(os.environ.get("RANK", "0")) == 0:
+                model.save_pretrained(model_path)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.model != "tiny" or args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") if args.load_in_4bit else None
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.bfloat16 if args.bf16 else torch.float32, quantization_config=quantization,
+            device_map="cpu" if args.cpu and args.load_in_4bit and not args.deepspeed else None,
+        )
+    extra = {} if args.entropy_weight is None else {"entropy_weight": args.entropy_weight}
+    peft_config = gatera_plugin.GateRAConfig(r=args.r, target_modules=TARGETS, gate=args.gate, branch=args.branch,
+                                             **extra)
+    return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(load_rows("train", data)),
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
+
+
+def main(argv=None, callbacks=()) -> None:
+    args = parse_args(argv)
+    trainer = build_trainer(args, callbacks)
+    resume = args.resume
+    if resume == "last":
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        metrics = {"log_history": trainer.state.log_history, "world_size": trainer.accelerator.num_processes}
+        (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()
