@@ -14,7 +14,8 @@ test); the model is trained with TRL's SFTTrainer on prompt/completion pairs, lo
 steps, batch, rank and target modules (q, k, v, up, down); only the learning rate differs, taken from a small sweep
 on the val split (`LEARNING_RATES`, see README). Evaluation scores every answer option by the summed log-likelihood
 of its tokens after the prompt and counts the argmax (BIG-bench's multiple_choice_grade); `accuracy_norm` divides by
-the option's token count instead. Writes one JSON per run under bench/results/quality/.
+the option's token count instead; `gold_nll` is the mean per-token negative log-likelihood of the correct option.
+Writes one JSON per run under bench/results/quality/.
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ import torch  # noqa: E402
 
 RANK = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-# Learning rates per method, from the sweep on social_iqa's val split (bench/quality_runs.sh, README).
+# Learning rates per method, from the sweep on hyperbaton's val split (bench/quality_runs.sh sweep; README). The
+# HiRA-family methods share PEFT HiRA's / GateRA's rate (same branch maths).
 LEARNING_RATES = {
-    "lora": 5e-4,
-    "peft-hira": 2e-3,
-    "gatera-none": 2e-3,
-    "gatera": 2e-3,
-    "gatera-lora": 5e-4,
+    "lora": 1e-3,
+    "peft-hira": 1e-3,
+    "gatera-none": 1e-3,
+    "gatera": 1e-3,
+    "gatera-threshold": 1e-3,
+    "gatera-structure": 1e-3,
+    "gatera-lora": 1e-3,
 }
 METHODS = ["zero-shot", *LEARNING_RATES]
 RESULTS = Path(__file__).parent / "results" / "quality"
@@ -118,8 +122,14 @@ def adapter_config(method: str, overrides: dict):
         return LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS)
     if method == "peft-hira":
         return HiraConfig(r=RANK, target_modules=TARGETS)
-    kwargs = {"gatera": {}, "gatera-none": {"gate": "none"}, "gatera-lora": {"branch": "lora", "lora_alpha": 2 * RANK}}
-    return GateRAConfig(r=RANK, target_modules=TARGETS, **kwargs[method], **overrides)
+    kwargs = {
+        "gatera": {},
+        "gatera-none": {"gate": "none"},
+        "gatera-threshold": {"gate": "threshold"},
+        "gatera-structure": {"structure_gate": True},
+        "gatera-lora": {"branch": "lora", "lora_alpha": 2 * RANK},
+    }
+    return GateRAConfig(r=RANK, target_modules=TARGETS, **{**kwargs[method], **overrides})
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
@@ -128,6 +138,7 @@ def evaluate(model, tokenizer, rows: list[dict]) -> dict:
     """Multiple-choice accuracy by summed (and per-token mean) log-likelihood of each option after the prompt."""
     model.eval()
     correct = correct_norm = 0
+    gold_nll = 0.0
     for row in rows:
         prompt_ids = tokenizer(row["prompt"])["input_ids"]
         seqs = [tokenizer(" " + option, add_special_tokens=False)["input_ids"] for option in row["options"]]
@@ -148,7 +159,9 @@ def evaluate(model, tokenizer, rows: list[dict]) -> dict:
             means.append(token_lp.mean().item())
         correct += int(max(range(len(sums)), key=sums.__getitem__) == row["answer"])
         correct_norm += int(max(range(len(means)), key=means.__getitem__) == row["answer"])
-    return {"accuracy": correct / len(rows), "accuracy_norm": correct_norm / len(rows), "eval_examples": len(rows)}
+        gold_nll -= means[row["answer"]]
+    return {"accuracy": correct / len(rows), "accuracy_norm": correct_norm / len(rows),
+            "gold_nll": gold_nll / len(rows), "eval_examples": len(rows)}
 
 
 # ------------------------------------------------------------------------------------------------------------ run
@@ -157,7 +170,7 @@ def main() -> None:
     parser.add_argument("--task", required=True)
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="override the method's learning rate (sweeps)")
     parser.add_argument("--eval-split", default="test", choices=["val", "test"])
@@ -165,6 +178,7 @@ def main() -> None:
     parser.add_argument("--entropy-weight", type=float, default=None, help="GateRA's λ (default: the package's)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model (smoke test)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/quality/<run>.json)")
+    parser.add_argument("--save-adapter", default=None, help="also save the trained adapter here (for gatera plot)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -179,6 +193,9 @@ def main() -> None:
     if args.method != "zero-shot":
         result.update(train(model, tokenizer, train_rows, args))
         model = result.pop("_model")
+        if args.save_adapter:
+            model.save_pretrained(args.save_adapter)
+            tokenizer.save_pretrained(args.save_adapter)
     result.update(evaluate(model, tokenizer, eval_rows))
     out = Path(args.out) if args.out else RESULTS / (
         f"{name}__{args.method}__seed{args.seed}__{args.eval_split}"
@@ -212,7 +229,7 @@ def train(model, tokenizer, rows: list[dict], args) -> dict:
     timer = StepTimer()
     config = SFTConfig(
         output_dir=str(RESULTS / "_runs"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-        learning_rate=lr, lr_scheduler_type="linear", warmup_steps=max(1, args.steps // 10), logging_steps=10,
+        learning_rate=lr, lr_scheduler_type="linear", warmup_steps=max(1, args.steps // 10), logging_steps=min(10, args.steps),
         report_to="none", save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False,
         disable_tqdm=True, seed=args.seed, data_seed=args.seed, max_length=256,
     )

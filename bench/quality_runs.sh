@@ -2,30 +2,31 @@
 # The runs behind README's quality tables, two at a time (one thread each). Each run writes its JSON under
 # bench/results/quality/; `python bench/quality_table.py` prints the tables from whatever has finished.
 #
-#   bash bench/quality_runs.sh sweep     # learning-rate sweep on social_iqa's val split (~1.5 h on 2 cores)
-#   bash bench/quality_runs.sh lambda    # entropy_weight sweep for GateRA on the val split
-#   bash bench/quality_runs.sh main      # 2 tasks x 2 seeds x methods on the test split (~3-4 h on 2 cores)
+#   bash bench/quality_runs.sh sweep     # learning rates on hyperbaton's val split (~1 h on 2 cores)
+#   bash bench/quality_runs.sh lambda    # entropy_weight of GateRA on hyperbaton's val split (~20 min)
+#   bash bench/quality_runs.sh main      # 3 tasks x 2 seeds x methods on the test split (~4-5 h on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
-STEPS=${STEPS:-120}
+STEPS=${STEPS:-100}
+SWEEP_TASK=${SWEEP_TASK:-hyperbaton}
 run() { echo "$@"; }
 jobs_for() {
   case "$1" in
     sweep)
       for m in lora peft-hira gatera; do for lr in 3e-4 1e-3 3e-3; do
-        run --task social_iqa --method "$m" --seed 0 --lr "$lr" --eval-split val --eval-limit 150
+        run --task "$SWEEP_TASK" --method "$m" --seed 0 --lr "$lr" --eval-split val --eval-limit 200
       done; done ;;
     lambda)
       for l in 0 0.1 1.0; do
-        run --task social_iqa --method gatera --seed 0 --entropy-weight "$l" --eval-split val --eval-limit 150 \
-            --out "bench/results/quality/social_iqa__gatera__seed0__val__lambda$l.json"
+        run --task "$SWEEP_TASK" --method gatera --seed 0 --entropy-weight "$l" --eval-split val --eval-limit 200 \
+            --out "bench/results/quality/${SWEEP_TASK}__gatera__seed0__val__lambda$l.json"
       done ;;
     main)
-      for t in social_iqa strategyqa; do
+      for t in ${TASKS:-social_iqa strategyqa hyperbaton}; do
         run --task "$t" --method zero-shot --seed 0
-        for s in 0 1; do for m in ${METHODS:-lora peft-hira gatera-none gatera}; do
+        for s in 0 1; do for m in ${METHODS:-lora peft-hira gatera-none gatera gatera-threshold gatera-structure}; do
           run --task "$t" --method "$m" --seed "$s"
         done; done
       done ;;

@@ -1,4 +1,4 @@
-"""The `gatera` command line: `gatera prune` (structure pruning of a saved adapter)."""
+"""The `gatera` command line: `gatera prune` (structure pruning of a saved adapter), `gatera plot` (gate heatmaps)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,36 @@ def _prune(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import GateRAConfig  # noqa: F401  (registers GateRA with PEFT)
+    from .visualize import plot_gates, record_gates
+
+    adapter = Path(args.adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text()) if (adapter / "adapter_config.json").exists() \
+        else None
+    if config is None:
+        raise FileNotFoundError(f"{adapter / 'adapter_config.json'} is missing: pass a saved GateRA adapter folder.")
+    base = args.base_model or config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError("The adapter does not name its base model; pass --base-model PATH.")
+    tokenizer_source = adapter if (adapter / "tokenizer_config.json").exists() else base
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    trace = record_gates(model, tokenizer, args.prompt, args.answer, args.max_new_tokens)
+    plot_gates(trace, args.out, args.title)
+    print(f"wrote {args.out}: {len(trace.modules)} gated modules x {len(trace.tokens)} tokens; mean gate on prompt "
+          f"{trace.summary['prompt_mean']:.3f}, on answer {trace.summary['answer_mean']:.3f}; "
+          f"answer: {trace.summary['generated']!r}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gatera", description="GateRA adapter tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -23,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--threshold", type=float, required=True, help="keep modules with σ(α) >= threshold")
     prune.add_argument("--out", required=True, help="new folder for the pruned adapter (must not exist)")
     prune.set_defaults(run=_prune)
+    plot = commands.add_parser("plot", help="per-layer x per-token gate heatmap of a generation (PNG)")
+    plot.add_argument("adapter", help="saved GateRA adapter folder")
+    plot.add_argument("--prompt", required=True)
+    plot.add_argument("--answer", default=None, help="decode these tokens (default: generate greedily)")
+    plot.add_argument("--base-model", default=None, help="base model folder (default: the adapter's base_model_name_or_path)")
+    plot.add_argument("--max-new-tokens", type=int, default=24)
+    plot.add_argument("--title", default=None)
+    plot.add_argument("--out", required=True, help="image path, e.g. gates.png")
+    plot.set_defaults(run=_plot)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -1,0 +1,120 @@
+"""Where the gates open: per-layer x per-token gate heatmaps from a real generation (GateRA's Fig. 1).
+
+`record_gates` runs the prompt once (prefill) and then decodes one token at a time with the KV cache, as generation
+does, recording every sigmoid gate (or threshold selection) of every adapted module at every token. `plot_gates`
+draws the (module x token) heatmap, with the prompt/answer boundary marked, and per layer the mean gate on prompt
+(prefill) tokens against answer (decode) tokens. `gatera plot` is the command-line front end.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class GateTrace:
+    """Gate values of one generation: `gates[i, t]` for module `modules[i]` at token `tokens[t]`."""
+
+    modules: list[str]
+    tokens: list[str]
+    gates: torch.Tensor  # (modules, tokens)
+    prompt_length: int
+    summary: dict = field(default_factory=dict)
+
+    def layer_means(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Layer indices and, per layer, the mean gate over prompt tokens and over answer tokens."""
+        layers = sorted({_layer_index(m) for m in self.modules})
+        prompt, answer = [], []
+        for layer in layers:
+            rows = [i for i, m in enumerate(self.modules) if _layer_index(m) == layer]
+            prompt.append(self.gates[rows, : self.prompt_length].mean())
+            answer.append(self.gates[rows, self.prompt_length:].mean())
+        return layers, torch.stack(prompt), torch.stack(answer)
+
+
+def _layer_index(name: str) -> int:
+    match = re.search(r"\.(\d+)\.", name)
+    return int(match.group(1)) if match else -1
+
+
+@torch.no_grad()
+def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 24) -> GateTrace:
+    """Prefill `prompt`, then decode with the KV cache: the given `answer`'s tokens, or greedily `max_new_tokens`."""
+    from .gates import SigmoidGate, ThresholdGate
+
+    model.eval()
+    gate_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, (SigmoidGate, ThresholdGate))]
+    if not gate_modules:
+        raise ValueError("The model has no token gates to record (gate='none'?).")
+    per_module: dict[str, list[torch.Tensor]] = {name: [] for name, _ in gate_modules}
+    hooks = [
+        module.register_forward_hook(lambda m, args, out, name=name: per_module[name].append(out.reshape(-1).float()))
+        for name, module in gate_modules
+    ]
+    try:
+        prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        forced = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer is not None else None
+        output = model(input_ids=prompt_ids, use_cache=True)
+        generated: list[int] = []
+        steps = len(forced) if forced is not None else max_new_tokens
+        for step in range(steps):
+            next_id = forced[step] if forced is not None else int(output.logits[0, -1].argmax())
+            generated.append(next_id)
+            if forced is None and next_id == tokenizer.eos_token_id:
+                break
+            output = model(input_ids=torch.tensor([[next_id]]), past_key_values=output.past_key_values, use_cache=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # one gate per token and module: the prompt's tokens from the prefill call, then one per decode step; the last
+    # decode step's input is the last generated token, so gates cover prompt + generated tokens minus the final one
+    names = [name.replace("base_model.model.", "").replace(".gatera_gate.default", "") for name, _ in gate_modules]
+    gates = torch.stack([torch.cat(per_module[name]) for name, _ in gate_modules])
+    token_ids = prompt_ids[0].tolist() + generated
+    tokens = [tokenizer.decode([t]) for t in token_ids][: gates.shape[1]]
+    trace = GateTrace(names, tokens, gates[:, : len(tokens)], prompt_ids.shape[1])
+    layers, prompt_mean, answer_mean = trace.layer_means()
+    trace.summary = {"generated": tokenizer.decode(generated), "prompt_mean": prompt_mean.mean().item(),
+                     "answer_mean": answer_mean.mean().item(), "closed_frac": (trace.gates < 0.5).float().mean().item()}
+    return trace
+
+
+def plot_gates(trace: GateTrace, path: str, title: Optional[str] = None) -> None:
+    """Heatmap of gates (modules x tokens) and per-layer prompt vs answer means, saved as an image at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_modules, n_tokens = trace.gates.shape
+    fig, (heat, means) = plt.subplots(
+        1, 2, figsize=(min(4 + 0.22 * n_tokens, 22) + 4, 2 + 0.14 * n_modules),
+        gridspec_kw={"width_ratios": [max(n_tokens, 8), 8]},
+    )
+    image = heat.imshow(trace.gates.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    heat.axvline(trace.prompt_length - 0.5, color="white", linewidth=1.5)
+    heat.set_xticks(range(n_tokens))
+    heat.set_xticklabels([t.replace("\n", "\\n") for t in trace.tokens], rotation=90, fontsize=6)
+    step = max(1, n_modules // 40)
+    heat.set_yticks(range(0, n_modules, step))
+    heat.set_yticklabels(trace.modules[::step], fontsize=5)
+    heat.set_xlabel("token (left of the white line: prompt / prefill; right: answer / decode)")
+    fig.colorbar(image, ax=heat, fraction=0.02, label="gate g(x)")
+    layers, prompt_mean, answer_mean = trace.layer_means()
+    means.plot(prompt_mean.numpy(), layers, "o-", label="prompt (prefill)")
+    means.plot(answer_mean.numpy(), layers, "s-", label="answer (decode)")
+    means.set_yticks(layers[:: max(1, len(layers) // 15)])
+    means.invert_yaxis()
+    means.set_xlim(0, 1)
+    means.set_xlabel("mean gate")
+    means.set_ylabel("layer")
+    means.legend(fontsize=7)
+    fig.suptitle(title or f"GateRA gates: prompt mean {trace.summary.get('prompt_mean', 0):.2f}, "
+                          f"answer mean {trace.summary.get('answer_mean', 0):.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

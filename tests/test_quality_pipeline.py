@@ -1,0 +1,81 @@
+"""The quality benchmark and the gate plots, on tiny inputs, so that the pipeline cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from gatera_plugin import GateRAConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def _model(save_base_to=None):
+    from common import tiny_model_and_tokenizer
+
+    model, tokenizer = tiny_model_and_tokenizer()
+    if save_base_to is not None:
+        model.save_pretrained(save_base_to)
+    return get_peft_model(model, GateRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                              init_weights=False)), tokenizer
+
+
+def test_recorded_gates_equal_a_full_forward_without_cache():
+    """Gates recorded token by token with the KV cache are those of one forward over prompt + answer."""
+    from gatera_plugin.gates import SigmoidGate
+    from gatera_plugin.visualize import record_gates
+
+    model, tokenizer = _model()
+    prompt, answer = "Question: Tell me about the element Neon.\nAnswer:", " Neon has the chemical symbol Ne"
+    trace = record_gates(model, tokenizer, prompt, answer)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = prompt_ids + tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert trace.gates.shape == (6, len(ids)) and trace.prompt_length == len(prompt_ids)
+    values = []
+    hooks = [m.register_forward_hook(lambda m, a, out: values.append(out.reshape(-1)))
+             for m in model.modules() if isinstance(m, SigmoidGate)]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(trace.gates, torch.stack(values), rtol=1e-5, atol=1e-6)
+    layers, prompt_mean, answer_mean = trace.layer_means()
+    assert layers == [0, 1]
+    torch.testing.assert_close(prompt_mean[0], trace.gates[:3, : len(prompt_ids)].mean())
+
+
+def test_gatera_plot_command_writes_a_png(tmp_path):
+    base_dir = tmp_path / "base"
+    model, tokenizer = _model(save_base_to=base_dir)
+    model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    command = [sys.executable, "-m", "gatera_plugin.cli", "plot", str(tmp_path / "adapter"), "--base-model",
+               str(base_dir), "--prompt", "Question: Tell me about the element Neon.\nAnswer:", "--out",
+               str(tmp_path / "gates.png")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "gated modules" in done.stdout
+
+
+@pytest.mark.slow
+def test_quality_benchmark_smoke(tmp_path):
+    """bench/quality.py end to end on a tiny model and a tiny BIG-bench-format task: trains, evaluates, writes JSON."""
+    out = tmp_path / "result.json"
+    command = [sys.executable, str(ROOT / "bench" / "quality.py"), "--task", str(ROOT / "tests" / "data" /
+               "tiny_task.json"), "--method", "gatera", "--tiny", "--steps", "3", "--eval-limit", "5", "--out",
+               str(out), "--save-adapter", str(tmp_path / "adapter")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["method"] == "gatera" and result["eval_examples"] == 5 and 0 <= result["accuracy"] <= 1
+    assert len(result["losses"]) >= 1 and result["trainable_params"] > 0 and "gold_nll" in result
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    zero = subprocess.run([*command[:4], "--method", "zero-shot", "--tiny", "--eval-limit", "5", "--out",
+                           str(tmp_path / "zs.json")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert zero.returncode == 0, zero.stderr[-3000:]
