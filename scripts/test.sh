@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Run the whole test suite: the fast default set, then the slow end-to-end runs (marker `slow`).
-# Assumes scripts/setup.sh has run (.ci/run does both).
+# Run every test: the fast default set, the slow end-to-end runs (marker `slow`), then, in the Axolotl environment
+# (.venv-axolotl), the Axolotl CLI tests and the core suite again against Axolotl's pinned transformers/TRL.
+# Assumes scripts/setup.sh and scripts/setup_axolotl.sh have run (.ci/run runs all three).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled DO_NOT_TRACK=1 TRITON_INTERPRET=1
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled DO_NOT_TRACK=1 AXOLOTL_DO_NOT_TRACK=1 TRITON_INTERPRET=1
 # DeepSpeed compiles its CPU communication op on first use (~1-3 min): once per checkout, then reused.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
-.venv/bin/python -m pytest -q -m "not slow" "$@"
-.venv/bin/python -m pytest -q -m slow "$@"
+.venv/bin/python -m pytest -q -m "not slow" --ignore=tests/axolotl "$@"
+.venv/bin/python -m pytest -q -m slow --ignore=tests/axolotl "$@"
+if [ -x .venv-axolotl/bin/python ]; then
+  .venv-axolotl/bin/python -m pytest -q tests/axolotl "$@"
+  .venv-axolotl/bin/python -m pytest -q -m "not slow" tests/test_equivalence.py tests/test_model.py \
+      tests/test_penalty.py tests/test_trainer.py tests/test_bnb.py tests/test_seeds.py "$@"
+else
+  echo "no .venv-axolotl: skipped the Axolotl tests (run scripts/setup_axolotl.sh)"
+fi

@@ -50,6 +50,7 @@ def test_recorded_gates_equal_a_full_forward_without_cache():
 
 
 def test_gatera_plot_command_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
     base_dir = tmp_path / "base"
     model, tokenizer = _model(save_base_to=base_dir)
     model.save_pretrained(tmp_path / "adapter")

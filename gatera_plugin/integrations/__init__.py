@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (imported only by those frameworks)."""

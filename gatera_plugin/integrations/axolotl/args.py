@@ -1,0 +1,93 @@
+"""The `gatera_*` keys an Axolotl config may set, validated with the rest of the config."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, Field, model_validator
+
+GATERA_KEYS = (
+    "gatera_branch", "gatera_gate", "gatera_entropy_weight", "gatera_gate_bias_init", "gatera_per_layer_stats",
+    "gatera_threshold_init", "gatera_threshold_temperature", "gatera_keep_ratio", "gatera_keep_ratio_weight",
+    "gatera_structure_gate", "gatera_structure_init", "gatera_structure_weight", "gatera_kernel",
+)
+LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+
+
+class GateRAArgs(BaseModel):
+    """GateRA options for `adapter: gatera`; the usual `lora_r`, `lora_alpha` (LoRA/DoRA branches), `lora_dropout`,
+    `lora_target_modules`, `lora_target_linear`, `lora_modules_to_save`, `peft_layers_to_transform` apply too."""
+
+    gatera_branch: Optional[Literal["hira", "lora", "dora"]] = Field(
+        default=None, json_schema_extra={"description": "Branch kind (default hira)."}
+    )
+    gatera_gate: Optional[Literal["sigmoid", "threshold", "none"]] = Field(
+        default=None, json_schema_extra={"description": "Token gate kind (default sigmoid, GateRA)."}
+    )
+    gatera_entropy_weight: Optional[float] = Field(
+        default=None, ge=0, json_schema_extra={"description": "Weight of the gate entropy penalty (default 0.01)."}
+    )
+    gatera_gate_bias_init: Optional[float] = Field(
+        default=None, json_schema_extra={"description": "Initial gate bias (default 0: gates start at 0.5)."}
+    )
+    gatera_per_layer_stats: Optional[bool] = Field(
+        default=None, json_schema_extra={"description": "Also log gate statistics per adapted module."}
+    )
+    gatera_threshold_init: Optional[float] = Field(default=None, json_schema_extra={"description": "gate: threshold"})
+    gatera_threshold_temperature: Optional[float] = Field(
+        default=None, gt=0, json_schema_extra={"description": "gate: threshold"}
+    )
+    gatera_keep_ratio: Optional[float] = Field(
+        default=None, gt=0, le=1, json_schema_extra={"description": "gate: threshold, target kept fraction"}
+    )
+    gatera_keep_ratio_weight: Optional[float] = Field(default=None, ge=0)
+    gatera_structure_gate: Optional[bool] = Field(
+        default=None, json_schema_extra={"description": "One learnable gate per adapted module."}
+    )
+    gatera_structure_init: Optional[float] = Field(default=None)
+    gatera_structure_weight: Optional[float] = Field(default=None, ge=0)
+    gatera_kernel: Optional[Literal["auto", "triton", "torch"]] = Field(
+        default=None, json_schema_extra={"description": "auto: Triton on CUDA, PyTorch elsewhere."}
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def gatera_keys_need_gatera_adapter(cls, data):
+        if not isinstance(data, dict) or data.get("adapter") == "gatera":
+            return data
+        stray = [key for key in GATERA_KEYS if data.get(key) is not None]
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)} only apply with `adapter: gatera` (this config has adapter: "
+                f"{data.get('adapter')!r}). Set `adapter: gatera` or remove them."
+            )
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_what_gatera_cannot_do(cls, data):
+        if not isinstance(data, dict) or data.get("adapter") != "gatera":
+            return data
+        gated = (data.get("gatera_gate") or "sigmoid") != "none"
+        if data.get("merge_lora") and gated:
+            raise ValueError(
+                "`merge_lora` cannot be used with `adapter: gatera`: a GateRA adapter has a per-token gate, so no "
+                "single merged weight exists. Load the adapter for inference instead (`lora_model_dir`, or "
+                "`axolotl inference`), or train with `gatera_gate: none` for a mergeable adapter."
+            )
+        if data.get("merge_lora") and data.get("merge_method") != "legacy":
+            raise ValueError(
+                "Merging an ungated GateRA adapter (`gatera_gate: none`) needs `merge_method: legacy`: the "
+                "memory-efficient merge reads adapter_config.json as a LoRA adapter."
+            )
+        if data.get("relora"):
+            raise ValueError("`relora` is a LoRA restart scheme; it is not supported with `adapter: gatera`.")
+        kernels = [key for key in LORA_KERNEL_KEYS if data.get(key)]
+        if kernels:
+            raise ValueError(
+                f"{', '.join(kernels)}: Axolotl's LoRA Triton kernels assume a LoRA adapter and cannot run GateRA "
+                "layers. Remove them (GateRA has its own kernels: `gatera_kernel`)."
+            )
+        if data.get("lora_target_parameters"):
+            raise ValueError("`lora_target_parameters` is not supported by GateRA (the gate needs a module's input).")
+        return data

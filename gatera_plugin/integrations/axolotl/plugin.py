@@ -1,0 +1,150 @@
+"""`GateRAPlugin`: declares the `gatera` adapter to Axolotl and builds it; inert for every other adapter.
+
+Installed with the package, the plugin loads for every Axolotl run through the `axolotl.plugins` entry point, so
+`adapter: gatera` is the only key a user adds (listing it under `plugins:` as well is harmless). What it does for
+`adapter: gatera`:
+
+- `get_adapter_capabilities`: lets Axolotl's config validator accept the name;
+- `register`: makes `load_in_4bit` / `load_in_8bit` really quantise the base (Axolotl builds a bitsandbytes config
+  only for its own LoRA adapters and would otherwise load the base unquantised without a word);
+- `load_adapter`: builds the GateRA PEFT model from the usual `lora_*` keys and the `gatera_*` keys (or loads
+  `lora_model_dir`), after the k-bit preparation and gradient checkpointing Axolotl applies to LoRA only.
+
+The penalty and the gate statistics need nothing here: `import gatera_plugin` makes every `transformers.Trainer`
+(Axolotl's included) apply the penalty with the right scale and add `gatera/*` to its logs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from axolotl.integrations.base import AdapterCapabilities, BasePlugin
+from axolotl.utils.logging import get_logger
+
+import gatera_plugin
+
+LOG = get_logger(__name__)
+
+ADAPTER = "gatera"
+_OPTION_KEYS = {  # GateRAConfig field -> Axolotl key
+    "branch": "gatera_branch", "gate": "gatera_gate", "entropy_weight": "gatera_entropy_weight",
+    "gate_bias_init": "gatera_gate_bias_init", "per_layer_stats": "gatera_per_layer_stats",
+    "threshold_init": "gatera_threshold_init", "threshold_temperature": "gatera_threshold_temperature",
+    "keep_ratio": "gatera_keep_ratio", "keep_ratio_weight": "gatera_keep_ratio_weight",
+    "structure_gate": "gatera_structure_gate", "structure_init": "gatera_structure_init",
+    "structure_weight": "gatera_structure_weight", "kernel": "gatera_kernel",
+}
+
+
+def linear_module_names(model) -> list[str]:
+    """Suffixes of every linear layer except the output head (Axolotl's `lora_target_linear` rule)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        if module is output or not name:
+            continue
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
+    """The GateRAConfig an Axolotl config describes."""
+    options = {field: cfg.get(key) for field, key in _OPTION_KEYS.items() if cfg.get(key) is not None}
+    branch = options.get("branch", "hira")
+    targets = cfg.lora_target_modules or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if cfg.lora_target_linear:
+        targets = sorted(set(targets) | set(linear_module_names(model)))
+    if not targets:
+        raise ValueError("`adapter: gatera` needs `lora_target_modules` or `lora_target_linear: true`.")
+    lora_alpha = cfg.lora_alpha
+    if branch == "hira" and lora_alpha is not None:
+        LOG.warning("lora_alpha=%s is not used by GateRA's HiRA branch (it has no scaling; SPEC.md).", lora_alpha)
+        lora_alpha = None
+    return gatera_plugin.GateRAConfig(
+        r=cfg.lora_r or 32,
+        lora_alpha=lora_alpha,
+        target_modules=targets,
+        dropout=cfg.lora_dropout or 0.0,
+        modules_to_save=cfg.lora_modules_to_save or None,
+        layers_to_transform=cfg.peft_layers_to_transform,
+        layers_pattern=cfg.peft_layers_pattern,
+        rank_pattern=dict(cfg.lora_rank_pattern or {}),
+        alpha_pattern=dict(cfg.lora_alpha_pattern or {}) if branch != "hira" else {},
+        task_type="CAUSAL_LM",
+        **options,
+    )
+
+
+def _patch_quantization_config() -> None:
+    """Give `adapter: gatera` the bitsandbytes config Axolotl builds for `qlora` (4-bit) and `lora` (8-bit)."""
+    import torch
+    from axolotl.loaders.model import ModelLoader
+    from transformers import BitsAndBytesConfig
+
+    original = ModelLoader._set_quantization_config
+    if getattr(original, "__gatera__", False):
+        return
+
+    @functools.wraps(original)
+    def _set_quantization_config(self):
+        original(self)
+        cfg = self.cfg
+        if cfg.adapter != ADAPTER or "quantization_config" in self.model_kwargs:
+            return
+        if cfg.load_in_4bit:
+            quantization = {
+                "load_in_4bit": True, "bnb_4bit_compute_dtype": cfg.torch_dtype, "bnb_4bit_use_double_quant": True,
+                "bnb_4bit_quant_type": "nf4", "bnb_4bit_quant_storage": torch.bfloat16,
+                **(cfg.bnb_config_kwargs or {}),
+            }
+            self.model_kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
+        elif cfg.load_in_8bit:
+            self.model_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+
+    _set_quantization_config.__gatera__ = True
+    ModelLoader._set_quantization_config = _set_quantization_config
+
+
+class GateRAPlugin(BasePlugin):
+    """Axolotl plugin for `adapter: gatera`."""
+
+    def register(self, cfg: dict):
+        _patch_quantization_config()  # inert unless adapter == "gatera"
+
+    def get_input_args(self) -> str:
+        return "gatera_plugin.integrations.axolotl.GateRAArgs"
+
+    def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
+        return [AdapterCapabilities(name=ADAPTER, lora_like=False, relora=False)]
+
+    def load_adapter(self, model, cfg, inference: bool = False, config_only: bool = False):
+        if cfg.adapter != ADAPTER:
+            return None
+        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+        config = gatera_config_from_axolotl(cfg, model)
+        if config_only:
+            return None, config
+        inference = inference or bool(cfg.inference)
+        checkpointing = bool(cfg.gradient_checkpointing) and not inference
+        checkpointing_kwargs = cfg.gradient_checkpointing_kwargs or {"use_reentrant": True}
+        bits = 4 if getattr(model, "is_loaded_in_4bit", False) else 8 if getattr(model, "is_loaded_in_8bit", False) else 0
+        LOG.info("GateRA on a %s base model", f"{bits}-bit (bitsandbytes)" if bits else "full-precision")
+        if bits:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                    gradient_checkpointing_kwargs=checkpointing_kwargs)
+        elif checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        if cfg.lora_model_dir:
+            LOG.info("Loading GateRA adapter from %s", cfg.lora_model_dir)
+            peft_model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference)
+            return peft_model, peft_model.peft_config["default"]
+        peft_model = get_peft_model(model, config)
+        if not inference:
+            peft_model.print_trainable_parameters()
+        return peft_model, config

@@ -1,0 +1,260 @@
+"""`adapter: gatera` through the real `axolotl` CLI on CPU, in the Axolotl environment (.venv-axolotl, see README).
+
+Each run trains the tiny offline model of examples/common.py on the bundled data (alpaca format) and a test-only
+plugin (probe_plugin.py, listed under `plugins:`) records the trained model's outputs on fixed inputs, so that the
+saved adapter can be checked to reproduce them.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("axolotl")
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples"))
+BIN = Path(sys.executable).parent
+PROBE = "tests.axolotl.probe_plugin.ProbePlugin"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny base model folder and the bundled data as an alpaca JSONL."""
+    from common import load_rows, tiny_model_and_tokenizer
+
+    root = tmp_path_factory.mktemp("axolotl")
+    model, tokenizer = tiny_model_and_tokenizer()
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    with open(root / "data.jsonl", "w") as f:
+        for row in load_rows("train"):
+            instruction = row["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:")
+            f.write(json.dumps({"instruction": instruction, "input": "", "output": row["completion"].strip()}) + "\n")
+    return root
+
+
+EXAMPLES = ROOT / "integrations" / "axolotl"
+CPU_TEST_SETTINGS = {  # what every test changes in the shipped YAMLs: local tiny model and data, CPU, short runs
+    "sequence_len": 64,
+    "micro_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 25,
+    "learning_rate": 0.01,
+    "optimizer": "adamw_torch",
+    "lr_scheduler": "constant",
+    "warmup_ratio": None,
+    "num_epochs": None,
+    "bf16": False,
+    "fp16": False,
+    "tf32": False,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "save_steps": None,
+    "val_set_size": 0,
+    "seed": 0,
+    "gatera_entropy_weight": 0.05,
+}
+
+
+def _config(workspace, name, example="gatera.yml", **overrides) -> Path:
+    """One of integrations/axolotl/*.yml with the local tiny model and data, CPU-test settings and `overrides`."""
+    cfg = yaml.safe_load((EXAMPLES / example).read_text())
+    cfg.update(CPU_TEST_SETTINGS)
+    cfg.update(
+        base_model=str(workspace / "base"),
+        datasets=[{"path": str(workspace / "data.jsonl"), "type": "alpaca"}],
+        dataset_prepared_path=str(workspace / "prepared"),
+        output_dir=str(workspace / name),
+        plugins=[PROBE],
+    )
+    if cfg.get("deepspeed"):
+        cfg["deepspeed"] = str(ROOT / cfg["deepspeed"])
+    cfg.update(overrides)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    path = workspace / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _env(**extra):
+    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+               LOG_LEVEL="INFO", PYTHONPATH=str(ROOT), PATH=f"{BIN}:{os.environ['PATH']}", DS_ACCELERATOR="cpu")
+    env.pop("TRITON_INTERPRET", None)
+    env.update(extra)
+    return env
+
+
+def _axolotl(*args, stdin=None, runner=None, timeout=900, **env) -> subprocess.CompletedProcess:
+    command = [str(BIN / "axolotl")] if runner is None else [sys.executable, str(runner)]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=_env(**env), cwd=ROOT,
+                          timeout=timeout, input=stdin)
+
+
+def _logged(output: str, key: str) -> list[float]:
+    return [float(v) for v in re.findall(rf"'{re.escape(key)}': '?([-0-9.e]+)'?", output)]
+
+
+def _ok(done):
+    assert done.returncode == 0, (done.stdout[-4000:] + done.stderr[-6000:])
+
+
+def _reload_logits(base_dir, adapter_dir, load_in_4bit=False):
+    import gatera_plugin  # noqa: F401
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.axolotl.probe_plugin import PROBE_INPUT
+
+    kwargs = {}
+    if load_in_4bit:
+        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_use_double_quant=True,
+                                                            bnb_4bit_quant_storage=torch.bfloat16,
+                                                            bnb_4bit_compute_dtype=torch.float32),
+                  "device_map": "cpu"}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **kwargs),
+                                      adapter_dir).eval()
+    with torch.no_grad():
+        return model(input_ids=PROBE_INPUT).logits.float()
+
+
+def _train(workspace, name, example="gatera.yml", **overrides) -> str:
+    """Run `axolotl train` once per name (later tests reuse the output folder and the log)."""
+    log = workspace / f"{name}.log"
+    if not log.exists():
+        done = _axolotl("train", str(_config(workspace, name, example, **overrides)), "--launcher", "python")
+        _ok(done)
+        log.write_text(done.stdout + done.stderr)
+    return log.read_text()
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full-precision", "4bit"])
+def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, load_in_4bit):
+    name = "run-4bit" if load_in_4bit else "run-fp32"
+    output = _train(workspace, name, example="gatera-qlora.yml" if load_in_4bit else "gatera.yml")
+    expected_base = "4-bit (bitsandbytes)" if load_in_4bit else "full-precision"
+    assert f"GateRA on a {expected_base} base model" in output  # load_in_4bit really quantises for gatera
+    losses = _logged(output, "loss")
+    assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    for key in ("gatera/gate_mean", "gatera/entropy", "gatera/gate_open_frac", "gatera/penalty"):
+        assert len(_logged(output, key)) == 25, key
+    out = workspace / name
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
+    probe = torch.load(out / "probe.pt")
+    assert any("gatera_plugin" in t for t in probe["layer_types"])
+    reloaded = _reload_logits(workspace / "base", out, load_in_4bit)
+    torch.testing.assert_close(reloaded, probe["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_lora_run_is_unaffected_by_the_installed_plugin(workspace):
+    """The same `adapter: lora` run with and without gatera-plugin's entry point: identical losses, no gatera keys."""
+    runs = {}
+    for label, runner in (("with", None), ("without", ROOT / "tests" / "axolotl" / "run_without_gatera.py")):
+        cfg = _config(workspace, f"lora-{label}", adapter="lora", lora_alpha=16, gatera_entropy_weight=None,
+                      gradient_checkpointing=False,
+                      lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False, lora_embedding_kernel=False,
+                      max_steps=8)
+        done = _axolotl("train", str(cfg), "--launcher", "python", runner=runner)
+        _ok(done)
+        output = done.stdout + done.stderr
+        assert "gatera/" not in output
+        assert ("GateRAPlugin" in output) == (label == "with")
+        runs[label] = _logged(output, "loss")
+    assert runs["with"] == runs["without"] and len(runs["with"]) == 8
+    assert not any("gatera_plugin" in t for t in torch.load(workspace / "lora-with" / "probe.pt")["layer_types"])
+
+
+def test_resume_from_lora_model_dir_and_inference(workspace):
+    """`lora_model_dir` continues from a saved GateRA adapter; `axolotl inference` loads it through the plugin."""
+    first = workspace / "run-fp32"
+    fresh_losses = _logged(_train(workspace, "run-fp32"), "loss")
+    output = _train(workspace, "resumed", lora_model_dir=str(first), max_steps=3)
+    assert f"Loading GateRA adapter from {first}" in output
+    resumed_losses = _logged(output, "loss")
+    assert resumed_losses[0] < 0.8 * fresh_losses[0]  # it starts where the first run ended, not from scratch
+    inference = _axolotl("inference", str(_config(workspace, "infer", lora_model_dir=str(first))),
+                         stdin="Tell me about the element Neon.\n", timeout=600)
+    _ok(inference)
+    assert f"Loading GateRA adapter from {first}" in inference.stdout + inference.stderr
+
+
+def test_merge_lora_refused_for_gated_adapter(workspace):
+    _train(workspace, "run-fp32")
+    cfg = _config(workspace, "run-fp32")
+    done = _axolotl("merge-lora", str(cfg), "--lora-model-dir", str(workspace / "run-fp32"))
+    assert done.returncode != 0
+    assert "`merge_lora` cannot be used with `adapter: gatera`" in done.stdout + done.stderr
+
+
+def test_merge_lora_of_ungated_adapter_with_legacy_method(workspace):
+    from transformers import AutoModelForCausalLM
+
+    from tests.axolotl.probe_plugin import PROBE_INPUT
+
+    overrides = dict(gatera_gate="none", gatera_entropy_weight=None, max_steps=5, merge_method="legacy")
+    _train(workspace, "ungated", **overrides)
+    _ok(_axolotl("merge-lora", str(_config(workspace, "ungated", **overrides))))
+    merged = AutoModelForCausalLM.from_pretrained(workspace / "ungated" / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = merged(input_ids=PROBE_INPUT).logits
+    torch.testing.assert_close(logits, torch.load(workspace / "ungated" / "probe.pt")["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"adapter": "lora", "lora_alpha": 16}, r"gatera_entropy_weight only apply with `adapter: gatera`"),
+        ({"relora": True, "jagged_restart_steps": 10}, r"`relora` .* not supported with `adapter: gatera`"),
+        ({"lora_mlp_kernel": True}, r"lora_mlp_kernel: Axolotl's LoRA Triton kernels .* cannot run GateRA"),
+        ({"gatera_gate": "softmax"}, r"gatera_gate"),
+        ({"gatera_entropy_weight": -1}, r"gatera_entropy_weight"),
+        ({"gatera_gate": "none", "gatera_entropy_weight": 0.1}, r"needs sigmoid token gates"),
+    ],
+    ids=["keys-without-adapter", "relora", "lora-kernels", "unknown-gate", "negative-weight", "conflict"],
+)
+def test_bad_configs_are_refused_clearly(workspace, overrides, message):
+    done = _axolotl("train", str(_config(workspace, "bad", **overrides)), "--launcher", "python", timeout=300)
+    assert done.returncode != 0
+    assert re.search(message, done.stdout + done.stderr), (done.stdout + done.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_through_axolotl(workspace, stage):
+    """`deepspeed: integrations/deepspeed/<stage>.json`, 2 processes on CPU (torchrun launcher): trains with the
+    penalty, logs the gate statistics and saves a complete adapter that reproduces the trained model.
+
+    (Equality with a single-process run is checked in tests/test_deepspeed.py; Axolotl's sampler hands each rank
+    other sequences than one process would get, so its losses are not comparable step by step.)"""
+    from safetensors.torch import load_file
+
+    cfg = _config(workspace, f"ds-{stage}", example=f"gatera-{stage}.yml", micro_batch_size=2, max_steps=12)
+    done = _axolotl("train", str(cfg), "--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port",
+                    str(29600 + (stage == "zero3")))
+    _ok(done)
+    output = done.stdout + done.stderr
+    losses = _logged(output, "loss")
+    if len(losses) == 24:  # both ranks print every log line (the values are the same, reduced across ranks)
+        assert losses[::2] == losses[1::2]
+        losses = losses[::2]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    assert len(_logged(output, "gatera/entropy")) in (12, 24)
+    assert all(0 < p <= 0.05 for p in _logged(output, "gatera/penalty"))  # λ · entropy, counted once
+    from transformers import AutoModelForCausalLM
+
+    saved = load_file(workspace / f"ds-{stage}" / "adapter_model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(workspace / "base")
+    linears = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    expected = {f"base_model.model.{n}.gatera_{p}" for n in linears for p in ("A", "B", "gate.weight", "gate.bias")}
+    assert set(saved) == expected  # complete: every adapted module's tensors, gathered from the ZeRO shards
+    assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("gatera_B"))  # trained, not the init
+    reloaded = _reload_logits(workspace / "base", workspace / f"ds-{stage}")
+    if stage == "zero2":  # under ZeRO-3 the probe cannot run a forward on rank 0 alone
+        torch.testing.assert_close(reloaded, torch.load(workspace / f"ds-{stage}" / "probe.pt")["logits"],
+                                   rtol=1e-4, atol=1e-4)
