@@ -179,11 +179,17 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny random model (smoke test)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/quality/<run>.json)")
     parser.add_argument("--save-adapter", default=None, help="also save the trained adapter here (for gatera plot)")
+    parser.add_argument("--skip-existing", action="store_true", help="do nothing if the output JSON exists")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     task = load_task(args.task)
     name = task.get("name", Path(args.task).stem)
+    out = Path(args.out) if args.out else RESULTS / (
+        f"{name}__{args.method}__seed{args.seed}__{args.eval_split}"
+        + (f"__lr{args.lr:g}" if args.lr else "") + ("__tiny" if args.tiny else "") + ".json")
+    if args.skip_existing and out.exists():
+        return
     train_rows = examples(task, "train")
     eval_rows = examples(task, args.eval_split, args.eval_limit)
     model, tokenizer = load_model(args.tiny, [r["prompt"] + " " + " ".join(r["options"]) for r in train_rows])
@@ -197,9 +203,6 @@ def main() -> None:
             model.save_pretrained(args.save_adapter)
             tokenizer.save_pretrained(args.save_adapter)
     result.update(evaluate(model, tokenizer, eval_rows))
-    out = Path(args.out) if args.out else RESULTS / (
-        f"{name}__{args.method}__seed{args.seed}__{args.eval_split}"
-        + (f"__lr{args.lr:g}" if args.lr else "") + ("__tiny" if args.tiny else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "gate_history")}))

@@ -5,6 +5,7 @@
 #   bash bench/quality_runs.sh sweep     # learning rates on hyperbaton's val split (~1 h on 2 cores)
 #   bash bench/quality_runs.sh lambda    # entropy_weight of GateRA on hyperbaton's val split (~20 min)
 #   bash bench/quality_runs.sh main      # 3 tasks x 2 seeds x methods on the test split (~4-5 h on 2 cores)
+# Finished runs (their JSON exists) are skipped, so a stage can be restarted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -15,7 +16,10 @@ run() { echo "$@"; }
 jobs_for() {
   case "$1" in
     sweep)
-      for m in lora peft-hira gatera; do for lr in 3e-4 1e-3 3e-3; do
+      for lr in 3e-4 1e-3 3e-3 1e-2; do
+        run --task "$SWEEP_TASK" --method lora --seed 0 --lr "$lr" --eval-split val --eval-limit 200
+      done
+      for m in peft-hira gatera; do for lr in 3e-4 1e-3 3e-3 1e-2 3e-2; do
         run --task "$SWEEP_TASK" --method "$m" --seed 0 --lr "$lr" --eval-split val --eval-limit 200
       done; done ;;
     lambda)
@@ -33,4 +37,5 @@ jobs_for() {
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac
 }
-jobs_for "$1" | xargs -P "${PARALLEL:-2}" -I{} sh -c "$PY bench/quality.py --steps $STEPS {} > /dev/null 2>>bench/results/quality/errors.log || echo 'FAILED: {}' >&2"
+jobs_for "$1" | xargs -P "${PARALLEL:-2}" -I{} sh -c \
+  "$PY bench/quality.py --skip-existing --steps $STEPS {} > /dev/null 2>>bench/results/quality/errors.log || echo 'FAILED: {}' >&2"

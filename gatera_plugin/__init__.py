@@ -2,7 +2,8 @@
 
 `import gatera_plugin` registers the method with PEFT (`PeftType.GATERA`, prefix `gatera_`), so `get_peft_model`,
 `PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and TRL's `SFTTrainer(peft_config=GateRAConfig(...))` work
-with it, and installs the small Trainer integration that applies and logs the entropy penalty.
+with it, installs the small Trainer integration that applies and logs the penalties, and makes GateRA adapter
+saves atomic and loads checked (`serialization.py`).
 """
 
 from ._registration import PEFT_TYPE, register as _register
@@ -10,11 +11,15 @@ from .config import GateRAConfig
 from .layer import GateRALayer
 from .model import GateRAModel
 from .penalty import binary_entropy
+from .serialization import allow_pickle, install as _install_serialization
 from .trainer_integration import find_gatera_model, install as _install_trainer_integration
 
 __version__ = "0.1.0"
 
 _register(GateRAConfig, GateRAModel)
 _install_trainer_integration()
+_install_serialization()
 
-__all__ = ["PEFT_TYPE", "GateRAConfig", "GateRALayer", "GateRAModel", "binary_entropy", "find_gatera_model"]
+__all__ = [
+    "PEFT_TYPE", "GateRAConfig", "GateRALayer", "GateRAModel", "allow_pickle", "binary_entropy", "find_gatera_model",
+]

@@ -22,7 +22,7 @@ from .ops.hira import add_gated
 def hira_branch(layer, adapter_name, x, gate, result, base_out=None):
     """HiRA: `Δy = (W0 ⊙ BA) x`; W0 is re-read (and dequantised) in backward instead of kept."""
     A, B = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name]
-    if use_triton(layer.options[adapter_name].kernel, x.device):
+    if use_triton(layer.options[adapter_name].kernel, x.device, x.dtype):
         from .kernels.hira_triton import triton_gated_hira
 
         return triton_gated_hira(x, gate, A, B, layer.kernel_weight, layer.scaling[adapter_name], base=result)
@@ -33,7 +33,7 @@ def lora_branch(layer, adapter_name, x, gate, result, base_out=None):
     """LoRA: `Δy = (lora_alpha / r) · BA x`."""
     A, B = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name]
     function = gated_lora
-    if use_triton(layer.options[adapter_name].kernel, x.device):
+    if use_triton(layer.options[adapter_name].kernel, x.device, x.dtype):
         from .kernels.lora_triton import triton_gated_lora as function
     return function(x, gate, A, B, layer.scaling[adapter_name], base=result)
 

@@ -186,6 +186,9 @@ class GateRAConfig(PeftConfig):
     format_version: int = field(
         default=FORMAT_VERSION, metadata={"help": "Version of the saved adapter format (set by the package)."}
     )
+    weights_sha256: Optional[str] = field(
+        default=None, metadata={"help": "SHA-256 of adapter_model.safetensors, written by save_pretrained, checked on load."}
+    )
     # Read by PEFT and TRL on every config; GateRA targets modules, not bare parameters or token rows.
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Not supported by GateRA."})
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
@@ -265,6 +268,20 @@ class GateRAConfig(PeftConfig):
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a regex string.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` needs `layers_to_transform` to be set as well.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """As PEFT's, but refuses a folder whose adapter_config.json is another method's (PEFT would return that
+        method's config class instead)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, GateRAConfig):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {getattr(config.peft_type, 'value', config.peft_type)} adapter "
+                "config, not a GateRA one. Load it "
+                f"with `PeftConfig.from_pretrained` (which returns a {type(config).__name__}), or point to a GateRA "
+                "adapter folder."
+            )
+        return config
 
     def _check_gate_options(self) -> None:
         """Options of one gate kind may not be set for another; unset ones take their defaults."""

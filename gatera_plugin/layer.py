@@ -180,6 +180,13 @@ class GateRALayer(BaseTunerLayer):
         """`result + σ(α) · g(x) ⊙ Δy(dropout(x))` for one adapter; x (..., d_in), result and base_out (..., d_out)."""
         A = self.gatera_A[adapter_name]
         config = self.options[adapter_name]
+        if A.device != x.device:
+            hint = " (never loaded: e.g. low_cpu_mem_usage without its weights)" if A.device.type == "meta" else ""
+            raise RuntimeError(
+                f"GateRA adapter {adapter_name!r} is on {A.device}{hint} but this layer's input is on {x.device}. "
+                f"Move the whole PEFT model (`model.to({str(x.device)!r})`), not only its base model, or load the "
+                "adapter's weights."
+            )
         x = self._cast_input_dtype(x, A.dtype)
         taps = self.training and self.penalty_run is not None
         mask = self.penalty_run.token_mask(x) if taps else None

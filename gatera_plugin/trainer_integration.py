@@ -4,11 +4,11 @@ Installed once on `import gatera_plugin`, these wrappers do nothing unless the t
 
 - `get_batch_samples` (the Trainer prefetches the micro-batches of one optimisation step): count the real tokens of
   the whole step across data-parallel ranks and read the fp16 loss scale, and hand both to the model's
-  `PenaltyRun`, so that the penalty is the mean over the step's tokens whatever the gradient accumulation; before
-  the first step, return gate parameters that TRL cast to bf16 to fp32 (`GateRAModel.upcast_gates_to_fp32`);
+  `PenaltyRun`, so that the penalty is the mean over the step's tokens whatever the gradient accumulation;
 - `log`: add the gate statistics gathered since the last log (`gatera/...` keys) to training logs, before they
   reach `state.log_history` and every `report_to` backend;
-- `train`: afterwards return the model to per-forward normalisation.
+- `train`: first return gate parameters that TRL cast to bf16 to fp32 (`GateRAModel.upcast_gates_to_fp32`), before
+  the optimizer is built or restored from a checkpoint; afterwards return the model to per-forward normalisation.
 
 Wrapping the base class keeps working for subclasses that override these methods and call `super()` (TRL does).
 """
@@ -85,10 +85,6 @@ def begin_step(trainer, batch_samples) -> None:
             "GateRA could not count the real tokens of a training batch: batches must be dicts with `input_ids` "
             "(and `attention_mask` if padded) or `inputs_embeds`."
         )
-    if not getattr(trainer, "_gatera_gates_checked", False):
-        trainer._gatera_gates_checked = True
-        if trainer.state.global_step == 0 and not trainer.is_deepspeed_enabled:
-            tuner.upcast_gates_to_fp32()
     accelerator = trainer.accelerator
     world_size = accelerator.num_processes
     if world_size > 1:
@@ -123,6 +119,10 @@ def install() -> None:
 
     @functools.wraps(original_train)
     def train(self, *args, **kwargs):
+        tuner = find_gatera_model(self.model)
+        if tuner is not None and not self.is_deepspeed_enabled:
+            # before the optimizer exists (or loads a checkpoint's state), so its state follows the fp32 params
+            tuner.upcast_gates_to_fp32()
         try:
             return original_train(self, *args, **kwargs)
         finally:

@@ -11,7 +11,8 @@ from gatera_plugin.penalty import ENTROPY_EPS
 
 
 def tiny_llama(
-    hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate: int = 64, seed: int = 0, init_std: float = 0.02
+    hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate: int = 64, seed: int = 0, init_std: float = 0.02,
+    max_positions: int = 256,
 ):
     """A randomly initialised LlamaForCausalLM small enough for CPU tests.
 
@@ -28,7 +29,7 @@ def tiny_llama(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

@@ -25,12 +25,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(choice: str, device: torch.device) -> bool:
-    """Whether a layer whose input lives on `device` runs the Triton kernels for `kernel=choice`."""
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_triton(choice: str, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a layer whose input lives on `device` (in `dtype`) runs the Triton kernels for `kernel=choice`."""
     if choice == "torch":
         return False
     if choice == "auto":
-        return device.type == "cuda" and triton_available()
+        return device.type == "cuda" and triton_available() and dtype in KERNEL_DTYPES
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"kernel='triton' runs float32, float16 and bfloat16 inputs, got {dtype}. Use kernel='torch' (or 'auto', "
+            "which falls back to the PyTorch path) for other dtypes."
+        )
     if not triton_available():
         raise ImportError("kernel='triton' needs the `triton` package (`pip install gatera-plugin[triton]`).")
     if device.type != "cuda" and not interpreting():

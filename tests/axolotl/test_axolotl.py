@@ -258,3 +258,23 @@ def test_deepspeed_through_axolotl(workspace, stage):
     if stage == "zero2":  # under ZeRO-3 the probe cannot run a forward on rank 0 alone
         torch.testing.assert_close(reloaded, torch.load(workspace / f"ds-{stage}" / "probe.pt")["logits"],
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(workspace):
+    """An Axolotl run resumed from its step-5 checkpoint logs the same losses and gate statistics for steps 6-10 as
+    the uninterrupted run, and ends with the same adapter (the checkpoint is what a stopped run leaves behind)."""
+    from safetensors.torch import load_file
+
+    overrides = dict(max_steps=10, save_strategy="steps", save_steps=5, lr_scheduler="linear")
+    full = _train(workspace, "resume-full", **overrides)
+    checkpoint = workspace / "resume-full" / "checkpoint-5"
+    assert (checkpoint / "adapter_model.safetensors").exists()
+    resumed = _train(workspace, "resume-part", resume_from_checkpoint=str(checkpoint), **overrides)
+    for key in ("loss", "gatera/entropy", "gatera/gate_mean"):
+        torch.testing.assert_close(torch.tensor(_logged(resumed, key)[-5:]), torch.tensor(_logged(full, key)[-5:]),
+                                   rtol=1e-3, atol=1e-5, msg=key)
+    a = load_file(workspace / "resume-full" / "adapter_model.safetensors")
+    b = load_file(workspace / "resume-part" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)

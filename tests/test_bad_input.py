@@ -1,0 +1,249 @@
+"""The catalogue of bad inputs: each fails early with its exception type and a message naming the setting and the fix.
+
+Groups: config values; what the config is applied to (targets, layer types); tensors (device, dtype); adapter
+folders (missing, corrupted, foreign, mismatched, newer, pickled). Axolotl's config conflicts are in
+tests/axolotl/test_axolotl.py (they need the Axolotl environment). README "What can go wrong" lists the classes.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from torch import nn
+
+from gatera_plugin import GateRAConfig
+from gatera_plugin.config import FORMAT_VERSION
+from tests.helpers import TwoLinear, tiny_llama
+
+# ---------------------------------------------------------------------------------------------- config values
+CONFIG_CASES = [
+    (dict(r=0), r"`r` must be > 0"),
+    (dict(r=-4), r"`r` must be > 0"),
+    (dict(r=8.5), r"`r` must be an integer"),
+    (dict(r="8"), r"`r` must be an integer"),
+    (dict(r=True), r"`r` must be an integer"),
+    (dict(branch="dora2"), r"`branch` must be one of \['hira', 'lora', 'dora'\], got 'dora2'"),
+    (dict(gate="softmax"), r"`gate` must be one of \['sigmoid', 'threshold', 'none'\], got 'softmax'"),
+    (dict(kernel="cuda"), r"`kernel` must be one of \['auto', 'triton', 'torch'\], got 'cuda'"),
+    (dict(lora_alpha=16), r"`lora_alpha` only applies to branch='lora' or 'dora'.*Remove `lora_alpha`"),
+    (dict(branch="lora", lora_alpha=0), r"`lora_alpha` must be > 0"),
+    (dict(branch="lora", lora_alpha=float("nan")), r"`lora_alpha` must be finite"),
+    (dict(dropout=1.0), r"`dropout` must be < 1"),
+    (dict(dropout=-0.1), r"`dropout` must be >= 0"),
+    (dict(gate_bias_init=float("inf")), r"`gate_bias_init` must be finite"),
+    (dict(entropy_weight=-0.1), r"`entropy_weight` must be >= 0"),
+    (dict(entropy_weight="high"), r"`entropy_weight` must be a number"),
+    (dict(gate="none", entropy_weight=0.1), r"`entropy_weight`=0.1 needs sigmoid token gates.*Set entropy_weight=0"),
+    (dict(gate="threshold", entropy_weight=0.1), r"`entropy_weight`=0.1 needs sigmoid token gates"),
+    (dict(init_weights="gaussian"), r"`init_weights` must be True or False"),
+    (dict(per_layer_stats=1), r"`per_layer_stats` must be True or False"),
+    (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]` must be > 0"),
+    (dict(rank_pattern=["q_proj"]), r"`rank_pattern` must be a dict"),
+    (dict(alpha_pattern={"q": 4}), r"`alpha_pattern` only applies to branch='lora' or 'dora'"),
+    (dict(target_parameters=["w"]), r"`target_parameters` is not supported by GateRA.*`target_modules`"),
+    (dict(target_modules=[]), r"`target_modules` is an empty list.*'all-linear'"),
+    (dict(target_modules=[1, 2]), r"`target_modules` must be a list of module names"),
+    (dict(target_modules="q_proj", layers_to_transform=[0]), r"`layers_to_transform` cannot be used"),
+    (dict(target_modules=["q"], layers_pattern="layers"), r"`layers_pattern` needs `layers_to_transform`"),
+    (dict(format_version=FORMAT_VERSION + 1), r"format version 2.*Upgrade gatera_plugin"),
+    (dict(threshold_init=0.1), r"`threshold_init` only applies to gate='threshold'"),
+    (dict(keep_ratio=0.5), r"`keep_ratio` only applies to gate='threshold'"),
+    (dict(gate="threshold", keep_ratio=0.0), r"`keep_ratio` must be > 0"),
+    (dict(gate="threshold", keep_ratio=1.5), r"`keep_ratio` must be <= 1"),
+    (dict(gate="threshold", keep_ratio_weight=1.0), r"`keep_ratio_weight` needs a `keep_ratio` target"),
+    (dict(gate="threshold", threshold_temperature=0), r"`threshold_temperature` must be > 0"),
+    (dict(structure_weight=0.1), r"`structure_weight` only applies with structure_gate=True"),
+    (dict(structure_gate=True, structure_weight=-1.0), r"`structure_weight` must be >= 0"),
+    (dict(structure_gate="yes"), r"`structure_gate` must be True or False"),
+    (dict(sparse_threshold=1.0), r"`sparse_threshold` must be < 1"),
+    (dict(sparse_training=True), r"`sparse_training=True` needs `sparse_threshold` > 0"),
+    (dict(cache_delta=True, branch="lora"), r"`cache_delta` .* needs branch='hira'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", CONFIG_CASES, ids=[str(k) for k, _ in CONFIG_CASES])
+def test_bad_config_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GateRAConfig(target_modules=kwargs.pop("target_modules", ["q_proj"]), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- applying a config
+class WithConvAndEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.lin = nn.Linear(8, 8)
+
+
+MODEL_CASES = [
+    ("targets-match-nothing", lambda: get_peft_model(TwoLinear(), GateRAConfig(target_modules=["nope"])),
+     ValueError, r"Target modules \{'nope'\} not found in the base model.*check the target modules"),
+    ("conv2d-target", lambda: get_peft_model(WithConvAndEmbedding(), GateRAConfig(target_modules=["conv"])),
+     ValueError, r"cannot adapt target module of type Conv2d.*Supported layer types.*Remove it from `target_modules`"),
+    ("embedding-target", lambda: get_peft_model(WithConvAndEmbedding(), GateRAConfig(target_modules=["embed"])),
+     ValueError, r"cannot adapt target module of type Embedding.*Supported layer types"),
+    ("all-excluded", lambda: get_peft_model(TwoLinear(), GateRAConfig(target_modules=["lin0"], exclude_modules=["lin0"])),
+     ValueError, r"No modules were targeted.*check your `target_modules` and `exclude_modules`"),
+]
+
+
+@pytest.mark.parametrize("name,build,error,message", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_bad_targets_and_layers(name, build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_unfrozen_base_weight_with_hira_branch():
+    model = get_peft_model(TwoLinear(), GateRAConfig(target_modules=["lin0"]))
+    model.base_model.model.lin0.base_layer.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"treats the base weight as frozen.*requires_grad_\(False\).*branch='lora'"):
+        model(torch.randn(2, 12))
+
+
+def test_adapter_on_another_device_than_its_input():
+    model = get_peft_model(TwoLinear(), GateRAConfig(target_modules=["lin0"]))
+    layer = model.base_model.model.lin0
+    layer.gatera_A["default"] = nn.Parameter(torch.empty_like(layer.gatera_A["default"], device="meta"))
+    with pytest.raises(RuntimeError, match=r"adapter 'default' is on meta \(never loaded.*but this layer's input is on "
+                                           r"cpu.*Move the whole PEFT model"):
+        model(torch.randn(2, 12))
+
+
+def test_triton_kernel_with_a_dtype_it_does_not_run():
+    pytest.importorskip("triton")
+    model = get_peft_model(TwoLinear().double(), GateRAConfig(target_modules=["lin0"], kernel="triton"))
+    with pytest.raises(ValueError, match=r"kernel='triton' runs float32, float16 and bfloat16 inputs, got "
+                                         r"torch.float64.*Use kernel='torch'"):
+        model(torch.randn(2, 12, dtype=torch.float64))
+
+
+def test_merging_a_gated_adapter():
+    model = get_peft_model(TwoLinear(), GateRAConfig(target_modules=["lin0"]))
+    with pytest.raises(ValueError, match=r"Cannot merge GateRA adapter 'default'.*per-token gate.*gate='none'"):
+        model.merge_and_unload()
+
+
+def test_pruning_without_structure_gates():
+    model = get_peft_model(TwoLinear(), GateRAConfig(target_modules=["lin0"]))
+    with pytest.raises(ValueError, match=r"no structure gates \(structure_gate=False\)"):
+        model.base_model.prune_structure(0.5)
+
+
+def test_mixed_adapter_batches():
+    model = get_peft_model(TwoLinear(), GateRAConfig(target_modules=["lin0"]))
+    with pytest.raises(ValueError, match=r"mixed-adapter batches \(`adapter_names=`\).*Use `set_adapter`"):
+        model.base_model.model.lin0(torch.randn(2, 12), adapter_names=["default", "default"])
+
+
+# ---------------------------------------------------------------------------------------------- adapter folders
+@pytest.fixture
+def saved(tmp_path):
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def _load(folder, base=None):
+    return PeftModel.from_pretrained(base or tiny_llama(), folder)
+
+
+def test_missing_config(saved):
+    os.remove(saved / "adapter_config.json")
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config.json'"):
+        _load(saved)
+
+
+def test_missing_weights(saved):
+    os.remove(saved / "adapter_model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"has adapter_config.json but no adapter_model.safetensors.*Restore"):
+        _load(saved)
+
+
+def test_truncated_weights(saved):
+    data = (saved / "adapter_model.safetensors").read_bytes()
+    (saved / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors is corrupted or truncated.*Restore it"):
+        _load(saved)
+
+
+def test_corrupted_weights_header(saved):
+    data = bytearray((saved / "adapter_model.safetensors").read_bytes())
+    data[8:40] = b"\xff" * 32
+    (saved / "adapter_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"corrupted or truncated"):
+        _load(saved)
+
+
+def test_weights_from_another_save(saved, tmp_path):
+    other = get_peft_model(tiny_llama(seed=1), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "gatera_" in name:
+                p.normal_()
+    other.save_pretrained(tmp_path / "other")
+    os.replace(tmp_path / "other" / "adapter_model.safetensors", saved / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"does not match the checksum saved in adapter_config.json.*different saves"):
+        _load(saved)
+
+
+def test_invalid_config_json(saved):
+    (saved / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError):
+        _load(saved)
+
+
+def test_config_of_another_peft_method_read_as_gatera(tmp_path):
+    LoraConfig(target_modules=["q_proj"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"holds a LORA adapter config, not a GateRA one.*PeftConfig.from_pretrained"):
+        GateRAConfig.from_pretrained(tmp_path)
+
+
+def test_gatera_weights_beside_another_methods_config(saved):
+    LoraConfig(target_modules=["q_proj", "v_proj"]).save_pretrained(saved)  # the config file gets replaced
+    with pytest.raises(ValueError, match=r"describes a LORA adapter, but adapter_model.safetensors there holds GateRA "
+                                         r"weights.*Restore the GateRA adapter_config.json"):
+        _load(saved)
+
+
+def test_adapter_of_another_rank_or_base_shape(saved):
+    with pytest.raises(ValueError, match=r"does not fit this base model.*Load it onto"):
+        _load(saved, tiny_llama(hidden=64, intermediate=96))
+
+
+def test_adapter_for_other_modules(saved):
+    with pytest.raises(ValueError, match=r"lacks .* tensors.*Load it onto"):
+        _load(saved, tiny_llama(layers=3))
+
+
+def test_adapter_from_a_newer_release(saved):
+    config = json.loads((saved / "adapter_config.json").read_text())
+    config["format_version"] = FORMAT_VERSION + 1
+    (saved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"format version 2.*Upgrade gatera_plugin"):
+        PeftConfig.from_pretrained(saved)
+
+
+def test_pickled_weights_need_an_opt_in(tmp_path):
+    import gatera_plugin
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], init_weights=False))
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists()
+    with pytest.raises(ValueError, match=r"pickled weights.*GATERA_ALLOW_PICKLE=1 or `with gatera_plugin.allow_pickle"):
+        _load(tmp_path)
+    with gatera_plugin.allow_pickle():
+        loaded = _load(tmp_path)
+    ids = torch.randint(3, 128, (1, 6))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_catalogue_has_at_least_40_distinct_cases():
+    distinct = len(CONFIG_CASES) + len(MODEL_CASES) + sum(
+        1 for name in globals() if name.startswith("test_") and name not in (
+            "test_bad_config_values", "test_bad_targets_and_layers", "test_catalogue_has_at_least_40_distinct_cases"))
+    assert distinct >= 40

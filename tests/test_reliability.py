@@ -1,0 +1,229 @@
+"""Nothing saved is lost: atomic saves; an interrupted run resumes to the same result; no NaN from edge cases."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from gatera_plugin import GateRAConfig
+from tests.helpers import tiny_llama, toy_texts, word_tokenizer
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _trained(seed=0):
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gatera_" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# ------------------------------------------------------------------------------------------------ atomic saves
+def test_a_failure_while_writing_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
+    import peft.peft_model
+
+    ids = torch.randint(3, 128, (2, 7))
+    first = _trained(0)
+    first.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+    real_save = peft.peft_model.safe_save_file
+
+    def crash_half_way(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        data = open(filename, "rb").read()
+        open(filename, "wb").write(data[: len(data) // 3])  # the process dies with a third of the file written
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        _trained(1).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before  # byte for byte, and no staging folder left behind
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), _logits(first, ids))
+
+
+def test_a_failure_between_the_renames_is_detected_on_load(tmp_path, monkeypatch):
+    """Killed after the new weights replaced the old but before the config did: the pair is refused, not mixed."""
+    _trained(0).save_pretrained(tmp_path)
+    real_replace = os.replace
+
+    def die_before_config(src, dst):
+        if str(dst).endswith("adapter_config.json"):
+            raise KeyboardInterrupt("killed between the renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", die_before_config)
+    with pytest.raises(KeyboardInterrupt):
+        _trained(1).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="does not match the checksum"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_save_keeps_other_files_and_updates_in_place(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    first, second = _trained(0), _trained(1)
+    first.save_pretrained(tmp_path)
+    second.save_pretrained(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert len(config["weights_sha256"]) == 64
+    ids = torch.randint(3, 128, (2, 7))
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), _logits(second, ids))
+
+
+def test_saving_over_another_methods_adapter_warns(tmp_path):
+    from peft import LoraConfig
+
+    get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="over the LORA adapter"):
+        _trained().save_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _trainer(out, config, callbacks=()):
+    torch.manual_seed(0)
+    args = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=8,
+        learning_rate=2e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False, save_steps=4,
+        save_strategy="steps", seed=0, max_length=32, disable_tqdm=True, lr_scheduler_type="linear",
+    )
+    return SFTTrainer(model=tiny_llama(init_std=0.2), args=args, train_dataset=Dataset.from_dict({"text": toy_texts(48)}),
+                      processing_class=word_tokenizer(toy_texts(64)), peft_config=config, callbacks=list(callbacks))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config",
+    [
+        GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.3),
+        GateRAConfig(r=4, target_modules=TARGETS, gate="threshold", keep_ratio=0.5, structure_gate=True),
+    ],
+    ids=["sigmoid", "threshold-structure"],
+)
+def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, config):
+    """Same seed: stop after checkpoint-4, resume from it; losses, gate statistics and the final adapter (gates,
+    thresholds, structure gates) equal the uninterrupted run's (tolerance: float summation order only)."""
+    import copy
+
+    full = _trainer(tmp_path / "full", copy.deepcopy(config))
+    full.train()
+    stopped = _trainer(tmp_path / "part", copy.deepcopy(config), [StopAt(4)])
+    stopped.train()
+    assert sorted(p.name for p in (tmp_path / "part").glob("checkpoint-*")) == ["checkpoint-4"]
+    resumed = _trainer(tmp_path / "part", copy.deepcopy(config))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-4"))
+
+    def logs(trainer):
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    full_logs, resumed_logs = logs(full), logs(resumed)
+    assert [h["step"] for h in resumed_logs] == list(range(1, 9))  # the resumed state carries steps 1-4 of the log
+    for a, b in zip(full_logs[4:], resumed_logs[4:]):
+        for key in a:
+            if key == "loss" or key.startswith("gatera/"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    full.save_model(str(tmp_path / "full-final"))
+    resumed.save_model(str(tmp_path / "resumed-final"))
+    a, b = load_file(tmp_path / "full-final" / "adapter_model.safetensors"), load_file(
+        tmp_path / "resumed-final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+def _finite_step(model, input_ids, attention_mask=None, labels=None):
+    model.train()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    loss = out.loss if labels is not None else out.logits.float().pow(2).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert torch.isfinite(loss)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    return loss
+
+
+@pytest.mark.parametrize("bias", [1e4, -1e4])
+def test_saturated_gates_exactly_0_or_1(bias):
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=1.0,
+                                                      init_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gatera_gate" in name and name.endswith("bias"):
+                p.fill_(bias)
+    gate = model.base_model.model.model.layers[0].self_attn.q_proj.gatera_gate["default"](torch.randn(3, 32))
+    assert torch.all(gate == (1.0 if bias > 0 else 0.0))
+    ids = torch.randint(3, 128, (2, 9))
+    _finite_step(model, ids, labels=ids)
+    stats = model.base_model.pop_gate_stats()
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert stats["gatera/entropy"] < 1e-4  # H at the clamp [1e-6, 1 - 1e-6]: 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate,branch", [("sigmoid", "hira"), ("threshold", "lora"), ("sigmoid", "dora")])
+def test_half_precision_bases(dtype, gate, branch):
+    extra = {"lora_alpha": 8} if branch != "hira" else {}
+    model = get_peft_model(tiny_llama().to(dtype), GateRAConfig(r=4, target_modules=TARGETS, gate=gate,
+                                                                 branch=branch, init_weights=False, **extra))
+    ids = torch.randint(3, 128, (2, 9))
+    _finite_step(model, ids, labels=ids)
+
+
+def test_empty_batch_and_empty_layer_input():
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, init_weights=False))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(0, 5, 32, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, 5, 32)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert model.base_model.penalty_run.token_scale("default", "sigmoid", 0.5) == 0.0  # no tokens: no division by 0
+
+
+def test_sequences_that_are_all_padding():
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=1.0,
+                                                      init_weights=False))
+    ids = torch.randint(3, 128, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1] = 0  # one sequence entirely padding
+    labels = ids.masked_fill(mask == 0, -100)
+    _finite_step(model, ids, mask, labels)
+    model.zero_grad()
+    _finite_step(model, ids, torch.zeros_like(ids))  # the whole batch padding: the penalty has no tokens to count
+
+
+def test_very_long_sequence():
+    model = get_peft_model(tiny_llama(max_positions=4096), GateRAConfig(r=4, target_modules=TARGETS,
+                                                                        init_weights=False))
+    ids = torch.randint(3, 128, (1, 4096))
+    _finite_step(model, ids, labels=ids)
