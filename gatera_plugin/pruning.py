@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .serialization import file_sha256
+
 STRUCTURE_KEY = ".gatera_structure.alpha"
 PEFT_PREFIX = "base_model.model."
 
@@ -72,8 +74,9 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
         for extra in src.iterdir():  # README, tokenizer files, ... travel along
             if extra.name not in (config_path.name, weights_path.name) and extra.is_file():
                 shutil.copy2(extra, partial / extra.name)
-        (partial / config_path.name).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(new_state, partial / weights_path.name, metadata={"format": "pt"})
+        config["weights_sha256"] = file_sha256(partial / weights_path.name)
+        (partial / config_path.name).write_text(json.dumps(config, indent=2, sort_keys=True))
         partial.rename(dst)
     finally:
         if partial.exists():
