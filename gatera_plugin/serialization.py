@@ -6,7 +6,8 @@ Installed on `import gatera_plugin`, two wrappers around PEFT's functions act on
   the target, stamps the weights' SHA-256 into adapter_config.json, then moves each file into place with an atomic
   rename, weights first and config last. An interrupted save leaves either the previous files or the new ones: never
   a truncated file. Should it stop between the two renames, the new weights meet the old config, whose checksum no
-  longer matches: loading refuses that pair instead of mixing two saves.
+  longer matches: loading refuses that pair instead of mixing two saves, and the previous weights are still there
+  as `adapter_model.safetensors.previous` (kept until the save completes).
 - `load_peft_weights` (what `PeftModel.from_pretrained` and `load_adapter` read through) checks a local GateRA folder
   first: weights present, readable (not truncated), matching the config's checksum; pickled weights
   (`adapter_model.bin`) are refused unless the user opts in (`GATERA_ALLOW_PICKLE=1` or `with allow_pickle():`),
@@ -73,17 +74,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+PREVIOUS = ".previous"
+
+
 def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename every staged file to its place in `target`: weights first, configs last, each atomically."""
+    """Rename every staged file to its place in `target`: weights first, configs last, each atomically.
+
+    Until the last rename, each replaced file stays reachable as `<name>.previous` (a hard link, so the file itself
+    never disappears); the copies are removed once the new adapter is complete.
+    """
     files = [p for p in staging.rglob("*") if p.is_file()]
     files.sort(key=lambda p: (p.name == CONFIG, str(p)))
+    backups = []
     for source in files:
         destination = target / source.relative_to(staging)
         destination.parent.mkdir(parents=True, exist_ok=True)
         with open(source, "rb") as handle:
             os.fsync(handle.fileno())
+        if destination.exists() and destination.name in (WEIGHTS, CONFIG):
+            backup = destination.with_name(destination.name + PREVIOUS)
+            backup.unlink(missing_ok=True)
+            os.link(destination, backup)
+            backups.append(backup)
         os.replace(source, destination)
         _fsync_dir(destination.parent)
+    for backup in backups:
+        backup.unlink(missing_ok=True)
 
 
 def _stamp_checksums(staging: Path) -> None:
@@ -158,10 +174,14 @@ def check_adapter_folder(folder: Path) -> None:
         ) from error
     expected = config.get("weights_sha256")
     if expected and file_sha256(weights) != expected:
+        previous = weights.with_name(WEIGHTS + PREVIOUS)
+        restore = (
+            f" The previous adapter's weights are kept as {previous.name}: rename it to {WEIGHTS} to restore it."
+            if previous.exists() else " Restore the adapter from a checkpoint (checkpoint-*/) or save it again."
+        )
         raise ValueError(
             f"{weights} does not match the checksum saved in {CONFIG}: the two files come from different saves (an "
-            "interrupted save_pretrained) or the weights were modified. Restore the adapter from a checkpoint "
-            "(checkpoint-*/) or save it again."
+            "interrupted save_pretrained) or the weights were modified." + restore
         )
 
 

@@ -64,19 +64,25 @@ def test_a_failure_while_writing_leaves_the_previous_adapter_intact(tmp_path, mo
 def test_a_failure_between_the_renames_is_detected_on_load(tmp_path, monkeypatch):
     """Killed after the new weights replaced the old but before the config did: the pair is refused, not mixed."""
     _trained(0).save_pretrained(tmp_path)
-    real_replace = os.replace
+    real_replace = os.replace  # the test restores with it after undo
 
     def die_before_config(src, dst):
         if str(dst).endswith("adapter_config.json"):
             raise KeyboardInterrupt("killed between the renames")
         real_replace(src, dst)
 
+    ids = torch.randint(3, 128, (2, 7))
+    first = _trained(0)
+    expected = _logits(first, ids)
     monkeypatch.setattr(os, "replace", die_before_config)
     with pytest.raises(KeyboardInterrupt):
         _trained(1).save_pretrained(tmp_path)
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="does not match the checksum"):
+    with pytest.raises(ValueError, match="does not match the checksum.*kept as adapter_model.safetensors.previous"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    # nothing was lost: following the message restores the first adapter
+    os.replace(tmp_path / "adapter_model.safetensors.previous", tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), expected)
 
 
 def test_save_keeps_other_files_and_updates_in_place(tmp_path):
