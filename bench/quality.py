@@ -38,7 +38,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # Learning rates per method, from the sweep on hyperbaton's val split (bench/quality_runs.sh sweep; README). The
 # HiRA-family methods share PEFT HiRA's / GateRA's rate (same branch maths).
 LEARNING_RATES = {
-    "lora": 1e-3,
+    "lora": 3e-3,
     "peft-hira": 1e-3,
     "gatera-none": 1e-3,
     "gatera": 1e-3,

@@ -68,7 +68,6 @@ def main() -> None:
         model, tokenizer = tiny_model_and_tokenizer()
         steps, lr, rank = args.steps or 60, 3e-2, 8
     else:
-        from gatera_plugin.assets import smollm2_path
 
         path = gatera_plugin.assets.smollm2_path()
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -54,12 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_trainer(args: argparse.Namespace, callbacks=()):
     import torch
+    from common import DATA, load_rows, tiny_model_and_tokenizer
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     import gatera_plugin
-    from common import DATA, load_rows, tiny_model_and_tokenizer
 
     if args.deepspeed and args.cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

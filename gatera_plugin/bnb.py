@@ -7,14 +7,12 @@ rather than keeping a dequantised copy alive between the two).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import dequantize_bnb_weight
 
-from .layer import Linear, _unmergeable_message
+from .layer import Linear
 
 
 def _refuse_zero3_4bit() -> None:
@@ -38,7 +36,7 @@ def _refuse_zero3_4bit() -> None:
 
 
 class _QuantizedLinear(Linear):
-    """Shared part of the 4-bit and 8-bit wrappers: dequantised `W0`, merge by re-quantising."""
+    """Shared part of the 4-bit and 8-bit wrappers: dequantised `W0`; merging re-quantises (`_store_weight`)."""
 
     def base_weight(self) -> torch.Tensor:
         base = self.get_base_layer()
@@ -47,34 +45,8 @@ class _QuantizedLinear(Linear):
     def _check_base_frozen(self) -> None:  # quantised weights are never trainable
         return None
 
-    def _requantize(self, weight: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold ungated adapters into the quantised weight (dequantise, add, re-quantise: rounding changes outputs)."""
-        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.gatera_A]
-        for name in adapter_names:
-            if self.gate_kind[name] != "none":
-                raise ValueError(_unmergeable_message(name, self.gate_kind[name]))
-        if not adapter_names:
-            return
-        base = self.base_weight()
-        if self._weight_before_merge is None:
-            self._weight_before_merge = base.detach().clone()
-        merged = base.float()
-        for name in adapter_names:
-            merged = merged + self.get_delta_weight(name).float()
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"NaN or inf in the merged weight: adapter(s) {adapter_names} seem to be broken.")
-        self._requantize(merged.to(base.dtype))
-        self.merged_adapters.extend(adapter_names)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self._requantize(self._weight_before_merge)
-        self._weight_before_merge = None
-        self.merged_adapters.clear()
+    def _stored_weight(self) -> torch.Tensor:
+        return self.base_weight()
 
 
 if is_bnb_available():
@@ -83,7 +55,7 @@ if is_bnb_available():
     class Linear8bitLt(_QuantizedLinear):
         """GateRA on `bitsandbytes.nn.Linear8bitLt`."""
 
-        def _requantize(self, weight: torch.Tensor) -> None:
+        def _store_weight(self, weight: torch.Tensor) -> None:
             base = self.get_base_layer()
             old = base.weight
             base.weight = bnb.nn.Int8Params(
@@ -135,7 +107,7 @@ if is_bnb_4bit_available():
             _keep_standard_4bit_layout(self.get_base_layer())
             return Packed4bit.from_params(self.get_base_layer().weight)
 
-        def _requantize(self, weight: torch.Tensor) -> None:
+        def _store_weight(self, weight: torch.Tensor) -> None:
             base = self.get_base_layer()
             old = base.weight
             kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}

@@ -9,7 +9,8 @@ and the residual add happens inside the same fused operation (see `ops/`).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

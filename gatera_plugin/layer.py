@@ -257,31 +257,42 @@ class GateRALayer(BaseTunerLayer):
         delta = delta.to(base.dtype)
         return delta.t() if self.weight_is_transposed else delta
 
+    def _stored_weight(self) -> torch.Tensor:
+        """`W0` in the base layer's own layout and dtype, as merging reads it (quantised bases: dequantised)."""
+        return self.get_base_layer().weight.data
+
+    def _store_weight(self, weight: torch.Tensor) -> None:
+        """Write a merged (or restored) `W0` back in the base layer's layout (quantised bases: re-quantise)."""
+        self.get_base_layer().weight.data.copy_(weight)
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold ungated adapters into the base weight; gated adapters are refused (no single merged weight)."""
+        """Fold ungated adapters into the base weight; gated adapters are refused (no single merged weight).
+
+        Deltas are summed in fp32 and cast once. Quantised bases re-quantise, so their outputs change by rounding.
+        """
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.gatera_A]
         for name in adapter_names:
             if self.gate_kind[name] != "none":
                 raise ValueError(_unmergeable_message(name, self.gate_kind[name]))
         if not adapter_names:
             return
-        weight = self.get_base_layer().weight
+        weight = self._stored_weight()
         if self._weight_before_merge is None:
             # HiRA's and DoRA's updates depend on W0, so unmerge restores the original weight instead of subtracting.
-            self._weight_before_merge = weight.data.detach().clone()
-        merged = weight.data.clone()
+            self._weight_before_merge = weight.detach().clone()
+        merged = weight.float()
         for name in adapter_names:
-            merged += self.get_delta_weight(name)
+            merged = merged + self.get_delta_weight(name).float()
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaN or inf in the merged weight: adapter(s) {adapter_names} seem to be broken.")
-        weight.data.copy_(merged)
+        self._store_weight(merged.to(weight.dtype))
         self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        self.get_base_layer().weight.data.copy_(self._weight_before_merge)
+        self._store_weight(self._weight_before_merge)
         self._weight_before_merge = None
         self.merged_adapters.clear()
 

@@ -207,7 +207,7 @@ def wrap_load_peft_weights(original):
             try:
                 peft_type = json.loads((folder / CONFIG).read_text()).get("peft_type")
             except ValueError as error:
-                raise ValueError(f"{folder / CONFIG} is not valid JSON ({error}); restore or re-save the adapter.")
+                raise ValueError(f"{folder / CONFIG} is not valid JSON ({error}); restore or re-save the adapter.") from None
             if peft_type == "GATERA":
                 check_adapter_folder(folder)
             elif _holds_gatera_weights(folder):

@@ -24,7 +24,7 @@ import torch
 _MARK = "__gatera_wrapped__"
 
 
-def find_gatera_model(model) -> Optional["GateRAModel"]:  # noqa: F821
+def find_gatera_model(model) -> Optional[GateRAModel]:  # noqa: F821
     """The `GateRAModel` inside `model` (a PeftModel, a tuner, or either wrapped by DDP/DeepSpeed), else None."""
     from .model import GateRAModel
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every test: the fast default set, the slow end-to-end runs (marker `slow`), then, in the Axolotl environment
+# Run every test: lint (ruff), the fast default set, the slow end-to-end runs (marker `slow`), then, in the Axolotl environment
 # (.venv-axolotl), the Axolotl CLI tests and the core suite again against Axolotl's pinned transformers/TRL.
 # Assumes scripts/setup.sh and scripts/setup_axolotl.sh have run (.ci/run runs all three).
 set -euo pipefail
@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled DO_NOT_TRACK=1 AXOLOTL_DO_NOT_TRACK=1 TRITON_INTERPRET=1
 # DeepSpeed compiles its CPU communication op on first use (~1-3 min): once per checkout, then reused.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+.venv/bin/ruff check gatera_plugin bench tests examples
 .venv/bin/python -m pytest -q -m "not slow" --ignore=tests/axolotl "$@"
 .venv/bin/python -m pytest -q -m slow --ignore=tests/axolotl "$@"
 if [ -x .venv-axolotl/bin/python ]; then

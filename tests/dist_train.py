@@ -14,9 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "examples"), str(ROOT)]
 
-from transformers import TrainerCallback  # noqa: E402
-
 import train_sft  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 
 class Probe(TrainerCallback):

@@ -62,6 +62,22 @@ def copy_adapter_weights(src_model, dst_model, mapping: dict[str, str]) -> None:
                 dst[target].copy_(param.reshape(dst[target].shape))
 
 
+def randomize_adapters(model, scale: float = 0.2, adapter_name: str | None = None):
+    """Give every GateRA tensor (of one adapter, or all) N(0, scale) values, as after training; returns the model."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "gatera_" in name and (adapter_name is None or f".{adapter_name}." in name + "."):
+                param.normal_(0, scale)
+    return model
+
+
+def eval_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, vocab) logits in eval mode, without autograd."""
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
 def naive_gated_hira(x, W0, A, B, gate_w, gate_b, scaling=1.0):
     """Reference: s · σ(x·w + b) ⊙ (x (W0 ⊙ BA)ᵀ), plain autograd."""
     g = torch.sigmoid(x @ gate_w.t() + gate_b) if gate_w is not None else None

@@ -5,6 +5,7 @@ import json
 from gatera_plugin import GateRAConfig
 from gatera_plugin.config import DEFAULT_ENTROPY_WEIGHT, FORMAT_VERSION
 
+
 def test_defaults_and_resolution():
     config = GateRAConfig(target_modules=["q_proj"])
     assert (config.r, config.branch, config.gate, config.gate_bias_init) == (32, "hira", "sigmoid", 0.0)

@@ -150,13 +150,19 @@ def test_two_node_accelerate_recipe_on_loopback(single, tmp_path):
          "--output-dir", str(tmp_path)]
         for rank in (0, 1)
     ]
-    nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
-             for c in commands]
-    results = [node.communicate(timeout=900) for node in nodes]
-    for node, (stdout, stderr) in zip(nodes, results):
-        assert node.returncode == 0, stderr[-5000:]
+    _run_nodes(commands)
     torch.testing.assert_close(torch.tensor(_losses(tmp_path)), torch.tensor(_losses(single)), rtol=LOSS_RTOL, atol=0)
     _assert_same_adapter(_adapter(tmp_path), _adapter(single))
+
+
+
+def _run_nodes(commands: list[list[str]]) -> None:
+    """Start one process per node at once (they rendezvous with each other) and require every one to succeed."""
+    nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+             for c in commands]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=900)
+        assert node.returncode == 0, stderr[-5000:]
 
 
 @pytest.mark.slow
@@ -171,11 +177,7 @@ def test_two_node_deepspeed_hostfile_recipe_on_loopback(single, tmp_path):
          "--deepspeed", ZERO["zero2"], "--output-dir", str(tmp_path / "out")]
         for rank in (0, 1)
     ]
-    nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
-             for c in commands]
-    results = [node.communicate(timeout=900) for node in nodes]
-    for node, (stdout, stderr) in zip(nodes, results):
-        assert node.returncode == 0, stderr[-5000:]
+    _run_nodes(commands)
     _assert_same_adapter(_adapter(tmp_path / "out"), _adapter(single))
 
 

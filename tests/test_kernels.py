@@ -145,35 +145,13 @@ def test_hira_kernel_with_packed_weight_equals_dense_weight():
     assert all(torch.equal(a, b) for a, b in zip(packed_grads, dense_grads))
 
 
-@pytest.mark.parametrize("branch", ["hira", "lora"])
-def test_model_with_triton_kernels_equals_torch_kernels(branch):
-    """A whole GateRA model with kernel="triton" (interpreted) gives the torch path's logits and gradients."""
-    input_ids = torch.randint(3, 128, (2, 7))
-    results = []
-    for kernel in ("triton", "torch"):
-        extra = {"lora_alpha": 8} if branch == "lora" else {}
-        model = get_peft_model(tiny_llama(), GateRAConfig(r=8, target_modules=["q_proj", "down_proj"], branch=branch,
-                                                          init_weights=False, kernel=kernel, **extra))
-        out = model(input_ids=input_ids, labels=input_ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    (logits, grads), (ref_logits, ref_grads) = results
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_4bit_model_with_triton_kernels_equals_torch_kernels(tmp_path):
-    pytest.importorskip("bitsandbytes")
-    from tests.test_bnb import load_4bit
-
-    tiny_llama(hidden=64, intermediate=128, init_std=0.2).save_pretrained(tmp_path)
+def _assert_triton_model_equals_torch_model(make_model) -> None:
+    """`make_model(kernel)` built with kernel="triton" (interpreted) and "torch": same logits and adapter gradients."""
     input_ids = torch.randint(3, 128, (2, 7))
     results = []
     for kernel in ("triton", "torch"):
         torch.manual_seed(0)
-        model = get_peft_model(load_4bit(tmp_path), GateRAConfig(r=8, target_modules=["down_proj"],
-                                                                 init_weights=False, kernel=kernel))
+        model = make_model(kernel)
         out = model(input_ids=input_ids, labels=input_ids)
         out.loss.backward()
         results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
@@ -181,6 +159,24 @@ def test_4bit_model_with_triton_kernels_equals_torch_kernels(tmp_path):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("branch", ["hira", "lora"])
+def test_model_with_triton_kernels_equals_torch_kernels(branch):
+    """A whole GateRA model with kernel="triton" (interpreted) gives the torch path's logits and gradients."""
+    extra = {"lora_alpha": 8} if branch == "lora" else {}
+    _assert_triton_model_equals_torch_model(lambda kernel: get_peft_model(tiny_llama(), GateRAConfig(
+        r=8, target_modules=["q_proj", "down_proj"], branch=branch, init_weights=False, kernel=kernel, **extra)))
+
+
+def test_4bit_model_with_triton_kernels_equals_torch_kernels(tmp_path):
+    """The same on an NF4 base: the kernel dequantises the packed bytes itself."""
+    pytest.importorskip("bitsandbytes")
+    from tests.test_bnb import load_4bit
+
+    tiny_llama(hidden=64, intermediate=128, init_std=0.2).save_pretrained(tmp_path)
+    _assert_triton_model_equals_torch_model(lambda kernel: get_peft_model(load_4bit(tmp_path), GateRAConfig(
+        r=8, target_modules=["down_proj"], init_weights=False, kernel=kernel)))
 
 
 def test_auto_takes_the_torch_path_off_cuda(monkeypatch):

@@ -12,38 +12,23 @@ from torch import nn
 
 import gatera_plugin
 from gatera_plugin import GateRAConfig, GateRALayer
-from tests.helpers import TwoLinear, tiny_gpt2, tiny_llama
+from tests.helpers import TwoLinear, eval_logits, randomize_adapters, tiny_gpt2, tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _trained_like(model):
-    """Give every adapter tensor non-trivial values (as after training)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "gatera_" in name:
-                param.normal_(0, 0.2)
-    return model
-
-
-def _logits(model, input_ids):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
-
-
 @pytest.mark.parametrize("branch", ["hira", "lora"])
 def test_save_load_round_trip_is_exact(tmp_path, branch):
-    model = _trained_like(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, branch=branch)))
+    model = randomize_adapters(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, branch=branch)))
     input_ids = torch.randint(3, 128, (2, 9))
-    expected = _logits(model, input_ids)
+    expected = eval_logits(model, input_ids)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "GATERA" and saved["branch"] == branch and saved["format_version"] == 1
     assert (tmp_path / "adapter_model.safetensors").exists()
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert isinstance(loaded.peft_config["default"], GateRAConfig)
-    torch.testing.assert_close(_logits(loaded, input_ids), expected, rtol=0, atol=0)
+    torch.testing.assert_close(eval_logits(loaded, input_ids), expected, rtol=0, atol=0)
     config = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(config, GateRAConfig) and config.entropy_weight == 0.01
 
@@ -64,14 +49,14 @@ def test_saved_keys_are_adapter_only_and_prefixed(tmp_path):
 def test_auto_peft_model_loads_base_and_adapter(tmp_path):
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
-    model = _trained_like(get_peft_model(base, GateRAConfig(r=4, target_modules=TARGETS)))
+    model = randomize_adapters(get_peft_model(base, GateRAConfig(r=4, target_modules=TARGETS)))
     input_ids = torch.randint(3, 128, (2, 9))
-    expected = _logits(model, input_ids)
+    expected = eval_logits(model, input_ids)
     model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
     model.save_pretrained(tmp_path / "adapter")
     auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     assert isinstance(auto.base_model, gatera_plugin.GateRAModel)
-    torch.testing.assert_close(_logits(auto, input_ids), expected)
+    torch.testing.assert_close(eval_logits(auto, input_ids), expected)
 
 
 def test_loading_onto_a_wrong_base_is_refused_clearly(tmp_path):
@@ -86,7 +71,7 @@ def test_loading_onto_a_wrong_base_is_refused_clearly(tmp_path):
 def test_loading_in_a_process_without_the_plugin_needs_the_import(tmp_path):
     """Without `import gatera_plugin` PEFT cannot know the type; with it, loading works (documented in README)."""
     get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
-    code = "from peft import PeftConfig; PeftConfig.from_pretrained({!r})".format(str(tmp_path))
+    code = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
     bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert bare.returncode != 0 and "GATERA" in bare.stderr
     ok = subprocess.run([sys.executable, "-c", "import gatera_plugin; " + code], capture_output=True, text=True)
@@ -94,9 +79,9 @@ def test_loading_in_a_process_without_the_plugin_needs_the_import(tmp_path):
 
 
 def test_gated_adapter_refuses_to_merge_and_leaves_model_intact():
-    model = _trained_like(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS)))
+    model = randomize_adapters(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS)))
     input_ids = torch.randint(3, 128, (2, 9))
-    before = _logits(model, input_ids)
+    before = eval_logits(model, input_ids)
     for call in (model.merge_and_unload, model.merge_adapter, model.base_model.merge_and_unload):
         with pytest.raises(ValueError, match="per-token gate.*no single merged weight"):
             call()
@@ -104,57 +89,54 @@ def test_gated_adapter_refuses_to_merge_and_leaves_model_intact():
     with pytest.raises(ValueError, match="per-token gate"):
         layer.merge()
     assert not layer.merged
-    torch.testing.assert_close(_logits(model, input_ids), before, rtol=0, atol=0)
+    torch.testing.assert_close(eval_logits(model, input_ids), before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("branch", ["hira", "lora"])
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
 def test_ungated_adapter_merges_exactly(branch, builder):
     targets = TARGETS if builder is tiny_llama else ["c_attn", "c_proj", "c_fc"]
-    model = _trained_like(get_peft_model(builder(), GateRAConfig(r=4, target_modules=targets, gate="none", branch=branch)))
+    model = randomize_adapters(get_peft_model(builder(), GateRAConfig(r=4, target_modules=targets, gate="none", branch=branch)))
     input_ids = torch.randint(3, 128, (2, 9))
-    expected = _logits(model, input_ids)
+    expected = eval_logits(model, input_ids)
     model.merge_adapter()
-    torch.testing.assert_close(_logits(model, input_ids), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eval_logits(model, input_ids), expected, rtol=1e-4, atol=1e-5)
     model.unmerge_adapter()
-    torch.testing.assert_close(_logits(model, input_ids), expected, rtol=0, atol=0)
+    torch.testing.assert_close(eval_logits(model, input_ids), expected, rtol=0, atol=0)
     merged = model.merge_and_unload()
     assert not any(isinstance(m, GateRALayer) for m in merged.modules())
-    torch.testing.assert_close(_logits(merged, input_ids), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eval_logits(merged, input_ids), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_unload_disable_and_delete_adapter():
     base = tiny_llama()
     input_ids = torch.randint(3, 128, (2, 9))
-    base_logits = _logits(base, input_ids)
-    model = _trained_like(get_peft_model(base, GateRAConfig(r=4, target_modules=TARGETS)))
-    adapted = _logits(model, input_ids)
+    base_logits = eval_logits(base, input_ids)
+    model = randomize_adapters(get_peft_model(base, GateRAConfig(r=4, target_modules=TARGETS)))
+    adapted = eval_logits(model, input_ids)
     assert not torch.allclose(adapted, base_logits)
     with model.disable_adapter():
-        torch.testing.assert_close(_logits(model, input_ids), base_logits)
-    torch.testing.assert_close(_logits(model, input_ids), adapted)
+        torch.testing.assert_close(eval_logits(model, input_ids), base_logits)
+    torch.testing.assert_close(eval_logits(model, input_ids), adapted)
 
     model.add_adapter("second", GateRAConfig(r=2, target_modules=["q_proj"], branch="lora"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".second" in name:
-                param.normal_(0, 0.2)
+    randomize_adapters(model, adapter_name="second")
     model.set_adapter("second")
-    second = _logits(model, input_ids)
+    second = eval_logits(model, input_ids)
     assert not torch.allclose(second, adapted)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".second" in n for n in trainable)
     assert model.base_model.penalty_run.layer_counts == {("default", "sigmoid"): 14, ("second", "sigmoid"): 2}
     model.set_adapter("default")
-    torch.testing.assert_close(_logits(model, input_ids), adapted)
+    torch.testing.assert_close(eval_logits(model, input_ids), adapted)
     model.delete_adapter("second")
     assert model.base_model.penalty_run.layer_counts == {("default", "sigmoid"): 14}
     assert not any("second" in n for n, _ in model.named_parameters())
-    torch.testing.assert_close(_logits(model, input_ids), adapted)
+    torch.testing.assert_close(eval_logits(model, input_ids), adapted)
 
     unloaded = model.unload()
     assert not any(isinstance(m, GateRALayer) for m in unloaded.modules())
-    torch.testing.assert_close(_logits(unloaded, input_ids), base_logits)
+    torch.testing.assert_close(eval_logits(unloaded, input_ids), base_logits)
     assert not unloaded._forward_pre_hooks  # the batch-recording hook went with the adapter
 
 
@@ -198,7 +180,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     mask[0, 7:] = 0
     results = []
     for checkpointing in (False, True):
-        model = _trained_like(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.5)))
+        model = randomize_adapters(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.5)))
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from gatera_plugin import GateRAConfig
-from tests.helpers import tiny_llama, toy_texts, word_tokenizer
+from tests.helpers import eval_logits, randomize_adapters, tiny_llama, toy_texts, word_tokenizer
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -21,17 +20,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 def _trained(seed=0):
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS))
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gatera_" in name:
-                p.normal_(0, 0.2)
-    return model
-
-
-def _logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+    return randomize_adapters(model)
 
 
 # ------------------------------------------------------------------------------------------------ atomic saves
@@ -58,7 +47,7 @@ def test_a_failure_while_writing_leaves_the_previous_adapter_intact(tmp_path, mo
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert after == before  # byte for byte, and no staging folder left behind
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []
-    torch.testing.assert_close(_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), _logits(first, ids))
+    torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), eval_logits(first, ids))
 
 
 def test_a_failure_between_the_renames_is_detected_on_load(tmp_path, monkeypatch):
@@ -73,7 +62,7 @@ def test_a_failure_between_the_renames_is_detected_on_load(tmp_path, monkeypatch
 
     ids = torch.randint(3, 128, (2, 7))
     first = _trained(0)
-    expected = _logits(first, ids)
+    expected = eval_logits(first, ids)
     monkeypatch.setattr(os, "replace", die_before_config)
     with pytest.raises(KeyboardInterrupt):
         _trained(1).save_pretrained(tmp_path)
@@ -82,7 +71,7 @@ def test_a_failure_between_the_renames_is_detected_on_load(tmp_path, monkeypatch
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
     # nothing was lost: following the message restores the first adapter
     os.replace(tmp_path / "adapter_model.safetensors.previous", tmp_path / "adapter_model.safetensors")
-    torch.testing.assert_close(_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), expected)
+    torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), expected)
 
 
 def test_save_keeps_other_files_and_updates_in_place(tmp_path):
@@ -94,7 +83,7 @@ def test_save_keeps_other_files_and_updates_in_place(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert len(config["weights_sha256"]) == 64
     ids = torch.randint(3, 128, (2, 7))
-    torch.testing.assert_close(_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), _logits(second, ids))
+    torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), eval_logits(second, ids))
 
 
 def test_saving_over_another_methods_adapter_warns(tmp_path):

@@ -287,7 +287,7 @@ def _structure_model():
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, structure_gate=True,
                                                       init_weights=False))
     with torch.no_grad():  # some modules' gates nearly closed, as after training with a structure penalty
-        for i, (name, p) in enumerate((n, p) for n, p in model.named_parameters() if "gatera_structure" in n):
+        for i, p in enumerate(p for n, p in model.named_parameters() if "gatera_structure" in n):
             p.fill_(-4.0 if i % 3 == 0 else 2.0)
     return model.eval()
 

@@ -40,13 +40,16 @@ fp32 and fp16.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from ..ops._tokens import apply_to_tokens
 
 
 def _pad_rank(r: int) -> int:
@@ -70,7 +73,7 @@ class Packed4bit:
     dtype: torch.dtype
 
     @classmethod
-    def from_params(cls, weight) -> "Packed4bit":
+    def from_params(cls, weight) -> Packed4bit:
         """From a `bitsandbytes.nn.Params4bit` (standard layout, not the CPU-inference repacking)."""
         from bitsandbytes.functional import dequantize_blockwise
 
@@ -147,6 +150,20 @@ def _delta_tile(w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, rn, rk, d_out, d_in, 
 
 
 @triton.jit
+def _store_gated(acc, scaling, g_ptr, base_ptr, out_ptr, rm, rn, n_tokens, d_out, stride_om, HAS_GATE: tl.constexpr,
+                 HAS_BASE: tl.constexpr):
+    """Epilogue shared by the forward kernels: `out[rm, rn] = base + s · g ⊙ acc` (acc: (BM, BN) fp32)."""
+    acc = acc * scaling
+    if HAS_GATE:
+        g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
+        acc = acc * g[:, None]
+    out_mask = (rm[:, None] < n_tokens) & (rn[None, :] < d_out)
+    if HAS_BASE:
+        acc += tl.load(base_ptr + rm[:, None] * stride_om + rn[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def _hira_fwd_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, g_ptr, base_ptr, out_ptr, n_tokens, d_in, d_out,
                      r, scaling, stride_xm, stride_wn, stride_wk, stride_an, stride_bn, stride_om, blocksize,
                      PACKED: tl.constexpr, W_DTYPE: tl.constexpr,
@@ -164,20 +181,14 @@ def _hira_fwd_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, g_ptr, ba
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < n_tokens) & (rk[None, :] < d_in),
                     other=0.0)
         acc += tl.dot(x, tl.trans(delta).to(x.dtype), input_precision="ieee")
-    acc = acc * scaling
-    if HAS_GATE:
-        g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
-        acc = acc * g[:, None]
-    out_mask = (rm[:, None] < n_tokens) & (rn[None, :] < d_out)
-    if HAS_BASE:
-        acc += tl.load(base_ptr + rm[:, None] * stride_om + rn[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    _store_gated(acc, scaling, g_ptr, base_ptr, out_ptr, rm, rn, n_tokens, d_out, stride_om, HAS_GATE, HAS_BASE)
 
 
 @triton.jit
 def _hira_bwd_dx_kernel(dy_ptr, x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, g_ptr, dx_ptr, dg_ptr, n_tokens,
                         d_in, d_out, r, scaling, stride_dym, stride_xm, stride_wn, stride_wk, stride_an, stride_bn,
-                        blocksize, PACKED: tl.constexpr, W_DTYPE: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DG: tl.constexpr, R_PAD: tl.constexpr,
+                        blocksize, PACKED: tl.constexpr, W_DTYPE: tl.constexpr, HAS_GATE: tl.constexpr,
+                        NEED_DX: tl.constexpr, NEED_DG: tl.constexpr, R_PAD: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
@@ -328,9 +339,4 @@ def triton_gated_hira(
 ) -> torch.Tensor:
     """Same contract as `ops.hira.gated_hira`, computed by the Triton kernels above; `weight_fn` may also return a
     `Packed4bit` (the kernels then read the 4-bit bytes directly)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    g2 = gate.reshape(-1, 1) if gate is not None else None
-    b2 = base.reshape(-1, base.shape[-1]) if base is not None else None
-    out = TritonGatedHiraFunction.apply(b2, x2, g2, A, B, weight_fn, scaling)
-    return out.reshape(*lead, out.shape[-1])
+    return apply_to_tokens(TritonGatedHiraFunction, x, gate, base, A, B, weight_fn, scaling)

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .hira_triton import _block, _pad_rank
+from ..ops._tokens import apply_to_tokens
+from .hira_triton import _block, _pad_rank, _store_gated
 
 
 @triton.jit
@@ -38,14 +39,8 @@ def _lora_fwd_kernel(h_ptr, b_ptr, g_ptr, base_ptr, out_ptr, n_tokens, d_out, r,
                 other=0.0)
     b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=(rn[:, None] < d_out) & (rr[None, :] < r),
                 other=0.0)
-    acc = tl.dot(h, tl.trans(b).to(h.dtype), input_precision="ieee") * scaling  # (BM, BN)
-    if HAS_GATE:
-        g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
-        acc = acc * g[:, None]
-    out_mask = (rm[:, None] < n_tokens) & (rn[None, :] < d_out)
-    if HAS_BASE:
-        acc += tl.load(base_ptr + rm[:, None] * stride_om + rn[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    acc = tl.dot(h, tl.trans(b).to(h.dtype), input_precision="ieee")  # (BM, BN)
+    _store_gated(acc, scaling, g_ptr, base_ptr, out_ptr, rm, rn, n_tokens, d_out, stride_om, HAS_GATE, HAS_BASE)
 
 
 @triton.jit
@@ -132,9 +127,4 @@ def triton_gated_lora(
     base: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Same contract as `ops.lora.gated_lora`, with the d_out-wide steps in Triton."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    g2 = gate.reshape(-1, 1) if gate is not None else None
-    b2 = base.reshape(-1, base.shape[-1]) if base is not None else None
-    out = TritonGatedLoraFunction.apply(b2, x2, g2, A, B, scaling)
-    return out.reshape(*lead, out.shape[-1])
+    return apply_to_tokens(TritonGatedLoraFunction, x, gate, base, A, B, scaling)

@@ -21,12 +21,14 @@ backward), as many as PEFT's HiRA, plus the cheap rebuild of `BA` (d_out·r·d_i
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_state, restore_autocast
+from ._tokens import apply_to_tokens
 
 # Largest temporary block of ΔW, in elements (2^21: 8 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 21
@@ -150,9 +152,4 @@ def gated_hira(
     dequantise or gather on demand. Passing the base layer's output as `base` lets the residual add share the GEMM
     (ungated) or one fused pass (gated); the result then has `base`'s dtype.
     """
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    g2 = gate.reshape(-1, 1) if gate is not None else None
-    b2 = base.reshape(-1, base.shape[-1]) if base is not None else None
-    out = GatedHiraFunction.apply(b2, x2, g2, A, B, weight_fn, scaling)
-    return out.reshape(*lead, out.shape[-1])
+    return apply_to_tokens(GatedHiraFunction, x, gate, base, A, B, weight_fn, scaling)

@@ -17,6 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_state, restore_autocast
+from ._tokens import apply_to_tokens
 from .hira import add_gated
 
 
@@ -70,9 +71,4 @@ def gated_lora(
     base: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`base + s · g ⊙ (x Aᵀ Bᵀ)` for x (..., d_in), gate (..., 1) or None, base (..., d_out) or None."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    g2 = gate.reshape(-1, 1) if gate is not None else None
-    b2 = base.reshape(-1, base.shape[-1]) if base is not None else None
-    out = GatedLoraFunction.apply(b2, x2, g2, A, B, scaling)
-    return out.reshape(*lead, out.shape[-1])
+    return apply_to_tokens(GatedLoraFunction, x, gate, base, A, B, scaling)

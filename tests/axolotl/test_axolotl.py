@@ -106,10 +106,10 @@ def _ok(done):
 
 
 def _reload_logits(base_dir, adapter_dir, load_in_4bit=False):
-    import gatera_plugin  # noqa: F401
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    import gatera_plugin  # noqa: F401
     from tests.axolotl.probe_plugin import PROBE_INPUT
 
     kwargs = {}

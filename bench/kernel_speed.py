@@ -1,7 +1,7 @@
 """Forward+backward of one gated HiRA layer: Triton kernels vs GateRA's PyTorch path vs PEFT's HiRA and LoRA layers.
 
-    python bench/kernels.py                 # on a CUDA machine: LLaMA-sized shapes, bf16
-    python bench/kernels.py --smoke         # CPU, tiny shapes, Triton interpreter: checks the script, times nothing
+    python bench/kernel_speed.py                 # on a CUDA machine: LLaMA-sized shapes, bf16
+    python bench/kernel_speed.py --smoke         # CPU, tiny shapes, Triton interpreter: checks the script, times nothing
 
 LLaMA-sized shapes (d_in x d_out): 4096 x 4096 (attention) and 4096 x 14336 (MLP), r = 32, 4k / 8k / 16k tokens,
 bf16. For each: median milliseconds of forward + backward (CUDA events), TFLOP/s counted as the useful work of the
@@ -108,7 +108,7 @@ def main() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU: kernel speed has not been measured on this machine.")
+        print("bench/kernel_speed.py needs a CUDA GPU: kernel speed has not been measured on this machine.")
         sys.exit(0)
     rows = []
     for d_in, d_out in SHAPES:

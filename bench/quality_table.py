@@ -1,0 +1,105 @@
+"""Tables of bench/quality.py results (markdown): the learning-rate sweep, the λ sweep and the main comparison.
+
+    python bench/quality_table.py [--results bench/results/quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+ORDER = ["zero-shot", "lora", "peft-hira", "gatera-none", "gatera", "gatera-threshold", "gatera-structure",
+         "gatera-lora"]
+NAMES = {
+    "zero-shot": "zero-shot (no training)",
+    "lora": "LoRA (PEFT)",
+    "peft-hira": "HiRA (PEFT)",
+    "gatera-none": "HiRA (ours, gate=none)",
+    "gatera": "GateRA (sigmoid gate, HiRA)",
+    "gatera-threshold": "TS-PEFT threshold gate, HiRA",
+    "gatera-structure": "GateRA + structure gates",
+    "gatera-lora": "GateRA on LoRA",
+}
+
+
+def load(results: Path) -> list[dict]:
+    rows = []
+    for path in sorted(results.glob("*.json")):
+        row = json.loads(path.read_text())
+        row["file"] = path.name
+        rows.append(row)
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    sweeps = [r for r in rows if r["eval_split"] == "val" and "__lr" in r["file"]]
+    if not sweeps:
+        return ""
+    lrs = sorted({r["lr"] for r in sweeps})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for method in [m for m in ORDER if any(r["method"] == m for r in sweeps)]:
+        cells = []
+        for lr in lrs:
+            match = [r for r in sweeps if r["method"] == method and r["lr"] == lr]
+            cells.append(f"{match[0]['accuracy']:.3f} ({match[0]['gold_nll']:.3f})" if match else "-")
+        lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
+    task = sweeps[0]["task"]
+    return f"Learning-rate sweep, {task} val split (accuracy, gold-answer NLL):\n\n" + "\n".join(lines)
+
+
+def lambda_table(rows: list[dict]) -> str:
+    lam = [r for r in rows if "__lambda" in r["file"] or (r["eval_split"] == "val" and r["method"] == "gatera"
+                                                           and "__lr" not in r["file"])]
+    if not lam:
+        return ""
+    lines = ["| entropy_weight | accuracy | gold NLL | final gate entropy | final open fraction |", "|---|---|---|---|---|"]
+    for r in sorted(lam, key=lambda r: r["entropy_weight"]):
+        gates = r.get("gate_history") or [{}]
+        lines.append(f"| {r['entropy_weight']:g} | {r['accuracy']:.3f} | {r['gold_nll']:.3f} | "
+                     f"{gates[-1].get('gatera/entropy', float('nan')):.3f} | "
+                     f"{gates[-1].get('gatera/gate_open_frac', float('nan')):.3f} |")
+    return f"entropy_weight sweep, GateRA, {lam[0]['task']} val split:\n\n" + "\n".join(lines)
+
+
+def main_table(rows: list[dict]) -> str:
+    tests = [r for r in rows if r["eval_split"] == "test" and "__lr" not in r["file"] and not r["file"].endswith(
+        "__tiny.json")]
+    if not tests:
+        return ""
+    groups = defaultdict(list)
+    for r in tests:
+        groups[(r["task"], r["method"])].append(r)
+    tasks = sorted({t for t, _ in groups})
+    header = "| method | trainable params | step (s) | " + " | ".join(tasks) + " |"
+    lines = [header, "|---|---|---|" + "---|" * len(tasks)]
+    for method in [m for m in ORDER if any(k[1] == m for k in groups)]:
+        runs = [r for (t, m), rs in groups.items() if m == method for r in rs]
+        params = next((r["trainable_params"] for r in runs if "trainable_params" in r), 0)
+        steps = [r["step_seconds"] for r in runs if "step_seconds" in r]
+        cells = []
+        for task in tasks:
+            accs = [r["accuracy"] for r in groups.get((task, method), [])]
+            if not accs:
+                cells.append("-")
+            elif len(accs) == 1:
+                cells.append(f"{100 * accs[0]:.1f}" + ("" if method == "zero-shot" else " (1 seed)"))
+            else:
+                cells.append(f"{100 * statistics.mean(accs):.1f} ± {100 * (max(accs) - min(accs)) / 2:.1f}")
+        step = f"{statistics.median(steps):.1f}" if steps else "-"
+        lines.append(f"| {NAMES[method]} | {params:,} | {step} | " + " | ".join(cells) + " |")
+    return "Test accuracy (%), mean ± half-range over seeds:\n\n" + "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "quality"))
+    args = parser.parse_args()
+    rows = load(Path(args.results))
+    print("\n\n".join(t for t in (sweep_table(rows), lambda_table(rows), main_table(rows)) if t))
+
+
+if __name__ == "__main__":
+    main()

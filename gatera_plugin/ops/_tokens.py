@@ -1,0 +1,18 @@
+"""Run a branch autograd function over the tokens of any leading shape."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def apply_to_tokens(function, x: torch.Tensor, gate: Optional[torch.Tensor], base: Optional[torch.Tensor], *args):
+    """`function.apply(base, x, gate, *args)` on x (..., d_in) flattened to (N, d_in), gate to (N, 1) and base to
+    (N, d_out); the result (N, d_out) is reshaped back to (..., d_out)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = gate.reshape(-1, 1) if gate is not None else None
+    b2 = base.reshape(-1, base.shape[-1]) if base is not None else None
+    out = function.apply(b2, x2, g2, *args)
+    return out.reshape(*lead, out.shape[-1])
