@@ -17,22 +17,29 @@ jobs_for() {
   case "$1" in
     sweep)
       for lr in 3e-4 1e-3 3e-3 1e-2; do
-        run --task "$SWEEP_TASK" --method lora --seed 0 --lr "$lr" --eval-split val --eval-limit 200
+        for m in lora peft-hira gatera; do
+          run --task "$SWEEP_TASK" --method "$m" --seed 0 --lr "$lr" --eval-split val --eval-limit 200
+        done
       done
-      for m in peft-hira gatera; do for lr in 3e-4 1e-3 3e-3 1e-2 3e-2; do
-        run --task "$SWEEP_TASK" --method "$m" --seed 0 --lr "$lr" --eval-split val --eval-limit 200
-      done; done ;;
+      run --task "$SWEEP_TASK" --method gatera --seed 0 --lr 3e-2 --eval-split val --eval-limit 200 ;;
     lambda)
       for l in 0 0.1 1.0; do
         run --task "$SWEEP_TASK" --method gatera --seed 0 --entropy-weight "$l" --eval-split val --eval-limit 200 \
             --out "bench/results/quality/${SWEEP_TASK}__gatera__seed0__val__lambda$l.json"
       done ;;
     main)
-      for t in ${TASKS:-social_iqa strategyqa hyperbaton}; do
-        run --task "$t" --method zero-shot --seed 0
-        for s in 0 1; do for m in ${METHODS:-lora peft-hira gatera-none gatera gatera-threshold gatera-structure}; do
-          run --task "$t" --method "$m" --seed "$s"
-        done; done
+      # seed 0 of every method first, so that a stopped stage still leaves a balanced table
+      for t in ${TASKS:-social_iqa strategyqa}; do run --task "$t" --method zero-shot --seed 0; done
+      for s in 0 1; do
+        for m in ${METHODS:-lora gatera peft-hira gatera-none gatera-threshold gatera-structure}; do
+          for t in ${TASKS:-social_iqa strategyqa}; do
+            if [ "$m.$s" = gatera.0 ]; then
+              run --task "$t" --method "$m" --seed "$s" --save-adapter "bench/results/quality/adapters/$t"
+            else
+              run --task "$t" --method "$m" --seed "$s"
+            fi
+          done
+        done
       done ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac

@@ -164,6 +164,17 @@ def _store_gated(acc, scaling, g_ptr, base_ptr, out_ptr, rm, rn, n_tokens, d_out
 
 
 @triton.jit
+def _load_gated_grad(dy_ptr, g_ptr, rm, rn, n_tokens, d_out, stride_dym, HAS_GATE: tl.constexpr):
+    """Prologue shared by the weight-gradient kernels: the (BM, BN) fp32 tile `g ⊙ dy[rm, rn]`."""
+    dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
+                 mask=(rm[:, None] < n_tokens) & (rn[None, :] < d_out), other=0.0).to(tl.float32)
+    if HAS_GATE:
+        g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
+        dy = dy * g[:, None]
+    return dy
+
+
+@triton.jit
 def _hira_fwd_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, g_ptr, base_ptr, out_ptr, n_tokens, d_in, d_out,
                      r, scaling, stride_xm, stride_wn, stride_wk, stride_an, stride_bn, stride_om, blocksize,
                      PACKED: tl.constexpr, W_DTYPE: tl.constexpr,
@@ -226,11 +237,7 @@ def _hira_bwd_dw_kernel(dy_ptr, x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr
     acc = tl.zeros((BN, BK), dtype=tl.float32)  # dΔW = Gᵀ x for this weight tile
     for m0 in range(0, n_tokens, BM):
         rm = m0 + tl.arange(0, BM)
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
-                     mask=(rm[:, None] < n_tokens) & (rn[None, :] < d_out), other=0.0).to(tl.float32)
-        if HAS_GATE:
-            g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
-            dy = dy * g[:, None]
+        dy = _load_gated_grad(dy_ptr, g_ptr, rm, rn, n_tokens, d_out, stride_dym, HAS_GATE)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < n_tokens) & (rk[None, :] < d_in),
                     other=0.0).to(tl.float32)
         acc += tl.dot(tl.trans(dy), x, input_precision="ieee")

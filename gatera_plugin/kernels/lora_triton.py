@@ -23,7 +23,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..ops._tokens import apply_to_tokens
-from .hira_triton import _block, _pad_rank, _store_gated
+from .hira_triton import _block, _load_gated_grad, _pad_rank, _store_gated
 
 
 @triton.jit
@@ -52,11 +52,7 @@ def _lora_bwd_db_kernel(dy_ptr, h_ptr, g_ptr, db_ptr, n_tokens, d_out, r, scalin
     acc = tl.zeros((BN, R_PAD), dtype=tl.float32)
     for m0 in range(0, n_tokens, BM):
         rm = m0 + tl.arange(0, BM)
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
-                     mask=(rm[:, None] < n_tokens) & (rn[None, :] < d_out), other=0.0).to(tl.float32)
-        if HAS_GATE:
-            g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
-            dy = dy * g[:, None]
+        dy = _load_gated_grad(dy_ptr, g_ptr, rm, rn, n_tokens, d_out, stride_dym, HAS_GATE)
         h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < n_tokens) & (rr[None, :] < r),
                     other=0.0).to(tl.float32)
         acc += tl.dot(tl.trans(dy), h, input_precision="ieee")
