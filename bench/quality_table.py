@@ -73,12 +73,15 @@ def main_table(rows: list[dict]) -> str:
     for r in tests:
         groups[(r["task"], r["method"])].append(r)
     tasks = sorted({t for t, _ in groups})
-    header = "| method | trainable params | step (s) | " + " | ".join(tasks) + " |"
+    header = "| method | trainable params | step time / LoRA | " + " | ".join(tasks) + " |"
     lines = [header, "|---|---|---|" + "---|" * len(tasks)]
+    lora_step = {t: statistics.median(r["step_seconds"] for r in groups[(t, "lora")])
+                 for t in tasks if (t, "lora") in groups}
     for method in [m for m in ORDER if any(k[1] == m for k in groups)]:
         runs = [r for (t, m), rs in groups.items() if m == method for r in rs]
         params = next((r["trainable_params"] for r in runs if "trainable_params" in r), 0)
-        steps = [r["step_seconds"] for r in runs if "step_seconds" in r]
+        # median step time of the method's runs, each divided by LoRA's median step time on the same task
+        steps = [r["step_seconds"] / lora_step[r["task"]] for r in runs if "step_seconds" in r and r["task"] in lora_step]
         cells = []
         for task in tasks:
             accs = [r["accuracy"] for r in groups.get((task, method), [])]
@@ -88,8 +91,13 @@ def main_table(rows: list[dict]) -> str:
                 cells.append(f"{100 * accs[0]:.1f}" + ("" if method == "zero-shot" else " (1 seed)"))
             else:
                 cells.append(f"{100 * statistics.mean(accs):.1f} ± {100 * (max(accs) - min(accs)) / 2:.1f}")
-        step = f"{statistics.median(steps):.1f}" if steps else "-"
+        step = f"{statistics.median(steps):.2f}x" if steps else "-"
         lines.append(f"| {NAMES[method]} | {params:,} | {step} | " + " | ".join(cells) + " |")
+    for key, label in (("chance", "chance (random option)"), ("majority", "majority answer")):
+        base = {r["task"]: r[key] for r in tests if key in r}
+        if base:
+            lines.append(f"| {label} | | | " + " | ".join(f"{100 * base[t]:.1f}" if t in base else "-" for t in tasks)
+                         + " |")
     return "Test accuracy (%), mean ± half-range over seeds:\n\n" + "\n".join(lines)
 
 
