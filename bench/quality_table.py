@@ -75,13 +75,18 @@ def main_table(rows: list[dict]) -> str:
     tasks = sorted({t for t, _ in groups})
     header = "| method | trainable params | step time / LoRA | " + " | ".join(tasks) + " |"
     lines = [header, "|---|---|---|" + "---|" * len(tasks)]
-    lora_step = {t: statistics.median(r["step_seconds"] for r in groups[(t, "lora")])
-                 for t in tasks if (t, "lora") in groups}
+    # Step time: every run of the method on a task (sweep runs too: the same recipe, only the learning rate differs),
+    # each divided by the median LoRA step on that task; then the median. Runs share the machine, so one run's time
+    # moves with what else runs; the many runs even that out (bench/train_step.py measures it under control).
+    timed = defaultdict(list)
+    for r in rows:
+        if "step_seconds" in r and not r["file"].endswith("__tiny.json"):
+            timed[(r["task"], r["method"])].append(r["step_seconds"])
+    lora_step = {t: statistics.median(timed[(t, "lora")]) for t, m in list(timed) if m == "lora"}
     for method in [m for m in ORDER if any(k[1] == m for k in groups)]:
         runs = [r for (t, m), rs in groups.items() if m == method for r in rs]
         params = next((r["trainable_params"] for r in runs if "trainable_params" in r), 0)
-        # median step time of the method's runs, each divided by LoRA's median step time on the same task
-        steps = [r["step_seconds"] / lora_step[r["task"]] for r in runs if "step_seconds" in r and r["task"] in lora_step]
+        steps = [t / lora_step[task] for (task, m), ts in timed.items() if m == method and task in lora_step for t in ts]
         cells = []
         for task in tasks:
             accs = [r["accuracy"] for r in groups.get((task, method), [])]

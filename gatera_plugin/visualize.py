@@ -115,6 +115,6 @@ def plot_gates(trace: GateTrace, path: str, title: Optional[str] = None) -> None
     means.legend(fontsize=7)
     fig.suptitle(title or f"GateRA gates: prompt mean {trace.summary.get('prompt_mean', 0):.2f}, "
                           f"answer mean {trace.summary.get('answer_mean', 0):.2f}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))  # keep the title clear of the heatmap
     fig.savefig(path, dpi=110)
     plt.close(fig)
