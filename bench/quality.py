@@ -165,7 +165,9 @@ def evaluate(model, tokenizer, rows: list[dict]) -> dict:
     return {"accuracy": correct / len(rows), "accuracy_norm": correct_norm / len(rows),
             "gold_nll": gold_nll / len(rows), "eval_examples": len(rows),
             "chance": statistics.mean(1 / len(row["options"]) for row in rows),  # expected accuracy of a random pick
-            "majority": max(map(gold_texts.count, set(gold_texts))) / len(rows)}  # always answering the commonest
+            # always answering the commonest gold option: only meaningful when every example has the same options
+            "majority": max(map(gold_texts.count, set(gold_texts))) / len(rows)
+            if len({tuple(row["options"]) for row in rows}) == 1 else None}
 
 
 # ------------------------------------------------------------------------------------------------------------ run

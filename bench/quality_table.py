@@ -99,7 +99,7 @@ def main_table(rows: list[dict]) -> str:
         step = f"{statistics.median(steps):.2f}x" if steps else "-"
         lines.append(f"| {NAMES[method]} | {params:,} | {step} | " + " | ".join(cells) + " |")
     for key, label in (("chance", "chance (random option)"), ("majority", "majority answer")):
-        base = {r["task"]: r[key] for r in tests if key in r}
+        base = {r["task"]: r[key] for r in tests if r.get(key) is not None}
         if base:
             lines.append(f"| {label} | | | " + " | ".join(f"{100 * base[t]:.1f}" if t in base else "-" for t in tasks)
                          + " |")
