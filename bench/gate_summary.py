@@ -22,21 +22,15 @@ from quality import RESULTS, examples, load_task
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="a GateRA adapter saved by bench/quality.py --save-adapter")
+    parser.add_argument("--base-model", default=None, help="base model path (default: the one the adapter names)")
     parser.add_argument("--task", required=True)
     parser.add_argument("--limit", type=int, default=100, help="test examples to record")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/quality/gates/<task>.json)")
     args = parser.parse_args()
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from gatera_plugin.visualize import load_adapter, record_gates
 
-    import gatera_plugin  # noqa: F401
-    from gatera_plugin.visualize import record_gates
-
-    config = json.loads((Path(args.adapter) / "adapter_config.json").read_text())
-    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args.adapter)
-    model = PeftModel.from_pretrained(base, args.adapter).eval()
+    model, tokenizer = load_adapter(args.adapter, args.base_model)
     rows = examples(load_task(args.task), "test", args.limit)
     prompt_means, answer_means, prompt_closed, answer_closed, layer_prompt, layer_answer = [], [], [], [], [], []
     for row in rows:

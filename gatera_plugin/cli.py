@@ -16,27 +16,9 @@ def _prune(args) -> int:
 
 
 def _plot(args) -> int:
-    import json
-    from pathlib import Path
+    from .visualize import load_adapter, plot_gates, record_gates
 
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import GateRAConfig  # noqa: F401  (registers GateRA with PEFT)
-    from .visualize import plot_gates, record_gates
-
-    adapter = Path(args.adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text()) if (adapter / "adapter_config.json").exists() \
-        else None
-    if config is None:
-        raise FileNotFoundError(f"{adapter / 'adapter_config.json'} is missing: pass a saved GateRA adapter folder.")
-    base = args.base_model or config.get("base_model_name_or_path")
-    if not base:
-        raise ValueError("The adapter does not name its base model; pass --base-model PATH.")
-    tokenizer_source = adapter if (adapter / "tokenizer_config.json").exists() else base
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    model, tokenizer = load_adapter(args.adapter, args.base_model)
     trace = record_gates(model, tokenizer, args.prompt, args.answer, args.max_new_tokens)
     plot_gates(trace, args.out, args.title)
     print(f"wrote {args.out}: {len(trace.modules)} gated modules x {len(trace.tokens)} tokens; mean gate on prompt "

@@ -3,7 +3,8 @@
 `record_gates` runs the prompt once (prefill) and then decodes one token at a time with the KV cache, as generation
 does, recording every sigmoid gate (or threshold selection) of every adapted module at every token. `plot_gates`
 draws the (module x token) heatmap, with the prompt/answer boundary marked, and per layer the mean gate on prompt
-(prefill) tokens against answer (decode) tokens. `gatera plot` is the command-line front end.
+(prefill) tokens against answer (decode) tokens. `load_adapter` loads a saved adapter with its base model and
+tokenizer for both. `gatera plot` is the command-line front end.
 """
 
 from __future__ import annotations
@@ -39,6 +40,32 @@ class GateTrace:
 def _layer_index(name: str) -> int:
     match = re.search(r"\.(\d+)\.", name)
     return int(match.group(1)) if match else -1
+
+
+def load_adapter(adapter: str, base_model: Optional[str] = None):
+    """(model, tokenizer) of a saved GateRA adapter folder on its base model (fp32, eval mode).
+
+    The base model is `base_model` or else the one named in adapter_config.json; the tokenizer comes from the
+    adapter folder when it holds one, else from the base model.
+    """
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import GateRAConfig  # noqa: F401  (registers GateRA with PEFT)
+
+    folder = Path(adapter)
+    config_path = folder / "adapter_config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} is missing: pass a saved GateRA adapter folder.")
+    base = base_model or json.loads(config_path.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError("The adapter does not name its base model; pass base_model (CLI: --base-model PATH).")
+    tokenizer = AutoTokenizer.from_pretrained(folder if (folder / "tokenizer_config.json").exists() else base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder)
+    return model.eval(), tokenizer
 
 
 @torch.no_grad()

@@ -64,6 +64,24 @@ def test_gatera_plot_command_writes_a_png(tmp_path):
     assert "gated modules" in done.stdout
 
 
+def test_load_adapter_finds_its_base_model_and_refuses_a_folder_without_config(tmp_path):
+    """load_adapter (behind `gatera plot` and bench/gate_summary.py) reloads the trained adapter exactly."""
+    from gatera_plugin.visualize import load_adapter
+
+    model, tokenizer = _model(save_base_to=tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")  # base_model_name_or_path is not a folder here: pass it
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([tokenizer("Question: Neon?")["input_ids"]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    loaded, loaded_tokenizer = load_adapter(str(tmp_path / "adapter"), str(tmp_path / "base"))
+    assert not loaded.training and loaded_tokenizer("Question: Neon?")["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+    with pytest.raises(FileNotFoundError, match=r"adapter_config.json is missing: pass a saved GateRA adapter"):
+        load_adapter(str(tmp_path / "base"))
+
+
 @pytest.mark.slow
 def test_quality_benchmark_smoke(tmp_path):
     """bench/quality.py end to end on a tiny model and a tiny BIG-bench-format task: trains, evaluates, writes JSON."""
