@@ -51,17 +51,20 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 def lambda_table(rows: list[dict]) -> str:
-    lam = [r for r in rows if "__lambda" in r["file"] or (r["eval_split"] == "val" and r["method"] == "gatera"
-                                                           and "__lr" not in r["file"])]
+    lam = [r for r in rows if "__lambda" in r["file"]]
     if not lam:
         return ""
+    # The learning-rate sweep's GateRA run at the same learning rate is the default-λ point of this sweep.
+    lam += [r for r in rows if "__lr" in r["file"] and r["method"] == "gatera" and r["task"] == lam[0]["task"]
+            and r["lr"] == lam[0]["lr"] and r["entropy_weight"] not in {x["entropy_weight"] for x in lam}]
     lines = ["| entropy_weight | accuracy | gold NLL | final gate entropy | final open fraction |", "|---|---|---|---|---|"]
     for r in sorted(lam, key=lambda r: r["entropy_weight"]):
         gates = r.get("gate_history") or [{}]
         lines.append(f"| {r['entropy_weight']:g} | {r['accuracy']:.3f} | {r['gold_nll']:.3f} | "
                      f"{gates[-1].get('gatera/entropy', float('nan')):.3f} | "
                      f"{gates[-1].get('gatera/gate_open_frac', float('nan')):.3f} |")
-    return f"entropy_weight sweep, GateRA, {lam[0]['task']} val split:\n\n" + "\n".join(lines)
+    return (f"entropy_weight sweep, GateRA, {lam[0]['task']} val split, lr {lam[0]['lr']:g}:\n\n"
+            + "\n".join(lines))
 
 
 def main_table(rows: list[dict]) -> str:

@@ -25,3 +25,28 @@ def test_inference_benchmark_writes_its_table(tmp_path):
     _run("bench/inference.py", "--tiny", "--fractions", "0.0", "0.9", "--rounds", "1", "--new-tokens", "2",
          "--prompt-length", "8", "--out", str(out))
     assert json.loads(out.read_text())
+
+
+def test_quality_table_from_result_files(tmp_path):
+    """README's quality tables: mean ± half-range over seeds, step time / LoRA, the λ sweep with its default point."""
+    def write(name, **fields):
+        row = {"eval_split": "test", "lr": 0.01, "entropy_weight": None, "trainable_params": 10, "step_seconds": 3.0,
+               "gold_nll": 0.5, "gate_history": [{"gatera/entropy": 0.7, "gatera/gate_open_frac": 0.9}], **fields}
+        (tmp_path / f"{name}.json").write_text(json.dumps(row))
+
+    write("t__lora__seed0__test", task="t", method="lora", accuracy=0.80, step_seconds=2.0)
+    write("t__lora__seed1__test", task="t", method="lora", accuracy=0.90, step_seconds=2.0)
+    write("t__gatera__seed0__test", task="t", method="gatera", accuracy=0.70, step_seconds=3.0, chance=0.5)
+    write("t__gatera__seed0__val__lr0.01", task="t", method="gatera", accuracy=0.60, eval_split="val",
+          entropy_weight=0.01)
+    write("t__gatera__seed0__val__lr0.003", task="t", method="gatera", accuracy=0.40, eval_split="val", lr=0.003,
+          entropy_weight=0.01)
+    write("t__gatera__seed0__val__lambda0", task="t", method="gatera", accuracy=0.55, eval_split="val",
+          entropy_weight=0.0)
+    out = _run("bench/quality_table.py", "--results", str(tmp_path)).stdout
+    assert "| LoRA (PEFT) | 10 | 1.00x | 85.0 ± 5.0 |" in out
+    assert "| GateRA (sigmoid gate, HiRA) | 10 | 1.50x | 70.0 (1 seed) |" in out
+    assert "| chance (random option) | | | 50.0 |" in out
+    assert "entropy_weight sweep, GateRA, t val split, lr 0.01" in out
+    lam = out[out.index("entropy_weight sweep"):out.index("Test accuracy")]
+    assert "| 0 | 0.550 |" in lam and "| 0.01 | 0.600 |" in lam and "0.400" not in lam
