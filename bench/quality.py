@@ -248,13 +248,14 @@ def train(model, tokenizer, rows: list[dict], args) -> dict:
     start = time.perf_counter()
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    gate_keys = ("gatera/gate_mean", "gatera/entropy", "gatera/gate_open_frac")
+    gate_keys = ("gatera/gate_mean", "gatera/entropy", "gatera/gate_open_frac", "gatera/kept_frac",
+                 "gatera/structure_mean")
     return {
         "_model": trainer.model, "lr": lr, "steps": args.steps, "batch": args.batch, "trainable_params": trainable,
         "train_seconds": time.perf_counter() - start, "step_seconds": statistics.median(timer.times),
         "losses": [h["loss"] for h in logs], "final_loss": logs[-1]["loss"],
         "entropy_weight": getattr(trainer.model.peft_config["default"], "entropy_weight", None),
-        "gate_history": [{k: h[k] for k in gate_keys if k in h} for h in logs if gate_keys[0] in h],
+        "gate_history": [{k: h[k] for k in gate_keys if k in h} for h in logs if any(k in h for k in gate_keys)],
     }
 
 

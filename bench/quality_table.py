@@ -1,4 +1,5 @@
-"""Tables of bench/quality.py results (markdown): the learning-rate sweep, the λ sweep and the main comparison.
+"""Tables of bench/quality.py results (markdown): the learning-rate sweep, the λ sweep, the main comparison and the
+gates' state at the end of training.
 
     python bench/quality_table.py [--results bench/results/quality]
 """
@@ -109,12 +110,35 @@ def main_table(rows: list[dict]) -> str:
     return "Test accuracy (%), mean ± half-range over seeds:\n\n" + "\n".join(lines)
 
 
+GATE_STATS = {"gatera/gate_mean": "gate mean", "gatera/gate_open_frac": "open (g > 0.5)",
+              "gatera/entropy": "entropy (bits)", "gatera/kept_frac": "kept tokens (threshold)",
+              "gatera/structure_mean": "mean σ(α) (structure)"}
+
+
+def gate_table(rows: list[dict]) -> str:
+    """Last logged gate statistics of each gated method's test runs, per task, averaged over seeds."""
+    tests = [r for r in rows if r["eval_split"] == "test" and r.get("gate_history")]
+    if not tests:
+        return ""
+    lines = ["| method | task | seeds | " + " | ".join(GATE_STATS.values()) + " |",
+             "|---|---|---|" + "---|" * len(GATE_STATS)]
+    for method in [m for m in ORDER if any(r["method"] == m for r in tests)]:
+        for task in sorted({r["task"] for r in tests if r["method"] == method}):
+            finals = [r["gate_history"][-1] for r in tests if r["method"] == method and r["task"] == task]
+            cells = []
+            for key in GATE_STATS:
+                values = [f[key] for f in finals if key in f]
+                cells.append(f"{statistics.mean(values):.3f}" if values else "-")
+            lines.append(f"| {NAMES[method]} | {task} | {len(finals)} | " + " | ".join(cells) + " |")
+    return "Gates at the end of training (last logged values, mean over seeds):\n\n" + "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "quality"))
     args = parser.parse_args()
     rows = load(Path(args.results))
-    print("\n\n".join(t for t in (sweep_table(rows), lambda_table(rows), main_table(rows)) if t))
+    print("\n\n".join(t for t in (sweep_table(rows), lambda_table(rows), main_table(rows), gate_table(rows)) if t))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ def test_quality_table_from_result_files(tmp_path):
           entropy_weight=0.01)
     write("t__gatera__seed0__val__lambda0", task="t", method="gatera", accuracy=0.55, eval_split="val",
           entropy_weight=0.0)
+    write("t__gatera-threshold__seed0__test", task="t", method="gatera-threshold", accuracy=0.5,
+          gate_history=[{"gatera/kept_frac": 1.0}, {"gatera/kept_frac": 0.25}])
+    write("t__gatera-threshold__seed1__test", task="t", method="gatera-threshold", accuracy=0.5,
+          gate_history=[{"gatera/kept_frac": 0.75}])
     out = _run("bench/quality_table.py", "--results", str(tmp_path)).stdout
     assert "| LoRA (PEFT) | 10 | 1.00x | 85.0 ± 5.0 |" in out
     assert "| GateRA (sigmoid gate, HiRA) | 10 | 1.50x | 70.0 (1 seed) |" in out
@@ -50,3 +54,4 @@ def test_quality_table_from_result_files(tmp_path):
     assert "entropy_weight sweep, GateRA, t val split, lr 0.01" in out
     lam = out[out.index("entropy_weight sweep"):out.index("Test accuracy")]
     assert "| 0 | 0.550 |" in lam and "| 0.01 | 0.600 |" in lam and "0.400" not in lam
+    assert "| TS-PEFT threshold gate, HiRA | t | 2 | - | - | - | 0.500 | - |" in out
