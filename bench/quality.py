@@ -44,6 +44,7 @@ LEARNING_RATES = {
     "gatera-none": 1e-2,
     "gatera": 1e-2,
     "gatera-threshold": 1e-2,
+    "gatera-threshold-keep50": 1e-2,
     "gatera-structure": 1e-2,
     "gatera-lora": 3e-3,
 }
@@ -127,6 +128,7 @@ def adapter_config(method: str, overrides: dict):
         "gatera": {},
         "gatera-none": {"gate": "none"},
         "gatera-threshold": {"gate": "threshold"},
+        "gatera-threshold-keep50": {"gate": "threshold", "keep_ratio": 0.5},  # TS-PEFT drops 30-70% of updates
         "gatera-structure": {"structure_gate": True},
         "gatera-lora": {"branch": "lora", "lora_alpha": 2 * RANK},
     }

@@ -4,7 +4,7 @@
 #
 #   bash bench/quality_runs.sh sweep     # learning rates on hyperbaton's val split (~1.3 h on 2 cores)
 #   bash bench/quality_runs.sh lambda    # entropy_weight of GateRA on hyperbaton's val split (~25 min)
-#   bash bench/quality_runs.sh main      # 3 tasks x 2 seeds x 6 methods, test split (~7 h on 2 cores; README has what finished)
+#   bash bench/quality_runs.sh main      # 3 tasks x 2 seeds x 7 methods, test split (~8 h on 2 cores; README has what finished)
 # Finished runs (their JSON exists) are skipped, so a stage can be restarted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +31,7 @@ jobs_for() {
       # seed 0 of every method first, so that a stopped stage still leaves a balanced table
       for t in ${TASKS:-hyperbaton social_iqa strategyqa}; do run --task "$t" --method zero-shot --seed 0; done
       for s in 0 1; do
-        for m in ${METHODS:-lora gatera peft-hira gatera-none gatera-threshold gatera-structure}; do
+        for m in ${METHODS:-lora gatera peft-hira gatera-none gatera-threshold gatera-structure gatera-threshold-keep50}; do
           for t in ${TASKS:-hyperbaton social_iqa strategyqa}; do
             if [ "$m.$s" = gatera.0 ]; then
               run --task "$t" --method "$m" --seed "$s" --save-adapter "bench/results/quality/adapters/$t"

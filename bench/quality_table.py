@@ -12,8 +12,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-ORDER = ["zero-shot", "lora", "peft-hira", "gatera-none", "gatera", "gatera-threshold", "gatera-structure",
-         "gatera-lora"]
+ORDER = ["zero-shot", "lora", "peft-hira", "gatera-none", "gatera", "gatera-threshold", "gatera-threshold-keep50",
+         "gatera-structure", "gatera-lora"]
 NAMES = {
     "zero-shot": "zero-shot (no training)",
     "lora": "LoRA (PEFT)",
@@ -21,6 +21,7 @@ NAMES = {
     "gatera-none": "HiRA (ours, gate=none)",
     "gatera": "GateRA (sigmoid gate, HiRA)",
     "gatera-threshold": "TS-PEFT threshold gate, HiRA",
+    "gatera-threshold-keep50": "threshold gate, keep_ratio 0.5",
     "gatera-structure": "GateRA + structure gates",
     "gatera-lora": "GateRA on LoRA",
 }
