@@ -69,15 +69,24 @@ def test_load_adapter_finds_its_base_model_and_refuses_a_folder_without_config(t
     from gatera_plugin.visualize import load_adapter
 
     model, tokenizer = _model(save_base_to=tmp_path / "base")
-    model.save_pretrained(tmp_path / "adapter")  # base_model_name_or_path is not a folder here: pass it
-    tokenizer.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([tokenizer("Question: Neon?")["input_ids"]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    loaded, loaded_tokenizer = load_adapter(str(tmp_path / "adapter"), str(tmp_path / "base"))
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")  # the base the config names
+    model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    loaded, loaded_tokenizer = load_adapter(str(tmp_path / "adapter"))
     assert not loaded.training and loaded_tokenizer("Question: Neon?")["input_ids"] == ids[0].tolist()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+    model.peft_config["default"].base_model_name_or_path = None  # a config that names no base: pass it
+    model.save_pretrained(tmp_path / "unnamed")
+    tokenizer.save_pretrained(tmp_path / "unnamed")
+    with pytest.raises(ValueError, match=r"does not name its base model; pass base_model"):
+        load_adapter(str(tmp_path / "unnamed"))
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(str(tmp_path / "unnamed"), str(tmp_path / "base"))[0](
+            input_ids=ids).logits, expected)
     with pytest.raises(FileNotFoundError, match=r"adapter_config.json is missing: pass a saved GateRA adapter"):
         load_adapter(str(tmp_path / "base"))
 
