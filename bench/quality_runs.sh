@@ -3,8 +3,8 @@
 # bench/results/quality/; `python bench/quality_table.py` prints the tables from whatever has finished.
 #
 #   bash bench/quality_runs.sh sweep     # learning rates on hyperbaton's val split (~1.3 h on 2 cores)
-#   bash bench/quality_runs.sh lambda    # entropy_weight of GateRA on hyperbaton's val split (~25 min)
-#   bash bench/quality_runs.sh main      # 3 tasks x 2 seeds x 7 methods, test split (~8 h on 2 cores; README has what finished)
+#   bash bench/quality_runs.sh lambda    # entropy_weight of GateRA on hyperbaton's val split (~20 min)
+#   bash bench/quality_runs.sh main      # 3 tasks x 2 seeds x 7 methods, test split (~7.5 h of one thread, ~4 h on 2 cores)
 # Finished runs (their JSON exists) are skipped, so a stage can be restarted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
