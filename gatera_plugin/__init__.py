@@ -9,7 +9,7 @@ saves atomic and loads checked (`serialization.py`).
 from ._registration import PEFT_TYPE, register as _register
 from .config import GateRAConfig
 from .layer import GateRALayer
-from .model import GateRAModel
+from .model import FrozenHeadWarning, GateRAModel, UnreachedExpertsWarning
 from .penalty import binary_entropy
 from .serialization import allow_pickle, install as _install_serialization
 from .trainer_integration import find_gatera_model, install as _install_trainer_integration
@@ -21,5 +21,6 @@ _install_trainer_integration()
 _install_serialization()
 
 __all__ = [
-    "PEFT_TYPE", "GateRAConfig", "GateRALayer", "GateRAModel", "allow_pickle", "binary_entropy", "find_gatera_model",
+    "PEFT_TYPE", "FrozenHeadWarning", "GateRAConfig", "GateRALayer", "GateRAModel", "UnreachedExpertsWarning",
+    "allow_pickle", "binary_entropy", "find_gatera_model",
 ]

@@ -191,8 +191,10 @@ class GateRAConfig(PeftConfig):
     weights_sha256: Optional[str] = field(
         default=None, metadata={"help": "SHA-256 of adapter_model.safetensors, written by save_pretrained, checked on load."}
     )
-    # Read by PEFT and TRL on every config; GateRA targets modules, not bare parameters or token rows.
-    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Not supported by GateRA."})
+    # Read by PEFT and TRL on every config; GateRA targets modules, not bare parameters (docs/method.md, MoE section).
+    target_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Not supported by GateRA (it wraps modules); must stay unset."}
+    )
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
         default=None, metadata={"help": "Token rows of embedding layers to train alongside the adapter."}
     )
@@ -252,8 +254,11 @@ class GateRAConfig(PeftConfig):
             raise ValueError("`alpha_pattern` only applies to branch='lora' or 'dora' (HiRA has no scaling).")
         if self.target_parameters:
             raise ValueError(
-                "`target_parameters` is not supported by GateRA: the gate needs a module's input. Use "
-                "`target_modules` instead."
+                f"`target_parameters` is not supported by GateRA, got {self.target_parameters!r}: GateRA wraps modules "
+                "(its gate reads a module's input per token), not bare parameters such as the fused 3-D expert weights "
+                "of transformers-5 MoE models. Use `target_modules` for the modules GateRA can adapt (the experts then "
+                "stay frozen), or PEFT's `LoraConfig(target_parameters=...)` to adapt the experts. See docs/method.md, "
+                "section \"Mixture-of-experts models and classification heads\"."
             )
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)

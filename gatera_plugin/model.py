@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import re
+import warnings
 from typing import Optional
 
 import torch
@@ -11,13 +14,108 @@ from peft.tuners.tuners_utils import (
     _get_tuner_state_dict_key_prefixes,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from peft.utils.other import get_pattern_key
 from torch import nn
+from transformers import PreTrainedModel
 
 from ._registration import PREFIX
 from .config import GateRAConfig
 from .layer import SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
 from .penalty import GateStats, PenaltyRun
+
+
+class UnreachedExpertsWarning(UserWarning):
+    """A model's fused expert weights (3-D parameters) stay frozen: GateRA adapts modules, not bare parameters."""
+
+
+class FrozenHeadWarning(UserWarning):
+    """A sequence-classification head is neither trained in full nor left alone knowingly (see the message)."""
+
+
+def fused_expert_parameters(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameters of 3 or more dimensions outside convolutions: the fused experts of transformers-5 MoE models.
+
+    transformers 5 holds the experts of e.g. Mixtral, Qwen2/3-MoE, OLMoE and GPT-OSS as one `nn.Parameter` of shape
+    (experts, d_out, d_in) per projection (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), applied with
+    `F.linear` / `@` inside the experts' forward: no `nn.Linear` exists for a target to reach. Returns
+    {parameter name: shape}.
+    """
+    found = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, GateRALayer)):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.ndim >= 3:
+                found[f"{module_name}.{param_name}" if module_name else param_name] = tuple(param.shape)
+    return found
+
+
+def _group_by_layer(names) -> dict[str, list[str]]:
+    """{'model.layers.*.mlp.experts.down_proj': [names]}: layer indices replaced by `*`."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(name)
+    return groups
+
+
+def warn_unreached_parameters(model: nn.Module, config: GateRAConfig) -> None:
+    """Warn (naming them) about fused expert parameters no target can reach, and about an untrained classifier head.
+
+    Called after injection in training mode (not when an adapter is loaded for inference); docs/method.md, section
+    "Mixture-of-experts models and classification heads".
+    """
+    experts = fused_expert_parameters(model)
+    if experts:
+        groups = _group_by_layer(experts)
+        listed = "; ".join(f"{pattern} ({len(names)}x, shape {experts[names[0]]})" for pattern, names in groups.items())
+        leaves = {pattern.rsplit(".", 1)[-1] for pattern in groups}
+        suggestion = sorted({pattern.rpartition(".*.")[2] for pattern in groups})
+        targets = config.target_modules
+        named = sorted(leaves & set(targets)) if isinstance(targets, set) else []
+        named_note = (
+            f" `target_modules` names {named}, which here are expert parameters, not modules: they matched nothing "
+            "inside the experts." if named else ""
+        )
+        adapted = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, GateRALayer)})
+        warnings.warn(
+            f"This model holds fused expert weights as {len(experts)} bare 3-D parameters, which GateRA cannot adapt "
+            f"(it wraps modules: {SUPPORTED_LAYERS}): {listed}. They stay frozen; GateRA adapts only the modules "
+            f"{adapted}.{named_note} Choices: (1) train without the experts knowingly and silence this with "
+            "`warnings.filterwarnings('ignore', category=gatera_plugin.UnreachedExpertsWarning)`; (2) to adapt the "
+            f"experts, use PEFT's LoRA, e.g. `LoraConfig(target_parameters={suggestion})`; GateRA refuses "
+            "`target_parameters`. See docs/method.md, section \"Mixture-of-experts models and "
+            "classification heads\".",
+            UnreachedExpertsWarning,
+            stacklevel=2,
+        )
+    _warn_untrained_classifier_head(model, config)
+
+
+def _warn_untrained_classifier_head(model: nn.Module, config: GateRAConfig) -> None:
+    """A classification model (no output embeddings, a `score` / `classifier` head) whose head is not trained in full.
+
+    PEFT trains the head in full only with `task_type="SEQ_CLS"` (or `modules_to_save`); otherwise it stays as loaded
+    (random if the checkpoint had none), or, with "all-linear", gets a GateRA branch over its random weight.
+    """
+    if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is not None:
+        return
+    head_name = next((name for name in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)), None)
+    if head_name is None:
+        return
+    if any(name == head_name or name.endswith(f".{head_name}") for name in (config.modules_to_save or ())):
+        return
+    head = getattr(model, head_name)
+    state = "gets a GateRA branch over its frozen weight" if isinstance(head, GateRALayer) else "stays frozen"
+    warnings.warn(
+        f"{type(model).__name__}'s head `{head_name}` is not trained in full: it {state}, so a newly initialised head "
+        f"keeps its random weights. Set `task_type=\"SEQ_CLS\"` in GateRAConfig (PEFT then trains `{head_name}` in "
+        f"full and excludes it from \"all-linear\") or `modules_to_save=[\"{head_name}\"]`. See docs/method.md, section "
+        "\"Mixture-of-experts models and classification heads\".",
+        FrozenHeadWarning,
+        stacklevel=4,
+    )
 
 
 class GateRAModel(BaseTuner):
@@ -34,7 +132,8 @@ class GateRAModel(BaseTuner):
         ```
 
     Besides PEFT's tuner duties it owns the `PenaltyRun` its gated layers share: a forward pre-hook on the wrapped
-    model records each batch's attention mask (padding is excluded from the entropy penalty and the statistics).
+    model (and on its backbone, which some trainers call directly) records each batch's attention mask (padding is
+    excluded from the entropy penalty and the statistics).
     """
 
     prefix: str = PREFIX
@@ -45,7 +144,15 @@ class GateRAModel(BaseTuner):
         # set before injection: `_create_and_replace` hands it to every new layer
         self.penalty_run = PenaltyRun()
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-        self._batch_hook = self.model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
+        self._in_forward = False  # inside the wrapped model's forward, whose inputs are already recorded
+        self._batch_hooks = [
+            self.model.register_forward_pre_hook(self._record_batch, with_kwargs=True),
+            self.model.register_forward_hook(self._leave_forward, always_call=True),
+        ]
+        backbone = getattr(self.model, "base_model", self.model)  # transformers' backbone (e.g. LlamaModel)
+        if isinstance(backbone, nn.Module) and backbone is not self.model:
+            # trainers that call the backbone directly (TRL's distillation) bypass the wrapped model's forward
+            self._batch_hooks.append(backbone.register_forward_pre_hook(self._record_backbone_batch, with_kwargs=True))
 
     # ----------------------------------------------------------------------------------------------- injection
     def _create_and_replace(self, config: GateRAConfig, adapter_name, target, target_name, parent, current_key):
@@ -94,9 +201,12 @@ class GateRAModel(BaseTuner):
             if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
                 module.to(device)
 
-    def inject_adapter(self, *args, **kwargs) -> None:
-        super().inject_adapter(*args, **kwargs)
+    def inject_adapter(self, model, adapter_name, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._count_gated_layers()  # also reached by `PeftModel.add_adapter`
+        config = self.peft_config[adapter_name]
+        if not config.inference_mode:  # training: say what the targets did not reach
+            warn_unreached_parameters(self.model, config)
 
     def _count_gated_layers(self) -> None:
         """Layers per (adapter, gate kind): the `L` each penalty's mean divides by."""
@@ -126,6 +236,15 @@ class GateRAModel(BaseTuner):
         else:
             num_positions = reference.numel()
         self.penalty_run.set_batch(kwargs.get("attention_mask"), num_positions)
+        self._in_forward = module is self.model
+
+    def _leave_forward(self, module, args, output):
+        self._in_forward = False
+
+    def _record_backbone_batch(self, module, args, kwargs):
+        """Forward pre-hook on the backbone: record its batch only when it is called on its own, not by the model."""
+        if not self._in_forward:
+            self._record_batch(module, args, kwargs)
 
     FP32_PARAMETERS = ("gatera_gate", "gatera_structure", "gatera_magnitude")
 
@@ -214,7 +333,7 @@ class GateRAModel(BaseTuner):
         """
         from .pruning import split_by_threshold
 
-        config = self.peft_config[adapter_name]
+        config = copy.copy(self.peft_config[adapter_name])  # the caller's config object may be shared by other models
         if not config.structure_gate:
             raise ValueError(f"Adapter {adapter_name!r} has no structure gates (structure_gate=False): nothing to prune by.")
         layers = {name: module for name, module in self.model.named_modules()
@@ -232,6 +351,10 @@ class GateRAModel(BaseTuner):
                 setattr(self.model.get_submodule(parent_name), child, module.get_base_layer())
         config.target_modules = set(kept)
         config.layers_to_transform = config.layers_pattern = None
+        self.peft_config[adapter_name] = config
+        for module in layers.values():
+            if adapter_name in module.options:
+                module.options[adapter_name] = config
         self.targeted_module_names = [n for n in self.targeted_module_names if n not in set(pruned)]
         self._count_gated_layers()
         return {"kept": kept, "pruned": pruned, "values": values}
@@ -253,7 +376,8 @@ class GateRAModel(BaseTuner):
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        self._batch_hook.remove()
+        for hook in self._batch_hooks:
+            hook.remove()
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
@@ -277,11 +401,31 @@ class GateRAModel(BaseTuner):
                 f"was trained on another model or with another rank. Load it onto {base_name}. First differences:\n  "
                 + "\n  ".join(mismatched[:5])
             )
+        model_keys = set(model.state_dict())
+        unexpected = sorted(k for k in remapped if k not in model_keys and k.removeprefix("base_model.model.") not in model_keys)
+        if unexpected:
+            from .serialization import loading_source
+
+            raise ValueError(
+                f"{loading_source()} holds {len(unexpected)} tensor(s) that its adapter_config.json does not describe "
+                f"(e.g. {unexpected[0]!r}): the config's {_field_of(unexpected[0])} does not match the weights (edited "
+                "after the save, or taken from another adapter). Restore the adapter's own adapter_config.json."
+            )
         missing = sorted(key for key in expected if key not in remapped)
         if missing:
             raise ValueError(
                 f"The GateRA adapter checkpoint lacks {len(missing)} of the {len(expected)} tensors this model expects "
-                f"(e.g. {missing[0]!r}): it was saved from another base model or configuration, or the file is "
-                f"incomplete. Load it onto {base_name} with its own adapter_config.json."
+                f"(e.g. {missing[0]!r}; config field {_field_of(missing[0])}): it was saved from another base model or "
+                f"configuration, or the file is incomplete. Load it onto {base_name} with its own adapter_config.json."
             )
         return remapped
+
+
+def _field_of(key: str) -> str:
+    """The config field that decides whether the tensor `key` exists."""
+    for part, name in ((".gatera_gate.", "`gate`"), (".gatera_structure.", "`structure_gate`"),
+                       (".gatera_magnitude.", "`branch`"), (".gatera_A.", "`target_modules` / `exclude_modules` / "
+                       "`layers_to_transform`"), (".gatera_B.", "`target_modules` / `exclude_modules`")):
+        if part in key + ".":
+            return name
+    return "`modules_to_save` / `trainable_token_indices`"
