@@ -43,8 +43,18 @@ class SigmoidGate(nn.Module):
         return f"in_features={self.weight.shape[1]}, bias_init={self.bias_init}"
 
 
+# τ's extra slope in the straight-through surrogate, as a fraction of 1/T: a tenth of the logistic's peak slope 1/4.
+THRESHOLD_LEAK = 0.025
+
+
 class _ThresholdSTE(torch.autograd.Function):
-    """Hard `1[r ≥ τ]` forward; backward as if it were `σ((r − τ) / T)` (straight-through estimator)."""
+    """Hard `1[r ≥ τ]` forward; backward as if it were `σ((r − τ) / T) − c · τ / T` (straight-through estimator).
+
+    The logistic alone gives τ a gradient only from tokens within a few T of it: at T = 0.05 it is exactly 0 in
+    fp32 once every r sits ~5 above τ, and τ (with any keep_ratio penalty on it) stops moving. The leak `c =
+    THRESHOLD_LEAK` gives τ a bounded slope `(σ'(u) + c) / T` that never falls below `c / T`, so every token's
+    ∂L/∂S reaches τ; r (and through it the branch) keeps the logistic's slope `σ'(u) / T`.
+    """
 
     @staticmethod
     def forward(ctx, ratio, threshold, temperature):
@@ -56,9 +66,12 @@ class _ThresholdSTE(torch.autograd.Function):
     def backward(ctx, grad):
         ratio, threshold = ctx.saved_tensors
         soft = torch.sigmoid((ratio.float() - threshold.float()) / ctx.temperature)
-        slope = grad.float() * soft * (1.0 - soft) / ctx.temperature  # (N, 1)
+        slope = grad.float() * soft * (1.0 - soft) / ctx.temperature  # (N, 1): ∂L/∂r
         grad_ratio = slope.to(ratio.dtype) if ctx.needs_input_grad[0] else None
-        grad_threshold = (-slope.sum()).reshape(threshold.shape).to(threshold.dtype) if ctx.needs_input_grad[1] else None
+        grad_threshold = None
+        if ctx.needs_input_grad[1]:
+            leak = grad.float().sum() * THRESHOLD_LEAK / ctx.temperature
+            grad_threshold = (-slope.sum() - leak).reshape(threshold.shape).to(threshold.dtype)
         return grad_ratio, grad_threshold, None
 
 
@@ -66,7 +79,8 @@ class ThresholdGate(nn.Module):
     """TS-PEFT's token selector `S(x) = 1[r(x) ≥ τ]`, `r(x) = ‖Δy(x)‖₂ / ‖W0 x‖₂`, with one learnable τ (1,).
 
     The selection is hard in forward (a dropped token gets exactly no update) and trained by a straight-through
-    estimator: backward uses the gradient of `σ((r − τ) / T)`, with respect to τ and, through r, to the branch.
+    estimator: backward uses the gradient of `σ((r − τ) / T)` for r (and through it the branch) and of
+    `σ((r − τ) / T) − THRESHOLD_LEAK · τ / T` for τ, so that τ still learns when every r is far from it.
     """
 
     def __init__(self, threshold_init: float = 0.0, temperature: float = 0.05):

@@ -58,7 +58,8 @@ class GateRALayer(BaseTunerLayer):
         self.gate_stats: dict[tuple[str, str], GateStats] = {}  # (adapter, "sigmoid" | "threshold" | "structure")
         self.penalty_run: Optional[PenaltyRun] = None
         self._weight_before_merge: Optional[torch.Tensor] = None
-        self._delta_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._delta_cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}  # key, fingerprint, delta
+        self.triton_failures: dict[str, str] = {}  # adapter -> the Triton error that sent it to the PyTorch path
 
         base = self.get_base_layer()
         if isinstance(base, Conv1D):
@@ -117,7 +118,7 @@ class GateRALayer(BaseTunerLayer):
             if adapter_name in container:
                 container[adapter_name].reset_parameters(random=not init_weights)
         if adapter_name in self.gatera_magnitude:
-            norm = dora_weight_norm(self.base_weight(), A, B, self.scaling[adapter_name])
+            norm = dora_weight_norm(self._original_weight(), A, B, self.scaling[adapter_name])
             with torch.no_grad():
                 self.gatera_magnitude[adapter_name].copy_(norm)
 
@@ -126,10 +127,6 @@ class GateRALayer(BaseTunerLayer):
         for key in [k for k in self.gate_stats if k[0] == adapter_name]:
             del self.gate_stats[key]
         self._delta_cache.pop(adapter_name, None)
-
-    def train(self, mode: bool = True):
-        self._delta_cache.clear()
-        return super().train(mode)
 
     # ----------------------------------------------------------------------------------------------- weights
     def base_weight(self) -> torch.Tensor:
@@ -154,16 +151,27 @@ class GateRALayer(BaseTunerLayer):
         return base_out - bias if bias is not None else base_out
 
     def _cached_delta(self, adapter_name: str) -> torch.Tensor:
-        """`s · W0 ⊙ BA` (d_out, d_in) for inference, rebuilt only when A, B or W0 changed."""
+        """`s · W0 ⊙ BA` (d_out, d_in) for inference, rebuilt only when A, B or W0 changed.
+
+        The key reads storage pointers and version counters, and, because writes through `.data` (EMA swaps, some
+        optimizers and engines) bump no version, a fingerprint of the contents: sum and sum of squares of A and B
+        (r·(d_in + d_out) reads, against the d_in·d_out of one decode step's product) and the sum of at most 4096
+        evenly spaced entries of W0. The cache is also dropped by every `train()` / `eval()` call.
+        """
         A, B = self.gatera_A[adapter_name], self.gatera_B[adapter_name]
         weight = self.get_base_layer().weight
+        with torch.no_grad():
+            flat = weight.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)]
+            fingerprint = torch.stack([A.float().sum(), A.float().square().sum(), B.float().sum(),
+                                       B.float().square().sum(), sample.float().sum()])
         key = (A._version, B._version, A.data_ptr(), B.data_ptr(), weight.data_ptr(), weight._version)
         cached = self._delta_cache.get(adapter_name)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or not torch.equal(cached[1], fingerprint):
             with torch.no_grad():
                 delta = (B @ A).mul_(self.base_weight()).mul_(self.scaling[adapter_name])
-            cached = self._delta_cache[adapter_name] = (key, delta)
-        return cached[1]
+            cached = self._delta_cache[adapter_name] = (key, fingerprint, delta)
+        return cached[2]
 
     # ----------------------------------------------------------------------------------------------- forward
     def _tap(self, adapter_name, kind, value, mask, weight, term_grad, per_token=True):
@@ -243,10 +251,14 @@ class GateRALayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """Additive update of an ungated adapter in the base weight's layout: `W' = W + get_delta_weight(...)`."""
+        """Additive update of an ungated adapter in the base weight's layout: `W' = W + get_delta_weight(...)`.
+
+        HiRA's update `W0 ⊙ BA` and DoRA's norm `‖W0 + s·BA‖` read the original `W0`, also while other adapters
+        are merged into the stored weight, so merging adapters one at a time equals merging them together.
+        """
         if self.gate_kind[adapter_name] != "none":
             raise ValueError(_unmergeable_message(adapter_name, self.gate_kind[adapter_name]))
-        base = self.base_weight()
+        base = self._original_weight()
         delta = delta_weight(
             self.branch_kind[adapter_name], base, self.gatera_A[adapter_name], self.gatera_B[adapter_name],
             self.scaling[adapter_name], self.gatera_magnitude[adapter_name] if adapter_name in self.gatera_magnitude
@@ -256,6 +268,13 @@ class GateRALayer(BaseTunerLayer):
             delta = delta * self.gatera_structure[adapter_name]().float()
         delta = delta.to(base.dtype)
         return delta.t() if self.weight_is_transposed else delta
+
+    def _original_weight(self) -> torch.Tensor:
+        """The unmerged `W0` as (d_out, d_in): the copy kept at the first merge, else the base weight itself."""
+        if self._weight_before_merge is None:
+            return self.base_weight()
+        weight = self._weight_before_merge.to(self.get_base_layer().weight.device)
+        return weight.t() if self.weight_is_transposed else weight
 
     def _stored_weight(self) -> torch.Tensor:
         """`W0` in the base layer's own layout and dtype, as merging reads it (quantised bases: dequantised)."""
@@ -268,7 +287,10 @@ class GateRALayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold ungated adapters into the base weight; gated adapters are refused (no single merged weight).
 
-        Deltas are summed in fp32 and cast once. Quantised bases re-quantise, so their outputs change by rounding.
+        Every delta is computed from the original `W0` (kept at the first merge; unmerge restores it), as PEFT's
+        HiRA does, so a later merge adds to the merged weight without reading it. Deltas are summed in fp32 and cast
+        once. Quantised bases re-quantise, so their outputs change by rounding. `safe_merge=True` checks the result
+        for NaN / inf before anything is written, with PEFT's error wording.
         """
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.gatera_A]
         for name in adapter_names:
@@ -277,14 +299,19 @@ class GateRALayer(BaseTunerLayer):
         if not adapter_names:
             return
         weight = self._stored_weight()
-        if self._weight_before_merge is None:
-            # HiRA's and DoRA's updates depend on W0, so unmerge restores the original weight instead of subtracting.
+        first_merge = self._weight_before_merge is None
+        if first_merge:
             self._weight_before_merge = weight.detach().clone()
         merged = weight.float()
         for name in adapter_names:
             merged = merged + self.get_delta_weight(name).float()
         if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"NaN or inf in the merged weight: adapter(s) {adapter_names} seem to be broken.")
+            if first_merge:
+                self._weight_before_merge = None
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {','.join(adapter_names)} seems to be broken "
+                "(its merged weight holds NaN or inf; the base weight was left unchanged)."
+            )
         self._store_weight(merged.to(weight.dtype))
         self.merged_adapters.extend(adapter_names)
 
@@ -332,6 +359,11 @@ class Linear(nn.Module, GateRALayer):
         GateRALayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, config)
+
+    def train(self, mode: bool = True):
+        """As nn.Module's (which this MRO resolves `train` to), and drop the cached dense updates of `cache_delta`."""
+        self._delta_cache.clear()
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:

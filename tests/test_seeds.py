@@ -53,8 +53,9 @@ def naive_layer_output(layer, x, adapter="default"):
     elif config.gate == "threshold":
         gate = layer.gatera_gate[adapter]
         ratio = update.norm(dim=-1, keepdim=True) / base_wx.detach().norm(dim=-1, keepdim=True)
-        soft = torch.sigmoid((ratio - gate.threshold) / gate.temperature)
-        multiplier = (ratio >= gate.threshold).float() + soft - soft.detach()  # straight-through
+        # straight-through: r gets the slope of σ((r − τ)/T); τ that slope plus a constant leak 0.025/T
+        soft = torch.sigmoid((ratio - gate.threshold) / gate.temperature) - 0.025 * gate.threshold / gate.temperature
+        multiplier = (ratio >= gate.threshold).float() + soft - soft.detach()
     if adapter in layer.gatera_structure:
         multiplier = multiplier * torch.sigmoid(layer.gatera_structure[adapter].alpha)
     return base_out + multiplier * update
@@ -211,6 +212,25 @@ def test_threshold_drops_tokens_exactly_and_logs_kept_fraction_per_layer():
     logs = model.base_model.pop_gate_stats()
     assert set(logs) == {"gatera/kept_frac", "gatera/kept_frac/lin0", "gatera/kept_frac/lin1"}
     assert logs["gatera/kept_frac"] == pytest.approx((logs["gatera/kept_frac/lin0"] + logs["gatera/kept_frac/lin1"]) / 2)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 10.0, 100.0, 1e4])
+def test_threshold_tau_gradient_does_not_vanish_far_from_tau(ratio):
+    """∂S/∂τ = −(σ'(u) + 0.025)/T, u = (r − τ)/T, never 0; r keeps the logistic slope; forward stays hard 0/1."""
+    from gatera_plugin.gates import ThresholdGate
+
+    tau, T = 0.5, 0.05
+    gate = ThresholdGate(threshold_init=tau, temperature=T)
+    base = torch.tensor([[1.0, 0.0]])
+    update = torch.tensor([[0.0, ratio * tau]], requires_grad=True)
+    selection = gate(update, base)
+    assert selection.item() == 1.0
+    selection.sum().backward()
+    u = torch.tensor((ratio - 1) * tau / T)
+    slope = torch.sigmoid(u) * (1 - torch.sigmoid(u)) / T
+    torch.testing.assert_close(gate.threshold.grad, -(slope + 0.025 / T).reshape(1))
+    assert gate.threshold.grad.item() <= -0.5  # the leak alone: 0.025 / 0.05
+    torch.testing.assert_close(update.grad, torch.tensor([[0.0, slope.item()]]))
 
 
 def test_keep_ratio_penalty_gradient_equals_explicit():
