@@ -10,6 +10,8 @@ from peft.utils import PeftType
 
 NAME = "gatera"
 PREFIX = "gatera_"
+# `peft_type` spellings read as GateRA in adapter_config.json (PEFT writes the enum value, "GATERA").
+SPELLINGS = ("GATERA", NAME, "GateRA")
 
 
 def _add_peft_type_member(name: str) -> PeftType:
@@ -45,5 +47,9 @@ def register(config_cls, model_cls) -> None:
         PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = config_cls
         PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = model_cls
         PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX
+        for spelling in SPELLINGS[1:]:
+            PEFT_TYPE_TO_CONFIG_MAPPING[spelling] = config_cls
         return
     register_peft_method(name=NAME, config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)
+    for spelling in SPELLINGS[1:]:  # PEFT looks the config class up by the file's raw string
+        PEFT_TYPE_TO_CONFIG_MAPPING[spelling] = config_cls

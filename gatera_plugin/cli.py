@@ -16,8 +16,9 @@ def _prune(args) -> int:
 
 
 def _plot(args) -> int:
-    from .visualize import load_adapter, plot_gates, record_gates
+    from .visualize import check_record_options, load_adapter, plot_gates, record_gates
 
+    check_record_options(args.prompt, args.answer, args.max_new_tokens)  # before the minutes of loading a model
     model, tokenizer = load_adapter(args.adapter, args.base_model)
     trace = record_gates(model, tokenizer, args.prompt, args.answer, args.max_new_tokens)
     plot_gates(trace, args.out, args.title)
@@ -47,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"gatera {args.command}: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # ours name the option or file; OSError covers missing / unreadable files
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"gatera {args.command}: {message}", file=sys.stderr)
         return 2
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
@@ -191,6 +193,11 @@ class GateRAConfig(PeftConfig):
     weights_sha256: Optional[str] = field(
         default=None, metadata={"help": "SHA-256 of adapter_model.safetensors, written by save_pretrained, checked on load."}
     )
+    structure_stamp: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Digests of the structural fields and tensor shapes, written by save_pretrained, checked on "
+                  "load (a config edited after the save is refused)."},
+    )
     # Read by PEFT and TRL on every config; GateRA targets modules, not bare parameters (docs/method.md, MoE section).
     target_parameters: Optional[list[str]] = field(
         default=None, metadata={"help": "Not supported by GateRA (it wraps modules); must stay unset."}
@@ -267,6 +274,15 @@ class GateRAConfig(PeftConfig):
             if not isinstance(value, (list, set, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"`{name}` must be a list of module names or a regex string, got {value!r}.")
             setattr(self, name, set(value))
+        patterns = [(name, getattr(self, name)) for name in ("target_modules", "exclude_modules")
+                    if isinstance(getattr(self, name), str)]
+        patterns += [(f"{name} key", key) for name in ("rank_pattern", "alpha_pattern") for key in getattr(self, name)]
+        for name, pattern in patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(f"`{name}` {pattern!r} is not a valid regular expression ({error}). Fix the pattern, "
+                                 "or pass a list of module names (matched exactly or as a suffix).") from None
         if isinstance(self.target_modules, set) and not self.target_modules:
             raise ValueError("`target_modules` is an empty list; name at least one module or use 'all-linear'.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -280,7 +296,13 @@ class GateRAConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """As PEFT's, but refuses a folder whose adapter_config.json is another method's (PEFT would return that
         method's config class instead)."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (ValueError, TypeError) as error:
+            if "adapter_config.json" in str(error):
+                raise
+            path = Path(pretrained_model_name_or_path, subfolder or "", "adapter_config.json")
+            raise ValueError(f"{path}: {error}") from None
         if not isinstance(config, GateRAConfig):
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a {getattr(config.peft_type, 'value', config.peft_type)} adapter "

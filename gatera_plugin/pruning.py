@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .serialization import file_sha256
+from .serialization import check_adapter_folder, check_tensors, is_gatera_type, read_config, stamp_config
 
 STRUCTURE_KEY = ".gatera_structure.alpha"
 PEFT_PREFIX = "base_model.model."
@@ -27,6 +27,12 @@ def split_by_threshold(values: dict[str, float], threshold: float) -> tuple[list
         raise ValueError(f"`threshold` compares with σ(α) in [0, 1], got {threshold}.")
     kept = sorted(name for name, value in values.items() if value >= threshold)
     pruned = sorted(name for name, value in values.items() if value < threshold)
+    if values and not kept:
+        raise ValueError(
+            f"`threshold`={threshold} would prune all {len(values)} adapted modules (the highest σ(α) is "
+            f"{max(values.values()):.4f}), leaving an adapter with no modules, which cannot be loaded. Choose a "
+            "threshold at or below the highest σ(α), or use the base model without the adapter."
+        )
     return kept, pruned
 
 
@@ -52,12 +58,14 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
             raise FileNotFoundError(f"{path} is missing: `gatera prune` needs a saved GateRA adapter folder.")
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; choose a new output folder (nothing is overwritten).")
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "GATERA":
+    config = read_config(src)
+    if not is_gatera_type(config.get("peft_type")):
         raise ValueError(f"{src} holds a {config.get('peft_type')!r} adapter, not a GateRA one.")
+    check_adapter_folder(src)  # checksum, structure stamp, readable tensors: prune only what would load
     if not config.get("structure_gate"):
         raise ValueError(f"{src} was trained without structure gates (structure_gate=False): nothing to prune by.")
     state = load_file(weights_path)
+    check_tensors(state, weights_path)
     values = {
         key.removesuffix(STRUCTURE_KEY).removeprefix(PEFT_PREFIX): torch.sigmoid(tensor.float()).item()
         for key, tensor in state.items()
@@ -75,8 +83,8 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
             if extra.name not in (config_path.name, weights_path.name) and extra.is_file():
                 shutil.copy2(extra, partial / extra.name)
         save_file(new_state, partial / weights_path.name, metadata={"format": "pt"})
-        config["weights_sha256"] = file_sha256(partial / weights_path.name)
         (partial / config_path.name).write_text(json.dumps(config, indent=2, sort_keys=True))
+        stamp_config(partial / config_path.name, partial / weights_path.name)
         partial.rename(dst)
     finally:
         if partial.exists():

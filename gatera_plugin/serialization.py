@@ -1,17 +1,29 @@
-"""Saving and loading GateRA adapters safely: atomic saves, checksummed weights, no unpickling by default.
+"""Saving and loading GateRA adapters safely: atomic, locked saves; checksummed and stamped configs; no unpickling.
 
-Installed on `import gatera_plugin`, two wrappers around PEFT's functions act on GateRA adapters only:
+Installed on `import gatera_plugin`, wrappers around PEFT's functions act on GateRA adapters only:
 
-- `PeftModel.save_pretrained` writes the whole adapter (weights, config, model card) into a staging folder beside
-  the target, stamps the weights' SHA-256 into adapter_config.json, then moves each file into place with an atomic
-  rename, weights first and config last. An interrupted save leaves either the previous files or the new ones: never
-  a truncated file. Should it stop between the two renames, the new weights meet the old config, whose checksum no
-  longer matches: loading refuses that pair instead of mixing two saves, and the previous weights are still there
-  as `adapter_model.safetensors.previous` (kept until the save completes).
-- `load_peft_weights` (what `PeftModel.from_pretrained` and `load_adapter` read through) checks a local GateRA folder
-  first: weights present, readable (not truncated), matching the config's checksum; pickled weights
-  (`adapter_model.bin`) are refused unless the user opts in (`GATERA_ALLOW_PICKLE=1` or `with allow_pickle():`),
-  because unpickling can run code.
+- `PeftModel.save_pretrained` writes the whole adapter (weights, config, model card) into a staging folder
+  `.gatera-save-*` inside the target, stamps into adapter_config.json the weights' SHA-256 (`weights_sha256`) and a
+  stamp of its structure (`structure_stamp`: a digest of each structural field and of the weights' tensor names and
+  shapes), then moves each file into place with an atomic rename, weights first and config last. An interrupted save
+  leaves either the previous files or the new ones: never a truncated file. Should it stop between the two renames,
+  the new weights meet the old config, whose checksum no longer matches: loading refuses that pair instead of mixing
+  two saves, and the previous weights are still there as `adapter_model.safetensors.previous`.
+- Saves into one folder from several processes (every data-parallel rank saving) are serialised by an exclusive
+  `flock` on the folder around the renames; the last one to take the lock wins. Loads through PEFT
+  (`PeftModel.from_pretrained`, `load_adapter`) hold a shared lock on the folder, so they never see half a save.
+  Each save also removes the staging folders of saves that were killed (nobody holds their lock any more).
+- `save_pretrained(safe_serialization=False)` is refused unless pickles are allowed (below): it would write a file
+  this package refuses to load.
+- `load_peft_weights` (what `from_pretrained` and `load_adapter` read through) checks a local GateRA folder first:
+  weights present, readable (not truncated), floating-point, matching the config's checksum and structure stamp;
+  non-finite values are reported with a warning (as at save time); pickled weights (`adapter_model.bin`) are
+  refused unless the user opts in (`GATERA_ALLOW_PICKLE=1` or `with allow_pickle():`), because unpickling can run
+  code. Which tensors the config expects is checked when they are loaded (`GateRAModel._remap_adapter_state_dict_for_load`).
+
+Adapters saved before the structure stamp existed (no `structure_stamp` field; the format version is unchanged) still
+load, with a warning: their tensor set, shapes and gate kinds are checked against the config, but an edit of a field
+that leaves the tensors alike (`branch` hira / lora, `lora_alpha`, ...) cannot be detected. Re-saving stamps them.
 
 Other PEFT methods go through untouched.
 """
@@ -19,6 +31,7 @@ Other PEFT methods go through untouched.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -28,11 +41,30 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from ._registration import SPELLINGS
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (Windows: saves are atomic per file but not serialised across processes)
+    fcntl = None
+
 WEIGHTS = "adapter_model.safetensors"
 PICKLED_WEIGHTS = "adapter_model.bin"
 CONFIG = "adapter_config.json"
+PREVIOUS = ".previous"
+STAGING_PREFIX = ".gatera-save-"
+STAMP = "structure_stamp"
+# The config fields that decide which tensors exist and what they compute: edited after the save, the same weights
+# would give another model. Inference-only or training-only options (kernel, cache_delta, dropout, penalty weights)
+# are left out. `sparse_threshold` is in: it changes eval outputs (set it on the loaded model's config instead).
+STRUCTURE_FIELDS = (
+    "branch", "gate", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
+    "layers_to_transform", "layers_pattern", "structure_gate", "modules_to_save", "trainable_token_indices",
+    "sparse_threshold",
+)
 _MARK = "__gatera_wrapped__"
 _allow_pickle_depth = 0
+_loading = contextvars.ContextVar("gatera_loading_folder", default=None)
 
 
 @contextlib.contextmanager
@@ -58,15 +90,162 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_gatera_type(peft_type) -> bool:
+    return str(getattr(peft_type, "value", peft_type)) in SPELLINGS
+
+
 def _is_gatera(peft_model) -> bool:
     configs = getattr(peft_model, "peft_config", {}) or {}
-    return any(str(getattr(c, "peft_type", "")) in ("GATERA", "PeftType.GATERA") for c in configs.values())
+    return any(is_gatera_type(getattr(c, "peft_type", "")) for c in configs.values())
+
+
+def loading_source() -> str:
+    """The weights file being loaded by `PeftModel.load_adapter` right now (for error messages), or its bare name."""
+    folder = _loading.get()
+    return str(Path(folder) / WEIGHTS) if folder else WEIGHTS
+
+
+# ------------------------------------------------------------------------------------------------- stamps
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _canonical(name: str, value) -> str:
+    """One JSON spelling per meaning: module lists in any order, unset patterns as {}."""
+    if name in ("rank_pattern", "alpha_pattern") and value is None:
+        value = {}
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        value = sorted(value)
+    return json.dumps(value, sort_keys=True)
+
+
+def tensor_signature(weights: Path) -> str:
+    """Digest of the weights file's tensor names and shapes (not values: those are `weights_sha256`'s job)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        rows = sorted(f"{key}:{list(handle.get_slice(key).get_shape())}" for key in handle.keys())
+    return _digest("tensors", *rows)
+
+
+def structure_stamp(config: dict, weights: Path) -> dict[str, str]:
+    """{field: digest} over STRUCTURE_FIELDS and "tensors" (names and shapes in `weights`)."""
+    stamp = {name: _digest(name, _canonical(name, config.get(name))) for name in STRUCTURE_FIELDS}
+    stamp["tensors"] = tensor_signature(weights)
+    return stamp
+
+
+def stamp_config(config_path: Path, weights: Path) -> None:
+    """Write `weights_sha256` and `structure_stamp` of `weights` into the adapter_config.json at `config_path`."""
+    config = json.loads(config_path.read_text())
+    config["weights_sha256"] = file_sha256(weights)
+    config[STAMP] = structure_stamp(config, weights)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _check_stamp(config: dict, config_path: Path, weights: Path) -> None:
+    stamp = config.get(STAMP)
+    if stamp is None:
+        warnings.warn(
+            f"{config_path} has no {STAMP} (saved by an earlier gatera_plugin): the tensors are checked against it, but "
+            "an edit of `branch` or `lora_alpha` cannot be detected. Re-save the adapter (save_pretrained) to stamp it.",
+            UserWarning, stacklevel=4,
+        )
+        return
+    if not isinstance(stamp, dict) or not all(isinstance(v, str) for v in stamp.values()):
+        raise ValueError(f"{config_path}: field `{STAMP}` is not the stamp save_pretrained writes ({stamp!r}). "
+                         "Restore the file from a checkpoint or re-save the adapter.")
+    expected = structure_stamp(config, weights)
+    edited = [name for name in STRUCTURE_FIELDS if stamp.get(name) != expected[name]]
+    if edited:
+        raise ValueError(
+            f"{config_path}: field(s) {', '.join(f'`{n}`' for n in edited)} differ from what the save recorded in "
+            f"`{STAMP}`, so the config no longer describes {weights.name} and would build another model. Restore the "
+            "saved value(s) (or the file from a checkpoint). To use the weights differently, load them and change "
+            "the model, then save_pretrained again."
+        )
+    if stamp.get("tensors") != expected["tensors"]:
+        raise ValueError(
+            f"{weights}: its tensor names or shapes differ from those recorded in {config_path.name} (`{STAMP}`): the "
+            "weights file was rewritten after the save. Restore it from a checkpoint or save the adapter again."
+        )
+
+
+def check_tensors(state: dict, source) -> None:
+    """Refuse non-floating tensors; warn, naming them, about tensors holding NaN or inf."""
+    import torch
+
+    not_float = [f"{k} ({v.dtype})" for k, v in state.items() if not torch.is_floating_point(v)]
+    if not_float:
+        raise ValueError(f"{source} holds non-floating-point adapter tensors: {', '.join(not_float[:5])}. GateRA "
+                         "saves floating-point tensors only: the file was modified. Restore it from a checkpoint.")
+    broken = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if broken:
+        warnings.warn(
+            f"{source}: {len(broken)} adapter tensor(s) hold NaN or inf, e.g. {', '.join(broken[:5])}. The adapter's "
+            "outputs will be NaN or inf; training probably diverged (lower the learning rate, use an earlier "
+            "checkpoint).", UserWarning, stacklevel=3,
+        )
+
+
+# ------------------------------------------------------------------------------------------------- locks
+def _open_dir(folder: Path):
+    try:
+        return os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, exclusive: bool):
+    """`flock` on the folder itself: exclusive while a save renames files into it, shared while a load reads it.
+
+    A killed process's lock is released by the kernel. Without `fcntl` (Windows) or on file systems that refuse
+    locks on folders, nothing is locked.
+    """
+    fd = _open_dir(folder) if fcntl is not None else None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _locks(folders: list[Path]):
+    with contextlib.ExitStack() as stack:
+        for folder in folders:
+            stack.enter_context(folder_lock(folder, exclusive=True))
+        yield
+
+
+def _remove_dead_staging(target: Path) -> None:
+    """Remove `.gatera-save-*` folders whose save was killed: nobody holds their lock. Call under the folder's lock."""
+    if fcntl is None:
+        return
+    for path in target.glob(STAGING_PREFIX + "*"):
+        fd = _open_dir(path) if path.is_dir() else None
+        if fd is None:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a save in progress holds it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover (platforms without directory fds)
+    fd = _open_dir(path)
+    if fd is None:  # pragma: no cover (platforms without directory fds)
         return
     try:
         os.fsync(fd)
@@ -74,14 +253,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-PREVIOUS = ".previous"
-
-
+# ------------------------------------------------------------------------------------------------- saving
 def _move_into_place(staging: Path, target: Path) -> None:
     """Rename every staged file to its place in `target`: weights first, configs last, each atomically.
 
     Until the last rename, each replaced file stays reachable as `<name>.previous` (a hard link, so the file itself
-    never disappears); the copies are removed once the new adapter is complete.
+    never disappears); the copies are removed once the new adapter is complete. Call under the folders' locks.
     """
     files = [p for p in staging.rglob("*") if p.is_file()]
     files.sort(key=lambda p: (p.name == CONFIG, str(p)))
@@ -102,13 +279,14 @@ def _move_into_place(staging: Path, target: Path) -> None:
         backup.unlink(missing_ok=True)
 
 
-def _stamp_checksums(staging: Path) -> None:
+def _stamp_and_check(staging: Path, target: Path) -> None:
+    from safetensors.torch import load_file
+
     for config_path in staging.rglob(CONFIG):
         weights = config_path.parent / WEIGHTS
         if weights.exists():
-            config = json.loads(config_path.read_text())
-            config["weights_sha256"] = file_sha256(weights)
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+            stamp_config(config_path, weights)
+            check_tensors(load_file(weights), target / weights.relative_to(staging))
 
 
 def _warn_if_replacing_another_method(target: Path) -> None:
@@ -116,10 +294,21 @@ def _warn_if_replacing_another_method(target: Path) -> None:
     if existing.exists():
         try:
             peft_type = json.loads(existing.read_text()).get("peft_type")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             peft_type = "unreadable"
-        if peft_type != "GATERA":
+        if not is_gatera_type(peft_type):
             warnings.warn(f"Saving a GateRA adapter over the {peft_type} adapter in {target}.", UserWarning, stacklevel=3)
+
+
+def _refuse_pickle(args, kwargs) -> None:
+    safe = kwargs.get("safe_serialization", args[0] if args else True)
+    if not safe and not _pickle_allowed():
+        raise ValueError(
+            "save_pretrained(safe_serialization=False) would write pickled weights (adapter_model.bin), which GateRA "
+            "loads only with GATERA_ALLOW_PICKLE=1 or inside `with gatera_plugin.allow_pickle():` (unpickling can run "
+            "code). Save with safe_serialization=True (the default; Trainer: save_safetensors=True), or opt in to "
+            "pickles as above."
+        )
 
 
 def wrap_save_pretrained(original):
@@ -127,27 +316,51 @@ def wrap_save_pretrained(original):
     def save_pretrained(self, save_directory, *args, **kwargs):
         if not _is_gatera(self) or not kwargs.get("is_main_process", True) or os.path.isfile(save_directory):
             return original(self, save_directory, *args, **kwargs)
+        _refuse_pickle(args, kwargs)
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
         _warn_if_replacing_another_method(target)
-        staging = Path(tempfile.mkdtemp(prefix=".gatera-save-", dir=target))
+        with folder_lock(target, exclusive=True):  # no window in which another save could take our staging folder
+            _remove_dead_staging(target)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
+            own = _open_dir(staging)
+            if own is not None and fcntl is not None:
+                fcntl.flock(own, fcntl.LOCK_EX)  # held until this save ends: marks the staging folder as alive
         try:
             if (target / "README.md").exists():  # PEFT updates an existing model card rather than replacing it
                 shutil.copy2(target / "README.md", staging / "README.md")
             original(self, str(staging), *args, **kwargs)
-            _stamp_checksums(staging)
-            _move_into_place(staging, target)
+            _stamp_and_check(staging, target)
+            subfolders = sorted({target / p.parent.relative_to(staging) for p in staging.rglob("*") if p.is_file()})
+            for folder in subfolders:
+                folder.mkdir(parents=True, exist_ok=True)
+            with _locks([target] + [f for f in subfolders if f != target]):
+                _move_into_place(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if own is not None:
+                os.close(own)
 
     setattr(save_pretrained, _MARK, True)
     return save_pretrained
 
 
+# ------------------------------------------------------------------------------------------------- loading
+def read_config(folder: Path) -> dict:
+    path = folder / CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore it from a checkpoint or re-save the adapter.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object; restore it or re-save the adapter.")
+    return config
+
+
 def check_adapter_folder(folder: Path) -> None:
     """Refuse, with the reason and the fix, a local GateRA adapter folder whose weights cannot be trusted."""
     weights, pickled = folder / WEIGHTS, folder / PICKLED_WEIGHTS
-    config = json.loads((folder / CONFIG).read_text())
+    config = read_config(folder)
     if not weights.exists():
         if pickled.exists():
             if _pickle_allowed():
@@ -183,6 +396,7 @@ def check_adapter_folder(folder: Path) -> None:
             f"{weights} does not match the checksum saved in {CONFIG}: the two files come from different saves (an "
             "interrupted save_pretrained) or the weights were modified." + restore
         )
+    _check_stamp(config, folder / CONFIG, weights)
 
 
 def _holds_gatera_weights(folder: Path) -> bool:
@@ -198,17 +412,24 @@ def _holds_gatera_weights(folder: Path) -> bool:
         return False
 
 
+def _local_folder(model_id, subfolder=None) -> Path | None:
+    """The local adapter folder `model_id` (/ `subfolder`) names, if it is one holding adapter_config.json."""
+    try:
+        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+    except TypeError:
+        return None
+    return folder if folder.is_dir() and (folder / CONFIG).is_file() else None
+
+
 def wrap_load_peft_weights(original):
     @functools.wraps(original)
     def load_peft_weights(model_id, *args, **kwargs):
-        subfolder = kwargs.get("subfolder")
-        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
-        if folder.is_dir() and (folder / CONFIG).exists():
-            try:
-                peft_type = json.loads((folder / CONFIG).read_text()).get("peft_type")
-            except ValueError as error:
-                raise ValueError(f"{folder / CONFIG} is not valid JSON ({error}); restore or re-save the adapter.") from None
-            if peft_type == "GATERA":
+        folder = _local_folder(model_id, kwargs.get("subfolder"))
+        gatera = False
+        if folder is not None:
+            peft_type = read_config(folder).get("peft_type")
+            gatera = is_gatera_type(peft_type)
+            if gatera:
                 check_adapter_folder(folder)
             elif _holds_gatera_weights(folder):
                 raise ValueError(
@@ -216,20 +437,62 @@ def wrap_load_peft_weights(original):
                     "(gatera_* tensors): the config was replaced. Restore the GateRA adapter_config.json (from a "
                     "checkpoint) before loading."
                 )
-        return original(model_id, *args, **kwargs)
+        state = original(model_id, *args, **kwargs)
+        if gatera:
+            check_tensors(state, folder / WEIGHTS if (folder / WEIGHTS).exists() else folder / PICKLED_WEIGHTS)
+        return state
 
     setattr(load_peft_weights, _MARK, True)
     return load_peft_weights
 
 
+def _reading(model_id, kwargs) -> contextlib.AbstractContextManager:
+    """Shared lock on a local adapter folder (after checking its config parses) for the length of a load."""
+    folder = _local_folder(model_id, kwargs.get("subfolder"))
+    if folder is None:
+        return contextlib.nullcontext()
+    read_config(folder)
+    return folder_lock(folder, exclusive=False)
+
+
+def wrap_from_pretrained(original):
+    @functools.wraps(original.__func__)
+    def from_pretrained(cls, model, model_id, *args, **kwargs):
+        with _reading(model_id, kwargs):
+            return original.__get__(None, cls)(model, model_id, *args, **kwargs)
+
+    setattr(from_pretrained, _MARK, True)
+    return classmethod(from_pretrained)
+
+
+def wrap_load_adapter(original):
+    @functools.wraps(original)
+    def load_adapter(self, model_id, *args, **kwargs):
+        with _reading(model_id, kwargs):
+            token = _loading.set(str(_local_folder(model_id, kwargs.get("subfolder")) or ""))
+            try:
+                return original(self, model_id, *args, **kwargs)
+            finally:
+                _loading.reset(token)
+
+    setattr(load_adapter, _MARK, True)
+    return load_adapter
+
+
 def install() -> None:
-    """Wrap PeftModel.save_pretrained and every module-level reference to load_peft_weights, once."""
+    """Wrap PeftModel's save_pretrained, from_pretrained, load_adapter and every reference to load_peft_weights, once."""
     import peft.peft_model
     import peft.utils
     import peft.utils.save_and_load
 
-    if not getattr(peft.peft_model.PeftModel.save_pretrained, _MARK, False):
-        peft.peft_model.PeftModel.save_pretrained = wrap_save_pretrained(peft.peft_model.PeftModel.save_pretrained)
+    cls = peft.peft_model.PeftModel
+    if not getattr(cls.save_pretrained, _MARK, False):
+        cls.save_pretrained = wrap_save_pretrained(cls.save_pretrained)
+    if not getattr(cls.load_adapter, _MARK, False):
+        cls.load_adapter = wrap_load_adapter(cls.load_adapter)
+    raw = cls.__dict__["from_pretrained"]
+    if not getattr(raw.__func__, _MARK, False):
+        cls.from_pretrained = wrap_from_pretrained(raw)
     for module in (peft.peft_model, peft.utils, peft.utils.save_and_load):
         current = getattr(module, "load_peft_weights", None)
         if current is not None and not getattr(current, _MARK, False):

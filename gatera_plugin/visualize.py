@@ -63,9 +63,26 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
     base = base_model or json.loads(config_path.read_text()).get("base_model_name_or_path")
     if not base:
         raise ValueError("The adapter does not name its base model; pass base_model (CLI: --base-model PATH).")
-    tokenizer = AutoTokenizer.from_pretrained(folder if (folder / "tokenizer_config.json").exists() else base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder if (folder / "tokenizer_config.json").exists() else base)
+        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    except OSError as error:  # transformers' "not a local folder and not on the Hub", missing files, no network
+        source = "base_model (CLI: --base-model)" if base_model else f"base_model_name_or_path in {config_path}"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"Cannot load the base model {base!r} named by {source}: {first_line} Pass a local model "
+                         "folder or a Hub id (CLI: --base-model PATH).") from None
+    model = PeftModel.from_pretrained(base_model, folder)
     return model.eval(), tokenizer
+
+
+def check_record_options(prompt: str, answer: Optional[str], max_new_tokens: int) -> None:
+    """Refuse, naming the option, what `record_gates` cannot record (the statistics would be NaN)."""
+    if not prompt:
+        raise ValueError("`prompt` is empty (CLI: --prompt): give the text whose gates to record.")
+    if answer is not None and not answer:
+        raise ValueError("`answer` is empty (CLI: --answer): give the answer text, or leave it out to generate one.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` (CLI: --max-new-tokens) must be an integer >= 1, got {max_new_tokens!r}.")
 
 
 @torch.no_grad()
@@ -73,6 +90,7 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
     """Prefill `prompt`, then decode with the KV cache: the given `answer`'s tokens, or greedily `max_new_tokens`."""
     from .gates import SigmoidGate, ThresholdGate
 
+    check_record_options(prompt, answer, max_new_tokens)
     model.eval()
     gate_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, (SigmoidGate, ThresholdGate))]
     if not gate_modules:
@@ -85,6 +103,10 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
     try:
         prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         forced = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer is not None else None
+        if prompt_ids.shape[1] == 0:
+            raise ValueError(f"`prompt` {prompt!r} (CLI: --prompt) tokenizes to no tokens; give a longer prompt.")
+        if forced is not None and not forced:
+            raise ValueError(f"`answer` {answer!r} (CLI: --answer) tokenizes to no tokens; give a longer answer.")
         output = model(input_ids=prompt_ids, use_cache=True)
         generated: list[int] = []
         steps = len(forced) if forced is not None else max_new_tokens
@@ -103,6 +125,9 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
     gates = torch.stack([torch.cat(per_module[name]) for name, _ in gate_modules])
     token_ids = prompt_ids[0].tolist() + generated
     tokens = [tokenizer.decode([t]) for t in token_ids][: gates.shape[1]]
+    if len(tokens) <= prompt_ids.shape[1]:
+        raise ValueError("The model ended its answer at once (end-of-sequence first), so no answer token has gates to "
+                         "record. Pass the answer to score with `answer` (CLI: --answer TEXT) or change the prompt.")
     trace = GateTrace(names, tokens, gates[:, : len(tokens)], prompt_ids.shape[1])
     layers, prompt_mean, answer_mean = trace.layer_means()
     trace.summary = {"generated": tokenizer.decode(generated), "prompt_mean": prompt_mean.mean().item(),

@@ -60,6 +60,9 @@ CONFIG_CASES = [
     (dict(sparse_threshold=1.0), r"`sparse_threshold` must be < 1"),
     (dict(sparse_training=True), r"`sparse_training=True` needs `sparse_threshold` > 0"),
     (dict(cache_delta=True, branch="lora"), r"`cache_delta` .* needs branch='hira'"),
+    (dict(target_modules="q_proj("), r"`target_modules` 'q_proj\(' is not a valid regular expression.*Fix the pattern"),
+    (dict(exclude_modules="[v_proj"), r"`exclude_modules` '\[v_proj' is not a valid regular expression"),
+    (dict(rank_pattern={"*q": 4}), r"`rank_pattern key` '\*q' is not a valid regular expression"),
 ]
 
 
@@ -227,10 +230,16 @@ def test_adapter_from_a_newer_release(saved):
 
 
 def test_pickled_weights_need_an_opt_in(tmp_path):
+    """Refused at save time (the file would not load) and at load time, unless pickles are allowed."""
     import gatera_plugin
 
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], init_weights=False))
-    model.save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.raises(ValueError, match=r"save_pretrained\(safe_serialization=False\) would write pickled weights.*"
+                                         r"GATERA_ALLOW_PICKLE=1.*allow_pickle\(\).*Save with safe_serialization=True"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    with gatera_plugin.allow_pickle():
+        model.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "adapter_model.bin").exists()
     with pytest.raises(ValueError, match=r"pickled weights.*GATERA_ALLOW_PICKLE=1 or `with gatera_plugin.allow_pickle"):
         _load(tmp_path)
@@ -247,3 +256,55 @@ def test_catalogue_has_at_least_40_distinct_cases():
         1 for name in globals() if name.startswith("test_") and name not in (
             "test_bad_config_values", "test_bad_targets_and_layers", "test_catalogue_has_at_least_40_distinct_cases"))
     assert distinct >= 40
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+@pytest.fixture
+def plot_setup(tmp_path):
+    """A saved adapter with its tokenizer, and its base model saved as a folder."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from common import tiny_model_and_tokenizer
+
+    model, tokenizer = tiny_model_and_tokenizer()
+    model.save_pretrained(tmp_path / "base")
+    get_peft_model(model, GateRAConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    return tmp_path
+
+
+CLI_CASES = [
+    ("max-new-tokens-0", ["--max-new-tokens", "0"], r"`max_new_tokens` \(CLI: --max-new-tokens\) must be an integer >= 1"),
+    ("max-new-tokens-negative", ["--max-new-tokens", "-3"], r"--max-new-tokens\) must be an integer >= 1, got -3"),
+    ("empty-answer", ["--answer", ""], r"`answer` is empty \(CLI: --answer\)"),
+    ("empty-prompt", ["--prompt", ""], r"`prompt` is empty \(CLI: --prompt\)"),
+    ("missing-base-model", ["--base-model", "/no/such"], r"Cannot load the base model '/no/such' named by base_model "
+                                                         r"\(CLI: --base-model\)"),
+]
+
+
+@pytest.mark.parametrize("extra,message", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_gatera_plot_bad_options(plot_setup, capsys, extra, message):
+    """One line on stderr naming the option, exit code 2, nothing written (never NaN statistics or a traceback)."""
+    import re
+
+    from gatera_plugin.cli import main
+
+    args = ["plot", str(plot_setup / "adapter"), "--prompt", "Question: Neon?", "--out", str(plot_setup / "g.png")]
+    if "--base-model" not in extra:
+        args += ["--base-model", str(plot_setup / "base")]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gatera plot: ") and re.search(message, err), err
+    assert not (plot_setup / "g.png").exists()
+
+
+def test_gatera_prune_on_invalid_json_names_the_file(saved, tmp_path, capsys):
+    from gatera_plugin.cli import main
+
+    (saved / "adapter_config.json").write_text("{not json")
+    assert main(["prune", str(saved), "--threshold", "0.5", "--out", str(tmp_path / "pruned")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{saved / 'adapter_config.json'} is not valid JSON" in err, err

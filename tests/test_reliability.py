@@ -222,3 +222,192 @@ def test_very_long_sequence():
                                                                         init_weights=False))
     ids = torch.randint(3, 128, (1, 4096))
     _finite_step(model, ids, labels=ids)
+
+
+# ------------------------------------------------------------------------------------------------ config and weights agree
+LORA = dict(branch="lora", lora_alpha=8)
+# (source config, edit of adapter_config.json after the save, field the refusal must name)
+EDITS = [
+    ("drop-a-target", {}, {"target_modules": ["q_proj", "down_proj"]}, "target_modules"),
+    ("gate-none", {}, {"gate": "none", "entropy_weight": 0.0}, "gate"),
+    ("rank", {}, {"r": 8}, "r"),
+    ("branch-removed", LORA, {"branch": None, "lora_alpha": None}, "branch"),  # None: the key is deleted
+    ("lora-to-hira", LORA, {"branch": "hira", "lora_alpha": None}, "branch"),
+    ("lora-alpha", LORA, {"lora_alpha": 32}, "lora_alpha"),
+    ("structure-gate-off", {"structure_gate": True}, {"structure_gate": False, "structure_init": None,
+                                                      "structure_weight": None}, "structure_gate"),
+    ("sparse-threshold", {}, {"sparse_threshold": 0.5}, "sparse_threshold"),
+]
+
+
+def _save_random(folder, seed=0, **kwargs):
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, **kwargs))
+    torch.manual_seed(seed)
+    randomize_adapters(model, scale=0.5)
+    model.save_pretrained(folder)
+    return model
+
+
+def _edit_config(folder, changes):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        config.pop(key, None) if value is None else config.__setitem__(key, value)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("source,edit,field", [e[1:] for e in EDITS], ids=[e[0] for e in EDITS])
+def test_a_config_edited_after_the_save_is_refused_naming_the_field(tmp_path, source, edit, field):
+    """Each edit loaded "fine" before, with logits off by 1.2-4.6: the structure stamp names the edited field."""
+    _save_random(tmp_path, **source)
+    _edit_config(tmp_path, edit)
+    with pytest.raises(ValueError, match=rf"adapter_config.json: field\(s\) .*`{field}`.*differ from what the save "
+                                         r"recorded in `structure_stamp`"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+UNSTAMPED_EDITS = [
+    ("drop-a-target", {}, {"target_modules": ["q_proj", "down_proj"]}, r"`target_modules`"),
+    ("gate-none", {}, {"gate": "none", "entropy_weight": 0.0}, r"`gate`"),
+    ("dora-to-lora", {"branch": "dora", "lora_alpha": 8}, {"branch": "lora"}, r"`branch`"),
+    ("structure-gate-off", {"structure_gate": True}, {"structure_gate": False, "structure_init": None,
+                                                      "structure_weight": None}, r"`structure_gate`"),
+    ("gate-added", {"gate": "none"}, {"gate": "sigmoid", "entropy_weight": None}, r"lacks .*`gate`"),
+]
+
+
+@pytest.mark.parametrize("source,edit,field", [e[1:] for e in UNSTAMPED_EDITS], ids=[e[0] for e in UNSTAMPED_EDITS])
+def test_adapters_without_a_stamp_still_have_their_tensor_set_checked(tmp_path, source, edit, field):
+    """An adapter saved before the stamp existed: it warns, and every tensor the config does not describe (or lacks)
+    is an error naming the weights file and the field."""
+    _save_random(tmp_path, **source)
+    _edit_config(tmp_path, {**edit, "structure_stamp": None})
+    with pytest.warns(UserWarning, match=r"has no structure_stamp"), pytest.raises(ValueError, match=field):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_an_unstamped_adapter_loads_with_a_warning(tmp_path):
+    source = _save_random(tmp_path)
+    _edit_config(tmp_path, {"structure_stamp": None})
+    ids = torch.randint(3, 128, (2, 7))
+    with pytest.warns(UserWarning, match=r"has no structure_stamp.*Re-save"):
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(eval_logits(loaded, ids), eval_logits(source, ids))
+
+
+def test_an_unknown_extra_tensor_is_an_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from gatera_plugin.serialization import file_sha256
+
+    _save_random(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    state = load_file(weights)
+    state["base_model.model.model.layers.0.self_attn.k_proj.gatera_A"] = torch.zeros(4, 32)
+    save_file(state, weights)
+    _edit_config(tmp_path, {"weights_sha256": file_sha256(weights)})  # as a tool rewriting the weights would
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: its tensor names or shapes differ"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    _edit_config(tmp_path, {"structure_stamp": None})  # unstamped: the tensor-set check at load catches it
+    with pytest.warns(UserWarning, match="no structure_stamp"), pytest.raises(
+            ValueError, match=rf"{tmp_path}/adapter_model.safetensors holds 1 tensor\(s\) that its adapter_config.json "
+                              r"does not describe.*k_proj.gatera_A.*`target_modules`"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_peft_type_in_lower_case_loads(tmp_path):
+    from peft import PeftConfig
+
+    source = _save_random(tmp_path)
+    for spelling in ("gatera", "GateRA"):
+        _edit_config(tmp_path, {"peft_type": spelling})
+        assert isinstance(PeftConfig.from_pretrained(tmp_path), GateRAConfig)
+        ids = torch.randint(3, 128, (2, 7))
+        torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids),
+                                   eval_logits(source, ids))
+
+
+# ------------------------------------------------------------------------------------------------ NaN / inf weights
+def test_non_finite_weights_warn_at_save_and_at_load(tmp_path):
+    """Decision: warn (naming the tensors), not refuse, at both ends: a diverged run's state can still be saved and
+    inspected, and nothing saved is refused at load."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS))
+    with torch.no_grad():
+        model.base_model.model.model.layers[1].self_attn.v_proj.gatera_B["default"][0, 0] = float("nan")
+        model.base_model.model.model.layers[0].mlp.down_proj.gatera_A["default"][1, 2] = float("inf")
+    with pytest.warns(UserWarning, match=r"2 adapter tensor\(s\) hold NaN or inf, e.g. .*layers.0.mlp.down_proj."
+                                         r"gatera_A.*layers.1.self_attn.v_proj.gatera_B"):
+        model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"adapter_model.safetensors: 2 adapter tensor\(s\) hold NaN or inf"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ pruning
+def _structure_model(config):
+    model = get_peft_model(tiny_llama(), config)
+    with torch.no_grad():
+        for i, (_, param) in enumerate(n for n in model.named_parameters() if "gatera_structure" in n[0]):
+            param.fill_(-5.0 if i % 2 else 5.0)  # every other module ends closed
+    return model
+
+
+def test_pruning_leaves_a_model_sharing_the_config_alone(tmp_path):
+    config = GateRAConfig(r=4, target_modules=TARGETS, structure_gate=True)
+    first, second = _structure_model(config), _structure_model(config)
+    result = first.base_model.prune_structure(0.5)
+    assert len(result["pruned"]) == 3 and set(first.peft_config["default"].target_modules) == set(result["kept"])
+    assert set(second.peft_config["default"].target_modules) == set(TARGETS)
+    second.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert sum(1 for n, _ in loaded.named_parameters() if n.endswith("gatera_A.default")) == 6
+
+
+def test_pruning_every_module_is_refused(tmp_path):
+    from gatera_plugin.cli import main
+
+    model = _structure_model(GateRAConfig(r=4, target_modules=TARGETS, structure_gate=True))
+    model.save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match=r"`threshold`=1.0 would prune all 6 adapted modules \(the highest σ\(α\) is "
+                                         r"0.9933\).*cannot be loaded"):
+        model.base_model.prune_structure(1.0)
+    assert main(["prune", str(tmp_path / "full"), "--threshold", "1.0", "--out", str(tmp_path / "pruned")]) == 2
+    assert not (tmp_path / "pruned").exists()
+
+
+# ------------------------------------------------------------------------------------------------ cache_delta
+def _cached_model():
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, cache_delta=True, init_weights=False))
+    return randomize_adapters(model, scale=0.5).eval()
+
+
+@pytest.mark.parametrize("write", ["scale", "ema-swap", "base-weight"])
+def test_cache_delta_sees_writes_through_data(write):
+    """Writes through `.data` bump no version counter; eval must still use the new weights, not the cached update."""
+    model = _cached_model()
+    ids = torch.randint(3, 128, (2, 7))
+    before = eval_logits(model, ids)  # fills the cache
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer._delta_cache
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if write == "scale" and "gatera_B" in name:
+                param.data.mul_(-2.0)
+            elif write == "ema-swap" and "gatera_A" in name:
+                param.data.copy_(torch.randn_like(param))
+        if write == "base-weight":
+            layer.base_layer.weight.data.mul_(3.0)
+    cached = eval_logits(model, ids)
+    model.peft_config["default"].cache_delta = False  # the layers read this config: the uncached reference
+    reference = eval_logits(model, ids)
+    assert not torch.allclose(reference, before, atol=1e-3)
+    torch.testing.assert_close(cached, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_train_drops_the_cached_update():
+    """`Linear(nn.Module, GateRALayer)` resolved train() to nn.Module.train, so the cache outlived eval."""
+    model = _cached_model()
+    eval_logits(model, torch.randint(3, 128, (2, 7)))
+    layers = [m for m in model.modules() if hasattr(m, "_delta_cache")]
+    assert len(layers) == 6 and all(layer._delta_cache for layer in layers)
+    model.train()
+    assert not any(layer._delta_cache for layer in layers)
