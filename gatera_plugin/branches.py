@@ -15,28 +15,34 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels import use_triton
+from .kernels import run_branch
 from .ops import gated_hira, gated_lora
 from .ops.hira import add_gated
 
 
 def hira_branch(layer, adapter_name, x, gate, result, base_out=None):
     """HiRA: `Δy = (W0 ⊙ BA) x`; W0 is re-read (and dequantised) in backward instead of kept."""
-    A, B = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name]
-    if use_triton(layer.options[adapter_name].kernel, x.device, x.dtype):
+    A, B, s = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name], layer.scaling[adapter_name]
+
+    def run_triton(on_failure):
         from .kernels.hira_triton import triton_gated_hira
 
-        return triton_gated_hira(x, gate, A, B, layer.kernel_weight, layer.scaling[adapter_name], base=result)
-    return gated_hira(x, gate, A, B, layer.base_weight, layer.scaling[adapter_name], base=result)
+        return triton_gated_hira(x, gate, A, B, layer.kernel_weight, s, base=result, on_failure=on_failure)
+
+    return run_branch(layer, adapter_name, "hira", x, lambda: gated_hira(x, gate, A, B, layer.base_weight, s,
+                                                                         base=result), run_triton)
 
 
 def lora_branch(layer, adapter_name, x, gate, result, base_out=None):
     """LoRA: `Δy = (lora_alpha / r) · BA x`."""
-    A, B = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name]
-    function = gated_lora
-    if use_triton(layer.options[adapter_name].kernel, x.device, x.dtype):
-        from .kernels.lora_triton import triton_gated_lora as function
-    return function(x, gate, A, B, layer.scaling[adapter_name], base=result)
+    A, B, s = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name], layer.scaling[adapter_name]
+
+    def run_triton(on_failure):
+        from .kernels.lora_triton import triton_gated_lora
+
+        return triton_gated_lora(x, gate, A, B, s, base=result, on_failure=on_failure)
+
+    return run_branch(layer, adapter_name, "lora", x, lambda: gated_lora(x, gate, A, B, s, base=result), run_triton)
 
 
 def dora_weight_norm(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:

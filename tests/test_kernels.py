@@ -1,13 +1,16 @@
 """Triton kernels against the PyTorch path, run on CPU by Triton's interpreter (TRITON_INTERPRET=1, set in conftest).
 
 Outputs and every gradient, fp32 and fp16 (the interpreter mishandles bf16 `tl.dot`), odd shapes (not multiples of
-the tiles), ranks 8-64, one token and many, gates near 0 and near 1; 4-bit weights read in the kernel bit for bit as
-bitsandbytes dequantises them; dispatch rules.
+the tiles), ranks 8-80, one token and many, gates near 0 and near 1, under autocast; 4-bit weights read in the kernel
+bit for bit as bitsandbytes dequantises them; dispatch rules: "auto" only where `TRITON_WINS` says, one warning and
+the PyTorch path after a Triton failure (forward or backward), clear errors under "triton", determinism.
+Compilation for real GPUs: tests/test_kernel_compile.py.
 """
 
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -201,3 +204,247 @@ def test_triton_off_cuda_without_interpreter_is_refused_clearly():
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode != 0
     assert "kernel='triton' runs on CUDA tensors" in done.stderr and "TRITON_INTERPRET=1" in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------- kernel="auto" dispatch
+@pytest.fixture
+def auto_takes_triton(monkeypatch):
+    """Pretend that "auto" runs on a GPU where a measurement put every case in Triton's favour: the predicate sees a
+    CUDA case for the interpreted CPU tensors, `TRITON_WINS` covers it. Returns the list of cases it judged."""
+    import gatera_plugin.kernels as dispatch
+
+    cases = []
+
+    def case_on_cpu(layer, adapter_name, branch, x, dtype):
+        cases.append(dispatch.KernelCase(branch, (9, 0), dtype, layer.r[adapter_name], x.numel() // x.shape[-1],
+                                         False))
+        return cases[-1]
+
+    monkeypatch.setattr(dispatch, "kernel_case", case_on_cpu)
+    monkeypatch.setattr(dispatch, "TRITON_WINS", tuple(
+        dispatch.TritonWin(branch, (8, 0), (torch.float32, torch.float16, torch.bfloat16), 512, 1)
+        for branch in ("hira", "lora")))
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    return cases
+
+
+def _counting(monkeypatch, module, name, fail_with=None):
+    """Wrap the kernel `module.name` so that launches are recorded (the dtype of the first argument) and raise
+    `fail_with()` when given."""
+    kernel = getattr(module, name)
+    calls = []
+
+    class Wrapped:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(args[0].dtype)
+                if fail_with is not None:
+                    raise fail_with()
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, name, Wrapped())
+    return calls
+
+
+def _model_step(branch, kernel, input_ids, seed=0):
+    extra = {"lora_alpha": 8} if branch == "lora" else {}
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=8, target_modules=["q_proj", "down_proj"], branch=branch,
+                                                      init_weights=False, kernel=kernel, **extra))
+    out = model(input_ids=input_ids, labels=input_ids)
+    out.loss.backward()
+    return model, out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_step(got, expected):
+    (_, logits, grads), (_, ref_logits, ref_grads) = got, expected
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auto_is_the_torch_path_until_a_gpu_measurement_says_otherwise():
+    """No measured region yet: the predicate rejects even the GPU case the kernels were designed for."""
+    import gatera_plugin.kernels as dispatch
+
+    assert dispatch.TRITON_WINS == ()
+    assert not dispatch.triton_wins(dispatch.KernelCase("hira", (9, 0), torch.bfloat16, 32, 16384, False))
+    win = dispatch.TritonWin("hira", (9, 0), (torch.bfloat16,), 64, 4096, quantized=False)
+    assert win.covers(dispatch.KernelCase("hira", (9, 0), torch.bfloat16, 32, 16384, False))
+    for other in [("lora", (9, 0), torch.bfloat16, 32, 16384, False), ("hira", (8, 9), torch.bfloat16, 32, 16384, False),
+                  ("hira", (9, 0), torch.float32, 32, 16384, False), ("hira", (9, 0), torch.bfloat16, 128, 16384, False),
+                  ("hira", (9, 0), torch.bfloat16, 32, 1024, False), ("hira", (9, 0), torch.bfloat16, 32, 16384, True)]:
+        assert not win.covers(dispatch.KernelCase(*other)), other
+
+
+@pytest.mark.parametrize("branch", ["hira", "lora"])
+def test_auto_takes_the_kernels_where_the_predicate_says(auto_takes_triton, monkeypatch, branch):
+    import gatera_plugin.kernels.hira_triton as hira_kernels
+    import gatera_plugin.kernels.lora_triton as lora_kernels
+
+    module, name = (hira_kernels, "_hira_fwd_kernel") if branch == "hira" else (lora_kernels, "_lora_fwd_kernel")
+    calls = _counting(monkeypatch, module, name)
+    input_ids = torch.randint(3, 128, (2, 7))
+    _assert_same_step(_model_step(branch, "auto", input_ids), _model_step(branch, "torch", input_ids))
+    assert len(calls) == 2 * 2  # two adapted layers per block, two blocks
+    assert {(c.branch, c.n_tokens, c.rank) for c in auto_takes_triton} == {(branch, 14, 8)}
+
+
+TRITON_FAILURES = {
+    "out-of-resources": lambda: __import__("triton").runtime.errors.OutOfResources(232448, 166912, "shared memory"),
+    "compile-error": lambda: __import__("triton").compiler.errors.CompilationError("def k(): ...", None, "boom"),
+    # what the CUDA launcher raises (from inside the triton package) for a CPU tensor or a failed launch
+    "launcher": lambda: _raised_in_triton(ValueError("Pointer argument (at 0) cannot be accessed from Triton "
+                                                     "(cpu tensor?)")),
+}
+
+
+def _raised_in_triton(error):
+    """`error`, with a traceback whose innermost frame belongs to a triton module (as the launcher's errors do)."""
+    scope = {"__name__": "triton.backends.nvidia.driver", "error": error}
+    exec("def launch():\n    raise error\n", scope)  # noqa: S102
+    try:
+        scope["launch"]()
+    except type(error) as raised:
+        return raised
+
+
+@pytest.mark.parametrize("failure", list(TRITON_FAILURES))
+@pytest.mark.parametrize("where", ["_hira_fwd_kernel", "_hira_bwd_dx_kernel", "_hira_bwd_dw_kernel"])
+def test_auto_falls_back_once_per_cause_with_the_torch_paths_results(auto_takes_triton, monkeypatch, failure,
+                                                                      where):
+    """A failing kernel (forward or backward) under "auto": one warning naming the cause and kernel='torch', then the
+    PyTorch path for that layer from then on; logits and gradients equal the PyTorch path's."""
+    import gatera_plugin.kernels.hira_triton as hira_kernels
+
+    error = TRITON_FAILURES[failure]
+    calls = _counting(monkeypatch, hira_kernels, where, fail_with=error)
+    input_ids = torch.randint(3, 128, (2, 7))
+    with pytest.warns(RuntimeWarning) as record:
+        got = _model_step("hira", "auto", input_ids)
+    messages = [str(w.message) for w in record if "Triton" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert type(error()).__name__ in messages[0] and "kernel='torch'" in messages[0]
+    model = got[0]
+    failed = [m for m in model.modules() if getattr(m, "triton_failures", None)]
+    assert len(failed) == 4 and all(set(m.triton_failures) == {"default"} for m in failed)
+    _assert_same_step(got, _model_step("hira", "torch", input_ids))
+
+    launched = len(calls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=input_ids, labels=input_ids).loss.backward()  # remembered: no new launch, no new warning
+    assert len(calls) == launched
+
+
+def test_auto_does_not_swallow_errors_that_are_not_tritons(auto_takes_triton, monkeypatch):
+    import gatera_plugin.kernels.hira_triton as hira_kernels
+
+    _counting(monkeypatch, hira_kernels, "_hira_fwd_kernel", fail_with=lambda: ZeroDivisionError("our bug"))
+    with pytest.raises(ZeroDivisionError, match="our bug"):
+        _model_step("hira", "auto", torch.randint(3, 128, (2, 7)))
+
+
+@pytest.mark.parametrize("where", ["_hira_fwd_kernel", "_hira_bwd_dw_kernel"])
+def test_triton_raises_kernel_failures_naming_the_setting(monkeypatch, where):
+    import gatera_plugin.kernels.hira_triton as hira_kernels
+
+    _counting(monkeypatch, hira_kernels, where, fail_with=TRITON_FAILURES["out-of-resources"])
+    with pytest.raises(RuntimeError, match=r"kernel='triton': the Triton hira kernel failed \(OutOfResources: out of "
+                                           r"resource: shared memory.*kernel='torch'"):
+        _model_step("hira", "triton", torch.randint(3, 128, (2, 7)))
+
+
+def test_no_tile_configuration_fits_refused_up_front(auto_takes_triton, monkeypatch):
+    """A device with too little shared memory: "triton" refuses before launching, "auto" falls back."""
+    import gatera_plugin.kernels.hira_triton as hira_kernels
+
+    monkeypatch.setattr(hira_kernels, "device_smem", lambda device: 16 * 1024)
+    calls = _counting(monkeypatch, hira_kernels, "_hira_fwd_kernel")
+    input_ids = torch.randint(3, 128, (2, 7))
+    with pytest.raises(RuntimeError, match="kernel='triton'.*KernelUnsupported: the hira_fwd kernel needs more shared "
+                                           "memory"):
+        _model_step("hira", "triton", input_ids)
+    with pytest.warns(RuntimeWarning, match="KernelUnsupported"):
+        got = _model_step("hira", "auto", input_ids)
+    _assert_same_step(got, _model_step("hira", "torch", input_ids))
+    assert calls == []
+
+
+@pytest.mark.parametrize("branch", ["hira", "lora"])
+def test_deterministic_mode_never_runs_atomic_kernels(auto_takes_triton, monkeypatch, branch):
+    """HiRA's backward kernels add with fp32 atomics: "auto" takes the PyTorch path, "triton" refuses. LoRA's kernels
+    have no atomics and still run."""
+    import gatera_plugin.kernels.hira_triton as hira_kernels
+    import gatera_plugin.kernels.lora_triton as lora_kernels
+
+    module, name = (hira_kernels, "_hira_fwd_kernel") if branch == "hira" else (lora_kernels, "_lora_fwd_kernel")
+    calls = _counting(monkeypatch, module, name)
+    input_ids = torch.randint(3, 128, (2, 7))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    _model_step(branch, "auto", input_ids)
+    if branch == "hira":
+        assert calls == []
+        with pytest.raises(RuntimeError, match="kernel='triton'.*fp32 atomics.*use_deterministic_algorithms"):
+            _model_step(branch, "triton", input_ids)
+    else:
+        assert len(calls) == 4
+        _model_step(branch, "triton", input_ids)
+
+
+@pytest.mark.parametrize("kind", ["hira", "lora"])
+def test_kernels_compute_in_the_autocast_dtype(monkeypatch, kind):
+    """Under autocast (fp16 here: the interpreter mishandles bf16 dots) the kernels take fp16 operands like the
+    PyTorch path's matmuls: same output dtype, error against the fp32 truth within 2x the PyTorch path's (+2 ulp),
+    gradients in the parameters' fp32."""
+    import gatera_plugin.kernels.hira_triton as hira_kernels
+    import gatera_plugin.kernels.lora_triton as lora_kernels
+
+    module, name = (hira_kernels, "_hira_bwd_dx_kernel") if kind == "hira" else (lora_kernels, "_lora_bwd_db_kernel")
+    calls = _counting(monkeypatch, module, name)
+    t = _inputs(19, 80, 72, 32, torch.float32, "mixed")
+    truth_out, truth = _run(kind, t, False)
+    with torch.autocast("cpu", dtype=torch.float16):
+        ours_out, ours = _run(kind, t, True)
+        torch_out, torch16 = _run(kind, t, False)
+    assert ours_out.dtype == torch_out.dtype and calls == [torch.float16]  # the backward kernel's dy: fp16
+    eps = torch.finfo(torch.float16).eps
+
+    def err(a, b):
+        return (a.float() - b.float()).abs().max().item()
+
+    assert 0 < err(ours_out, truth_out) <= 2 * err(torch_out, truth_out) + 2 * eps * truth_out.abs().max().item()
+    for name in truth:
+        assert ours[name].dtype == truth[name].dtype == torch.float32, name
+        scale = truth[name].abs().max().item()
+        assert err(ours[name], truth[name]) <= 2 * err(torch16[name], truth[name]) + 2 * eps * scale, name
+
+
+def test_block_choice_fits_every_rank_and_device():
+    """Ranks are walked in chunks, so r = 512 launches the tiles of r = 32 on every GPU from sm_75 up."""
+    from gatera_plugin.kernels import SMEM_BY_CAPABILITY
+    from gatera_plugin.kernels.hira_triton import KERNEL_NAMES, choose_blocks
+
+    for kernel in KERNEL_NAMES:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            big = choose_blocks(kernel, dtype, 32, SMEM_BY_CAPABILITY[(9, 0)])
+            for smem in SMEM_BY_CAPABILITY.values():
+                for r in (1, 8, 16, 32, 64, 128, 256, 512):
+                    blocks = choose_blocks(kernel, dtype, r, smem)
+                    assert blocks is not None and blocks.smem_bound(kernel, dtype.itemsize) <= smem
+                    assert blocks.RB == (16 if r <= 16 else 32)
+            assert choose_blocks(kernel, dtype, 512, SMEM_BY_CAPABILITY[(9, 0)]) == big
+            assert choose_blocks(kernel, dtype, 32, 8 * 1024) is None
+
+
+@pytest.mark.parametrize("kind", ["hira", "lora"])
+def test_ranks_beyond_one_chunk_equal_torch_path(kind):
+    """r = 80: three rank chunks of 32, the last one partial."""
+    t = _inputs(21, 40, 36, 80, torch.float32, "mixed")
+    out, grads = _run(kind, t, True)
+    ref, ref_grads = _run(kind, t, False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -1,19 +1,38 @@
 """Triton kernels (CUDA) for the gated branches, and the choice between them and the exact PyTorch path.
 
-`GateRAConfig(kernel=...)`: "auto" (default) takes Triton for CUDA tensors when triton imports, the PyTorch path
-(`gatera_plugin.ops`) otherwise; "triton" insists (an error off CUDA, except under TRITON_INTERPRET=1, Triton's CPU
-interpreter, which the tests use); "torch" always takes the PyTorch path.
+`GateRAConfig(kernel=...)`:
+
+- "torch": always the PyTorch path (`gatera_plugin.ops`).
+- "auto" (default): Triton only for a case listed in `TRITON_WINS`, the cases where a GPU measurement showed the
+  kernels beating the PyTorch path (device capability, compute dtype, rank, token count); the PyTorch path
+  everywhere else. No such measurement exists yet, so the table is empty and "auto" is the PyTorch path on every
+  device. Under "auto" the kernels are also skipped in deterministic mode when they use fp32 atomics, and any
+  Triton failure (compile error, `OutOfResources`, launcher or pointer error) warns once, naming the cause, and
+  sends that layer to the PyTorch path for good (in backward too: the gradients are then the PyTorch path's).
+- "triton": the kernels wherever they can run, errors raised: off CUDA (except under TRITON_INTERPRET=1, Triton's
+  CPU interpreter, which the tests use), in float64, in deterministic mode for the HiRA kernels, or where no tile
+  configuration fits the device's shared memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 KERNELS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Kernels whose backward accumulates with fp32 atomics (order-dependent sums): never run in deterministic mode.
+NONDETERMINISTIC_BRANCHES = frozenset({"hira"})
+MAX_TOKENS = 2**31 - 1  # grid axis 0 and the int32 token-count argument; offsets themselves are int64
 
 
 @functools.cache
@@ -25,15 +44,147 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# ----------------------------------------------------------------------------------------------- where Triton wins
+@dataclass(frozen=True)
+class KernelCase:
+    """One call of a branch, as the "auto" predicate sees it."""
+
+    branch: str  # "hira" | "lora"
+    capability: tuple[int, int]  # CUDA compute capability, e.g. (9, 0)
+    dtype: torch.dtype  # compute dtype (the autocast dtype under autocast)
+    rank: int
+    n_tokens: int
+    quantized: bool  # 4-bit base weight (HiRA reads the packed bytes)
 
 
-def use_triton(choice: str, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
-    """Whether a layer whose input lives on `device` (in `dtype`) runs the Triton kernels for `kernel=choice`."""
-    if choice == "torch":
+@dataclass(frozen=True)
+class TritonWin:
+    """A measured region where the Triton kernels beat the PyTorch path (`bench/gpu_check.py` on a GPU)."""
+
+    branch: str
+    min_capability: tuple[int, int]
+    dtypes: tuple[torch.dtype, ...]
+    max_rank: int
+    min_tokens: int
+    max_tokens: int = MAX_TOKENS
+    quantized: Optional[bool] = None  # None: dense and 4-bit alike
+
+    def covers(self, case: KernelCase) -> bool:
+        return (case.branch == self.branch and case.capability >= self.min_capability and case.dtype in self.dtypes
+                and case.rank <= self.max_rank and self.min_tokens <= case.n_tokens <= self.max_tokens
+                and self.quantized in (None, case.quantized))
+
+
+# Empty: no GPU measurement has shown the kernels faster than the PyTorch path (README, "Triton kernels"). Add a
+# `TritonWin` per region a measurement supports, e.g. TritonWin("hira", (9, 0), (torch.bfloat16,), 64, 4096).
+TRITON_WINS: tuple[TritonWin, ...] = ()
+
+
+def triton_wins(case: KernelCase) -> bool:
+    """The "auto" predicate: whether `case` lies in a measured region where Triton beats the PyTorch path."""
+    return case.n_tokens <= MAX_TOKENS and any(win.covers(case) for win in TRITON_WINS)
+
+
+# ----------------------------------------------------------------------------------------------- helpers for the kernels
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a branch computes in: the autocast dtype when autocast is on for x's device, else x's dtype."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def device_guard(x: torch.Tensor):
+    """Launch on x's GPU (not the current one: multi-GPU `device_map` in one process); a no-op off CUDA."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+# Opt-in shared memory per block (bytes) by compute capability, where torch does not report it.
+SMEM_BY_CAPABILITY = {(7, 0): 98304, (7, 5): 65536, (8, 0): 166912, (8, 6): 101376, (8, 7): 166912,
+                      (8, 9): 101376, (9, 0): 232448}
+
+
+def device_smem(device: torch.device) -> int:
+    """Shared memory a kernel may use per block on `device`; off CUDA (the interpreter) sm_80's."""
+    if device.type != "cuda":
+        return SMEM_BY_CAPABILITY[(8, 0)]
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    return smem or SMEM_BY_CAPABILITY.get((props.major, props.minor), 49152)
+
+
+def torch_path_grads(function, tensors, need, grad_out, *args) -> tuple:
+    """Gradients of the PyTorch path `function.apply(None, x, gate, A, B, *args)` for the tensors in `tensors` =
+    (x, gate, A, B) flagged in `need` (None elsewhere): the backward fallback after a Triton failure."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(tensors, need)]
+        out = function.apply(None, *leaves, *args)
+        wanted = [leaf for leaf, n in zip(leaves, need) if n]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out.to(out.dtype)))
+    return tuple(next(grads) if n else None for n in need)
+
+
+# ----------------------------------------------------------------------------------------------- failures
+class KernelUnsupported(RuntimeError):
+    """The host wrapper refuses a launch up front (e.g. no tile configuration fits the device's shared memory)."""
+
+
+def is_triton_failure(error: BaseException) -> bool:
+    """A failure of Triton itself: its own errors (compilation, `OutOfResources`, PTXAS), an error raised inside the
+    triton package (its launcher: CUDA errors, "Pointer argument cannot be accessed from Triton", ...), or a launch
+    our host wrappers refuse up front (`KernelUnsupported`)."""
+    if isinstance(error, (torch.OutOfMemoryError, KeyboardInterrupt)):
         return False
-    if choice == "auto":
-        return device.type == "cuda" and triton_available() and dtype in KERNEL_DTYPES
+    if isinstance(error, KernelUnsupported):
+        return True
+    triton_errors = sys.modules.get("triton.errors")
+    if triton_errors is not None and isinstance(error, triton_errors.TritonError):
+        return True
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    module = traceback.tb_frame.f_globals.get("__name__", "") if traceback is not None else ""
+    return module == "triton" or module.startswith("triton.")
+
+
+_WARNED: set[str] = set()
+
+
+def _failure_cause(error: BaseException) -> str:
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message.splitlines()[0]}" if message else type(error).__name__
+
+
+def _fall_back(layer, adapter_name: str, branch: str, error: BaseException) -> bool:
+    """`on_failure` under kernel="auto": a Triton failure sends this layer's adapter to the PyTorch path for good,
+    with one warning per distinct cause; True when handled (other errors propagate)."""
+    if not is_triton_failure(error):
+        return False
+    cause = _failure_cause(error)
+    layer.triton_failures[adapter_name] = cause
+    if cause not in _WARNED:
+        _WARNED.add(cause)
+        warnings.warn(
+            f"GateRA: the Triton {branch} kernel failed ({cause}); this layer, and any other that fails the same "
+            "way, uses the PyTorch path from now on (same results). Set kernel='torch' to skip the kernels, or "
+            "kernel='triton' to raise such errors.",
+            RuntimeWarning, stacklevel=3,
+        )
+    return True
+
+
+def _raise_clearly(branch: str, error: BaseException) -> bool:
+    """`on_failure` under kernel="triton": a Triton failure is raised again, naming the setting."""
+    if not is_triton_failure(error):
+        return False
+    raise RuntimeError(
+        f"kernel='triton': the Triton {branch} kernel failed ({_failure_cause(error)}). Use kernel='auto' (the "
+        "PyTorch path wherever the kernels are not known to work and win) or kernel='torch'."
+    ) from error
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+def _check_triton(branch: str, device: torch.device, dtype: torch.dtype) -> None:
+    """kernel="triton": raise a clear error where the kernels cannot run."""
     if dtype not in KERNEL_DTYPES:
         raise ValueError(
             f"kernel='triton' runs float32, float16 and bfloat16 inputs, got {dtype}. Use kernel='torch' (or 'auto', "
@@ -43,8 +194,61 @@ def use_triton(choice: str, device: torch.device, dtype: torch.dtype = torch.flo
         raise ImportError("kernel='triton' needs the `triton` package (`pip install gatera-plugin[triton]`).")
     if device.type != "cuda" and not interpreting():
         raise RuntimeError(
-            f"kernel='triton' runs on CUDA tensors, but this layer's input is on {device}. Use kernel='auto' (Triton "
-            "on CUDA, the exact PyTorch path elsewhere) or kernel='torch'; to run the kernels on CPU in Triton's "
-            "interpreter (slow, for tests) set TRITON_INTERPRET=1 before importing triton."
+            f"kernel='triton' runs on CUDA tensors, but this layer's input is on {device}. Use kernel='auto' (the "
+            "exact PyTorch path off CUDA) or kernel='torch'; to run the kernels on CPU in Triton's interpreter "
+            "(slow, for tests) set TRITON_INTERPRET=1 before importing triton."
         )
-    return True
+    if branch in NONDETERMINISTIC_BRANCHES and torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError(
+            f"kernel='triton': the {branch} kernels accumulate gradients with fp32 atomics, which are not "
+            "deterministic, but torch.use_deterministic_algorithms(True) is set. Use kernel='auto' or kernel='torch' "
+            "(the PyTorch path, deterministic)."
+        )
+
+
+def kernel_case(layer, adapter_name: str, branch: str, x: torch.Tensor, dtype: torch.dtype) -> Optional[KernelCase]:
+    """The call as "auto" judges it, or None where the kernels cannot run at all (off CUDA, other dtypes, no
+    triton)."""
+    if x.device.type != "cuda" or dtype not in KERNEL_DTYPES or not triton_available():
+        return None
+    quantized = getattr(layer.get_base_layer().weight, "quant_state", None) is not None
+    return KernelCase(branch, torch.cuda.get_device_capability(x.device), dtype, layer.r[adapter_name],
+                      x.numel() // max(x.shape[-1], 1), quantized)
+
+
+def _auto_takes_triton(layer, adapter_name: str, branch: str, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    if adapter_name in layer.triton_failures:
+        return False
+    if branch in NONDETERMINISTIC_BRANCHES and torch.are_deterministic_algorithms_enabled():
+        return False
+    case = kernel_case(layer, adapter_name, branch, x, dtype)
+    return case is not None and triton_wins(case)
+
+
+def run_branch(layer, adapter_name: str, branch: str, x: torch.Tensor, run_torch: Callable[[], torch.Tensor],
+               run_triton: Callable[[Callable[[BaseException], bool]], torch.Tensor]) -> torch.Tensor:
+    """Run `branch` for `layer`'s adapter on input x (..., d_in) by the layer's `kernel` setting: `run_torch()` (the
+    PyTorch path) or `run_triton(on_failure)` (the kernels; `on_failure(error)`, called on an error in forward or
+    backward, falls back under "auto" and returns True, raises a clear error under "triton", and returns False for
+    errors that are not Triton's, which then propagate unchanged)."""
+    choice = layer.options[adapter_name].kernel
+    if choice == "torch":
+        return run_torch()
+    dtype = compute_dtype(x)
+    if choice == "triton":
+        _check_triton(branch, x.device, dtype)
+
+        def on_failure(error: BaseException) -> bool:
+            return _raise_clearly(branch, error)
+    elif _auto_takes_triton(layer, adapter_name, branch, x, dtype):
+
+        def on_failure(error: BaseException) -> bool:
+            return _fall_back(layer, adapter_name, branch, error)
+    else:
+        return run_torch()
+    try:
+        return run_triton(on_failure)
+    except Exception as error:  # noqa: BLE001  (on_failure decides: Triton's own failures only)
+        if not on_failure(error):
+            raise
+    return run_torch()

@@ -50,16 +50,82 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..ops._tokens import apply_to_tokens
+from . import KernelUnsupported, compute_dtype, device_guard, device_smem, torch_path_grads
 
 
-def _pad_rank(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension >= 16
+# ----------------------------------------------------------------------------------------------- launch configuration
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch options of one kernel: BM tokens × BN outputs × BK inputs, ranks in chunks of RB."""
+
+    BM: int
+    BN: int
+    BK: int
+    RB: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def smem_bound(self, kernel: str, itemsize: int) -> int:
+        """Upper bound (bytes) on the shared memory Triton gives `kernel` with these tiles: every tile loaded in the
+        loop, `num_stages` times over, plus an fp32 staging buffer per `tl.dot` operand and result (checked against
+        the compiled kernels by tests/test_kernel_compile.py)."""
+        BM, BN, BK, RB = self.BM, self.BN, self.BK, self.RB
+        rank_tiles = (BN + BK) * RB  # B[n, r-chunk] and A[r-chunk, k]
+        loads, dots = {
+            "hira_fwd": (BM * BK + BN * BK + rank_tiles, BM * BK + BN * BK + BM * BN),
+            "hira_bwd_dx": (BM * BN + BN * BK + rank_tiles, BM * BN + BN * BK + BM * BK),
+            "hira_bwd_dw": (BM * BN + BM * BK + rank_tiles, BM * BN + BM * BK + BN * BK),
+            "lora_fwd": ((BM + BN) * RB, (BM + BN) * RB + BM * BN),
+            "lora_bwd_db": (BM * BN + BM * RB, BM * BN + BM * RB + BN * RB),
+        }[kernel]
+        return itemsize * self.num_stages * loads + 4 * dots
 
 
-def _block(size: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(size)))
+# The rank is walked in chunks of RB (16 for r <= 16, else 32), so no tile grows with r: r = 512 needs the shared
+# memory of r = 32. Candidates, largest first; the first whose bound fits the device's shared memory is launched.
+_CANDIDATES = {  # kernel -> [(blocks for 2-byte dtypes, blocks for fp32)]
+    "hira_fwd": [((64, 64, 32, 3), (32, 32, 32, 2)), ((32, 32, 32, 2), (32, 32, 32, 1))],
+    "hira_bwd_dx": [((64, 64, 32, 3), (32, 32, 32, 2)), ((32, 32, 32, 2), (32, 32, 32, 1))],
+    "hira_bwd_dw": [((64, 64, 32, 3), (32, 32, 32, 2)), ((32, 32, 32, 2), (32, 32, 32, 1))],
+    "lora_fwd": [((64, 64, 0, 3), (64, 64, 0, 2)), ((32, 32, 0, 2), (32, 32, 0, 1))],
+    "lora_bwd_db": [((64, 64, 0, 3), (32, 32, 0, 2)), ((32, 32, 0, 2), (32, 32, 0, 1))],
+}
+KERNEL_NAMES = tuple(_CANDIDATES)
 
 
+def rank_block(r: int) -> int:
+    return 16 if r <= 16 else 32
+
+
+def choose_blocks(kernel: str, dtype: torch.dtype, r: int, smem: int) -> Optional[Blocks]:
+    """The tiles `kernel` launches with for compute `dtype`, rank `r` and `smem` bytes of shared memory per block
+    (opt-in maximum); None when no candidate fits (the host wrappers then refuse to launch, see `check_blocks`)."""
+    for half, single in _CANDIDATES[kernel]:
+        BM, BN, BK, stages = half if dtype in (torch.float16, torch.bfloat16) else single
+        blocks = Blocks(BM, BN, max(BK, 16), rank_block(r), num_stages=stages)
+        if blocks.smem_bound(kernel, dtype.itemsize) <= smem:
+            return blocks
+    return None
+
+
+def check_blocks(kernel: str, dtype: torch.dtype, r: int, device: torch.device) -> Blocks:
+    """`choose_blocks` for `device`; `KernelUnsupported` when nothing fits ("auto" then falls back)."""
+    smem = device_smem(device)
+    blocks = choose_blocks(kernel, dtype, r, smem)
+    if blocks is None:
+        raise KernelUnsupported(
+            f"the {kernel} kernel needs more shared memory than {device} offers ({smem} bytes per block) even at its "
+            "smallest tiles"
+        )
+    return blocks
+
+
+def _shrink(size: int, block: int) -> int:
+    """A block no larger than needed for `size` (small inputs), at least 16 (tl.dot's minimum)."""
+    return max(16, min(block, triton.next_power_of_2(size)))
+
+
+# ----------------------------------------------------------------------------------------------- 4-bit weights
 @dataclass
 class Packed4bit:
     """A bitsandbytes 4-bit weight as the kernels read it: `data` (uint8, two codes per byte, row-major over
@@ -100,7 +166,7 @@ def _round_to_bf16(value):
 @triton.jit
 def _weight_tile(w_ptr, absmax_ptr, code_ptr, rn, rk, d_out, d_in, stride_wn, stride_wk, blocksize,
                  PACKED: tl.constexpr, W_DTYPE: tl.constexpr):
-    """W0[rn, rk] in fp32: (BN, BK), from a dense tensor or from bitsandbytes' packed 4-bit bytes."""
+    """W0[rn, rk] in fp32: (BN, BK), from a dense tensor or from bitsandbytes' packed 4-bit bytes (rn, rk: int64)."""
     mask = (rn[:, None] < d_out) & (rk[None, :] < d_in)
     if PACKED:
         element = rn[:, None] * d_in + rk[None, :]  # row-major index into (d_out, d_in), int64
@@ -130,23 +196,36 @@ def dequantize_packed(weight: Packed4bit) -> torch.Tensor:
     d_out, d_in = weight.shape
     out = torch.empty((d_out, d_in), device=weight.data.device, dtype=torch.float32)
     grid = (triton.cdiv(d_out, 32), triton.cdiv(d_in, 32))
-    _dequantize_kernel[grid](weight.data, weight.absmax, weight.code, out, d_out, d_in, weight.blocksize,
-                             W_DTYPE=_TL_DTYPES[weight.dtype], BN=32, BK=32)
+    with device_guard(out):
+        _dequantize_kernel[grid](weight.data, weight.absmax, weight.code, out, d_out, d_in, weight.blocksize,
+                                 W_DTYPE=_TL_DTYPES[weight.dtype], BN=32, BK=32)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- shared tile code
+@triton.jit
+def _ba_tile(a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_an, stride_bn, BN: tl.constexpr, BK: tl.constexpr,
+             RB: tl.constexpr):
+    """B[rn, :r] @ A[:r, rk] in fp32: (BN, BK), over rank chunks of RB (operands in their own dtype)."""
+    ba = tl.zeros((BN, BK), dtype=tl.float32)
+    for r0 in range(0, r, RB):
+        rr = r0 + tl.arange(0, RB).to(tl.int64)
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=(rn[:, None] < d_out) & (rr[None, :] < r),
+                    other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :], mask=(rr[:, None] < r) & (rk[None, :] < d_in),
+                    other=0.0)
+        ba += tl.dot(b, a, input_precision="ieee")
+    return ba
 
 
 @triton.jit
 def _delta_tile(w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_wn, stride_wk, stride_an,
-                stride_bn, blocksize, PACKED: tl.constexpr, W_DTYPE: tl.constexpr, R_PAD: tl.constexpr):
+                stride_bn, blocksize, PACKED: tl.constexpr, W_DTYPE: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr, RB: tl.constexpr):
     """ΔW[rn, rk] = W0[rn, rk] ⊙ (B[rn, :r] @ A[:r, rk]) in fp32: (BN, BK)."""
-    rr = tl.arange(0, R_PAD)
-    b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=(rn[:, None] < d_out) & (rr[None, :] < r),
-                other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :], mask=(rr[:, None] < r) & (rk[None, :] < d_in),
-                other=0.0).to(tl.float32)
     w = _weight_tile(w_ptr, absmax_ptr, code_ptr, rn, rk, d_out, d_in, stride_wn, stride_wk, blocksize, PACKED,
                      W_DTYPE)
-    return w * tl.dot(b, a, input_precision="ieee")
+    return w * _ba_tile(a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_an, stride_bn, BN, BK, RB)
 
 
 @triton.jit
@@ -165,57 +244,61 @@ def _store_gated(acc, scaling, g_ptr, base_ptr, out_ptr, rm, rn, n_tokens, d_out
 
 @triton.jit
 def _load_gated_grad(dy_ptr, g_ptr, rm, rn, n_tokens, d_out, stride_dym, HAS_GATE: tl.constexpr):
-    """Prologue shared by the weight-gradient kernels: the (BM, BN) fp32 tile `g ⊙ dy[rm, rn]`."""
+    """Prologue shared by the weight-gradient kernels: the (BM, BN) tile `g ⊙ dy[rm, rn]`, in dy's dtype."""
     dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
-                 mask=(rm[:, None] < n_tokens) & (rn[None, :] < d_out), other=0.0).to(tl.float32)
+                 mask=(rm[:, None] < n_tokens) & (rn[None, :] < d_out), other=0.0)
     if HAS_GATE:
         g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
-        dy = dy * g[:, None]
+        dy = (dy.to(tl.float32) * g[:, None]).to(dy.dtype)
     return dy
 
 
-@triton.jit
+# ----------------------------------------------------------------------------------------------- kernels
+# The rank and B's row stride (= r) are not specialised on (a Triton launch otherwise compiles apart r = 8, 16 and 32),
+# so one compiled kernel per rank chunk RB serves every rank.
+_RANK_ARGS = ["r", "stride_bn"]
+
+
+# Offsets: every index vector is int64 (program ids and loop starts are cast before `tl.arange` is added), so no
+# `index * stride` product overflows on tensors of more than 2^31 elements.
+@triton.jit(do_not_specialize=_RANK_ARGS)
 def _hira_fwd_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, g_ptr, base_ptr, out_ptr, n_tokens, d_in, d_out,
                      r, scaling, stride_xm, stride_wn, stride_wk, stride_an, stride_bn, stride_om, blocksize,
                      PACKED: tl.constexpr, W_DTYPE: tl.constexpr,
-                     HAS_GATE: tl.constexpr, HAS_BASE: tl.constexpr, R_PAD: tl.constexpr,
+                     HAS_GATE: tl.constexpr, HAS_BASE: tl.constexpr, RB: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, d_in, BK):
-        rk = k0 + tl.arange(0, BK)
-        delta = _delta_tile(w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_wn, stride_wk,
-                            stride_an, stride_bn, blocksize, PACKED, W_DTYPE, R_PAD)
+        rk = k0 + tl.arange(0, BK).to(tl.int64)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < n_tokens) & (rk[None, :] < d_in),
                     other=0.0)
-        acc += tl.dot(x, tl.trans(delta).to(x.dtype), input_precision="ieee")
+        delta = _delta_tile(w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_wn, stride_wk,
+                            stride_an, stride_bn, blocksize, PACKED, W_DTYPE, BN, BK, RB)
+        acc += tl.dot(x, tl.trans(delta.to(x.dtype)), input_precision="ieee")
     _store_gated(acc, scaling, g_ptr, base_ptr, out_ptr, rm, rn, n_tokens, d_out, stride_om, HAS_GATE, HAS_BASE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RANK_ARGS)
 def _hira_bwd_dx_kernel(dy_ptr, x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, g_ptr, dx_ptr, dg_ptr, n_tokens,
                         d_in, d_out, r, scaling, stride_dym, stride_xm, stride_wn, stride_wk, stride_an, stride_bn,
                         blocksize, PACKED: tl.constexpr, W_DTYPE: tl.constexpr, HAS_GATE: tl.constexpr,
-                        NEED_DX: tl.constexpr, NEED_DG: tl.constexpr, R_PAD: tl.constexpr,
+                        NEED_DX: tl.constexpr, NEED_DG: tl.constexpr, RB: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rk = pid_k * BK + tl.arange(0, BK)
+    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rk = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
     acc = tl.zeros((BM, BK), dtype=tl.float32)  # P = δ ΔW for this (token, input) tile
     for n0 in range(0, d_out, BN):
-        rn = n0 + tl.arange(0, BN)
-        delta = _delta_tile(w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_wn, stride_wk,
-                            stride_an, stride_bn, blocksize, PACKED, W_DTYPE, R_PAD)
+        rn = n0 + tl.arange(0, BN).to(tl.int64)
         dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
                      mask=(rm[:, None] < n_tokens) & (rn[None, :] < d_out), other=0.0)
+        delta = _delta_tile(w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_wn, stride_wk,
+                            stride_an, stride_bn, blocksize, PACKED, W_DTYPE, BN, BK, RB)
         acc += tl.dot(dy, delta.to(dy.dtype), input_precision="ieee")
     acc = acc * scaling
     tile_mask = (rm[:, None] < n_tokens) & (rk[None, :] < d_in)
-    if NEED_DG:
+    if NEED_DG:  # fp32 atomics across d_in tiles: not deterministic (the dispatch keeps deterministic runs off)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         tl.atomic_add(dg_ptr + rm, tl.sum(acc * x, axis=1), mask=rm < n_tokens)
     if NEED_DX:
@@ -225,43 +308,44 @@ def _hira_bwd_dx_kernel(dy_ptr, x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr
         tl.store(dx_ptr + rm[:, None] * stride_xm + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RANK_ARGS)
 def _hira_bwd_dw_kernel(dy_ptr, x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, n_tokens,
                         d_in, d_out, r, scaling, stride_dym, stride_xm, stride_wn, stride_wk, stride_an, stride_bn,
-                        blocksize, PACKED: tl.constexpr, W_DTYPE: tl.constexpr, HAS_GATE: tl.constexpr, R_PAD: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = pid_k * BK + tl.arange(0, BK)
-    acc = tl.zeros((BN, BK), dtype=tl.float32)  # dΔW = Gᵀ x for this weight tile
+                        blocksize, PACKED: tl.constexpr, W_DTYPE: tl.constexpr, HAS_GATE: tl.constexpr,
+                        RB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rn = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    rk = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)  # dΔW = (g ⊙ δ)ᵀ x for this weight tile
     for m0 in range(0, n_tokens, BM):
-        rm = m0 + tl.arange(0, BM)
+        rm = m0 + tl.arange(0, BM).to(tl.int64)
         dy = _load_gated_grad(dy_ptr, g_ptr, rm, rn, n_tokens, d_out, stride_dym, HAS_GATE)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < n_tokens) & (rk[None, :] < d_in),
-                    other=0.0).to(tl.float32)
+                    other=0.0)
         acc += tl.dot(tl.trans(dy), x, input_precision="ieee")
     w = _weight_tile(w_ptr, absmax_ptr, code_ptr, rn, rk, d_out, d_in, stride_wn, stride_wk, blocksize, PACKED,
                      W_DTYPE)
-    dm = acc * w * scaling  # (BN, BK)
-    rr = tl.arange(0, R_PAD)
-    a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :], mask=(rr[:, None] < r) & (rk[None, :] < d_in),
-                other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=(rn[:, None] < d_out) & (rr[None, :] < r),
-                other=0.0).to(tl.float32)
-    db = tl.dot(dm, tl.trans(a), input_precision="ieee")  # (BN, R_PAD)
-    tl.atomic_add(db_ptr + rn[:, None] * R_PAD + rr[None, :], db, mask=(rn[:, None] < d_out) & (rr[None, :] < r))
-    da = tl.dot(tl.trans(b), dm, input_precision="ieee")  # (R_PAD, BK)
-    tl.atomic_add(da_ptr + rr[:, None] * d_in + rk[None, :], da, mask=(rr[:, None] < r) & (rk[None, :] < d_in))
+    dm = (acc * w * scaling).to(dy_ptr.dtype.element_ty)  # (BN, BK)
+    # dB[n, r] += dM A[r, k]ᵀ and dA[r, k] += B[n, r]ᵀ dM, one rank chunk at a time, fp32 atomics (not deterministic)
+    for r0 in range(0, r, RB):
+        rr = r0 + tl.arange(0, RB).to(tl.int64)
+        a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :], mask=(rr[:, None] < r) & (rk[None, :] < d_in),
+                    other=0.0)
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=(rn[:, None] < d_out) & (rr[None, :] < r),
+                    other=0.0)
+        db = tl.dot(dm, tl.trans(a).to(dm.dtype), input_precision="ieee")  # (BN, RB)
+        tl.atomic_add(db_ptr + rn[:, None] * r + rr[None, :], db, mask=(rn[:, None] < d_out) & (rr[None, :] < r))
+        da = tl.dot(tl.trans(b).to(dm.dtype), dm, input_precision="ieee")  # (RB, BK)
+        tl.atomic_add(da_ptr + rr[:, None] * d_in + rk[None, :], da, mask=(rr[:, None] < r) & (rk[None, :] < d_in))
 
 
-BM, BN, BK = 64, 64, 32
-
-
-def _launch_setup(x, W0, r):
-    n_tokens, d_in = x.shape
-    d_out = W0.shape[0]
-    return n_tokens, d_in, d_out, _block(n_tokens, BM), _block(d_out, BN), _block(d_in, BK), _pad_rank(r)
+# ----------------------------------------------------------------------------------------------- host side
+def _blocks(kernel: str, x: torch.Tensor, r: int, rows: int, cols: int, inner: int) -> dict:
+    """Launch keywords for `kernel`: the device's blocks, shrunk to small inputs (rows × cols grid, inner loop)."""
+    b = check_blocks(kernel, x.dtype, r, x.device)
+    sizes = {"hira_fwd": (rows, cols, inner), "hira_bwd_dx": (rows, inner, cols), "hira_bwd_dw": (inner, rows, cols)}
+    n_tokens, d_out, d_in = sizes[kernel]
+    return {"BM": _shrink(n_tokens, b.BM), "BN": _shrink(d_out, b.BN), "BK": _shrink(d_in, b.BK), "RB": b.RB,
+            "num_warps": b.num_warps, "num_stages": b.num_stages}
 
 
 def _weight_args(W0) -> tuple[tuple, dict]:
@@ -272,67 +356,83 @@ def _weight_args(W0) -> tuple[tuple, dict]:
 
 
 class TritonGatedHiraFunction(torch.autograd.Function):
-    """Triton version of `ops.hira.GatedHiraFunction`: `base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)`, same signature."""
+    """Triton version of `ops.hira.GatedHiraFunction`: `base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)`, same signature plus
+    `on_failure`: None (a Triton error in backward raises) or a callback that takes the error, after which backward
+    computes the gradients with the PyTorch path instead (kernel="auto")."""
 
     @staticmethod
-    def forward(ctx, base, x, gate, A, B, weight_fn, scaling):
+    def forward(ctx, base, x, gate, A, B, weight_fn, scaling, on_failure=None):
         W0 = weight_fn()
         x_c, A_c, B_c = x.contiguous(), A.contiguous(), B.contiguous()
-        n_tokens, d_in, d_out, bm, bn, bk, r_pad = _launch_setup(x_c, W0, A.shape[0])
-        out_dtype = base.dtype if base is not None else x.dtype
-        out = torch.empty((n_tokens, d_out), device=x.device, dtype=out_dtype)
+        (n_tokens, d_in), d_out, r = x_c.shape, W0.shape[0], A.shape[0]
+        out = torch.empty((n_tokens, d_out), device=x.device, dtype=base.dtype if base is not None else x.dtype)
         base_c = base.contiguous() if base is not None else out
         gate_c = gate.reshape(-1).contiguous() if gate is not None else x_c
         (w_ptr, absmax, code, stride_wn, stride_wk, blocksize), w_const = _weight_args(W0)
-        grid = (triton.cdiv(n_tokens, bm), triton.cdiv(d_out, bn))
-        _hira_fwd_kernel[grid](
-            x_c, w_ptr, absmax, code, A_c, B_c, gate_c, base_c, out, n_tokens, d_in, d_out, A.shape[0],
-            float(scaling), x_c.stride(0), stride_wn, stride_wk, A_c.stride(0), B_c.stride(0), out.stride(0),
-            blocksize, **w_const, HAS_GATE=gate is not None, HAS_BASE=base is not None, R_PAD=r_pad,
-            BM=bm, BN=bn, BK=bk,
-        )
+        launch = _blocks("hira_fwd", x_c, r, n_tokens, d_out, d_in)
+        grid = (triton.cdiv(n_tokens, launch["BM"]), triton.cdiv(d_out, launch["BN"]))
+        with device_guard(x):
+            _hira_fwd_kernel[grid](
+                x_c, w_ptr, absmax, code, A_c, B_c, gate_c, base_c, out, n_tokens, d_in, d_out, r, float(scaling),
+                x_c.stride(0), stride_wn, stride_wk, A_c.stride(0), B_c.stride(0), out.stride(0), blocksize,
+                **w_const, HAS_GATE=gate is not None, HAS_BASE=base is not None, **launch,
+            )
         ctx.save_for_backward(x, gate, A, B)
-        ctx.weight_fn, ctx.scaling, ctx.has_base = weight_fn, scaling, base is not None
+        ctx.weight_fn, ctx.scaling, ctx.has_base, ctx.on_failure = weight_fn, scaling, base is not None, on_failure
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, gate, A, B = ctx.saved_tensors
-        need_x, need_gate, need_A, need_B = ctx.needs_input_grad[1:5]
+        need = ctx.needs_input_grad[1:5]
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
-        W0 = ctx.weight_fn()
-        dy = grad_out.contiguous().to(x.dtype)
-        x_c, A_c, B_c = x.contiguous(), A.contiguous(), B.contiguous()
-        n_tokens, d_in, d_out, bm, bn, bk, r_pad = _launch_setup(x_c, W0, A.shape[0])
-        r = A.shape[0]
-        gate_c = gate.reshape(-1).contiguous() if gate is not None else x_c
-        (w_ptr, absmax, code, stride_wn, stride_wk, blocksize), w_const = _weight_args(W0)
-        strides = (stride_wn, stride_wk, A_c.stride(0), B_c.stride(0), blocksize)
-        grad_x = grad_gate = grad_A = grad_B = None
+        try:
+            grads = _hira_backward(grad_out, x, gate, A, B, ctx.weight_fn(), ctx.scaling, need)
+        except Exception as error:  # noqa: BLE001  (which errors are Triton's is decided by on_failure)
+            if ctx.on_failure is None or not ctx.on_failure(error):
+                raise
+            from ..ops.hira import GatedHiraFunction
+
+            grads = torch_path_grads(GatedHiraFunction, (x, gate, A, B), need, grad_out, ctx.weight_fn, ctx.scaling)
+        return (grad_base, *grads, None, None, None)
+
+
+def _hira_backward(grad_out, x, gate, A, B, W0, scaling, need):
+    """(dx, dg, dA, dB), None where not needed, from the two backward kernels."""
+    need_x, need_gate, need_A, need_B = need
+    dy = grad_out.contiguous().to(x.dtype)
+    x_c, A_c, B_c = x.contiguous(), A.contiguous(), B.contiguous()
+    (n_tokens, d_in), d_out, r = x_c.shape, W0.shape[0], A.shape[0]
+    gate_c = gate.reshape(-1).contiguous() if gate is not None else x_c
+    (w_ptr, absmax, code, stride_wn, stride_wk, blocksize), w_const = _weight_args(W0)
+    strides = (stride_wn, stride_wk, A_c.stride(0), B_c.stride(0), blocksize)
+    grad_x = grad_gate = grad_A = grad_B = None
+    with device_guard(x):
         if need_x or need_gate:
             dx = torch.empty_like(x_c) if need_x else x_c
             dg = torch.zeros(n_tokens, device=x.device, dtype=torch.float32)
-            grid = (triton.cdiv(n_tokens, bm), triton.cdiv(d_in, bk))
+            launch = _blocks("hira_bwd_dx", x_c, r, n_tokens, d_in, d_out)
+            grid = (triton.cdiv(n_tokens, launch["BM"]), triton.cdiv(d_in, launch["BK"]))
             _hira_bwd_dx_kernel[grid](
-                dy, x_c, w_ptr, absmax, code, A_c, B_c, gate_c, dx, dg, n_tokens, d_in, d_out, r, float(ctx.scaling),
+                dy, x_c, w_ptr, absmax, code, A_c, B_c, gate_c, dx, dg, n_tokens, d_in, d_out, r, float(scaling),
                 dy.stride(0), x_c.stride(0), *strides, **w_const,
-                HAS_GATE=gate is not None, NEED_DX=need_x, NEED_DG=need_gate, R_PAD=r_pad, BM=bm, BN=bn, BK=bk,
+                HAS_GATE=gate is not None, NEED_DX=need_x, NEED_DG=need_gate, **launch,
             )
             grad_x = dx if need_x else None
             grad_gate = dg.reshape(gate.shape).to(gate.dtype) if need_gate else None
         if need_A or need_B:
-            da = torch.zeros((r_pad, d_in), device=x.device, dtype=torch.float32)
-            db = torch.zeros((d_out, r_pad), device=x.device, dtype=torch.float32)
-            grid = (triton.cdiv(d_out, bn), triton.cdiv(d_in, bk))
+            da = torch.zeros((r, d_in), device=x.device, dtype=torch.float32)
+            db = torch.zeros((d_out, r), device=x.device, dtype=torch.float32)
+            launch = _blocks("hira_bwd_dw", x_c, r, d_out, d_in, n_tokens)
+            grid = (triton.cdiv(d_out, launch["BN"]), triton.cdiv(d_in, launch["BK"]))
             _hira_bwd_dw_kernel[grid](
-                dy, x_c, w_ptr, absmax, code, A_c, B_c, gate_c, da, db, n_tokens, d_in, d_out, r, float(ctx.scaling),
-                dy.stride(0), x_c.stride(0), *strides, **w_const,
-                HAS_GATE=gate is not None, R_PAD=r_pad, BM=bm, BN=bn, BK=bk,
+                dy, x_c, w_ptr, absmax, code, A_c, B_c, gate_c, da, db, n_tokens, d_in, d_out, r, float(scaling),
+                dy.stride(0), x_c.stride(0), *strides, **w_const, HAS_GATE=gate is not None, **launch,
             )
-            grad_A = da[:r].to(A.dtype) if need_A else None
-            grad_B = db[:, :r].to(B.dtype) if need_B else None
-        return grad_base, grad_x, grad_gate, grad_A, grad_B, None, None
+            grad_A = da.to(A.dtype) if need_A else None
+            grad_B = db.to(B.dtype) if need_B else None
+    return grad_x, grad_gate, grad_A, grad_B
 
 
 def triton_gated_hira(
@@ -343,7 +443,12 @@ def triton_gated_hira(
     weight_fn: Callable[[], torch.Tensor],
     scaling: float = 1.0,
     base: Optional[torch.Tensor] = None,
+    on_failure: Optional[Callable[[BaseException], bool]] = None,
 ) -> torch.Tensor:
     """Same contract as `ops.hira.gated_hira`, computed by the Triton kernels above; `weight_fn` may also return a
-    `Packed4bit` (the kernels then read the 4-bit bytes directly)."""
-    return apply_to_tokens(TritonGatedHiraFunction, x, gate, base, A, B, weight_fn, scaling)
+    `Packed4bit` (the kernels then read the 4-bit bytes directly). Under autocast, x, A and B are cast to the autocast
+    dtype first (tensor-core products, fp32 accumulation), as the PyTorch path's matmuls are; `on_failure`: see
+    `TritonGatedHiraFunction`."""
+    dtype = compute_dtype(x)
+    x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)
+    return apply_to_tokens(TritonGatedHiraFunction, x, gate, base, A, B, weight_fn, scaling, on_failure)

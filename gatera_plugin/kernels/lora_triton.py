@@ -15,6 +15,7 @@ FLOPs per token are LoRA's, 2·r·(d_in + d_out) forward; bytes: h once per d_ou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -23,104 +24,123 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..ops._tokens import apply_to_tokens
-from .hira_triton import _block, _load_gated_grad, _pad_rank, _store_gated
+from . import compute_dtype, device_guard, torch_path_grads
+from .hira_triton import _load_gated_grad, _shrink, _store_gated, check_blocks
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["r", "stride_hm", "stride_bn"])  # one kernel per RB, as in HiRA's
 def _lora_fwd_kernel(h_ptr, b_ptr, g_ptr, base_ptr, out_ptr, n_tokens, d_out, r, scaling, stride_hm, stride_bn,
-                     stride_om, HAS_GATE: tl.constexpr, HAS_BASE: tl.constexpr, R_PAD: tl.constexpr,
+                     stride_om, HAS_GATE: tl.constexpr, HAS_BASE: tl.constexpr, RB: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rr = tl.arange(0, R_PAD)
-    h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < n_tokens) & (rr[None, :] < r),
-                other=0.0)
-    b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=(rn[:, None] < d_out) & (rr[None, :] < r),
-                other=0.0)
-    acc = tl.dot(h, tl.trans(b).to(h.dtype), input_precision="ieee")  # (BM, BN)
+    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # int64 offsets throughout
+    rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, r, RB):
+        rr = r0 + tl.arange(0, RB).to(tl.int64)
+        h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < n_tokens) & (rr[None, :] < r),
+                    other=0.0)
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=(rn[:, None] < d_out) & (rr[None, :] < r),
+                    other=0.0)
+        acc += tl.dot(h, tl.trans(b).to(h.dtype), input_precision="ieee")  # (BM, BN)
     _store_gated(acc, scaling, g_ptr, base_ptr, out_ptr, rm, rn, n_tokens, d_out, stride_om, HAS_GATE, HAS_BASE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["r", "stride_hm"])
 def _lora_bwd_db_kernel(dy_ptr, h_ptr, g_ptr, db_ptr, n_tokens, d_out, r, scaling, stride_dym, stride_hm,
-                        HAS_GATE: tl.constexpr, R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    pid_n = tl.program_id(0).to(tl.int64)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rr = tl.arange(0, R_PAD)
-    acc = tl.zeros((BN, R_PAD), dtype=tl.float32)
+                        HAS_GATE: tl.constexpr, RB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Grid (d_out/BN, r/RB): each program owns one (BN, RB) tile of dB, so no atomics (deterministic)."""
+    rn = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    rr = tl.program_id(1).to(tl.int64) * RB + tl.arange(0, RB)
+    acc = tl.zeros((BN, RB), dtype=tl.float32)
     for m0 in range(0, n_tokens, BM):
-        rm = m0 + tl.arange(0, BM)
+        rm = m0 + tl.arange(0, BM).to(tl.int64)
         dy = _load_gated_grad(dy_ptr, g_ptr, rm, rn, n_tokens, d_out, stride_dym, HAS_GATE)
         h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < n_tokens) & (rr[None, :] < r),
-                    other=0.0).to(tl.float32)
-        acc += tl.dot(tl.trans(dy), h, input_precision="ieee")
-    tl.store(db_ptr + rn[:, None] * R_PAD + rr[None, :], acc * scaling, mask=(rn[:, None] < d_out) & (rr[None, :] < r))
+                    other=0.0)
+        acc += tl.dot(tl.trans(dy), h.to(dy.dtype), input_precision="ieee")
+    tl.store(db_ptr + rn[:, None] * r + rr[None, :], acc * scaling, mask=(rn[:, None] < d_out) & (rr[None, :] < r))
 
 
-BM, BN = 64, 64
+def _blocks(kernel: str, x: torch.Tensor, r: int, n_tokens: int, d_out: int) -> dict:
+    b = check_blocks(kernel, x.dtype, r, x.device)
+    return {"BM": _shrink(n_tokens, b.BM), "BN": _shrink(d_out, b.BN), "RB": b.RB, "num_warps": b.num_warps,
+            "num_stages": b.num_stages}
 
 
 class TritonGatedLoraFunction(torch.autograd.Function):
-    """Triton version of `ops.lora.GatedLoraFunction`: `base + s · g ⊙ (x Aᵀ Bᵀ)`, same signature."""
+    """Triton version of `ops.lora.GatedLoraFunction`: `base + s · g ⊙ (x Aᵀ Bᵀ)`, same signature plus `on_failure`
+    (see `hira_triton.TritonGatedHiraFunction`)."""
 
     @staticmethod
-    def forward(ctx, base, x, gate, A, B, scaling):
+    def forward(ctx, base, x, gate, A, B, scaling, on_failure=None):
         r = A.shape[0]
-        r_pad = _pad_rank(r)
-        h = x @ A.t()  # (N, r)
+        h = (x @ A.t()).contiguous()  # (N, r)
         n_tokens, d_out = x.shape[0], B.shape[0]
-        h_pad = torch.nn.functional.pad(h, (0, r_pad - r)) if r_pad != r else h.contiguous()
         B_c = B.contiguous()
         out = torch.empty((n_tokens, d_out), device=x.device, dtype=base.dtype if base is not None else x.dtype)
         base_c = base.contiguous() if base is not None else out
-        gate_c = gate.reshape(-1).contiguous() if gate is not None else h_pad
-        bm, bn = _block(n_tokens, BM), _block(d_out, BN)
-        _lora_fwd_kernel[(triton.cdiv(n_tokens, bm), triton.cdiv(d_out, bn))](
-            h_pad, B_c, gate_c, base_c, out, n_tokens, d_out, r, float(scaling), h_pad.stride(0), B_c.stride(0),
-            out.stride(0), HAS_GATE=gate is not None, HAS_BASE=base is not None, R_PAD=r_pad, BM=bm, BN=bn,
-        )
+        gate_c = gate.reshape(-1).contiguous() if gate is not None else h
+        launch = _blocks("lora_fwd", x, r, n_tokens, d_out)
+        with device_guard(x):
+            _lora_fwd_kernel[(triton.cdiv(n_tokens, launch["BM"]), triton.cdiv(d_out, launch["BN"]))](
+                h, B_c, gate_c, base_c, out, n_tokens, d_out, r, float(scaling), h.stride(0), B_c.stride(0),
+                out.stride(0), HAS_GATE=gate is not None, HAS_BASE=base is not None, **launch,
+            )
         ctx.save_for_backward(x, gate, A, B, h)
-        ctx.scaling, ctx.has_base = scaling, base is not None
+        ctx.scaling, ctx.has_base, ctx.on_failure = scaling, base is not None, on_failure
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, gate, A, B, h = ctx.saved_tensors
-        need_x, need_gate, need_A, need_B = ctx.needs_input_grad[1:5]
-        s = ctx.scaling
+        need = ctx.needs_input_grad[1:5]
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
-        dy = grad_out.contiguous().to(x.dtype)
-        grad_x = grad_gate = grad_A = grad_B = None
-        u = dy @ B.to(dy.dtype)  # (N, r)
-        if need_gate:
-            grad_gate = (u * h).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
-        dh = u * (gate * s if gate is not None else s)
-        if need_x:
-            grad_x = (dh @ A.to(dh.dtype)).to(x.dtype)
-        if need_A:
-            grad_A = (dh.t() @ x.to(dh.dtype)).to(A.dtype)
-        if need_B:
-            r = A.shape[0]
-            r_pad = _pad_rank(r)
-            n_tokens, d_out = x.shape[0], B.shape[0]
-            h_pad = torch.nn.functional.pad(h, (0, r_pad - r)) if r_pad != r else h.contiguous()
-            db = torch.empty((d_out, r_pad), device=x.device, dtype=torch.float32)
-            gate_c = gate.reshape(-1).contiguous() if gate is not None else h_pad
-            bm, bn = _block(n_tokens, BM), _block(d_out, BN)
-            _lora_bwd_db_kernel[(triton.cdiv(d_out, bn),)](
-                dy, h_pad, gate_c, db, n_tokens, d_out, r, float(s), dy.stride(0), h_pad.stride(0),
-                HAS_GATE=gate is not None, R_PAD=r_pad, BM=bm, BN=bn,
+        try:
+            grads = _lora_backward(grad_out, x, gate, A, B, h, ctx.scaling, need)
+        except Exception as error:  # noqa: BLE001  (which errors are Triton's is decided by on_failure)
+            if ctx.on_failure is None or not ctx.on_failure(error):
+                raise
+            from ..ops.lora import GatedLoraFunction
+
+            grads = torch_path_grads(GatedLoraFunction, (x, gate, A, B), need, grad_out, ctx.scaling)
+        return (grad_base, *grads, None, None)
+
+
+def _lora_backward(grad_out, x, gate, A, B, h, s, need):
+    """(dx, dg, dA, dB), None where not needed: rank-r products in PyTorch, dB in the kernel."""
+    need_x, need_gate, need_A, need_B = need
+    dy = grad_out.contiguous().to(x.dtype)
+    grad_x = grad_gate = grad_A = grad_B = None
+    u = dy @ B.to(dy.dtype)  # (N, r)
+    if need_gate:
+        grad_gate = (u * h).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
+    dh = u * (gate * s if gate is not None else s)
+    if need_x:
+        grad_x = (dh @ A.to(dh.dtype)).to(x.dtype)
+    if need_A:
+        grad_A = (dh.t() @ x.to(dh.dtype)).to(A.dtype)
+    if need_B:
+        r = A.shape[0]
+        n_tokens, d_out = x.shape[0], B.shape[0]
+        db = torch.empty((d_out, r), device=x.device, dtype=torch.float32)
+        gate_c = gate.reshape(-1).contiguous() if gate is not None else h
+        launch = _blocks("lora_bwd_db", x, r, n_tokens, d_out)
+        with device_guard(x):
+            _lora_bwd_db_kernel[(triton.cdiv(d_out, launch["BN"]), triton.cdiv(r, launch["RB"]))](
+                dy, h, gate_c, db, n_tokens, d_out, r, float(s), dy.stride(0), h.stride(0),
+                HAS_GATE=gate is not None, **launch,
             )
-            grad_B = db[:, :r].to(B.dtype)
-        return grad_base, grad_x, grad_gate, grad_A, grad_B, None
+        grad_B = db.to(B.dtype)
+    return grad_x, grad_gate, grad_A, grad_B
 
 
 def triton_gated_lora(
     x: torch.Tensor, gate: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0,
-    base: Optional[torch.Tensor] = None,
+    base: Optional[torch.Tensor] = None, on_failure: Optional[Callable[[BaseException], bool]] = None,
 ) -> torch.Tensor:
-    """Same contract as `ops.lora.gated_lora`, with the d_out-wide steps in Triton."""
-    return apply_to_tokens(TritonGatedLoraFunction, x, gate, base, A, B, scaling)
+    """Same contract as `ops.lora.gated_lora`, with the d_out-wide steps in Triton; under autocast x, A and B are cast
+    to the autocast dtype first; `on_failure`: see `hira_triton.TritonGatedHiraFunction`."""
+    dtype = compute_dtype(x)
+    x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)
+    return apply_to_tokens(TritonGatedLoraFunction, x, gate, base, A, B, scaling, on_failure)
