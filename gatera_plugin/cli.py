@@ -1,4 +1,5 @@
-"""The `gatera` command line: `gatera prune` (structure pruning of a saved adapter), `gatera plot` (gate heatmaps)."""
+"""The `gatera` command line: `gatera prune` (structure pruning of a saved adapter), `gatera plot` (gate heatmaps),
+`gatera eval` (lm-evaluation-harness with GateRA registered)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,39 @@ def _plot(args) -> int:
     return 0
 
 
+LM_EVAL_PIN = "lm-eval==0.4.13"  # the lm-eval version `gatera eval` is tested with
+
+
+def run_lm_eval(argv: list[str]) -> int:
+    """`gatera eval ARGS`: lm-evaluation-harness's own command line, run in this process with GateRA registered.
+
+    lm-eval loads `--model_args pretrained=BASE,peft=ADAPTER` through `PeftModel.from_pretrained`, which knows the
+    adapter type `GATERA` only in a process that has imported `gatera_plugin` (plain `lm_eval` fails with
+    `KeyError: 'GATERA'`). This process has (it runs this module), so the arguments are handed to lm-eval unchanged.
+    """
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as error:
+        print(f"gatera eval: needs lm-evaluation-harness ({error}). Install it with `pip install "
+              f"'gatera-plugin[eval]'` (or `pip install {LM_EVAL_PIN}`).", file=sys.stderr)
+        return 2
+    saved_argv = sys.argv
+    sys.argv = ["lm-eval", *argv]  # lm-eval's parser reads sys.argv
+    try:
+        cli_evaluate()
+    except SystemExit as exit_:  # argparse errors, --help, sys.exit("message")
+        if isinstance(exit_.code, str):
+            print(f"gatera eval: {exit_.code}", file=sys.stderr)
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # everything after `eval` belongs to lm-eval, `--help` included
+        return run_lm_eval(argv[1:])
     parser = argparse.ArgumentParser(prog="gatera", description="GateRA adapter tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     prune = commands.add_parser("prune", help="drop the modules whose structure gate σ(α) is below a threshold")
@@ -45,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--title", default=None)
     plot.add_argument("--out", required=True, help="image path, e.g. gates.png")
     plot.set_defaults(run=_plot)
+    commands.add_parser(
+        "eval", add_help=False,
+        help="lm-evaluation-harness with GateRA registered: `gatera eval --model hf --model_args "
+        "pretrained=BASE,peft=ADAPTER --tasks ...` (arguments go to lm-eval unchanged)",
+    )
     args = parser.parse_args(argv)
     try:
         return args.run(args)
