@@ -14,18 +14,23 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notices, not the demo's
 
+import datasets  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import gatera_plugin  # noqa: E402  (registers GateRA with PEFT)
+from gatera_plugin.assets import smollm2_path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import load_rows, tiny_model_and_tokenizer  # noqa: E402
@@ -34,18 +39,41 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
 class PrintProgress(TrainerCallback):
+    """Prints one line per log, and keeps the logged losses (the demo fails if the loss does not fall)."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
             print(f"  step {state.global_step:3d}  loss {logs['loss']:.3f}  gate mean {logs['gatera/gate_mean']:.3f}  "
                   f"entropy {logs['gatera/entropy']:.3f}  open {logs['gatera/gate_open_frac']:.2f}", flush=True)
 
 
+def as_chat(row: dict) -> dict:
+    """A prompt/completion row as the conversation an instruct model expects (its chat template is applied by TRL
+    in training and by `answers` in generation): the question as the user turn, the answer as the assistant turn."""
+    question = row["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:")
+    return {"prompt": [{"role": "user", "content": question}],
+            "completion": [{"role": "assistant", "content": row["completion"].strip()}]}
+
+
+def question(row: dict) -> str:
+    return row["prompt"][0]["content"] if isinstance(row["prompt"], list) else row["prompt"].splitlines()[0][10:]
+
+
 @torch.no_grad()
 def answers(model, tokenizer, rows, max_new_tokens=24) -> list[str]:
+    """Greedy answers to `rows`' prompts (through the chat template for conversational rows), first line only."""
     model.eval()
     out = []
     for row in rows:
-        ids = tokenizer(row["prompt"], return_tensors="pt")
+        if isinstance(row["prompt"], list):
+            ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)
+        else:
+            ids = tokenizer(row["prompt"], return_tensors="pt")
         generated = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         text = tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -54,6 +82,8 @@ def answers(model, tokenizer, rows, max_new_tokens=24) -> list[str]:
 
 
 def main() -> None:
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny random model instead of SmolLM2 (smoke test)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 40, tiny: 60)")
@@ -69,14 +99,17 @@ def main() -> None:
         steps, lr, rank = args.steps or 60, 3e-2, 8
     else:
 
-        path = gatera_plugin.assets.smollm2_path()
+        path = smollm2_path()
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         steps, lr, rank = args.steps or 40, 2e-3, 16
-    test_rows = load_rows("test")[:3]
+    # The instruct model is prompted and trained through its chat template; the tiny model has none (plain text).
+    to_row = (lambda row: row) if args.tiny else as_chat
+    train_rows = [to_row(row) for row in load_rows("train")]
+    test_rows = [to_row(row) for row in load_rows("test")[:3]]
     print(f"Model ready in {time.time() - start:.0f} s. Answers before fine-tuning:")
     for row, answer in zip(test_rows, answers(model, tokenizer, test_rows)):
-        print(f"  {row['prompt'].splitlines()[0][10:]!s:45s} -> {answer}")
+        print(f"  {question(row)!s:45s} -> {answer}")
 
     config = gatera_plugin.GateRAConfig(r=rank, target_modules=TARGETS)  # the one setting GateRA needs
     training = SFTConfig(
@@ -84,23 +117,26 @@ def main() -> None:
         lr_scheduler_type="constant", logging_steps=5, report_to="none", save_strategy="no", use_cpu=True,
         bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0,
     )
-    trainer = SFTTrainer(model=model, args=training, train_dataset=Dataset.from_list(load_rows("train")),
-                         processing_class=tokenizer, peft_config=config, callbacks=[PrintProgress()])
+    trainer = SFTTrainer(model=model, args=training, train_dataset=Dataset.from_list(train_rows),
+                         processing_class=tokenizer, peft_config=config, callbacks=[progress := PrintProgress()])
     trainer.remove_callback(PrinterCallback)  # PrintProgress prints a shorter line
     trainer.model.print_trainable_parameters()
     print(f"Training {steps} steps (GateRA r={rank}, entropy_weight={config.entropy_weight}):")
     trainer.train()
+    if not progress.losses or not progress.losses[-1] < progress.losses[0]:
+        raise SystemExit(f"the training loss did not fall: logged losses {progress.losses}")
 
     trained = trainer.model
     after = answers(trained, tokenizer, test_rows)
     print("Answers after fine-tuning (held-out elements):")
     for row, answer in zip(test_rows, after):
-        print(f"  {row['prompt'].splitlines()[0][10:]!s:45s} -> {answer}")
-        print(f"  {'expected':45s}    {row['completion'].strip()}")
+        print(f"  {question(row)!s:45s} -> {answer}")
+        expected = row["completion"][0]["content"] if isinstance(row["completion"], list) else row["completion"]
+        print(f"  {'expected':45s}    {expected.strip()}")
 
     trainer.save_model(args.out)
     base = tiny_model_and_tokenizer()[0] if args.tiny else AutoModelForCausalLM.from_pretrained(
-        gatera_plugin.assets.smollm2_path(), dtype=torch.float32)
+        smollm2_path(), dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, args.out)
     same = answers(reloaded, tokenizer, test_rows) == after
     print(f"Saved the adapter to {args.out}/ ({', '.join(sorted(os.listdir(args.out)))}); "

