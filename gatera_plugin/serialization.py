@@ -60,7 +60,7 @@ STAMP = "structure_stamp"
 STRUCTURE_FIELDS = (
     "branch", "gate", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "structure_gate", "modules_to_save", "trainable_token_indices",
-    "sparse_threshold",
+    "sparse_threshold", "hira_scaling",
 )
 _MARK = "__gatera_wrapped__"
 _allow_pickle_depth = 0
@@ -100,7 +100,7 @@ def _is_gatera(peft_model) -> bool:
 
 
 def loading_source() -> str:
-    """The weights file being loaded by `PeftModel.load_adapter` right now (for error messages), or its bare name."""
+    """The weights file being loaded by `from_pretrained` / `load_adapter` right now (for messages), or its bare name."""
     folder = _loading.get()
     return str(Path(folder) / WEIGHTS) if folder else WEIGHTS
 
@@ -386,6 +386,9 @@ def check_adapter_folder(folder: Path) -> None:
             "(checkpoint-*/) or save the adapter again."
         ) from error
     expected = config.get("weights_sha256")
+    if config.get(STAMP) is not None and not (isinstance(expected, str) and expected):
+        raise ValueError(f"{folder / CONFIG}: field `weights_sha256` is {expected!r}, but a stamped save always writes "
+                         "the weights' SHA-256 there. Restore the file from a checkpoint or re-save the adapter.")
     if expected and file_sha256(weights) != expected:
         previous = weights.with_name(WEIGHTS + PREVIOUS)
         restore = (
@@ -430,7 +433,8 @@ def wrap_load_peft_weights(original):
             peft_type = read_config(folder).get("peft_type")
             gatera = is_gatera_type(peft_type)
             if gatera:
-                check_adapter_folder(folder)
+                if _loading.get() != str(folder):  # not already checked by the load that reads it
+                    check_adapter_folder(folder)
             elif _holds_gatera_weights(folder):
                 raise ValueError(
                     f"{folder / CONFIG} describes a {peft_type} adapter, but {WEIGHTS} there holds GateRA weights "
@@ -446,13 +450,32 @@ def wrap_load_peft_weights(original):
     return load_peft_weights
 
 
-def _reading(model_id, kwargs) -> contextlib.AbstractContextManager:
-    """Shared lock on a local adapter folder (after checking its config parses) for the length of a load."""
+@contextlib.contextmanager
+def _reading(model_id, kwargs):
+    """For the length of a load from a local folder: a shared lock on it, and its checks, before PEFT builds anything
+    from the config (an edited config could otherwise fail deep inside PEFT, or build another model).
+
+    Checks that the config parses and names a PEFT method this installation knows (PEFT would fail with a bare
+    KeyError), then, for GateRA folders, `check_adapter_folder`. Nested loads of the same folder check once.
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
     folder = _local_folder(model_id, kwargs.get("subfolder"))
-    if folder is None:
-        return contextlib.nullcontext()
-    read_config(folder)
-    return folder_lock(folder, exclusive=False)
+    if folder is None or _loading.get() == str(folder):
+        yield
+        return
+    peft_type = read_config(folder).get("peft_type")
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ValueError(f"{folder / CONFIG}: field `peft_type` is {peft_type!r}, not a PEFT method this installation "
+                         "knows (a GateRA adapter has \"GATERA\"). Restore the file from a checkpoint or re-save it.")
+    with folder_lock(folder, exclusive=False):
+        if is_gatera_type(peft_type):
+            check_adapter_folder(folder)
+        token = _loading.set(str(folder))
+        try:
+            yield
+        finally:
+            _loading.reset(token)
 
 
 def wrap_from_pretrained(original):
@@ -469,11 +492,7 @@ def wrap_load_adapter(original):
     @functools.wraps(original)
     def load_adapter(self, model_id, *args, **kwargs):
         with _reading(model_id, kwargs):
-            token = _loading.set(str(_local_folder(model_id, kwargs.get("subfolder")) or ""))
-            try:
-                return original(self, model_id, *args, **kwargs)
-            finally:
-                _loading.reset(token)
+            return original(self, model_id, *args, **kwargs)
 
     setattr(load_adapter, _MARK, True)
     return load_adapter
