@@ -1,6 +1,6 @@
 """The entropy penalty on token gates, applied inside each gated layer's backward, and the gate statistics.
 
-The penalty (SPEC.md section 1, normalisation ours) is
+The penalty (docs/method.md, "Penalties and their normalisation"; the normalisation is ours) is
 
     P = λ · (1 / (N · L)) · Σ_layers Σ_real tokens H(g) / log 2,      H(g) = −[g log g + (1−g) log(1−g)]
 
@@ -16,9 +16,11 @@ therefore applies the penalty exactly once, with no code outside this package.
 
 Each rank's backward adds `λ · W / (N · L) · ∂H/∂g` per real token, where `W` is the data-parallel world size
 (DDP and DeepSpeed average gradients across ranks). `N` and the loss scale of fp16 training are set once per
-optimisation step by `trainer_integration` from the micro-batches the Trainer has already prefetched; outside a
-Trainer, `N` is the number of real tokens of the current forward (so `loss.backward()` in a plain loop gets the
-gradient of `task_loss + P`).
+optimisation step by `trainer_integration` from the micro-batches the Trainer has already prefetched. Where those
+cannot be counted (trainers that build the model's inputs after generation: GRPO, RLOO, distillation), `N` is the
+real tokens of the current forward × the forwards per step × `W`: the penalty is then the mean over forwards of each
+forward's token mean. Outside a Trainer, `N` is the real tokens of the current forward (so `loss.backward()` in a
+plain loop gets the gradient of `task_loss + P`).
 
 Gate statistics are recorded in the same backward, which also runs exactly once per micro-batch under gradient
 checkpointing (a forward-side record would count recomputed forwards twice).
@@ -33,7 +35,7 @@ from typing import Optional
 import torch
 
 LOG2 = math.log(2.0)
-# Gates are clamped to [ENTROPY_EPS, 1 − ENTROPY_EPS] before the logs (SPEC.md section 1).
+# Gates are clamped to [ENTROPY_EPS, 1 − ENTROPY_EPS] before the logs (docs/method.md, "Penalties").
 ENTROPY_EPS = 1e-6
 
 
@@ -97,6 +99,12 @@ class PenaltyRun:
     world_size: int = 1  # data-parallel ranks whose gradients are averaged
     loss_scale: float = 1.0  # fp16 loss scale applied to the task loss before backward
     layer_counts: dict = field(default_factory=dict)
+    # while a Trainer runs: forwards whose taps were live (gradient, training mode) since `begin_step`, and their
+    # real tokens (a device tensor, summed without a sync), so that the integration can check its count of the step
+    tally_forwards: int = 0
+    tally_tokens: Optional[torch.Tensor] = field(default=None, repr=False)
+    _tallying: bool = field(default=False, repr=False)
+    _tallied: bool = field(default=False, repr=False)
     _batch_tokens: Optional[int] = field(default=None, repr=False)
 
     def set_batch(self, attention_mask: Optional[torch.Tensor], num_positions: int) -> None:
@@ -105,6 +113,7 @@ class PenaltyRun:
         self.attention_mask = attention_mask.bool() if has_mask else None
         self.num_positions = num_positions
         self._batch_tokens = None
+        self._tallied = False
 
     @property
     def batch_tokens(self) -> int:
@@ -114,12 +123,20 @@ class PenaltyRun:
             self._batch_tokens = int(mask.sum()) if mask is not None else self.num_positions
         return self._batch_tokens
 
-    def begin_step(self, step_tokens: float, world_size: int = 1, loss_scale: float = 1.0, micro_batches: int = 1):
-        """Fix the normalisers for one optimisation step: real tokens over all its micro-batches and ranks."""
-        self.step_tokens = float(step_tokens)
+    def begin_step(
+        self, step_tokens: Optional[float], world_size: int = 1, loss_scale: float = 1.0, micro_batches: int = 1
+    ):
+        """Fix the normalisers for one optimisation step and restart the tally of its forwards.
+
+        `step_tokens`: real tokens over all its micro-batches and ranks, or None where they cannot be counted in
+        advance (then each forward is normalised by its own real tokens × `micro_batches` × `world_size`).
+        `micro_batches`: the forwards with gradient that one step runs on this rank.
+        """
+        self.step_tokens = None if step_tokens is None else float(step_tokens)
         self.world_size = int(world_size)
         self.loss_scale = float(loss_scale)
         self.step_micro_batches = int(micro_batches)
+        self.tally_forwards, self.tally_tokens, self._tallying, self._tallied = 0, None, True, False
 
     def end_training(self) -> None:
         """Return to per-forward normalisation (used after a Trainer run)."""
@@ -127,6 +144,20 @@ class PenaltyRun:
         self.world_size = 1
         self.loss_scale = 1.0
         self.step_micro_batches = 1
+        self.tally_forwards, self.tally_tokens, self._tallying = 0, None, False
+
+    def _tally_forward(self) -> None:
+        """Count the current forward (once) in the step's tally; called by the taps, so only forwards with gradient.
+
+        A recomputation inside backward (gradient checkpointing) is not a new forward and is not counted.
+        """
+        if not self._tallying or self._tallied or torch._C._current_graph_task_id() != -1:
+            return
+        self._tallied = True
+        self.tally_forwards += 1
+        mask = self.attention_mask
+        tokens = mask.sum() if mask is not None else torch.tensor(self.num_positions)
+        self.tally_tokens = tokens if self.tally_tokens is None else self.tally_tokens + tokens.to(self.tally_tokens)
 
     def token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Mask (N, 1) of real tokens for a layer input x (..., d); None when every position counts.
@@ -141,9 +172,15 @@ class PenaltyRun:
 
     def token_scale(self, adapter_name: str, kind: str, weight: float) -> float:
         """Factor on a per-token penalty term's gradient in this rank's backward: λ·W·loss_scale / (N·L)."""
+        self._tally_forward()
         layers = self.layer_counts.get((adapter_name, kind), 0)
-        tokens = self.step_tokens if self.step_tokens is not None else self.batch_tokens
-        if weight == 0.0 or layers == 0 or tokens <= 0:
+        if weight == 0.0 or layers == 0:
+            return 0.0
+        if self.step_tokens is not None:
+            tokens = self.step_tokens
+        else:  # this forward's tokens stand for each of the step's forwards on each rank
+            tokens = self.batch_tokens * self.step_micro_batches * self.world_size
+        if tokens <= 0:
             return 0.0
         return weight * self.world_size * self.loss_scale / (tokens * layers)
 
@@ -152,6 +189,7 @@ class PenaltyRun:
 
         Every rank adds the whole penalty's gradient (its forwards sum to it), so the data-parallel average keeps it.
         """
+        self._tally_forward()
         layers = self.layer_counts.get((adapter_name, "structure"), 0)
         if weight == 0.0 or layers == 0:
             return 0.0

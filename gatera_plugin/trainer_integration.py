@@ -1,10 +1,14 @@
-"""Make every `transformers.Trainer` (TRL's SFTTrainer, Axolotl's trainers, ...) apply and log GateRA's penalty.
+"""Make every `transformers.Trainer` (TRL's trainers, Axolotl's trainers, ...) apply and log GateRA's penalty.
 
 Installed once on `import gatera_plugin`, these wrappers do nothing unless the trainer's model holds a GateRA adapter:
 
 - `get_batch_samples` (the Trainer prefetches the micro-batches of one optimisation step): count the real tokens of
   the whole step across data-parallel ranks and read the fp16 loss scale, and hand both to the model's
-  `PenaltyRun`, so that the penalty is the mean over the step's tokens whatever the gradient accumulation;
+  `PenaltyRun`, so that the penalty is the mean over the step's tokens whatever the gradient accumulation. Where the
+  prefetched batches are not the model's inputs (GRPO, RLOO, distillation build them after generation), each
+  forward is normalised by its own real tokens × forwards per step × ranks instead, with a warning (once per
+  trainer). Each step also checks its count against the forwards that really ran with gradient (the `PenaltyRun`
+  tallies them) and, on a mismatch, warns with both numbers and switches to per-forward normalisation;
 - `log`: add the gate statistics gathered since the last log (`gatera/...` keys) to training logs, before they
   reach `state.log_history` and every `report_to` backend;
 - `train`: first return gate parameters that TRL cast to bf16 to fp32 (`GateRAModel.upcast_gates_to_fp32`), before
@@ -17,9 +21,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 _MARK = "__gatera_wrapped__"
 
@@ -37,21 +45,40 @@ def find_gatera_model(model) -> Optional[GateRAModel]:  # noqa: F821
     return None
 
 
+# Preference trainers that keep each pair as `chosen_*` / `rejected_*` inputs and run both in one concatenated forward
+# (TRL's ORPO and CPO).
+PAIRED_PREFIXES = ("chosen_", "rejected_")
+
+
+def _count_inputs(batch: Mapping, prefix: str = "") -> Optional[torch.Tensor]:
+    """Real tokens of one set of model inputs: `attention_mask` ones, else every `input_ids` / `inputs_embeds` position."""
+    mask = batch.get(f"{prefix}attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.sum()
+    for key, dims in (("input_ids", None), ("inputs_embeds", -1)):
+        value = batch.get(f"{prefix}{key}")
+        if isinstance(value, torch.Tensor):
+            return torch.tensor(value.shape[:dims].numel(), device=value.device)
+    return None
+
+
 def count_real_tokens(batches) -> Optional[torch.Tensor]:
-    """Real (non-padding) tokens in a list of model-input dicts: attention-mask ones, else every input position."""
+    """Real (non-padding) tokens of a list of micro-batches as the model's forwards will see them, else None.
+
+    A micro-batch counts when it is a dict of model inputs (`input_ids` / `inputs_embeds`, and `attention_mask` if
+    padded) or a dict of paired `chosen_*` and `rejected_*` inputs (both counted); anything else, e.g. the raw rows
+    that GRPO turns into model inputs after generation, gives None.
+    """
     total = None
     for batch in batches:
         if not isinstance(batch, Mapping):
             return None
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            count = mask.sum()
-        elif isinstance(batch.get("input_ids"), torch.Tensor):
-            count = torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
-        elif isinstance(batch.get("inputs_embeds"), torch.Tensor):
-            count = torch.tensor(batch["inputs_embeds"].shape[:-1].numel(), device=batch["inputs_embeds"].device)
-        else:
-            return None
+        count = _count_inputs(batch)
+        if count is None:
+            pair = [_count_inputs(batch, prefix) for prefix in PAIRED_PREFIXES]
+            if any(c is None for c in pair):
+                return None
+            count = pair[0] + pair[1].to(pair[0].device)
         total = count if total is None else total + count.to(total.device)
     return total
 
@@ -74,24 +101,106 @@ def loss_scale_of(trainer) -> float:
     return 1.0
 
 
+@dataclass
+class _Normaliser:
+    """How one trainer's steps are normalised, and what the last step expected its forwards to see (this rank)."""
+
+    per_forward: bool = False  # the step's tokens cannot be counted from the batches (or their count proved wrong)
+    forwards_per_batch: float = 1.0  # forwards with gradient per prefetched micro-batch, as observed
+    expected_tokens: Optional[int] = None  # real tokens of the last step's batches on this rank (step-level mode)
+    expected_forwards: int = 0  # forwards the last step should run with gradient on this rank (0: nothing to check)
+    micro_batches: int = 0  # micro-batches of the last step
+
+
+def _normaliser(trainer) -> _Normaliser:
+    state = trainer.__dict__.get("_gatera_normaliser")
+    if state is None:
+        state = trainer._gatera_normaliser = _Normaliser()
+    return state
+
+
+def _check_last_step(trainer, run) -> bool:
+    """Compare the last step's expectations with the forwards that ran; warn on a difference. True: tokens differ."""
+    state = _normaliser(trainer)
+    forwards, tokens = run.tally_forwards, run.tally_tokens
+    expected_forwards, state.expected_forwards = state.expected_forwards, 0
+    if expected_forwards == 0 or forwards == 0:  # no step yet, or no live penalty tap (nothing was normalised)
+        return False
+    name = type(trainer).__name__
+    if forwards != expected_forwards:
+        logger.warning(
+            f"GateRA: {name} ran {forwards} forward(s) with gradient in an optimisation step of {state.micro_batches} "
+            f"micro-batch(es) on this rank, where {expected_forwards} were expected, so that step's structure penalty "
+            f"(and, with per-forward normalisation, its entropy penalty) was {forwards / expected_forwards:.3g}x the "
+            f"intended scale. Normalising by {forwards / state.micro_batches:.3g} forward(s) per micro-batch from now "
+            "on. See README, 'How the penalty is applied'."
+        )
+        state.forwards_per_batch = forwards / state.micro_batches
+    seen = int(tokens) if tokens is not None else 0
+    if state.expected_tokens is not None and seen != state.expected_tokens:
+        logger.warning(
+            f"GateRA: {name}'s forwards with gradient saw {seen} real tokens in the last optimisation step on this "
+            f"rank, but its prefetched batches held {state.expected_tokens}: the trainer changes the inputs between "
+            "its dataloader and the model, so that step's entropy penalty was normalised by the wrong token count. "
+            "From now on each forward is normalised by its own real tokens × forwards per step × ranks. See README, "
+            "'How the penalty is applied'."
+        )
+        return True
+    return False
+
+
 def begin_step(trainer, batch_samples) -> None:
-    """Hand the step's real-token count (all micro-batches, all ranks) and loss scale to the GateRA model."""
+    """Hand the step's real-token count (all micro-batches, all ranks) and loss scale to the GateRA model.
+
+    Where the batches cannot be counted (or an earlier step showed that their count is not what the model sees),
+    hand over None instead: each forward is then normalised by its own real tokens × forwards per step × ranks.
+    """
     tuner = find_gatera_model(trainer.model)
     if tuner is None:
         return
-    tokens = count_real_tokens(batch_samples)
-    if tokens is None:
-        raise ValueError(
-            "GateRA could not count the real tokens of a training batch: batches must be dicts with `input_ids` "
-            "(and `attention_mask` if padded) or `inputs_embeds`."
-        )
+    run, state = tuner.penalty_run, _normaliser(trainer)
     accelerator = trainer.accelerator
     world_size = accelerator.num_processes
-    if world_size > 1:
-        tokens = accelerator.gather(tokens.reshape(1).to(accelerator.device)).sum()
-    tuner.penalty_run.begin_step(
-        float(tokens), world_size=world_size, loss_scale=loss_scale_of(trainer), micro_batches=len(batch_samples)
+    mismatch = _check_last_step(trainer, run)
+    tokens = None if state.per_forward or mismatch else count_real_tokens(batch_samples)
+    uncountable, step_tokens = tokens is None and not state.per_forward and not mismatch, None
+    if world_size > 1 and not state.per_forward:  # every rank takes this branch until all switch together
+        local = torch.tensor([float(tokens) if tokens is not None else 0.0, float(tokens is None)],
+                             device=accelerator.device)
+        gathered = accelerator.gather(local.reshape(1, 2)).reshape(-1, 2)
+        if bool(gathered[:, 1].any()):
+            tokens = None
+        else:
+            step_tokens = float(gathered[:, 0].sum())
+    elif tokens is not None:
+        step_tokens = float(tokens)
+    if tokens is None and not state.per_forward:
+        state.per_forward = True
+        if uncountable:
+            kind = type(batch_samples[0]).__name__ if len(batch_samples) else "nothing"
+            logger.warning(
+                f"GateRA: {type(trainer).__name__}'s dataloader yields {kind}, not the model's inputs (the trainer "
+                "builds them itself, e.g. after generation), so the real tokens of a whole optimisation step cannot "
+                "be counted in advance. Each forward's penalty is normalised by its own real tokens × forwards per "
+                "step × ranks instead: the penalty is the mean over the step's forwards of each forward's token "
+                "mean (TRL normalises GRPO's entropy bonus the same way). See README, 'How the penalty is applied'."
+            )
+    micro_batches = len(batch_samples)
+    forwards = max(1, round(micro_batches * state.forwards_per_batch))
+    state.micro_batches, state.expected_forwards = micro_batches, forwards
+    state.expected_tokens = None if state.per_forward else int(tokens)
+    run.begin_step(
+        None if state.per_forward else step_tokens, world_size=world_size, loss_scale=loss_scale_of(trainer),
+        micro_batches=forwards,
     )
+
+
+def end_training(trainer) -> None:
+    """Check the last step like every other, then return the model to per-forward normalisation."""
+    tuner = find_gatera_model(trainer.model)
+    if tuner is not None:
+        _check_last_step(trainer, tuner.penalty_run)
+        tuner.penalty_run.end_training()
 
 
 def install() -> None:
@@ -124,11 +233,14 @@ def install() -> None:
             # before the optimizer exists (or loads a checkpoint's state), so its state follows the fp32 params
             tuner.upcast_gates_to_fp32()
         try:
-            return original_train(self, *args, **kwargs)
-        finally:
+            result = original_train(self, *args, **kwargs)
+        except BaseException:
             tuner = find_gatera_model(self.model)
             if tuner is not None:
                 tuner.penalty_run.end_training()
+            raise
+        end_training(self)
+        return result
 
     for wrapper in (get_batch_samples, log, train):
         setattr(wrapper, _MARK, True)

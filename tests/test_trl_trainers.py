@@ -1,0 +1,259 @@
+"""Every TRL 1.16 trainer that takes `peft_config`, with a GateRAConfig: it trains, applies the penalty once at the
+scale README states for that trainer (the `N` of "How the penalty is applied"), logs the gate statistics, and saves
+an adapter that reloads to the same outputs.
+
+The penalty check: the gate gradients of the first optimisation step with λ minus those of the same run with λ = 0
+must equal the gradient of the explicit penalty, computed with plain autograd from the inputs that the model's
+forwards with gradient really received (captured at the backbone) and the weights at the start of training.
+"""
+
+import copy
+import logging
+
+import pytest
+import torch
+import trl
+from datasets import Dataset
+from peft import PeftModel
+from transformers import LlamaForSequenceClassification, Trainer, TrainerCallback
+
+from gatera_plugin import GateRAConfig
+from gatera_plugin.trainer_integration import count_real_tokens
+from tests.helpers import collect_gates, naive_entropy, tiny_llama, toy_texts, word_tokenizer
+from tests.test_trainer import _plain_trainer, _texts_of_unequal_length
+
+LAMBDA = 0.5
+BATCH, ACCUM = 2, 2  # two micro-batches per optimisation step
+PROMPTS = ["count one two", "count three four five six", "count five", "count two three four five six seven"]
+CHOSEN = [" three four", " seven", " six seven eight nine", " eight"]
+REJECTED = [" nine ten eleven", " two", " one", " zero ten"]
+
+# trainer -> (what the step-level count reads, so the normaliser mode the test expects)
+STEP_LEVEL = {"sft", "dpo", "kto", "reward", "orpo", "cpo"}  # N = real tokens of all the step's micro-batches
+PER_FORWARD = {"grpo", "rloo", "distillation"}  # N = this forward's real tokens × forwards per step × ranks
+
+
+def _tokenizer():
+    return word_tokenizer(toy_texts(64) + PROMPTS + CHOSEN + REJECTED)
+
+
+def _length_reward(completions, **kwargs):
+    """A tiny reward function: longer completions score higher."""
+    return [float(len(c.split())) for c in completions]
+
+
+def _seq_cls_model():
+    config = tiny_llama().config
+    config.num_labels = 1
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(config)
+
+
+def _base(kind):
+    return _seq_cls_model() if kind == "reward" else tiny_llama()
+
+
+def _trainer(kind, tmp_path, entropy_weight, steps):
+    """A `kind` trainer over a tiny Llama with `GateRAConfig` (default targets, gates away from 0.5 so H' ≠ 0)."""
+    common = dict(
+        output_dir=str(tmp_path / kind), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
+        max_steps=steps, learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
+        save_strategy="no", max_grad_norm=0.0, seed=0, disable_tqdm=True,
+    )
+    config = GateRAConfig(init_weights=False, gate_bias_init=0.8, entropy_weight=entropy_weight,
+                          task_type="SEQ_CLS" if kind == "reward" else None)
+    preference = Dataset.from_dict({"prompt": PROMPTS * 2, "chosen": CHOSEN * 2, "rejected": REJECTED * 2})
+    prompts = Dataset.from_dict({"prompt": PROMPTS * 2})
+    shared = dict(processing_class=_tokenizer(), peft_config=config)
+    torch.manual_seed(0)
+    if kind == "sft":
+        texts = [p + c for p, c in zip(PROMPTS, CHOSEN)] * 2
+        return trl.SFTTrainer(model=tiny_llama(), args=trl.SFTConfig(**common, max_length=32),
+                              train_dataset=Dataset.from_dict({"text": texts}), **shared)
+    if kind == "dpo":
+        return trl.DPOTrainer(model=tiny_llama(), args=trl.DPOConfig(**common), train_dataset=preference, **shared)
+    if kind == "kto":
+        data = Dataset.from_dict({"prompt": PROMPTS * 2, "completion": CHOSEN + REJECTED, "label": [True, False] * 4})
+        return trl.KTOTrainer(model=tiny_llama(), args=trl.KTOConfig(**common), train_dataset=data, **shared)
+    if kind == "reward":
+        pairs = {"chosen": [p + c for p, c in zip(PROMPTS, CHOSEN)] * 2,
+                 "rejected": [p + r for p, r in zip(PROMPTS, REJECTED)] * 2}
+        return trl.RewardTrainer(model=_seq_cls_model(), args=trl.RewardConfig(**common),
+                                 train_dataset=Dataset.from_dict(pairs), **shared)
+    if kind in ("grpo", "rloo"):
+        config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if kind == "grpo" else (trl.RLOOConfig,
+                                                                                            trl.RLOOTrainer)
+        args = config_cls(**common, num_generations=2, max_completion_length=4)
+        return trainer_cls(model=tiny_llama(), reward_funcs=_length_reward, args=args, train_dataset=prompts, **shared)
+    if kind == "distillation":
+        data = Dataset.from_dict({"prompt": PROMPTS * 2, "completion": CHOSEN * 2})
+        args = trl.DistillationConfig(**common, max_completion_length=4)
+        return trl.DistillationTrainer(model=tiny_llama(), teacher_model=tiny_llama(seed=1), args=args,
+                                       train_dataset=data, **shared)
+    if kind in ("orpo", "cpo"):
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        config_cls, trainer_cls = (ORPOConfig, ORPOTrainer) if kind == "orpo" else (CPOConfig, CPOTrainer)
+        return trainer_cls(model=tiny_llama(), args=config_cls(**common, max_length=32), train_dataset=preference,
+                           **shared)
+    raise ValueError(kind)
+
+
+def _backbone(peft_model):
+    """transformers' backbone (LlamaModel): every forward of the model, or of the backbone alone, passes here."""
+    return peft_model.get_base_model().base_model
+
+
+class FirstStep(TrainerCallback):
+    """Keeps a copy of the model at the start, the inputs of the first step's forwards with gradient, and the gate
+    gradients accumulated over that step (just before the optimizer uses them)."""
+
+    def __init__(self):
+        self.start, self.inputs, self.grads, self._hook = None, [], None, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.start = copy.deepcopy(model)
+
+        def record(module, a, kw):
+            if torch.is_grad_enabled() and module.training:
+                input_ids = kw.get("input_ids", a[0] if a else None)
+                self.inputs.append((input_ids.clone(), kw["attention_mask"].clone()))
+
+        self._hook = _backbone(model).register_forward_pre_hook(record, with_kwargs=True)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if "gatera_gate" in n}
+            self._hook.remove()
+
+
+def _explicit_penalty_gradient(capture, per_forward):
+    """∇ of λ · mean over gated layers of the token mean of H(g)/log 2, by plain autograd from the start weights.
+
+    Step level: one token mean over all the step's forwards. Per forward: the mean over forwards of each forward's
+    token mean.
+    """
+    model = capture.start
+    for config in model.peft_config.values():
+        config.entropy_weight = 0.0  # no injected gradient in the reference
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if "gatera_gate" in n}
+    counts = [mask.sum() for _, mask in capture.inputs]
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for (input_ids, mask), count in zip(capture.inputs, counts):  # each forward's term, its backward right after
+        gates, handles = collect_gates(model)
+        _backbone(model)(input_ids=input_ids, attention_mask=mask)
+        for handle in handles:
+            handle.remove()
+        m = mask.reshape(-1).float()
+        sums = torch.stack([(naive_entropy(g.reshape(-1)) * m).sum() for g in gates])  # (layers,)
+        normaliser = count * len(counts) if per_forward else sum(counts)
+        term = LAMBDA * (sums / normaliser).mean()
+        for name, grad in zip(params, torch.autograd.grad(term, list(params.values()))):
+            total[name] += grad
+    return total
+
+
+def _run(kind, tmp_path, entropy_weight, steps):
+    capture = FirstStep()
+    trainer = _trainer(kind, tmp_path, entropy_weight, steps)
+    trainer.add_callback(capture)
+    trainer.train()
+    return trainer, capture
+
+
+@pytest.mark.slow  # 3-7 s each on one thread, ~45 s for all
+@pytest.mark.parametrize("kind", sorted(STEP_LEVEL | PER_FORWARD))
+def test_trl_trainer_trains_penalises_logs_and_reloads(kind, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
+        trainer, capture = _run(kind, tmp_path, LAMBDA, steps=2)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]
+    per_forward = kind in PER_FORWARD
+    # the normaliser README states for this trainer, said once when it is the per-forward one, and no mismatch
+    assert trainer._gatera_normaliser.per_forward == per_forward
+    assert len(warnings) == per_forward and all("dataloader yields" in w for w in warnings), warnings
+    assert len(capture.inputs) == ACCUM  # one forward with gradient per micro-batch
+
+    # training ran, the loss is finite, the gate statistics reached the logs
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(history) == 2
+    for entry in history:
+        assert torch.isfinite(torch.tensor(entry["loss"])), entry
+        assert 0.0 <= entry["gatera/entropy"] <= 1.0 and 0.0 <= entry["gatera/gate_mean"] <= 1.0, entry
+        assert entry["gatera/penalty"] == pytest.approx(LAMBDA * entry["gatera/entropy"])
+    assert trainer.model.base_model.penalty_run.step_tokens is None  # per-forward again after training
+
+    # the penalty was applied once, at the stated scale: (λ run − λ=0 run) gate gradients = explicit penalty's
+    _, without = _run(kind, tmp_path, 0.0, steps=1)
+    explicit = _explicit_penalty_gradient(capture, per_forward)
+    for name, grad in capture.grads.items():
+        injected = grad - without.grads[name]
+        assert explicit[name].abs().max() > 1e-6, name
+        torch.testing.assert_close(injected, explicit[name], rtol=1e-4, atol=1e-7, msg=name)
+
+    # every adapter tensor (and the reward model's score head, trained in full) was trained
+    changed = {n for n, p in trainer.model.named_parameters() if p.requires_grad
+               and not torch.equal(p.detach(), capture.start.get_parameter(n))}
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert changed == trainable, trainable - changed
+    if kind == "reward":
+        assert any(".score." in n for n in trainable)
+
+    # the saved adapter reloads to the same outputs
+    trainer.save_model(str(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(_base(kind), tmp_path / "adapter").eval()
+    trained = trainer.model.eval()
+    input_ids = torch.randint(4, 40, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=input_ids).logits, trained(input_ids=input_ids).logits)
+
+
+class _Truncating(Trainer):
+    """Feeds the model one token fewer than its dataloader gave: the batches' count is not what the model sees."""
+
+    def compute_loss(self, model, inputs, **kwargs):
+        return super().compute_loss(model, {k: v[:, :-1] for k, v in inputs.items()}, **kwargs)
+
+
+class _TwoForwards(Trainer):
+    """Runs each micro-batch as two forwards (its even and odd rows): the tokens add up, the forwards do not."""
+
+    def compute_loss(self, model, inputs, **kwargs):
+        halves = [{k: v[i::2] for k, v in inputs.items()} for i in (0, 1)]
+        return sum(super(_TwoForwards, self).compute_loss(model, half, **kwargs) for half in halves) / 2
+
+
+@pytest.mark.parametrize("trainer_cls,expected", [
+    (_Truncating, "but its prefetched batches held"),
+    (_TwoForwards, "ran 4 forward(s) with gradient in an optimisation step of 2 micro-batch(es)"),
+], ids=["tokens-differ", "forwards-differ"])
+def test_a_wrong_count_is_said_and_corrected(trainer_cls, expected, tmp_path, caplog):
+    """When a trainer's forwards do not see what its batches held, a warning gives both numbers and later steps are
+    normalised by what the forwards really saw."""
+    trainer = _plain_trainer(tmp_path, _texts_of_unequal_length(), LAMBDA, batch=2, accum=2)
+    trainer.__class__ = trainer_cls
+    trainer.args.max_steps = 2
+    with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]
+    assert any(expected in w for w in warnings), warnings
+    state = trainer._gatera_normaliser
+    if trainer_cls is _Truncating:
+        assert state.per_forward and state.forwards_per_batch == 1.0
+    else:
+        assert not state.per_forward and state.forwards_per_batch == 2.0
+        assert len(warnings) == 1  # said once: the second step ran as corrected
+
+
+def test_count_real_tokens_of_each_batch_layout():
+    """Model inputs count their mask (or every position); ORPO/CPO pairs count both sides; raw rows count as unknown."""
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert int(count_real_tokens([{"input_ids": torch.zeros(2, 3), "attention_mask": mask}] * 2)) == 10
+    assert int(count_real_tokens([{"input_ids": torch.zeros(1, 7)}])) == 7  # padding-free: every position is real
+    paired = {"prompt_input_ids": torch.zeros(2, 2), "chosen_input_ids": torch.zeros(2, 3),
+              "chosen_attention_mask": mask, "rejected_input_ids": torch.zeros(2, 4),
+              "rejected_attention_mask": torch.ones(2, 4)}
+    assert int(count_real_tokens([paired])) == 5 + 8
+    assert count_real_tokens([[{"prompt": "count one"}]]) is None  # GRPO's raw rows
+    assert count_real_tokens([{"chosen_input_ids": torch.zeros(2, 3)}]) is None  # half a pair
