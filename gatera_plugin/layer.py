@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .branches import BRANCH_FUNCTIONS, delta_weight, dora_weight_norm
+from .branches import BRANCH_FUNCTIONS, branch_input_dtype, delta_weight, dora_weight_norm
 from .config import GateRAConfig
 from .gates import make_structure_gate, make_token_gate
 from .ops.hira import add_gated
@@ -150,8 +150,8 @@ class GateRALayer(BaseTunerLayer):
         bias = self.get_base_layer().bias
         return base_out - bias if bias is not None else base_out
 
-    def _cached_delta(self, adapter_name: str) -> torch.Tensor:
-        """`s · W0 ⊙ BA` (d_out, d_in) for inference, rebuilt only when A, B or W0 changed.
+    def _cached_delta(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+        """`s · W0 ⊙ BA` (d_out, d_in) in `dtype` for inference, rebuilt only when A, B, W0 or `dtype` changed.
 
         The key reads storage pointers and version counters, and, because writes through `.data` (EMA swaps, some
         optimizers and engines) bump no version, a fingerprint of the contents: sum and sum of squares of A and B
@@ -165,11 +165,11 @@ class GateRALayer(BaseTunerLayer):
             sample = flat[:: max(1, flat.numel() // 4096)]
             fingerprint = torch.stack([A.float().sum(), A.float().square().sum(), B.float().sum(),
                                        B.float().square().sum(), sample.float().sum()])
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), weight.data_ptr(), weight._version)
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), weight.data_ptr(), weight._version, dtype)
         cached = self._delta_cache.get(adapter_name)
         if cached is None or cached[0] != key or not torch.equal(cached[1], fingerprint):
             with torch.no_grad():
-                delta = (B @ A).mul_(self.base_weight()).mul_(self.scaling[adapter_name])
+                delta = (B @ A).mul_(self.base_weight()).mul_(self.scaling[adapter_name]).to(dtype)
             cached = self._delta_cache[adapter_name] = (key, fingerprint, delta)
         return cached[2]
 
@@ -195,7 +195,7 @@ class GateRALayer(BaseTunerLayer):
                 f"Move the whole PEFT model (`model.to({str(x.device)!r})`), not only its base model, or load the "
                 "adapter's weights."
             )
-        x = self._cast_input_dtype(x, A.dtype)
+        x = self._cast_input_dtype(x, branch_input_dtype(self.branch_kind[adapter_name], x, A.dtype))
         taps = self.training and self.penalty_run is not None
         mask = self.penalty_run.token_mask(x) if taps else None
         kind = self.gate_kind[adapter_name]
@@ -232,7 +232,7 @@ class GateRALayer(BaseTunerLayer):
 
     def _branch(self, adapter_name, x, multiplier, result, base_out):
         if not self.training and self.options[adapter_name].cache_delta:
-            return add_gated(result, x @ self._cached_delta(adapter_name).t().to(x.dtype), multiplier, 1.0)
+            return add_gated(result, x @ self._cached_delta(adapter_name, x.dtype).t(), multiplier, 1.0)
         return BRANCH_FUNCTIONS[self.branch_kind[adapter_name]](self, adapter_name, x, multiplier, result, base_out)
 
     def _sparse_update(self, adapter_name, x, multiplier, result, base_out):

@@ -78,6 +78,35 @@ def eval_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=input_ids).logits
 
 
+# Tolerances of every numerics check (tests/test_ops.py, tests/test_dtype.py, bench/gpu_check.py). In fp32 a result
+# must match the naive fp32 reference within these (gradients sum over more terms, hence the looser rtol)...
+FP32_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+FP32_GRAD_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def rounding_bound(naive: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype) -> float:
+    """...in bf16 / fp16, its error against the higher-precision `truth` may be at most twice the naive reference's
+    error in the same dtype (Liger-Kernel's convention: round no worse than plain autograd does), plus two units of
+    the dtype's resolution at truth's scale (a scalar gradient, such as the gate bias, is one rounded number: 1 ulp
+    for the reference and 2 for us is luck of the summation order, not a bug)."""
+    return 2 * max_error(naive, truth) + 2 * torch.finfo(dtype).eps * truth.abs().max().item()
+
+
+def within_tolerance(ours: torch.Tensor, naive: torch.Tensor, truth: torch.Tensor, grad: bool = False) -> tuple:
+    """(passed, error against truth, bound) for a result `ours` in its dtype, by the rules above."""
+    error = max_error(ours, truth)
+    if ours.dtype in (torch.float16, torch.bfloat16):
+        bound = rounding_bound(naive, truth, ours.dtype)
+        return error <= bound, error, bound
+    tol = FP32_GRAD_TOLERANCE if grad else FP32_TOLERANCE
+    passed = torch.allclose(ours.double(), naive.double(), **tol)
+    return passed, error, tol["atol"] + tol["rtol"] * truth.abs().max().item()
+
+
 def naive_gated_hira(x, W0, A, B, gate_w, gate_b, scaling=1.0):
     """Reference: s · σ(x·w + b) ⊙ (x (W0 ⊙ BA)ᵀ), plain autograd."""
     g = torch.sigmoid(x @ gate_w.t() + gate_b) if gate_w is not None else None

@@ -7,7 +7,7 @@ rebuilt in backward instead, so between forward and backward a layer holds nothi
 Even transiently `ΔW` is never whole: forward and backward walk over blocks of `rows` output rows (the same tiling
 the Triton kernel uses on the GPU), so the largest temporary is `rows × d_in` (`CHUNK_ELEMENTS` elements).
 
-Backward (SPEC.md section 2), with `δ = ∂L/∂out` (N × d_out) and `G = s·g ⊙ δ`:
+Backward (docs/method.md, "Gradients"), with `δ = ∂L/∂out` (N × d_out) and `G = s·g ⊙ δ`:
 
     P  = δ ΔW = Σ_blocks δ_b ΔW_b    (N × d_in)   one product serves both:
     dx = s·g ⊙ P                                   dx_t = s g_t ΔWᵀ δ_t
@@ -40,13 +40,33 @@ def _row_blocks(d_out: int, d_in: int):
         yield slice(start, min(start + rows, d_out))
 
 
+def _delta_block(B: torch.Tensor, A: torch.Tensor, W0: torch.Tensor, x: torch.Tensor, autocast: dict) -> torch.Tensor:
+    """`ΔW_b = W0_b ⊙ (B_b A)` (rows, d_in) in the dtype of the products with x: autocast's when it is on, else x's.
+
+    `B_b A` is formed in the factors' dtype (fp32 for PEFT's fp32 adapter weights) and rounded once to x's dtype, so
+    a bf16 / fp16 model run outside autocast (e.g. `generate()`) gets its W0-sized products in bf16 / fp16 (fp32
+    accumulation in cuBLAS / oneDNN), not in fp32.
+    """
+    delta_w = (B @ A).mul_(W0)
+    return delta_w if autocast["enabled"] else delta_w.to(x.dtype)
+
+
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sums over blocks are kept in fp32 when the operands are half precision."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional[torch.Tensor], scaling: float):
-    """`base + s · g ⊙ update` in one pass where dtypes allow (base: (N, d_out) or None, gate: (N, 1) or None)."""
+def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional[torch.Tensor], scaling: float,
+              reuse_update: bool = False):
+    """`base + s · g ⊙ update` in one pass where dtypes allow (base: (N, d_out) or None, gate: (N, 1) or None).
+
+    `reuse_update=True` (a fresh, contiguous `update` nothing else reads) writes the result into `update`'s memory
+    when it has the result's dtype: no new (N, d_out) tensor, which on CPU also saves its page faults.
+    """
+    if reuse_update and base is not None and base.dtype == update.dtype and update.is_contiguous():
+        if gate is not None:
+            return torch.addcmul(base, update, (gate * scaling).to(update.dtype), out=update)
+        return torch.add(base, update, alpha=scaling, out=update)
     if base is None:
         if gate is not None:
             return update * (gate * scaling)
@@ -70,20 +90,20 @@ class GatedHiraFunction(torch.autograd.Function):
         d_out, d_in = W0.shape
         blocks = list(_row_blocks(d_out, d_in))
         if len(blocks) == 1:
-            delta_w = (B @ A).mul_(W0)  # (d_out, d_in)
+            delta_w = _delta_block(B, A, W0, x, ctx.autocast)  # (d_out, d_in)
             if gate is None and base is not None and base.dtype == torch.result_type(x, delta_w) \
                     and not ctx.autocast["enabled"]:
                 out = torch.addmm(base, x, delta_w.t(), alpha=scaling)  # the residual add rides on the GEMM
             else:
-                out = add_gated(base, x @ delta_w.t(), gate, scaling)
+                out = add_gated(base, x @ delta_w.t(), gate, scaling, reuse_update=True)
         else:
             update = None  # (N, d_out), filled block by block
             for rows in blocks:
-                block = x @ (B[rows] @ A).mul_(W0[rows]).t()  # x ΔW_bᵀ: (N, rows)
+                block = x @ _delta_block(B[rows], A, W0[rows], x, ctx.autocast).t()  # x ΔW_bᵀ: (N, rows)
                 if update is None:
                     update = block.new_empty((x.shape[0], d_out))
                 update[:, rows] = block
-            out = add_gated(base, update, gate, scaling)
+            out = add_gated(base, update, gate, scaling, reuse_update=True)
         ctx.save_for_backward(x, gate, A, B)
         ctx.weight_fn = weight_fn
         ctx.scaling = scaling
@@ -102,10 +122,16 @@ class GatedHiraFunction(torch.autograd.Function):
             go = grad_out.to(x.dtype)  # the branch ran in the adapter's dtype (a no-op unless the base differs)
             W0 = ctx.weight_fn()
             d_out, d_in = W0.shape
-            token_scale = gate * s if gate is not None else s  # (N, 1) or scalar
-            G = None  # s·g ⊙ δ: (N, d_out)
+            scaled = gate is not None or s != 1.0
+            token_scale = (gate * s).to(x.dtype) if gate is not None else s  # (N, 1) or scalar
+            # dΔW = (s·g ⊙ δ)ᵀ x = δᵀ (s·g ⊙ x): the token scale goes on the narrower of δ (N × d_out) and x (N × d_in)
+            G = xs = None
             if need_A or need_B:
-                G = go * token_scale if (gate is not None or s != 1.0) else go
+                G, xs = go, x
+                if scaled and d_in < d_out:
+                    xs = x * token_scale
+                elif scaled:
+                    G = go * token_scale
             factor_dtype = torch.result_type(B, A)
             P = None  # δ ΔW: (N, d_in)
             if need_A:
@@ -115,12 +141,12 @@ class GatedHiraFunction(torch.autograd.Function):
             for rows in _row_blocks(d_out, d_in):
                 W0_b = W0[rows]
                 if need_x or need_gate:
-                    delta_w = (B[rows] @ A).mul_(W0_b).to(go.dtype)  # (rows, d_in)
+                    delta_w = _delta_block(B[rows], A, W0_b, go, ctx.autocast)  # (rows, d_in)
                     part = go[:, rows] @ delta_w  # (N, d_in)
                     del delta_w
                     P = part.to(_accumulator_dtype(part.dtype)) if P is None else P.add_(part)
                 if G is not None:
-                    dM = (G[:, rows].t() @ x).to(factor_dtype).mul_(W0_b)  # (rows, d_in)
+                    dM = (G[:, rows].t() @ xs).to(factor_dtype).mul_(W0_b)  # (rows, d_in)
                     if need_B:
                         grad_B[rows] = dM @ A.t()
                     if need_A:
@@ -128,8 +154,8 @@ class GatedHiraFunction(torch.autograd.Function):
                     del dM
             if need_gate:
                 grad_gate = (P * x).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
-            if need_x:
-                grad_x = (P * token_scale if (gate is not None or s != 1.0) else P).to(x.dtype)
+            if need_x:  # P is this function's own temporary: scaled in place
+                grad_x = (P.mul_(token_scale) if scaled else P).to(x.dtype)
             if need_A:
                 grad_A = grad_A.to(A.dtype)
             if need_B:

@@ -6,7 +6,9 @@ PEFT's LoRA stores plus the gate (N × 1).
 
 Backward, with `δ = ∂L/∂out` (N × d_out) and `u = δ B` (N × r):
 
-    dg = s · Σ_k u ⊙ h,   dh = s·g ⊙ u,   dx = dh A,   dA = dhᵀ x,   dB = (s·g ⊙ δ)ᵀ h
+    dg = s · Σ_k u ⊙ h,   dh = s·g ⊙ u,   dx = dh A,   dA = dhᵀ x,   dB = δᵀ (s·g ⊙ h)
+
+(the token scale of dB goes on h, N × r, rather than on δ, N × d_out).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class GatedLoraFunction(torch.autograd.Function):
         if gate is None and base is not None and base.dtype == h.dtype and not ctx.autocast["enabled"]:
             out = torch.addmm(base, h, B.t(), alpha=scaling)
         else:
-            out = add_gated(base, h @ B.t(), gate, scaling)
+            out = add_gated(base, h @ B.t(), gate, scaling, reuse_update=True)
         ctx.save_for_backward(x, gate, A, B, h)
         ctx.scaling = scaling
         ctx.has_base = base is not None
@@ -58,7 +60,7 @@ class GatedLoraFunction(torch.autograd.Function):
             if need_A:
                 grad_A = (dh.t() @ x.to(dh.dtype)).to(A.dtype)
             if need_B:
-                grad_B = ((go * token_scale).t() @ h.to(go.dtype)).to(B.dtype)
+                grad_B = (go.t() @ (h * token_scale).to(go.dtype)).to(B.dtype)
         return grad_base, grad_x, grad_gate, grad_A, grad_B, None
 
 

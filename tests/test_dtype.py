@@ -1,0 +1,111 @@
+"""What a bf16 model's HiRA branch computes in outside autocast (e.g. `generate()`), and how close it stays to fp64.
+
+PEFT keeps adapter weights in fp32 and casts the layer input to them; for HiRA that would run the products with
+`W0 ⊙ BA`, as large as the base layer's own, in fp32. GateRA runs them in the input's dtype instead
+(`gatera_plugin.branches.branch_input_dtype`), with `BA` formed in fp32 and A, B and their gradients kept fp32.
+"""
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gatera_plugin import GateRAConfig
+from tests.helpers import naive_gated_hira, within_tolerance
+
+D_IN, D_OUT, R, N = 48, 80, 8, 33
+PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+class _RecordProducts(TorchDispatchMode):
+    """Records (shapes, dtypes) of the operands of every matrix product that runs inside it, backward included."""
+
+    def __init__(self):
+        super().__init__()
+        self.products = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in PRODUCTS:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            self.products.append(([tuple(t.shape) for t in tensors], [t.dtype for t in tensors]))
+        return func(*args, **(kwargs or {}))
+
+
+class _One(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(D_IN, D_OUT, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _model(dtype, gate="sigmoid"):
+    torch.manual_seed(0)
+    base = _One()
+    with torch.no_grad():
+        base.proj.weight.mul_(20.0)  # a pretrained weight's scale, so that the update is not lost in bf16 rounding
+    config = GateRAConfig(r=R, target_modules=["proj"], gate=gate, init_weights=False, entropy_weight=0.0)
+    return get_peft_model(base.to(dtype), config).train()
+
+
+def _costs_n_d_in_d_out(shapes) -> bool:
+    """A product of N·d_in·d_out multiply-adds (token by weight sized): its operands span N, d_in and d_out."""
+    return {N, D_IN, D_OUT} <= {d for shape in shapes for d in shape}
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_model_outside_autocast_runs_weight_sized_products_in_its_dtype(dtype, gate):
+    model = _model(dtype, gate)
+    layer = model.base_model.model.proj
+    assert layer.gatera_A["default"].dtype == torch.float32  # PEFT's default: fp32 adapter weights
+    x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    recorder = _RecordProducts()
+    with recorder:
+        out = model(x)
+        out.backward(torch.ones_like(out))
+    assert out.dtype == dtype and x.grad.dtype == dtype
+    assert layer.gatera_A["default"].grad.dtype == torch.float32 and layer.gatera_B["default"].grad.dtype == torch.float32
+    # the base's forward and dx, the branch's x ΔWᵀ, and in backward δ ΔW and δᵀ x: all in `dtype`
+    big = [dtypes for shapes, dtypes in recorder.products if _costs_n_d_in_d_out(shapes)]
+    assert len(big) == 5, recorder.products
+    assert all(set(dtypes) == {dtype} for dtypes in big), big
+    # the rank-r products (B A, and dΔW Aᵀ, Bᵀ dΔW for the factor gradients) stay fp32
+    factor = [dtypes for shapes, dtypes in recorder.products if any(R in shape for shape in shapes)]
+    assert len(factor) >= 3 and all(set(dtypes) == {torch.float32} for dtypes in factor), factor
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_model_outside_autocast_within_rounding_of_fp64(dtype):
+    """Output and every gradient against the fp64 truth: within 2x the error of naive autograd run wholly in `dtype`
+    (+2 ulp), the rule of the other low-precision tests (`tests.helpers.rounding_bound`)."""
+    model = _model(dtype)
+    layer = model.base_model.model.proj
+    params = {"A": layer.gatera_A["default"], "B": layer.gatera_B["default"],
+              "w": layer.gatera_gate["default"].weight, "b": layer.gatera_gate["default"].bias}
+    W0 = layer.base_layer.weight.detach()
+    x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(2))
+    s = layer.scaling["default"]
+
+    def reference(precision):
+        t = {k: v.detach().to(precision).requires_grad_() for k, v in params.items()}
+        xr = x.to(precision).requires_grad_()
+        W = W0.to(precision)
+        out = xr @ W.t() + naive_gated_hira(xr, W, t["A"], t["B"], t["w"], t["b"], s)
+        grads = torch.autograd.grad(out, [xr, *t.values()], grad_out.to(precision))
+        return out, dict(zip(["x", *t], grads))
+
+    truth_out, truth = reference(torch.float64)
+    naive_out, naive = reference(dtype)
+    xo = x.to(dtype).requires_grad_()
+    out = model(xo)
+    out.backward(grad_out.to(dtype))
+    ours = {"x": xo.grad, **{k: v.grad for k, v in params.items()}}
+    passed, error, bound = within_tolerance(out, naive_out, truth_out)
+    assert passed, f"output: error {error:.3g} > {bound:.3g}"
+    for name in truth:
+        # fp32 gradients (A, B, gate) are held to the dtype's rule too: their inputs passed through `dtype`
+        passed, error, bound = within_tolerance(ours[name].to(dtype), naive[name], truth[name], grad=True)
+        assert passed, f"grad of {name}: error {error:.3g} > {bound:.3g}"
