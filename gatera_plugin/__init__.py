@@ -4,6 +4,10 @@
 `PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and TRL's `SFTTrainer(peft_config=GateRAConfig(...))` work
 with it, installs the small Trainer integration that applies and logs the penalties, and makes GateRA adapter
 saves atomic and loads checked (`serialization.py`).
+
+The method (formulas of every gate and branch kind, the penalties and their normalisation, gradients, merging,
+inference, and our choices where the papers are silent) is described in docs/method.md of the source repository and
+the sdist.
 """
 
 from ._registration import PEFT_TYPE, register as _register

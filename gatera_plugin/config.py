@@ -1,4 +1,4 @@
-"""`GateRAConfig`: one config for every token-gate kind over every branch kind (SPEC.md section 5)."""
+"""`GateRAConfig`: one config for every token-gate kind over every branch kind (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class GateRAConfig(PeftConfig):
     `(W0 ⊙ BA) x` (`branch="hira"`), LoRA's `(lora_alpha / r) · BA x` (`branch="lora"`) or DoRA's change of output
     (`branch="dora"`). The penalties (entropy of sigmoid gates, kept fraction of threshold gates, sparsity of
     structure gates) are applied inside the gated layers' backward pass, so every trainer applies them without extra
-    code. See `SPEC.md` for the maths.
+    code. The maths: docs/method.md (in the source repository and the sdist).
 
     Args:
         r: rank of the branch factors `A` (r × d_in) and `B` (d_out × r).
@@ -218,8 +218,8 @@ class GateRAConfig(PeftConfig):
         if self.lora_alpha is not None:
             if self.branch == "hira":
                 raise ValueError(
-                    f"`lora_alpha` only applies to branch='lora' or 'dora' (HiRA has no scaling, SPEC.md section 1), "
-                    f"got lora_alpha={self.lora_alpha!r} with branch={self.branch!r}. Remove `lora_alpha` or set "
+                    f"`lora_alpha` only applies to branch='lora' or 'dora' (HiRA has no scaling; docs/method.md, "
+                    f"section 'Branches'), got lora_alpha={self.lora_alpha!r} with branch={self.branch!r}. Remove `lora_alpha` or set "
                     "branch='lora'."
                 )
             _check_number("lora_alpha", self.lora_alpha, low=0, low_open=True)
@@ -264,8 +264,8 @@ class GateRAConfig(PeftConfig):
                 f"`target_parameters` is not supported by GateRA, got {self.target_parameters!r}: GateRA wraps modules "
                 "(its gate reads a module's input per token), not bare parameters such as the fused 3-D expert weights "
                 "of transformers-5 MoE models. Use `target_modules` for the modules GateRA can adapt (the experts then "
-                "stay frozen), or PEFT's `LoraConfig(target_parameters=...)` to adapt the experts. See docs/method.md, "
-                "section \"Mixture-of-experts models and classification heads\"."
+                "stay frozen), or PEFT's `LoraConfig(target_parameters=...)` to adapt the experts. See "
+                "docs/method.md, section \"Mixture-of-experts models and classification heads\"."
             )
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)

@@ -5,8 +5,9 @@ name, everything under the layer except `base_layer` is adapter state, and `upda
 wraps `nn.Linear` and transformers' `Conv1D` (GPT-2 style, weight stored transposed); `bnb.py` adds bitsandbytes'
 quantised linears by overriding `base_weight`.
 
-One adapter's update composes three independent choices (SPEC.md section 5): the token gate (`gates.py`: sigmoid,
-threshold or none), the optional structure gate σ(α), and the branch (`branches.py`: hira, lora, dora).
+One adapter's update composes three independent choices (docs/method.md, "The adapted layer"): the token gate
+(`gates.py`: sigmoid, threshold or none), the optional structure gate σ(α), and the branch (`branches.py`: hira, lora,
+dora).
 """
 
 from __future__ import annotations
@@ -344,8 +345,9 @@ def _register_base_weight_with_zero3(layer: GateRALayer) -> None:
 def _unmergeable_message(adapter_name: str, gate_kind: str) -> str:
     return (
         f"Cannot merge GateRA adapter {adapter_name!r}: it has a per-token gate (gate={gate_kind!r}), so its update "
-        "depends on each token and no single merged weight exists (SPEC.md section 1). Keep the adapter unmerged "
-        "(load it with PeftModel.from_pretrained for inference), or train with gate='none' for a mergeable adapter."
+        "depends on each token and no single merged weight exists (docs/method.md, section 'Merging'). Keep the "
+        "adapter unmerged (load it with PeftModel.from_pretrained for inference), or train with gate='none' for a "
+        "mergeable adapter."
     )
 
 

@@ -1,4 +1,5 @@
-"""The anchors of the suite (SPEC.md section 5): ungated GateRA equals PEFT's HiRA and LoRA; gated equals the formula."""
+"""The anchors of the suite (docs/method.md, "Branches"): ungated GateRA equals PEFT's HiRA and LoRA; gated equals the
+formula."""
 
 import copy
 

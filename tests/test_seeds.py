@@ -30,7 +30,8 @@ def config_for(gate, branch, structure, **kwargs):
 
 
 def naive_layer_output(layer, x, adapter="default"):
-    """The formula of SPEC.md written out with plain autograd, for any gate kind, branch kind and structure gate."""
+    """The formula of docs/method.md ("The adapted layer") written out with plain autograd, for any gate kind, branch
+    kind and structure gate."""
     config = layer.options[adapter]
     base = layer.get_base_layer()
     W0 = layer.base_weight().float()

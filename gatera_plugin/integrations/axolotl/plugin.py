@@ -63,7 +63,8 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
         raise ValueError("`adapter: gatera` needs `lora_target_modules` or `lora_target_linear: true`.")
     lora_alpha = cfg.lora_alpha
     if branch == "hira" and lora_alpha is not None:
-        LOG.warning("lora_alpha=%s is not used by GateRA's HiRA branch (it has no scaling; SPEC.md).", lora_alpha)
+        LOG.warning("lora_alpha=%s is not used by GateRA's HiRA branch (it has no scaling; docs/method.md, section "
+                    "'Branches').", lora_alpha)
         lora_alpha = None
     return gatera_plugin.GateRAConfig(
         r=cfg.lora_r or 32,
