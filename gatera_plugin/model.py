@@ -111,10 +111,10 @@ def _warn_untrained_classifier_head(model: nn.Module, config: GateRAConfig) -> N
     warnings.warn(
         f"{type(model).__name__}'s head `{head_name}` is not trained in full: it {state}, so a newly initialised head "
         f"keeps its random weights. Set `task_type=\"SEQ_CLS\"` in GateRAConfig (PEFT then trains `{head_name}` in "
-        f"full and excludes it from \"all-linear\") or `modules_to_save=[\"{head_name}\"]`. See docs/method.md, section "
-        "\"Mixture-of-experts models and classification heads\".",
+        f"full and excludes it from \"all-linear\") or `modules_to_save=[\"{head_name}\"]`. See docs/method.md, "
+        "section \"Mixture-of-experts models and classification heads\".",
         FrozenHeadWarning,
-        stacklevel=4,
+        stacklevel=2,
     )
 
 
