@@ -5,9 +5,9 @@ Installed once on `import gatera_plugin`, these wrappers do nothing unless the t
 - `get_batch_samples` (the Trainer prefetches the micro-batches of one optimisation step): count the real tokens of
   the whole step across data-parallel ranks and read the fp16 loss scale, and hand both to the model's
   `PenaltyRun`, so that the penalty is the mean over the step's tokens whatever the gradient accumulation. Where the
-  prefetched batches are not the model's inputs (GRPO, RLOO, distillation build them after generation), each
-  forward is normalised by its own real tokens × forwards per step × ranks instead, with a warning (once per
-  trainer). Each step also checks its count against the forwards that really ran with gradient (the `PenaltyRun`
+  prefetched batches are not the model's inputs (GRPO, RLOO, distillation and online DPO build them after
+  generation; GKD and GOLD replace them by generations at some steps), each forward is normalised by its own real
+  tokens × forwards per step × ranks instead, with a warning (once per trainer). Each step also checks its count against the forwards that really ran with gradient (the `PenaltyRun`
   tallies them) and, on a mismatch, warns with both numbers and switches to per-forward normalisation;
 - `log`: add the gate statistics gathered since the last log (`gatera/...` keys) to training logs, before they
   reach `state.log_history` and every `report_to` backend;
@@ -44,6 +44,10 @@ def find_gatera_model(model) -> Optional[GateRAModel]:  # noqa: F821
             return base
     return None
 
+
+# Trainers (and their subclasses) whose batches are the model's inputs only at some steps: at the others they are
+# replaced by the trainer's own generations (TRL's GKD and GOLD, on-policy with probability `lmbda`).
+REPLACES_INPUTS = ("GKDTrainer", "GOLDTrainer")
 
 # Preference trainers that keep each pair as `chosen_*` / `rejected_*` inputs and run both in one concatenated forward
 # (TRL's ORPO and CPO).
@@ -162,7 +166,8 @@ def begin_step(trainer, batch_samples) -> None:
     accelerator = trainer.accelerator
     world_size = accelerator.num_processes
     mismatch = _check_last_step(trainer, run)
-    tokens = None if state.per_forward or mismatch else count_real_tokens(batch_samples)
+    replaces = any(cls.__name__ in REPLACES_INPUTS for cls in type(trainer).__mro__)
+    tokens = None if state.per_forward or mismatch or replaces else count_real_tokens(batch_samples)
     uncountable, step_tokens = tokens is None and not state.per_forward and not mismatch, None
     if world_size > 1 and not state.per_forward:  # every rank takes this branch until all switch together
         local = torch.tensor([float(tokens) if tokens is not None else 0.0, float(tokens is None)],
@@ -177,13 +182,15 @@ def begin_step(trainer, batch_samples) -> None:
     if tokens is None and not state.per_forward:
         state.per_forward = True
         if uncountable:
-            kind = type(batch_samples[0]).__name__ if len(batch_samples) else "nothing"
+            name, kind = type(trainer).__name__, type(batch_samples[0]).__name__ if batch_samples else "nothing"
+            reason = (f"{name} replaces its batches with its own generations at some steps" if replaces else
+                      f"{name}'s dataloader yields {kind}, not the model's inputs (the trainer builds them itself, "
+                      "e.g. after generation)")
             logger.warning(
-                f"GateRA: {type(trainer).__name__}'s dataloader yields {kind}, not the model's inputs (the trainer "
-                "builds them itself, e.g. after generation), so the real tokens of a whole optimisation step cannot "
-                "be counted in advance. Each forward's penalty is normalised by its own real tokens × forwards per "
-                "step × ranks instead: the penalty is the mean over the step's forwards of each forward's token "
-                "mean (TRL normalises GRPO's entropy bonus the same way). See README, 'How the penalty is applied'."
+                f"GateRA: {reason}, so the real tokens of a whole optimisation step cannot be counted in advance. "
+                "Each forward's penalty is normalised by its own real tokens × forwards per step × ranks instead: "
+                "the penalty is the mean over the step's forwards of each forward's token mean (TRL normalises "
+                "GRPO's entropy bonus the same way). See README, 'How the penalty is applied'."
             )
     micro_batches = len(batch_samples)
     forwards = max(1, round(micro_batches * state.forwards_per_batch))

@@ -29,8 +29,8 @@ CHOSEN = [" three four", " seven", " six seven eight nine", " eight"]
 REJECTED = [" nine ten eleven", " two", " one", " zero ten"]
 
 # trainer -> (what the step-level count reads, so the normaliser mode the test expects)
-STEP_LEVEL = {"sft", "dpo", "kto", "reward", "orpo", "cpo"}  # N = real tokens of all the step's micro-batches
-PER_FORWARD = {"grpo", "rloo", "distillation"}  # N = this forward's real tokens × forwards per step × ranks
+STEP_LEVEL = {"sft", "dpo", "kto", "reward", "orpo", "cpo", "tpo"}  # N = real tokens of all the step's micro-batches
+PER_FORWARD = {"grpo", "rloo", "distillation", "online_dpo", "gkd"}  # N = this forward's tokens × forwards × ranks
 
 
 def _tokenizer():
@@ -97,6 +97,23 @@ def _trainer(kind, tmp_path, entropy_weight, steps):
         config_cls, trainer_cls = (ORPOConfig, ORPOTrainer) if kind == "orpo" else (CPOConfig, CPOTrainer)
         return trainer_cls(model=tiny_llama(), args=config_cls(**common, max_length=32), train_dataset=preference,
                            **shared)
+    if kind == "tpo":
+        from trl.experimental.tpo import TPOConfig, TPOTrainer
+
+        data = preference.add_column("reference", CHOSEN * 2)
+        return TPOTrainer(model=tiny_llama(), args=TPOConfig(**common), train_dataset=data, **shared)
+    if kind == "online_dpo":
+        from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+        return OnlineDPOTrainer(model=tiny_llama(), reward_funcs=_length_reward, train_dataset=prompts,
+                                args=OnlineDPOConfig(**common, max_new_tokens=4), **shared)
+    if kind == "gkd":  # on-policy with probability lmbda = 0.5: its batches are the model's inputs only sometimes
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        shared["processing_class"].chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+        chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": c}] for p, c in zip(PROMPTS, CHOSEN)]
+        return GKDTrainer(model=tiny_llama(), teacher_model=tiny_llama(seed=1), train_dataset=Dataset.from_dict(
+            {"messages": chats * 2}), args=GKDConfig(**common, max_new_tokens=4, max_length=32), **shared)
     raise ValueError(kind)
 
 
@@ -163,7 +180,7 @@ def _run(kind, tmp_path, entropy_weight, steps):
     return trainer, capture
 
 
-@pytest.mark.slow  # 3-7 s each on one thread, ~45 s for all
+@pytest.mark.slow  # 3-7 s each on one thread, ~1 min for all
 @pytest.mark.parametrize("kind", sorted(STEP_LEVEL | PER_FORWARD))
 def test_trl_trainer_trains_penalises_logs_and_reloads(kind, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
@@ -172,7 +189,7 @@ def test_trl_trainer_trains_penalises_logs_and_reloads(kind, tmp_path, caplog):
     per_forward = kind in PER_FORWARD
     # the normaliser README states for this trainer, said once when it is the per-forward one, and no mismatch
     assert trainer._gatera_normaliser.per_forward == per_forward
-    assert len(warnings) == per_forward and all("dataloader yields" in w for w in warnings), warnings
+    assert len(warnings) == per_forward and all("cannot be counted in advance" in w for w in warnings), warnings
     assert len(capture.inputs) == ACCUM  # one forward with gradient per micro-batch
 
     # training ran, the loss is finite, the gate statistics reached the logs
