@@ -17,7 +17,7 @@ from datasets import Dataset
 from peft import PeftModel
 from transformers import LlamaForSequenceClassification, Trainer, TrainerCallback
 
-from gatera_plugin import GateRAConfig
+from gatera_plugin import FrozenHeadWarning, GateRAConfig
 from gatera_plugin.trainer_integration import count_real_tokens
 from tests.helpers import collect_gates, naive_entropy, tiny_llama, toy_texts, word_tokenizer
 from tests.test_trainer import _plain_trainer, _texts_of_unequal_length
@@ -274,3 +274,14 @@ def test_count_real_tokens_of_each_batch_layout():
     assert int(count_real_tokens([paired])) == 5 + 8
     assert count_real_tokens([[{"prompt": "count one"}]]) is None  # GRPO's raw rows
     assert count_real_tokens([{"chosen_input_ids": torch.zeros(2, 3)}]) is None  # half a pair
+
+
+def test_reward_trainer_says_when_the_score_head_is_not_trained(tmp_path):
+    """RewardTrainer with a plain GateRAConfig() keeps the new score head frozen at random: a warning names the fix."""
+    tokenizer = _tokenizer()
+    pairs = Dataset.from_dict({"chosen": PROMPTS, "rejected": PROMPTS[::-1]})
+    args = trl.RewardConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
+    with pytest.warns(FrozenHeadWarning, match='task_type="SEQ_CLS"'):
+        trainer = trl.RewardTrainer(model=_seq_cls_model(), args=args, train_dataset=pairs,
+                                    processing_class=tokenizer, peft_config=GateRAConfig())
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".score." in n)
