@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="JSONL with prompt/completion (default: the bundled elements)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (integrations/deepspeed/)")
+    parser.add_argument("--fsdp", type=int, choices=(1, 2), default=None,
+                        help="shard with PyTorch FSDP of this version (2: fully_shard) through accelerate")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4, help="per-device micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1)
@@ -44,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the end)")
     parser.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'last'")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--reentrant", action="store_true", help="reentrant gradient checkpointing (TRL's default: not)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--load-in-4bit", action="store_true", help="quantise the base with bitsandbytes (QLoRA)")
     parser.add_argument("--cpu", action="store_true", help="train on CPU (with DeepSpeed: DS_ACCELERATOR=cpu, gloo)")
@@ -72,9 +75,11 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="constant",
         logging_steps=1, report_to="none", save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500, seed=args.seed, data_seed=args.seed, deepspeed=args.deepspeed,
+        fsdp=bool(args.fsdp), fsdp_config={"version": args.fsdp} if args.fsdp else None,
         use_cpu=args.cpu, ddp_backend="gloo" if args.cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         bf16=args.bf16, fp16=False,
-        gradient_checkpointing=args.gradient_checkpointing, max_length=64, disable_tqdm=True, max_grad_norm=0.0,
+        gradient_checkpointing=args.gradient_checkpointing, max_length=64,
+        gradient_checkpointing_kwargs={"use_reentrant": True} if args.reentrant else None, disable_tqdm=True, max_grad_norm=0.0,
         optim="adamw_torch", save_only_model=False,
     )
     data = Path(args.data) if args.data else DATA
@@ -92,7 +97,10 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
     if args.model != "tiny" or args.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") if args.load_in_4bit else None
+        quantization = BitsAndBytesConfig(  # FSDP shards only floating-point storage: pack the 4-bit bytes in bf16
+            load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_quant_storage=torch.bfloat16 if args.fsdp else torch.uint8,
+        ) if args.load_in_4bit else None
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch.bfloat16 if args.bf16 else torch.float32, quantization_config=quantization,
             device_map="cpu" if args.cpu and args.load_in_4bit and not args.deepspeed else None,

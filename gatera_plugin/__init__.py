@@ -12,6 +12,7 @@ the sdist.
 
 from ._registration import PEFT_TYPE, register as _register
 from .config import GateRAConfig
+from .fsdp import install as _install_fsdp
 from .layer import GateRALayer
 from .model import FrozenHeadWarning, GateRAModel, UnreachedExpertsWarning
 from .penalty import binary_entropy
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 _register(GateRAConfig, GateRAModel)
 _install_trainer_integration()
 _install_serialization()
+_install_fsdp()
 
 __all__ = [
     "PEFT_TYPE", "FrozenHeadWarning", "GateRAConfig", "GateRALayer", "GateRAModel", "UnreachedExpertsWarning",

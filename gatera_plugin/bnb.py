@@ -12,6 +12,7 @@ from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import dequantize_bnb_weight
 
+from .fsdp import unsharded_weight
 from .layer import Linear
 
 
@@ -88,6 +89,20 @@ if is_bnb_4bit_available():
 
             base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
 
+    def _gathered_4bit_weight(base) -> None:
+        """Make `base.weight` readable as 4-bit W0 under FSDP2, then keep its standard layout.
+
+        FSDP2 shards the packed bytes (stored as bf16 with `bnb_4bit_quant_storage`) and, inside the unit's
+        forward and backward, puts a plain gathered parameter in their place, without the `quant_state` that
+        bitsandbytes keeps on the module as well: reattach it as bitsandbytes' own forward does.
+        """
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        unsharded_weight(base.weight)
+        if getattr(base.weight, "quant_state", None) is None and getattr(base, "quant_state", None) is not None:
+            fix_4bit_weight_quant_state_from_module(base)
+        _keep_standard_4bit_layout(base)
+
     class Linear4bit(_QuantizedLinear):
         """GateRA on `bitsandbytes.nn.Linear4bit` (NF4 / FP4)."""
 
@@ -97,14 +112,14 @@ if is_bnb_4bit_available():
             _keep_standard_4bit_layout(self.get_base_layer())
 
         def base_weight(self) -> torch.Tensor:
-            _keep_standard_4bit_layout(self.get_base_layer())
+            _gathered_4bit_weight(self.get_base_layer())
             return super().base_weight()
 
         def kernel_weight(self):
             """W0 for the Triton kernels: the packed 4-bit bytes, dequantised inside the kernel."""
             from .kernels.hira_triton import Packed4bit
 
-            _keep_standard_4bit_layout(self.get_base_layer())
+            _gathered_4bit_weight(self.get_base_layer())
             return Packed4bit.from_params(self.get_base_layer().weight)
 
         def _store_weight(self, weight: torch.Tensor) -> None:

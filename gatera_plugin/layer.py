@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .branches import BRANCH_FUNCTIONS, branch_input_dtype, delta_weight, dora_weight_norm
 from .config import GateRAConfig
+from .fsdp import unsharded_weight
 from .gates import make_structure_gate, make_token_gate
 from .ops.hira import add_gated
 from .penalty import GateStats, PenaltyRun, constant_term_grad, entropy_term_grad, keep_ratio_term_grad, penalty_tap
@@ -132,7 +133,7 @@ class GateRALayer(BaseTunerLayer):
     # ----------------------------------------------------------------------------------------------- weights
     def base_weight(self) -> torch.Tensor:
         """The frozen base weight `W0` as (d_out, d_in) in its stored dtype (a view, no copy, for dense layers)."""
-        weight = self.get_base_layer().weight
+        weight = unsharded_weight(self.get_base_layer().weight)
         return weight.t() if self.weight_is_transposed else weight
 
     def kernel_weight(self):

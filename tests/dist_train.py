@@ -1,8 +1,12 @@
 """Entry point of the distributed tests: examples/train_sft.py plus probes (run by torchrun / accelerate / deepspeed).
 
 Environment knobs (tests only): GATERA_TEST_KILL_AT_STEP and GATERA_TEST_KILL_RANK kill that rank with SIGKILL when
-that optimisation step begins; every rank writes probe_rank<R>.json into the output folder: whether the base weights
+that optimisation step begins; GATERA_TEST_FP32_ADAPTER=1 trains fp32 adapters on a 4-bit base (TRL casts them to bf16,
+FSDP2 runs keep them fp32); every rank writes probe_rank<R>.json into the output folder: whether the base weights
 were partitioned outside forward (ZeRO-3) and registered as external parameters of the GateRA layers.
+
+With `--fsdp N --cpu` (or an FSDP accelerate config and `--cpu`), accelerate is let to run FSDP on CPU processes
+(`tests.distributed.allow_fsdp_on_cpu`).
 """
 
 import json
@@ -14,8 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "examples"), str(ROOT)]
 
+import torch  # noqa: E402
 import train_sft  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+
+from tests.distributed import allow_fsdp_on_cpu  # noqa: E402
 
 
 class Probe(TrainerCallback):
@@ -24,6 +32,13 @@ class Probe(TrainerCallback):
         self.rank = int(os.environ.get("RANK", "0"))
         self.kill_step = int(os.environ.get("GATERA_TEST_KILL_AT_STEP", "-1"))
         self.kill_rank = int(os.environ.get("GATERA_TEST_KILL_RANK", "-1"))
+        self.fsdp = FsdpProbe() if fsdp_requested() else None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if os.environ.get("GATERA_TEST_FP32_ADAPTER") == "1":  # fp32 adapters on a 4-bit base, as under FSDP2
+            from gatera_plugin.fsdp import upcast_trainable_to_fp32
+
+            upcast_trainable_to_fp32(model)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
@@ -37,13 +52,95 @@ class Probe(TrainerCallback):
                                    for w in weights),
                 "registered": all(id(w) in getattr(m, "_external_params", {}) for m, w in zip(layers, weights)),
             }
+            if self.fsdp is not None:
+                probe.update(self.fsdp.begin(model, layers))
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / f"probe_rank{self.rank}.json").write_text(json.dumps(probe))
         if state.global_step == self.kill_step and self.rank == self.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.fsdp is not None and state.global_step == 1 and self.fsdp.reads["forward"]:
+            probe = json.loads((self.output_dir / f"probe_rank{self.rank}.json").read_text())
+            probe.update(self.fsdp.end())
+            (self.output_dir / f"probe_rank{self.rank}.json").write_text(json.dumps(probe))
+
+
+class FsdpProbe:
+    """What GateRA's branch sees of W0 under FSDP2 during the first optimisation step.
+
+    `sharded`: before the step every GateRA base weight is a DTensor holding a part of W0 on this rank. `reads`: every
+    read of W0 by the branch (forward, and backward: the memory-lean HiRA backward) returns the whole, unsharded W0
+    as a plain tensor. `resharded_after_forward`: after the model's forward, the base weights are shards again, and
+    every tensor autograd saved during forward that equals some W0 is FSDP's own gathered buffer (freed at the
+    reshard), never a copy kept by GateRA.
+    """
+
+    def __init__(self):
+        self.reads = {"forward": [], "backward": []}
+        self.saved, self.saved_checked, self.layers = [], 0, []
+
+    def record_reads(self, cls):
+        """Wrap `cls.base_weight` (GateRA's layer class, or its 4-bit subclass) to record each read of W0."""
+        original = cls.base_weight
+        if getattr(original, "_probe", False):
+            return
+
+        def base_weight(layer):
+            weight = original(layer)
+            if layer in self.layers and type(layer) is cls:  # the first step of a fresh run only
+                phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+                whole = type(weight) is not DTensor and tuple(weight.shape) == (layer.out_features, layer.in_features)
+                self.reads[phase].append(whole)
+            return weight
+
+        base_weight._probe = True
+        cls.base_weight = base_weight
+
+    def begin(self, model, layers):
+        weights = [m.get_base_layer().weight for m in layers]
+        sharded = all(isinstance(w, DTensor) and w.to_local().numel() < w.numel() for w in weights)
+        self.full = [w.full_tensor() for w in weights]  # as stored, for recognising W0 among saved tensors
+        for cls in {type(m) for m in layers}:
+            self.record_reads(cls)
+        self.layers = layers
+        self.after_forward = []
+        self.handle = model.register_forward_hook(lambda *_: self.after_forward.append(self.check_after_forward(layers)))
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return {"sharded": sharded}
+
+    def pack(self, tensor):
+        if tensor.dim() == 2 and any(tensor.shape == v.shape and torch.equal(tensor, v)
+                                     for w in self.full for v in (w, w.t())):
+            self.saved.append(tensor)
+        return tensor
+
+    def check_after_forward(self, layers):
+        resharded = all(isinstance(m.get_base_layer().weight, DTensor) for m in layers)
+        freed = all(t.untyped_storage().size() == 0 for t in self.saved)
+        self.saved_checked += len(self.saved)
+        self.saved.clear()
+        return resharded and freed
+
+    def end(self):
+        self.hooks.__exit__(None, None, None)
+        self.handle.remove()
+        self.layers = []
+        return {"reads_forward": len(self.reads["forward"]), "reads_backward": len(self.reads["backward"]),
+                "reads_whole": all(self.reads["forward"] + self.reads["backward"]),
+                "resharded_after_forward": len(self.after_forward) > 0 and all(self.after_forward),
+                "saved_weights_checked": self.saved_checked}
+
+
+def fsdp_requested() -> bool:
+    """`--fsdp N`, or an FSDP accelerate config (`accelerate launch` exports ACCELERATE_USE_FSDP)."""
+    return "--fsdp" in sys.argv or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]
+    if fsdp_requested() and "--cpu" in arguments:
+        allow_fsdp_on_cpu()
     output_dir = arguments[arguments.index("--output-dir") + 1]
     train_sft.main(arguments, callbacks=[Probe(output_dir)])

@@ -7,76 +7,38 @@ large here, 0.5, so that a per-rank or per-micro-batch double count would show).
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.distributed import (
+    ADAPTER_ATOL,
+    COMMON,
+    LOSS_RTOL,
+    ROOT,
+    SCRIPT,
+    adapter,
+    assert_same_adapter,
+    free_port,
+    killed,
+    losses,
+    ok,
+    run_nodes,
+    single_process,
+    torchrun,
+)
+
 deepspeed = pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = str(ROOT / "tests" / "dist_train.py")
-COMMON = ["--cpu", "--max-steps", "6", "--entropy-weight", "0.5", "--lr", "1e-2", "--save-steps", "2"]
 ZERO = {stage: str(ROOT / "integrations" / "deepspeed" / f"{stage}.json") for stage in ("zero2", "zero3")}
-LOSS_RTOL = 1e-4  # same arithmetic, but gradients are summed across ranks in another order
-ADAPTER_ATOL = 2e-5  # after 6 AdamW steps at lr 1e-2 on O(0.1) weights: order-of-summation differences only
-
-
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
-               PYTHONPATH=str(ROOT))
-    env.pop("TRITON_INTERPRET", None)
-    env.update(extra)
-    return env
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _run(command, **env) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, capture_output=True, text=True, env=_env(**env), cwd=ROOT, timeout=900)
-    return done
-
-
-def _torchrun(out, *args, nproc=2, **env):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               _port(), SCRIPT, *COMMON, "--batch", "2", "--output-dir", str(out), *args]
-    return _run(command, **env)
-
-
-def _ok(done):
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-
-
-def _losses(out):
-    history = json.loads((Path(out) / "metrics.json").read_text())["log_history"]
-    return [h["loss"] for h in history if "loss" in h]
-
-
-def _adapter(folder):
-    from safetensors.torch import load_file
-
-    return load_file(Path(folder) / "adapter_model.safetensors")
-
-
-def _assert_same_adapter(a, b, atol=ADAPTER_ATOL):
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """One process, 4 sequences per step: the reference."""
     out = tmp_path_factory.mktemp("single")
-    _ok(_run([sys.executable, SCRIPT, *COMMON, "--batch", "4", "--output-dir", str(out)]))
+    ok(single_process(out))
     return out
 
 
@@ -84,10 +46,10 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("stage,extra", [("zero2", []), ("zero3", []), ("zero3", ["--gradient-checkpointing"])],
                          ids=["zero2", "zero3", "zero3-checkpointing"])
 def test_zero_matches_single_process(single, tmp_path, stage, extra):
-    done = _torchrun(tmp_path, "--deepspeed", ZERO[stage], *extra)
-    _ok(done)
-    torch.testing.assert_close(torch.tensor(_losses(tmp_path)), torch.tensor(_losses(single)), rtol=LOSS_RTOL, atol=0)
-    _assert_same_adapter(_adapter(tmp_path), _adapter(single))
+    done = torchrun(tmp_path, "--deepspeed", ZERO[stage], *extra)
+    ok(done)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(single)), rtol=LOSS_RTOL, atol=0)
+    assert_same_adapter(adapter(tmp_path), adapter(single))
     probes = [json.loads((tmp_path / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(p["layers"] == 10 for p in probes)
     assert all(p["partitioned"] == (stage == "zero3") for p in probes)  # ZeRO-3 really partitions the base
@@ -97,9 +59,8 @@ def test_zero_matches_single_process(single, tmp_path, stage, extra):
 @pytest.mark.slow
 def test_penalty_counted_once_is_what_makes_them_agree(single, tmp_path):
     """The same single-process run without the penalty ends far from it: the agreement above is not vacuous."""
-    _ok(_run([sys.executable, SCRIPT, *COMMON, "--batch", "4", "--entropy-weight", "0", "--output-dir",
-              str(tmp_path)]))
-    with_penalty, without = _adapter(single), _adapter(tmp_path)
+    ok(single_process(tmp_path, "--entropy-weight", "0"))
+    with_penalty, without = adapter(single), adapter(tmp_path)
     gate_keys = [k for k in with_penalty if "gatera_gate" in k]
     largest = max((with_penalty[k] - without[k]).abs().max().item() for k in gate_keys)
     assert largest > 100 * ADAPTER_ATOL
@@ -112,7 +73,7 @@ def test_saved_adapter_reproduces_outputs_without_deepspeed(single, tmp_path):
     sys.path.insert(0, str(ROOT / "examples"))
     from common import tiny_model_and_tokenizer
 
-    _ok(_torchrun(tmp_path, "--deepspeed", ZERO["zero3"]))
+    ok(torchrun(tmp_path, "--deepspeed", ZERO["zero3"]))
     input_ids = torch.randint(4, 60, (2, 9))
     logits = []
     for folder in (tmp_path, single):
@@ -129,19 +90,19 @@ def test_killed_rank_fails_loudly_and_last_checkpoint_loads(single, tmp_path):
     sys.path.insert(0, str(ROOT / "examples"))
     from common import tiny_model_and_tokenizer
 
-    done = _torchrun(tmp_path, "--deepspeed", ZERO["zero3"], GATERA_TEST_KILL_AT_STEP="3", GATERA_TEST_KILL_RANK="1")
+    done = torchrun(tmp_path, "--deepspeed", ZERO["zero3"], GATERA_TEST_KILL_AT_STEP="3", GATERA_TEST_KILL_RANK="1")
     assert done.returncode != 0
-    assert "SIGKILL" in done.stderr or "Signal 9" in done.stderr or "exitcode  : -9" in done.stderr, done.stderr[-3000:]
+    assert killed(done), done.stderr[-3000:]
     checkpoints = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-2"]  # step 2 saved, killed at the start of step 4 (global_step 3)
-    _assert_same_adapter(_adapter(tmp_path / "checkpoint-2"), _adapter(single / "checkpoint-2"))
+    assert_same_adapter(adapter(tmp_path / "checkpoint-2"), adapter(single / "checkpoint-2"))
     PeftModel.from_pretrained(tiny_model_and_tokenizer()[0], tmp_path / "checkpoint-2")
 
 
 @pytest.mark.slow
 def test_two_node_accelerate_recipe_on_loopback(single, tmp_path):
     """Two 'nodes' of one process each, launched with the accelerate config users copy (machine_rank 0 and 1)."""
-    port = _port()
+    port = free_port()
     commands = [
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
          str(ROOT / "integrations" / "accelerate" / "zero3_multinode.yaml"), "--machine_rank", str(rank),
@@ -150,19 +111,9 @@ def test_two_node_accelerate_recipe_on_loopback(single, tmp_path):
          "--output-dir", str(tmp_path)]
         for rank in (0, 1)
     ]
-    _run_nodes(commands)
-    torch.testing.assert_close(torch.tensor(_losses(tmp_path)), torch.tensor(_losses(single)), rtol=LOSS_RTOL, atol=0)
-    _assert_same_adapter(_adapter(tmp_path), _adapter(single))
-
-
-
-def _run_nodes(commands: list[list[str]]) -> None:
-    """Start one process per node at once (they rendezvous with each other) and require every one to succeed."""
-    nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
-             for c in commands]
-    for node in nodes:
-        _, stderr = node.communicate(timeout=900)
-        assert node.returncode == 0, stderr[-5000:]
+    run_nodes(commands)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(single)), rtol=LOSS_RTOL, atol=0)
+    assert_same_adapter(adapter(tmp_path), adapter(single))
 
 
 @pytest.mark.slow
@@ -170,15 +121,15 @@ def test_two_node_deepspeed_hostfile_recipe_on_loopback(single, tmp_path):
     """`deepspeed --hostfile` with `--no_ssh --node_rank` (the recipe for clusters without ssh between nodes)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = _port()
+    port = free_port()
     commands = [
         [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank",
          str(rank), "--master_addr", "127.0.0.1", "--master_port", port, SCRIPT, *COMMON, "--batch", "2",
          "--deepspeed", ZERO["zero2"], "--output-dir", str(tmp_path / "out")]
         for rank in (0, 1)
     ]
-    _run_nodes(commands)
-    _assert_same_adapter(_adapter(tmp_path / "out"), _adapter(single))
+    run_nodes(commands)
+    assert_same_adapter(adapter(tmp_path / "out"), adapter(single))
 
 
 def test_4bit_base_under_zero3_is_refused_clearly(tmp_path):

@@ -24,25 +24,48 @@ class ProbePlugin(BasePlugin):
     def register(self, cfg):
         # Multi-process Axolotl assumes GPUs: it initialises DeepSpeed with NCCL and maps the model to device
         # LOCAL_RANK. On CPU (the tests), start the process group over gloo first, so that DeepSpeed finds it
-        # initialised, and load the model on the CPU.
-        if cfg.get("deepspeed") and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # initialised, or let accelerate run FSDP on CPU processes (it would fall back to DDP), and load the model
+        # on the CPU.
+        if not (cfg.get("deepspeed") or cfg.get("fsdp_version")) or torch.cuda.is_available() \
+                or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return
+        from axolotl.loaders.model import ModelLoader
+
+        if cfg.get("deepspeed"):
             import deepspeed
-            from axolotl.loaders.model import ModelLoader
 
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             deepspeed.init_distributed(dist_backend="gloo")
-            original = ModelLoader._set_device_map_config
+        else:
+            from accelerate.parallelism_config import ParallelismConfig
 
-            def _set_device_map_config(loader):
-                original(loader)
-                if isinstance(loader.model_kwargs.get("device_map"), dict):
-                    loader.model_kwargs["device_map"] = {"": "cpu"}
+            from tests.distributed import allow_fsdp_on_cpu
 
-            ModelLoader._set_device_map_config = _set_device_map_config
+            allow_fsdp_on_cpu()
+            os.environ["ACCELERATE_USE_CPU"] = "true"  # else the Trainer sees no distributed run and refuses FSDP
+            build_device_mesh = ParallelismConfig.build_device_mesh  # Axolotl asks for a "cuda" mesh
+
+            def build_cpu_mesh(config, device_type):
+                return build_device_mesh(config, "cpu")
+
+            ParallelismConfig.build_device_mesh = build_cpu_mesh
+        original = ModelLoader._set_device_map_config
+
+        def _set_device_map_config(loader):
+            original(loader)
+            if isinstance(loader.model_kwargs.get("device_map"), dict):
+                loader.model_kwargs["device_map"] = {"": "cpu"}
+
+        ModelLoader._set_device_map_config = _set_device_map_config
 
     def post_train(self, cfg, model):
-        if int(os.environ.get("RANK", "0")) != 0 or _zero_stage(cfg.get("deepspeed")) == 3:
-            return  # under ZeRO-3 a forward needs every rank
+        if cfg.get("fsdp_version") and int(os.environ.get("RANK", "0")) == 0:  # did FSDP2 really shard the model?
+            from torch.distributed.tensor import DTensor
+
+            sharded = [isinstance(p, DTensor) for n, p in model.named_parameters() if "base_layer" in n]
+            (Path(cfg.output_dir) / "fsdp_probe.json").write_text(f'{{"sharded_base_weights": {sum(sharded)}}}')
+        if int(os.environ.get("RANK", "0")) != 0 or _zero_stage(cfg.get("deepspeed")) == 3 or cfg.get("fsdp_version"):
+            return  # under ZeRO-3 and FSDP a forward needs every rank
         layers = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()
                          if "gatera" in type(m).__module__ or "lora" in type(m).__module__})
         model.eval()

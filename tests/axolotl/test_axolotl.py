@@ -225,18 +225,20 @@ def test_bad_configs_are_refused_clearly(workspace, overrides, message):
     assert re.search(message, done.stdout + done.stderr), (done.stdout + done.stderr)[-3000:]
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "fsdp2"])
 def test_deepspeed_through_axolotl(workspace, stage):
-    """`deepspeed: integrations/deepspeed/<stage>.json`, 2 processes on CPU (torchrun launcher): trains with the
-    penalty, logs the gate statistics and saves a complete adapter that reproduces the trained model.
+    """`deepspeed: integrations/deepspeed/<stage>.json` and `fsdp_version: 2` (gatera-<stage>.yml), 2 processes on
+    CPU (torchrun launcher): trains with the penalty, logs the gate statistics and saves a complete adapter that
+    reproduces the trained model.
 
-    (Equality with a single-process run is checked in tests/test_deepspeed.py; Axolotl's sampler hands each rank
-    other sequences than one process would get, so its losses are not comparable step by step.)"""
+    (Equality with a single-process run is checked in tests/test_deepspeed.py and tests/test_fsdp.py; Axolotl's
+    sampler hands each rank other sequences than one process would get, so its losses are not comparable step by
+    step.)"""
     from safetensors.torch import load_file
 
     cfg = _config(workspace, f"ds-{stage}", example=f"gatera-{stage}.yml", micro_batch_size=2, max_steps=12)
     done = _axolotl("train", str(cfg), "--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port",
-                    str(29600 + (stage == "zero3")))
+                    str(29600 + ["zero2", "zero3", "fsdp2"].index(stage)))
     _ok(done)
     output = done.stdout + done.stderr
     losses = _logged(output, "loss")
@@ -252,9 +254,11 @@ def test_deepspeed_through_axolotl(workspace, stage):
     base = AutoModelForCausalLM.from_pretrained(workspace / "base")
     linears = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     expected = {f"base_model.model.{n}.gatera_{p}" for n in linears for p in ("A", "B", "gate.weight", "gate.bias")}
-    assert set(saved) == expected  # complete: every adapted module's tensors, gathered from the ZeRO shards
+    assert set(saved) == expected  # complete: every adapted module's tensors, gathered from the shards
     assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("gatera_B"))  # trained, not the init
     reloaded = _reload_logits(workspace / "base", workspace / f"ds-{stage}")
+    if stage == "fsdp2":  # FSDP2 really sharded the base weights (DTensors), not a silent fallback to DDP
+        assert json.loads((workspace / "ds-fsdp2" / "fsdp_probe.json").read_text())["sharded_base_weights"] > 0
     if stage == "zero2":  # under ZeRO-3 the probe cannot run a forward on rank 0 alone
         torch.testing.assert_close(reloaded, torch.load(workspace / f"ds-{stage}" / "probe.pt")["logits"],
                                    rtol=1e-4, atol=1e-4)

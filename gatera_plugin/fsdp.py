@@ -1,0 +1,163 @@
+"""GateRA under PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`, accelerate's `fsdp_version: 2`).
+
+Nothing GateRA-specific is needed for training when FSDP wraps whole transformer blocks (accelerate's
+`TRANSFORMER_BASED_WRAP`, the default): a GateRA layer and its base layer are then in one FSDP unit, whose
+parameters FSDP gathers before the unit's forward and, through its pre-backward hook, again before the unit's
+backward (also when gradient checkpointing recomputes the forward), and frees after each. The HiRA branch reads W0
+only inside those windows: in forward, and in its memory-lean backward through `layer.base_weight` (a bound method,
+so the autograd function keeps no reference to the gathered weight). Outside them W0 is a sharded `DTensor`;
+`unsharded_weight` turns a read of one into a clear error instead of a deep DTensor traceback.
+
+Installed on `import gatera_plugin`, two `transformers.Trainer` wrappers, inert unless the model holds a GateRA
+adapter and FSDP is on:
+
+- `create_accelerator_and_postprocess` refuses FSDP1 (see `refuse_fsdp1`) and, for FSDP2, makes every trainable
+  parameter fp32 (`upcast_trainable_to_fp32`);
+- `save_model` writes the full adapter, gates included, whatever `fsdp_state_dict_type`: every rank takes part in
+  gathering the adapter's parameters (never the frozen base), then only the main process writes the files, through
+  PEFT's `save_pretrained` (atomic, `serialization.py`). Without this, `SHARDED_STATE_DICT` runs would save no
+  adapter at all, and `FULL_STATE_DICT` runs would gather the whole base model onto rank 0 to keep 1% of it.
+  Checkpoints keep the Trainer's own FSDP files (model and optimizer shards) beside the adapter for resuming.
+
+The penalty needs nothing: `trainer_integration` counts the step's real tokens on all ranks (accelerate's gather),
+and FSDP averages gradients over ranks like DDP.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from ._registration import PREFIX
+
+_MARK = "__gatera_fsdp_wrapped__"
+
+
+def _dtensor_type():
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def unsharded_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` itself, or a clear error if it is still an FSDP2 shard where GateRA's branch needs the whole W0."""
+    DTensor = _dtensor_type()
+    if DTensor is not None and isinstance(weight, DTensor):
+        raise RuntimeError(
+            f"GateRA's branch needs the whole base weight W0 {tuple(weight.shape)} but finds an FSDP shard of it (a "
+            "DTensor): the base layer is an FSDP unit of its own "
+            "(or no unit around it is gathered), so FSDP gathers its weight only for the base layer's own forward. "
+            "Shard whole transformer blocks instead, so that each GateRA layer and its base layer are in one unit: "
+            "`fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` (accelerate's and the Trainer's default) rather than "
+            "SIZE_BASED_WRAP, or, calling `fully_shard` yourself, apply it to the blocks (and the root), not to "
+            "the linear layers GateRA adapts."
+        )
+    return weight
+
+
+def requested_fsdp_version(args) -> Optional[int]:
+    """The FSDP version a Trainer with these TrainingArguments will use, or None: its own `fsdp` / `fsdp_config`,
+    else an accelerate config (`accelerate launch` exports ACCELERATE_USE_FSDP and FSDP_VERSION, default 1)."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if plugin_args:
+        return int(plugin_args.get("fsdp_version", 1))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def refuse_fsdp1(trainer) -> None:
+    """FSDP1 (`FullyShardedDataParallel`, `fsdp_version: 1`) is refused: it was never run with GateRA.
+
+    FSDP1 cannot run on this project's CPU-only test machines (it requires a GPU-like device), transformers has
+    deprecated it, and its flat parameters would need GateRA's trainable and frozen tensors in separate units.
+    Checked when the Trainer is built, before accelerate sets FSDP up.
+    """
+    from .trainer_integration import find_gatera_model
+
+    if requested_fsdp_version(trainer.args) != 1 or find_gatera_model(trainer.model) is None:
+        return
+    raise ValueError(
+        "GateRA does not support FSDP1 (`fsdp_version: 1`, FullyShardedDataParallel): it is untested with GateRA "
+        "and deprecated by transformers. Use FSDP2: `fsdp_version: 2` in the accelerate config, "
+        "`fsdp_config={\"version\": 2}` in TrainingArguments / SFTConfig, or `fsdp_version: 2` in Axolotl "
+        "(integrations/accelerate/fsdp2.yaml, integrations/axolotl/gatera-fsdp2.yml)."
+    )
+
+
+def upcast_trainable_to_fp32(model) -> list[str]:
+    """Make every trainable parameter fp32 (the names changed), for FSDP2 with quantised bases.
+
+    FSDP2 needs one dtype for the trainable parameters of a unit. TRL casts adapters on quantised bases to bf16 and
+    GateRA returns its gates to fp32 (`GateRAModel.upcast_gates_to_fp32`), so under FSDP everything trainable is made
+    fp32: the optimizer's master weights; a bf16 mixed-precision policy still runs forward and backward in bf16.
+    (Without a quantised base accelerate does the same itself whenever mixed precision is on.)
+    """
+    changed = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            changed.append(name)
+    return changed
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (GateRA parameters, `modules_to_save`, anything trainable), gathered whole, on CPU.
+
+    Keys are those of `model.state_dict()`. A collective under FSDP2: every rank must call it (the same keys, in the
+    same order); each rank gets the full tensors. Frozen base weights are never gathered.
+    """
+    DTensor = _dtensor_type()
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    result = {}
+    for key, value in model.state_dict().items():
+        if not (PREFIX in key or ".modules_to_save." in key or key in trainable):
+            continue
+        if DTensor is not None and isinstance(value, DTensor):
+            value = value.full_tensor()
+        result[key] = value.detach().cpu()
+    return result
+
+
+def _fsdp_gatera(trainer) -> bool:
+    from .trainer_integration import find_gatera_model
+
+    return bool(getattr(trainer, "is_fsdp_enabled", False)) and find_gatera_model(trainer.model) is not None
+
+
+def install() -> None:
+    """Wrap `Trainer.create_accelerator_and_postprocess` and `Trainer.save_model` once (idempotent)."""
+    from transformers import Trainer
+
+    from .trainer_integration import find_gatera_model
+
+    if getattr(Trainer.save_model, _MARK, False):
+        return
+    original_create = Trainer.create_accelerator_and_postprocess
+    original_save_model = Trainer.save_model
+
+    @functools.wraps(original_create)
+    def create_accelerator_and_postprocess(self, *args, **kwargs):
+        refuse_fsdp1(self)
+        if requested_fsdp_version(self.args) == 2 and find_gatera_model(self.model) is not None:
+            upcast_trainable_to_fp32(self.model)
+        return original_create(self, *args, **kwargs)
+
+    @functools.wraps(original_save_model)
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        if not _fsdp_gatera(self):
+            return original_save_model(self, output_dir, _internal_call)
+        state_dict = adapter_state_dict(self.model)  # every rank: a collective
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save")
+
+    for wrapper in (create_accelerator_and_postprocess, save_model):
+        setattr(wrapper, _MARK, True)
+    Trainer.create_accelerator_and_postprocess = create_accelerator_and_postprocess
+    Trainer.save_model = save_model

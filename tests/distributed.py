@@ -1,0 +1,112 @@
+"""Shared by the distributed tests (test_deepspeed.py, test_fsdp.py): launching tests/dist_train.py on CPU processes
+and comparing what the runs wrote (per-step losses in metrics.json, adapters) with a single-process run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "tests" / "dist_train.py")
+COMMON = ["--cpu", "--max-steps", "6", "--entropy-weight", "0.5", "--lr", "1e-2", "--save-steps", "2"]
+LOSS_RTOL = 1e-4  # same arithmetic, but gradients are summed across ranks in another order
+ADAPTER_ATOL = 2e-5  # after 6 AdamW steps at lr 1e-2 on O(0.1) weights: order-of-summation differences only
+
+
+def env(**extra):
+    environment = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
+                       WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    environment.pop("TRITON_INTERPRET", None)
+    environment.update(extra)
+    return environment
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run(command, **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, env=env(**extra_env), cwd=ROOT, timeout=900)
+
+
+def torchrun(out, *args, nproc=2, **extra_env):
+    """tests/dist_train.py on `nproc` processes, 2 sequences each per step (the single run takes 4 in one)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               free_port(), SCRIPT, *COMMON, "--batch", "2", "--output-dir", str(out), *args]
+    return run(command, **extra_env)
+
+
+def single_process(out, *args, extra_env=None):
+    """The reference: one process, 4 sequences per step."""
+    return run([sys.executable, SCRIPT, *COMMON, "--batch", "4", "--output-dir", str(out), *args], **(extra_env or {}))
+
+
+def ok(done):
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def losses(out):
+    history = json.loads((Path(out) / "metrics.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a, b, atol=ADAPTER_ATOL):
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+def assert_same_run(out, reference):
+    """Per-step losses to LOSS_RTOL and the final adapter, gates included, to ADAPTER_ATOL."""
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(reference)), rtol=LOSS_RTOL, atol=0)
+    assert_same_adapter(adapter(out), adapter(reference))
+
+
+def run_nodes(commands: list[list[str]]) -> None:
+    """Start one process per node at once (they rendezvous with each other) and require every one to succeed."""
+    nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+             for c in commands]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=900)
+        assert node.returncode == 0, stderr[-5000:]
+
+
+def killed(done) -> bool:
+    """The launcher reports a rank that died of SIGKILL."""
+    return "SIGKILL" in done.stderr or "Signal 9" in done.stderr or "exitcode  : -9" in done.stderr
+
+
+def allow_fsdp_on_cpu() -> None:
+    """Let accelerate run FSDP on CPU processes (gloo), as the tests do; call before the Trainer builds its Accelerator.
+
+    accelerate enables FSDP only for GPU-like distributed types and otherwise falls back to DDP without a word;
+    everything after that choice (its `fully_shard` wrapping, the Trainer's FSDP saving and loading) is the code
+    that runs on GPUs.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+    if getattr(original, "_allows_fsdp_on_cpu", False):
+        return
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    __init__._allows_fsdp_on_cpu = True
+    AcceleratorState.__init__ = __init__

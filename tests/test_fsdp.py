@@ -1,0 +1,192 @@
+"""PyTorch FSDP2 (`fully_shard`) through the Trainer on CPU: 2 processes over gloo, accelerate configs, a killed rank.
+
+As in tests/test_deepspeed.py, every distributed run trains the tiny model with examples/train_sft.py (via
+tests/dist_train.py, which lets accelerate run FSDP on CPU processes) and is compared with a single-process run of
+the same global batch, with the entropy penalty at 0.5 so that a double-counted penalty would show. The probes of
+tests/dist_train.py (FsdpProbe) record what the HiRA branch saw of W0 during the first step on each rank.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.distributed import (
+    COMMON,
+    LOSS_RTOL,
+    ROOT,
+    SCRIPT,
+    adapter,
+    assert_same_adapter,
+    assert_same_run,
+    env,
+    free_port,
+    killed,
+    losses,
+    ok,
+    run,
+    run_nodes,
+    single_process,
+    torchrun,
+)
+
+ACCELERATE = ROOT / "integrations" / "accelerate"
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, 4 sequences per step: the reference."""
+    out = tmp_path_factory.mktemp("single")
+    ok(single_process(out))
+    return out
+
+
+def _probes(out):
+    return [json.loads((out / f"probe_rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def _assert_branch_saw_whole_weights(out, checkpointing=False):
+    for probe in _probes(out):
+        assert probe["layers"] == 10 and probe["sharded"]  # FSDP2 really shards the base weights
+        assert probe["reads_whole"]  # every read of W0 by the branch got the whole, gathered W0: in forward,
+        assert probe["reads_forward"] == 10
+        # in the memory-lean backward (one re-read per layer) and in the forward recomputed by checkpointing
+        assert probe["reads_backward"] == (20 if checkpointing else 10)
+        assert probe["resharded_after_forward"]  # and nothing kept a gathered copy of W0 after the forward
+        if not checkpointing:
+            assert probe["saved_weights_checked"] > 0
+
+
+def _accelerate(config, out, *args, machine_rank=None, port=None):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
+               "--mixed_precision", "no", "--main_process_port", port or free_port()]
+    if machine_rank is not None:
+        command += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1", "--num_machines", "2",
+                    "--num_processes", "2"]
+    else:
+        command += ["--num_processes", "2"]
+    return command + [SCRIPT, *COMMON, "--batch", "2", "--output-dir", str(out), *args]
+
+
+def _load(folder):
+    from common import tiny_model_and_tokenizer
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(tiny_model_and_tokenizer()[0], folder).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"], ["--gradient-checkpointing", "--reentrant"]],
+                         ids=["plain", "checkpointing", "reentrant-checkpointing"])
+def test_fsdp2_matches_single_process(single, tmp_path, extra):
+    ok(torchrun(tmp_path, "--fsdp", "2", *extra))
+    assert_same_run(tmp_path, single)
+    _assert_branch_saw_whole_weights(tmp_path, checkpointing=bool(extra))
+    if not extra:  # the final adapter: one complete file, written once, that loads without FSDP
+        assert sorted(p.name for p in tmp_path.glob("adapter_model*")) == ["adapter_model.safetensors"]
+        assert not list(tmp_path.glob(".gatera-staging*"))
+        input_ids = torch.randint(4, 60, (2, 9))
+        with torch.no_grad():
+            logits = [_load(folder)(input_ids=input_ids).logits for folder in (tmp_path, single)]
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_accelerate_configs_sharded_checkpoint_and_resume(single, tmp_path):
+    """Two 'nodes' of one process each with fsdp2_multinode.yaml write sharded checkpoints (and whole adapters);
+    the one-node fsdp2.yaml, 2 processes, resumes from checkpoint-4 and continues exactly as the uninterrupted run."""
+    port = free_port()
+    run_nodes([_accelerate("fsdp2_multinode.yaml", tmp_path / "full", machine_rank=rank, port=port)
+               for rank in (0, 1)])
+    assert_same_run(tmp_path / "full", single)
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()  # sharded
+    assert_same_adapter(adapter(checkpoint), adapter(single / "checkpoint-4"))  # and a whole adapter beside them
+
+    ok(run(_accelerate("fsdp2.yaml", tmp_path / "resumed", "--resume", str(checkpoint))))
+    resumed = losses(tmp_path / "resumed")  # the checkpoint's log history, then steps 5 and 6
+    assert len(resumed) == 6
+    torch.testing.assert_close(torch.tensor(resumed[4:]), torch.tensor(losses(single)[4:]), rtol=LOSS_RTOL, atol=0)
+    assert_same_adapter(adapter(tmp_path / "resumed"), adapter(single))
+
+
+@pytest.mark.slow
+def test_4bit_base_matches_single_process(tmp_path):
+    """QLoRA-style: an NF4 base whose packed bytes are stored as bf16 (`bnb_4bit_quant_storage`), so that FSDP2 can
+    shard them, trains as one process does (with fp32 adapters there too: under FSDP2 every trainable parameter is
+    fp32, where TRL would otherwise cast the adapter to bf16)."""
+    four_steps = ["--load-in-4bit", "--max-steps", "4"]
+    ok(single_process(tmp_path / "single", *four_steps, extra_env={"GATERA_TEST_FP32_ADAPTER": "1"}))
+    ok(torchrun(tmp_path / "fsdp", "--fsdp", "2", *four_steps))
+    assert_same_run(tmp_path / "fsdp", tmp_path / "single")
+    for probe in _probes(tmp_path / "fsdp"):
+        assert probe["sharded"] and probe["reads_whole"] and probe["resharded_after_forward"]
+        assert probe["reads_forward"] == probe["reads_backward"] == 10  # dequantised from the gathered bytes
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_loudly_and_last_checkpoint_loads(single, tmp_path):
+    done = torchrun(tmp_path, "--fsdp", "2", GATERA_TEST_KILL_AT_STEP="3", GATERA_TEST_KILL_RANK="1")
+    assert done.returncode != 0
+    assert killed(done), done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert_same_adapter(adapter(tmp_path / "checkpoint-2"), adapter(single / "checkpoint-2"))
+    _load(tmp_path / "checkpoint-2")
+
+
+def test_fsdp1_is_refused_when_the_trainer_is_built(monkeypatch):
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from gatera_plugin import GateRAConfig
+    from gatera_plugin.fsdp import refuse_fsdp1
+    from tests.helpers import tiny_llama
+
+    assert getattr(Trainer.create_accelerator_and_postprocess, "__gatera_fsdp_wrapped__", False)
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"]))
+    trainer = SimpleNamespace(model=model, args=TrainingArguments("unused", fsdp=True, fsdp_config={"version": 1}))
+    with pytest.raises(ValueError, match=r"GateRA does not support FSDP1 \(`fsdp_version: 1`.*Use FSDP2"):
+        refuse_fsdp1(trainer)
+    refuse_fsdp1(SimpleNamespace(model=model, args=TrainingArguments("unused", fsdp=True,
+                                                                       fsdp_config={"version": 2})))
+    refuse_fsdp1(SimpleNamespace(model=model.get_base_model(), args=trainer.args))  # not GateRA: not ours to judge
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # `accelerate launch` with an FSDP1 config
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="GateRA does not support FSDP1"):
+        refuse_fsdp1(SimpleNamespace(model=model, args=TrainingArguments("unused")))
+
+
+BASE_LAYER_ITS_OWN_UNIT = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from peft import get_peft_model
+    import gatera_plugin
+    from tests.helpers import tiny_llama
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    model = get_peft_model(tiny_llama(), gatera_plugin.GateRAConfig(r=4, target_modules=["q_proj"]))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer.self_attn.q_proj.base_layer)  # the base linear alone: W0 gathered only for its forward
+        fully_shard(layer)
+    fully_shard(model)
+    try:
+        model(input_ids=torch.randint(4, 60, (1, 5)))
+    finally:
+        dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_base_layer_sharded_on_its_own_is_refused_clearly():
+    done = subprocess.run([sys.executable, "-c", BASE_LAYER_ITS_OWN_UNIT.format(port=free_port())],
+                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert done.returncode != 0
+    assert "GateRA's branch needs the whole base weight W0 (32, 32) but finds an FSDP shard" in done.stderr, \
+        done.stderr[-3000:]
+    assert "TRANSFORMER_BASED_WRAP" in done.stderr
