@@ -24,7 +24,9 @@ TOKENS = [4096, 8192, 16384]
 RANK = 32
 
 
-def build(variant: str, d_in: int, d_out: int, dtype, device):
+def build(variant: str, d_in: int, d_out: int, dtype, device, fp32_adapters: bool = False):
+    """One `d_in -> d_out` linear in `dtype` with `variant`'s adapter (B ~ N(0, 0.01)); adapter weights in `dtype`, or
+    fp32 with `fp32_adapters` (PEFT's default for a bf16 model, as under bf16 autocast training)."""
     import torch
     from peft import HiraConfig, LoraConfig, get_peft_model
 
@@ -45,7 +47,7 @@ def build(variant: str, d_in: int, d_out: int, dtype, device):
         "peft-hira": lambda: HiraConfig(r=RANK, target_modules=["proj"]),
         "peft-lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["proj"]),
     }[variant]()
-    model = get_peft_model(One().to(device=device, dtype=dtype), config, autocast_adapter_dtype=False)
+    model = get_peft_model(One().to(device=device, dtype=dtype), config, autocast_adapter_dtype=fp32_adapters)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and ("_B" in name or "lora_B" in name):
@@ -59,24 +61,36 @@ def useful_flops(variant: str, n: int, d_in: int, d_out: int) -> float:
     return base + branch
 
 
-def time_variant(model, x, repeats: int) -> tuple[float, float]:
+def time_variant(model, x, repeats: int, autocast_dtype=None) -> tuple[float, float]:
+    """Median milliseconds of forward + backward over `repeats` (after 2 warm-up runs) and peak memory above the
+    inputs in MiB; under `torch.autocast(autocast_dtype)` if given. On CPU (smoke runs): wall-clock time, no memory."""
+    import contextlib
+    import time
+
     import torch
 
+    cuda = x.is_cuda
+    amp = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     times = []
-    torch.cuda.reset_peak_memory_stats()
-    start_memory = torch.cuda.memory_allocated()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start_memory = torch.cuda.memory_allocated()
     for i in range(repeats + 2):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        out = model(x)
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        start = time.perf_counter()
+        with amp:
+            out = model(x)
         out.backward(torch.ones_like(out))
-        end.record()
-        torch.cuda.synchronize()
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
         if i >= 2:
-            times.append(begin.elapsed_time(end))
+            times.append(begin.elapsed_time(end) if cuda else (time.perf_counter() - start) * 1e3)
         model.zero_grad(set_to_none=True)
         x.grad = None
-    peak = (torch.cuda.max_memory_allocated() - start_memory) / 2**20
+    peak = (torch.cuda.max_memory_allocated() - start_memory) / 2**20 if cuda else float("nan")
     return statistics.median(times), peak
 
 

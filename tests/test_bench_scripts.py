@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -55,3 +57,41 @@ def test_quality_table_from_result_files(tmp_path):
     lam = out[out.index("entropy_weight sweep"):out.index("Test accuracy")]
     assert "| 0 | 0.550 |" in lam and "| 0.01 | 0.600 |" in lam and "0.400" not in lam
     assert "| TS-PEFT threshold gate, HiRA | t | 2 | - | - | - | 0.500 | - |" in out
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_section_failure_is_reported_not_raised():
+    """A crashing section becomes its own "error" entry (with the message); the script goes on to the next one."""
+    gpu_check = _gpu_check_module()
+
+    def broken():
+        raise RuntimeError("no such kernel")
+
+    section = gpu_check.run_section("broken", broken)
+    assert section["status"] == "error" and "RuntimeError: no such kernel" in section["error"]
+    assert gpu_check.run_section("fine", lambda: [{"status": "ok"}, {"status": "skipped"}])["status"] == "ok"
+    assert gpu_check.run_section("bad row", lambda: [{"status": "ok"}, {"status": "error"}])["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
+    """Without CUDA, bench/gpu_check.py runs its CPU smoke mode: every section runs and passes, the Triton rows in
+    Triton's interpreter (bf16 skipped), the tiny 4-bit training run's loss falls and its adapter reloads."""
+    out = tmp_path / "gpu_check.json"
+    _run("bench/gpu_check.py", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["meta"]["mode"] == "smoke (CPU)"
+    sections = result["sections"]
+    assert {name: s["status"] for name, s in sections.items()} == {"correctness": "ok", "speed": "ok", "training": "ok"}
+    ran = {(r["path"], r["dtype"], r["weight"], r["gated"]) for r in sections["correctness"]["rows"] if r["status"] == "ok"}
+    assert len(ran) == 20 and ("triton", "fp16", "nf4", True) in ran and ("torch", "bf16", "nf4", True) in ran
+    training = sections["training"]["rows"][0]
+    assert training["loss_falls"] and training["reloads_same"]

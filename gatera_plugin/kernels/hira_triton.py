@@ -19,11 +19,40 @@ any other d_out × d_in tensor (the gradient `dM` lives in registers too).
 What is recomputed: `BA`/`ΔW` tiles, once per (token tile, weight tile) pair in each of the three kernels; nothing
 of size d_out × d_in is kept between forward and backward (autograd saves x, g, A, B, as in the PyTorch path).
 
-Cost per token (d_in = K, d_out = M_out, rank r, token tile BM): FLOPs ≈ 2·K·M_out for the product with ΔW, plus
-(2r + 1)·K·M_out / BM to rebuild ΔW tiles (≈ 50% more at r = 32, BM = 128) — versus LoRA's 2·r·(K + M_out). Bytes
-per token: x once per d_out tile, W0 once per token tile (K·M_out·bytes / BM), the output once; LoRA reads no W0.
-So the fused kernel trades FLOPs for memory: it reads W0 (which the base layer reads anyway) instead of writing
-and re-reading a d_out × d_in `ΔW` per layer as PEFT's HiRA does, and it holds no such tensor between passes.
+Cost (K = d_in, M = d_out, rank r, T tokens per step, token tile BM, weight tiles BN × BK, b bytes per element of
+the compute dtype, w bytes per stored W0 element: 2 for bf16, 0.5625 for NF4 with its fp32 absmax per 64):
+
+    FLOPs per token              forward                     backward                               total
+    PyTorch path (ops/hira.py)   2KM + (2r+1)KM/T            4KM + (6r+2)KM/T                       6KM + (8r+3)KM/T
+    these kernels                2KM + (2r+1)KM/BM           4KM + (2r+1)KM/BM + (4r+1)KM/T         6KM + 2(2r+1)KM/BM + (4r+1)KM/T
+
+The 6KM are the three T·K·M products (x ΔWᵀ, δ ΔW, δᵀ x), the same on both paths. The PyTorch path builds `ΔW = W0 ⊙
+BA` ((2r+1)KM) once in forward and once in backward, and forms dA, dB from dΔW (4rKM), per step: amortised over T.
+The kernels rebuild each ΔW tile once per token tile in the forward and dx kernels: (2r+1)/BM per K·M per token,
+independent of T; the dA/dB kernel builds none (it reads W0 once per weight tile). Bytes beyond the products' own
+operands: the PyTorch path writes and re-reads weight-sized temporaries, about 50·KM bytes per step under bf16
+autocast (BA, ΔW, dΔW and its fp32 copy and bf16 casts for dA and dB; W0 read three times), plus 2(w + 2)·KM for
+the two NF4 dequantisations to bf16 (0 for dense); the kernels write none, but re-read W0 (2w·KM/BM per token) and the A/B tiles
+(2rb·KM·(1/BK + 1/BN)/BM per token) once per token tile, from L2 where it holds them (A and B: r·(K + M)·b bytes).
+Gated vs ungated: the gate adds ≈ 9K + 2M FLOPs per token either way (its GEMV σ(x·w + b) and that GEMV's backward,
+s·g ⊙ on the output, dx and the narrower of δ or x, and dg = s Σ P ⊙ x); on the PyTorch path these are memory-bound
+passes of ≈ (3M + 4K)·b + 12K bytes per token (the ungated residual add rides on the GEMM instead), in the kernels
+they live in the epilogues (one extra load of g per token, atomics for dg across d_in tiles).
+
+At K = 4096, M = 14336 (LLaMA's MLP), r = 32, bf16 (BM = 64, BN = 64, BK = 32), per token:
+
+    T       PyTorch path                     these kernels
+    4096    356.0 MFLOP (6KM = 352.3 +1.0%)  473.4 MFLOP (1.33x): forward and dx 1.5x, dA/dB 1.0x
+    16384   353.2 MFLOP (+0.26%)             472.1 MFLOP (1.34x)
+    bytes   0.72 MB at 4k, 0.18 MB at 16k    W0 re-reads 3.67 MB dense / 1.03 MB NF4, A/B tiles 5.5 MB (L2)
+            (dense; NF4 0.79 / 0.20 MB)      (x and the output: 36.9 KB per token on either path)
+
+So at 4k+ tokens these kernels do a third more FLOPs than the PyTorch path (the rebuild adds half of the forward's
+product at BM = 64 — not "≈ 50% at BM = 128", as this note once said: at BM = 128 it is 25%; the fp32 kernels'
+BM = 32 doubles the forward), and trade the PyTorch path's per-step weight-sized traffic for per-token-tile re-reads.
+They save memory (no d_out × d_in temporary, even transiently), not time; "auto" therefore keeps the PyTorch path
+(`TRITON_WINS` in `kernels/__init__.py`). A fused path that does no more work would build `W0 ⊙ BA` in bounded
+chunks once per step (fused with the NF4 dequantisation) and leave the three big products to cuBLAS.
 
 4-bit bases: when the base layer is a bitsandbytes `Linear4bit` (NF4 or FP4), the kernels read W0 tiles straight
 from its packed bytes (two 4-bit codes per byte, row-major over (d_out, d_in), high nibble first; value =

@@ -1,0 +1,384 @@
+"""One command validates GateRA on a GPU: correctness, speed and a real training run, as a table and JSON.
+
+    python bench/gpu_check.py            # CUDA: about 8 minutes at most on one H100 / H200
+    python bench/gpu_check.py --smoke    # CPU smoke mode (the default without CUDA): tiny shapes, under a minute
+
+Writes bench/results/gpu_check.json (`--out`). Three sections; each catches its own failures (a failed case is a row
+with status "error" and the message, and the other rows and sections still run). Exit status 1 if anything failed.
+
+(a) correctness: the PyTorch path (`gatera_plugin.ops.gated_hira`) and the Triton kernels (`triton_gated_hira`, as
+    `kernel="triton"` runs them: errors raised, no fallback) against an fp64 reference, in fp32 / bf16 / fp16, with a
+    dense and a bitsandbytes NF4 base weight, gated and ungated: the output and every gradient (x, A, B, the gate's
+    weight and bias, the base output). Tolerances are the CPU tests' (`tests.helpers.within_tolerance`): fp32 within
+    rtol 1e-5 (gradients 1e-4), atol 1e-5 of naive fp32 autograd; bf16 / fp16 within twice the error of naive autograd
+    in the same dtype against fp64, plus 2 ulp (for the gate bias, a sum over tokens, 2 ulp of Σ|terms|). TF32 is
+    off for this section.
+(b) speed: forward + backward of one adapted linear, 4096 x 4096 and 4096 x 14336, r = 32, 4k and 16k tokens, bf16
+    base weight, fp32 adapter weights (PEFT's default), bf16 autocast: GateRA's PyTorch path, GateRA's Triton
+    kernels, PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs, ratios to PEFT's LoRA
+    (bench/kernel_speed.py's `build` and `time_variant`).
+(c) training: 30 SFTTrainer steps of SmolLM2-135M (`gatera_plugin.assets.smollm2_path()`) on a bitsandbytes NF4 base,
+    bf16: the loss falls (mean of the last 5 logged losses below the first 5), and the saved adapter, loaded onto a
+    fresh 4-bit base, gives the trained model's logits (max difference within 2e-2, tests/test_bnb.py's tolerance).
+
+Smoke mode runs the same code on CPU with tiny shapes; the Triton rows run under Triton's interpreter when
+TRITON_INTERPRET=1 is set (except bf16, which the interpreter mishandles) and are skipped otherwise; (c) trains a tiny
+random Llama. Its timings mean nothing; it checks that the script works (tests/test_bench_scripts.py runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.helpers: the tolerance rule and naive references the CPU tests use
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_speed
+
+RANK = 32
+SCALING = 0.7
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:600]
+
+
+def _cuda(device) -> bool:
+    return device.type == "cuda"
+
+
+def _empty_cache(device) -> None:
+    import torch
+
+    if _cuda(device):
+        torch.cuda.empty_cache()
+
+
+def _triton_skip(device, dtype) -> str | None:
+    """Why the Triton path cannot run here, or None."""
+    import torch
+
+    from gatera_plugin.kernels import interpreting, triton_available
+
+    if not triton_available():
+        return "triton is not installed"
+    if not _cuda(device) and not interpreting():
+        return "no CUDA (TRITON_INTERPRET=1 runs the kernels in Triton's CPU interpreter)"
+    if not _cuda(device) and dtype == torch.bfloat16:
+        return "Triton's interpreter mishandles bf16 tl.dot"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- (a) correctness
+def _nf4(W, device):
+    """A bitsandbytes NF4 parameter of W (quantised on its way to `device`) and its dequantised value."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    params = bnb.nn.Params4bit(W.cpu(), requires_grad=False, quant_type="nf4").to(device)
+    return params, dequantize_4bit(params.data, params.quant_state)
+
+
+def check_case(path: str, dtype, weight: str, gated: bool, shape: tuple, device) -> dict:
+    """Output and every gradient of one case against naive autograd in `dtype` and in fp64 (the truth)."""
+    import torch
+
+    from tests.helpers import naive_gated_hira, within_tolerance
+
+    n, d_in, d_out, r = shape
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(d_out, d_in, generator=g) * 0.5).to(dtype)
+    inputs = {"x": torch.randn(n, d_in, generator=g), "A": torch.randn(r, d_in, generator=g) * 0.3,
+              "B": torch.randn(d_out, r, generator=g) * 0.3, "base": torch.randn(n, d_out, generator=g)}
+    if gated:
+        inputs["gate_weight"] = torch.randn(1, d_in, generator=g) * 0.3
+        inputs["gate_bias"] = torch.randn(1, generator=g)
+    grad_out = torch.randn(n, d_out, generator=g)
+    if weight == "nf4":
+        params, W0 = _nf4(W, device)
+    else:
+        params, W0 = None, W.to(device)
+    if path == "triton":
+        from gatera_plugin.kernels.hira_triton import Packed4bit, triton_gated_hira as function
+
+        weight_fn = (lambda: Packed4bit.from_params(params)) if params is not None else (lambda: W0)
+    else:
+        from gatera_plugin.ops import gated_hira as function
+
+        weight_fn = lambda: W0  # noqa: E731 (the layer's `base_weight` dequantises NF4 the same way)
+
+    def run(precision, ours: bool):
+        t = {k: v.to(device=device, dtype=precision).requires_grad_() for k, v in inputs.items()}
+        if ours:
+            gate = torch.sigmoid(t["x"] @ t["gate_weight"].t() + t["gate_bias"]) if gated else None
+            out = function(t["x"], gate, t["A"], t["B"], weight_fn, SCALING, base=t["base"])
+        else:
+            update = naive_gated_hira(t["x"], W0.to(precision), t["A"], t["B"], t.get("gate_weight"),
+                                      t.get("gate_bias"), SCALING)
+            out = t["base"] + update
+        grads = torch.autograd.grad(out, list(t.values()), grad_out.to(device=device, dtype=out.dtype))
+        return {"out": out, **{f"d{k}": gr for k, gr in zip(t, grads)}}
+
+    truth, naive, ours = run(torch.float64, False), run(dtype, False), run(dtype, True)
+    scales = {}
+    if gated:  # the bias gradient sums s·g(1−g)·δ·(ΔW x) over tokens, terms that cancel: its ulp is Σ|terms|'s
+        t = {k: v.to(device=device, dtype=torch.float64) for k, v in inputs.items()}
+        gate = torch.sigmoid(t["x"] @ t["gate_weight"].t() + t["gate_bias"])
+        update = t["x"] @ (W0.double() * (t["B"] @ t["A"])).t()
+        terms = SCALING * gate * (1 - gate) * (grad_out.to(update) * update).sum(-1, keepdim=True)
+        scales["dgate_bias"] = terms.abs().sum().item()
+    worst, failed = 0.0, []
+    for name in truth:
+        passed, error, bound = within_tolerance(ours[name], naive[name], truth[name], grad=name != "out",
+                                                scale=scales.get(name))
+        worst = max(worst, error / bound if bound > 0 else (0.0 if error == 0 else float("inf")))
+        if not passed:
+            failed.append(f"{name} error {error:.3g} > {bound:.3g}")
+    return {"status": "ok" if not failed else "failed", "error_over_bound": worst, "detail": "; ".join(failed)}
+
+
+def correctness(device, smoke: bool) -> list[dict]:
+    import torch
+
+    shape = (9, 64, 24, 8) if smoke else (257, 320, 448, RANK)  # tokens, d_in, d_out, r: none a multiple of a tile
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    try:
+        import bitsandbytes  # noqa: F401
+
+        nf4_skip = None
+    except Exception as exc:  # noqa: BLE001 (any import failure means: no NF4 rows)
+        nf4_skip = f"bitsandbytes unavailable ({_error(exc)})"
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    try:
+        for path in ("torch", "triton"):
+            for dtype_name, dtype in dtypes.items():
+                for weight in ("dense", "nf4"):
+                    for gated in (True, False):
+                        row = {"path": path, "dtype": dtype_name, "weight": weight, "gated": gated,
+                               "shape": "x".join(map(str, shape))}
+                        skip = (_triton_skip(device, dtype) if path == "triton" else None) or (
+                            nf4_skip if weight == "nf4" else None)
+                        if skip:
+                            row.update(status="skipped", detail=skip)
+                        else:
+                            try:
+                                row.update(check_case(path, dtype, weight, gated, shape, device))
+                            except Exception as exc:  # noqa: BLE001 (reported in the row)
+                                row.update(status="error", detail=_error(exc))
+                            _empty_cache(device)
+                        rows.append(row)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- (b) speed
+def speed(device, smoke: bool, repeats: int) -> list[dict]:
+    import torch
+    from kernel_speed import build, time_variant, useful_flops
+
+    shapes = [(64, 96)] if smoke else [(4096, 4096), (4096, 14336)]
+    tokens = [32] if smoke else [4096, 16384]
+    dtype = torch.bfloat16
+    rows = []
+    for d_in, d_out in shapes:
+        for n in tokens:
+            x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
+            measured = {}
+            for variant in ("peft-lora", "peft-hira", "gatera-torch", "gatera-triton"):
+                row = {"d_in": d_in, "d_out": d_out, "tokens": n, "variant": variant}
+                skip = _triton_skip(device, dtype) if variant == "gatera-triton" else None
+                if skip:
+                    row.update(status="skipped", detail=skip)
+                else:
+                    model = None
+                    try:
+                        model = build(variant, d_in, d_out, dtype, device, fp32_adapters=True)
+                        ms, peak = time_variant(model, x, 2 if smoke else repeats, autocast_dtype=dtype)
+                        row.update(status="ok", ms=ms, peak_mb=peak,
+                                   tflops=useful_flops(variant, n, d_in, d_out) / ms / 1e9)
+                        measured[variant] = row
+                    except Exception as exc:  # noqa: BLE001 (OOM, compile errors: reported in the row)
+                        row.update(status="error", detail=_error(exc))
+                    del model
+                    _empty_cache(device)
+                rows.append(row)
+            lora = measured.get("peft-lora")
+            for row in measured.values():
+                if lora:
+                    row["time_vs_lora"] = row["ms"] / lora["ms"]
+                    row["memory_vs_lora"] = row["peak_mb"] / lora["peak_mb"] if lora["peak_mb"] else float("nan")
+            del x
+            _empty_cache(device)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- (c) training
+def _load_4bit(path, device, compute_dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=compute_dtype)
+    kwargs = {"dtype": compute_dtype} if compute_dtype != torch.float32 else {}
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization,
+                                                device_map={"": str(device)}, **kwargs)
+
+
+def training(device, smoke: bool, steps: int) -> list[dict]:
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl import SFTConfig, SFTTrainer
+
+    from gatera_plugin import GateRAConfig
+    from tests.helpers import toy_texts
+
+    texts = toy_texts(256)
+    work = Path(tempfile.mkdtemp(prefix="gatera-gpu-check-"))
+    if smoke:
+        from tests.helpers import tiny_llama, word_tokenizer
+
+        path = work / "tiny"
+        tiny_llama(hidden=64, intermediate=128, init_std=0.2).save_pretrained(path)
+        tokenizer = word_tokenizer(toy_texts(64))
+        model_name, compute_dtype, batch, rank = "tiny random Llama", torch.float32, 8, 4
+    else:
+        from transformers import AutoTokenizer
+
+        import gatera_plugin.assets
+
+        path = gatera_plugin.assets.smollm2_path()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model_name, compute_dtype, batch, rank = "SmolLM2-135M", torch.bfloat16, 16, 16
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    row = {"model": model_name, "base": "bitsandbytes NF4", "steps": steps}
+    torch.manual_seed(0)
+    args = SFTConfig(
+        output_dir=str(work / "run"), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-2,
+        logging_steps=1, report_to="none", use_cpu=not _cuda(device), bf16=compute_dtype == torch.bfloat16,
+        save_strategy="no", seed=0, max_length=64, disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=_load_4bit(path, device, compute_dtype), args=args, train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer, peft_config=GateRAConfig(r=rank, target_modules=TARGETS),
+    )
+    start = time.time()
+    trainer.train()
+    row["train_seconds"] = time.time() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
+    row.update(first_loss=first, last_loss=last, loss_falls=last < first)
+
+    model = trainer.model.eval()
+    model.save_pretrained(work / "adapter")
+    input_ids = tokenizer(texts[0], return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        trained = model(input_ids=input_ids).logits.float()
+    del trainer, model
+    _empty_cache(device)
+    reloaded = PeftModel.from_pretrained(_load_4bit(path, device, compute_dtype), work / "adapter").eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=input_ids).logits.float()
+    row["reload_max_diff"] = (trained - again).abs().max().item()
+    row["reloads_same"] = row["reload_max_diff"] <= 2e-2
+    row["status"] = "ok" if row["loss_falls"] and row["reloads_same"] else "failed"
+    return [row]
+
+
+# ----------------------------------------------------------------------------------------------- report
+def run_section(name: str, function, *args) -> dict:
+    """Run one section; a crash outside its own rows becomes the section's error, never the script's."""
+    start = time.time()
+    try:
+        rows = function(*args)
+        status = "ok" if all(r["status"] in ("ok", "skipped") for r in rows) else "failed"
+        section = {"status": status, "rows": rows}
+    except Exception as exc:  # noqa: BLE001 (reported, the other sections still run)
+        section = {"status": "error", "error": _error(exc), "traceback": traceback.format_exc()[-4000:], "rows": []}
+    section["seconds"] = time.time() - start
+    print(f"[{name}] {section['status']} in {section['seconds']:.0f} s", file=sys.stderr, flush=True)
+    return section
+
+
+def _fmt(value, spec=".3g"):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def table(title: str, section: dict, columns: list[str]) -> str:
+    lines = [f"### {title}: {section['status']} ({section['seconds']:.0f} s)"]
+    if section.get("error"):
+        lines.append(f"section error: {section['error']}")
+    if section["rows"]:
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for row in section["rows"]:
+            lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke mode (the default without CUDA)")
+    parser.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed forward+backward runs per variant in (b)")
+    parser.add_argument("--steps", type=int, default=30, help="SFTTrainer steps in (c)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    smoke = args.smoke or not torch.cuda.is_available()
+    device = torch.device("cpu" if smoke else "cuda")
+    meta = {"mode": "smoke (CPU)" if smoke else "cuda", "torch": torch.__version__, "python": platform.python_version(),
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
+    if _cuda(device):
+        meta["device"] = torch.cuda.get_device_name(device)
+        meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    with contextlib.suppress(Exception):
+        import triton
+
+        meta["triton"] = triton.__version__
+    print(f"gpu_check: {meta}", file=sys.stderr, flush=True)
+
+    sections, layouts = {}, {
+        "a": ("correctness", correctness, (device, smoke),
+              ["path", "dtype", "weight", "gated", "status", "error_over_bound", "detail"]),
+        "b": ("speed", speed, (device, smoke, args.repeats),
+              ["d_in", "d_out", "tokens", "variant", "status", "ms", "tflops", "peak_mb", "time_vs_lora",
+               "memory_vs_lora", "detail"]),
+        "c": ("training", training, (device, smoke, args.steps),
+              ["model", "base", "steps", "status", "first_loss", "last_loss", "loss_falls", "reload_max_diff",
+               "reloads_same", "train_seconds"]),
+    }
+    report = []
+    for key in args.sections:
+        name, function, fargs, columns = layouts[key]
+        sections[name] = run_section(name, function, *fargs)
+        report.append(table(f"({key}) {name}", sections[name], columns))
+    print("\n\n".join(report))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "sections": sections}, indent=2, default=str))
+    print(f"\nwrote {out}", file=sys.stderr)
+    sys.exit(0 if all(s["status"] == "ok" for s in sections.values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
