@@ -346,6 +346,11 @@ def _register_base_weight_with_zero3(layer: GateRALayer) -> None:
         deepspeed.zero.register_external_parameter(layer, layer.get_base_layer().weight)
 
 
+MIXED_BATCHES_REFUSED = (
+    "GateRA does not support mixed-adapter batches (`adapter_names=`). Use `set_adapter` to switch adapters."
+)
+
+
 def _unmergeable_message(adapter_name: str, gate_kind: str) -> str:
     return (
         f"Cannot merge GateRA adapter {adapter_name!r}: it has a per-token gate (gate={gate_kind!r}), so its update "
@@ -373,9 +378,7 @@ class Linear(nn.Module, GateRALayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError(
-                "GateRA does not support mixed-adapter batches (`adapter_names=`). Use `set_adapter` to switch adapters."
-            )
+            raise ValueError(MIXED_BATCHES_REFUSED)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -21,7 +22,7 @@ from transformers import PreTrainedModel
 
 from ._registration import PREFIX
 from .config import GateRAConfig
-from .layer import SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
+from .layer import MIXED_BATCHES_REFUSED, SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
 from .penalty import GateStats, PenaltyRun
 
 
@@ -374,6 +375,13 @@ class GateRAModel(BaseTuner):
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         self._check_mergeable(adapter_names)
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PeftModel's forward and generate drop `adapter_names` before the layers see it; refuse it here instead."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(MIXED_BATCHES_REFUSED)
+        yield
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         for hook in self._batch_hooks:

@@ -30,6 +30,7 @@ from peft import (
     get_peft_model,
     get_peft_model_state_dict,
     inject_adapter_in_model,
+    set_peft_model_state_dict,
 )
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper, get_base_model_state_dict
@@ -252,7 +253,7 @@ def test_save_pretrained_roundtrip(case, tmp_path):
 
 def test_save_pretrained_selected_adapters(case, tmp_path):
     model = case.peft()
-    case.add(model, "new_adapter")
+    case.add(model, "new_adapter", r=6)  # another rank
     model.save_pretrained(tmp_path)
     assert (tmp_path / "new_adapter" / "adapter_model.safetensors").exists()
     loaded = PeftModel.from_pretrained(case.base(), tmp_path)
@@ -313,6 +314,32 @@ def test_low_cpu_mem_usage(case, tmp_path):
     assert "meta" in {p.device.type for p in injected.parameters()}
 
 
+def test_direct_injection_state_dict_roundtrip(case):
+    """`inject_adapter_in_model` without a PeftModel: its state dict moves the adapter to another injected model."""
+    base = case.base()
+    torch.manual_seed(1)
+    model = inject_adapter_in_model(case.config(), base).eval()
+    expected = _no_grad_output(case, model)
+    state = get_peft_model_state_dict(model)
+    base = case.base()
+    torch.manual_seed(54321)
+    other = inject_adapter_in_model(case.config(), base).eval()
+    _assert_differs(_no_grad_output(case, other), expected)
+    assert not set_peft_model_state_dict(other, state).unexpected_keys
+    torch.testing.assert_close(_no_grad_output(case, other), expected, rtol=0, atol=0)
+
+
+def test_layers_to_transform_adapts_fewer_layers(case, tmp_path):
+    _skip_unless_transformers(case, "layers_to_transform")
+    model = case.peft(layers_to_transform=[0])
+    layers = _gatera_layers(model)
+    assert layers and len(layers) * 2 == len(_gatera_layers(case.peft()))  # two decoder layers, one adapted
+    expected = _no_grad_output(case, model)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(case.base(), tmp_path).eval()
+    torch.testing.assert_close(_no_grad_output(case, loaded), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_autopeft_model(case, tmp_path):
     _skip_unless_transformers(case, "AutoPeftModelForCausalLM")
     case.base().save_pretrained(tmp_path / "base")
@@ -368,6 +395,18 @@ def test_several_active_adapters(case):
     if not case.gated:  # merging both gives the forward of both
         model.merge_adapter(["default", "other"])
         torch.testing.assert_close(_no_grad_output(case, model), both, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_adapter_batches_refused(case):
+    model = case.peft()
+    case.add(model, "other")
+    names = ["default", "other", "__base__"][: len(next(iter(case.inputs().values())))]
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        with torch.no_grad():
+            case.output(model, adapter_names=names)
+    if case.is_transformers:
+        with pytest.raises(ValueError, match="mixed-adapter batches"):
+            model.generate(**case.inputs(), adapter_names=names, max_new_tokens=1)
 
 
 def test_add_adapter_with_existing_name_raises(case):
@@ -626,7 +665,7 @@ def test_sequential_merge_equals_batched_merge_and_forward(case):
     """Merging two adapters one at a time, together, and running both unmerged give the same model."""
     _skip_unless_mergeable(case)
     model = case.peft(adapter_name="adapter_1")
-    case.add(model, "adapter_2")
+    case.add(model, "adapter_2", r=6)
     model.base_model.set_adapter(["adapter_1", "adapter_2"])
     both = _no_grad_output(case, model)
     sequential = copy.deepcopy(model)
