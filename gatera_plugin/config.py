@@ -92,8 +92,8 @@ class GateRAConfig(PeftConfig):
         sparse_threshold: ε > 0: in eval (and in training with `sparse_training=True`) tokens whose gate is below ε
             skip the branch entirely (gather the rest, compute, scatter); 0 (default): dense.
         cache_delta: in eval, keep the HiRA branch's dense `s·W0 ⊙ BA` between forwards (fast decoding).
-        kernel: "auto" (Triton kernels for CUDA tensors when triton imports, the exact PyTorch path otherwise),
-            "triton" (an error off CUDA unless TRITON_INTERPRET=1) or "torch".
+        kernel: "auto" (the PyTorch path, except in cases a GPU measurement lists in `kernels.TRITON_WINS`: none
+            yet), "triton" (the Triton kernels, errors raised; off CUDA only under TRITON_INTERPRET=1) or "torch".
     """
 
     r: int = field(default=32, metadata={"help": "Rank of the branch factors A (r x d_in) and B (d_out x r)."})
@@ -185,7 +185,7 @@ class GateRAConfig(PeftConfig):
     )
     kernel: Literal["auto", "triton", "torch"] = field(
         default="auto",
-        metadata={"help": "'auto': Triton kernels on CUDA, exact PyTorch path elsewhere; 'triton'; 'torch'."},
+        metadata={"help": "'auto': PyTorch path except where measured faster in Triton (none yet); 'triton'; 'torch'."},
     )
     format_version: int = field(
         default=FORMAT_VERSION, metadata={"help": "Version of the saved adapter format (set by the package)."}

@@ -448,3 +448,43 @@ def test_ranks_beyond_one_chunk_equal_torch_path(kind):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_every_launch_runs_on_the_inputs_device(monkeypatch):
+    """Each kernel launch happens inside `device_guard(x)` (torch.cuda.device(x.device) on CUDA: multi-GPU
+    device_map in one process launches on the tensor's GPU, not the current one)."""
+    import contextlib
+
+    import gatera_plugin.kernels.hira_triton as hira_kernels
+    import gatera_plugin.kernels.lora_triton as lora_kernels
+
+    guarded, launched = [], []
+
+    @contextlib.contextmanager
+    def guard(x):
+        guarded.append(x.device)
+        try:
+            yield
+        finally:
+            guarded.pop()
+
+    for module in (hira_kernels, lora_kernels):
+        monkeypatch.setattr(module, "device_guard", guard)
+    for module, names in ((hira_kernels, ("_hira_fwd_kernel", "_hira_bwd_dx_kernel", "_hira_bwd_dw_kernel")),
+                          (lora_kernels, ("_lora_fwd_kernel", "_lora_bwd_db_kernel"))):
+        for name in names:
+            kernel = getattr(module, name)
+
+            class Recorded:
+                def __getitem__(self, grid, kernel=kernel, name=name):
+                    def launch(*args, **kwargs):
+                        launched.append((name, list(guarded)))
+                        return kernel[grid](*args, **kwargs)
+                    return launch
+
+            monkeypatch.setattr(module, name, Recorded())
+    for kind in ("hira", "lora"):
+        _run(kind, _inputs(9, 40, 24, 8, torch.float32, "mixed"), True)
+    assert [name for name, _ in launched] == ["_hira_fwd_kernel", "_hira_bwd_dx_kernel", "_hira_bwd_dw_kernel",
+                                              "_lora_fwd_kernel", "_lora_bwd_db_kernel"]
+    assert all(devices == [torch.device("cpu")] for _, devices in launched)

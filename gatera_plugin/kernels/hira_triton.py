@@ -3,7 +3,7 @@
 Design (the PyTorch reference is `gatera_plugin/ops/hira.py`; same inputs, same outputs, same saved tensors):
 
 Tiling. Every kernel walks tiles of the d_out × d_in weight plane. Wherever a tile of `ΔW = W0 ⊙ BA` is needed it is
-built in registers: `BA` for the tile is one `tl.dot` of B[n-tile, :r] (BN × r) and A[:r, k-tile] (r × BK), then
+built in registers: `BA` for the tile is `tl.dot`s of B[n-tile, r-chunk] (BN × RB) and A[r-chunk, k-tile], then
 multiplied by the W0 tile loaded from memory. `ΔW` is never written to global memory, forward or backward; nor is
 any other d_out × d_in tensor (the gradient `dM` lives in registers too).
 
@@ -61,10 +61,16 @@ code[nibble] · absmax[element // blocksize], computed in fp32 and rounded to th
 quantised) absmax is first expanded to fp32 with bitsandbytes' own `dequantize_blockwise` (d_out·d_in / blocksize
 values); the tests check the in-kernel values bit for bit against `dequantize_4bit`.
 
-Numerics: tiles are loaded in their storage dtype and upcast to fp32 for the products that build ΔW; the big
-`tl.dot`s take operands in the input dtype (fp32 exactly, "ieee"; fp16/bf16 on tensor cores) and accumulate in
-fp32. Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests) mishandles bf16 `tl.dot`, so the tests run
-fp32 and fp16.
+Numerics: the branch computes in x's dtype, or in the autocast dtype under autocast (the host wrapper casts x, A
+and B to it, as autocast casts the PyTorch path's matmuls). Every `tl.dot` (the rank chunks of BA, the big products,
+dA/dB) takes operands in that dtype (fp32 exactly, "ieee"; fp16/bf16 on tensor cores) and accumulates in fp32; W0 ⊙
+BA and the gate multiply happen in fp32. Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests)
+mishandles bf16 `tl.dot`, so the tests run fp32 and fp16; tests/test_kernel_compile.py compiles every launched
+specialization, bf16 included, for sm_80 and sm_90.
+
+Launch: the rank is walked in chunks of RB = 16 (r <= 16) or 32, so no tile grows with r (r = 512 uses the shared
+memory of r = 32); tile sizes come from `choose_blocks` (dtype, r, the device's opt-in shared memory); all offsets
+are int64; launches run under `torch.cuda.device(x.device)`.
 """
 
 from __future__ import annotations
@@ -200,7 +206,7 @@ def _weight_tile(w_ptr, absmax_ptr, code_ptr, rn, rk, d_out, d_in, stride_wn, st
     if PACKED:
         element = rn[:, None] * d_in + rk[None, :]  # row-major index into (d_out, d_in), int64
         byte = tl.load(w_ptr + element // 2, mask=mask, other=0).to(tl.int32)
-        nibble = tl.where(element % 2 == 0, byte >> 4, byte & 15)
+        nibble = tl.where(element % 2 == 0, byte >> 4, byte & 15).to(tl.int64)  # int64 like every offset
         value = tl.load(code_ptr + nibble, mask=mask, other=0.0) * tl.load(absmax_ptr + element // blocksize,
                                                                            mask=mask, other=0.0)
         # rounded to the quantised dtype, as dequantize_4bit returns it

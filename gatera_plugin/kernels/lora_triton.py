@@ -7,8 +7,8 @@ does well, so they stay in PyTorch. The kernels take the two d_out-wide steps, w
 otherwise cost extra passes over an N × d_out tensor:
 
 - forward, grid (N/BM, d_out/BN): `out = base + s · g ⊙ (h_tile @ B_tileᵀ)` in one pass (product, gate, residual);
-- backward dB, grid (d_out/BN,): loop over tokens, `dB_tile += (s · g ⊙ δ)_tileᵀ @ h_tile`, with `s · g ⊙ δ` formed
-  in registers instead of as an N × d_out tensor.
+- backward dB, grid (d_out/BN, r/RB): loop over tokens, `dB_tile += (s · g ⊙ δ)_tileᵀ @ h_tile`, with `s · g ⊙ δ` formed
+  in registers instead of as an N × d_out tensor; each program owns its dB tile, so no atomics (deterministic).
 
 FLOPs per token are LoRA's, 2·r·(d_in + d_out) forward; bytes: h once per d_out tile, B once per token tile.
 """

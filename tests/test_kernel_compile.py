@@ -1,0 +1,244 @@
+"""Every Triton kernel specialization the host wrappers launch, compiled for real GPUs (sm_80, sm_90) on CPU.
+
+The interpreter (tests/test_kernels.py) checks numerics but compiles nothing. Here the host wrappers
+(`triton_gated_hira`, `triton_gated_lora`) run forward and backward with every dtype (fp32, fp16, bf16) × W0 (dense,
+NF4) × gated/ungated × rank (8-512), with the device's shared memory set to the architecture's, and their launches
+are recorded instead of run: the specializations compiled are therefore exactly those the wrappers' own block
+choice (`hira_triton.choose_blocks`) and Triton's argument specialization produce. Each distinct one is compiled by
+Triton's own compiler for a CUDA target, with the ptxas the triton wheel bundles, in a subprocess without
+TRITON_INTERPRET (which conftest sets). The test fails on a compile error, on shared memory above the architecture's
+opt-in limit or above the bound the block choice assumed, on register spills in fp16/bf16 kernels, or on a pointer
+offset or index product computed in int32; it prints the table (kernel × arch × dtype × W0 × gate → tiles, shared
+memory, registers, spills).
+
+Run alone: `python tests/test_kernel_compile.py` prints the table, README's summary of it and any problem (no GPU
+needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block: A100, H100
+DTYPES = ("float32", "float16", "bfloat16")
+RANKS = (8, 16, 32, 64, 128, 256, 512)
+SHAPE = (128, 128, 192)  # tokens, d_in, d_out: multiples of 16 (as LLaMA's), at least one full tile each way
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _record_launches(arch: int) -> list[tuple]:
+    """Run the host wrappers with launches recorded: [(jit function, args, kwargs, tags)]."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    import gatera_plugin.kernels.hira_triton as hira
+    from gatera_plugin.kernels import SMEM_BY_CAPABILITY
+    from gatera_plugin.kernels.lora_triton import triton_gated_lora
+
+    launches, tags = [], {}
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs, dict(tags)))
+    hira.device_smem = lambda device: SMEM_BY_CAPABILITY[(arch // 10, arch % 10)]
+    n, d_in, d_out = SHAPE
+    for dtype_name in DTYPES:
+        dtype = getattr(torch, dtype_name)
+        for weight in ("dense", "nf4", "-"):
+            for gated in (True, False):
+                for r in RANKS:
+                    tags.update(arch=arch, dtype=dtype_name, weight=weight, gate="gated" if gated else "ungated", r=r)
+                    g = torch.Generator().manual_seed(0)
+                    x, base = torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
+                    A, B = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
+                    gate = torch.rand(n, 1, generator=g) if gated else None
+                    leaves = [t.to(dtype).requires_grad_() if t is not None else None for t in (x, gate, A, B, base)]
+                    x, gate, A, B, base = leaves
+                    if weight == "-":  # LoRA: no W0
+                        out = triton_gated_lora(x, gate, A, B, 0.5, base=base)
+                    else:
+                        weight_fn = _weight_fn(weight, torch.randn(d_out, d_in, generator=g).to(dtype))
+                        out = hira.triton_gated_hira(x, gate, A, B, weight_fn, 0.5, base=base)
+                    out.backward(torch.ones_like(out))
+    return launches
+
+
+def _weight_fn(kind: str, W):
+    if kind == "dense":
+        return lambda: W
+    import bitsandbytes as bnb
+
+    from gatera_plugin.kernels.hira_triton import Packed4bit
+
+    packed = Packed4bit.from_params(bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4").to("cpu"))
+    return lambda: packed
+
+
+_JOBS: list = []
+
+
+def _compile(index: int) -> dict:
+    """Compile job `index` (fork-inherited `_JOBS`) and measure it."""
+    import contextlib
+    import io
+
+    import triton
+    from triton.compiler import ASTSource
+
+    fn, signature, constexprs, attrs, options, target = _JOBS[index]
+    row = {"smem": None, "regs": None, "spills": None, "error": None, "int32_index": []}
+    log = io.StringIO()
+    try:
+        triton.knobs.compilation.always_compile = True  # no cache hit: ptxas must run to report
+        triton.knobs.nvidia.dump_ptxas_log = True  # the ptxas -v log of the very compile below
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+    except Exception as error:  # noqa: BLE001  (reported as a failing row)
+        row["error"] = f"{type(error).__name__}: {str(error)[-2000:]}"
+        return row
+    text = log.getvalue()
+    row["smem"] = kernel.metadata.shared
+    row["regs"] = int(re.search(r"Used (\d+) registers", text).group(1))
+    row["spills"] = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    for line in kernel.asm["ttir"].splitlines():  # index arithmetic on tensors must be int64
+        if re.search(r"(tt\.addptr .*, tensor<[0-9x]+xi32>|arith\.muli .*: tensor<[0-9x]+xi32>)", line):
+            row["int32_index"].append(re.sub(r" loc\(.*", "", line.strip()))
+    return row
+
+
+def measure(workers: int) -> list[dict]:
+    """One row per distinct compiled specialization (ranks that share it are listed together)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from gatera_plugin.kernels.hira_triton import Blocks
+
+    rows, keys = [], {}
+    for arch in ARCHS:
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        for fn, args, kwargs, tags in _record_launches(arch):
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            bound, specialization, opts = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, opts)
+            key = (fn.__name__, arch, str(sorted(signature.items())), str(sorted(constexprs.items())),
+                   str(sorted(attrs.items())), str(options))
+            if key in keys:
+                rows[keys[key]]["ranks"].append(tags["r"])
+                continue
+            keys[key] = len(rows)
+            _JOBS.append((fn, signature, constexprs, attrs, options.__dict__, target))
+            tiles = Blocks(kwargs["BM"], kwargs["BN"], kwargs.get("BK", 16), kwargs["RB"], kwargs["num_warps"],
+                           kwargs["num_stages"])
+            name = fn.__name__.strip("_").removesuffix("_kernel")
+            rows.append({"kernel": name, **{k: tags[k] for k in ("arch", "dtype", "weight", "gate")},
+                         "ranks": [tags["r"]], "tiles": f"{tiles.BM}x{tiles.BN}x{kwargs.get('BK', '-')}/r{tiles.RB}"
+                         f" w{tiles.num_warps} s{tiles.num_stages}",
+                         "bound": tiles.smem_bound(name, {"float32": 4}.get(tags["dtype"], 2))})
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+        for row, measured in zip(rows, pool.map(_compile, range(len(rows)))):
+            row.update(measured)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'kernel':<12} {'arch':<5} {'dtype':<8} {'W0':<5} {'gate':<8} {'ranks':<11} {'tiles':<24} " \
+           f"{'smem':>7} {'regs':>5} {'spills':>6}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        ranks = "8-16" if max(row["ranks"]) <= 16 else f"{min(row['ranks'])}-{max(row['ranks'])}"
+        lines.append(f"{row['kernel']:<12} sm_{row['arch']:<2} {row['dtype']:<8} {row['weight']:<5} {row['gate']:<8} "
+                     f"{ranks:<11} {row['tiles']:<24} {row['smem'] if row['smem'] is not None else 'ERROR':>7} "
+                     f"{row['regs'] or '':>5} {row['spills'] if row['spills'] is not None else '':>6}")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown, kernel × dtype → per arch the tiles and the largest shared memory, registers, spills (README)."""
+    lines = ["| kernel | dtype | tiles (BMxBNxBK, stages) | " + " | ".join(
+        f"sm_{arch} smem KiB / regs / spill bytes" for arch in ARCHS) + " |", "| --- | --- | --- |" + " --- |" * len(ARCHS)]
+    seen = dict.fromkeys((row["kernel"], row["dtype"]) for row in rows)
+    for kernel, dtype in seen:
+        cells, tiles = [], set()
+        for arch in ARCHS:
+            group = [row for row in rows if (row["kernel"], row["dtype"], row["arch"]) == (kernel, dtype, arch)]
+            tiles |= {row["tiles"].split("/")[0] + ", " + row["tiles"].split()[-1] for row in group}
+            cells.append(f"{max(row['smem'] or 0 for row in group) / 1024:.0f} / {max(row['regs'] or 0 for row in group)}"
+                         f" / {max(row['spills'] or 0 for row in group)}")
+        lines.append(f"| {kernel} | {dtype} | {'; '.join(sorted(tiles))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def problems(rows: list[dict]) -> list[str]:
+    found = []
+    for row in rows:
+        where = f"{row['kernel']} sm_{row['arch']} {row['dtype']} {row['weight']} {row['gate']} r={row['ranks']}"
+        if row["error"]:
+            found.append(f"{where}: compile error {row['error']}")
+            continue
+        if row["smem"] > ARCHS[row["arch"]]:
+            found.append(f"{where}: {row['smem']} bytes of shared memory > sm_{row['arch']}'s {ARCHS[row['arch']]}")
+        if row["smem"] > row["bound"]:
+            found.append(f"{where}: {row['smem']} bytes of shared memory > Blocks.smem_bound {row['bound']}")
+        if row["spills"] and row["dtype"] != "float32":
+            found.append(f"{where}: {row['spills']} bytes of register spills")
+        if row["int32_index"]:
+            found.append(f"{where}: int32 index arithmetic: {row['int32_index'][:3]}")
+    return found
+
+
+@pytest.mark.slow
+def test_every_launched_kernel_compiles_for_sm80_and_sm90(capsys):
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, __file__, "--json"], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=1500)
+    assert done.returncode == 0, done.stderr[-5000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    with capsys.disabled():
+        print("\n" + table(rows))
+    combos = {(r["kernel"], r["arch"], r["dtype"], r["weight"], r["gate"]) for r in rows}
+    hira = {(k, a, d, w, g) for k in ("hira_fwd", "hira_bwd_dx", "hira_bwd_dw") for a in ARCHS for d in DTYPES
+            for w in ("dense", "nf4") for g in ("gated", "ungated")}
+    lora = {(k, a, d, "-", g) for k in ("lora_fwd", "lora_bwd_db") for a in ARCHS for d in DTYPES
+            for g in ("gated", "ungated")}
+    assert combos == hira | lora
+    assert all(sorted(r for row in rows if row["kernel"] == k and row["arch"] == 80 and row["dtype"] == "bfloat16"
+                      and row["weight"] in ("dense", "-") and row["gate"] == "gated" for r in row["ranks"])
+               == list(RANKS) for k in ("hira_fwd", "lora_fwd"))
+    assert problems(rows) == []
+
+
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "0"
+    sys.path.insert(0, str(ROOT))
+    measured = measure(workers=max(1, min(4, os.cpu_count() or 1)))
+    if "--json" in sys.argv:
+        print(json.dumps(measured))
+    else:
+        print(table(measured), summary(measured), "\n".join(problems(measured)) or "no problems", sep="\n\n")
+
+
+def test_problems_names_each_limit():
+    """The checks themselves (no compiling): each limit, on a row that breaks only it."""
+    ok = {"kernel": "hira_fwd", "arch": 80, "dtype": "bfloat16", "weight": "dense", "gate": "gated", "ranks": [32],
+          "tiles": "", "bound": 60000, "smem": 14336, "regs": 160, "spills": 0, "error": None, "int32_index": []}
+    assert problems([ok]) == []
+    for change, expected in [({"smem": 170000, "bound": 10**6}, "> sm_80's 166912"),
+                             ({"smem": 70000}, "> Blocks.smem_bound 60000"),
+                             ({"spills": 8}, "8 bytes of register spills"),
+                             ({"int32_index": ["tt.addptr %p, %o : tensor<64x!tt.ptr<f32>>, tensor<64xi32>"]},
+                              "int32 index arithmetic"),
+                             ({"error": "CompilationError: boom"}, "compile error CompilationError: boom")]:
+        found = problems([{**ok, **change}])
+        assert len(found) == 1 and expected in found[0], (change, found)
+    assert problems([{**ok, "dtype": "float32", "spills": 16}]) == []  # fp32 may spill
