@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+pytest.importorskip("bitsandbytes")  # the NF4 specializations
 
 ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block: A100, H100
 DTYPES = ("float32", "float16", "bfloat16")
