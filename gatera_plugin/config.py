@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -17,6 +18,7 @@ from .kernels import KERNELS, triton_available
 # adding it here and there, nothing else.
 TOKEN_GATES = ("sigmoid", "threshold", "none")
 BRANCHES = ("hira", "lora", "dora")
+HIRA_SCALINGS = ("none", "rms")
 
 # Version of the on-disk adapter format written by this package. Bump when a saved adapter would be read wrongly by an
 # older release; `GateRAConfig` refuses a newer version instead of guessing.
@@ -76,6 +78,11 @@ class GateRAConfig(PeftConfig):
         branch: `"hira"` (default), `"lora"` or `"dora"`.
         gate: `"sigmoid"` (default, GateRA), `"threshold"` (TS-PEFT) or `"none"` (plain branch; can be merged).
         lora_alpha: LoRA scaling numerator (`scaling = lora_alpha / r`); LoRA and DoRA branches only, default `r`.
+        hira_scaling: the HiRA branch's scale `s`: `"none"` (1, PEFT's HiRA exactly) or `"rms"` (`1 / RMS(W0)` per
+            layer, so that a step of `BA` moves the output about as much as a LoRA step does and LoRA learning rates
+            carry over; computed from the base weight when the adapter is created, and again when it is loaded).
+        gate_lr_ratio: learning rate of the gate parameters (token gates' `w`, `b`, thresholds `τ`, structure `α`)
+            relative to the optimizer's, applied by the Trainer integration when it builds the optimizer.
         dropout: dropout probability on the branch input (the gate always reads the undropped input).
         gate_bias_init: initial gate bias `b`; 0 gives `g = 0.5` at step 0.
         entropy_weight: weight λ of the entropy penalty; 0 switches it off. Default: `DEFAULT_ENTROPY_WEIGHT` when
@@ -131,6 +138,15 @@ class GateRAConfig(PeftConfig):
     lora_alpha: Optional[float] = field(
         default=None,
         metadata={"help": "LoRA scaling numerator, scaling = lora_alpha / r (branch='lora' only; default r)."},
+    )
+    hira_scaling: Literal["none", "rms"] = field(
+        default="none",
+        metadata={"help": "HiRA branch scale: 'none' (1, PEFT's HiRA) or 'rms' (1 / RMS(W0) per layer, LoRA-like "
+                  "step sizes)."},
+    )
+    gate_lr_ratio: float = field(
+        default=1.0,
+        metadata={"help": "Learning rate of the gate parameters relative to the optimizer's (Trainer integration)."},
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the branch input."})
     gate_bias_init: float = field(default=0.0, metadata={"help": "Initial gate bias b; 0 gives g = 0.5."})
@@ -223,6 +239,13 @@ class GateRAConfig(PeftConfig):
                     "branch='lora'."
                 )
             _check_number("lora_alpha", self.lora_alpha, low=0, low_open=True)
+        _check_choice("hira_scaling", self.hira_scaling, HIRA_SCALINGS)
+        if self.hira_scaling != "none" and self.branch != "hira":
+            raise ValueError(
+                f"`hira_scaling`={self.hira_scaling!r} scales the HiRA branch, but branch={self.branch!r}. Remove "
+                "`hira_scaling` (LoRA and DoRA branches scale by lora_alpha / r) or set branch='hira'."
+            )
+        _check_number("gate_lr_ratio", self.gate_lr_ratio, low=0, low_open=True)
         _check_number("dropout", self.dropout, low=0, high=1, high_open=True)
         _check_number("gate_bias_init", self.gate_bias_init)
         if self.entropy_weight is None:
@@ -361,8 +384,9 @@ class GateRAConfig(PeftConfig):
         """True when the adapter has a per-token gate (then it cannot be merged into the base weight)."""
         return self.gate != "none"
 
-    def scaling_for(self, r: int, lora_alpha: Optional[float]) -> float:
-        """Branch scale `s` (SPEC.md section 1): 1 for HiRA, `lora_alpha / r` for LoRA / DoRA (alpha defaults to r)."""
+    def scaling_for(self, r: int, lora_alpha: Optional[float], weight_rms: Callable[[], float] = lambda: 1.0) -> float:
+        """Branch scale `s` (docs/method.md): HiRA 1, or `1 / RMS(W0)` with hira_scaling='rms' (`weight_rms` is
+        called only then); LoRA / DoRA `lora_alpha / r` (alpha defaults to r)."""
         if self.branch == "hira":
-            return 1.0
+            return 1.0 / weight_rms() if self.hira_scaling == "rms" else 1.0
         return (r if lora_alpha is None else lora_alpha) / r

@@ -12,6 +12,7 @@ dora).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Optional
@@ -80,7 +81,7 @@ class GateRALayer(BaseTunerLayer):
         if r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {r} for adapter {adapter_name!r}.")
         self.r[adapter_name] = r
-        self.scaling[adapter_name] = config.scaling_for(r, lora_alpha)
+        self.scaling[adapter_name] = config.scaling_for(r, lora_alpha, weight_rms=self._base_weight_rms)
         self.branch_kind[adapter_name] = config.branch
         self.gate_kind[adapter_name] = config.gate
         self.options[adapter_name] = config
@@ -135,6 +136,25 @@ class GateRALayer(BaseTunerLayer):
         """The frozen base weight `W0` as (d_out, d_in) in its stored dtype (a view, no copy, for dense layers)."""
         weight = unsharded_weight(self.get_base_layer().weight)
         return weight.t() if self.weight_is_transposed else weight
+
+    def _base_weight_rms(self) -> float:
+        """RMS of the frozen base weight W0 (gathered first under DeepSpeed ZeRO-3, dequantised for 4-bit bases)."""
+        weight = self.get_base_layer().weight
+        if weight.device.type == "meta":
+            raise ValueError("hira_scaling='rms' reads the base weights when the adapter is created, but they are on "
+                             "the meta device (not loaded yet). Load the base model's weights first, or use "
+                             "hira_scaling='none'.")
+        gathered = contextlib.nullcontext()
+        if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([weight])
+        with gathered, torch.no_grad():
+            rms = self.base_weight().float().square().mean().sqrt().item()
+        if not math.isfinite(rms) or rms <= 0:
+            raise ValueError(f"hira_scaling='rms' needs a nonzero, finite base weight, but its RMS is {rms}. Use "
+                             "hira_scaling='none' for this model.")
+        return rms
 
     def kernel_weight(self):
         """W0 as the Triton kernels read it (a dense (d_out, d_in) view here; packed bytes for 4-bit bases)."""

@@ -185,3 +185,20 @@ def toy_texts(n: int = 32, seed: int = 0) -> list[str]:
         length = int(torch.randint(3, 8, (1,), generator=g))
         texts.append("count " + " ".join(numbers[start : start + length]))
     return texts
+
+
+def one_step_output_change(config, lr: float = 1e-3) -> float:
+    """‖Δlogits‖ / ‖logits‖ after one Adam step (lr) from a PEFT config's init, on a fixed batch, with a Llama whose
+    weights have a pretrained model's scale (std 0.02): how far one step at a given learning rate moves the model."""
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_llama(hidden=64, intermediate=128, init_std=0.02, seed=0), config)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    return ((after - before).norm() / before.norm()).item()

@@ -59,6 +59,14 @@ def test_quality_table_from_result_files(tmp_path):
     assert "| TS-PEFT threshold gate, HiRA | t | 2 | - | - | - | 0.500 | - |" in out
 
 
+def test_lr_transfer_writes_its_table(tmp_path):
+    out = tmp_path / "lr_transfer.json"
+    _run("bench/lr_transfer.py", "--tiny", "--out", str(out))
+    rows = json.loads(out.read_text())["one_step_change"]
+    assert rows["peft-lora"]["ratio_to_lora"] == 1.0 and set(rows) == {
+        "peft-lora", "gatera-hira (gate none)", "gatera-hira, hira_scaling=rms"}
+
+
 def _gpu_check_module():
     import importlib.util
 

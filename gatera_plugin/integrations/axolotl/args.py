@@ -10,6 +10,7 @@ GATERA_KEYS = (
     "gatera_branch", "gatera_gate", "gatera_entropy_weight", "gatera_gate_bias_init", "gatera_per_layer_stats",
     "gatera_threshold_init", "gatera_threshold_temperature", "gatera_keep_ratio", "gatera_keep_ratio_weight",
     "gatera_structure_gate", "gatera_structure_init", "gatera_structure_weight", "gatera_kernel",
+    "gatera_hira_scaling", "gatera_gate_lr_ratio",
 )
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 
@@ -48,6 +49,12 @@ class GateRAArgs(BaseModel):
     gatera_structure_weight: Optional[float] = Field(default=None, ge=0)
     gatera_kernel: Optional[Literal["auto", "triton", "torch"]] = Field(
         default=None, json_schema_extra={"description": "auto: Triton on CUDA, PyTorch elsewhere."}
+    )
+    gatera_hira_scaling: Optional[Literal["none", "rms"]] = Field(
+        default=None, json_schema_extra={"description": "HiRA branch scale: none (PEFT's HiRA) or rms (1/RMS(W0))."}
+    )
+    gatera_gate_lr_ratio: Optional[float] = Field(
+        default=None, gt=0, json_schema_extra={"description": "Gate parameters' learning rate / learning_rate."}
     )
 
     @model_validator(mode="before")

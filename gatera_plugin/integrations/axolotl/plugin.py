@@ -33,6 +33,7 @@ _OPTION_KEYS = {  # GateRAConfig field -> Axolotl key
     "keep_ratio": "gatera_keep_ratio", "keep_ratio_weight": "gatera_keep_ratio_weight",
     "structure_gate": "gatera_structure_gate", "structure_init": "gatera_structure_init",
     "structure_weight": "gatera_structure_weight", "kernel": "gatera_kernel",
+    "hira_scaling": "gatera_hira_scaling", "gate_lr_ratio": "gatera_gate_lr_ratio",
 }
 
 

@@ -1,0 +1,128 @@
+"""`hira_scaling="rms"` (HiRA steps as large as LoRA's at one learning rate) and `gate_lr_ratio` (the gates' own rate)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from gatera_plugin import GateRAConfig, split_gate_groups
+from gatera_plugin.layer import GateRALayer
+from tests.helpers import one_step_output_change, tiny_llama, toy_texts, word_tokenizer
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def _layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, GateRALayer)]
+
+
+def test_rms_scale_is_one_over_base_weight_rms_and_output_follows_formula():
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, hira_scaling="rms",
+                                                      init_weights=False))
+    for _, layer in _layers(model):
+        W0 = layer.base_weight().float()
+        assert layer.scaling["default"] == pytest.approx(1 / W0.square().mean().sqrt().item(), rel=1e-6)
+    layer = _layers(model)[0][1]
+    x = torch.randn(3, 5, layer.in_features)
+    A, B, W0 = layer.gatera_A["default"], layer.gatera_B["default"], layer.base_weight()
+    gate = torch.sigmoid(x @ layer.gatera_gate["default"].weight.t() + layer.gatera_gate["default"].bias)
+    expected = x @ W0.t() + gate * (x @ ((W0 / W0.square().mean().sqrt()) * (B @ A)).t())
+    layer.eval()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_scaling_makes_a_hira_step_as_large_as_a_lora_step():
+    """With the weights' scale of a pretrained model (std 0.02), one step of PEFT's HiRA moves the output far less
+    than a LoRA step at the same learning rate; hira_scaling='rms' brings it to LoRA's order of magnitude."""
+    lora = one_step_output_change(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
+    hira = one_step_output_change(GateRAConfig(r=4, target_modules=TARGETS, gate="none"))
+    hira_rms = one_step_output_change(GateRAConfig(r=4, target_modules=TARGETS, gate="none",
+                                                          hira_scaling="rms"))
+    assert hira < 0.1 * lora, (hira, lora)
+    assert 0.2 * lora < hira_rms < 5 * lora, (hira_rms, lora)
+
+
+def test_rms_scaled_adapter_reloads_merges_and_its_stamp_covers_the_setting(tmp_path):
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate="none", hira_scaling="rms",
+                                                      init_weights=False)).eval()
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, logits)
+        merged = reloaded.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["hira_scaling"] = "none"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hira_scaling"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"hira_scaling": "std"}, "`hira_scaling` must be one of"),
+    ({"hira_scaling": "rms", "branch": "lora"}, "`hira_scaling`='rms' scales the HiRA branch"),
+    ({"gate_lr_ratio": 0}, "`gate_lr_ratio` must be > 0"),
+    ({"gate_lr_ratio": float("nan")}, "`gate_lr_ratio` must be finite"),
+])
+def test_bad_values_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GateRAConfig(**kwargs)
+
+
+def _gate_params(model):
+    return {id(p) for _, layer in _layers(model) for c in (layer.gatera_gate, layer.gatera_structure)
+            for m in c.values() for p in m.parameters()}
+
+
+def test_split_gate_groups_gives_gates_their_rate_and_keeps_other_hyperparameters():
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=10.0,
+                                                      structure_gate=True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": params[::2], "weight_decay": 0.1},
+                                   {"params": params[1::2], "weight_decay": 0.0}], lr=1e-4)
+    split_gate_groups(optimizer, model)
+    gates = _gate_params(model)
+    assert gates and len(optimizer.param_groups) == 4
+    for group in optimizer.param_groups:
+        kinds = {id(p) in gates for p in group["params"]}
+        assert len(kinds) == 1
+        assert group["lr"] == pytest.approx(1e-3 if kinds == {True} else 1e-4)
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.0, 0.1, 0.1]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
+
+
+def test_ratio_one_leaves_the_optimizer_alone():
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    split_gate_groups(optimizer, model)
+    assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.slow
+def test_sft_trainer_trains_gates_at_their_ratio(tmp_path):
+    """Through TRL with nothing but the config: the scheduler keeps the gates' rate at ratio × the rest's."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    texts = toy_texts(16)
+    tokenizer = word_tokenizer(texts)
+    rows = [{"text": text} for text in texts]
+    trainer = SFTTrainer(
+        model=tiny_llama(vocab=len(tokenizer)), processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+        peft_config=GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=5.0, hira_scaling="rms"),
+        args=SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=2e-4,
+                       lr_scheduler_type="constant_with_warmup", warmup_steps=2, report_to="none", use_cpu=True, bf16=False,
+                       logging_steps=1, save_strategy="no", disable_tqdm=True),
+    )
+    trainer.train()
+    gates = _gate_params(trainer.model)
+    rates = {(id(p) in gates): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert rates[True] == pytest.approx(5.0 * rates[False]) and rates[False] > 0
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
