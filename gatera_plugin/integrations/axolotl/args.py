@@ -48,7 +48,8 @@ class GateRAArgs(BaseModel):
     gatera_structure_init: Optional[float] = Field(default=None)
     gatera_structure_weight: Optional[float] = Field(default=None, ge=0)
     gatera_kernel: Optional[Literal["auto", "triton", "torch"]] = Field(
-        default=None, json_schema_extra={"description": "auto: Triton on CUDA, PyTorch elsewhere."}
+        default=None,
+        json_schema_extra={"description": "auto: the PyTorch path except where measured faster in Triton (none yet)."},
     )
     gatera_hira_scaling: Optional[Literal["none", "rms"]] = Field(
         default=None, json_schema_extra={"description": "HiRA branch scale: none (PEFT's HiRA) or rms (1/RMS(W0))."}
