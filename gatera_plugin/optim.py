@@ -43,7 +43,11 @@ def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
     if not ratios:
         return optimizer
     if optimizer.state:
-        raise RuntimeError("gate_lr_ratio must be applied before the optimizer's first step (it regroups parameters).")
+        raise RuntimeError(
+            "`gate_lr_ratio` regroups the optimizer's parameters, which must happen before its first step, but this "
+            "optimizer has state already. Call `split_gate_groups(optimizer, model)` right after building the "
+            "optimizer (the Trainer integration does), or set gate_lr_ratio=1."
+        )
     groups = []
     for group in optimizer.param_groups:
         by_ratio: dict[float, list] = {}

@@ -105,6 +105,16 @@ def test_ratio_one_leaves_the_optimizer_alone():
     assert len(optimizer.param_groups) == 1
 
 
+def test_split_after_a_step_is_refused_naming_the_fix():
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=10.0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model(input_ids=torch.randint(3, 128, (1, 5)), labels=torch.randint(3, 128, (1, 5))).loss.backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match=r"before its first step.*split_gate_groups\(optimizer, model\)"):
+        split_gate_groups(optimizer, model)
+    assert len(optimizer.param_groups) == 1
+
+
 @pytest.mark.slow
 def test_sft_trainer_trains_gates_at_their_ratio(tmp_path):
     """Through TRL with nothing but the config: the scheduler keeps the gates' rate at ratio × the rest's."""
