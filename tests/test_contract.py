@@ -82,13 +82,14 @@ VARIANTS = {
     "none-hira": {"gate": "none"},
     "none-lora": {"gate": "none", "branch": "lora", "lora_alpha": 8},
     "none-dora": {"gate": "none", "branch": "dora", "lora_alpha": 8},
+    "none-hira-structure": {"gate": "none", "structure_gate": True, "structure_init": 0.5},  # merges σ(α)·(W0 ⊙ BA)
 }
-# The default run: each architecture with two variants, each variant on a gated and an ungated neighbour.
+# The default run: each architecture with two variants (one gated, one not), every variant at least once.
 FAST = {
     ("llama", "sigmoid-hira"), ("llama", "none-dora"),
     ("gpt2", "none-hira"), ("gpt2", "sigmoid-lora-structure"),
     ("opt", "threshold-dora"), ("opt", "none-lora"),
-    ("mlp", "none-hira"), ("mlp", "sigmoid-lora-structure"),
+    ("mlp", "none-hira-structure"), ("mlp", "sigmoid-lora-structure"),
 }
 
 
@@ -412,7 +413,7 @@ def test_mixed_adapter_batches_refused(case):
 def test_add_adapter_with_existing_name_raises(case):
     model = case.peft()
     before = _adapter_state(model)
-    with pytest.raises(ValueError, match="default"):
+    with pytest.raises(ValueError, match="Adapter with name 'default' already exists"):  # PEFT's wording
         model.add_adapter("default", case.config())
     after = _adapter_state(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -620,6 +621,8 @@ def test_merge_unmerge_and_merge_and_unload(case):
     torch.testing.assert_close(_no_grad_output(case, model), expected, rtol=1e-4, atol=1e-4)
     model.unmerge_adapter()
     torch.testing.assert_close(_no_grad_output(case, model), expected, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="Already unmerged. Nothing to do."):  # PEFT's wording
+        model.unmerge_adapter()
     with model.disable_adapter():
         torch.testing.assert_close(_no_grad_output(case, model), base_out, rtol=0, atol=0)
     unloaded = model.merge_and_unload()
