@@ -52,6 +52,20 @@ def test_quantised_layer_equals_naive_with_dequantised_weight(base_dir, bits):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rms_scaling_reads_the_dequantised_weight(base_dir, bits):
+    """hira_scaling='rms' on a quantised base: s = 1 / RMS of the dequantised W0 (not of the packed bytes)."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    model = get_peft_model(load_4bit(base_dir, bits=bits), GateRAConfig(r=4, target_modules=TARGETS,
+                                                                        hira_scaling="rms"))
+    layers = model.base_model.model.model.layers
+    for layer in (layers[0].mlp.down_proj, layers[1].self_attn.q_proj):
+        W0 = dequantize_bnb_weight(layer.base_layer.weight, state=getattr(layer.base_layer, "state", None)).float()
+        assert layer.scaling["default"] == pytest.approx(1 / W0.square().mean().sqrt().item(), rel=1e-5)
+        assert 1 < layer.scaling["default"] < 20  # init_std 0.2: about 1 / 0.2
+
+
 def test_4bit_eval_forward_equals_training_forward(base_dir):
     """bitsandbytes repacks 4-bit weights for CPU inference on the first eval forward (AVX512-BF16 CPUs), a layout
     its own dequantisation misreads; the adapter must give the same outputs in eval/no-grad as in training mode."""
