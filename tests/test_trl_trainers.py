@@ -19,7 +19,7 @@ from transformers import LlamaForSequenceClassification, Trainer, TrainerCallbac
 
 from gatera_plugin import FrozenHeadWarning, GateRAConfig
 from gatera_plugin.trainer_integration import count_real_tokens
-from tests.helpers import collect_gates, naive_entropy, tiny_llama, toy_texts, word_tokenizer
+from tests.helpers import collect_gates, gate_params, naive_entropy, tiny_llama, toy_texts, word_tokenizer
 from tests.test_trainer import _plain_trainer, _texts_of_unequal_length
 
 LAMBDA = 0.5
@@ -141,7 +141,7 @@ class FirstStep(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.grads is None:
-            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if "gatera_gate" in n}
+            self.grads = {n: p.grad.clone() for n, p in gate_params(model).items()}
             self._hook.remove()
 
 
@@ -155,7 +155,7 @@ def _explicit_penalty_gradient(capture, per_forward):
     for config in model.peft_config.values():
         config.entropy_weight = 0.0  # no injected gradient in the reference
     model.train()
-    params = {n: p for n, p in model.named_parameters() if "gatera_gate" in n}
+    params = gate_params(model)
     counts = [mask.sum() for _, mask in capture.inputs]
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     for (input_ids, mask), count in zip(capture.inputs, counts):  # each forward's term, its backward right after
