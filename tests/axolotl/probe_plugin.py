@@ -26,7 +26,7 @@ class ProbePlugin(BasePlugin):
         # LOCAL_RANK. On CPU (the tests), start the process group over gloo first, so that DeepSpeed finds it
         # initialised, or let accelerate run FSDP on CPU processes (it would fall back to DDP), and load the model
         # on the CPU.
-        if not (cfg.get("deepspeed") or cfg.get("fsdp_version")) or torch.cuda.is_available() \
+        if not (cfg.get("deepspeed") or cfg.get("fsdp_config")) or torch.cuda.is_available() \
                 or int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return
         from axolotl.loaders.model import ModelLoader
@@ -59,12 +59,13 @@ class ProbePlugin(BasePlugin):
         ModelLoader._set_device_map_config = _set_device_map_config
 
     def post_train(self, cfg, model):
-        if cfg.get("fsdp_version") and int(os.environ.get("RANK", "0")) == 0:  # did FSDP2 really shard the model?
+        # (Axolotl's `fsdp_version` defaults to 2 in every config: `fsdp_config` is what marks an FSDP run)
+        if cfg.get("fsdp_config") and int(os.environ.get("RANK", "0")) == 0:  # did FSDP2 really shard the model?
             from torch.distributed.tensor import DTensor
 
             sharded = [isinstance(p, DTensor) for n, p in model.named_parameters() if "base_layer" in n]
             (Path(cfg.output_dir) / "fsdp_probe.json").write_text(f'{{"sharded_base_weights": {sum(sharded)}}}')
-        if int(os.environ.get("RANK", "0")) != 0 or _zero_stage(cfg.get("deepspeed")) == 3 or cfg.get("fsdp_version"):
+        if int(os.environ.get("RANK", "0")) != 0 or _zero_stage(cfg.get("deepspeed")) == 3 or cfg.get("fsdp_config"):
             return  # under ZeRO-3 and FSDP a forward needs every rank
         layers = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()
                          if "gatera" in type(m).__module__ or "lora" in type(m).__module__})
