@@ -107,3 +107,12 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
 def test_cache_delta_check_benchmark_runs():
     out = _run("bench/cache_delta_check.py", "--rounds", "1", "--calls", "5").stdout
     assert "check (cache hit)" in out and "layer forward" in out
+
+
+def test_threshold_gradient_table():
+    """README's ∂L/∂τ table: the logistic-only column vanishes far from τ, the package's does not."""
+    rows = [line.split("|")[1:-1] for line in _run("bench/threshold_gradient.py").stdout.splitlines()
+            if line.startswith("| 0.")]
+    assert len(rows) == 8
+    assert all(float(now) <= -0.5 for _, _, _, now in rows)
+    assert float(rows[3][2]) == 0  # τ = 0.05, r/τ = 10⁴: exactly 0 before
