@@ -222,16 +222,16 @@ def auto_takes_triton(monkeypatch):
     return cases
 
 
-def _counting(monkeypatch, module, name, fail_with=None):
-    """Wrap the kernel `module.name` so that launches are recorded (the dtype of the first argument) and raise
-    `fail_with()` when given."""
+def _counting(monkeypatch, module, name, fail_with=None, calls=None, entry=lambda args: args[0].dtype):
+    """Wrap the kernel `module.name` so that each launch appends `entry(args)` (default: the dtype of the first
+    argument) to `calls` (a new list unless given; returned), and raises `fail_with()` when given."""
     kernel = getattr(module, name)
-    calls = []
+    calls = [] if calls is None else calls
 
     class Wrapped:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                calls.append(args[0].dtype)
+                calls.append(entry(args))
                 if fail_with is not None:
                     raise fail_with()
                 return kernel[grid](*args, **kwargs)
@@ -462,16 +462,7 @@ def test_every_launch_runs_on_the_inputs_device(monkeypatch):
     for module, names in ((hira_kernels, ("_hira_fwd_kernel", "_hira_bwd_dx_kernel", "_hira_bwd_dw_kernel")),
                           (lora_kernels, ("_lora_fwd_kernel", "_lora_bwd_db_kernel"))):
         for name in names:
-            kernel = getattr(module, name)
-
-            class Recorded:
-                def __getitem__(self, grid, kernel=kernel, name=name):
-                    def launch(*args, **kwargs):
-                        launched.append((name, list(guarded)))
-                        return kernel[grid](*args, **kwargs)
-                    return launch
-
-            monkeypatch.setattr(module, name, Recorded())
+            _counting(monkeypatch, module, name, calls=launched, entry=lambda args, name=name: (name, list(guarded)))
     for kind in ("hira", "lora"):
         _run(kind, _inputs(9, 40, 24, 8, torch.float32, "mixed"), True)
     assert [name for name, _ in launched] == ["_hira_fwd_kernel", "_hira_bwd_dx_kernel", "_hira_bwd_dw_kernel",
