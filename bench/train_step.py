@@ -194,6 +194,11 @@ def main() -> None:
                      f"{s['time_vs_lora']:.2f}x | {s['overhead_mb']:.0f} | {s['memory_vs_lora']:.2f}x "
                      f"| {s['default_allocator_mb']:.0f} |")
     print("\n".join(lines))
+    for size, data in raw.items():  # the token gate's own cost: gated GateRA against gate="none", round by round
+        times = data["step_cpu_s"]
+        if "gatera" in times and "gatera-none" in times:
+            ratio = statistics.median(t / b for t, b in zip(times["gatera"], times["gatera-none"]))
+            print(f"{size}: gatera / gatera-none = {ratio:.3f} (median over rounds)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"rank": RANK, "targets": TARGETS, "sizes": {k: SIZES[k] for k in args.sizes}, "threads": 1,
