@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from gatera_plugin.penalty import ENTROPY_EPS
 
@@ -142,6 +144,65 @@ def collect_gates(model) -> tuple[list, list]:
 
 def gate_params(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if "gatera_gate" in n}
+
+
+def backbone(peft_model) -> nn.Module:
+    """transformers' backbone (e.g. LlamaModel): every forward of the model, or of the backbone alone, passes here."""
+    return peft_model.get_base_model().base_model
+
+
+class FirstStepCapture(TrainerCallback):
+    """Keeps a copy of the model at the start of training, the inputs of the first optimisation step's forwards with
+    gradient (recorded at the backbone), and the gate gradients accumulated over that step, just before the optimizer
+    uses them: what `explicit_penalty_gradient` needs."""
+
+    def __init__(self):
+        self.start, self.inputs, self.grads, self._hook = None, [], None, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.start = copy.deepcopy(model)
+
+        def record(module, a, kw):
+            if torch.is_grad_enabled() and module.training:
+                input_ids = kw.get("input_ids", a[0] if a else None)
+                self.inputs.append((input_ids.clone(), kw["attention_mask"].clone()))
+
+        self._hook = backbone(model).register_forward_pre_hook(record, with_kwargs=True)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in gate_params(model).items()}
+            self._hook.remove()
+
+
+def explicit_penalty_gradient(capture: FirstStepCapture, weight: float, per_forward: bool = False) -> dict:
+    """∇ of `weight` · mean over gated layers of the token mean of H(g)/log 2 over the first step's forwards, by plain
+    autograd from the weights at the start of training (the naive reference for the injected penalty gradient).
+
+    Step level: one token mean over all the step's forwards. Per forward: the mean over forwards of each forward's
+    token mean.
+    """
+    model = capture.start
+    for config in model.peft_config.values():
+        config.entropy_weight = 0.0  # no injected gradient in the reference
+    if getattr(model.get_base_model(), "is_gradient_checkpointing", False):
+        model.get_base_model().gradient_checkpointing_disable()  # reentrant checkpointing records gates without graph
+    model.train()
+    params = gate_params(model)
+    counts = [mask.sum() for _, mask in capture.inputs]
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for (input_ids, mask), count in zip(capture.inputs, counts):  # each forward's term, its backward right after
+        gates, handles = collect_gates(model)
+        backbone(model)(input_ids=input_ids, attention_mask=mask)
+        for handle in handles:
+            handle.remove()
+        m = mask.reshape(-1).float()
+        sums = torch.stack([(naive_entropy(g.reshape(-1)) * m).sum() for g in gates])  # (layers,)
+        normaliser = count * len(counts) if per_forward else sum(counts)
+        term = weight * (sums / normaliser).mean()
+        for name, grad in zip(params, torch.autograd.grad(term, list(params.values()))):
+            total[name] += grad
+    return total
 
 
 class TwoLinear(nn.Module):

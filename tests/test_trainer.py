@@ -8,33 +8,10 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 from trl import SFTConfig, SFTTrainer
 
 from gatera_plugin import GateRAConfig
-from tests.helpers import collect_gates, naive_entropy, tiny_llama, toy_texts, word_tokenizer
+from tests.helpers import FirstStepCapture, explicit_penalty_gradient, tiny_llama, toy_texts, word_tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LAMBDA = 0.5
-
-
-class GradCapture(TrainerCallback):
-    """Records the accumulated gate gradients just before the first optimizer step, and the batches fed."""
-
-    def __init__(self):
-        self.grads = None
-        self.initial = None
-        self.batches = []
-        self._hook = None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items() if "gatera_" in k}
-        inner = model.base_model.model
-        self._hook = inner.register_forward_pre_hook(
-            lambda m, a, kw: self.batches.append((kw["input_ids"].clone(), kw["attention_mask"].clone())),
-            with_kwargs=True,
-        )
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if "gatera_gate" in n}
-            self._hook.remove()
 
 
 def _sft_trainer(
@@ -82,36 +59,13 @@ def _penalty_gradient(make, tmp_path, texts, batch, accum, **kwargs):
     """Gate gradient due to the penalty alone: (run with λ) − (same run with λ = 0)."""
     runs = []
     for weight in (LAMBDA, 0.0):
-        capture = GradCapture()
+        capture = FirstStepCapture()
         trainer = make(tmp_path, texts, weight, batch, accum, **kwargs)
         trainer.add_callback(capture)
         trainer.train()
         runs.append(capture)
     with_penalty, without = runs
     return {n: with_penalty.grads[n] - without.grads[n] for n in with_penalty.grads}, with_penalty
-
-
-def _explicit_penalty_gradient(capture):
-    """λ·∇ mean_{real tokens of the whole step, gated layers} H(g)/log 2 from the initial weights (naive reference)."""
-    torch.manual_seed(0)
-    from peft import get_peft_model
-
-    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.0))
-    model.load_state_dict(capture.initial, strict=False)
-    per_layer_sums, tokens = None, 0
-    for input_ids, mask in capture.batches:
-        gates, handles = collect_gates(model)
-        model(input_ids=input_ids, attention_mask=mask)
-        for h in handles:
-            h.remove()
-        m = mask.reshape(-1).float()
-        sums = torch.stack([(naive_entropy(g.reshape(-1)) * m).sum() for g in gates])
-        per_layer_sums = sums if per_layer_sums is None else per_layer_sums + sums
-        tokens += int(m.sum())
-    penalty = LAMBDA * (per_layer_sums / tokens).mean()
-    params = {n: p for n, p in model.named_parameters() if "gatera_gate" in n}
-    grads = torch.autograd.grad(penalty, list(params.values()))
-    return dict(zip(params, grads))
 
 
 def _texts_of_unequal_length():
@@ -134,9 +88,9 @@ def test_penalty_gradient_is_independent_of_accumulation_and_exact(tmp_path, mak
     texts = _texts_of_unequal_length()
     ga2, capture = _penalty_gradient(make, tmp_path, texts, batch=2, accum=2, **kwargs)
     ga1, _ = _penalty_gradient(make, tmp_path, texts, batch=4, accum=1, **kwargs)
-    (_, mask_a), (_, mask_b) = capture.batches
+    (_, mask_a), (_, mask_b) = capture.inputs
     assert mask_a.shape != mask_b.shape and not (mask_a.all() and mask_b.all())  # padding differs between set-ups
-    explicit = _explicit_penalty_gradient(capture)
+    explicit = explicit_penalty_gradient(capture, LAMBDA)
     for name in ga1:
         assert ga1[name].abs().max() > 1e-6, name
         torch.testing.assert_close(ga2[name], ga1[name], rtol=1e-4, atol=1e-7, msg=name)

@@ -7,7 +7,6 @@ must equal the gradient of the explicit penalty, computed with plain autograd fr
 forwards with gradient really received (captured at the backbone) and the weights at the start of training.
 """
 
-import copy
 import logging
 
 import pytest
@@ -15,11 +14,11 @@ import torch
 import trl
 from datasets import Dataset
 from peft import PeftModel
-from transformers import LlamaForSequenceClassification, Trainer, TrainerCallback
+from transformers import LlamaForSequenceClassification, Trainer
 
 from gatera_plugin import FrozenHeadWarning, GateRAConfig
 from gatera_plugin.trainer_integration import count_real_tokens
-from tests.helpers import collect_gates, gate_params, naive_entropy, tiny_llama, toy_texts, word_tokenizer
+from tests.helpers import FirstStepCapture, explicit_penalty_gradient, tiny_llama, toy_texts, word_tokenizer
 from tests.test_trainer import _plain_trainer, _texts_of_unequal_length
 
 LAMBDA = 0.5
@@ -117,63 +116,8 @@ def _trainer(kind, tmp_path, entropy_weight, steps):
     raise ValueError(kind)
 
 
-def _backbone(peft_model):
-    """transformers' backbone (LlamaModel): every forward of the model, or of the backbone alone, passes here."""
-    return peft_model.get_base_model().base_model
-
-
-class FirstStep(TrainerCallback):
-    """Keeps a copy of the model at the start, the inputs of the first step's forwards with gradient, and the gate
-    gradients accumulated over that step (just before the optimizer uses them)."""
-
-    def __init__(self):
-        self.start, self.inputs, self.grads, self._hook = None, [], None, None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.start = copy.deepcopy(model)
-
-        def record(module, a, kw):
-            if torch.is_grad_enabled() and module.training:
-                input_ids = kw.get("input_ids", a[0] if a else None)
-                self.inputs.append((input_ids.clone(), kw["attention_mask"].clone()))
-
-        self._hook = _backbone(model).register_forward_pre_hook(record, with_kwargs=True)
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {n: p.grad.clone() for n, p in gate_params(model).items()}
-            self._hook.remove()
-
-
-def _explicit_penalty_gradient(capture, per_forward):
-    """∇ of λ · mean over gated layers of the token mean of H(g)/log 2, by plain autograd from the start weights.
-
-    Step level: one token mean over all the step's forwards. Per forward: the mean over forwards of each forward's
-    token mean.
-    """
-    model = capture.start
-    for config in model.peft_config.values():
-        config.entropy_weight = 0.0  # no injected gradient in the reference
-    model.train()
-    params = gate_params(model)
-    counts = [mask.sum() for _, mask in capture.inputs]
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    for (input_ids, mask), count in zip(capture.inputs, counts):  # each forward's term, its backward right after
-        gates, handles = collect_gates(model)
-        _backbone(model)(input_ids=input_ids, attention_mask=mask)
-        for handle in handles:
-            handle.remove()
-        m = mask.reshape(-1).float()
-        sums = torch.stack([(naive_entropy(g.reshape(-1)) * m).sum() for g in gates])  # (layers,)
-        normaliser = count * len(counts) if per_forward else sum(counts)
-        term = LAMBDA * (sums / normaliser).mean()
-        for name, grad in zip(params, torch.autograd.grad(term, list(params.values()))):
-            total[name] += grad
-    return total
-
-
 def _run(kind, tmp_path, entropy_weight, steps):
-    capture = FirstStep()
+    capture = FirstStepCapture()
     trainer = _trainer(kind, tmp_path, entropy_weight, steps)
     trainer.add_callback(capture)
     trainer.train()
@@ -203,7 +147,7 @@ def test_trl_trainer_trains_penalises_logs_and_reloads(kind, tmp_path, caplog):
 
     # the penalty was applied once, at the stated scale: (λ run − λ=0 run) gate gradients = explicit penalty's
     _, without = _run(kind, tmp_path, 0.0, steps=1)
-    explicit = _explicit_penalty_gradient(capture, per_forward)
+    explicit = explicit_penalty_gradient(capture, LAMBDA, per_forward)
     for name, grad in capture.grads.items():
         injected = grad - without.grads[name]
         assert explicit[name].abs().max() > 1e-6, name
