@@ -12,19 +12,14 @@ from transformers import TrainerCallback
 from gatera_plugin.penalty import ENTROPY_EPS
 
 
-def tiny_llama(
-    hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate: int = 64, seed: int = 0, init_std: float = 0.02,
+def tiny_llama_config(
+    hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate: int = 64, init_std: float = 0.02,
     max_positions: int = 256,
 ):
-    """A randomly initialised LlamaForCausalLM small enough for CPU tests.
+    """The LlamaConfig of `tiny_llama` (and of `tiny_llama_classifier`)."""
+    from transformers import LlamaConfig
 
-    `init_std` is the weights' standard deviation; HiRA's update is proportional to W0, so end-to-end training tests
-    use a larger one (closer to a pretrained model's scale) to learn in few steps.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -37,7 +32,32 @@ def tiny_llama(
         eos_token_id=2,
         initializer_range=init_std,
     )
-    return LlamaForCausalLM(config)
+
+
+def tiny_llama(
+    hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate: int = 64, seed: int = 0, init_std: float = 0.02,
+    max_positions: int = 256,
+):
+    """A randomly initialised LlamaForCausalLM small enough for CPU tests.
+
+    `init_std` is the weights' standard deviation; HiRA's update is proportional to W0, so end-to-end training tests
+    use a larger one (closer to a pretrained model's scale) to learn in few steps.
+    """
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(hidden, layers, vocab, intermediate, init_std, max_positions))
+
+
+def tiny_llama_classifier(num_labels: int = 1, seed: int = 0):
+    """`tiny_llama`'s architecture as a LlamaForSequenceClassification (a reward model when num_labels = 1), with a
+    newly initialised `score` head."""
+    from transformers import LlamaForSequenceClassification
+
+    config = tiny_llama_config()
+    config.num_labels = num_labels
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config)
 
 
 def tiny_gpt2(hidden: int = 32, layers: int = 2, vocab: int = 128, seed: int = 0):

@@ -18,7 +18,7 @@ from torch import nn
 from gatera_plugin import FrozenHeadWarning, GateRAConfig, GateRALayer, UnreachedExpertsWarning
 from gatera_plugin.model import fused_expert_parameters
 
-from .helpers import tiny_llama
+from .helpers import tiny_llama, tiny_llama_classifier
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, pad_token_id=0)
@@ -108,11 +108,6 @@ def test_target_parameters_refused_with_the_choices():
 
 
 # ------------------------------------------------------------------------------------------ classification heads
-def tiny_llama_classifier():
-    torch.manual_seed(0)
-    return transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**SMALL, num_labels=1))
-
-
 def test_all_linear_seq_cls_adapts_every_backbone_linear_and_trains_the_head():
     """A reward model (`task_type="SEQ_CLS"`, "all-linear"): every backbone linear gets GateRA, the head trains in
     full, nothing is skipped, and one optimizer step moves both."""

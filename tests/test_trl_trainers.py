@@ -14,11 +14,18 @@ import torch
 import trl
 from datasets import Dataset
 from peft import PeftModel
-from transformers import LlamaForSequenceClassification, Trainer
+from transformers import Trainer
 
 from gatera_plugin import FrozenHeadWarning, GateRAConfig
 from gatera_plugin.trainer_integration import count_real_tokens
-from tests.helpers import FirstStepCapture, explicit_penalty_gradient, tiny_llama, toy_texts, word_tokenizer
+from tests.helpers import (
+    FirstStepCapture,
+    explicit_penalty_gradient,
+    tiny_llama,
+    tiny_llama_classifier,
+    toy_texts,
+    word_tokenizer,
+)
 from tests.test_trainer import _plain_trainer, _texts_of_unequal_length
 
 LAMBDA = 0.5
@@ -41,15 +48,8 @@ def _length_reward(completions, **kwargs):
     return [float(len(c.split())) for c in completions]
 
 
-def _seq_cls_model():
-    config = tiny_llama().config
-    config.num_labels = 1
-    torch.manual_seed(0)
-    return LlamaForSequenceClassification(config)
-
-
 def _base(kind):
-    return _seq_cls_model() if kind == "reward" else tiny_llama()
+    return tiny_llama_classifier() if kind == "reward" else tiny_llama()
 
 
 def _trainer(kind, tmp_path, entropy_weight, steps):
@@ -77,7 +77,7 @@ def _trainer(kind, tmp_path, entropy_weight, steps):
     if kind == "reward":
         pairs = {"chosen": [p + c for p, c in zip(PROMPTS, CHOSEN)] * 2,
                  "rejected": [p + r for p, r in zip(PROMPTS, REJECTED)] * 2}
-        return trl.RewardTrainer(model=_seq_cls_model(), args=trl.RewardConfig(**common),
+        return trl.RewardTrainer(model=tiny_llama_classifier(), args=trl.RewardConfig(**common),
                                  train_dataset=Dataset.from_dict(pairs), **shared)
     if kind in ("grpo", "rloo"):
         config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if kind == "grpo" else (trl.RLOOConfig,
@@ -226,6 +226,6 @@ def test_reward_trainer_says_when_the_score_head_is_not_trained(tmp_path):
     pairs = Dataset.from_dict({"chosen": PROMPTS, "rejected": PROMPTS[::-1]})
     args = trl.RewardConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
     with pytest.warns(FrozenHeadWarning, match='task_type="SEQ_CLS"'):
-        trainer = trl.RewardTrainer(model=_seq_cls_model(), args=args, train_dataset=pairs,
+        trainer = trl.RewardTrainer(model=tiny_llama_classifier(), args=args, train_dataset=pairs,
                                     processing_class=tokenizer, peft_config=GateRAConfig())
     assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".score." in n)
