@@ -104,6 +104,7 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     training = sections["training"]["rows"][0]
     assert training["loss_falls"] and training["reloads_same"]
 
+
 def test_cache_delta_check_benchmark_runs():
     out = _run("bench/cache_delta_check.py", "--rounds", "1", "--calls", "5").stdout
     assert "check (cache hit)" in out and "layer forward" in out
