@@ -219,16 +219,6 @@ def test_every_launched_kernel_compiles_for_sm80_and_sm90(capsys):
     assert problems(rows) == []
 
 
-if __name__ == "__main__":
-    os.environ["TRITON_INTERPRET"] = "0"
-    sys.path.insert(0, str(ROOT))
-    measured = measure(workers=max(1, min(4, os.cpu_count() or 1)))
-    if "--json" in sys.argv:
-        print(json.dumps(measured))
-    else:
-        print(table(measured), summary(measured), "\n".join(problems(measured)) or "no problems", sep="\n\n")
-
-
 def test_problems_names_each_limit():
     """The checks themselves (no compiling): each limit, on a row that breaks only it."""
     ok = {"kernel": "hira_fwd", "arch": 80, "dtype": "bfloat16", "weight": "dense", "gate": "gated", "ranks": [32],
@@ -243,3 +233,13 @@ def test_problems_names_each_limit():
         found = problems([{**ok, **change}])
         assert len(found) == 1 and expected in found[0], (change, found)
     assert problems([{**ok, "dtype": "float32", "spills": 16}]) == []  # fp32 may spill
+
+
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "0"
+    sys.path.insert(0, str(ROOT))
+    measured = measure(workers=max(1, min(4, os.cpu_count() or 1)))
+    if "--json" in sys.argv:
+        print(json.dumps(measured))
+    else:
+        print(table(measured), summary(measured), "\n".join(problems(measured)) or "no problems", sep="\n\n")
