@@ -11,13 +11,16 @@ so the autograd function keeps no reference to the gathered weight). Outside the
 Installed on `import gatera_plugin`, two `transformers.Trainer` wrappers, inert unless the model holds a GateRA
 adapter and FSDP is on:
 
-- `create_accelerator_and_postprocess` refuses FSDP1 (see `refuse_fsdp1`) and, for FSDP2, makes every trainable
-  parameter fp32 (`upcast_trainable_to_fp32`);
+- `create_accelerator_and_postprocess` refuses FSDP1 (see `refuse_fsdp1`) and, for FSDP2, makes GateRA's trainable
+  parameters fp32 (`upcast_trainable_to_fp32`);
 - `save_model` writes the full adapter, gates included, whatever `fsdp_state_dict_type`: every rank takes part in
   gathering the adapter's parameters (never the frozen base), then only the main process writes the files, through
   PEFT's `save_pretrained` (atomic, `serialization.py`). Without this, `SHARDED_STATE_DICT` runs would save no
-  adapter at all, and `FULL_STATE_DICT` runs would gather the whole base model onto rank 0 to keep 1% of it.
+  adapter at all, and `FULL_STATE_DICT` runs would gather the whole base model onto rank 0 to keep only the adapter.
   Checkpoints keep the Trainer's own FSDP files (model and optimizer shards) beside the adapter for resuming.
+
+Outside a Trainer, `model.save_pretrained(out, is_main_process=rank == 0)` on a sharded GateRA model gathers the
+adapter the same way (`serialization.py` calls `adapter_state_dict`); like any collective, call it on every rank.
 
 The penalty needs nothing: `trainer_integration` counts the step's real tokens on all ranks (accelerate's gather),
 and FSDP averages gradients over ranks like DDP.
@@ -36,6 +39,7 @@ from ._registration import PREFIX
 _MARK = "__gatera_fsdp_wrapped__"
 
 
+@functools.cache
 def _dtensor_type():
     if not torch.distributed.is_available():
         return None
@@ -50,8 +54,8 @@ def unsharded_weight(weight: torch.Tensor) -> torch.Tensor:
     if DTensor is not None and isinstance(weight, DTensor):
         raise RuntimeError(
             f"GateRA's branch needs the whole base weight W0 {tuple(weight.shape)} but finds an FSDP shard of it (a "
-            "DTensor): the base layer is an FSDP unit of its own "
-            "(or no unit around it is gathered), so FSDP gathers its weight only for the base layer's own forward. "
+            "DTensor): the base layer is an FSDP unit of its own (or no unit around it is gathered), so FSDP gathers "
+            "its weight only for the base layer's own forward. "
             "Shard whole transformer blocks instead, so that each GateRA layer and its base layer are in one unit: "
             "`fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` (accelerate's and the Trainer's default) rather than "
             "SIZE_BASED_WRAP, or, calling `fully_shard` yourself, apply it to the blocks (and the root), not to "
@@ -91,19 +95,25 @@ def refuse_fsdp1(trainer) -> None:
 
 
 def upcast_trainable_to_fp32(model) -> list[str]:
-    """Make every trainable parameter fp32 (the names changed), for FSDP2 with quantised bases.
+    """Make GateRA's trainable parameters fp32 (returns the names changed), for FSDP2 with quantised bases.
 
     FSDP2 needs one dtype for the trainable parameters of a unit. TRL casts adapters on quantised bases to bf16 and
-    GateRA returns its gates to fp32 (`GateRAModel.upcast_gates_to_fp32`), so under FSDP everything trainable is made
-    fp32: the optimizer's master weights; a bf16 mixed-precision policy still runs forward and backward in bf16.
-    (Without a quantised base accelerate does the same itself whenever mixed precision is on.)
+    GateRA returns its gates to fp32 (`GateRAModel.upcast_gates_to_fp32`), so under FSDP all of GateRA's trainable
+    parameters are made fp32: the optimizer's master weights; a bf16 mixed-precision policy still runs forward and
+    backward in bf16. (Without a quantised base accelerate does the same itself whenever mixed precision is on.)
     """
     changed = []
     for name, param in model.named_parameters():
-        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+        if PREFIX in name and param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()
             changed.append(name)
     return changed
+
+
+def is_sharded(model) -> bool:
+    """Whether any parameter of `model` is an FSDP2 shard (DTensor)."""
+    DTensor = _dtensor_type()
+    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:

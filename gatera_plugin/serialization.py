@@ -42,6 +42,7 @@ import warnings
 from pathlib import Path
 
 from ._registration import SPELLINGS
+from .fsdp import adapter_state_dict, is_sharded
 
 try:
     import fcntl
@@ -314,6 +315,8 @@ def _refuse_pickle(args, kwargs) -> None:
 def wrap_save_pretrained(original):
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
+        if _is_gatera(self) and kwargs.get("state_dict") is None and is_sharded(self):
+            kwargs["state_dict"] = adapter_state_dict(self)  # FSDP2: every rank gathers, the main process writes
         if not _is_gatera(self) or not kwargs.get("is_main_process", True) or os.path.isfile(save_directory):
             return original(self, save_directory, *args, **kwargs)
         _refuse_pickle(args, kwargs)

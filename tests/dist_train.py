@@ -59,6 +59,10 @@ class Probe(TrainerCallback):
         if state.global_step == self.kill_step and self.rank == self.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.fsdp is not None:  # PEFT's save_pretrained on the sharded model, outside the Trainer, on every rank
+            model.save_pretrained(self.output_dir / "direct_save", is_main_process=self.rank == 0)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.fsdp is not None and state.global_step == 1 and self.fsdp.reads["forward"]:
             probe = json.loads((self.output_dir / f"probe_rank{self.rank}.json").read_text())
@@ -71,9 +75,9 @@ class FsdpProbe:
 
     `sharded`: before the step every GateRA base weight is a DTensor holding a part of W0 on this rank. `reads`: every
     read of W0 by the branch (forward, and backward: the memory-lean HiRA backward) returns the whole, unsharded W0
-    as a plain tensor. `resharded_after_forward`: after the model's forward, the base weights are shards again, and
+    as a plain tensor. `resharded_after_forward`: after the model's forward, the base weights are shards again,
     every tensor autograd saved during forward that equals some W0 is FSDP's own gathered buffer (freed at the
-    reshard), never a copy kept by GateRA.
+    reshard), and no node of the autograd graph holds a live tensor equal to some W0: GateRA kept no copy.
     """
 
     def __init__(self):
@@ -105,23 +109,44 @@ class FsdpProbe:
             self.record_reads(cls)
         self.layers = layers
         self.after_forward = []
-        self.handle = model.register_forward_hook(lambda *_: self.after_forward.append(self.check_after_forward(layers)))
+        self.handle = model.register_forward_hook(
+            lambda module, args, output: self.after_forward.append(self.check_after_forward(layers, output)))
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
         self.hooks.__enter__()
         return {"sharded": sharded}
 
+    def is_weight(self, tensor):
+        return isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and any(
+            tensor.shape == v.shape and torch.equal(tensor, v) for w in self.full for v in (w, w.t()))
+
     def pack(self, tensor):
-        if tensor.dim() == 2 and any(tensor.shape == v.shape and torch.equal(tensor, v)
-                                     for w in self.full for v in (w, w.t())):
+        if self.is_weight(tensor):
             self.saved.append(tensor)
         return tensor
 
-    def check_after_forward(self, layers):
+    def kept_by_graph_nodes(self, output):
+        """Tensors equal to some W0, with live storage, held as attributes of the autograd graph's nodes (e.g. the
+        `ctx` of a custom Function) after the forward."""
+        values = output.values() if isinstance(output, dict) else [output]  # TRL may return hidden states, no logits
+        stack = [v.grad_fn for v in values if isinstance(v, torch.Tensor) and v.grad_fn is not None]
+        seen, kept, self.graph_nodes = set(), 0, 0
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            self.graph_nodes += 1
+            stack.extend(child for child, _ in node.next_functions)
+            for value in getattr(node, "__dict__", {}).values():
+                kept += bool(self.is_weight(value) and value.untyped_storage().size() > 0)
+        return kept
+
+    def check_after_forward(self, layers, output):
         resharded = all(isinstance(m.get_base_layer().weight, DTensor) for m in layers)
         freed = all(t.untyped_storage().size() == 0 for t in self.saved)
         self.saved_checked += len(self.saved)
         self.saved.clear()
-        return resharded and freed
+        return resharded and freed and self.kept_by_graph_nodes(output) == 0
 
     def end(self):
         self.hooks.__exit__(None, None, None)
@@ -130,7 +155,7 @@ class FsdpProbe:
         return {"reads_forward": len(self.reads["forward"]), "reads_backward": len(self.reads["backward"]),
                 "reads_whole": all(self.reads["forward"] + self.reads["backward"]),
                 "resharded_after_forward": len(self.after_forward) > 0 and all(self.after_forward),
-                "saved_weights_checked": self.saved_checked}
+                "saved_weights_checked": self.saved_checked, "graph_nodes_checked": self.graph_nodes}
 
 
 def fsdp_requested() -> bool:
