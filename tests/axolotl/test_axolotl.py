@@ -225,6 +225,17 @@ def test_bad_configs_are_refused_clearly(workspace, overrides, message):
     assert re.search(message, done.stdout + done.stderr), (done.stdout + done.stderr)[-3000:]
 
 
+@pytest.mark.parametrize("key,value", [("loraplus_lr_ratio", 16), ("embedding_lr", 1e-5), ("lr_groups", [])])
+def test_gate_lr_ratio_with_axolotls_own_param_groups_is_refused(key, value):
+    """Those options bypass `Trainer.create_optimizer`, where the gate rate is applied: refused, not ignored."""
+    from gatera_plugin.integrations.axolotl.args import GateRAArgs
+
+    with pytest.raises(ValueError, match=rf"`gatera_gate_lr_ratio` \(5\.0\) .* when {key} is set"):
+        GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 5.0, key: value})
+    GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 1.0, key: value})
+    GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 5.0})
+
+
 @pytest.mark.parametrize("stage", ["zero2", "zero3", "fsdp2"])
 def test_deepspeed_through_axolotl(workspace, stage):
     """`deepspeed: integrations/deepspeed/<stage>.json` and `fsdp_version: 2` (gatera-<stage>.yml), 2 processes on
