@@ -100,8 +100,8 @@ def eval_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=input_ids).logits
 
 
-# Tolerances of every numerics check (tests/test_ops.py, tests/test_dtype.py, bench/gpu_check.py). In fp32 a result
-# must match the naive fp32 reference within these (gradients sum over more terms, hence the looser rtol)...
+# Tolerances of the numerics checks (tests/test_ops.py, test_dtype.py, test_kernels.py, bench/gpu_check.py). In fp32
+# a result must match the naive fp32 reference within these (gradients sum over more terms, hence the looser rtol)...
 FP32_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 FP32_GRAD_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
