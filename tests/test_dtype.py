@@ -11,7 +11,7 @@ from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gatera_plugin import GateRAConfig
-from tests.helpers import naive_gated_hira, within_tolerance
+from tests.helpers import max_error, naive_gated_hira, within_tolerance
 
 D_IN, D_OUT, R, N = 48, 80, 8, 33
 PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
@@ -109,3 +109,24 @@ def test_half_model_outside_autocast_within_rounding_of_fp64(dtype):
         # fp32 gradients (A, B, gate) are held to the dtype's rule too: their inputs passed through `dtype`
         passed, error, bound = within_tolerance(ours[name].to(dtype), naive[name], truth[name], grad=True)
         assert passed, f"grad of {name}: error {error:.3g} > {bound:.3g}"
+
+
+def test_cache_delta_keeps_the_inference_delta_in_the_input_dtype():
+    """`cache_delta` on a bf16 model outside autocast: the cached `s·W0 ⊙ BA` is bf16 like the input (not the fp32
+    adapter dtype), gives the uncached branch's output within bf16 rounding, and is rebuilt for an fp32 input."""
+    model = _model(torch.bfloat16).eval()
+    layer = model.base_model.model.proj
+    x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(x)
+        uncached = model(x)
+        model.peft_config["default"].cache_delta = True  # the layers read this config
+        cached = model(x)
+        assert layer._delta_cache["default"][3].dtype == torch.bfloat16 and cached.dtype == torch.bfloat16
+        bound = 2 * torch.finfo(torch.bfloat16).eps * uncached.float().abs().max().item()  # 2 ulp of the output
+        assert max_error(uncached, base) > 1.5 * bound  # the adapter's effect shows above that
+        assert max_error(cached, uncached) <= bound
+        layer.base_layer.float()
+        model(x.float())
+        assert layer._delta_cache["default"][3].dtype == torch.float32
