@@ -117,3 +117,30 @@ def test_threshold_gradient_table():
     assert len(rows) == 8
     assert all(float(now) <= -0.5 for _, _, _, now in rows)
     assert float(rows[3][2]) == 0  # τ = 0.05, r/τ = 10⁴: exactly 0 before
+
+
+@pytest.mark.parametrize("dtype, factor", [("float32", 1.001), ("bfloat16", 1.1)])
+def test_gpu_check_correctness_catches_a_wrong_path(monkeypatch, dtype, factor):
+    """(a) passes the PyTorch path and fails one whose output is off by 0.1% in fp32, 10% in bf16 (a few bf16 ulps
+    pass: the bf16 rule allows twice naive autograd's own rounding error), gradients untouched."""
+    import torch
+
+    import gatera_plugin.ops
+
+    gpu_check = _gpu_check_module()
+    case = ("torch", getattr(torch, dtype), "dense", True, (9, 64, 24, 8), torch.device("cpu"))
+    assert gpu_check.check_case(*case)["status"] == "ok"
+    right = gatera_plugin.ops.gated_hira
+
+    class _Off(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, out):
+            return out * factor
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    monkeypatch.setattr(gatera_plugin.ops, "gated_hira", lambda *a, **k: _Off.apply(right(*a, **k)))
+    result = gpu_check.check_case(*case)
+    assert result["status"] == "failed" and result["detail"].startswith("out error")
