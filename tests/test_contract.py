@@ -198,7 +198,9 @@ def test_adapter_name_in_parameter_names(case):
 
 
 def test_in_features_out_features_exposed(case):
-    for layer in _gatera_layers(case.peft()):
+    layers = _gatera_layers(case.peft())
+    assert layers
+    for layer in layers:
         weight = layer.base_weight()
         assert (layer.out_features, layer.in_features) == tuple(weight.shape)
 
