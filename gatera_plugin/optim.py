@@ -64,6 +64,39 @@ def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
     return optimizer
 
 
+def check_gate_groups(optimizer, model: torch.nn.Module) -> None:
+    """Refuse an optimizer built elsewhere (by the user, or by DeepSpeed from its config) whose param groups mix
+    gate parameters that want another rate with the rest: `gate_lr_ratio` would silently not apply."""
+    ratios = {key: ratio for key, ratio in gate_parameter_ratios(model).items() if ratio != 1.0}
+    groups = getattr(optimizer, "param_groups", None)
+    if not ratios or groups is None:
+        return
+    mixed = any(len({ratios.get(id(p), 1.0) for p in group["params"]}) > 1 for group in groups)
+    if mixed:
+        raise ValueError(
+            f"`gate_lr_ratio`={sorted(set(ratios.values()))} cannot be applied: the optimizer was built outside "
+            "`Trainer.create_optimizer` (passed to the Trainer, or by DeepSpeed from an `optimizer` block in its "
+            "config) and puts gate parameters in one group with the others. Call "
+            "`gatera_plugin.split_gate_groups(optimizer, model)` before building the scheduler, let the Trainer build "
+            "the optimizer (remove the DeepSpeed `optimizer` block), or set gate_lr_ratio=1."
+        )
+
+
+def check_deepspeed_optimizer(trainer) -> None:
+    """Refuse `gate_lr_ratio` != 1 when DeepSpeed builds the optimizer from its config (the Trainer's
+    `create_optimizer`, where the gate groups are split, is then never called)."""
+    config = getattr(getattr(trainer.args, "hf_deepspeed_config", None), "config", None) or {}
+    if not trainer.is_deepspeed_enabled or "optimizer" not in config:
+        return
+    ratios = sorted({ratio for ratio in gate_parameter_ratios(trainer.model).values() if ratio != 1.0})
+    if ratios:
+        raise ValueError(
+            f"`gate_lr_ratio`={ratios} cannot be applied: the DeepSpeed config has an `optimizer` block, so DeepSpeed "
+            "builds the optimizer itself with one learning rate. Remove the `optimizer` block (the Trainer then builds "
+            "it and GateRA gives the gates their rate; integrations/deepspeed/*.json have none) or set gate_lr_ratio=1."
+        )
+
+
 def install() -> None:
     """Wrap `Trainer.create_optimizer` once (idempotent): GateRA models get their gate param groups split."""
     from transformers import Trainer
@@ -74,10 +107,14 @@ def install() -> None:
 
     @functools.wraps(original)
     def create_optimizer(self, *args, **kwargs):
+        users_optimizer = self.optimizer is not None  # passed as Trainer(optimizers=(optimizer, scheduler))
         optimizer = original(self, *args, **kwargs)
         model = args[0] if args else kwargs.get("model")
-        if isinstance(optimizer, torch.optim.Optimizer):
-            split_gate_groups(optimizer, model if model is not None else self.model)
+        model = model if model is not None else self.model
+        if users_optimizer:
+            check_gate_groups(optimizer, model)
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            split_gate_groups(optimizer, model)
         return optimizer
 
     setattr(create_optimizer, _MARK, True)

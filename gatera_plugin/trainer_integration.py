@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 from transformers.utils import logging
 
+from .optim import check_deepspeed_optimizer
+
 logger = logging.get_logger(__name__)
 
 _MARK = "__gatera_wrapped__"
@@ -236,6 +238,8 @@ def install() -> None:
     @functools.wraps(original_train)
     def train(self, *args, **kwargs):
         tuner = find_gatera_model(self.model)
+        if tuner is not None:
+            check_deepspeed_optimizer(self)
         if tuner is not None and not self.is_deepspeed_enabled:
             # before the optimizer exists (or loads a checkpoint's state), so its state follows the fp32 params
             tuner.upcast_gates_to_fp32()

@@ -136,3 +136,33 @@ def test_sft_trainer_trains_gates_at_their_ratio(tmp_path):
     rates = {(id(p) in gates): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
     assert rates[True] == pytest.approx(5.0 * rates[False]) and rates[False] > 0
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
+
+
+def test_an_optimizer_built_elsewhere_with_gates_mixed_in_is_refused():
+    """Trainer(optimizers=(optimizer, scheduler)): the scheduler already knows the groups, so GateRA does not regroup;
+    gates mixed with the rest are refused (the ratio would silently not apply), split ones are accepted."""
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    mixed = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trainer = Trainer(model=model, args=args, optimizers=(mixed, None))
+    with pytest.raises(ValueError, match="split_gate_groups"):
+        trainer.create_optimizer()
+    split = split_gate_groups(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), model)
+    trainer = Trainer(model=model, args=args, optimizers=(split, None))
+    assert trainer.create_optimizer() is split and len(split.param_groups) == 2
+
+
+def test_a_deepspeed_optimizer_block_with_a_gate_ratio_is_refused():
+    from types import SimpleNamespace
+
+    from gatera_plugin.optim import check_deepspeed_optimizer
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
+    trainer = SimpleNamespace(model=model, is_deepspeed_enabled=True, args=SimpleNamespace(
+        hf_deepspeed_config=SimpleNamespace(config={"optimizer": {"type": "AdamW"}})))
+    with pytest.raises(ValueError, match="`optimizer` block"):
+        check_deepspeed_optimizer(trainer)
+    trainer.args.hf_deepspeed_config.config = {"zero_optimization": {"stage": 2}}
+    check_deepspeed_optimizer(trainer)  # the Trainer builds the optimizer: nothing to refuse
