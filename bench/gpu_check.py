@@ -239,6 +239,12 @@ def _load_4bit(path, device, compute_dtype):
 
 
 def training(device, smoke: bool, steps: int) -> list[dict]:
+    """Section (c) in a temporary folder that is removed afterwards (the run's checkpoints and adapter)."""
+    with tempfile.TemporaryDirectory(prefix="gatera-gpu-check-") as work:
+        return _train_and_reload(Path(work), device, smoke, steps)
+
+
+def _train_and_reload(work: Path, device, smoke: bool, steps: int) -> list[dict]:
     import torch
     from datasets import Dataset
     from peft import PeftModel
@@ -248,7 +254,6 @@ def training(device, smoke: bool, steps: int) -> list[dict]:
     from tests.helpers import toy_texts
 
     texts = toy_texts(256)
-    work = Path(tempfile.mkdtemp(prefix="gatera-gpu-check-"))
     if smoke:
         from tests.helpers import tiny_llama, word_tokenizer
 
@@ -343,7 +348,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     parser.add_argument("--repeats", type=int, default=5, help="timed forward+backward runs per variant in (b)")
     parser.add_argument("--steps", type=int, default=30, help="SFTTrainer steps in (c)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_check.json on CUDA, "
+                        "bench/results/gpu_check_smoke.json in smoke mode, which git ignores)")
     args = parser.parse_args()
 
     import torch
@@ -377,7 +383,7 @@ def main() -> None:
         sections[name] = run_section(name, function, *fargs)
         report.append(table(f"({key}) {name}", sections[name], columns))
     print("\n\n".join(report))
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "bench" / "results" / ("gpu_check_smoke.json" if smoke else "gpu_check.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "sections": sections}, indent=2, default=str))
     print(f"\nwrote {out}", file=sys.stderr)
