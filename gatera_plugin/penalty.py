@@ -74,9 +74,6 @@ class GateStats:
         ).double()
         self._sums = sums if self._sums is None else self._sums + sums.to(self._sums.device)
 
-    def pending(self) -> bool:
-        return self._sums is not None
-
     def pop_tensor(self) -> Optional[torch.Tensor]:
         """The (4,) sums (tokens, Σg, ΣH, open count), then cleared; None if nothing was recorded."""
         sums, self._sums = self._sums, None
@@ -247,8 +244,3 @@ class _PenaltyTap(torch.autograd.Function):
 def penalty_tap(value: torch.Tensor, mask: Optional[torch.Tensor], scale: float, term_grad, stats=None):
     """Pass `value` (N, 1) through unchanged; its backward adds `scale · term_grad` and records `stats`."""
     return _PenaltyTap.apply(value, mask, scale, term_grad, stats)
-
-
-def entropy_tap(gate: torch.Tensor, mask: Optional[torch.Tensor], scale: float, stats: Optional[GateStats]):
-    """The entropy penalty's tap on sigmoid gates (N, 1)."""
-    return penalty_tap(gate, mask, scale, entropy_term_grad, stats)
