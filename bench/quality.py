@@ -16,6 +16,9 @@ on the val split (`LEARNING_RATES`, see README). Evaluation scores every answer 
 of its tokens after the prompt and counts the argmax (BIG-bench's multiple_choice_grade); `accuracy_norm` divides by
 the option's token count instead; `gold_nll` is the mean per-token negative log-likelihood of the correct option.
 Writes one JSON per run under bench/results/quality/.
+
+`gatera-rms` is GateRA with `hira_scaling="rms"` (a step of BA moves the output about as far as LoRA's); every GateRA
+method takes `--gate-lr-ratio K` (the gates' learning rate is K x --lr), recorded in the JSON and its file name.
 """
 
 from __future__ import annotations
@@ -47,6 +50,18 @@ LEARNING_RATES = {
     "gatera-threshold-keep50": 1e-2,
     "gatera-structure": 1e-2,
     "gatera-lora": 3e-3,
+    # hira_scaling="rms" makes a step of BA move the output about as far as LoRA's (README, "Learning rates"), so it
+    # starts from LoRA's rate; not swept yet (bench/quality_runs.sh lr2 chooses it).
+    "gatera-rms": 3e-3,
+}
+GATERA_METHODS = {  # method -> GateRAConfig fields
+    "gatera": {},
+    "gatera-none": {"gate": "none"},
+    "gatera-threshold": {"gate": "threshold"},
+    "gatera-threshold-keep50": {"gate": "threshold", "keep_ratio": 0.5},  # TS-PEFT drops 30-70% of updates
+    "gatera-structure": {"structure_gate": True},
+    "gatera-lora": {"branch": "lora", "lora_alpha": 2 * RANK},
+    "gatera-rms": {"hira_scaling": "rms"},
 }
 METHODS = ["zero-shot", *LEARNING_RATES]
 RESULTS = Path(__file__).parent / "results" / "quality"
@@ -124,15 +139,23 @@ def adapter_config(method: str, overrides: dict):
         return LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS)
     if method == "peft-hira":
         return HiraConfig(r=RANK, target_modules=TARGETS)
-    kwargs = {
-        "gatera": {},
-        "gatera-none": {"gate": "none"},
-        "gatera-threshold": {"gate": "threshold"},
-        "gatera-threshold-keep50": {"gate": "threshold", "keep_ratio": 0.5},  # TS-PEFT drops 30-70% of updates
-        "gatera-structure": {"structure_gate": True},
-        "gatera-lora": {"branch": "lora", "lora_alpha": 2 * RANK},
-    }
-    return GateRAConfig(r=RANK, target_modules=TARGETS, **{**kwargs[method], **overrides})
+    return GateRAConfig(r=RANK, target_modules=TARGETS, **{**GATERA_METHODS[method], **overrides})
+
+
+def config_overrides(args) -> dict:
+    """GateRAConfig fields set on the command line (--entropy-weight, --gate-lr-ratio)."""
+    overrides = {"entropy_weight": args.entropy_weight, "gate_lr_ratio": args.gate_lr_ratio}
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def result_path(name: str, args) -> Path:
+    """bench/results/quality/<task>__<method>__seed<s>__<split>[__lr<lr>][__glr<ratio>][__tiny].json (or --out)."""
+    if args.out:
+        return Path(args.out)
+    return RESULTS / (f"{name}__{args.method}__seed{args.seed}__{args.eval_split}"
+                      + (f"__lr{args.lr:g}" if args.lr else "")
+                      + (f"__glr{args.gate_lr_ratio:g}" if args.gate_lr_ratio is not None else "")
+                      + ("__tiny" if args.tiny else "") + ".json")
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
@@ -184,18 +207,21 @@ def main() -> None:
     parser.add_argument("--eval-split", default="test", choices=["val", "test"])
     parser.add_argument("--eval-limit", type=int, default=300)
     parser.add_argument("--entropy-weight", type=float, default=None, help="GateRA's λ (default: the package's)")
+    parser.add_argument("--gate-lr-ratio", type=float, default=None,
+                        help="GateRA's gate_lr_ratio: the gates' learning rate / --lr (default: the package's)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model (smoke test)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/quality/<run>.json)")
     parser.add_argument("--save-adapter", default=None, help="also save the trained adapter here (for gatera plot)")
     parser.add_argument("--skip-existing", action="store_true", help="do nothing if the output JSON exists")
     args = parser.parse_args()
+    if args.method not in GATERA_METHODS and (args.gate_lr_ratio is not None or args.entropy_weight is not None):
+        parser.error(f"--gate-lr-ratio and --entropy-weight are GateRA settings; --method {args.method} has no gates "
+                     f"(use one of {sorted(GATERA_METHODS)})")
 
     torch.manual_seed(args.seed)
     task = load_task(args.task)
     name = task.get("name", Path(args.task).stem)
-    out = Path(args.out) if args.out else RESULTS / (
-        f"{name}__{args.method}__seed{args.seed}__{args.eval_split}"
-        + (f"__lr{args.lr:g}" if args.lr else "") + ("__tiny" if args.tiny else "") + ".json")
+    out = result_path(name, args)
     if args.skip_existing and out.exists():
         return
     train_rows = examples(task, "train")
@@ -224,7 +250,7 @@ def train(model, tokenizer, rows: list[dict], args) -> dict:
     import gatera_plugin  # noqa: F401
 
     lr = args.lr or LEARNING_RATES[args.method]
-    overrides = {} if args.entropy_weight is None else {"entropy_weight": args.entropy_weight}
+    overrides = config_overrides(args)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": " " + r["options"][r["answer"]]} for r in rows])
 
     class StepTimer(TrainerCallback):
@@ -257,6 +283,8 @@ def train(model, tokenizer, rows: list[dict], args) -> dict:
         "train_seconds": time.perf_counter() - start, "step_seconds": statistics.median(timer.times),
         "losses": [h["loss"] for h in logs], "final_loss": logs[-1]["loss"],
         "entropy_weight": getattr(trainer.model.peft_config["default"], "entropy_weight", None),
+        "gate_lr_ratio": getattr(trainer.model.peft_config["default"], "gate_lr_ratio", None),
+        "hira_scaling": getattr(trainer.model.peft_config["default"], "hira_scaling", None),
         "gate_history": [{k: h[k] for k in gate_keys if k in h} for h in logs if any(k in h for k in gate_keys)],
     }
 

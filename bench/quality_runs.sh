@@ -5,13 +5,38 @@
 #   bash bench/quality_runs.sh sweep     # learning rates on hyperbaton's val split (~1.3 h on 2 cores)
 #   bash bench/quality_runs.sh lambda    # entropy_weight of GateRA on hyperbaton's val split (~20 min)
 #   bash bench/quality_runs.sh main      # 3 tasks x 2 seeds x 7 methods, test split (~7.5 h of one thread, ~4 h on 2 cores)
+#
+# Issue 14's stages (NOT RUN YET; thread-hours estimated from README's recorded totals, ~11 min per 100-step run on
+# one thread: the earlier 13-run sweep took 2.5 thread-hours and the 42-run main table 7.5; HiRA-family runs are the
+# slower ones; no result JSONs were in the repo to time them from):
+#   CANDIDATES="task_a task_b" bash bench/quality_runs.sh pick
+#                                        # second-task candidates: zero-shot and LoRA at 1e-3, 3e-3, 1e-2 on the val
+#                                        # split (~0.5 thread-hour per candidate); quality_table.py prints the gain:
+#                                        # keep a task where LoRA gains >= 10 points, and pass it as TASK2 below
+#   TASK2=... bash bench/quality_runs.sh lr2     # learning rates of LoRA, PEFT HiRA, GateRA, GateRA-rms on hyperbaton
+#                                        # and TASK2, val split (66 runs, ~12.5 thread-hours, ~6.5 h on 2 cores)
+#   TASK2=... bash bench/quality_runs.sh gatelr  # gate_lr_ratio of GateRA-rms at its best rate (10 runs, ~2 h)
+#   TASK2=... [GLR=k] bash bench/quality_runs.sh main3
+#                                        # test split, 3 seeds, each method at its own best rate and at LoRA's
+#                                        # (up to 44 runs, ~8 thread-hours, ~4 h on 2 cores); GLR: GateRA-rms's ratio
+# Best rates are read from the lr2 JSONs (`quality_table.py --best-lr TASK METHOD`), which refuses a rate at the edge
+# of the grid: widen LRS_LORA / LRS_HIRA / LRS_RMS and rerun lr2. DRY=1 lists a stage's runs without running them.
 # Finished runs (their JSON exists) are skipped, so a stage can be restarted.
 set -euo pipefail
+shopt -s inherit_errexit  # a refused best rate inside $(...) stops the stage
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 STEPS=${STEPS:-100}
 SWEEP_TASK=${SWEEP_TASK:-hyperbaton}
+TASKS2="hyperbaton ${TASK2:-}"
+LRS_LORA=${LRS_LORA:-3e-5 1e-4 2e-4 3e-4 1e-3 3e-3 1e-2 3e-2}    # LoRA recipes' 1e-4 / 2e-4 included
+LRS_HIRA=${LRS_HIRA:-1e-4 2e-4 3e-4 1e-3 3e-3 1e-2 3e-2 1e-1}    # PEFT HiRA and GateRA (hira_scaling none)
+LRS_RMS=${LRS_RMS:-1e-5 3e-5 1e-4 2e-4 3e-4 1e-3 3e-3 1e-2 3e-2}  # GateRA-rms: about LoRA's step size
+GATE_RATIOS=${GATE_RATIOS:-0.1 0.3 3 10 30}                         # ratio 1 is the lr2 run itself
+VAL="--seed 0 --eval-split val --eval-limit 200"
+need_task2() { [ -n "${TASK2:-}" ] || { echo "set TASK2 to the second task (see the 'pick' stage above)" >&2; exit 2; }; }
+best() { $PY bench/quality_table.py --best-lr "$1" "$2"; }
 run() { echo "$@"; }
 jobs_for() {
   case "$1" in
@@ -41,8 +66,46 @@ jobs_for() {
           done
         done
       done ;;
+    pick)
+      for t in ${CANDIDATES:?set CANDIDATES to the BIG-bench tasks to try}; do
+        run --task "$t" --method zero-shot $VAL
+        for lr in 1e-3 3e-3 1e-2; do run --task "$t" --method lora --lr "$lr" $VAL; done
+      done ;;
+    lr2)
+      need_task2
+      for t in $TASKS2; do
+        for lr in $LRS_LORA; do run --task "$t" --method lora --lr "$lr" $VAL; done
+        for lr in $LRS_HIRA; do
+          for m in peft-hira gatera; do run --task "$t" --method "$m" --lr "$lr" $VAL; done
+        done
+        for lr in $LRS_RMS; do run --task "$t" --method gatera-rms --lr "$lr" $VAL; done
+      done ;;
+    gatelr)
+      need_task2
+      for t in $TASKS2; do
+        lr=$(best "$t" gatera-rms)
+        for k in $GATE_RATIOS; do run --task "$t" --method gatera-rms --lr "$lr" --gate-lr-ratio "$k" $VAL; done
+      done ;;
+    main3)
+      need_task2
+      for t in $TASKS2; do run --task "$t" --method zero-shot --seed 0; done
+      for s in 0 1 2; do
+        for t in $TASKS2; do
+          lora=$(best "$t" lora)
+          for m in lora peft-hira gatera gatera-rms; do
+            glr=""
+            [ "$m" = gatera-rms ] && [ -n "${GLR:-}" ] && glr="--gate-lr-ratio $GLR"
+            own=$(best "$t" "$m")
+            run --task "$t" --method "$m" --seed "$s" --lr "$own" $glr
+            [ "$own" = "$lora" ] || run --task "$t" --method "$m" --seed "$s" --lr "$lora" $glr
+          done
+        done
+      done ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac
 }
-jobs_for "$1" | xargs -P "${PARALLEL:-2}" -I{} sh -c \
+list=$(jobs_for "$1")   # a refused best rate stops the stage here, before any run starts
+if [ -n "${DRY:-}" ]; then echo "$list"; exit 0; fi
+mkdir -p bench/results/quality
+echo "$list" | xargs -P "${PARALLEL:-2}" -I{} sh -c \
   "$PY bench/quality.py --skip-existing --steps $STEPS {} > /dev/null 2>>bench/results/quality/errors.log || echo 'FAILED: {}' >&2"

@@ -1,7 +1,9 @@
-"""Tables of bench/quality.py results (markdown): the learning-rate sweep, the λ sweep, the main comparison and the
-gates' state at the end of training.
+"""Tables of bench/quality.py results (markdown): the second-task candidates, the learning-rate sweeps (best rate in
+bold, flagged when it lies at the edge of the grid), the gate learning-rate sweep, the λ sweep, the main comparison,
+the 3-seed comparison at each method's best rate and at LoRA's, and the gates' state at the end of training.
 
     python bench/quality_table.py [--results bench/results/quality]
+    python bench/quality_table.py --best-lr hyperbaton gatera-rms     # prints the rate main3/gatelr use
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-ORDER = ["zero-shot", "lora", "peft-hira", "gatera-none", "gatera", "gatera-threshold", "gatera-threshold-keep50",
-         "gatera-structure", "gatera-lora"]
+ORDER = ["zero-shot", "lora", "peft-hira", "gatera-none", "gatera", "gatera-rms", "gatera-threshold",
+         "gatera-threshold-keep50", "gatera-structure", "gatera-lora"]
 NAMES = {
     "zero-shot": "zero-shot (no training)",
     "lora": "LoRA (PEFT)",
@@ -24,7 +26,9 @@ NAMES = {
     "gatera-threshold-keep50": "threshold gate, keep_ratio 0.5",
     "gatera-structure": "GateRA + structure gates",
     "gatera-lora": "GateRA on LoRA",
+    "gatera-rms": "GateRA, hira_scaling=rms",
 }
+EDGE = "edge: widen the grid"
 
 
 def load(results: Path) -> list[dict]:
@@ -36,20 +40,122 @@ def load(results: Path) -> list[dict]:
     return rows
 
 
+def lr_sweep_runs(rows: list[dict], task: str | None = None, method: str | None = None) -> list[dict]:
+    """The learning-rate sweep's runs: val split, explicit --lr, package defaults otherwise (no --gate-lr-ratio)."""
+    return [r for r in rows if r["eval_split"] == "val" and "__lr" in r["file"] and "__glr" not in r["file"]
+            and not r["file"].endswith("__tiny.json") and (task is None or r["task"] == task)
+            and (method is None or r["method"] == method)]
+
+
+def best_of(runs: list[dict], key: str) -> tuple[float, bool]:
+    """(value of `key` with the best val accuracy, whether it is at the edge of the swept values).
+
+    Ties go to the lower gold-answer NLL. With fewer than 3 values, or the best at the smallest or largest value, the
+    optimum is not bracketed: `at_edge` is True.
+    """
+    grid = sorted({r[key] for r in runs})
+    best = max(runs, key=lambda r: (r["accuracy"], -r["gold_nll"]))[key]
+    return best, len(grid) < 3 or best in (grid[0], grid[-1])
+
+
+def best_lr(rows: list[dict], task: str, method: str) -> tuple[float, bool]:
+    """(best learning rate of `method` on `task` in the sweep, whether it is at the edge of the grid)."""
+    runs = lr_sweep_runs(rows, task, method)
+    if not runs:
+        raise SystemExit(f"no learning-rate sweep runs of {method} on {task} in the results: run "
+                         f"`bash bench/quality_runs.sh lr2` first")
+    return best_of(runs, "lr")
+
+
+def _marked_row(label: str, runs: list[dict], key: str, values: list[float], fmt) -> str:
+    """One sweep row: a cell per value, the best in bold, then the best value and whether it is bracketed."""
+    best, edge = best_of(runs, key)
+    cells = []
+    for v in values:
+        match = [r for r in runs if r[key] == v]
+        cell = fmt(match[0]) if match else "-"
+        cells.append(f"**{cell}**" if match and v == best else cell)
+    return f"| {label} | " + " | ".join(cells) + f" | {best:g} | {EDGE if edge else 'interior'} |"
+
+
 def sweep_table(rows: list[dict]) -> str:
-    sweeps = [r for r in rows if r["eval_split"] == "val" and "__lr" in r["file"]]
-    if not sweeps:
+    """One table per task: val accuracy (gold-answer NLL) per method and learning rate, the best in bold."""
+    tables = []
+    for task in sorted({r["task"] for r in lr_sweep_runs(rows)}):
+        sweeps = lr_sweep_runs(rows, task)
+        lrs = sorted({r["lr"] for r in sweeps})
+        lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | optimum |",
+                 "|---|" + "---|" * (len(lrs) + 2)]
+        for method in [m for m in ORDER if any(r["method"] == m for r in sweeps)]:
+            lines.append(_marked_row(NAMES[method], [r for r in sweeps if r["method"] == method], "lr", lrs,
+                                     lambda r: f"{r['accuracy']:.3f} ({r['gold_nll']:.3f})"))
+        tables.append(f"Learning-rate sweep, {task} val split (accuracy, gold-answer NLL; best in bold):\n\n"
+                      + "\n".join(lines))
+    return "\n\n".join(tables)
+
+
+def gate_lr_table(rows: list[dict]) -> str:
+    """gate_lr_ratio sweep (val split) of each GateRA method at one learning rate; the sweep's run there is ratio 1."""
+    glr = [r for r in rows if r["eval_split"] == "val" and "__glr" in r["file"] and not r["file"].endswith("__tiny.json")]
+    if not glr:
         return ""
-    lrs = sorted({r["lr"] for r in sweeps})
-    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-    for method in [m for m in ORDER if any(r["method"] == m for r in sweeps)]:
-        cells = []
-        for lr in lrs:
-            match = [r for r in sweeps if r["method"] == method and r["lr"] == lr]
-            cells.append(f"{match[0]['accuracy']:.3f} ({match[0]['gold_nll']:.3f})" if match else "-")
-        lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
-    task = sweeps[0]["task"]
-    return f"Learning-rate sweep, {task} val split (accuracy, gold-answer NLL):\n\n" + "\n".join(lines)
+    ratios = sorted({r["gate_lr_ratio"] for r in glr} | {1.0})
+    lines = ["| method | task | lr | " + " | ".join(f"ratio {v:g}" for v in ratios) + " | best ratio | optimum |",
+             "|---|---|---|" + "---|" * (len(ratios) + 2)]
+    for task, method, lr in sorted({(r["task"], r["method"], r["lr"]) for r in glr}):
+        runs = [r for r in glr if (r["task"], r["method"], r["lr"]) == (task, method, lr)]
+        runs += [{**r, "gate_lr_ratio": 1.0} for r in lr_sweep_runs(rows, task, method) if r["lr"] == lr
+                 and r.get("gate_lr_ratio", 1.0) == 1.0 and 1.0 not in {x["gate_lr_ratio"] for x in runs}]
+        lines.append(_marked_row(f"{NAMES[method]} | {task} | {lr:g}", runs, "gate_lr_ratio", ratios,
+                                 lambda r: f"{r['accuracy']:.3f}"))
+    return "gate_lr_ratio sweep, val split (accuracy; best in bold):\n\n" + "\n".join(lines)
+
+
+def candidates_table(rows: list[dict]) -> str:
+    """Second-task candidates: zero-shot vs LoRA's best swept rate on the val split (want a gain of >= 10 points)."""
+    zero = {r["task"]: r for r in rows if r["eval_split"] == "val" and r["method"] == "zero-shot"
+            and not r["file"].endswith("__tiny.json")}
+    lines = ["| task | zero-shot | LoRA best (lr) | gain (points) | LoRA gains >= 10 points |", "|---|---|---|---|---|"]
+    for task in sorted(zero):
+        runs = lr_sweep_runs(rows, task, "lora")
+        if not runs:
+            continue
+        best = max(runs, key=lambda r: (r["accuracy"], -r["gold_nll"]))
+        gain = 100 * (best["accuracy"] - zero[task]["accuracy"])
+        lines.append(f"| {task} | {zero[task]['accuracy']:.3f} | {best['accuracy']:.3f} ({best['lr']:g}) | "
+                     f"{gain:+.1f} | {'yes' if gain >= 10 else 'no'} |")
+    if len(lines) == 2:
+        return ""
+    return "Second-task candidates, val split (`bash bench/quality_runs.sh pick`):\n\n" + "\n".join(lines)
+
+
+def seeds_table(rows: list[dict]) -> str:
+    """Test accuracy over seeds of the runs with an explicit --lr (main3): each method at its own and at LoRA's best
+    rate, mean ± standard error (sample standard deviation / sqrt(seeds))."""
+    tests = [r for r in rows if r["eval_split"] == "test" and "__lr" in r["file"] and not r["file"].endswith(
+        "__tiny.json")]
+    if not tests:
+        return ""
+    groups = defaultdict(list)
+    for r in tests:
+        groups[(r["task"], r["method"], r["lr"], r.get("gate_lr_ratio"))].append(r)
+    lines = ["| task | method | lr | which rate | seeds | test accuracy (%) |", "|---|---|---|---|---|---|"]
+    for task in sorted({k[0] for k in groups}):
+        zero = [r for r in rows if r["task"] == task and r["method"] == "zero-shot" and r["eval_split"] == "test"]
+        if zero:
+            lines.append(f"| {task} | {NAMES['zero-shot']} | - | - | - | {100 * zero[0]['accuracy']:.1f} |")
+        lora = best_lr(rows, task, "lora")[0] if lr_sweep_runs(rows, task, "lora") else None
+        keys = sorted((k for k in groups if k[0] == task), key=lambda k: (ORDER.index(k[1]), k[2], k[3] or 1.0))
+        for _, method, lr, ratio in keys:
+            accs = [100 * r["accuracy"] for r in groups[(task, method, lr, ratio)]]
+            own = best_lr(rows, task, method)[0] if lr_sweep_runs(rows, task, method) else None
+            which = ", ".join(w for w, v in (("own best", own), ("LoRA's best", lora)) if v == lr) or "other"
+            se = statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else None
+            label = NAMES[method] + (f", gate_lr_ratio {ratio:g}" if ratio not in (None, 1.0) else "")
+            lines.append(f"| {task} | {label} | {lr:g} | {which} | {len(accs)} | {statistics.mean(accs):.1f}"
+                         + (f" ± {se:.1f} |" if se is not None else " (1 seed) |"))
+    return ("Test accuracy (%), mean ± standard error over seeds, at each method's best val rate and at LoRA's:\n\n"
+            + "\n".join(lines))
 
 
 def lambda_table(rows: list[dict]) -> str:
@@ -137,9 +243,22 @@ def gate_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "quality"))
+    parser.add_argument("--best-lr", nargs=2, metavar=("TASK", "METHOD"),
+                        help="print the best learning rate of METHOD on TASK in the sweep (refused at the grid's edge)")
+    parser.add_argument("--allow-edge", action="store_true", help="with --best-lr: print it even at the grid's edge")
     args = parser.parse_args()
     rows = load(Path(args.results))
-    print("\n\n".join(t for t in (sweep_table(rows), lambda_table(rows), main_table(rows), gate_table(rows)) if t))
+    if args.best_lr:
+        lr, edge = best_lr(rows, *args.best_lr)
+        if edge and not args.allow_edge:
+            raise SystemExit(f"the best learning rate of {args.best_lr[1]} on {args.best_lr[0]} ({lr:g}) is at the "
+                             "edge of the swept grid: widen the grid (LRS_* in bench/quality_runs.sh) and rerun lr2, "
+                             "or pass --allow-edge")
+        print(f"{lr:g}")
+        return
+    tables = (candidates_table(rows), sweep_table(rows), gate_lr_table(rows), lambda_table(rows), main_table(rows),
+              seeds_table(rows), gate_table(rows))
+    print("\n\n".join(t for t in tables if t))
 
 
 if __name__ == "__main__":

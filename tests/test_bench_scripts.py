@@ -59,6 +59,106 @@ def test_quality_table_from_result_files(tmp_path):
     assert "| TS-PEFT threshold gate, HiRA | t | 2 | - | - | - | 0.500 | - |" in out
 
 
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_issue14_tables_mark_the_best_rate_and_flag_an_edge_optimum(tmp_path):
+    """lr2 / gatelr / main3 / pick tables: best in bold, an optimum on the grid's edge flagged, mean ± s.e. over seeds;
+    `--best-lr` (what main3 and gatelr run at) gives the interior best and refuses an edge one."""
+    def write(name, **fields):
+        row = {"task": "t", "eval_split": "val", "gold_nll": 0.5, "gate_lr_ratio": 1.0, **fields}
+        (tmp_path / f"{name}.json").write_text(json.dumps(row))
+
+    for lr, acc in ((1e-4, 0.5), (1e-3, 0.8), (1e-2, 0.6)):  # LoRA: interior optimum at 1e-3
+        write(f"t__lora__seed0__val__lr{lr:g}", method="lora", lr=lr, accuracy=acc)
+    for lr, acc in ((1e-4, 0.5), (1e-3, 0.6), (1e-2, 0.7)):  # GateRA-rms: best at the grid's largest rate
+        write(f"t__gatera-rms__seed0__val__lr{lr:g}", method="gatera-rms", lr=lr, accuracy=acc)
+    for k, acc in ((0.3, 0.65), (3.0, 0.75)):  # gate ratios; ratio 1 is the lr2 run at 1e-2 (0.7)
+        write(f"t__gatera-rms__seed0__val__lr0.01__glr{k:g}", method="gatera-rms", lr=0.01, gate_lr_ratio=k,
+              accuracy=acc)
+    write("t__zero-shot__seed0__val", method="zero-shot", accuracy=0.5)
+    for seed, acc in enumerate((0.8, 0.9, 0.7)):
+        write(f"t__lora__seed{seed}__test__lr0.001", method="lora", lr=1e-3, accuracy=acc, eval_split="test")
+    write("t__gatera-rms__seed0__test__lr0.001", method="gatera-rms", lr=1e-3, accuracy=0.6, eval_split="test")
+    out = _run("bench/quality_table.py", "--results", str(tmp_path)).stdout
+    assert "| LoRA (PEFT) | 0.500 (0.500) | **0.800 (0.500)** | 0.600 (0.500) | 0.001 | interior |" in out
+    assert "| GateRA, hira_scaling=rms | 0.500 (0.500) | 0.600 (0.500) | **0.700 (0.500)** | 0.01 | " \
+           "edge: widen the grid |" in out
+    assert "| GateRA, hira_scaling=rms | t | 0.01 | 0.650 | 0.700 | **0.750** | 3 | edge: widen the grid |" in out
+    assert "| t | 0.500 | 0.800 (0.001) | +30.0 | yes |" in out
+    assert "| t | LoRA (PEFT) | 0.001 | own best, LoRA's best | 3 | 80.0 ± 5.8 |" in out  # stdev 10 / sqrt(3)
+    assert "| t | GateRA, hira_scaling=rms | 0.001 | LoRA's best | 1 | 60.0 (1 seed) |" in out
+    assert _run("bench/quality_table.py", "--results", str(tmp_path), "--best-lr", "t", "lora").stdout == "0.001\n"
+    edge = subprocess.run([sys.executable, "bench/quality_table.py", "--results", str(tmp_path), "--best-lr", "t",
+                           "gatera-rms"], capture_output=True, text=True, cwd=ROOT)
+    assert edge.returncode != 0 and "(0.01) is at the edge of the swept grid: widen the grid" in edge.stderr
+    assert _run("bench/quality_table.py", "--results", str(tmp_path), "--best-lr", "t", "gatera-rms",
+                "--allow-edge").stdout == "0.01\n"
+
+
+def test_quality_runs_main3_runs_each_method_at_its_own_and_at_loras_best_rate(tmp_path):
+    """main3's run list (DRY=1) takes the rates from the lr2 JSONs; an edge optimum stops the stage before any run."""
+    import shutil
+
+    (tmp_path / "bench" / "results" / "quality").mkdir(parents=True)
+    for name in ("quality_runs.sh", "quality_table.py"):
+        shutil.copy(ROOT / "bench" / name, tmp_path / "bench" / name)
+    best = {"lora": 1e-3, "peft-hira": 1e-2, "gatera": 1e-2, "gatera-rms": 1e-3}
+    for task in ("hyperbaton", "t2"):
+        for method, top in best.items():
+            for lr in (1e-4, 1e-3, 1e-2, 1e-1):
+                row = {"task": task, "method": method, "eval_split": "val", "lr": lr, "gold_nll": 0.5,
+                       "accuracy": 0.9 if lr == top else 0.5}
+                (tmp_path / "bench" / "results" / "quality" / f"{task}__{method}__seed0__val__lr{lr:g}.json"
+                 ).write_text(json.dumps(row))
+    env = dict(os.environ, DRY="1", TASK2="t2", PY=sys.executable, GLR="3")
+    done = subprocess.run(["bash", str(tmp_path / "bench" / "quality_runs.sh"), "main3"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    runs = done.stdout.splitlines()
+    assert len(runs) == 2 + 3 * 2 * 6 and "--task t2 --method zero-shot --seed 0" in runs
+    assert "--task t2 --method peft-hira --seed 2 --lr 0.01" in runs  # own best
+    assert "--task t2 --method peft-hira --seed 2 --lr 0.001" in runs  # LoRA's best
+    assert "--task hyperbaton --method gatera-rms --seed 1 --lr 0.001 --gate-lr-ratio 3" in runs
+    assert sum("--method lora" in r for r in runs) == 6  # own best = LoRA's best: one run per seed and task
+    edge = tmp_path / "bench" / "results" / "quality" / "t2__gatera__seed0__val__lr0.1.json"
+    edge.write_text(edge.read_text().replace('"accuracy": 0.5', '"accuracy": 0.95'))
+    done = subprocess.run(["bash", str(tmp_path / "bench" / "quality_runs.sh"), "main3"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode != 0 and "edge of the swept grid" in done.stderr and not done.stdout.strip()
+
+
+def test_best_rate_picker_breaks_ties_by_gold_nll_and_needs_a_bracket():
+    table = _bench_module("quality_table")
+    runs = [{"lr": lr, "accuracy": acc, "gold_nll": nll} for lr, acc, nll in
+            ((1e-4, 0.5, 0.9), (1e-3, 0.8, 0.6), (3e-3, 0.8, 0.4), (1e-2, 0.6, 0.7))]
+    assert table.best_of(runs, "lr") == (3e-3, False)
+    assert table.best_of(runs[1:3], "lr") == (3e-3, True)  # two rates cannot bracket an optimum
+
+
+def test_quality_gatera_rms_and_gate_lr_ratio_build_the_config_and_name_the_file():
+    from argparse import Namespace
+
+    quality = _bench_module("quality")
+    args = Namespace(out=None, method="gatera-rms", seed=0, eval_split="val", lr=3e-3, gate_lr_ratio=3.0, tiny=False,
+                     entropy_weight=None)
+    config = quality.adapter_config("gatera-rms", quality.config_overrides(args))
+    assert (config.hira_scaling, config.gate_lr_ratio, config.r, config.gate) == ("rms", 3.0, 16, "sigmoid")
+    assert quality.result_path("t", args).name == "t__gatera-rms__seed0__val__lr0.003__glr3.json"
+    plain = Namespace(**{**vars(args), "method": "gatera", "lr": 1e-2, "gate_lr_ratio": None})
+    assert quality.result_path("t", plain).name == "t__gatera__seed0__val__lr0.01.json"  # existing names unchanged
+    assert quality.adapter_config("gatera", quality.config_overrides(plain)).hira_scaling == "none"
+    done = subprocess.run([sys.executable, "bench/quality.py", "--task", "t", "--method", "lora", "--gate-lr-ratio",
+                           "2"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "--gate-lr-ratio and --entropy-weight are GateRA settings" in done.stderr
+
+
 def test_lr_transfer_writes_its_table(tmp_path):
     out = tmp_path / "lr_transfer.json"
     _run("bench/lr_transfer.py", "--tiny", "--out", str(out))
