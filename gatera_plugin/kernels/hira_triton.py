@@ -245,12 +245,19 @@ def _ba_tile(a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_an, stride_bn, BN: tl.
     ba = tl.zeros((BN, BK), dtype=tl.float32)
     for r0 in range(0, r, RB):
         rr = r0 + tl.arange(0, RB).to(tl.int64)
-        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=(rn[:, None] < d_out) & (rr[None, :] < r),
-                    other=0.0)
-        a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :], mask=(rr[:, None] < r) & (rk[None, :] < d_in),
-                    other=0.0)
+        b, a = _rank_chunk(a_ptr, b_ptr, rn, rk, rr, d_out, d_in, r, stride_an, stride_bn)
         ba += tl.dot(b, a, input_precision="ieee")
     return ba
+
+
+@triton.jit
+def _rank_chunk(a_ptr, b_ptr, rn, rk, rr, d_out, d_in, r, stride_an, stride_bn):
+    """The factor tiles of one rank chunk `rr`: B[rn, rr] (BN, RB) and A[rr, rk] (RB, BK), zero outside bounds."""
+    b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=(rn[:, None] < d_out) & (rr[None, :] < r),
+                other=0.0)
+    a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :], mask=(rr[:, None] < r) & (rk[None, :] < d_in),
+                other=0.0)
+    return b, a
 
 
 @triton.jit
@@ -363,10 +370,7 @@ def _hira_bwd_dw_kernel(dy_ptr, x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr
     # dB[n, r] += dM A[r, k]ᵀ and dA[r, k] += B[n, r]ᵀ dM, one rank chunk at a time, fp32 atomics (not deterministic)
     for r0 in range(0, r, RB):
         rr = r0 + tl.arange(0, RB).to(tl.int64)
-        a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :], mask=(rr[:, None] < r) & (rk[None, :] < d_in),
-                    other=0.0)
-        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=(rn[:, None] < d_out) & (rr[None, :] < r),
-                    other=0.0)
+        b, a = _rank_chunk(a_ptr, b_ptr, rn, rk, rr, d_out, d_in, r, stride_an, stride_bn)
         db = tl.dot(dm, tl.trans(a).to(dm.dtype), input_precision="ieee")  # (BN, RB)
         tl.atomic_add(db_ptr + rn[:, None] * r + rr[None, :], db, mask=(rn[:, None] < d_out) & (rr[None, :] < r))
         da = tl.dot(tl.trans(b).to(dm.dtype), dm, input_precision="ieee")  # (RB, BK)
