@@ -104,7 +104,10 @@ def test_packed_4bit_weight_is_read_bit_exactly(quant_type, nested, dtype):
     W = torch.randn(48, 128, dtype=dtype)
     params = bnb.nn.Params4bit(W, requires_grad=False, quant_type=quant_type, compress_statistics=nested).to("cpu")
     expected = dequantize_4bit(params.data, params.quant_state).float()
-    assert torch.equal(dequantize_packed(Packed4bit.from_params(params)), expected)
+    packed = Packed4bit.from_params(params)
+    assert torch.equal(dequantize_packed(packed), expected)
+    # the PyTorch dequantisation (W0 of the PyTorch path after a kernel failure): bnb's values in the quantised dtype
+    assert packed.dequantize().dtype == dtype and torch.equal(packed.dequantize().float(), expected)
 
 
 def test_packed_4bit_layout_matches_reference_on_odd_shapes():
@@ -278,11 +281,12 @@ def test_auto_takes_the_kernels_where_the_predicate_says(auto_takes_triton, monk
     import gatera_plugin.kernels.hira_triton as hira_kernels
     import gatera_plugin.kernels.lora_triton as lora_kernels
 
-    module, name = (hira_kernels, "_hira_fwd_kernel") if branch == "hira" else (lora_kernels, "_lora_fwd_kernel")
+    module, name = (hira_kernels, "_hira_delta_kernel") if branch == "hira" else (lora_kernels, "_lora_fwd_kernel")
     calls = _counting(monkeypatch, module, name)
     input_ids = torch.randint(3, 128, (2, 7))
     _assert_same_step(_model_step(branch, "auto", input_ids), _model_step(branch, "torch", input_ids))
-    assert len(calls) == 2 * 2  # two adapted layers per block, two blocks
+    # two adapted layers per block, two blocks; HiRA builds its ΔW block in forward and again in backward
+    assert len(calls) == 2 * 2 * (2 if branch == "hira" else 1)
     assert {(c.branch, c.n_tokens, c.rank) for c in auto_takes_triton} == {(branch, 14, 8)}
 
 
@@ -306,7 +310,7 @@ def _raised_in_triton(error):
 
 
 @pytest.mark.parametrize("failure", list(TRITON_FAILURES))
-@pytest.mark.parametrize("where", ["_hira_fwd_kernel", "_hira_bwd_dx_kernel", "_hira_bwd_dw_kernel"])
+@pytest.mark.parametrize("where", ["_hira_delta_kernel", "_hira_mask_kernel"])  # forward and backward, backward only
 def test_auto_falls_back_once_per_cause_with_the_torch_paths_results(auto_takes_triton, monkeypatch, failure,
                                                                       where):
     """A failing kernel (forward or backward) under "auto": one warning naming the cause and kernel='torch', then the
@@ -333,15 +337,29 @@ def test_auto_falls_back_once_per_cause_with_the_torch_paths_results(auto_takes_
     assert len(calls) == launched
 
 
+def test_auto_falls_back_on_a_4bit_base_in_backward(auto_takes_triton, monkeypatch, tmp_path):
+    """The mask kernel (backward only) fails on an NF4 base: the step's gradients come from the PyTorch path, with W0
+    dequantised by PyTorch from the packed bytes, and equal a kernel="torch" run's."""
+    pytest.importorskip("bitsandbytes")
+    import gatera_plugin.kernels.hira_triton as hira_kernels
+    from tests.test_bnb import load_4bit
+
+    tiny_llama(hidden=64, intermediate=128, init_std=0.2).save_pretrained(tmp_path)
+    _counting(monkeypatch, hira_kernels, "_hira_mask_kernel", fail_with=TRITON_FAILURES["out-of-resources"])
+    with pytest.warns(RuntimeWarning, match="OutOfResources"):
+        _assert_triton_model_equals_torch_model(lambda kernel: get_peft_model(load_4bit(tmp_path), GateRAConfig(
+            r=8, target_modules=["down_proj"], init_weights=False, kernel="auto" if kernel == "triton" else kernel)))
+
+
 def test_auto_does_not_swallow_errors_that_are_not_tritons(auto_takes_triton, monkeypatch):
     import gatera_plugin.kernels.hira_triton as hira_kernels
 
-    _counting(monkeypatch, hira_kernels, "_hira_fwd_kernel", fail_with=lambda: ZeroDivisionError("our bug"))
+    _counting(monkeypatch, hira_kernels, "_hira_delta_kernel", fail_with=lambda: ZeroDivisionError("our bug"))
     with pytest.raises(ZeroDivisionError, match="our bug"):
         _model_step("hira", "auto", torch.randint(3, 128, (2, 7)))
 
 
-@pytest.mark.parametrize("where", ["_hira_fwd_kernel", "_hira_bwd_dw_kernel"])
+@pytest.mark.parametrize("where", ["_hira_delta_kernel", "_hira_mask_kernel"])
 def test_triton_raises_kernel_failures_naming_the_setting(monkeypatch, where):
     import gatera_plugin.kernels.hira_triton as hira_kernels
 
@@ -355,10 +373,10 @@ def test_no_tile_configuration_fits_refused_up_front(auto_takes_triton, monkeypa
     """A device with too little shared memory: "triton" refuses before launching, "auto" falls back."""
     import gatera_plugin.kernels.hira_triton as hira_kernels
 
-    monkeypatch.setattr(hira_kernels, "device_smem", lambda device: 16 * 1024)
-    calls = _counting(monkeypatch, hira_kernels, "_hira_fwd_kernel")
+    monkeypatch.setattr(hira_kernels, "device_smem", lambda device: 8 * 1024)
+    calls = _counting(monkeypatch, hira_kernels, "_hira_delta_kernel")
     input_ids = torch.randint(3, 128, (2, 7))
-    with pytest.raises(RuntimeError, match="kernel='triton'.*KernelUnsupported: the hira_fwd kernel needs more shared "
+    with pytest.raises(RuntimeError, match="kernel='triton'.*KernelUnsupported: the hira_delta kernel needs more shared "
                                            "memory"):
         _model_step("hira", "triton", input_ids)
     with pytest.warns(RuntimeWarning, match="KernelUnsupported"):
@@ -368,24 +386,20 @@ def test_no_tile_configuration_fits_refused_up_front(auto_takes_triton, monkeypa
 
 
 @pytest.mark.parametrize("branch", ["hira", "lora"])
-def test_deterministic_mode_never_runs_atomic_kernels(auto_takes_triton, monkeypatch, branch):
-    """HiRA's backward kernels add with fp32 atomics: "auto" takes the PyTorch path, "triton" refuses. LoRA's kernels
-    have no atomics and still run."""
+def test_deterministic_mode_runs_the_kernels_bit_for_bit(auto_takes_triton, monkeypatch, branch):
+    """No kernel accumulates with atomics: under torch.use_deterministic_algorithms(True) "auto" and "triton" still
+    take the kernels, and two runs give bitwise-equal logits and gradients."""
     import gatera_plugin.kernels.hira_triton as hira_kernels
     import gatera_plugin.kernels.lora_triton as lora_kernels
 
-    module, name = (hira_kernels, "_hira_fwd_kernel") if branch == "hira" else (lora_kernels, "_lora_fwd_kernel")
+    module, name = (hira_kernels, "_hira_delta_kernel") if branch == "hira" else (lora_kernels, "_lora_fwd_kernel")
     calls = _counting(monkeypatch, module, name)
     input_ids = torch.randint(3, 128, (2, 7))
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    _model_step(branch, "auto", input_ids)
-    if branch == "hira":
-        assert calls == []
-        with pytest.raises(RuntimeError, match="kernel='triton'.*fp32 atomics.*use_deterministic_algorithms"):
-            _model_step(branch, "triton", input_ids)
-    else:
-        assert len(calls) == 4
-        _model_step(branch, "triton", input_ids)
+    runs = [_model_step(branch, kernel, input_ids) for kernel in ("auto", "triton")]
+    assert len(calls) == 2 * 2 * 2 * (2 if branch == "hira" else 1)  # both runs took the kernels
+    (_, logits, grads), (_, logits2, grads2) = runs
+    assert torch.equal(logits, logits2) and all(torch.equal(grads[n], grads2[n]) for n in grads)
 
 
 @pytest.mark.parametrize("kind", ["hira", "lora"])
@@ -396,14 +410,14 @@ def test_kernels_compute_in_the_autocast_dtype(monkeypatch, kind):
     import gatera_plugin.kernels.hira_triton as hira_kernels
     import gatera_plugin.kernels.lora_triton as lora_kernels
 
-    module, name = (hira_kernels, "_hira_bwd_dx_kernel") if kind == "hira" else (lora_kernels, "_lora_bwd_db_kernel")
+    module, name = (hira_kernels, "_hira_mask_kernel") if kind == "hira" else (lora_kernels, "_lora_bwd_db_kernel")
     calls = _counting(monkeypatch, module, name)
     t = _inputs(19, 80, 72, 32, torch.float32, "mixed")
     truth_out, truth = _run(kind, t, False)
     with torch.autocast("cpu", dtype=torch.float16):
         ours_out, ours = _run(kind, t, True)
         torch_out, torch16 = _run(kind, t, False)
-    assert ours_out.dtype == torch_out.dtype and calls == [torch.float16]  # the backward kernel's dy: fp16
+    assert ours_out.dtype == torch_out.dtype and calls == [torch.float16]  # the backward kernel's gradient: fp16
     assert 0 < max_error(ours_out, truth_out) <= rounding_bound(torch_out, truth_out, torch.float16)
     for name in truth:
         assert ours[name].dtype == truth[name].dtype == torch.float32, name
@@ -425,7 +439,8 @@ def test_block_choice_fits_every_rank_and_device():
                     assert blocks is not None and blocks.smem_bound(kernel, dtype.itemsize) <= smem
                     assert blocks.RB == (16 if r <= 16 else 32)
             assert choose_blocks(kernel, dtype, 512, SMEM_BY_CAPABILITY[(9, 0)]) == big
-            assert choose_blocks(kernel, dtype, 32, 8 * 1024) is None
+            if kernel != "hira_mask":  # the only kernel without tl.dot tiles
+                assert choose_blocks(kernel, dtype, 32, 8 * 1024) is None
 
 
 @pytest.mark.parametrize("kind", ["hira", "lora"])
@@ -459,12 +474,12 @@ def test_every_launch_runs_on_the_inputs_device(monkeypatch):
 
     for module in (hira_kernels, lora_kernels):
         monkeypatch.setattr(module, "device_guard", guard)
-    for module, names in ((hira_kernels, ("_hira_fwd_kernel", "_hira_bwd_dx_kernel", "_hira_bwd_dw_kernel")),
+    for module, names in ((hira_kernels, ("_hira_delta_kernel", "_hira_mask_kernel")),
                           (lora_kernels, ("_lora_fwd_kernel", "_lora_bwd_db_kernel"))):
         for name in names:
             _counting(monkeypatch, module, name, calls=launched, entry=lambda args, name=name: (name, list(guarded)))
     for kind in ("hira", "lora"):
         _run(kind, _inputs(9, 40, 24, 8, torch.float32, "mixed"), True)
-    assert [name for name, _ in launched] == ["_hira_fwd_kernel", "_hira_bwd_dx_kernel", "_hira_bwd_dw_kernel",
+    assert [name for name, _ in launched] == ["_hira_delta_kernel", "_hira_delta_kernel", "_hira_mask_kernel",
                                               "_lora_fwd_kernel", "_lora_bwd_db_kernel"]
     assert all(devices == [torch.device("cpu")] for _, devices in launched)

@@ -6,12 +6,14 @@
 - "auto" (default): Triton only for a case listed in `TRITON_WINS`, the cases where a GPU measurement showed the
   kernels beating the PyTorch path (device capability, compute dtype, rank, token count); the PyTorch path
   everywhere else. No such measurement exists yet, so the table is empty and "auto" is the PyTorch path on every
-  device. Under "auto" the kernels are also skipped in deterministic mode when they use fp32 atomics, and any
-  Triton failure (compile error, `OutOfResources`, launcher or pointer error) warns once, naming the cause, and
+  device. Under "auto" any Triton failure (compile error, `OutOfResources`, launcher or pointer error) warns once, naming the cause, and
   sends that layer to the PyTorch path for good (in backward too: the gradients are then the PyTorch path's).
 - "triton": the kernels wherever they can run, errors raised: off CUDA (except under TRITON_INTERPRET=1, Triton's
-  CPU interpreter, which the tests use), in float64, in deterministic mode for the HiRA kernels, or where no tile
-  configuration fits the device's shared memory.
+  CPU interpreter, which the tests use), in float64, or where no tile configuration fits the device's shared
+  memory.
+
+No kernel accumulates with atomics (each output element is written by one program), so the kernels are
+deterministic and `torch.use_deterministic_algorithms(True)` needs no exception for them.
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ import torch
 
 KERNELS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Kernels whose backward accumulates with fp32 atomics (order-dependent sums): never run in deterministic mode.
-NONDETERMINISTIC_BRANCHES = frozenset({"hira"})
 MAX_TOKENS = 2**31 - 1  # grid axis 0 and the int32 token-count argument; offsets themselves are int64
 
 
@@ -198,12 +198,6 @@ def _check_triton(branch: str, device: torch.device, dtype: torch.dtype) -> None
             "exact PyTorch path off CUDA) or kernel='torch'; to run the kernels on CPU in Triton's interpreter "
             "(slow, for tests) set TRITON_INTERPRET=1 before importing triton."
         )
-    if branch in NONDETERMINISTIC_BRANCHES and torch.are_deterministic_algorithms_enabled():
-        raise RuntimeError(
-            f"kernel='triton': the {branch} kernels accumulate gradients with fp32 atomics, which are not "
-            "deterministic, but torch.use_deterministic_algorithms(True) is set. Use kernel='auto' or kernel='torch' "
-            "(the PyTorch path, deterministic)."
-        )
 
 
 def kernel_case(layer, adapter_name: str, branch: str, x: torch.Tensor, dtype: torch.dtype) -> Optional[KernelCase]:
@@ -218,8 +212,6 @@ def kernel_case(layer, adapter_name: str, branch: str, x: torch.Tensor, dtype: t
 
 def _auto_takes_triton(layer, adapter_name: str, branch: str, x: torch.Tensor, dtype: torch.dtype) -> bool:
     if adapter_name in layer.triton_failures:
-        return False
-    if branch in NONDETERMINISTIC_BRANCHES and torch.are_deterministic_algorithms_enabled():
         return False
     case = kernel_case(layer, adapter_name, branch, x, dtype)
     return case is not None and triton_wins(case)

@@ -1,58 +1,49 @@
-"""Triton kernels for the gated HiRA branch, `out = base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)`, and their autograd function.
+"""Triton kernels for the HiRA branch, `out = base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)`: the blocks of `W0 ⊙ BA`, and the
+branch's autograd function with W0 read by them.
 
-Design (the PyTorch reference is `gatera_plugin/ops/hira.py`; same inputs, same outputs, same saved tensors):
+Design: the same algorithm as the PyTorch path (`gatera_plugin/ops/hira.py`), with its weight-sized elementwise work
+fused. That function walks `ΔW = W0 ⊙ BA` in blocks of output rows (at most `ops.hira.CHUNK_ELEMENTS` elements),
+once in forward and once in backward, and reads W0 only through a "W0 source" with two methods: `delta` (build the
+block `W0_b ⊙ B_b A`) and `mask_` (multiply a gradient block by `W0_b`). `TritonWeight` is that source here:
 
-Tiling. Every kernel walks tiles of the d_out × d_in weight plane. Wherever a tile of `ΔW = W0 ⊙ BA` is needed it is
-built in registers: `BA` for the tile is `tl.dot`s of B[n-tile, r-chunk] (BN × RB) and A[r-chunk, k-tile], then
-multiplied by the W0 tile loaded from memory. `ΔW` is never written to global memory, forward or backward; nor is
-any other d_out × d_in tensor (the gradient `dM` lives in registers too).
+- `_hira_delta_kernel`, grid (rows/BN, d_in/BK): each (BN, BK) tile of `B_b A` is `tl.dot`s over rank chunks of
+  RB (fp32 accumulation), multiplied by the W0 tile in fp32 and stored once in the compute dtype: no `BA` tensor
+  and no separate multiply pass; on a 4-bit base the W0 tile is dequantised from the packed bytes in registers.
+- `_hira_mask_kernel`, same grid: `dΔW_b ⊙ W0_b` in place (the gradient of `B_b A`), W0 dequantised in registers.
 
-- forward, grid (N/BM, d_out/BN): loop over d_in in BK steps, `acc += x_tile @ ΔW_tileᵀ`; epilogue
-  `out = base + s · g ⊙ acc` (gate multiply and residual add fused; the gate σ(x·w + b) itself is one GEMV computed
-  beforehand by the gate module, so that its entropy tap and statistics stay in one place for every backend).
-- backward dx, grid (N/BM, d_in/BK): loop over d_out, `P += δ_tile @ ΔW_tile`; epilogue `dx = s · g ⊙ P` and the
-  gate's gradient `dg = s · Σ_k P ⊙ x`, whose per-tile partial sums are atomically added across d_in tiles.
-- backward dA/dB, grid (d_out/BN, d_in/BK): loop over tokens, `acc += (s · g ⊙ δ)_tileᵀ @ x_tile` (= dΔW tile),
-  `dM = acc ⊙ W0_tile`; then `dB[n] += dM @ A[:, k]ᵀ` and `dA[:, k] += B[n]ᵀ @ dM`, atomically accumulated in fp32
-  across the tiles that share a row of dB or a column of dA.
+The three big products (`x ΔWᵀ`, `δ ΔW`, `δᵀ x`, each T·K·M) and the rank-r products of dA and dB stay with cuBLAS
+(torch.matmul), and the gate, the residual add and dg are the PyTorch path's ops (`add_gated`, one fused
+`addcmul`/`addmm`; `vecdot`). So the kernels change what is built, not how much: every output element is written by
+one program (no atomics, deterministic), nothing of size d_out × d_in outlives a block, and autograd saves x, g, A, B
+as on the PyTorch path.
 
-What is recomputed: `BA`/`ΔW` tiles, once per (token tile, weight tile) pair in each of the three kernels; nothing
-of size d_out × d_in is kept between forward and backward (autograd saves x, g, A, B, as in the PyTorch path).
+Cost per token (K = d_in, M = d_out, rank r, T tokens per step):
 
-Cost (K = d_in, M = d_out, rank r, T tokens per step, token tile BM, weight tiles BN × BK, b bytes per element of
-the compute dtype, w bytes per stored W0 element: 2 for bf16, 0.5625 for NF4 with its fp32 absmax per 64):
+    FLOPs                        forward                    backward                       total
+    PyTorch path and kernels     2KM + (2r+1)KM/T           4KM + (6r+2)KM/T               6KM + (8r+3)KM/T
 
-    FLOPs per token              forward                     backward                               total
-    PyTorch path (ops/hira.py)   2KM + (2r+1)KM/T            4KM + (6r+2)KM/T                       6KM + (8r+3)KM/T
-    these kernels                2KM + (2r+1)KM/BM           4KM + (2r+1)KM/BM + (4r+1)KM/T         6KM + 2(2r+1)KM/BM + (4r+1)KM/T
+The 6KM are the three big products; `ΔW` is built ((2r+1)KM) once in forward and once in backward, and dA, dB, the
+mask cost (4r+1)KM per step, all amortised over T. At K = 4096, M = 14336 (LLaMA's MLP), r = 32: 356.0 MFLOP per
+token at T = 4096 (6KM = 352.3, +1.0%), 353.2 at T = 16384 (+0.26%), on both paths: the kernels do no more work
+than the PyTorch path at any T. (The previous kernels built each `BA` tile once per token tile, 1.33x these FLOPs at
+BM = 64, and were replaced by this design.)
 
-The 6KM are the three T·K·M products (x ΔWᵀ, δ ΔW, δᵀ x), the same on both paths. The PyTorch path builds `ΔW = W0 ⊙
-BA` ((2r+1)KM) once in forward and once in backward, and forms dA, dB from dΔW (4rKM), per step: amortised over T.
-The kernels rebuild each ΔW tile once per token tile in the forward and dx kernels: (2r+1)/BM per K·M per token,
-independent of T; the dA/dB kernel builds none (it reads W0 once per weight tile). Bytes beyond the products' own
-operands: the PyTorch path writes and re-reads weight-sized temporaries, about 50·KM bytes per step under bf16
-autocast (BA, ΔW, dΔW and its fp32 copy and bf16 casts for dA and dB; W0 read three times), plus 2(w + 2)·KM for
-the two NF4 dequantisations to bf16 (0 for dense); the kernels write none, but re-read W0 (2w·KM/BM per token) and the A/B tiles
-(2rb·KM·(1/BK + 1/BN)/BM per token) once per token tile, from L2 where it holds them (A and B: r·(K + M)·b bytes).
-Gated vs ungated: the gate adds ≈ 9K + 2M FLOPs per token either way (its GEMV σ(x·w + b) and that GEMV's backward,
-s·g ⊙ on the output, dx and the narrower of δ or x, and dg = s Σ P ⊙ x); on the PyTorch path these are memory-bound
-passes of ≈ (3M + 4K)·b + 12K bytes per token (the ungated residual add rides on the GEMM instead), in the kernels
-they live in the epilogues (one extra load of g per token, atomics for dg across d_in tiles).
+Weight-sized memory traffic per step, bytes per element of W0 (bf16 W0 under bf16 autocast, PEFT's fp32 A and B):
 
-At K = 4096, M = 14336 (LLaMA's MLP), r = 32, bf16 (BM = 64, BN = 64, BK = 32), per token:
+    PyTorch path   ≈ 50: each build writes `BA` (2) and reads it with W0 to write ΔW (6), twice; backward's dΔW (2),
+                   its fp32 copy (6), the mask (10), and the bf16 casts of dM for dA and dB (2 × 6) read twice (4 + 4)
+    kernels        ≈ 20: each build reads W0 and writes ΔW (4), twice; dΔW (2), the mask (6) and dA, dB's reads (4),
+                   A and B being cast to bf16 once per call by the host wrapper (r·(K + M) elements)
 
-    T       PyTorch path                     these kernels
-    4096    356.0 MFLOP (6KM = 352.3 +1.0%)  473.4 MFLOP (1.33x): forward and dx 1.5x, dA/dB 1.0x
-    16384   353.2 MFLOP (+0.26%)             472.1 MFLOP (1.34x)
-    bytes   0.72 MB at 4k, 0.18 MB at 16k    W0 re-reads 3.67 MB dense / 1.03 MB NF4, A/B tiles 5.5 MB (L2)
-            (dense; NF4 0.79 / 0.20 MB)      (x and the output: 36.9 KB per token on either path)
+that is 0.72 vs 0.29 MB per token at T = 4096 (0.18 vs 0.07 at 16k), beside the products' own operands. On an NF4
+base the PyTorch path also dequantises all of W0 to bf16 twice per step (reading 0.5625, writing and re-reading 2
+bytes per element, and holding a d_out × d_in bf16 copy, 117 MB at 4096 × 14336, while it runs); the kernels read
+the 0.5625 packed bytes per element in each build and mask and never hold a dequantised W0.
 
-So at 4k+ tokens these kernels do a third more FLOPs than the PyTorch path (the rebuild adds half of the forward's
-product at BM = 64 — not "≈ 50% at BM = 128", as this note once said: at BM = 128 it is 25%; the fp32 kernels'
-BM = 32 doubles the forward), and trade the PyTorch path's per-step weight-sized traffic for per-token-tile re-reads.
-They save memory (no d_out × d_in temporary, even transiently), not time; "auto" therefore keeps the PyTorch path
-(`TRITON_WINS` in `kernels/__init__.py`). A fused path that does no more work would build `W0 ⊙ BA` in bounded
-chunks once per step (fused with the NF4 dequantisation) and leave the three big products to cuBLAS.
+Whether this is faster on a GPU is not measured (`bench/gpu_check.py`); "auto" keeps the PyTorch path until it is
+(`TRITON_WINS` in `kernels/__init__.py`). Block size: the PyTorch path's `CHUNK_ELEMENTS` (2^21) keeps the temporary
+at 4 MiB in bf16; on a GPU a larger block makes fewer, larger GEMMs (at 4096 × 14336 the down projection's blocks
+are 146 rows), which the GPU measurement should tune.
 
 4-bit bases: when the base layer is a bitsandbytes `Linear4bit` (NF4 or FP4), the kernels read W0 tiles straight
 from its packed bytes (two 4-bit codes per byte, row-major over (d_out, d_in), high nibble first; value =
@@ -62,9 +53,9 @@ quantised) absmax is first expanded to fp32 with bitsandbytes' own `dequantize_b
 values); the tests check the in-kernel values bit for bit against `dequantize_4bit`.
 
 Numerics: the branch computes in x's dtype, or in the autocast dtype under autocast (the host wrapper casts x, A
-and B to it, as autocast casts the PyTorch path's matmuls). Every `tl.dot` (the rank chunks of BA, the big products,
-dA/dB) takes operands in that dtype (fp32 exactly, "ieee"; fp16/bf16 on tensor cores) and accumulates in fp32; W0 ⊙
-BA and the gate multiply happen in fp32. Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests)
+and B to it, as autocast casts the PyTorch path's matmuls). The rank chunks of BA are `tl.dot`s with operands in that
+dtype (fp32 exactly, "ieee"; fp16/bf16 on tensor cores) accumulating in fp32; W0 ⊙ BA and the mask are computed in
+fp32 and rounded once. Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests)
 mishandles bf16 `tl.dot`, so the tests run fp32 and fp16; tests/test_kernel_compile.py compiles every launched
 specialization, bf16 included, for sm_80 and sm_90.
 
@@ -85,7 +76,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..ops._tokens import apply_to_tokens
-from . import KernelUnsupported, compute_dtype, device_guard, device_smem, torch_path_grads
+from ..ops.hira import DenseWeight, GatedHiraFunction, hira_grads
+from . import KernelUnsupported, compute_dtype, device_guard, device_smem
 
 
 # ----------------------------------------------------------------------------------------------- launch configuration
@@ -107,9 +99,8 @@ class Blocks:
         BM, BN, BK, RB = self.BM, self.BN, self.BK, self.RB
         rank_tiles = (BN + BK) * RB  # B[n, r-chunk] and A[r-chunk, k]
         loads, dots = {
-            "hira_fwd": (BM * BK + BN * BK + rank_tiles, BM * BK + BN * BK + BM * BN),
-            "hira_bwd_dx": (BM * BN + BN * BK + rank_tiles, BM * BN + BN * BK + BM * BK),
-            "hira_bwd_dw": (BM * BN + BM * BK + rank_tiles, BM * BN + BM * BK + BN * BK),
+            "hira_delta": (BN * BK + rank_tiles, rank_tiles + BN * BK),
+            "hira_mask": (2 * BN * BK, 0),
             "lora_fwd": ((BM + BN) * RB, (BM + BN) * RB + BM * BN),
             "lora_bwd_db": (BM * BN + BM * RB, BM * BN + BM * RB + BN * RB),
         }[kernel]
@@ -118,10 +109,9 @@ class Blocks:
 
 # The rank is walked in chunks of RB (16 for r <= 16, else 32), so no tile grows with r: r = 512 needs the shared
 # memory of r = 32. Candidates, largest first; the first whose bound fits the device's shared memory is launched.
-_CANDIDATES = {  # kernel -> [(blocks for 2-byte dtypes, blocks for fp32)]
-    "hira_fwd": [((64, 64, 32, 3), (32, 32, 32, 2)), ((32, 32, 32, 2), (32, 32, 32, 1))],
-    "hira_bwd_dx": [((64, 64, 32, 3), (32, 32, 32, 2)), ((32, 32, 32, 2), (32, 32, 32, 1))],
-    "hira_bwd_dw": [((64, 64, 32, 3), (32, 32, 32, 2)), ((32, 32, 32, 2), (32, 32, 32, 1))],
+_CANDIDATES = {  # kernel -> [(blocks for 2-byte dtypes, blocks for fp32)]; BM is unused by the HiRA chunk kernels
+    "hira_delta": [((0, 64, 64, 2), (0, 32, 32, 2)), ((0, 32, 32, 2), (0, 32, 32, 1))],
+    "hira_mask": [((0, 32, 64, 1), (0, 32, 64, 1))],
     "lora_fwd": [((64, 64, 0, 3), (64, 64, 0, 2)), ((32, 32, 0, 2), (32, 32, 0, 1))],
     "lora_bwd_db": [((64, 64, 0, 3), (32, 32, 0, 2)), ((32, 32, 0, 2), (32, 32, 0, 1))],
 }
@@ -184,6 +174,15 @@ class Packed4bit:
             absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
         return cls(weight.data.reshape(-1).view(torch.uint8), absmax.float().contiguous(),
                    state.code.float().to(weight.device).contiguous(), state.blocksize, tuple(state.shape), state.dtype)
+
+
+    def dequantize(self) -> torch.Tensor:
+        """W0 (d_out, d_in) in the quantised dtype, with PyTorch ops (the PyTorch path's W0 after a kernel failure;
+        the same values as `bitsandbytes.functional.dequantize_4bit`)."""
+        count = self.shape[0] * self.shape[1]
+        nibbles = torch.stack((self.data >> 4, self.data & 15), dim=1).reshape(-1)[:count].long()
+        scale = self.absmax.repeat_interleave(self.blocksize)[:count]
+        return (self.code[nibbles] * scale).reshape(self.shape).to(self.dtype)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -260,131 +259,50 @@ def _rank_chunk(a_ptr, b_ptr, rn, rk, rr, d_out, d_in, r, stride_an, stride_bn):
     return b, a
 
 
-@triton.jit
-def _delta_tile(w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_wn, stride_wk, stride_an,
-                stride_bn, blocksize, PACKED: tl.constexpr, W_DTYPE: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr, RB: tl.constexpr):
-    """ΔW[rn, rk] = W0[rn, rk] ⊙ (B[rn, :r] @ A[:r, rk]) in fp32: (BN, BK)."""
-    w = _weight_tile(w_ptr, absmax_ptr, code_ptr, rn, rk, d_out, d_in, stride_wn, stride_wk, blocksize, PACKED,
-                     W_DTYPE)
-    return w * _ba_tile(a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_an, stride_bn, BN, BK, RB)
-
-
-@triton.jit
-def _store_gated(acc, scaling, g_ptr, base_ptr, out_ptr, rm, rn, n_tokens, d_out, stride_om, HAS_GATE: tl.constexpr,
-                 HAS_BASE: tl.constexpr):
-    """Epilogue shared by the forward kernels: `out[rm, rn] = base + s · g ⊙ acc` (acc: (BM, BN) fp32)."""
-    acc = acc * scaling
-    if HAS_GATE:
-        g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
-        acc = acc * g[:, None]
-    out_mask = (rm[:, None] < n_tokens) & (rn[None, :] < d_out)
-    if HAS_BASE:
-        acc += tl.load(base_ptr + rm[:, None] * stride_om + rn[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _load_gated_grad(dy_ptr, g_ptr, rm, rn, n_tokens, d_out, stride_dym, HAS_GATE: tl.constexpr):
-    """Prologue shared by the weight-gradient kernels: the (BM, BN) tile `g ⊙ dy[rm, rn]`, in dy's dtype."""
-    dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
-                 mask=(rm[:, None] < n_tokens) & (rn[None, :] < d_out), other=0.0)
-    if HAS_GATE:
-        g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
-        dy = (dy.to(tl.float32) * g[:, None]).to(dy.dtype)
-    return dy
-
-
 # ----------------------------------------------------------------------------------------------- kernels
 # The rank and B's row stride (= r) are not specialised on (a Triton launch otherwise compiles apart r = 8, 16 and 32),
 # so one compiled kernel per rank chunk RB serves every rank.
 _RANK_ARGS = ["r", "stride_bn"]
 
 
-# Offsets: every index vector is int64 (program ids and loop starts are cast before `tl.arange` is added), so no
-# `index * stride` product overflows on tensors of more than 2^31 elements.
+# Offsets: every index vector is int64 (program ids are cast before `tl.arange` is added), so no `index * stride`
+# product overflows on tensors of more than 2^31 elements. Rows are numbered within the block (`local`) for B and the
+# output, and from W0's first row (`row_start + local`) for W0.
 @triton.jit(do_not_specialize=_RANK_ARGS)
-def _hira_fwd_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, g_ptr, base_ptr, out_ptr, n_tokens, d_in, d_out,
-                     r, scaling, stride_xm, stride_wn, stride_wk, stride_an, stride_bn, stride_om, blocksize,
-                     PACKED: tl.constexpr, W_DTYPE: tl.constexpr,
-                     HAS_GATE: tl.constexpr, HAS_BASE: tl.constexpr, RB: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, d_in, BK):
-        rk = k0 + tl.arange(0, BK).to(tl.int64)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < n_tokens) & (rk[None, :] < d_in),
-                    other=0.0)
-        delta = _delta_tile(w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_wn, stride_wk,
-                            stride_an, stride_bn, blocksize, PACKED, W_DTYPE, BN, BK, RB)
-        acc += tl.dot(x, tl.trans(delta.to(x.dtype)), input_precision="ieee")
-    _store_gated(acc, scaling, g_ptr, base_ptr, out_ptr, rm, rn, n_tokens, d_out, stride_om, HAS_GATE, HAS_BASE)
-
-
-@triton.jit(do_not_specialize=_RANK_ARGS)
-def _hira_bwd_dx_kernel(dy_ptr, x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, g_ptr, dx_ptr, dg_ptr, n_tokens,
-                        d_in, d_out, r, scaling, stride_dym, stride_xm, stride_wn, stride_wk, stride_an, stride_bn,
-                        blocksize, PACKED: tl.constexpr, W_DTYPE: tl.constexpr, HAS_GATE: tl.constexpr,
-                        NEED_DX: tl.constexpr, NEED_DG: tl.constexpr, RB: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+def _hira_delta_kernel(w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, out_ptr, row_start, rows, d_in, r, stride_wn,
+                       stride_wk, stride_an, stride_bn, stride_on, blocksize, PACKED: tl.constexpr,
+                       W_DTYPE: tl.constexpr, RB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Grid (rows/BN, d_in/BK): `out = W0[row_start:row_start + rows] ⊙ (B_b A)`, B_b the block's rows of B."""
+    local = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     rk = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
-    acc = tl.zeros((BM, BK), dtype=tl.float32)  # P = δ ΔW for this (token, input) tile
-    for n0 in range(0, d_out, BN):
-        rn = n0 + tl.arange(0, BN).to(tl.int64)
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
-                     mask=(rm[:, None] < n_tokens) & (rn[None, :] < d_out), other=0.0)
-        delta = _delta_tile(w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, rn, rk, d_out, d_in, r, stride_wn, stride_wk,
-                            stride_an, stride_bn, blocksize, PACKED, W_DTYPE, BN, BK, RB)
-        acc += tl.dot(dy, delta.to(dy.dtype), input_precision="ieee")
-    acc = acc * scaling
-    tile_mask = (rm[:, None] < n_tokens) & (rk[None, :] < d_in)
-    if NEED_DG:  # fp32 atomics across d_in tiles: not deterministic (the dispatch keeps deterministic runs off)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        tl.atomic_add(dg_ptr + rm, tl.sum(acc * x, axis=1), mask=rm < n_tokens)
-    if NEED_DX:
-        if HAS_GATE:
-            g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
-            acc = acc * g[:, None]
-        tl.store(dx_ptr + rm[:, None] * stride_xm + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+    w = _weight_tile(w_ptr, absmax_ptr, code_ptr, row_start + local, rk, row_start + rows, d_in, stride_wn, stride_wk,
+                     blocksize, PACKED, W_DTYPE)
+    delta = w * _ba_tile(a_ptr, b_ptr, local, rk, rows, d_in, r, stride_an, stride_bn, BN, BK, RB)
+    tl.store(out_ptr + local[:, None] * stride_on + rk[None, :], delta.to(out_ptr.dtype.element_ty),
+             mask=(local[:, None] < rows) & (rk[None, :] < d_in))
 
 
-@triton.jit(do_not_specialize=_RANK_ARGS)
-def _hira_bwd_dw_kernel(dy_ptr, x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, n_tokens,
-                        d_in, d_out, r, scaling, stride_dym, stride_xm, stride_wn, stride_wk, stride_an, stride_bn,
-                        blocksize, PACKED: tl.constexpr, W_DTYPE: tl.constexpr, HAS_GATE: tl.constexpr,
-                        RB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rn = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+@triton.jit
+def _hira_mask_kernel(grad_ptr, w_ptr, absmax_ptr, code_ptr, row_start, rows, d_in, stride_wn, stride_wk, stride_gn,
+                      blocksize, PACKED: tl.constexpr, W_DTYPE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Grid (rows/BN, d_in/BK): `grad *= W0[row_start:row_start + rows]` in place (fp32 multiply, one rounding)."""
+    local = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     rk = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
-    acc = tl.zeros((BN, BK), dtype=tl.float32)  # dΔW = (g ⊙ δ)ᵀ x for this weight tile
-    for m0 in range(0, n_tokens, BM):
-        rm = m0 + tl.arange(0, BM).to(tl.int64)
-        dy = _load_gated_grad(dy_ptr, g_ptr, rm, rn, n_tokens, d_out, stride_dym, HAS_GATE)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < n_tokens) & (rk[None, :] < d_in),
-                    other=0.0)
-        acc += tl.dot(tl.trans(dy), x, input_precision="ieee")
-    w = _weight_tile(w_ptr, absmax_ptr, code_ptr, rn, rk, d_out, d_in, stride_wn, stride_wk, blocksize, PACKED,
-                     W_DTYPE)
-    dm = (acc * w * scaling).to(dy_ptr.dtype.element_ty)  # (BN, BK)
-    # dB[n, r] += dM A[r, k]ᵀ and dA[r, k] += B[n, r]ᵀ dM, one rank chunk at a time, fp32 atomics (not deterministic)
-    for r0 in range(0, r, RB):
-        rr = r0 + tl.arange(0, RB).to(tl.int64)
-        b, a = _rank_chunk(a_ptr, b_ptr, rn, rk, rr, d_out, d_in, r, stride_an, stride_bn)
-        db = tl.dot(dm, tl.trans(a).to(dm.dtype), input_precision="ieee")  # (BN, RB)
-        tl.atomic_add(db_ptr + rn[:, None] * r + rr[None, :], db, mask=(rn[:, None] < d_out) & (rr[None, :] < r))
-        da = tl.dot(tl.trans(b).to(dm.dtype), dm, input_precision="ieee")  # (RB, BK)
-        tl.atomic_add(da_ptr + rr[:, None] * d_in + rk[None, :], da, mask=(rr[:, None] < r) & (rk[None, :] < d_in))
+    w = _weight_tile(w_ptr, absmax_ptr, code_ptr, row_start + local, rk, row_start + rows, d_in, stride_wn, stride_wk,
+                     blocksize, PACKED, W_DTYPE)
+    mask = (local[:, None] < rows) & (rk[None, :] < d_in)
+    pointers = grad_ptr + local[:, None] * stride_gn + rk[None, :]
+    grad = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+    tl.store(pointers, (grad * w).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- host side
-def _blocks(kernel: str, x: torch.Tensor, r: int, rows: int, cols: int, inner: int) -> dict:
-    """Launch keywords for `kernel`: the device's blocks, shrunk to small inputs (rows × cols grid, inner loop)."""
-    b = check_blocks(kernel, x.dtype, r, x.device)
-    sizes = {"hira_fwd": (rows, cols, inner), "hira_bwd_dx": (rows, inner, cols), "hira_bwd_dw": (inner, rows, cols)}
-    n_tokens, d_out, d_in = sizes[kernel]
-    return {"BM": _shrink(n_tokens, b.BM), "BN": _shrink(d_out, b.BN), "BK": _shrink(d_in, b.BK), "RB": b.RB,
-            "num_warps": b.num_warps, "num_stages": b.num_stages}
+def _launch(kernel: str, dtype: torch.dtype, r: int, device: torch.device, rows: int, d_in: int) -> dict:
+    """Launch keywords for `kernel` on a rows × d_in block: the device's tiles, shrunk to small blocks."""
+    b = check_blocks(kernel, dtype, r, device)
+    launch = {"BN": _shrink(rows, b.BN), "BK": _shrink(d_in, b.BK), "num_warps": b.num_warps,
+              "num_stages": b.num_stages}
+    return {**launch, "RB": b.RB} if kernel == "hira_delta" else launch
 
 
 def _weight_args(W0) -> tuple[tuple, dict]:
@@ -394,31 +312,55 @@ def _weight_args(W0) -> tuple[tuple, dict]:
     return (W0, W0, W0, W0.stride(0), W0.stride(1), 0), {"PACKED": False, "W_DTYPE": tl.float32}
 
 
-class TritonGatedHiraFunction(torch.autograd.Function):
-    """Triton version of `ops.hira.GatedHiraFunction`: `base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)`, same signature plus
+class TritonWeight:
+    """W0 for `ops.hira`'s branch function, read by the chunk kernels above: a dense (d_out, d_in) tensor or a
+    `Packed4bit` (dequantised inside the kernels, never stored whole). Same methods as `ops.hira.DenseWeight`."""
+
+    def __init__(self, weight):
+        self.weight = weight
+        self.shape = tuple(weight.shape)
+        self.args, self.constexprs = _weight_args(weight)
+
+    def delta(self, B_rows: torch.Tensor, A: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        """`ΔW_b = W0_b ⊙ (B_b A)` (rows, d_in) in `dtype`: one kernel, BA in fp32 from A, B in their dtype."""
+        A_c, B_c = A.contiguous(), B_rows.contiguous()
+        n_rows, d_in, r = B_c.shape[0], A_c.shape[1], A_c.shape[0]
+        out = torch.empty((n_rows, d_in), device=A.device, dtype=dtype)
+        w_ptr, absmax, code, stride_wn, stride_wk, blocksize = self.args
+        launch = _launch("hira_delta", A.dtype, r, A.device, n_rows, d_in)
+        grid = (triton.cdiv(n_rows, launch["BN"]), triton.cdiv(d_in, launch["BK"]))
+        with device_guard(A):
+            _hira_delta_kernel[grid](w_ptr, absmax, code, A_c, B_c, out, rows.start, n_rows, d_in, r, stride_wn,
+                                     stride_wk, A_c.stride(0), B_c.stride(0), out.stride(0), blocksize,
+                                     **self.constexprs, **launch)
+        return out
+
+    def mask_(self, grad: torch.Tensor, rows: slice) -> torch.Tensor:
+        """`grad ⊙ W0_b` in place, grad (rows, d_in) contiguous (the function's own temporary)."""
+        n_rows, d_in = grad.shape
+        w_ptr, absmax, code, stride_wn, stride_wk, blocksize = self.args
+        launch = _launch("hira_mask", grad.dtype, 16, grad.device, n_rows, d_in)
+        grid = (triton.cdiv(n_rows, launch["BN"]), triton.cdiv(d_in, launch["BK"]))
+        with device_guard(grad):
+            _hira_mask_kernel[grid](grad, w_ptr, absmax, code, rows.start, n_rows, d_in, stride_wn, stride_wk,
+                                    grad.stride(0), blocksize, **self.constexprs, **launch)
+        return grad
+
+
+def torch_weight(weight) -> torch.Tensor:
+    """W0 as a dense tensor for the PyTorch path (the fallback after a kernel failure)."""
+    return weight.dequantize() if isinstance(weight, Packed4bit) else weight
+
+
+class TritonGatedHiraFunction(GatedHiraFunction):
+    """`ops.hira.GatedHiraFunction` with W0 read by the chunk kernels (`TritonWeight`); same signature plus
     `on_failure`: None (a Triton error in backward raises) or a callback that takes the error, after which backward
     computes the gradients with the PyTorch path instead (kernel="auto")."""
 
     @staticmethod
     def forward(ctx, base, x, gate, A, B, weight_fn, scaling, on_failure=None):
-        W0 = weight_fn()
-        x_c, A_c, B_c = x.contiguous(), A.contiguous(), B.contiguous()
-        (n_tokens, d_in), d_out, r = x_c.shape, W0.shape[0], A.shape[0]
-        out = torch.empty((n_tokens, d_out), device=x.device, dtype=base.dtype if base is not None else x.dtype)
-        base_c = base.contiguous() if base is not None else out
-        gate_c = gate.reshape(-1).contiguous() if gate is not None else x_c
-        (w_ptr, absmax, code, stride_wn, stride_wk, blocksize), w_const = _weight_args(W0)
-        launch = _blocks("hira_fwd", x_c, r, n_tokens, d_out, d_in)
-        grid = (triton.cdiv(n_tokens, launch["BM"]), triton.cdiv(d_out, launch["BN"]))
-        with device_guard(x):
-            _hira_fwd_kernel[grid](
-                x_c, w_ptr, absmax, code, A_c, B_c, gate_c, base_c, out, n_tokens, d_in, d_out, r, float(scaling),
-                x_c.stride(0), stride_wn, stride_wk, A_c.stride(0), B_c.stride(0), out.stride(0), blocksize,
-                **w_const, HAS_GATE=gate is not None, HAS_BASE=base is not None, **launch,
-            )
-        ctx.save_for_backward(x, gate, A, B)
-        ctx.weight_fn, ctx.scaling, ctx.has_base, ctx.on_failure = weight_fn, scaling, base is not None, on_failure
-        return out
+        ctx.kernel_weight_fn, ctx.on_failure = weight_fn, on_failure
+        return GatedHiraFunction.forward(ctx, base, x, gate, A, B, lambda: TritonWeight(weight_fn()), scaling)
 
     @staticmethod
     @once_differentiable
@@ -427,51 +369,13 @@ class TritonGatedHiraFunction(torch.autograd.Function):
         need = ctx.needs_input_grad[1:5]
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
         try:
-            grads = _hira_backward(grad_out, x, gate, A, B, ctx.weight_fn(), ctx.scaling, need)
+            grads = hira_grads(grad_out, x, gate, A, B, ctx.weight_fn(), ctx.scaling, ctx.autocast, need)
         except Exception as error:  # noqa: BLE001  (which errors are Triton's is decided by on_failure)
             if ctx.on_failure is None or not ctx.on_failure(error):
                 raise
-            from ..ops.hira import GatedHiraFunction
-
-            grads = torch_path_grads(GatedHiraFunction, (x, gate, A, B), need, grad_out, ctx.weight_fn, ctx.scaling)
+            weight = DenseWeight(torch_weight(ctx.kernel_weight_fn()))
+            grads = hira_grads(grad_out, x, gate, A, B, weight, ctx.scaling, ctx.autocast, need)
         return (grad_base, *grads, None, None, None)
-
-
-def _hira_backward(grad_out, x, gate, A, B, W0, scaling, need):
-    """(dx, dg, dA, dB), None where not needed, from the two backward kernels."""
-    need_x, need_gate, need_A, need_B = need
-    dy = grad_out.contiguous().to(x.dtype)
-    x_c, A_c, B_c = x.contiguous(), A.contiguous(), B.contiguous()
-    (n_tokens, d_in), d_out, r = x_c.shape, W0.shape[0], A.shape[0]
-    gate_c = gate.reshape(-1).contiguous() if gate is not None else x_c
-    (w_ptr, absmax, code, stride_wn, stride_wk, blocksize), w_const = _weight_args(W0)
-    strides = (stride_wn, stride_wk, A_c.stride(0), B_c.stride(0), blocksize)
-    grad_x = grad_gate = grad_A = grad_B = None
-    with device_guard(x):
-        if need_x or need_gate:
-            dx = torch.empty_like(x_c) if need_x else x_c
-            dg = torch.zeros(n_tokens, device=x.device, dtype=torch.float32)
-            launch = _blocks("hira_bwd_dx", x_c, r, n_tokens, d_in, d_out)
-            grid = (triton.cdiv(n_tokens, launch["BM"]), triton.cdiv(d_in, launch["BK"]))
-            _hira_bwd_dx_kernel[grid](
-                dy, x_c, w_ptr, absmax, code, A_c, B_c, gate_c, dx, dg, n_tokens, d_in, d_out, r, float(scaling),
-                dy.stride(0), x_c.stride(0), *strides, **w_const,
-                HAS_GATE=gate is not None, NEED_DX=need_x, NEED_DG=need_gate, **launch,
-            )
-            grad_x = dx if need_x else None
-            grad_gate = dg.reshape(gate.shape).to(gate.dtype) if need_gate else None
-        if need_A or need_B:
-            da = torch.zeros((r, d_in), device=x.device, dtype=torch.float32)
-            db = torch.zeros((d_out, r), device=x.device, dtype=torch.float32)
-            launch = _blocks("hira_bwd_dw", x_c, r, d_out, d_in, n_tokens)
-            grid = (triton.cdiv(d_out, launch["BN"]), triton.cdiv(d_in, launch["BK"]))
-            _hira_bwd_dw_kernel[grid](
-                dy, x_c, w_ptr, absmax, code, A_c, B_c, gate_c, da, db, n_tokens, d_in, d_out, r, float(scaling),
-                dy.stride(0), x_c.stride(0), *strides, **w_const, HAS_GATE=gate is not None, **launch,
-            )
-            grad_A = da.to(A.dtype) if need_A else None
-            grad_B = db.to(B.dtype) if need_B else None
-    return grad_x, grad_gate, grad_A, grad_B
 
 
 def triton_gated_hira(
@@ -484,10 +388,10 @@ def triton_gated_hira(
     base: Optional[torch.Tensor] = None,
     on_failure: Optional[Callable[[BaseException], bool]] = None,
 ) -> torch.Tensor:
-    """Same contract as `ops.hira.gated_hira`, computed by the Triton kernels above; `weight_fn` may also return a
-    `Packed4bit` (the kernels then read the 4-bit bytes directly). Under autocast, x, A and B are cast to the autocast
-    dtype first (tensor-core products, fp32 accumulation), as the PyTorch path's matmuls are; `on_failure`: see
-    `TritonGatedHiraFunction`."""
+    """Same contract as `ops.hira.gated_hira`, with the ΔW blocks built by the chunk kernels; `weight_fn` may also
+    return a `Packed4bit` (the kernels then read the 4-bit bytes directly). Under autocast, x, A and B are cast to
+    the autocast dtype first (tensor-core products, fp32 accumulation), as the PyTorch path's matmuls are;
+    `on_failure`: see `TritonGatedHiraFunction`."""
     dtype = compute_dtype(x)
     x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)
     return apply_to_tokens(TritonGatedHiraFunction, x, gate, base, A, B, weight_fn, scaling, on_failure)

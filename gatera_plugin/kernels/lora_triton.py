@@ -25,7 +25,32 @@ from torch.autograd.function import once_differentiable
 
 from ..ops._tokens import apply_to_tokens
 from . import compute_dtype, device_guard, torch_path_grads
-from .hira_triton import _load_gated_grad, _shrink, _store_gated, check_blocks
+from .hira_triton import _shrink, check_blocks
+
+
+@triton.jit
+def _store_gated(acc, scaling, g_ptr, base_ptr, out_ptr, rm, rn, n_tokens, d_out, stride_om, HAS_GATE: tl.constexpr,
+                 HAS_BASE: tl.constexpr):
+    """Forward epilogue: `out[rm, rn] = base + s · g ⊙ acc` (acc: (BM, BN) fp32)."""
+    acc = acc * scaling
+    if HAS_GATE:
+        g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
+        acc = acc * g[:, None]
+    out_mask = (rm[:, None] < n_tokens) & (rn[None, :] < d_out)
+    if HAS_BASE:
+        acc += tl.load(base_ptr + rm[:, None] * stride_om + rn[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _load_gated_grad(dy_ptr, g_ptr, rm, rn, n_tokens, d_out, stride_dym, HAS_GATE: tl.constexpr):
+    """Prologue of the dB kernel: the (BM, BN) tile `g ⊙ dy[rm, rn]`, in dy's dtype."""
+    dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
+                 mask=(rm[:, None] < n_tokens) & (rn[None, :] < d_out), other=0.0)
+    if HAS_GATE:
+        g = tl.load(g_ptr + rm, mask=rm < n_tokens, other=0.0).to(tl.float32)
+        dy = (dy.to(tl.float32) * g[:, None]).to(dy.dtype)
+    return dy
 
 
 @triton.jit(do_not_specialize=["r", "stride_hm", "stride_bn"])  # one kernel per RB, as in HiRA's

@@ -4,8 +4,9 @@ PEFT's HiRA builds `ΔW = W0 ⊙ BA` (d_out × d_in) every forward and lets auto
 matrix per adapted layer (and, on 4-bit bases, a dequantised `W0` too). Here `BA`, `ΔW` and the dequantised `W0` are
 rebuilt in backward instead, so between forward and backward a layer holds nothing of size d_out × d_in.
 
-Even transiently `ΔW` is never whole: forward and backward walk over blocks of `rows` output rows (the same tiling
-the Triton kernel uses on the GPU), so the largest temporary is `rows × d_in` (`CHUNK_ELEMENTS` elements).
+Even transiently `ΔW` is never whole: forward and backward walk over blocks of `rows` output rows, so the largest
+temporary is `rows × d_in` (`CHUNK_ELEMENTS` elements). W0 is read only through a W0 source (`DenseWeight` here;
+the Triton path's `kernels.hira_triton.TritonWeight` builds the same blocks with fused kernels).
 
 Backward (docs/method.md, "Gradients"), with `δ = ∂L/∂out` (N × d_out) and `G = s·g ⊙ δ`:
 
@@ -40,15 +41,34 @@ def _row_blocks(d_out: int, d_in: int):
         yield slice(start, min(start + rows, d_out))
 
 
-def _delta_block(B: torch.Tensor, A: torch.Tensor, W0: torch.Tensor, x: torch.Tensor, autocast: dict) -> torch.Tensor:
-    """`ΔW_b = W0_b ⊙ (B_b A)` (rows, d_in) in the dtype of the products with x: autocast's when it is on, else x's.
+class DenseWeight:
+    """W0 as a dense (d_out, d_in) tensor; builds the row blocks of `ΔW = W0 ⊙ BA` and of `dΔW ⊙ W0` with PyTorch ops.
 
-    `B_b A` is formed in the factors' dtype (fp32 for PEFT's fp32 adapter weights) and rounded once to x's dtype, so
-    a bf16 / fp16 model run outside autocast (e.g. `generate()`) gets its W0-sized products in bf16 / fp16 (fp32
-    accumulation in cuBLAS / oneDNN), not in fp32.
+    The branch function reads W0 only through `delta` and `mask_`, so another source of W0 (the Triton chunk kernels
+    in `kernels/hira_triton.py`, which read 4-bit bytes directly) plugs in with the same two methods and `shape`.
     """
-    delta_w = (B @ A).mul_(W0)
-    return delta_w if autocast["enabled"] else delta_w.to(x.dtype)
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.shape = tuple(weight.shape)
+
+    def delta(self, B_rows: torch.Tensor, A: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        """`ΔW_b = W0_b ⊙ (B_b A)` (rows, d_in) in `dtype`, the dtype of the products with x.
+
+        `B_b A` is formed in the factors' dtype (fp32 for PEFT's fp32 adapter weights; autocast's under autocast) and
+        rounded once, so a bf16 / fp16 model run outside autocast (e.g. `generate()`) gets its W0-sized products in
+        bf16 / fp16 (fp32 accumulation in cuBLAS / oneDNN), not in fp32.
+        """
+        return (B_rows @ A).mul_(self.weight[rows]).to(dtype)
+
+    def mask_(self, grad: torch.Tensor, rows: slice) -> torch.Tensor:
+        """`grad ⊙ W0_b` in place (grad: (rows, d_in), the gradient of ΔW_b): the gradient of `B_b A`."""
+        return grad.mul_(self.weight[rows])
+
+
+def weight_source(weight) -> DenseWeight:
+    """What `weight_fn()` returned, as a W0 source: a tensor is wrapped in `DenseWeight`; a source is kept."""
+    return DenseWeight(weight) if isinstance(weight, torch.Tensor) else weight
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,13 +104,14 @@ class GatedHiraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, x, gate, A, B, weight_fn, scaling):
         """base: (N, d_out) or None, x: (N, d_in), gate: (N, 1) or None, A: (r, d_in), B: (d_out, r),
-        weight_fn() -> W0 (d_out, d_in)."""
+        weight_fn() -> W0 (d_out, d_in), or a W0 source with `DenseWeight`'s methods."""
         ctx.autocast = autocast_state(x.device.type)
-        W0 = weight_fn()
-        d_out, d_in = W0.shape
+        weight = weight_source(weight_fn())
+        dtype = _product_dtype(x, ctx.autocast)
+        d_out, d_in = weight.shape
         blocks = list(_row_blocks(d_out, d_in))
         if len(blocks) == 1:
-            delta_w = _delta_block(B, A, W0, x, ctx.autocast)  # (d_out, d_in)
+            delta_w = weight.delta(B, A, blocks[0], dtype)  # (d_out, d_in)
             if gate is None and base is not None and base.dtype == torch.result_type(x, delta_w) \
                     and not ctx.autocast["enabled"]:
                 out = torch.addmm(base, x, delta_w.t(), alpha=scaling)  # the residual add rides on the GEMM
@@ -99,7 +120,7 @@ class GatedHiraFunction(torch.autograd.Function):
         else:
             update = None  # (N, d_out), filled block by block
             for rows in blocks:
-                block = x @ _delta_block(B[rows], A, W0[rows], x, ctx.autocast).t()  # x ΔW_bᵀ: (N, rows)
+                block = x @ weight.delta(B[rows], A, rows, dtype).t()  # x ΔW_bᵀ: (N, rows)
                 if update is None:
                     update = block.new_empty((x.shape[0], d_out))
                 update[:, rows] = block
@@ -114,53 +135,64 @@ class GatedHiraFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, gate, A, B = ctx.saved_tensors
-        need_x, need_gate, need_A, need_B = ctx.needs_input_grad[1:5]
-        s = ctx.scaling
-        grad_x = grad_gate = grad_A = grad_B = None
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
-        with torch.no_grad(), restore_autocast(ctx.autocast):
-            go = grad_out.to(x.dtype)  # the branch ran in the adapter's dtype (a no-op unless the base differs)
-            W0 = ctx.weight_fn()
-            d_out, d_in = W0.shape
-            scaled = gate is not None or s != 1.0
-            token_scale = (gate * s).to(x.dtype) if gate is not None else s  # (N, 1) or scalar
-            # dΔW = (s·g ⊙ δ)ᵀ x = δᵀ (s·g ⊙ x): the token scale goes on the narrower of δ (N × d_out) and x (N × d_in)
-            G = xs = None
-            if need_A or need_B:
-                G, xs = go, x
-                if scaled and d_in < d_out:
-                    xs = x * token_scale
-                elif scaled:
-                    G = go * token_scale
-            factor_dtype = torch.result_type(B, A)
-            P = None  # δ ΔW: (N, d_in)
-            if need_A:
-                grad_A = torch.zeros_like(A, dtype=_accumulator_dtype(factor_dtype))
-            if need_B:
-                grad_B = torch.empty_like(B, dtype=factor_dtype)
-            for rows in _row_blocks(d_out, d_in):
-                W0_b = W0[rows]
-                if need_x or need_gate:
-                    delta_w = _delta_block(B[rows], A, W0_b, go, ctx.autocast)  # (rows, d_in)
-                    part = go[:, rows] @ delta_w  # (N, d_in)
-                    del delta_w
-                    P = part.to(_accumulator_dtype(part.dtype)) if P is None else P.add_(part)
-                if G is not None:
-                    dM = (G[:, rows].t() @ xs).to(factor_dtype).mul_(W0_b)  # (rows, d_in)
-                    if need_B:
-                        grad_B[rows] = dM @ A.t()
-                    if need_A:
-                        grad_A.add_(B[rows].t() @ dM)
-                    del dM
-            if need_gate:
-                grad_gate = (P * x).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
-            if need_x:  # P is this function's own temporary: scaled in place
-                grad_x = (P.mul_(token_scale) if scaled else P).to(x.dtype)
-            if need_A:
-                grad_A = grad_A.to(A.dtype)
-            if need_B:
-                grad_B = grad_B.to(B.dtype)
-        return grad_base, grad_x, grad_gate, grad_A, grad_B, None, None
+        grads = hira_grads(grad_out, x, gate, A, B, weight_source(ctx.weight_fn()), ctx.scaling, ctx.autocast,
+                           ctx.needs_input_grad[1:5])
+        return (grad_base, *grads, None, None)
+
+
+def _product_dtype(x: torch.Tensor, autocast: dict) -> torch.dtype:
+    """The dtype of the branch's products with x: autocast's when it is on, else x's."""
+    return autocast["dtype"] if autocast["enabled"] else x.dtype
+
+
+def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need) -> tuple:
+    """(dx, dg, dA, dB) of `s · g ⊙ (x (W0 ⊙ BA)ᵀ)`, None where `need` (4 flags) says not needed; `weight`: a W0
+    source (`DenseWeight` or the Triton one). The formulas are in this module's docstring."""
+    need_x, need_gate, need_A, need_B = need
+    s = scaling
+    grad_x = grad_gate = grad_A = grad_B = None
+    with torch.no_grad(), restore_autocast(autocast):
+        go = grad_out.to(x.dtype)  # the branch ran in the adapter's dtype (a no-op unless the base differs)
+        dtype = _product_dtype(go, autocast)
+        d_out, d_in = weight.shape
+        scaled = gate is not None or s != 1.0
+        token_scale = (gate * s).to(x.dtype) if gate is not None else s  # (N, 1) or scalar
+        # dΔW = (s·g ⊙ δ)ᵀ x = δᵀ (s·g ⊙ x): the token scale goes on the narrower of δ (N × d_out) and x (N × d_in)
+        G = xs = None
+        if need_A or need_B:
+            G, xs = go, x
+            if scaled and d_in < d_out:
+                xs = x * token_scale
+            elif scaled:
+                G = go * token_scale
+        factor_dtype = torch.result_type(B, A)
+        P = None  # δ ΔW: (N, d_in)
+        if need_A:
+            grad_A = torch.zeros_like(A, dtype=_accumulator_dtype(factor_dtype))
+        if need_B:
+            grad_B = torch.empty_like(B, dtype=factor_dtype)
+        for rows in _row_blocks(d_out, d_in):
+            if need_x or need_gate:
+                part = go[:, rows] @ weight.delta(B[rows], A, rows, dtype)  # (N, d_in)
+                P = part.to(_accumulator_dtype(part.dtype)) if P is None else P.add_(part)
+                del part
+            if G is not None:
+                dM = weight.mask_((G[:, rows].t() @ xs).to(factor_dtype), rows)  # (rows, d_in)
+                if need_B:
+                    grad_B[rows] = dM @ A.t()
+                if need_A:
+                    grad_A.add_(B[rows].t() @ dM)
+                del dM
+        if need_gate:  # s Σ_i P ⊙ x, one row-wise dot product per token (no (N, d_in) temporary)
+            grad_gate = torch.linalg.vecdot(P, x.to(P.dtype)).unsqueeze(1).mul_(s).to(gate.dtype)
+        if need_x:  # P is this function's own temporary: scaled in place
+            grad_x = (P.mul_(token_scale) if scaled else P).to(x.dtype)
+        if need_A:
+            grad_A = grad_A.to(A.dtype)
+        if need_B:
+            grad_B = grad_B.to(B.dtype)
+    return grad_x, grad_gate, grad_A, grad_B
 
 
 def gated_hira(
