@@ -286,7 +286,34 @@ def train(model, tokenizer, rows: list[dict], args) -> dict:
         "gate_lr_ratio": getattr(trainer.model.peft_config["default"], "gate_lr_ratio", None),
         "hira_scaling": getattr(trainer.model.peft_config["default"], "hira_scaling", None),
         "gate_history": [{k: h[k] for k in gate_keys if k in h} for h in logs if any(k in h for k in gate_keys)],
+        "update_norms": update_norms(trainer.model),
     }
+
+
+@torch.no_grad()
+def update_norms(model) -> dict:
+    """How far training moved each target's weight: per projection, the median over layers of ‖ΔW‖ / ‖W0‖
+    (Frobenius), ΔW the adapter's additive update as a merge would apply it (the token gate, which scales it per
+    token, left out; it is in `gate_history`)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from gatera_plugin.branches import delta_weight
+    from gatera_plugin.layer import GateRALayer
+
+    ratios: dict[str, list[float]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer) or not module.active_adapters:
+            continue
+        adapter = module.active_adapters[0]
+        if isinstance(module, GateRALayer):
+            W0 = module.base_weight().float()
+            delta = delta_weight(module.branch_kind[adapter], W0, module.gatera_A[adapter],
+                                 module.gatera_B[adapter], module.scaling[adapter])
+        else:  # PEFT's LoRA and HiRA layers
+            W0 = module.get_base_layer().weight.float()
+            delta = module.get_delta_weight(adapter).float()
+        ratios.setdefault(name.rsplit(".", 1)[-1], []).append((delta.norm() / W0.norm()).item())
+    return {proj: statistics.median(values) for proj, values in sorted(ratios.items())}
 
 
 if __name__ == "__main__":
