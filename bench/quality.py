@@ -295,6 +295,7 @@ def update_norms(model) -> dict:
     """How far training moved each target's weight: per projection, the median over layers of ‖ΔW‖ / ‖W0‖
     (Frobenius), ΔW the adapter's additive update as a merge would apply it (the token gate, which scales it per
     token, left out; it is in `gate_history`)."""
+    from peft.tuners.hira.layer import HiraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from gatera_plugin.branches import delta_weight
@@ -309,9 +310,11 @@ def update_norms(model) -> dict:
             W0 = module.base_weight().float()
             delta = delta_weight(module.branch_kind[adapter], W0, module.gatera_A[adapter],
                                  module.gatera_B[adapter], module.scaling[adapter])
-        else:  # PEFT's LoRA and HiRA layers
+        else:  # PEFT's LoRA and HiRA layers (HiRA's get_delta_weight is BA; its merge multiplies by W0)
             W0 = module.get_base_layer().weight.float()
             delta = module.get_delta_weight(adapter).float()
+            if isinstance(module, HiraLayer):
+                delta = W0 * delta
         ratios.setdefault(name.rsplit(".", 1)[-1], []).append((delta.norm() / W0.norm()).item())
     return {proj: statistics.median(values) for proj, values in sorted(ratios.items())}
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,35 @@ def test_gpu_check_correctness_catches_a_wrong_path(monkeypatch, dtype, factor):
     monkeypatch.setattr(gatera_plugin.ops, "gated_hira", lambda *a, **k: _Off.apply(right(*a, **k)))
     result = gpu_check.check_case(*case)
     assert result["status"] == "failed" and result["detail"].startswith("out error")
+
+
+def test_quality_update_norms_are_each_methods_merged_update_relative_to_w0():
+    """`update_norms`: per projection, the median over layers of |ΔW| / |W0|, ΔW as a merge would add it (LoRA's
+    (alpha / r) BA, HiRA's W0 ⊙ BA, GateRA-rms's W0 ⊙ BA / RMS(W0))."""
+    import torch
+    from peft import get_peft_model
+
+    from tests.helpers import tiny_llama
+
+    quality = _bench_module("quality")
+    for method in ("lora", "peft-hira", "gatera-rms"):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), quality.adapter_config(method, {}))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.requires_grad and ("lora_B" in name or "hira_B" in name or "gatera_B" in name):
+                    param.normal_(0, 0.1)
+        norms = quality.update_norms(model)
+        assert set(norms) == set(quality.TARGETS), method
+        layers = [m for n, m in model.named_modules() if n.endswith("self_attn.q_proj")]
+        expected = []
+        for layer in layers:
+            W0 = layer.get_base_layer().weight.float()
+            if method == "lora":
+                delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+            elif method == "peft-hira":
+                delta = W0 * (layer.hira_B["default"] @ layer.hira_A["default"])
+            else:
+                delta = W0 * (layer.gatera_B["default"] @ layer.gatera_A["default"]) / W0.square().mean().sqrt()
+            expected.append((delta.norm() / W0.norm()).item())
+        assert norms["q_proj"] == pytest.approx(statistics.median(expected), rel=1e-5), method
