@@ -14,7 +14,7 @@
 #                                        # split (~0.5 thread-hour per candidate); quality_table.py prints the gain:
 #                                        # keep a task where LoRA gains >= 10 points, and pass it as TASK2 below
 #   TASK2=... bash bench/quality_runs.sh lr2     # learning rates of LoRA, PEFT HiRA, GateRA, GateRA-rms on hyperbaton
-#                                        # and TASK2, val split (66 runs, ~12.5 thread-hours, ~6.5 h on 2 cores)
+#                                        # and TASK2, val split (64 runs, ~12 thread-hours, ~6 h on 2 cores)
 #   TASK2=... bash bench/quality_runs.sh gatelr  # gate_lr_ratio of GateRA-rms at its best rate (10 runs, ~2 h)
 #   TASK2=... [GLR=k] bash bench/quality_runs.sh main3
 #                                        # test split, 3 seeds, each method at its own best rate and at LoRA's
@@ -32,7 +32,7 @@ SWEEP_TASK=${SWEEP_TASK:-hyperbaton}
 TASKS2="hyperbaton ${TASK2:-}"
 LRS_LORA=${LRS_LORA:-3e-5 1e-4 2e-4 3e-4 1e-3 3e-3 1e-2 3e-2}    # LoRA recipes' 1e-4 / 2e-4 included
 LRS_HIRA=${LRS_HIRA:-1e-4 2e-4 3e-4 1e-3 3e-3 1e-2 3e-2 1e-1}    # PEFT HiRA and GateRA (hira_scaling none)
-LRS_RMS=${LRS_RMS:-1e-5 3e-5 1e-4 2e-4 3e-4 1e-3 3e-3 1e-2 3e-2}  # GateRA-rms: about LoRA's step size
+LRS_RMS=${LRS_RMS:-1e-4 2e-4 3e-4 1e-3 3e-3 1e-2 3e-2 1e-1}  # GateRA-rms: best 1e-2 on hyperbaton (first sweep)
 GATE_RATIOS=${GATE_RATIOS:-0.1 0.3 3 10 30}                         # ratio 1 is the lr2 run itself
 VAL="--seed 0 --eval-split val --eval-limit 200"
 need_task2() { [ -n "${TASK2:-}" ] || { echo "set TASK2 to the second task (see the 'pick' stage above)" >&2; exit 2; }; }

@@ -249,7 +249,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = load(Path(args.results))
     if args.best_lr:
-        lr, edge = best_lr(rows, *args.best_lr)
+        task, method = args.best_lr
+        lr, edge = best_lr(rows, task.rsplit("/", 1)[-1], method)  # "multiemo/all_sentence_en": runs record the subtask
         if edge and not args.allow_edge:
             raise SystemExit(f"the best learning rate of {args.best_lr[1]} on {args.best_lr[0]} ({lr:g}) is at the "
                              "edge of the swept grid: widen the grid (LRS_* in bench/quality_runs.sh) and rerun lr2, "

@@ -96,6 +96,9 @@ def test_issue14_tables_mark_the_best_rate_and_flag_an_edge_optimum(tmp_path):
     assert "| t | LoRA (PEFT) | 0.001 | own best, LoRA's best | 3 | 80.0 ± 5.8 |" in out  # stdev 10 / sqrt(3)
     assert "| t | GateRA, hira_scaling=rms | 0.001 | LoRA's best | 1 | 60.0 (1 seed) |" in out
     assert _run("bench/quality_table.py", "--results", str(tmp_path), "--best-lr", "t", "lora").stdout == "0.001\n"
+    # a subtask is passed as "task/subtask" (TASK2=multiemo/all_sentence_en); its runs record the subtask's name
+    assert _run("bench/quality_table.py", "--results", str(tmp_path), "--best-lr", "parent/t", "lora").stdout \
+        == "0.001\n"
     edge = subprocess.run([sys.executable, "bench/quality_table.py", "--results", str(tmp_path), "--best-lr", "t",
                            "gatera-rms"], capture_output=True, text=True, cwd=ROOT)
     assert edge.returncode != 0 and "(0.01) is at the edge of the swept grid: widen the grid" in edge.stderr
