@@ -17,7 +17,9 @@ of its tokens after the prompt and counts the argmax (BIG-bench's multiple_choic
 the option's token count instead; `gold_nll` is the mean per-token negative log-likelihood of the correct option.
 Writes one JSON per run under bench/results/quality/.
 
-`gatera-rms` is GateRA with `hira_scaling="rms"` (a step of BA moves the output about as far as LoRA's); every GateRA
+`gatera-rms` is GateRA with `hira_scaling="rms"` (a step of BA changes W about as much as an unscaled LoRA step);
+`gatera-lorascale` is GateRA with `hira_scaling="lora"` and the LoRA baseline's r and lora_alpha (a step moves the
+output about as far as that LoRA's, the gate's initial 0.5 included); every GateRA
 method takes `--gate-lr-ratio K` (the gates' learning rate is K x --lr), recorded in the JSON and its file name.
 """
 
@@ -50,9 +52,10 @@ LEARNING_RATES = {
     "gatera-threshold-keep50": 1e-2,
     "gatera-structure": 1e-2,
     "gatera-lora": 3e-3,
-    # hira_scaling="rms" makes a step of BA move the output about as far as LoRA's (README, "Learning rates"), so it
-    # starts from LoRA's rate; not swept yet (bench/quality_runs.sh lr2 chooses it).
-    "gatera-rms": 3e-3,
+    # hira_scaling="rms": best 1e-2 on hyperbaton's val split (bench/quality_runs.sh lr2).
+    "gatera-rms": 1e-2,
+    # hira_scaling="lora" with LoRA's r and lora_alpha: meant to train at LoRA's rate.
+    "gatera-lorascale": 3e-3,
 }
 GATERA_METHODS = {  # method -> GateRAConfig fields
     "gatera": {},
@@ -62,6 +65,7 @@ GATERA_METHODS = {  # method -> GateRAConfig fields
     "gatera-structure": {"structure_gate": True},
     "gatera-lora": {"branch": "lora", "lora_alpha": 2 * RANK},
     "gatera-rms": {"hira_scaling": "rms"},
+    "gatera-lorascale": {"hira_scaling": "lora", "lora_alpha": 2 * RANK},  # the LoRA baseline's r and alpha
 }
 METHODS = ["zero-shot", *LEARNING_RATES]
 RESULTS = Path(__file__).parent / "results" / "quality"

@@ -14,8 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-ORDER = ["zero-shot", "lora", "peft-hira", "gatera-none", "gatera", "gatera-rms", "gatera-threshold",
-         "gatera-threshold-keep50", "gatera-structure", "gatera-lora"]
+ORDER = ["zero-shot", "lora", "peft-hira", "gatera-none", "gatera", "gatera-rms", "gatera-lorascale",
+         "gatera-threshold", "gatera-threshold-keep50", "gatera-structure", "gatera-lora"]
 NAMES = {
     "zero-shot": "zero-shot (no training)",
     "lora": "LoRA (PEFT)",
@@ -27,6 +27,7 @@ NAMES = {
     "gatera-structure": "GateRA + structure gates",
     "gatera-lora": "GateRA on LoRA",
     "gatera-rms": "GateRA, hira_scaling=rms",
+    "gatera-lorascale": "GateRA, hira_scaling=lora",
 }
 EDGE = "edge: widen the grid"
 

@@ -38,7 +38,7 @@ def branch_input_dtype(kind: str, x: torch.Tensor, adapter_dtype: torch.dtype) -
 
 def hira_branch(layer, adapter_name, x, gate, result, base_out=None):
     """HiRA: `Δy = (W0 ⊙ BA) x`; W0 is re-read (and dequantised) in backward instead of kept."""
-    A, B, s = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name], layer.scaling[adapter_name]
+    A, B, s = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name], layer.branch_scale(adapter_name)
 
     def run_triton(on_failure):
         from .kernels.hira_triton import triton_gated_hira
@@ -51,7 +51,7 @@ def hira_branch(layer, adapter_name, x, gate, result, base_out=None):
 
 def lora_branch(layer, adapter_name, x, gate, result, base_out=None):
     """LoRA: `Δy = (lora_alpha / r) · BA x`."""
-    A, B, s = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name], layer.scaling[adapter_name]
+    A, B, s = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name], layer.branch_scale(adapter_name)
 
     def run_triton(on_failure):
         from .kernels.lora_triton import triton_gated_lora
@@ -75,7 +75,7 @@ def dora_branch(layer, adapter_name, x, gate, result, base_out):
     """
     A, B = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name]
     magnitude = layer.gatera_magnitude[adapter_name]  # (d_out,)
-    s = layer.scaling[adapter_name]
+    s = layer.branch_scale(adapter_name)
     W0 = layer.base_weight()
     scale = (magnitude / dora_weight_norm(W0, A, B, s).to(magnitude.dtype)).to(x.dtype)  # (d_out,)
     dropout_active = layer.training and not isinstance(layer.gatera_dropout[adapter_name], torch.nn.Identity)

@@ -18,7 +18,7 @@ from .kernels import KERNELS, triton_available
 # adding it here and there, nothing else.
 TOKEN_GATES = ("sigmoid", "threshold", "none")
 BRANCHES = ("hira", "lora", "dora")
-HIRA_SCALINGS = ("none", "rms")
+HIRA_SCALINGS = ("none", "rms", "lora")
 
 # Version of the on-disk adapter format written by this package. Bump when a saved adapter would be read wrongly by an
 # older release; `GateRAConfig` refuses a newer version instead of guessing.
@@ -77,10 +77,14 @@ class GateRAConfig(PeftConfig):
         modules_to_save: extra modules trained in full and saved with the adapter.
         branch: `"hira"` (default), `"lora"` or `"dora"`.
         gate: `"sigmoid"` (default, GateRA), `"threshold"` (TS-PEFT) or `"none"` (plain branch; can be merged).
-        lora_alpha: LoRA scaling numerator (`scaling = lora_alpha / r`); LoRA and DoRA branches only, default `r`.
-        hira_scaling: the HiRA branch's scale `s`: `"none"` (1, PEFT's HiRA exactly) or `"rms"` (`1 / RMS(W0)` per
-            layer, so that a step of `BA` moves the output about as much as a LoRA step does and LoRA learning rates
-            carry over; computed from the base weight when the adapter is created, and again when it is loaded).
+        lora_alpha: LoRA scaling numerator (`scaling = lora_alpha / r`); LoRA and DoRA branches, and the HiRA branch
+            with hira_scaling='lora'; default `r`.
+        hira_scaling: the HiRA branch's scale `s`: `"none"` (1, PEFT's HiRA exactly), `"rms"` (`1 / RMS(W0)` per
+            layer: a step of `BA` changes the weight about as much as an unscaled LoRA step) or `"lora"`
+            (`(lora_alpha / r) / (RMS(W0) · g0)`, `g0` the gates' product at step 0, e.g. σ(gate_bias_init): a step
+            moves the output as much as a step of LoRA with the same `r` and `lora_alpha`, so LoRA learning rates
+            carry over). Computed from the base weight when the adapter is created (at the first forward if the base
+            weights are still on the meta device), and again when it is loaded.
         gate_lr_ratio: learning rate of the gate parameters (token gates' `w`, `b`, thresholds `τ`, structure `α`)
             relative to the optimizer's, applied by the Trainer integration when it builds the optimizer.
         dropout: dropout probability on the branch input (the gate always reads the undropped input).
@@ -137,12 +141,13 @@ class GateRAConfig(PeftConfig):
     )
     lora_alpha: Optional[float] = field(
         default=None,
-        metadata={"help": "LoRA scaling numerator, scaling = lora_alpha / r (branch='lora' only; default r)."},
+        metadata={"help": "LoRA scaling numerator, scaling = lora_alpha / r (lora / dora branches, or hira with "
+                  "hira_scaling='lora'; default r)."},
     )
-    hira_scaling: Literal["none", "rms"] = field(
+    hira_scaling: Literal["none", "rms", "lora"] = field(
         default="none",
-        metadata={"help": "HiRA branch scale: 'none' (1, PEFT's HiRA) or 'rms' (1 / RMS(W0) per layer, LoRA-like "
-                  "step sizes)."},
+        metadata={"help": "HiRA branch scale: 'none' (1, PEFT's HiRA), 'rms' (1 / RMS(W0) per layer) or 'lora' "
+                  "((lora_alpha / r) / (RMS(W0) * initial gate), steps as large as LoRA's at the same rate)."},
     )
     gate_lr_ratio: float = field(
         default=1.0,
@@ -231,15 +236,16 @@ class GateRAConfig(PeftConfig):
         _check_choice("kernel", self.kernel, KERNELS)
         if self.kernel == "triton" and not triton_available():
             raise ValueError("kernel='triton' needs the `triton` package: `pip install gatera-plugin[triton]`.")
+        _check_choice("hira_scaling", self.hira_scaling, HIRA_SCALINGS)
         if self.lora_alpha is not None:
-            if self.branch == "hira":
+            if not self.uses_lora_alpha:
                 raise ValueError(
-                    f"`lora_alpha` only applies to branch='lora' or 'dora' (HiRA has no scaling; docs/method.md, "
-                    f"section 'Branches'), got lora_alpha={self.lora_alpha!r} with branch={self.branch!r}. Remove `lora_alpha` or set "
-                    "branch='lora'."
+                    f"`lora_alpha` only applies to branch='lora' or 'dora', or to branch='hira' with "
+                    f"hira_scaling='lora' (docs/method.md, section 'Branches'), got lora_alpha={self.lora_alpha!r} "
+                    f"with branch={self.branch!r}, hira_scaling={self.hira_scaling!r}. Remove `lora_alpha`, or set "
+                    "hira_scaling='lora' to scale the HiRA branch like LoRA."
                 )
             _check_number("lora_alpha", self.lora_alpha, low=0, low_open=True)
-        _check_choice("hira_scaling", self.hira_scaling, HIRA_SCALINGS)
         if self.hira_scaling != "none" and self.branch != "hira":
             raise ValueError(
                 f"`hira_scaling`={self.hira_scaling!r} scales the HiRA branch, but branch={self.branch!r}. Remove "
@@ -280,8 +286,9 @@ class GateRAConfig(PeftConfig):
                     _check_number(f"rank_pattern[{key!r}]", value, low=0, low_open=True, integer=True)
                 else:
                     _check_number(f"alpha_pattern[{key!r}]", value, low=0, low_open=True)
-        if self.alpha_pattern and self.branch == "hira":
-            raise ValueError("`alpha_pattern` only applies to branch='lora' or 'dora' (HiRA has no scaling).")
+        if self.alpha_pattern and not self.uses_lora_alpha:
+            raise ValueError("`alpha_pattern` only applies to branch='lora' or 'dora', or to branch='hira' with "
+                             "hira_scaling='lora' (the HiRA branch's other scales do not use lora_alpha).")
         if self.target_parameters:
             raise ValueError(
                 f"`target_parameters` is not supported by GateRA, got {self.target_parameters!r}: GateRA wraps modules "
@@ -384,9 +391,27 @@ class GateRAConfig(PeftConfig):
         """True when the adapter has a per-token gate (then it cannot be merged into the base weight)."""
         return self.gate != "none"
 
-    def scaling_for(self, r: int, lora_alpha: Optional[float], weight_rms: Callable[[], float] = lambda: 1.0) -> float:
-        """Branch scale `s` (docs/method.md): HiRA 1, or `1 / RMS(W0)` with hira_scaling='rms' (`weight_rms` is
-        called only then); LoRA / DoRA `lora_alpha / r` (alpha defaults to r)."""
-        if self.branch == "hira":
-            return 1.0 / weight_rms() if self.hira_scaling == "rms" else 1.0
-        return (r if lora_alpha is None else lora_alpha) / r
+    @property
+    def uses_lora_alpha(self) -> bool:
+        """True when `lora_alpha` / `alpha_pattern` enter the branch scale."""
+        return self.branch != "hira" or self.hira_scaling == "lora"
+
+    @property
+    def scale_reads_base_weight(self) -> bool:
+        """True when the branch scale depends on W0 (HiRA with hira_scaling 'rms' or 'lora')."""
+        return self.branch == "hira" and self.hira_scaling != "none"
+
+    def scaling_for(self, r: int, lora_alpha: Optional[float], weight_rms: Callable[[], float] = lambda: 1.0,
+                    gate_level: float = 1.0) -> float:
+        """Branch scale `s` (docs/method.md): HiRA 1, `1 / RMS(W0)` (hira_scaling='rms') or
+        `(lora_alpha / r) / (RMS(W0) · gate_level)` (hira_scaling='lora'); LoRA / DoRA `lora_alpha / r`. `lora_alpha`
+        defaults to r; `weight_rms` is called only when the scale reads W0; `gate_level` is the gates' product at
+        step 0."""
+        lora_scale = (r if lora_alpha is None else lora_alpha) / r
+        if self.branch != "hira":
+            return lora_scale
+        if self.hira_scaling == "rms":
+            return 1.0 / weight_rms()
+        if self.hira_scaling == "lora":
+            return lora_scale / (weight_rms() * gate_level)
+        return 1.0

@@ -36,6 +36,10 @@ class SigmoidGate(nn.Module):
                 self.weight.zero_()
             self.bias.fill_(self.bias_init)
 
+    def initial_level(self) -> float:
+        """The gate's value at step 0, for every token: `σ(bias_init)`."""
+        return 1.0 / (1.0 + math.exp(-self.bias_init))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype)))
 
@@ -93,6 +97,10 @@ class ThresholdGate(nn.Module):
         with torch.no_grad():
             self.threshold.fill_(self.threshold_init)
 
+    def initial_level(self) -> float:
+        """1: a kept token gets the whole update (the fraction kept is a selection, not a scale)."""
+        return 1.0
+
     @staticmethod
     def ratio(update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """`‖Δy‖ / ‖W0 x‖` per token: update, base (..., d_out) → (..., 1)."""
@@ -118,6 +126,10 @@ class StructureGate(nn.Module):
     def reset_parameters(self, random: bool = False) -> None:
         with torch.no_grad():
             self.alpha.fill_(self.alpha_init)
+
+    def initial_level(self) -> float:
+        """The gate's value at step 0: `σ(alpha_init)`."""
+        return 1.0 / (1.0 + math.exp(-self.alpha_init))
 
     def forward(self) -> torch.Tensor:
         return torch.sigmoid(self.alpha)

@@ -38,12 +38,14 @@ class GateRALayer(BaseTunerLayer):
     # Trainable, saved per-adapter state.
     adapter_layer_names: tuple[str, ...] = ("gatera_A", "gatera_B", "gatera_gate", "gatera_structure", "gatera_magnitude")
     # Other per-adapter state (plain dicts / dropout modules keyed by adapter name).
-    other_param_names: tuple[str, ...] = ("r", "scaling", "branch_kind", "gate_kind", "gatera_dropout", "options")
+    other_param_names: tuple[str, ...] = ("r", "scaling", "_lora_alpha", "branch_kind", "gate_kind", "gatera_dropout",
+                                          "options")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
-        self.scaling: dict[str, float] = {}
+        self.scaling: dict[str, Optional[float]] = {}  # read through branch_scale() (None until computed)
+        self._lora_alpha: dict[str, Optional[float]] = {}
         self.branch_kind: dict[str, str] = {}
         self.gate_kind: dict[str, str] = {}
         self.options: dict[str, GateRAConfig] = {}  # the adapter's config: penalty weights, sparsity, caching
@@ -77,11 +79,10 @@ class GateRALayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------- adapters
     def update_layer(self, adapter_name: str, r: int, lora_alpha: Optional[float], config: GateRAConfig) -> None:
-        """Add adapter `adapter_name` with rank `r` (and `lora_alpha` for LoRA / DoRA branches) to this layer."""
+        """Add adapter `adapter_name` with rank `r` (and `lora_alpha` where the scale uses it) to this layer."""
         if r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {r} for adapter {adapter_name!r}.")
         self.r[adapter_name] = r
-        self.scaling[adapter_name] = config.scaling_for(r, lora_alpha, weight_rms=self._base_weight_rms)
         self.branch_kind[adapter_name] = config.branch
         self.gate_kind[adapter_name] = config.gate
         self.options[adapter_name] = config
@@ -92,6 +93,10 @@ class GateRALayer(BaseTunerLayer):
                                 (self.gatera_structure, make_structure_gate(config))):
             if gate is not None:
                 container[adapter_name] = gate
+        self._lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = None  # set by branch_scale(), now or (base weights on meta) at the first use
+        if not (config.scale_reads_base_weight and self.get_base_layer().weight.device.type == "meta"):
+            self.branch_scale(adapter_name)
         if config.branch == "dora":
             self.gatera_magnitude[adapter_name] = nn.Parameter(torch.empty(self.out_features))
         for kind in self._gate_kinds(adapter_name):
@@ -121,7 +126,7 @@ class GateRALayer(BaseTunerLayer):
             if adapter_name in container:
                 container[adapter_name].reset_parameters(random=not init_weights)
         if adapter_name in self.gatera_magnitude:
-            norm = dora_weight_norm(self._original_weight(), A, B, self.scaling[adapter_name])
+            norm = dora_weight_norm(self._original_weight(), A, B, self.branch_scale(adapter_name))
             with torch.no_grad():
                 self.gatera_magnitude[adapter_name].copy_(norm)
 
@@ -137,13 +142,28 @@ class GateRALayer(BaseTunerLayer):
         weight = unsharded_weight(self.get_base_layer().weight)
         return weight.t() if self.weight_is_transposed else weight
 
-    def _base_weight_rms(self) -> float:
+    def branch_scale(self, adapter_name: str) -> float:
+        """The branch scale `s` of `adapter_name` (`GateRAConfig.scaling_for`), computed at the first call: when the
+        adapter is created, or at its first use if W0 was still on the meta device then (meta-device loading)."""
+        scale = self.scaling[adapter_name]
+        if scale is None:
+            config = self.options[adapter_name]
+            gate_level = math.prod(container[adapter_name].initial_level()
+                                   for container in (self.gatera_gate, self.gatera_structure)
+                                   if adapter_name in container)
+            scale = config.scaling_for(self.r[adapter_name], self._lora_alpha[adapter_name],
+                                       weight_rms=lambda: self._base_weight_rms(config.hira_scaling),
+                                       gate_level=gate_level)
+            self.scaling[adapter_name] = scale
+        return scale
+
+    def _base_weight_rms(self, setting: str) -> float:
         """RMS of the frozen base weight W0 (gathered first under DeepSpeed ZeRO-3, dequantised for 4-bit bases)."""
         weight = self.get_base_layer().weight
         if weight.device.type == "meta":
-            raise ValueError("hira_scaling='rms' reads the base weights when the adapter is created, but they are on "
-                             "the meta device (not loaded yet). Load the base model's weights first, or use "
-                             "hira_scaling='none'.")
+            raise ValueError(f"hira_scaling={setting!r} reads the base weights, but they are still on the meta device "
+                             "(not loaded) when the adapter is first used. Load the base model's weights before "
+                             "the first forward, or use hira_scaling='none'.")
         gathered = contextlib.nullcontext()
         if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
             import deepspeed
@@ -152,8 +172,8 @@ class GateRALayer(BaseTunerLayer):
         with gathered, torch.no_grad():
             rms = self.base_weight().float().square().mean().sqrt().item()
         if not math.isfinite(rms) or rms <= 0:
-            raise ValueError(f"hira_scaling='rms' needs a nonzero, finite base weight, but its RMS is {rms}. Use "
-                             "hira_scaling='none' for this model.")
+            raise ValueError(f"hira_scaling={setting!r} needs a nonzero, finite base weight, but its RMS is {rms}. "
+                             "Use hira_scaling='none' for this model.")
         return rms
 
     def kernel_weight(self):
@@ -188,7 +208,7 @@ class GateRALayer(BaseTunerLayer):
             return cached[3]
         with torch.no_grad():
             probes = [_evenly_spaced(A, 256), _evenly_spaced(B, 256), _evenly_spaced(weight, 1024)]
-            delta = (B @ A).mul_(self.base_weight()).mul_(self.scaling[adapter_name]).to(dtype)
+            delta = (B @ A).mul_(self.base_weight()).mul_(self.branch_scale(adapter_name)).to(dtype)
             self._delta_cache[adapter_name] = (key, probes, torch.cat(probes), delta)
         return delta
 
@@ -280,7 +300,7 @@ class GateRALayer(BaseTunerLayer):
         base = self._original_weight()
         delta = delta_weight(
             self.branch_kind[adapter_name], base, self.gatera_A[adapter_name], self.gatera_B[adapter_name],
-            self.scaling[adapter_name], self.gatera_magnitude[adapter_name] if adapter_name in self.gatera_magnitude
+            self.branch_scale(adapter_name), self.gatera_magnitude[adapter_name] if adapter_name in self.gatera_magnitude
             else None,
         )
         if adapter_name in self.gatera_structure:

@@ -27,7 +27,9 @@ CONFIG_CASES = [
     (dict(branch="dora2"), r"`branch` must be one of \['hira', 'lora', 'dora'\], got 'dora2'"),
     (dict(gate="softmax"), r"`gate` must be one of \['sigmoid', 'threshold', 'none'\], got 'softmax'"),
     (dict(kernel="cuda"), r"`kernel` must be one of \['auto', 'triton', 'torch'\], got 'cuda'"),
-    (dict(lora_alpha=16), r"`lora_alpha` only applies to branch='lora' or 'dora'.*Remove `lora_alpha`"),
+    (dict(lora_alpha=16), r"`lora_alpha` only applies to branch='lora' or 'dora'.*Remove `lora_alpha`.*"
+                          r"hira_scaling='lora'"),
+    (dict(lora_alpha=16, hira_scaling="rms"), r"`lora_alpha` only applies.*hira_scaling='rms'"),
     (dict(branch="lora", lora_alpha=0), r"`lora_alpha` must be > 0"),
     (dict(branch="lora", lora_alpha=float("nan")), r"`lora_alpha` must be finite"),
     (dict(dropout=1.0), r"`dropout` must be < 1"),

@@ -1,8 +1,10 @@
-"""`hira_scaling="rms"` (HiRA steps as large as LoRA's at one learning rate) and `gate_lr_ratio` (the gates' own rate)."""
+"""`hira_scaling` "rms" / "lora" (HiRA steps as large as LoRA's at one learning rate) and `gate_lr_ratio` (the gates'
+own rate)."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -19,19 +21,61 @@ def _layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, GateRALayer)]
 
 
-def test_rms_scale_is_one_over_base_weight_rms_and_output_follows_formula():
-    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, hira_scaling="rms",
-                                                      init_weights=False))
+@pytest.mark.parametrize("scaling, alpha, numerator", [("rms", None, 1.0), ("lora", None, 1.0), ("lora", 8, 2.0)])
+def test_scale_follows_its_formula_and_so_does_the_output(scaling, alpha, numerator):
+    """rms: s = 1 / RMS(W0); lora: s = (lora_alpha / r) / (RMS(W0) · σ(b0)), σ(b0) = 0.5 by default."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, lora_alpha=alpha, target_modules=TARGETS,
+                                                      hira_scaling=scaling, init_weights=False))
+    level = 0.5 if scaling == "lora" else 1.0
     for _, layer in _layers(model):
-        W0 = layer.base_weight().float()
-        assert layer.scaling["default"] == pytest.approx(1 / W0.square().mean().sqrt().item(), rel=1e-6)
+        rms = layer.base_weight().float().square().mean().sqrt().item()
+        assert layer.scaling["default"] == pytest.approx(numerator / (rms * level), rel=1e-6)
     layer = _layers(model)[0][1]
     x = torch.randn(3, 5, layer.in_features)
     A, B, W0 = layer.gatera_A["default"], layer.gatera_B["default"], layer.base_weight()
     gate = torch.sigmoid(x @ layer.gatera_gate["default"].weight.t() + layer.gatera_gate["default"].bias)
-    expected = x @ W0.t() + gate * (x @ ((W0 / W0.square().mean().sqrt()) * (B @ A)).t())
+    s = numerator / (W0.square().mean().sqrt() * level)
+    expected = x @ W0.t() + gate * (x @ (s * W0 * (B @ A)).t())
     layer.eval()
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate_kwargs, level", [
+    ({"gate_bias_init": 2.0}, 1 / (1 + math.exp(-2.0))),
+    ({"gate": "none"}, 1.0),
+    ({"gate": "threshold"}, 1.0),  # a selection: kept tokens get the whole update
+    ({"structure_gate": True, "structure_init": 1.0}, 0.5 / (1 + math.exp(-1.0))),
+])
+def test_lora_scale_divides_by_every_gate_kinds_initial_level_and_reads_alpha_pattern(gate_kwargs, level):
+    config = GateRAConfig(r=4, lora_alpha=8, alpha_pattern={"v_proj": 2}, target_modules=TARGETS,
+                          hira_scaling="lora", **gate_kwargs)
+    for name, layer in _layers(get_peft_model(tiny_llama(), config)):
+        alpha = 2 if name.endswith("v_proj") else 8
+        rms = layer.base_weight().float().square().mean().sqrt().item()
+        assert layer.scaling["default"] == pytest.approx(alpha / 4 / (rms * level), rel=1e-6), name
+
+
+def test_lora_scale_is_computed_at_first_use_when_base_weights_load_after_wrapping():
+    """Meta-device construction (FSDP's cpu_ram_efficient_loading, `init_empty_weights`): W0 is not there when the
+    adapter is created, so the scale waits for the first use, and then equals the eagerly built model's."""
+    config = GateRAConfig(r=4, target_modules=TARGETS, hira_scaling="lora", init_weights=False)
+    eager = get_peft_model(tiny_llama(), config).eval()
+    with torch.device("meta"):
+        lazy = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, hira_scaling="lora",
+                                                         init_weights=False))
+    layer = _layers(lazy)[0][1]
+    assert layer.scaling["default"] is None
+    with pytest.raises(ValueError, match=r"hira_scaling='lora' reads the base weights.*meta device.*before the first"):
+        layer.branch_scale("default")
+    lazy = lazy.to_empty(device="cpu").eval()
+    lazy.load_state_dict(eager.state_dict())
+    for name, buffer in eager.named_buffers():  # non-persistent ones (rotary inv_freq) are not in the state dict
+        lazy.get_buffer(name).copy_(buffer)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(lazy(input_ids=ids).logits, eager(input_ids=ids).logits)
+    for (_, got), (_, want) in zip(_layers(lazy), _layers(eager)):
+        assert got.scaling["default"] == pytest.approx(want.scaling["default"], rel=1e-6)
 
 
 def test_rms_scaling_makes_a_hira_step_as_large_as_a_lora_step():
@@ -45,8 +89,19 @@ def test_rms_scaling_makes_a_hira_step_as_large_as_a_lora_step():
     assert 0.2 * lora < hira_rms < 5 * lora, (hira_rms, lora)
 
 
-def test_rms_scaled_adapter_reloads_merges_and_its_stamp_covers_the_setting(tmp_path):
-    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate="none", hira_scaling="rms",
+def test_lora_scaling_makes_a_gated_step_as_large_as_a_step_of_the_same_lora():
+    """hira_scaling='lora' reads LoRA's r and lora_alpha and makes up for the gate's 0.5 at step 0: one step of
+    gated GateRA moves the output as far as one step of that LoRA (within 1.5x), where 'rms' moves it less."""
+    lora = one_step_output_change(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    gated = one_step_output_change(GateRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, hira_scaling="lora"))
+    gated_rms = one_step_output_change(GateRAConfig(r=4, target_modules=TARGETS, hira_scaling="rms"))
+    assert lora / 1.5 < gated < 1.5 * lora, (gated, lora)
+    assert gated_rms < gated / 2.5, (gated_rms, gated)
+
+
+@pytest.mark.parametrize("scaling", ["rms", "lora"])
+def test_scaled_adapter_reloads_merges_and_its_stamp_covers_the_setting(tmp_path, scaling):
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate="none", hira_scaling=scaling,
                                                       init_weights=False)).eval()
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():

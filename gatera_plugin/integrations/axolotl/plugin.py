@@ -26,6 +26,7 @@ import gatera_plugin
 LOG = get_logger(__name__)
 
 ADAPTER = "gatera"
+HIRA_SCALING_DEFAULT = gatera_plugin.GateRAConfig.__dataclass_fields__["hira_scaling"].default
 _OPTION_KEYS = {  # GateRAConfig field -> Axolotl key
     "branch": "gatera_branch", "gate": "gatera_gate", "entropy_weight": "gatera_entropy_weight",
     "gate_bias_init": "gatera_gate_bias_init", "per_layer_stats": "gatera_per_layer_stats",
@@ -63,9 +64,11 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
     if not targets:
         raise ValueError("`adapter: gatera` needs `lora_target_modules` or `lora_target_linear: true`.")
     lora_alpha = cfg.lora_alpha
-    if branch == "hira" and lora_alpha is not None:
-        LOG.warning("lora_alpha=%s is not used by GateRA's HiRA branch (it has no scaling; docs/method.md, section "
-                    "'Branches').", lora_alpha)
+    uses_alpha = branch != "hira" or options.get("hira_scaling", HIRA_SCALING_DEFAULT) == "lora"
+    if not uses_alpha and lora_alpha is not None:
+        LOG.warning("lora_alpha=%s is not used by GateRA's HiRA branch with gatera_hira_scaling=%r (set "
+                    "gatera_hira_scaling: lora to scale it like LoRA; docs/method.md, section 'Branches').",
+                    lora_alpha, options.get("hira_scaling", HIRA_SCALING_DEFAULT))
         lora_alpha = None
     return gatera_plugin.GateRAConfig(
         r=cfg.lora_r or 32,
@@ -76,7 +79,7 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
         layers_to_transform=cfg.peft_layers_to_transform,
         layers_pattern=cfg.peft_layers_pattern,
         rank_pattern=dict(cfg.lora_rank_pattern or {}),
-        alpha_pattern=dict(cfg.lora_alpha_pattern or {}) if branch != "hira" else {},
+        alpha_pattern=dict(cfg.lora_alpha_pattern or {}) if uses_alpha else {},
         task_type="CAUSAL_LM",
         **options,
     )
