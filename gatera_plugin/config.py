@@ -20,6 +20,9 @@ TOKEN_GATES = ("sigmoid", "threshold", "none")
 BRANCHES = ("hira", "lora", "dora")
 HIRA_SCALINGS = ("none", "rms", "lora")
 
+# What a saved adapter_config.json without these keys meant: it was written before the field existed.
+BEFORE_FIELD_EXISTED = {"hira_scaling": "none"}
+
 # Version of the on-disk adapter format written by this package. Bump when a saved adapter would be read wrongly by an
 # older release; `GateRAConfig` refuses a newer version instead of guessing.
 FORMAT_VERSION = 1
@@ -321,6 +324,13 @@ class GateRAConfig(PeftConfig):
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a regex string.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` needs `layers_to_transform` to be set as well.")
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """A saved config without a field that changes the model was saved before the field existed, and meant its
+        value of that time (`BEFORE_FIELD_EXISTED`), which is not always today's default (PEFT calls this on load)."""
+        kwargs = super().check_kwargs(**kwargs)
+        return {**BEFORE_FIELD_EXISTED, **kwargs}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

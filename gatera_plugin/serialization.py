@@ -144,6 +144,14 @@ def stamp_config(config_path: Path, weights: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+def _added_after_the_save(name: str, stamp: dict, config: dict) -> bool:
+    """True when field `name` did not exist when the adapter was saved (its stamp has no entry for it) and the
+    config holds nothing for it, or the value it meant then (`BEFORE_FIELD_EXISTED`)."""
+    from .config import BEFORE_FIELD_EXISTED
+
+    return name not in stamp and config.get(name, BEFORE_FIELD_EXISTED.get(name)) == BEFORE_FIELD_EXISTED.get(name)
+
+
 def _check_stamp(config: dict, config_path: Path, weights: Path) -> None:
     stamp = config.get(STAMP)
     if stamp is None:
@@ -157,7 +165,8 @@ def _check_stamp(config: dict, config_path: Path, weights: Path) -> None:
         raise ValueError(f"{config_path}: field `{STAMP}` is not the stamp save_pretrained writes ({stamp!r}). "
                          "Restore the file from a checkpoint or re-save the adapter.")
     expected = structure_stamp(config, weights)
-    edited = [name for name in STRUCTURE_FIELDS if stamp.get(name) != expected[name]]
+    edited = [name for name in STRUCTURE_FIELDS if stamp.get(name) != expected[name]
+              and not _added_after_the_save(name, stamp, config)]
     if edited:
         raise ValueError(
             f"{config_path}: field(s) {', '.join(f'`{n}`' for n in edited)} differ from what the save recorded in "

@@ -221,3 +221,27 @@ def test_a_deepspeed_optimizer_block_with_a_gate_ratio_is_refused():
         check_deepspeed_optimizer(trainer)
     trainer.args.hf_deepspeed_config.config = {"zero_optimization": {"stage": 2}}
     check_deepspeed_optimizer(trainer)  # the Trainer builds the optimizer: nothing to refuse
+
+
+def test_an_adapter_saved_before_hira_scaling_existed_loads_unscaled(tmp_path):
+    """Its adapter_config.json and structure stamp have no `hira_scaling` key; it meant s = 1 then, whatever today's
+    default, and the stamp is not taken for an edit."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, hira_scaling="none",
+                                                      init_weights=False)).eval()
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["hira_scaling"], config["structure_stamp"]["hira_scaling"]
+    config_path.write_text(json.dumps(config))
+    assert GateRAConfig.from_pretrained(tmp_path).hira_scaling == "none"
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert reloaded.peft_config["default"].hira_scaling == "none"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, logits)
+    config["hira_scaling"] = "rms"  # but a value that the save did not stamp is an edit
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="`hira_scaling` differ"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
