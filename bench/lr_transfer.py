@@ -1,4 +1,4 @@
-"""Why HiRA needs a larger learning rate than LoRA, and what `hira_scaling="rms"` changes (README, "Learning rates").
+"""Why HiRA needs a larger learning rate than LoRA, and what `hira_scaling` changes (README, "Learning rates").
 
     python bench/lr_transfer.py            # SmolLM2-135M-Instruct's RMS(W0) + the one-step table (~1 min)
     python bench/lr_transfer.py --tiny     # tiny random model only (seconds; CI smoke test)
@@ -6,8 +6,9 @@
 (1) RMS of the base weights per projection: HiRA's update `W0 ⊙ BA` is `BA` scaled entry by entry by W0, so one
 optimizer step of `BA` moves the output about RMS(W0) times as far as the same step of LoRA's `BA` (s = 1).
 (2) Measured: the relative change of the logits after one Adam step (lr 1e-3) from the adapter's no-op init, for
-PEFT's LoRA (alpha = r), GateRA's HiRA branch (`gate="none"`) as PEFT's HiRA, and with `hira_scaling="rms"`, on a
-Llama-architecture model whose weights have a pretrained model's scale (std 0.02). Writes
+PEFT's LoRA (alpha = r), GateRA's HiRA branch ungated (`gate="none"`) with `hira_scaling` "none" (PEFT's HiRA) and
+"rms", and gated (GateRA's sigmoid gate, 0.5 at step 0) with "rms" and "lora" (the default), on a Llama-architecture
+model whose weights have a pretrained model's scale (std 0.02). Writes
 bench/results/lr_transfer.json.
 """
 
@@ -58,8 +59,11 @@ def main() -> None:
             print(f"| {name} | {row['median']:.3f} | {row['min']:.3f} | {row['max']:.3f} |")
     lora = one_step_output_change(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
     rows = {"peft-lora": lora}
-    for name, scaling in (("gatera-hira (gate none)", "none"), ("gatera-hira, hira_scaling=rms", "rms")):
-        rows[name] = one_step_output_change(GateRAConfig(r=4, target_modules=targets, gate="none", hira_scaling=scaling))
+    for name, gate, scaling in (("gatera-hira (gate none)", "none", "none"),
+                                ("gatera-hira, hira_scaling=rms", "none", "rms"),
+                                ("gatera (sigmoid gate), hira_scaling=rms", "sigmoid", "rms"),
+                                ("gatera (sigmoid gate), hira_scaling=lora (default)", "sigmoid", "lora")):
+        rows[name] = one_step_output_change(GateRAConfig(r=4, target_modules=targets, gate=gate, hira_scaling=scaling))
     result["one_step_change"] = {name: {"relative_change": v, "ratio_to_lora": v / lora} for name, v in rows.items()}
     print("\n| method | logits change after one step (lr 1e-3) | / LoRA |\n|---|---|---|")
     for name, row in result["one_step_change"].items():

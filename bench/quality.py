@@ -143,7 +143,12 @@ def adapter_config(method: str, overrides: dict):
         return LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS)
     if method == "peft-hira":
         return HiraConfig(r=RANK, target_modules=TARGETS)
-    return GateRAConfig(r=RANK, target_modules=TARGETS, **{**GATERA_METHODS[method], **overrides})
+    fields = {**GATERA_METHODS[method], **overrides}
+    if fields.get("branch", "hira") == "hira":
+        # The HiRA-branch methods as the papers define them (s = 1, as in every result committed before the default
+        # became hira_scaling="lora"); gatera-rms and gatera-lorascale set their own.
+        fields.setdefault("hira_scaling", "none")
+    return GateRAConfig(r=RANK, target_modules=TARGETS, **fields)
 
 
 def config_overrides(args) -> dict:

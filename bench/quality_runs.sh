@@ -13,9 +13,11 @@
 #                                        # second-task candidates: zero-shot and LoRA at 1e-3, 3e-3, 1e-2 on the val
 #                                        # split (~0.5 thread-hour per candidate); quality_table.py prints the gain:
 #                                        # keep a task where LoRA gains >= 10 points, and pass it as TASK2 below
-#   TASK2=... bash bench/quality_runs.sh lr2     # learning rates of LoRA, PEFT HiRA, GateRA, GateRA-rms on hyperbaton
-#                                        # and TASK2, val split (64 runs, ~12 thread-hours, ~6 h on 2 cores)
-#   TASK2=... bash bench/quality_runs.sh gatelr  # gate_lr_ratio of GateRA-rms at its best rate (10 runs, ~2 h)
+#   TASK2=... bash bench/quality_runs.sh lr2     # learning rates of LoRA, PEFT HiRA, GateRA (s = 1), GateRA-rms and
+#                                        # GateRA-lorascale (the default hira_scaling="lora") on hyperbaton and TASK2,
+#                                        # val split (80 runs, ~15 thread-hours, ~7.5 h on 2 cores)
+#   TASK2=... bash bench/quality_runs.sh gatelr  # gate_lr_ratio of GateRA-lorascale and GateRA-rms at their best
+#                                        # rates (GATELR_METHODS; 20 runs, ~4 h)
 #   TASK2=... [GLR=k] bash bench/quality_runs.sh main3
 #                                        # test split, 3 seeds, each method at its own best rate and at LoRA's
 #                                        # (up to 44 runs, ~8 thread-hours, ~4 h on 2 cores); GLR: GateRA-rms's ratio
@@ -79,12 +81,16 @@ jobs_for() {
           for m in peft-hira gatera; do run --task "$t" --method "$m" --lr "$lr" $VAL; done
         done
         for lr in $LRS_RMS; do run --task "$t" --method gatera-rms --lr "$lr" $VAL; done
+        # the default hira_scaling="lora" is meant to share LoRA's rate: LoRA's grid
+        for lr in $LRS_LORA; do run --task "$t" --method gatera-lorascale --lr "$lr" $VAL; done
       done ;;
     gatelr)
       need_task2
       for t in $TASKS2; do
-        lr=$(best "$t" gatera-rms)
-        for k in $GATE_RATIOS; do run --task "$t" --method gatera-rms --lr "$lr" --gate-lr-ratio "$k" $VAL; done
+        for m in ${GATELR_METHODS:-gatera-lorascale gatera-rms}; do
+          lr=$(best "$t" "$m")
+          for k in $GATE_RATIOS; do run --task "$t" --method "$m" --lr "$lr" --gate-lr-ratio "$k" $VAL; done
+        done
       done ;;
     main3)
       need_task2
@@ -92,7 +98,7 @@ jobs_for() {
       for s in 0 1 2; do
         for t in $TASKS2; do
           lora=$(best "$t" lora)
-          for m in lora peft-hira gatera gatera-rms; do
+          for m in lora peft-hira gatera gatera-rms gatera-lorascale; do
             glr=""
             [ "$m" = gatera-rms ] && [ -n "${GLR:-}" ] && glr="--gate-lr-ratio $GLR"
             own=$(best "$t" "$m")

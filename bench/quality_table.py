@@ -21,13 +21,13 @@ NAMES = {
     "lora": "LoRA (PEFT)",
     "peft-hira": "HiRA (PEFT)",
     "gatera-none": "HiRA (ours, gate=none)",
-    "gatera": "GateRA (sigmoid gate, HiRA)",
+    "gatera": "GateRA (sigmoid gate, HiRA, s = 1)",
     "gatera-threshold": "TS-PEFT threshold gate, HiRA",
     "gatera-threshold-keep50": "threshold gate, keep_ratio 0.5",
     "gatera-structure": "GateRA + structure gates",
     "gatera-lora": "GateRA on LoRA",
     "gatera-rms": "GateRA, hira_scaling=rms",
-    "gatera-lorascale": "GateRA, hira_scaling=lora",
+    "gatera-lorascale": "GateRA, hira_scaling=lora (default)",
 }
 EDGE = "edge: widen the grid"
 

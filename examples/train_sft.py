@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4, help="per-device micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--gate", default="sigmoid")
     parser.add_argument("--branch", default="hira")

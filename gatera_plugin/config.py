@@ -19,6 +19,7 @@ from .kernels import KERNELS, triton_available
 TOKEN_GATES = ("sigmoid", "threshold", "none")
 BRANCHES = ("hira", "lora", "dora")
 HIRA_SCALINGS = ("none", "rms", "lora")
+DEFAULT_HIRA_SCALING = "lora"  # bench/quality_runs.sh; README, "Learning rates"
 
 # What a saved adapter_config.json without these keys meant: it was written before the field existed.
 BEFORE_FIELD_EXISTED = {"hira_scaling": "none"}
@@ -82,11 +83,11 @@ class GateRAConfig(PeftConfig):
         gate: `"sigmoid"` (default, GateRA), `"threshold"` (TS-PEFT) or `"none"` (plain branch; can be merged).
         lora_alpha: LoRA scaling numerator (`scaling = lora_alpha / r`); LoRA and DoRA branches, and the HiRA branch
             with hira_scaling='lora'; default `r`.
-        hira_scaling: the HiRA branch's scale `s`: `"none"` (1, PEFT's HiRA exactly), `"rms"` (`1 / RMS(W0)` per
-            layer: a step of `BA` changes the weight about as much as an unscaled LoRA step) or `"lora"`
-            (`(lora_alpha / r) / (RMS(W0) · g0)`, `g0` the gates' product at step 0, e.g. σ(gate_bias_init): a step
+        hira_scaling: the HiRA branch's scale `s`: `"lora"` (the default with branch='hira':
+            `(lora_alpha / r) / (RMS(W0) · g0)`, `g0` the gates' product at step 0, e.g. σ(gate_bias_init): a step
             moves the output as much as a step of LoRA with the same `r` and `lora_alpha`, so LoRA learning rates
-            carry over). Computed from the base weight when the adapter is created (at the first forward if the base
+            carry over), `"rms"` (`1 / RMS(W0)` per layer) or `"none"` (1, PEFT's HiRA exactly; the value LoRA and
+            DoRA branches take). Computed from the base weight when the adapter is created (at the first forward if the base
             weights are still on the meta device), and again when it is loaded.
         gate_lr_ratio: learning rate of the gate parameters (token gates' `w`, `b`, thresholds `τ`, structure `α`)
             relative to the optimizer's, applied by the Trainer integration when it builds the optimizer.
@@ -147,10 +148,11 @@ class GateRAConfig(PeftConfig):
         metadata={"help": "LoRA scaling numerator, scaling = lora_alpha / r (lora / dora branches, or hira with "
                   "hira_scaling='lora'; default r)."},
     )
-    hira_scaling: Literal["none", "rms", "lora"] = field(
-        default="none",
-        metadata={"help": "HiRA branch scale: 'none' (1, PEFT's HiRA), 'rms' (1 / RMS(W0) per layer) or 'lora' "
-                  "((lora_alpha / r) / (RMS(W0) * initial gate), steps as large as LoRA's at the same rate)."},
+    hira_scaling: Optional[Literal["none", "rms", "lora"]] = field(
+        default=None,
+        metadata={"help": "HiRA branch scale: 'lora' (the default for branch='hira': (lora_alpha / r) / (RMS(W0) * "
+                  "initial gate), steps as large as LoRA's at the same rate), 'rms' (1 / RMS(W0) per layer) or 'none' "
+                  "(1, PEFT's HiRA exactly; the value for LoRA / DoRA branches)."},
     )
     gate_lr_ratio: float = field(
         default=1.0,
@@ -239,6 +241,8 @@ class GateRAConfig(PeftConfig):
         _check_choice("kernel", self.kernel, KERNELS)
         if self.kernel == "triton" and not triton_available():
             raise ValueError("kernel='triton' needs the `triton` package: `pip install gatera-plugin[triton]`.")
+        if self.hira_scaling is None:
+            self.hira_scaling = DEFAULT_HIRA_SCALING if self.branch == "hira" else "none"
         _check_choice("hira_scaling", self.hira_scaling, HIRA_SCALINGS)
         if self.lora_alpha is not None:
             if not self.uses_lora_alpha:

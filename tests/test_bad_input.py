@@ -27,8 +27,8 @@ CONFIG_CASES = [
     (dict(branch="dora2"), r"`branch` must be one of \['hira', 'lora', 'dora'\], got 'dora2'"),
     (dict(gate="softmax"), r"`gate` must be one of \['sigmoid', 'threshold', 'none'\], got 'softmax'"),
     (dict(kernel="cuda"), r"`kernel` must be one of \['auto', 'triton', 'torch'\], got 'cuda'"),
-    (dict(lora_alpha=16), r"`lora_alpha` only applies to branch='lora' or 'dora'.*Remove `lora_alpha`.*"
-                          r"hira_scaling='lora'"),
+    (dict(lora_alpha=16, hira_scaling="none"), r"`lora_alpha` only applies to branch='lora' or 'dora'.*Remove "
+                                               r"`lora_alpha`.*hira_scaling='lora'"),
     (dict(lora_alpha=16, hira_scaling="rms"), r"`lora_alpha` only applies.*hira_scaling='rms'"),
     (dict(branch="lora", lora_alpha=0), r"`lora_alpha` must be > 0"),
     (dict(branch="lora", lora_alpha=float("nan")), r"`lora_alpha` must be finite"),
@@ -43,7 +43,7 @@ CONFIG_CASES = [
     (dict(per_layer_stats=1), r"`per_layer_stats` must be True or False"),
     (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]` must be > 0"),
     (dict(rank_pattern=["q_proj"]), r"`rank_pattern` must be a dict"),
-    (dict(alpha_pattern={"q": 4}), r"`alpha_pattern` only applies to branch='lora' or 'dora'"),
+    (dict(alpha_pattern={"q": 4}, hira_scaling="none"), r"`alpha_pattern` only applies to branch='lora' or 'dora'"),
     (dict(target_parameters=["w"]), r"`target_parameters` is not supported by GateRA.*`target_modules`"),
     (dict(target_modules=[]), r"`target_modules` is an empty list.*'all-linear'"),
     (dict(target_modules=[1, 2]), r"`target_modules` must be a list of module names"),

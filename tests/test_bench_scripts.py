@@ -52,7 +52,7 @@ def test_quality_table_from_result_files(tmp_path):
           gate_history=[{"gatera/kept_frac": 0.75}])
     out = _run("bench/quality_table.py", "--results", str(tmp_path)).stdout
     assert "| LoRA (PEFT) | 10 | 1.00x | 85.0 ± 5.0 |" in out
-    assert "| GateRA (sigmoid gate, HiRA) | 10 | 1.50x | 70.0 (1 seed) |" in out
+    assert "| GateRA (sigmoid gate, HiRA, s = 1) | 10 | 1.50x | 70.0 (1 seed) |" in out
     assert "| chance (random option) | | | 50.0 |" in out
     assert "entropy_weight sweep, GateRA, t val split, lr 0.01" in out
     lam = out[out.index("entropy_weight sweep"):out.index("Test accuracy")]
@@ -113,7 +113,7 @@ def test_quality_runs_main3_runs_each_method_at_its_own_and_at_loras_best_rate(t
     (tmp_path / "bench" / "results" / "quality").mkdir(parents=True)
     for name in ("quality_runs.sh", "quality_table.py"):
         shutil.copy(ROOT / "bench" / name, tmp_path / "bench" / name)
-    best = {"lora": 1e-3, "peft-hira": 1e-2, "gatera": 1e-2, "gatera-rms": 1e-3}
+    best = {"lora": 1e-3, "peft-hira": 1e-2, "gatera": 1e-2, "gatera-rms": 1e-3, "gatera-lorascale": 1e-3}
     for task in ("hyperbaton", "t2"):
         for method, top in best.items():
             for lr in (1e-4, 1e-3, 1e-2, 1e-1):
@@ -126,7 +126,7 @@ def test_quality_runs_main3_runs_each_method_at_its_own_and_at_loras_best_rate(t
                           text=True, env=env)
     assert done.returncode == 0, done.stderr
     runs = done.stdout.splitlines()
-    assert len(runs) == 2 + 3 * 2 * 6 and "--task t2 --method zero-shot --seed 0" in runs
+    assert len(runs) == 2 + 3 * 2 * 7 and "--task t2 --method zero-shot --seed 0" in runs
     assert "--task t2 --method peft-hira --seed 2 --lr 0.01" in runs  # own best
     assert "--task t2 --method peft-hira --seed 2 --lr 0.001" in runs  # LoRA's best
     assert "--task hyperbaton --method gatera-rms --seed 1 --lr 0.001 --gate-lr-ratio 3" in runs
@@ -168,7 +168,8 @@ def test_lr_transfer_writes_its_table(tmp_path):
     _run("bench/lr_transfer.py", "--tiny", "--out", str(out))
     rows = json.loads(out.read_text())["one_step_change"]
     assert rows["peft-lora"]["ratio_to_lora"] == 1.0 and set(rows) == {
-        "peft-lora", "gatera-hira (gate none)", "gatera-hira, hira_scaling=rms"}
+        "peft-lora", "gatera-hira (gate none)", "gatera-hira, hira_scaling=rms",
+        "gatera (sigmoid gate), hira_scaling=rms", "gatera (sigmoid gate), hira_scaling=lora (default)"}
 
 
 def _gpu_check_module():

@@ -44,7 +44,8 @@ def test_quantised_layer_equals_naive_with_dequantised_weight(base_dir, bits):
     W0 = dequantize_bnb_weight(layer.base_layer.weight, state=getattr(layer.base_layer, "state", None)).float()
     gate = layer.gatera_gate["default"]
     A, B = layer.gatera_A["default"], layer.gatera_B["default"]
-    expected = layer.base_layer(x) + naive_gated_hira(x, W0, A, B, gate.weight, gate.bias)
+    s = 1 / (W0.square().mean().sqrt() * 0.5)  # the default hira_scaling='lora': RMS of the dequantised W0, g0 = 0.5
+    expected = layer.base_layer(x) + s * naive_gated_hira(x, W0, A, B, gate.weight, gate.bias)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     grad_out = torch.randn_like(out)
     inputs = [x, A, B, gate.weight, gate.bias]
@@ -99,7 +100,7 @@ def test_4bit_ungated_merge_matches_unmerged(base_dir):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "gatera_" in name:
-                p.normal_(0, 0.1)
+                p.normal_(0, 0.04)  # with s = 1 / (RMS(W0) ≈ 0.2): an update |s·W0 ⊙ BA| about 1% of W0's
     model.eval()
     input_ids = torch.randint(3, 128, (2, 7))
     with torch.no_grad():

@@ -47,7 +47,8 @@ def _base_logits(model, input_ids):
 @pytest.mark.parametrize("builder,targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
 def test_ungated_hira_equals_peft_hira(builder, targets):
     input_ids = torch.randint(3, 128, (2, 9))
-    ours = get_peft_model(builder(), GateRAConfig(r=4, target_modules=targets, gate="none", init_weights=False))
+    ours = get_peft_model(builder(), GateRAConfig(r=4, target_modules=targets, gate="none", hira_scaling="none",
+                                                  init_weights=False))
     fan_in_fan_out = builder is tiny_gpt2
     theirs = get_peft_model(
         builder(), HiraConfig(r=4, target_modules=targets, init_weights=False, fan_in_fan_out=fan_in_fan_out)
@@ -73,7 +74,8 @@ def test_ungated_lora_equals_peft_lora(builder, targets):
 @pytest.mark.parametrize("branch", ["hira", "lora"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_gated_layer_equals_naive_formula(branch, dropout):
-    """y = W0 x + b0 + s·σ(w·x + b)·Δy(dropout(x)): output and every gradient against the formula written out."""
+    """y = W0 x + b0 + s·σ(w·x + b)·Δy(dropout(x)): output and every gradient against the formula written out, with
+    the default scales (HiRA: `1 / (RMS(W0) · σ(0))`, LoRA: lora_alpha / r)."""
     model = TwoLinear()
     config = GateRAConfig(r=3, target_modules=["lin0", "lin1"], branch=branch, init_weights=False, dropout=dropout,
                           lora_alpha=6 if branch == "lora" else None, entropy_weight=0.0)
@@ -89,7 +91,7 @@ def test_gated_layer_equals_naive_formula(branch, dropout):
     x_drop = torch.nn.functional.dropout(x, p=dropout, training=True) if dropout else x
     g = torch.sigmoid(x @ gate.weight.t() + gate.bias)
     if branch == "hira":
-        delta = naive_gated_hira(x_drop, W0, A, B, None, None)
+        delta = naive_gated_hira(x_drop, W0, A, B, None, None) / (W0.square().mean().sqrt() * 0.5)
     else:
         delta = naive_gated_lora(x_drop, A, B, None, None, scaling=2.0)
     expected = x @ W0.t() + b0 + g * delta

@@ -82,7 +82,7 @@ def test_rms_scaling_makes_a_hira_step_as_large_as_a_lora_step():
     """With the weights' scale of a pretrained model (std 0.02), one step of PEFT's HiRA moves the output far less
     than a LoRA step at the same learning rate; hira_scaling='rms' brings it to LoRA's order of magnitude."""
     lora = one_step_output_change(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
-    hira = one_step_output_change(GateRAConfig(r=4, target_modules=TARGETS, gate="none"))
+    hira = one_step_output_change(GateRAConfig(r=4, target_modules=TARGETS, gate="none", hira_scaling="none"))
     hira_rms = one_step_output_change(GateRAConfig(r=4, target_modules=TARGETS, gate="none",
                                                           hira_scaling="rms"))
     assert hira < 0.1 * lora, (hira, lora)

@@ -80,8 +80,9 @@ def _median_threshold(layer, x):
             m = layer.gatera_magnitude["default"]
             norm = torch.linalg.norm(W0 + s * (B @ A), dim=1)
             update = (m / norm - 1) * base_wx + (m / norm) * s * ((x @ A.t()) @ B.t())
-        ratio = update.norm(dim=-1) / base_wx.norm(dim=-1)
-        layer.gatera_gate["default"].threshold.fill_(ratio.median().item())
+        ratios = (update.norm(dim=-1) / base_wx.norm(dim=-1)).flatten().sort().values
+        middle = len(ratios) // 2  # τ halfway between two tokens' ratios: no token sits on it, so rounding flips none
+        layer.gatera_gate["default"].threshold.fill_(((ratios[middle - 1] + ratios[middle]) / 2).item())
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +239,8 @@ def test_keep_ratio_penalty_gradient_equals_explicit():
     """λ_k · mean_layers (k − ρ)², k = the kept fraction (straight-through), injected = explicit, padding excluded."""
     torch.manual_seed(1)
     weight, target = 0.8, 0.3
-    config = dict(gate="threshold", keep_ratio=target, keep_ratio_weight=weight, threshold_temperature=0.5)
+    config = dict(gate="threshold", keep_ratio=target, keep_ratio_weight=weight, threshold_temperature=0.5,
+                  hira_scaling="none")  # τ = 0.05 below keeps some tokens of this model's ratios, not all
     input_ids = torch.randint(3, 128, (3, 10))
     mask = torch.ones_like(input_ids)
     mask[0, 6:] = 0

@@ -295,16 +295,19 @@ def test_resume_from_checkpoint_equals_uninterrupted(workspace):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("scaling, expected_alpha", [("lora", 32), ("none", None), ("rms", None)])
+@pytest.mark.parametrize("scaling, expected_alpha", [(None, 32), ("lora", 32), ("none", None), ("rms", None)])
 def test_lora_alpha_reaches_the_hira_branch_only_where_its_scale_uses_it(scaling, expected_alpha):
     """A recipe switched from `adapter: lora` keeps its lora_r / lora_alpha: `gatera_hira_scaling: lora` scales the
     HiRA branch by them (and by lora_alpha_pattern); the other scales drop them with a warning."""
     from axolotl.utils.dict import DictDefault
 
+    from gatera_plugin.integrations.axolotl.args import GateRAArgs
     from gatera_plugin.integrations.axolotl.plugin import gatera_config_from_axolotl
 
-    cfg = DictDefault({"adapter": "gatera", "lora_r": 16, "lora_alpha": 32, "lora_alpha_pattern": {"v_proj": 8},
-                       "lora_target_modules": ["q_proj", "v_proj"], "gatera_hira_scaling": scaling})
+    keys = {"adapter": "gatera", "gatera_hira_scaling": scaling} if scaling else {"adapter": "gatera"}
+    GateRAArgs.model_validate(keys)  # Axolotl's schema accepts every value
+    cfg = DictDefault({**keys, "lora_r": 16, "lora_alpha": 32, "lora_alpha_pattern": {"v_proj": 8},
+                       "lora_target_modules": ["q_proj", "v_proj"]})
     config = gatera_config_from_axolotl(cfg, model=None)
-    assert config.hira_scaling == scaling and config.lora_alpha == expected_alpha
+    assert config.hira_scaling == (scaling or "lora") and config.lora_alpha == expected_alpha
     assert config.alpha_pattern == ({"v_proj": 8} if expected_alpha else {})

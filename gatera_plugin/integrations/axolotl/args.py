@@ -53,8 +53,10 @@ class GateRAArgs(BaseModel):
         default=None,
         json_schema_extra={"description": "auto: the PyTorch path except where measured faster in Triton (none yet)."},
     )
-    gatera_hira_scaling: Optional[Literal["none", "rms"]] = Field(
-        default=None, json_schema_extra={"description": "HiRA branch scale: none (PEFT's HiRA) or rms (1/RMS(W0))."}
+    gatera_hira_scaling: Optional[Literal["none", "rms", "lora"]] = Field(
+        default=None, json_schema_extra={"description": "HiRA branch scale: lora (default: like LoRA with lora_r / "
+                                         "lora_alpha, so LoRA learning rates carry over), none (PEFT's HiRA) or rms "
+                                         "(1/RMS(W0))."}
     )
     gatera_gate_lr_ratio: Optional[float] = Field(
         default=None, gt=0, json_schema_extra={"description": "Gate parameters' learning rate / learning_rate."}

@@ -22,11 +22,11 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
 
 import gatera_plugin
+from gatera_plugin.config import DEFAULT_HIRA_SCALING
 
 LOG = get_logger(__name__)
 
 ADAPTER = "gatera"
-HIRA_SCALING_DEFAULT = gatera_plugin.GateRAConfig.__dataclass_fields__["hira_scaling"].default
 _OPTION_KEYS = {  # GateRAConfig field -> Axolotl key
     "branch": "gatera_branch", "gate": "gatera_gate", "entropy_weight": "gatera_entropy_weight",
     "gate_bias_init": "gatera_gate_bias_init", "per_layer_stats": "gatera_per_layer_stats",
@@ -64,11 +64,12 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
     if not targets:
         raise ValueError("`adapter: gatera` needs `lora_target_modules` or `lora_target_linear: true`.")
     lora_alpha = cfg.lora_alpha
-    uses_alpha = branch != "hira" or options.get("hira_scaling", HIRA_SCALING_DEFAULT) == "lora"
+    hira_scaling = options.get("hira_scaling", DEFAULT_HIRA_SCALING)
+    uses_alpha = branch != "hira" or hira_scaling == "lora"
     if not uses_alpha and lora_alpha is not None:
         LOG.warning("lora_alpha=%s is not used by GateRA's HiRA branch with gatera_hira_scaling=%r (set "
                     "gatera_hira_scaling: lora to scale it like LoRA; docs/method.md, section 'Branches').",
-                    lora_alpha, options.get("hira_scaling", HIRA_SCALING_DEFAULT))
+                    lora_alpha, hira_scaling)
         lora_alpha = None
     return gatera_plugin.GateRAConfig(
         r=cfg.lora_r or 32,
