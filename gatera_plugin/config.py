@@ -21,6 +21,18 @@ BRANCHES = ("hira", "lora", "dora")
 HIRA_SCALINGS = ("none", "rms", "lora")
 DEFAULT_HIRA_SCALING = "lora"  # bench/quality_runs.sh; README, "Learning rates"
 
+
+def resolved_hira_scaling(branch: str, hira_scaling: Optional[str]) -> str:
+    """`hira_scaling` as given, or, unset, the default of `branch`: DEFAULT_HIRA_SCALING for HiRA, "none" else."""
+    if hira_scaling is not None:
+        return hira_scaling
+    return DEFAULT_HIRA_SCALING if branch == "hira" else "none"
+
+
+def lora_alpha_applies(branch: str, hira_scaling: Optional[str]) -> bool:
+    """True when `lora_alpha` / `alpha_pattern` enter the branch scale (LoRA / DoRA, or HiRA under "lora")."""
+    return branch != "hira" or resolved_hira_scaling(branch, hira_scaling) == "lora"
+
 # What a saved adapter_config.json without these keys meant: it was written before the field existed.
 BEFORE_FIELD_EXISTED = {"hira_scaling": "none"}
 
@@ -241,8 +253,7 @@ class GateRAConfig(PeftConfig):
         _check_choice("kernel", self.kernel, KERNELS)
         if self.kernel == "triton" and not triton_available():
             raise ValueError("kernel='triton' needs the `triton` package: `pip install gatera-plugin[triton]`.")
-        if self.hira_scaling is None:
-            self.hira_scaling = DEFAULT_HIRA_SCALING if self.branch == "hira" else "none"
+        self.hira_scaling = resolved_hira_scaling(self.branch, self.hira_scaling)
         _check_choice("hira_scaling", self.hira_scaling, HIRA_SCALINGS)
         if self.lora_alpha is not None:
             if not self.uses_lora_alpha:
@@ -408,7 +419,7 @@ class GateRAConfig(PeftConfig):
     @property
     def uses_lora_alpha(self) -> bool:
         """True when `lora_alpha` / `alpha_pattern` enter the branch scale."""
-        return self.branch != "hira" or self.hira_scaling == "lora"
+        return lora_alpha_applies(self.branch, self.hira_scaling)
 
     @property
     def scale_reads_base_weight(self) -> bool:

@@ -22,7 +22,7 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
 
 import gatera_plugin
-from gatera_plugin.config import DEFAULT_HIRA_SCALING
+from gatera_plugin.config import lora_alpha_applies, resolved_hira_scaling
 
 LOG = get_logger(__name__)
 
@@ -64,8 +64,8 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
     if not targets:
         raise ValueError("`adapter: gatera` needs `lora_target_modules` or `lora_target_linear: true`.")
     lora_alpha = cfg.lora_alpha
-    hira_scaling = options.get("hira_scaling", DEFAULT_HIRA_SCALING)
-    uses_alpha = branch != "hira" or hira_scaling == "lora"
+    hira_scaling = resolved_hira_scaling(branch, options.get("hira_scaling"))
+    uses_alpha = lora_alpha_applies(branch, hira_scaling)
     if not uses_alpha and lora_alpha is not None:
         LOG.warning("lora_alpha=%s is not used by GateRA's HiRA branch with gatera_hira_scaling=%r (set "
                     "gatera_hira_scaling: lora to scale it like LoRA; docs/method.md, section 'Branches').",
