@@ -227,17 +227,6 @@ def speed(device, smoke: bool, repeats: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- (c) training
-def _load_4bit(path, device, compute_dtype):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=compute_dtype)
-    kwargs = {"dtype": compute_dtype} if compute_dtype != torch.float32 else {}
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization,
-                                                device_map={"": str(device)}, **kwargs)
-
-
 def training(device, smoke: bool, steps: int) -> list[dict]:
     """Section (c) in a temporary folder that is removed afterwards (the run's checkpoints and adapter)."""
     with tempfile.TemporaryDirectory(prefix="gatera-gpu-check-") as work:
@@ -251,7 +240,7 @@ def _train_and_reload(work: Path, device, smoke: bool, steps: int) -> list[dict]
     from trl import SFTConfig, SFTTrainer
 
     from gatera_plugin import GateRAConfig
-    from tests.helpers import toy_texts
+    from tests.helpers import load_4bit, toy_texts
 
     texts = toy_texts(256)
     if smoke:
@@ -279,7 +268,7 @@ def _train_and_reload(work: Path, device, smoke: bool, steps: int) -> list[dict]
         save_strategy="no", seed=0, max_length=64, disable_tqdm=True,
     )
     trainer = SFTTrainer(
-        model=_load_4bit(path, device, compute_dtype), args=args, train_dataset=Dataset.from_dict({"text": texts}),
+        model=load_4bit(path, compute_dtype, device=device), args=args, train_dataset=Dataset.from_dict({"text": texts}),
         processing_class=tokenizer, peft_config=GateRAConfig(r=rank, target_modules=TARGETS),
     )
     start = time.time()
@@ -299,7 +288,7 @@ def _train_and_reload(work: Path, device, smoke: bool, steps: int) -> list[dict]
     row["adapter_effect"] = (trained - untrained).abs().max().item()
     del trainer, model
     _empty_cache(device)
-    reloaded = PeftModel.from_pretrained(_load_4bit(path, device, compute_dtype), work / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(load_4bit(path, compute_dtype, device=device), work / "adapter").eval()
     with torch.no_grad():
         again = reloaded(input_ids=input_ids).logits.float()
     row["reload_max_diff"] = (trained - again).abs().max().item()

@@ -1,7 +1,7 @@
 """Training-step time and memory of GateRA vs PEFT's LoRA and HiRA, same model, rank, targets and batch.
 
     python bench/train_step.py                      # both sizes, all methods; table + bench/results/train_step.json
-    python bench/train_step.py --sizes weight-heavy --steps 5 --repeats 1
+    python bench/train_step.py --sizes weight-heavy --rounds 4     # one size, fewer rounds
 
 - step time: all methods are built in one process and trained in turn, one step each, round after round, so that the
   machine's drift (it varied by 30% within minutes here) hits them alike; reported are the median CPU seconds per
@@ -16,7 +16,8 @@
 
 Sizes: "activation-heavy" (hidden 512, 4 layers, batch 4 x 256 tokens: activations dominate) and "weight-heavy"
 (hidden 2048, 2 layers, 1 x 128 tokens: a d_out x d_in tensor kept per adapted layer shows). Targets are the paper's
-q, k, v, up, down; rank 32.
+q, k, v, up, down; rank 32. The JSON's `round_ratios` holds the quartiles over rounds of gated GateRA's step against
+`gate="none"` (the token gate's own cost) and against PEFT's HiRA.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from pathlib import Path
 SIZES = {
     "activation-heavy": dict(hidden=512, layers=4, intermediate=1376, heads=8, batch=4, seq=256),
     "weight-heavy": dict(hidden=2048, layers=2, intermediate=5504, heads=16, batch=1, seq=128),
+    "tiny": dict(hidden=64, layers=1, intermediate=128, heads=4, batch=1, seq=16),  # the tests' smoke run only
 }
+DEFAULT_SIZES = ["activation-heavy", "weight-heavy"]
 METHODS = ["peft-lora", "peft-hira", "gatera", "gatera-none"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RANK = 32
@@ -145,7 +148,7 @@ def run_worker(args: list[str], eager_free: bool = False):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, choices=list(SIZES))
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=2)
@@ -194,16 +197,22 @@ def main() -> None:
                      f"{s['time_vs_lora']:.2f}x | {s['overhead_mb']:.0f} | {s['memory_vs_lora']:.2f}x "
                      f"| {s['default_allocator_mb']:.0f} |")
     print("\n".join(lines))
-    for size, data in raw.items():  # the token gate's own cost: gated GateRA against gate="none", round by round
+    pairs = {}  # the token gate's own cost (gated over gate="none") and gated over PEFT's HiRA, round by round
+    for size, data in raw.items():
         times = data["step_cpu_s"]
-        if "gatera" in times and "gatera-none" in times:
-            ratio = statistics.median(t / b for t, b in zip(times["gatera"], times["gatera-none"]))
-            print(f"{size}: gatera / gatera-none = {ratio:.3f} (median over rounds)")
+        for method, baseline in (("gatera", "gatera-none"), ("gatera", "peft-hira")):
+            if method in times and baseline in times:
+                ratios = [t / b for t, b in zip(times[method], times[baseline])]
+                q1, median, q3 = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
+                                  else ratios * 3)
+                pairs[f"{size}: {method} / {baseline}"] = {"median": median, "q1": q1, "q3": q3}
+                print(f"{size}: {method} / {baseline} = {median:.3f} (median over rounds; quartiles {q1:.3f}-"
+                      f"{q3:.3f})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"rank": RANK, "targets": TARGETS, "sizes": {k: SIZES[k] for k in args.sizes}, "threads": 1,
             "rounds": args.rounds, "warmup": args.warmup, "memory_steps": args.memory_steps}
-    out.write_text(json.dumps({"meta": meta, "summary": summary, "raw": raw}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "summary": summary, "round_ratios": pairs, "raw": raw}, indent=2))
     print(f"\nwrote {out}", file=sys.stderr)
 
 

@@ -11,6 +11,8 @@ from transformers import TrainerCallback
 
 from gatera_plugin.penalty import ENTROPY_EPS
 
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every Linear of a block
+
 
 def tiny_llama_config(
     hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate: int = 64, init_std: float = 0.02,
@@ -283,3 +285,47 @@ def one_step_output_change(config, lr: float = 1e-3) -> float:
     with torch.no_grad():
         after = model(input_ids=ids).logits
     return ((after - before).norm() / before.norm()).item()
+
+
+def load_4bit(path, compute_dtype=torch.float32, bits: int = 4, device: str = "cpu"):
+    """The causal LM saved at `path`, quantised by bitsandbytes on load: NF4 (`bits=4`) or LLM.int8 (`bits=8`)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits == 8:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    kwargs = {"dtype": compute_dtype} if compute_dtype != torch.float32 else {}
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map={"": str(device)},
+                                                **kwargs)
+
+
+def texts_of_unequal_length() -> list[str]:
+    """Four toy sequences of 2-8 words: batches of them have padding, so token counts differ from positions."""
+    return ["count one two", "count three four five six seven eight nine", "count two three four five", "count six"]
+
+
+def plain_trainer(tmp_path, texts, entropy_weight: float, batch: int, accum: int):
+    """A transformers `Trainer` (not TRL's) for one step of a gated tiny LLaMA on `texts`, logging every step."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from gatera_plugin import GateRAConfig
+
+    tokenizer = word_tokenizer(toy_texts(64))
+    torch.manual_seed(0)
+    config = GateRAConfig(
+        r=4, target_modules=LLAMA_PROJECTIONS, init_weights=False, gate_bias_init=0.8, entropy_weight=entropy_weight
+    )
+    model = get_peft_model(tiny_llama(), config)
+    dataset = Dataset.from_dict({"text": texts}).map(lambda e: tokenizer(e["text"]), remove_columns=["text"])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1,
+        learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no", max_grad_norm=0.0, seed=0,
+        disable_tqdm=True, logging_steps=1,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)

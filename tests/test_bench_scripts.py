@@ -23,6 +23,17 @@ def test_kernel_speed_smoke_checks_triton_against_torch():
     assert "agree" in _run("bench/kernel_speed.py", "--smoke").stdout
 
 
+@pytest.mark.slow  # nine fresh processes, each importing torch, transformers and PEFT (about 75 CPU seconds)
+def test_train_step_benchmark_writes_its_ratios(tmp_path):
+    out = tmp_path / "train_step.json"
+    _run("bench/train_step.py", "--sizes", "tiny", "--rounds", "2", "--warmup", "0", "--memory-steps", "1",
+         "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {row["method"] for row in result["summary"]} == {"peft-lora", "peft-hira", "gatera", "gatera-none"}
+    assert set(result["round_ratios"]) == {"tiny: gatera / gatera-none", "tiny: gatera / peft-hira"}
+    assert all(r["q1"] <= r["median"] <= r["q3"] for r in result["round_ratios"].values())
+
+
 def test_inference_benchmark_writes_its_table(tmp_path):
     out = tmp_path / "inference.json"
     _run("bench/inference.py", "--tiny", "--fractions", "0.0", "0.9", "--rounds", "1", "--new-tokens", "2",

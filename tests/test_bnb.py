@@ -5,23 +5,11 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from gatera_plugin import GateRAConfig
-from tests.helpers import naive_gated_hira, tiny_llama
+from tests.helpers import LLAMA_PROJECTIONS, load_4bit, naive_gated_hira, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def load_4bit(path, compute_dtype=torch.float32, bits=4):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    if bits == 8:
-        quantization = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
-        )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
+TARGETS = LLAMA_PROJECTIONS
 
 
 @pytest.fixture(scope="module")

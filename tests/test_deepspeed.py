@@ -138,8 +138,7 @@ def test_4bit_base_under_zero3_is_refused_clearly(tmp_path):
     from transformers.integrations import HfDeepSpeedConfig
 
     from gatera_plugin import GateRAConfig
-    from tests.helpers import tiny_llama
-    from tests.test_bnb import load_4bit
+    from tests.helpers import load_4bit, tiny_llama
 
     tiny_llama(hidden=64, intermediate=128).save_pretrained(tmp_path)
     model = load_4bit(tmp_path)

@@ -172,7 +172,7 @@ def test_model_with_triton_kernels_equals_torch_kernels(branch):
 def test_4bit_model_with_triton_kernels_equals_torch_kernels(tmp_path):
     """The same on an NF4 base: the kernel dequantises the packed bytes itself."""
     pytest.importorskip("bitsandbytes")
-    from tests.test_bnb import load_4bit
+    from tests.helpers import load_4bit
 
     tiny_llama(hidden=64, intermediate=128, init_std=0.2).save_pretrained(tmp_path)
     _assert_triton_model_equals_torch_model(lambda kernel: get_peft_model(load_4bit(tmp_path), GateRAConfig(
@@ -342,7 +342,7 @@ def test_auto_falls_back_on_a_4bit_base_in_backward(auto_takes_triton, monkeypat
     dequantised by PyTorch from the packed bytes, and equal a kernel="torch" run's."""
     pytest.importorskip("bitsandbytes")
     import gatera_plugin.kernels.hira_triton as hira_kernels
-    from tests.test_bnb import load_4bit
+    from tests.helpers import load_4bit
 
     tiny_llama(hidden=64, intermediate=128, init_std=0.2).save_pretrained(tmp_path)
     _counting(monkeypatch, hira_kernels, "_hira_mask_kernel", fail_with=TRITON_FAILURES["out-of-resources"])

@@ -12,9 +12,9 @@ from torch import nn
 
 import gatera_plugin
 from gatera_plugin import GateRAConfig, GateRALayer
-from tests.helpers import TwoLinear, eval_logits, randomize_adapters, tiny_gpt2, tiny_llama
+from tests.helpers import LLAMA_PROJECTIONS, TwoLinear, eval_logits, randomize_adapters, tiny_gpt2, tiny_llama
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LLAMA_PROJECTIONS
 
 
 @pytest.mark.parametrize("branch", ["hira", "lora"])

@@ -10,13 +10,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from gatera_plugin import GateRAConfig, GateRALayer
-from tests.helpers import TwoLinear, copy_adapter_weights, tiny_llama
+from tests.helpers import LLAMA_PROJECTIONS, TwoLinear, copy_adapter_weights, tiny_llama
 
 GATES = ["sigmoid", "threshold", "none"]
 BRANCHES = ["hira", "lora", "dora"]
 MATRIX = list(itertools.product(GATES, BRANCHES, [False, True]))
 MATRIX_IDS = [f"{g}-{b}{'-structure' if s else ''}" for g, b, s in MATRIX]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LLAMA_PROJECTIONS
 
 
 def config_for(gate, branch, structure, **kwargs):
@@ -98,7 +98,7 @@ def _layer(base, gate, branch, structure, base_4bit_dir):
                                                                                     target_modules=["lin1"]))
         return model, model.base_model.model.lin1, torch.randn(4, 5, 20)
     pytest.importorskip("bitsandbytes")
-    from tests.test_bnb import load_4bit
+    from tests.helpers import load_4bit
 
     model = get_peft_model(load_4bit(base_4bit_dir), config_for(gate, branch, structure, target_modules=["down_proj"]))
     return model, model.base_model.model.model.layers[0].mlp.down_proj, torch.randn(4, 5, 128)
@@ -147,7 +147,7 @@ def test_matrix_save_load(base, gate, branch, structure, base_4bit_dir, tmp_path
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
     else:
-        from tests.test_bnb import load_4bit
+        from tests.helpers import load_4bit
 
         torch.manual_seed(0)
         loaded = PeftModel.from_pretrained(load_4bit(base_4bit_dir), tmp_path).eval()

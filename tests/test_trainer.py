@@ -4,13 +4,22 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from gatera_plugin import GateRAConfig
-from tests.helpers import FirstStepCapture, explicit_penalty_gradient, tiny_llama, toy_texts, word_tokenizer
+from tests.helpers import (
+    LLAMA_PROJECTIONS,
+    FirstStepCapture,
+    explicit_penalty_gradient,
+    plain_trainer,
+    texts_of_unequal_length,
+    tiny_llama,
+    toy_texts,
+    word_tokenizer,
+)
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LLAMA_PROJECTIONS
 LAMBDA = 0.5
 
 
@@ -36,25 +45,6 @@ def _sft_trainer(
     )
 
 
-def _plain_trainer(tmp_path, texts, entropy_weight, batch, accum):
-    from peft import get_peft_model
-
-    tokenizer = word_tokenizer(toy_texts(64))
-    torch.manual_seed(0)
-    config = GateRAConfig(
-        r=4, target_modules=TARGETS, init_weights=False, gate_bias_init=0.8, entropy_weight=entropy_weight
-    )
-    model = get_peft_model(tiny_llama(), config)
-    dataset = Dataset.from_dict({"text": texts}).map(lambda e: tokenizer(e["text"]), remove_columns=["text"])
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1,
-        learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no", max_grad_norm=0.0, seed=0,
-        disable_tqdm=True, logging_steps=1,
-    )
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
-
-
 def _penalty_gradient(make, tmp_path, texts, batch, accum, **kwargs):
     """Gate gradient due to the penalty alone: (run with λ) − (same run with λ = 0)."""
     runs = []
@@ -68,24 +58,20 @@ def _penalty_gradient(make, tmp_path, texts, batch, accum, **kwargs):
     return {n: with_penalty.grads[n] - without.grads[n] for n in with_penalty.grads}, with_penalty
 
 
-def _texts_of_unequal_length():
-    return ["count one two", "count three four five six seven eight nine", "count two three four five", "count six"]
-
-
 @pytest.mark.parametrize(
     "make,kwargs",
     [
         (_sft_trainer, {}),
         (_sft_trainer, {"checkpointing": True, "reentrant": True}),
         (_sft_trainer, {"checkpointing": True, "reentrant": False}),
-        (_plain_trainer, {}),
+        (plain_trainer, {}),
     ],
     ids=["sft", "sft-ckpt-reentrant", "sft-ckpt-nonreentrant", "trainer"],
 )
 def test_penalty_gradient_is_independent_of_accumulation_and_exact(tmp_path, make, kwargs):
     """GA=2 × batch 2 and GA=1 × batch 4 give the same penalty gradient on the gates, equal to the gradient of
     λ · mean H over the 4 sequences' real tokens (unequal lengths, so padding differs between the two)."""
-    texts = _texts_of_unequal_length()
+    texts = texts_of_unequal_length()
     ga2, capture = _penalty_gradient(make, tmp_path, texts, batch=2, accum=2, **kwargs)
     ga1, _ = _penalty_gradient(make, tmp_path, texts, batch=4, accum=1, **kwargs)
     (_, mask_a), (_, mask_b) = capture.inputs
@@ -120,7 +106,7 @@ def test_sft_trainer_end_to_end(tmp_path):
         torch.testing.assert_close(loaded(input_ids=input_ids).logits, trained(input_ids=input_ids).logits)
 
 
-def test_per_layer_stats_and_plain_trainer_logs(tmp_path):
+def test_per_layer_stats_andplain_trainer_logs(tmp_path):
     """Statistics reach state.log_history and every callback's on_log (which is how report_to backends get them)."""
 
     class Backend(TrainerCallback):
@@ -131,7 +117,7 @@ def test_per_layer_stats_and_plain_trainer_logs(tmp_path):
             self.seen.append(dict(logs))
 
     backend = Backend()
-    trainer = _plain_trainer(tmp_path, _texts_of_unequal_length(), LAMBDA, batch=2, accum=2)
+    trainer = plain_trainer(tmp_path, texts_of_unequal_length(), LAMBDA, batch=2, accum=2)
     trainer.add_callback(backend)
     trainer.model.peft_config["default"].per_layer_stats = True
     trainer.train()

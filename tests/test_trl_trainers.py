@@ -21,12 +21,13 @@ from gatera_plugin.trainer_integration import count_real_tokens
 from tests.helpers import (
     FirstStepCapture,
     explicit_penalty_gradient,
+    plain_trainer,
+    texts_of_unequal_length,
     tiny_llama,
     tiny_llama_classifier,
     toy_texts,
     word_tokenizer,
 )
-from tests.test_trainer import _plain_trainer, _texts_of_unequal_length
 
 LAMBDA = 0.5
 BATCH, ACCUM = 2, 2  # two micro-batches per optimisation step
@@ -192,7 +193,7 @@ class _TwoForwards(Trainer):
 def test_a_wrong_count_is_said_and_corrected(trainer_cls, expected, tmp_path, caplog):
     """When a trainer's forwards do not see what its batches held, a warning gives both numbers and later steps are
     normalised by what the forwards really saw."""
-    trainer = _plain_trainer(tmp_path, _texts_of_unequal_length(), LAMBDA, batch=2, accum=2)
+    trainer = plain_trainer(tmp_path, texts_of_unequal_length(), LAMBDA, batch=2, accum=2)
     trainer.__class__ = trainer_cls
     trainer.args.max_steps = 2
     with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):

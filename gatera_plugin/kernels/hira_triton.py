@@ -76,7 +76,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..ops._tokens import apply_to_tokens
-from ..ops.hira import DenseWeight, GatedHiraFunction, hira_grads
+from ..ops.hira import DenseWeight, GatedHiraFunction
 from . import KernelUnsupported, compute_dtype, device_guard, device_smem
 
 
@@ -365,17 +365,13 @@ class TritonGatedHiraFunction(GatedHiraFunction):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, gate, A, B = ctx.saved_tensors
-        need = ctx.needs_input_grad[1:5]
-        grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
         try:
-            grads = hira_grads(grad_out, x, gate, A, B, ctx.weight_fn(), ctx.scaling, ctx.autocast, need)
+            grads = GatedHiraFunction.gradients(ctx, grad_out, ctx.weight_fn())
         except Exception as error:  # noqa: BLE001  (which errors are Triton's is decided by on_failure)
             if ctx.on_failure is None or not ctx.on_failure(error):
                 raise
-            weight = DenseWeight(torch_weight(ctx.kernel_weight_fn()))
-            grads = hira_grads(grad_out, x, gate, A, B, weight, ctx.scaling, ctx.autocast, need)
-        return (grad_base, *grads, None, None, None)
+            grads = GatedHiraFunction.gradients(ctx, grad_out, DenseWeight(torch_weight(ctx.kernel_weight_fn())))
+        return (*grads, None, None, None)
 
 
 def triton_gated_hira(

@@ -134,11 +134,15 @@ class GatedHiraFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        return (*GatedHiraFunction.gradients(ctx, grad_out, weight_source(ctx.weight_fn())), None, None)
+
+    @staticmethod
+    def gradients(ctx, grad_out: torch.Tensor, weight) -> tuple:
+        """(d base, dx, dg, dA, dB) from what forward saved, with W0 read from `weight` (a W0 source)."""
         x, gate, A, B = ctx.saved_tensors
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
-        grads = hira_grads(grad_out, x, gate, A, B, weight_source(ctx.weight_fn()), ctx.scaling, ctx.autocast,
-                           ctx.needs_input_grad[1:5])
-        return (grad_base, *grads, None, None)
+        return (grad_base, *hira_grads(grad_out, x, gate, A, B, weight, ctx.scaling, ctx.autocast,
+                                       ctx.needs_input_grad[1:5]))
 
 
 def _product_dtype(x: torch.Tensor, autocast: dict) -> torch.dtype:
