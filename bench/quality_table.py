@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -140,12 +141,15 @@ def seeds_table(rows: list[dict]) -> str:
     groups = defaultdict(list)
     for r in tests:
         groups[(r["task"], r["method"], r["lr"], r.get("gate_lr_ratio"))].append(r)
-    lines = ["| task | method | lr | which rate | seeds | test accuracy (%) |", "|---|---|---|---|---|---|"]
+    lines = ["| task | method | lr | which rate | seeds | test accuracy (%) | vs LoRA at its best (points) |",
+             "|---|---|---|---|---|---|---|"]
     for task in sorted({k[0] for k in groups}):
         zero = [r for r in rows if r["task"] == task and r["method"] == "zero-shot" and r["eval_split"] == "test"]
         if zero:
-            lines.append(f"| {task} | {NAMES['zero-shot']} | - | - | - | {100 * zero[0]['accuracy']:.1f} |")
+            lines.append(f"| {task} | {NAMES['zero-shot']} | - | - | - | {100 * zero[0]['accuracy']:.1f} | - |")
         lora = best_lr(rows, task, "lora")[0] if lr_sweep_runs(rows, task, "lora") else None
+        lora_by_seed = {seed_of(r): 100 * r["accuracy"] for r in tests
+                        if (r["task"], r["method"], r["lr"]) == (task, "lora", lora)}
         keys = sorted((k for k in groups if k[0] == task), key=lambda k: (ORDER.index(k[1]), k[2], k[3] or 1.0))
         for _, method, lr, ratio in keys:
             accs = [100 * r["accuracy"] for r in groups[(task, method, lr, ratio)]]
@@ -153,10 +157,27 @@ def seeds_table(rows: list[dict]) -> str:
             which = ", ".join(w for w, v in (("own best", own), ("LoRA's best", lora)) if v == lr) or "other"
             se = statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else None
             label = NAMES[method] + (f", gate_lr_ratio {ratio:g}" if ratio not in (None, 1.0) else "")
+            diffs = [100 * r["accuracy"] - lora_by_seed[seed_of(r)] for r in groups[(task, method, lr, ratio)]
+                     if seed_of(r) in lora_by_seed]
             lines.append(f"| {task} | {label} | {lr:g} | {which} | {len(accs)} | {statistics.mean(accs):.1f}"
-                         + (f" ± {se:.1f} |" if se is not None else " (1 seed) |"))
-    return ("Test accuracy (%), mean ± standard error over seeds, at each method's best val rate and at LoRA's:\n\n"
-            + "\n".join(lines))
+                         + (f" ± {se:.1f} | " if se is not None else " (1 seed) | ") + _paired(diffs) + " |")
+    return ("Test accuracy (%), mean ± standard error over seeds, at each method's best val rate and at LoRA's; the "
+            "last column is the mean difference to LoRA at its best rate over the seeds both ran (± its standard "
+            "error, seed by seed):\n\n" + "\n".join(lines))
+
+
+def seed_of(row: dict) -> int:
+    """The run's seed, from the result file's name (`..__seed<s>__..`)."""
+    return int(re.search(r"__seed(\d+)__", row["file"]).group(1))
+
+
+def _paired(diffs: list[float]) -> str:
+    """Mean ± standard error of per-seed differences; '-' without a shared seed."""
+    if not diffs:
+        return "-"
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.1f} (1 seed)"
+    return f"{statistics.mean(diffs):+.1f} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.1f}"
 
 
 def lambda_table(rows: list[dict]) -> str:

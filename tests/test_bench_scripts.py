@@ -97,15 +97,16 @@ def test_issue14_tables_mark_the_best_rate_and_flag_an_edge_optimum(tmp_path):
     write("t__zero-shot__seed0__val", method="zero-shot", accuracy=0.5)
     for seed, acc in enumerate((0.8, 0.9, 0.7)):
         write(f"t__lora__seed{seed}__test__lr0.001", method="lora", lr=1e-3, accuracy=acc, eval_split="test")
-    write("t__gatera-rms__seed0__test__lr0.001", method="gatera-rms", lr=1e-3, accuracy=0.6, eval_split="test")
+    write("t__gatera-rms__seed1__test__lr0.001", method="gatera-rms", lr=1e-3, accuracy=0.6, eval_split="test")
     out = _run("bench/quality_table.py", "--results", str(tmp_path)).stdout
     assert "| LoRA (PEFT) | 0.500 (0.500) | **0.800 (0.500)** | 0.600 (0.500) | 0.001 | interior |" in out
     assert "| GateRA, hira_scaling=rms | 0.500 (0.500) | 0.600 (0.500) | **0.700 (0.500)** | 0.01 | " \
            "edge: widen the grid |" in out
     assert "| GateRA, hira_scaling=rms | t | 0.01 | 0.650 | 0.700 | **0.750** | 3 | edge: widen the grid |" in out
     assert "| t | 0.500 | 0.800 (0.001) | +30.0 | yes |" in out
-    assert "| t | LoRA (PEFT) | 0.001 | own best, LoRA's best | 3 | 80.0 ± 5.8 |" in out  # stdev 10 / sqrt(3)
-    assert "| t | GateRA, hira_scaling=rms | 0.001 | LoRA's best | 1 | 60.0 (1 seed) |" in out
+    assert "| t | LoRA (PEFT) | 0.001 | own best, LoRA's best | 3 | 80.0 ± 5.8 | +0.0 ± 0.0 |" in out  # sd 10 / √3
+    # the last column pairs seeds: seed 1 of GateRA-rms against LoRA's seed 1 (0.9), not LoRA's mean
+    assert "| t | GateRA, hira_scaling=rms | 0.001 | LoRA's best | 1 | 60.0 (1 seed) | -30.0 (1 seed) |" in out
     assert _run("bench/quality_table.py", "--results", str(tmp_path), "--best-lr", "t", "lora").stdout == "0.001\n"
     # a subtask is passed as "task/subtask" (TASK2=multiemo/all_sentence_en); its runs record the subtask's name
     assert _run("bench/quality_table.py", "--results", str(tmp_path), "--best-lr", "parent/t", "lora").stdout \
