@@ -32,6 +32,10 @@ def test_train_step_benchmark_writes_its_ratios(tmp_path):
     assert {row["method"] for row in result["summary"]} == {"peft-lora", "peft-hira", "gatera", "gatera-none"}
     assert set(result["round_ratios"]) == {"tiny: gatera / gatera-none", "tiny: gatera / peft-hira"}
     assert all(r["q1"] <= r["median"] <= r["q3"] for r in result["round_ratios"].values())
+    times = result["raw"]["tiny"]["step_cpu_s"]  # the ratios are of the timed rounds, method over baseline
+    for name, baseline in (("gatera / gatera-none", "gatera-none"), ("gatera / peft-hira", "peft-hira")):
+        expected = statistics.median(t / b for t, b in zip(times["gatera"], times[baseline]))
+        assert result["round_ratios"][f"tiny: {name}"]["median"] == pytest.approx(expected)
 
 
 def test_inference_benchmark_writes_its_table(tmp_path):
