@@ -20,7 +20,9 @@
 #                                        # rates (GATELR_METHODS; 20 runs, ~4 h)
 #   TASK2=... [GLR=k] bash bench/quality_runs.sh main3
 #                                        # test split, 3 seeds, each method at its own best rate and at LoRA's
-#                                        # (up to 44 runs, ~8 thread-hours, ~4 h on 2 cores); GLR: GateRA-rms's ratio
+#                                        # (up to 30 runs, ~6 thread-hours, ~3 h on 2 cores). GateRA-rms, the candidate
+#                                        # scheme that hira_scaling="lora" replaced (best val 0.89 against 0.96 on
+#                                        # hyperbaton), runs only when asked: MAIN3_METHODS="... gatera-rms" [GLR=k]
 # Best rates are read from the lr2 JSONs (`quality_table.py --best-lr TASK METHOD`), which refuses a rate at the edge
 # of the grid: widen LRS_LORA / LRS_HIRA / LRS_RMS and rerun lr2. DRY=1 lists a stage's runs without running them.
 # Finished runs (their JSON exists) are skipped, so a stage can be restarted.
@@ -98,7 +100,7 @@ jobs_for() {
       for s in 0 1 2; do
         for t in $TASKS2; do
           lora=$(best "$t" lora)
-          for m in lora peft-hira gatera gatera-rms gatera-lorascale; do
+          for m in ${MAIN3_METHODS:-lora peft-hira gatera gatera-lorascale}; do
             glr=""
             [ "$m" = gatera-rms ] && [ -n "${GLR:-}" ] && glr="--gate-lr-ratio $GLR"
             own=$(best "$t" "$m")

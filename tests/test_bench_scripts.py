@@ -138,6 +138,11 @@ def test_quality_runs_main3_runs_each_method_at_its_own_and_at_loras_best_rate(t
                 (tmp_path / "bench" / "results" / "quality" / f"{task}__{method}__seed0__val__lr{lr:g}.json"
                  ).write_text(json.dumps(row))
     env = dict(os.environ, DRY="1", TASK2="t2", PY=sys.executable, GLR="3")
+    default = subprocess.run(["bash", str(tmp_path / "bench" / "quality_runs.sh"), "main3"], capture_output=True,
+                             text=True, env=env)
+    assert default.returncode == 0, default.stderr
+    assert len(default.stdout.splitlines()) == 2 + 3 * 2 * 6 and "gatera-rms" not in default.stdout  # opt-in only
+    env["MAIN3_METHODS"] = "lora peft-hira gatera gatera-rms gatera-lorascale"
     done = subprocess.run(["bash", str(tmp_path / "bench" / "quality_runs.sh"), "main3"], capture_output=True,
                           text=True, env=env)
     assert done.returncode == 0, done.stderr
