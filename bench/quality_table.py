@@ -245,20 +245,24 @@ GATE_STATS = {"gatera/gate_mean": "gate mean", "gatera/gate_open_frac": "open (g
 
 
 def gate_table(rows: list[dict]) -> str:
-    """Last logged gate statistics of each gated method's test runs, per task, averaged over seeds."""
+    """Last logged gate statistics of each gated method's test runs, per task and learning rate, averaged over
+    seeds."""
     tests = [r for r in rows if r["eval_split"] == "test" and r.get("gate_history")]
     if not tests:
         return ""
-    lines = ["| method | task | seeds | " + " | ".join(GATE_STATS.values()) + " |",
-             "|---|---|---|" + "---|" * len(GATE_STATS)]
+    lines = ["| method | task | lr | seeds | " + " | ".join(GATE_STATS.values()) + " |",
+             "|---|---|---|---|" + "---|" * len(GATE_STATS)]
     for method in [m for m in ORDER if any(r["method"] == m for r in tests)]:
         for task in sorted({r["task"] for r in tests if r["method"] == method}):
-            finals = [r["gate_history"][-1] for r in tests if r["method"] == method and r["task"] == task]
-            cells = []
-            for key in GATE_STATS:
-                values = [f[key] for f in finals if key in f]
-                cells.append(f"{statistics.mean(values):.3f}" if values else "-")
-            lines.append(f"| {NAMES[method]} | {task} | {len(finals)} | " + " | ".join(cells) + " |")
+            same = [r for r in tests if r["method"] == method and r["task"] == task]
+            for lr in sorted({r.get("lr") for r in same}, key=lambda v: (v is None, v or 0)):
+                finals = [r["gate_history"][-1] for r in same if r.get("lr") == lr]
+                cells = []
+                for key in GATE_STATS:
+                    values = [f[key] for f in finals if key in f]
+                    cells.append(f"{statistics.mean(values):.3f}" if values else "-")
+                rate = f"{lr:g}" if lr is not None else "-"
+                lines.append(f"| {NAMES[method]} | {task} | {rate} | {len(finals)} | " + " | ".join(cells) + " |")
     return "Gates at the end of training (last logged values, mean over seeds):\n\n" + "\n".join(lines)
 
 

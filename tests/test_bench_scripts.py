@@ -302,3 +302,14 @@ def test_quality_update_norms_are_each_methods_merged_update_relative_to_w0():
                 delta = W0 * (layer.gatera_B["default"] @ layer.gatera_A["default"]) / W0.square().mean().sqrt()
             expected.append((delta.norm() / W0.norm()).item())
         assert norms["q_proj"] == pytest.approx(statistics.median(expected), rel=1e-5), method
+
+
+def test_gate_table_keeps_learning_rates_apart():
+    """Gate statistics of one method and task at two learning rates are two rows, each averaged over its own seeds."""
+    table = _bench_module("quality_table")
+    rows = [{"method": "gatera", "task": "t", "eval_split": "test", "lr": lr, "seed": seed,
+             "gate_history": [{"gatera/gate_mean": mean}]}
+            for lr, seed, mean in ((3e-3, 0, 0.2), (3e-3, 1, 0.4), (1e-2, 0, 0.9))]
+    lines = [line for line in table.gate_table(rows).splitlines() if line.startswith("| GateRA")]
+    assert len(lines) == 2
+    assert "| t | 0.003 | 2 | 0.300 |" in lines[0] and "| t | 0.01 | 1 | 0.900 |" in lines[1]
