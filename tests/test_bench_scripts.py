@@ -72,7 +72,7 @@ def test_quality_table_from_result_files(tmp_path):
     assert "entropy_weight sweep, GateRA, t val split, lr 0.01" in out
     lam = out[out.index("entropy_weight sweep"):out.index("Test accuracy")]
     assert "| 0 | 0.550 |" in lam and "| 0.01 | 0.600 |" in lam and "0.400" not in lam
-    assert "| TS-PEFT threshold gate, HiRA | t | 2 | - | - | - | 0.500 | - |" in out
+    assert "| TS-PEFT threshold gate, HiRA | t | 0.01 | 2 | - | - | - | 0.500 | - |" in out
 
 
 def _bench_module(name: str):
