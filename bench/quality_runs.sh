@@ -20,9 +20,9 @@
 #                                        # rates (GATELR_METHODS; 20 runs, ~4 h)
 #   TASK2=... [GLR=k] bash bench/quality_runs.sh main3
 #                                        # test split, 3 seeds, each method at its own best rate and at LoRA's
-#                                        # (up to 30 runs, ~6 thread-hours, ~3 h on 2 cores). GateRA-rms, the candidate
-#                                        # scheme that hira_scaling="lora" replaced (best val 0.89 against 0.96 on
-#                                        # hyperbaton), runs only when asked: MAIN3_METHODS="... gatera-rms" [GLR=k]
+#                                        # (up to 38 runs; ~12 min each on hyperbaton, 20-30 on multiemo). GateRA-rms, the
+#                                        # candidate scheme that hira_scaling="lora" replaced (best val 0.89 against 0.96
+#                                        # on hyperbaton), runs only when asked: MAIN3_METHODS="... gatera-rms" [GLR=k]
 # Best rates are read from the lr2 JSONs (`quality_table.py --best-lr TASK METHOD`), which refuses a rate at the edge
 # of the grid: widen LRS_LORA / LRS_HIRA / LRS_RMS and rerun lr2. DRY=1 lists a stage's runs without running them.
 # Finished runs (their JSON exists) are skipped, so a stage can be restarted.

@@ -124,7 +124,7 @@ def main(argv=None, callbacks=()) -> None:
         metrics = {"log_history": trainer.state.log_history, "world_size": trainer.accelerator.num_processes}
         (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     # Every rank waits for rank 0's files, then the process group is torn down before interpreter exit: left to exit,
-    # a DeepSpeed ZeRO-3 rank aborted ("terminate called without an active exception") in 1 of 6 CPU launches.
+    # a DeepSpeed ZeRO-3 rank occasionally aborted ("terminate called without an active exception").
     trainer.accelerator.wait_for_everyone()
     trainer.end()
 
