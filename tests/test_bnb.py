@@ -9,7 +9,6 @@ from tests.helpers import LLAMA_PROJECTIONS, load_4bit, naive_gated_hira, tiny_l
 
 bnb = pytest.importorskip("bitsandbytes")
 
-TARGETS = LLAMA_PROJECTIONS
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,8 @@ def base_dir(tmp_path_factory):
 def test_quantised_layer_equals_naive_with_dequantised_weight(base_dir, bits):
     from peft.utils.integrations import dequantize_bnb_weight
 
-    model = get_peft_model(load_4bit(base_dir, bits=bits), GateRAConfig(r=4, target_modules=TARGETS, init_weights=False))
+    config = GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, init_weights=False)
+    model = get_peft_model(load_4bit(base_dir, bits=bits), config)
     layer = model.base_model.model.model.layers[0].mlp.down_proj
     expected_type = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt}[bits]
     assert type(layer).__name__ == expected_type.__name__ and isinstance(layer.base_layer, expected_type)
@@ -46,7 +46,7 @@ def test_rms_scaling_reads_the_dequantised_weight(base_dir, bits):
     """hira_scaling='rms' on a quantised base: s = 1 / RMS of the dequantised W0 (not of the packed bytes)."""
     from peft.utils.integrations import dequantize_bnb_weight
 
-    model = get_peft_model(load_4bit(base_dir, bits=bits), GateRAConfig(r=4, target_modules=TARGETS,
+    model = get_peft_model(load_4bit(base_dir, bits=bits), GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS,
                                                                         hira_scaling="rms"))
     layers = model.base_model.model.model.layers
     for layer in (layers[0].mlp.down_proj, layers[1].self_attn.q_proj):
@@ -58,7 +58,7 @@ def test_rms_scaling_reads_the_dequantised_weight(base_dir, bits):
 def test_4bit_eval_forward_equals_training_forward(base_dir):
     """bitsandbytes repacks 4-bit weights for CPU inference on the first eval forward (AVX512-BF16 CPUs), a layout
     its own dequantisation misreads; the adapter must give the same outputs in eval/no-grad as in training mode."""
-    model = get_peft_model(load_4bit(base_dir), GateRAConfig(r=4, target_modules=TARGETS, init_weights=False))
+    model = get_peft_model(load_4bit(base_dir), GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, init_weights=False))
     input_ids = torch.randint(3, 128, (2, 7))
     model.train()
     with torch.no_grad():
@@ -118,7 +118,7 @@ def test_sft_trainer_on_4bit_base(base_dir, tmp_path):
     torch.manual_seed(0)
     trainer = SFTTrainer(
         model=load_4bit(base_dir), args=args, train_dataset=Dataset.from_dict({"text": texts}),
-        processing_class=word_tokenizer(toy_texts(64)), peft_config=GateRAConfig(r=8, target_modules=TARGETS),
+        processing_class=word_tokenizer(toy_texts(64)), peft_config=GateRAConfig(r=8, target_modules=LLAMA_PROJECTIONS),
     )
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]

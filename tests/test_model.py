@@ -14,12 +14,11 @@ import gatera_plugin
 from gatera_plugin import GateRAConfig, GateRALayer
 from tests.helpers import LLAMA_PROJECTIONS, TwoLinear, eval_logits, randomize_adapters, tiny_gpt2, tiny_llama
 
-TARGETS = LLAMA_PROJECTIONS
-
 
 @pytest.mark.parametrize("branch", ["hira", "lora"])
 def test_save_load_round_trip_is_exact(tmp_path, branch):
-    model = randomize_adapters(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, branch=branch)))
+    config = GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, branch=branch)
+    model = randomize_adapters(get_peft_model(tiny_llama(), config))
     input_ids = torch.randint(3, 128, (2, 9))
     expected = eval_logits(model, input_ids)
     model.save_pretrained(tmp_path)
@@ -49,7 +48,7 @@ def test_saved_keys_are_adapter_only_and_prefixed(tmp_path):
 def test_auto_peft_model_loads_base_and_adapter(tmp_path):
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
-    model = randomize_adapters(get_peft_model(base, GateRAConfig(r=4, target_modules=TARGETS)))
+    model = randomize_adapters(get_peft_model(base, GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS)))
     input_ids = torch.randint(3, 128, (2, 9))
     expected = eval_logits(model, input_ids)
     model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
@@ -60,7 +59,7 @@ def test_auto_peft_model_loads_base_and_adapter(tmp_path):
 
 
 def test_loading_onto_a_wrong_base_is_refused_clearly(tmp_path):
-    model = get_peft_model(tiny_llama(hidden=32), GateRAConfig(r=4, target_modules=TARGETS))
+    model = get_peft_model(tiny_llama(hidden=32), GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS))
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not fit this base model.*differ in shape"):
         PeftModel.from_pretrained(tiny_llama(hidden=64, intermediate=96), tmp_path)
@@ -79,7 +78,7 @@ def test_loading_in_a_process_without_the_plugin_needs_the_import(tmp_path):
 
 
 def test_gated_adapter_refuses_to_merge_and_leaves_model_intact():
-    model = randomize_adapters(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS)))
+    model = randomize_adapters(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS)))
     input_ids = torch.randint(3, 128, (2, 9))
     before = eval_logits(model, input_ids)
     for call in (model.merge_and_unload, model.merge_adapter, model.base_model.merge_and_unload):
@@ -95,7 +94,7 @@ def test_gated_adapter_refuses_to_merge_and_leaves_model_intact():
 @pytest.mark.parametrize("branch", ["hira", "lora"])
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
 def test_ungated_adapter_merges_exactly(branch, builder):
-    targets = TARGETS if builder is tiny_llama else ["c_attn", "c_proj", "c_fc"]
+    targets = LLAMA_PROJECTIONS if builder is tiny_llama else ["c_attn", "c_proj", "c_fc"]
     model = randomize_adapters(get_peft_model(builder(), GateRAConfig(r=4, target_modules=targets, gate="none", branch=branch)))
     input_ids = torch.randint(3, 128, (2, 9))
     expected = eval_logits(model, input_ids)
@@ -112,7 +111,7 @@ def test_unload_disable_and_delete_adapter():
     base = tiny_llama()
     input_ids = torch.randint(3, 128, (2, 9))
     base_logits = eval_logits(base, input_ids)
-    model = randomize_adapters(get_peft_model(base, GateRAConfig(r=4, target_modules=TARGETS)))
+    model = randomize_adapters(get_peft_model(base, GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS)))
     adapted = eval_logits(model, input_ids)
     assert not torch.allclose(adapted, base_logits)
     with model.disable_adapter():
@@ -180,7 +179,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     mask[0, 7:] = 0
     results = []
     for checkpointing in (False, True):
-        model = randomize_adapters(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.5)))
+        config = GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, entropy_weight=0.5)
+        model = randomize_adapters(get_peft_model(tiny_llama(), config))
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
