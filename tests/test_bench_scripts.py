@@ -122,8 +122,9 @@ def test_issue14_tables_mark_the_best_rate_and_flag_an_edge_optimum(tmp_path):
                 "--allow-edge").stdout == "0.01\n"
 
 
-def test_quality_runs_main3_runs_each_method_at_its_own_and_at_loras_best_rate(tmp_path):
-    """main3's run list (DRY=1) takes the rates from the lr2 JSONs; an edge optimum stops the stage before any run."""
+def _bench_copy_with_lr2_results(tmp_path) -> None:
+    """quality_runs.sh and quality_table.py copied under tmp_path, with lr2 val JSONs on hyperbaton and "t2" whose
+    best rates are: LoRA, GateRA-rms and the default 1e-3; PEFT HiRA and GateRA (s = 1) 1e-2 (grid 1e-4..1e-1)."""
     import shutil
 
     (tmp_path / "bench" / "results" / "quality").mkdir(parents=True)
@@ -137,6 +138,27 @@ def test_quality_runs_main3_runs_each_method_at_its_own_and_at_loras_best_rate(t
                        "accuracy": 0.9 if lr == top else 0.5}
                 (tmp_path / "bench" / "results" / "quality" / f"{task}__{method}__seed0__val__lr{lr:g}.json"
                  ).write_text(json.dumps(row))
+
+
+def test_quality_runs_gatelr_sweeps_the_defaults_gate_ratio_and_rms_only_when_asked(tmp_path):
+    _bench_copy_with_lr2_results(tmp_path)
+    env = dict(os.environ, DRY="1", TASK2="t2", PY=sys.executable)
+    default = subprocess.run(["bash", str(tmp_path / "bench" / "quality_runs.sh"), "gatelr"], capture_output=True,
+                             text=True, env=env)
+    assert default.returncode == 0, default.stderr
+    runs = default.stdout.splitlines()
+    assert len(runs) == 2 * 5 and all("--method gatera-lorascale --lr 0.001" in r for r in runs)
+    assert "--task t2 --method gatera-lorascale --lr 0.001 --gate-lr-ratio 0.3 --seed 0 --eval-split val" in runs[6]
+    env["GATELR_METHODS"] = "gatera-lorascale gatera-rms"
+    both = subprocess.run(["bash", str(tmp_path / "bench" / "quality_runs.sh"), "gatelr"], capture_output=True,
+                          text=True, env=env)
+    assert both.returncode == 0, both.stderr
+    assert len(both.stdout.splitlines()) == 2 * 2 * 5 and "--method gatera-rms --lr 0.001" in both.stdout
+
+
+def test_quality_runs_main3_runs_each_method_at_its_own_and_at_loras_best_rate(tmp_path):
+    """main3's run list (DRY=1) takes the rates from the lr2 JSONs; an edge optimum stops the stage before any run."""
+    _bench_copy_with_lr2_results(tmp_path)
     env = dict(os.environ, DRY="1", TASK2="t2", PY=sys.executable, GLR="3")
     default = subprocess.run(["bash", str(tmp_path / "bench" / "quality_runs.sh"), "main3"], capture_output=True,
                              text=True, env=env)
