@@ -10,7 +10,6 @@ from tests.helpers import LLAMA_PROJECTIONS, load_4bit, naive_gated_hira, tiny_l
 bnb = pytest.importorskip("bitsandbytes")
 
 
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny4bit")
@@ -46,8 +45,8 @@ def test_rms_scaling_reads_the_dequantised_weight(base_dir, bits):
     """hira_scaling='rms' on a quantised base: s = 1 / RMS of the dequantised W0 (not of the packed bytes)."""
     from peft.utils.integrations import dequantize_bnb_weight
 
-    model = get_peft_model(load_4bit(base_dir, bits=bits), GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS,
-                                                                        hira_scaling="rms"))
+    config = GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, hira_scaling="rms")
+    model = get_peft_model(load_4bit(base_dir, bits=bits), config)
     layers = model.base_model.model.model.layers
     for layer in (layers[0].mlp.down_proj, layers[1].self_attn.q_proj):
         W0 = dequantize_bnb_weight(layer.base_layer.weight, state=getattr(layer.base_layer, "state", None)).float()
