@@ -38,7 +38,7 @@ TASKS2="hyperbaton ${TASK2:-}"
 LRS_LORA=${LRS_LORA:-3e-5 1e-4 2e-4 3e-4 1e-3 3e-3 1e-2 3e-2}    # LoRA recipes' 1e-4 / 2e-4 included
 LRS_HIRA=${LRS_HIRA:-1e-4 2e-4 3e-4 1e-3 3e-3 1e-2 3e-2 1e-1}    # PEFT HiRA and GateRA (hira_scaling none)
 LRS_RMS=${LRS_RMS:-1e-4 2e-4 3e-4 1e-3 3e-3 1e-2 3e-2 1e-1}  # GateRA-rms: best 1e-2 on hyperbaton (first sweep)
-GATE_RATIOS=${GATE_RATIOS:-0.1 0.3 3 10 30}                         # ratio 1 is the lr2 run itself
+GATE_RATIOS=${GATE_RATIOS:-0.03 0.1 0.3 3 10 30}                      # ratio 1 is the lr2 run itself
 VAL="--seed 0 --eval-split val --eval-limit 200"
 need_task2() { [ -n "${TASK2:-}" ] || { echo "set TASK2 to the second task (see the 'pick' stage above)" >&2; exit 2; }; }
 best() { $PY bench/quality_table.py --best-lr "$1" "$2"; }

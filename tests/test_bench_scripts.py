@@ -147,13 +147,13 @@ def test_quality_runs_gatelr_sweeps_the_defaults_gate_ratio_and_rms_only_when_as
                              text=True, env=env)
     assert default.returncode == 0, default.stderr
     runs = default.stdout.splitlines()
-    assert len(runs) == 2 * 5 and all("--method gatera-lorascale --lr 0.001" in r for r in runs)
-    assert "--task t2 --method gatera-lorascale --lr 0.001 --gate-lr-ratio 0.3 --seed 0 --eval-split val" in runs[6]
+    assert len(runs) == 2 * 6 and all("--method gatera-lorascale --lr 0.001" in r for r in runs)
+    assert "--task t2 --method gatera-lorascale --lr 0.001 --gate-lr-ratio 0.03 --seed 0 --eval-split val" in runs[6]
     env["GATELR_METHODS"] = "gatera-lorascale gatera-rms"
     both = subprocess.run(["bash", str(tmp_path / "bench" / "quality_runs.sh"), "gatelr"], capture_output=True,
                           text=True, env=env)
     assert both.returncode == 0, both.stderr
-    assert len(both.stdout.splitlines()) == 2 * 2 * 5 and "--method gatera-rms --lr 0.001" in both.stdout
+    assert len(both.stdout.splitlines()) == 2 * 2 * 6 and "--method gatera-rms --lr 0.001" in both.stdout
 
 
 def test_quality_runs_main3_runs_each_method_at_its_own_and_at_loras_best_rate(tmp_path):
