@@ -109,8 +109,14 @@ def gate_lr_table(rows: list[dict]) -> str:
         runs += [{**r, "gate_lr_ratio": 1.0} for r in lr_sweep_runs(rows, task, method) if r["lr"] == lr
                  and r.get("gate_lr_ratio", 1.0) == 1.0 and 1.0 not in {x["gate_lr_ratio"] for x in runs}]
         lines.append(_marked_row(f"{NAMES[method]} | {task} | {lr:g}", runs, "gate_lr_ratio", ratios,
-                                 lambda r: f"{r['accuracy']:.3f}"))
-    return "gate_lr_ratio sweep, val split (accuracy; best in bold):\n\n" + "\n".join(lines)
+                                 lambda r: f"{r['accuracy']:.3f} (g {_final_gate_mean(r)})"))
+    return ("gate_lr_ratio sweep, val split (accuracy (final gate mean); best in bold):\n\n" + "\n".join(lines))
+
+
+def _final_gate_mean(run: dict) -> str:
+    """The last logged `gatera/gate_mean` of a run, "?" when its JSON logged no gate statistics."""
+    value = ((run.get("gate_history") or [{}])[-1]).get("gatera/gate_mean")
+    return "?" if value is None else f"{value:.2f}"
 
 
 def candidates_table(rows: list[dict]) -> str:

@@ -95,9 +95,9 @@ def test_issue14_tables_mark_the_best_rate_and_flag_an_edge_optimum(tmp_path):
         write(f"t__lora__seed0__val__lr{lr:g}", method="lora", lr=lr, accuracy=acc)
     for lr, acc in ((1e-4, 0.5), (1e-3, 0.6), (1e-2, 0.7)):  # GateRA-rms: best at the grid's largest rate
         write(f"t__gatera-rms__seed0__val__lr{lr:g}", method="gatera-rms", lr=lr, accuracy=acc)
-    for k, acc in ((0.3, 0.65), (3.0, 0.75)):  # gate ratios; ratio 1 is the lr2 run at 1e-2 (0.7)
+    for k, acc in ((0.3, 0.65), (3.0, 0.75)):  # gate ratios; ratio 1 is the lr2 run at 1e-2 (0.7), no gate log
         write(f"t__gatera-rms__seed0__val__lr0.01__glr{k:g}", method="gatera-rms", lr=0.01, gate_lr_ratio=k,
-              accuracy=acc)
+              accuracy=acc, gate_history=[{"gatera/gate_mean": 0.5}, {"gatera/gate_mean": k / 10}])
     write("t__zero-shot__seed0__val", method="zero-shot", accuracy=0.5)
     for seed, acc in enumerate((0.8, 0.9, 0.7)):
         write(f"t__lora__seed{seed}__test__lr0.001", method="lora", lr=1e-3, accuracy=acc, eval_split="test")
@@ -106,7 +106,9 @@ def test_issue14_tables_mark_the_best_rate_and_flag_an_edge_optimum(tmp_path):
     assert "| LoRA (PEFT) | 0.500 (0.500) | **0.800 (0.500)** | 0.600 (0.500) | 0.001 | interior |" in out
     assert "| GateRA, hira_scaling=rms | 0.500 (0.500) | 0.600 (0.500) | **0.700 (0.500)** | 0.01 | " \
            "edge: widen the grid |" in out
-    assert "| GateRA, hira_scaling=rms | t | 0.01 | 0.650 | 0.700 | **0.750** | 3 | edge: widen the grid |" in out
+    # each gate-ratio cell: val accuracy and the final logged gate mean ("?" for a run that logged none)
+    assert "| GateRA, hira_scaling=rms | t | 0.01 | 0.650 (g 0.03) | 0.700 (g ?) | **0.750 (g 0.30)** | 3 | " \
+           "edge: widen the grid |" in out
     assert "| t | 0.500 | 0.800 (0.001) | +30.0 | yes |" in out
     assert "| t | LoRA (PEFT) | 0.001 | own best, LoRA's best | 3 | 80.0 ± 5.8 | +0.0 ± 0.0 |" in out  # sd 10 / √3
     # the last column pairs seeds: seed 1 of GateRA-rms against LoRA's seed 1 (0.9), not LoRA's mean
