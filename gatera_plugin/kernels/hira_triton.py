@@ -297,8 +297,9 @@ def _hira_mask_kernel(grad_ptr, w_ptr, absmax_ptr, code_ptr, row_start, rows, d_
 
 
 # ----------------------------------------------------------------------------------------------- host side
-def _launch(kernel: str, dtype: torch.dtype, r: int, device: torch.device, rows: int, d_in: int) -> dict:
-    """Launch keywords for `kernel` on a rows × d_in block: the device's tiles, shrunk to small blocks."""
+def _launch(kernel: str, dtype: torch.dtype, device: torch.device, rows: int, d_in: int, r: int = 0) -> dict:
+    """Launch keywords for `kernel` on a rows × d_in block: the device's tiles, shrunk to small blocks. `r` is the
+    rank; a kernel without rank tiles (hira_mask) leaves it 0, its tiles do not depend on it."""
     b = check_blocks(kernel, dtype, r, device)
     launch = {"BN": _shrink(rows, b.BN), "BK": _shrink(d_in, b.BK), "num_warps": b.num_warps,
               "num_stages": b.num_stages}
@@ -327,7 +328,7 @@ class TritonWeight:
         n_rows, d_in, r = B_c.shape[0], A_c.shape[1], A_c.shape[0]
         out = torch.empty((n_rows, d_in), device=A.device, dtype=dtype)
         w_ptr, absmax, code, stride_wn, stride_wk, blocksize = self.args
-        launch = _launch("hira_delta", A.dtype, r, A.device, n_rows, d_in)
+        launch = _launch("hira_delta", A.dtype, A.device, n_rows, d_in, r)
         grid = (triton.cdiv(n_rows, launch["BN"]), triton.cdiv(d_in, launch["BK"]))
         with device_guard(A):
             _hira_delta_kernel[grid](w_ptr, absmax, code, A_c, B_c, out, rows.start, n_rows, d_in, r, stride_wn,
@@ -339,7 +340,7 @@ class TritonWeight:
         """`grad ⊙ W0_b` in place, grad (rows, d_in) contiguous (the function's own temporary)."""
         n_rows, d_in = grad.shape
         w_ptr, absmax, code, stride_wn, stride_wk, blocksize = self.args
-        launch = _launch("hira_mask", grad.dtype, 16, grad.device, n_rows, d_in)
+        launch = _launch("hira_mask", grad.dtype, grad.device, n_rows, d_in)
         grid = (triton.cdiv(n_rows, launch["BN"]), triton.cdiv(d_in, launch["BK"]))
         with device_guard(grad):
             _hira_mask_kernel[grid](grad, w_ptr, absmax, code, rows.start, n_rows, d_in, stride_wn, stride_wk,
