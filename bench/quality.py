@@ -19,7 +19,8 @@ Writes one JSON per run under bench/results/quality/.
 
 `gatera-rms` is GateRA with `hira_scaling="rms"` (a step of BA changes W about as much as an unscaled LoRA step);
 `gatera-lorascale` is GateRA with `hira_scaling="lora"` and the LoRA baseline's r and lora_alpha (a step moves the
-output about as far as that LoRA's, the gate's initial 0.5 included); every GateRA
+output about as far as that LoRA's, the gate's initial 0.5 included); the `-lorascale` threshold methods are the
+threshold gate at that scale and rate (what `gate="threshold"` gives a user); every GateRA
 method takes `--gate-lr-ratio K` (the gates' learning rate is K x --lr), recorded in the JSON and its file name.
 """
 
@@ -56,6 +57,8 @@ LEARNING_RATES = {
     "gatera-rms": 1e-2,
     # hira_scaling="lora" with LoRA's r and lora_alpha: meant to train at LoRA's rate.
     "gatera-lorascale": 3e-3,
+    "gatera-threshold-lorascale": 3e-3,
+    "gatera-threshold-keep50-lorascale": 3e-3,
 }
 GATERA_METHODS = {  # method -> GateRAConfig fields
     "gatera": {},
@@ -66,6 +69,10 @@ GATERA_METHODS = {  # method -> GateRAConfig fields
     "gatera-lora": {"branch": "lora", "lora_alpha": 2 * RANK},
     "gatera-rms": {"hira_scaling": "rms"},
     "gatera-lorascale": {"hira_scaling": "lora", "lora_alpha": 2 * RANK},  # the LoRA baseline's r and alpha
+    # the threshold gate as a user gets it (the default scale), with and without a sparsity target
+    "gatera-threshold-lorascale": {"gate": "threshold", "hira_scaling": "lora", "lora_alpha": 2 * RANK},
+    "gatera-threshold-keep50-lorascale": {"gate": "threshold", "keep_ratio": 0.5, "hira_scaling": "lora",
+                                          "lora_alpha": 2 * RANK},
 }
 METHODS = ["zero-shot", *LEARNING_RATES]
 RESULTS = Path(__file__).parent / "results" / "quality"

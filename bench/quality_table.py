@@ -16,7 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 
 ORDER = ["zero-shot", "lora", "peft-hira", "gatera-none", "gatera", "gatera-rms", "gatera-lorascale",
-         "gatera-threshold", "gatera-threshold-keep50", "gatera-structure", "gatera-lora"]
+         "gatera-threshold", "gatera-threshold-keep50", "gatera-threshold-lorascale", "gatera-threshold-keep50-lorascale",
+         "gatera-structure", "gatera-lora"]
 NAMES = {
     "zero-shot": "zero-shot (no training)",
     "lora": "LoRA (PEFT)",
@@ -25,6 +26,8 @@ NAMES = {
     "gatera": "GateRA (sigmoid gate, HiRA, s = 1)",
     "gatera-threshold": "TS-PEFT threshold gate, HiRA",
     "gatera-threshold-keep50": "threshold gate, keep_ratio 0.5",
+    "gatera-threshold-lorascale": "threshold gate, hira_scaling=lora (default)",
+    "gatera-threshold-keep50-lorascale": "threshold gate, keep_ratio 0.5, hira_scaling=lora (default)",
     "gatera-structure": "GateRA + structure gates",
     "gatera-lora": "GateRA on LoRA",
     "gatera-rms": "GateRA, hira_scaling=rms",
