@@ -337,3 +337,20 @@ def test_gate_table_keeps_learning_rates_apart():
     lines = [line for line in table.gate_table(rows).splitlines() if line.startswith("| GateRA")]
     assert len(lines) == 2
     assert "| t | 0.003 | 2 | 0.300 |" in lines[0] and "| t | 0.01 | 1 | 0.900 |" in lines[1]
+
+
+def test_quality_methods_are_the_configs_their_names_say():
+    """Every bench/quality.py method has a rate and a table name; HiRA-family methods run at s = 1 unless their name
+    says otherwise, and the `-lorascale` ones get the default scale with the LoRA baseline's r and lora_alpha."""
+    quality, table = _bench_module("quality"), _bench_module("quality_table")
+    assert set(quality.METHODS) == set(table.ORDER) == set(table.NAMES)
+    for method in quality.GATERA_METHODS:
+        config = quality.adapter_config(method, {})
+        if method.endswith("-lorascale"):
+            assert (config.hira_scaling, config.r, config.lora_alpha) == ("lora", quality.RANK, 2 * quality.RANK)
+        elif config.branch == "hira":
+            assert config.hira_scaling == ("rms" if method == "gatera-rms" else "none"), method
+    for method, keep in (("gatera-threshold-lorascale", None), ("gatera-threshold-keep50-lorascale", 0.5)):
+        config = quality.adapter_config(method, {})
+        assert (config.gate, config.keep_ratio) == ("threshold", keep)
+        assert quality.LEARNING_RATES[method] == quality.LEARNING_RATES["lora"]
