@@ -60,6 +60,7 @@ LEARNING_RATES = {
     "gatera-threshold-lorascale": 3e-3,
     "gatera-threshold-keep50-lorascale": 3e-3,
 }
+LORA_SCALE = {"hira_scaling": "lora", "lora_alpha": 2 * RANK}  # the default scale at the LoRA baseline's r and alpha
 GATERA_METHODS = {  # method -> GateRAConfig fields
     "gatera": {},
     "gatera-none": {"gate": "none"},
@@ -68,11 +69,10 @@ GATERA_METHODS = {  # method -> GateRAConfig fields
     "gatera-structure": {"structure_gate": True},
     "gatera-lora": {"branch": "lora", "lora_alpha": 2 * RANK},
     "gatera-rms": {"hira_scaling": "rms"},
-    "gatera-lorascale": {"hira_scaling": "lora", "lora_alpha": 2 * RANK},  # the LoRA baseline's r and alpha
+    "gatera-lorascale": LORA_SCALE,
     # the threshold gate as a user gets it (the default scale), with and without a sparsity target
-    "gatera-threshold-lorascale": {"gate": "threshold", "hira_scaling": "lora", "lora_alpha": 2 * RANK},
-    "gatera-threshold-keep50-lorascale": {"gate": "threshold", "keep_ratio": 0.5, "hira_scaling": "lora",
-                                          "lora_alpha": 2 * RANK},
+    "gatera-threshold-lorascale": {"gate": "threshold", **LORA_SCALE},
+    "gatera-threshold-keep50-lorascale": {"gate": "threshold", "keep_ratio": 0.5, **LORA_SCALE},
 }
 METHODS = ["zero-shot", *LEARNING_RATES]
 RESULTS = Path(__file__).parent / "results" / "quality"

@@ -112,13 +112,17 @@ def gate_lr_table(rows: list[dict]) -> str:
         runs += [{**r, "gate_lr_ratio": 1.0} for r in lr_sweep_runs(rows, task, method) if r["lr"] == lr
                  and r.get("gate_lr_ratio", 1.0) == 1.0 and 1.0 not in {x["gate_lr_ratio"] for x in runs}]
         lines.append(_marked_row(f"{NAMES[method]} | {task} | {lr:g}", runs, "gate_lr_ratio", ratios,
-                                 lambda r: f"{r['accuracy']:.3f} (g {_final_gate_mean(r)})"))
-    return ("gate_lr_ratio sweep, val split (accuracy (final gate mean); best in bold):\n\n" + "\n".join(lines))
+                                 lambda r: f"{r['accuracy']:.3f} (g {_gate_mean_cell(r)})"))
+    return "gate_lr_ratio sweep, val split (accuracy (final gate mean); best in bold):\n\n" + "\n".join(lines)
 
 
-def _final_gate_mean(run: dict) -> str:
-    """The last logged `gatera/gate_mean` of a run, "?" when its JSON logged no gate statistics."""
-    value = ((run.get("gate_history") or [{}])[-1]).get("gatera/gate_mean")
+def final_gates(run: dict) -> dict:
+    """The run's last logged gate statistics (`gatera/...` -> value); {} when its JSON logged none."""
+    return (run.get("gate_history") or [{}])[-1]
+
+
+def _gate_mean_cell(run: dict) -> str:
+    value = final_gates(run).get("gatera/gate_mean")
     return "?" if value is None else f"{value:.2f}"
 
 
@@ -198,10 +202,10 @@ def lambda_table(rows: list[dict]) -> str:
             and r["lr"] == lam[0]["lr"] and r["entropy_weight"] not in {x["entropy_weight"] for x in lam}]
     lines = ["| entropy_weight | accuracy | gold NLL | final gate entropy | final open fraction |", "|---|---|---|---|---|"]
     for r in sorted(lam, key=lambda r: r["entropy_weight"]):
-        gates = r.get("gate_history") or [{}]
+        gates = final_gates(r)
         lines.append(f"| {r['entropy_weight']:g} | {r['accuracy']:.3f} | {r['gold_nll']:.3f} | "
-                     f"{gates[-1].get('gatera/entropy', float('nan')):.3f} | "
-                     f"{gates[-1].get('gatera/gate_open_frac', float('nan')):.3f} |")
+                     f"{gates.get('gatera/entropy', float('nan')):.3f} | "
+                     f"{gates.get('gatera/gate_open_frac', float('nan')):.3f} |")
     return (f"entropy_weight sweep, GateRA, {lam[0]['task']} val split, lr {lam[0]['lr']:g}:\n\n"
             + "\n".join(lines))
 
@@ -265,7 +269,7 @@ def gate_table(rows: list[dict]) -> str:
         for task in sorted({r["task"] for r in tests if r["method"] == method}):
             same = [r for r in tests if r["method"] == method and r["task"] == task]
             for lr in sorted({r.get("lr") for r in same}, key=lambda v: (v is None, v or 0)):
-                finals = [r["gate_history"][-1] for r in same if r.get("lr") == lr]
+                finals = [final_gates(r) for r in same if r.get("lr") == lr]
                 cells = []
                 for key in GATE_STATS:
                     values = [f[key] for f in finals if key in f]
