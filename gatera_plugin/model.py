@@ -146,6 +146,7 @@ class GateRAModel(BaseTuner):
         self.penalty_run = PenaltyRun()
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._in_forward = False  # inside the wrapped model's forward, whose inputs are already recorded
+        self._checkpointing_modules: Optional[list[nn.Module]] = None  # found on the first forward with gradient
         self._batch_hooks = [
             self.model.register_forward_pre_hook(self._record_batch, with_kwargs=True),
             self.model.register_forward_hook(self._leave_forward, always_call=True),
@@ -238,6 +239,24 @@ class GateRAModel(BaseTuner):
             num_positions = reference.numel()
         self.penalty_run.set_batch(kwargs.get("attention_mask"), num_positions)
         self._in_forward = module is self.model
+        if torch.is_grad_enabled():
+            self._bind_checkpointing()
+
+    def _bind_checkpointing(self) -> None:
+        """Make transformers' gradient checkpointing replay each region with the forward that ran it.
+
+        `gradient_checkpointing_enable` (called before or after this adapter was added) gives every module with a
+        `gradient_checkpointing` attribute a `_gradient_checkpointing_func`; wrapping it once binds the recomputation
+        in backward to the batch of its own forward, whatever forwards of this model ran in between.
+        """
+        if self._checkpointing_modules is None:
+            self._checkpointing_modules = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]
+        for module in self._checkpointing_modules:
+            function = module.__dict__.get("_gradient_checkpointing_func")
+            bound_to = getattr(function, "gatera_penalty_run", None)
+            if function is not None and bound_to is not self.penalty_run:  # unbound, or bound to a deep copy's source
+                unwrapped = function.__wrapped__ if bound_to is not None else function
+                module._gradient_checkpointing_func = self.penalty_run.checkpointing(unwrapped)
 
     def _leave_forward(self, module, args, output):
         self._in_forward = False

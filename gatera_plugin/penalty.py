@@ -28,6 +28,7 @@ checkpointing (a forward-side record would count recomputed forwards twice).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -81,6 +82,24 @@ class GateStats:
 
 
 @dataclass
+class ForwardBatch:
+    """What the model's forward pre-hook recorded about one forward's inputs."""
+
+    attention_mask: Optional[torch.Tensor]  # (B, T) bool, or None: every position is a real token
+    num_positions: int  # batch × sequence length
+    tallied: bool = False  # counted in the step's tally of forwards with gradient
+    _tokens: Optional[int] = field(default=None, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens (counted on first use: it syncs with the device)."""
+        if self._tokens is None:
+            mask = self.attention_mask
+            self._tokens = int(mask.sum()) if mask is not None else self.num_positions
+        return self._tokens
+
+
+@dataclass
 class PenaltyRun:
     """What the gated layers of one GateRA model share while training.
 
@@ -89,8 +108,6 @@ class PenaltyRun:
     of that kind ("sigmoid", "threshold", "structure"), the `L` of each penalty's mean.
     """
 
-    attention_mask: Optional[torch.Tensor] = None  # (B, T) bool of the current forward, or None: every token is real
-    num_positions: int = 0  # batch × sequence length of the current forward
     step_tokens: Optional[float] = None  # real tokens of the whole optimisation step, all ranks (Trainer only)
     step_micro_batches: int = 1  # forwards (micro-batches) per optimisation step on this rank
     world_size: int = 1  # data-parallel ranks whose gradients are averaged
@@ -101,24 +118,59 @@ class PenaltyRun:
     tally_forwards: int = 0
     tally_tokens: Optional[torch.Tensor] = field(default=None, repr=False)
     _tallying: bool = field(default=False, repr=False)
-    _tallied: bool = field(default=False, repr=False)
-    _batch_tokens: Optional[int] = field(default=None, repr=False)
+    _latest: ForwardBatch = field(default_factory=lambda: ForwardBatch(None, 0), repr=False)
+    _latest_with_grad: ForwardBatch = field(default_factory=lambda: ForwardBatch(None, 0), repr=False)
+    _replaying: Optional[ForwardBatch] = field(default=None, repr=False)
 
     def set_batch(self, attention_mask: Optional[torch.Tensor], num_positions: int) -> None:
         """Record the token mask of a new forward; `num_positions` = batch × sequence length."""
         has_mask = attention_mask is not None and attention_mask.dim() == 2
-        self.attention_mask = attention_mask.bool() if has_mask else None
-        self.num_positions = num_positions
-        self._batch_tokens = None
-        self._tallied = False
+        self._latest = ForwardBatch(attention_mask.bool() if has_mask else None, num_positions)
+        if torch.is_grad_enabled():
+            self._latest_with_grad = self._latest
+
+    @property
+    def batch(self) -> ForwardBatch:
+        """The forward the gated layers are running now.
+
+        A layer's forward inside a backward is a gradient-checkpointing recomputation, and a trainer may have run the
+        same model since (a self-distillation teacher, a reference model with the adapter disabled, a second forward
+        with gradient). A region checkpointed through transformers (`checkpointing`) replays the forward it was
+        called in; any other recomputation takes the last forward with gradient.
+        """
+        if self._replaying is not None:
+            return self._replaying
+        return self._latest_with_grad if torch._C._current_graph_task_id() != -1 else self._latest
+
+    def checkpointing(self, checkpoint_function):
+        """Wrap a checkpointing function (`checkpoint(fn, *args)`, as transformers' layers call it) so that `fn`, in
+        its first run and in its recomputation, sees the forward that called it."""
+
+        @functools.wraps(checkpoint_function)
+        def checkpoint_in_this_forward(function, *args, **kwargs):
+            batch = self.batch
+
+            def replay(*fn_args, **fn_kwargs):
+                outer, self._replaying = self._replaying, batch
+                try:
+                    return function(*fn_args, **fn_kwargs)
+                finally:
+                    self._replaying = outer
+
+            return checkpoint_function(replay, *args, **kwargs)
+
+        checkpoint_in_this_forward.gatera_penalty_run = self
+        return checkpoint_in_this_forward
+
+    @property
+    def attention_mask(self) -> Optional[torch.Tensor]:
+        """(B, T) bool mask of the current forward's real tokens, or None: every position is real."""
+        return self.batch.attention_mask
 
     @property
     def batch_tokens(self) -> int:
         """Real tokens of the current forward (counted on first use: it syncs with the device)."""
-        if self._batch_tokens is None:
-            mask = self.attention_mask
-            self._batch_tokens = int(mask.sum()) if mask is not None else self.num_positions
-        return self._batch_tokens
+        return self.batch.tokens
 
     def begin_step(
         self, step_tokens: Optional[float], world_size: int = 1, loss_scale: float = 1.0, micro_batches: int = 1
@@ -148,12 +200,13 @@ class PenaltyRun:
 
         A recomputation inside backward (gradient checkpointing) is not a new forward and is not counted.
         """
-        if not self._tallying or self._tallied or torch._C._current_graph_task_id() != -1:
+        batch = self._latest
+        if not self._tallying or batch.tallied or torch._C._current_graph_task_id() != -1:
             return
-        self._tallied = True
+        batch.tallied = True
         self.tally_forwards += 1
-        mask = self.attention_mask
-        tokens = mask.sum() if mask is not None else torch.tensor(self.num_positions)
+        mask = batch.attention_mask
+        tokens = mask.sum() if mask is not None else torch.tensor(batch.num_positions)
         self.tally_tokens = tokens if self.tally_tokens is None else self.tally_tokens + tokens.to(self.tally_tokens)
 
     def token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -224,13 +277,16 @@ class _PenaltyTap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value, mask, scale, term_grad, stats):
-        ctx.save_for_backward(value, mask)
-        ctx.scale, ctx.term_grad, ctx.stats = scale, term_grad, stats
+        # The mask stays on ctx, not among the saved tensors: non-reentrant gradient checkpointing recomputes saved
+        # tensors, and the recomputation must not depend on which forward the model ran last.
+        ctx.save_for_backward(value)
+        ctx.mask, ctx.scale, ctx.term_grad, ctx.stats = mask, scale, term_grad, stats
         return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad_value):
-        value, mask = ctx.saved_tensors
+        (value,) = ctx.saved_tensors
+        mask = ctx.mask
         if ctx.stats is not None:
             ctx.stats.add(value, mask)
         if ctx.scale != 0.0:

@@ -5,10 +5,11 @@ Installed once on `import gatera_plugin`, these wrappers do nothing unless the t
 - `get_batch_samples` (the Trainer prefetches the micro-batches of one optimisation step): count the real tokens of
   the whole step across data-parallel ranks and read the fp16 loss scale, and hand both to the model's
   `PenaltyRun`, so that the penalty is the mean over the step's tokens whatever the gradient accumulation. Where the
-  prefetched batches are not the model's inputs (GRPO, RLOO, distillation and online DPO build them after
-  generation; GKD and GOLD replace them by generations at some steps), each forward is normalised by its own real
-  tokens × forwards per step × ranks instead, with a warning (once per trainer). Each step also checks its count against the forwards that really ran with gradient (the `PenaltyRun`
-  tallies them) and, on a mismatch, warns with both numbers and switches to per-forward normalisation;
+  prefetched batches are not the model's inputs (GRPO, RLOO, distillation, online DPO and self-distillation build
+  them after generation; GKD, GOLD and IW-OPD replace them by generations at some steps), each forward is normalised
+  by its own real tokens × forwards per step × ranks instead, with a warning (once per trainer). Each step also
+  checks its count against the forwards that really ran with gradient (the `PenaltyRun` tallies them) and, on a
+  mismatch, warns with both numbers and switches to per-forward normalisation;
 - `log`: add the gate statistics gathered since the last log (`gatera/...` keys) to training logs, before they
   reach `state.log_history` and every `report_to` backend;
 - `train`: first return gate parameters that TRL cast to bf16 to fp32 (`GateRAModel.upcast_gates_to_fp32`), before
@@ -48,8 +49,8 @@ def find_gatera_model(model) -> Optional[GateRAModel]:  # noqa: F821
 
 
 # Trainers (and their subclasses) whose batches are the model's inputs only at some steps: at the others they are
-# replaced by the trainer's own generations (TRL's GKD and GOLD, on-policy with probability `lmbda`).
-REPLACES_INPUTS = ("GKDTrainer", "GOLDTrainer")
+# replaced by the trainer's own generations (TRL's GKD, GOLD and IW-OPD, on-policy with probability `lmbda`).
+REPLACES_INPUTS = ("GKDTrainer", "GOLDTrainer", "IWOPDTrainer")
 
 # Preference trainers that keep each pair as `chosen_*` / `rejected_*` inputs and run both in one concatenated forward
 # (TRL's ORPO and CPO).

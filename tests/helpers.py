@@ -258,6 +258,26 @@ def word_tokenizer(texts, vocab_size: int = 128):
     )
 
 
+BYTE_LEVEL_VOCAB = 320  # a model vocabulary that holds `byte_level_tokenizer`'s 300 ids
+
+
+def byte_level_tokenizer(texts, vocab_size: int = 300):
+    """An offline byte-level BPE tokenizer (pad=0, bos=1, eos=2, unk=3; 256 byte ids, merges up to `vocab_size`)
+    trained on `texts`: the kind of tokenizer (GPT-2's, Llama 3's, SmolLM's) that TRL's GOLDTrainer requires."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
 def toy_texts(n: int = 32, seed: int = 0) -> list[str]:
     """Short, learnable sentences of varying length ("count up from k": 'three four five six')."""
     numbers = "zero one two three four five six seven eight nine ten eleven twelve".split()

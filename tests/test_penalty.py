@@ -109,6 +109,48 @@ def test_statistics_equal_the_explicit_means():
     assert model.base_model.pop_gate_stats() == {}  # popped
 
 
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
+@pytest.mark.parametrize("between", ["other-shape", "same-shape-other-mask", "with-gradient"])
+def test_another_forward_of_the_model_before_backward_changes_nothing(checkpointing, between):
+    """A trainer may run the same model again between a forward and its backward: without gradient (TRL's
+    self-distillation teachers, a reference forward with the adapter disabled) or with it (two forwards, one
+    backward). Each backward, and gradient checkpointing's recomputation inside it, still uses its own forward's
+    tokens: the same gradients and statistics as separate forwards and backwards without checkpointing.
+    (Recomputing with the latest forward's mask raised CheckpointError, or silently used the wrong mask.)"""
+    input_ids, mask, labels = _batch()
+    if between == "other-shape":
+        other_ids, other_mask = input_ids[:2, :7], torch.ones(2, 7, dtype=torch.long)
+    else:
+        other_ids, other_mask = input_ids.flip(0), mask.flip(1)
+    other_labels = other_ids.masked_fill(other_mask == 0, -100)
+    reference = _model(LAMBDA)
+    reference(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+    if between == "with-gradient":
+        reference(input_ids=other_ids, attention_mask=other_mask, labels=other_labels).loss.backward()
+    expected, expected_stats = _grads(reference), reference.base_model.pop_gate_stats()
+
+    model = _model(LAMBDA)
+    if checkpointing:
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        model.train()
+    loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    if between == "with-gradient":
+        loss = loss + model(input_ids=other_ids, attention_mask=other_mask, labels=other_labels).loss
+    else:
+        with torch.no_grad():
+            model(input_ids=other_ids, attention_mask=other_mask)
+    loss.backward()
+
+    got = _grads(model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    stats = model.base_model.pop_gate_stats()
+    assert stats.keys() == expected_stats.keys()
+    for key in stats:
+        assert stats[key] == pytest.approx(expected_stats[key], rel=1e-6), key
+
+
 def test_step_normaliser_world_size_and_loss_scale():
     """Inside a Trainer step the normaliser is the step's tokens; world size and fp16 loss scale multiply the
     injected gradient exactly as they multiply the task gradient."""
