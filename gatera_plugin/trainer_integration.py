@@ -10,6 +10,8 @@ Installed once on `import gatera_plugin`, these wrappers do nothing unless the t
   by its own real tokens × forwards per step × ranks instead, with a warning (once per trainer). Each step also
   checks its count against the forwards that really ran with gradient (the `PenaltyRun` tallies them) and, on a
   mismatch, warns with both numbers and switches to per-forward normalisation;
+- `__init__`: refuse TRL's vLLM generation (`use_vllm=True`) for token-gated adapters, which cannot be merged into
+  the weights that TRL hands vLLM, before TRL starts vLLM;
 - `log`: add the gate statistics gathered since the last log (`gatera/...` keys) to training logs, before they
   reach `state.log_history` and every `report_to` backend;
 - `train`: first return gate parameters that TRL cast to bf16 to fp32 (`GateRAModel.upcast_gates_to_fp32`), before
@@ -213,15 +215,42 @@ def end_training(trainer) -> None:
         tuner.penalty_run.end_training()
 
 
+def check_generation_backend(trainer) -> None:
+    """Refuse vLLM generation (TRL's `use_vllm=True`) for a model with token-gated GateRA adapters.
+
+    TRL hands vLLM the policy by merging the adapter into the base weights before each weight sync; a per-token gate
+    has no merged weight, so the first sync would fail after vLLM had started, and no sync could give vLLM the
+    policy being trained. Called when the Trainer is built, before TRL starts vLLM.
+    """
+    tuner = find_gatera_model(trainer.model)
+    if tuner is None or not getattr(trainer.args, "use_vllm", False):
+        return
+    gated = {name: tuner.peft_config[name].gate for name in tuner.active_adapters
+             if tuner.peft_config[name].gate != "none"}
+    if gated:
+        raise ValueError(
+            f"{type(trainer).__name__} with `use_vllm=True` cannot generate from this model: GateRA adapter(s) "
+            f"{gated} gate each token, and TRL gives vLLM the policy by merging the adapter into the base weights, "
+            "which a per-token gate cannot be (docs/method.md, 'Merging'). Set `use_vllm=False` to generate with the "
+            "model being trained (transformers' generate), or train with `gate='none'` (mergeable) to keep vLLM."
+        )
+
+
 def install() -> None:
-    """Wrap `Trainer.get_batch_samples`, `Trainer.log` and `Trainer.train` once (idempotent)."""
+    """Wrap `Trainer.__init__`, `Trainer.get_batch_samples`, `Trainer.log` and `Trainer.train` once (idempotent)."""
     from transformers import Trainer
 
     if getattr(Trainer.get_batch_samples, _MARK, False):
         return
+    original_init = Trainer.__init__
     original_get_batch_samples = Trainer.get_batch_samples
     original_log = Trainer.log
     original_train = Trainer.train
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        check_generation_backend(self)
 
     @functools.wraps(original_get_batch_samples)
     def get_batch_samples(self, *args, **kwargs):
@@ -254,8 +283,9 @@ def install() -> None:
         end_training(self)
         return result
 
-    for wrapper in (get_batch_samples, log, train):
+    for wrapper in (__init__, get_batch_samples, log, train):
         setattr(wrapper, _MARK, True)
+    Trainer.__init__ = __init__
     Trainer.get_batch_samples = get_batch_samples
     Trainer.log = log
     Trainer.train = train

@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import Trainer
 
 from gatera_plugin import FrozenHeadWarning, GateRAConfig
-from gatera_plugin.trainer_integration import count_real_tokens
+from gatera_plugin.trainer_integration import check_generation_backend, count_real_tokens
 from tests.helpers import (
     BYTE_LEVEL_VOCAB,
     FirstStepCapture,
@@ -323,3 +323,23 @@ def test_every_trl_trainer_with_peft_config_is_tested_here():
     assert found - TESTED.keys() - UNTESTED.keys() == set(), "add these trainers to _trainer() and README"
     assert set(TESTED.values()) == STEP_LEVEL | PER_FORWARD
     assert UNTESTED.keys() <= found, "UNTESTED names a trainer TRL no longer has"
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
+def test_vllm_generation_of_a_gated_adapter_is_refused_before_vllm_starts(trainer, tmp_path):
+    """TRL syncs the policy to vLLM by merging the adapter: a token-gated one is refused when the trainer is built,
+    naming `use_vllm` and both ways out (before this check, TRL would start vLLM and fail at the first sync)."""
+    config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if trainer == "grpo" else (trl.RLOOConfig,
+                                                                                           trl.RLOOTrainer)
+
+    def build(gate, use_vllm):
+        args = config_cls(output_dir=str(tmp_path), use_vllm=use_vllm, num_generations=2, max_completion_length=4,
+                          per_device_train_batch_size=2, use_cpu=True, report_to="none")
+        return trainer_cls(model=tiny_llama(), reward_funcs=_length_reward, args=args, processing_class=_tokenizer(),
+                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}), peft_config=GateRAConfig(gate=gate))
+
+    with pytest.raises(ValueError, match=r"`use_vllm=True`.*\{'default': 'sigmoid'\}.*`use_vllm=False`.*gate='none'"):
+        build("sigmoid", use_vllm=True)
+    mergeable = build("none", use_vllm=False)  # (this environment has no vLLM to start)
+    mergeable.args.use_vllm = True
+    check_generation_backend(mergeable)  # a mergeable adapter reaches vLLM merged, as LoRA does
