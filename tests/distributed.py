@@ -3,6 +3,7 @@ and comparing what the runs wrote (per-step losses in metrics.json, adapters) wi
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,11 +38,35 @@ def run(command, **extra_env) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env(**extra_env), cwd=ROOT, timeout=900)
 
 
+# A CPU rank now and then aborts at interpreter exit, after training, saving and the process group's teardown
+# (C++ std::terminate from a thread left running, seen with gloo under FSDP2 and DeepSpeed ZeRO-3).
+ABORT_AT_EXIT = "terminate called without an active exception"
+
+
+def aborted_at_exit(done) -> bool:
+    """The run finished training (rank 0 logged its summary) and a rank then aborted at exit."""
+    return done.returncode != 0 and ABORT_AT_EXIT in done.stderr and "'train_runtime'" in done.stdout
+
+
 def torchrun(out, *args, nproc=2, **extra_env):
-    """tests/dist_train.py on `nproc` processes, 2 sequences each per step (the single run takes 4 in one)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               free_port(), SCRIPT, *COMMON, "--batch", "2", "--output-dir", str(out), *args]
-    return run(command, **extra_env)
+    """tests/dist_train.py on `nproc` processes, 2 sequences each per step (the single run takes 4 in one).
+
+    A run that aborted at exit after finishing (`aborted_at_exit`) is run once more, from an empty output folder, so
+    that the test judges a run that exited cleanly; a second abort fails the test.
+    """
+
+    def launch():
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                   free_port(), SCRIPT, *COMMON, "--batch", "2", "--output-dir", str(out), *args]
+        return run(command, **extra_env)
+
+    done = launch()
+    if aborted_at_exit(done) and "GATERA_TEST_KILL_AT_STEP" not in extra_env:
+        print(f"torchrun: a rank aborted at exit after training ({ABORT_AT_EXIT!r}); running once more",
+              file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+        done = launch()
+    return done
 
 
 def single_process(out, *args, extra_env=None):

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from tests.distributed import (
+    ABORT_AT_EXIT,
     COMMON,
     LOSS_RTOL,
     ROOT,
     SCRIPT,
+    aborted_at_exit,
     adapter,
     assert_same_adapter,
     assert_same_run,
@@ -35,6 +37,14 @@ from tests.distributed import (
 
 ACCELERATE = ROOT / "integrations" / "accelerate"
 sys.path.insert(0, str(ROOT / "examples"))
+
+
+def test_only_a_run_that_finished_and_then_aborted_at_exit_is_run_again():
+    finished = "{'train_runtime': '1.669', 'train_loss': '7.365'}"
+    assert aborted_at_exit(subprocess.CompletedProcess([], -6, stdout=finished, stderr=ABORT_AT_EXIT))
+    assert not aborted_at_exit(subprocess.CompletedProcess([], -6, stdout="{'loss': '7.1'}", stderr=ABORT_AT_EXIT))
+    assert not aborted_at_exit(subprocess.CompletedProcess([], 1, stdout=finished, stderr="Traceback (most recent"))
+    assert not aborted_at_exit(subprocess.CompletedProcess([], 0, stdout=finished, stderr=ABORT_AT_EXIT))
 
 
 @pytest.fixture(scope="module")
