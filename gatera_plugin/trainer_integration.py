@@ -60,10 +60,15 @@ PAIRED_PREFIXES = ("chosen_", "rejected_")
 
 
 def _count_inputs(batch: Mapping, prefix: str = "") -> Optional[torch.Tensor]:
-    """Real tokens of one set of model inputs: `attention_mask` ones, else every `input_ids` / `inputs_embeds` position."""
+    """Real tokens of one set of model inputs: nonzero `attention_mask` entries, else every `input_ids` /
+    `inputs_embeds` position.
+
+    Nonzero, not the sum: Axolotl's multipack collator numbers the sequences packed into one row 1, 2, 3, ... in
+    `attention_mask` (0 is padding), and the gated layers count a token wherever the mask is nonzero.
+    """
     mask = batch.get(f"{prefix}attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return mask.sum()
+        return mask.count_nonzero()
     for key, dims in (("input_ids", None), ("inputs_embeds", -1)):
         value = batch.get(f"{prefix}{key}")
         if isinstance(value, torch.Tensor):

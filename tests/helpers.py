@@ -186,8 +186,13 @@ class FirstStepCapture(TrainerCallback):
 
         def record(module, a, kw):
             if torch.is_grad_enabled() and module.training:
-                input_ids = kw.get("input_ids", a[0] if a else None)
-                self.inputs.append((input_ids.clone(), kw["attention_mask"].clone()))
+                inputs = {k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+                if a:
+                    inputs["input_ids"] = a[0].clone()
+                if inputs.get("attention_mask") is None:  # padding-free batches: every position is a real token
+                    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+                    inputs["padding_free"] = True
+                self.inputs.append(inputs)
 
         self._hook = backbone(model).register_forward_pre_hook(record, with_kwargs=True)
 
@@ -211,14 +216,18 @@ def explicit_penalty_gradient(capture: FirstStepCapture, weight: float, per_forw
         model.get_base_model().gradient_checkpointing_disable()  # reentrant checkpointing records gates without graph
     model.train()
     params = gate_params(model)
-    counts = [mask.sum() for _, mask in capture.inputs]
+    counts = [inputs["attention_mask"].count_nonzero() for inputs in capture.inputs]  # Axolotl numbers packed rows
     total = {n: torch.zeros_like(p) for n, p in params.items()}
-    for (input_ids, mask), count in zip(capture.inputs, counts):  # each forward's term, its backward right after
+    for inputs, count in zip(capture.inputs, counts):  # each forward's term, its backward right after
         gates, handles = collect_gates(model)
-        backbone(model)(input_ids=input_ids, attention_mask=mask)
+        replay = dict(inputs)
+        mask = replay["attention_mask"]
+        if replay.pop("padding_free", False):
+            replay.pop("attention_mask")
+        backbone(model)(**replay)
         for handle in handles:
             handle.remove()
-        m = mask.reshape(-1).float()
+        m = (mask != 0).reshape(-1).float()
         sums = torch.stack([(naive_entropy(g.reshape(-1)) * m).sum() for g in gates])  # (layers,)
         normaliser = count * len(counts) if per_forward else sum(counts)
         term = weight * (sums / normaliser).mean()
@@ -327,8 +336,35 @@ def texts_of_unequal_length() -> list[str]:
     return ["count one two", "count three four five six seven eight nine", "count two three four five", "count six"]
 
 
-def plain_trainer(tmp_path, texts, entropy_weight: float, batch: int, accum: int):
-    """A transformers `Trainer` (not TRL's) for one step of a gated tiny LLaMA on `texts`, logging every step."""
+def multipack_collator(tokenizer, rows: int = 2, pad_to_multiple_of: int = 16):
+    """Packs each micro-batch into `rows` rows as Axolotl's `sample_packing` collator does: `attention_mask` numbers
+    the sequences of a row 1, 2, ... (0 is padding), `position_ids` restart at each sequence, and the rows are padded
+    to a multiple of `pad_to_multiple_of`."""
+
+    def collate(features):
+        packed = []
+        for row in (features[i::rows] for i in range(rows)):
+            ids = [t for f in row for t in f["input_ids"]]
+            mask = [k + 1 for k, f in enumerate(row) for _ in f["input_ids"]]
+            positions = [p for f in row for p in range(len(f["input_ids"]))]
+            packed.append((ids, mask, positions))
+        width = -(-max(len(ids) for ids, _, _ in packed) // pad_to_multiple_of) * pad_to_multiple_of
+
+        def padded(index, fill):
+            return torch.tensor([p[index] + [fill] * (width - len(p[index])) for p in packed])
+
+        input_ids, attention_mask = padded(0, tokenizer.pad_token_id), padded(1, 0)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": padded(2, 0),
+                "labels": labels}
+
+    return collate
+
+
+def plain_trainer(tmp_path, texts, entropy_weight: float, batch: int, accum: int, collator=None):
+    """A transformers `Trainer` (not TRL's) for one step of a gated tiny LLaMA on `texts`, logging every step.
+
+    `collator`: a function of the tokenizer that builds the data collator (default: causal LM with padding)."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -347,5 +383,5 @@ def plain_trainer(tmp_path, texts, entropy_weight: float, batch: int, accum: int
         learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no", max_grad_norm=0.0, seed=0,
         disable_tqdm=True, logging_steps=1,
     )
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    collate = collator(tokenizer) if collator else DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)

@@ -1,5 +1,7 @@
 """GateRA inside TRL's SFTTrainer and transformers' Trainer, with nothing but the config."""
 
+import logging
+
 import pytest
 import torch
 from datasets import Dataset
@@ -12,6 +14,7 @@ from tests.helpers import (
     LLAMA_PROJECTIONS,
     FirstStepCapture,
     explicit_penalty_gradient,
+    multipack_collator,
     plain_trainer,
     texts_of_unequal_length,
     tiny_llama,
@@ -74,13 +77,38 @@ def test_penalty_gradient_is_independent_of_accumulation_and_exact(tmp_path, mak
     texts = texts_of_unequal_length()
     ga2, capture = _penalty_gradient(make, tmp_path, texts, batch=2, accum=2, **kwargs)
     ga1, _ = _penalty_gradient(make, tmp_path, texts, batch=4, accum=1, **kwargs)
-    (_, mask_a), (_, mask_b) = capture.inputs
+    mask_a, mask_b = (inputs["attention_mask"] for inputs in capture.inputs)
     assert mask_a.shape != mask_b.shape and not (mask_a.all() and mask_b.all())  # padding differs between set-ups
     explicit = explicit_penalty_gradient(capture, LAMBDA)
     for name in ga1:
         assert ga1[name].abs().max() > 1e-6, name
         torch.testing.assert_close(ga2[name], ga1[name], rtol=1e-4, atol=1e-7, msg=name)
         torch.testing.assert_close(ga2[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(
+    "make,kwargs",
+    [(_sft_trainer, {"packing": True}), (plain_trainer, {"collator": multipack_collator})],
+    ids=["trl-packing-padding-free", "axolotl-sample-packing"],
+)
+def test_packed_batches_get_the_exact_step_level_penalty(tmp_path, make, kwargs, caplog):
+    """Packed micro-batches: TRL's `packing=True` (padding-free: one row per micro-batch, no attention mask) and
+    Axolotl's `sample_packing: true` (rows of several sequences, numbered 1, 2, ... in the attention mask). The step's
+    real tokens are counted right (no mismatch warning, no switch to per-forward normalisation) and the penalty
+    gradient is the explicit one."""
+    with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
+        penalty, capture = _penalty_gradient(make, tmp_path, toy_texts(32), batch=4, accum=2, **kwargs)
+    assert not [r.getMessage() for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]
+    assert len(capture.inputs) == 2
+    if "packing" in kwargs:  # padding-free: no mask reached the model
+        assert all(inputs.get("padding_free") and len(inputs["input_ids"]) == 1 for inputs in capture.inputs)
+    else:  # rows hold two numbered sequences, and padding
+        masks = [inputs["attention_mask"] for inputs in capture.inputs]
+        assert all(mask.max() == 2 for mask in masks) and any((mask == 0).any() for mask in masks)
+    explicit = explicit_penalty_gradient(capture, LAMBDA)
+    for name in penalty:
+        assert penalty[name].abs().max() > 1e-6, name
+        torch.testing.assert_close(penalty[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 @pytest.mark.slow

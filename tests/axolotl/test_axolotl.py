@@ -153,6 +153,19 @@ def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, load_in_4bit
     torch.testing.assert_close(reloaded, probe["logits"], rtol=1e-4, atol=1e-4)
 
 
+def test_sample_packing_is_normalised_at_step_level(workspace):
+    """`sample_packing: true`, as in most Axolotl recipes: the packed rows (position_ids restart per sequence) train,
+    and the step's real tokens counted from the batches are those the model saw (no mismatch warning, no switch to
+    per-forward normalisation). The exact penalty gradient on packed rows is checked in tests/test_trainer.py."""
+    output = _train(workspace, "packed", sample_packing=True, micro_batch_size=2, max_steps=8)
+    assert "Applying multipack dataloader patch for sample packing" in output  # the rows really are packed
+    assert "real tokens" not in output and "cannot be counted in advance" not in output
+    losses = _logged(output, "loss")
+    assert len(losses) == 8 and losses[-1] < losses[0], losses
+    penalties, entropies = _logged(output, "gatera/penalty"), _logged(output, "gatera/entropy")
+    assert len(penalties) == 8 and penalties == pytest.approx([0.05 * e for e in entropies], rel=1e-2, abs=1e-4)
+
+
 def test_lora_run_is_unaffected_by_the_installed_plugin(workspace):
     """The same `adapter: lora` run with and without gatera-plugin's entry point: identical losses, no gatera keys."""
     runs = {}
