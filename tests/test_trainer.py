@@ -14,6 +14,7 @@ from tests.helpers import (
     LLAMA_PROJECTIONS,
     FirstStepCapture,
     explicit_penalty_gradient,
+    gate_params,
     multipack_collator,
     plain_trainer,
     texts_of_unequal_length,
@@ -109,6 +110,28 @@ def test_packed_batches_get_the_exact_step_level_penalty(tmp_path, make, kwargs,
     for name in penalty:
         assert penalty[name].abs().max() > 1e-6, name
         torch.testing.assert_close(penalty[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow  # ~90 s: inductor compiles each region between the graph breaks on a cold cache
+def test_torch_compile_trains_exactly_like_eager(tmp_path):
+    """`torch_compile=True` (inductor, with gradient checkpointing): the same losses, gate statistics and penalty
+    (λ = 0.5, so a penalty applied at another scale, twice or not at all would move the gates) as the eager run."""
+    runs = []
+    for compiled in (False, True):
+        trainer = _sft_trainer(tmp_path / str(compiled), toy_texts(32), LAMBDA, batch=4, accum=2, steps=3,
+                               checkpointing=True, reentrant=False, torch_compile=compiled)
+        trainer.train()
+        assert compiled == (type(trainer.model_wrapped).__name__ == "OptimizedModule")  # it really ran compiled
+        logs = [{k: v for k, v in h.items() if k == "loss" or k.startswith("gatera/")}
+                for h in trainer.state.log_history if "loss" in h]
+        runs.append((logs, {n: p.detach().clone() for n, p in gate_params(trainer.model).items()}))
+    (eager_logs, eager_gates), (compiled_logs, compiled_gates) = runs
+    assert len(eager_logs) == 3 and all(log["gatera/penalty"] > 0 for log in eager_logs)
+    for eager, compiled in zip(eager_logs, compiled_logs):
+        assert compiled.keys() == eager.keys()
+        assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-7)
+    for name in eager_gates:
+        torch.testing.assert_close(compiled_gates[name], eager_gates[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
