@@ -15,8 +15,10 @@ from tests.helpers import (
     FirstStepCapture,
     explicit_penalty_gradient,
     gate_params,
+    max_error,
     multipack_collator,
     plain_trainer,
+    rounding_bound,
     texts_of_unequal_length,
     tiny_llama,
     toy_texts,
@@ -28,14 +30,15 @@ LAMBDA = 0.5
 
 
 def _sft_trainer(
-    tmp_path, texts, entropy_weight, batch, accum, steps=1, checkpointing=False, reentrant=True, init_std=0.02, **extra
+    tmp_path, texts, entropy_weight, batch, accum, steps=1, checkpointing=False, reentrant=True, init_std=0.02,
+    dtype=torch.float32, **extra
 ):
     tokenizer = word_tokenizer(toy_texts(64))
     torch.manual_seed(0)
     args = SFTConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
         max_steps=steps, learning_rate=extra.pop("learning_rate", 1e-2), logging_steps=1, report_to="none",
-        use_cpu=True, bf16=False, save_strategy="no", max_grad_norm=0.0, seed=0, max_length=32,
+        use_cpu=True, bf16=extra.pop("bf16", False), save_strategy="no", max_grad_norm=0.0, seed=0, max_length=32,
         gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": reentrant},
         disable_tqdm=True, **extra,
     )
@@ -43,7 +46,7 @@ def _sft_trainer(
         r=4, target_modules=TARGETS, init_weights=False, gate_bias_init=0.8, entropy_weight=entropy_weight
     )
     return SFTTrainer(
-        model=tiny_llama(init_std=init_std), args=args, train_dataset=Dataset.from_dict({"text": texts}),
+        model=tiny_llama(init_std=init_std).to(dtype), args=args, train_dataset=Dataset.from_dict({"text": texts}),
         processing_class=tokenizer,
         peft_config=config,
     )
@@ -112,6 +115,24 @@ def test_packed_batches_get_the_exact_step_level_penalty(tmp_path, make, kwargs,
         torch.testing.assert_close(penalty[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_bf16_training_applies_the_penalty_within_bf16_rounding(tmp_path):
+    """What a GPU user runs: a bf16 base, `bf16=True` (autocast), fp32 adapter weights. The first step's penalty
+    gradient on the gates is within bf16 rounding of the explicit penalty's gradient computed in fp32 (at most twice
+    the error of the same gradient by plain bf16 autograd, plus 2 ulps: helpers.rounding_bound); the gates stay
+    fp32."""
+    penalty, capture = _penalty_gradient(_sft_trainer, tmp_path, toy_texts(16), batch=4, accum=2, bf16=True,
+                                         dtype=torch.bfloat16)
+    assert {p.dtype for n, p in capture.start.named_parameters() if "gatera" not in n} == {torch.bfloat16}
+    assert {p.dtype for p in gate_params(capture.start).values()} == {torch.float32}
+    naive = explicit_penalty_gradient(capture, LAMBDA)  # plain autograd on the bf16 model
+    capture.start = capture.start.float()
+    truth = explicit_penalty_gradient(capture, LAMBDA)
+    for name in penalty:
+        assert truth[name].abs().max() > 1e-6, name
+        bound = rounding_bound(naive[name], truth[name], torch.bfloat16)
+        assert max_error(penalty[name], truth[name]) <= bound, name
+
+
 @pytest.mark.slow  # ~90 s: inductor compiles each region between the graph breaks on a cold cache
 def test_torch_compile_trains_exactly_like_eager(tmp_path):
     """`torch_compile=True` (inductor, with gradient checkpointing): the same losses, gate statistics and penalty
@@ -135,11 +156,14 @@ def test_torch_compile_trains_exactly_like_eager(tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_trainer_end_to_end(tmp_path):
-    """Loss falls, gate statistics reach the logs, the saved adapter reloads to the same outputs."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_sft_trainer_end_to_end(tmp_path, dtype):
+    """Loss falls, gate statistics reach the logs, the saved adapter reloads to the same outputs (bf16: a bf16 base
+    trained with `bf16=True`, as on a GPU)."""
     texts = toy_texts(32)
     trainer = _sft_trainer(tmp_path, texts, 0.01, batch=8, accum=1, steps=40, learning_rate=3e-2,
-                           checkpointing=True, reentrant=False, init_std=0.2)
+                           checkpointing=True, reentrant=False, init_std=0.2, dtype=dtype,
+                           bf16=dtype == torch.bfloat16)
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
     losses = [h["loss"] for h in history]
@@ -151,10 +175,11 @@ def test_sft_trainer_end_to_end(tmp_path):
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     trained = trainer.model.eval()
-    loaded = PeftModel.from_pretrained(tiny_llama(init_std=0.2), tmp_path / "adapter").eval()
+    loaded = PeftModel.from_pretrained(tiny_llama(init_std=0.2).to(dtype), tmp_path / "adapter").eval()
     input_ids = torch.randint(3, 17, (2, 8))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=input_ids).logits, trained(input_ids=input_ids).logits)
+    # under bf16, accelerate leaves the trained model's forward wrapped in autocast (fp32 outputs): run both so
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        torch.testing.assert_close(loaded(input_ids=input_ids).logits.float(), trained(input_ids=input_ids).logits)
 
 
 def test_per_layer_stats_andplain_trainer_logs(tmp_path):
