@@ -38,7 +38,10 @@ CHOSEN = [" three four", " seven", " six seven eight nine", " eight"]
 REJECTED = [" nine ten eleven", " two", " one", " zero ten"]
 
 # trainer -> (what the step-level count reads, so the normaliser mode the test expects)
-STEP_LEVEL = {"sft", "dpo", "kto", "reward", "orpo", "cpo", "tpo"}  # N = real tokens of all the step's micro-batches
+# N = real tokens of all the step's micro-batches ("sft-packing": SFT's `packing=True`, padding-free, flattens each
+# micro-batch into one row without a mask; DPO's `padding_free` is disabled in TRL 1.16, which falls back to padding)
+STEP_LEVEL = {"sft", "sft-packing", "dpo", "kto", "reward", "orpo", "cpo", "tpo"}
+VARIANTS = {"sft-packing"}  # kinds that run a trainer of another kind with other settings
 PER_FORWARD = {  # N = this forward's tokens × forwards × ranks
     "grpo", "rloo", "distillation", "online_dpo", "gkd", "gold", "sdft", "sdpo", "iw_opd",
 }
@@ -94,9 +97,12 @@ def _trainer(kind, tmp_path, entropy_weight, steps):
     prompts = Dataset.from_dict({"prompt": PROMPTS * 2})
     shared = dict(processing_class=_tokenizer(), peft_config=config)
     torch.manual_seed(0)
+    # packing: rows of at most 16 tokens, so that the 8 texts fill both micro-batches of a step
+    variant_args = {"sft-packing": {"packing": True, "max_length": 16}}.get(kind, {})
+    kind = kind.split("-")[0]
     if kind == "sft":
         texts = [p + c for p, c in zip(PROMPTS, CHOSEN)] * 2
-        return trl.SFTTrainer(model=tiny_llama(), args=trl.SFTConfig(**common, max_length=32),
+        return trl.SFTTrainer(model=tiny_llama(), args=trl.SFTConfig(**common, **{"max_length": 32, **variant_args}),
                               train_dataset=Dataset.from_dict({"text": texts}), **shared)
     if kind == "dpo":
         return trl.DPOTrainer(model=tiny_llama(), args=trl.DPOConfig(**common), train_dataset=preference, **shared)
@@ -189,6 +195,8 @@ def test_trl_trainer_trains_penalises_logs_and_reloads(kind, tmp_path, caplog):
     assert trainer._gatera_normaliser.per_forward == per_forward
     assert len(warnings) == per_forward and all("cannot be counted in advance" in w for w in warnings), warnings
     assert len(capture.inputs) == ACCUM  # one forward with gradient per micro-batch
+    if kind == "sft-packing":  # flattened: one row per micro-batch, and no mask
+        assert all(inputs.get("padding_free") and len(inputs["input_ids"]) == 1 for inputs in capture.inputs)
 
     # training ran, the loss is finite, the gate statistics reached the logs
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -321,7 +329,7 @@ def test_every_trl_trainer_with_peft_config_is_tested_here():
     untestable offline, with the reason), so README's list of supported trainers stays true."""
     found = _trainers_taking_peft_config()
     assert found - TESTED.keys() - UNTESTED.keys() == set(), "add these trainers to _trainer() and README"
-    assert set(TESTED.values()) == STEP_LEVEL | PER_FORWARD
+    assert set(TESTED.values()) == (STEP_LEVEL | PER_FORWARD) - VARIANTS
     assert UNTESTED.keys() <= found, "UNTESTED names a trainer TRL no longer has"
 
 
