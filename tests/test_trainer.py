@@ -90,25 +90,18 @@ def test_penalty_gradient_is_independent_of_accumulation_and_exact(tmp_path, mak
         torch.testing.assert_close(ga2[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize(
-    "make,kwargs",
-    [(_sft_trainer, {"packing": True}), (plain_trainer, {"collator": multipack_collator})],
-    ids=["trl-packing-padding-free", "axolotl-sample-packing"],
-)
-def test_packed_batches_get_the_exact_step_level_penalty(tmp_path, make, kwargs, caplog):
-    """Packed micro-batches: TRL's `packing=True` (padding-free: one row per micro-batch, no attention mask) and
-    Axolotl's `sample_packing: true` (rows of several sequences, numbered 1, 2, ... in the attention mask). The step's
-    real tokens are counted right (no mismatch warning, no switch to per-forward normalisation) and the penalty
-    gradient is the explicit one."""
+def test_rows_packed_as_axolotl_numbers_them_get_the_exact_step_level_penalty(tmp_path, caplog):
+    """Axolotl's `sample_packing: true` collator numbers the sequences packed into a row 1, 2, ... in the attention
+    mask (0 is padding). The step's real tokens are counted right (no mismatch warning, no switch to per-forward
+    normalisation) and the penalty gradient is the explicit one. (TRL's padding-free packing: tests/test_trl_trainers.py,
+    "sft-packing".)"""
     with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
-        penalty, capture = _penalty_gradient(make, tmp_path, toy_texts(32), batch=4, accum=2, **kwargs)
+        penalty, capture = _penalty_gradient(plain_trainer, tmp_path, toy_texts(32), batch=4, accum=2,
+                                             collator=multipack_collator)
     assert not [r.getMessage() for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]
-    assert len(capture.inputs) == 2
-    if "packing" in kwargs:  # padding-free: no mask reached the model
-        assert all(inputs.get("padding_free") and len(inputs["input_ids"]) == 1 for inputs in capture.inputs)
-    else:  # rows hold two numbered sequences, and padding
-        masks = [inputs["attention_mask"] for inputs in capture.inputs]
-        assert all(mask.max() == 2 for mask in masks) and any((mask == 0).any() for mask in masks)
+    masks = [inputs["attention_mask"] for inputs in capture.inputs]
+    assert len(masks) == 2  # two micro-batches, whose rows hold two numbered sequences, and padding
+    assert all(mask.max() == 2 for mask in masks) and any((mask == 0).any() for mask in masks)
     explicit = explicit_penalty_gradient(capture, LAMBDA)
     for name in penalty:
         assert penalty[name].abs().max() > 1e-6, name
