@@ -108,6 +108,25 @@ def test_rows_packed_as_axolotl_numbers_them_get_the_exact_step_level_penalty(tm
         torch.testing.assert_close(penalty[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_fp16_loss_scaling_scales_the_penalty_with_the_task_loss(tmp_path):
+    """fp16 training (T4 and other GPUs without bf16) multiplies the loss by the GradScaler's scale before backward;
+    the penalty's gradient must be scaled alike, or the scaler's unscale would shrink it 1/scale-fold. accelerate
+    creates no GradScaler on CPU, so the test installs the one it creates on a GPU (fp32 weights: exact comparison).
+    The first step's gate gradients, still scaled when the optimizer step begins, are scale × the explicit penalty's."""
+    scale = 1024.0
+
+    def with_loss_scaler(*args, **kwargs):
+        trainer = _sft_trainer(*args, **kwargs)
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        return trainer
+
+    penalty, capture = _penalty_gradient(with_loss_scaler, tmp_path, toy_texts(16), batch=4, accum=2)
+    explicit = explicit_penalty_gradient(capture, LAMBDA)
+    for name in penalty:
+        assert explicit[name].abs().max() > 1e-6, name
+        torch.testing.assert_close(penalty[name] / scale, explicit[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_bf16_training_applies_the_penalty_within_bf16_rounding(tmp_path):
     """What a GPU user runs: a bf16 base, `bf16=True` (autocast), fp32 adapter weights. The first step's penalty
     gradient on the gates is within bf16 rounding of the explicit penalty's gradient computed in fp32 (at most twice
