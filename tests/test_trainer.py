@@ -31,14 +31,15 @@ LAMBDA = 0.5
 
 def _sft_trainer(
     tmp_path, texts, entropy_weight, batch, accum, steps=1, checkpointing=False, reentrant=True, init_std=0.02,
-    dtype=torch.float32, **extra
+    dtype=torch.float32, eval_texts=None, **extra
 ):
     tokenizer = word_tokenizer(toy_texts(64))
     torch.manual_seed(0)
     args = SFTConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
         max_steps=steps, learning_rate=extra.pop("learning_rate", 1e-2), logging_steps=1, report_to="none",
-        use_cpu=True, bf16=extra.pop("bf16", False), save_strategy="no", max_grad_norm=0.0, seed=0, max_length=32,
+        use_cpu=True, bf16=extra.pop("bf16", False), save_strategy=extra.pop("save_strategy", "no"), max_grad_norm=0.0,
+        seed=0, max_length=32,
         gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": reentrant},
         disable_tqdm=True, **extra,
     )
@@ -47,6 +48,7 @@ def _sft_trainer(
     )
     return SFTTrainer(
         model=tiny_llama(init_std=init_std).to(dtype), args=args, train_dataset=Dataset.from_dict({"text": texts}),
+        eval_dataset=Dataset.from_dict({"text": eval_texts}) if eval_texts else None,
         processing_class=tokenizer,
         peft_config=config,
     )
@@ -192,6 +194,30 @@ def test_sft_trainer_end_to_end(tmp_path, dtype):
     # under bf16, accelerate leaves the trained model's forward wrapped in autocast (fp32 outputs): run both so
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         torch.testing.assert_close(loaded(input_ids=input_ids).logits.float(), trained(input_ids=input_ids).logits)
+
+
+def test_evaluation_during_training_and_load_best_model_at_end(tmp_path):
+    """`eval_strategy="steps"` with `load_best_model_at_end`, checkpoint rotation and gradient checkpointing: every
+    training log has the gate statistics and no evaluation log has them; training ends on the best checkpoint's
+    adapter (an early one here: `greater_is_better=True` on the eval loss), reloaded through PEFT by the Trainer."""
+    trainer = _sft_trainer(tmp_path, toy_texts(32), 0.01, batch=4, accum=2, steps=8, learning_rate=3e-1,
+                           init_std=0.2, checkpointing=True, reentrant=False, eval_texts=toy_texts(8, seed=1),
+                           eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                           save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                           greater_is_better=True)
+    trainer.train()
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    eval_logs = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(train_logs) == 8 and all("gatera/entropy" in h for h in train_logs)
+    assert len(eval_logs) == 4 and not any("gatera" in k for h in eval_logs for k in h)
+    best = max(eval_logs, key=lambda h: h["eval_loss"])["step"]
+    assert best < 8 and trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{best}")
+    input_ids = torch.randint(3, 17, (2, 8))
+    with torch.no_grad():
+        final = trainer.model.eval()(input_ids=input_ids).logits
+        for step, same in ((best, True), (8, False)):
+            saved = PeftModel.from_pretrained(tiny_llama(init_std=0.2), tmp_path / f"checkpoint-{step}").eval()
+            assert torch.equal(saved(input_ids=input_ids).logits, final) == same, step
 
 
 def test_per_layer_stats_andplain_trainer_logs(tmp_path):
