@@ -153,6 +153,31 @@ def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, load_in_4bit
     torch.testing.assert_close(reloaded, probe["logits"], rtol=1e-4, atol=1e-4)
 
 
+def test_shipped_yaml_as_is_trains_evaluates_and_checkpoints(workspace):
+    """integrations/axolotl/gatera.yml with only the model, the data and the run's length changed: its own settings
+    (evaluation on a validation split, `bf16: auto`, `adamw_torch_fused`, a LoRA recipe's rate, gradient
+    checkpointing, step checkpoints) train and evaluate, the checkpoints hold the adapter, and only the training logs
+    carry the gate statistics."""
+    cfg = yaml.safe_load((EXAMPLES / "gatera.yml").read_text())
+    del cfg["num_epochs"]
+    cfg.update(base_model=str(workspace / "base"), datasets=[{"path": str(workspace / "data.jsonl"), "type": "alpaca"}],
+               dataset_prepared_path=str(workspace / "prepared"), output_dir=str(workspace / "shipped"),
+               sequence_len=64, max_steps=6, logging_steps=1, val_set_size=0.1, eval_steps=3, save_steps=3)
+    path = workspace / "shipped.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    done = _axolotl("train", str(path), "--launcher", "python")
+    _ok(done)
+    output = done.stdout + done.stderr
+    logs = [line for line in output.splitlines() if line.startswith("{'")]
+    evals = [line for line in logs if "'eval_loss'" in line]
+    trains = [line for line in logs if "'loss'" in line]
+    assert len(evals) == 3 and not any("gatera" in line for line in evals), evals
+    assert len(trains) == 6 and all("'gatera/entropy'" in line for line in trains), trains
+    for step in (3, 6):
+        saved = json.loads((workspace / "shipped" / f"checkpoint-{step}" / "adapter_config.json").read_text())
+        assert saved["peft_type"] == "GATERA"
+
+
 def test_sample_packing_is_normalised_at_step_level(workspace):
     """`sample_packing: true`, as in most Axolotl recipes: the packed rows (position_ids restart per sequence) train,
     and the step's real tokens counted from the batches are those the model saw (no mismatch warning, no switch to
