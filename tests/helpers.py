@@ -185,13 +185,10 @@ class FirstStepCapture(TrainerCallback):
         self.start = copy.deepcopy(model)
 
         def record(module, a, kw):
-            if torch.is_grad_enabled() and module.training:
-                inputs = {k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+            if torch.is_grad_enabled() and module.training:  # the forward's keyword arguments, to replay it
+                inputs = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
                 if a:
-                    inputs["input_ids"] = a[0].clone()
-                if inputs.get("attention_mask") is None:  # padding-free batches: every position is a real token
-                    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-                    inputs["padding_free"] = True
+                    inputs["input_ids"] = a[0].detach().clone()
                 self.inputs.append(inputs)
 
         self._hook = backbone(model).register_forward_pre_hook(record, with_kwargs=True)
@@ -200,6 +197,18 @@ class FirstStepCapture(TrainerCallback):
         if self.grads is None:
             self.grads = {n: p.grad.clone() for n, p in gate_params(model).items()}
             self._hook.remove()
+
+
+def real_tokens(inputs: dict) -> torch.Tensor:
+    """(B, T) bool: the positions of a forward's inputs that the penalty counts, by the package's rule (a 2D
+    attention mask's nonzero entries, which Axolotl's packed rows number 1, 2, ...; else every position)."""
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask != 0
+    reference = inputs.get("input_ids")
+    if reference is None:
+        reference = inputs["inputs_embeds"][..., 0]
+    return torch.ones(reference.shape, dtype=torch.bool)
 
 
 def explicit_penalty_gradient(capture: FirstStepCapture, weight: float, per_forward: bool = False) -> dict:
@@ -216,18 +225,15 @@ def explicit_penalty_gradient(capture: FirstStepCapture, weight: float, per_forw
         model.get_base_model().gradient_checkpointing_disable()  # reentrant checkpointing records gates without graph
     model.train()
     params = gate_params(model)
-    counts = [inputs["attention_mask"].count_nonzero() for inputs in capture.inputs]  # Axolotl numbers packed rows
+    masks = [real_tokens(inputs) for inputs in capture.inputs]
+    counts = [mask.sum() for mask in masks]
     total = {n: torch.zeros_like(p) for n, p in params.items()}
-    for inputs, count in zip(capture.inputs, counts):  # each forward's term, its backward right after
+    for inputs, mask, count in zip(capture.inputs, masks, counts):  # each forward's term, its backward right after
         gates, handles = collect_gates(model)
-        replay = dict(inputs)
-        mask = replay["attention_mask"]
-        if replay.pop("padding_free", False):
-            replay.pop("attention_mask")
-        backbone(model)(**replay)
+        backbone(model)(**inputs)
         for handle in handles:
             handle.remove()
-        m = (mask != 0).reshape(-1).float()
+        m = mask.reshape(-1).float()
         sums = torch.stack([(naive_entropy(g.reshape(-1)) * m).sum() for g in gates])  # (layers,)
         normaliser = count * len(counts) if per_forward else sum(counts)
         term = weight * (sums / normaliser).mean()

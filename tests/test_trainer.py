@@ -131,9 +131,9 @@ def test_fp16_loss_scaling_scales_the_penalty_with_the_task_loss(tmp_path):
 
 def test_bf16_training_applies_the_penalty_within_bf16_rounding(tmp_path):
     """What a GPU user runs: a bf16 base, `bf16=True` (autocast), fp32 adapter weights. The first step's penalty
-    gradient on the gates is within bf16 rounding of the explicit penalty's gradient computed in fp32 (at most twice
-    the error of the same gradient by plain bf16 autograd, plus 2 ulps: helpers.rounding_bound); the gates stay
-    fp32."""
+    gradient on the gates is within bf16 rounding of the explicit penalty's gradient computed in fp32: at most twice
+    the error of the same gradient by plain bf16 autograd, plus 2 ulps (helpers.rounding_bound), and at most 5% of
+    the gradient's largest entry. The gate parameters are fp32."""
     penalty, capture = _penalty_gradient(_sft_trainer, tmp_path, toy_texts(16), batch=4, accum=2, bf16=True,
                                          dtype=torch.bfloat16)
     assert {p.dtype for n, p in capture.start.named_parameters() if "gatera" not in n} == {torch.bfloat16}
@@ -143,7 +143,7 @@ def test_bf16_training_applies_the_penalty_within_bf16_rounding(tmp_path):
     truth = explicit_penalty_gradient(capture, LAMBDA)
     for name in penalty:
         assert truth[name].abs().max() > 1e-6, name
-        bound = rounding_bound(naive[name], truth[name], torch.bfloat16)
+        bound = min(rounding_bound(naive[name], truth[name], torch.bfloat16), 0.05 * truth[name].abs().max().item())
         assert max_error(penalty[name], truth[name]) <= bound, name
 
 

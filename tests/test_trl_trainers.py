@@ -196,7 +196,7 @@ def test_trl_trainer_trains_penalises_logs_and_reloads(kind, tmp_path, caplog):
     assert len(warnings) == per_forward and all("cannot be counted in advance" in w for w in warnings), warnings
     assert len(capture.inputs) == ACCUM  # one forward with gradient per micro-batch
     if kind == "sft-packing":  # flattened: one row per micro-batch, and no mask
-        assert all(inputs.get("padding_free") and len(inputs["input_ids"]) == 1 for inputs in capture.inputs)
+        assert all(inputs.get("attention_mask") is None and len(inputs["input_ids"]) == 1 for inputs in capture.inputs)
 
     # training ran, the loss is finite, the gate statistics reached the logs
     history = [h for h in trainer.state.log_history if "loss" in h]

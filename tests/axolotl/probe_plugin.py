@@ -58,6 +58,18 @@ class ProbePlugin(BasePlugin):
 
         ModelLoader._set_device_map_config = _set_device_map_config
 
+    def post_trainer_create(self, cfg, trainer):
+        # what the model's training forwards receive: the collator, and the largest attention-mask value (packed
+        # rows number their sequences 1, 2, ... in some of Axolotl's collators)
+        self.collator, self.mask_max = type(trainer.data_collator).__name__, 0
+
+        def record(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if module.training and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                self.mask_max = max(self.mask_max, int(mask.max()))
+
+        trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+
     def post_train(self, cfg, model):
         # (Axolotl's `fsdp_version` defaults to 2 in every config: `fsdp_config` is what marks an FSDP run)
         if cfg.get("fsdp_config") and int(os.environ.get("RANK", "0")) == 0:  # did FSDP2 really shard the model?
@@ -74,4 +86,5 @@ class ProbePlugin(BasePlugin):
             logits = model(input_ids=PROBE_INPUT.to(next(model.parameters()).device)).logits.float().cpu()
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"logits": logits, "layer_types": layers}, out / "probe.pt")
+        torch.save({"logits": logits, "layer_types": layers, "collator": getattr(self, "collator", None),
+                    "mask_max": getattr(self, "mask_max", None)}, out / "probe.pt")

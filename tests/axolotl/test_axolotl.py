@@ -179,16 +179,20 @@ def test_shipped_yaml_as_is_trains_evaluates_and_checkpoints(workspace):
 
 
 def test_sample_packing_is_normalised_at_step_level(workspace):
-    """`sample_packing: true`, as in most Axolotl recipes: the packed rows (position_ids restart per sequence) train,
-    and the step's real tokens counted from the batches are those the model saw (no mismatch warning, no switch to
-    per-forward normalisation). The exact penalty gradient on packed rows is checked in tests/test_trainer.py."""
+    """`sample_packing: true`, as in most Axolotl recipes: Axolotl's multipack collator hands the model packed rows
+    (position_ids restart per sequence), they train, and the step's real tokens counted from the batches are those
+    the model saw (no mismatch warning, no switch to per-forward normalisation). In this run the rows' masks are 0/1
+    (the probe records the largest value); rows whose mask numbers the sequences 1, 2, ..., as that collator does
+    for a bin of several items, are checked against the explicit penalty in tests/test_trainer.py, with a collator
+    that imitates it."""
     output = _train(workspace, "packed", sample_packing=True, micro_batch_size=2, max_steps=8)
-    assert "Applying multipack dataloader patch for sample packing" in output  # the rows really are packed
+    assert "Applying multipack dataloader patch for sample packing" in output
+    probe = torch.load(workspace / "packed" / "probe.pt")
+    assert probe["collator"] == "V2BatchSamplerDataCollatorForSeq2Seq" and probe["mask_max"] >= 1
     assert "real tokens" not in output and "cannot be counted in advance" not in output
     losses = _logged(output, "loss")
     assert len(losses) == 8 and losses[-1] < losses[0], losses
-    penalties, entropies = _logged(output, "gatera/penalty"), _logged(output, "gatera/entropy")
-    assert len(penalties) == 8 and penalties == pytest.approx([0.05 * e for e in entropies], rel=1e-2, abs=1e-4)
+    assert len(_logged(output, "gatera/entropy")) == 8
 
 
 def test_lora_run_is_unaffected_by_the_installed_plugin(workspace):
