@@ -110,41 +110,53 @@ def test_rows_packed_as_axolotl_numbers_them_get_the_exact_step_level_penalty(tm
         torch.testing.assert_close(penalty[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_fp16_loss_scaling_scales_the_penalty_with_the_task_loss(tmp_path):
-    """fp16 training (T4 and other GPUs without bf16) multiplies the loss by the GradScaler's scale before backward;
-    the penalty's gradient must be scaled alike, or the scaler's unscale would shrink it 1/scale-fold. accelerate
-    creates no GradScaler on CPU, so the test installs the one it creates on a GPU (fp32 weights: exact comparison).
-    The first step's gate gradients, still scaled when the optimizer step begins, are scale × the explicit penalty's."""
-    scale = 1024.0
+def _with_loss_scaler(scale: float):
+    """`_sft_trainer` with the GradScaler that accelerate creates for fp16 on a GPU (it creates none on CPU)."""
 
-    def with_loss_scaler(*args, **kwargs):
+    def make(*args, **kwargs):
         trainer = _sft_trainer(*args, **kwargs)
         trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
         return trainer
 
-    penalty, capture = _penalty_gradient(with_loss_scaler, tmp_path, toy_texts(16), batch=4, accum=2)
+    return make
+
+
+def test_fp16_loss_scaling_scales_the_penalty_with_the_task_loss(tmp_path):
+    """fp16 training (T4 and other GPUs without bf16) multiplies the loss by the GradScaler's scale before backward;
+    the penalty's gradient must be scaled alike, or the scaler's unscale would shrink it 1/scale-fold. fp32 weights,
+    so the comparison is exact: the first step's gate gradients, still scaled when the optimizer step begins, are
+    scale × the explicit penalty's."""
+    scale = 1024.0
+    penalty, capture = _penalty_gradient(_with_loss_scaler(scale), tmp_path, toy_texts(16), batch=4, accum=2)
     explicit = explicit_penalty_gradient(capture, LAMBDA)
     for name in penalty:
         assert explicit[name].abs().max() > 1e-6, name
         torch.testing.assert_close(penalty[name] / scale, explicit[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_bf16_training_applies_the_penalty_within_bf16_rounding(tmp_path):
-    """What a GPU user runs: a bf16 base, `bf16=True` (autocast), fp32 adapter weights. The first step's penalty
-    gradient on the gates is within bf16 rounding of the explicit penalty's gradient computed in fp32: at most twice
-    the error of the same gradient by plain bf16 autograd, plus 2 ulps (helpers.rounding_bound), and at most 5% of
-    the gradient's largest entry. The gate parameters are fp32."""
-    penalty, capture = _penalty_gradient(_sft_trainer, tmp_path, toy_texts(16), batch=4, accum=2, bf16=True,
-                                         dtype=torch.bfloat16)
-    assert {p.dtype for n, p in capture.start.named_parameters() if "gatera" not in n} == {torch.bfloat16}
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_training_applies_the_penalty_within_rounding(tmp_path, dtype):
+    """What GPU users run: a half-precision base trained with `bf16=True` or `fp16=True` (autocast; fp16 with a
+    GradScaler at 1024, as on a GPU) and fp32 adapter weights. The first step's penalty gradient on the gates,
+    unscaled, is within 5% of the largest entry of the explicit penalty's gradient computed in fp32; in bf16 also
+    within twice the error of the same gradient by plain bf16 autograd, plus 2 ulps (helpers.rounding_bound). (In
+    fp16 the largest error measured 2.0% where plain fp16 autograd's was 1.3%, so only the 5% rule applies there.)
+    The gate parameters are fp32."""
+    scale = 1024.0 if dtype == torch.float16 else 1.0
+    make = _with_loss_scaler(scale) if dtype == torch.float16 else _sft_trainer
+    flag = {"fp16": True} if dtype == torch.float16 else {"bf16": True}
+    penalty, capture = _penalty_gradient(make, tmp_path, toy_texts(16), batch=4, accum=2, dtype=dtype, **flag)
+    assert {p.dtype for n, p in capture.start.named_parameters() if "gatera" not in n} == {dtype}
     assert {p.dtype for p in gate_params(capture.start).values()} == {torch.float32}
-    naive = explicit_penalty_gradient(capture, LAMBDA)  # plain autograd on the bf16 model
+    naive = explicit_penalty_gradient(capture, LAMBDA)  # plain autograd on the half-precision model
     capture.start = capture.start.float()
     truth = explicit_penalty_gradient(capture, LAMBDA)
     for name in penalty:
         assert truth[name].abs().max() > 1e-6, name
-        bound = min(rounding_bound(naive[name], truth[name], torch.bfloat16), 0.05 * truth[name].abs().max().item())
-        assert max_error(penalty[name], truth[name]) <= bound, name
+        bound = 0.05 * truth[name].abs().max().item()
+        if dtype == torch.bfloat16:
+            bound = min(bound, rounding_bound(naive[name], truth[name], dtype))
+        assert max_error(penalty[name] / scale, truth[name]) <= bound, name
 
 
 @pytest.mark.slow  # ~90 s: inductor compiles each region between the graph breaks on a cold cache
