@@ -146,6 +146,28 @@ def test_4bit_base_matches_single_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_bf16_mixed_precision_trains_like_a_single_bf16_process(single, tmp_path):
+    """`--bf16` under FSDP2: accelerate's MixedPrecisionPolicy (bf16 parameters for compute and bf16 gradient
+    reduction; tests.distributed.allow_fsdp_on_cpu sets it on CPU as accelerate does on GPUs) over GateRA's fp32
+    parameters. The run completes, the branch still reads whole, gathered W0s, the losses track a single process's
+    bf16 (autocast) run within 1e-3, and the saved adapter is complete, fp32, finite and trained. (Exact agreement is
+    not expected: bf16 rounding moves the adapters by ~5e-3 here, as much as going from fp32 to bf16 in one process
+    does; the penalty's exactness is the fp32 runs' check.)"""
+    ok(single_process(tmp_path / "single", "--bf16"))
+    ok(torchrun(tmp_path / "fsdp", "--fsdp", "2", "--bf16"))
+    fsdp_losses, single_losses = torch.tensor(losses(tmp_path / "fsdp")), torch.tensor(losses(tmp_path / "single"))
+    torch.testing.assert_close(fsdp_losses, single_losses, rtol=1e-3, atol=0)
+    fp32_losses = torch.tensor(losses(single))
+    assert (fsdp_losses - fp32_losses).abs().max() > 1e-3  # it really computed in bf16 (as FSDP2 on CPU did not)
+    for probe in _probes(tmp_path / "fsdp"):
+        assert probe["sharded"] and probe["reads_whole"] and probe["resharded_after_forward"]
+    saved, reference = adapter(tmp_path / "fsdp"), adapter(tmp_path / "single")
+    assert saved.keys() == reference.keys()
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())
+    assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("gatera_B"))  # trained, not the init
+
+
+@pytest.mark.slow
 def test_killed_rank_fails_loudly_and_last_checkpoint_loads(single, tmp_path):
     done = torchrun(tmp_path, "--fsdp", "2", GATERA_TEST_KILL_AT_STEP="3", GATERA_TEST_KILL_RANK="1")
     assert done.returncode != 0
