@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (integrations/deepspeed/)")
     parser.add_argument("--fsdp", type=int, choices=(1, 2), default=None,
                         help="shard with PyTorch FSDP of this version (2: fully_shard) through accelerate")
+    parser.add_argument("--fsdp-activation-checkpointing", action="store_true",
+                        help="FSDP's own activation checkpointing (fsdp_config activation_checkpointing)")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4, help="per-device micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1)
@@ -75,7 +77,9 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="constant",
         logging_steps=1, report_to="none", save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500, seed=args.seed, data_seed=args.seed, deepspeed=args.deepspeed,
-        fsdp=bool(args.fsdp), fsdp_config={"version": args.fsdp} if args.fsdp else None,
+        fsdp=bool(args.fsdp),
+        fsdp_config={"version": args.fsdp, "activation_checkpointing": args.fsdp_activation_checkpointing}
+        if args.fsdp else None,
         use_cpu=args.cpu, ddp_backend="gloo" if args.cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         bf16=args.bf16, fp16=False,
         gradient_checkpointing=args.gradient_checkpointing, max_length=64,

@@ -25,6 +25,23 @@ from .config import GateRAConfig
 from .layer import MIXED_BATCHES_REFUSED, SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
 from .penalty import GateStats, PenaltyRun
 
+# torch's checkpoint_wrapper (FSDP's activation checkpointing: `fsdp_config={"activation_checkpointing": True}`,
+# Axolotl's `fsdp_activation_checkpointing`) puts a module of this name between a layer and its children. Its state-dict
+# hooks leave the name out of the keys; PEFT 0.21's adapter key prefixes keep it, then match no key, and the adapter
+# saves empty (LoRA as well).
+_WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def adapter_key_prefixes(model: nn.Module, adapter_name: Optional[str] = None) -> set[str]:
+    """PEFT's state-dict key prefixes of the adapter tensors, named as `model.state_dict()` names them (without the
+    names of wrapper modules)."""
+    prefixes = set()
+    for prefix in _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name):
+        for wrapper in _WRAPPER_NAMES:
+            prefix = prefix.replace(wrapper, "")
+        prefixes.add(prefix)
+    return prefixes
+
 
 class UnreachedExpertsWarning(UserWarning):
     """A model's fused expert weights (3-D parameters) stay frozen: GateRA adapts modules, not bare parameters."""
@@ -411,11 +428,23 @@ class GateRAModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """The adapter's entries of `state_dict` (PEFT's selection, with keys named as the state dict names them)."""
+        selected = _filter_state_dict_by_key_prefixes(state_dict, adapter_key_prefixes(model))
+        selected.update(cls._get_learnable_bias_state_dict(model, state_dict, config))
+        return selected
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Map checkpoint keys to the model and refuse, with a clear message, weights that do not fit this base."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), adapter_key_prefixes(model, adapter_name))
+        model_key_of = {}  # checkpoint key (no adapter name) -> model key
+        for key in expected:
+            saved = cls._remove_adapter_name_from_key(key, adapter_name)
+            model_key_of[saved] = key
+            if not key.startswith("base_model.model."):  # layers injected without a PeftModel around them
+                model_key_of["base_model.model." + saved] = key
+        remapped = {model_key_of.get(k, k): v for k, v in state_dict.items()}
         base_name = getattr(config, "base_model_name_or_path", None) or "the base model it was trained on"
         mismatched = [
             f"{key}: {tuple(remapped[key].shape)} in the adapter, {tuple(value.shape)} in this model"

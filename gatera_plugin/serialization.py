@@ -41,7 +41,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from ._registration import SPELLINGS
+from ._registration import PREFIX, SPELLINGS
 from .fsdp import adapter_state_dict, is_sharded
 
 try:
@@ -299,6 +299,32 @@ def _stamp_and_check(staging: Path, target: Path) -> None:
             check_tensors(load_file(weights), target / weights.relative_to(staging))
 
 
+def _check_complete(peft_model, staging: Path, target: Path) -> None:
+    """Refuse a save whose weights file lacks some of its adapter's tensors, before anything is moved into place.
+
+    The expected tensors are counted from the model's own state dict (keys holding `gatera_` and the adapter's name),
+    independently of how PEFT selects them: a selection that misses tensors (as PEFT 0.21 did under torch's
+    checkpoint wrappers) fails here instead of writing an adapter that cannot be loaded.
+    """
+    from safetensors import safe_open
+
+    model_keys = list(peft_model.state_dict())
+    for name in peft_model.peft_config:
+        weights = (staging if name == "default" else staging / name) / WEIGHTS
+        if not weights.exists():
+            continue
+        expected = sum(PREFIX in key and f".{name}." in key + "." for key in model_keys)
+        with safe_open(str(weights), framework="pt") as f:
+            saved = sum(PREFIX in key for key in f.keys())
+        if saved < expected:
+            raise RuntimeError(
+                f"GateRA: the adapter {name!r} to be saved to {target} holds {saved} of its {expected} tensors, so "
+                "nothing was written (an adapter already there is kept). The model's parameter names and its state "
+                "dict's keys disagree, e.g. under a wrapper module that this release does not know; please report it "
+                "with the model's wrapping (FSDP, activation checkpointing, compile)."
+            )
+
+
 def _warn_if_replacing_another_method(target: Path) -> None:
     existing = target / CONFIG
     if existing.exists():
@@ -342,6 +368,7 @@ def wrap_save_pretrained(original):
             if (target / "README.md").exists():  # PEFT updates an existing model card rather than replacing it
                 shutil.copy2(target / "README.md", staging / "README.md")
             original(self, str(staging), *args, **kwargs)
+            _check_complete(self, staging, target)
             _stamp_and_check(staging, target)
             subfolders = sorted({target / p.parent.relative_to(staging) for p in staging.rglob("*") if p.is_file()})
             for folder in subfolders:

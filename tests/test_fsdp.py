@@ -93,13 +93,16 @@ def _load(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"]], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"], ["--fsdp-activation-checkpointing"]],
+                         ids=["plain", "checkpointing", "fsdp-activation-checkpointing"])
 def test_fsdp2_matches_single_process(single, tmp_path, extra):
     """`fsdp=True, fsdp_config={"version": 2}` through TRL's SFTConfig; TRL's checkpointing is non-reentrant (the
-    reentrant kind is run in the next test)."""
+    reentrant kind is run in the next test), and so is FSDP's own (`fsdp_config={"activation_checkpointing": True}`,
+    torch's checkpoint_wrapper around each decoder layer, whose adapters PEFT 0.21 alone would save empty)."""
     ok(torchrun(tmp_path, "--fsdp", "2", *extra))
     assert_same_run(tmp_path, single)
     _assert_branch_saw_whole_weights(tmp_path, checkpointing="non-reentrant" if extra else None)
+    assert_same_adapter(adapter(tmp_path / "checkpoint-2"), adapter(single / "checkpoint-2"))
     if not extra:  # the final adapter: one complete file, written once, that loads without FSDP
         assert sorted(p.name for p in tmp_path.glob("adapter_model*")) == ["adapter_model.safetensors"]
         assert_same_adapter(adapter(tmp_path / "direct_save"), adapter(single))  # save_pretrained on every rank
@@ -175,6 +178,45 @@ def test_killed_rank_fails_loudly_and_last_checkpoint_loads(single, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
     assert_same_adapter(adapter(tmp_path / "checkpoint-2"), adapter(single / "checkpoint-2"))
     _load(tmp_path / "checkpoint-2")
+
+
+def test_adapter_saves_and_loads_under_activation_checkpointing_wrappers(tmp_path):
+    """FSDP's activation checkpointing wraps each decoder layer in torch's checkpoint_wrapper, which adds
+    `_checkpoint_wrapped_module` to the module names but not to the state-dict keys. The adapter saved from such a
+    model holds every tensor (PEFT 0.21's own selection saved none, LoRA's too), loads into a plain and into a wrapped
+    model, and both give the saved model's outputs."""
+    from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from gatera_plugin import GateRAConfig
+    from tests.helpers import randomize_adapters, tiny_llama
+
+    def wrapped(model):
+        apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                       check_fn=lambda module: isinstance(module, LlamaDecoderLayer))
+        assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+        return model
+
+    config = GateRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)
+    model = randomize_adapters(get_peft_model(tiny_llama(), config))
+    tensors = len(get_peft_model_state_dict(model))
+    model = wrapped(model).eval()
+    assert len(get_peft_model_state_dict(model)) == tensors > 0
+    model.save_pretrained(tmp_path / "adapter")
+    assert len(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == tensors
+    input_ids = torch.randint(3, 60, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
+        torch.testing.assert_close(plain(input_ids=input_ids).logits, expected)
+        into_wrapped = wrapped(get_peft_model(tiny_llama(), config)).eval()
+        into_wrapped.load_adapter(tmp_path / "adapter", adapter_name="default")
+        torch.testing.assert_close(into_wrapped(input_ids=input_ids).logits, expected)
 
 
 def test_fsdp1_is_refused_when_the_trainer_is_built(monkeypatch):

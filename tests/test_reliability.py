@@ -50,6 +50,32 @@ def test_a_failure_while_writing_leaves_the_previous_adapter_intact(tmp_path, mo
     torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), eval_logits(first, ids))
 
 
+@pytest.mark.parametrize("adapter", ["default", "other"])
+def test_a_save_missing_tensors_is_refused_and_the_previous_adapter_kept(tmp_path, monkeypatch, adapter):
+    """If the tensors PEFT selects for saving miss some of the adapter's (PEFT 0.21's own selection under torch's
+    checkpoint wrappers saved none), the save raises, naming the counts, and writes nothing."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from gatera_plugin.model import GateRAModel
+
+    model = _trained(0)
+    if adapter != "default":
+        model.add_adapter(adapter, GateRAConfig(r=4, target_modules=TARGETS))
+    model.save_pretrained(tmp_path)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def selection_missing_one(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = BaseTuner._get_adapter_state_dict.__func__(cls, model, config, adapter_name, state_dict,
+                                                             unwanted_adapter_names)
+        return dict(list(selected.items())[1:]) if f".{adapter}" in next(iter(selected)) else selected
+
+    monkeypatch.setattr(GateRAModel, "_get_adapter_state_dict", classmethod(selection_missing_one))
+    randomize_adapters(model)
+    with pytest.raises(RuntimeError, match=rf"the adapter '{adapter}' .* holds 23 of its 24 tensors, so nothing was"):
+        model.save_pretrained(tmp_path)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_a_failure_between_the_renames_is_detected_on_load(tmp_path, monkeypatch):
     """Killed after the new weights replaced the old but before the config did: the pair is refused, not mixed."""
     _trained(0).save_pretrained(tmp_path)
