@@ -32,13 +32,29 @@ from .penalty import GateStats, PenaltyRun
 _WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
+def adapter_tensors(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
+    """The tensors (parameters and persistent buffers) that the GateRA layers of `model` hold for `adapter_name`,
+    found from the layers themselves, independently of any naming."""
+    tensors = []
+    for module in model.modules():
+        if not isinstance(module, GateRALayer):
+            continue
+        for attr in module.adapter_layer_names:
+            container = getattr(module, attr, None)
+            if container is None or adapter_name not in container:
+                continue
+            entry = container[adapter_name]
+            tensors.extend(entry.state_dict(keep_vars=True).values() if isinstance(entry, nn.Module) else [entry])
+    return tensors
+
+
 def adapter_key_prefixes(model: nn.Module, adapter_name: Optional[str] = None) -> set[str]:
     """PEFT's state-dict key prefixes of the adapter tensors, named as `model.state_dict()` names them (without the
     names of wrapper modules)."""
     prefixes = set()
     for prefix in _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name):
-        for wrapper in _WRAPPER_NAMES:
-            prefix = prefix.replace(wrapper, "")
+        for wrapper in _WRAPPER_NAMES:  # whole dotted parts only
+            prefix = ("." + prefix).replace("." + wrapper, ".")[1:]
         prefixes.add(prefix)
     return prefixes
 
@@ -221,6 +237,13 @@ class GateRAModel(BaseTuner):
                 module.to(device)
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs) -> None:
+        clashes = [name for name, _ in model.named_modules() if adapter_name in name.split(".")]
+        if clashes:
+            raise ValueError(
+                f"adapter_name {adapter_name!r} is also the name of modules of this model (e.g. {clashes[0]!r}). "
+                "PEFT saves an adapter without every tensor whose key holds another adapter's name, so the other "
+                f"adapters would be saved without their tensors under '.{adapter_name}.'. Choose another adapter name."
+            )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._count_gated_layers()  # also reached by `PeftModel.add_adapter`
         config = self.peft_config[adapter_name]

@@ -300,29 +300,40 @@ def _stamp_and_check(staging: Path, target: Path) -> None:
 
 
 def _check_complete(peft_model, staging: Path, target: Path) -> None:
-    """Refuse a save whose weights file lacks some of its adapter's tensors, before anything is moved into place.
+    """Refuse a save whose weights file lacks some of a trained adapter's tensors, before anything is moved into place.
 
-    The expected tensors are counted from the model's own state dict (keys holding `gatera_` and the adapter's name),
-    independently of how PEFT selects them: a selection that misses tensors (as PEFT 0.21 did under torch's
-    checkpoint wrappers) fails here instead of writing an adapter that cannot be loaded.
+    The expected tensors are found from the GateRA layers themselves (`model.adapter_tensors`), independently of how
+    PEFT selects and names them: a selection that misses tensors (as PEFT 0.21 did under torch's checkpoint wrappers)
+    fails here instead of writing an adapter that cannot be loaded. A frozen adapter (e.g. a reference adapter beside
+    the trained one) that arrives incomplete gets a warning instead: DeepSpeed ZeRO-3's consolidated state dict, which
+    the Trainer saves, leaves frozen parameters out.
     """
     from safetensors import safe_open
 
-    model_keys = list(peft_model.state_dict())
+    from .model import adapter_tensors
+
     for name in peft_model.peft_config:
         weights = (staging if name == "default" else staging / name) / WEIGHTS
         if not weights.exists():
             continue
-        expected = sum(PREFIX in key and f".{name}." in key + "." for key in model_keys)
+        tensors = adapter_tensors(peft_model, name)
         with safe_open(str(weights), framework="pt") as f:
             saved = sum(PREFIX in key for key in f.keys())
-        if saved < expected:
-            raise RuntimeError(
-                f"GateRA: the adapter {name!r} to be saved to {target} holds {saved} of its {expected} tensors, so "
-                "nothing was written (an adapter already there is kept). The model's parameter names and its state "
-                "dict's keys disagree, e.g. under a wrapper module that this release does not know; please report it "
-                "with the model's wrapping (FSDP, activation checkpointing, compile)."
+        if saved >= len(tensors):
+            continue
+        counts = f"the adapter {name!r} to be saved to {target} holds {saved} of its {len(tensors)} tensors"
+        if not any(t.requires_grad for t in tensors):
+            warnings.warn(
+                f"GateRA: {counts}; it is frozen, and it is written without them (DeepSpeed ZeRO-3 leaves frozen "
+                "parameters out of the state dict it saves). Save that adapter on its own if you need it.",
+                stacklevel=3,
             )
+            continue
+        raise RuntimeError(
+            f"GateRA: {counts}, so nothing was written (an adapter already there is kept). The model's parameter "
+            "names and its state dict's keys disagree, e.g. under a wrapper module that this release does not know; "
+            "please report it with the model's wrapping (FSDP, activation checkpointing, compile)."
+        )
 
 
 def _warn_if_replacing_another_method(target: Path) -> None:

@@ -61,6 +61,7 @@ def test_a_save_missing_tensors_is_refused_and_the_previous_adapter_kept(tmp_pat
     model = _trained(0)
     if adapter != "default":
         model.add_adapter(adapter, GateRAConfig(r=4, target_modules=TARGETS))
+        model.set_adapter(adapter)  # the one being trained
     model.save_pretrained(tmp_path)
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
@@ -74,6 +75,39 @@ def test_a_save_missing_tensors_is_refused_and_the_previous_adapter_kept(tmp_pat
     with pytest.raises(RuntimeError, match=rf"the adapter '{adapter}' .* holds 23 of its 24 tensors, so nothing was"):
         model.save_pretrained(tmp_path)
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_an_adapter_named_like_a_module_is_refused():
+    """PEFT saves an adapter without every key that holds another adapter's name: beside an adapter named "mlp",
+    "default" would save 16 of its 24 tensors (the completeness check refuses that save). The name is refused when
+    the adapter is added, and at `get_peft_model`."""
+    model = _trained(0)
+    with pytest.raises(ValueError, match=r"adapter_name 'mlp' is also the name of modules .* Choose another"):
+        model.add_adapter("mlp", GateRAConfig(r=4, target_modules=TARGETS))
+    with pytest.raises(ValueError, match=r"adapter_name 'layers' is also the name of modules"):
+        get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS), adapter_name="layers")
+
+
+def test_a_frozen_adapter_saved_incomplete_is_warned_about(tmp_path, monkeypatch):
+    """DeepSpeed ZeRO-3's consolidated state dict, which the Trainer saves, leaves frozen parameters out: a frozen
+    second adapter (e.g. a reference adapter) arrives without its tensors. That save goes on, with a warning naming
+    the adapter, while the trained adapter is saved whole."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from gatera_plugin.model import GateRAModel
+
+    model = _trained(0)
+    model.add_adapter("reference", GateRAConfig(r=4, target_modules=TARGETS))  # frozen: "default" stays active
+
+    def without_frozen(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = BaseTuner._get_adapter_state_dict.__func__(cls, model, config, adapter_name, state_dict,
+                                                             unwanted_adapter_names)
+        return {} if adapter_name == "reference" else selected
+
+    monkeypatch.setattr(GateRAModel, "_get_adapter_state_dict", classmethod(without_frozen))
+    with pytest.warns(UserWarning, match=r"the adapter 'reference' .* holds 0 of its 24 tensors; it is frozen"):
+        model.save_pretrained(tmp_path)
+    assert len(load_file(tmp_path / "adapter_model.safetensors")) == 24
 
 
 def test_a_failure_between_the_renames_is_detected_on_load(tmp_path, monkeypatch):
