@@ -41,7 +41,9 @@ REJECTED = [" nine ten eleven", " two", " one", " zero ten"]
 # N = real tokens of all the step's micro-batches ("sft-packing": SFT's `packing=True`, padding-free, flattens each
 # micro-batch into one row without a mask; DPO's `padding_free` is disabled in TRL 1.16, which falls back to padding)
 STEP_LEVEL = {"sft", "sft-packing", "dpo", "kto", "reward", "orpo", "cpo", "tpo"}
-VARIANTS = {"sft-packing"}  # kinds that run a trainer of another kind with other settings
+# kinds that run the trainer of the kind before "-" with other settings -> those settings ("sft-packing": rows of at
+# most 16 tokens, so that the 8 texts fill both micro-batches of a step)
+VARIANTS = {"sft-packing": {"packing": True, "max_length": 16}}
 PER_FORWARD = {  # N = this forward's tokens × forwards × ranks
     "grpo", "rloo", "distillation", "online_dpo", "gkd", "gold", "sdft", "sdpo", "iw_opd",
 }
@@ -97,8 +99,7 @@ def _trainer(kind, tmp_path, entropy_weight, steps):
     prompts = Dataset.from_dict({"prompt": PROMPTS * 2})
     shared = dict(processing_class=_tokenizer(), peft_config=config)
     torch.manual_seed(0)
-    # packing: rows of at most 16 tokens, so that the 8 texts fill both micro-batches of a step
-    variant_args = {"sft-packing": {"packing": True, "max_length": 16}}.get(kind, {})
+    variant_args = VARIANTS.get(kind, {})
     kind = kind.split("-")[0]
     if kind == "sft":
         texts = [p + c for p, c in zip(PROMPTS, CHOSEN)] * 2
@@ -329,7 +330,7 @@ def test_every_trl_trainer_with_peft_config_is_tested_here():
     untestable offline, with the reason), so README's list of supported trainers stays true."""
     found = _trainers_taking_peft_config()
     assert found - TESTED.keys() - UNTESTED.keys() == set(), "add these trainers to _trainer() and README"
-    assert set(TESTED.values()) == (STEP_LEVEL | PER_FORWARD) - VARIANTS
+    assert set(TESTED.values()) == (STEP_LEVEL | PER_FORWARD) - VARIANTS.keys()
     assert UNTESTED.keys() <= found, "UNTESTED names a trainer TRL no longer has"
 
 
