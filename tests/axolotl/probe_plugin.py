@@ -3,6 +3,7 @@
 Listed under `plugins:` in the tests' YAMLs (which also shows that listing GateRA's own plugin there is harmless).
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -14,8 +15,6 @@ PROBE_INPUT = torch.tensor([[5, 9, 13, 17, 21, 25, 29, 33], [40, 41, 42, 43, 44,
 
 def _zero_stage(deepspeed) -> int:
     if isinstance(deepspeed, str):
-        import json
-
         deepspeed = json.loads(Path(deepspeed).read_text())
     return int(((deepspeed or {}).get("zero_optimization") or {}).get("stage", 0))
 
@@ -76,7 +75,9 @@ class ProbePlugin(BasePlugin):
             from torch.distributed.tensor import DTensor
 
             sharded = [isinstance(p, DTensor) for n, p in model.named_parameters() if "base_layer" in n]
-            (Path(cfg.output_dir) / "fsdp_probe.json").write_text(f'{{"sharded_base_weights": {sum(sharded)}}}')
+            wrapped = [n for n, _ in model.named_modules() if n.endswith("_checkpoint_wrapped_module")]
+            (Path(cfg.output_dir) / "fsdp_probe.json").write_text(
+                json.dumps({"sharded_base_weights": sum(sharded), "checkpoint_wrapped_modules": len(wrapped)}))
         if int(os.environ.get("RANK", "0")) != 0 or _zero_stage(cfg.get("deepspeed")) == 3 or cfg.get("fsdp_config"):
             return  # under ZeRO-3 and FSDP a forward needs every rank
         layers = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()

@@ -278,20 +278,33 @@ def test_gate_lr_ratio_with_axolotls_own_param_groups_is_refused(key, value):
     GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 5.0})
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3", "fsdp2"])
-def test_deepspeed_through_axolotl(workspace, stage):
+DISTRIBUTED_RUNS = {  # name -> (shipped YAML, overrides)
+    "zero2": ("gatera-zero2.yml", {}),
+    "zero3": ("gatera-zero3.yml", {}),
+    "fsdp2": ("gatera-fsdp2.yml", {}),
+    # FSDP's own activation checkpointing (torch's checkpoint_wrapper around each decoder layer) instead of the
+    # model's gradient checkpointing: PEFT alone would save the adapter with no tensors there
+    "fsdp2-activation-checkpointing": ("gatera-fsdp2.yml", {"gradient_checkpointing": False, "fsdp_config": {
+        **yaml.safe_load((EXAMPLES / "gatera-fsdp2.yml").read_text())["fsdp_config"], "activation_checkpointing": True}}),
+}
+
+
+@pytest.mark.parametrize("name", list(DISTRIBUTED_RUNS))
+def test_deepspeed_through_axolotl(workspace, name):
     """`deepspeed: integrations/deepspeed/<stage>.json` and `fsdp_version: 2` (gatera-<stage>.yml), 2 processes on
     CPU (torchrun launcher): trains with the penalty, logs the gate statistics and saves a complete adapter that
-    reproduces the trained model.
+    reproduces the trained model. FSDP2 also with `fsdp_config.activation_checkpointing`.
 
     (Equality with a single-process run is checked in tests/test_deepspeed.py and tests/test_fsdp.py; Axolotl's
     sampler hands each rank other sequences than one process would get, so its losses are not comparable step by
     step.)"""
     from safetensors.torch import load_file
 
-    cfg = _config(workspace, f"ds-{stage}", example=f"gatera-{stage}.yml", micro_batch_size=2, max_steps=12)
+    example, overrides = DISTRIBUTED_RUNS[name]
+    stage = example.removeprefix("gatera-").removesuffix(".yml")
+    cfg = _config(workspace, f"ds-{name}", example=example, micro_batch_size=2, max_steps=12, **overrides)
     done = _axolotl("train", str(cfg), "--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port",
-                    str(29600 + ["zero2", "zero3", "fsdp2"].index(stage)))
+                    str(29600 + list(DISTRIBUTED_RUNS).index(name)))
     _ok(done)
     output = done.stdout + done.stderr
     losses = _logged(output, "loss")
@@ -303,17 +316,20 @@ def test_deepspeed_through_axolotl(workspace, stage):
     assert all(0 < p <= 0.05 for p in _logged(output, "gatera/penalty"))  # λ · entropy, counted once
     from transformers import AutoModelForCausalLM
 
-    saved = load_file(workspace / f"ds-{stage}" / "adapter_model.safetensors")
+    saved = load_file(workspace / f"ds-{name}" / "adapter_model.safetensors")
     base = AutoModelForCausalLM.from_pretrained(workspace / "base")
     linears = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     expected = {f"base_model.model.{n}.gatera_{p}" for n in linears for p in ("A", "B", "gate.weight", "gate.bias")}
     assert set(saved) == expected  # complete: every adapted module's tensors, gathered from the shards
     assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("gatera_B"))  # trained, not the init
-    reloaded = _reload_logits(workspace / "base", workspace / f"ds-{stage}")
+    reloaded = _reload_logits(workspace / "base", workspace / f"ds-{name}")
     if stage == "fsdp2":  # FSDP2 really sharded the base weights (DTensors), not a silent fallback to DDP
-        assert json.loads((workspace / "ds-fsdp2" / "fsdp_probe.json").read_text())["sharded_base_weights"] > 0
+        probe = json.loads((workspace / f"ds-{name}" / "fsdp_probe.json").read_text())
+        assert probe["sharded_base_weights"] > 0
+        # FSDP's activation checkpointing really wrapped the decoder layers (2 here), and only when asked
+        assert probe["checkpoint_wrapped_modules"] == (2 if "activation-checkpointing" in name else 0)
     if stage == "zero2":  # under ZeRO-3 the probe cannot run a forward on rank 0 alone
-        torch.testing.assert_close(reloaded, torch.load(workspace / f"ds-{stage}" / "probe.pt")["logits"],
+        torch.testing.assert_close(reloaded, torch.load(workspace / f"ds-{name}" / "probe.pt")["logits"],
                                    rtol=1e-4, atol=1e-4)
 
 
