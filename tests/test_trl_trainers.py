@@ -43,9 +43,14 @@ REJECTED = [" nine ten eleven", " two", " one", " zero ten"]
 STEP_LEVEL = {"sft", "sft-packing", "dpo", "kto", "reward", "orpo", "cpo", "tpo"}
 # kinds that run the trainer of the kind before "-" with other settings -> those settings ("sft-packing": rows of at
 # most 16 tokens, so that the 8 texts fill both micro-batches of a step)
-VARIANTS = {"sft-packing": {"packing": True, "max_length": 16}}
+VARIANTS = {
+    "sft-packing": {"packing": True, "max_length": 16},
+    # GRPO as RL recipes run it: a KL term to the reference model (the base: the adapter disabled, forwards without
+    # gradient) and each generation batch reused for two optimisation steps (old log-probabilities, no gradient)
+    "grpo-kl": {"beta": 0.04, "num_iterations": 2},
+}
 PER_FORWARD = {  # N = this forward's tokens × forwards × ranks
-    "grpo", "rloo", "distillation", "online_dpo", "gkd", "gold", "sdft", "sdpo", "iw_opd",
+    "grpo", "grpo-kl", "rloo", "distillation", "online_dpo", "gkd", "gold", "sdft", "sdpo", "iw_opd",
 }
 # every TRL trainer that takes `peft_config` (test_every_trl_trainer_with_peft_config_is_tested_here) -> its kind here
 TESTED = {
@@ -118,7 +123,7 @@ def _trainer(kind, tmp_path, entropy_weight, steps):
     if kind in ("grpo", "rloo"):
         config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if kind == "grpo" else (trl.RLOOConfig,
                                                                                             trl.RLOOTrainer)
-        args = config_cls(**common, num_generations=2, max_completion_length=4)
+        args = config_cls(**common, num_generations=2, max_completion_length=4, **variant_args)
         return trainer_cls(model=tiny_llama(), reward_funcs=_length_reward, args=args, train_dataset=prompts, **shared)
     if kind == "distillation":
         data = Dataset.from_dict({"prompt": PROMPTS * 2, "completion": CHOSEN * 2})
@@ -207,6 +212,8 @@ def test_trl_trainer_trains_penalises_logs_and_reloads(kind, tmp_path, caplog):
         assert 0.0 <= entry["gatera/entropy"] <= 1.0 and 0.0 <= entry["gatera/gate_mean"] <= 1.0, entry
         assert entry["gatera/penalty"] == pytest.approx(LAMBDA * entry["gatera/entropy"])
     assert trainer.model.base_model.penalty_run.step_tokens is None  # per-forward again after training
+    if kind == "grpo-kl":  # the reference forwards ran (the adapter disabled: the KL to it is not 0) and were not counted
+        assert trainer.ref_model is None and all(h["kl"] > 0 for h in history), history
 
     # the penalty was applied once, at the stated scale: (λ run − λ=0 run) gate gradients = explicit penalty's
     _, without = _run(kind, tmp_path, 0.0, steps=1)
