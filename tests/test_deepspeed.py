@@ -85,6 +85,24 @@ def test_penalty_counted_once_is_what_makes_them_agree(single, tmp_path):
 
 
 @pytest.mark.slow
+def test_zero3_without_16bit_gather_on_save_saves_the_adapter_and_checkpoints(single, tmp_path):
+    """`stage3_gather_16bit_weights_on_model_save: false`, DeepSpeed's default (accelerate: `zero3_save_16bit_model`,
+    which `accelerate config` offers as "no"): the Trainer then gathers a PEFT model's trainable parameters only. The
+    run is not stopped by GateRA's check for incomplete saves: the final adapter and every checkpoint's are complete
+    and equal the single-process run's, beside DeepSpeed's own checkpoint for resuming."""
+    config = json.loads((ROOT / "integrations" / "deepspeed" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    ok(torchrun(out, "--deepspeed", str(tmp_path / "zero3.json")))
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(single)), rtol=LOSS_RTOL, atol=0)
+    assert_same_adapter(adapter(out), adapter(single))
+    for step in (2, 4, 6):
+        assert_same_adapter(adapter(out / f"checkpoint-{step}"), adapter(single / f"checkpoint-{step}"))
+        assert (out / f"checkpoint-{step}" / f"global_step{step}").is_dir()
+
+
+@pytest.mark.slow
 def test_saved_adapter_reproduces_outputs_without_deepspeed(single, tmp_path):
     from peft import PeftModel
 

@@ -141,7 +141,13 @@ def test_half_precision_training_applies_the_penalty_within_rounding(tmp_path, d
     unscaled, is within 5% of the largest entry of the explicit penalty's gradient computed in fp32; in bf16 also
     within twice the error of the same gradient by plain bf16 autograd, plus 2 ulps (helpers.rounding_bound). (In
     fp16 the largest error measured 2.0% where plain fp16 autograd's was 1.3%, so only the 5% rule applies there.)
-    The gate parameters are fp32."""
+    The gate parameters are fp32.
+
+    A gate's gradient is computed in the half-precision dtype with the task loss's part in it, so it is rounded at the
+    scale of that sum, and the penalty's part (the with-λ run's gradient minus the λ = 0 run's) inherits that
+    rounding: 2 ulps of the larger of the two runs' gradients are always allowed. (Seen with the oldest supported
+    TRL/transformers, whose data preparation gives other inputs: one gate bias whose task gradient is 10x its
+    penalty gradient, 6.6e-3 against 7.7e-4, is 8% off: 6.4e-5, 1.1 × bf16's eps times the 7.3e-3 sum.)"""
     scale = 1024.0 if dtype == torch.float16 else 1.0
     make = _with_loss_scaler(scale) if dtype == torch.float16 else _sft_trainer
     flag = {"fp16": True} if dtype == torch.float16 else {"bf16": True}
@@ -156,7 +162,10 @@ def test_half_precision_training_applies_the_penalty_within_rounding(tmp_path, d
         bound = 0.05 * truth[name].abs().max().item()
         if dtype == torch.bfloat16:
             bound = min(bound, rounding_bound(naive[name], truth[name], dtype))
-        assert max_error(penalty[name] / scale, truth[name]) <= bound, name
+        with_task = capture.grads[name] / scale  # the step's whole gate gradient, task loss included
+        rounding_of_sum = 2 * torch.finfo(dtype).eps * max(with_task.abs().max().item(),
+                                                           (with_task - penalty[name] / scale).abs().max().item())
+        assert max_error(penalty[name] / scale, truth[name]) <= max(bound, rounding_of_sum), name
 
 
 @pytest.mark.slow  # ~90 s: inductor compiles each region between the graph breaks on a cold cache
