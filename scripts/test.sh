@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run every test: lint (ruff), the fast default set, the slow end-to-end runs (marker `slow`), then, in the Axolotl environment
-# (.venv-axolotl), the Axolotl CLI tests and the core suite again against Axolotl's pinned transformers/TRL.
-# Sets up (or refreshes) both environments first (scripts/setup.sh, scripts/setup_axolotl.sh; safe to re-run; skipped
-# with GATERA_SKIP_SETUP=1).
+# (.venv-axolotl), the Axolotl CLI tests and the core suite again against Axolotl's pinned transformers/TRL, and
+# last the fast set against the oldest releases pyproject.toml admits (.venv-oldest).
+# Sets up (or refreshes) the three environments first (scripts/setup.sh, scripts/setup_axolotl.sh,
+# scripts/setup_oldest.sh; safe to re-run; skipped with GATERA_SKIP_SETUP=1).
 # Extra arguments go to every pytest call (e.g. `-x`, `-k name`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ if [ "${GATERA_SKIP_SETUP:-0}" != 1 ]; then  # GATERA_SKIP_SETUP=1: reuse the en
   start=$(date +%s)
   bash scripts/setup.sh
   bash scripts/setup_axolotl.sh
+  bash scripts/setup_oldest.sh
   echo "setup took $(( $(date +%s) - start )) s"
 fi
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled DO_NOT_TRACK=1 AXOLOTL_DO_NOT_TRACK=1 TRITON_INTERPRET=1
@@ -21,3 +23,4 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions
 .venv-axolotl/bin/python -m pytest -q tests/axolotl "$@"
 .venv-axolotl/bin/python -m pytest -q -m "not slow" tests/test_equivalence.py tests/test_model.py \
     tests/test_penalty.py tests/test_trainer.py tests/test_bnb.py tests/test_seeds.py "$@"
+.venv-oldest/bin/python -m pytest -q -m "not slow" --ignore=tests/axolotl "$@"

@@ -13,6 +13,7 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
+from packaging.version import Version
 from peft import PeftModel
 from transformers import Trainer
 
@@ -64,6 +65,9 @@ UNTESTED = {  # -> why not here (README, "How the penalty is applied", says the 
     "AsyncDistillationTrainer": "generates through a vLLM server",
     "ServerDistillationTrainer": "takes its teacher's logits from a server",
 }
+# experimental trainers of the older TRL releases that pyproject.toml admits (1.14, 1.15: Axolotl 0.21 pins 1.14.1),
+# removed in 1.16; the oldest-versions run (scripts/setup_oldest.sh) meets them
+UNTESTED_OLDER_TRL = {"MiniLLMTrainer": "TRL 1.14-1.15 only", "SSDTrainer": "TRL 1.14-1.15 only"}
 
 
 def _tokenizer():
@@ -336,9 +340,11 @@ def test_every_trl_trainer_with_peft_config_is_tested_here():
     """A TRL release that adds a trainer taking `peft_config` fails here until it is tested above (or listed as
     untestable offline, with the reason), so README's list of supported trainers stays true."""
     found = _trainers_taking_peft_config()
-    assert found - TESTED.keys() - UNTESTED.keys() == set(), "add these trainers to _trainer() and README"
+    assert found - TESTED.keys() - UNTESTED.keys() - UNTESTED_OLDER_TRL.keys() == set(), \
+        "add these trainers to _trainer() and README"
     assert set(TESTED.values()) == (STEP_LEVEL | PER_FORWARD) - VARIANTS.keys()
-    assert UNTESTED.keys() <= found, "UNTESTED names a trainer TRL no longer has"
+    if Version(trl.__version__) >= Version("1.16"):  # the release these lists describe (older ones lack some)
+        assert UNTESTED.keys() <= found, "UNTESTED names a trainer TRL no longer has"
 
 
 @pytest.mark.parametrize("trainer", ["grpo", "rloo"])

