@@ -130,7 +130,7 @@ def main(argv=None, callbacks=()) -> None:
     # Every rank waits for rank 0's files, then the process group is torn down before interpreter exit: left to exit,
     # a DeepSpeed ZeRO-3 rank occasionally aborted ("terminate called without an active exception").
     trainer.accelerator.wait_for_everyone()
-    trainer.end()
+    trainer.accelerator.end_training()  # = `Trainer.end()` of newer transformers (5.0 lacks it)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,9 @@ def begin_step(trainer, batch_samples) -> None:
     hand over None instead: each forward is then normalised by its own real tokens × forwards per step × ranks.
     """
     tuner = find_gatera_model(trainer.model)
-    if tuner is None:
+    if tuner is None or not batch_samples:
+        # no micro-batch, so no forward to normalise: e.g. transformers 5.0, resumed mid-epoch, asks the exhausted
+        # epoch iterator for its skipped steps' batches and gets nothing (the last step is checked at the next one)
         return
     run, state = tuner.penalty_run, _normaliser(trainer)
     accelerator = trainer.accelerator

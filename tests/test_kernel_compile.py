@@ -17,6 +17,7 @@ needed).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 pytest.importorskip("triton")
 pytest.importorskip("bitsandbytes")  # the NF4 specializations
@@ -199,6 +201,8 @@ def problems(rows: list[dict]) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(Version(importlib.metadata.version("triton")) < Version("3.5"),
+                    reason="the compile check uses Triton's compiler internals of triton >= 3.5")
 def test_every_launched_kernel_compiles_for_sm80_and_sm90(capsys):
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     done = subprocess.run([sys.executable, __file__, "--json"], capture_output=True, text=True, env=env, cwd=ROOT,

@@ -110,6 +110,21 @@ def test_rows_packed_as_axolotl_numbers_them_get_the_exact_step_level_penalty(tm
         torch.testing.assert_close(penalty[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_a_step_with_no_micro_batches_changes_no_normalisation(tmp_path, caplog):
+    """transformers 5.0, resumed mid-epoch, asks the exhausted epoch iterator for the skipped steps' batches and gets
+    none (4 times at the epoch boundary in tests/test_reliability.py's resume test). Such an empty step runs no forward:
+    it must not be taken for a trainer that builds its own inputs. Before, it switched the rest of the run to
+    per-forward normalisation, and the resumed run's adapter differed from the uninterrupted run's (4.7e-4)."""
+    from gatera_plugin.trainer_integration import begin_step
+
+    trainer = plain_trainer(tmp_path, toy_texts(8), LAMBDA, batch=2, accum=2)
+    with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
+        begin_step(trainer, [])
+        trainer.train()  # its steps are still normalised by the step's real tokens, with no warning
+    assert not [r.getMessage() for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]
+    assert not trainer._gatera_normaliser.per_forward and trainer._gatera_normaliser.expected_tokens is not None
+
+
 def _with_loss_scaler(scale: float):
     """`_sft_trainer` with the GradScaler that accelerate creates for fp16 on a GPU (it creates none on CPU)."""
 
