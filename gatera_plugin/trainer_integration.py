@@ -170,16 +170,22 @@ def begin_step(trainer, batch_samples) -> None:
     hand over None instead: each forward is then normalised by its own real tokens × forwards per step × ranks.
     """
     tuner = find_gatera_model(trainer.model)
-    if tuner is None or not batch_samples:
-        # no micro-batch, so no forward to normalise: e.g. transformers 5.0, resumed mid-epoch, asks the exhausted
-        # epoch iterator for its skipped steps' batches and gets nothing (the last step is checked at the next one)
+    if tuner is None:
         return
     run, state = tuner.penalty_run, _normaliser(trainer)
     accelerator = trainer.accelerator
     world_size = accelerator.num_processes
+    # No micro-batch, so no forward on this rank: e.g. transformers 5.0, resumed mid-epoch, asks the exhausted epoch
+    # iterator for its skipped steps' batches and gets nothing. Not a trainer that builds its own inputs: alone, skip
+    # it (the last step is checked at the next one); with other ranks, still join their gather, with 0 tokens.
+    empty = not batch_samples
+    if empty and (world_size == 1 or state.per_forward):
+        return
     mismatch = _check_last_step(trainer, run)
     replaces = any(cls.__name__ in REPLACES_INPUTS for cls in type(trainer).__mro__)
     tokens = None if state.per_forward or mismatch or replaces else count_real_tokens(batch_samples)
+    if empty and not (mismatch or replaces):
+        tokens = torch.tensor(0)
     uncountable, step_tokens = tokens is None and not state.per_forward and not mismatch, None
     if world_size > 1 and not state.per_forward:  # every rank takes this branch until all switch together
         local = torch.tensor([float(tokens) if tokens is not None else 0.0, float(tokens is None)],

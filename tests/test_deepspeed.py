@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from packaging.version import Version
 
 from tests.distributed import (
     ADAPTER_ATOL,
@@ -60,7 +61,7 @@ def test_zero_matches_single_process(single, tmp_path, stage, extra):
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_bf16_zero_trains_like_a_single_bf16_process(tmp_path, stage):
     """`bf16: auto` in the shipped configs with `--bf16`: DeepSpeed casts the whole model, gates included, to bf16 and
-    keeps fp32 master weights. The run completes, its losses track a single process's bf16 (autocast) run within 2e-3,
+    keeps fp32 master weights. The run completes, its losses track a single process's bf16 (autocast) run within 1e-3 (2e-3 on torch 2.6),
     and it saves a complete, finite, trained adapter. (Exact agreement is not expected: bf16 rounding, turned into
     element-wise steps of up to the learning rate by AdamW, moves the adapters by ~5e-3 here, as much as going from
     fp32 to bf16 in one process does, which would also hide a penalty applied twice. Losses measured within 4e-4 with
@@ -68,7 +69,8 @@ def test_bf16_zero_trains_like_a_single_bf16_process(tmp_path, stage):
     single_bf16, distributed = tmp_path / "single", tmp_path / stage
     ok(single_process(single_bf16, "--bf16"))
     ok(torchrun(distributed, "--deepspeed", ZERO[stage], "--bf16"))
-    torch.testing.assert_close(torch.tensor(losses(distributed)), torch.tensor(losses(single_bf16)), rtol=2e-3, atol=0)
+    rtol = 1e-3 if Version(torch.__version__) >= Version("2.7") else 2e-3
+    torch.testing.assert_close(torch.tensor(losses(distributed)), torch.tensor(losses(single_bf16)), rtol=rtol, atol=0)
     saved, reference = adapter(distributed), adapter(single_bf16)
     assert saved.keys() == reference.keys() and len(saved) > 0
     assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in saved.values())

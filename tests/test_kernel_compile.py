@@ -17,7 +17,6 @@ needed).
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-pytest.importorskip("triton")
+triton_module = pytest.importorskip("triton")
 pytest.importorskip("bitsandbytes")  # the NF4 specializations
 
 ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block: A100, H100
@@ -201,7 +200,7 @@ def problems(rows: list[dict]) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(Version(importlib.metadata.version("triton")) < Version("3.5"),
+@pytest.mark.skipif(Version(triton_module.__version__) < Version("3.5"),
                     reason="the compile check uses Triton's compiler internals of triton >= 3.5")
 def test_every_launched_kernel_compiles_for_sm80_and_sm90(capsys):
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
