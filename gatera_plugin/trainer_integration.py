@@ -81,7 +81,8 @@ def count_real_tokens(batches) -> Optional[torch.Tensor]:
 
     A micro-batch counts when it is a dict of model inputs (`input_ids` / `inputs_embeds`, and `attention_mask` if
     padded) or a dict of paired `chosen_*` and `rejected_*` inputs (both counted); anything else, e.g. the raw rows
-    that GRPO turns into model inputs after generation, gives None.
+    that GRPO turns into model inputs after generation, gives None. No micro-batches hold 0 tokens: transformers 5.0,
+    resumed mid-epoch, asks the exhausted epoch iterator for the skipped steps' batches and gets none.
     """
     total = None
     for batch in batches:
@@ -94,7 +95,7 @@ def count_real_tokens(batches) -> Optional[torch.Tensor]:
                 return None
             count = pair[0] + pair[1].to(pair[0].device)
         total = count if total is None else total + count.to(total.device)
-    return total
+    return total if total is not None else torch.tensor(0)
 
 
 def loss_scale_of(trainer) -> float:
@@ -175,17 +176,9 @@ def begin_step(trainer, batch_samples) -> None:
     run, state = tuner.penalty_run, _normaliser(trainer)
     accelerator = trainer.accelerator
     world_size = accelerator.num_processes
-    # No micro-batch, so no forward on this rank: e.g. transformers 5.0, resumed mid-epoch, asks the exhausted epoch
-    # iterator for its skipped steps' batches and gets nothing. Not a trainer that builds its own inputs: alone, skip
-    # it (the last step is checked at the next one); with other ranks, still join their gather, with 0 tokens.
-    empty = not batch_samples
-    if empty and (world_size == 1 or state.per_forward):
-        return
     mismatch = _check_last_step(trainer, run)
     replaces = any(cls.__name__ in REPLACES_INPUTS for cls in type(trainer).__mro__)
     tokens = None if state.per_forward or mismatch or replaces else count_real_tokens(batch_samples)
-    if empty and not (mismatch or replaces):
-        tokens = torch.tensor(0)
     uncountable, step_tokens = tokens is None and not state.per_forward and not mismatch, None
     if world_size > 1 and not state.per_forward:  # every rank takes this branch until all switch together
         local = torch.tensor([float(tokens) if tokens is not None else 0.0, float(tokens is None)],

@@ -290,6 +290,7 @@ def test_count_real_tokens_of_each_batch_layout():
               "chosen_attention_mask": mask, "rejected_input_ids": torch.zeros(2, 4),
               "rejected_attention_mask": torch.ones(2, 4)}
     assert int(count_real_tokens([paired])) == 5 + 8
+    assert int(count_real_tokens([])) == 0  # a step with no micro-batches (transformers 5.0 after resuming)
     assert count_real_tokens([[{"prompt": "count one"}]]) is None  # GRPO's raw rows
     assert count_real_tokens([{"chosen_input_ids": torch.zeros(2, 3)}]) is None  # half a pair
 
