@@ -27,3 +27,13 @@ stdout_only() {
     exit "$status"
   fi
 }
+
+# `use_venv DIR`: create the virtual environment DIR with $PYTHON (default python3) unless it exists, activate it and
+# bring its pip up to date.
+use_venv() {
+  if [ ! -x "$1/bin/python" ]; then
+    quietly "${PYTHON:-python3}" -m venv "$1"
+  fi
+  . "$1/bin/activate"
+  quietly python -m pip install --upgrade pip
+}

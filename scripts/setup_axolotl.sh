@@ -6,12 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/quietly.sh
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv-axolotl/bin/python ]; then
-  quietly "$PYTHON" -m venv .venv-axolotl
-fi
-. .venv-axolotl/bin/activate
-quietly python -m pip install --upgrade pip
+use_venv .venv-axolotl
 quietly python -m pip install "torch==2.13.0"
 quietly python -m pip install --no-deps -r scripts/axolotl-env.lock
 quietly python -m pip install --no-deps --ignore-requires-python "axolotl==0.21.0"

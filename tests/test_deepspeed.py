@@ -61,8 +61,8 @@ def test_zero_matches_single_process(single, tmp_path, stage, extra):
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_bf16_zero_trains_like_a_single_bf16_process(tmp_path, stage):
     """`bf16: auto` in the shipped configs with `--bf16`: DeepSpeed casts the whole model, gates included, to bf16 and
-    keeps fp32 master weights. The run completes, its losses track a single process's bf16 (autocast) run within 1e-3 (2e-3 on torch 2.6),
-    and it saves a complete, finite, trained adapter. (Exact agreement is not expected: bf16 rounding, turned into
+    keeps fp32 master weights. The run completes, its losses track a single process's bf16 (autocast) run within 1e-3
+    (2e-3 on torch 2.6), and it saves a complete, finite, trained adapter. (Exact agreement is not expected: bf16 rounding, turned into
     element-wise steps of up to the learning rate by AdamW, moves the adapters by ~5e-3 here, as much as going from
     fp32 to bf16 in one process does, which would also hide a penalty applied twice. Losses measured within 4e-4 with
     torch 2.13; with torch 2.6, whose CPU autocast differs, the first loss, before any update, is 1.05e-3 off.)"""

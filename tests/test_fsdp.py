@@ -53,6 +53,7 @@ def test_only_a_run_that_finished_and_then_aborted_at_exit_is_run_again():
 FSDP2_ON_CPU = pytest.mark.skipif(Version(torch.__version__) < Version("2.7"),
                                   reason="FSDP2 does not run on CPU with torch 2.6")
 
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """One process, 4 sequences per step: the reference."""

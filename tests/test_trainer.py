@@ -165,8 +165,8 @@ def test_half_precision_training_applies_the_penalty_within_rounding(tmp_path, d
 
     A gate's gradient is computed in the half-precision dtype with the task loss's part in it, so it is rounded at the
     scale of that sum, and the penalty's part (the with-λ run's gradient minus the λ = 0 run's) inherits that
-    rounding: each entry may be off by 2 ulps of its own larger whole gradient of the two runs. (Seen with the oldest supported
-    TRL/transformers, whose data preparation gives other inputs: one gate bias whose task gradient is 10x its
+    rounding: each entry may be off by 2 ulps of its own larger whole gradient of the two runs. (Seen with the oldest
+    supported TRL/transformers, whose data preparation gives other inputs: one gate bias whose task gradient is 10x its
     penalty gradient, 6.6e-3 against 7.7e-4, is 8% off: 6.4e-5, 1.1 × bf16's eps times the 7.3e-3 sum.)"""
     scale = 1024.0 if dtype == torch.float16 else 1.0
     make = _with_loss_scaler(scale) if dtype == torch.float16 else _sft_trainer
