@@ -325,6 +325,13 @@ class GateRAModel(BaseTuner):
         return changed
 
     # ----------------------------------------------------------------------------------------------- statistics
+    def discard_gate_stats(self) -> None:
+        """Drop the gate statistics recorded since the last `pop_gate_stats`, on this rank only (no all-reduce)."""
+        for module in self.model.modules():
+            if isinstance(module, GateRALayer):
+                for stats in module.gate_stats.values():
+                    stats.pop_tensor()
+
     def pop_gate_stats(self, per_layer: Optional[bool] = None) -> dict[str, float]:
         """Gate statistics recorded since the last call, as log entries; empty if no gated backward ran.
 

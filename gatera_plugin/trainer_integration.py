@@ -15,7 +15,9 @@ Installed once on `import gatera_plugin`, these wrappers do nothing unless the t
 - `log`: add the gate statistics gathered since the last log (`gatera/...` keys) to training logs, before they
   reach `state.log_history` and every `report_to` backend;
 - `train`: first return gate parameters that TRL cast to bf16 to fp32 (`GateRAModel.upcast_gates_to_fp32`), before
-  the optimizer is built or restored from a checkpoint; afterwards return the model to per-forward normalisation.
+  the optimizer is built or restored from a checkpoint; afterwards return the model to per-forward normalisation;
+- `_inner_training_loop` (run again with a smaller batch by `auto_find_batch_size` after an out-of-memory error): a
+  loop that raises leaves no unfinished step behind for the next one to check or log.
 
 Wrapping the base class keeps working for subclasses that override these methods and call `super()` (TRL does).
 """
@@ -213,6 +215,22 @@ def begin_step(trainer, batch_samples) -> None:
     )
 
 
+def forget_unfinished_step(trainer) -> None:
+    """Drop what a training loop that raised left behind: its last step's expectations, and the gate statistics that
+    step's backwards recorded (its gradients the Trainer zeroes itself).
+
+    `auto_find_batch_size=True` runs the whole training loop again with a smaller batch after an out-of-memory error.
+    Before, the retry checked the aborted step's expectations against its own first step, warned about a mismatch
+    that never happened and switched to per-forward normalisation for the rest of the run.
+    """
+    tuner = find_gatera_model(trainer.model)
+    if tuner is None:
+        return
+    state = _normaliser(trainer)
+    state.expected_forwards, state.expected_tokens, state.micro_batches = 0, None, 0
+    tuner.discard_gate_stats()
+
+
 def end_training(trainer) -> None:
     """Check the last step like every other, then return the model to per-forward normalisation."""
     tuner = find_gatera_model(trainer.model)
@@ -243,7 +261,7 @@ def check_generation_backend(trainer) -> None:
 
 
 def install() -> None:
-    """Wrap `Trainer.__init__`, `Trainer.get_batch_samples`, `Trainer.log` and `Trainer.train` once (idempotent)."""
+    """Wrap `Trainer.__init__`, `get_batch_samples`, `log`, `train` and `_inner_training_loop` once (idempotent)."""
     from transformers import Trainer
 
     if getattr(Trainer.get_batch_samples, _MARK, False):
@@ -252,6 +270,7 @@ def install() -> None:
     original_get_batch_samples = Trainer.get_batch_samples
     original_log = Trainer.log
     original_train = Trainer.train
+    original_inner_loop = Trainer._inner_training_loop
 
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
@@ -289,9 +308,18 @@ def install() -> None:
         end_training(self)
         return result
 
-    for wrapper in (__init__, get_batch_samples, log, train):
+    @functools.wraps(original_inner_loop)
+    def _inner_training_loop(self, *args, **kwargs):
+        try:
+            return original_inner_loop(self, *args, **kwargs)
+        except BaseException:
+            forget_unfinished_step(self)
+            raise
+
+    for wrapper in (__init__, get_batch_samples, log, train, _inner_training_loop):
         setattr(wrapper, _MARK, True)
     Trainer.__init__ = __init__
     Trainer.get_batch_samples = get_batch_samples
     Trainer.log = log
     Trainer.train = train
+    Trainer._inner_training_loop = _inner_training_loop

@@ -13,6 +13,7 @@ from gatera_plugin import GateRAConfig
 from tests.helpers import (
     LLAMA_PROJECTIONS,
     FirstStepCapture,
+    backbone,
     explicit_penalty_gradient,
     gate_params,
     multipack_collator,
@@ -128,6 +129,42 @@ def test_a_step_with_no_micro_batches_changes_no_normalisation(tmp_path, caplog)
         trainer.train()  # its steps are still normalised by the step's real tokens, with no warning
     assert not [r.getMessage() for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]
     assert not trainer._gatera_normaliser.per_forward and trainer._gatera_normaliser.expected_tokens is not None
+
+
+def test_a_batch_size_retried_after_out_of_memory_trains_like_a_run_started_at_it(tmp_path, caplog):
+    """`auto_find_batch_size=True` (Trainer and Axolotl) runs the training loop again with a 10% smaller batch after an
+    out-of-memory error. Here the error comes at the second forward of the first step, after one forward and backward
+    with gradient. The retried run must equal a run started at the smaller batch: same losses, same logged gate
+    statistics, same adapter, and no warning. Before, the retry checked the aborted step against its own first step,
+    warned of a forward-count and token mismatch, switched to per-forward normalisation and logged the aborted
+    micro-batch's gates (adapter 0.03 off)."""
+    def run(batch, oom):
+        trainer = _sft_trainer(tmp_path, toy_texts(16), LAMBDA, batch=batch, accum=2, steps=3, auto_find_batch_size=oom)
+        forwards = []
+
+        def out_of_memory_at_second_forward(module, args, kwargs):
+            if torch.is_grad_enabled() and kwargs["input_ids"].shape[0] == 8:
+                forwards.append(kwargs["input_ids"].shape)
+                if len(forwards) == 2:
+                    raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+        backbone(trainer.model).register_forward_pre_hook(out_of_memory_at_second_forward, with_kwargs=True)
+        trainer.train()
+        assert len(forwards) == (2 if oom else 0)
+        return trainer
+
+    with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
+        retried = run(8, oom=True)
+    assert not [r.getMessage() for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]
+    assert retried._train_batch_size == 7
+    fresh = run(7, oom=False)
+    # ours and the Trainer's (TRL's own `num_tokens` and `entropy` keep counting the aborted micro-batch)
+    logged = [[{k: v for k, v in h.items() if k.startswith("gatera/") or k in ("loss", "grad_norm", "step")}
+               for h in t.state.log_history] for t in (retried, fresh)]
+    assert logged[0] == logged[1] and "gatera/penalty" in logged[0][0]
+    ours, theirs = gate_params(retried.model), gate_params(fresh.model)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0, msg=name)
 
 
 def _with_loss_scaler(scale: float):
