@@ -81,6 +81,18 @@ class GateStats:
         return sums
 
 
+class _ReplayingPartial(functools.partial):
+    """A `functools.partial` that runs with `run._replaying` set to `batch`; to introspection (`func`, `args`,
+    `keywords`) the same as the partial it copies."""
+
+    def __call__(self, *args, **kwargs):
+        outer, self.run._replaying = self.run._replaying, self.batch
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self.run._replaying = outer
+
+
 @dataclass
 class ForwardBatch:
     """What the model's forward pre-hook recorded about one forward's inputs."""
@@ -148,15 +160,14 @@ class PenaltyRun:
 
         @functools.wraps(checkpoint_function)
         def checkpoint_in_this_forward(function, *args, **kwargs):
-            batch = self.batch
-
-            def replay(*fn_args, **fn_kwargs):
-                outer, self._replaying = self._replaying, batch
-                try:
-                    return function(*fn_args, **fn_kwargs)
-                finally:
-                    self._replaying = outer
-
+            # transformers' layers pass a partial of the layer's forward, and some checkpoint functions read the layer
+            # from it (Axolotl's `activation_offloading: legacy` reads `function.func.__self__`; a plain closure made
+            # them raise AttributeError at the first forward): a partial is passed on as a copy of itself
+            if isinstance(function, functools.partial):
+                replay = _ReplayingPartial(function.func, *function.args, **function.keywords)
+            else:
+                replay = _ReplayingPartial(function)
+            replay.run, replay.batch = self, self.batch
             return checkpoint_function(replay, *args, **kwargs)
 
         checkpoint_in_this_forward.gatera_penalty_run = self

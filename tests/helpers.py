@@ -242,6 +242,39 @@ def explicit_penalty_gradient(capture: FirstStepCapture, weight: float, per_forw
     return total
 
 
+class OffloadingCheckpoint(torch.autograd.Function):
+    """A checkpoint in the style of Axolotl's `activation_offloading: legacy` (and Unsloth's): runs the layer without
+    gradient, keeps only its input, and reruns it inside its own backward."""
+
+    @staticmethod
+    def forward(ctx, function, hidden_states, *args):
+        with torch.no_grad():
+            output = function(hidden_states, *args)
+        ctx.save_for_backward(hidden_states)
+        ctx.function, ctx.args = function, args
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        (hidden_states,) = ctx.saved_tensors
+        hidden_states = hidden_states.detach().requires_grad_()
+        with torch.enable_grad():
+            output = ctx.function(hidden_states, *ctx.args)
+        torch.autograd.backward(output[0] if isinstance(output, tuple) else output, grad)
+        return (None, hidden_states.grad) + (None,) * len(ctx.args)
+
+
+def offloading_checkpoint(function, *args, use_reentrant=None):
+    """A `_gradient_checkpointing_func` that, like Axolotl's offloading ones, finds the layer in the partial that
+    transformers' checkpointed layers pass: `partial(layer.__call__, **kwargs)` up to transformers 5.2x (Axolotl reads
+    `function.func.__self__`), `partial(type(layer).forward, layer, **kwargs)` in later releases."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layer = getattr(function.func, "__self__", None) or function.args[0]
+    assert isinstance(layer, GradientCheckpointingLayer)
+    return OffloadingCheckpoint.apply(function, *args)
+
+
 class TwoLinear(nn.Module):
     """A model of two linears (the second on the first's output) for layer-level tests."""
 

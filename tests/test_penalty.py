@@ -6,7 +6,7 @@ from peft import get_peft_model
 
 from gatera_plugin import GateRAConfig
 from gatera_plugin.penalty import binary_entropy, binary_entropy_grad
-from tests.helpers import collect_gates, naive_entropy, tiny_llama
+from tests.helpers import collect_gates, naive_entropy, offloading_checkpoint, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 LAMBDA = 0.7
@@ -109,14 +109,16 @@ def test_statistics_equal_the_explicit_means():
     assert model.base_model.pop_gate_stats() == {}  # popped
 
 
-@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant", "offloading"])
 @pytest.mark.parametrize("between", ["other-shape", "same-shape-other-mask", "with-gradient"])
 def test_another_forward_of_the_model_before_backward_changes_nothing(checkpointing, between):
     """A trainer may run the same model again between a forward and its backward: without gradient (TRL's
     self-distillation teachers, a reference forward with the adapter disabled) or with it (two forwards, one
     backward). Each backward, and gradient checkpointing's recomputation inside it, still uses its own forward's
     tokens: the same gradients and statistics as separate forwards and backwards without checkpointing.
-    (Recomputing with the latest forward's mask raised CheckpointError, or silently used the wrong mask.)"""
+    (Recomputing with the latest forward's mask raised CheckpointError, or silently used the wrong mask.)
+    "offloading": a checkpoint function that reads the layer from what it is given, as Axolotl's
+    `activation_offloading: legacy` does (it raised AttributeError at the first forward)."""
     input_ids, mask, labels = _batch()
     if between == "other-shape":
         other_ids, other_mask = input_ids[:2, :7], torch.ones(2, 7, dtype=torch.long)
@@ -133,6 +135,10 @@ def test_another_forward_of_the_model_before_backward_changes_nothing(checkpoint
     if checkpointing:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        if checkpointing == "offloading":
+            for module in model.modules():
+                if "_gradient_checkpointing_func" in module.__dict__:
+                    module._gradient_checkpointing_func = offloading_checkpoint
         model.train()
     loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
     if between == "with-gradient":

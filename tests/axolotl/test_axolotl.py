@@ -195,6 +195,19 @@ def test_sample_packing_is_normalised_at_step_level(workspace):
     assert len(_logged(output, "gatera/entropy")) == 8
 
 
+def test_selective_checkpointing_trains_with_the_step_level_penalty(workspace):
+    """`selective_checkpointing: true` (Axolotl saves attention in each checkpointed layer and recomputes the rest,
+    non-reentrant, through its own `context_fn`): the gated layers train with the penalty at its scale, and each
+    step's forwards are counted once (no mismatch warning, no switch to per-forward normalisation)."""
+    output = _train(workspace, "selective", gradient_checkpointing=True, selective_checkpointing=True, max_steps=8)
+    assert "selective_checkpointing enabled" in output
+    assert "GateRA:" not in output, output[output.index("GateRA:"):][:500]
+    losses = _logged(output, "loss")
+    assert len(losses) == 8 and losses[-1] < losses[0], losses
+    assert len(_logged(output, "gatera/entropy")) == 8
+    assert all(0 < p <= 0.05 for p in _logged(output, "gatera/penalty"))  # λ · entropy, counted once
+
+
 def test_lora_run_is_unaffected_by_the_installed_plugin(workspace):
     """The same `adapter: lora` run with and without gatera-plugin's entry point: identical losses, no gatera keys."""
     runs = {}
@@ -276,6 +289,39 @@ def test_gate_lr_ratio_with_axolotls_own_param_groups_is_refused(key, value):
         GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 5.0, key: value})
     GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 1.0, key: value})
     GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 5.0})
+
+
+def test_axolotls_offloading_checkpointer_recomputes_the_gated_layers_exactly(monkeypatch):
+    """`activation_offloading: legacy` makes Axolotl replace transformers' checkpoint function by one that finds the
+    layer as `function.func.__self__` (it needs a GPU through the CLI, so its patch is applied here as Axolotl applies
+    it). GateRA's checkpointing wrapper passes that partial on unchanged to introspection (before, a closure: an
+    AttributeError at the first forward), and the gradients, penalty included, equal those without checkpointing."""
+    import transformers.modeling_utils
+    from axolotl.monkeypatch.gradient_checkpointing import hf_grad_checkpoint_offload_wrapper
+    from peft import get_peft_model
+
+    from gatera_plugin import GateRAConfig
+    from tests.helpers import tiny_llama
+
+    input_ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(input_ids)
+    mask[0, 8:] = 0
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            monkeypatch.setattr(transformers.modeling_utils, "checkpoint", hf_grad_checkpoint_offload_wrapper)
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                          init_weights=False, entropy_weight=0.5))
+        if checkpointing:
+            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable({"use_reentrant": True})
+        model.train()
+        model(input_ids=input_ids, attention_mask=mask, labels=input_ids.masked_fill(mask == 0, -100)).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 DISTRIBUTED_RUNS = {  # name -> (shipped YAML, overrides)
