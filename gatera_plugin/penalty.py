@@ -161,12 +161,12 @@ class PenaltyRun:
         @functools.wraps(checkpoint_function)
         def checkpoint_in_this_forward(function, *args, **kwargs):
             # transformers' layers pass a partial of the layer's forward, and some checkpoint functions read the layer
-            # from it (Axolotl's `activation_offloading: legacy` reads `function.func.__self__`; a plain closure made
-            # them raise AttributeError at the first forward): a partial is passed on as a copy of itself
-            if isinstance(function, functools.partial):
+            # from it (Axolotl's `activation_offloading: legacy` reads `function.func.__self__`): a plain partial is
+            # passed on as a copy of itself; anything else (a subclass may have its own `__call__`) is wrapped
+            if type(function) is functools.partial and not function.__dict__:
                 replay = _ReplayingPartial(function.func, *function.args, **function.keywords)
             else:
-                replay = _ReplayingPartial(function)
+                replay = _ReplayingPartial(function.__call__ if isinstance(function, functools.partial) else function)
             replay.run, replay.batch = self, self.batch
             return checkpoint_function(replay, *args, **kwargs)
 

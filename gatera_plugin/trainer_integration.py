@@ -216,18 +216,18 @@ def begin_step(trainer, batch_samples) -> None:
 
 
 def forget_unfinished_step(trainer) -> None:
-    """Drop what a training loop that raised left behind: its last step's expectations, and the gate statistics that
-    step's backwards recorded (its gradients the Trainer zeroes itself).
+    """Drop what a training loop that raised left behind: its last step's expectations and tallies, and the gate
+    statistics recorded since the last log (the Trainer zeroes the gradients itself, and a new loop logs afresh).
 
-    `auto_find_batch_size=True` runs the whole training loop again with a smaller batch after an out-of-memory error.
-    Before, the retry checked the aborted step's expectations against its own first step, warned about a mismatch
-    that never happened and switched to per-forward normalisation for the rest of the run.
+    `auto_find_batch_size=True` runs the whole training loop again with a smaller batch after an out-of-memory error;
+    the retry must not check its first step against the aborted one.
     """
     tuner = find_gatera_model(trainer.model)
     if tuner is None:
         return
     state = _normaliser(trainer)
     state.expected_forwards, state.expected_tokens, state.micro_batches = 0, None, 0
+    tuner.penalty_run.end_training()
     tuner.discard_gate_stats()
 
 

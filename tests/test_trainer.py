@@ -134,14 +134,16 @@ def test_a_step_with_no_micro_batches_changes_no_normalisation(tmp_path, caplog)
 def test_a_batch_size_retried_after_out_of_memory_trains_like_a_run_started_at_it(tmp_path, caplog):
     """`auto_find_batch_size=True` (Trainer and Axolotl) runs the training loop again with a 10% smaller batch after an
     out-of-memory error. Here the error comes at the second forward of the first step, after one forward and backward
-    with gradient. The retried run must equal a run started at the smaller batch: same losses, same logged gate
-    statistics, same adapter, and no warning. Before, the retry checked the aborted step against its own first step,
-    warned of a forward-count and token mismatch, switched to per-forward normalisation and logged the aborted
-    micro-batch's gates (adapter 0.03 off)."""
+    with gradient. The retried run must equal a run started at the smaller batch: same losses and grad norms, same
+    logged gate statistics, same adapter, and no warning. Before, the retry checked the aborted step against its own
+    first step, warned of a forward-count and token mismatch, switched to per-forward normalisation and logged the
+    aborted micro-batch's gates (adapter 0.03 off)."""
     def run(batch, oom):
         trainer = _sft_trainer(tmp_path, toy_texts(16), LAMBDA, batch=batch, accum=2, steps=3, auto_find_batch_size=oom)
         forwards = []
 
+        # at the second micro-batch, so that the aborted step has run a forward and backward (at the first, it would
+        # leave nothing behind to check)
         def out_of_memory_at_second_forward(module, args, kwargs):
             if torch.is_grad_enabled() and kwargs["input_ids"].shape[0] == 8:
                 forwards.append(kwargs["input_ids"].shape)
