@@ -84,6 +84,9 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
         bf16=args.bf16, fp16=False,
         gradient_checkpointing=args.gradient_checkpointing, max_length=64,
         gradient_checkpointing_kwargs={"use_reentrant": True} if args.reentrant else None, disable_tqdm=True, max_grad_norm=0.0,
+        # under DDP, transformers turns find_unused_parameters off for checkpointed models, but not for a PEFT model
+        # (any adapter: LoRA's too), and reentrant checkpointing then fails ("marked as ready twice")
+        ddp_find_unused_parameters=False if args.gradient_checkpointing else None,
         optim="adamw_torch", save_only_model=False,
     )
     data = Path(args.data) if args.data else DATA
