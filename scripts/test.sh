@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run every test: lint (ruff), the fast default set, the slow end-to-end runs (marker `slow`), then, in the Axolotl environment
 # (.venv-axolotl), the Axolotl CLI tests and the core suite again against Axolotl's pinned transformers/TRL, and
-# last the fast set against the oldest releases of the core and TRL dependencies that pyproject.toml admits
-# (.venv-oldest).
+# last the fast set against the oldest releases of the core, TRL, bitsandbytes and DeepSpeed dependencies that
+# pyproject.toml admits (.venv-oldest).
 # Sets up (or refreshes) the three environments first (scripts/setup.sh, scripts/setup_axolotl.sh,
 # scripts/setup_oldest.sh; safe to re-run; skipped with GATERA_SKIP_SETUP=1).
 # Extra arguments go to every pytest call (e.g. `-x`, `-k name`).

@@ -102,7 +102,12 @@ def test_packed_4bit_weight_is_read_bit_exactly(quant_type, nested, dtype):
     from bitsandbytes.functional import dequantize_4bit
 
     W = torch.randn(48, 128, dtype=dtype)
-    params = bnb.nn.Params4bit(W, requires_grad=False, quant_type=quant_type, compress_statistics=nested).to("cpu")
+    try:
+        params = bnb.nn.Params4bit(W, requires_grad=False, quant_type=quant_type, compress_statistics=nested).to("cpu")
+    except RuntimeError as error:  # bitsandbytes 0.46 (the floor) quantises only nf4 on CPU; CI's newest does fp4 too
+        if "must be nf4 on CPU" not in str(error):
+            raise
+        pytest.skip(f"bitsandbytes {bnb.__version__} quantises only nf4 on CPU")
     expected = dequantize_4bit(params.data, params.quant_state).float()
     packed = Packed4bit.from_params(params)
     assert torch.equal(dequantize_packed(packed), expected)
@@ -118,7 +123,7 @@ def test_packed_4bit_layout_matches_reference_on_odd_shapes():
     """
     bnb = pytest.importorskip("bitsandbytes")
     reference = pytest.importorskip("bitsandbytes.backends.default.ops")
-    from bitsandbytes.backends.utils import _get_4bit_code
+    _get_4bit_code = pytest.importorskip("bitsandbytes.backends.utils")._get_4bit_code  # absent in 0.46 (the floor)
 
     W = torch.randn(48, 80)
     params = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4", compress_statistics=False).to("cpu")
