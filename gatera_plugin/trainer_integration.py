@@ -300,10 +300,8 @@ def install() -> None:
             tuner.upcast_gates_to_fp32()
         try:
             result = original_train(self, *args, **kwargs)
-        except BaseException:
-            tuner = find_gatera_model(self.model)
-            if tuner is not None:
-                tuner.penalty_run.end_training()
+        except BaseException:  # also where a subclass replaces `_inner_training_loop`
+            forget_unfinished_step(self)
             raise
         end_training(self)
         return result
