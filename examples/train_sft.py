@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="shard with PyTorch FSDP of this version (2: fully_shard) through accelerate")
     parser.add_argument("--fsdp-activation-checkpointing", action="store_true",
                         help="FSDP's own activation checkpointing (fsdp_config activation_checkpointing)")
+    parser.add_argument("--context-parallel", type=int, default=1,
+                        help="split each sequence across this many ranks (torch context parallelism; needs --fsdp 2)")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4, help="per-device micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1)
@@ -72,6 +74,14 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
 
         # with use_cpu, transformers would otherwise set up partitioning for a world of one process
         deepspeed.init_distributed(dist_backend="gloo")
+    parallelism = None
+    if args.context_parallel > 1:
+        if args.fsdp != 2:
+            raise SystemExit("--context-parallel needs --fsdp 2 (accelerate runs context parallelism on FSDP2 only)")
+        from accelerate import ParallelismConfig
+
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        parallelism = ParallelismConfig(dp_shard_size=world_size // args.context_parallel, cp_size=args.context_parallel)
     config = SFTConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="constant",
@@ -87,7 +97,9 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
         # under DDP, transformers turns find_unused_parameters off for checkpointed models, but not for a PEFT model
         # (any adapter: LoRA's too), and reentrant checkpointing then fails ("marked as ready twice")
         ddp_find_unused_parameters=False if args.gradient_checkpointing else None,
-        optim="adamw_torch", save_only_model=False,
+        optim="adamw_torch", save_only_model=False, parallelism_config=parallelism,
+        # context parallelism splits each sequence into 2 × cp_size chunks (two per rank, for causal load balance)
+        pad_to_multiple_of=2 * args.context_parallel if parallelism else None,
     )
     data = Path(args.data) if args.data else DATA
     model_path = args.model

@@ -3,7 +3,7 @@
 Installed once on `import gatera_plugin`, these wrappers do nothing unless the trainer's model holds a GateRA adapter:
 
 - `get_batch_samples` (the Trainer prefetches the micro-batches of one optimisation step): count the real tokens of
-  the whole step across data-parallel ranks and read the fp16 loss scale, and hand both to the model's
+  the whole step across data-parallel ranks (once per context-parallel group) and read the fp16 loss scale, and hand both to the model's
   `PenaltyRun`, so that the penalty is the mean over the step's tokens whatever the gradient accumulation. Where the
   prefetched batches are not the model's inputs (GRPO, RLOO, distillation, online DPO and self-distillation build
   them after generation; GKD, GOLD and IW-OPD replace them by generations at some steps), each forward is normalised
@@ -166,11 +166,22 @@ def _check_last_step(trainer, run) -> bool:
     return False
 
 
+def batch_replicas(trainer) -> int:
+    """How many ranks receive each prefetched micro-batch whole: the context-parallel group (torch context
+    parallelism, accelerate's `ParallelismConfig(cp_size=...)`), whose ranks split its sequences between them only
+    inside the training step, so that each rank's forward sees its own part of them. 1 without context parallelism.
+    """
+    config = getattr(trainer.accelerator, "parallelism_config", None)
+    return int(config.cp_size) if config is not None and getattr(config, "cp_enabled", False) else 1
+
+
 def begin_step(trainer, batch_samples) -> None:
     """Hand the step's real-token count (all micro-batches, all ranks) and loss scale to the GateRA model.
 
     Where the batches cannot be counted (or an earlier step showed that their count is not what the model sees),
     hand over None instead: each forward is then normalised by its own real tokens × forwards per step × ranks.
+    Under context parallelism the ranks of a group count the same batches (`batch_replicas`), and each forward sees a
+    part of them, which the check of the next step cannot predict: it checks the forwards only, not their tokens.
     """
     tuner = find_gatera_model(trainer.model)
     if tuner is None:
@@ -189,7 +200,7 @@ def begin_step(trainer, batch_samples) -> None:
         if bool(gathered[:, 1].any()):
             tokens = None
         else:
-            step_tokens = float(gathered[:, 0].sum())
+            step_tokens = float(gathered[:, 0].sum()) / batch_replicas(trainer)
     elif tokens is not None:
         step_tokens = float(tokens)
     if tokens is None and not state.per_forward:
@@ -208,7 +219,7 @@ def begin_step(trainer, batch_samples) -> None:
     micro_batches = len(batch_samples)
     forwards = max(1, round(micro_batches * state.forwards_per_batch))
     state.micro_batches, state.expected_forwards = micro_batches, forwards
-    state.expected_tokens = None if state.per_forward else int(tokens)
+    state.expected_tokens = None if state.per_forward or batch_replicas(trainer) > 1 else int(tokens)
     run.begin_step(
         None if state.per_forward else step_tokens, world_size=world_size, loss_scale=loss_scale_of(trainer),
         micro_batches=forwards,

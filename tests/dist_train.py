@@ -23,7 +23,7 @@ import train_sft  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from tests.distributed import allow_fsdp_on_cpu  # noqa: E402
+from tests.distributed import allow_context_parallel_on_cpu, allow_fsdp_on_cpu  # noqa: E402
 
 
 class Probe(TrainerCallback):
@@ -167,5 +167,7 @@ if __name__ == "__main__":
     arguments = sys.argv[1:]
     if fsdp_requested() and "--cpu" in arguments:
         allow_fsdp_on_cpu()
+        if "--context-parallel" in arguments:
+            allow_context_parallel_on_cpu()
     output_dir = arguments[arguments.index("--output-dir") + 1]
     train_sft.main(arguments, callbacks=[Probe(output_dir)])

@@ -139,3 +139,52 @@ def allow_fsdp_on_cpu() -> None:
 
     __init__._allows_fsdp_on_cpu = True
     AcceleratorState.__init__ = __init__
+
+
+def allow_context_parallel_on_cpu() -> None:
+    """Let torch's context parallelism (ring attention) run on CPU processes, as the tests do.
+
+    torch's ring attention dispatches only the GPU kernels of `scaled_dot_product_attention` (flash, efficient,
+    cudnn); on CPU, SDPA takes `_scaled_dot_product_flash_attention_for_cpu`, which it leaves unhandled
+    ("... does not have a sharding strategy registered"). This registers that kernel and its backward with torch's
+    own ring-attention loops, so that everything around them (accelerate's sharding of the batch, FSDP2 over the
+    dp × cp mesh, the Trainer's loss accounting) is the code that runs on GPUs.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.experimental._context_parallel import _attention
+
+    forward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    seq_dim = 2  # (batch, heads, sequence, head_dim)
+
+    def local(tensor):
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    def sharded(tensor, mesh):
+        return DTensor.from_local(tensor.contiguous(), mesh, [Shard(seq_dim)], run_check=False)
+
+    def ring_forward(op_call, args, kwargs):
+        query, key, value = args[:3]
+        dropout_p = args[3] if len(args) > 3 else kwargs.get("dropout_p", 0.0)
+        is_causal = args[4] if len(args) > 4 else kwargs.get("is_causal", False)
+        if kwargs.get("attn_mask") is not None:
+            raise NotImplementedError("context parallelism on CPU: an explicit attention mask is not supported")
+        mesh = query.device_mesh
+        out, logsumexp = _attention._templated_ring_attention(
+            mesh.get_group(), seq_dim, forward_op, query=local(query), key=local(key), value=local(value),
+            is_causal=is_causal, dropout_p=dropout_p, scale=kwargs.get("scale"))
+        return sharded(out, mesh), sharded(logsumexp, mesh)
+
+    def ring_backward(op_call, args, kwargs):
+        names = ("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p", "is_causal")
+        bound = {**dict(zip(names, args)), **kwargs}
+        mesh = bound["query"].device_mesh
+        grads = _attention._templated_ring_attention_backward(
+            mesh.get_group(), seq_dim, backward_op, grad_out=local(bound["grad_out"]), grad_out_name="grad_out",
+            query=local(bound["query"]), key=local(bound["key"]), value=local(bound["value"]),
+            out=local(bound["out"]), logsumexp=local(bound["logsumexp"]), is_causal=bound["is_causal"],
+            dropout_p=bound["dropout_p"], scale=bound.get("scale"))
+        return tuple(sharded(grad, mesh) for grad in grads)
+
+    _attention.custom_ops[forward_op] = ring_forward
+    _attention.custom_ops[backward_op] = ring_backward
