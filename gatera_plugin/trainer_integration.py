@@ -166,13 +166,23 @@ def _check_last_step(trainer, run) -> bool:
     return False
 
 
-def batch_replicas(trainer) -> int:
+# Key of a micro-batch that Axolotl's context parallelism (its `ringmaster` package) already cut down to this rank's
+# part of each sequence in the collator, before the Trainer prefetches it
+PRE_SHARDED_KEY = "_cp_shard"
+
+
+def batch_replicas(trainer, batch_samples) -> int:
     """How many ranks receive each prefetched micro-batch whole: the context-parallel group (torch context
     parallelism, accelerate's `ParallelismConfig(cp_size=...)`), whose ranks split its sequences between them only
-    inside the training step, so that each rank's forward sees its own part of them. 1 without context parallelism.
+    inside the training step, so that each rank's forward sees its own part of them. 1 without context parallelism,
+    and where each rank's batches are already its own part (`PRE_SHARDED_KEY`).
     """
     config = getattr(trainer.accelerator, "parallelism_config", None)
-    return int(config.cp_size) if config is not None and getattr(config, "cp_enabled", False) else 1
+    if config is None or not getattr(config, "cp_enabled", False):
+        return 1
+    if any(isinstance(batch, Mapping) and PRE_SHARDED_KEY in batch for batch in batch_samples):
+        return 1
+    return int(config.cp_size)
 
 
 def begin_step(trainer, batch_samples) -> None:
@@ -188,7 +198,7 @@ def begin_step(trainer, batch_samples) -> None:
         return
     run, state = tuner.penalty_run, _normaliser(trainer)
     accelerator = trainer.accelerator
-    world_size = accelerator.num_processes
+    world_size, replicas = accelerator.num_processes, batch_replicas(trainer, batch_samples)
     mismatch = _check_last_step(trainer, run)
     replaces = any(cls.__name__ in REPLACES_INPUTS for cls in type(trainer).__mro__)
     tokens = None if state.per_forward or mismatch or replaces else count_real_tokens(batch_samples)
@@ -200,7 +210,7 @@ def begin_step(trainer, batch_samples) -> None:
         if bool(gathered[:, 1].any()):
             tokens = None
         else:
-            step_tokens = float(gathered[:, 0].sum()) / batch_replicas(trainer)
+            step_tokens = float(gathered[:, 0].sum()) / replicas
     elif tokens is not None:
         step_tokens = float(tokens)
     if tokens is None and not state.per_forward:
@@ -219,7 +229,7 @@ def begin_step(trainer, batch_samples) -> None:
     micro_batches = len(batch_samples)
     forwards = max(1, round(micro_batches * state.forwards_per_batch))
     state.micro_batches, state.expected_forwards = micro_batches, forwards
-    state.expected_tokens = None if state.per_forward or batch_replicas(trainer) > 1 else int(tokens)
+    state.expected_tokens = None if state.per_forward or replicas > 1 else int(tokens)
     run.begin_step(
         None if state.per_forward else step_tokens, world_size=world_size, loss_scale=loss_scale_of(trainer),
         micro_batches=forwards,

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 from datasets import Dataset
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -129,6 +129,37 @@ def test_a_step_with_no_micro_batches_changes_no_normalisation(tmp_path, caplog)
         trainer.train()  # its steps are still normalised by the step's real tokens, with no warning
     assert not [r.getMessage() for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]
     assert not trainer._gatera_normaliser.per_forward and trainer._gatera_normaliser.expected_tokens is not None
+
+
+def test_context_parallel_ranks_count_their_shared_batches_once():
+    """Under context parallelism (cp_size = 2, both ranks of one group here) each rank's prefetched micro-batches are
+    the group's whole sequences (torch's CP splits them inside the training step): the step's tokens are those of one
+    rank, and the next step checks only its forwards. Batches that Axolotl's context parallelism already cut to each
+    rank's part in the collator (marked `_cp_shard`) are each rank's own and add up.
+    (tests/test_fsdp.py runs torch's CP end to end.)"""
+    from types import SimpleNamespace
+
+    from gatera_plugin.trainer_integration import PRE_SHARDED_KEY, begin_step
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=2, target_modules=["q_proj"]))
+    batch = {"input_ids": torch.ones(2, 8, dtype=torch.long),
+             "attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3])}  # 13 real tokens
+    accelerator = SimpleNamespace(
+        num_processes=2, device=torch.device("cpu"), scaler=None,
+        gather=lambda tensor: torch.cat([tensor, tensor]),  # the other rank of the group holds the same
+        parallelism_config=SimpleNamespace(cp_enabled=True, cp_size=2),
+    )
+    for batches, step_tokens, checked in (([batch], 13.0, None), ([{**batch, PRE_SHARDED_KEY: {}}], 26.0, 13)):
+        trainer = SimpleNamespace(model=model, accelerator=accelerator)
+        begin_step(trainer, batches)
+        assert model.base_model.penalty_run.step_tokens == step_tokens
+        assert model.base_model.penalty_run.world_size == 2
+        assert trainer._gatera_normaliser.expected_tokens == checked
+        assert trainer._gatera_normaliser.expected_forwards == 1
+    accelerator.parallelism_config.cp_enabled = False  # plain data parallelism: the ranks' batches add up
+    trainer = SimpleNamespace(model=model, accelerator=accelerator)
+    begin_step(trainer, [batch])
+    assert model.base_model.penalty_run.step_tokens == 26.0 and trainer._gatera_normaliser.expected_tokens == 13
 
 
 def test_a_batch_size_retried_after_out_of_memory_trains_like_a_run_started_at_it(tmp_path, caplog):
