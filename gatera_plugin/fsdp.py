@@ -33,6 +33,7 @@ import os
 from typing import Optional
 
 import torch
+from torch import nn
 
 from ._registration import PREFIX
 
@@ -46,6 +47,26 @@ def _dtensor_type():
     from torch.distributed.tensor import DTensor
 
     return DTensor
+
+
+def refuse_distributed_weight(target: nn.Module, weight: torch.Tensor) -> None:
+    """A clear error where the layer to adapt already holds a weight split across ranks (a DTensor).
+
+    transformers' tensor parallelism (`tp_plan`) leaves each rank a slice of W0 and only a slice of the layer's output,
+    which GateRA's branch and gate (full-size A, B, gate over the whole input) do not handle; FSDP2 shards are DTensors
+    too, but the Trainer shards the model only after `peft_config` has added the adapter.
+    """
+    DTensor = _dtensor_type()
+    if DTensor is None or not isinstance(weight, DTensor):
+        return
+    raise ValueError(
+        f"GateRA cannot adapt {target}: its weight {tuple(weight.shape)} is split across ranks (a DTensor with "
+        f"placements {tuple(weight.placements)}), as tensor parallelism (`tp_plan` / `tp_size` in transformers) or "
+        "an FSDP2 `fully_shard` applied before the adapter leaves it. GateRA supports neither tensor parallelism nor "
+        "adding an adapter to an already sharded model: load the base without `tp_plan` and shard it with FSDP2 or "
+        "DeepSpeed ZeRO-3, which the Trainer applies after `peft_config` has added the adapter (README, 'DeepSpeed "
+        "ZeRO-2/3 and FSDP2')."
+    )
 
 
 def unsharded_weight(weight: torch.Tensor) -> torch.Tensor:

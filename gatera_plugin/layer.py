@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .branches import BRANCH_FUNCTIONS, branch_input_dtype, delta_weight, dora_weight_norm
 from .config import GateRAConfig
-from .fsdp import unsharded_weight
+from .fsdp import refuse_distributed_weight, unsharded_weight
 from .gates import make_structure_gate, make_token_gate
 from .ops.hira import add_gated
 from .penalty import GateStats, PenaltyRun, constant_term_grad, entropy_term_grad, keep_ratio_term_grad, penalty_tap
@@ -441,6 +441,7 @@ def dispatch_default(target: nn.Module, adapter_name: str, config: GateRAConfig,
     if not isinstance(base, (nn.Linear, Conv1D)):
         return None
     weight = getattr(base, "weight", None)
+    refuse_distributed_weight(target, weight)
     dense = isinstance(weight, torch.Tensor) and type(weight) in (nn.Parameter, torch.Tensor)
     if not (dense and weight.is_floating_point()):
         return None  # e.g. a quantised nn.Linear subclass of a backend GateRA does not know

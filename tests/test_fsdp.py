@@ -308,3 +308,35 @@ def test_base_layer_sharded_on_its_own_is_refused_clearly():
     assert "GateRA's branch needs the whole base weight W0 (32, 32) but finds an FSDP shard" in done.stderr, \
         done.stderr[-3000:]
     assert "TRANSFORMER_BASED_WRAP" in done.stderr
+
+
+TENSOR_PARALLEL_BASE = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    import gatera_plugin
+
+    model = AutoModelForCausalLM.from_pretrained({path!r}, tp_plan="auto")
+    try:
+        get_peft_model(model, gatera_plugin.GateRAConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    finally:
+        dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_tensor_parallel_base_is_refused_clearly(tmp_path):
+    """transformers' tensor parallelism (`tp_plan="auto"`, 2 processes) leaves each rank a slice of every projection
+    (a DTensor); GateRA's layers would need the whole W0 and the whole output. Before, `get_peft_model` said that it
+    cannot adapt a `Linear`, while listing `nn.Linear` among the layers it supports."""
+    from tests.helpers import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    script = tmp_path / "tp.py"
+    script.write_text(TENSOR_PARALLEL_BASE.format(path=str(tmp_path / "base")))
+    done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                str(script)])
+    assert done.returncode != 0
+    assert "GateRA cannot adapt Linear(in_features=32, out_features=32, bias=False): its weight (32, 32) is split " \
+           "across ranks (a DTensor with placements (Shard(dim=0),))" in done.stderr, done.stderr[-3000:]
+    assert "load the base without `tp_plan`" in done.stderr
