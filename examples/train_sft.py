@@ -39,10 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="FSDP's own activation checkpointing (fsdp_config activation_checkpointing)")
     parser.add_argument("--context-parallel", type=int, default=1,
                         help="split each sequence across this many ranks (torch context parallelism; needs --fsdp 2)")
+    parser.add_argument("--sequence-parallel", type=int, default=1,
+                        help="split each sequence across this many ranks (DeepSpeed Ulysses; needs --deepspeed)")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4, help="per-device micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--optim", default="adamw_torch", help="the Trainer's `optim` (e.g. sgd)")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--gate", default="sigmoid")
     parser.add_argument("--branch", default="hira")
@@ -82,6 +85,15 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         parallelism = ParallelismConfig(dp_shard_size=world_size // args.context_parallel, cp_size=args.context_parallel)
+    if args.sequence_parallel > 1:
+        if not args.deepspeed:
+            raise SystemExit("--sequence-parallel needs --deepspeed (accelerate runs Ulysses on DeepSpeed only)")
+        from accelerate import ParallelismConfig
+        from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+        parallelism = ParallelismConfig(sp_backend="deepspeed", sp_size=args.sequence_parallel,
+                                        sp_handler=DeepSpeedSequenceParallelConfig(
+                                            sp_seq_length_is_variable=True, sp_attn_implementation="sdpa"))
     config = SFTConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="constant",
@@ -97,7 +109,7 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
         # under DDP, transformers turns find_unused_parameters off for checkpointed models, but not for a PEFT model
         # (any adapter: LoRA's too), and reentrant checkpointing then fails ("marked as ready twice")
         ddp_find_unused_parameters=False if args.gradient_checkpointing else None,
-        optim="adamw_torch", save_only_model=False, parallelism_config=parallelism,
+        optim=args.optim, save_only_model=False, parallelism_config=parallelism,
         # context parallelism splits each sequence into 2 × cp_size chunks (two per rank, for causal load balance)
         pad_to_multiple_of=2 * args.context_parallel if parallelism else None,
     )

@@ -87,6 +87,32 @@ def test_penalty_counted_once_is_what_makes_them_agree(single, tmp_path):
     assert largest > 100 * ADAPTER_ATOL
 
 
+def _ulysses_available() -> bool:
+    import accelerate.utils
+
+    return hasattr(accelerate.utils, "DeepSpeedSequenceParallelConfig")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _ulysses_available(), reason="accelerate < 1.12 has no DeepSpeed sequence parallelism")
+def test_ulysses_sequence_parallel_applies_the_penalty_with_the_task_loss(tmp_path):
+    """DeepSpeed's sequence parallelism (Ulysses / ALST: accelerate's `ParallelismConfig(sp_backend="deepspeed",
+    sp_size=2)` through examples/train_sft.py --sequence-parallel 2, ZeRO-2): each rank's prefetched batches are
+    already its part of every sequence (the whole 4 sequences of the step between the 2 ranks), so GateRA counts them
+    as they come. DeepSpeed sums the group's gradients (the loss's all-gather hands each rank's gradient to both, and
+    the engine divides by the data-parallel size only), so every gradient is sp_size x the single process's, the
+    task loss's and the penalty's alike: plain SGD at a learning rate equals the single process at twice that rate,
+    losses to 1e-4 and adapter to 2e-5 over 4 steps (measured 7e-7; half the penalty weight moves the gates by 3e-2).
+    """
+    sgd = ["--max-steps", "4", "--save-steps", "0", "--optim", "sgd"]
+    ok(single_process(tmp_path / "single", *sgd, "--lr", "1.0"))
+    ok(torchrun(tmp_path / "sp", "--batch", "4", *sgd, "--lr", "0.5", "--deepspeed", ZERO["zero2"],
+                "--sequence-parallel", "2"))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "sp")), torch.tensor(losses(tmp_path / "single")),
+                               rtol=LOSS_RTOL, atol=0)
+    assert_same_adapter(adapter(tmp_path / "sp"), adapter(tmp_path / "single"))
+
+
 @pytest.mark.slow
 def test_zero3_without_16bit_gather_on_save_saves_the_adapter_and_checkpoints(single, tmp_path):
     """`stage3_gather_16bit_weights_on_model_save: false`, DeepSpeed's default (accelerate: `zero3_save_16bit_model`,
