@@ -77,7 +77,9 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
 
         # with use_cpu, transformers would otherwise set up partitioning for a world of one process
         deepspeed.init_distributed(dist_backend="gloo")
-    parallelism = None
+    parallelism, pad_to_multiple_of = None, None
+    if args.context_parallel > 1 and args.sequence_parallel > 1:
+        raise SystemExit("--context-parallel and --sequence-parallel split the sequences two ways: choose one")
     if args.context_parallel > 1:
         if args.fsdp != 2:
             raise SystemExit("--context-parallel needs --fsdp 2 (accelerate runs context parallelism on FSDP2 only)")
@@ -85,6 +87,7 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         parallelism = ParallelismConfig(dp_shard_size=world_size // args.context_parallel, cp_size=args.context_parallel)
+        pad_to_multiple_of = 2 * args.context_parallel  # 2 chunks per rank, for causal load balance
     if args.sequence_parallel > 1:
         if not args.deepspeed:
             raise SystemExit("--sequence-parallel needs --deepspeed (accelerate runs Ulysses on DeepSpeed only)")
@@ -94,6 +97,7 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
         parallelism = ParallelismConfig(sp_backend="deepspeed", sp_size=args.sequence_parallel,
                                         sp_handler=DeepSpeedSequenceParallelConfig(
                                             sp_seq_length_is_variable=True, sp_attn_implementation="sdpa"))
+        pad_to_multiple_of = args.sequence_parallel  # DeepSpeed's Ulysses needs sp_size | sequence length
     config = SFTConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="constant",
@@ -109,9 +113,7 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
         # under DDP, transformers turns find_unused_parameters off for checkpointed models, but not for a PEFT model
         # (any adapter: LoRA's too), and reentrant checkpointing then fails ("marked as ready twice")
         ddp_find_unused_parameters=False if args.gradient_checkpointing else None,
-        optim=args.optim, save_only_model=False, parallelism_config=parallelism,
-        # context parallelism splits each sequence into 2 × cp_size chunks (two per rank, for causal load balance)
-        pad_to_multiple_of=2 * args.context_parallel if parallelism else None,
+        optim=args.optim, save_only_model=False, parallelism_config=parallelism, pad_to_multiple_of=pad_to_multiple_of,
     )
     data = Path(args.data) if args.data else DATA
     model_path = args.model

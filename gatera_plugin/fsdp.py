@@ -49,23 +49,41 @@ def _dtensor_type():
     return DTensor
 
 
-def refuse_distributed_weight(target: nn.Module, weight: torch.Tensor) -> None:
-    """A clear error where the layer to adapt already holds a weight split across ranks (a DTensor).
+SHARDED_BASE_FIX = (
+    "GateRA supports neither tensor parallelism nor adding an adapter to an already sharded model: load the base "
+    "without `tp_plan` (or a `distributed_config` with `tp_size` or `fsdp_size`) and shard it with FSDP2 or DeepSpeed "
+    "ZeRO-3, which the Trainer applies after `peft_config` has added the adapter (README, 'DeepSpeed ZeRO-2/3 and "
+    "FSDP2')."
+)
 
-    transformers' tensor parallelism (`tp_plan`) leaves each rank a slice of W0 and only a slice of the layer's output,
-    which GateRA's branch and gate (full-size A, B, gate over the whole input) do not handle; FSDP2 shards are DTensors
-    too, but the Trainer shards the model only after `peft_config` has added the adapter.
+
+def refuse_tensor_parallel(model: nn.Module) -> None:
+    """A clear error for a base model loaded with transformers' tensor parallelism (`tp_plan`, `tp_size`).
+
+    It leaves each rank a slice of a projection's weight (rows or columns) and so a slice of its output or input,
+    as DTensors or, for the `local_*` plan styles, as plain tensors; GateRA's branch and gate (full-size A, B and a gate
+    over the whole input) would adapt a slice as if it were the layer.
     """
+    tp_size = getattr(model, "tp_size", None) or getattr(model, "_tp_size", None)
+    if tp_size not in (None, 1):
+        raise ValueError(
+            f"GateRA cannot adapt {type(model).__name__}: it was loaded with tensor parallelism (tp_size={tp_size}), "
+            f"which leaves each rank a slice of its projections' weights. {SHARDED_BASE_FIX}"
+        )
+
+
+def refuse_distributed_weight(target: nn.Module, weight: Optional[torch.Tensor]) -> None:
+    """A clear error where the layer to adapt already holds a weight sharded across ranks (a DTensor with a `Shard`
+    placement: tensor parallelism, or FSDP2 applied before the adapter was added)."""
     DTensor = _dtensor_type()
     if DTensor is None or not isinstance(weight, DTensor):
         return
+    if not any(placement.is_shard() for placement in weight.placements):
+        return
     raise ValueError(
-        f"GateRA cannot adapt {target}: its weight {tuple(weight.shape)} is split across ranks (a DTensor with "
-        f"placements {tuple(weight.placements)}), as tensor parallelism (`tp_plan` / `tp_size` in transformers) or "
-        "an FSDP2 `fully_shard` applied before the adapter leaves it. GateRA supports neither tensor parallelism nor "
-        "adding an adapter to an already sharded model: load the base without `tp_plan` and shard it with FSDP2 or "
-        "DeepSpeed ZeRO-3, which the Trainer applies after `peft_config` has added the adapter (README, 'DeepSpeed "
-        "ZeRO-2/3 and FSDP2')."
+        f"GateRA cannot adapt {target}: its weight {tuple(weight.shape)} is sharded across ranks (a DTensor with "
+        f"placements {tuple(weight.placements)}), as tensor parallelism or an FSDP2 `fully_shard` applied before the "
+        f"adapter leaves it. {SHARDED_BASE_FIX}"
     )
 
 

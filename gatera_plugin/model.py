@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from ._registration import PREFIX
 from .config import GateRAConfig
+from .fsdp import refuse_tensor_parallel
 from .layer import MIXED_BATCHES_REFUSED, SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
 from .penalty import GateStats, PenaltyRun
 
@@ -177,6 +178,7 @@ class GateRAModel(BaseTuner):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         # set before injection: `_create_and_replace` hands it to every new layer
         self.penalty_run = PenaltyRun()
+        refuse_tensor_parallel(model)
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._in_forward = False  # inside the wrapped model's forward, whose inputs are already recorded
         self._checkpointing_modules: Optional[list[nn.Module]] = None  # found on the first forward with gradient

@@ -127,6 +127,9 @@ class _Normaliser:
     expected_tokens: Optional[int] = None  # real tokens of the last step's batches on this rank (step-level mode)
     expected_forwards: int = 0  # forwards the last step should run with gradient on this rank (0: nothing to check)
     micro_batches: int = 0  # micro-batches of the last step
+    # under context parallelism: real tokens of the last step over all ranks, which all ranks' forwards together
+    # should have seen (each forward sees its rank's part of the sequences, which no rank can predict alone)
+    expected_group_tokens: Optional[float] = None
 
 
 def _normaliser(trainer) -> _Normaliser:
@@ -190,8 +193,9 @@ def begin_step(trainer, batch_samples) -> None:
 
     Where the batches cannot be counted (or an earlier step showed that their count is not what the model sees),
     hand over None instead: each forward is then normalised by its own real tokens × forwards per step × ranks.
-    Under context parallelism the ranks of a group count the same batches (`batch_replicas`), and each forward sees a
-    part of them, which the check of the next step cannot predict: it checks the forwards only, not their tokens.
+    Under context parallelism the ranks of a group count the same batches (`batch_replicas`) and each forward sees a
+    part of them, which no rank can predict alone: the next step checks the tokens that all ranks' forwards saw
+    together, in the same gather.
     """
     tuner = find_gatera_model(trainer.model)
     if tuner is None:
@@ -203,11 +207,25 @@ def begin_step(trainer, batch_samples) -> None:
     replaces = any(cls.__name__ in REPLACES_INPUTS for cls in type(trainer).__mro__)
     tokens = None if state.per_forward or mismatch or replaces else count_real_tokens(batch_samples)
     uncountable, step_tokens = tokens is None and not state.per_forward and not mismatch, None
+    expected_group, state.expected_group_tokens = state.expected_group_tokens, None
     if world_size > 1 and not state.per_forward:  # every rank takes this branch until all switch together
-        local = torch.tensor([float(tokens) if tokens is not None else 0.0, float(tokens is None)],
-                             device=accelerator.device)
-        gathered = accelerator.gather(local.reshape(1, 2)).reshape(-1, 2)
-        if bool(gathered[:, 1].any()):
+        seen = float(run.tally_tokens) if run.tally_tokens is not None else 0.0
+        local = torch.tensor([float(tokens) if tokens is not None else 0.0, float(tokens is None), seen,
+                              float(run.tally_forwards > 0)], device=accelerator.device)
+        gathered = accelerator.gather(local.reshape(1, 4)).reshape(-1, 4)
+        group_seen = float(gathered[:, 2].sum())
+        if expected_group is not None and bool(gathered[:, 3].all()) and abs(group_seen - expected_group) > 0.5:
+            logger.warning(
+                f"GateRA: {type(trainer).__name__}'s forwards with gradient saw {group_seen:.0f} real tokens in the "
+                f"last optimisation step on all {world_size} ranks together, but its prefetched batches held "
+                f"{expected_group:.0f} (counted once per context-parallel group of {replicas}): the forwards do not see "
+                "the batches' real tokens, e.g. because the attention mask is dropped where the sequences are split, "
+                "so that step's entropy penalty was normalised by the wrong token count. From now on each forward is "
+                "normalised by its own real tokens × forwards per step × ranks (a forward being a rank's part of the "
+                "sequences). See README, 'How the penalty is applied'."
+            )
+            tokens = None
+        elif bool(gathered[:, 1].any()):
             tokens = None
         else:
             step_tokens = float(gathered[:, 0].sum()) / replicas
@@ -230,6 +248,7 @@ def begin_step(trainer, batch_samples) -> None:
     forwards = max(1, round(micro_batches * state.forwards_per_batch))
     state.micro_batches, state.expected_forwards = micro_batches, forwards
     state.expected_tokens = None if state.per_forward or replicas > 1 else int(tokens)
+    state.expected_group_tokens = step_tokens if replicas > 1 and not state.per_forward else None
     run.begin_step(
         None if state.per_forward else step_tokens, world_size=world_size, loss_scale=loss_scale_of(trainer),
         micro_batches=forwards,
@@ -248,6 +267,7 @@ def forget_unfinished_step(trainer) -> None:
         return
     state = _normaliser(trainer)
     state.expected_forwards, state.expected_tokens, state.micro_batches = 0, None, 0
+    state.expected_group_tokens = None
     tuner.penalty_run.end_training()
     tuner.discard_gate_stats()
 

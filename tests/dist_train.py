@@ -23,7 +23,11 @@ import train_sft  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from tests.distributed import allow_context_parallel_on_cpu, allow_fsdp_on_cpu  # noqa: E402
+from tests.distributed import (  # noqa: E402
+    RING_ATTENTION_FORWARDS,
+    allow_context_parallel_on_cpu,
+    allow_fsdp_on_cpu,
+)
 
 
 class Probe(TrainerCallback):
@@ -60,6 +64,8 @@ class Probe(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if "--context-parallel" in sys.argv:  # the attention calls that ran split across the context-parallel group
+            (self.output_dir / f"ring_attention_rank{self.rank}.json").write_text(json.dumps(RING_ATTENTION_FORWARDS))
         if self.fsdp is not None:  # PEFT's save_pretrained on the sharded model, outside the Trainer, on every rank
             model.save_pretrained(self.output_dir / "direct_save", is_main_process=self.rank == 0)
 

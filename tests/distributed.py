@@ -141,6 +141,9 @@ def allow_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = __init__
 
 
+RING_ATTENTION_FORWARDS = [0]  # calls of the CPU ring attention below in this process
+
+
 def allow_context_parallel_on_cpu() -> None:
     """Let torch's context parallelism (ring attention) run on CPU processes, as the tests do.
 
@@ -170,6 +173,7 @@ def allow_context_parallel_on_cpu() -> None:
         if kwargs.get("attn_mask") is not None:
             raise NotImplementedError("context parallelism on CPU: an explicit attention mask is not supported")
         mesh = query.device_mesh
+        RING_ATTENTION_FORWARDS[0] += 1
         out, logsumexp = _attention._templated_ring_attention(
             mesh.get_group(), seq_dim, forward_op, query=local(query), key=local(key), value=local(value),
             is_causal=is_causal, dropout_p=dropout_p, scale=kwargs.get("scale"))

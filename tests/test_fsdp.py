@@ -142,7 +142,9 @@ def test_context_parallel_matches_single_process(single, tmp_path):
     done = torchrun(tmp_path, "--fsdp", "2", "--context-parallel", "2", "--batch", "4")
     ok(done)
     assert_same_run(tmp_path, single)
-    assert "GateRA:" not in done.stdout + done.stderr
+    assert "GateRA:" not in done.stdout + done.stderr  # also: all forwards together saw each step's real tokens
+    for rank in (0, 1):  # every attention of the 6 steps ran split between the ranks (2 layers, forward only)
+        assert json.loads((tmp_path / f"ring_attention_rank{rank}.json").read_text()) == [6 * 2]
 
 
 @pytest.mark.slow
@@ -323,11 +325,28 @@ TENSOR_PARALLEL_BASE = textwrap.dedent("""
         dist.destroy_process_group()
 """)
 
+SHARDED_BEFORE_THE_ADAPTER = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from peft import get_peft_model
+    import gatera_plugin
+    from tests.helpers import tiny_llama
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    model = tiny_llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    try:
+        get_peft_model(model, gatera_plugin.GateRAConfig(r=4, target_modules=["q_proj"]))
+    finally:
+        dist.destroy_process_group()
+""")
+
 
 @pytest.mark.slow
 def test_tensor_parallel_base_is_refused_clearly(tmp_path):
-    """transformers' tensor parallelism (`tp_plan="auto"`, 2 processes) leaves each rank a slice of every projection
-    (a DTensor); GateRA's layers would need the whole W0 and the whole output. Before, `get_peft_model` said that it
+    """transformers' tensor parallelism (`tp_plan="auto"`, 2 processes) leaves each rank a slice of every projection;
+    GateRA's layers would need the whole W0 and the whole input and output. Before, `get_peft_model` said that it
     cannot adapt a `Linear`, while listing `nn.Linear` among the layers it supports."""
     from tests.helpers import tiny_llama
 
@@ -337,6 +356,18 @@ def test_tensor_parallel_base_is_refused_clearly(tmp_path):
     done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                 str(script)])
     assert done.returncode != 0
-    assert "GateRA cannot adapt Linear(in_features=32, out_features=32, bias=False): its weight (32, 32) is split " \
-           "across ranks (a DTensor with placements (Shard(dim=0),))" in done.stderr, done.stderr[-3000:]
+    assert "GateRA cannot adapt LlamaForCausalLM: it was loaded with tensor parallelism (tp_size=2)" in done.stderr, \
+        done.stderr[-3000:]
     assert "load the base without `tp_plan`" in done.stderr
+
+
+@pytest.mark.slow
+@FSDP2_ON_CPU
+def test_adapter_added_to_an_already_sharded_base_is_refused_clearly():
+    """A base that FSDP2 sharded before `get_peft_model` (the Trainer shards only after `peft_config` has added the
+    adapter) holds each projection's weight as a DTensor shard."""
+    done = subprocess.run([sys.executable, "-c", SHARDED_BEFORE_THE_ADAPTER.format(port=free_port())],
+                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert done.returncode != 0
+    assert "GateRA cannot adapt Linear(in_features=32, out_features=32, bias=False): its weight (32, 32) is sharded " \
+           "across ranks (a DTensor with placements (Shard(dim=0),))" in done.stderr, done.stderr[-3000:]

@@ -132,35 +132,52 @@ def test_a_step_with_no_micro_batches_changes_no_normalisation(tmp_path, caplog)
     assert not trainer._gatera_normaliser.per_forward and trainer._gatera_normaliser.expected_tokens is not None
 
 
-def test_context_parallel_ranks_count_their_shared_batches_once():
+def test_context_parallel_ranks_count_their_shared_batches_once(caplog):
     """Under context parallelism (cp_size = 2, both ranks of one group here) each rank's prefetched micro-batches are
     the group's whole sequences (torch's CP splits them inside the training step): the step's tokens are those of one
-    rank, and the next step checks only its forwards. Batches that Axolotl's context parallelism already cut to each
-    rank's part in the collator (marked `_cp_shard`) are each rank's own and add up.
-    (tests/test_fsdp.py runs torch's CP end to end.)"""
+    rank. The next step checks what all ranks' forwards saw together (each rank a part): the group's tokens pass, the
+    positions of a forward that lost its attention mask are warned about and switch to per-forward normalisation.
+    Batches that Axolotl's context parallelism already cut to each rank's part in the collator (marked `_cp_shard`)
+    are each rank's own and add up. (tests/test_fsdp.py runs torch's CP end to end.)"""
     from types import SimpleNamespace
 
     from gatera_plugin.trainer_integration import PRE_SHARDED_KEY, begin_step
 
     model = get_peft_model(tiny_llama(), GateRAConfig(r=2, target_modules=["q_proj"]))
+    run = model.base_model.penalty_run
     batch = {"input_ids": torch.ones(2, 8, dtype=torch.long),
              "attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3])}  # 13 real tokens
     accelerator = SimpleNamespace(
         num_processes=2, device=torch.device("cpu"), scaler=None,
-        gather=lambda tensor: torch.cat([tensor, tensor]),  # the other rank of the group holds the same
+        gather=lambda tensor: torch.cat([tensor, tensor]),  # the other rank of the group holds (and saw) the same
         parallelism_config=SimpleNamespace(cp_enabled=True, cp_size=2),
     )
-    for batches, step_tokens, checked in (([batch], 13.0, None), ([{**batch, PRE_SHARDED_KEY: {}}], 26.0, 13)):
-        trainer = SimpleNamespace(model=model, accelerator=accelerator)
+
+    def step(trainer, batches, seen_last_step):
+        run.tally_forwards, run.tally_tokens = (1, torch.tensor(seen_last_step)) if seen_last_step else (0, None)
         begin_step(trainer, batches)
-        assert model.base_model.penalty_run.step_tokens == step_tokens
-        assert model.base_model.penalty_run.world_size == 2
-        assert trainer._gatera_normaliser.expected_tokens == checked
-        assert trainer._gatera_normaliser.expected_forwards == 1
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]
+
+    with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
+        for batches, step_tokens, checked in (([batch], 13.0, None), ([{**batch, PRE_SHARDED_KEY: {}}], 26.0, 13)):
+            trainer = SimpleNamespace(model=model, accelerator=accelerator)
+            step(trainer, batches, None)
+            assert run.step_tokens == step_tokens and run.world_size == 2
+            assert trainer._gatera_normaliser.expected_tokens == checked
+            assert trainer._gatera_normaliser.expected_forwards == 1
+        trainer = SimpleNamespace(model=model, accelerator=accelerator)
+        step(trainer, [batch], None)
+        step(trainer, [batch], 6.5)  # each rank's forward saw half of the 13: together, the step's tokens
+        assert not warnings() and run.step_tokens == 13.0
+        step(trainer, [batch], 8)  # each saw its 8 positions, padding included (no mask where it was split)
+        assert len(warnings()) == 1 and "saw 16 real tokens" in warnings()[0] and "batches held 13" in warnings()[0]
+        assert trainer._gatera_normaliser.per_forward and run.step_tokens is None
     accelerator.parallelism_config.cp_enabled = False  # plain data parallelism: the ranks' batches add up
     trainer = SimpleNamespace(model=model, accelerator=accelerator)
-    begin_step(trainer, [batch])
-    assert model.base_model.penalty_run.step_tokens == 26.0 and trainer._gatera_normaliser.expected_tokens == 13
+    step(trainer, [batch], None)
+    assert run.step_tokens == 26.0 and trainer._gatera_normaliser.expected_tokens == 13
 
 
 def test_a_batch_size_retried_after_out_of_memory_trains_like_a_run_started_at_it(tmp_path, caplog):
@@ -268,6 +285,7 @@ def test_half_precision_training_applies_the_penalty_within_rounding(tmp_path, d
         allowed = allowed + 2 * (without - task_in_fp32.grads[name].double()).abs()
         error = (penalty[name].double() / scale - truth[name].double()).abs()
         assert (error <= allowed).all(), (name, error.max().item(), bound)
+        assert (truth[name].double().abs() > allowed).any(), name  # a missing penalty would fail
 
 
 @pytest.mark.slow  # ~90 s: inductor compiles each region between the graph breaks on a cold cache
