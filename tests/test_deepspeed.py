@@ -95,18 +95,20 @@ def _ulysses_available() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _ulysses_available(), reason="accelerate < 1.12 has no DeepSpeed sequence parallelism")
-def test_ulysses_sequence_parallel_applies_the_penalty_with_the_task_loss(tmp_path):
+@pytest.mark.parametrize("stage,gradient_factor", [("zero2", 2), ("zero3", 1)])
+def test_ulysses_sequence_parallel_applies_the_penalty_with_the_task_loss(tmp_path, stage, gradient_factor):
     """DeepSpeed's sequence parallelism (Ulysses / ALST: accelerate's `ParallelismConfig(sp_backend="deepspeed",
-    sp_size=2)` through examples/train_sft.py --sequence-parallel 2, ZeRO-2): each rank's prefetched batches are
-    already its part of every sequence (the whole 4 sequences of the step between the 2 ranks), so GateRA counts them
-    as they come. DeepSpeed sums the group's gradients (the loss's all-gather hands each rank's gradient to both, and
-    the engine divides by the data-parallel size only), so every gradient is sp_size x the single process's, the
-    task loss's and the penalty's alike: plain SGD at a learning rate equals the single process at twice that rate,
-    losses to 1e-4 and adapter to 2e-5 over 4 steps (measured 7e-7; half the penalty weight moves the gates by 3e-2).
+    sp_size=2)` through examples/train_sft.py --sequence-parallel 2): each rank's prefetched batches are already its
+    part of every sequence (the whole 4 sequences of the step between the 2 ranks), so GateRA counts them as they
+    come. Under ZeRO-2 DeepSpeed sums the group's gradients (the loss's all-gather hands each rank's gradient to both,
+    and the engine divides by the data-parallel size only): every gradient is sp_size x the single process's; under
+    ZeRO-3 it equals it. Either way the penalty's gradient follows the task loss's: plain SGD at a learning rate equals
+    the single process at `gradient_factor` times that rate, losses to 1e-4 and adapter to 2e-5 over 4 steps
+    (measured 7e-7 and 2e-7; half the penalty weight moves the gates by 3e-2), with no warning.
     """
     sgd = ["--max-steps", "4", "--save-steps", "0", "--optim", "sgd"]
-    ok(single_process(tmp_path / "single", *sgd, "--lr", "1.0"))
-    done = torchrun(tmp_path / "sp", "--batch", "4", *sgd, "--lr", "0.5", "--deepspeed", ZERO["zero2"],
+    ok(single_process(tmp_path / "single", *sgd, "--lr", str(0.5 * gradient_factor)))
+    done = torchrun(tmp_path / "sp", "--batch", "4", *sgd, "--lr", "0.5", "--deepspeed", ZERO[stage],
                     "--sequence-parallel", "2")
     ok(done)
     assert "GateRA:" not in done.stdout + done.stderr  # each step's count held for the forwards
