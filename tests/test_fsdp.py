@@ -133,18 +133,19 @@ def _ring_attention_patchable() -> bool:
 @pytest.mark.slow
 @FSDP2_ON_CPU
 @pytest.mark.skipif(not _ring_attention_patchable(), reason="torch's ring attention internals differ from 2.13's")
-def test_context_parallel_matches_single_process(single, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"]], ids=["plain", "checkpointing"])
+def test_context_parallel_matches_single_process(single, tmp_path, extra):
     """torch context parallelism (accelerate's `ParallelismConfig(cp_size=2)` on FSDP2, through
     examples/train_sft.py --context-parallel 2; on CPU with tests.distributed.allow_context_parallel_on_cpu): both ranks
     get the same 4 sequences and each forward sees half of every sequence. The step's real tokens are counted once,
     not once per rank of the group (each rank's count alone made the penalty half its scale at the first step), and
     no rank mistakes its half for changed inputs (which had switched the run to per-forward normalisation)."""
-    done = torchrun(tmp_path, "--fsdp", "2", "--context-parallel", "2", "--batch", "4")
+    done = torchrun(tmp_path, "--fsdp", "2", "--context-parallel", "2", "--batch", "4", *extra)
     ok(done)
     assert_same_run(tmp_path, single)
     assert "GateRA:" not in done.stdout + done.stderr  # also: all forwards together saw each step's real tokens
-    for rank in (0, 1):  # every attention of the 6 steps ran split between the ranks (2 layers, forward only)
-        assert json.loads((tmp_path / f"ring_attention_rank{rank}.json").read_text()) == [6 * 2]
+    for rank in (0, 1):  # every attention of the 6 steps ran split between the ranks (2 layers; again when recomputed)
+        assert json.loads((tmp_path / f"ring_attention_rank{rank}.json").read_text()) == [6 * 2 * (1 + len(extra))]
 
 
 @pytest.mark.slow
