@@ -86,7 +86,8 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
         from accelerate import ParallelismConfig
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        parallelism = ParallelismConfig(dp_shard_size=world_size // args.context_parallel, cp_size=args.context_parallel)
+        parallelism = ParallelismConfig(dp_shard_size=world_size // args.context_parallel,
+                                        cp_size=args.context_parallel)
         pad_to_multiple_of = 2 * args.context_parallel  # 2 chunks per rank, for causal load balance
     if args.sequence_parallel > 1:
         if not args.deepspeed:

@@ -61,8 +61,8 @@ def refuse_tensor_parallel(model: nn.Module) -> None:
     """A clear error for a base model loaded with transformers' tensor parallelism (`tp_plan`, `tp_size`).
 
     It leaves each rank a slice of a projection's weight (rows or columns) and so a slice of its output or input,
-    as DTensors or, for the `local_*` plan styles, as plain tensors; GateRA's branch and gate (full-size A, B and a gate
-    over the whole input) would adapt a slice as if it were the layer.
+    as DTensors or, for the `local_*` plan styles, as plain tensors; GateRA's branch and gate (full-size A, B and a
+    gate over the whole input) would adapt a slice as if it were the layer.
     """
     tp_size = getattr(model, "tp_size", None) or getattr(model, "_tp_size", None)
     if tp_size not in (None, 1):

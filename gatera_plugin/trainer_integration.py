@@ -3,8 +3,8 @@
 Installed once on `import gatera_plugin`, these wrappers do nothing unless the trainer's model holds a GateRA adapter:
 
 - `get_batch_samples` (the Trainer prefetches the micro-batches of one optimisation step): count the real tokens of
-  the whole step across data-parallel ranks (once per context-parallel group) and read the fp16 loss scale, and hand both to the model's
-  `PenaltyRun`, so that the penalty is the mean over the step's tokens whatever the gradient accumulation. Where the
+  the whole step across data-parallel ranks (once per context-parallel group) and read the fp16 loss scale, and hand
+  both to the model's `PenaltyRun`, so that the penalty is the mean over the step's tokens whatever the gradient accumulation. Where the
   prefetched batches are not the model's inputs (GRPO, RLOO, distillation, online DPO and self-distillation build
   them after generation; GKD, GOLD and IW-OPD replace them by generations at some steps), each forward is normalised
   by its own real tokens × forwards per step × ranks instead, with a warning (once per trainer). Each step also
@@ -218,8 +218,8 @@ def begin_step(trainer, batch_samples) -> None:
             logger.warning(
                 f"GateRA: {type(trainer).__name__}'s forwards with gradient saw {group_seen:.0f} real tokens in the "
                 f"last optimisation step on all {world_size} ranks together, but its prefetched batches held "
-                f"{expected_group:.0f} (counted once per context-parallel group of {replicas}): the forwards do not see "
-                "the batches' real tokens, e.g. because the attention mask is dropped where the sequences are split, "
+                f"{expected_group:.0f} (counted once per context-parallel group of {replicas}): the forwards do not "
+                "see the batches' real tokens, e.g. because the attention mask is dropped where the sequences are split, "
                 "so that step's entropy penalty was normalised by the wrong token count. From now on each forward is "
                 "normalised by its own real tokens × forwards per step × ranks (a forward being a rank's part of the "
                 "sequences). See README, 'How the penalty is applied'."

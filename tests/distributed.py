@@ -1,5 +1,6 @@
 """Shared by the distributed tests (test_ddp.py, test_deepspeed.py, test_fsdp.py): launching tests/dist_train.py on
-CPU processes and comparing what the runs wrote (per-step losses in metrics.json, adapters) with a single-process run."""
+CPU processes and comparing what the runs wrote (per-step losses in metrics.json, adapters) with a single-process
+run."""
 
 import json
 import os

@@ -136,8 +136,8 @@ def _ring_attention_patchable() -> bool:
 @pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"]], ids=["plain", "checkpointing"])
 def test_context_parallel_matches_single_process(single, tmp_path, extra):
     """torch context parallelism (accelerate's `ParallelismConfig(cp_size=2)` on FSDP2, through
-    examples/train_sft.py --context-parallel 2; on CPU with tests.distributed.allow_context_parallel_on_cpu): both ranks
-    get the same 4 sequences and each forward sees half of every sequence. The step's real tokens are counted once,
+    examples/train_sft.py --context-parallel 2; on CPU with tests.distributed.allow_context_parallel_on_cpu): both
+    ranks get the same 4 sequences and each forward sees half of every sequence. The step's real tokens are counted once,
     not once per rank of the group (each rank's count alone made the penalty half its scale at the first step), and
     no rank mistakes its half for changed inputs (which had switched the run to per-forward normalisation)."""
     done = torchrun(tmp_path, "--fsdp", "2", "--context-parallel", "2", "--batch", "4", *extra)

@@ -48,7 +48,8 @@ def _sft_trainer(
         r=4, target_modules=TARGETS, init_weights=False, gate_bias_init=0.8, entropy_weight=entropy_weight
     )
     return SFTTrainer(
-        model=tiny_llama(init_std=init_std).to(round_weights_to or dtype).to(dtype), args=args, train_dataset=Dataset.from_dict({"text": texts}),
+        model=tiny_llama(init_std=init_std).to(round_weights_to or dtype).to(dtype), args=args,
+        train_dataset=Dataset.from_dict({"text": texts}),
         eval_dataset=Dataset.from_dict({"text": eval_texts}) if eval_texts else None,
         processing_class=tokenizer,
         peft_config=config,
