@@ -143,6 +143,17 @@ def allow_fsdp_on_cpu() -> None:
 
 
 RING_ATTENTION_FORWARDS = [0]  # calls of the CPU ring attention below in this process
+# what `allow_context_parallel_on_cpu` uses of torch's ring attention (internals, as of torch 2.13)
+RING_ATTENTION_INTERNALS = ("custom_ops", "_templated_ring_attention", "_templated_ring_attention_backward")
+
+
+def context_parallel_on_cpu_possible() -> bool:
+    """Whether this torch has the ring-attention internals that `allow_context_parallel_on_cpu` registers with."""
+    try:
+        from torch.distributed.tensor.experimental._context_parallel import _attention
+    except ImportError:
+        return False
+    return all(hasattr(_attention, name) for name in RING_ATTENTION_INTERNALS)
 
 
 def allow_context_parallel_on_cpu() -> None:

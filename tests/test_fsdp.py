@@ -25,6 +25,7 @@ from tests.distributed import (
     adapter,
     assert_same_adapter,
     assert_same_run,
+    context_parallel_on_cpu_possible,
     env,
     free_port,
     killed,
@@ -121,25 +122,17 @@ def test_fsdp2_matches_single_process(single, tmp_path, extra):
         torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
-def _ring_attention_patchable() -> bool:
-    try:
-        from torch.distributed.tensor.experimental._context_parallel import _attention
-    except ImportError:
-        return False
-    return all(hasattr(_attention, name) for name in
-               ("custom_ops", "_templated_ring_attention", "_templated_ring_attention_backward"))
-
-
 @pytest.mark.slow
 @FSDP2_ON_CPU
-@pytest.mark.skipif(not _ring_attention_patchable(), reason="torch's ring attention internals differ from 2.13's")
+@pytest.mark.skipif(not context_parallel_on_cpu_possible(),
+                    reason="torch's ring attention internals differ from 2.13's")
 @pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"]], ids=["plain", "checkpointing"])
 def test_context_parallel_matches_single_process(single, tmp_path, extra):
     """torch context parallelism (accelerate's `ParallelismConfig(cp_size=2)` on FSDP2, through
     examples/train_sft.py --context-parallel 2; on CPU with tests.distributed.allow_context_parallel_on_cpu): both
-    ranks get the same 4 sequences and each forward sees half of every sequence. The step's real tokens are counted once,
-    not once per rank of the group (each rank's count alone made the penalty half its scale at the first step), and
-    no rank mistakes its half for changed inputs (which had switched the run to per-forward normalisation)."""
+    ranks get the same 4 sequences and each forward sees half of every sequence. The step's real tokens are counted
+    once, not once per rank of the group (each rank's count alone made the penalty half its scale at the first step),
+    and no rank mistakes its half for changed inputs (which had switched the run to per-forward normalisation)."""
     done = torchrun(tmp_path, "--fsdp", "2", "--context-parallel", "2", "--batch", "4", *extra)
     ok(done)
     assert_same_run(tmp_path, single)

@@ -56,16 +56,19 @@ def _sft_trainer(
     )
 
 
+def _first_step(make, tmp_path, texts, weight, batch, accum, **kwargs) -> FirstStepCapture:
+    """Train the trainer `make` builds and return what its first optimisation step captured."""
+    capture = FirstStepCapture()
+    trainer = make(tmp_path, texts, weight, batch, accum, **kwargs)
+    trainer.add_callback(capture)
+    trainer.train()
+    return capture
+
+
 def _penalty_gradient(make, tmp_path, texts, batch, accum, **kwargs):
     """Gate gradient due to the penalty alone: (run with λ) − (same run with λ = 0)."""
-    runs = []
-    for weight in (LAMBDA, 0.0):
-        capture = FirstStepCapture()
-        trainer = make(tmp_path, texts, weight, batch, accum, **kwargs)
-        trainer.add_callback(capture)
-        trainer.train()
-        runs.append(capture)
-    with_penalty, without = runs
+    with_penalty, without = (_first_step(make, tmp_path, texts, weight, batch, accum, **kwargs)
+                             for weight in (LAMBDA, 0.0))
     return {n: with_penalty.grads[n] - without.grads[n] for n in with_penalty.grads}, with_penalty
 
 
@@ -270,10 +273,8 @@ def test_half_precision_training_applies_the_penalty_within_rounding(tmp_path, d
     naive = explicit_penalty_gradient(capture, LAMBDA)  # plain autograd on the half-precision model
     capture.start = capture.start.float()
     truth = explicit_penalty_gradient(capture, LAMBDA)
-    task_in_fp32 = FirstStepCapture()  # the λ = 0 run in fp32, from the same (rounded) weights
-    trainer = _sft_trainer(tmp_path, toy_texts(16), 0.0, batch=4, accum=2, round_weights_to=dtype)
-    trainer.add_callback(task_in_fp32)
-    trainer.train()
+    # the λ = 0 run in fp32, from the same (rounded) weights
+    task_in_fp32 = _first_step(_sft_trainer, tmp_path, toy_texts(16), 0.0, 4, 2, round_weights_to=dtype)
     for name in penalty:
         assert truth[name].abs().max() > 1e-6, name
         bound = 0.05 * truth[name].abs().max().item()
