@@ -61,6 +61,7 @@ class ProbePlugin(BasePlugin):
         # what the model's training forwards receive: the collator, and the largest attention-mask value (packed
         # rows number their sequences 1, 2, ... in some of Axolotl's collators)
         self.collator, self.mask_max = type(trainer.data_collator).__name__, 0
+        self.trainer = trainer  # its optimizer, at the end of training
 
         def record(module, args, kwargs):
             mask = kwargs.get("attention_mask")
@@ -88,4 +89,24 @@ class ProbePlugin(BasePlugin):
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"logits": logits, "layer_types": layers, "collator": getattr(self, "collator", None),
-                    "mask_max": getattr(self, "mask_max", None)}, out / "probe.pt")
+                    "mask_max": getattr(self, "mask_max", None), "optimizer_groups": self._optimizer_groups()},
+                   out / "probe.pt")
+
+    def _optimizer_groups(self) -> list[dict]:
+        """Each param group of the optimizer that trained the model: its starting rate, and how many of its
+        parameters are GateRA gate parameters and how many are not."""
+        from gatera_plugin.optim import gate_parameter_ratios
+
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.optimizer is None:
+            return []
+        gates = gate_parameter_ratios(trainer.model)
+        return [{"lr": group.get("initial_lr", group["lr"]), "gates": sum(id(p) in gates for p in group["params"]),
+                 "others": sum(id(p) not in gates for p in group["params"])}
+                for group in trainer.optimizer.param_groups]
+
+
+def completion_length_reward(prompts, completions, **kwargs) -> list[float]:
+    """A reward function for the GRPO tests (`trl.reward_funcs: [tests.axolotl.probe_plugin.completion_length_reward]`):
+    longer completions score higher."""
+    return [float(len(str(completion).split())) for completion in completions]

@@ -417,3 +417,74 @@ def test_lora_alpha_reaches_the_hira_branch_only_where_its_scale_uses_it(scaling
     config = gatera_config_from_axolotl(cfg, model=None)
     assert config.hira_scaling == (scaling or "lora") and config.lora_alpha == expected_alpha
     assert config.alpha_pattern == ({"v_proj": 8} if expected_alpha else {})
+
+
+@pytest.fixture(scope="module")
+def preference_data(workspace):
+    """Eight questions of the bundled data as preference pairs (chosen: the row's answer; rejected: the answer to one
+    of eight other questions) and as KTO rows (each answer labelled): a set small enough to be learnt in a few
+    epochs."""
+    from common import load_rows
+
+    rows = [(r["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:"), r["completion"].strip())
+            for r in load_rows("train")[:16]]
+    paths = {"dpo": workspace / "pairs.jsonl", "kto": workspace / "kto.jsonl", "grpo": workspace / "prompts.jsonl"}
+    with open(paths["dpo"], "w") as pairs, open(paths["kto"], "w") as kto, open(paths["grpo"], "w") as prompts:
+        for (question, answer), (_, wrong) in zip(rows[:8], rows[8:]):
+            pairs.write(json.dumps({"prompt": question, "chosen": answer, "rejected": wrong}) + "\n")
+            for completion, label in ((answer, True), (wrong, False)):
+                kto.write(json.dumps({"instruction": question, "completion": completion, "label": label}) + "\n")
+            prompts.write(json.dumps({"prompt": question}) + "\n")
+    return paths
+
+
+@pytest.mark.parametrize("rl,dataset_type", [("dpo", "chatml.default"), ("kto", "chatml.argilla")])
+def test_preference_training_through_axolotl_penalises_and_reloads(workspace, preference_data, rl, dataset_type):
+    """`rl: dpo` / `rl: kto` with `adapter: gatera`: Axolotl hands TRL only the adapter's config (the plugin's
+    `load_adapter(config_only=True)`) and TRL builds the GateRA model inside its trainer. The preference loss falls,
+    each step is normalised at step level with no warning (README's table: DPO and KTO count their batches'
+    attention masks), the penalty is λ · entropy, `gatera_gate_lr_ratio` reaches the optimizer Axolotl's trainer
+    builds, and the saved adapter reloads to the trained model's outputs."""
+    overrides = dict(rl=rl, datasets=[{"path": str(preference_data[rl]), "type": dataset_type, "split": "train"}],
+                     max_steps=12, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.005,
+                     gatera_gate_lr_ratio=4.0, remove_unused_columns=False if rl == "kto" else None)
+    output = _train(workspace, rl, **overrides)
+    assert "GateRA:" not in output, output[output.index("GateRA:"):][:500]
+    losses = _logged(output, "loss")
+    assert len(losses) == 12 and sum(losses[-4:]) < 0.8 * sum(losses[:4]), losses
+    entropy, penalty = _logged(output, "gatera/entropy"), _logged(output, "gatera/penalty")
+    assert len(entropy) == 12
+    torch.testing.assert_close(torch.tensor(penalty), 0.05 * torch.tensor(entropy), rtol=1e-3, atol=1e-6)
+    out = workspace / rl
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
+    probe = torch.load(out / "probe.pt")
+    assert any("gatera_plugin" in t for t in probe["layer_types"])
+    groups = probe["optimizer_groups"]
+    assert {g["lr"] for g in groups if g["gates"]} == {0.02} and {g["lr"] for g in groups if g["others"]} == {0.005}
+    assert not any(g["gates"] and g["others"] for g in groups), groups
+    torch.testing.assert_close(_reload_logits(workspace / "base", out), probe["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_grpo_through_axolotl_trains_with_the_per_forward_penalty(workspace, preference_data):
+    """`rl: grpo` with `adapter: gatera` (generation by the policy itself, `trl.use_vllm: false`): Axolotl builds the
+    GateRA model and its own GRPO trainer; the step's tokens are generated, so the penalty is normalised per forward,
+    said once (README's table), the gate statistics are logged, and the saved adapter reloads. The gates start away
+    from 0.5 (where the entropy's gradient is 0), so the penalty alone gives every step a gradient, also the steps
+    whose rewards are all equal (GRPO's loss and its gradient are then 0)."""
+    overrides = dict(rl="grpo", datasets=[{"path": str(preference_data["grpo"]), "type": "passthrough",
+                                           "split": "train"}],
+                     trl={"use_vllm": False, "num_generations": 2, "max_completion_length": 6,
+                          "reward_funcs": ["tests.axolotl.probe_plugin.completion_length_reward"]},
+                     max_steps=4, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.005,
+                     gatera_gate_bias_init=0.8)
+    output = _train(workspace, "grpo", **overrides)
+    said = [line for line in output.splitlines() if "GateRA:" in line]
+    assert len(said) == 1 and "cannot be counted in advance" in said[0], said
+    reward_std, grad_norm = _logged(output, "reward_std"), _logged(output, "grad_norm")
+    assert len(_logged(output, "gatera/entropy")) == 4 and len(reward_std) == 4
+    assert 0.0 in reward_std and all(norm > 0 for norm in grad_norm), (reward_std, grad_norm)
+    out = workspace / "grpo"
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
+    probe = torch.load(out / "probe.pt")
+    assert any("gatera_plugin" in t for t in probe["layer_types"])
+    torch.testing.assert_close(_reload_logits(workspace / "base", out), probe["logits"], rtol=1e-4, atol=1e-4)
