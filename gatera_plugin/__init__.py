@@ -15,7 +15,7 @@ from .config import GateRAConfig
 from .fsdp import install as _install_fsdp
 from .layer import GateRALayer
 from .model import FrozenHeadWarning, GateRAModel, UnreachedExpertsWarning
-from .optim import install as _install_gate_lr, split_gate_groups
+from .optim import split_gate_groups
 from .penalty import binary_entropy
 from .serialization import allow_pickle, install as _install_serialization
 from .trainer_integration import find_gatera_model, install as _install_trainer_integration
@@ -26,7 +26,6 @@ _register(GateRAConfig, GateRAModel)
 _install_trainer_integration()
 _install_serialization()
 _install_fsdp()
-_install_gate_lr()
 
 __all__ = [
     "PEFT_TYPE", "FrozenHeadWarning", "GateRAConfig", "GateRALayer", "GateRAModel", "UnreachedExpertsWarning",

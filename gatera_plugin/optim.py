@@ -3,9 +3,10 @@
 The gates' parameters (a sigmoid gate's `w`, `b`; a threshold gate's `τ`; a structure gate's `α`) are few and act
 on every token, so a rate chosen for the factors `A`, `B` need not suit them. `split_gate_groups` moves them into
 param groups of their own, with the same hyperparameters and `lr × gate_lr_ratio`, before the first step (so the
-learning-rate scheduler, built after the optimizer, scales every group alike). `install()` applies it to every
-`transformers.Trainer` (TRL's trainers and Axolotl included) when the model holds a GateRA adapter whose ratio is
-not 1; for a hand-built optimizer call `split_gate_groups(optimizer, model)` yourself.
+learning-rate scheduler, built after the optimizer, scales every group alike). The Trainer integration applies it
+(`with_gate_groups`) to every `transformers.Trainer` (TRL's trainers and Axolotl's included, also where a subclass
+builds the optimizer itself) when the model holds a GateRA adapter whose ratio is not 1; for a hand-built optimizer
+call `split_gate_groups(optimizer, model)` yourself.
 """
 
 from __future__ import annotations
@@ -97,25 +98,40 @@ def check_deepspeed_optimizer(trainer) -> None:
         )
 
 
-def install() -> None:
-    """Wrap `Trainer.create_optimizer` once (idempotent): GateRA models get their gate param groups split."""
-    from transformers import Trainer
+def with_gate_groups(trainer) -> None:
+    """Make `trainer.create_optimizer` give GateRA's gates their own param groups, whichever class implements it.
 
-    if getattr(Trainer.create_optimizer, _MARK, False):
+    A subclass may build the optimizer without calling `Trainer.create_optimizer` (Axolotl does for its own
+    optimizers, `optimizer: adopt_adamw`, `muon`, ...), so the instance's bound method is wrapped: the outermost call
+    regroups once, after whatever built the optimizer and before the scheduler. An optimizer the user passed to the
+    Trainer is checked instead (its scheduler already knows its groups).
+    """
+    build = trainer.create_optimizer
+    if getattr(build, _MARK, False):
         return
-    original = Trainer.create_optimizer
 
-    @functools.wraps(original)
-    def create_optimizer(self, *args, **kwargs):
-        users_optimizer = self.optimizer is not None  # passed as Trainer(optimizers=(optimizer, scheduler))
-        optimizer = original(self, *args, **kwargs)
+    @functools.wraps(build)
+    def create_optimizer(*args, **kwargs):
+        users_optimizer = trainer.optimizer is not None  # passed as Trainer(optimizers=(optimizer, scheduler))
+        optimizer = build(*args, **kwargs)
         model = args[0] if args else kwargs.get("model")
-        model = model if model is not None else self.model
+        model = model if model is not None else trainer.model
         if users_optimizer:
             check_gate_groups(optimizer, model)
         elif isinstance(optimizer, torch.optim.Optimizer):
             split_gate_groups(optimizer, model)
+        else:
+            _refuse_unsplittable(optimizer, model)
         return optimizer
 
     setattr(create_optimizer, _MARK, True)
-    Trainer.create_optimizer = create_optimizer
+    trainer.create_optimizer = create_optimizer
+
+
+def _refuse_unsplittable(optimizer, model) -> None:
+    ratios = sorted({ratio for ratio in gate_parameter_ratios(model).values() if ratio != 1.0})
+    if ratios:
+        raise ValueError(
+            f"`gate_lr_ratio`={ratios} cannot be applied: the trainer built a {type(optimizer).__name__}, which is not "
+            "a `torch.optim.Optimizer` with param groups to split. Use a torch optimizer, or set gate_lr_ratio=1."
+        )

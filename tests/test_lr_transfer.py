@@ -193,6 +193,55 @@ def test_sft_trainer_trains_gates_at_their_ratio(tmp_path):
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
 
 
+class _OwnOptimizer:
+    """A Trainer subclass that builds its optimizer itself, without `Trainer.create_optimizer` (as Axolotl's trainers
+    do for `optimizer: adopt_adamw`, `muon`, ...)."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=0.1)
+        return self.optimizer
+
+
+class _SuperOptimizer:
+    """A Trainer subclass whose `create_optimizer` calls the base one (as TRL's and Axolotl's default paths do)."""
+
+    def create_optimizer(self, model=None):
+        return super().create_optimizer(model)
+
+
+@pytest.mark.parametrize("mixin", [_OwnOptimizer, _SuperOptimizer], ids=["own", "super"])
+def test_a_trainer_subclass_that_builds_its_own_optimizer_gets_the_gate_groups_once(mixin, tmp_path):
+    """Gates at ratio × the rate whichever class builds the optimizer, and regrouped once (3×, not 9×). Before, a
+    subclass that did not call `Trainer.create_optimizer` trained the gates at the base rate without a word."""
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
+    trainer_cls = type("Subclassed", (mixin, Trainer), {})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", learning_rate=0.1)
+    optimizer = trainer_cls(model=model, args=args).create_optimizer()
+    gates = _gate_params(model)
+    rates = {(id(p) in gates): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert rates == {True: pytest.approx(0.3), False: pytest.approx(0.1)}
+    assert all(len({id(p) in gates for p in g["params"]}) == 1 for g in optimizer.param_groups)
+
+
+def test_an_optimizer_without_param_groups_to_split_is_refused(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    class Unsplittable(Trainer):
+        def create_optimizer(self, model=None):
+            self.optimizer = object()
+            return self.optimizer
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match=r"`gate_lr_ratio`=\[3\.0\] cannot be applied: the trainer built a object"):
+        Unsplittable(model=model, args=args).create_optimizer()
+    plain = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS))
+    Unsplittable(model=plain, args=args).create_optimizer()  # ratio 1: nothing to apply
+
+
 def test_an_optimizer_built_elsewhere_with_gates_mixed_in_is_refused():
     """Trainer(optimizers=(optimizer, scheduler)): the scheduler already knows the groups, so GateRA does not regroup;
     gates mixed with the rest are refused (the ratio would silently not apply), split ones are accepted."""

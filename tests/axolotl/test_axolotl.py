@@ -280,15 +280,37 @@ def test_bad_configs_are_refused_clearly(workspace, overrides, message):
     assert re.search(message, done.stdout + done.stderr), (done.stdout + done.stderr)[-3000:]
 
 
-@pytest.mark.parametrize("key,value", [("loraplus_lr_ratio", 16), ("embedding_lr", 1e-5), ("lr_groups", [])])
-def test_gate_lr_ratio_with_axolotls_own_param_groups_is_refused(key, value):
-    """Those options bypass `Trainer.create_optimizer`, where the gate rate is applied: refused, not ignored."""
-    from gatera_plugin.integrations.axolotl.args import GateRAArgs
+def test_loraplus_is_refused_because_it_finds_no_lora_b_in_a_gatera_adapter():
+    """Axolotl's LoRA+ raises the rate of parameters named `lora_B`: on a GateRA model it regroups nothing (checked
+    with Axolotl's own function), so `loraplus_lr_ratio` with `adapter: gatera` is refused rather than ignored."""
+    from axolotl.utils.optimizers.loraplus import apply_loraplus_lr_groups
+    from peft import get_peft_model
 
-    with pytest.raises(ValueError, match=rf"`gatera_gate_lr_ratio` \(5\.0\) .* when {key} is set"):
-        GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 5.0, key: value})
-    GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 1.0, key: value})
-    GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 5.0})
+    from gatera_plugin import GateRAConfig
+    from gatera_plugin.integrations.axolotl.args import GateRAArgs
+    from tests.helpers import tiny_llama
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = apply_loraplus_lr_groups([{"params": params, "lr": 1e-3}], model.named_parameters(), default_lr=1e-3,
+                                      loraplus_lr_ratio=16, eligible=lambda *_: True)
+    assert [(len(g["params"]), g["lr"]) for g in groups] == [(len(params), 1e-3)]
+    with pytest.raises(ValueError, match=r"`loraplus_lr_ratio`: LoRA\+ raises .* `lora_B`.* Remove it"):
+        GateRAArgs.model_validate({"adapter": "gatera", "loraplus_lr_ratio": 16})
+    GateRAArgs.model_validate({"adapter": "lora", "loraplus_lr_ratio": 16})
+
+
+def test_gate_lr_ratio_reaches_axolotls_own_optimizers_and_param_groups(workspace):
+    """`optimizer: adopt_adamw` (one of the optimizers Axolotl builds itself, without `Trainer.create_optimizer`) with
+    `lr_groups`: the gates get `gatera_gate_lr_ratio` × the rate of the group Axolotl put them in, the other
+    parameters keep theirs. Before, such an optimizer trained the gates at the base rate without a word."""
+    output = _train(workspace, "own-optimizer", optimizer="adopt_adamw", max_steps=3, gatera_gate_lr_ratio=4.0,
+                    lr_groups=[{"name": "attention", "modules": ["self_attn"], "lr": 0.002}])
+    assert "GateRA:" not in output
+    groups = torch.load(workspace / "own-optimizer" / "probe.pt")["optimizer_groups"]
+    assert not any(g["gates"] and g["others"] for g in groups), groups
+    assert {g["lr"] for g in groups if g["gates"]} == {0.008, 0.04}, groups  # 4 × attention's and 4 × the base rate
+    assert {g["lr"] for g in groups if g["others"]} == {0.002, 0.01}, groups
 
 
 def test_axolotls_offloading_checkpointer_recomputes_the_gated_layers_exactly(monkeypatch):

@@ -13,8 +13,6 @@ GATERA_KEYS = (
     "gatera_hira_scaling", "gatera_gate_lr_ratio",
 )
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
-# Axolotl options that build the optimizer's param groups themselves (bypassing `Trainer.create_optimizer`).
-OWN_PARAM_GROUP_KEYS = ("loraplus_lr_ratio", "embedding_lr", "embedding_lr_scale", "lr_groups")
 
 
 class GateRAArgs(BaseModel):
@@ -102,12 +100,10 @@ class GateRAArgs(BaseModel):
             )
         if data.get("lora_target_parameters"):
             raise ValueError("`lora_target_parameters` is not supported by GateRA (the gate needs a module's input).")
-        own_groups = [key for key in OWN_PARAM_GROUP_KEYS if data.get(key) is not None]
-        if data.get("gatera_gate_lr_ratio") not in (None, 1) and own_groups:
+        if data.get("loraplus_lr_ratio") is not None:
             raise ValueError(
-                f"`gatera_gate_lr_ratio` ({data['gatera_gate_lr_ratio']}) is applied to the Trainer's default "
-                f"optimizer, which Axolotl replaces with its own param groups when {', '.join(own_groups)} is set: "
-                f"the gates would silently train at the base rate. Remove {', '.join(own_groups)} or "
-                "`gatera_gate_lr_ratio`."
+                "`loraplus_lr_ratio`: LoRA+ raises the learning rate of the parameters named `lora_B`, and a GateRA "
+                "adapter has none (its factors are `gatera_A`, `gatera_B`), so it would change nothing. Remove it "
+                "(`gatera_gate_lr_ratio` sets the gates' rate)."
             )
         return data
