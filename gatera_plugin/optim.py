@@ -132,6 +132,6 @@ def _refuse_unsplittable(optimizer, model) -> None:
     ratios = sorted({ratio for ratio in gate_parameter_ratios(model).values() if ratio != 1.0})
     if ratios:
         raise ValueError(
-            f"`gate_lr_ratio`={ratios} cannot be applied: the trainer built a {type(optimizer).__name__}, which is not "
-            "a `torch.optim.Optimizer` with param groups to split. Use a torch optimizer, or set gate_lr_ratio=1."
+            f"`gate_lr_ratio`={ratios} cannot be applied: the trainer built a {type(optimizer).__name__}, which is "
+            "not a `torch.optim.Optimizer` with param groups to split. Use a torch optimizer, or set gate_lr_ratio=1."
         )

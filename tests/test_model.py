@@ -210,3 +210,41 @@ def test_registration_is_idempotent():
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.GATERA] is gatera_plugin.GateRAConfig
     model = get_peft_model(TwoLinear(), gatera_plugin.GateRAConfig(target_modules=["lin0"]))
     assert isinstance(model.base_model, gatera_plugin.GateRAModel)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_trainable_token_indices_train_only_their_rows_and_reload(tmp_path, tied):
+    """`trainable_token_indices` (PEFT's light alternative to saving the whole embedding, e.g. for new chat tokens):
+    after a step only those rows of the input embedding differ, the adapter trains alongside, and the saved adapter
+    (token rows included) reloads to the same logits. With tied embeddings (SmolLM2, Llama 3.2) the output head
+    follows the same rows."""
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers import tiny_llama_config
+
+    def base():
+        torch.manual_seed(0)
+        config = tiny_llama_config()
+        config.tie_word_embeddings = tied
+        return LlamaForCausalLM(config)
+
+    rows = [5, 7]
+    model = get_peft_model(base(), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False,
+                                                trainable_token_indices=rows))
+    before = model.get_input_embeddings()(torch.arange(128)).detach()
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.tensor([[5, 7, 9, 11, 13]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    after = model.get_input_embeddings()(torch.arange(128)).detach()
+    changed = (after != before).any(dim=-1).nonzero().flatten().tolist()
+    assert changed == rows
+    if tied:  # the head's rows are the embedding's, through PEFT's wrapper of the tied head
+        torch.testing.assert_close(model.get_output_embeddings()(torch.eye(32))[:, rows].T, after[rows])
+    else:
+        torch.testing.assert_close(model.get_output_embeddings().weight, head_before)
+    expected = eval_logits(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(base(), tmp_path)
+    torch.testing.assert_close(eval_logits(loaded, ids), expected, rtol=0, atol=0)

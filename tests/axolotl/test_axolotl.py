@@ -268,11 +268,13 @@ def test_merge_lora_of_ungated_adapter_with_legacy_method(workspace):
         ({"adapter": "lora", "lora_alpha": 16}, r"gatera_entropy_weight only apply with `adapter: gatera`"),
         ({"relora": True, "jagged_restart_steps": 10}, r"`relora` .* not supported with `adapter: gatera`"),
         ({"lora_mlp_kernel": True}, r"lora_mlp_kernel: Axolotl's LoRA Triton kernels .* cannot run GateRA"),
+        ({"peft_use_dora": True}, r"`peft_use_dora` is a LoRA option .* `gatera_branch: dora`"),
         ({"gatera_gate": "softmax"}, r"gatera_gate"),
         ({"gatera_entropy_weight": -1}, r"gatera_entropy_weight"),
         ({"gatera_gate": "none", "gatera_entropy_weight": 0.1}, r"needs sigmoid token gates"),
     ],
-    ids=["keys-without-adapter", "relora", "lora-kernels", "unknown-gate", "negative-weight", "conflict"],
+    ids=["keys-without-adapter", "relora", "lora-kernels", "dora-option", "unknown-gate", "negative-weight",
+         "conflict"],
 )
 def test_bad_configs_are_refused_clearly(workspace, overrides, message):
     done = _axolotl("train", str(_config(workspace, "bad", **overrides)), "--launcher", "python", timeout=300)
@@ -510,3 +512,33 @@ def test_grpo_through_axolotl_trains_with_the_per_forward_penalty(workspace, pre
     probe = torch.load(out / "probe.pt")
     assert any("gatera_plugin" in t for t in probe["layer_types"])
     torch.testing.assert_close(_reload_logits(workspace / "base", out), probe["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    {"peft_use_dora": True}, {"peft_use_rslora": True}, {"peft_init_lora_weights": "pissa"},
+    {"peft_layer_replication": [[0, 2]]}, {"peft_ensure_weight_tying": True},
+    {"peft": {"loftq_config": {"loftq_bits": 4}}},
+], ids=lambda options: next(iter(options)))
+def test_lora_options_without_a_gatera_counterpart_are_refused(options):
+    """A recipe switched from `adapter: lora` may keep LoRA options that GateRA's config has no field for: refused
+    with what to use instead, not silently dropped. Their defaults (and the same keys under `adapter: lora`) pass."""
+    from gatera_plugin.integrations.axolotl.args import GateRAArgs
+
+    key = next(iter(options)) if "peft" not in options else "peft.loftq_config"
+    with pytest.raises(ValueError, match=rf"`{re.escape(key)}` is a LoRA option that `adapter: gatera` would ignore"):
+        GateRAArgs.model_validate({"adapter": "gatera", **options})
+    GateRAArgs.model_validate({"adapter": "lora", **options})
+    GateRAArgs.model_validate({"adapter": "gatera", "peft_init_lora_weights": True, "peft_use_dora": False})
+
+
+def test_trainable_token_indices_reach_the_gatera_config():
+    """`peft_trainable_token_indices` (new chat tokens' embedding rows) is a GateRA option too (tests/test_model.py
+    trains and reloads it)."""
+    from axolotl.utils.dict import DictDefault
+
+    from gatera_plugin.integrations.axolotl.plugin import gatera_config_from_axolotl
+
+    cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"], "peft_trainable_token_indices": [5, 7]})
+    assert gatera_config_from_axolotl(cfg, model=None).trainable_token_indices == [5, 7]
+    cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"]})
+    assert gatera_config_from_axolotl(cfg, model=None).trainable_token_indices is None

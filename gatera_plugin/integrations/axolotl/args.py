@@ -13,6 +13,24 @@ GATERA_KEYS = (
     "gatera_hira_scaling", "gatera_gate_lr_ratio",
 )
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+# Axolotl's LoRA options that a GateRA adapter has no counterpart for (they would be ignored) -> what to do instead
+LORA_ONLY_OPTIONS = {
+    "peft_use_dora": "GateRA's DoRA branch is `gatera_branch: dora`",
+    "peft_use_rslora": "rsLoRA's alpha / √r is not one of GateRA's scales; `gatera_hira_scaling` chooses the HiRA "
+                       "branch's (lora: alpha / r, rms, none)",
+    "peft_init_lora_weights": "LoRA's initialisations (PiSSA, OLoRA, LoftQ, EVA, gaussian, ...) do not apply to "
+                              "GateRA's factors",
+    "peft_layer_replication": "GateRA does not replicate layers",
+    "peft_ensure_weight_tying": "GateRA's config has no such option",
+    "peft.loftq_config": "LoftQ initialises LoRA factors from a quantised base",
+}
+
+
+def _lora_option_set(data: dict, key: str) -> bool:
+    """Whether an Axolotl config sets LoRA option `key` ("a.b": key b of block a) to other than its default."""
+    block, _, name = key.rpartition(".")
+    value = (data.get(block) or {}).get(name) if block else data.get(key)
+    return value not in (None, False) and not (key == "peft_init_lora_weights" and value is True)
 
 
 class GateRAArgs(BaseModel):
@@ -100,6 +118,11 @@ class GateRAArgs(BaseModel):
             )
         if data.get("lora_target_parameters"):
             raise ValueError("`lora_target_parameters` is not supported by GateRA (the gate needs a module's input).")
+        for key, instead in LORA_ONLY_OPTIONS.items():
+            if _lora_option_set(data, key):
+                raise ValueError(
+                    f"`{key}` is a LoRA option that `adapter: gatera` would ignore: {instead}. Remove it."
+                )
         if data.get("loraplus_lr_ratio") is not None:
             raise ValueError(
                 "`loraplus_lr_ratio`: LoRA+ raises the learning rate of the parameters named `lora_B`, and a GateRA "

@@ -80,6 +80,7 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
         layers_to_transform=cfg.peft_layers_to_transform,
         layers_pattern=cfg.peft_layers_pattern,
         rank_pattern=dict(cfg.lora_rank_pattern or {}),
+        trainable_token_indices=cfg.peft_trainable_token_indices or None,
         alpha_pattern=dict(cfg.lora_alpha_pattern or {}) if uses_alpha else {},
         task_type="CAUSAL_LM",
         **options,
