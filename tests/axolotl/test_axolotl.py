@@ -105,7 +105,9 @@ def _ok(done):
     assert done.returncode == 0, (done.stdout[-4000:] + done.stderr[-6000:])
 
 
-def _reload_logits(base_dir, adapter_dir, load_in_4bit=False):
+def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None):
+    """The saved adapter's logits on the probe's inputs; `factors_dtype`: compute the branch factors in that dtype, as
+    the trained model did (TRL casts a quantised model's trainable parameters to bf16, see tests/test_bnb.py)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -121,6 +123,9 @@ def _reload_logits(base_dir, adapter_dir, load_in_4bit=False):
                   "device_map": "cpu"}
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **kwargs),
                                       adapter_dir).eval()
+    for name, param in model.named_parameters():
+        if factors_dtype is not None and (".gatera_A." in name or ".gatera_B." in name):
+            param.data = param.data.to(factors_dtype)
     with torch.no_grad():
         return model(input_ids=PROBE_INPUT).logits.float()
 
@@ -149,7 +154,13 @@ def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, load_in_4bit
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
     probe = torch.load(out / "probe.pt")
     assert any("gatera_plugin" in t for t in probe["layer_types"])
-    reloaded = _reload_logits(workspace / "base", out, load_in_4bit)
+    if load_in_4bit:  # TRL's QLoRA recipe: factors in bf16 (so saved), gates kept in fp32 by GateRA
+        from safetensors.torch import load_file
+
+        saved = {k: v.dtype for k, v in load_file(out / "adapter_model.safetensors").items()}
+        assert {d for k, d in saved.items() if ".gatera_A" in k or ".gatera_B" in k} == {torch.bfloat16}
+        assert {d for k, d in saved.items() if ".gatera_gate." in k} == {torch.float32}
+    reloaded = _reload_logits(workspace / "base", out, load_in_4bit, torch.bfloat16 if load_in_4bit else None)
     torch.testing.assert_close(reloaded, probe["logits"], rtol=1e-4, atol=1e-4)
 
 
@@ -462,31 +473,45 @@ def preference_data(workspace):
     return paths
 
 
-@pytest.mark.parametrize("rl,dataset_type", [("dpo", "chatml.default"), ("kto", "chatml.argilla")])
-def test_preference_training_through_axolotl_penalises_and_reloads(workspace, preference_data, rl, dataset_type):
-    """`rl: dpo` / `rl: kto` with `adapter: gatera`: Axolotl hands TRL only the adapter's config (the plugin's
-    `load_adapter(config_only=True)`) and TRL builds the GateRA model inside its trainer. The preference loss falls,
-    each step is normalised at step level with no warning (README's table: DPO and KTO count their batches'
-    attention masks), the penalty is λ · entropy, `gatera_gate_lr_ratio` reaches the optimizer Axolotl's trainer
-    builds, and the saved adapter reloads to the trained model's outputs."""
+@pytest.mark.parametrize("rl,dataset_type,load_in_4bit", [
+    ("dpo", "chatml.default", False), ("dpo", "chatml.default", True), ("kto", "chatml.argilla", False),
+], ids=["dpo", "dpo-4bit", "kto"])
+def test_preference_training_through_axolotl_penalises_and_reloads(workspace, preference_data, rl, dataset_type,
+                                                                   load_in_4bit):
+    """`rl: dpo` / `rl: kto` with `adapter: gatera` (DPO also on a 4-bit base, gatera-qlora.yml): Axolotl hands TRL
+    only the adapter's config (the plugin's `load_adapter(config_only=True)`) and TRL builds the GateRA model inside
+    its trainer. The preference loss falls, each step is normalised at step level with no warning (README's table:
+    DPO and KTO count their batches' attention masks), the penalty is λ · entropy, `gatera_gate_lr_ratio` reaches the
+    optimizer Axolotl's trainer builds, and the saved adapter reloads to the trained model's outputs."""
     overrides = dict(rl=rl, datasets=[{"path": str(preference_data[rl]), "type": dataset_type, "split": "train"}],
                      max_steps=12, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.005,
                      gatera_gate_lr_ratio=4.0, remove_unused_columns=False if rl == "kto" else None)
-    output = _train(workspace, rl, **overrides)
+    name = f"{rl}-4bit" if load_in_4bit else rl
+    output = _train(workspace, name, example="gatera-qlora.yml" if load_in_4bit else "gatera.yml", **overrides)
+    if load_in_4bit:
+        assert "GateRA on a 4-bit (bitsandbytes) base model" not in output  # TRL, not the plugin, builds it here
+        assert "Linear4bit" in " ".join(torch.load(workspace / name / "probe.pt")["layer_types"])
     assert "GateRA:" not in output, output[output.index("GateRA:"):][:500]
     losses = _logged(output, "loss")
     assert len(losses) == 12 and sum(losses[-4:]) < 0.8 * sum(losses[:4]), losses
     entropy, penalty = _logged(output, "gatera/entropy"), _logged(output, "gatera/penalty")
     assert len(entropy) == 12
     torch.testing.assert_close(torch.tensor(penalty), 0.05 * torch.tensor(entropy), rtol=1e-3, atol=1e-6)
-    out = workspace / rl
+    out = workspace / name
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
     probe = torch.load(out / "probe.pt")
     assert any("gatera_plugin" in t for t in probe["layer_types"])
     groups = probe["optimizer_groups"]
     assert {g["lr"] for g in groups if g["gates"]} == {0.02} and {g["lr"] for g in groups if g["others"]} == {0.005}
     assert not any(g["gates"] and g["others"] for g in groups), groups
-    torch.testing.assert_close(_reload_logits(workspace / "base", out), probe["logits"], rtol=1e-4, atol=1e-4)
+    if load_in_4bit:  # TRL's QLoRA recipe: factors in bf16 (so saved), gates kept in fp32 by GateRA
+        from safetensors.torch import load_file
+
+        saved = {k: v.dtype for k, v in load_file(out / "adapter_model.safetensors").items()}
+        assert {d for k, d in saved.items() if ".gatera_A" in k or ".gatera_B" in k} == {torch.bfloat16}
+        assert {d for k, d in saved.items() if ".gatera_gate." in k} == {torch.float32}
+    reloaded = _reload_logits(workspace / "base", out, load_in_4bit, torch.bfloat16 if load_in_4bit else None)
+    torch.testing.assert_close(reloaded, probe["logits"], rtol=1e-4, atol=1e-4)
 
 
 def test_grpo_through_axolotl_trains_with_the_per_forward_penalty(workspace, preference_data):
