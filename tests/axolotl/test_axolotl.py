@@ -130,6 +130,17 @@ def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None
         return model(input_ids=PROBE_INPUT).logits.float()
 
 
+def _saved_gatera_adapter_reloads(out: Path, base_dir: Path, load_in_4bit=False, factors_dtype=None) -> dict:
+    """Check that run folder `out` holds a GateRA adapter, that GateRA layers trained, and that the adapter reloads
+    to the trained model's logits (the probe's); return the probe."""
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
+    probe = torch.load(out / "probe.pt")
+    assert any("gatera_plugin" in t for t in probe["layer_types"])
+    reloaded = _reload_logits(base_dir, out, load_in_4bit, factors_dtype)
+    torch.testing.assert_close(reloaded, probe["logits"], rtol=1e-4, atol=1e-4)
+    return probe
+
+
 def _train(workspace, name, example="gatera.yml", **overrides) -> str:
     """Run `axolotl train` once per name (later tests reuse the output folder and the log)."""
     log = workspace / f"{name}.log"
@@ -150,18 +161,7 @@ def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, load_in_4bit
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     for key in ("gatera/gate_mean", "gatera/entropy", "gatera/gate_open_frac", "gatera/penalty"):
         assert len(_logged(output, key)) == 25, key
-    out = workspace / name
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
-    probe = torch.load(out / "probe.pt")
-    assert any("gatera_plugin" in t for t in probe["layer_types"])
-    if load_in_4bit:  # TRL's QLoRA recipe: factors in bf16 (so saved), gates kept in fp32 by GateRA
-        from safetensors.torch import load_file
-
-        saved = {k: v.dtype for k, v in load_file(out / "adapter_model.safetensors").items()}
-        assert {d for k, d in saved.items() if ".gatera_A" in k or ".gatera_B" in k} == {torch.bfloat16}
-        assert {d for k, d in saved.items() if ".gatera_gate." in k} == {torch.float32}
-    reloaded = _reload_logits(workspace / "base", out, load_in_4bit, torch.bfloat16 if load_in_4bit else None)
-    torch.testing.assert_close(reloaded, probe["logits"], rtol=1e-4, atol=1e-4)
+    _saved_gatera_adapter_reloads(workspace / name, workspace / "base", load_in_4bit)
 
 
 def test_shipped_yaml_as_is_trains_evaluates_and_checkpoints(workspace):
@@ -498,20 +498,17 @@ def test_preference_training_through_axolotl_penalises_and_reloads(workspace, pr
     assert len(entropy) == 12
     torch.testing.assert_close(torch.tensor(penalty), 0.05 * torch.tensor(entropy), rtol=1e-3, atol=1e-6)
     out = workspace / name
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
-    probe = torch.load(out / "probe.pt")
-    assert any("gatera_plugin" in t for t in probe["layer_types"])
-    groups = probe["optimizer_groups"]
-    assert {g["lr"] for g in groups if g["gates"]} == {0.02} and {g["lr"] for g in groups if g["others"]} == {0.005}
-    assert not any(g["gates"] and g["others"] for g in groups), groups
     if load_in_4bit:  # TRL's QLoRA recipe: factors in bf16 (so saved), gates kept in fp32 by GateRA
         from safetensors.torch import load_file
 
         saved = {k: v.dtype for k, v in load_file(out / "adapter_model.safetensors").items()}
         assert {d for k, d in saved.items() if ".gatera_A" in k or ".gatera_B" in k} == {torch.bfloat16}
         assert {d for k, d in saved.items() if ".gatera_gate." in k} == {torch.float32}
-    reloaded = _reload_logits(workspace / "base", out, load_in_4bit, torch.bfloat16 if load_in_4bit else None)
-    torch.testing.assert_close(reloaded, probe["logits"], rtol=1e-4, atol=1e-4)
+    probe = _saved_gatera_adapter_reloads(out, workspace / "base", load_in_4bit,
+                                          torch.bfloat16 if load_in_4bit else None)
+    groups = probe["optimizer_groups"]
+    assert {g["lr"] for g in groups if g["gates"]} == {0.02} and {g["lr"] for g in groups if g["others"]} == {0.005}
+    assert not any(g["gates"] and g["others"] for g in groups), groups
 
 
 def test_grpo_through_axolotl_trains_with_the_per_forward_penalty(workspace, preference_data):
@@ -532,11 +529,7 @@ def test_grpo_through_axolotl_trains_with_the_per_forward_penalty(workspace, pre
     reward_std, grad_norm = _logged(output, "reward_std"), _logged(output, "grad_norm")
     assert len(_logged(output, "gatera/entropy")) == 4 and len(reward_std) == 4
     assert 0.0 in reward_std and all(norm > 0 for norm in grad_norm), (reward_std, grad_norm)
-    out = workspace / "grpo"
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
-    probe = torch.load(out / "probe.pt")
-    assert any("gatera_plugin" in t for t in probe["layer_types"])
-    torch.testing.assert_close(_reload_logits(workspace / "base", out), probe["logits"], rtol=1e-4, atol=1e-4)
+    _saved_gatera_adapter_reloads(workspace / "grpo", workspace / "base")
 
 
 @pytest.mark.parametrize("options", [
