@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gate", default="sigmoid")
     parser.add_argument("--branch", default="hira")
     parser.add_argument("--entropy-weight", type=float, default=None)
+    parser.add_argument("--gate-lr-ratio", type=float, default=None, help="the gates' learning rate / --lr")
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the end)")
     parser.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'last'")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -139,7 +140,8 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
             model_path, dtype=torch.bfloat16 if args.bf16 else torch.float32, quantization_config=quantization,
             device_map="cpu" if args.cpu and args.load_in_4bit and not args.deepspeed else None,
         )
-    extra = {} if args.entropy_weight is None else {"entropy_weight": args.entropy_weight}
+    options = {"entropy_weight": args.entropy_weight, "gate_lr_ratio": args.gate_lr_ratio}
+    extra = {key: value for key, value in options.items() if value is not None}
     peft_config = gatera_plugin.GateRAConfig(r=args.r, target_modules=TARGETS, gate=args.gate, branch=args.branch,
                                              **extra)
     return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(load_rows("train", data)),

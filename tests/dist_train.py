@@ -44,17 +44,21 @@ class Probe(TrainerCallback):
 
             upcast_trainable_to_fp32(model)
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step == 0:
             from gatera_plugin import GateRALayer
+            from gatera_plugin.optim import gate_parameter_ratios
 
             layers = [m for m in model.modules() if isinstance(m, GateRALayer)]
             weights = [m.get_base_layer().weight for m in layers]
+            gates = gate_parameter_ratios(model)  # (DeepSpeed's optimizer holds flat copies: no id matches there)
             probe = {
                 "layers": len(layers),
                 "partitioned": all(w.numel() == 0 and str(getattr(w, "ds_status", "")).endswith("NOT_AVAILABLE")
                                    for w in weights),
                 "registered": all(id(w) in getattr(m, "_external_params", {}) for m, w in zip(layers, weights)),
+                "optimizer_groups": [{"lr": g["lr"], "gates": sum(id(p) in gates for p in g["params"]),
+                                      "params": len(g["params"])} for g in optimizer.param_groups],
             }
             if self.fsdp is not None:
                 probe.update(self.fsdp.begin(model, layers))

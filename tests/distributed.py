@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +101,26 @@ def assert_same_run(out, reference):
     """Per-step losses to LOSS_RTOL and the final adapter, gates included, to ADAPTER_ATOL."""
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(reference)), rtol=LOSS_RTOL, atol=0)
     assert_same_adapter(adapter(out), adapter(reference))
+
+
+GATE_LR_RATIO = "3"
+
+
+def assert_gate_lr_ratio_applied(out, reference, ratio_one_reference):
+    """A distributed run with `--gate-lr-ratio 3` reproduces the single process with the same ratio (`reference`),
+    its optimizer's groups (after DeepSpeed or FSDP wrapped it) run at the base rate and at 3 × it, and the ratio made
+    a difference: the gates differ from a run at ratio 1 far beyond the tolerance."""
+    assert_same_run(out, reference)
+    for run in (out, reference):
+        groups = json.loads((Path(run) / "probe_rank0.json").read_text())["optimizer_groups"]
+        assert sorted({g["lr"] for g in groups}) == pytest.approx([1e-3, 3e-3]), groups
+        assert all(g["gates"] in (0, g["params"]) for g in groups), groups  # no group mixes gates with the rest
+    single = json.loads((Path(reference) / "probe_rank0.json").read_text())["optimizer_groups"]
+    gate_rates = [g["lr"] for g in single if g["gates"]]
+    assert gate_rates and gate_rates == pytest.approx([3e-3] * len(gate_rates)), single
+    gated, plain = adapter(reference), adapter(ratio_one_reference)
+    moved = max((gated[k] - plain[k]).abs().max().item() for k in gated if ".gatera_gate." in k)
+    assert moved > 100 * ADAPTER_ATOL, moved
 
 
 def run_nodes(commands: list[list[str]]) -> None:

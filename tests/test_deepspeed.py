@@ -16,10 +16,12 @@ from packaging.version import Version
 from tests.distributed import (
     ADAPTER_ATOL,
     COMMON,
+    GATE_LR_RATIO,
     LOSS_RTOL,
     ROOT,
     SCRIPT,
     adapter,
+    assert_gate_lr_ratio_applied,
     assert_same_adapter,
     free_port,
     killed,
@@ -75,6 +77,16 @@ def test_bf16_zero_trains_like_a_single_bf16_process(tmp_path, stage):
     assert saved.keys() == reference.keys() and len(saved) > 0
     assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in saved.values())
     assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("gatera_B"))  # trained, not the init
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_gate_lr_ratio_survives_deepspeeds_optimizer_wrapping(single, tmp_path, stage):
+    """`gate_lr_ratio`: the Trainer builds the optimizer with the gates' groups and DeepSpeed wraps it; the gates train
+    at 3 × the rate, as in one process."""
+    ok(single_process(tmp_path / "single", "--gate-lr-ratio", GATE_LR_RATIO))
+    ok(torchrun(tmp_path / "zero", "--deepspeed", ZERO[stage], "--gate-lr-ratio", GATE_LR_RATIO))
+    assert_gate_lr_ratio_applied(tmp_path / "zero", tmp_path / "single", single)
 
 
 @pytest.mark.slow

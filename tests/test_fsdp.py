@@ -18,11 +18,13 @@ from packaging.version import Version
 from tests.distributed import (
     ABORT_AT_EXIT,
     COMMON,
+    GATE_LR_RATIO,
     LOSS_RTOL,
     ROOT,
     SCRIPT,
     aborted_at_exit,
     adapter,
+    assert_gate_lr_ratio_applied,
     assert_same_adapter,
     assert_same_run,
     context_parallel_on_cpu_possible,
@@ -120,6 +122,16 @@ def test_fsdp2_matches_single_process(single, tmp_path, extra):
         with torch.no_grad():
             logits = [_load(folder)(input_ids=input_ids).logits for folder in (tmp_path, single)]
         torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@FSDP2_ON_CPU
+def test_gate_lr_ratio_survives_fsdp2_sharding(single, tmp_path):
+    """`gate_lr_ratio` under FSDP2: the optimizer is built over the sharded (DTensor) parameters, whose gate groups
+    train at 3 × the rate, as in one process."""
+    ok(single_process(tmp_path / "single", "--gate-lr-ratio", GATE_LR_RATIO))
+    ok(torchrun(tmp_path / "fsdp", "--fsdp", "2", "--gate-lr-ratio", GATE_LR_RATIO))
+    assert_gate_lr_ratio_applied(tmp_path / "fsdp", tmp_path / "single", single)
 
 
 @pytest.mark.slow
