@@ -560,3 +560,38 @@ def test_trainable_token_indices_reach_the_gatera_config():
     assert gatera_config_from_axolotl(cfg, model=None).trainable_token_indices == [5, 7]
     cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"]})
     assert gatera_config_from_axolotl(cfg, model=None).trainable_token_indices is None
+
+
+def test_dpo_after_sft_continues_from_the_sft_adapter(workspace, preference_data):
+    """`rl: dpo` with `lora_model_dir` (DPO after SFT; a gated adapter cannot be merged into the base first): TRL
+    builds the adapter from the saved adapter's config and the plugin loads its weights into it once the trainer
+    exists. Axolotl itself loads `lora_model_dir` only where it builds the adapter, and before this the DPO run
+    started from a new adapter without a word. Seen in the first step: the policy (the SFT adapter) already differs
+    from TRL's reference (the adapter disabled), so the rewards are not 0, as they are for a new adapter."""
+    sft = workspace / "run-fp32"
+    _train(workspace, "run-fp32")
+    overrides = dict(rl="dpo", datasets=[{"path": str(preference_data["dpo"]), "type": "chatml.default",
+                                          "split": "train"}],
+                     max_steps=2, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.005)
+    fresh = _train(workspace, "dpo-fresh", **overrides)
+    continued = _train(workspace, "dpo-after-sft", lora_model_dir=str(sft), **overrides)
+    assert f"Loading GateRA adapter from {sft} into the adapter AxolotlDPOTrainer built" in continued
+    assert _logged(fresh, "rewards/chosen")[0] == 0.0
+    assert _logged(continued, "rewards/chosen")[0] != 0.0
+    assert _logged(continued, "mean_token_accuracy")[0] > _logged(fresh, "mean_token_accuracy")[0] + 0.3
+    assert "GateRA:" not in continued
+
+
+@pytest.mark.parametrize("config_only", [False, True], ids=["axolotl-builds", "trl-builds"])
+def test_lora_model_dir_of_another_method_is_refused(tmp_path, config_only):
+    """`adapter: gatera` with `lora_model_dir` pointing at a LoRA adapter would train LoRA: refused, by both paths."""
+    from axolotl.utils.dict import DictDefault
+    from peft import LoraConfig, get_peft_model
+
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+    from tests.helpers import tiny_llama
+
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"], "lora_model_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"holds a LORA adapter, not a GateRA one.*Point it at a GateRA adapter"):
+        GateRAPlugin().load_adapter(tiny_llama(), cfg, config_only=config_only)

@@ -87,6 +87,20 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
     )
 
 
+def _saved_gatera_config(folder) -> gatera_plugin.GateRAConfig:
+    """The config of the adapter saved in `folder` (`lora_model_dir`), refused unless it is a GateRA adapter."""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(folder))
+    if not isinstance(config, gatera_plugin.GateRAConfig):
+        raise ValueError(
+            f"`lora_model_dir` ({folder}) holds a {getattr(config.peft_type, 'value', config.peft_type)} adapter, "
+            "not a GateRA one, and `adapter: gatera` would train that instead. Point it at a GateRA adapter's folder, "
+            "or set `adapter` to match."
+        )
+    return config
+
+
 def _patch_quantization_config() -> None:
     """Give `adapter: gatera` the bitsandbytes config Axolotl builds for `qlora` (4-bit) and `lora` (8-bit)."""
     import torch
@@ -135,7 +149,11 @@ class GateRAPlugin(BasePlugin):
         from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
         config = gatera_config_from_axolotl(cfg, model)
-        if config_only:
+        if config_only:  # `rl: dpo`, `ipo`, `kto`: TRL builds the adapter inside its trainer from this config
+            if cfg.lora_model_dir:  # the saved adapter's own config, and its weights once the trainer exists
+                config = _saved_gatera_config(cfg.lora_model_dir)
+                config.inference_mode = False
+                self._load_into_trainer = str(cfg.lora_model_dir)
             return None, config
         inference = inference or bool(cfg.inference)
         checkpointing = bool(cfg.gradient_checkpointing) and not inference
@@ -148,6 +166,7 @@ class GateRAPlugin(BasePlugin):
         elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         if cfg.lora_model_dir:
+            _saved_gatera_config(cfg.lora_model_dir)
             LOG.info("Loading GateRA adapter from %s", cfg.lora_model_dir)
             peft_model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference)
             return peft_model, peft_model.peft_config["default"]
@@ -155,3 +174,21 @@ class GateRAPlugin(BasePlugin):
         if not inference:
             peft_model.print_trainable_parameters()
         return peft_model, config
+
+    def post_trainer_create(self, cfg, trainer):
+        """Load the adapter of `lora_model_dir` into the one TRL built from its config (`rl: dpo`, `ipo`, `kto`;
+        e.g. DPO after SFT). Axolotl loads `lora_model_dir` only where it builds the adapter itself, so without this
+        a gated adapter, which cannot be merged into the base first, would start from scratch without a word."""
+        source = getattr(self, "_load_into_trainer", None)
+        if cfg.adapter != ADAPTER or source is None:
+            return
+        from peft import PeftModel
+
+        model = trainer.model
+        if not isinstance(model, PeftModel):
+            raise RuntimeError(f"`lora_model_dir` ({source}): the trainer holds no PEFT model to load it into.")
+        result = model.load_adapter(source, adapter_name=model.active_adapter, is_trainable=True)
+        if result.missing_keys:
+            raise ValueError(f"`lora_model_dir` ({source}) lacks adapter tensors: {result.missing_keys[:5]} ...")
+        LOG.info("Loading GateRA adapter from %s into the adapter %s built", source, type(trainer).__name__)
+        self._load_into_trainer = None
