@@ -8,7 +8,9 @@ Installed with the package, the plugin loads for every Axolotl run through the `
 - `register`: makes `load_in_4bit` / `load_in_8bit` really quantise the base (Axolotl builds a bitsandbytes config
   only for its own LoRA adapters and would otherwise load the base unquantised without a word);
 - `load_adapter`: builds the GateRA PEFT model from the usual `lora_*` keys and the `gatera_*` keys (or loads
-  `lora_model_dir`), after the k-bit preparation and gradient checkpointing Axolotl applies to LoRA only.
+  `lora_model_dir`), after the k-bit preparation and gradient checkpointing Axolotl applies to LoRA only; for
+  `rl: dpo`, `ipo`, `kto`, where TRL builds the model, only its config;
+- `post_trainer_create`: there, loads `lora_model_dir`'s weights into the adapter TRL built (DPO after SFT).
 
 The penalty and the gate statistics need nothing here: `import gatera_plugin` makes every `transformers.Trainer`
 (Axolotl's included) apply the penalty with the right scale and add `gatera/*` to its logs.
