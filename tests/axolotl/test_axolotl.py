@@ -367,6 +367,8 @@ DISTRIBUTED_RUNS = {  # name -> (shipped YAML, overrides)
     # model's gradient checkpointing: PEFT alone would save the adapter with no tensors there
     "fsdp2-activation-checkpointing": ("gatera-fsdp2.yml", {"gradient_checkpointing": False, "fsdp_config": {
         **yaml.safe_load((EXAMPLES / "gatera-fsdp2.yml").read_text())["fsdp_config"], "activation_checkpointing": True}}),
+    # QLoRA-FSDP: a 4-bit base (its bytes stored as bf16, which FSDP can shard), sharded by FSDP2
+    "fsdp2-4bit": ("gatera-fsdp2.yml", {"load_in_4bit": True}),
 }
 
 
