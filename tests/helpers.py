@@ -176,10 +176,15 @@ def backbone(peft_model) -> nn.Module:
 class FirstStepCapture(TrainerCallback):
     """Keeps a copy of the model at the start of training, the inputs of the first optimisation step's forwards with
     gradient (recorded at the backbone), and the gate gradients accumulated over that step, just before the optimizer
-    uses them: what `explicit_penalty_gradient` needs."""
+    uses them: what `explicit_penalty_gradient` needs.
 
-    def __init__(self):
-        self.start, self.inputs, self.grads, self._hook = None, [], None, None
+    `record_embeddings`: replace each forward's token ids by the embeddings its layers received (`inputs_embeds`), for
+    trainers that change them on the way (NEFTune adds random noise after the embedding layer).
+    """
+
+    def __init__(self, record_embeddings: bool = False):
+        self.start, self.inputs, self.grads, self._hooks = None, [], None, []
+        self.record_embeddings, self._embeddings = record_embeddings, []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.start = copy.deepcopy(model)
@@ -191,12 +196,28 @@ class FirstStepCapture(TrainerCallback):
                     inputs["input_ids"] = a[0].detach().clone()
                 self.inputs.append(inputs)
 
-        self._hook = backbone(model).register_forward_pre_hook(record, with_kwargs=True)
+        def record_embeddings(module, a, output):  # after hooks registered before this one (NEFTune's)
+            if torch.is_grad_enabled() and module.training:
+                self._embeddings.append(output.detach().clone())
+
+        self._hooks = [backbone(model).register_forward_pre_hook(record, with_kwargs=True)]
+        if self.record_embeddings:
+            self._hooks.append(backbone(model).get_input_embeddings().register_forward_hook(record_embeddings))
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.grads is None:
             self.grads = {n: p.grad.clone() for n, p in gate_params(model).items()}
-            self._hook.remove()
+            for hook in self._hooks:
+                hook.remove()
+            if self.record_embeddings:  # (`embeddings_changed`: how far they are from the token ids' embeddings)
+                assert len(self._embeddings) == len(self.inputs)
+                embed = backbone(self.start).get_input_embeddings()
+                self.embeddings_changed = 0.0
+                for inputs, embeddings in zip(self.inputs, self._embeddings):
+                    with torch.no_grad():
+                        clean = torch.nn.functional.embedding(inputs.pop("input_ids"), embed.weight)
+                    self.embeddings_changed = max(self.embeddings_changed, (embeddings - clean).abs().max().item())
+                    inputs["inputs_embeds"] = embeddings
 
 
 def real_tokens(inputs: dict) -> torch.Tensor:

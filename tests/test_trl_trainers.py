@@ -41,11 +41,13 @@ REJECTED = [" nine ten eleven", " two", " one", " zero ten"]
 # trainer -> (what the step-level count reads, so the normaliser mode the test expects)
 # N = real tokens of all the step's micro-batches ("sft-packing": SFT's `packing=True`, padding-free, flattens each
 # micro-batch into one row without a mask; DPO's `padding_free` is disabled in TRL 1.16, which falls back to padding)
-STEP_LEVEL = {"sft", "sft-packing", "dpo", "kto", "reward", "orpo", "cpo", "tpo"}
+STEP_LEVEL = {"sft", "sft-packing", "sft-neftune", "dpo", "kto", "reward", "orpo", "cpo", "tpo"}
 # kinds that run the trainer of the kind before "-" with other settings -> those settings ("sft-packing": rows of at
 # most 16 tokens, so that the 8 texts fill both micro-batches of a step)
 VARIANTS = {
     "sft-packing": {"packing": True, "max_length": 16},
+    # NEFTune (noise added to the embeddings in training forwards): the penalty is that of the noised forwards
+    "sft-neftune": {"neftune_noise_alpha": 5.0},
     # GRPO as RL recipes run it: a KL term to the reference model (the base: the adapter disabled, forwards without
     # gradient) and each generation batch reused for two optimisation steps (old log-probabilities, no gradient)
     "grpo-kl": {"beta": 0.04, "num_iterations": 2},
@@ -186,8 +188,9 @@ def _trainer(kind, tmp_path, entropy_weight, steps):
     raise ValueError(kind)
 
 
-def _run(kind, tmp_path, entropy_weight, steps):
-    capture = FirstStepCapture()
+def _run(kind, tmp_path, entropy_weight, steps, record_embeddings=True):
+    """`record_embeddings=False`: replay NEFTune's forwards from their token ids (the negative control)."""
+    capture = FirstStepCapture(record_embeddings=record_embeddings and kind == "sft-neftune")
     trainer = _trainer(kind, tmp_path, entropy_weight, steps)
     trainer.add_callback(capture)
     trainer.train()
@@ -205,6 +208,11 @@ def test_trl_trainer_trains_penalises_logs_and_reloads(kind, tmp_path, caplog):
     assert trainer._gatera_normaliser.per_forward == per_forward
     assert len(warnings) == per_forward and all("cannot be counted in advance" in w for w in warnings), warnings
     assert len(capture.inputs) == ACCUM  # one forward with gradient per micro-batch
+    if kind == "sft-neftune":  # the noise was there, in the forwards the penalty check replays, and is gone after
+        from transformers.integrations.neftune import neftune_post_forward_hook
+
+        assert capture.embeddings_changed > 0.05
+        assert neftune_post_forward_hook not in trainer.model.get_input_embeddings()._forward_hooks.values()
     if kind == "sft-packing":  # flattened: one row per micro-batch, and no mask
         assert all(inputs.get("attention_mask") is None and len(inputs["input_ids"]) == 1 for inputs in capture.inputs)
 
@@ -242,6 +250,18 @@ def test_trl_trainer_trains_penalises_logs_and_reloads(kind, tmp_path, caplog):
     input_ids = torch.randint(4, 40, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=input_ids).logits, trained(input_ids=input_ids).logits)
+
+
+@pytest.mark.slow
+def test_the_neftune_check_needs_the_noised_embeddings(tmp_path):
+    """Negative control of the `sft-neftune` case: replayed from the token ids instead of the embeddings the layers
+    received, the explicit penalty gradient misses the injected one, so that case's check sees the noise."""
+    _, capture = _run("sft-neftune", tmp_path, LAMBDA, steps=1, record_embeddings=False)
+    _, without = _run("sft-neftune", tmp_path, 0.0, steps=1, record_embeddings=False)
+    explicit = explicit_penalty_gradient(capture, LAMBDA)
+    errors = [((capture.grads[n] - without.grads[n] - explicit[n]).abs().max() / explicit[n].abs().max()).item()
+              for n in capture.grads]
+    assert max(errors) > 1e-2, errors
 
 
 class _Truncating(Trainer):
