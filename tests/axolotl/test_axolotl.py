@@ -465,10 +465,14 @@ def preference_data(workspace):
 
     rows = [(r["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:"), r["completion"].strip())
             for r in load_rows("train")[:16]]
-    paths = {"dpo": workspace / "pairs.jsonl", "kto": workspace / "kto.jsonl", "grpo": workspace / "prompts.jsonl"}
-    with open(paths["dpo"], "w") as pairs, open(paths["kto"], "w") as kto, open(paths["grpo"], "w") as prompts:
+    paths = {rl: workspace / f"{rl}.jsonl" for rl in ("dpo", "kto", "grpo", "orpo")}
+    with open(paths["dpo"], "w") as pairs, open(paths["kto"], "w") as kto, open(paths["grpo"], "w") as prompts, \
+            open(paths["orpo"], "w") as chats:
         for (question, answer), (_, wrong) in zip(rows[:8], rows[8:]):
             pairs.write(json.dumps({"prompt": question, "chosen": answer, "rejected": wrong}) + "\n")
+            chats.write(json.dumps({side: [{"role": "user", "content": question},
+                                           {"role": "assistant", "content": reply}]
+                                    for side, reply in (("chosen", answer), ("rejected", wrong))}) + "\n")
             for completion, label in ((answer, True), (wrong, False)):
                 kto.write(json.dumps({"instruction": question, "completion": completion, "label": label}) + "\n")
             prompts.write(json.dumps({"prompt": question}) + "\n")
@@ -477,17 +481,19 @@ def preference_data(workspace):
 
 @pytest.mark.parametrize("rl,dataset_type,load_in_4bit", [
     ("dpo", "chatml.default", False), ("dpo", "chatml.default", True), ("kto", "chatml.argilla", False),
-], ids=["dpo", "dpo-4bit", "kto"])
+    ("orpo", "chat_template.argilla", False),
+], ids=["dpo", "dpo-4bit", "kto", "orpo"])
 def test_preference_training_through_axolotl_penalises_and_reloads(workspace, preference_data, rl, dataset_type,
                                                                    load_in_4bit):
     """`rl: dpo` / `rl: kto` with `adapter: gatera` (DPO also on a 4-bit base, gatera-qlora.yml): Axolotl hands TRL
     only the adapter's config (the plugin's `load_adapter(config_only=True)`) and TRL builds the GateRA model inside
-    its trainer. The preference loss falls, each step is normalised at step level with no warning (README's table:
+    its trainer; `rl: orpo` (chat-formatted pairs), where Axolotl builds it. The preference loss falls, each step is normalised at step level with no warning (README's table:
     DPO and KTO count their batches' attention masks), the penalty is λ · entropy, `gatera_gate_lr_ratio` reaches the
     optimizer Axolotl's trainer builds, and the saved adapter reloads to the trained model's outputs."""
     overrides = dict(rl=rl, datasets=[{"path": str(preference_data[rl]), "type": dataset_type, "split": "train"}],
                      max_steps=12, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.005,
-                     gatera_gate_lr_ratio=4.0, remove_unused_columns=False if rl == "kto" else None)
+                     gatera_gate_lr_ratio=4.0, remove_unused_columns=False if rl == "kto" else None,
+                     chat_template="chatml" if rl == "orpo" else None)
     name = f"{rl}-4bit" if load_in_4bit else rl
     output = _train(workspace, name, example="gatera-qlora.yml" if load_in_4bit else "gatera.yml", **overrides)
     if load_in_4bit:
