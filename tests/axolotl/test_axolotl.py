@@ -40,6 +40,29 @@ def workspace(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def preference_data(workspace):
+    """Eight questions of the bundled data, for `rl:` runs: preference pairs (chosen: the row's answer; rejected: the
+    answer to one of eight other questions), as DPO's prompt/chosen/rejected rows and as ORPO's chats, KTO's labelled
+    answers, and GRPO's prompts; a set small enough to be learnt in a few epochs."""
+    from common import load_rows
+
+    rows = [(r["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:"), r["completion"].strip())
+            for r in load_rows("train")[:16]]
+    paths = {rl: workspace / f"{rl}.jsonl" for rl in ("dpo", "kto", "grpo", "orpo")}
+    with open(paths["dpo"], "w") as pairs, open(paths["kto"], "w") as kto, open(paths["grpo"], "w") as prompts, \
+            open(paths["orpo"], "w") as chats:
+        for (question, answer), (_, wrong) in zip(rows[:8], rows[8:]):
+            pairs.write(json.dumps({"prompt": question, "chosen": answer, "rejected": wrong}) + "\n")
+            chats.write(json.dumps({side: [{"role": "user", "content": question},
+                                           {"role": "assistant", "content": reply}]
+                                    for side, reply in (("chosen", answer), ("rejected", wrong))}) + "\n")
+            for completion, label in ((answer, True), (wrong, False)):
+                kto.write(json.dumps({"instruction": question, "completion": completion, "label": label}) + "\n")
+            prompts.write(json.dumps({"prompt": question}) + "\n")
+    return paths
+
+
 EXAMPLES = ROOT / "integrations" / "axolotl"
 CPU_TEST_SETTINGS = {  # what every test changes in the shipped YAMLs: local tiny model and data, CPU, short runs
     "sequence_len": 64,
@@ -369,11 +392,13 @@ DISTRIBUTED_RUNS = {  # name -> (shipped YAML, overrides)
         **yaml.safe_load((EXAMPLES / "gatera-fsdp2.yml").read_text())["fsdp_config"], "activation_checkpointing": True}}),
     # QLoRA-FSDP: a 4-bit base (its bytes stored as bf16, which FSDP can shard), sharded by FSDP2
     "fsdp2-4bit": ("gatera-fsdp2.yml", {"load_in_4bit": True}),
+    # DPO (TRL builds the adapter inside its trainer, before FSDP2 shards the model), on the preference pairs
+    "fsdp2-dpo": ("gatera-fsdp2.yml", {"rl": "dpo"}),
 }
 
 
 @pytest.mark.parametrize("name", list(DISTRIBUTED_RUNS))
-def test_deepspeed_through_axolotl(workspace, name):
+def test_deepspeed_through_axolotl(workspace, preference_data, name):
     """`deepspeed: integrations/deepspeed/<stage>.json` and `fsdp_version: 2` (gatera-<stage>.yml), 2 processes on
     CPU (torchrun launcher): trains with the penalty, logs the gate statistics and saves a complete adapter that
     reproduces the trained model. FSDP2 also with `fsdp_config.activation_checkpointing`.
@@ -384,6 +409,9 @@ def test_deepspeed_through_axolotl(workspace, name):
     from safetensors.torch import load_file
 
     example, overrides = DISTRIBUTED_RUNS[name]
+    if overrides.get("rl") == "dpo":
+        overrides = {**overrides, "datasets": [{"path": str(preference_data["dpo"]), "type": "chatml.default",
+                                                "split": "train"}]}
     stage = example.removeprefix("gatera-").removesuffix(".yml")
     cfg = _config(workspace, f"ds-{name}", example=example, micro_batch_size=2, max_steps=12, **overrides)
     done = _axolotl("train", str(cfg), "--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port",
@@ -454,29 +482,6 @@ def test_lora_alpha_reaches_the_hira_branch_only_where_its_scale_uses_it(scaling
     config = gatera_config_from_axolotl(cfg, model=None)
     assert config.hira_scaling == (scaling or "lora") and config.lora_alpha == expected_alpha
     assert config.alpha_pattern == ({"v_proj": 8} if expected_alpha else {})
-
-
-@pytest.fixture(scope="module")
-def preference_data(workspace):
-    """Eight questions of the bundled data as preference pairs (chosen: the row's answer; rejected: the answer to one
-    of eight other questions) and as KTO rows (each answer labelled): a set small enough to be learnt in a few
-    epochs."""
-    from common import load_rows
-
-    rows = [(r["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:"), r["completion"].strip())
-            for r in load_rows("train")[:16]]
-    paths = {rl: workspace / f"{rl}.jsonl" for rl in ("dpo", "kto", "grpo", "orpo")}
-    with open(paths["dpo"], "w") as pairs, open(paths["kto"], "w") as kto, open(paths["grpo"], "w") as prompts, \
-            open(paths["orpo"], "w") as chats:
-        for (question, answer), (_, wrong) in zip(rows[:8], rows[8:]):
-            pairs.write(json.dumps({"prompt": question, "chosen": answer, "rejected": wrong}) + "\n")
-            chats.write(json.dumps({side: [{"role": "user", "content": question},
-                                           {"role": "assistant", "content": reply}]
-                                    for side, reply in (("chosen", answer), ("rejected", wrong))}) + "\n")
-            for completion, label in ((answer, True), (wrong, False)):
-                kto.write(json.dumps({"instruction": question, "completion": completion, "label": label}) + "\n")
-            prompts.write(json.dumps({"prompt": question}) + "\n")
-    return paths
 
 
 @pytest.mark.parametrize("rl,dataset_type,load_in_4bit", [
