@@ -608,3 +608,21 @@ def test_lora_model_dir_of_another_method_is_refused(tmp_path, config_only):
     cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"], "lora_model_dir": str(tmp_path)})
     with pytest.raises(ValueError, match=r"holds a LORA adapter, not a GateRA one.*Point it at a GateRA adapter"):
         GateRAPlugin().load_adapter(tiny_llama(), cfg, config_only=config_only)
+
+
+@pytest.mark.parametrize("autocast,expected", [(None, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
+def test_peft_autocast_adapter_dtype_reaches_the_adapter(tmp_path, autocast, expected):
+    """`peft_autocast_adapter_dtype` (PEFT's fp32 adapter on a half-precision base, on by default) is honoured when
+    the plugin builds the adapter and when it loads `lora_model_dir`, as Axolotl does for LoRA."""
+    from axolotl.utils.dict import DictDefault
+
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+    from tests.helpers import tiny_llama
+
+    keys = {"adapter": "gatera", "lora_target_modules": ["q_proj"], "peft_autocast_adapter_dtype": autocast}
+    built, _ = GateRAPlugin().load_adapter(tiny_llama().to(torch.bfloat16), DictDefault(keys))
+    built.save_pretrained(tmp_path)
+    loaded, _ = GateRAPlugin().load_adapter(tiny_llama().to(torch.bfloat16),
+                                            DictDefault({**keys, "lora_model_dir": str(tmp_path)}))
+    for model in (built, loaded):
+        assert {p.dtype for n, p in model.named_parameters() if ".gatera_A." in n} == {expected}

@@ -167,12 +167,16 @@ class GateRAPlugin(BasePlugin):
                                                     gradient_checkpointing_kwargs=checkpointing_kwargs)
         elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        # PEFT's default keeps the adapter in fp32 on a half-precision base; `peft_autocast_adapter_dtype: false` keeps
+        # it in the base's dtype (GateRA's gates are returned to fp32 for training either way)
+        autocast = {} if cfg.peft_autocast_adapter_dtype is None else {
+            "autocast_adapter_dtype": bool(cfg.peft_autocast_adapter_dtype)}
         if cfg.lora_model_dir:
             _saved_gatera_config(cfg.lora_model_dir)
             LOG.info("Loading GateRA adapter from %s", cfg.lora_model_dir)
-            peft_model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference)
+            peft_model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference, **autocast)
             return peft_model, peft_model.peft_config["default"]
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, config, **autocast)
         if not inference:
             peft_model.print_trainable_parameters()
         return peft_model, config
