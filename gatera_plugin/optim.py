@@ -16,6 +16,8 @@ import functools
 import torch
 
 _MARK = "__gatera_gate_lr__"
+_BUILDING = "_gatera_building_optimizer"  # set on a trainer while its create_optimizer runs
+_SPLIT = "_gatera_gate_groups_split"  # set on an optimizer whose gate groups are split
 
 
 def gate_parameter_ratios(model: torch.nn.Module) -> dict[int, float]:
@@ -38,10 +40,11 @@ def gate_parameter_ratios(model: torch.nn.Module) -> dict[int, float]:
 def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Give the gate parameters of `model` their own param groups at `lr × gate_lr_ratio` (in place; before any step).
 
-    Groups keep their other hyperparameters (weight decay, betas, ...); a no-op when every ratio is 1.
+    Groups keep their other hyperparameters (weight decay, betas, ...); a no-op when every ratio is 1, and on an
+    optimizer it has split already.
     """
     ratios = {key: ratio for key, ratio in gate_parameter_ratios(model).items() if ratio != 1.0}
-    if not ratios:
+    if not ratios or getattr(optimizer, _SPLIT, False):  # (split already: a second split would apply ratio²)
         return optimizer
     if optimizer.state:
         raise RuntimeError(
@@ -62,6 +65,7 @@ def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
         if "initial_lr" in group:
             group["initial_lr"] = group["lr"]
         optimizer.add_param_group(group)
+    setattr(optimizer, _SPLIT, True)
     return optimizer
 
 
@@ -98,24 +102,34 @@ def check_deepspeed_optimizer(trainer) -> None:
         )
 
 
-def with_gate_groups(trainer) -> None:
-    """Make `trainer.create_optimizer` give GateRA's gates their own param groups, whichever class implements it.
+def with_gate_groups(trainer_class) -> None:
+    """Make `create_optimizer` give GateRA's gates their own param groups, whichever class of `trainer_class`'s MRO
+    implements it (idempotent).
 
     A subclass may build the optimizer without calling `Trainer.create_optimizer` (Axolotl does for its own
-    optimizers, `optimizer: adopt_adamw`, `muon`, ...), so the instance's bound method is wrapped: the outermost call
-    regroups once, after whatever built the optimizer and before the scheduler. An optimizer the user passed to the
-    Trainer is checked instead (its scheduler already knows its groups).
+    optimizers, `optimizer: adopt_adamw`, `muon`, ...), so every class that defines the method gets the wrapper; a
+    per-trainer flag lets only the outermost call regroup, once, after whatever built the optimizer and before the
+    scheduler. An optimizer the user passed to the Trainer is checked instead (its scheduler already knows its groups).
     """
-    build = trainer.create_optimizer
-    if getattr(build, _MARK, False):
-        return
+    for cls in trainer_class.__mro__:
+        build = vars(cls).get("create_optimizer")
+        if build is not None and not getattr(build, _MARK, False):
+            cls.create_optimizer = _regrouping(build)
 
+
+def _regrouping(build):
     @functools.wraps(build)
-    def create_optimizer(*args, **kwargs):
-        users_optimizer = trainer.optimizer is not None  # passed as Trainer(optimizers=(optimizer, scheduler))
-        optimizer = build(*args, **kwargs)
+    def create_optimizer(self, *args, **kwargs):
+        if getattr(self, _BUILDING, False):  # called by a subclass's create_optimizer: the outer call regroups
+            return build(self, *args, **kwargs)
+        users_optimizer = self.optimizer is not None  # passed as Trainer(optimizers=(optimizer, scheduler))
+        setattr(self, _BUILDING, True)
+        try:
+            optimizer = build(self, *args, **kwargs)
+        finally:
+            setattr(self, _BUILDING, False)
         model = args[0] if args else kwargs.get("model")
-        model = model if model is not None else trainer.model
+        model = model if model is not None else self.model
         if users_optimizer:
             check_gate_groups(optimizer, model)
         elif isinstance(optimizer, torch.optim.Optimizer):
@@ -125,7 +139,7 @@ def with_gate_groups(trainer) -> None:
         return optimizer
 
     setattr(create_optimizer, _MARK, True)
-    trainer.create_optimizer = create_optimizer
+    return create_optimizer
 
 
 def _refuse_unsplittable(optimizer, model) -> None:

@@ -11,8 +11,8 @@ Installed once on `import gatera_plugin`, these wrappers do nothing unless the t
   checks its count against the forwards that really ran with gradient (the `PenaltyRun` tallies them) and, on a
   mismatch, warns with both numbers and switches to per-forward normalisation;
 - `__init__`: refuse TRL's vLLM generation (`use_vllm=True`) for token-gated adapters, which cannot be merged into
-  the weights that TRL hands vLLM, before TRL starts vLLM; and make this trainer's own `create_optimizer`, whichever
-  class implements it, give the gates their `gate_lr_ratio` (`optim.with_gate_groups`);
+  the weights that TRL hands vLLM, before TRL starts vLLM; and make the trainer class's `create_optimizer`, whichever
+  class of its MRO implements it, give the gates their `gate_lr_ratio` (`optim.with_gate_groups`);
 - `log`: add the gate statistics gathered since the last log (`gatera/...` keys) to training logs, before they
   reach `state.log_history` and every `report_to` backend;
 - `train`: first return gate parameters that TRL cast to bf16 to fp32 (`GateRAModel.upcast_gates_to_fp32`), before
@@ -318,7 +318,7 @@ def install() -> None:
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         check_generation_backend(self)
-        with_gate_groups(self)
+        with_gate_groups(type(self))
 
     @functools.wraps(original_get_batch_samples)
     def get_batch_samples(self, *args, **kwargs):

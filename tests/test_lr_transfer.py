@@ -210,20 +210,67 @@ class _SuperOptimizer:
         return super().create_optimizer(*args, **kwargs)
 
 
-@pytest.mark.parametrize("mixin", [_OwnOptimizer, _SuperOptimizer], ids=["own", "super"])
+class _SplitsItself:
+    """A Trainer subclass that follows `split_gate_groups`'s advice for a hand-built optimizer and splits it itself."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=0.1)
+            self.optimizer = split_gate_groups(optimizer, self.model)
+        return self.optimizer
+
+
+@pytest.mark.parametrize("mixin", [_OwnOptimizer, _SuperOptimizer, _SplitsItself], ids=["own", "super", "splits-itself"])
 def test_a_trainer_subclass_that_builds_its_own_optimizer_gets_the_gate_groups_once(mixin, tmp_path):
-    """Gates at ratio × the rate whichever class builds the optimizer, and regrouped once (3×, not 9×). Before, a
-    subclass that did not call `Trainer.create_optimizer` trained the gates at the base rate without a word."""
+    """Gates at ratio × the rate whichever class builds the optimizer, and regrouped once (3×, not 9×, also when the
+    subclass splits the groups itself). Before, a subclass that did not call `Trainer.create_optimizer` trained the
+    gates at the base rate without a word."""
     from transformers import Trainer, TrainingArguments
 
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
     trainer_cls = type("Subclassed", (mixin, Trainer), {})
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", learning_rate=0.1)
-    optimizer = trainer_cls(model=model, args=args).create_optimizer()
+    trainer = trainer_cls(model=model, args=args)
+    optimizer = trainer.create_optimizer()
+    assert trainer.create_optimizer() is optimizer  # (called again, as transformers does: checked, not regrouped)
     gates = _gate_params(model)
-    rates = {(id(p) in gates): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-    assert rates == {True: pytest.approx(0.3), False: pytest.approx(0.1)}
-    assert all(len({id(p) in gates for p in g["params"]}) == 1 for g in optimizer.param_groups)
+    rates = {True: set(), False: set()}
+    for group in optimizer.param_groups:
+        assert len({id(p) in gates for p in group["params"]}) == 1  # no group mixes gates with the rest
+        rates[id(group["params"][0]) in gates].add(round(group["lr"], 12))
+    assert rates == {True: {0.3}, False: {0.1}}
+
+
+def test_split_gate_groups_twice_applies_the_ratio_once():
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    split_gate_groups(split_gate_groups(optimizer, model), model)
+    assert sorted(round(g["lr"], 12) for g in optimizer.param_groups) == [1e-3, 3e-3]
+
+
+def test_a_trainer_is_freed_when_dropped_and_copies_build_their_own_optimizer(tmp_path):
+    """The regrouping lives on the trainer classes, not in a closure on each trainer: `del trainer` frees it (and its
+    model) at once, without waiting for the garbage collector, and a deep copy builds the optimizer of its own model."""
+    import copy
+    import gc
+    import weakref
+
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
+    trainer = Trainer(model=model, args=args)
+    copied = copy.deepcopy(trainer)
+    optimizer = copied.create_optimizer()
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} <= {id(p) for p in copied.model.parameters()}
+    assert len(optimizer.param_groups) > 1 and trainer.optimizer is None
+    gc.disable()
+    try:
+        alive = weakref.ref(trainer)
+        del trainer
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 def test_an_optimizer_without_param_groups_to_split_is_refused(tmp_path):

@@ -316,22 +316,25 @@ def test_bad_configs_are_refused_clearly(workspace, overrides, message):
     assert re.search(message, done.stdout + done.stderr), (done.stdout + done.stderr)[-3000:]
 
 
-def test_loraplus_is_refused_because_it_finds_no_lora_b_in_a_gatera_adapter():
-    """Axolotl's LoRA+ raises the rate of parameters named `lora_B`: on a GateRA model it regroups nothing (checked
-    with Axolotl's own function), so `loraplus_lr_ratio` with `adapter: gatera` is refused rather than ignored."""
-    from axolotl.utils.optimizers.loraplus import apply_loraplus_lr_groups
+def test_loraplus_is_refused_because_it_would_raise_the_gate_biases_rate_not_the_b_factors():
+    """LoRA+ (PEFT's `create_loraplus_optimizer`, Axolotl's path for `loraplus_lr_ratio`) raises the rate of
+    parameters named `lora_B` and of every 1-D parameter: on a GateRA model (checked with PEFT's own function) the B
+    factors keep the base rate and the gate biases get the raised one. `loraplus_lr_ratio` with `adapter: gatera` is
+    refused rather than silently doing that."""
     from peft import get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
 
     from gatera_plugin import GateRAConfig
     from gatera_plugin.integrations.axolotl.args import GateRAArgs
     from tests.helpers import tiny_llama
 
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = apply_loraplus_lr_groups([{"params": params, "lr": 1e-3}], model.named_parameters(), default_lr=1e-3,
-                                      loraplus_lr_ratio=16, eligible=lambda *_: True)
-    assert [(len(g["params"]), g["lr"]) for g in groups] == [(len(params), 1e-3)]
-    with pytest.raises(ValueError, match=r"`loraplus_lr_ratio`: LoRA\+ raises .* `lora_B`.* Remove it"):
+    optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    rates = {name: group["lr"] for group in optimizer.param_groups for name, param in model.named_parameters()
+             if any(param is p for p in group["params"])}
+    assert {r for n, r in rates.items() if ".gatera_B." in n} == {1e-3}
+    assert {r for n, r in rates.items() if ".gatera_gate." in n and n.endswith(".bias")} == {16e-3}
+    with pytest.raises(ValueError, match=r"`loraplus_lr_ratio`: LoRA\+ raises .* `lora_B`.* gate biases.* Remove it"):
         GateRAArgs.model_validate({"adapter": "gatera", "loraplus_lr_ratio": 16})
     GateRAArgs.model_validate({"adapter": "lora", "loraplus_lr_ratio": 16})
 
@@ -547,9 +550,10 @@ def test_grpo_through_axolotl_trains_with_the_per_forward_penalty(workspace, pre
 
 @pytest.mark.parametrize("options", [
     {"peft_use_dora": True}, {"peft_use_rslora": True}, {"peft_init_lora_weights": "pissa"},
+    {"peft_init_lora_weights": False},
     {"peft_layer_replication": [[0, 2]]}, {"peft_ensure_weight_tying": True},
     {"peft": {"loftq_config": {"loftq_bits": 4}}},
-], ids=lambda options: next(iter(options)))
+], ids=lambda options: f"{next(iter(options))}={next(iter(options.values()))}")
 def test_lora_options_without_a_gatera_counterpart_are_refused(options):
     """A recipe switched from `adapter: lora` may keep LoRA options that GateRA's config has no field for: refused
     with what to use instead, not silently dropped. Their defaults (and the same keys under `adapter: lora`) pass."""

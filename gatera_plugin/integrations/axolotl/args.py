@@ -30,7 +30,9 @@ def _lora_option_set(data: dict, key: str) -> bool:
     """Whether an Axolotl config sets LoRA option `key` ("a.b": key b of block a) to other than its default."""
     block, _, name = key.rpartition(".")
     value = (data.get(block) or {}).get(name) if block else data.get(key)
-    return value not in (None, False) and not (key == "peft_init_lora_weights" and value is True)
+    if key == "peft_init_lora_weights":  # true is LoRA's default initialisation; false, PiSSA, ... are not
+        return value not in (None, True)
+    return value not in (None, False)
 
 
 class GateRAArgs(BaseModel):
@@ -125,8 +127,9 @@ class GateRAArgs(BaseModel):
                 )
         if data.get("loraplus_lr_ratio") is not None:
             raise ValueError(
-                "`loraplus_lr_ratio`: LoRA+ raises the learning rate of the parameters named `lora_B`, and a GateRA "
-                "adapter has none (its factors are `gatera_A`, `gatera_B`), so it would change nothing. Remove it "
-                "(`gatera_gate_lr_ratio` sets the gates' rate)."
+                "`loraplus_lr_ratio`: LoRA+ raises the learning rate of LoRA's B factors, which it finds by the name "
+                "`lora_B`, and of every 1-D parameter; in a GateRA adapter it would leave the B factors (`gatera_B`) "
+                "alone and raise the rate of the gate biases (and thresholds, structure logits, DoRA magnitudes) "
+                "instead. Remove it (`gatera_gate_lr_ratio` sets the gates' rate)."
             )
         return data

@@ -146,6 +146,7 @@ class GateRAPlugin(BasePlugin):
         return [AdapterCapabilities(name=ADAPTER, lora_like=False, relora=False)]
 
     def load_adapter(self, model, cfg, inference: bool = False, config_only: bool = False):
+        self._load_into_trainer = None  # (set below for this run only)
         if cfg.adapter != ADAPTER:
             return None
         from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -193,7 +194,9 @@ class GateRAPlugin(BasePlugin):
         model = trainer.model
         if not isinstance(model, PeftModel):
             raise RuntimeError(f"`lora_model_dir` ({source}): the trainer holds no PEFT model to load it into.")
-        result = model.load_adapter(source, adapter_name=model.active_adapter, is_trainable=True)
+        # into TRL's tensors as they are (TRL may have cast them to bf16: QLoRA's recipe, ZeRO-3's single dtype)
+        result = model.load_adapter(source, adapter_name=model.active_adapter, is_trainable=True,
+                                    autocast_adapter_dtype=False)
         if result.missing_keys:
             raise ValueError(f"`lora_model_dir` ({source}) lacks adapter tensors: {result.missing_keys[:5]} ...")
         LOG.info("Loading GateRA adapter from %s into the adapter %s built", source, type(trainer).__name__)
