@@ -106,7 +106,7 @@ class ProbePlugin(BasePlugin):
                 for group in trainer.optimizer.param_groups]
 
 
-def completion_length_reward(prompts, completions, **kwargs) -> list[float]:
-    """A reward function for the GRPO tests (`trl.reward_funcs: [tests.axolotl.probe_plugin.completion_length_reward]`):
-    longer completions score higher."""
-    return [float(len(str(completion).split())) for completion in completions]
+def constant_reward(prompts, completions, **kwargs) -> list[float]:
+    """A reward function for the GRPO test (`trl.reward_funcs: [tests.axolotl.probe_plugin.constant_reward]`): the same
+    for every completion, so that GRPO's own loss and gradient are 0."""
+    return [1.0 for _ in completions]

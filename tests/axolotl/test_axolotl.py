@@ -428,6 +428,8 @@ def test_deepspeed_through_axolotl(workspace, preference_data, name):
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
     assert len(_logged(output, "gatera/entropy")) in (12, 24)
     assert all(0 < p <= 0.05 for p in _logged(output, "gatera/penalty"))  # λ · entropy, counted once
+    if overrides.get("load_in_4bit"):
+        assert "GateRA on a 4-bit (bitsandbytes) base model" in output
     if stage == "fsdp2":  # no recount of the checkpointed forwards, no switch to per-forward normalisation
         assert "GateRA:" not in output, output[output.index("GateRA:"):][:500]
     from transformers import AutoModelForCausalLM
@@ -495,9 +497,10 @@ def test_preference_training_through_axolotl_penalises_and_reloads(workspace, pr
                                                                    load_in_4bit):
     """`rl: dpo` / `rl: kto` with `adapter: gatera` (DPO also on a 4-bit base, gatera-qlora.yml): Axolotl hands TRL
     only the adapter's config (the plugin's `load_adapter(config_only=True)`) and TRL builds the GateRA model inside
-    its trainer; `rl: orpo` (chat-formatted pairs), where Axolotl builds it. The preference loss falls, each step is normalised at step level with no warning (README's table:
-    DPO and KTO count their batches' attention masks), the penalty is λ · entropy, `gatera_gate_lr_ratio` reaches the
-    optimizer Axolotl's trainer builds, and the saved adapter reloads to the trained model's outputs."""
+    its trainer; `rl: orpo` (chat-formatted pairs), where Axolotl builds it. The preference loss falls, each step is
+    normalised at step level with no warning (README's table: DPO, KTO and ORPO count their batches' attention
+    masks), the penalty is λ · entropy, `gatera_gate_lr_ratio` reaches the optimizer Axolotl's trainer builds, and the
+    saved adapter reloads to the trained model's outputs."""
     overrides = dict(rl=rl, datasets=[{"path": str(preference_data[rl]), "type": dataset_type, "split": "train"}],
                      max_steps=12, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.005,
                      gatera_gate_lr_ratio=4.0, remove_unused_columns=False if rl == "kto" else None,
@@ -530,13 +533,13 @@ def test_preference_training_through_axolotl_penalises_and_reloads(workspace, pr
 def test_grpo_through_axolotl_trains_with_the_per_forward_penalty(workspace, preference_data):
     """`rl: grpo` with `adapter: gatera` (generation by the policy itself, `trl.use_vllm: false`): Axolotl builds the
     GateRA model and its own GRPO trainer; the step's tokens are generated, so the penalty is normalised per forward,
-    said once (README's table), the gate statistics are logged, and the saved adapter reloads. The gates start away
-    from 0.5 (where the entropy's gradient is 0), so the penalty alone gives every step a gradient, also the steps
-    whose rewards are all equal (GRPO's loss and its gradient are then 0)."""
+    said once (README's table), the gate statistics are logged, and the saved adapter reloads. Every completion gets
+    the same reward, so GRPO's advantages, loss and gradient are 0: the gates start away from 0.5 (where the
+    entropy's gradient is 0), and the penalty alone must give every step a gradient."""
     overrides = dict(rl="grpo", datasets=[{"path": str(preference_data["grpo"]), "type": "passthrough",
                                            "split": "train"}],
                      trl={"use_vllm": False, "num_generations": 2, "max_completion_length": 6,
-                          "reward_funcs": ["tests.axolotl.probe_plugin.completion_length_reward"]},
+                          "reward_funcs": ["tests.axolotl.probe_plugin.constant_reward"]},
                      max_steps=4, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.005,
                      gatera_gate_bias_init=0.8)
     output = _train(workspace, "grpo", **overrides)
@@ -544,7 +547,7 @@ def test_grpo_through_axolotl_trains_with_the_per_forward_penalty(workspace, pre
     assert len(said) == 1 and "cannot be counted in advance" in said[0], said
     reward_std, grad_norm = _logged(output, "reward_std"), _logged(output, "grad_norm")
     assert len(_logged(output, "gatera/entropy")) == 4 and len(reward_std) == 4
-    assert 0.0 in reward_std and all(norm > 0 for norm in grad_norm), (reward_std, grad_norm)
+    assert set(reward_std) == {0.0} and len(grad_norm) == 4 and all(norm > 0 for norm in grad_norm), grad_norm
     _saved_gatera_adapter_reloads(workspace / "grpo", workspace / "base")
 
 
@@ -579,24 +582,37 @@ def test_trainable_token_indices_reach_the_gatera_config():
     assert gatera_config_from_axolotl(cfg, model=None).trainable_token_indices is None
 
 
-def test_dpo_after_sft_continues_from_the_sft_adapter(workspace, preference_data):
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full-precision", "4bit"])
+def test_dpo_after_sft_continues_from_the_sft_adapter(workspace, preference_data, load_in_4bit):
     """`rl: dpo` with `lora_model_dir` (DPO after SFT; a gated adapter cannot be merged into the base first): TRL
     builds the adapter from the saved adapter's config and the plugin loads its weights into it once the trainer
     exists. Axolotl itself loads `lora_model_dir` only where it builds the adapter, and before this the DPO run
     started from a new adapter without a word. Seen in the first step: the policy (the SFT adapter) already differs
-    from TRL's reference (the adapter disabled), so the rewards are not 0, as they are for a new adapter."""
-    sft = workspace / "run-fp32"
-    _train(workspace, "run-fp32")
+    from TRL's reference (the adapter disabled), so the rewards are not 0, as they are for a new adapter. The loaded
+    adapter then trains, and keeps the dtypes TRL gave it (on a 4-bit base: bf16 factors, fp32 gates)."""
+    from safetensors.torch import load_file
+
+    sft_run, example = ("run-4bit", "gatera-qlora.yml") if load_in_4bit else ("run-fp32", "gatera.yml")
+    sft = workspace / sft_run
+    _train(workspace, sft_run, example=example)
     overrides = dict(rl="dpo", datasets=[{"path": str(preference_data["dpo"]), "type": "chatml.default",
                                           "split": "train"}],
                      max_steps=2, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.005)
     fresh = _train(workspace, "dpo-fresh", **overrides)
-    continued = _train(workspace, "dpo-after-sft", lora_model_dir=str(sft), **overrides)
+    name = f"dpo-after-{sft_run}"
+    continued = _train(workspace, name, example=example, lora_model_dir=str(sft), **overrides)
     assert f"Loading GateRA adapter from {sft} into the adapter AxolotlDPOTrainer built" in continued
     assert _logged(fresh, "rewards/chosen")[0] == 0.0
     assert _logged(continued, "rewards/chosen")[0] != 0.0
     assert _logged(continued, "mean_token_accuracy")[0] > _logged(fresh, "mean_token_accuracy")[0] + 0.3
     assert "GateRA:" not in continued
+    before = load_file(sft / "adapter_model.safetensors")
+    after = load_file(workspace / name / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(not torch.equal(before[k].float(), after[k].float()) for k in after if ".gatera_B" in k)  # trained on
+    factors = {after[k].dtype for k in after if ".gatera_A" in k or ".gatera_B" in k}
+    assert factors == {torch.bfloat16 if load_in_4bit else torch.float32}
+    assert {after[k].dtype for k in after if ".gatera_gate." in k} == {torch.float32}
 
 
 @pytest.mark.parametrize("config_only", [False, True], ids=["axolotl-builds", "trl-builds"])
