@@ -646,3 +646,33 @@ def test_peft_autocast_adapter_dtype_reaches_the_adapter(tmp_path, autocast, exp
                                             DictDefault({**keys, "lora_model_dir": str(tmp_path)}))
     for model in (built, loaded):
         assert {p.dtype for n, p in model.named_parameters() if ".gatera_A." in n} == {expected}
+
+
+@pytest.mark.parametrize("config_only", [False, True], ids=["axolotl-builds", "trl-builds"])
+def test_a_continued_adapter_takes_the_configs_training_options_and_keeps_its_structure(tmp_path, caplog,
+                                                                                        config_only):
+    """`lora_model_dir` with other `gatera_*` keys than the saved adapter's (e.g. another penalty weight for DPO after
+    SFT): the training options (penalty weights, the gates' rate, dropout, ...) are the YAML's; keys that would change
+    the saved structure are reported and the saved adapter's govern. Both paths: the plugin builds the model, or TRL
+    does from the config the plugin returns."""
+    import logging
+
+    from axolotl.utils.dict import DictDefault
+    from peft import get_peft_model
+
+    from gatera_plugin import GateRAConfig
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+    from tests.helpers import tiny_llama
+
+    get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], entropy_weight=0.01)).save_pretrained(
+        tmp_path)
+    cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"], "lora_model_dir": str(tmp_path),
+                       "lora_r": 8, "gatera_entropy_weight": 0.2, "gatera_gate_lr_ratio": 3.0, "lora_dropout": 0.1})
+    with caplog.at_level(logging.WARNING):
+        model, config = GateRAPlugin().load_adapter(tiny_llama(), cfg, config_only=config_only)
+    if not config_only:
+        config = model.peft_config["default"]
+        assert model.base_model.model.model.layers[0].self_attn.q_proj.gatera_A["default"].shape[0] == 4
+    assert (config.entropy_weight, config.gate_lr_ratio, config.dropout, config.r) == (0.2, 3.0, 0.1, 4)
+    assert any("saved with other settings than this config's {'lora_r': (8, 4)}" in r.getMessage()
+               for r in caplog.records), caplog.text

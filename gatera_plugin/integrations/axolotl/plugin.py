@@ -89,6 +89,36 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
     )
 
 
+# Options that only steer training (penalties, the gates' rate, dropout, the kernel, logging): a YAML that sets them
+# applies them to an adapter loaded from `lora_model_dir` too (e.g. another penalty weight for DPO after SFT). The
+# saved adapter's structure governs: YAML keys that would change it are reported and ignored.
+_TRAINING_OPTIONS = ("entropy_weight", "gate_lr_ratio", "keep_ratio", "keep_ratio_weight", "structure_weight",
+                     "threshold_temperature", "per_layer_stats", "kernel", "dropout")
+_STRUCTURE_KEYS = {"branch": "gatera_branch", "gate": "gatera_gate", "r": "lora_r", "lora_alpha": "lora_alpha",
+                   "hira_scaling": "gatera_hira_scaling", "structure_gate": "gatera_structure_gate"}
+
+
+def _continued_config(folder, cfg, model) -> gatera_plugin.GateRAConfig:
+    """The config of the GateRA adapter saved in `folder`, with the training options `cfg` sets."""
+    saved = _saved_gatera_config(folder)
+    wanted = gatera_config_from_axolotl(cfg, model)
+    keys = {**_OPTION_KEYS, "dropout": "lora_dropout"}
+    applied = {}
+    for field in _TRAINING_OPTIONS:
+        if cfg.get(keys[field]) is not None and getattr(wanted, field) != getattr(saved, field):
+            applied[field] = getattr(wanted, field)
+            setattr(saved, field, applied[field])
+    if applied:
+        LOG.info("GateRA adapter from %s trains with this config's %s", folder, applied)
+    ignored = {key: (cfg.get(key), getattr(saved, field)) for field, key in _STRUCTURE_KEYS.items()
+               if cfg.get(key) is not None and getattr(wanted, field) != getattr(saved, field)}
+    if ignored:
+        LOG.warning("GateRA: the adapter in %s was saved with other settings than this config's %s (config, saved); "
+                    "the saved adapter's govern. Remove `lora_model_dir` to train a new adapter with them.",
+                    folder, ignored)
+    return saved
+
+
 def _saved_gatera_config(folder) -> gatera_plugin.GateRAConfig:
     """The config of the adapter saved in `folder` (`lora_model_dir`), refused unless it is a GateRA adapter."""
     from peft import PeftConfig
@@ -154,7 +184,7 @@ class GateRAPlugin(BasePlugin):
         config = gatera_config_from_axolotl(cfg, model)
         if config_only:  # `rl: dpo`, `ipo`, `kto`: TRL builds the adapter inside its trainer from this config
             if cfg.lora_model_dir:  # the saved adapter's own config, and its weights once the trainer exists
-                config = _saved_gatera_config(cfg.lora_model_dir)
+                config = _continued_config(cfg.lora_model_dir, cfg, model)
                 config.inference_mode = False
                 self._load_into_trainer = str(cfg.lora_model_dir)
             return None, config
@@ -173,9 +203,10 @@ class GateRAPlugin(BasePlugin):
         autocast = {} if cfg.peft_autocast_adapter_dtype is None else {
             "autocast_adapter_dtype": bool(cfg.peft_autocast_adapter_dtype)}
         if cfg.lora_model_dir:
-            _saved_gatera_config(cfg.lora_model_dir)
+            config = _continued_config(cfg.lora_model_dir, cfg, model)
             LOG.info("Loading GateRA adapter from %s", cfg.lora_model_dir)
-            peft_model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference, **autocast)
+            peft_model = PeftModel.from_pretrained(model, cfg.lora_model_dir, config=config, is_trainable=not inference,
+                                                   **autocast)
             return peft_model, peft_model.peft_config["default"]
         peft_model = get_peft_model(model, config, **autocast)
         if not inference:
