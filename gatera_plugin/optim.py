@@ -37,13 +37,18 @@ def gate_parameter_ratios(model: torch.nn.Module) -> dict[int, float]:
     return ratios
 
 
+def _raised_ratios(model: torch.nn.Module) -> dict[int, float]:
+    """`gate_parameter_ratios` of the gate parameters whose rate is not the optimizer's (ratio != 1)."""
+    return {key: ratio for key, ratio in gate_parameter_ratios(model).items() if ratio != 1.0}
+
+
 def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Give the gate parameters of `model` their own param groups at `lr × gate_lr_ratio` (in place; before any step).
 
     Groups keep their other hyperparameters (weight decay, betas, ...); a no-op when every ratio is 1, and on an
     optimizer it has split already.
     """
-    ratios = {key: ratio for key, ratio in gate_parameter_ratios(model).items() if ratio != 1.0}
+    ratios = _raised_ratios(model)
     if not ratios or getattr(optimizer, _SPLIT, False):  # (split already: a second split would apply ratio²)
         return optimizer
     if optimizer.state:
@@ -72,7 +77,7 @@ def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
 def check_gate_groups(optimizer, model: torch.nn.Module) -> None:
     """Refuse an optimizer built elsewhere (by the user, or by DeepSpeed from its config) whose param groups mix
     gate parameters that want another rate with the rest: `gate_lr_ratio` would silently not apply."""
-    ratios = {key: ratio for key, ratio in gate_parameter_ratios(model).items() if ratio != 1.0}
+    ratios = _raised_ratios(model)
     groups = getattr(optimizer, "param_groups", None)
     if not ratios or groups is None:
         return
@@ -93,7 +98,7 @@ def check_deepspeed_optimizer(trainer) -> None:
     config = getattr(getattr(trainer.args, "hf_deepspeed_config", None), "config", None) or {}
     if not trainer.is_deepspeed_enabled or "optimizer" not in config:
         return
-    ratios = sorted({ratio for ratio in gate_parameter_ratios(trainer.model).values() if ratio != 1.0})
+    ratios = sorted(set(_raised_ratios(trainer.model).values()))
     if ratios:
         raise ValueError(
             f"`gate_lr_ratio`={ratios} cannot be applied: the DeepSpeed config has an `optimizer` block, so DeepSpeed "
@@ -143,7 +148,7 @@ def _regrouping(build):
 
 
 def _refuse_unsplittable(optimizer, model) -> None:
-    ratios = sorted({ratio for ratio in gate_parameter_ratios(model).values() if ratio != 1.0})
+    ratios = sorted(set(_raised_ratios(model).values()))
     if ratios:
         raise ValueError(
             f"`gate_lr_ratio`={ratios} cannot be applied: the trainer built a {type(optimizer).__name__}, which is "

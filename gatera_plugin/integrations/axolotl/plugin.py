@@ -94,24 +94,26 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
 # saved adapter's structure governs: YAML keys that would change it are reported and ignored.
 _TRAINING_OPTIONS = ("entropy_weight", "gate_lr_ratio", "keep_ratio", "keep_ratio_weight", "structure_weight",
                      "threshold_temperature", "per_layer_stats", "kernel", "dropout")
-_STRUCTURE_KEYS = {"branch": "gatera_branch", "gate": "gatera_gate", "r": "lora_r", "lora_alpha": "lora_alpha",
-                   "hira_scaling": "gatera_hira_scaling", "structure_gate": "gatera_structure_gate"}
+# GateRAConfig field -> the Axolotl key that sets it, for the options above and the structural fields it can set
+_CONFIG_KEYS = {**_OPTION_KEYS, "dropout": "lora_dropout", "r": "lora_r", "lora_alpha": "lora_alpha"}
 
 
-def _continued_config(folder, cfg, model) -> gatera_plugin.GateRAConfig:
-    """The config of the GateRA adapter saved in `folder`, with the training options `cfg` sets."""
+def _continued_config(folder, cfg, wanted: gatera_plugin.GateRAConfig) -> gatera_plugin.GateRAConfig:
+    """The config of the GateRA adapter saved in `folder`, with the training options `cfg` sets (`wanted`: the config
+    `cfg` describes)."""
+    from gatera_plugin.serialization import STRUCTURE_FIELDS
+
     saved = _saved_gatera_config(folder)
-    wanted = gatera_config_from_axolotl(cfg, model)
-    keys = {**_OPTION_KEYS, "dropout": "lora_dropout"}
     applied = {}
     for field in _TRAINING_OPTIONS:
-        if cfg.get(keys[field]) is not None and getattr(wanted, field) != getattr(saved, field):
+        if cfg.get(_CONFIG_KEYS[field]) is not None and getattr(wanted, field) != getattr(saved, field):
             applied[field] = getattr(wanted, field)
             setattr(saved, field, applied[field])
     if applied:
         LOG.info("GateRA adapter from %s trains with this config's %s", folder, applied)
-    ignored = {key: (cfg.get(key), getattr(saved, field)) for field, key in _STRUCTURE_KEYS.items()
-               if cfg.get(key) is not None and getattr(wanted, field) != getattr(saved, field)}
+    ignored = {key: (cfg.get(key), getattr(saved, field)) for field, key in _CONFIG_KEYS.items()
+               if field in STRUCTURE_FIELDS and cfg.get(key) is not None
+               and getattr(wanted, field) != getattr(saved, field)}
     if ignored:
         LOG.warning("GateRA: the adapter in %s was saved with other settings than this config's %s (config, saved); "
                     "the saved adapter's govern. Remove `lora_model_dir` to train a new adapter with them.",
@@ -184,7 +186,7 @@ class GateRAPlugin(BasePlugin):
         config = gatera_config_from_axolotl(cfg, model)
         if config_only:  # `rl: dpo`, `ipo`, `kto`: TRL builds the adapter inside its trainer from this config
             if cfg.lora_model_dir:  # the saved adapter's own config, and its weights once the trainer exists
-                config = _continued_config(cfg.lora_model_dir, cfg, model)
+                config = _continued_config(cfg.lora_model_dir, cfg, config)
                 config.inference_mode = False
                 self._load_into_trainer = str(cfg.lora_model_dir)
             return None, config
@@ -203,7 +205,7 @@ class GateRAPlugin(BasePlugin):
         autocast = {} if cfg.peft_autocast_adapter_dtype is None else {
             "autocast_adapter_dtype": bool(cfg.peft_autocast_adapter_dtype)}
         if cfg.lora_model_dir:
-            config = _continued_config(cfg.lora_model_dir, cfg, model)
+            config = _continued_config(cfg.lora_model_dir, cfg, config)
             LOG.info("Loading GateRA adapter from %s", cfg.lora_model_dir)
             peft_model = PeftModel.from_pretrained(model, cfg.lora_model_dir, config=config, is_trainable=not inference,
                                                    **autocast)
