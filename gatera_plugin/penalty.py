@@ -123,7 +123,9 @@ class PenaltyRun:
     step_tokens: Optional[float] = None  # real tokens of the whole optimisation step, all ranks (Trainer only)
     step_micro_batches: int = 1  # forwards (micro-batches) per optimisation step on this rank
     world_size: int = 1  # data-parallel ranks whose gradients are averaged
-    loss_scale: float = 1.0  # fp16 loss scale applied to the task loss before backward
+    # the task loss's gradient on each rank relative to data parallelism's mean: fp16 loss scaling (and 1 / sp_size under
+    # DeepSpeed's sequence parallelism, `trainer_integration.sequence_parallel_scale`)
+    loss_scale: float = 1.0
     layer_counts: dict = field(default_factory=dict)
     # while a Trainer runs: forwards whose taps were live (gradient, training mode) since `begin_step`, and their
     # real tokens (a device tensor, summed without a sync), so that the integration can check its count of the step

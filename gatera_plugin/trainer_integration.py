@@ -119,6 +119,38 @@ def loss_scale_of(trainer) -> float:
     return 1.0
 
 
+def sequence_parallel_scale(trainer) -> float:
+    """The scale of each rank's task-loss gradient under DeepSpeed's sequence parallelism (Ulysses / ALST:
+    `ParallelismConfig(sp_backend="deepspeed", sp_size=N)`), relative to data parallelism's; 1 without it.
+
+    The penalty's per-rank share assumes data parallelism: each rank backpropagates the mean over its own batch and the
+    engine averages the ranks' gradients. Under Ulysses the engine divides their sum by the data-parallel size only
+    (world / sp_size), and transformers >= 5.25 has each rank backpropagate its own part of the sequences' loss, so
+    that the task loss's gradient is the single process's: each rank's share of the penalty then takes 1 / sp_size.
+    Two cases keep 1: ZeRO-3 before deepspeed 0.20.2 averages over all ranks (transformers multiplies the part by
+    sp_size for it), and transformers < 5.25 backpropagated the whole sequences' loss on every rank, which makes the
+    task loss's gradient sp_size x the single process's wherever the engine sums, and the penalty follows it.
+    """
+    config = getattr(trainer.accelerator, "parallelism_config", None)
+    if config is None or getattr(config, "sp_backend", None) != "deepspeed" or not getattr(config, "sp_enabled", False):
+        return 1.0
+    if _release("transformers") < (5, 25):
+        return 1.0
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3 and _release("deepspeed") < (0, 20, 2):
+        return 1.0
+    return 1.0 / int(config.sp_size)
+
+
+def _release(package: str) -> tuple:
+    """The release numbers of an installed package's version (a dev or rc build counts as its release)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version(package)).release
+
+
 @dataclass
 class _Normaliser:
     """How one trainer's steps are normalised, and what the last step expected its forwards to see (this rank)."""
@@ -251,7 +283,8 @@ def begin_step(trainer, batch_samples) -> None:
     state.expected_tokens = None if state.per_forward or replicas > 1 else int(tokens)
     state.expected_group_tokens = step_tokens if replicas > 1 and not state.per_forward else None
     run.begin_step(
-        None if state.per_forward else step_tokens, world_size=world_size, loss_scale=loss_scale_of(trainer),
+        None if state.per_forward else step_tokens, world_size=world_size,
+        loss_scale=loss_scale_of(trainer) * sequence_parallel_scale(trainer),
         micro_batches=forwards,
     )
 

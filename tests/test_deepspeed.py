@@ -105,19 +105,30 @@ def _ulysses_available() -> bool:
     return hasattr(accelerate.utils, "DeepSpeedSequenceParallelConfig")
 
 
+def _ulysses_gradient_factor(stage: str) -> int:
+    """The task loss's gradient under Ulysses with sp_size=2, relative to the single process's: transformers < 5.25
+    backpropagated the whole sequences' loss on every rank, and ZeRO-2 sums the group's gradients (the engine divides
+    by the data-parallel size only), so 2 there; transformers >= 5.25 backpropagates each rank's part, and ZeRO-3 (before
+    deepspeed 0.20.2) averages, so 1."""
+    import transformers
+
+    return 2 if stage == "zero2" and Version(transformers.__version__).release < (5, 25) else 1
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _ulysses_available(), reason="accelerate < 1.12 has no DeepSpeed sequence parallelism")
-@pytest.mark.parametrize("stage,gradient_factor", [("zero2", 2), ("zero3", 1)])
-def test_ulysses_sequence_parallel_applies_the_penalty_with_the_task_loss(tmp_path, stage, gradient_factor):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_ulysses_sequence_parallel_applies_the_penalty_with_the_task_loss(tmp_path, stage):
     """DeepSpeed's sequence parallelism (Ulysses / ALST: accelerate's `ParallelismConfig(sp_backend="deepspeed",
     sp_size=2)` through examples/train_sft.py --sequence-parallel 2): each rank's prefetched batches are already its
     part of every sequence (the whole 4 sequences of the step between the 2 ranks), so GateRA counts them as they
-    come. Under ZeRO-2 DeepSpeed sums the group's gradients (the loss's all-gather hands each rank's gradient to both,
-    and the engine divides by the data-parallel size only): every gradient is sp_size x the single process's; under
-    ZeRO-3 it equals it. Either way the penalty's gradient follows the task loss's: plain SGD at a learning rate equals
-    the single process at `gradient_factor` times that rate, losses to 1e-4 and adapter to 2e-5 over 4 steps
-    (measured 7e-7 and 2e-7; half the penalty weight moves the gates by 3e-2), with no warning.
+    come. The task loss's gradient is `_ulysses_gradient_factor` x the single process's, and the penalty's follows it:
+    plain SGD at a learning rate equals the single process at that factor times the rate, losses to 1e-4 and adapter to
+    2e-5 over 4 steps (measured 7e-7 and 2e-7; half the penalty weight moves the gates by 3e-2), with no warning.
+    With transformers 5.25 under ZeRO-2 the penalty's share of each rank was 2x the task loss's before GateRA divided
+    it by sp_size (`trainer_integration.sequence_parallel_scale`): the losses then missed by 8%.
     """
+    gradient_factor = _ulysses_gradient_factor(stage)
     sgd = ["--max-steps", "4", "--save-steps", "0", "--optim", "sgd"]
     ok(single_process(tmp_path / "single", *sgd, "--lr", str(0.5 * gradient_factor)))
     done = torchrun(tmp_path / "sp", "--batch", "4", *sgd, "--lr", "0.5", "--deepspeed", ZERO[stage],
@@ -244,3 +255,31 @@ def test_loss_scale_is_read_from_deepspeed_and_accelerate():
     scaler = SimpleNamespace(is_enabled=lambda: True, get_scale=lambda: 512.0)
     amp = SimpleNamespace(is_deepspeed_enabled=False, accelerator=SimpleNamespace(scaler=scaler))
     assert loss_scale_of(amp) == 512.0
+
+
+@pytest.mark.parametrize("transformers_release,stage,deepspeed_release,expected", [
+    ((5, 25), 2, (0, 19, 8), 0.5),  # each rank backpropagates its part, the engine sums: the penalty's share halves
+    ((5, 25), 3, (0, 19, 8), 1.0),  # ZeRO-3 before 0.20.2 averages (transformers scales the part by sp_size)
+    ((5, 25), 3, (0, 20, 2), 0.5),  # ZeRO-3 from 0.20.2 sums, as ZeRO-2 does
+    ((5, 24), 2, (0, 19, 8), 1.0),  # every rank backpropagated the whole loss: the task gradient was sp_size x
+])
+def test_sequence_parallel_scale_follows_how_transformers_and_deepspeed_scale_the_task_loss(
+        monkeypatch, transformers_release, stage, deepspeed_release, expected):
+    """The factor on each rank's penalty share under Ulysses (sp_size=2), for each way the task loss's gradient comes
+    out; 1 without sequence parallelism."""
+    from types import SimpleNamespace
+
+    from gatera_plugin import trainer_integration
+
+    releases = {"transformers": transformers_release, "deepspeed": deepspeed_release}
+    monkeypatch.setattr(trainer_integration, "_release", releases.__getitem__)
+
+    def trainer(**parallelism):
+        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage))
+        config = SimpleNamespace(**parallelism) if parallelism else None
+        return SimpleNamespace(accelerator=SimpleNamespace(parallelism_config=config, state=state))
+
+    scale = trainer_integration.sequence_parallel_scale
+    assert scale(trainer(sp_backend="deepspeed", sp_enabled=True, sp_size=2)) == expected
+    assert scale(trainer()) == 1.0
+    assert scale(trainer(sp_backend="deepspeed", sp_enabled=False, sp_size=1)) == 1.0
