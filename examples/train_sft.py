@@ -136,9 +136,13 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
             bnb_4bit_quant_storage=torch.bfloat16 if args.fsdp else torch.uint8,
         ) if args.load_in_4bit else None
+        device_map = "cpu" if args.cpu and args.load_in_4bit and not args.deepspeed else None
+        if (os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("1", "true")
+                and not args.load_in_4bit and int(os.environ.get("LOCAL_RANK", "0")) != 0):
+            device_map = "meta"  # FSDP's cpu_ram_efficient_loading: it broadcasts the main process's weights
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch.bfloat16 if args.bf16 else torch.float32, quantization_config=quantization,
-            device_map="cpu" if args.cpu and args.load_in_4bit and not args.deepspeed else None,
+            device_map=device_map,
         )
     options = {"entropy_weight": args.entropy_weight, "gate_lr_ratio": args.gate_lr_ratio}
     extra = {key: value for key, value in options.items() if value is not None}

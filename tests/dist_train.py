@@ -38,6 +38,16 @@ class Probe(TrainerCallback):
         self.kill_rank = int(os.environ.get("GATERA_TEST_KILL_RANK", "-1"))
         self.fsdp = FsdpProbe() if fsdp_requested() else None
 
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        """Where each rank's adapted base weights are once the adapter is built, before FSDP or DeepSpeed wrap the
+        model (the meta device on the other ranks under FSDP's cpu_ram_efficient_loading), and how many GateRA
+        branch scales wait for W0."""
+        from gatera_plugin import GateRALayer
+
+        layers = [m for m in model.modules() if isinstance(m, GateRALayer)]
+        self.at_init = {"meta_base_weights_at_init": sum(m.get_base_layer().weight.is_meta for m in layers),
+                        "pending_scales_at_init": sum(s is None for m in layers for s in m.scaling.values())}
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if os.environ.get("GATERA_TEST_FP32_ADAPTER") == "1":  # fp32 adapters on a 4-bit base, as under FSDP2
             from gatera_plugin.fsdp import upcast_trainable_to_fp32
@@ -59,6 +69,7 @@ class Probe(TrainerCallback):
                 "registered": all(id(w) in getattr(m, "_external_params", {}) for m, w in zip(layers, weights)),
                 "optimizer_groups": [{"lr": g["lr"], "gates": sum(id(p) in gates for p in g["params"]),
                                       "params": len(g["params"])} for g in optimizer.param_groups],
+                **getattr(self, "at_init", {}),
             }
             if self.fsdp is not None:
                 probe.update(self.fsdp.begin(model, layers))

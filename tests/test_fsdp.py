@@ -177,6 +177,33 @@ def test_accelerate_configs_sharded_checkpoint_and_resume(single, tmp_path):
 
 @pytest.mark.slow
 @FSDP2_ON_CPU
+def test_cpu_ram_efficient_loading_builds_the_other_ranks_adapters_on_meta_and_matches_single_process(tmp_path):
+    """`fsdp_cpu_ram_efficient_loading: true` (fsdp2.yaml with that one change) and a base loaded from a checkpoint:
+    rank 1 builds the base on the meta device (examples/train_sft.py starts the process group before loading, as
+    transformers needs for it), so its GateRA adapter is built there with no values and its branch scales wait for
+    W0; accelerate then broadcasts rank 0's weights, adapter included. The run reproduces the single-process run."""
+    from common import tiny_model_and_tokenizer
+
+    model, tokenizer = tiny_model_and_tokenizer()
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    shipped = (ACCELERATE / "fsdp2.yaml").read_text()
+    config = tmp_path / "fsdp2_cpu_ram_efficient_loading.yaml"
+    config.write_text(shipped.replace("fsdp_cpu_ram_efficient_loading: false", "fsdp_cpu_ram_efficient_loading: true"))
+    assert config.read_text() != shipped
+    ok(single_process(tmp_path / "single", "--model", str(base)))
+    ok(run(_accelerate(config, tmp_path / "fsdp", "--model", str(base))))
+    assert_same_run(tmp_path / "fsdp", tmp_path / "single")
+    probes = _probes(tmp_path / "fsdp")
+    assert [p["meta_base_weights_at_init"] for p in probes] == [0, 10]  # rank 1 really loaded nothing
+    assert [p["pending_scales_at_init"] for p in probes] == [0, 10]
+    assert all(p["sharded"] and p["reads_whole"] for p in probes)  # the scale, too, read whole, gathered W0s:
+    assert [p["reads_forward"] for p in probes] == [10, 20]  # rank 1 reads each once more, for its RMS
+
+
+@pytest.mark.slow
+@FSDP2_ON_CPU
 def test_4bit_base_matches_single_process(tmp_path):
     """QLoRA-style: an NF4 base whose packed bytes are stored as bf16 (`bnb_4bit_quant_storage`), so that FSDP2 can
     shard them, trains as one process does (with fp32 adapters there too: under FSDP2 all of GateRA's parameters are

@@ -57,6 +57,21 @@ class ProbePlugin(BasePlugin):
 
         ModelLoader._set_device_map_config = _set_device_map_config
 
+    def post_lora_load(self, cfg, model):
+        # each rank: where its adapted base weights are when the adapter has been built (the meta device on the other
+        # ranks under FSDP's `cpu_ram_efficient_loading`), and how many GateRA branch scales wait for W0
+        from gatera_plugin import GateRALayer
+
+        layers = [m for m in model.modules() if isinstance(m, GateRALayer)]
+        if not layers or not cfg.get("fsdp_config"):
+            return
+        rank = int(os.environ.get("RANK", "0"))
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"load_probe_rank{rank}.json").write_text(json.dumps({
+            "meta_base_weights": sum(m.get_base_layer().weight.is_meta for m in layers), "layers": len(layers),
+            "pending_scales": sum(s is None for m in layers for s in m.scaling.values())}))
+
     def post_trainer_create(self, cfg, trainer):
         # what the model's training forwards receive: the collator, and the largest attention-mask value (packed
         # rows number their sequences 1, 2, ... in some of Axolotl's collators)

@@ -306,9 +306,13 @@ def test_merge_lora_of_ungated_adapter_with_legacy_method(workspace):
         ({"gatera_gate": "softmax"}, r"gatera_gate"),
         ({"gatera_entropy_weight": -1}, r"gatera_entropy_weight"),
         ({"gatera_gate": "none", "gatera_entropy_weight": 0.1}, r"needs sigmoid token gates"),
+        # a QLoRA-FSDP recipe's loading (Axolotl's own messages sent the user to `adapter: qlora`)
+        *[({"load_in_4bit": True, "fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}, **extra},
+           r"`fsdp_config.cpu_ram_efficient_loading: true` with `load_in_4bit`.*set `cpu_ram_efficient_loading: false`")
+          for extra in ({}, {"qlora_sharded_model_loading": True})],
     ],
     ids=["keys-without-adapter", "relora", "lora-kernels", "dora-option", "unknown-gate", "negative-weight",
-         "conflict"],
+         "conflict", "4bit-cpu-ram-efficient-loading", "4bit-qlora-sharded-loading"],
 )
 def test_bad_configs_are_refused_clearly(workspace, overrides, message):
     done = _axolotl("train", str(_config(workspace, "bad", **overrides)), "--launcher", "python", timeout=300)
@@ -397,6 +401,10 @@ DISTRIBUTED_RUNS = {  # name -> (shipped YAML, overrides)
     "fsdp2-4bit": ("gatera-fsdp2.yml", {"load_in_4bit": True}),
     # DPO (TRL builds the adapter inside its trainer, before FSDP2 shards the model), on the preference pairs
     "fsdp2-dpo": ("gatera-fsdp2.yml", {"rl": "dpo"}),
+    # `cpu_ram_efficient_loading: true`, as in Axolotl's FSDP2 recipes: the other ranks load the base on the meta
+    # device, so GateRA builds their adapters on meta (the scale waits for W0) and FSDP2 broadcasts rank 0's weights
+    "fsdp2-cpu-ram-efficient-loading": ("gatera-fsdp2.yml", {"fsdp_config": {
+        **yaml.safe_load((EXAMPLES / "gatera-fsdp2.yml").read_text())["fsdp_config"], "cpu_ram_efficient_loading": True}}),
 }
 
 
@@ -446,6 +454,12 @@ def test_deepspeed_through_axolotl(workspace, preference_data, name):
         assert probe["sharded_base_weights"] > 0
         # FSDP's activation checkpointing really wrapped the decoder layers (2 here), and only when asked
         assert probe["checkpoint_wrapped_modules"] == (2 if "activation-checkpointing" in name else 0)
+    if stage == "fsdp2" and not overrides.get("rl"):  # (for DPO, TRL builds the adapter: no post_lora_load)
+        # with cpu_ram_efficient_loading rank 1 built its adapter on a meta base, rank 0 on the loaded one
+        loads = [json.loads((workspace / f"ds-{name}" / f"load_probe_rank{r}.json").read_text()) for r in (0, 1)]
+        meta = "cpu-ram-efficient-loading" in name and not overrides.get("load_in_4bit")
+        assert loads[0]["meta_base_weights"] == loads[0]["pending_scales"] == 0
+        assert loads[1]["meta_base_weights"] == loads[1]["pending_scales"] == (loads[1]["layers"] if meta else 0)
     if stage == "zero2":  # under ZeRO-3 the probe cannot run a forward on rank 0 alone
         torch.testing.assert_close(reloaded, torch.load(workspace / f"ds-{name}" / "probe.pt")["logits"],
                                    rtol=1e-4, atol=1e-4)

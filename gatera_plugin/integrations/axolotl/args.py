@@ -125,6 +125,15 @@ class GateRAArgs(BaseModel):
                 raise ValueError(
                     f"`{key}` is a LoRA option that `adapter: gatera` would ignore: {instead}. Remove it."
                 )
+        fsdp = data.get("fsdp_config") if isinstance(data.get("fsdp_config"), dict) else {}
+        if data.get("load_in_4bit") and (fsdp.get("cpu_ram_efficient_loading")
+                                         or fsdp.get("fsdp_cpu_ram_efficient_loading")):
+            raise ValueError(
+                "`fsdp_config.cpu_ram_efficient_loading: true` with `load_in_4bit`: Axolotl loads a 4-bit base that way "
+                "only through its CPU-staged NF4 loading (`qlora_sharded_model_loading`), which it allows for "
+                "`adapter: qlora` only. With `adapter: gatera` set `cpu_ram_efficient_loading: false` (every rank then "
+                "loads and quantises the base itself); a full-precision base can keep it."
+            )
         if data.get("loraplus_lr_ratio") is not None:
             raise ValueError(
                 "`loraplus_lr_ratio`: LoRA+ raises the learning rate of LoRA's B factors, which it finds by the name "
