@@ -107,6 +107,45 @@ def check_deepspeed_optimizer(trainer) -> None:
         )
 
 
+def check_resumed_ratios(configs: dict, checkpoint) -> None:
+    """Before a Trainer resumes from `checkpoint`: compare each GateRA adapter's `gate_lr_ratio` ({adapter name:
+    GateRAConfig} in `configs`) with the one saved beside the checkpoint's adapter (its adapter_config.json).
+
+    Between 1 and another ratio the optimizer's param groups differ in number, and the checkpoint's optimizer state
+    cannot be loaded (torch's message would not name the setting): refused. Between two ratios other than 1 the
+    checkpoint's optimizer and scheduler restore its rates, as for any learning-rate change on resume: a warning.
+    """
+    import json
+    import math
+    import os
+    import warnings
+
+    for name, config in configs.items():
+        saved_config = os.path.join(checkpoint, "" if name == "default" else name, "adapter_config.json")
+        if not hasattr(config, "gate_lr_ratio") or not os.path.isfile(saved_config):
+            continue
+        with open(saved_config) as file:
+            saved = json.load(file).get("gate_lr_ratio", 1.0)
+        if saved is None or math.isclose(saved, config.gate_lr_ratio):
+            continue
+        now = config.gate_lr_ratio
+        if (saved == 1.0) != (now == 1.0):
+            raise ValueError(
+                f"Resuming from {checkpoint}: adapter {name!r} was trained with gate_lr_ratio={saved:g} and this run "
+                f"sets {now:g}. A ratio other than 1 gives the gates param groups of their own, so the checkpoint's "
+                f"optimizer state does not fit this run's optimizer. Resume with gate_lr_ratio={saved:g}, or start a "
+                "new run from the checkpoint's adapter alone (`PeftModel.from_pretrained(model, checkpoint, "
+                "is_trainable=True)`; in Axolotl `lora_model_dir` without `resume_from_checkpoint`) to use the new ratio."
+            )
+        warnings.warn(
+            f"Resuming from {checkpoint}: adapter {name!r} was trained with gate_lr_ratio={saved:g} and this run sets "
+            f"{now:g}, but the checkpoint's optimizer and scheduler restore its learning rates, so the gates go on at "
+            f"{saved:g}x the rate (as for any learning-rate change on resume). To train them at {now:g}x, start a new "
+            "run from the checkpoint's adapter alone.",
+            stacklevel=2,
+        )
+
+
 def with_gate_groups(trainer_class) -> None:
     """Make `create_optimizer` give GateRA's gates their own param groups, whichever class of `trainer_class`'s MRO
     implements it (idempotent).

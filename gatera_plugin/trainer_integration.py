@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from transformers.utils import logging
 
-from .optim import check_deepspeed_optimizer, with_gate_groups
+from .optim import check_deepspeed_optimizer, check_resumed_ratios, with_gate_groups
 
 logger = logging.get_logger(__name__)
 
@@ -384,6 +384,9 @@ def install() -> None:
 
     @functools.wraps(original_inner_loop)
     def _inner_training_loop(self, *args, **kwargs):
+        tuner = find_gatera_model(self.model)
+        if tuner is not None and kwargs.get("resume_from_checkpoint"):
+            check_resumed_ratios(tuner.peft_config, kwargs["resume_from_checkpoint"])
         try:
             return original_inner_loop(self, *args, **kwargs)
         except BaseException:

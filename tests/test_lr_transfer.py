@@ -193,6 +193,43 @@ def test_sft_trainer_trains_gates_at_their_ratio(tmp_path):
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
 
 
+def _sft_trainer(tmp_path, ratio, max_steps):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    texts = toy_texts(16)
+    tokenizer = word_tokenizer(texts)
+    torch.manual_seed(0)
+    return SFTTrainer(
+        model=tiny_llama(vocab=len(tokenizer)), processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{"text": text} for text in texts]),
+        peft_config=GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=ratio),
+        args=SFTConfig(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
+                       learning_rate=1e-3, lr_scheduler_type="constant", report_to="none", use_cpu=True, bf16=False,
+                       save_strategy="steps", save_steps=2, disable_tqdm=True),
+    )
+
+
+@pytest.mark.parametrize("saved,now", [(1.0, 3.0), (3.0, 1.0)])
+def test_resuming_with_a_ratio_that_changes_the_param_groups_is_refused_naming_the_setting(tmp_path, saved, now):
+    """Between 1 and another ratio the optimizer's groups differ in number; before, torch refused the checkpoint's
+    optimizer state with its own message ("a different number of parameter groups")."""
+    _sft_trainer(tmp_path, saved, max_steps=2).train()
+    with pytest.raises(ValueError, match=rf"trained with gate_lr_ratio={saved:g} and this run sets {now:g}.*Resume "
+                                         rf"with gate_lr_ratio={saved:g}, or start a new run from the checkpoint's"):
+        _sft_trainer(tmp_path, now, max_steps=3).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_resuming_with_another_ratio_warns_that_the_checkpoint_keeps_its_rates(tmp_path):
+    _sft_trainer(tmp_path, 2.0, max_steps=2).train()
+    resumed = _sft_trainer(tmp_path, 3.0, max_steps=3)
+    with pytest.warns(UserWarning, match=r"gate_lr_ratio=2 and this run sets 3, but the checkpoint's optimizer and "
+                                         r"scheduler restore its learning rates, so the gates go on at 2x"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    rates = {round(group["lr"], 12) for group in resumed.optimizer.param_groups}
+    assert rates == {1e-3, 2e-3}  # as the warning says
+
+
 class _OwnOptimizer:
     """A Trainer subclass that builds its optimizer itself, without `Trainer.create_optimizer` (as Axolotl's trainers
     do for `optimizer: adopt_adamw`, `muon`, ...)."""
