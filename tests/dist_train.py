@@ -61,14 +61,15 @@ class Probe(TrainerCallback):
 
             layers = [m for m in model.modules() if isinstance(m, GateRALayer)]
             weights = [m.get_base_layer().weight for m in layers]
-            gates = gate_parameter_ratios(model)  # (DeepSpeed's optimizer holds flat copies: no id matches there)
+            gates = gate_parameter_ratios(model)
             probe = {
                 "layers": len(layers),
                 "partitioned": all(w.numel() == 0 and str(getattr(w, "ds_status", "")).endswith("NOT_AVAILABLE")
                                    for w in weights),
                 "registered": all(id(w) in getattr(m, "_external_params", {}) for m, w in zip(layers, weights)),
-                "optimizer_groups": [{"lr": g["lr"], "gates": sum(id(p) in gates for p in g["params"]),
-                                      "params": len(g["params"])} for g in optimizer.param_groups],
+                "optimizer_groups": [{"lr": g["lr"], "gates": sum(id(p) in gates for p in params),
+                                      "params": len(params)}
+                                     for g, params in zip(optimizer.param_groups, _model_params_by_group(optimizer))],
                 **getattr(self, "at_init", {}),
             }
             if self.fsdp is not None:
@@ -89,6 +90,21 @@ class Probe(TrainerCallback):
             probe = json.loads((self.output_dir / f"probe_rank{self.rank}.json").read_text())
             probe.update(self.fsdp.end())
             (self.output_dir / f"probe_rank{self.rank}.json").write_text(json.dumps(probe))
+
+
+def _model_params_by_group(optimizer) -> list[list]:
+    """The model's parameters in each param group of `optimizer`. DeepSpeed's ZeRO optimizers (inside accelerate's
+    wrapper) hold flat fp32 copies in their param groups, and the model's parameters of each group in `bit16_groups`
+    (ZeRO-1/2) or `fp16_groups` (ZeRO-3)."""
+    inner = optimizer
+    while inner is not None:
+        for name in ("bit16_groups", "fp16_groups"):
+            groups = getattr(inner, name, None)
+            if groups:
+                assert len(groups) == len(optimizer.param_groups)
+                return [list(group) for group in groups]
+        inner = getattr(inner, "optimizer", None)
+    return [group["params"] for group in optimizer.param_groups]
 
 
 class FsdpProbe:

@@ -115,6 +115,7 @@ def assert_gate_lr_ratio_applied(out, reference, ratio_one_reference):
         groups = json.loads((Path(run) / "probe_rank0.json").read_text())["optimizer_groups"]
         assert sorted({g["lr"] for g in groups}) == pytest.approx([1e-3, 3e-3]), groups
         assert all(g["gates"] in (0, g["params"]) for g in groups), groups  # no group mixes gates with the rest
+        assert sum(g["gates"] for g in groups) == 20, groups  # the gates' w and b of the 10 layers, found in groups
     single = json.loads((Path(reference) / "probe_rank0.json").read_text())["optimizer_groups"]
     gate_rates = [g["lr"] for g in single if g["gates"]]
     assert gate_rates and gate_rates == pytest.approx([3e-3] * len(gate_rates)), single
