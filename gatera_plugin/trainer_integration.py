@@ -142,7 +142,7 @@ def sequence_parallel_scale(trainer) -> float:
     return 1.0 / int(config.sp_size)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _release(package: str) -> tuple:
     """The release numbers of an installed package's version (a dev or rc build counts as its release)."""
     from importlib.metadata import version
