@@ -138,18 +138,21 @@ def test_gate_lr_ratio_survives_fsdp2_sharding(single, tmp_path):
 @FSDP2_ON_CPU
 @pytest.mark.skipif(not context_parallel_on_cpu_possible(),
                     reason="torch's ring attention internals differ from 2.13's")
-@pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"]], ids=["plain", "checkpointing"])
-def test_context_parallel_matches_single_process(single, tmp_path, extra):
+@pytest.mark.parametrize("extra,nproc", [([], 2), (["--gradient-checkpointing"], 2), ([], 4)],
+                         ids=["plain", "checkpointing", "dp-shard-2"])
+def test_context_parallel_matches_single_process(single, tmp_path, extra, nproc):
     """torch context parallelism (accelerate's `ParallelismConfig(cp_size=2)` on FSDP2, through
     examples/train_sft.py --context-parallel 2; on CPU with tests.distributed.allow_context_parallel_on_cpu): both
-    ranks get the same 4 sequences and each forward sees half of every sequence. The step's real tokens are counted
+    ranks of a group get the same sequences (all 4 of the step with 2 processes; with 4 processes, `dp_shard_size=2`,
+    each of the 2 groups gets 2) and each forward sees half of every sequence. The step's real tokens are counted
     once, not once per rank of the group (each rank's count alone made the penalty half its scale at the first step),
     and no rank mistakes its half for changed inputs (which had switched the run to per-forward normalisation)."""
-    done = torchrun(tmp_path, "--fsdp", "2", "--context-parallel", "2", "--batch", "4", *extra)
+    done = torchrun(tmp_path, "--fsdp", "2", "--context-parallel", "2", "--batch", str(8 // nproc), *extra,
+                    nproc=nproc)
     ok(done)
     assert_same_run(tmp_path, single)
     assert "GateRA:" not in done.stdout + done.stderr  # also: all forwards together saw each step's real tokens
-    for rank in (0, 1):  # every attention of the 6 steps ran split between the ranks (2 layers; again when recomputed)
+    for rank in range(nproc):  # every attention of the 6 steps ran split in the group (2 layers; again when recomputed)
         assert json.loads((tmp_path / f"ring_attention_rank{rank}.json").read_text()) == [6 * 2 * (1 + len(extra))]
 
 
