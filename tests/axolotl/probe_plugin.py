@@ -57,6 +57,13 @@ class ProbePlugin(BasePlugin):
 
         ModelLoader._set_device_map_config = _set_device_map_config
 
+    def get_training_args(self, cfg):
+        # `bf16: true` on CPU: transformers refuses bf16 without a GPU unless the run says `use_cpu`, which Axolotl
+        # has no key for (autocast on CPU then runs in bf16, as on a GPU)
+        if cfg.get("bf16") is True and not torch.cuda.is_available():
+            return {"use_cpu": True}
+        return None
+
     def post_lora_load(self, cfg, model):
         # each rank: where its adapted base weights are when the adapter has been built (the meta device on the other
         # ranks under FSDP's `cpu_ram_efficient_loading`), and how many GateRA branch scales wait for W0
@@ -103,7 +110,7 @@ class ProbePlugin(BasePlugin):
             logits = model(input_ids=PROBE_INPUT.to(next(model.parameters()).device)).logits.float().cpu()
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"logits": logits, "layer_types": layers, "collator": getattr(self, "collator", None),
+        torch.save({"logits": logits, "layer_types": layers, "dtypes": {n: str(p.dtype) for n, p in model.named_parameters()}, "collator": getattr(self, "collator", None),
                     "mask_max": getattr(self, "mask_max", None), "optimizer_groups": self._optimizer_groups()},
                    out / "probe.pt")
 

@@ -128,7 +128,7 @@ def _ok(done):
     assert done.returncode == 0, (done.stdout[-4000:] + done.stderr[-6000:])
 
 
-def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None):
+def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None, base_dtype=torch.float32):
     """The saved adapter's logits on the probe's inputs; `factors_dtype`: compute the branch factors in that dtype, as
     the trained model did (TRL casts a quantised model's trainable parameters to bf16, see tests/test_bnb.py)."""
     from peft import PeftModel
@@ -144,12 +144,13 @@ def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None
                                                             bnb_4bit_quant_storage=torch.bfloat16,
                                                             bnb_4bit_compute_dtype=torch.float32),
                   "device_map": "cpu"}
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **kwargs),
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=base_dtype, **kwargs),
                                       adapter_dir).eval()
     for name, param in model.named_parameters():
         if factors_dtype is not None and (".gatera_A." in name or ".gatera_B." in name):
             param.data = param.data.to(factors_dtype)
-    with torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=base_dtype, enabled=base_dtype != torch.float32)  # as the probe ran
+    with torch.no_grad(), autocast:
         return model(input_ids=PROBE_INPUT).logits.float()
 
 
@@ -185,6 +186,25 @@ def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, load_in_4bit
     for key in ("gatera/gate_mean", "gatera/entropy", "gatera/gate_open_frac", "gatera/penalty"):
         assert len(_logged(output, key)) == 25, key
     _saved_gatera_adapter_reloads(workspace / name, workspace / "base", load_in_4bit)
+
+
+def test_bf16_run_trains_and_its_adapter_reloads_on_the_bf16_base(workspace):
+    """`bf16: true`, what `bf16: auto` means on a GPU (on CPU the probe plugin adds `use_cpu`, which transformers
+    needs for bf16 there): Axolotl converts the base to bf16, GateRA's adapter stays fp32 (PEFT's default) and the
+    forwards run under bf16 autocast. The loss falls, the penalty and gate statistics are logged at every step, and
+    the saved (fp32) adapter on the bf16 base reproduces the trained model's logits (under bf16 autocast, as the
+    probe ran; they differ from the untrained model's by 6)."""
+    output = _train(workspace, "run-bf16", bf16=True)
+    assert "Converting modules to torch.bfloat16" in output  # the base really is bf16
+    losses = _logged(output, "loss")
+    assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert len(_logged(output, "gatera/penalty")) == 25 and "GateRA:" not in output
+    from safetensors.torch import load_file
+
+    saved = load_file(workspace / "run-bf16" / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    reloaded = _reload_logits(workspace / "base", workspace / "run-bf16", base_dtype=torch.bfloat16)
+    torch.testing.assert_close(reloaded, torch.load(workspace / "run-bf16" / "probe.pt")["logits"], rtol=1e-4, atol=1e-4)
 
 
 def test_shipped_yaml_as_is_trains_evaluates_and_checkpoints(workspace):
