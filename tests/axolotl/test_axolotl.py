@@ -130,7 +130,9 @@ def _ok(done):
 
 def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None, base_dtype=torch.float32):
     """The saved adapter's logits on the probe's inputs; `factors_dtype`: compute the branch factors in that dtype, as
-    the trained model did (TRL casts a quantised model's trainable parameters to bf16, see tests/test_bnb.py)."""
+    the trained model did (TRL casts a quantised model's trainable parameters to bf16, see tests/test_bnb.py);
+    `base_dtype`: the dtype the run loaded the base in (`bf16: true`), also the 4-bit compute dtype and, other than
+    fp32, the autocast dtype of the forward."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -142,10 +144,14 @@ def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None
         kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                             bnb_4bit_use_double_quant=True,
                                                             bnb_4bit_quant_storage=torch.bfloat16,
-                                                            bnb_4bit_compute_dtype=torch.float32),
+                                                            bnb_4bit_compute_dtype=base_dtype),
                   "device_map": "cpu"}
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=base_dtype, **kwargs),
-                                      adapter_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=base_dtype, **kwargs)
+    if load_in_4bit:  # what Axolotl's prepare_model_for_kbit_training did: the unquantised weights in fp32
+        for param in base.parameters():
+            if type(param).__name__ != "Params4bit":
+                param.data = param.data.float()
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
     for name, param in model.named_parameters():
         if factors_dtype is not None and (".gatera_A." in name or ".gatera_B." in name):
             param.data = param.data.to(factors_dtype)
@@ -188,23 +194,26 @@ def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, load_in_4bit
     _saved_gatera_adapter_reloads(workspace / name, workspace / "base", load_in_4bit)
 
 
-def test_bf16_run_trains_and_its_adapter_reloads_on_the_bf16_base(workspace):
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full-precision", "4bit"])
+def test_bf16_run_trains_and_its_adapter_reloads_on_the_bf16_base(workspace, load_in_4bit):
     """`bf16: true`, what `bf16: auto` means on a GPU (on CPU the probe plugin adds `use_cpu`, which transformers
-    needs for bf16 there): Axolotl converts the base to bf16, GateRA's adapter stays fp32 (PEFT's default) and the
-    forwards run under bf16 autocast. The loss falls, the penalty and gate statistics are logged at every step, and
-    the saved (fp32) adapter on the bf16 base reproduces the trained model's logits (under bf16 autocast, as the
-    probe ran; they differ from the untrained model's by 6)."""
-    output = _train(workspace, "run-bf16", bf16=True)
-    assert "Converting modules to torch.bfloat16" in output  # the base really is bf16
+    needs for bf16 there), on a bf16 base and on a QLoRA base (gatera-qlora.yml: 4-bit, bf16 compute): GateRA's
+    adapter stays fp32 (PEFT's default) and the forwards run under bf16 autocast. The loss falls, the penalty is
+    logged at every step, and the saved (fp32) adapter on the same base reproduces the trained model's logits (under
+    bf16 autocast, as the probe ran; they differ from the untrained model's by 6)."""
+    name = "run-bf16-4bit" if load_in_4bit else "run-bf16"
+    output = _train(workspace, name, example="gatera-qlora.yml" if load_in_4bit else "gatera.yml", bf16=True)
+    assert f"GateRA on a {'4-bit (bitsandbytes)' if load_in_4bit else 'full-precision'} base model" in output
+    assert "Converting modules to torch.bfloat16" in output or load_in_4bit  # the base really is bf16
     losses = _logged(output, "loss")
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     assert len(_logged(output, "gatera/penalty")) == 25 and "GateRA:" not in output
     from safetensors.torch import load_file
 
-    saved = load_file(workspace / "run-bf16" / "adapter_model.safetensors")
+    saved = load_file(workspace / name / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
-    reloaded = _reload_logits(workspace / "base", workspace / "run-bf16", base_dtype=torch.bfloat16)
-    torch.testing.assert_close(reloaded, torch.load(workspace / "run-bf16" / "probe.pt")["logits"], rtol=1e-4, atol=1e-4)
+    reloaded = _reload_logits(workspace / "base", workspace / name, load_in_4bit, base_dtype=torch.bfloat16)
+    torch.testing.assert_close(reloaded, torch.load(workspace / name / "probe.pt")["logits"], rtol=1e-4, atol=1e-4)
 
 
 def test_shipped_yaml_as_is_trains_evaluates_and_checkpoints(workspace):
