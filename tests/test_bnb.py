@@ -1,5 +1,7 @@
 """GateRA on 4-bit bitsandbytes bases (QLoRA style), on CPU."""
 
+import math
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -138,3 +140,45 @@ def test_sft_trainer_on_4bit_base(base_dir, tmp_path):
     input_ids = torch.randint(3, 17, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=input_ids).logits, trained(input_ids=input_ids).logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["paged_adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit"])
+def test_qlora_recipes_bitsandbytes_optimizers_train_the_gates_at_their_ratio(base_dir, tmp_path, optim):
+    """QLoRA recipes' optimizers (bitsandbytes' 8-bit and paged AdamW, `optim=` in the Trainer, `optimizer:` in
+    Axolotl) with `gate_lr_ratio=3`: the optimizer the Trainer builds is bitsandbytes', its groups keep the gates
+    apart at 3 x the rate, and the run trains (finite, falling loss; the gates move)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from gatera_plugin.optim import gate_parameter_ratios
+    from tests.helpers import toy_texts, word_tokenizer
+
+    args = SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=8, learning_rate=1e-2, logging_steps=1,
+        report_to="none", use_cpu=True, bf16=False, save_strategy="no", max_length=32, disable_tqdm=True, seed=0,
+        optim=optim, lr_scheduler_type="constant",
+    )
+    torch.manual_seed(0)
+    trainer = SFTTrainer(
+        model=load_4bit(base_dir), args=args, train_dataset=Dataset.from_dict({"text": toy_texts(32)}),
+        processing_class=word_tokenizer(toy_texts(64)),
+        peft_config=GateRAConfig(r=8, target_modules=LLAMA_PROJECTIONS, gate_lr_ratio=3.0),
+    )
+    gates_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "gatera_gate" in n}
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer  # (inside accelerate's wrapper)
+    assert type(optimizer).__module__.startswith("bitsandbytes"), type(optimizer)
+    gates = gate_parameter_ratios(trainer.model)
+    rates = {True: set(), False: set()}
+    for group in optimizer.param_groups:
+        kinds = {id(p) in gates for p in group["params"]}
+        assert len(kinds) == 1  # no group mixes gates with the rest
+        rates[kinds.pop()].add(round(group["lr"], 12))
+    assert rates == {True: {3e-2}, False: {1e-2}}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(map(math.isfinite, losses)) and sum(losses[-3:]) < sum(losses[:3]), losses
+    moved = {n: (p.detach() - gates_before[n]).abs().max().item()
+             for n, p in trainer.model.named_parameters() if n in gates_before}
+    assert min(moved.values()) > 0, moved
+
