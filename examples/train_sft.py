@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_trainer(args: argparse.Namespace, callbacks=()):
     import torch
+    from accelerate.utils import str_to_bool
     from common import DATA, load_rows, tiny_model_and_tokenizer
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,9 +138,9 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
             bnb_4bit_quant_storage=torch.bfloat16 if args.fsdp else torch.uint8,
         ) if args.load_in_4bit else None
         device_map = "cpu" if args.cpu and args.load_in_4bit and not args.deepspeed else None
-        if (os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("1", "true")
+        if (str_to_bool(os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false"))
                 and not args.load_in_4bit and int(os.environ.get("LOCAL_RANK", "0")) != 0):
-            device_map = "meta"  # FSDP's cpu_ram_efficient_loading: it broadcasts the main process's weights
+            device_map = "meta"  # FSDP's cpu_ram_efficient_loading: FSDP2 broadcasts rank 0's weights
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch.bfloat16 if args.bf16 else torch.float32, quantization_config=quantization,
             device_map=device_map,

@@ -107,29 +107,33 @@ def check_deepspeed_optimizer(trainer) -> None:
         )
 
 
-def check_resumed_ratios(configs: dict, checkpoint) -> None:
+def check_resumed_ratios(model: torch.nn.Module, configs: dict, checkpoint) -> None:
     """Before a Trainer resumes from `checkpoint`: compare each GateRA adapter's `gate_lr_ratio` ({adapter name:
     GateRAConfig} in `configs`) with the one saved beside the checkpoint's adapter (its adapter_config.json).
 
     Between 1 and another ratio the optimizer's param groups differ in number, and the checkpoint's optimizer state
     cannot be loaded (torch's message would not name the setting): refused. Between two ratios other than 1 the
     checkpoint's optimizer and scheduler restore its rates, as for any learning-rate change on resume: a warning.
+    Nothing to check where `model` has no trainable gate parameters or the checkpoint holds no optimizer state (the
+    Trainer then builds a fresh optimizer: `optimizer.pt`, FSDP's `optimizer_*`, DeepSpeed's `global_step*`).
     """
     import json
-    import math
     import os
     import warnings
 
+    if not gate_parameter_ratios(model) or not any(
+            entry.startswith(("optimizer", "global_step")) for entry in os.listdir(checkpoint)):
+        return
     for name, config in configs.items():
         saved_config = os.path.join(checkpoint, "" if name == "default" else name, "adapter_config.json")
         if not hasattr(config, "gate_lr_ratio") or not os.path.isfile(saved_config):
             continue
         with open(saved_config) as file:
             saved = json.load(file).get("gate_lr_ratio", 1.0)
-        if saved is None or math.isclose(saved, config.gate_lr_ratio):
-            continue
         now = config.gate_lr_ratio
-        if (saved == 1.0) != (now == 1.0):
+        if saved is None or saved == now:
+            continue
+        if (saved != 1.0) != (now != 1.0):  # (split_gate_groups's own test of a ratio)
             raise ValueError(
                 f"Resuming from {checkpoint}: adapter {name!r} was trained with gate_lr_ratio={saved:g} and this run "
                 f"sets {now:g}. A ratio other than 1 gives the gates param groups of their own, so the checkpoint's "

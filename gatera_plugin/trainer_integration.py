@@ -134,22 +134,23 @@ def sequence_parallel_scale(trainer) -> float:
     config = getattr(trainer.accelerator, "parallelism_config", None)
     if config is None or getattr(config, "sp_backend", None) != "deepspeed" or not getattr(config, "sp_enabled", False):
         return 1.0
-    if _release("transformers") < (5, 25):
+    if _older_than("transformers", "5.25"):
         return 1.0
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and plugin.zero_stage == 3 and _release("deepspeed") < (0, 20, 2):
+    if plugin is not None and plugin.zero_stage == 3 and _older_than("deepspeed", "0.20.2"):
         return 1.0
     return 1.0 / int(config.sp_size)
 
 
 @functools.cache
-def _release(package: str) -> tuple:
-    """The release numbers of an installed package's version (a dev or rc build counts as its release)."""
+def _older_than(package: str, release: str) -> bool:
+    """Whether the installed `package` is older than `release` (compared as transformers compares them: a dev or rc
+    build of a release is older than it)."""
     from importlib.metadata import version
 
     from packaging.version import Version
 
-    return Version(version(package)).release
+    return Version(version(package)) < Version(release)
 
 
 @dataclass
@@ -387,7 +388,7 @@ def install() -> None:
     def _inner_training_loop(self, *args, **kwargs):
         tuner = find_gatera_model(self.model)
         if tuner is not None and kwargs.get("resume_from_checkpoint"):
-            check_resumed_ratios(tuner.peft_config, kwargs["resume_from_checkpoint"])
+            check_resumed_ratios(self.model, tuner.peft_config, kwargs["resume_from_checkpoint"])
         try:
             return original_inner_loop(self, *args, **kwargs)
         except BaseException:

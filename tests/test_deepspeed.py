@@ -107,12 +107,13 @@ def _ulysses_available() -> bool:
 
 def _ulysses_gradient_factor(stage: str) -> int:
     """The task loss's gradient under Ulysses with sp_size=2, relative to the single process's: transformers < 5.25
-    backpropagated the whole sequences' loss on every rank, and ZeRO-2 sums the group's gradients (the engine divides
-    by the data-parallel size only), so 2 there; transformers >= 5.25 backpropagates each rank's part, and ZeRO-3 (before
-    deepspeed 0.20.2) averages, so 1."""
+    backpropagated the whole sequences' loss on every rank, and ZeRO-2 (ZeRO-3 from deepspeed 0.20.2) sums the
+    group's gradients (the engine divides by the data-parallel size only), so 2 there; transformers >= 5.25
+    backpropagates each rank's part, and ZeRO-3 before deepspeed 0.20.2 averages, so 1."""
     import transformers
 
-    return 2 if stage == "zero2" and Version(transformers.__version__).release < (5, 25) else 1
+    engine_sums = stage == "zero2" or Version(deepspeed.__version__) >= Version("0.20.2")
+    return 2 if engine_sums and Version(transformers.__version__) < Version("5.25") else 1
 
 
 @pytest.mark.slow
@@ -262,6 +263,8 @@ def test_loss_scale_is_read_from_deepspeed_and_accelerate():
     ((5, 25), 3, (0, 19, 8), 1.0),  # ZeRO-3 before 0.20.2 averages (transformers scales the part by sp_size)
     ((5, 25), 3, (0, 20, 2), 0.5),  # ZeRO-3 from 0.20.2 sums, as ZeRO-2 does
     ((5, 24), 2, (0, 19, 8), 1.0),  # every rank backpropagated the whole loss: the task gradient was sp_size x
+    ((5, 25, 0, "dev0"), 2, (0, 19, 8), 1.0),  # a dev build of 5.25 is older than 5.25 (as transformers compares)
+    ((5, 25), 3, (0, 20, 2, "rc1"), 1.0),  # and an rc of deepspeed 0.20.2 older than 0.20.2
 ])
 def test_sequence_parallel_scale_follows_how_transformers_and_deepspeed_scale_the_task_loss(
         monkeypatch, transformers_release, stage, deepspeed_release, expected):
@@ -269,15 +272,18 @@ def test_sequence_parallel_scale_follows_how_transformers_and_deepspeed_scale_th
     out; 1 without sequence parallelism."""
     from types import SimpleNamespace
 
+    from packaging.version import Version
+
     from gatera_plugin import trainer_integration
 
     releases = {"transformers": transformers_release, "deepspeed": deepspeed_release}
-    monkeypatch.setattr(trainer_integration, "_release", releases.__getitem__)
+    monkeypatch.setattr(trainer_integration, "_older_than",
+                        lambda package, release: Version(".".join(map(str, releases[package]))) < Version(release))
 
-    def trainer(**parallelism):
+    def trainer(**parallelism):  # 4 processes: the scale is 1 / sp_size, not 1 / world size
         state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage))
         config = SimpleNamespace(**parallelism) if parallelism else None
-        return SimpleNamespace(accelerator=SimpleNamespace(parallelism_config=config, state=state))
+        return SimpleNamespace(accelerator=SimpleNamespace(parallelism_config=config, state=state, num_processes=4))
 
     scale = trainer_integration.sequence_parallel_scale
     assert scale(trainer(sp_backend="deepspeed", sp_enabled=True, sp_size=2)) == expected

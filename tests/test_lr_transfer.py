@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -218,6 +219,19 @@ def test_resuming_with_a_ratio_that_changes_the_param_groups_is_refused_naming_t
     with pytest.raises(ValueError, match=rf"trained with gate_lr_ratio={saved:g} and this run sets {now:g}.*Resume "
                                          rf"with gate_lr_ratio={saved:g}, or start a new run from the checkpoint's"):
         _sft_trainer(tmp_path, now, max_steps=3).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_resuming_from_a_checkpoint_without_optimizer_state_takes_the_new_ratio_without_a_word(tmp_path):
+    """`save_only_model=True` saves no optimizer state: the resumed run builds a fresh optimizer at the new ratio."""
+    first = _sft_trainer(tmp_path, 1.0, max_steps=2)
+    first.args.save_only_model = True
+    first.train()
+    assert not list((tmp_path / "checkpoint-2").glob("optimizer*"))
+    resumed = _sft_trainer(tmp_path, 3.0, max_steps=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gate_lr_ratio.*")
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert {round(group["lr"], 12) for group in resumed.optimizer.param_groups} == {1e-3, 3e-3}
 
 
 def test_resuming_with_another_ratio_warns_that_the_checkpoint_keeps_its_rates(tmp_path):

@@ -110,7 +110,8 @@ class ProbePlugin(BasePlugin):
             logits = model(input_ids=PROBE_INPUT.to(next(model.parameters()).device)).logits.float().cpu()
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"logits": logits, "layer_types": layers, "dtypes": {n: str(p.dtype) for n, p in model.named_parameters()}, "collator": getattr(self, "collator", None),
+        dtypes = {name: str(param.dtype) for name, param in model.named_parameters()}
+        torch.save({"logits": logits, "layer_types": layers, "dtypes": dtypes, "collator": getattr(self, "collator", None),
                     "mask_max": getattr(self, "mask_max", None), "optimizer_groups": self._optimizer_groups()},
                    out / "probe.pt")
 
