@@ -138,12 +138,17 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
             bnb_4bit_quant_storage=torch.bfloat16 if args.fsdp else torch.uint8,
         ) if args.load_in_4bit else None
         device_map = "cpu" if args.cpu and args.load_in_4bit and not args.deepspeed else None
-        if (str_to_bool(os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false"))
-                and not args.load_in_4bit and int(os.environ.get("LOCAL_RANK", "0")) != 0):
-            device_map = "meta"  # FSDP's cpu_ram_efficient_loading: FSDP2 broadcasts rank 0's weights
+        kernels = {}
+        if str_to_bool(os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")) and not args.load_in_4bit:
+            # FSDP's cpu_ram_efficient_loading: local rank 0 loads, FSDP2 broadcasts rank 0's weights to the others.
+            # transformers >= 5.25 swaps in Hub kernels by default, which cannot handle the meta device: off on every
+            # rank, so that all run the same layers
+            kernels = {"use_kernels": False}
+            if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+                device_map = "meta"
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch.bfloat16 if args.bf16 else torch.float32, quantization_config=quantization,
-            device_map=device_map,
+            device_map=device_map, **kernels,
         )
     options = {"entropy_weight": args.entropy_weight, "gate_lr_ratio": args.gate_lr_ratio}
     extra = {key: value for key, value in options.items() if value is not None}
