@@ -126,7 +126,7 @@ def check_resumed_ratios(model: torch.nn.Module, configs: dict, checkpoint) -> N
         return
     for name, config in configs.items():
         saved_config = os.path.join(checkpoint, "" if name == "default" else name, "adapter_config.json")
-        if not hasattr(config, "gate_lr_ratio") or not os.path.isfile(saved_config):
+        if not os.path.isfile(saved_config):
             continue
         with open(saved_config) as file:
             saved = json.load(file).get("gate_lr_ratio", 1.0)

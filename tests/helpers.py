@@ -168,6 +168,19 @@ def gate_params(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if "gatera_gate" in n}
 
 
+def gate_group_rates(optimizer, model) -> dict[bool, set[float]]:
+    """{is a gate group: its learning rates} over `optimizer`'s param groups; asserts that no group mixes GateRA's
+    gate parameters with the rest (a mixed group would train the gates at the wrong rate). Gates are found by name,
+    independently of the package's own `gate_parameter_ratios`."""
+    gates = {id(p) for n, p in model.named_parameters() if "gatera_gate" in n or "gatera_structure" in n}
+    rates = {True: set(), False: set()}
+    for group in optimizer.param_groups:
+        kinds = {id(p) in gates for p in group["params"]}
+        assert len(kinds) == 1, "a param group mixes gate parameters with the rest"
+        rates[kinds.pop()].add(round(group["lr"], 12))
+    return rates
+
+
 def backbone(peft_model) -> nn.Module:
     """transformers' backbone (e.g. LlamaModel): every forward of the model, or of the backbone alone, passes here."""
     return peft_model.get_base_model().base_model

@@ -151,8 +151,7 @@ def test_qlora_recipes_bitsandbytes_optimizers_train_the_gates_at_their_ratio(ba
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from gatera_plugin.optim import gate_parameter_ratios
-    from tests.helpers import toy_texts, word_tokenizer
+    from tests.helpers import gate_group_rates, toy_texts, word_tokenizer
 
     args = SFTConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=8, learning_rate=1e-2, logging_steps=1,
@@ -169,16 +168,9 @@ def test_qlora_recipes_bitsandbytes_optimizers_train_the_gates_at_their_ratio(ba
     trainer.train()
     optimizer = trainer.optimizer.optimizer  # (inside accelerate's wrapper)
     assert type(optimizer).__module__.startswith("bitsandbytes"), type(optimizer)
-    gates = gate_parameter_ratios(trainer.model)
-    rates = {True: set(), False: set()}
-    for group in optimizer.param_groups:
-        kinds = {id(p) in gates for p in group["params"]}
-        assert len(kinds) == 1  # no group mixes gates with the rest
-        rates[kinds.pop()].add(round(group["lr"], 12))
-    assert rates == {True: {3e-2}, False: {1e-2}}
+    assert gate_group_rates(optimizer, trainer.model) == {True: {3e-2}, False: {1e-2}}
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert all(map(math.isfinite, losses)) and sum(losses[-3:]) < sum(losses[:3]), losses
     moved = {n: (p.detach() - gates_before[n]).abs().max().item()
              for n, p in trainer.model.named_parameters() if n in gates_before}
     assert min(moved.values()) > 0, moved
-

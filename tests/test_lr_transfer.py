@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from gatera_plugin import GateRAConfig, split_gate_groups
 from gatera_plugin.layer import GateRALayer
-from tests.helpers import one_step_output_change, tiny_llama, toy_texts, word_tokenizer
+from tests.helpers import gate_group_rates, one_step_output_change, tiny_llama, toy_texts, word_tokenizer
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -284,12 +284,7 @@ def test_a_trainer_subclass_that_builds_its_own_optimizer_gets_the_gate_groups_o
     trainer = trainer_cls(model=model, args=args)
     optimizer = trainer.create_optimizer()
     assert trainer.create_optimizer() is optimizer  # (called again, as transformers does: checked, not regrouped)
-    gates = _gate_params(model)
-    rates = {True: set(), False: set()}
-    for group in optimizer.param_groups:
-        assert len({id(p) in gates for p in group["params"]}) == 1  # no group mixes gates with the rest
-        rates[id(group["params"][0]) in gates].add(round(group["lr"], 12))
-    assert rates == {True: {0.3}, False: {0.1}}
+    assert gate_group_rates(optimizer, model) == {True: {0.3}, False: {0.1}}
 
 
 def test_split_gate_groups_twice_applies_the_ratio_once():
