@@ -90,7 +90,12 @@ class ProbePlugin(BasePlugin):
             if module.training and isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 self.mask_max = max(self.mask_max, int(mask.max()))
 
+        def record_logits(module, args, output):  # None where the loss came without logits (Liger's fused loss)
+            if module.training:
+                self.training_logits = getattr(output, "logits", None) is not None
+
         trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+        trainer.model.register_forward_hook(record_logits)
 
     def post_train(self, cfg, model):
         # (Axolotl's `fsdp_version` defaults to 2 in every config: `fsdp_config` is what marks an FSDP run)
@@ -112,7 +117,9 @@ class ProbePlugin(BasePlugin):
         out.mkdir(parents=True, exist_ok=True)
         dtypes = {name: str(param.dtype) for name, param in model.named_parameters()}
         torch.save({"logits": logits, "layer_types": layers, "dtypes": dtypes, "collator": getattr(self, "collator", None),
-                    "mask_max": getattr(self, "mask_max", None), "optimizer_groups": self._optimizer_groups()},
+                    "mask_max": getattr(self, "mask_max", None), "optimizer_groups": self._optimizer_groups(),
+                    "training_logits": getattr(self, "training_logits", None),
+                    "causal_lm_forward": type(model.get_base_model()).forward.__module__},
                    out / "probe.pt")
 
     def _optimizer_groups(self) -> list[dict]:

@@ -275,6 +275,31 @@ def test_selective_checkpointing_trains_with_the_step_level_penalty(workspace):
     assert all(0 < p <= 0.05 for p in _logged(output, "gatera/penalty"))  # λ · entropy, counted once
 
 
+def test_liger_fused_linear_cross_entropy_trains_like_the_plain_loss(workspace):
+    """Axolotl's LigerPlugin with `liger_fused_linear_cross_entropy: true`, as in many of Axolotl's recipes: the
+    model's forward becomes Liger's, which computes the loss from the hidden states without materialising logits.
+    GateRA's penalty is added to that loss at its scale: the run logs the same losses and penalties, step by step, as
+    the same run without Liger (test_train_loss_falls_metrics_logged_adapter_reloads[full-precision]), and its
+    adapter reloads to the trained logits. Liger's RMSNorm, SwiGLU and RoPE kernels stay off: they do not run in
+    Triton's CPU interpreter (they call `.to` on Python floats). None of them replaces a layer that GateRA adapts
+    (Liger's SwiGLU MLP calls the same gate/up/down projections)."""
+    pytest.importorskip("liger_kernel")
+    reference = _train(workspace, "run-fp32")
+    liger = {"liger_fused_linear_cross_entropy": True, "liger_rms_norm": False, "liger_glu_activation": False,
+             "liger_rope": False}
+    cfg = _config(workspace, "liger", plugins=[PROBE, "axolotl.integrations.liger.LigerPlugin"], **liger)
+    done = _axolotl("train", str(cfg), "--launcher", "python", TRITON_INTERPRET="1")
+    _ok(done)
+    output = done.stdout + done.stderr
+    assert "Applying LIGER to llama" in output
+    probe = _saved_gatera_adapter_reloads(workspace / "liger", workspace / "base")
+    assert probe["causal_lm_forward"].startswith("liger_kernel") and probe["training_logits"] is False
+    for key in ("loss", "gatera/penalty", "gatera/gate_mean"):
+        ours, plain = _logged(output, key), _logged(reference, key)
+        assert len(ours) == len(plain) == 25, key
+        torch.testing.assert_close(torch.tensor(ours), torch.tensor(plain), rtol=2e-3, atol=1e-4, msg=key)
+
+
 def test_lora_run_is_unaffected_by_the_installed_plugin(workspace):
     """The same `adapter: lora` run with and without gatera-plugin's entry point: identical losses, no gatera keys."""
     runs = {}
