@@ -641,6 +641,25 @@ def test_lora_options_without_a_gatera_counterpart_are_refused(options):
     GateRAArgs.model_validate({"adapter": "gatera", "peft_init_lora_weights": True, "peft_use_dora": False})
 
 
+def test_a_regex_target_string_adapts_what_it_adapts_for_lora():
+    """`lora_target_modules` as one string (a regex, in many of Axolotl's recipes, e.g. to adapt a VLM's language model
+    only) is handed to PEFT as a regex, as Axolotl does for LoRA: the same modules as LoRA's. Before, it became a
+    one-name list, and PEFT found no module of that name."""
+    from axolotl.utils.dict import DictDefault
+    from peft import LoraConfig, get_peft_model
+
+    from gatera_plugin.integrations.axolotl.plugin import gatera_config_from_axolotl
+    from tests.helpers import tiny_llama
+
+    regex = r".*layers\.1\.(self_attn|mlp)\.(q|v|up)_proj"
+    config = gatera_config_from_axolotl(DictDefault({"adapter": "gatera", "lora_target_modules": regex}), model=None)
+    assert config.target_modules == regex
+    adapted = {n for n, m in get_peft_model(tiny_llama(), config).named_modules() if hasattr(m, "gatera_A")}
+    lora = {n for n, m in get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=regex)).named_modules()
+            if hasattr(m, "lora_A")}
+    assert adapted == lora and len(adapted) == 3, adapted
+
+
 def test_trainable_token_indices_reach_the_gatera_config():
     """`peft_trainable_token_indices` (new chat tokens' embedding rows) is a GateRA option too (tests/test_model.py
     trains and reloads it)."""

@@ -59,10 +59,14 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
     """The GateRAConfig an Axolotl config describes."""
     options = {field: cfg.get(key) for field, key in _OPTION_KEYS.items() if cfg.get(key) is not None}
     branch = options.get("branch", "hira")
+    # as Axolotl's LoRA: a string is PEFT's regex, matched against full module names; with `lora_target_linear` it
+    # joins the linear layers' names as one more name
     targets = cfg.lora_target_modules or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
     if cfg.lora_target_linear:
+        targets = [targets] if isinstance(targets, str) else list(targets)
         targets = sorted(set(targets) | set(linear_module_names(model)))
+    elif not isinstance(targets, str):
+        targets = list(targets)
     if not targets:
         raise ValueError("`adapter: gatera` needs `lora_target_modules` or `lora_target_linear: true`.")
     lora_alpha = cfg.lora_alpha
