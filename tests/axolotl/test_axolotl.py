@@ -739,6 +739,24 @@ def test_peft_autocast_adapter_dtype_reaches_the_adapter(tmp_path, autocast, exp
         assert {p.dtype for n, p in model.named_parameters() if ".gatera_A." in n} == {expected}
 
 
+@pytest.mark.parametrize("kwargs, reentrant", [(None, False), ({"use_reentrant": True}, True)])
+def test_checkpointing_at_load_follows_axolotls_default(kwargs, reentrant):
+    """`gradient_checkpointing: true`: the plugin checkpoints the layers it loads as Axolotl's Trainer will
+    (`gradient_checkpointing_kwargs`, default `use_reentrant: false`). Before, it defaulted to reentrant
+    checkpointing, which held until the Trainer re-applied its own, and wherever the Trainer does not (Axolotl's
+    `activation_offloading` turns the Trainer's off)."""
+    from axolotl.utils.dict import DictDefault
+
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+    from tests.helpers import tiny_llama
+
+    cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"], "gradient_checkpointing": True,
+                       "gradient_checkpointing_kwargs": kwargs})
+    model, _ = GateRAPlugin().load_adapter(tiny_llama(), cfg)
+    functions = [m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert functions and {f.keywords["use_reentrant"] for f in functions} == {reentrant}
+
+
 @pytest.mark.parametrize("config_only", [False, True], ids=["axolotl-builds", "trl-builds"])
 def test_a_continued_adapter_takes_the_configs_training_options_and_keeps_its_structure(tmp_path, caplog,
                                                                                         config_only):

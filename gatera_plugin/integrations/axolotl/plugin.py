@@ -196,7 +196,8 @@ class GateRAPlugin(BasePlugin):
             return None, config
         inference = inference or bool(cfg.inference)
         checkpointing = bool(cfg.gradient_checkpointing) and not inference
-        checkpointing_kwargs = cfg.gradient_checkpointing_kwargs or {"use_reentrant": True}
+        # Axolotl's default, which its Trainer re-applies when training starts
+        checkpointing_kwargs = cfg.gradient_checkpointing_kwargs or {"use_reentrant": False}
         bits = 4 if getattr(model, "is_loaded_in_4bit", False) else 8 if getattr(model, "is_loaded_in_8bit", False) else 0
         LOG.info("GateRA on a %s base model", f"{bits}-bit (bitsandbytes)" if bits else "full-precision")
         if bits:
