@@ -128,11 +128,12 @@ def _ok(done):
     assert done.returncode == 0, (done.stdout[-4000:] + done.stderr[-6000:])
 
 
-def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None, base_dtype=torch.float32):
+def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None, base_dtype=torch.float32,
+                   load_in_8bit=False):
     """The saved adapter's logits on the probe's inputs; `factors_dtype`: compute the branch factors in that dtype, as
     the trained model did (TRL casts a quantised model's trainable parameters to bf16, see tests/test_bnb.py);
     `base_dtype`: the dtype the run loaded the base in (`bf16: true`), also the 4-bit compute dtype and, other than
-    fp32, the autocast dtype of the forward."""
+    fp32, the autocast dtype of the forward; `load_in_8bit`: on an 8-bit base loaded as Axolotl loads it (in fp16)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -146,10 +147,12 @@ def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None
                                                             bnb_4bit_quant_storage=torch.bfloat16,
                                                             bnb_4bit_compute_dtype=base_dtype),
                   "device_map": "cpu"}
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=base_dtype, **kwargs)
-    if load_in_4bit:  # what Axolotl's prepare_model_for_kbit_training did: the unquantised weights in fp32
+    if load_in_8bit:  # Axolotl's torch_dtype for 8-bit without bf16 is fp16: the int8 weights come from fp16 values
+        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": "cpu"}
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float16 if load_in_8bit else base_dtype, **kwargs)
+    if load_in_4bit or load_in_8bit:  # what prepare_model_for_kbit_training did: the unquantised weights in fp32
         for param in base.parameters():
-            if type(param).__name__ != "Params4bit":
+            if type(param).__name__ not in ("Params4bit", "Int8Params"):
                 param.data = param.data.float()
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     for name, param in model.named_parameters():
@@ -160,13 +163,14 @@ def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None
         return model(input_ids=PROBE_INPUT).logits.float()
 
 
-def _saved_gatera_adapter_reloads(out: Path, base_dir: Path, load_in_4bit=False, factors_dtype=None) -> dict:
+def _saved_gatera_adapter_reloads(out: Path, base_dir: Path, load_in_4bit=False, factors_dtype=None,
+                                  load_in_8bit=False) -> dict:
     """Check that run folder `out` holds a GateRA adapter, that GateRA layers trained, and that the adapter reloads
     to the trained model's logits (the probe's); return the probe."""
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
     probe = torch.load(out / "probe.pt")
     assert any("gatera_plugin" in t for t in probe["layer_types"])
-    reloaded = _reload_logits(base_dir, out, load_in_4bit, factors_dtype)
+    reloaded = _reload_logits(base_dir, out, load_in_4bit, factors_dtype, load_in_8bit=load_in_8bit)
     torch.testing.assert_close(reloaded, probe["logits"], rtol=1e-4, atol=1e-4)
     return probe
 
@@ -181,17 +185,20 @@ def _train(workspace, name, example="gatera.yml", **overrides) -> str:
     return log.read_text()
 
 
-@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full-precision", "4bit"])
-def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, load_in_4bit):
-    name = "run-4bit" if load_in_4bit else "run-fp32"
-    output = _train(workspace, name, example="gatera-qlora.yml" if load_in_4bit else "gatera.yml")
-    expected_base = "4-bit (bitsandbytes)" if load_in_4bit else "full-precision"
-    assert f"GateRA on a {expected_base} base model" in output  # load_in_4bit really quantises for gatera
+@pytest.mark.parametrize("bits", [0, 4, 8], ids=["full-precision", "4bit", "8bit"])
+def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, bits):
+    """gatera.yml, gatera-qlora.yml (4-bit) and gatera.yml with `load_in_8bit: true` (in many of Axolotl's LoRA
+    recipes; Axolotl builds no quantisation config for it outside `adapter: lora`, the plugin does)."""
+    name, example, overrides = {0: ("run-fp32", "gatera.yml", {}), 4: ("run-4bit", "gatera-qlora.yml", {}),
+                                8: ("run-8bit", "gatera.yml", {"load_in_8bit": True})}[bits]
+    output = _train(workspace, name, example=example, **overrides)
+    expected_base = f"{bits}-bit (bitsandbytes)" if bits else "full-precision"
+    assert f"GateRA on a {expected_base} base model" in output  # load_in_4bit / 8bit really quantise for gatera
     losses = _logged(output, "loss")
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     for key in ("gatera/gate_mean", "gatera/entropy", "gatera/gate_open_frac", "gatera/penalty"):
         assert len(_logged(output, key)) == 25, key
-    _saved_gatera_adapter_reloads(workspace / name, workspace / "base", load_in_4bit)
+    _saved_gatera_adapter_reloads(workspace / name, workspace / "base", bits == 4, load_in_8bit=bits == 8)
 
 
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full-precision", "4bit"])
