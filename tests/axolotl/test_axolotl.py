@@ -470,6 +470,12 @@ DISTRIBUTED_RUNS = {  # name -> (shipped YAML, overrides)
     # device, so GateRA builds their adapters on meta (the scale waits for W0) and FSDP2 broadcasts rank 0's weights
     "fsdp2-cpu-ram-efficient-loading": ("gatera-fsdp2.yml", {"fsdp_config": {
         **yaml.safe_load((EXAMPLES / "gatera-fsdp2.yml").read_text())["fsdp_config"], "cpu_ram_efficient_loading": True}}),
+    # the fsdp_config of Axolotl's FSDP recipes, with their `fsdp_`-prefixed keys and whole (not sharded) state
+    # dicts (their `fsdp_offload_params: true` needs an accelerator: torch refuses it on a CPU-only machine)
+    "fsdp2-full-state-dict": ("gatera-fsdp2.yml", {"fsdp_config": {
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_reshard_after_forward": True,
+        "fsdp_cpu_ram_efficient_loading": False}, "save_strategy": "steps", "save_steps": 6}),
 }
 
 
@@ -512,6 +518,9 @@ def test_deepspeed_through_axolotl(workspace, preference_data, name):
     linears = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     expected = {f"base_model.model.{n}.gatera_{p}" for n in linears for p in ("A", "B", "gate.weight", "gate.bias")}
     assert set(saved) == expected  # complete: every adapted module's tensors, gathered from the shards
+    if overrides.get("save_strategy") == "steps":  # and so is the adapter of the step checkpoint
+        checkpoint = load_file(workspace / f"ds-{name}" / "checkpoint-6" / "adapter_model.safetensors")
+        assert set(checkpoint) == expected and any((checkpoint[k] != saved[k]).any() for k in expected)
     assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("gatera_B"))  # trained, not the init
     reloaded = _reload_logits(workspace / "base", workspace / f"ds-{name}")
     if stage == "fsdp2":  # FSDP2 really sharded the base weights (DTensors), not a silent fallback to DDP
@@ -528,6 +537,34 @@ def test_deepspeed_through_axolotl(workspace, preference_data, name):
     if stage == "zero2":  # under ZeRO-3 the probe cannot run a forward on rank 0 alone
         torch.testing.assert_close(reloaded, torch.load(workspace / f"ds-{name}" / "probe.pt")["logits"],
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_fsdp2_resume_from_a_full_state_dict_checkpoint_equals_uninterrupted(workspace):
+    """FSDP2 with the recipes' `fsdp_state_dict_type: FULL_STATE_DICT` (2 processes): a run resumed from its step-6
+    checkpoint (a whole model state dict, `pytorch_model_fsdp.bin`, and the optimizer's) logs the same losses and
+    gate statistics for steps 7-12 as the uninterrupted run, and ends with the same adapter."""
+    from safetensors.torch import load_file
+
+    example, overrides = DISTRIBUTED_RUNS["fsdp2-full-state-dict"]
+    logs = {}
+    for label, resume in (("full", {}), ("part", {"resume_from_checkpoint": str(workspace / "fsdp-resume-full" /
+                                                                                "checkpoint-6")})):
+        cfg = _config(workspace, f"fsdp-resume-{label}", example=example, micro_batch_size=2, max_steps=12,
+                      lr_scheduler="linear", **overrides, **resume)
+        done = _axolotl("train", str(cfg), "--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port",
+                        "29650")
+        _ok(done)
+        logs[label] = done.stdout + done.stderr
+    assert (workspace / "fsdp-resume-full" / "checkpoint-6" / "pytorch_model_fsdp.bin").exists()
+    for key in ("loss", "gatera/entropy", "gatera/gate_mean"):
+        full, part = _logged(logs["full"], key), _logged(logs["part"], key)
+        assert len(full) == 12 and len(part) == 6, (key, full, part)
+        torch.testing.assert_close(torch.tensor(part), torch.tensor(full[6:]), rtol=1e-3, atol=1e-5, msg=key)
+    a = load_file(workspace / "fsdp-resume-full" / "adapter_model.safetensors")
+    b = load_file(workspace / "fsdp-resume-part" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(workspace):
