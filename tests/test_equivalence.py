@@ -14,6 +14,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def _loss_and_grads(model, input_ids, names):
+    torch.manual_seed(1)  # (the same dropout masks for both models, drawn in the same order)
     out = model(input_ids=input_ids, labels=input_ids)
     params = dict(model.named_parameters())
     grads = torch.autograd.grad(out.loss, [params[n] for n in names])
@@ -44,29 +45,35 @@ def _base_logits(model, input_ids):
         return model(input_ids=input_ids).logits
 
 
-@pytest.mark.parametrize("builder,targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
-def test_ungated_hira_equals_peft_hira(builder, targets):
+# dropout: in training mode, as a LoRA recipe's `lora_dropout: 0.05` trains (PEFT's `hira_dropout` / `lora_dropout`)
+EQUIVALENCE_CASES = pytest.mark.parametrize("builder,targets,dropout", [
+    (tiny_llama, LLAMA_TARGETS, 0.0), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], 0.0), (tiny_llama, LLAMA_TARGETS, 0.3),
+], ids=["llama", "gpt2", "llama-dropout"])
+
+
+@EQUIVALENCE_CASES
+def test_ungated_hira_equals_peft_hira(builder, targets, dropout):
     input_ids = torch.randint(3, 128, (2, 9))
     ours = get_peft_model(builder(), GateRAConfig(r=4, target_modules=targets, gate="none", hira_scaling="none",
-                                                  init_weights=False))
+                                                  init_weights=False, dropout=dropout))
     fan_in_fan_out = builder is tiny_gpt2
-    theirs = get_peft_model(
-        builder(), HiraConfig(r=4, target_modules=targets, init_weights=False, fan_in_fan_out=fan_in_fan_out)
-    )
-    _compare(ours, theirs, {"gatera_A": "hira_A", "gatera_B": "hira_B"}, input_ids)
+    theirs = get_peft_model(builder(), HiraConfig(r=4, target_modules=targets, init_weights=False,
+                                                  fan_in_fan_out=fan_in_fan_out, hira_dropout=dropout))
+    _compare(ours.train(), theirs.train(), {"gatera_A": "hira_A", "gatera_B": "hira_B"}, input_ids)
 
 
-@pytest.mark.parametrize("builder,targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
-def test_ungated_lora_equals_peft_lora(builder, targets):
+@EQUIVALENCE_CASES
+def test_ungated_lora_equals_peft_lora(builder, targets, dropout):
     input_ids = torch.randint(3, 128, (2, 9))
-    ours = get_peft_model(
-        builder(), GateRAConfig(r=4, lora_alpha=12, branch="lora", target_modules=targets, gate="none", init_weights=False)
-    )
+    ours = get_peft_model(builder(), GateRAConfig(r=4, lora_alpha=12, branch="lora", target_modules=targets,
+                                                  gate="none", init_weights=False, dropout=dropout))
     fan_in_fan_out = builder is tiny_gpt2
     theirs = get_peft_model(
         builder(),
-        LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False, fan_in_fan_out=fan_in_fan_out),
+        LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False, fan_in_fan_out=fan_in_fan_out,
+                   lora_dropout=dropout),
     )
+    ours.train(), theirs.train()
     _compare(ours, theirs, {"gatera_A.default": "lora_A.default.weight", "gatera_B.default": "lora_B.default.weight"},
              input_ids)
 

@@ -172,19 +172,22 @@ def test_targets_matching_nothing_are_refused():
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
-    """Recomputed forwards must not change gradients, nor apply the penalty or record statistics twice."""
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant, dropout):
+    """Recomputed forwards must not change gradients, nor apply the penalty or record statistics twice; with dropout
+    (LoRA recipes' `lora_dropout: 0.05`) the recomputation draws the forward's masks again."""
     input_ids = torch.randint(3, 128, (3, 11))
     mask = torch.ones_like(input_ids)
     mask[0, 7:] = 0
     results = []
     for checkpointing in (False, True):
-        config = GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, entropy_weight=0.5)
+        config = GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, entropy_weight=0.5, dropout=dropout)
         model = randomize_adapters(get_peft_model(tiny_llama(), config))
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()
+        torch.manual_seed(1)
         out = model(input_ids=input_ids, attention_mask=mask, labels=input_ids)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
