@@ -258,9 +258,13 @@ def test_sample_packing_is_normalised_at_step_level(workspace):
     the model saw (no mismatch warning, no switch to per-forward normalisation). In this run the rows' masks are 0/1
     (the probe records the largest value); rows whose mask numbers the sequences 1, 2, ..., as that collator does
     for a bin of several items, are checked against the explicit penalty in tests/test_trainer.py, with a collator
-    that imitates it."""
-    output = _train(workspace, "packed", sample_packing=True, micro_batch_size=2, max_steps=8)
+    that imitates it. As in most packing recipes the run evaluates on a validation split, unpacked
+    (`eval_sample_packing: false`, which makes Axolotl keep unused columns in the training batches too)."""
+    output = _train(workspace, "packed", sample_packing=True, micro_batch_size=2, max_steps=8, val_set_size=0.2,
+                    eval_sample_packing=False, eval_strategy="steps", eval_steps=4)
     assert "Applying multipack dataloader patch for sample packing" in output
+    evals = _logged(output, "eval_loss")  # (Axolotl also evaluates before the first step)
+    assert len(evals) == 3 and evals[-1] < evals[0] and "GateRA:" not in output, evals
     probe = torch.load(workspace / "packed" / "probe.pt")
     assert probe["collator"] == "V2BatchSamplerDataCollatorForSeq2Seq" and probe["mask_max"] >= 1
     assert "real tokens" not in output and "cannot be counted in advance" not in output
