@@ -118,9 +118,15 @@ class ProbePlugin(BasePlugin):
         dtypes = {name: str(param.dtype) for name, param in model.named_parameters()}
         torch.save({"logits": logits, "layer_types": layers, "dtypes": dtypes, "collator": getattr(self, "collator", None),
                     "mask_max": getattr(self, "mask_max", None), "optimizer_groups": self._optimizer_groups(),
-                    "training_logits": getattr(self, "training_logits", None),
+                    "training_logits": getattr(self, "training_logits", None), "optimizer": self._optimizer_class(),
                     "causal_lm_forward": type(model.get_base_model()).forward.__module__},
                    out / "probe.pt")
+
+    def _optimizer_class(self) -> str | None:
+        """Module and name of the class of the optimizer that trained the model (inside accelerate's wrapper)."""
+        optimizer = getattr(getattr(self, "trainer", None), "optimizer", None)
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        return None if optimizer is None else f"{type(optimizer).__module__}.{type(optimizer).__name__}"
 
     def _optimizer_groups(self) -> list[dict]:
         """Each param group of the optimizer that trained the model: its starting rate, and how many of its

@@ -187,9 +187,12 @@ def _train(workspace, name, example="gatera.yml", **overrides) -> str:
 
 @pytest.mark.parametrize("bits", [0, 4, 8], ids=["full-precision", "4bit", "8bit"])
 def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, bits):
-    """gatera.yml, gatera-qlora.yml (4-bit) and gatera.yml with `load_in_8bit: true` (in many of Axolotl's LoRA
-    recipes; Axolotl builds no quantisation config for it outside `adapter: lora`, the plugin does)."""
-    name, example, overrides = {0: ("run-fp32", "gatera.yml", {}), 4: ("run-4bit", "gatera-qlora.yml", {}),
+    """gatera.yml, gatera-qlora.yml (4-bit, with its own optimizer, bitsandbytes' `paged_adamw_8bit`, as most QLoRA
+    recipes have one of bitsandbytes') and gatera.yml with `load_in_8bit: true` (in many of Axolotl's LoRA recipes;
+    Axolotl builds no quantisation config for it outside `adapter: lora`, the plugin does)."""
+    qlora_optimizer = yaml.safe_load((EXAMPLES / "gatera-qlora.yml").read_text())["optimizer"]
+    name, example, overrides = {0: ("run-fp32", "gatera.yml", {}),
+                                4: ("run-4bit", "gatera-qlora.yml", {"optimizer": qlora_optimizer}),
                                 8: ("run-8bit", "gatera.yml", {"load_in_8bit": True})}[bits]
     output = _train(workspace, name, example=example, **overrides)
     expected_base = f"{bits}-bit (bitsandbytes)" if bits else "full-precision"
@@ -198,7 +201,8 @@ def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, bits):
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     for key in ("gatera/gate_mean", "gatera/entropy", "gatera/gate_open_frac", "gatera/penalty"):
         assert len(_logged(output, key)) == 25, key
-    _saved_gatera_adapter_reloads(workspace / name, workspace / "base", bits == 4, load_in_8bit=bits == 8)
+    probe = _saved_gatera_adapter_reloads(workspace / name, workspace / "base", bits == 4, load_in_8bit=bits == 8)
+    assert probe["optimizer"].startswith("bitsandbytes." if bits == 4 else "torch."), probe["optimizer"]
 
 
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full-precision", "4bit"])
