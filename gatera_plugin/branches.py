@@ -1,15 +1,19 @@
 """Branch kinds: how a GateRA layer adds its (gated, scaled) update `s · g ⊙ Δy(x)` to the output so far.
 
-Every branch kind is one function `(layer, adapter_name, x, gate, result, base_out) -> result + s · g ⊙ Δy(x)`:
-`x` is the (dropped-out) branch input (..., d_in), `gate` the multiplier per token (..., 1) or None, `result` the
-output so far (..., d_out), or None to return the update alone, and `base_out` the base layer's own output. The
-gate is passed in, not applied after, so that a branch can form the gate's gradient without storing its own output,
-and the residual add happens inside the same fused operation (see `ops/`).
+Each kind is one `Branch` (in `BRANCHES`, by name) that holds all its kind-specific behaviour: its update, its
+merged weight update, the dtype its input is computed in, and whether it needs the base weight frozen.
+
+The update is a function `(layer, adapter_name, x, gate, result, base_out) -> result + s · g ⊙ Δy(x)`: `x` is the
+(dropped-out) branch input (..., d_in), `gate` the multiplier per token (..., 1) or None, `result` the output so far
+(..., d_out), or None to return the update alone, and `base_out` the base layer's own output. The gate is passed in,
+not applied after, so that a branch can form the gate's gradient without storing its own output, and the residual
+add happens inside the same fused operation (see `ops/`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,20 +24,6 @@ from .ops import gated_hira, gated_lora
 from .ops.hira import add_gated
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def branch_input_dtype(kind: str, x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the layer input is cast to before the gate and the branch (PEFT casts it to the adapter's).
-
-    HiRA's products with `W0 ⊙ BA` are as large as the base layer's own, so a bf16 / fp16 input keeps its dtype:
-    outside autocast (e.g. `generate()` on a bf16 model, whose PEFT adapter weights are fp32) the branch then runs
-    these products in bf16 / fp16 with fp32 accumulation, like the base layer and like bf16 autocast, instead of in
-    fp32 (about 15x slower on an H100). `BA` is still formed in the adapter's dtype and rounded once, and A, B and
-    their gradients stay fp32. LoRA and DoRA keep PEFT's cast (their adapter products are rank-r sized).
-    """
-    if kind == "hira" and x.dtype in HALF_DTYPES:
-        return x.dtype
-    return adapter_dtype
 
 
 def hira_branch(layer, adapter_name, x, gate, result, base_out=None):
@@ -89,20 +79,58 @@ def dora_branch(layer, adapter_name, x, gate, result, base_out):
     return add_gated(result, update, gate, 1.0)
 
 
-BRANCH_FUNCTIONS: dict[str, Callable] = {"hira": hira_branch, "lora": lora_branch, "dora": dora_branch}
+def hira_delta(W0, A, B, scaling, magnitude=None) -> torch.Tensor:
+    """`s · W0 ⊙ BA` (d_out × d_in, fp32)."""
+    return scaling * W0.float() * (B.float() @ A.float())
+
+
+def lora_delta(W0, A, B, scaling, magnitude=None) -> torch.Tensor:
+    """`s · BA` (d_out × d_in, fp32)."""
+    return scaling * (B.float() @ A.float())
+
+
+def dora_delta(W0, A, B, scaling, magnitude=None) -> torch.Tensor:
+    """`m / ‖W0 + s·BA‖ ⊙ (W0 + s·BA) − W0` (d_out × d_in, fp32)."""
+    norm = dora_weight_norm(W0, A, B, scaling)
+    return (magnitude.float() / norm).unsqueeze(1) * (W0.float() + scaling * (B.float() @ A.float())) - W0.float()
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch kind.
+
+    `update`: the gated update (see the module docstring). `delta`: `(W0, A, B, scaling, magnitude)` -> the additive
+    weight update of an ungated adapter (d_out × d_in, fp32), `W' = W0 + delta`. `keeps_half_input`: the update's
+    products with x are as large as the base layer's own (HiRA's `W0 ⊙ BA`), so a bf16 / fp16 input keeps its dtype
+    (see `input_dtype`). `needs_frozen_base`: the update reads W0 in a custom backward that gives W0 no gradient."""
+
+    update: Callable
+    delta: Callable
+    keeps_half_input: bool = False
+    needs_frozen_base: bool = False
+
+    def input_dtype(self, x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the layer input is cast to before the gate and the branch (PEFT casts it to the adapter's).
+
+        For HiRA a bf16 / fp16 input keeps its dtype: outside autocast (e.g. `generate()` on a bf16 model, whose PEFT
+        adapter weights are fp32) the branch then runs its W0-sized products in bf16 / fp16 with fp32 accumulation,
+        like the base layer and like bf16 autocast, instead of in fp32 (about 15x slower on an H100). `BA` is still
+        formed in the adapter's dtype and rounded once, and A, B and their gradients stay fp32. LoRA and DoRA keep
+        PEFT's cast (their adapter products are rank-r sized).
+        """
+        return x.dtype if self.keeps_half_input and x.dtype in HALF_DTYPES else adapter_dtype
+
+
+BRANCHES: dict[str, Branch] = {
+    "hira": Branch(hira_branch, hira_delta, keeps_half_input=True, needs_frozen_base=True),
+    "lora": Branch(lora_branch, lora_delta),
+    "dora": Branch(dora_branch, dora_delta),
+}
 
 
 def delta_weight(
     kind: str, W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
     magnitude: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Additive weight update (d_out × d_in, fp32) of an ungated branch: `W' = W0 + delta_weight`."""
-    BA = B.float() @ A.float()
-    if kind == "hira":
-        return scaling * W0.float() * BA
-    if kind == "lora":
-        return scaling * BA
-    if kind == "dora":
-        norm = dora_weight_norm(W0, A, B, scaling)
-        return (magnitude.float() / norm).unsqueeze(1) * (W0.float() + scaling * BA) - W0.float()
-    raise ValueError(f"Unknown branch {kind!r}.")
+    """Additive weight update (d_out × d_in, fp32) of an ungated branch of `kind`: `W' = W0 + delta_weight`."""
+    return BRANCHES[kind].delta(W0, A, B, scaling, magnitude)

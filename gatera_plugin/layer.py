@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .branches import BRANCH_FUNCTIONS, branch_input_dtype, delta_weight, dora_weight_norm
+from .branches import BRANCHES, delta_weight, dora_weight_norm
 from .config import GateRAConfig
 from .fsdp import refuse_distributed_weight, unsharded_weight
 from .gates import make_structure_gate, make_token_gate
@@ -234,11 +234,12 @@ class GateRALayer(BaseTunerLayer):
                 f"Move the whole PEFT model (`model.to({str(x.device)!r})`), not only its base model, or load the "
                 "adapter's weights."
             )
-        x = self._cast_input_dtype(x, branch_input_dtype(self.branch_kind[adapter_name], x, A.dtype))
+        branch = BRANCHES[self.branch_kind[adapter_name]]
+        x = self._cast_input_dtype(x, branch.input_dtype(x, A.dtype))
         taps = self.training and self.penalty_run is not None
         mask = self.penalty_run.token_mask(x) if taps else None
         kind = self.gate_kind[adapter_name]
-        if self.branch_kind[adapter_name] == "hira" and self.training:
+        if branch.needs_frozen_base and self.training:
             self._check_base_frozen()
 
         multiplier = None  # (..., 1) or None
@@ -272,7 +273,7 @@ class GateRALayer(BaseTunerLayer):
     def _branch(self, adapter_name, x, multiplier, result, base_out):
         if not self.training and self.options[adapter_name].cache_delta:
             return add_gated(result, x @ self._cached_delta(adapter_name, x.dtype).t(), multiplier, 1.0)
-        return BRANCH_FUNCTIONS[self.branch_kind[adapter_name]](self, adapter_name, x, multiplier, result, base_out)
+        return BRANCHES[self.branch_kind[adapter_name]].update(self, adapter_name, x, multiplier, result, base_out)
 
     def _sparse_update(self, adapter_name, x, multiplier, result, base_out):
         """Run the branch only on tokens whose multiplier is at least ε; the others get no update at all."""

@@ -2,7 +2,7 @@
 
 PEFT keeps adapter weights in fp32 and casts the layer input to them; for HiRA that would run the products with
 `W0 ⊙ BA`, as large as the base layer's own, in fp32. GateRA runs them in the input's dtype instead
-(`gatera_plugin.branches.branch_input_dtype`), with `BA` formed in fp32 and A, B and their gradients kept fp32.
+(`gatera_plugin.branches.Branch.input_dtype`), with `BA` formed in fp32 and A, B and their gradients kept fp32.
 """
 
 import pytest
