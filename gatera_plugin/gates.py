@@ -4,6 +4,9 @@ in `GateRALayer.gatera_structure`.
 A token gate gives one multiplier per token (..., 1) that scales the branch output: `SigmoidGate` reads the layer
 input before the branch runs; `ThresholdGate` reads the branch's output and the base output after it (TS-PEFT).
 `gate="none"` stores no module. A structure gate is one multiplier per module, `σ(α)`, composed with any token gate.
+
+Each class also says what its statistics are called in the logs (`log_entries`), from the per-layer means that
+`GateStats` records: (layers, 3) = mean value, mean H/log 2, fraction open.
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ class SigmoidGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype)))
+
+    @staticmethod
+    def log_entries(means: torch.Tensor, config) -> tuple[dict[str, torch.Tensor], dict[str, float], bool]:
+        """(statistics per layer by name, penalties by name, whether to log per layer always) from `means`."""
+        stats = {"gate_mean": means[:, 0], "entropy": means[:, 1], "gate_open_frac": means[:, 2]}
+        return stats, {"penalty": config.entropy_weight * means[:, 1].mean().item()}, False
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, bias_init={self.bias_init}"
@@ -111,6 +120,16 @@ class ThresholdGate(nn.Module):
         """Selection (..., 1) in {0, 1} for the branch output `update` and the base output without bias `base`."""
         return _ThresholdSTE.apply(self.ratio(update, base), self.threshold.to(update.dtype), self.temperature)
 
+    @staticmethod
+    def log_entries(means: torch.Tensor, config) -> tuple[dict[str, torch.Tensor], dict[str, float], bool]:
+        """As `SigmoidGate.log_entries`; the kept fraction is always logged per layer: it tells which modules matter
+        (TS-PEFT)."""
+        penalties = {}
+        if config.keep_ratio is not None:
+            deviation = ((means[:, 0] - config.keep_ratio) ** 2).mean().item()
+            penalties["keep_penalty"] = config.keep_ratio_weight * deviation
+        return {"kept_frac": means[:, 0]}, penalties, True
+
     def extra_repr(self) -> str:
         return f"threshold_init={self.threshold_init}, temperature={self.temperature}"
 
@@ -134,8 +153,20 @@ class StructureGate(nn.Module):
     def forward(self) -> torch.Tensor:
         return torch.sigmoid(self.alpha)
 
+    @staticmethod
+    def log_entries(means: torch.Tensor, config) -> tuple[dict[str, torch.Tensor], dict[str, float], bool]:
+        """As `SigmoidGate.log_entries`."""
+        penalty = config.structure_weight * means[:, 0].mean().item()
+        return {"structure_mean": means[:, 0]}, {"structure_penalty": penalty}, False
+
     def extra_repr(self) -> str:
         return f"alpha_init={self.alpha_init}"
+
+
+# The gate classes by the kind under which a layer records their statistics (`GateRALayer.gate_stats`).
+GATES_BY_STATS_KIND: dict[str, type[nn.Module]] = {
+    "sigmoid": SigmoidGate, "threshold": ThresholdGate, "structure": StructureGate,
+}
 
 
 def make_token_gate(kind: str, in_features: int, config) -> nn.Module | None:

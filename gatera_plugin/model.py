@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from ._registration import PREFIX
 from .config import GateRAConfig
 from .fsdp import refuse_tensor_parallel
+from .gates import GATES_BY_STATS_KIND
 from .layer import MIXED_BATCHES_REFUSED, SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
 from .penalty import GateStats, PenaltyRun
 
@@ -372,19 +373,10 @@ class GateRAModel(BaseTuner):
             # per-layer means, then their mean: every gated layer weighs the same, as in the penalties
             means = table[index, 1:] / table[index, :1]  # (layers, 3): mean value, mean H/log 2, open fraction
             modules = [rows[i][2] for i in index]
-            show = config.per_layer_stats if per_layer is None else per_layer
-            if kind == "sigmoid":
-                stats = {"gate_mean": means[:, 0], "entropy": means[:, 1], "gate_open_frac": means[:, 2]}
-                logs[f"gatera/penalty{suffix}"] = config.entropy_weight * means[:, 1].mean().item()
-            elif kind == "threshold":
-                stats = {"kept_frac": means[:, 0]}
-                show = True  # the kept fraction per layer tells which modules matter (TS-PEFT)
-                if config.keep_ratio is not None:
-                    deviation = ((means[:, 0] - config.keep_ratio) ** 2).mean().item()
-                    logs[f"gatera/keep_penalty{suffix}"] = config.keep_ratio_weight * deviation
-            else:
-                stats = {"structure_mean": means[:, 0]}
-                logs[f"gatera/structure_penalty{suffix}"] = config.structure_weight * means[:, 0].mean().item()
+            stats, penalties, always_per_layer = GATES_BY_STATS_KIND[kind].log_entries(means, config)
+            show = always_per_layer or (config.per_layer_stats if per_layer is None else per_layer)
+            for penalty, value in penalties.items():
+                logs[f"gatera/{penalty}{suffix}"] = value
             for stat, values in stats.items():
                 logs[f"gatera/{stat}{suffix}"] = values.mean().item()
                 if show:

@@ -278,6 +278,28 @@ def test_keep_ratio_penalty_gradient_equals_explicit():
 
 
 # ------------------------------------------------------------------------------------------------------ structure
+def test_logged_penalties_of_threshold_and_structure_gates_are_their_formulas():
+    """`gatera/keep_penalty` = λ_keep · mean over layers of (kept fraction − keep_ratio)², `gatera/structure_penalty`
+    = λ_s · mean σ(α), beside the statistics they are made of (the kept fraction always per layer)."""
+    torch.manual_seed(0)
+    config = GateRAConfig(r=3, target_modules=["lin0", "lin1"], gate="threshold", keep_ratio=0.3, keep_ratio_weight=2.0,
+                          structure_gate=True, structure_weight=0.4, init_weights=False)
+    model = get_peft_model(TwoLinear(), config)
+    _median_threshold(model.base_model.model.lin1, torch.randn(4, 5, 20))
+    with torch.no_grad():
+        model.base_model.model.lin0.gatera_structure["default"].alpha.fill_(-1.0)
+    model.train()
+    model(torch.randn(4, 5, 12)).sum().backward()
+    logs = model.base_model.pop_gate_stats()
+    assert set(logs) == {"gatera/kept_frac", "gatera/kept_frac/lin0", "gatera/kept_frac/lin1", "gatera/keep_penalty",
+                         "gatera/structure_mean", "gatera/structure_penalty"}
+    kept = [logs["gatera/kept_frac/lin0"], logs["gatera/kept_frac/lin1"]]
+    assert kept[1] < 1 and logs["gatera/keep_penalty"] == pytest.approx(2.0 * sum((k - 0.3) ** 2 for k in kept) / 2)
+    structure = (torch.sigmoid(torch.tensor(-1.0)).item() + torch.sigmoid(torch.tensor(3.0)).item()) / 2
+    assert logs["gatera/structure_mean"] == pytest.approx(structure)
+    assert logs["gatera/structure_penalty"] == pytest.approx(0.4 * structure)
+
+
 def test_structure_penalty_gradient_is_applied_once_per_step():
     """λ_s · mean σ(α): the injected gradient equals the explicit one, and two micro-batches of a step add up to it."""
     weight = 0.4
