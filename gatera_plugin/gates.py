@@ -5,17 +5,23 @@ A token gate gives one multiplier per token (..., 1) that scales the branch outp
 input before the branch runs; `ThresholdGate` reads the branch's output and the base output after it (TS-PEFT).
 `gate="none"` stores no module. A structure gate is one multiplier per module, `σ(α)`, composed with any token gate.
 
-Each class also says what its statistics are called in the logs (`log_entries`), from the per-layer means that
-`GateStats` records: (layers, 3) = mean value, mean H/log 2, fraction open.
+Each class also holds what the layer needs to know of its kind: `reads_branch_output` (whether it runs after the
+branch), `stats_kind` (the key under which its statistics are recorded), `per_token` (one value per token, or one
+per module), `penalty(config)` (the penalty's weight and
+per-value gradient for its tap) and `log_entries` (what its statistics and penalty are called in the logs, from the
+per-layer means that `GateStats` records: (layers, 3) = mean value, mean H/log 2, fraction open).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .penalty import constant_term_grad, entropy_term_grad, keep_ratio_term_grad
 
 
 class SigmoidGate(nn.Module):
@@ -23,6 +29,10 @@ class SigmoidGate(nn.Module):
 
     `weight` (1, d_in) starts at 0 and `bias` (1,) at `bias_init`, so every token starts with `g = σ(bias_init)`.
     """
+
+    reads_branch_output = False
+    stats_kind = "sigmoid"
+    per_token = True
 
     def __init__(self, in_features: int, bias_init: float = 0.0):
         super().__init__()
@@ -45,6 +55,11 @@ class SigmoidGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype)))
+
+    @staticmethod
+    def penalty(config) -> tuple[float, Callable]:
+        """(weight, gradient of the penalty's summand per value): λ · H(g)/log 2 per token."""
+        return config.entropy_weight, entropy_term_grad
 
     @staticmethod
     def log_entries(means: torch.Tensor, config) -> tuple[dict[str, torch.Tensor], dict[str, float], bool]:
@@ -96,6 +111,10 @@ class ThresholdGate(nn.Module):
     `σ((r − τ) / T) − THRESHOLD_LEAK · τ / T` for τ, so that τ still learns when every r is far from it.
     """
 
+    reads_branch_output = True
+    stats_kind = "threshold"
+    per_token = True
+
     def __init__(self, threshold_init: float = 0.0, temperature: float = 0.05):
         super().__init__()
         self.threshold_init = threshold_init
@@ -121,6 +140,14 @@ class ThresholdGate(nn.Module):
         return _ThresholdSTE.apply(self.ratio(update, base), self.threshold.to(update.dtype), self.temperature)
 
     @staticmethod
+    def penalty(config) -> tuple[float, Callable]:
+        """As `SigmoidGate.penalty`: λ_keep · (kept fraction − keep_ratio)² with a `keep_ratio`, else no penalty (its
+        tap still records the kept fraction)."""
+        if config.keep_ratio is None:
+            return config.keep_ratio_weight or 0.0, constant_term_grad
+        return config.keep_ratio_weight or 0.0, keep_ratio_term_grad(config.keep_ratio)
+
+    @staticmethod
     def log_entries(means: torch.Tensor, config) -> tuple[dict[str, torch.Tensor], dict[str, float], bool]:
         """As `SigmoidGate.log_entries`; the kept fraction is always logged per layer: it tells which modules matter
         (TS-PEFT)."""
@@ -136,6 +163,9 @@ class ThresholdGate(nn.Module):
 
 class StructureGate(nn.Module):
     """The Structure-Learnable Adapter's per-module gate `σ(α)`: `alpha` (1,), no input."""
+
+    stats_kind = "structure"
+    per_token = False
 
     def __init__(self, alpha_init: float = 3.0):
         super().__init__()
@@ -154,6 +184,11 @@ class StructureGate(nn.Module):
         return torch.sigmoid(self.alpha)
 
     @staticmethod
+    def penalty(config) -> tuple[float, Callable]:
+        """As `SigmoidGate.penalty`: λ_s · σ(α) per module."""
+        return config.structure_weight, constant_term_grad
+
+    @staticmethod
     def log_entries(means: torch.Tensor, config) -> tuple[dict[str, torch.Tensor], dict[str, float], bool]:
         """As `SigmoidGate.log_entries`."""
         penalty = config.structure_weight * means[:, 0].mean().item()
@@ -164,9 +199,8 @@ class StructureGate(nn.Module):
 
 
 # The gate classes by the kind under which a layer records their statistics (`GateRALayer.gate_stats`).
-GATES_BY_STATS_KIND: dict[str, type[nn.Module]] = {
-    "sigmoid": SigmoidGate, "threshold": ThresholdGate, "structure": StructureGate,
-}
+GATES_BY_STATS_KIND: dict[str, type[nn.Module]] = {gate.stats_kind: gate for gate in (SigmoidGate, ThresholdGate,
+                                                                                    StructureGate)}
 
 
 def make_token_gate(kind: str, in_features: int, config) -> nn.Module | None:

@@ -27,7 +27,7 @@ from .config import GateRAConfig
 from .fsdp import refuse_distributed_weight, unsharded_weight
 from .gates import make_structure_gate, make_token_gate
 from .ops.hira import add_gated
-from .penalty import GateStats, PenaltyRun, constant_term_grad, entropy_term_grad, keep_ratio_term_grad, penalty_tap
+from .penalty import GateStats, PenaltyRun, penalty_tap
 
 SUPPORTED_LAYERS = (
     "`torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`, `bitsandbytes.nn.Linear4bit`, `bitsandbytes.nn.Linear8bitLt`"
@@ -108,8 +108,8 @@ class GateRALayer(BaseTunerLayer):
 
     def _gate_kinds(self, adapter_name: str) -> list[str]:
         """The penalised gate kinds this adapter has here: "sigmoid" / "threshold", and "structure"."""
-        kinds = [self.gate_kind[adapter_name]] if adapter_name in self.gatera_gate else []
-        return kinds + (["structure"] if adapter_name in self.gatera_structure else [])
+        return [gates[adapter_name].stats_kind for gates in (self.gatera_gate, self.gatera_structure)
+                if adapter_name in gates]
 
     def reset_gatera_parameters(self, adapter_name: str, init_weights: bool) -> None:
         """HiRA's init: `A` Kaiming-uniform (a=√5), `B = 0`, gates at their initial values; DoRA's magnitude is
@@ -213,10 +213,15 @@ class GateRALayer(BaseTunerLayer):
         return delta
 
     # ----------------------------------------------------------------------------------------------- forward
-    def _tap(self, adapter_name, kind, value, mask, weight, term_grad, per_token=True):
-        """Route a gate value through its penalty tap (backward adds the penalty's gradient, records statistics)."""
-        run = self.penalty_run
-        if per_token:
+    def _penalised(self, adapter_name, gate, value, mask, taps: bool):
+        """`gate`'s `value` routed through its penalty tap (backward adds the penalty's gradient and records
+        statistics), or as it is where no penalty run taps this forward (`taps` False) or nothing trains the gate.
+        `mask`: the tokens' mask for a per-token gate, or None (every token; a per-module gate)."""
+        if not taps or not value.requires_grad:
+            return value
+        weight, term_grad = gate.penalty(self.options[adapter_name])
+        run, kind = self.penalty_run, gate.stats_kind
+        if gate.per_token:
             scale = run.token_scale(adapter_name, kind, weight)
         else:
             scale = run.module_scale(adapter_name, weight)
@@ -238,31 +243,24 @@ class GateRALayer(BaseTunerLayer):
         x = self._cast_input_dtype(x, branch.input_dtype(x, A.dtype))
         taps = self.training and self.penalty_run is not None
         mask = self.penalty_run.token_mask(x) if taps else None
-        kind = self.gate_kind[adapter_name]
         if branch.needs_frozen_base and self.training:
             self._check_base_frozen()
 
+        token_gate = self.gatera_gate[adapter_name] if adapter_name in self.gatera_gate else None
         multiplier = None  # (..., 1) or None
-        if kind == "sigmoid":
-            multiplier = self.gatera_gate[adapter_name](x)
-            if taps and multiplier.requires_grad:
-                multiplier = self._tap(adapter_name, "sigmoid", multiplier, mask, config.entropy_weight,
-                                       entropy_term_grad)
+        if token_gate is not None and not token_gate.reads_branch_output:  # (GateRA's σ(w·x + b))
+            multiplier = self._penalised(adapter_name, token_gate, token_gate(x), mask, taps)
         if adapter_name in self.gatera_structure:
-            structure = self.gatera_structure[adapter_name]()  # (1,)
-            if taps and structure.requires_grad:
-                structure = self._tap(adapter_name, "structure", structure, None, config.structure_weight,
-                                      constant_term_grad, per_token=False)
+            structure_gate = self.gatera_structure[adapter_name]
+            structure = self._penalised(adapter_name, structure_gate, structure_gate(), None, taps)  # (1,)
             structure = structure.to(x.dtype).expand(*x.shape[:-1], 1)
             multiplier = structure if multiplier is None else multiplier * structure
         x_branch = self.gatera_dropout[adapter_name](x)
 
-        if kind == "threshold":  # TS-PEFT selects after seeing the branch's output
+        if token_gate is not None and token_gate.reads_branch_output:  # (TS-PEFT's selection by the branch's output)
             update = self._branch(adapter_name, x_branch, None, None, base_out)
-            selection = self.gatera_gate[adapter_name](update, self._without_bias(base_out).to(update.dtype))
-            if taps and selection.requires_grad:
-                term = keep_ratio_term_grad(config.keep_ratio) if config.keep_ratio is not None else constant_term_grad
-                selection = self._tap(adapter_name, "threshold", selection, mask, config.keep_ratio_weight or 0.0, term)
+            selection = token_gate(update, self._without_bias(base_out).to(update.dtype))
+            selection = self._penalised(adapter_name, token_gate, selection, mask, taps)
             multiplier = selection if multiplier is None else selection * multiplier
             return add_gated(result, update, multiplier, 1.0)
 
