@@ -1,7 +1,8 @@
 """Branch kinds: how a GateRA layer adds its (gated, scaled) update `s · g ⊙ Δy(x)` to the output so far.
 
-Each kind is one `Branch` (in `BRANCHES`, by name) that holds all its kind-specific behaviour: its update, its
-merged weight update, the dtype its input is computed in, and whether it needs the base weight frozen.
+Each kind is one `Branch` (in `BRANCH_KINDS`, by name) that holds what the layer needs to know of it: its update,
+its merged weight update, the dtype its input is computed in, whether it needs the base weight frozen and whether it
+learns a magnitude. (HiRA-only options, `hira_scaling` and `cache_delta`, are checked by `GateRAConfig`.)
 
 The update is a function `(layer, adapter_name, x, gate, result, base_out) -> result + s · g ⊙ Δy(x)`: `x` is the
 (dropped-out) branch input (..., d_in), `gate` the multiplier per token (..., 1) or None, `result` the output so far
@@ -102,12 +103,14 @@ class Branch:
     `update`: the gated update (see the module docstring). `delta`: `(W0, A, B, scaling, magnitude)` -> the additive
     weight update of an ungated adapter (d_out × d_in, fp32), `W' = W0 + delta`. `keeps_half_input`: the update's
     products with x are as large as the base layer's own (HiRA's `W0 ⊙ BA`), so a bf16 / fp16 input keeps its dtype
-    (see `input_dtype`). `needs_frozen_base`: the update reads W0 in a custom backward that gives W0 no gradient."""
+    (see `input_dtype`). `needs_frozen_base`: the update reads W0 in a custom backward that gives W0 no gradient.
+    `learns_magnitude`: the adapter has a magnitude vector (d_out,), `gatera_magnitude` (DoRA)."""
 
     update: Callable
     delta: Callable
     keeps_half_input: bool = False
     needs_frozen_base: bool = False
+    learns_magnitude: bool = False
 
     def input_dtype(self, x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
         """The dtype the layer input is cast to before the gate and the branch (PEFT casts it to the adapter's).
@@ -121,10 +124,10 @@ class Branch:
         return x.dtype if self.keeps_half_input and x.dtype in HALF_DTYPES else adapter_dtype
 
 
-BRANCHES: dict[str, Branch] = {
+BRANCH_KINDS: dict[str, Branch] = {
     "hira": Branch(hira_branch, hira_delta, keeps_half_input=True, needs_frozen_base=True),
     "lora": Branch(lora_branch, lora_delta),
-    "dora": Branch(dora_branch, dora_delta),
+    "dora": Branch(dora_branch, dora_delta, learns_magnitude=True),
 }
 
 
@@ -133,4 +136,4 @@ def delta_weight(
     magnitude: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Additive weight update (d_out × d_in, fp32) of an ungated branch of `kind`: `W' = W0 + delta_weight`."""
-    return BRANCHES[kind].delta(W0, A, B, scaling, magnitude)
+    return BRANCH_KINDS[kind].delta(W0, A, B, scaling, magnitude)

@@ -5,11 +5,11 @@ A token gate gives one multiplier per token (..., 1) that scales the branch outp
 input before the branch runs; `ThresholdGate` reads the branch's output and the base output after it (TS-PEFT).
 `gate="none"` stores no module. A structure gate is one multiplier per module, `σ(α)`, composed with any token gate.
 
-Each class also holds what the layer needs to know of its kind: `reads_branch_output` (whether it runs after the
-branch), `stats_kind` (the key under which its statistics are recorded), `per_token` (one value per token, or one
-per module), `penalty(config)` (the penalty's weight and
-per-value gradient for its tap) and `log_entries` (what its statistics and penalty are called in the logs, from the
-per-layer means that `GateStats` records: (layers, 3) = mean value, mean H/log 2, fraction open).
+Each class also holds what the layer and the logs need to know of its kind: `stats_kind` (the key under which its
+statistics are recorded), `per_token` (one value per token, or one per module), `penalty(config)` (the penalty's
+weight and per-value gradient for its tap), `log_entries` (what its statistics and penalty are called in the logs,
+from the per-layer means that `GateStats` records: (layers, 3) = mean value, mean H/log 2, fraction open) and, for
+the token gates, `reads_branch_output` (whether it runs after the branch).
 """
 
 from __future__ import annotations
@@ -143,9 +143,9 @@ class ThresholdGate(nn.Module):
     def penalty(config) -> tuple[float, Callable]:
         """As `SigmoidGate.penalty`: λ_keep · (kept fraction − keep_ratio)² with a `keep_ratio`, else no penalty (its
         tap still records the kept fraction)."""
-        if config.keep_ratio is None:
-            return config.keep_ratio_weight or 0.0, constant_term_grad
-        return config.keep_ratio_weight or 0.0, keep_ratio_term_grad(config.keep_ratio)
+        if config.keep_ratio is None:  # (GateRAConfig then refuses a keep_ratio_weight)
+            return 0.0, constant_term_grad
+        return config.keep_ratio_weight, keep_ratio_term_grad(config.keep_ratio)
 
     @staticmethod
     def log_entries(means: torch.Tensor, config) -> tuple[dict[str, torch.Tensor], dict[str, float], bool]:

@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .branches import BRANCHES, delta_weight, dora_weight_norm
+from .branches import BRANCH_KINDS, delta_weight, dora_weight_norm
 from .config import GateRAConfig
 from .fsdp import refuse_distributed_weight, unsharded_weight
 from .gates import make_structure_gate, make_token_gate
@@ -97,7 +97,7 @@ class GateRALayer(BaseTunerLayer):
         self.scaling[adapter_name] = None  # set by branch_scale(), now or (base weights on meta) at the first use
         if not (config.scale_reads_base_weight and self.get_base_layer().weight.device.type == "meta"):
             self.branch_scale(adapter_name)
-        if config.branch == "dora":
+        if BRANCH_KINDS[config.branch].learns_magnitude:
             self.gatera_magnitude[adapter_name] = nn.Parameter(torch.empty(self.out_features))
         for kind in self._gate_kinds(adapter_name):
             self.gate_stats[(adapter_name, kind)] = GateStats()
@@ -239,7 +239,7 @@ class GateRALayer(BaseTunerLayer):
                 f"Move the whole PEFT model (`model.to({str(x.device)!r})`), not only its base model, or load the "
                 "adapter's weights."
             )
-        branch = BRANCHES[self.branch_kind[adapter_name]]
+        branch = BRANCH_KINDS[self.branch_kind[adapter_name]]
         x = self._cast_input_dtype(x, branch.input_dtype(x, A.dtype))
         taps = self.training and self.penalty_run is not None
         mask = self.penalty_run.token_mask(x) if taps else None
@@ -271,7 +271,7 @@ class GateRALayer(BaseTunerLayer):
     def _branch(self, adapter_name, x, multiplier, result, base_out):
         if not self.training and self.options[adapter_name].cache_delta:
             return add_gated(result, x @ self._cached_delta(adapter_name, x.dtype).t(), multiplier, 1.0)
-        return BRANCHES[self.branch_kind[adapter_name]].update(self, adapter_name, x, multiplier, result, base_out)
+        return BRANCH_KINDS[self.branch_kind[adapter_name]].update(self, adapter_name, x, multiplier, result, base_out)
 
     def _sparse_update(self, adapter_name, x, multiplier, result, base_out):
         """Run the branch only on tokens whose multiplier is at least ε; the others get no update at all."""

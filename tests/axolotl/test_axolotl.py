@@ -293,8 +293,8 @@ def test_selective_checkpointing_trains_with_the_step_level_penalty(workspace):
 def test_liger_fused_linear_cross_entropy_trains_like_the_plain_loss(workspace):
     """Axolotl's LigerPlugin with `liger_fused_linear_cross_entropy: true`, as in many of Axolotl's recipes: the
     model's forward becomes Liger's, which computes the loss from the hidden states without materialising logits.
-    GateRA's penalty is added to that loss at its scale: the run logs the same losses and penalties, step by step, as
-    the same run without Liger (test_train_loss_falls_metrics_logged_adapter_reloads[full-precision]), and its
+    GateRA's penalty (its taps add the gradient in backward) applies on top of that loss at its scale: the run logs
+    the same losses and penalties, step by step, as the same run without Liger (test_train_loss_falls_metrics_logged_adapter_reloads[full-precision]), and its
     adapter reloads to the trained logits. Liger's RMSNorm, SwiGLU and RoPE kernels stay off: they do not run in
     Triton's CPU interpreter (they call `.to` on Python floats). None of them replaces a layer that GateRA adapts
     (Liger's SwiGLU MLP calls the same gate/up/down projections)."""
@@ -566,6 +566,9 @@ def test_fsdp2_resume_from_a_full_state_dict_checkpoint_equals_uninterrupted(wor
     assert (workspace / "fsdp-resume-full" / "checkpoint-6" / "pytorch_model_fsdp.bin").exists()
     for key in ("loss", "gatera/entropy", "gatera/gate_mean"):
         full, part = _logged(logs["full"], key), _logged(logs["part"], key)
+        if len(full) == 24 and len(part) == 12:  # both ranks print every log line (the same values)
+            assert full[::2] == full[1::2] and part[::2] == part[1::2]
+            full, part = full[::2], part[::2]
         assert len(full) == 12 and len(part) == 6, (key, full, part)
         torch.testing.assert_close(torch.tensor(part), torch.tensor(full[6:]), rtol=1e-3, atol=1e-5, msg=key)
     a = load_file(workspace / "fsdp-resume-full" / "adapter_model.safetensors")
@@ -794,8 +797,9 @@ def test_peft_autocast_adapter_dtype_reaches_the_adapter(tmp_path, autocast, exp
 @pytest.mark.parametrize("kwargs, reentrant", [(None, False), ({"use_reentrant": True}, True)])
 def test_checkpointing_at_load_follows_axolotls_default(kwargs, reentrant):
     """`gradient_checkpointing: true`: the plugin checkpoints the layers it loads as Axolotl's Trainer will
-    (`gradient_checkpointing_kwargs`, default `use_reentrant: false`). Before, it defaulted to reentrant
-    checkpointing, which held until the Trainer re-applied its own, and wherever the Trainer does not (Axolotl's
+    (`gradient_checkpointing_kwargs`; unset, `use_reentrant: false`). Axolotl's config normalisation fills the key in
+    itself, except under `rl` or `unfrozen_parameters`; there the plugin defaulted to reentrant checkpointing before,
+    which held until the Trainer re-applied its own, and wherever the Trainer does not (Axolotl's
     `activation_offloading` turns the Trainer's off)."""
     from axolotl.utils.dict import DictDefault
 

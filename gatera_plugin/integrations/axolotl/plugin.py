@@ -196,8 +196,11 @@ class GateRAPlugin(BasePlugin):
             return None, config
         inference = inference or bool(cfg.inference)
         checkpointing = bool(cfg.gradient_checkpointing) and not inference
-        # Axolotl's default, which its Trainer re-applies when training starts
-        checkpointing_kwargs = cfg.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        # as given; unset (Axolotl fills it in, except under `rl` or `unfrozen_parameters`), the default that
+        # Axolotl's Trainer applies when training starts
+        checkpointing_kwargs = cfg.gradient_checkpointing_kwargs
+        if checkpointing_kwargs is None:
+            checkpointing_kwargs = {"use_reentrant": False}
         bits = 4 if getattr(model, "is_loaded_in_4bit", False) else 8 if getattr(model, "is_loaded_in_8bit", False) else 0
         LOG.info("GateRA on a %s base model", f"{bits}-bit (bitsandbytes)" if bits else "full-precision")
         if bits:
