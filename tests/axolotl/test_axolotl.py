@@ -124,6 +124,32 @@ def _logged(output: str, key: str) -> list[float]:
     return [float(v) for v in re.findall(rf"'{re.escape(key)}': '?([-0-9.e]+)'?", output)]
 
 
+def _logged_once(output: str, key: str, steps: int) -> list[float]:
+    """`key`'s values of a run of `steps` logged steps, once each, also where every rank printed each log line (the
+    values are the same, reduced across ranks)."""
+    values = _logged(output, key)
+    if len(values) == 2 * steps:
+        assert values[::2] == values[1::2], values
+        values = values[::2]
+    assert len(values) == steps, (key, values)
+    return values
+
+
+def _assert_resumed_like_uninterrupted(full: str, part: str, full_dir: Path, part_dir: Path, steps: int, resumed: int):
+    """The resumed run (log `part`) logs the uninterrupted run's (log `full`) losses and gate statistics for its last
+    `resumed` of `steps` steps, and ends with the same adapter."""
+    from safetensors.torch import load_file
+
+    for key in ("loss", "gatera/entropy", "gatera/gate_mean"):
+        torch.testing.assert_close(torch.tensor(_logged_once(part, key, resumed)),
+                                   torch.tensor(_logged_once(full, key, steps)[steps - resumed:]),
+                                   rtol=1e-3, atol=1e-5, msg=key)
+    a, b = load_file(full_dir / "adapter_model.safetensors"), load_file(part_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def _ok(done):
     assert done.returncode == 0, (done.stdout[-4000:] + done.stderr[-6000:])
 
@@ -508,12 +534,9 @@ def test_deepspeed_through_axolotl(workspace, preference_data, name):
                     str(29600 + list(DISTRIBUTED_RUNS).index(name)))
     _ok(done)
     output = done.stdout + done.stderr
-    losses = _logged(output, "loss")
-    if len(losses) == 24:  # both ranks print every log line (the values are the same, reduced across ranks)
-        assert losses[::2] == losses[1::2]
-        losses = losses[::2]
-    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
-    assert len(_logged(output, "gatera/entropy")) in (12, 24)
+    losses = _logged_once(output, "loss", 12)
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    _logged_once(output, "gatera/entropy", 12)
     assert all(0 < p <= 0.05 for p in _logged(output, "gatera/penalty"))  # λ · entropy, counted once
     if overrides.get("load_in_4bit"):
         assert "GateRA on a 4-bit (bitsandbytes) base model" in output
@@ -551,8 +574,6 @@ def test_fsdp2_resume_from_a_full_state_dict_checkpoint_equals_uninterrupted(wor
     """FSDP2 with the recipes' `fsdp_state_dict_type: FULL_STATE_DICT` (2 processes): a run resumed from its step-6
     checkpoint (a whole model state dict, `pytorch_model_fsdp.bin`, and the optimizer's) logs the same losses and
     gate statistics for steps 7-12 as the uninterrupted run, and ends with the same adapter."""
-    from safetensors.torch import load_file
-
     example, overrides = DISTRIBUTED_RUNS["fsdp2-full-state-dict"]
     logs = {}
     for label, resume in (("full", {}), ("part", {"resume_from_checkpoint": str(workspace / "fsdp-resume-full" /
@@ -564,38 +585,20 @@ def test_fsdp2_resume_from_a_full_state_dict_checkpoint_equals_uninterrupted(wor
         _ok(done)
         logs[label] = done.stdout + done.stderr
     assert (workspace / "fsdp-resume-full" / "checkpoint-6" / "pytorch_model_fsdp.bin").exists()
-    for key in ("loss", "gatera/entropy", "gatera/gate_mean"):
-        full, part = _logged(logs["full"], key), _logged(logs["part"], key)
-        if len(full) == 24 and len(part) == 12:  # both ranks print every log line (the same values)
-            assert full[::2] == full[1::2] and part[::2] == part[1::2]
-            full, part = full[::2], part[::2]
-        assert len(full) == 12 and len(part) == 6, (key, full, part)
-        torch.testing.assert_close(torch.tensor(part), torch.tensor(full[6:]), rtol=1e-3, atol=1e-5, msg=key)
-    a = load_file(workspace / "fsdp-resume-full" / "adapter_model.safetensors")
-    b = load_file(workspace / "fsdp-resume-part" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    _assert_resumed_like_uninterrupted(logs["full"], logs["part"], workspace / "fsdp-resume-full",
+                                       workspace / "fsdp-resume-part", steps=12, resumed=6)
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(workspace):
     """An Axolotl run resumed from its step-5 checkpoint logs the same losses and gate statistics for steps 6-10 as
     the uninterrupted run, and ends with the same adapter (the checkpoint is what a stopped run leaves behind)."""
-    from safetensors.torch import load_file
-
     overrides = dict(max_steps=10, save_strategy="steps", save_steps=5, lr_scheduler="linear")
     full = _train(workspace, "resume-full", **overrides)
     checkpoint = workspace / "resume-full" / "checkpoint-5"
     assert (checkpoint / "adapter_model.safetensors").exists()
     resumed = _train(workspace, "resume-part", resume_from_checkpoint=str(checkpoint), **overrides)
-    for key in ("loss", "gatera/entropy", "gatera/gate_mean"):
-        torch.testing.assert_close(torch.tensor(_logged(resumed, key)[-5:]), torch.tensor(_logged(full, key)[-5:]),
-                                   rtol=1e-3, atol=1e-5, msg=key)
-    a = load_file(workspace / "resume-full" / "adapter_model.safetensors")
-    b = load_file(workspace / "resume-part" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    _assert_resumed_like_uninterrupted(full, resumed, workspace / "resume-full", workspace / "resume-part", steps=10,
+                                       resumed=5)
 
 
 @pytest.mark.parametrize("scaling, expected_alpha", [(None, 32), ("lora", 32), ("none", None), ("rms", None)])
