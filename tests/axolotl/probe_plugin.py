@@ -119,7 +119,7 @@ class ProbePlugin(BasePlugin):
         torch.save({"logits": logits, "layer_types": layers, "dtypes": dtypes, "collator": getattr(self, "collator", None),
                     "mask_max": getattr(self, "mask_max", None), "optimizer_groups": self._optimizer_groups(),
                     "training_logits": getattr(self, "training_logits", None), "optimizer": self._optimizer_class(),
-                    "causal_lm_forward": type(model.get_base_model()).forward.__module__},
+                    "causal_lm_forward": type(getattr(model, "get_base_model", lambda: model)()).forward.__module__},
                    out / "probe.pt")
 
     def _optimizer_class(self) -> str | None:
