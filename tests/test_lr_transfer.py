@@ -132,11 +132,6 @@ def test_bad_values_are_refused(kwargs, match):
         GateRAConfig(**kwargs)
 
 
-def _gate_params(model):
-    return {id(p) for _, layer in _layers(model) for c in (layer.gatera_gate, layer.gatera_structure)
-            for m in c.values() for p in m.parameters()}
-
-
 def test_split_gate_groups_gives_gates_their_rate_and_keeps_other_hyperparameters():
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=10.0,
                                                       structure_gate=True))
@@ -144,12 +139,8 @@ def test_split_gate_groups_gives_gates_their_rate_and_keeps_other_hyperparameter
     optimizer = torch.optim.AdamW([{"params": params[::2], "weight_decay": 0.1},
                                    {"params": params[1::2], "weight_decay": 0.0}], lr=1e-4)
     split_gate_groups(optimizer, model)
-    gates = _gate_params(model)
-    assert gates and len(optimizer.param_groups) == 4
-    for group in optimizer.param_groups:
-        kinds = {id(p) in gates for p in group["params"]}
-        assert len(kinds) == 1
-        assert group["lr"] == pytest.approx(1e-3 if kinds == {True} else 1e-4)
+    assert len(optimizer.param_groups) == 4
+    assert gate_group_rates(optimizer, model) == {True: {1e-3}, False: {1e-4}}
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.0, 0.1, 0.1]
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
 
@@ -188,9 +179,9 @@ def test_sft_trainer_trains_gates_at_their_ratio(tmp_path):
                        logging_steps=1, save_strategy="no", disable_tqdm=True),
     )
     trainer.train()
-    gates = _gate_params(trainer.model)
-    rates = {(id(p) in gates): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
-    assert rates[True] == pytest.approx(5.0 * rates[False]) and rates[False] > 0
+    rates = gate_group_rates(trainer.optimizer, trainer.model)
+    (gate_rate,), (rate,) = rates[True], rates[False]
+    assert gate_rate == pytest.approx(5.0 * rate) and rate > 0
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
 
 
