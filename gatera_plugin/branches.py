@@ -81,8 +81,8 @@ def dora_branch(layer, adapter_name, x, gate, result, base_out):
 
 
 def hira_delta(W0, A, B, scaling, magnitude=None) -> torch.Tensor:
-    """`s · W0 ⊙ BA` (d_out × d_in, fp32)."""
-    return scaling * W0.float() * (B.float() @ A.float())
+    """`s · W0 ⊙ BA` (d_out × d_in, fp32; one d_out × d_in temporary, W0 is not copied to fp32)."""
+    return (B.float() @ A.float()).mul_(W0).mul_(scaling)
 
 
 def lora_delta(W0, A, B, scaling, magnitude=None) -> torch.Tensor:

@@ -208,7 +208,8 @@ class GateRALayer(BaseTunerLayer):
             return cached[3]
         with torch.no_grad():
             probes = [_evenly_spaced(A, 256), _evenly_spaced(B, 256), _evenly_spaced(weight, 1024)]
-            delta = (B @ A).mul_(self.base_weight()).mul_(self.branch_scale(adapter_name)).to(dtype)
+            branch = BRANCH_KINDS[self.branch_kind[adapter_name]]
+            delta = branch.delta(self.base_weight(), A, B, self.branch_scale(adapter_name)).to(dtype)
             self._delta_cache[adapter_name] = (key, probes, torch.cat(probes), delta)
         return delta
 
