@@ -12,12 +12,13 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ._registration import PEFT_TYPE
+from .branches import BRANCH_KINDS
+from .gates import TOKEN_GATE_KINDS
 from .kernels import KERNELS, triton_available
 
-# The kinds a user may pick. Each name maps to one implementation in `gates.py` / `branches.py`; adding a kind means
-# adding it here and there, nothing else.
-TOKEN_GATES = ("sigmoid", "threshold", "none")
-BRANCHES = ("hira", "lora", "dora")
+# The kinds a user may pick: the registries of `gates.py` / `branches.py`, where adding a kind means adding its class.
+TOKEN_GATES = (*TOKEN_GATE_KINDS, "none")
+BRANCHES = tuple(BRANCH_KINDS)
 HIRA_SCALINGS = ("none", "rms", "lora")
 DEFAULT_HIRA_SCALING = "lora"  # bench/quality_runs.sh; README, "Learning rates"
 

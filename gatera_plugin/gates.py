@@ -40,6 +40,11 @@ class SigmoidGate(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, in_features))
         self.bias = nn.Parameter(torch.full((1,), float(bias_init)))
 
+    @classmethod
+    def from_config(cls, in_features: int, config) -> SigmoidGate:
+        """The gate of a layer with `in_features` inputs, from a `GateRAConfig`."""
+        return cls(in_features, bias_init=config.gate_bias_init)
+
     def reset_parameters(self, random: bool = False) -> None:
         """Zero weight (default), or a random one (`random=True`, for tests), and the configured bias."""
         with torch.no_grad():
@@ -120,6 +125,11 @@ class ThresholdGate(nn.Module):
         self.threshold_init = threshold_init
         self.temperature = temperature
         self.threshold = nn.Parameter(torch.full((1,), float(threshold_init)))
+
+    @classmethod
+    def from_config(cls, in_features: int, config) -> ThresholdGate:
+        """As `SigmoidGate.from_config` (one τ whatever the layer's width)."""
+        return cls(config.threshold_init, config.threshold_temperature)
 
     def reset_parameters(self, random: bool = False) -> None:
         with torch.no_grad():
@@ -202,16 +212,13 @@ class StructureGate(nn.Module):
 GATES_BY_STATS_KIND: dict[str, type[nn.Module]] = {gate.stats_kind: gate for gate in (SigmoidGate, ThresholdGate,
                                                                                     StructureGate)}
 
+# The token gate classes by the name a user gives as `GateRAConfig(gate=...)`; "none" stores no module.
+TOKEN_GATE_KINDS: dict[str, type[nn.Module]] = {"sigmoid": SigmoidGate, "threshold": ThresholdGate}
+
 
 def make_token_gate(kind: str, in_features: int, config) -> nn.Module | None:
     """Build the token gate of `kind` for a layer with `in_features` inputs; None for `"none"`."""
-    if kind == "none":
-        return None
-    if kind == "sigmoid":
-        return SigmoidGate(in_features, bias_init=config.gate_bias_init)
-    if kind == "threshold":
-        return ThresholdGate(config.threshold_init, config.threshold_temperature)
-    raise ValueError(f"Unknown token gate {kind!r}.")  # GateRAConfig validates the name first
+    return None if kind == "none" else TOKEN_GATE_KINDS[kind].from_config(in_features, config)
 
 
 def make_structure_gate(config) -> nn.Module | None:
