@@ -35,7 +35,7 @@ def lora_alpha_applies(branch: str, hira_scaling: Optional[str]) -> bool:
     return branch != "hira" or resolved_hira_scaling(branch, hira_scaling) == "lora"
 
 # What a saved adapter_config.json without these keys meant: it was written before the field existed.
-BEFORE_FIELD_EXISTED = {"hira_scaling": "none"}
+BEFORE_FIELD_EXISTED = {"hira_scaling": "none", "ensure_weight_tying": False}
 
 # Version of the on-disk adapter format written by this package. Bump when a saved adapter would be read wrongly by an
 # older release; `GateRAConfig` refuses a newer version instead of guessing.
@@ -149,6 +149,12 @@ class GateRAConfig(PeftConfig):
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+    )
+    ensure_weight_tying: bool = field(
+        default=False,
+        metadata={"help": "On a model with tied input and output embeddings (`tie_word_embeddings`), train one copy "
+                  "for both when `modules_to_save` names either (as LoRA's option): the adapter saves the input "
+                  "embedding's copy and the output layer reads it. False: each gets its own copy (PEFT's default)."},
     )
     branch: Literal["hira", "lora", "dora"] = field(
         default="hira", metadata={"help": f"Branch kind, one of {list(BRANCHES)}."}
@@ -286,6 +292,9 @@ class GateRAConfig(PeftConfig):
             raise ValueError(f"`init_weights` must be True or False, got {self.init_weights!r}.")
         if not isinstance(self.per_layer_stats, bool):
             raise ValueError(f"`per_layer_stats` must be True or False, got {self.per_layer_stats!r}.")
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise ValueError(f"`ensure_weight_tying` must be True or False, got {self.ensure_weight_tying!r}.")
+        self.modules_to_tie = None  # names tied to the input embedding's copy, set by GateRAModel (not saved)
         _check_number("format_version", self.format_version, low=1, integer=True)
         if self.format_version > FORMAT_VERSION:
             raise ValueError(

@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import (
     BaseTuner,
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
+    find_parameter_name_by_module,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.constants import SEQ_CLS_HEAD_NAMES
@@ -253,6 +254,22 @@ class GateRAModel(BaseTuner):
         if not config.inference_mode:  # training: say what the targets did not reach
             warn_unreached_parameters(self.model, config)
 
+    def _add_modules_to_save_to_tie(self, peft_config: GateRAConfig, tied_weight_keys: list[str]) -> None:
+        """`ensure_weight_tying` on a tied model whose `modules_to_save` names a tied embedding (PEFT calls this while
+        injecting): the input embedding's copy is the one trained and saved, and the layers tied to it
+        (`tied_weight_keys`, module names such as `lm_head`) read that copy (PEFT's `modules_to_tie`) instead of
+        training copies of their own."""
+        embedding = find_parameter_name_by_module(self.model, self.model.get_input_embeddings())
+
+        def names(entry: str, module: str) -> bool:  # a `modules_to_save` entry is a module's name or its suffix
+            return module == entry or module.endswith("." + entry)
+
+        kept = [entry for entry in peft_config.modules_to_save or [] if not any(names(entry, k) for k in tied_weight_keys)]
+        if not any(names(entry, embedding) for entry in kept):
+            kept.append(embedding)
+        peft_config.modules_to_save = kept
+        peft_config.modules_to_tie = set(tied_weight_keys)
+
     def _count_gated_layers(self) -> None:
         """Layers per (adapter, gate kind): the `L` each penalty's mean divides by."""
         counts: dict[tuple[str, str], int] = {}
@@ -482,7 +499,8 @@ class GateRAModel(BaseTuner):
                 + "\n  ".join(mismatched[:5])
             )
         model_keys = set(model.state_dict())
-        unexpected = sorted(k for k in remapped if k not in model_keys and k.removeprefix("base_model.model.") not in model_keys)
+        unexpected = sorted(k for k in remapped if k not in model_keys and k.removeprefix("base_model.model.") not in model_keys
+                            and not _saved_with_resized_embeddings(model, k))
         if unexpected:
             from .serialization import loading_source
 
@@ -499,6 +517,29 @@ class GateRAModel(BaseTuner):
                 f"configuration, or the file is incomplete. Load it onto {base_name} with its own adapter_config.json."
             )
         return remapped
+
+
+# What PEFT's wrappers of an embedding layer hold (ModulesToSaveWrapper, TrainableTokensWrapper): with resized
+# embeddings (new tokens) PEFT saves their whole state too (`save_embedding_layers="auto"`), adapter name removed.
+_EMBEDDING_WRAPPER_PARTS = ("modules_to_save", "original_module", "token_adapter", "base_layer")
+
+
+def _saved_with_resized_embeddings(model: nn.Module, key: str) -> bool:
+    """Whether checkpoint `key` is one of the embedding layers' wrapper tensors that PEFT adds to an adapter trained
+    with resized embeddings (e.g. `lm_head.modules_to_save.weight`, a copy of the `lm_head.weight` it also saves, or a
+    tied head's `token_adapter.trainable_tokens_delta`). PEFT's own load leaves those that the model has no key for
+    unused, as GateRA's does: the tensors the model reads are among the adapter's other keys."""
+    saved_key = key.removeprefix("base_model.model.")
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):  # (not a transformers model, or one without that layer)
+            continue
+        name = find_parameter_name_by_module(model, layer).removeprefix("base_model.model.") if layer is not None else ""
+        part = saved_key.removeprefix(name + ".").split(".")[0] if name and saved_key.startswith(name + ".") else None
+        if part in _EMBEDDING_WRAPPER_PARTS:
+            return True
+    return False
 
 
 def _field_of(key: str) -> str:

@@ -61,7 +61,7 @@ STAMP = "structure_stamp"
 STRUCTURE_FIELDS = (
     "branch", "gate", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "structure_gate", "modules_to_save", "trainable_token_indices",
-    "sparse_threshold", "hira_scaling",
+    "sparse_threshold", "hira_scaling", "ensure_weight_tying",
 )
 _MARK = "__gatera_wrapped__"
 _allow_pickle_depth = 0

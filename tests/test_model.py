@@ -215,6 +215,118 @@ def test_registration_is_idempotent():
     assert isinstance(model.base_model, gatera_plugin.GateRAModel)
 
 
+def _tied_llama():
+    """A tiny LlamaForCausalLM whose output head is its input embedding (`tie_word_embeddings`, as SmolLM2, Llama
+    3.2 and Qwen2.5's small models)."""
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers import tiny_llama_config
+
+    torch.manual_seed(0)
+    config = tiny_llama_config()
+    config.tie_word_embeddings = True
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("saved", [["embed_tokens", "lm_head"], ["lm_head"], ["embed_tokens"]],
+                         ids=["both", "head", "embedding"])
+def test_ensure_weight_tying_trains_one_copy_for_tied_embeddings(tmp_path, saved):
+    """`ensure_weight_tying=True` (as LoRA's; new chat tokens on a tied model need the embeddings trained): whichever
+    tied module `modules_to_save` names, one copy is trained, the head reads it before and after a step, and the
+    saved adapter reloads tied to the same logits, with no warning. Without it each module trains a copy of its own
+    and PEFT's warning names the option."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(_tied_llama(), GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=saved,
+                                                           ensure_weight_tying=True))
+    assert not [w for w in caught if "tie" in str(w.message)], [str(w.message) for w in caught]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "gatera_" not in n]
+    assert trainable == ["base_model.model.model.embed_tokens.modules_to_save.default.weight"]
+
+    def head_weight():
+        head = model.get_output_embeddings()
+        return head.modules_to_save["default"].weight if hasattr(head, "modules_to_save") else head.weight
+
+    embedding = model.get_input_embeddings().modules_to_save["default"].weight
+    assert head_weight() is embedding
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert head_weight() is embedding
+    assert not torch.equal(embedding, model.get_input_embeddings().original_module.weight)  # it trained
+    expected = eval_logits(model, ids)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    loaded = PeftModel.from_pretrained(_tied_llama(), tmp_path)
+    torch.testing.assert_close(eval_logits(loaded, ids), expected, rtol=0, atol=0)
+    loaded_head = loaded.get_output_embeddings()
+    assert loaded_head.modules_to_save["default"].weight is loaded.get_input_embeddings().modules_to_save["default"].weight
+
+    with pytest.warns(UserWarning, match="`ensure_weight_tying` is not set to True"):
+        untied = get_peft_model(_tied_llama(), GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=saved))
+    copies = [n for n, p in untied.named_parameters() if p.requires_grad and "gatera_" not in n]
+    assert len(copies) == len(saved)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+@pytest.mark.parametrize("extra", [
+    {"modules_to_save": ["embed_tokens", "lm_head"]},
+    {"modules_to_save": ["embed_tokens", "lm_head"], "ensure_weight_tying": True},
+    {"modules_to_save": ["lm_head"]},
+    {"trainable_token_indices": [128, 129]},
+], ids=["modules_to_save", "ensure_weight_tying", "head", "trainable_tokens"])
+def test_adapter_trained_with_new_tokens_reloads(tmp_path, tied, extra):
+    """New tokens resize the embeddings; PEFT then saves the embedding layers' whole wrappers as well
+    (`save_embedding_layers="auto"`: `lm_head.modules_to_save.weight`, `original_module.weight`, a tied head's
+    `token_adapter.trainable_tokens_delta`), as it does for LoRA. Such an adapter reloads onto the base resized anew
+    (whose new rows are drawn again) to the trained logits. Before, GateRA refused those tensors as not described by
+    the config, so no adapter trained with new chat tokens could be loaded."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import tiny_llama_config
+
+    config = tiny_llama_config()
+    config.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+
+    def resized_base():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        model.resize_token_embeddings(130)  # two new tokens, rows drawn at random
+        return model
+
+    model = get_peft_model(resized_base(), GateRAConfig(r=4, target_modules=["q_proj"], init_weights=False, **extra))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.tensor([[5, 128, 129, 7, 9]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    expected = eval_logits(model, ids)
+    with pytest.warns(UserWarning, match="embedding layer has been resized"):
+        model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(resized_base(), tmp_path / "adapter")
+    torch.testing.assert_close(eval_logits(loaded, ids), expected, rtol=0, atol=0)
+
+
+def test_ensure_weight_tying_edited_after_the_save_is_refused(tmp_path):
+    """The option decides which modules the saved copy stands for, so it is part of the adapter's structure stamp; an
+    adapter saved before the option existed meant False."""
+    model = get_peft_model(_tied_llama(), GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                                       ensure_weight_tying=True))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "ensure_weight_tying": False}))
+    with pytest.raises(ValueError, match="`ensure_weight_tying`"):
+        PeftModel.from_pretrained(_tied_llama(), tmp_path)
+    del config["ensure_weight_tying"], config["structure_stamp"]["ensure_weight_tying"]  # as saved before it existed
+    path.write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(_tied_llama(), tmp_path)
+    assert loaded.peft_config["default"].ensure_weight_tying is False
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
 def test_trainable_token_indices_train_only_their_rows_and_reload(tmp_path, tied):
     """`trainable_token_indices` (PEFT's light alternative to saving the whole embedding, e.g. for new chat tokens):

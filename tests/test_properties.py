@@ -90,7 +90,8 @@ JSON_VALUES = st.sampled_from([None, 0, -1, 1, 4, 8, 2.5, "", "x", "hira", "lora
 JSON_KEYS = ["peft_type", "r", "branch", "gate", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",
              "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save", "structure_gate", "sparse_threshold",
              "entropy_weight", "dropout", "kernel", "cache_delta", "task_type", "inference_mode", "format_version",
-             "weights_sha256", "structure_stamp", "base_model_name_or_path", "init_weights", "new_field"]
+             "weights_sha256", "structure_stamp", "base_model_name_or_path", "init_weights", "ensure_weight_tying",
+             "new_field"]
 
 
 @functools.lru_cache(maxsize=1)
