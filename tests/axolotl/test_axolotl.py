@@ -154,12 +154,12 @@ def _ok(done):
     assert done.returncode == 0, (done.stdout[-4000:] + done.stderr[-6000:])
 
 
-def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None, base_dtype=torch.float32,
-                   load_in_8bit=False):
-    """The saved adapter's logits on the probe's inputs; `factors_dtype`: compute the branch factors in that dtype, as
-    the trained model did (TRL casts a quantised model's trainable parameters to bf16, see tests/test_bnb.py);
-    `base_dtype`: the dtype the run loaded the base in (`bf16: true`), also the 4-bit compute dtype and, other than
-    fp32, the autocast dtype of the forward; `load_in_8bit`: on an 8-bit base loaded as Axolotl loads it (in fp16)."""
+def _reload_logits(base_dir, adapter_dir, bits=0, factors_dtype=None, base_dtype=torch.float32):
+    """The saved adapter's logits on the probe's inputs; `bits`: on a full-precision (0), 4-bit or 8-bit base, as the
+    run's `load_in_4bit` / `load_in_8bit` loaded it (an 8-bit one from fp16 values, as Axolotl does); `factors_dtype`:
+    compute the branch factors in that dtype, as the trained model did (TRL casts a quantised model's trainable
+    parameters to bf16, see tests/test_bnb.py); `base_dtype`: the dtype the run loaded the base in (`bf16: true`),
+    also the 4-bit compute dtype and, other than fp32, the autocast dtype of the forward."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -167,16 +167,16 @@ def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None
     from tests.axolotl.probe_plugin import PROBE_INPUT
 
     kwargs = {}
-    if load_in_4bit:
+    if bits == 4:
         kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                             bnb_4bit_use_double_quant=True,
                                                             bnb_4bit_quant_storage=torch.bfloat16,
                                                             bnb_4bit_compute_dtype=base_dtype),
                   "device_map": "cpu"}
-    if load_in_8bit:  # Axolotl's torch_dtype for 8-bit without bf16 is fp16: the int8 weights come from fp16 values
+    if bits == 8:  # Axolotl's torch_dtype for 8-bit without bf16 is fp16: the int8 weights come from fp16 values
         kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": "cpu"}
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float16 if load_in_8bit else base_dtype, **kwargs)
-    if load_in_4bit or load_in_8bit:  # what prepare_model_for_kbit_training did: the unquantised weights in fp32
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float16 if bits == 8 else base_dtype, **kwargs)
+    if bits:  # what prepare_model_for_kbit_training did: the unquantised weights in fp32
         for param in base.parameters():
             if type(param).__name__ not in ("Params4bit", "Int8Params"):
                 param.data = param.data.float()
@@ -189,14 +189,13 @@ def _reload_logits(base_dir, adapter_dir, load_in_4bit=False, factors_dtype=None
         return model(input_ids=PROBE_INPUT).logits.float()
 
 
-def _saved_gatera_adapter_reloads(out: Path, base_dir: Path, load_in_4bit=False, factors_dtype=None,
-                                  load_in_8bit=False) -> dict:
+def _saved_gatera_adapter_reloads(out: Path, base_dir: Path, bits=0, factors_dtype=None) -> dict:
     """Check that run folder `out` holds a GateRA adapter, that GateRA layers trained, and that the adapter reloads
-    to the trained model's logits (the probe's); return the probe."""
+    to the trained model's logits (the probe's; `bits`, `factors_dtype`: see `_reload_logits`); return the probe."""
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
     probe = torch.load(out / "probe.pt")
     assert any("gatera_plugin" in t for t in probe["layer_types"])
-    reloaded = _reload_logits(base_dir, out, load_in_4bit, factors_dtype, load_in_8bit=load_in_8bit)
+    reloaded = _reload_logits(base_dir, out, bits, factors_dtype)
     torch.testing.assert_close(reloaded, probe["logits"], rtol=1e-4, atol=1e-4)
     return probe
 
@@ -227,7 +226,7 @@ def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, bits):
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     for key in ("gatera/gate_mean", "gatera/entropy", "gatera/gate_open_frac", "gatera/penalty"):
         assert len(_logged(output, key)) == 25, key
-    probe = _saved_gatera_adapter_reloads(workspace / name, workspace / "base", bits == 4, load_in_8bit=bits == 8)
+    probe = _saved_gatera_adapter_reloads(workspace / name, workspace / "base", bits)
     assert probe["optimizer"].startswith("bitsandbytes." if bits == 4 else "torch."), probe["optimizer"]
 
 
@@ -253,7 +252,8 @@ def test_bf16_run_trains_and_its_adapter_reloads_on_the_bf16_base(workspace, loa
 
     saved = load_file(workspace / name / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
-    reloaded = _reload_logits(workspace / "base", workspace / name, load_in_4bit, base_dtype=torch.bfloat16)
+    reloaded = _reload_logits(workspace / "base", workspace / name, 4 if load_in_4bit else 0,
+                              base_dtype=torch.bfloat16)
     torch.testing.assert_close(reloaded, torch.load(workspace / name / "probe.pt")["logits"], rtol=1e-4, atol=1e-4)
 
 
@@ -653,7 +653,7 @@ def test_preference_training_through_axolotl_penalises_and_reloads(workspace, pr
         saved = {k: v.dtype for k, v in load_file(out / "adapter_model.safetensors").items()}
         assert {d for k, d in saved.items() if ".gatera_A" in k or ".gatera_B" in k} == {torch.bfloat16}
         assert {d for k, d in saved.items() if ".gatera_gate." in k} == {torch.float32}
-    probe = _saved_gatera_adapter_reloads(out, workspace / "base", load_in_4bit,
+    probe = _saved_gatera_adapter_reloads(out, workspace / "base", 4 if load_in_4bit else 0,
                                           torch.bfloat16 if load_in_4bit else None)
     groups = probe["optimizer_groups"]
     assert {g["lr"] for g in groups if g["gates"]} == {0.02} and {g["lr"] for g in groups if g["others"]} == {0.005}
@@ -684,7 +684,7 @@ def test_grpo_through_axolotl_trains_with_the_per_forward_penalty(workspace, pre
 @pytest.mark.parametrize("options", [
     {"peft_use_dora": True}, {"peft_use_rslora": True}, {"peft_init_lora_weights": "pissa"},
     {"peft_init_lora_weights": False},
-    {"peft_layer_replication": [[0, 2]]}, {"peft_ensure_weight_tying": True},
+    {"peft_layer_replication": [[0, 2]]},
     {"peft": {"loftq_config": {"loftq_bits": 4}}},
 ], ids=lambda options: f"{next(iter(options))}={next(iter(options.values()))}")
 def test_lora_options_without_a_gatera_counterpart_are_refused(options):
@@ -718,17 +718,57 @@ def test_a_regex_target_string_adapts_what_it_adapts_for_lora():
     assert adapted == lora and len(adapted) == 3, adapted
 
 
-def test_trainable_token_indices_reach_the_gatera_config():
-    """`peft_trainable_token_indices` (new chat tokens' embedding rows) is a GateRA option too (tests/test_model.py
-    trains and reloads it)."""
+def test_trainable_token_indices_and_weight_tying_reach_the_gatera_config():
+    """`peft_trainable_token_indices` (new chat tokens' embedding rows) and `peft_ensure_weight_tying` (one trained
+    copy for tied embeddings in `lora_modules_to_save`) are GateRA options too (tests/test_model.py trains and reloads
+    them; the CLI run with new tokens is `test_new_tokens_on_a_tied_model_train_one_embedding_copy`)."""
     from axolotl.utils.dict import DictDefault
 
     from gatera_plugin.integrations.axolotl.plugin import gatera_config_from_axolotl
 
-    cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"], "peft_trainable_token_indices": [5, 7]})
-    assert gatera_config_from_axolotl(cfg, model=None).trainable_token_indices == [5, 7]
-    cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"]})
-    assert gatera_config_from_axolotl(cfg, model=None).trainable_token_indices is None
+    cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"], "peft_trainable_token_indices": [5, 7],
+                       "peft_ensure_weight_tying": True})
+    config = gatera_config_from_axolotl(cfg, model=None)
+    assert config.trainable_token_indices == [5, 7] and config.ensure_weight_tying is True
+    config = gatera_config_from_axolotl(DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"]}), None)
+    assert config.trainable_token_indices is None and config.ensure_weight_tying is False
+
+
+def test_new_tokens_on_a_tied_model_train_one_embedding_copy(workspace):
+    """New chat tokens (`tokens:`) on a model with tied embeddings (SmolLM2, Llama 3.2, Qwen2.5's small ones), with
+    the `lora_modules_to_save: [embed_tokens, lm_head]` Axolotl then requires and `peft_ensure_weight_tying: true`:
+    the resized embedding trains as one copy that the head reads (the saved head equals the saved embedding, and both
+    moved from the base's), the loss falls, and the adapter reloads to the trained logits on the resized base."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.axolotl.probe_plugin import PROBE_INPUT
+
+    base = AutoModelForCausalLM.from_pretrained(workspace / "base")
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    base.save_pretrained(workspace / "base-tied")
+    (workspace / "base-tied" / "tokenizer.json").write_bytes((workspace / "base" / "tokenizer.json").read_bytes())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (workspace / "base" / name).exists():
+            (workspace / "base-tied" / name).write_bytes((workspace / "base" / name).read_bytes())
+    vocab = base.config.vocab_size
+    output = _train(workspace, "new-tokens", base_model=str(workspace / "base-tied"), tokens=["<|im_start|>", "<|im_end|>"],
+                    lora_modules_to_save=["embed_tokens", "lm_head"], peft_ensure_weight_tying=True)
+    losses = _logged(output, "loss")
+    assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    out = workspace / "new-tokens"
+    saved = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "gatera_" not in k}
+    embedding, head = saved["base_model.model.model.embed_tokens.weight"], saved["base_model.model.lm_head.weight"]
+    assert embedding.shape[0] >= vocab + 2 and torch.equal(head, embedding)  # one copy, resized
+    assert not torch.equal(embedding[:vocab], base.get_input_embeddings().weight)  # it trained
+    resized = AutoModelForCausalLM.from_pretrained(workspace / "base-tied")
+    resized.resize_token_embeddings(embedding.shape[0])
+    model = PeftModel.from_pretrained(resized, out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=PROBE_INPUT).logits, torch.load(out / "probe.pt")["logits"],
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full-precision", "4bit"])

@@ -21,7 +21,6 @@ LORA_ONLY_OPTIONS = {
     "peft_init_lora_weights": "LoRA's initialisations (PiSSA, OLoRA, LoftQ, EVA, gaussian, ...) do not apply to "
                               "GateRA's factors",
     "peft_layer_replication": "GateRA does not replicate layers",
-    "peft_ensure_weight_tying": "GateRA's config has no such option",
     "peft.loftq_config": "LoftQ initialises LoRA factors from a quantised base",
 }
 

@@ -83,6 +83,7 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
         target_modules=targets,
         dropout=cfg.lora_dropout or 0.0,
         modules_to_save=cfg.lora_modules_to_save or None,
+        ensure_weight_tying=bool(cfg.peft_ensure_weight_tying),
         layers_to_transform=cfg.peft_layers_to_transform,
         layers_pattern=cfg.peft_layers_pattern,
         rank_pattern=dict(cfg.lora_rank_pattern or {}),
