@@ -248,6 +248,7 @@ class GateRAModel(BaseTuner):
                 "PEFT saves an adapter without every tensor whose key holds another adapter's name, so the other "
                 f"adapters would be saved without their tensors under '.{adapter_name}.'. Choose another adapter name."
             )
+        _check_token_indices(model, self.peft_config[adapter_name])
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._count_gated_layers()  # also reached by `PeftModel.add_adapter`
         config = self.peft_config[adapter_name]
@@ -487,18 +488,28 @@ class GateRAModel(BaseTuner):
                 model_key_of["base_model.model." + saved] = key
         remapped = {model_key_of.get(k, k): v for k, v in state_dict.items()}
         base_name = getattr(config, "base_model_name_or_path", None) or "the base model it was trained on"
-        mismatched = [
-            f"{key}: {tuple(remapped[key].shape)} in the adapter, {tuple(value.shape)} in this model"
-            for key, value in expected.items()
-            if key in remapped and tuple(remapped[key].shape) != tuple(value.shape)
-        ]
+        model_state = model.state_dict()
+        shapes = {}  # checkpoint key -> (its shape, the model's), where they differ (adapter or base tensors)
+        for key, value in remapped.items():
+            ours = model_state.get(key, model_state.get(key.removeprefix("base_model.model.")))
+            if ours is not None and ours.numel() and tuple(value.shape) != tuple(ours.shape):  # (0: ZeRO-3's stub)
+                shapes[key] = (tuple(value.shape), tuple(ours.shape))
+        mismatched = [f"{key}: {saved} in the adapter, {ours} in this model" for key, (saved, ours) in shapes.items()]
         if mismatched:
+            vocabulary = _resized_vocabulary(model, shapes)
+            if vocabulary is not None:
+                raise ValueError(
+                    f"The GateRA adapter was trained with {vocabulary} tokens (new tokens resized the embeddings), and "
+                    f"this base model has {model.get_input_embeddings().weight.shape[0]}. Resize the base model first "
+                    f"(`model.resize_token_embeddings({vocabulary})`, or `len(tokenizer)` with the tokenizer saved "
+                    "beside the adapter), then load the adapter."
+                )
             raise ValueError(
                 f"The GateRA adapter does not fit this base model ({len(mismatched)} tensor(s) differ in shape), so it "
                 f"was trained on another model or with another rank. Load it onto {base_name}. First differences:\n  "
                 + "\n  ".join(mismatched[:5])
             )
-        model_keys = set(model.state_dict())
+        model_keys = set(model_state)
         unexpected = sorted(k for k in remapped if k not in model_keys and k.removeprefix("base_model.model.") not in model_keys
                             and not _saved_with_resized_embeddings(model, k))
         if unexpected:
@@ -540,6 +551,46 @@ def _saved_with_resized_embeddings(model: nn.Module, key: str) -> bool:
         if part in _EMBEDDING_WRAPPER_PARTS:
             return True
     return False
+
+
+def _check_token_indices(model: nn.Module, config: GateRAConfig) -> None:
+    """Refuse `trainable_token_indices` beyond an embedding's rows (PEFT would fail deep inside with an IndexError):
+    typically an adapter trained with new tokens loaded onto the base model before its embeddings were resized."""
+    indices = config.trainable_token_indices
+    if not indices:
+        return
+    if not isinstance(indices, dict):
+        try:
+            layer = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return
+        layers = {find_parameter_name_by_module(model, layer): (layer, indices)}
+    else:
+        layers = {name: (module, indices[key]) for key in indices for name, module in model.named_modules()
+                  if name == key or name.endswith("." + key)}
+    for name, (layer, wanted) in layers.items():
+        rows = getattr(getattr(layer, "weight", None), "shape", (None,))[0]
+        if rows is not None and wanted and max(wanted) >= rows:
+            raise ValueError(
+                f"`trainable_token_indices` holds token {max(wanted)}, but {name or 'the input embedding'} has {rows} "
+                "rows. An adapter trained with new tokens needs the base model resized first "
+                "(`model.resize_token_embeddings(len(tokenizer))` with the tokenizer that added them, saved beside the "
+                f"adapter); otherwise choose indices below {rows}."
+            )
+
+
+def _resized_vocabulary(model: nn.Module, shapes: dict) -> int | None:
+    """The adapter's number of embedding rows where every mismatch in `shapes` ({key: (the adapter's shape, this
+    model's)}) is one of the vocabulary dimension against this model's input embedding (new tokens resized it for
+    training), else None."""
+    try:
+        rows = model.get_input_embeddings().weight.shape[0]
+    except (AttributeError, NotImplementedError):
+        return None
+    vocabulary = {saved[0] for saved, _ in shapes.values()}
+    if len(vocabulary) == 1 and all(ours[0] == rows and saved[1:] == ours[1:] for saved, ours in shapes.values()):
+        return vocabulary.pop()
+    return None
 
 
 def _field_of(key: str) -> str:

@@ -396,6 +396,23 @@ def wrap_save_pretrained(original):
 
 
 # ------------------------------------------------------------------------------------------------- loading
+def saved_vocabulary_size(folder: Path, model) -> int | None:
+    """Rows of the input embedding that the adapter in `folder` was trained with, where it saved that embedding (PEFT
+    does when new tokens resized it, or `modules_to_save` names it), else None; `model`: the base model it loads onto,
+    to name its input embedding."""
+    from peft.tuners.tuners_utils import find_parameter_name_by_module
+    from safetensors import safe_open
+
+    weights = Path(folder) / "adapter_model.safetensors"
+    name = find_parameter_name_by_module(model, model.get_input_embeddings())
+    if not weights.is_file() or not name:
+        return None
+    with safe_open(str(weights), framework="pt") as handle:
+        rows = [handle.get_slice(key).get_shape()[0] for key in handle.keys()
+                if key.removeprefix("base_model.model.").startswith(name + ".") and key.endswith(".weight")]
+    return max(rows) if rows else None
+
+
 def read_config(folder: Path) -> dict:
     path = folder / CONFIG
     try:

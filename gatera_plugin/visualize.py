@@ -46,7 +46,8 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
     """(model, tokenizer) of a saved GateRA adapter folder on its base model (fp32, eval mode).
 
     The base model is `base_model` or else the one named in adapter_config.json; the tokenizer comes from the
-    adapter folder when it holds one, else from the base model.
+    adapter folder when it holds one, else from the base model. An adapter trained with new tokens saved its resized
+    embeddings: the base is resized to their rows first.
     """
     import json
     from pathlib import Path
@@ -55,6 +56,7 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import GateRAConfig  # noqa: F401  (registers GateRA with PEFT)
+    from .serialization import saved_vocabulary_size
 
     folder = Path(adapter)
     config_path = folder / "adapter_config.json"
@@ -71,6 +73,9 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"Cannot load the base model {base!r} named by {source}: {first_line} Pass a local model "
                          "folder or a Hub id (CLI: --base-model PATH).") from None
+    rows = saved_vocabulary_size(folder, base_model)
+    if rows is not None and rows != base_model.get_input_embeddings().weight.shape[0]:  # trained with new tokens
+        base_model.resize_token_embeddings(rows, mean_resizing=False)  # (the adapter's saved rows replace these)
     model = PeftModel.from_pretrained(base_model, folder)
     return model.eval(), tokenizer
 

@@ -283,7 +283,8 @@ def test_adapter_trained_with_new_tokens_reloads(tmp_path, tied, extra):
     (`save_embedding_layers="auto"`: `lm_head.modules_to_save.weight`, `original_module.weight`, a tied head's
     `token_adapter.trainable_tokens_delta`), as it does for LoRA. Such an adapter reloads onto the base resized anew
     (whose new rows are drawn again) to the trained logits. Before, GateRA refused those tensors as not described by
-    the config, so no adapter trained with new chat tokens could be loaded."""
+    the config, so no adapter trained with new chat tokens could be loaded. Onto the base without the new tokens,
+    the error says to resize it."""
     from transformers import AutoModelForCausalLM
 
     from tests.helpers import tiny_llama_config
@@ -308,6 +309,14 @@ def test_adapter_trained_with_new_tokens_reloads(tmp_path, tied, extra):
         model.save_pretrained(tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(resized_base(), tmp_path / "adapter")
     torch.testing.assert_close(eval_logits(loaded, ids), expected, rtol=0, atol=0)
+    # onto the base as it was before the new tokens: an error that says to resize it (was torch's size mismatch, or
+    # an IndexError inside PEFT for trainable_token_indices)
+    message = (r"`trainable_token_indices` holds token 129, but model.embed_tokens has 128 rows.*resize_token_embeddings"
+               if "trainable_token_indices" in extra else
+               r"trained with 130 tokens.*this base model has 128\. Resize the base model first "
+               r"\(`model.resize_token_embeddings\(130\)`")
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
 
 
 def test_ensure_weight_tying_edited_after_the_save_is_refused(tmp_path):

@@ -91,6 +91,39 @@ def test_load_adapter_finds_its_base_model_and_refuses_a_folder_without_config(t
         load_adapter(str(tmp_path / "base"))
 
 
+@pytest.mark.parametrize("extra", [{"trainable_token_indices": [-2, -1]}, {"modules_to_save": ["lm_head"]}],
+                         ids=["trainable_tokens", "head"])
+def test_load_adapter_resizes_the_base_for_an_adapter_trained_with_new_tokens(tmp_path, extra):
+    """An adapter trained after new chat tokens resized the embeddings saved them resized: load_adapter gives the
+    base their rows before loading (else the load is refused, saying to resize), and reloads exactly."""
+    from common import tiny_model_and_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from gatera_plugin.visualize import load_adapter
+
+    base, tokenizer = tiny_model_and_tokenizer()
+    base.save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # (so that the adapter names it)
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"])
+    base.resize_token_embeddings(len(tokenizer))
+    if "trainable_token_indices" in extra:
+        extra = {"trainable_token_indices": [len(tokenizer) - 2, len(tokenizer) - 1]}
+    model = get_peft_model(base, GateRAConfig(r=4, target_modules=["q_proj"], init_weights=False, **extra))
+    ids = torch.tensor([tokenizer("<|im_start|> Question: Neon? <|im_end|>")["input_ids"]])
+    assert ids.max() >= len(tokenizer) - 2
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    loaded, _ = load_adapter(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_quality_benchmark_smoke(tmp_path):
     """bench/quality.py end to end on a tiny model and a tiny BIG-bench-format task: trains, evaluates, writes JSON."""
