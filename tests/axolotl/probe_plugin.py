@@ -23,14 +23,15 @@ class ProbePlugin(BasePlugin):
     def register(self, cfg):
         # Multi-process Axolotl assumes GPUs: it initialises DeepSpeed with NCCL and maps the model to device
         # LOCAL_RANK. On CPU (the tests), start the process group over gloo first, so that DeepSpeed finds it
-        # initialised, or let accelerate run FSDP on CPU processes (it would fall back to DDP), and load the model
-        # on the CPU.
-        if not (cfg.get("deepspeed") or cfg.get("fsdp_config")) or torch.cuda.is_available() \
-                or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # initialised, or let accelerate run FSDP (or plain DDP) on CPU processes (it would fall back to DDP, or
+        # see no distributed run), and load the model on the CPU.
+        if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return
         from axolotl.loaders.model import ModelLoader
 
-        if cfg.get("deepspeed"):
+        if not (cfg.get("deepspeed") or cfg.get("fsdp_config")):  # DDP
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+        elif cfg.get("deepspeed"):
             import deepspeed
 
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -119,8 +120,14 @@ class ProbePlugin(BasePlugin):
         torch.save({"logits": logits, "layer_types": layers, "dtypes": dtypes, "collator": getattr(self, "collator", None),
                     "mask_max": getattr(self, "mask_max", None), "optimizer_groups": self._optimizer_groups(),
                     "training_logits": getattr(self, "training_logits", None), "optimizer": self._optimizer_class(),
+                    "wrapped_model": self._wrapped_model_class(),
                     "causal_lm_forward": type(getattr(model, "get_base_model", lambda: model)()).forward.__module__},
                    out / "probe.pt")
+
+    def _wrapped_model_class(self) -> str | None:
+        """Name of the class that the trainer wrapped the model in for training (DDP's, or the model itself)."""
+        trainer = getattr(self, "trainer", None)
+        return None if trainer is None else type(trainer.model_wrapped).__name__
 
     def _optimizer_class(self) -> str | None:
         """Module and name of the class of the optimizer that trained the model (inside accelerate's wrapper)."""

@@ -489,6 +489,8 @@ def test_axolotls_offloading_checkpointer_recomputes_the_gated_layers_exactly(mo
 
 
 DISTRIBUTED_RUNS = {  # name -> (shipped YAML, overrides)
+    # plain DDP: 2 processes, no DeepSpeed or FSDP (Axolotl sets `ddp: true`); every linear layer, as the others
+    "ddp": ("gatera.yml", {"lora_target_modules": None, "lora_target_linear": True}),
     "zero2": ("gatera-zero2.yml", {}),
     "zero3": ("gatera-zero3.yml", {}),
     "fsdp2": ("gatera-fsdp2.yml", {}),
@@ -515,9 +517,10 @@ DISTRIBUTED_RUNS = {  # name -> (shipped YAML, overrides)
 
 @pytest.mark.parametrize("name", list(DISTRIBUTED_RUNS))
 def test_deepspeed_through_axolotl(workspace, preference_data, name):
-    """`deepspeed: integrations/deepspeed/<stage>.json` and `fsdp_version: 2` (gatera-<stage>.yml), 2 processes on
-    CPU (torchrun launcher): trains with the penalty, logs the gate statistics and saves a complete adapter that
-    reproduces the trained model. FSDP2 also with `fsdp_config.activation_checkpointing`.
+    """Plain DDP (gatera.yml), `deepspeed: integrations/deepspeed/<stage>.json` and `fsdp_version: 2`
+    (gatera-<stage>.yml), 2 processes on CPU (torchrun launcher): trains with the penalty, logs the gate statistics
+    and saves a complete adapter that reproduces the trained model. FSDP2 also with
+    `fsdp_config.activation_checkpointing`.
 
     (Equality with a single-process run is checked in tests/test_deepspeed.py and tests/test_fsdp.py; Axolotl's
     sampler hands each rank other sequences than one process would get, so its losses are not comparable step by
@@ -528,7 +531,7 @@ def test_deepspeed_through_axolotl(workspace, preference_data, name):
     if overrides.get("rl") == "dpo":
         overrides = {**overrides, "datasets": [{"path": str(preference_data["dpo"]), "type": "chatml.default",
                                                 "split": "train"}]}
-    stage = example.removeprefix("gatera-").removesuffix(".yml")
+    stage = "ddp" if example == "gatera.yml" else example.removeprefix("gatera-").removesuffix(".yml")
     cfg = _config(workspace, f"ds-{name}", example=example, micro_batch_size=2, max_steps=12, **overrides)
     done = _axolotl("train", str(cfg), "--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port",
                     str(29600 + list(DISTRIBUTED_RUNS).index(name)))
@@ -565,7 +568,9 @@ def test_deepspeed_through_axolotl(workspace, preference_data, name):
         meta = "cpu-ram-efficient-loading" in name
         assert loads[0]["meta_base_weights"] == loads[0]["pending_scales"] == 0
         assert loads[1]["meta_base_weights"] == loads[1]["pending_scales"] == (loads[1]["layers"] if meta else 0)
-    if stage == "zero2":  # under ZeRO-3 the probe cannot run a forward on rank 0 alone
+    if stage == "ddp":  # the Trainer really wrapped the model in DDP (not one process training alone)
+        assert torch.load(workspace / f"ds-{name}" / "probe.pt")["wrapped_model"] == "DistributedDataParallel"
+    if stage in ("ddp", "zero2"):  # under ZeRO-3 and FSDP the probe cannot run a forward on rank 0 alone
         torch.testing.assert_close(reloaded, torch.load(workspace / f"ds-{name}" / "probe.pt")["logits"],
                                    rtol=1e-4, atol=1e-4)
 
