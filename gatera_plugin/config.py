@@ -16,7 +16,8 @@ from .branches import BRANCH_KINDS
 from .gates import TOKEN_GATE_KINDS
 from .kernels import KERNELS, triton_available
 
-# The kinds a user may pick: the registries of `gates.py` / `branches.py`, where adding a kind means adding its class.
+# The kinds a user may pick: the registries of `gates.py` / `branches.py`, where adding a kind means adding its class
+# (and its name to the `Literal`s of `branch` / `gate` below and of Axolotl's args, which tests/test_config.py compares).
 TOKEN_GATES = (*TOKEN_GATE_KINDS, "none")
 BRANCHES = tuple(BRANCH_KINDS)
 HIRA_SCALINGS = ("none", "rms", "lora")

@@ -218,7 +218,11 @@ TOKEN_GATE_KINDS: dict[str, type[nn.Module]] = {"sigmoid": SigmoidGate, "thresho
 
 def make_token_gate(kind: str, in_features: int, config) -> nn.Module | None:
     """Build the token gate of `kind` for a layer with `in_features` inputs; None for `"none"`."""
-    return None if kind == "none" else TOKEN_GATE_KINDS[kind].from_config(in_features, config)
+    if kind == "none":
+        return None
+    if kind not in TOKEN_GATE_KINDS:  # (GateRAConfig validates the name first)
+        raise ValueError(f"Unknown token gate {kind!r}; one of {[*TOKEN_GATE_KINDS, 'none']}.")
+    return TOKEN_GATE_KINDS[kind].from_config(in_features, config)
 
 
 def make_structure_gate(config) -> nn.Module | None:

@@ -255,18 +255,29 @@ class GateRAModel(BaseTuner):
         if not config.inference_mode:  # training: say what the targets did not reach
             warn_unreached_parameters(self.model, config)
 
+    def _check_tied_modules(self, model: nn.Module, peft_config: GateRAConfig) -> None:
+        """As PEFT's, but with `ensure_weight_tying` a `modules_to_save` entry naming the input embedding or a layer
+        tied to it counts whatever the model calls them (PEFT looks for `embed_tokens` / `lm_head` only: a saved
+        GPT-2 adapter names `transformer.wte` and would reload untied). Tying state left on a reused config by an
+        earlier model is dropped first."""
+        peft_config.modules_to_tie = None
+        tied = self._get_module_names_tied_with_embedding() if peft_config.ensure_weight_tying else []
+        embedding = _input_embedding_name(model)
+        if tied and embedding and any(_names_module(entry, module) for entry in peft_config.modules_to_save or []
+                                      for module in (embedding, *tied)):
+            self._add_modules_to_save_to_tie(peft_config, tied)
+            return
+        super()._check_tied_modules(model, peft_config)
+
     def _add_modules_to_save_to_tie(self, peft_config: GateRAConfig, tied_weight_keys: list[str]) -> None:
         """`ensure_weight_tying` on a tied model whose `modules_to_save` names a tied embedding (PEFT calls this while
         injecting): the input embedding's copy is the one trained and saved, and the layers tied to it
         (`tied_weight_keys`, module names such as `lm_head`) read that copy (PEFT's `modules_to_tie`) instead of
         training copies of their own."""
-        embedding = find_parameter_name_by_module(self.model, self.model.get_input_embeddings())
-
-        def names(entry: str, module: str) -> bool:  # a `modules_to_save` entry is a module's name or its suffix
-            return module == entry or module.endswith("." + entry)
-
-        kept = [entry for entry in peft_config.modules_to_save or [] if not any(names(entry, k) for k in tied_weight_keys)]
-        if not any(names(entry, embedding) for entry in kept):
+        embedding = _input_embedding_name(self.model)
+        kept = [entry for entry in peft_config.modules_to_save or []
+                if not any(_names_module(entry, key) for key in tied_weight_keys)]
+        if not any(_names_module(entry, embedding) for entry in kept):
             kept.append(embedding)
         peft_config.modules_to_save = kept
         peft_config.modules_to_tie = set(tied_weight_keys)
@@ -494,16 +505,20 @@ class GateRAModel(BaseTuner):
             ours = model_state.get(key, model_state.get(key.removeprefix("base_model.model.")))
             if ours is not None and ours.numel() and tuple(value.shape) != tuple(ours.shape):  # (0: ZeRO-3's stub)
                 shapes[key] = (tuple(value.shape), tuple(ours.shape))
-        mismatched = [f"{key}: {saved} in the adapter, {ours} in this model" for key, (saved, ours) in shapes.items()]
+        vocabulary = _resized_vocabulary(model, shapes) if shapes else None
+        if vocabulary is not None:
+            raise ValueError(
+                f"The GateRA adapter was trained with {vocabulary} tokens and this base model has "
+                f"{_embedding_rows(model.get_input_embeddings())}: new tokens resized the embeddings for training (or "
+                f"the adapter belongs to another model; it names {base_name}). Resize the base model first "
+                f"(`model.resize_token_embeddings({vocabulary})`, or `len(tokenizer)` with the tokenizer saved beside "
+                "the adapter), then load the adapter."
+            )
+        # the adapter's own tensors; other ones (a `modules_to_save` head of another size, ...) are left to PEFT, which
+        # skips them under `ignore_mismatched_sizes=True`
+        mismatched = [f"{key}: {saved} in the adapter, {ours} in this model" for key, (saved, ours) in shapes.items()
+                      if key in expected]
         if mismatched:
-            vocabulary = _resized_vocabulary(model, shapes)
-            if vocabulary is not None:
-                raise ValueError(
-                    f"The GateRA adapter was trained with {vocabulary} tokens (new tokens resized the embeddings), and "
-                    f"this base model has {model.get_input_embeddings().weight.shape[0]}. Resize the base model first "
-                    f"(`model.resize_token_embeddings({vocabulary})`, or `len(tokenizer)` with the tokenizer saved "
-                    "beside the adapter), then load the adapter."
-                )
             raise ValueError(
                 f"The GateRA adapter does not fit this base model ({len(mismatched)} tensor(s) differ in shape), so it "
                 f"was trained on another model or with another rank. Load it onto {base_name}. First differences:\n  "
@@ -553,6 +568,34 @@ def _saved_with_resized_embeddings(model: nn.Module, key: str) -> bool:
     return False
 
 
+def _names_module(entry: str, module: str) -> bool:
+    """Whether a `modules_to_save` entry (a module's name or a suffix of it) names module `module`."""
+    return module == entry or module.endswith("." + entry)
+
+
+def _input_embedding(model: nn.Module) -> nn.Module | None:
+    try:
+        return model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # (not a transformers model, or one without that layer)
+        return None
+
+
+def _input_embedding_name(model: nn.Module) -> str:
+    """The input embedding's module name in `model` ("" where it has none)."""
+    layer = _input_embedding(model)
+    return find_parameter_name_by_module(model, layer) if layer is not None else ""
+
+
+def _embedding_rows(layer: nn.Module) -> int | None:
+    """Rows of an embedding layer, of the one a PEFT wrapper holds, or of a ZeRO-3-partitioned one (`ds_shape`);
+    None where unknown."""
+    weight = getattr(getattr(layer, "original_module", layer), "weight", None)
+    if weight is None:
+        return None
+    rows = getattr(weight, "ds_shape", weight.shape)[0]
+    return int(rows) if rows else None
+
+
 def _check_token_indices(model: nn.Module, config: GateRAConfig) -> None:
     """Refuse `trainable_token_indices` beyond an embedding's rows (PEFT would fail deep inside with an IndexError):
     typically an adapter trained with new tokens loaded onto the base model before its embeddings were resized."""
@@ -560,16 +603,13 @@ def _check_token_indices(model: nn.Module, config: GateRAConfig) -> None:
     if not indices:
         return
     if not isinstance(indices, dict):
-        try:
-            layer = model.get_input_embeddings()
-        except (AttributeError, NotImplementedError):
-            return
-        layers = {find_parameter_name_by_module(model, layer): (layer, indices)}
+        layer = _input_embedding(model)
+        layers = {} if layer is None else {find_parameter_name_by_module(model, layer): (layer, indices)}
     else:
         layers = {name: (module, indices[key]) for key in indices for name, module in model.named_modules()
-                  if name == key or name.endswith("." + key)}
+                  if _names_module(key, name)}
     for name, (layer, wanted) in layers.items():
-        rows = getattr(getattr(layer, "weight", None), "shape", (None,))[0]
+        rows = _embedding_rows(layer)
         if rows is not None and wanted and max(wanted) >= rows:
             raise ValueError(
                 f"`trainable_token_indices` holds token {max(wanted)}, but {name or 'the input embedding'} has {rows} "
@@ -583,9 +623,9 @@ def _resized_vocabulary(model: nn.Module, shapes: dict) -> int | None:
     """The adapter's number of embedding rows where every mismatch in `shapes` ({key: (the adapter's shape, this
     model's)}) is one of the vocabulary dimension against this model's input embedding (new tokens resized it for
     training), else None."""
-    try:
-        rows = model.get_input_embeddings().weight.shape[0]
-    except (AttributeError, NotImplementedError):
+    layer = _input_embedding(model)
+    rows = _embedding_rows(layer) if layer is not None else None
+    if rows is None:
         return None
     vocabulary = {saved[0] for saved, _ in shapes.values()}
     if len(vocabulary) == 1 and all(ours[0] == rows and saved[1:] == ours[1:] for saved, ours in shapes.values()):

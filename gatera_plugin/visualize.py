@@ -74,7 +74,7 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
         raise ValueError(f"Cannot load the base model {base!r} named by {source}: {first_line} Pass a local model "
                          "folder or a Hub id (CLI: --base-model PATH).") from None
     rows = saved_vocabulary_size(folder, base_model)
-    if rows is not None and rows != base_model.get_input_embeddings().weight.shape[0]:  # trained with new tokens
+    if rows is not None and rows > base_model.get_input_embeddings().weight.shape[0]:  # trained with new tokens
         base_model.resize_token_embeddings(rows, mean_resizing=False)  # (the adapter's saved rows replace these)
     model = PeftModel.from_pretrained(base_model, folder)
     return model.eval(), tokenizer

@@ -24,3 +24,17 @@ def test_config_round_trips_through_json(tmp_path):
     assert data["peft_type"] == "GATERA" and data["format_version"] == FORMAT_VERSION
     loaded = GateRAConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
+
+
+def test_the_kind_names_users_may_give_are_the_registries():
+    """`branch` / `gate` are typed with `Literal`s of names, and the implementations are registered by name in
+    `BRANCH_KINDS` / `TOKEN_GATE_KINDS`: a kind added to one place only would be refused, or unknown, at runtime."""
+    import typing
+
+    from gatera_plugin.branches import BRANCH_KINDS
+    from gatera_plugin.config import BRANCHES, TOKEN_GATES
+    from gatera_plugin.gates import TOKEN_GATE_KINDS
+
+    hints = typing.get_type_hints(GateRAConfig)
+    assert set(typing.get_args(hints["branch"])) == set(BRANCH_KINDS) == set(BRANCHES)
+    assert set(typing.get_args(hints["gate"])) == {*TOKEN_GATE_KINDS, "none"} == set(TOKEN_GATES)

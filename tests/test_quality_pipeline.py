@@ -95,7 +95,8 @@ def test_load_adapter_finds_its_base_model_and_refuses_a_folder_without_config(t
                          ids=["trainable_tokens", "head"])
 def test_load_adapter_resizes_the_base_for_an_adapter_trained_with_new_tokens(tmp_path, extra):
     """An adapter trained after new chat tokens resized the embeddings saved them resized: load_adapter gives the
-    base their rows before loading (else the load is refused, saying to resize), and reloads exactly."""
+    base their rows before loading (without, the load is refused, saying to resize: tests/test_model.py), and reloads
+    exactly."""
     from common import tiny_model_and_tokenizer
     from transformers import AutoModelForCausalLM
 

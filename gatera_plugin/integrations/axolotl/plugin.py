@@ -100,7 +100,8 @@ def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
 _TRAINING_OPTIONS = ("entropy_weight", "gate_lr_ratio", "keep_ratio", "keep_ratio_weight", "structure_weight",
                      "threshold_temperature", "per_layer_stats", "kernel", "dropout")
 # GateRAConfig field -> the Axolotl key that sets it, for the options above and the structural fields it can set
-_CONFIG_KEYS = {**_OPTION_KEYS, "dropout": "lora_dropout", "r": "lora_r", "lora_alpha": "lora_alpha"}
+_CONFIG_KEYS = {**_OPTION_KEYS, "dropout": "lora_dropout", "r": "lora_r", "lora_alpha": "lora_alpha",
+                "ensure_weight_tying": "peft_ensure_weight_tying"}
 
 
 def _continued_config(folder, cfg, wanted: gatera_plugin.GateRAConfig) -> gatera_plugin.GateRAConfig:
