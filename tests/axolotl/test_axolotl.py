@@ -154,12 +154,13 @@ def _ok(done):
     assert done.returncode == 0, (done.stdout[-4000:] + done.stderr[-6000:])
 
 
-def _reload_logits(base_dir, adapter_dir, bits=0, factors_dtype=None, base_dtype=torch.float32):
+def _reload_logits(base_dir, adapter_dir, bits=0, factors_dtype=None, base_dtype=torch.float32, vocabulary=None):
     """The saved adapter's logits on the probe's inputs; `bits`: on a full-precision (0), 4-bit or 8-bit base, as the
     run's `load_in_4bit` / `load_in_8bit` loaded it (an 8-bit one from fp16 values, as Axolotl does); `factors_dtype`:
     compute the branch factors in that dtype, as the trained model did (TRL casts a quantised model's trainable
     parameters to bf16, see tests/test_bnb.py); `base_dtype`: the dtype the run loaded the base in (`bf16: true`),
-    also the 4-bit compute dtype and, other than fp32, the autocast dtype of the forward."""
+    also the 4-bit compute dtype and, other than fp32, the autocast dtype of the forward; `vocabulary`: the rows the
+    run resized the embeddings to (new `tokens:`)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -180,6 +181,8 @@ def _reload_logits(base_dir, adapter_dir, bits=0, factors_dtype=None, base_dtype
         for param in base.parameters():
             if type(param).__name__ not in ("Params4bit", "Int8Params"):
                 param.data = param.data.float()
+    if vocabulary is not None:
+        base.resize_token_embeddings(vocabulary)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     for name, param in model.named_parameters():
         if factors_dtype is not None and (".gatera_A." in name or ".gatera_B." in name):
@@ -753,41 +756,37 @@ def test_trainable_token_indices_and_weight_tying_reach_the_gatera_config():
     assert config.trainable_token_indices is None and config.ensure_weight_tying is False
 
 
-def test_new_tokens_on_a_tied_model_train_one_embedding_copy(workspace):
+@pytest.mark.parametrize("bits", [0, 4], ids=["full-precision", "4bit"])
+def test_new_tokens_on_a_tied_model_train_one_embedding_copy(workspace, bits):
     """New chat tokens (`tokens:`) on a model with tied embeddings (SmolLM2, Llama 3.2, Qwen2.5's small ones), with
-    the `lora_modules_to_save: [embed_tokens, lm_head]` Axolotl then requires and `peft_ensure_weight_tying: true`:
-    the resized embedding trains as one copy that the head reads (the saved head equals the saved embedding, and both
-    moved from the base's), the loss falls, and the adapter reloads to the trained logits on the resized base."""
-    from peft import PeftModel
+    the `lora_modules_to_save: [embed_tokens, lm_head]` Axolotl then requires and `peft_ensure_weight_tying: true`,
+    on a full-precision and a 4-bit base (gatera-qlora.yml): the resized embedding trains as one copy that the head
+    reads (the saved head equals the saved embedding, and both moved from the base's), the loss falls, and the adapter
+    reloads to the trained logits on the resized base."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tests.axolotl.probe_plugin import PROBE_INPUT
-
     base = AutoModelForCausalLM.from_pretrained(workspace / "base")
-    base.config.tie_word_embeddings = True
-    base.tie_weights()
-    base.save_pretrained(workspace / "base-tied")
-    (workspace / "base-tied" / "tokenizer.json").write_bytes((workspace / "base" / "tokenizer.json").read_bytes())
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (workspace / "base" / name).exists():
-            (workspace / "base-tied" / name).write_bytes((workspace / "base" / name).read_bytes())
-    vocab = base.config.vocab_size
-    output = _train(workspace, "new-tokens", base_model=str(workspace / "base-tied"), tokens=["<|im_start|>", "<|im_end|>"],
+    if not (workspace / "base-tied").exists():
+        base.config.tie_word_embeddings = True
+        base.tie_weights()
+        base.save_pretrained(workspace / "base-tied")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (workspace / "base" / name).exists():
+                (workspace / "base-tied" / name).write_bytes((workspace / "base" / name).read_bytes())
+    vocab, name = base.config.vocab_size, f"new-tokens-{bits}bit"
+    output = _train(workspace, name, example="gatera-qlora.yml" if bits else "gatera.yml",
+                    base_model=str(workspace / "base-tied"), tokens=["<|im_start|>", "<|im_end|>"],
                     lora_modules_to_save=["embed_tokens", "lm_head"], peft_ensure_weight_tying=True)
     losses = _logged(output, "loss")
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
-    out = workspace / "new-tokens"
+    out = workspace / name
     saved = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "gatera_" not in k}
     embedding, head = saved["base_model.model.model.embed_tokens.weight"], saved["base_model.model.lm_head.weight"]
     assert embedding.shape[0] >= vocab + 2 and torch.equal(head, embedding)  # one copy, resized
     assert not torch.equal(embedding[:vocab], base.get_input_embeddings().weight)  # it trained
-    resized = AutoModelForCausalLM.from_pretrained(workspace / "base-tied")
-    resized.resize_token_embeddings(embedding.shape[0])
-    model = PeftModel.from_pretrained(resized, out).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=PROBE_INPUT).logits, torch.load(out / "probe.pt")["logits"],
-                                   rtol=1e-4, atol=1e-4)
+    reloaded = _reload_logits(workspace / "base-tied", out, bits, vocabulary=embedding.shape[0])
+    torch.testing.assert_close(reloaded, torch.load(out / "probe.pt")["logits"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full-precision", "4bit"])
