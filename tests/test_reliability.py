@@ -164,37 +164,57 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _trainer(out, config, callbacks=()):
+def _trainer(out, config, callbacks=(), base_dir=None):
+    """The SFT run of the resume tests; `base_dir`: load the base from there and give it 2 new tokens (resized
+    embeddings, which PEFT then saves in every checkpoint)."""
     torch.manual_seed(0)
+    if base_dir is None:
+        model = tiny_llama(init_std=0.2)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        model.resize_token_embeddings(model.config.vocab_size + 2)
     args = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=8,
         learning_rate=2e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False, save_steps=4,
         save_strategy="steps", seed=0, max_length=32, disable_tqdm=True, lr_scheduler_type="linear",
     )
-    return SFTTrainer(model=tiny_llama(init_std=0.2), args=args, train_dataset=Dataset.from_dict({"text": toy_texts(48)}),
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": toy_texts(48)}),
                       processing_class=word_tokenizer(toy_texts(64)), peft_config=config, callbacks=list(callbacks))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "config",
+    "config,new_tokens",
     [
-        GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.3),
-        GateRAConfig(r=4, target_modules=TARGETS, gate="threshold", keep_ratio=0.5, structure_gate=True),
+        (GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.3), False),
+        (GateRAConfig(r=4, target_modules=TARGETS, gate="threshold", keep_ratio=0.5, structure_gate=True), False),
+        (GateRAConfig(r=4, target_modules=TARGETS, modules_to_save=["embed_tokens", "lm_head"]), True),
     ],
-    ids=["sigmoid", "threshold-structure"],
+    ids=["sigmoid", "threshold-structure", "new-tokens"],
 )
-def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, config):
+def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, config, new_tokens):
     """Same seed: stop after checkpoint-4, resume from it; losses, gate statistics and the final adapter (gates,
-    thresholds, structure gates) equal the uninterrupted run's (tolerance: float summation order only)."""
+    thresholds, structure gates) equal the uninterrupted run's (tolerance: float summation order only). Also with new
+    tokens (resized embeddings trained through `modules_to_save`), whose checkpoints hold PEFT's whole embedding
+    wrappers: GateRA refused to resume from them before."""
     import copy
 
-    full = _trainer(tmp_path / "full", copy.deepcopy(config))
+    base_dir = None
+    if new_tokens:
+        base_dir = tmp_path / "base"
+        torch.manual_seed(0)
+        tiny_llama(init_std=0.2).save_pretrained(base_dir)
+    full = _trainer(tmp_path / "full", copy.deepcopy(config), base_dir=base_dir)
     full.train()
-    stopped = _trainer(tmp_path / "part", copy.deepcopy(config), [StopAt(4)])
+    stopped = _trainer(tmp_path / "part", copy.deepcopy(config), [StopAt(4)], base_dir=base_dir)
     stopped.train()
     assert sorted(p.name for p in (tmp_path / "part").glob("checkpoint-*")) == ["checkpoint-4"]
-    resumed = _trainer(tmp_path / "part", copy.deepcopy(config))
+    if new_tokens:  # the checkpoint holds the resized embedding wrappers
+        keys = load_file(tmp_path / "part" / "checkpoint-4" / "adapter_model.safetensors")
+        assert keys["base_model.model.lm_head.original_module.weight"].shape[0] == 130
+    resumed = _trainer(tmp_path / "part", copy.deepcopy(config), base_dir=base_dir)
     resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-4"))
 
     def logs(trainer):
