@@ -893,12 +893,15 @@ def test_a_continued_adapter_takes_the_configs_training_options_and_keeps_its_st
     get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], entropy_weight=0.01)).save_pretrained(
         tmp_path)
     cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"], "lora_model_dir": str(tmp_path),
-                       "lora_r": 8, "gatera_entropy_weight": 0.2, "gatera_gate_lr_ratio": 3.0, "lora_dropout": 0.1})
+                       "lora_r": 8, "gatera_entropy_weight": 0.2, "gatera_gate_lr_ratio": 3.0, "lora_dropout": 0.1,
+                       "peft_ensure_weight_tying": True})
     with caplog.at_level(logging.WARNING):
         model, config = GateRAPlugin().load_adapter(tiny_llama(), cfg, config_only=config_only)
     if not config_only:
         config = model.peft_config["default"]
         assert model.base_model.model.model.layers[0].self_attn.q_proj.gatera_A["default"].shape[0] == 4
     assert (config.entropy_weight, config.gate_lr_ratio, config.dropout, config.r) == (0.2, 3.0, 0.1, 4)
-    assert any("saved with other settings than this config's {'lora_r': (8, 4)}" in r.getMessage()
+    assert config.ensure_weight_tying is False
+    assert any("saved with other settings than this config's {'lora_r': (8, 4), 'peft_ensure_weight_tying': (True, "
+               "False)}" in r.getMessage()
                for r in caplog.records), caplog.text
