@@ -630,20 +630,23 @@ def test_lora_alpha_reaches_the_hira_branch_only_where_its_scale_uses_it(scaling
 
 @pytest.mark.parametrize("rl,dataset_type,load_in_4bit", [
     ("dpo", "chatml.default", False), ("dpo", "chatml.default", True), ("kto", "chatml.argilla", False),
-    ("orpo", "chat_template.argilla", False),
-], ids=["dpo", "dpo-4bit", "kto", "orpo"])
+    ("orpo", "chat_template.argilla", False), ("ipo", "chatml.default", False), ("simpo", "chatml.default", False),
+], ids=["dpo", "dpo-4bit", "kto", "orpo", "ipo", "simpo"])
 def test_preference_training_through_axolotl_penalises_and_reloads(workspace, preference_data, rl, dataset_type,
                                                                    load_in_4bit):
-    """`rl: dpo` / `rl: kto` with `adapter: gatera` (DPO also on a 4-bit base, gatera-qlora.yml): Axolotl hands TRL
-    only the adapter's config (the plugin's `load_adapter(config_only=True)`) and TRL builds the GateRA model inside
-    its trainer; `rl: orpo` (chat-formatted pairs), where Axolotl builds it. The preference loss falls, each step is
+    """`rl: dpo` / `ipo` / `kto` with `adapter: gatera` (DPO also on a 4-bit base, gatera-qlora.yml): Axolotl hands
+    TRL only the adapter's config (the plugin's `load_adapter(config_only=True)`) and TRL builds the GateRA model
+    inside its trainer; `rl: orpo` (chat-formatted pairs) and `rl: simpo` (TRL's CPO trainer), where Axolotl builds
+    it. The preference loss falls, each step is
     normalised at step level with no warning (README's table: DPO, KTO and ORPO count their batches' attention
     masks), the penalty is λ · entropy, `gatera_gate_lr_ratio` reaches the optimizer Axolotl's trainer builds, and the
     saved adapter reloads to the trained model's outputs."""
-    overrides = dict(rl=rl, datasets=[{"path": str(preference_data[rl]), "type": dataset_type, "split": "train"}],
+    pairs = preference_data["dpo" if rl in ("ipo", "simpo") else rl]  # (IPO: DPO's trainer; SimPO: TRL's CPO)
+    overrides = dict(rl=rl, datasets=[{"path": str(pairs), "type": dataset_type, "split": "train"}],
                      max_steps=12, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.005,
                      gatera_gate_lr_ratio=4.0, remove_unused_columns=False if rl == "kto" else None,
-                     chat_template="chatml" if rl == "orpo" else None)
+                     chat_template="chatml" if rl == "orpo" else None,
+                     simpo_gamma=0.5 if rl == "simpo" else None)  # (Axolotl 0.21 hands TRL None without it)
     name = f"{rl}-4bit" if load_in_4bit else rl
     output = _train(workspace, name, example="gatera-qlora.yml" if load_in_4bit else "gatera.yml", **overrides)
     if load_in_4bit:
