@@ -759,11 +759,11 @@ def test_trainable_token_indices_and_weight_tying_reach_the_gatera_config():
     assert config.trainable_token_indices is None and config.ensure_weight_tying is False
 
 
-@pytest.mark.parametrize("variant", ["full-precision", "4bit", "fsdp2"])
+@pytest.mark.parametrize("variant", ["full-precision", "4bit", "fsdp2", "zero3"])
 def test_new_tokens_on_a_tied_model_train_one_embedding_copy(workspace, variant):
     """New chat tokens (`tokens:`) on a model with tied embeddings (SmolLM2, Llama 3.2, Qwen2.5's small ones), with
     the `lora_modules_to_save: [embed_tokens, lm_head]` Axolotl then requires and `peft_ensure_weight_tying: true`,
-    on a full-precision and a 4-bit base (gatera-qlora.yml) and under FSDP2 (gatera-fsdp2.yml, 2 processes): the
+    on a full-precision and a 4-bit base (gatera-qlora.yml) and under FSDP2 and ZeRO-3 (2 processes): the
     resized embedding trains as one copy that the head reads (the saved head equals the saved embedding, and both
     moved from the base's), the loss falls, and the adapter reloads onto the resized base, to the trained logits
     (where one process can run the probe's forward)."""
@@ -779,13 +779,14 @@ def test_new_tokens_on_a_tied_model_train_one_embedding_copy(workspace, variant)
             if (workspace / "base" / name).exists():
                 (workspace / "base-tied" / name).write_bytes((workspace / "base" / name).read_bytes())
     vocab, name, bits = base.config.vocab_size, f"new-tokens-{variant}", 4 if variant == "4bit" else 0
-    example = {"full-precision": "gatera.yml", "4bit": "gatera-qlora.yml", "fsdp2": "gatera-fsdp2.yml"}[variant]
+    example = {"full-precision": "gatera.yml", "4bit": "gatera-qlora.yml", "fsdp2": "gatera-fsdp2.yml",
+               "zero3": "gatera-zero3.yml"}[variant]
     overrides = dict(base_model=str(workspace / "base-tied"), tokens=["<|im_start|>", "<|im_end|>"],
                      lora_modules_to_save=["embed_tokens", "lm_head"], peft_ensure_weight_tying=True)
-    if variant == "fsdp2":
+    if variant in ("fsdp2", "zero3"):
         cfg = _config(workspace, name, example=example, micro_batch_size=2, max_steps=12, **overrides)
         done = _axolotl("train", str(cfg), "--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port",
-                        "29660")
+                        "29660" if variant == "fsdp2" else "29661")
         _ok(done)
         output, steps = done.stdout + done.stderr, 12
         losses = _logged_once(output, "loss", steps)
@@ -799,7 +800,7 @@ def test_new_tokens_on_a_tied_model_train_one_embedding_copy(workspace, variant)
     assert embedding.shape[0] >= vocab + 2 and torch.equal(head, embedding)  # one copy, resized
     assert not torch.equal(embedding[:vocab], base.get_input_embeddings().weight)  # it trained
     reloaded = _reload_logits(workspace / "base-tied", out, bits, vocabulary=embedding.shape[0])
-    if variant != "fsdp2":  # (under FSDP the probe cannot run a forward on rank 0 alone)
+    if variant not in ("fsdp2", "zero3"):  # (there the probe cannot run a forward on rank 0 alone)
         torch.testing.assert_close(reloaded, torch.load(out / "probe.pt")["logits"], rtol=1e-4, atol=1e-4)
 
 
