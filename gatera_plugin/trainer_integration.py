@@ -174,6 +174,11 @@ def _normaliser(trainer) -> _Normaliser:
     return state
 
 
+# How both token-count warnings end: what the penalty's normalisation becomes
+_PER_FORWARD_FROM_NOW = ("From now on each forward is normalised by its own real tokens × forwards per step × ranks "
+                         "(README, 'How the penalty is applied')")
+
+
 def _check_last_step(trainer, run) -> bool:
     """Compare the last step's expectations with the forwards that ran; warn on a difference. True: tokens differ."""
     state = _normaliser(trainer)
@@ -197,8 +202,7 @@ def _check_last_step(trainer, run) -> bool:
             f"GateRA: {name}'s forwards with gradient saw {seen} real tokens in the last optimisation step on this "
             f"rank, but its prefetched batches held {state.expected_tokens}: the trainer changes the inputs between "
             "its dataloader and the model, so that step's entropy penalty was normalised by the wrong token count. "
-            "From now on each forward is normalised by its own real tokens × forwards per step × ranks. See README, "
-            "'How the penalty is applied'."
+            f"{_PER_FORWARD_FROM_NOW}."
         )
         return True
     return False
@@ -255,9 +259,8 @@ def begin_step(trainer, batch_samples) -> None:
                 f"last optimisation step on all {world_size} ranks together, but its prefetched batches held "
                 f"{expected_group:.0f} (counted once per context-parallel group of {replicas}): the forwards do not "
                 "see the batches' real tokens, e.g. because the attention mask is dropped where the sequences are split, "
-                "so that step's entropy penalty was normalised by the wrong token count. From now on each forward is "
-                "normalised by its own real tokens × forwards per step × ranks (a forward being a rank's part of the "
-                "sequences). See README, 'How the penalty is applied'."
+                f"so that step's entropy penalty was normalised by the wrong token count. {_PER_FORWARD_FROM_NOW} (a "
+                "forward being a rank's part of the sequences)."
             )
             tokens = None
         elif bool(gathered[:, 1].any()):
