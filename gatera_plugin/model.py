@@ -262,7 +262,7 @@ class GateRAModel(BaseTuner):
         earlier model is dropped first."""
         peft_config.modules_to_tie = None
         tied = self._get_module_names_tied_with_embedding() if peft_config.ensure_weight_tying else []
-        embedding = _input_embedding_name(model)
+        embedding = _embedding_name(model)
         if tied and embedding and any(_names_module(entry, module) for entry in peft_config.modules_to_save or []
                                       for module in (embedding, *tied)):
             self._add_modules_to_save_to_tie(peft_config, tied)
@@ -274,7 +274,7 @@ class GateRAModel(BaseTuner):
         injecting): the input embedding's copy is the one trained and saved, and the layers tied to it
         (`tied_weight_keys`, module names such as `lm_head`) read that copy (PEFT's `modules_to_tie`) instead of
         training copies of their own."""
-        embedding = _input_embedding_name(self.model)
+        embedding = _embedding_name(self.model)
         kept = [entry for entry in peft_config.modules_to_save or []
                 if not any(_names_module(entry, key) for key in tied_weight_keys)]
         if not any(_names_module(entry, embedding) for entry in kept):
@@ -524,9 +524,9 @@ class GateRAModel(BaseTuner):
                 f"was trained on another model or with another rank. Load it onto {base_name}. First differences:\n  "
                 + "\n  ".join(mismatched[:5])
             )
-        model_keys = set(model_state)
+        model_keys, embeddings = set(model_state), _embedding_names(model)
         unexpected = sorted(k for k in remapped if k not in model_keys and k.removeprefix("base_model.model.") not in model_keys
-                            and not _saved_with_resized_embeddings(model, k))
+                            and not _saved_with_resized_embeddings(k, embeddings))
         if unexpected:
             from .serialization import loading_source
 
@@ -550,22 +550,15 @@ class GateRAModel(BaseTuner):
 _EMBEDDING_WRAPPER_PARTS = ("modules_to_save", "original_module", "token_adapter", "base_layer")
 
 
-def _saved_with_resized_embeddings(model: nn.Module, key: str) -> bool:
+def _saved_with_resized_embeddings(key: str, embeddings: set[str]) -> bool:
     """Whether checkpoint `key` is one of the embedding layers' wrapper tensors that PEFT adds to an adapter trained
     with resized embeddings (e.g. `lm_head.modules_to_save.weight`, a copy of the `lm_head.weight` it also saves, or a
-    tied head's `token_adapter.trainable_tokens_delta`). PEFT's own load leaves those that the model has no key for
-    unused, as GateRA's does: the tensors the model reads are among the adapter's other keys."""
+    tied head's `token_adapter.trainable_tokens_delta`); `embeddings`: `_embedding_names` of the model. PEFT's own load
+    leaves those that the model has no key for unused, as GateRA's does: the tensors the model reads are among the
+    adapter's other keys."""
     saved_key = key.removeprefix("base_model.model.")
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            layer = getattr(model, getter)()
-        except (AttributeError, NotImplementedError):  # (not a transformers model, or one without that layer)
-            continue
-        name = find_parameter_name_by_module(model, layer).removeprefix("base_model.model.") if layer is not None else ""
-        part = saved_key.removeprefix(name + ".").split(".")[0] if name and saved_key.startswith(name + ".") else None
-        if part in _EMBEDDING_WRAPPER_PARTS:
-            return True
-    return False
+    return any(saved_key.startswith(name + ".") and saved_key[len(name) + 1:].split(".")[0] in _EMBEDDING_WRAPPER_PARTS
+               for name in embeddings)
 
 
 def _names_module(entry: str, module: str) -> bool:
@@ -573,17 +566,24 @@ def _names_module(entry: str, module: str) -> bool:
     return module == entry or module.endswith("." + entry)
 
 
-def _input_embedding(model: nn.Module) -> nn.Module | None:
+def _embedding_layer(model: nn.Module, getter: str = "get_input_embeddings") -> nn.Module | None:
+    """`model`'s input embedding layer (its output one with `getter="get_output_embeddings"`); None where it has none."""
     try:
-        return model.get_input_embeddings()
+        return getattr(model, getter)()
     except (AttributeError, NotImplementedError):  # (not a transformers model, or one without that layer)
         return None
 
 
-def _input_embedding_name(model: nn.Module) -> str:
-    """The input embedding's module name in `model` ("" where it has none)."""
-    layer = _input_embedding(model)
+def _embedding_name(model: nn.Module, getter: str = "get_input_embeddings") -> str:
+    """The module name in `model` of the layer `_embedding_layer` returns; "" where it has none."""
+    layer = _embedding_layer(model, getter)
     return find_parameter_name_by_module(model, layer) if layer is not None else ""
+
+
+def _embedding_names(model: nn.Module) -> set[str]:
+    """Module names of `model`'s input and output embeddings, without PeftModel's `base_model.model.` prefix."""
+    names = {_embedding_name(model, getter) for getter in ("get_input_embeddings", "get_output_embeddings")}
+    return {name.removeprefix("base_model.model.") for name in names if name}
 
 
 def _embedding_rows(layer: nn.Module) -> int | None:
@@ -603,7 +603,7 @@ def _check_token_indices(model: nn.Module, config: GateRAConfig) -> None:
     if not indices:
         return
     if not isinstance(indices, dict):
-        layer = _input_embedding(model)
+        layer = _embedding_layer(model)
         layers = {} if layer is None else {find_parameter_name_by_module(model, layer): (layer, indices)}
     else:
         layers = {name: (module, indices[key]) for key in indices for name, module in model.named_modules()
@@ -623,7 +623,7 @@ def _resized_vocabulary(model: nn.Module, shapes: dict) -> int | None:
     """The adapter's number of embedding rows where every mismatch in `shapes` ({key: (the adapter's shape, this
     model's)}) is one of the vocabulary dimension against this model's input embedding (new tokens resized it for
     training), else None."""
-    layer = _input_embedding(model)
+    layer = _embedding_layer(model)
     rows = _embedding_rows(layer) if layer is not None else None
     if rows is None:
         return None

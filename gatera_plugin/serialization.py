@@ -400,11 +400,12 @@ def saved_vocabulary_size(folder: Path, model) -> int | None:
     """Rows of the input embedding that the adapter in `folder` was trained with, where it saved that embedding (PEFT
     does when new tokens resized it, or `modules_to_save` names it), else None; `model`: the base model it loads onto,
     to name its input embedding."""
-    from peft.tuners.tuners_utils import find_parameter_name_by_module
     from safetensors import safe_open
 
+    from .model import _embedding_name
+
     weights = Path(folder) / "adapter_model.safetensors"
-    name = find_parameter_name_by_module(model, model.get_input_embeddings())
+    name = _embedding_name(model)
     if not weights.is_file() or not name:
         return None
     with safe_open(str(weights), framework="pt") as handle:
