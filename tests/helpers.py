@@ -16,9 +16,10 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 def tiny_llama_config(
     hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate: int = 64, init_std: float = 0.02,
-    max_positions: int = 256,
+    max_positions: int = 256, tied: bool = False,
 ):
-    """The LlamaConfig of `tiny_llama` (and of `tiny_llama_classifier`)."""
+    """The LlamaConfig of `tiny_llama` (and of `tiny_llama_classifier`); `tied`: the output head is the input
+    embedding (`tie_word_embeddings`, as SmolLM2, Llama 3.2 and Qwen2.5's small models)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -33,14 +34,15 @@ def tiny_llama_config(
         bos_token_id=1,
         eos_token_id=2,
         initializer_range=init_std,
+        tie_word_embeddings=tied,
     )
 
 
 def tiny_llama(
     hidden: int = 32, layers: int = 2, vocab: int = 128, intermediate: int = 64, seed: int = 0, init_std: float = 0.02,
-    max_positions: int = 256,
+    max_positions: int = 256, tied: bool = False,
 ):
-    """A randomly initialised LlamaForCausalLM small enough for CPU tests.
+    """A randomly initialised LlamaForCausalLM small enough for CPU tests (`tied`: see `tiny_llama_config`).
 
     `init_std` is the weights' standard deviation; HiRA's update is proportional to W0, so end-to-end training tests
     use a larger one (closer to a pretrained model's scale) to learn in few steps.
@@ -48,7 +50,7 @@ def tiny_llama(
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(hidden, layers, vocab, intermediate, init_std, max_positions))
+    return LlamaForCausalLM(tiny_llama_config(hidden, layers, vocab, intermediate, init_std, max_positions, tied))
 
 
 def tiny_llama_classifier(num_labels: int = 1, seed: int = 0):

@@ -216,19 +216,6 @@ def test_registration_is_idempotent():
     assert isinstance(model.base_model, gatera_plugin.GateRAModel)
 
 
-def _tied_llama():
-    """A tiny LlamaForCausalLM whose output head is its input embedding (`tie_word_embeddings`, as SmolLM2, Llama
-    3.2 and Qwen2.5's small models)."""
-    from transformers import LlamaForCausalLM
-
-    from tests.helpers import tiny_llama_config
-
-    torch.manual_seed(0)
-    config = tiny_llama_config()
-    config.tie_word_embeddings = True
-    return LlamaForCausalLM(config)
-
-
 @pytest.mark.parametrize("saved", [["embed_tokens", "lm_head"], ["lm_head"], ["embed_tokens"]],
                          ids=["both", "head", "embedding"])
 def test_ensure_weight_tying_trains_one_copy_for_tied_embeddings(tmp_path, saved):
@@ -240,7 +227,7 @@ def test_ensure_weight_tying_trains_one_copy_for_tied_embeddings(tmp_path, saved
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = get_peft_model(_tied_llama(), GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=saved,
+        model = get_peft_model(tiny_llama(tied=True), GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=saved,
                                                            ensure_weight_tying=True))
     assert not [w for w in caught if re.search("tying|tied", str(w.message))], [str(w.message) for w in caught]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and "gatera_" not in n]
@@ -261,13 +248,13 @@ def test_ensure_weight_tying_trains_one_copy_for_tied_embeddings(tmp_path, saved
     expected = eval_logits(model, ids)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["ensure_weight_tying"] is True
-    loaded = PeftModel.from_pretrained(_tied_llama(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(tied=True), tmp_path)
     torch.testing.assert_close(eval_logits(loaded, ids), expected, rtol=0, atol=0)
     loaded_head = loaded.get_output_embeddings()
     assert loaded_head.modules_to_save["default"].weight is loaded.get_input_embeddings().modules_to_save["default"].weight
 
     with pytest.warns(UserWarning, match="`ensure_weight_tying` is not set to True"):
-        untied = get_peft_model(_tied_llama(), GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=saved))
+        untied = get_peft_model(tiny_llama(tied=True), GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=saved))
     copies = [n for n, p in untied.named_parameters() if p.requires_grad and "gatera_" not in n]
     assert len(copies) == len(saved)
 
@@ -288,12 +275,7 @@ def test_adapter_trained_with_new_tokens_reloads(tmp_path, tied, extra):
     the error says to resize it."""
     from transformers import AutoModelForCausalLM
 
-    from tests.helpers import tiny_llama_config
-
-    config = tiny_llama_config()
-    config.tie_word_embeddings = tied
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tiny_llama(tied=tied).save_pretrained(tmp_path / "base")
 
     def resized_base():
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
@@ -351,7 +333,7 @@ def test_a_reused_config_does_not_carry_tying_to_an_untied_model():
     """`get_peft_model` keeps the user's config object, on which tying is recorded: used again on an untied model it
     ties nothing there (each module named in `modules_to_save` gets its own copy)."""
     config = GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True)
-    get_peft_model(_tied_llama(), config)
+    get_peft_model(tiny_llama(tied=True), config)
     assert config.modules_to_tie == {"lm_head"}
     with pytest.warns(UserWarning, match="no tied modules were found"):
         untied = get_peft_model(tiny_llama(), config)
@@ -400,17 +382,17 @@ def test_a_saved_head_of_another_size_is_left_to_peft(tmp_path):
 def test_ensure_weight_tying_edited_after_the_save_is_refused(tmp_path):
     """The option decides which modules the saved copy stands for, so it is part of the adapter's structure stamp; an
     adapter saved before the option existed meant False."""
-    model = get_peft_model(_tied_llama(), GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+    model = get_peft_model(tiny_llama(tied=True), GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
                                                        ensure_weight_tying=True))
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_config.json"
     config = json.loads(path.read_text())
     path.write_text(json.dumps({**config, "ensure_weight_tying": False}))
     with pytest.raises(ValueError, match="`ensure_weight_tying`"):
-        PeftModel.from_pretrained(_tied_llama(), tmp_path)
+        PeftModel.from_pretrained(tiny_llama(tied=True), tmp_path)
     del config["ensure_weight_tying"], config["structure_stamp"]["ensure_weight_tying"]  # as saved before it existed
     path.write_text(json.dumps(config))
-    loaded = PeftModel.from_pretrained(_tied_llama(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(tied=True), tmp_path)
     assert loaded.peft_config["default"].ensure_weight_tying is False
 
 
@@ -420,19 +402,9 @@ def test_trainable_token_indices_train_only_their_rows_and_reload(tmp_path, tied
     after a step only those rows of the input embedding differ, the adapter trains alongside, and the saved adapter
     (token rows included) reloads to the same logits. With tied embeddings (SmolLM2, Llama 3.2) the output head
     follows the same rows."""
-    from transformers import LlamaForCausalLM
-
-    from tests.helpers import tiny_llama_config
-
-    def base():
-        torch.manual_seed(0)
-        config = tiny_llama_config()
-        config.tie_word_embeddings = tied
-        return LlamaForCausalLM(config)
-
     rows = [5, 7]
-    model = get_peft_model(base(), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False,
-                                                trainable_token_indices=rows))
+    model = get_peft_model(tiny_llama(tied=tied), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                               init_weights=False, trainable_token_indices=rows))
     before = model.get_input_embeddings()(torch.arange(128)).detach()
     head_before = model.get_output_embeddings().weight.detach().clone()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
@@ -448,5 +420,5 @@ def test_trainable_token_indices_train_only_their_rows_and_reload(tmp_path, tied
         torch.testing.assert_close(model.get_output_embeddings().weight, head_before)
     expected = eval_logits(model, ids)
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(base(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(tied=tied), tmp_path)
     torch.testing.assert_close(eval_logits(loaded, ids), expected, rtol=0, atol=0)

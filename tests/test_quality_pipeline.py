@@ -91,9 +91,8 @@ def test_load_adapter_finds_its_base_model_and_refuses_a_folder_without_config(t
         load_adapter(str(tmp_path / "base"))
 
 
-@pytest.mark.parametrize("extra", [{"trainable_token_indices": [-2, -1]}, {"modules_to_save": ["lm_head"]}],
-                         ids=["trainable_tokens", "head"])
-def test_load_adapter_resizes_the_base_for_an_adapter_trained_with_new_tokens(tmp_path, extra):
+@pytest.mark.parametrize("trains", ["trainable_tokens", "head"])
+def test_load_adapter_resizes_the_base_for_an_adapter_trained_with_new_tokens(tmp_path, trains):
     """An adapter trained after new chat tokens resized the embeddings saved them resized: load_adapter gives the
     base their rows before loading (without, the load is refused, saying to resize: tests/test_model.py), and reloads
     exactly."""
@@ -107,8 +106,8 @@ def test_load_adapter_resizes_the_base_for_an_adapter_trained_with_new_tokens(tm
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # (so that the adapter names it)
     tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"])
     base.resize_token_embeddings(len(tokenizer))
-    if "trainable_token_indices" in extra:
-        extra = {"trainable_token_indices": [len(tokenizer) - 2, len(tokenizer) - 1]}
+    extra = ({"trainable_token_indices": [len(tokenizer) - 2, len(tokenizer) - 1]} if trains == "trainable_tokens" else
+             {"modules_to_save": ["lm_head"]})
     model = get_peft_model(base, GateRAConfig(r=4, target_modules=["q_proj"], init_weights=False, **extra))
     ids = torch.tensor([tokenizer("<|im_start|> Question: Neon? <|im_end|>")["input_ids"]])
     assert ids.max() >= len(tokenizer) - 2
