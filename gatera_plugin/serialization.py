@@ -13,6 +13,9 @@ Installed on `import gatera_plugin`, wrappers around PEFT's functions act on Gat
   `flock` on the folder around the renames; the last one to take the lock wins. Loads through PEFT
   (`PeftModel.from_pretrained`, `load_adapter`) hold a shared lock on the folder, so they never see half a save.
   Each save also removes the staging folders of saves that were killed (nobody holds their lock any more).
+- On file systems that lack a feature this needs (locks on Lustre without `-o flock` or NFS without a lock daemon;
+  hard links, renames or directory fsync on FUSE and bucket mounts), saves go on without it, as PEFT's own save would,
+  after one warning per feature that says what is lost; the `.previous` copies are then real copies.
 - `save_pretrained(safe_serialization=False)` is refused unless pickles are allowed (below): it would write a file
   this package refuses to load.
 - `load_peft_weights` (what `from_pretrained` and `load_adapter` read through) checks a local GateRA folder first:
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
 import hashlib
 import json
@@ -198,6 +202,46 @@ def check_tensors(state: dict, source) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------------- file systems
+# Errors by which a file system says that it lacks a feature rather than that the call failed: Lustre mounted without
+# `-o flock` (ENOSYS), NFS without a lock daemon (ENOLCK), FUSE and bucket mounts without hard links, renames or
+# directory fsync (EPERM, ENOTSUP, EINVAL). Saves there go on without the feature, with one warning per feature.
+_LACKING = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EINVAL})
+_warned_lacking: set[str] = set()
+
+
+def _lacks(error: OSError, feature: str, folder: Path, without: str) -> bool:
+    """Whether `error` says that the file system of `folder` lacks `feature`; warns the first time per feature."""
+    if error.errno not in _LACKING:
+        return False
+    if feature not in _warned_lacking:
+        _warned_lacking.add(feature)
+        warnings.warn(
+            f"GateRA: the file system of {folder} does not support {feature} ({error.strerror}), so {without}. "
+            "Adapters are saved and loaded all the same; this is said once per process.",
+            UserWarning, stacklevel=4,
+        )
+    return True
+
+
+def _flock(fd: int, operation: int, folder: Path) -> None:
+    """`fcntl.flock`, or nothing (after one warning) where the file system refuses locks."""
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as error:
+        if not _lacks(error, "file locks (flock)", folder, "saves and loads there are not serialised across processes"):
+            raise
+
+
+def _fsync(fd: int, folder: Path) -> None:
+    """`os.fsync`, or nothing (after one warning) where the file system cannot sync this file or folder."""
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if not _lacks(error, "fsync", folder, "a save there may not survive a power loss"):
+            raise
+
+
 # ------------------------------------------------------------------------------------------------- locks
 def _open_dir(folder: Path):
     try:
@@ -210,15 +254,16 @@ def _open_dir(folder: Path):
 def folder_lock(folder: Path, exclusive: bool):
     """`flock` on the folder itself: exclusive while a save renames files into it, shared while a load reads it.
 
-    A killed process's lock is released by the kernel. Without `fcntl` (Windows) or on file systems that refuse
-    locks on folders, nothing is locked.
+    A killed process's lock is released by the kernel. Without `fcntl` (Windows), nothing is locked; on file systems
+    that refuse locks (Lustre without `-o flock`, NFS without a lock daemon), nothing is locked, after a warning.
     """
     fd = _open_dir(folder) if fcntl is not None else None
     if fd is not None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        except OSError:
-            pass
+            _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, folder)
+        except BaseException:
+            os.close(fd)
+            raise
     try:
         yield
     finally:
@@ -244,7 +289,7 @@ def _remove_dead_staging(target: Path) -> None:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a save in progress holds it
+        except OSError:  # a save in progress holds it (or the file system has no locks, and nobody can tell)
             os.close(fd)
             continue
         try:
@@ -258,9 +303,29 @@ def _fsync_dir(path: Path) -> None:
     if fd is None:  # pragma: no cover (platforms without directory fds)
         return
     try:
-        os.fsync(fd)
+        _fsync(fd, path)
     finally:
         os.close(fd)
+
+
+def _keep_previous(destination: Path, backup: Path) -> None:
+    """Keep `destination` reachable as `backup`: a hard link, or a copy where the file system has no hard links."""
+    backup.unlink(missing_ok=True)
+    try:
+        os.link(destination, backup)
+    except OSError:
+        shutil.copy2(destination, backup)
+
+
+def _replace(source: Path, destination: Path) -> None:
+    """`os.replace`, or a copy (after one warning) where the file system cannot rename files."""
+    try:
+        os.replace(source, destination)
+    except OSError as error:
+        without = "files there are replaced by copying: an interrupted save can leave a partly written file"
+        if not _lacks(error, "renaming files", destination.parent, without):
+            raise
+        shutil.copyfile(source, destination)
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -277,13 +342,12 @@ def _move_into_place(staging: Path, target: Path) -> None:
         destination = target / source.relative_to(staging)
         destination.parent.mkdir(parents=True, exist_ok=True)
         with open(source, "rb") as handle:
-            os.fsync(handle.fileno())
+            _fsync(handle.fileno(), target)
         if destination.exists() and destination.name in (WEIGHTS, CONFIG):
             backup = destination.with_name(destination.name + PREVIOUS)
-            backup.unlink(missing_ok=True)
-            os.link(destination, backup)
+            _keep_previous(destination, backup)
             backups.append(backup)
-        os.replace(source, destination)
+        _replace(source, destination)
         _fsync_dir(destination.parent)
     for backup in backups:
         backup.unlink(missing_ok=True)
@@ -374,7 +438,7 @@ def wrap_save_pretrained(original):
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
             own = _open_dir(staging)
             if own is not None and fcntl is not None:
-                fcntl.flock(own, fcntl.LOCK_EX)  # held until this save ends: marks the staging folder as alive
+                _flock(own, fcntl.LOCK_EX, staging)  # held until this save ends: marks the staging folder as alive
         try:
             if (target / "README.md").exists():  # PEFT updates an existing model card rather than replacing it
                 shutil.copy2(target / "README.md", staging / "README.md")

@@ -1,7 +1,10 @@
 """Nothing saved is lost: atomic saves; an interrupted run resumes to the same result; no NaN from edge cases."""
 
+import errno
+import fcntl
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -132,6 +135,61 @@ def test_a_failure_between_the_renames_is_detected_on_load(tmp_path, monkeypatch
     # nothing was lost: following the message restores the first adapter
     os.replace(tmp_path / "adapter_model.safetensors.previous", tmp_path / "adapter_model.safetensors")
     torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), expected)
+
+
+# What a file system can lack (the call, its error there, the feature the warning names; None: no warning, because
+# the save keeps every guarantee, e.g. `.previous` as a copy instead of a hard link).
+LACKING = {
+    "locks-lustre-noflock": ("flock", errno.ENOSYS, "file locks"),
+    "locks-nfs-no-lockd": ("flock", errno.ENOLCK, "file locks"),
+    "no-hard-links": ("link", errno.EPERM, None),
+    "no-fsync": ("fsync", errno.EINVAL, "fsync"),
+    "no-renames": ("replace", errno.ENOTSUP, "renaming files"),
+}
+
+
+def _refuse(monkeypatch, call, code):
+    def refused(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl if call == "flock" else os, call, refused)
+
+
+@pytest.mark.parametrize("case", list(LACKING))
+def test_saves_and_loads_work_where_the_file_system_lacks_a_feature(tmp_path, monkeypatch, case):
+    """Lustre without `-o flock`, NFS without a lock daemon, FUSE and bucket mounts: saving over an adapter and loading
+    it work as PEFT's own save does there, with one warning per process naming what is lost (before: an OSError)."""
+    from gatera_plugin import serialization
+
+    call, code, feature = LACKING[case]
+    ids = torch.randint(3, 128, (2, 7))
+    _trained(0).save_pretrained(tmp_path)
+    new = _trained(1)
+    monkeypatch.setattr(serialization, "_warned_lacking", set())
+    _refuse(monkeypatch, call, code)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new.save_pretrained(tmp_path)
+        new.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    monkeypatch.undo()
+    said = [str(w.message) for w in caught if "does not support" in str(w.message)]
+    assert len(said) == (feature is not None), said
+    assert feature is None or f"{tmp_path} does not support {feature}" in said[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    torch.testing.assert_close(eval_logits(loaded, ids), eval_logits(new, ids))
+
+
+def test_an_io_error_while_saving_still_raises_and_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    """Only the errors by which a file system says that it lacks a feature are worked around; EIO is not."""
+    ids = torch.randint(3, 128, (2, 7))
+    first = _trained(0)
+    first.save_pretrained(tmp_path)
+    _refuse(monkeypatch, "replace", errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        _trained(1).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), eval_logits(first, ids))
 
 
 def test_save_keeps_other_files_and_updates_in_place(tmp_path):
