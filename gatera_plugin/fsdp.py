@@ -14,7 +14,8 @@ adapter and FSDP is on:
 - `create_accelerator_and_postprocess` refuses FSDP1 (see `refuse_fsdp1`) and, for FSDP2, makes GateRA's trainable
   parameters fp32 (`upcast_trainable_to_fp32`);
 - `save_model` writes the full adapter, gates included, whatever `fsdp_state_dict_type`: every rank takes part in
-  gathering the adapter's parameters (never the frozen base), then only the main process writes the files, through
+  gathering the adapter's parameters (never the frozen base, except the embedding layers that PEFT saves with an
+  adapter after new tokens resized them), then only the main process writes the files, through
   PEFT's `save_pretrained` (atomic, `serialization.py`). Without this, `SHARDED_STATE_DICT` runs would save no
   adapter at all, and `FULL_STATE_DICT` runs would gather the whole base model onto rank 0 to keep only the adapter.
   Checkpoints keep the Trainer's own FSDP files (model and optimizer shards) beside the adapter for resuming.
@@ -155,17 +156,48 @@ def is_sharded(model) -> bool:
     return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def adapter_state_dict(model) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (GateRA parameters, `modules_to_save`, anything trainable), gathered whole, on CPU.
+def _kept_base_tensors(model, state: dict, save_embedding_layers) -> set[str]:
+    """The keys of `state` that PEFT's own selection saves under their own names: the embedding layers' base weights
+    where the vocabulary was resized (new tokens; `save_embedding_layers="auto"`) or where the caller asks for them.
+
+    Decided by PEFT's `get_peft_model_state_dict` itself, run on shape-only (meta) stand-ins, so nothing is gathered
+    to decide; then rank 0's answer is taken by every rank, since PEFT's check may ask the Hub for the base's config
+    and each rank could get another answer (a collective with other keys on some ranks would hang).
+    """
+    import warnings
+
+    from peft.utils import get_peft_model_state_dict
+
+    stand_ins = {key: torch.empty(value.shape, dtype=value.dtype, device="meta") for key, value in state.items()}
+    kept = set()
+    with warnings.catch_warnings():  # PEFT says what it decided when it saves, once: not here as well
+        warnings.simplefilter("ignore")
+        for name in getattr(model, "peft_config", {}):
+            selected = get_peft_model_state_dict(model, state_dict=stand_ins, adapter_name=name,
+                                                 save_embedding_layers=save_embedding_layers)
+            kept |= selected.keys() & stand_ins.keys()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        decided = [sorted(kept)]
+        torch.distributed.broadcast_object_list(decided, src=0)
+        kept = set(decided[0])
+    return kept
+
+
+def adapter_state_dict(model, save_embedding_layers="auto") -> dict[str, torch.Tensor]:
+    """The adapter's tensors (GateRA parameters, `modules_to_save`, anything trainable, and the base embedding layers
+    that PEFT saves with an adapter when the vocabulary was resized), gathered whole, on CPU.
 
     Keys are those of `model.state_dict()`. A collective under FSDP2: every rank must call it (the same keys, in the
-    same order); each rank gets the full tensors. Frozen base weights are never gathered.
+    same order); each rank gets the full tensors. No other frozen base weight is gathered. Without the embedding
+    layers, an adapter trained with new tokens reloaded onto a base whose new rows were drawn afresh: another model.
     """
     DTensor = _dtensor_type()
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    state = model.state_dict()
+    kept = _kept_base_tensors(model, state, save_embedding_layers)
     result = {}
-    for key, value in model.state_dict().items():
-        if not (PREFIX in key or ".modules_to_save." in key or key in trainable):
+    for key, value in state.items():
+        if not (PREFIX in key or ".modules_to_save." in key or key in trainable or key in kept):
             continue
         if DTensor is not None and isinstance(value, DTensor):
             value = value.full_tensor()

@@ -426,7 +426,8 @@ def wrap_save_pretrained(original):
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
         if _is_gatera(self) and kwargs.get("state_dict") is None and is_sharded(self):
-            kwargs["state_dict"] = adapter_state_dict(self)  # FSDP2: every rank gathers, the main process writes
+            embeddings = kwargs.get("save_embedding_layers", "auto")  # FSDP2: every rank gathers, the main one writes
+            kwargs["state_dict"] = adapter_state_dict(self, embeddings)
         if not _is_gatera(self) or not kwargs.get("is_main_process", True) or os.path.isfile(save_directory):
             return original(self, save_directory, *args, **kwargs)
         _refuse_pickle(args, kwargs)

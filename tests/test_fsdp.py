@@ -407,3 +407,65 @@ def test_adapter_added_to_an_already_sharded_base_is_refused_clearly():
     assert done.returncode != 0
     assert "GateRA cannot adapt Linear(in_features=32, out_features=32, bias=False): its weight (32, 32) is sharded " \
            "across ranks (a DTensor with placements (Shard(dim=0),))" in done.stderr, done.stderr[-3000:]
+
+
+SHARDED_SAVE_AFTER_NEW_TOKENS = textwrap.dedent("""
+    import sys
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    import gatera_plugin
+    from tests.helpers import eval_logits, randomize_adapters
+
+    base, out, modules_to_save = sys.argv[1], sys.argv[2], eval(sys.argv[3])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # the same model on both ranks
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(model.config.vocab_size + 8)  # new tokens, frozen or in modules_to_save
+    config = gatera_plugin.GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=modules_to_save)
+    model = randomize_adapters(get_peft_model(model, config))
+    ids = torch.tensor([[3, 128, 5, 135, 7, 130]])  # 128..135 are the new tokens
+    if rank == 0:
+        model.save_pretrained(out + "/one-process")
+        torch.save({"logits": eval_logits(model, ids), "ids": ids}, out + "/trained.pt")
+    dist.barrier()
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.save_pretrained(out + "/sharded", is_main_process=rank == 0)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+@FSDP2_ON_CPU
+@pytest.mark.parametrize("modules_to_save", [None, ["lm_head"]], ids=["frozen-embeddings", "head-in-modules-to-save"])
+def test_sharded_save_after_new_tokens_keeps_the_resized_embeddings(tmp_path, modules_to_save):
+    """New tokens resize the embeddings; PEFT then saves the embedding layers (their new rows are drawn at random)
+    with the adapter. Under FSDP2 the adapter is gathered by `adapter_state_dict`, which left these frozen base
+    tensors out: the adapter reloaded onto a base whose new rows were drawn afresh, another model, and with a head in
+    `modules_to_save` its `original_module` (the disabled adapter's head, DPO's reference) was lost. Now the sharded
+    save writes what a one-process save writes, and reloads to the trained logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import eval_logits, tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "base")  # a base folder, as PEFT decides by its config.json
+    script = tmp_path / "save.py"
+    script.write_text(SHARDED_SAVE_AFTER_NEW_TOKENS)
+    ok(run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+            str(script), str(tmp_path / "base"), str(tmp_path), repr(modules_to_save)]))
+    sharded, one_process = adapter(tmp_path / "sharded"), adapter(tmp_path / "one-process")
+    assert sharded.keys() == one_process.keys()
+    assert "base_model.model.model.embed_tokens.weight" in sharded
+    for key in sharded:
+        assert torch.equal(sharded[key], one_process[key]), key
+    trained = torch.load(tmp_path / "trained.pt")
+    torch.manual_seed(1)  # other new rows than the run's
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    base.resize_token_embeddings(base.config.vocab_size + 8)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "sharded")
+    torch.testing.assert_close(eval_logits(reloaded, trained["ids"]), trained["logits"])
