@@ -23,12 +23,17 @@ adapter and FSDP is on:
 Outside a Trainer, `model.save_pretrained(out, is_main_process=rank == 0)` on a sharded GateRA model gathers the
 adapter the same way (`serialization.py` calls `adapter_state_dict`); like any collective, call it on every rank.
 
+Under DeepSpeed ZeRO-3 the same `save_model` wrapper adds to ZeRO-3's consolidated state dict (which leaves frozen
+parameters out for a PEFT model) the resized embedding layers that PEFT saves with an adapter
+(`zero3_saves_keep_resized_embeddings`).
+
 The penalty needs nothing: `trainer_integration` counts the step's real tokens on all ranks (accelerate's gather),
 and FSDP averages gradients over ranks like DDP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -168,7 +173,8 @@ def _kept_base_tensors(model, state: dict, save_embedding_layers) -> set[str]:
 
     from peft.utils import get_peft_model_state_dict
 
-    stand_ins = {key: torch.empty(value.shape, dtype=value.dtype, device="meta") for key, value in state.items()}
+    stand_ins = {key: torch.empty(getattr(value, "ds_shape", value.shape), dtype=value.dtype, device="meta")
+                 for key, value in state.items()}  # (ZeRO-3's partitioned parameters keep their shape in ds_shape)
     kept = set()
     with warnings.catch_warnings():  # PEFT says what it decided when it saves, once: not here as well
         warnings.simplefilter("ignore")
@@ -205,6 +211,47 @@ def adapter_state_dict(model, save_embedding_layers="auto") -> dict[str, torch.T
     return result
 
 
+@contextlib.contextmanager
+def zero3_saves_keep_resized_embeddings(engine):
+    """Within it, DeepSpeed ZeRO-3's consolidated state dict without frozen parameters (what the Trainer saves for a
+    PEFT model) also holds the frozen base tensors that PEFT saves with an adapter: the embedding layers after new
+    tokens resized them (see `_kept_base_tensors`). Every rank takes part in gathering them; rank 0 gets them.
+
+    Without this an adapter trained under ZeRO-3 with new tokens and frozen embeddings lacked them, and reloaded onto a
+    base whose new rows were drawn afresh: another model. (`engine`: the `DeepSpeedEngine` around the PEFT model.)
+    """
+    import deepspeed
+
+    consolidate = engine._zero3_consolidated_16bit_state_dict
+
+    def with_resized_embeddings(*args, **kwargs):
+        state = consolidate(*args, **kwargs)
+        if not kwargs.get("exclude_frozen_parameters", args[0] if args else False):
+            return state
+        model_state = engine.module.state_dict(keep_vars=True)
+        kept = sorted(key for key in _kept_base_tensors(engine.module, model_state, "auto")
+                      if not model_state[key].requires_grad)
+        tensors = list({id(model_state[key]): model_state[key] for key in kept}.values())  # tied: one parameter
+        with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
+            if state is not None:  # rank 0
+                state.update({key: model_state[key].detach().cpu().clone() for key in kept})
+        return state
+
+    engine._zero3_consolidated_16bit_state_dict = with_resized_embeddings
+    try:
+        yield
+    finally:
+        del engine._zero3_consolidated_16bit_state_dict  # the class's method again
+
+
+def _zero3_gatera(trainer) -> bool:
+    from .trainer_integration import find_gatera_model
+
+    engine = getattr(trainer, "deepspeed", None)
+    return (getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
+            and find_gatera_model(trainer.model) is not None)
+
+
 def _fsdp_gatera(trainer) -> bool:
     from .trainer_integration import find_gatera_model
 
@@ -231,6 +278,9 @@ def install() -> None:
 
     @functools.wraps(original_save_model)
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        if _zero3_gatera(self):
+            with zero3_saves_keep_resized_embeddings(self.deepspeed):
+                return original_save_model(self, output_dir, _internal_call)
         if not _fsdp_gatera(self):
             return original_save_model(self, output_dir, _internal_call)
         state_dict = adapter_state_dict(self.model)  # every rank: a collective

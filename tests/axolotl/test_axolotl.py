@@ -804,6 +804,40 @@ def test_new_tokens_on_a_tied_model_train_one_embedding_copy(workspace, variant)
         torch.testing.assert_close(reloaded, torch.load(out / "probe.pt")["logits"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["one-process", "fsdp2", "zero3"])
+def test_resized_frozen_embeddings_are_saved_with_the_adapter(workspace, variant):
+    """`resize_token_embeddings_to_32x: true` (vocabulary rows padded for tensor cores, here 489 -> 512) resizes the
+    embeddings without `lora_modules_to_save` (which Axolotl asks for only with new `tokens:`): the new rows are drawn
+    at random and stay frozen, and PEFT saves both embedding layers with the adapter, so that it reloads onto any
+    resized base to the same model. Under FSDP2 and ZeRO-3 (2 processes) the saves gathered only trainable tensors
+    and left these out (ZeRO-3's consolidated state dict for a PEFT model excludes frozen parameters): the adapter then
+    reloaded onto other random rows. Now every variant saves them whole, with the base's own rows unchanged, and the
+    reload takes the saved rows (and, in one process, gives the trained logits)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(workspace / "base")
+    name, vocab = f"resized-frozen-{variant}", base.config.vocab_size
+    example = {"one-process": "gatera.yml", "fsdp2": "gatera-fsdp2.yml", "zero3": "gatera-zero3.yml"}[variant]
+    overrides = dict(resize_token_embeddings_to_32x=True, max_steps=4)
+    if variant == "one-process":
+        _train(workspace, name, example=example, **overrides)
+    else:
+        cfg = _config(workspace, name, example=example, micro_batch_size=2, **overrides)
+        _ok(_axolotl("train", str(cfg), "--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port",
+                     "29662" if variant == "fsdp2" else "29663"))
+    out = workspace / name
+    saved = load_file(out / "adapter_model.safetensors")
+    for key, layer in [("base_model.model.model.embed_tokens.weight", base.get_input_embeddings()),
+                       ("base_model.model.lm_head.weight", base.get_output_embeddings())]:
+        assert key in saved, sorted(k for k in saved if "gatera_" not in k)
+        assert saved[key].shape[0] == 512 and torch.equal(saved[key][:vocab].float(), layer.weight), key
+    rows = saved["base_model.model.model.embed_tokens.weight"].shape[0]
+    reloaded = _reload_logits(workspace / "base", out, vocabulary=rows)
+    if variant == "one-process":
+        torch.testing.assert_close(reloaded, torch.load(out / "probe.pt")["logits"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full-precision", "4bit"])
 def test_dpo_after_sft_continues_from_the_sft_adapter(workspace, preference_data, load_in_4bit):
     """`rl: dpo` with `lora_model_dir` (DPO after SFT; a gated adapter cannot be merged into the base first): TRL
