@@ -18,7 +18,8 @@ Installed on `import gatera_plugin`, wrappers around PEFT's functions act on Gat
   after one warning per feature that says what is lost; the `.previous` copies are then real copies.
 - `save_pretrained(safe_serialization=False)` is refused unless pickles are allowed (below): it would write a file
   this package refuses to load.
-- `load_peft_weights` (what `from_pretrained` and `load_adapter` read through) checks a local GateRA folder first:
+- `load_peft_weights` (what `from_pretrained` and `load_adapter` read through) checks a GateRA folder first (a local
+  one, or a Hub adapter's copy in the Hugging Face cache, fetched as PEFT fetches it):
   weights present, readable (not truncated), floating-point, matching the config's checksum and structure stamp;
   non-finite values are reported with a warning (as at save time); pickled weights (`adapter_model.bin`) are
   refused unless the user opts in (`GATERA_ALLOW_PICKLE=1` or `with allow_pickle():`), because unpickling can run
@@ -557,10 +558,45 @@ def _local_folder(model_id, subfolder=None) -> Path | None:
     return folder if folder.is_dir() and (folder / CONFIG).is_file() else None
 
 
+# What PEFT passes on to `hf_hub_download` when it fetches an adapter from the Hub
+_HUB_DOWNLOAD_OPTIONS = ("subfolder", "revision", "cache_dir", "token", "repo_type", "local_files_only",
+                         "force_download", "proxies")
+
+
+def _hub_folder(model_id, options: dict) -> Path | None:
+    """For a Hub adapter `model_id`: the folder of its local copy (the Hugging Face cache's snapshot), with its config
+    and, for a GateRA adapter, its weights fetched there as PEFT fetches them, so that a Hub adapter gets the checks
+    of a local one. None where `model_id` is no Hub adapter that can be fetched: PEFT then reports that itself."""
+    if not isinstance(model_id, str) or os.path.exists(model_id):
+        return None
+    from huggingface_hub import hf_hub_download
+
+    download = {key: options[key] for key in _HUB_DOWNLOAD_OPTIONS if options.get(key) is not None}
+    if options.get("use_auth_token") is not None:
+        download.setdefault("token", options["use_auth_token"])
+    try:
+        folder = Path(hf_hub_download(model_id, CONFIG, **download)).parent
+    except Exception:  # not a repository id, not found, offline and not cached: PEFT's own load says which
+        return None
+    if is_gatera_type(read_config(folder).get("peft_type")):
+        for weights in (WEIGHTS, PICKLED_WEIGHTS):
+            try:
+                hf_hub_download(model_id, weights, **download)
+                break
+            except Exception:  # this one is not there: the next; with neither, the folder check says so
+                continue
+    return folder
+
+
+def _adapter_folder(model_id, options: dict) -> Path | None:
+    """The local folder of adapter `model_id`: the folder itself, or a Hub adapter's local copy (`_hub_folder`)."""
+    return _local_folder(model_id, options.get("subfolder")) or _hub_folder(model_id, options)
+
+
 def wrap_load_peft_weights(original):
     @functools.wraps(original)
     def load_peft_weights(model_id, *args, **kwargs):
-        folder = _local_folder(model_id, kwargs.get("subfolder"))
+        folder = _adapter_folder(model_id, kwargs)
         gatera = False
         if folder is not None:
             peft_type = read_config(folder).get("peft_type")
@@ -585,7 +621,7 @@ def wrap_load_peft_weights(original):
 
 @contextlib.contextmanager
 def _reading(model_id, kwargs):
-    """For the length of a load from a local folder: a shared lock on it, and its checks, before PEFT builds anything
+    """For the length of a load from a local folder (or a Hub adapter's local copy): a shared lock on it, and its checks, before PEFT builds anything
     from the config (an edited config could otherwise fail deep inside PEFT, or build another model).
 
     Checks that the config parses and names a PEFT method this installation knows (PEFT would fail with a bare
@@ -593,7 +629,7 @@ def _reading(model_id, kwargs):
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    folder = _local_folder(model_id, kwargs.get("subfolder"))
+    folder = _adapter_folder(model_id, kwargs)
     if folder is None or _loading.get() == str(folder):
         yield
         return

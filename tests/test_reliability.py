@@ -465,6 +465,58 @@ def test_peft_type_in_lower_case_loads(tmp_path):
                                    eval_logits(source, ids))
 
 
+# ------------------------------------------------------------------------------------------------ Hub adapters
+HUB_REPO = "someone/gatera-adapter"
+
+
+def _on_the_hub(saved, cache, subfolder=None):
+    """Put the adapter folder `saved` into the Hugging Face cache `cache` as the Hub repository HUB_REPO (at main, in
+    `subfolder`), as a download would: then, offline, PEFT loads it by repository id. Returns the snapshot folder."""
+    commit = "0" * 40
+    repo = cache / f"models--{HUB_REPO.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit / (subfolder or "")
+    snapshot.mkdir(parents=True)
+    for path in saved.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    return snapshot
+
+
+@pytest.mark.parametrize("subfolder", [None, "sft"])
+def test_hub_adapters_get_the_checks_of_local_ones(tmp_path, monkeypatch, subfolder):
+    """`PeftModel.from_pretrained(base, "user/repo")`, the usual way to share an adapter. Before, only local folders
+    were checked: a Hub adapter whose config was edited afterwards (say `lora_alpha` in the Hub's web editor) loaded
+    silently as another model. Now the adapter's local copy in the Hugging Face cache gets the same checks."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the cache only, never the network
+    ids = torch.randint(3, 128, (2, 7))
+    source = _save_random(tmp_path / "saved")
+    cache = tmp_path / "cache"
+    snapshot = _on_the_hub(tmp_path / "saved", cache, subfolder)
+    options = {"cache_dir": str(cache), **({"subfolder": subfolder} if subfolder else {})}
+    loaded = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS))
+    if subfolder is None:  # (offline, PEFT 0.21.2 looks for the weights of a Hub subfolder in subfolder/subfolder/)
+        loaded = PeftModel.from_pretrained(tiny_llama(), HUB_REPO, **options)
+        torch.testing.assert_close(eval_logits(loaded, ids), eval_logits(source, ids))
+        loaded.load_adapter(HUB_REPO, adapter_name="again", **options)  # the other way in
+    _edit_config(snapshot, {"lora_alpha": 64})
+    with pytest.raises(ValueError, match=r"snapshots/0+/(sft/)?adapter_config.json: field\(s\) `lora_alpha` differ"):
+        PeftModel.from_pretrained(tiny_llama(), HUB_REPO, **options)
+    with pytest.raises(ValueError, match=r"field\(s\) `lora_alpha` differ"):
+        loaded.load_adapter(HUB_REPO, adapter_name="edited", **options)
+
+
+def test_a_repository_id_that_is_not_there_is_left_to_peft(tmp_path, monkeypatch):
+    """A Hub id that cannot be fetched (no such repository, or offline and not cached) gets PEFT's own error."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="Can't find 'adapter_config.json' at 'someone/gatera-adapter'"):
+        PeftModel.from_pretrained(tiny_llama(), HUB_REPO, cache_dir=str(tmp_path))
+
+
 # ------------------------------------------------------------------------------------------------ NaN / inf weights
 def test_non_finite_weights_warn_at_save_and_at_load(tmp_path):
     """Decision: warn (naming the tensors), not refuse, at both ends: a diverged run's state can still be saved and
