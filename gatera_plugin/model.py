@@ -26,7 +26,7 @@ from .config import GateRAConfig
 from .fsdp import refuse_tensor_parallel
 from .gates import GATES_BY_STATS_KIND
 from .layer import MIXED_BATCHES_REFUSED, SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
-from .penalty import GateStats, PenaltyRun
+from .penalty import GateStats, PenaltyRun, statistics_dtype
 
 # torch's checkpoint_wrapper (FSDP's activation checkpointing: `fsdp_config={"activation_checkpointing": True}`,
 # Axolotl's `fsdp_activation_checkpointing`) puts a module of this name between a layer and its children. Its state-dict
@@ -384,7 +384,7 @@ class GateRAModel(BaseTuner):
                     device = device or module.gatera_A[adapter_name].device
         if not rows:
             return {}
-        table = torch.zeros(len(rows), len(GateStats.KEYS), dtype=torch.float64, device=device)  # (rows, 4)
+        table = torch.zeros(len(rows), len(GateStats.KEYS), dtype=statistics_dtype(device), device=device)  # (rows, 4)
         for i, row in enumerate(rows):
             sums = row[3].pop_tensor()
             if sums is not None:

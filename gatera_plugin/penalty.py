@@ -54,6 +54,15 @@ def binary_entropy_grad(gate: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, (torch.log1p(-gc) - torch.log(gc)) / LOG2, torch.zeros_like(gc))
 
 
+# Device types without float64 arithmetic (Apple's MPS): the gate statistics are summed in float32 there.
+DEVICES_WITHOUT_FLOAT64 = frozenset({"mps"})
+
+
+def statistics_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the gate statistics' sums on `device`: float64, or float32 where the device has no float64."""
+    return torch.float32 if device.type in DEVICES_WITHOUT_FLOAT64 else torch.float64
+
+
 class GateStats:
     """Running sums of one gated layer's statistics over real tokens, accumulated on the gate's device.
 
@@ -64,7 +73,7 @@ class GateStats:
     KEYS = ("tokens", "gate", "entropy", "open")
 
     def __init__(self):
-        self._sums: Optional[torch.Tensor] = None  # (4,) float64: tokens, Σg, ΣH, Σ[g>0.5]
+        self._sums: Optional[torch.Tensor] = None  # (4,) `statistics_dtype`: tokens, Σg, ΣH, Σ[g>0.5]
 
     @torch.no_grad()
     def add(self, gate: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
@@ -72,7 +81,7 @@ class GateStats:
         weight = mask.float() if mask is not None else torch.ones_like(g)
         sums = torch.stack(
             [weight.sum(), (g * weight).sum(), (binary_entropy(g) * weight).sum(), ((g > 0.5).float() * weight).sum()]
-        ).double()
+        ).to(statistics_dtype(g.device))
         self._sums = sums if self._sums is None else self._sums + sums.to(self._sums.device)
 
     def pop_tensor(self) -> Optional[torch.Tensor]:

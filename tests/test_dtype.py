@@ -130,3 +130,45 @@ def test_cache_delta_keeps_the_inference_delta_in_the_input_dtype():
         layer.base_layer.float()
         model(x.float())
         assert layer._delta_cache["default"][3].dtype == torch.float32
+
+
+class _NoFloat64(TorchDispatchMode):
+    """Raises, as Apple's MPS does, on any operation that reads or makes a float64 tensor."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if kwargs.get("dtype") == torch.float64 or any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tree_leaves((args, out))):
+            raise TypeError(f"{func}: Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't "
+                            "support float64. Please use float32 instead.")
+        return out
+
+
+@pytest.mark.parametrize("gates", [{"gate": "sigmoid", "entropy_weight": 0.5}, {"gate": "threshold"},
+                                   {"gate": "none", "structure_gate": True}], ids=["sigmoid", "threshold", "structure"])
+def test_training_and_gate_statistics_on_a_device_without_float64(monkeypatch, gates):
+    """Apple's MPS has no float64. The gate statistics were summed in float64 on the gate's
+    device, so the first gated forward in training raised there. On such devices they are now summed in float32: a
+    training step and its logged statistics run with no float64 operation, and log what the float64 sums log."""
+    from gatera_plugin import penalty
+    from tests.helpers import tiny_llama
+
+    ids = torch.randint(3, 128, (2, 9))
+
+    def step_logs():
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                          init_weights=False, **gates)).train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return model.base_model.pop_gate_stats(per_layer=True)
+
+    expected = step_logs()
+    monkeypatch.setattr(penalty, "DEVICES_WITHOUT_FLOAT64", penalty.DEVICES_WITHOUT_FLOAT64 | {"cpu"})
+    with _NoFloat64():
+        logs = step_logs()
+    assert logs.keys() == expected.keys() and len(logs) > 2
+    for key in logs:
+        assert logs[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
