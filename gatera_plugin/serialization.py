@@ -24,6 +24,9 @@ Installed on `import gatera_plugin`, wrappers around PEFT's functions act on Gat
   non-finite values are reported with a warning (as at save time); pickled weights (`adapter_model.bin`) are
   refused unless the user opts in (`GATERA_ALLOW_PICKLE=1` or `with allow_pickle():`), because unpickling can run
   code. Which tensors the config expects is checked when they are loaded (`GateRAModel._remap_adapter_state_dict_for_load`).
+- `PeftConfig.from_pretrained` runs the same folder checks for a GateRA folder with weights: transformers' own adapter
+  loading (`AutoModelForCausalLM.from_pretrained(adapter_folder)`, `model.load_adapter`) reads the config that way and
+  then the weights itself, past PEFT's loading.
 
 Adapters saved before the structure stamp existed (no `structure_stamp` field; the format version is unchanged) still
 load, with a warning: their tensor set, shapes and gate kinds are checked against the config, but an edit of a field
@@ -647,6 +650,25 @@ def _reading(model_id, kwargs):
             _loading.reset(token)
 
 
+def wrap_config_from_pretrained(original):
+    """`PeftConfig.from_pretrained`, which transformers' own adapter loading (`PeftAdapterMixin`: `from_pretrained` on an
+    adapter folder, `model.load_adapter`) calls before reading the weights itself, bypassing PEFT's loading: a GateRA
+    folder with weights gets `check_adapter_folder` there (under a shared lock), unless a load that checked it is under
+    way. (A folder with a config alone, `config.save_pretrained`, is a config to read, not an adapter to check.)"""
+
+    @functools.wraps(original.__func__)
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        folder = _adapter_folder(pretrained_model_name_or_path, dict(kwargs, subfolder=subfolder))
+        if (folder is not None and _loading.get() != str(folder) and is_gatera_type(read_config(folder).get("peft_type"))
+                and ((folder / WEIGHTS).exists() or (folder / PICKLED_WEIGHTS).exists())):
+            with folder_lock(folder, exclusive=False):
+                check_adapter_folder(folder)
+        return original.__get__(None, cls)(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    setattr(from_pretrained, _MARK, True)
+    return classmethod(from_pretrained)
+
+
 def wrap_from_pretrained(original):
     @functools.wraps(original.__func__)
     def from_pretrained(cls, model, model_id, *args, **kwargs):
@@ -668,7 +690,9 @@ def wrap_load_adapter(original):
 
 
 def install() -> None:
-    """Wrap PeftModel's save_pretrained, from_pretrained, load_adapter and every reference to load_peft_weights, once."""
+    """Wrap PeftModel's save_pretrained, from_pretrained, load_adapter, PeftConfig's from_pretrained and every reference
+    to load_peft_weights, once."""
+    import peft.config
     import peft.peft_model
     import peft.utils
     import peft.utils.save_and_load
@@ -681,6 +705,10 @@ def install() -> None:
     raw = cls.__dict__["from_pretrained"]
     if not getattr(raw.__func__, _MARK, False):
         cls.from_pretrained = wrap_from_pretrained(raw)
+    config_cls = peft.config.PeftConfigMixin
+    raw = config_cls.__dict__["from_pretrained"]
+    if not getattr(raw.__func__, _MARK, False):
+        config_cls.from_pretrained = wrap_config_from_pretrained(raw)
     for module in (peft.peft_model, peft.utils, peft.utils.save_and_load):
         current = getattr(module, "load_peft_weights", None)
         if current is not None and not getattr(current, _MARK, False):

@@ -59,6 +59,31 @@ def test_auto_peft_model_loads_base_and_adapter(tmp_path):
     torch.testing.assert_close(eval_logits(auto, input_ids), expected)
 
 
+def test_transformers_own_adapter_loading(tmp_path):
+    """transformers loads PEFT adapters itself (`PeftAdapterMixin`): `AutoModelForCausalLM.from_pretrained` on an
+    adapter folder, and `model.load_adapter(folder)` on a base. Both give the trained logits, and both refuse a config
+    edited after the save, as PEFT's own loading does."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = randomize_adapters(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS)))
+    input_ids = torch.randint(3, 128, (2, 9))
+    expected = eval_logits(model, input_ids)
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(eval_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "adapter"), input_ids),
+                               expected)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    base.load_adapter(str(tmp_path / "adapter"))
+    torch.testing.assert_close(eval_logits(base, input_ids), expected)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 64}))
+    with pytest.raises(ValueError, match=r"field\(s\) `lora_alpha` differ"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"field\(s\) `lora_alpha` differ"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base").load_adapter(str(tmp_path / "adapter"))
+
+
 def test_loading_onto_a_wrong_base_is_refused_clearly(tmp_path):
     model = get_peft_model(tiny_llama(hidden=32), GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS))
     model.save_pretrained(tmp_path)
