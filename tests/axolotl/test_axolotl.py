@@ -954,3 +954,19 @@ def test_a_continued_adapter_takes_the_configs_training_options_and_keeps_its_st
     assert any("saved with other settings than this config's {'lora_r': (8, 4), 'peft_ensure_weight_tying': (True, "
                "False)}" in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+def test_evaluate_cli_evaluates_the_trained_adapter(workspace):
+    """`axolotl evaluate` with `lora_model_dir` (the trained adapter) evaluates that adapter: its loss on the training
+    data is the trained model's, far below a new adapter's (the same command without `lora_model_dir`)."""
+    _train(workspace, "run-fp32")
+    losses = {}
+    for label, extra in (("trained", {"lora_model_dir": str(workspace / "run-fp32")}), ("new", {})):
+        done = _axolotl("evaluate", str(_config(workspace, f"evaluate-{label}", **extra)), timeout=600)
+        _ok(done)
+        output = done.stdout + done.stderr
+        assert "GateRA:" not in output, output[-3000:]
+        assert (f"Loading GateRA adapter from {workspace / 'run-fp32'}" in output) == (label == "trained")
+        losses[label] = [float(v) for v in re.findall(r"train_loss: ([-0-9.e]+)", output)]
+    assert len(losses["trained"]) == len(losses["new"]) == 1, losses
+    assert losses["trained"][0] < 0.5 * losses["new"][0], losses  # measured: 2.09 against 7.49
