@@ -36,9 +36,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from typing import Optional
+from unittest import mock
 
 import torch
+from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from ._registration import PREFIX
@@ -161,20 +164,12 @@ def is_sharded(model) -> bool:
     return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _kept_base_tensors(model, state: dict, save_embedding_layers) -> set[str]:
-    """The keys of `state` that PEFT's own selection saves under their own names: the embedding layers' base weights
-    where the vocabulary was resized (new tokens; `save_embedding_layers="auto"`) or where the caller asks for them.
-
-    Decided by PEFT's `get_peft_model_state_dict` itself, run on shape-only (meta) stand-ins, so nothing is gathered
-    to decide; then rank 0's answer is taken by every rank, since PEFT's check may ask the Hub for the base's config
-    and each rank could get another answer (a collective with other keys on some ranks would hang).
-    """
-    import warnings
-
-    from peft.utils import get_peft_model_state_dict
-
+def _peft_kept_keys(model, state: dict, save_embedding_layers) -> set[str]:
+    """The keys of `state` that PEFT's own selection (`get_peft_model_state_dict`) saves under their own names, run on
+    shape-only (meta) stand-ins so that nothing is gathered to decide. (ZeRO-3's partitioned parameters keep their
+    shape in `ds_shape`.)"""
     stand_ins = {key: torch.empty(getattr(value, "ds_shape", value.shape), dtype=value.dtype, device="meta")
-                 for key, value in state.items()}  # (ZeRO-3's partitioned parameters keep their shape in ds_shape)
+                 for key, value in state.items()}
     kept = set()
     with warnings.catch_warnings():  # PEFT says what it decided when it saves, once: not here as well
         warnings.simplefilter("ignore")
@@ -182,32 +177,54 @@ def _kept_base_tensors(model, state: dict, save_embedding_layers) -> set[str]:
             selected = get_peft_model_state_dict(model, state_dict=stand_ins, adapter_name=name,
                                                  save_embedding_layers=save_embedding_layers)
             kept |= selected.keys() & stand_ins.keys()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        decided = [sorted(kept)]
-        torch.distributed.broadcast_object_list(decided, src=0)
-        kept = set(decided[0])
     return kept
 
 
-def adapter_state_dict(model, save_embedding_layers="auto") -> dict[str, torch.Tensor]:
+def _kept_base_tensors(model, state: dict, save_embedding_layers) -> set[str]:
+    """The keys of `state` that PEFT saves with an adapter under their own names: the embedding layers' base weights
+    where the vocabulary was resized (new tokens; `save_embedding_layers="auto"`) or where the caller asks for them.
+
+    In a distributed run rank 0 alone decides and every rank takes its answer, or its error: PEFT's check may ask the
+    Hub for the base's config, and ranks that decided each for themselves could gather other keys, or some could
+    raise while the others wait in the collective.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return _peft_kept_keys(model, state, save_embedding_layers)
+    decided = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            decided = [sorted(_peft_kept_keys(model, state, save_embedding_layers))]
+        except Exception as error:  # every rank raises it below, instead of rank 0 alone
+            decided = [f"{type(error).__name__}: {error}"]
+    torch.distributed.broadcast_object_list(decided, src=0)
+    if isinstance(decided[0], str):
+        raise RuntimeError(f"GateRA: deciding on rank 0 which base tensors PEFT saves with the adapter failed: "
+                           f"{decided[0]}")
+    return set(decided[0])
+
+
+def adapter_state_dict(model, save_embedding_layers="auto", keep: bool = True) -> dict[str, torch.Tensor]:
     """The adapter's tensors (GateRA parameters, `modules_to_save`, anything trainable, and the base embedding layers
     that PEFT saves with an adapter when the vocabulary was resized), gathered whole, on CPU.
 
     Keys are those of `model.state_dict()`. A collective under FSDP2: every rank must call it (the same keys, in the
-    same order); each rank gets the full tensors. No other frozen base weight is gathered. Without the embedding
-    layers, an adapter trained with new tokens reloaded onto a base whose new rows were drawn afresh: another model.
+    same order); a rank that will not write (`keep=False`) takes part in the gathers and returns {}. No other frozen
+    base weight is gathered. Without the embedding layers, an adapter trained with new tokens reloaded onto a base
+    whose new rows were drawn afresh: another model.
     """
     DTensor = _dtensor_type()
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     state = model.state_dict()
     kept = _kept_base_tensors(model, state, save_embedding_layers)
-    result = {}
+    result, gathered = {}, {}  # gathered: id(tensor) -> its whole copy (tied weights: one gather, one copy)
     for key, value in state.items():
         if not (PREFIX in key or ".modules_to_save." in key or key in trainable or key in kept):
             continue
-        if DTensor is not None and isinstance(value, DTensor):
-            value = value.full_tensor()
-        result[key] = value.detach().cpu()
+        if id(value) not in gathered:
+            whole = value.full_tensor() if DTensor is not None and isinstance(value, DTensor) else value
+            gathered[id(value)] = whole.detach().cpu() if keep else None
+        if keep:
+            result[key] = gathered[id(value)]
     return result
 
 
@@ -237,11 +254,8 @@ def zero3_saves_keep_resized_embeddings(engine):
                 state.update({key: model_state[key].detach().cpu().clone() for key in kept})
         return state
 
-    engine._zero3_consolidated_16bit_state_dict = with_resized_embeddings
-    try:
-        yield
-    finally:
-        del engine._zero3_consolidated_16bit_state_dict  # the class's method again
+    with mock.patch.object(engine, "_zero3_consolidated_16bit_state_dict", with_resized_embeddings):
+        yield  # (afterwards the engine's own method, or an earlier patch of it, again)
 
 
 def _zero3_gatera(trainer) -> bool:
@@ -283,7 +297,7 @@ def install() -> None:
                 return original_save_model(self, output_dir, _internal_call)
         if not _fsdp_gatera(self):
             return original_save_model(self, output_dir, _internal_call)
-        state_dict = adapter_state_dict(self.model)  # every rank: a collective
+        state_dict = adapter_state_dict(self.model, keep=self.args.should_save)  # every rank: a collective
         self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save")

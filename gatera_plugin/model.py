@@ -388,7 +388,7 @@ class GateRAModel(BaseTuner):
         for i, row in enumerate(rows):
             sums = row[3].pop_tensor()
             if sums is not None:
-                table[i] = sums.to(device)
+                table[i] = sums.to(table.dtype).to(device)  # (a CPU layer's float64 sums, an MPS table)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(table)
         table = table.cpu()

@@ -32,22 +32,27 @@ Adapters saved before the structure stamp existed (no `structure_stamp` field; t
 load, with a warning: their tensor set, shapes and gate kinds are checked against the config, but an edit of a field
 that leaves the tensors alike (`branch` hira / lora, `lora_alpha`, ...) cannot be detected. Re-saving stamps them.
 
-Other PEFT methods go through untouched.
+Other PEFT methods go through untouched, but for a check that their config names a known method, a refusal of
+GateRA weights beside another method's config, and, for a Hub adapter, one extra fetch of its config (to learn
+its method).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import errno
 import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from ._registration import PREFIX, SPELLINGS
 from .fsdp import adapter_state_dict, is_sharded
@@ -73,7 +78,7 @@ STRUCTURE_FIELDS = (
 )
 _MARK = "__gatera_wrapped__"
 _allow_pickle_depth = 0
-_loading = contextvars.ContextVar("gatera_loading_folder", default=None)
+_loading = contextvars.ContextVar("gatera_loading", default=None)  # ((model_id, subfolder), folder) of the load under way
 
 
 @contextlib.contextmanager
@@ -110,8 +115,8 @@ def _is_gatera(peft_model) -> bool:
 
 def loading_source() -> str:
     """The weights file being loaded by `from_pretrained` / `load_adapter` right now (for messages), or its bare name."""
-    folder = _loading.get()
-    return str(Path(folder) / WEIGHTS) if folder else WEIGHTS
+    current = _loading.get()
+    return str(current[1] / WEIGHTS) if current else WEIGHTS
 
 
 # ------------------------------------------------------------------------------------------------- stamps
@@ -207,43 +212,43 @@ def check_tensors(state: dict, source) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- file systems
-# Errors by which a file system says that it lacks a feature rather than that the call failed: Lustre mounted without
-# `-o flock` (ENOSYS), NFS without a lock daemon (ENOLCK), FUSE and bucket mounts without hard links, renames or
-# directory fsync (EPERM, ENOTSUP, EINVAL). Saves there go on without the feature, with one warning per feature.
-_LACKING = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EINVAL})
+@dataclasses.dataclass(frozen=True)
+class _Feature:
+    """A file-system feature that saves use where it exists: the errors by which a file system says that it lacks it
+    (rather than that the call failed), and what is lost without it (None: nothing, so no warning)."""
+
+    name: str
+    lacking: frozenset
+    without: Optional[str]
+
+
+# Lustre mounted without `-o flock` (ENOSYS), no lock manager (ENOLCK), FUSE and bucket mounts (the others)
+LOCKS = _Feature("file locks (flock)", frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}),
+                 "saves and loads there are not serialised across processes")
+FSYNC = _Feature("fsync", frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}),
+                 "a save there may not survive a power loss")
+HARD_LINKS = _Feature("hard links", frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}), None)
+RENAMES = _Feature("renaming files", frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}),
+                   "files there are replaced by copying: an interrupted save can leave a partly written file")
 _warned_lacking: set[str] = set()
 
 
-def _lacks(error: OSError, feature: str, folder: Path, without: str) -> bool:
-    """Whether `error` says that the file system of `folder` lacks `feature`; warns the first time per feature."""
-    if error.errno not in _LACKING:
-        return False
-    if feature not in _warned_lacking:
-        _warned_lacking.add(feature)
-        warnings.warn(
-            f"GateRA: the file system of {folder} does not support {feature} ({error.strerror}), so {without}. "
-            "Adapters are saved and loaded all the same; this is said once per process.",
-            UserWarning, stacklevel=4,
-        )
-    return True
-
-
-def _flock(fd: int, operation: int, folder: Path) -> None:
-    """`fcntl.flock`, or nothing (after one warning) where the file system refuses locks."""
+def _without(feature: _Feature, folder: Path, call, fallback=lambda: None):
+    """`call()`; where the file system of `folder` lacks `feature`, `fallback()` instead, after one warning per
+    feature and process that says what is lost. Any other error is raised."""
     try:
-        fcntl.flock(fd, operation)
+        return call()
     except OSError as error:
-        if not _lacks(error, "file locks (flock)", folder, "saves and loads there are not serialised across processes"):
+        if error.errno not in feature.lacking:
             raise
-
-
-def _fsync(fd: int, folder: Path) -> None:
-    """`os.fsync`, or nothing (after one warning) where the file system cannot sync this file or folder."""
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        if not _lacks(error, "fsync", folder, "a save there may not survive a power loss"):
-            raise
+        if feature.without is not None and feature.name not in _warned_lacking:
+            _warned_lacking.add(feature.name)
+            warnings.warn(
+                f"GateRA: the file system of {folder} does not support {feature.name} ({error.strerror}), so "
+                f"{feature.without}. Adapters are saved and loaded all the same; this is said once per process.",
+                UserWarning, stacklevel=4,
+            )
+        return fallback()
 
 
 # ------------------------------------------------------------------------------------------------- locks
@@ -264,7 +269,7 @@ def folder_lock(folder: Path, exclusive: bool):
     fd = _open_dir(folder) if fcntl is not None else None
     if fd is not None:
         try:
-            _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, folder)
+            _without(LOCKS, folder, lambda: fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH))
         except BaseException:
             os.close(fd)
             raise
@@ -307,7 +312,7 @@ def _fsync_dir(path: Path) -> None:
     if fd is None:  # pragma: no cover (platforms without directory fds)
         return
     try:
-        _fsync(fd, path)
+        _without(FSYNC, path, lambda: os.fsync(fd))
     finally:
         os.close(fd)
 
@@ -315,21 +320,23 @@ def _fsync_dir(path: Path) -> None:
 def _keep_previous(destination: Path, backup: Path) -> None:
     """Keep `destination` reachable as `backup`: a hard link, or a copy where the file system has no hard links."""
     backup.unlink(missing_ok=True)
-    try:
-        os.link(destination, backup)
-    except OSError:
-        shutil.copy2(destination, backup)
+    _without(HARD_LINKS, destination.parent, lambda: os.link(destination, backup),
+             lambda: shutil.copy2(destination, backup))
 
 
 def _replace(source: Path, destination: Path) -> None:
-    """`os.replace`, or a copy (after one warning) where the file system cannot rename files."""
-    try:
-        os.replace(source, destination)
-    except OSError as error:
-        without = "files there are replaced by copying: an interrupted save can leave a partly written file"
-        if not _lacks(error, "renaming files", destination.parent, without):
-            raise
+    """`os.replace`, or where the file system cannot rename files, a copy into `destination` in place (its name never
+    disappears), after giving a `.previous` hard link to it a copy of its own, so that the backup keeps the old
+    content."""
+
+    def copy():
+        backup = destination.with_name(destination.name + PREVIOUS)
+        if backup.exists() and os.path.samefile(backup, destination):
+            backup.unlink()
+            shutil.copy2(destination, backup)
         shutil.copyfile(source, destination)
+
+    _without(RENAMES, destination.parent, lambda: os.replace(source, destination), copy)
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -346,7 +353,7 @@ def _move_into_place(staging: Path, target: Path) -> None:
         destination = target / source.relative_to(staging)
         destination.parent.mkdir(parents=True, exist_ok=True)
         with open(source, "rb") as handle:
-            _fsync(handle.fileno(), target)
+            _without(FSYNC, target, lambda: os.fsync(handle.fileno()))
         if destination.exists() and destination.name in (WEIGHTS, CONFIG):
             backup = destination.with_name(destination.name + PREVIOUS)
             _keep_previous(destination, backup)
@@ -415,9 +422,8 @@ def _warn_if_replacing_another_method(target: Path) -> None:
             warnings.warn(f"Saving a GateRA adapter over the {peft_type} adapter in {target}.", UserWarning, stacklevel=3)
 
 
-def _refuse_pickle(args, kwargs) -> None:
-    safe = kwargs.get("safe_serialization", args[0] if args else True)
-    if not safe and not _pickle_allowed():
+def _refuse_pickle(options: dict) -> None:
+    if not options.get("safe_serialization", True) and not _pickle_allowed():
         raise ValueError(
             "save_pretrained(safe_serialization=False) would write pickled weights (adapter_model.bin), which GateRA "
             "loads only with GATERA_ALLOW_PICKLE=1 or inside `with gatera_plugin.allow_pickle():` (unpickling can run "
@@ -427,14 +433,19 @@ def _refuse_pickle(args, kwargs) -> None:
 
 
 def wrap_save_pretrained(original):
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
+        options = signature.bind_partial(self, save_directory, *args, **kwargs).arguments  # also those given by position
+        main = options.get("is_main_process", True)
         if _is_gatera(self) and kwargs.get("state_dict") is None and is_sharded(self):
-            embeddings = kwargs.get("save_embedding_layers", "auto")  # FSDP2: every rank gathers, the main one writes
-            kwargs["state_dict"] = adapter_state_dict(self, embeddings)
-        if not _is_gatera(self) or not kwargs.get("is_main_process", True) or os.path.isfile(save_directory):
+            # FSDP2: every rank gathers, the main one keeps and writes
+            embeddings = options.get("save_embedding_layers", "auto")
+            kwargs["state_dict"] = adapter_state_dict(self, embeddings, keep=main)
+        if not _is_gatera(self) or not main or os.path.isfile(save_directory):
             return original(self, save_directory, *args, **kwargs)
-        _refuse_pickle(args, kwargs)
+        _refuse_pickle(options)
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
         _warn_if_replacing_another_method(target)
@@ -443,7 +454,7 @@ def wrap_save_pretrained(original):
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
             own = _open_dir(staging)
             if own is not None and fcntl is not None:
-                _flock(own, fcntl.LOCK_EX, staging)  # held until this save ends: marks the staging folder as alive
+                _without(LOCKS, staging, lambda: fcntl.flock(own, fcntl.LOCK_EX))  # held until the save ends: alive
         try:
             if (target / "README.md").exists():  # PEFT updates an existing model card rather than replacing it
                 shutil.copy2(target / "README.md", staging / "README.md")
@@ -494,8 +505,35 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def _files_signature(folder: Path) -> tuple:
+    """(inode, size, mtime) of the config and weights files in `folder`, what changes when either is rewritten, and
+    whether pickles are allowed now (a pickled adapter that passed under `allow_pickle` is refused outside it)."""
+    signature = [_pickle_allowed()]
+    for name in (CONFIG, WEIGHTS, PICKLED_WEIGHTS):
+        try:
+            stat = (folder / name).stat()
+            signature.append((name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            signature.append((name, None))
+    return tuple(signature)
+
+
+_passed_checks: dict[str, tuple] = {}  # folder -> _files_signature when it last passed check_adapter_folder
+
+
 def check_adapter_folder(folder: Path) -> None:
-    """Refuse, with the reason and the fix, a local GateRA adapter folder whose weights cannot be trusted."""
+    """Refuse, with the reason and the fix, a local GateRA adapter folder whose weights cannot be trusted.
+
+    A folder whose files are unchanged since they last passed is not read again (AutoPeftModel reads the config, then
+    loads the adapter: one check, one checksum of the weights)."""
+    signature = _files_signature(folder)
+    if _passed_checks.get(str(folder)) == signature:
+        return
+    _check_adapter_files(folder)
+    _passed_checks[str(folder)] = signature
+
+
+def _check_adapter_files(folder: Path) -> None:
     weights, pickled = folder / WEIGHTS, folder / PICKLED_WEIGHTS
     config = read_config(folder)
     if not weights.exists():
@@ -561,53 +599,80 @@ def _local_folder(model_id, subfolder=None) -> Path | None:
     return folder if folder.is_dir() and (folder / CONFIG).is_file() else None
 
 
-# What PEFT passes on to `hf_hub_download` when it fetches an adapter from the Hub
-_HUB_DOWNLOAD_OPTIONS = ("subfolder", "revision", "cache_dir", "token", "repo_type", "local_files_only",
-                         "force_download", "proxies")
+def _download_options(options: dict) -> dict:
+    """The options of a load that PEFT passes on to `hf_hub_download` (as PEFT selects them: by its signature)."""
+    from huggingface_hub import hf_hub_download
+
+    accepted = set(inspect.signature(hf_hub_download).parameters) - {"repo_id", "filename"}
+    download = {key: value for key, value in options.items() if key in accepted and value is not None}
+    if options.get("use_auth_token") is not None:
+        download.setdefault("token", options["use_auth_token"])
+    return download
 
 
-def _hub_folder(model_id, options: dict) -> Path | None:
+def _hub_folder(model_id, options: dict, fetch_weights: bool) -> Path | None:
     """For a Hub adapter `model_id`: the folder of its local copy (the Hugging Face cache's snapshot), with its config
-    and, for a GateRA adapter, its weights fetched there as PEFT fetches them, so that a Hub adapter gets the checks
-    of a local one. None where `model_id` is no Hub adapter that can be fetched: PEFT then reports that itself."""
+    fetched there as PEFT fetches it and, for a GateRA adapter when `fetch_weights`, its weights too, so that a Hub
+    adapter gets the checks of a local one. None where `model_id` is no Hub adapter that can be fetched, or its weights
+    cannot be (PEFT's own load then says why)."""
     if not isinstance(model_id, str) or os.path.exists(model_id):
         return None
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-    download = {key: options[key] for key in _HUB_DOWNLOAD_OPTIONS if options.get(key) is not None}
-    if options.get("use_auth_token") is not None:
-        download.setdefault("token", options["use_auth_token"])
+    download = _download_options(options)
     try:
         folder = Path(hf_hub_download(model_id, CONFIG, **download)).parent
     except Exception:  # not a repository id, not found, offline and not cached: PEFT's own load says which
         return None
-    if is_gatera_type(read_config(folder).get("peft_type")):
+    if fetch_weights and is_gatera_type(_peft_type(folder)):
         for weights in (WEIGHTS, PICKLED_WEIGHTS):
             try:
                 hf_hub_download(model_id, weights, **download)
-                break
-            except Exception:  # this one is not there: the next; with neither, the folder check says so
+                return folder
+            except EntryNotFoundError:  # not this one: the next
                 continue
+            except Exception:  # network, access: PEFT's own load says which
+                return None
+        return None
     return folder
 
 
-def _adapter_folder(model_id, options: dict) -> Path | None:
-    """The local folder of adapter `model_id`: the folder itself, or a Hub adapter's local copy (`_hub_folder`)."""
-    return _local_folder(model_id, options.get("subfolder")) or _hub_folder(model_id, options)
+def _adapter_folder(model_id, options: dict, fetch_weights: bool = True) -> Path | None:
+    """The local folder of adapter `model_id` (/ `subfolder`): the folder itself, or a Hub adapter's local copy."""
+    return _local_folder(model_id, options.get("subfolder")) or _hub_folder(model_id, options, fetch_weights)
+
+
+def _peft_type(folder: Path):
+    """The `peft_type` of the adapter config in `folder`, or None where it cannot be read (PEFT reports that)."""
+    try:
+        return json.loads((folder / CONFIG).read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_key(model_id, options: dict) -> tuple:
+    return str(model_id), options.get("subfolder")
+
+
+def _under_way(model_id, options: dict) -> bool:
+    """Whether a load of this adapter that has checked its folder is under way (a nested read of the same adapter)."""
+    current = _loading.get()
+    return current is not None and current[0] == _load_key(model_id, options)
 
 
 def wrap_load_peft_weights(original):
     @functools.wraps(original)
     def load_peft_weights(model_id, *args, **kwargs):
-        folder = _adapter_folder(model_id, kwargs)
+        checked = _under_way(model_id, kwargs)  # by the load this read is part of
+        folder = _loading.get()[1] if checked else _adapter_folder(model_id, kwargs)
         gatera = False
         if folder is not None:
             peft_type = read_config(folder).get("peft_type")
             gatera = is_gatera_type(peft_type)
-            if gatera:
-                if _loading.get() != str(folder):  # not already checked by the load that reads it
-                    check_adapter_folder(folder)
-            elif _holds_gatera_weights(folder):
+            if gatera and not checked:
+                check_adapter_folder(folder)
+            elif not gatera and _holds_gatera_weights(folder):
                 raise ValueError(
                     f"{folder / CONFIG} describes a {peft_type} adapter, but {WEIGHTS} there holds GateRA weights "
                     "(gatera_* tensors): the config was replaced. Restore the GateRA adapter_config.json (from a "
@@ -624,26 +689,29 @@ def wrap_load_peft_weights(original):
 
 @contextlib.contextmanager
 def _reading(model_id, kwargs):
-    """For the length of a load from a local folder (or a Hub adapter's local copy): a shared lock on it, and its checks, before PEFT builds anything
-    from the config (an edited config could otherwise fail deep inside PEFT, or build another model).
+    """For the length of a load from a local folder (or a Hub adapter's local copy): a shared lock on it, and its
+    checks, before PEFT builds anything from the config (an edited config could otherwise fail deep inside PEFT, or
+    build another model).
 
     Checks that the config parses and names a PEFT method this installation knows (PEFT would fail with a bare
-    KeyError), then, for GateRA folders, `check_adapter_folder`. Nested loads of the same folder check once.
+    KeyError), then, for GateRA folders, `check_adapter_folder`. Reads of the same adapter nested in it (PEFT's own
+    config read, `load_peft_weights`) neither look it up nor check it again.
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    folder = _adapter_folder(model_id, kwargs)
-    if folder is None or _loading.get() == str(folder):
+    folder = None if _under_way(model_id, kwargs) else _adapter_folder(model_id, kwargs)
+    if folder is None:
         yield
         return
     peft_type = read_config(folder).get("peft_type")
     if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         raise ValueError(f"{folder / CONFIG}: field `peft_type` is {peft_type!r}, not a PEFT method this installation "
                          "knows (a GateRA adapter has \"GATERA\"). Restore the file from a checkpoint or re-save it.")
-    with folder_lock(folder, exclusive=False):
-        if is_gatera_type(peft_type):
+    gatera = is_gatera_type(peft_type)
+    with folder_lock(folder, exclusive=False) if gatera else contextlib.nullcontext():
+        if gatera:
             check_adapter_folder(folder)
-        token = _loading.set(str(folder))
+        token = _loading.set((_load_key(model_id, kwargs), folder))
         try:
             yield
         finally:
@@ -652,17 +720,20 @@ def _reading(model_id, kwargs):
 
 def wrap_config_from_pretrained(original):
     """`PeftConfig.from_pretrained`, which transformers' own adapter loading (`PeftAdapterMixin`: `from_pretrained` on an
-    adapter folder, `model.load_adapter`) calls before reading the weights itself, bypassing PEFT's loading: a GateRA
-    folder with weights gets `check_adapter_folder` there (under a shared lock), unless a load that checked it is under
-    way. (A folder with a config alone, `config.save_pretrained`, is a config to read, not an adapter to check.)"""
+    adapter folder, `model.load_adapter`) calls before reading the weights itself, past PEFT's loading: a GateRA folder
+    with weights gets `check_adapter_folder` there, unless a load that checked it is under way. Other methods' configs,
+    a config alone (`config.save_pretrained`) and Hub weights not fetched yet are left alone; nothing is downloaded
+    beyond the config PEFT reads."""
 
     @functools.wraps(original.__func__)
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
-        folder = _adapter_folder(pretrained_model_name_or_path, dict(kwargs, subfolder=subfolder))
-        if (folder is not None and _loading.get() != str(folder) and is_gatera_type(read_config(folder).get("peft_type"))
-                and ((folder / WEIGHTS).exists() or (folder / PICKLED_WEIGHTS).exists())):
-            with folder_lock(folder, exclusive=False):
-                check_adapter_folder(folder)
+        options = dict(kwargs, subfolder=subfolder)
+        if not _under_way(pretrained_model_name_or_path, options):
+            folder = _adapter_folder(pretrained_model_name_or_path, options, fetch_weights=False)
+            if (folder is not None and is_gatera_type(_peft_type(folder))
+                    and ((folder / WEIGHTS).exists() or (folder / PICKLED_WEIGHTS).exists())):
+                with folder_lock(folder, exclusive=False):
+                    check_adapter_folder(folder)
         return original.__get__(None, cls)(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     setattr(from_pretrained, _MARK, True)

@@ -247,6 +247,8 @@ def test_pickled_weights_need_an_opt_in(tmp_path):
         _load(tmp_path)
     with gatera_plugin.allow_pickle():
         loaded = _load(tmp_path)
+    with pytest.raises(ValueError, match="pickled weights"):  # a check passed under the opt-in does not outlive it
+        _load(tmp_path)
     ids = torch.randint(3, 128, (1, 6))
     model.eval(), loaded.eval()
     with torch.no_grad():

@@ -469,3 +469,71 @@ def test_sharded_save_after_new_tokens_keeps_the_resized_embeddings(tmp_path, mo
     base.resize_token_embeddings(base.config.vocab_size + 8)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "sharded")
     torch.testing.assert_close(eval_logits(reloaded, trained["ids"]), trained["logits"])
+
+
+def test_zero3_save_patch_puts_back_what_was_there():
+    """`zero3_saves_keep_resized_embeddings` patches the engine's consolidation for the length of a save, then puts
+    back what was there: the class's method, or an earlier patch of the instance (before, it deleted the attribute:
+    an earlier patch was lost and a nested use raised AttributeError)."""
+    from gatera_plugin.fsdp import zero3_saves_keep_resized_embeddings
+
+    class Engine:
+        def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters=False):
+            return {"whole": exclude_frozen_parameters}
+
+    engine = Engine()
+    with zero3_saves_keep_resized_embeddings(engine):
+        assert "_zero3_consolidated_16bit_state_dict" in vars(engine)
+        assert engine._zero3_consolidated_16bit_state_dict() == {"whole": False}  # all parameters: nothing to add
+    assert "_zero3_consolidated_16bit_state_dict" not in vars(engine)
+
+    def earlier(*args, **kwargs):
+        return {}
+
+    engine._zero3_consolidated_16bit_state_dict = earlier
+    with zero3_saves_keep_resized_embeddings(engine), zero3_saves_keep_resized_embeddings(engine):
+        pass
+    assert engine._zero3_consolidated_16bit_state_dict is earlier
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("rank_0", ["decides", "fails"])
+def test_rank_0_decides_which_base_tensors_are_saved_for_every_rank(monkeypatch, rank, rank_0):
+    """PEFT's rule for saving the embedding layers may ask the Hub for the base's config. Only rank 0 asks; every rank
+    gathers what it decided, and where asking failed there, every rank raises its error (before, each rank asked for
+    itself: a rank that failed raised while the others waited in the collective)."""
+    import torch.distributed as dist
+    from peft import get_peft_model
+
+    from gatera_plugin import GateRAConfig, fsdp
+    from tests.helpers import tiny_llama
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"]))
+    head = "base_model.model.lm_head.weight"
+    asked = []
+
+    def peft_rule(*args, **kwargs):
+        asked.append(rank)
+        if rank_0 == "fails":
+            raise OSError("429 Client Error: Too Many Requests")
+        return {head: None}
+
+    sent = [[head] if rank_0 == "decides" else "OSError: 429 Client Error: Too Many Requests"]
+
+    def broadcast_object_list(objects, src):
+        assert src == 0
+        if rank == 0:
+            assert objects == sent  # what rank 0 sends
+        objects[:] = sent
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(fsdp, "get_peft_model_state_dict", peft_rule)
+    if rank_0 == "fails":
+        with pytest.raises(RuntimeError, match="deciding on rank 0 .* OSError: 429 Client Error"):
+            fsdp.adapter_state_dict(model)
+    else:
+        state = fsdp.adapter_state_dict(model)
+        assert head in state and len(state) == 1 + 2 * 4  # the head; A, B, gate weight and bias of 2 q_proj
+    assert asked == ([0] if rank == 0 else [])

@@ -2,6 +2,7 @@
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import warnings
@@ -180,15 +181,44 @@ def test_saves_and_loads_work_where_the_file_system_lacks_a_feature(tmp_path, mo
     torch.testing.assert_close(eval_logits(loaded, ids), eval_logits(new, ids))
 
 
-def test_an_io_error_while_saving_still_raises_and_keeps_the_previous_adapter(tmp_path, monkeypatch):
-    """Only the errors by which a file system says that it lacks a feature are worked around; EIO is not."""
+@pytest.mark.parametrize("code", [errno.EIO, errno.EPERM], ids=["EIO", "EPERM"])
+def test_other_errors_while_saving_still_raise_and_keep_the_previous_adapter(tmp_path, monkeypatch, code):
+    """Only the errors by which a file system says that it lacks a feature are worked around: an I/O error, or a
+    rename refused for want of permission, is raised."""
     ids = torch.randint(3, 128, (2, 7))
     first = _trained(0)
     first.save_pretrained(tmp_path)
-    _refuse(monkeypatch, "replace", errno.EIO)
-    with pytest.raises(OSError, match="Input/output error"):
+    _refuse(monkeypatch, "replace", code)
+    with pytest.raises(OSError, match=os.strerror(code)):
         _trained(1).save_pretrained(tmp_path)
     monkeypatch.undo()
+    torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), eval_logits(first, ids))
+
+
+def test_without_renames_a_save_killed_before_the_config_keeps_the_previous_weights(tmp_path, monkeypatch):
+    """Where files are replaced by copying, the copy goes to a new file: the old weights' `.previous` hard link keeps
+    the old content (a copy into the old file would have overwritten the backup too), so the pair is refused at load
+    and the first adapter can be restored, as after a rename."""
+    import shutil
+
+    ids = torch.randint(3, 128, (2, 7))
+    first = _trained(0)
+    first.save_pretrained(tmp_path)
+    _refuse(monkeypatch, "replace", errno.ENOTSUP)
+    real_copyfile = shutil.copyfile
+
+    def die_before_config(source, destination, **kwargs):
+        if str(destination).endswith("adapter_config.json"):
+            raise KeyboardInterrupt("killed between the copies")
+        return real_copyfile(source, destination, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", die_before_config)
+    with pytest.warns(UserWarning, match="does not support renaming files"), pytest.raises(KeyboardInterrupt):
+        _trained(1).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="does not match the checksum.*kept as adapter_model.safetensors.previous"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    os.replace(tmp_path / "adapter_model.safetensors.previous", tmp_path / "adapter_model.safetensors")
     torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), eval_logits(first, ids))
 
 
@@ -506,6 +536,53 @@ def test_hub_adapters_get_the_checks_of_local_ones(tmp_path, monkeypatch, subfol
         PeftModel.from_pretrained(tiny_llama(), HUB_REPO, **options)
     with pytest.raises(ValueError, match=r"field\(s\) `lora_alpha` differ"):
         loaded.load_adapter(HUB_REPO, adapter_name="edited", **options)
+
+
+@pytest.mark.parametrize("method", ["gatera", "lora"])
+def test_hub_loads_fetch_little_beyond_peft_and_check_once(tmp_path, monkeypatch, method):
+    """Counting `hf_hub_download` calls (online, each is a request): a Hub load through PeftModel.from_pretrained
+    makes PEFT's own plus at most one for another method's adapter (its config, to learn the method) and two for a
+    GateRA one (its config and weights, checked before PEFT builds anything); the reads nested in the load make none.
+    Through AutoPeftModel, which reads the config first, the folder is checked once."""
+    import huggingface_hub
+    import peft.config
+    import peft.peft_model
+    import peft.utils.save_and_load
+    from peft import AutoPeftModelForCausalLM, LoraConfig
+
+    from gatera_plugin import serialization
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    config = (GateRAConfig(r=4, target_modules=TARGETS) if method == "gatera"
+              else LoraConfig(r=4, target_modules=TARGETS))
+    model = get_peft_model(tiny_llama(), config)
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "saved")
+    cache = tmp_path / "cache"
+    _on_the_hub(tmp_path / "saved", cache)
+    calls = {"ours": 0, "peft": 0}
+
+    def counting(function, who):
+        @functools.wraps(function)
+        def download(*args, **kwargs):
+            calls[who] += 1
+            return function(*args, **kwargs)
+        return download
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", counting(huggingface_hub.hf_hub_download, "ours"))
+    for module in (peft.config, peft.utils.save_and_load, peft.peft_model):
+        monkeypatch.setattr(module, "hf_hub_download", counting(module.hf_hub_download, "peft"))
+    checks = []
+    real_check = serialization._check_adapter_files
+    monkeypatch.setattr(serialization, "_check_adapter_files", lambda folder: (checks.append(folder), real_check(folder)))
+    PeftModel.from_pretrained(tiny_llama(), HUB_REPO, cache_dir=str(cache))
+    assert calls["peft"] >= 2 and calls["ours"] == (2 if method == "gatera" else 1), calls
+    assert len(checks) == (method == "gatera")
+    serialization._passed_checks.clear()
+    checks.clear()
+    AutoPeftModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert len(checks) == (method == "gatera")
 
 
 def test_a_repository_id_that_is_not_there_is_left_to_peft(tmp_path, monkeypatch):
