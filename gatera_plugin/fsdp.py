@@ -208,7 +208,8 @@ def adapter_state_dict(model, save_embedding_layers="auto", keep: bool = True) -
     that PEFT saves with an adapter when the vocabulary was resized), gathered whole, on CPU.
 
     Keys are those of `model.state_dict()`. A collective under FSDP2: every rank must call it (the same keys, in the
-    same order); a rank that will not write (`keep=False`) takes part in the gathers and returns {}. No other frozen
+    same order); a rank that will not write (`keep=False`) takes part in the gathers and gets shape-only (meta) tensors,
+    which PEFT's save on such a rank selects from without writing them. No other frozen
     base weight is gathered. Without the embedding layers, an adapter trained with new tokens reloaded onto a base
     whose new rows were drawn afresh: another model.
     """
@@ -222,9 +223,9 @@ def adapter_state_dict(model, save_embedding_layers="auto", keep: bool = True) -
             continue
         if id(value) not in gathered:
             whole = value.full_tensor() if DTensor is not None and isinstance(value, DTensor) else value
-            gathered[id(value)] = whole.detach().cpu() if keep else None
-        if keep:
-            result[key] = gathered[id(value)]
+            gathered[id(value)] = (whole.detach().cpu() if keep
+                                   else torch.empty(whole.shape, dtype=whole.dtype, device="meta"))
+        result[key] = gathered[id(value)]
     return result
 
 
