@@ -411,6 +411,36 @@ def _check_complete(peft_model, staging: Path, target: Path) -> None:
         )
 
 
+def _holds_whole_tensors(staging: Path, target: Path) -> bool:
+    """Whether the weights PEFT wrote into `staging` hold no empty tensor, as those of a model partitioned by DeepSpeed
+    ZeRO-3 do when it is saved without gathering them (`model.save_pretrained` instead of `trainer.save_model`).
+
+    Such a save is refused on global rank 0 (or without a process group), before anything is moved into place; on
+    another rank it is skipped with a warning: there the rank's parts would overwrite what rank 0 writes.
+    """
+    from safetensors import safe_open
+
+    empty = []
+    for weights in staging.rglob(WEIGHTS):
+        with safe_open(str(weights), framework="pt") as f:
+            empty += [key for key in f.keys() if 0 in f.get_slice(key).get_shape()]
+    if not empty:
+        return True
+    what = (f"the adapter to be saved to {target} has {len(empty)} empty tensor(s), e.g. {empty[0]}: the model's "
+            "parameters are partitioned by DeepSpeed ZeRO-3 and this save did not gather them")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        warnings.warn(f"GateRA: {what}. Rank {dist.get_rank()} writes nothing; rank 0's save (trainer.save_model "
+                      "gathers the adapter) is the one kept.", UserWarning, stacklevel=3)
+        return False
+    raise ValueError(
+        f"GateRA: {what}, so nothing was written (an adapter already there is kept). Save with "
+        "`trainer.save_model(out)` on every rank, which gathers them, or call save_pretrained inside "
+        "`deepspeed.zero.GatheredParameters(list(model.parameters()))`."
+    )
+
+
 def _warn_if_replacing_another_method(target: Path) -> None:
     existing = target / CONFIG
     if existing.exists():
@@ -459,6 +489,8 @@ def wrap_save_pretrained(original):
             if (target / "README.md").exists():  # PEFT updates an existing model card rather than replacing it
                 shutil.copy2(target / "README.md", staging / "README.md")
             original(self, str(staging), *args, **kwargs)
+            if not _holds_whole_tensors(staging, target):
+                return
             _check_complete(self, staging, target)
             _stamp_and_check(staging, target)
             subfolders = sorted({target / p.parent.relative_to(staging) for p in staging.rglob("*") if p.is_file()})

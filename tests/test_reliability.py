@@ -222,6 +222,33 @@ def test_without_renames_a_save_killed_before_the_config_keeps_the_previous_weig
     torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), eval_logits(first, ids))
 
 
+@pytest.mark.parametrize("rank", [None, 0, 1], ids=["no-process-group", "rank-0", "rank-1"])
+def test_a_save_of_ungathered_zero3_parameters_writes_nothing(tmp_path, monkeypatch, rank):
+    """`model.save_pretrained` on a model partitioned by DeepSpeed ZeRO-3 (instead of `trainer.save_model`, which
+    gathers) would write the rank's empty parts as the adapter. It is refused on rank 0 and skipped with a warning on
+    the others, whose empty parts would otherwise overwrite rank 0's gathered adapter; the adapter there is kept."""
+    import torch.distributed as dist
+
+    ids = torch.randint(3, 128, (2, 7))
+    first = _trained(0)
+    first.save_pretrained(tmp_path)
+    model = _trained(1)
+    key = next(k for k in model.state_dict() if ".gatera_A." in k)
+    partitioned = {**model.state_dict(), key: torch.empty(0)}  # what ZeRO-3 leaves on each rank outside a gather
+    if rank is not None:
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+    if rank == 1:
+        with pytest.warns(UserWarning, match=r"1 empty tensor\(s\), e.g. .*gatera_A.*Rank 1 writes nothing"):
+            model.save_pretrained(tmp_path, state_dict=partitioned)
+    else:
+        with pytest.raises(ValueError, match=r"1 empty tensor\(s\).*partitioned by DeepSpeed ZeRO-3.*trainer.save_model"):
+            model.save_pretrained(tmp_path, state_dict=partitioned)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), eval_logits(first, ids))
+
+
 def test_save_keeps_other_files_and_updates_in_place(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     first, second = _trained(0), _trained(1)
