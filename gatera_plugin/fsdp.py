@@ -299,7 +299,8 @@ def install() -> None:
         if not _fsdp_gatera(self):
             return original_save_model(self, output_dir, _internal_call)
         state_dict = adapter_state_dict(self.model, keep=self.args.should_save)  # every rank: a collective
-        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+        if self.args.should_save:  # (some transformers releases' `_save` would have the other ranks write too)
+            self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save")
 
