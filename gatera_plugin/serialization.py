@@ -13,8 +13,8 @@ Installed on `import gatera_plugin`, wrappers around PEFT's functions act on Gat
   `flock` on the folder around the renames; the last one to take the lock wins. Loads through PEFT
   (`PeftModel.from_pretrained`, `load_adapter`) hold a shared lock on the folder, so they never see half a save.
   Each save also removes the staging folders of saves that were killed (nobody holds their lock any more).
-- On file systems that lack a feature this needs (locks on Lustre without `-o flock` or NFS without a lock daemon;
-  hard links, renames or directory fsync on FUSE and bucket mounts), saves go on without it, as PEFT's own save would,
+- On file systems that lack a feature this needs (locks on Lustre without `-o flock`, or where no lock manager runs:
+  ENOLCK; hard links, renames or directory fsync on FUSE and bucket mounts), saves go on without it, as PEFT's own save would,
   after one warning per feature that says what is lost; the `.previous` copies are then real copies.
 - `save_pretrained(safe_serialization=False)` is refused unless pickles are allowed (below): it would write a file
   this package refuses to load.
@@ -264,7 +264,7 @@ def folder_lock(folder: Path, exclusive: bool):
     """`flock` on the folder itself: exclusive while a save renames files into it, shared while a load reads it.
 
     A killed process's lock is released by the kernel. Without `fcntl` (Windows), nothing is locked; on file systems
-    that refuse locks (Lustre without `-o flock`, NFS without a lock daemon), nothing is locked, after a warning.
+    that refuse locks (Lustre without `-o flock`, no lock manager: ENOLCK), nothing is locked, after a warning.
     """
     fd = _open_dir(folder) if fcntl is not None else None
     if fd is not None:
@@ -442,14 +442,11 @@ def _holds_whole_tensors(staging: Path, target: Path) -> bool:
 
 
 def _warn_if_replacing_another_method(target: Path) -> None:
-    existing = target / CONFIG
-    if existing.exists():
-        try:
-            peft_type = json.loads(existing.read_text()).get("peft_type")
-        except (OSError, ValueError, AttributeError):
-            peft_type = "unreadable"
+    if (target / CONFIG).exists():
+        peft_type = _peft_type(target)
         if not is_gatera_type(peft_type):
-            warnings.warn(f"Saving a GateRA adapter over the {peft_type} adapter in {target}.", UserWarning, stacklevel=3)
+            what = peft_type or "unreadable"
+            warnings.warn(f"Saving a GateRA adapter over the {what} adapter in {target}.", UserWarning, stacklevel=3)
 
 
 def _refuse_pickle(options: dict) -> None:

@@ -267,6 +267,13 @@ def test_saving_over_another_methods_adapter_warns(tmp_path):
     get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="over the LORA adapter"):
         _trained().save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trained().save_pretrained(tmp_path)  # over our own adapter: no warning
+    assert not [w for w in caught if "over the" in str(w.message)]
+    (tmp_path / "adapter_config.json").write_text("{ broken")
+    with pytest.warns(UserWarning, match="over the unreadable adapter"):
+        _trained().save_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ resume
