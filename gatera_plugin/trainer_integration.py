@@ -10,7 +10,8 @@ Installed once on `import gatera_plugin`, these wrappers do nothing unless the t
   by its own real tokens × forwards per step × ranks instead, with a warning (once per trainer). Each step also
   checks its count against the forwards that really ran with gradient (the `PenaltyRun` tallies them) and, on a
   mismatch, warns with both numbers and switches to per-forward normalisation;
-- `__init__`: refuse TRL's vLLM generation (`use_vllm=True`) for token-gated adapters, which cannot be merged into
+- `__init__`: complete the copy of "default" into the "ref" adapter that TRL's DPO, KTO, GRPO and RLOO add as the
+  reference of a pretrained PEFT model (`copy_reference_adapter`); refuse TRL's vLLM generation (`use_vllm=True`) for token-gated adapters, which cannot be merged into
   the weights that TRL hands vLLM, before TRL starts vLLM; and make the trainer class's `create_optimizer`, whichever
   class of its MRO implements it, give the gates their `gate_lr_ratio` (`optim.with_gate_groups`);
 - `log`: add the gate statistics gathered since the last log (`gatera/...` keys) to training logs, before they
@@ -340,6 +341,30 @@ def check_generation_backend(trainer) -> None:
         )
 
 
+def copy_reference_adapter(trainer) -> None:
+    """Make the frozen "ref" adapter that TRL adds for a pretrained PEFT model a real copy of "default".
+
+    DPO, KTO, GRPO and RLOO given a PeftModel and no `ref_model` add an adapter "ref" with the "default" adapter's
+    config object and copy the parameters whose names contain ".default.". GateRA keeps A, B and DoRA's magnitude in
+    ParameterDicts (names end in ".default"), so only the gates were copied: the reference was a fresh adapter, not the
+    model being continued. TRL does this just before it calls `Trainer.__init__`, so the copy is completed here.
+    """
+    from .model import adapter_tensors
+
+    peft_model = getattr(trainer, "model", None)
+    configs = getattr(peft_model, "peft_config", None)
+    from_trl = any(cls.__module__.startswith("trl.") for cls in type(trainer).__mro__)
+    if (not from_trl or find_gatera_model(peft_model) is None or not isinstance(configs, Mapping)
+            or "ref" not in configs or configs["ref"] is not configs.get("default")):
+        return
+    sources, copies = adapter_tensors(peft_model, "default"), adapter_tensors(peft_model, "ref")
+    if [t.shape for t in sources] != [t.shape for t in copies]:  # not TRL's copy of the same config
+        return
+    with torch.no_grad():
+        for source, copy in zip(sources, copies):
+            copy.copy_(source)
+
+
 def install() -> None:
     """Wrap `Trainer.__init__`, `get_batch_samples`, `log`, `train` and `_inner_training_loop` once (idempotent)."""
     from transformers import Trainer
@@ -355,6 +380,7 @@ def install() -> None:
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
+        copy_reference_adapter(self)
         check_generation_backend(self)
         with_gate_groups(type(self))
 

@@ -8,6 +8,7 @@ forwards with gradient really received (captured at the backbone) and the weight
 """
 
 import logging
+import math
 
 import pytest
 import torch
@@ -386,3 +387,71 @@ def test_vllm_generation_of_a_gated_adapter_is_refused_before_vllm_starts(traine
     mergeable = build("none", use_vllm=False)  # (this environment has no vLLM to start)
     mergeable.args.use_vllm = True
     check_generation_backend(mergeable)  # a mergeable adapter reaches vLLM merged, as LoRA does
+
+
+def _continued(kind, tmp_path, model, **trainer_kwargs):
+    """A `kind` trainer that continues a trained PEFT `model` (no `peft_config`), at learning rate 0."""
+    common = dict(output_dir=str(tmp_path / kind), per_device_train_batch_size=2, max_steps=1, learning_rate=0.0,
+                  logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
+    preference = Dataset.from_dict({"prompt": PROMPTS * 2, "chosen": CHOSEN * 2, "rejected": REJECTED * 2})
+    shared = dict(model=model, processing_class=_tokenizer(), **trainer_kwargs)
+    if kind == "dpo":
+        return trl.DPOTrainer(args=trl.DPOConfig(**common), train_dataset=preference, **shared)
+    if kind == "kto":
+        data = Dataset.from_dict({"prompt": PROMPTS * 2, "completion": CHOSEN + REJECTED, "label": [True, False] * 4})
+        return trl.KTOTrainer(args=trl.KTOConfig(**common), train_dataset=data, **shared)
+    config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if kind == "grpo" else (trl.RLOOConfig,
+                                                                                        trl.RLOOTrainer)
+    args = config_cls(**common, num_generations=2, max_completion_length=4, beta=0.04)
+    return trainer_cls(reward_funcs=_length_reward, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                       **shared)
+
+
+def _trained_peft_model(branch="hira"):
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(branch=branch, init_weights=False, gate_bias_init=0.8))
+    with torch.no_grad():  # a finished SFT run stand-in: every adapter tensor away from its initial value
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto", "grpo", "rloo"])
+@pytest.mark.parametrize("branch", ["hira", "dora"])
+def test_the_reference_of_a_continued_adapter_is_a_copy_of_it(kind, branch, tmp_path):
+    """TRL's DPO, KTO, GRPO and RLOO given a trained PeftModel and no `ref_model` add a frozen "ref" adapter meant
+    as a copy of "default"; TRL copies only parameters named `*.default.*`, which missed GateRA's A, B and
+    magnitude (the reference was then a fresh adapter: DPO's step-0 margins 0.17 instead of 0)."""
+    from gatera_plugin.model import adapter_tensors
+
+    trainer = _continued(kind, tmp_path, _trained_peft_model(branch))
+    default, ref = adapter_tensors(trainer.model, "default"), adapter_tensors(trainer.model, "ref")
+    assert len(ref) == len(default) > 0
+    assert all(torch.equal(a, b) for a, b in zip(default, ref))
+    assert not any(t.requires_grad for t in ref)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "grpo"])
+def test_a_continued_adapter_starts_at_its_reference(kind, tmp_path):
+    """At learning rate 0 the policy is the reference: DPO's loss is log 2 with zero margins, GRPO's KL is 0."""
+    trainer = _continued(kind, tmp_path, _trained_peft_model())
+    trainer.train()
+    logs = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    if kind == "dpo":
+        assert logs["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert logs["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    else:
+        assert logs["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_reference_adapter_of_the_users_own_is_left_alone(tmp_path):
+    """With a `ref_model` given, TRL adds no adapter: a "ref" adapter the user loaded is not overwritten."""
+    from gatera_plugin.model import adapter_tensors
+
+    model = _trained_peft_model()
+    model.add_adapter("ref", GateRAConfig(init_weights=False))
+    before = [t.clone() for t in adapter_tensors(model, "ref")]
+    trainer = _continued("dpo", tmp_path, model, ref_model=tiny_llama())
+    assert all(torch.equal(a, b) for a, b in zip(before, adapter_tensors(trainer.model, "ref")))
