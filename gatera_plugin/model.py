@@ -304,12 +304,13 @@ class GateRAModel(BaseTuner):
         if reference is None and args and isinstance(args[0], torch.Tensor):
             reference = args[0]
         if reference is None:
-            num_positions = 0
+            shape = ()
         elif kwargs.get("inputs_embeds") is not None and reference is kwargs["inputs_embeds"]:
-            num_positions = reference.shape[:-1].numel()
+            shape = reference.shape[:-1]
         else:
-            num_positions = reference.numel()
-        self.penalty_run.set_batch(kwargs.get("attention_mask"), num_positions)
+            shape = reference.shape
+        self.penalty_run.set_batch(kwargs.get("attention_mask"), 0 if reference is None else shape.numel(),
+                                   kwargs.get("position_ids"), shape)
         self._in_forward = module is self.model
         if torch.is_grad_enabled():
             self._bind_checkpointing()

@@ -102,6 +102,26 @@ class _ReplayingPartial(functools.partial):
             self.run._replaying = outer
 
 
+def real_token_mask(attention_mask, position_ids, shape) -> Optional[torch.Tensor]:
+    """(B, T) bool mask of the real tokens of a forward whose inputs have `shape` (B, T), or None: every position is
+    real.
+
+    A 2-D `attention_mask` is nonzero at real tokens. Without one, a padding-free batch (TRL's `padding_free` /
+    `packing=True`: sequences flattened into one row, `position_ids` (B, T) restarting at 0 for each) that was padded
+    to a multiple (`pad_to_multiple_of`) ends in padding with `position_ids` 0: the positions after a row's last
+    positive position id are padding. (A last sequence of one token is then counted as padding too; a row without a
+    positive position id counts in full.)
+    """
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return attention_mask.bool()
+    if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != tuple(shape) or len(shape) != 2:
+        return None
+    positions = torch.arange(position_ids.shape[1], device=position_ids.device)
+    last_positive = torch.where(position_ids > 0, positions, -1).amax(dim=1, keepdim=True)  # (B, 1)
+    last_real = torch.where(last_positive >= 0, last_positive, position_ids.shape[1] - 1)
+    return positions <= last_real
+
+
 @dataclass
 class ForwardBatch:
     """What the model's forward pre-hook recorded about one forward's inputs."""
@@ -145,10 +165,11 @@ class PenaltyRun:
     _latest_with_grad: ForwardBatch = field(default_factory=lambda: ForwardBatch(None, 0), repr=False)
     _replaying: Optional[ForwardBatch] = field(default=None, repr=False)
 
-    def set_batch(self, attention_mask: Optional[torch.Tensor], num_positions: int) -> None:
-        """Record the token mask of a new forward; `num_positions` = batch × sequence length."""
-        has_mask = attention_mask is not None and attention_mask.dim() == 2
-        self._latest = ForwardBatch(attention_mask.bool() if has_mask else None, num_positions)
+    def set_batch(self, attention_mask: Optional[torch.Tensor], num_positions: int, position_ids=None,
+                  shape=()) -> None:
+        """Record the token mask of a new forward (`real_token_mask`); `num_positions` = batch × sequence length,
+        `shape` the inputs' (batch, sequence)."""
+        self._latest = ForwardBatch(real_token_mask(attention_mask, position_ids, shape), num_positions)
         if torch.is_grad_enabled():
             self._latest_with_grad = self._latest
 

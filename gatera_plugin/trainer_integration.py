@@ -35,6 +35,7 @@ import torch
 from transformers.utils import logging
 
 from .optim import check_deepspeed_optimizer, check_resumed_ratios, with_gate_groups
+from .penalty import real_token_mask
 
 logger = logging.get_logger(__name__)
 
@@ -64,8 +65,8 @@ PAIRED_PREFIXES = ("chosen_", "rejected_")
 
 
 def _count_inputs(batch: Mapping, prefix: str = "") -> Optional[torch.Tensor]:
-    """Real tokens of one set of model inputs: nonzero `attention_mask` entries, else every `input_ids` /
-    `inputs_embeds` position.
+    """Real tokens of one set of model inputs, as the gated layers count them (`penalty.real_token_mask`): nonzero
+    `attention_mask` entries, else every `input_ids` / `inputs_embeds` position but a padding-free row's padding.
 
     Nonzero, not the sum: Axolotl's multipack collator numbers the sequences packed into one row 1, 2, 3, ... in
     `attention_mask` (0 is padding), and the gated layers count a token wherever the mask is nonzero.
@@ -76,7 +77,9 @@ def _count_inputs(batch: Mapping, prefix: str = "") -> Optional[torch.Tensor]:
     for key, dims in (("input_ids", None), ("inputs_embeds", -1)):
         value = batch.get(f"{prefix}{key}")
         if isinstance(value, torch.Tensor):
-            return torch.tensor(value.shape[:dims].numel(), device=value.device)
+            real = real_token_mask(None, batch.get(f"{prefix}position_ids"), value.shape[:dims])
+            return real.count_nonzero() if real is not None else torch.tensor(value.shape[:dims].numel(),
+                                                                              device=value.device)
     return None
 
 

@@ -237,14 +237,24 @@ class FirstStepCapture(TrainerCallback):
 
 def real_tokens(inputs: dict) -> torch.Tensor:
     """(B, T) bool: the positions of a forward's inputs that the penalty counts, by the package's rule (a 2D
-    attention mask's nonzero entries, which Axolotl's packed rows number 1, 2, ...; else every position)."""
+    attention mask's nonzero entries, which Axolotl's packed rows number 1, 2, ...; else every position but the
+    position ids 0 that end a padding-free row padded to a multiple)."""
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return mask != 0
     reference = inputs.get("input_ids")
     if reference is None:
         reference = inputs["inputs_embeds"][..., 0]
-    return torch.ones(reference.shape, dtype=torch.bool)
+    real = torch.ones(reference.shape, dtype=torch.bool)
+    positions = inputs.get("position_ids")
+    if isinstance(positions, torch.Tensor) and positions.shape == reference.shape and positions.dim() == 2:
+        for row in range(positions.shape[0]):
+            if (positions[row] > 0).any():
+                end = positions.shape[1]
+                while positions[row, end - 1] == 0:
+                    end -= 1
+                real[row, end:] = False
+    return real
 
 
 def explicit_penalty_gradient(capture: FirstStepCapture, weight: float, per_forward: bool = False) -> dict:

@@ -302,11 +302,52 @@ def test_a_wrong_count_is_said_and_corrected(trainer_cls, expected, tmp_path, ca
         assert len(warnings) == 1  # said once: the second step ran as corrected
 
 
+def _padding_free_run(tmp_path, pad_to_multiple_of, caplog):
+    """One SFT step, padding-free (sequences flattened into one row, no mask), its row padded to a multiple or not."""
+    args = trl.SFTConfig(output_dir=str(tmp_path / str(pad_to_multiple_of)), per_device_train_batch_size=BATCH,
+                         gradient_accumulation_steps=ACCUM, max_steps=1, learning_rate=1e-2, logging_steps=1,
+                         report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, padding_free=True,
+                         pad_to_multiple_of=pad_to_multiple_of, max_length=None, seed=0)
+    torch.manual_seed(0)
+    trainer = trl.SFTTrainer(model=tiny_llama(), args=args, processing_class=_tokenizer(),
+                             train_dataset=Dataset.from_dict({"text": [p + c for p, c in zip(PROMPTS, CHOSEN)] * 2}),
+                             peft_config=GateRAConfig(init_weights=False, gate_bias_init=0.8, entropy_weight=LAMBDA))
+    capture = FirstStepCapture()
+    trainer.add_callback(capture)
+    with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
+        trainer.train()
+    return trainer, capture
+
+
+def test_padding_of_a_padding_free_row_is_not_counted(tmp_path, caplog):
+    """TRL pads a padding-free row to `pad_to_multiple_of` with position ids 0 and sends no mask: those positions are
+    not tokens. The step's gate gradients (task loss and penalty) and statistics equal those of the unpadded run;
+    before, the 64-position rows counted every pad (`N` and the statistics over pads)."""
+    plain, plain_capture = _padding_free_run(tmp_path, None, caplog)
+    padded, padded_capture = _padding_free_run(tmp_path, 64, caplog)
+    assert [tuple(i["input_ids"].shape) for i in padded_capture.inputs] == [(1, 64)] * ACCUM
+    assert all(i.get("attention_mask") is None for i in padded_capture.inputs)
+    assert not [r for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]  # no count mismatch
+    real = sum(i["input_ids"].numel() for i in plain_capture.inputs)
+    assert int(count_real_tokens(padded_capture.inputs)) == real < 64 * ACCUM
+    for name, grad in plain_capture.grads.items():
+        torch.testing.assert_close(padded_capture.grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    logged = [next(h for h in t.state.log_history if "loss" in h) for t in (plain, padded)]
+    for key in ("gatera/entropy", "gatera/gate_mean", "gatera/penalty"):
+        assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-5), key
+
+
 def test_count_real_tokens_of_each_batch_layout():
     """Model inputs count their mask (or every position); ORPO/CPO pairs count both sides; raw rows count as unknown."""
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     assert int(count_real_tokens([{"input_ids": torch.zeros(2, 3), "attention_mask": mask}] * 2)) == 10
     assert int(count_real_tokens([{"input_ids": torch.zeros(1, 7)}])) == 7  # padding-free: every position is real
+    flat = {"input_ids": torch.zeros(1, 9), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0, 0]])}
+    assert int(count_real_tokens([flat])) == 5  # padded to a multiple: position ids 0 after the last positive one
+    flat["position_ids"] = torch.tensor([[0, 1, 0, 1, 2, 3, 4, 5, 6]])
+    assert int(count_real_tokens([flat])) == 9
+    assert int(count_real_tokens([{"input_ids": torch.zeros(2, 1), "position_ids": torch.zeros(2, 1)}])) == 2
+    assert int(count_real_tokens([{"input_ids": torch.zeros(2, 3), "position_ids": torch.arange(3)[None]}])) == 6
     paired = {"prompt_input_ids": torch.zeros(2, 2), "chosen_input_ids": torch.zeros(2, 3),
               "chosen_attention_mask": mask, "rejected_input_ids": torch.zeros(2, 4),
               "rejected_attention_mask": torch.ones(2, 4)}
