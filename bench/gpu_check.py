@@ -4,15 +4,17 @@
     python bench/gpu_check.py --smoke    # CPU smoke mode (the default without CUDA): tiny shapes, under a minute
 
 Writes bench/results/gpu_check.json (`--out`). Three sections; each catches its own failures (a failed case is a row
-with status "error" and the message, and the other rows and sections still run). Exit status 1 if anything failed.
+with status "error" and the message, and the other rows and sections still run). Exit status 1 if anything failed,
+or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomplete").
 
 (a) correctness: the PyTorch path (`gatera_plugin.ops.gated_hira`) and the Triton kernels (`triton_gated_hira`, as
     `kernel="triton"` runs them: errors raised, no fallback) against an fp64 reference, in fp32 / bf16 / fp16, with a
     dense and a bitsandbytes NF4 base weight, gated and ungated: the output and every gradient (x, A, B, the gate's
-    weight and bias, the base output). Tolerances are the CPU tests' (`tests.helpers.within_tolerance`): fp32 within
-    rtol 1e-5 (gradients 1e-4), atol 1e-5 of naive fp32 autograd; bf16 / fp16 within twice the error of naive autograd
-    in the same dtype against fp64, plus 2 ulp (for the gate bias, a sum over tokens, 2 ulp of Σ|terms|). TF32 is
-    off for this section.
+    weight and bias, the base output). Every dtype by the CPU tests' rule for half precision
+    (`tests.helpers.rounding_bound`): within twice the error of naive autograd in the same dtype against fp64, plus
+    2 ulp (for the gate bias, a sum over tokens, 2 ulp of Σ|terms|). fp32 too: at this shape its gradients sum
+    hundreds of terms of size ~30, and their rounding (~6e-5, also the PyTorch path's) exceeds the CPU tests' fixed
+    atol of 1e-5, which fits their smaller shapes. TF32 is off for this section.
 (b) speed: forward + backward of one adapted linear, 4096 x 4096 and 4096 x 14336, r = 32, 4k and 16k tokens, bf16
     base weight, fp32 adapter weights (PEFT's default), bf16 autocast: GateRA's PyTorch path, GateRA's Triton
     kernels, PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs, ratios to PEFT's LoRA
@@ -94,7 +96,7 @@ def check_case(path: str, dtype, weight: str, gated: bool, shape: tuple, device)
     """Output and every gradient of one case against naive autograd in `dtype` and in fp64 (the truth)."""
     import torch
 
-    from tests.helpers import naive_gated_hira, within_tolerance
+    from tests.helpers import max_error, naive_gated_hira, rounding_bound
 
     n, d_in, d_out, r = shape
     g = torch.Generator().manual_seed(0)
@@ -140,10 +142,10 @@ def check_case(path: str, dtype, weight: str, gated: bool, shape: tuple, device)
         scales["dgate_bias"] = terms.abs().sum().item()
     worst, failed = 0.0, []
     for name in truth:
-        passed, error, bound = within_tolerance(ours[name], naive[name], truth[name], grad=name != "out",
-                                                scale=scales.get(name))
+        error = max_error(ours[name], truth[name])
+        bound = rounding_bound(naive[name], truth[name], dtype, scale=scales.get(name))
         worst = max(worst, error / bound if bound > 0 else (0.0 if error == 0 else float("inf")))
-        if not passed:
+        if error > bound:
             failed.append(f"{name} error {error:.3g} > {bound:.3g}")
     return {"status": "ok" if not failed else "failed", "error_over_bound": worst, "detail": "; ".join(failed)}
 
@@ -286,9 +288,15 @@ def _train_and_reload(work: Path, device, smoke: bool, steps: int) -> list[dict]
         with model.disable_adapter():
             untrained = model(input_ids=input_ids).logits.float()
     row["adapter_effect"] = (trained - untrained).abs().max().item()
+    # TRL casts a quantised model's adapter factors to bf16 (QLoRA's recipe); PEFT loads them in fp32 (the same values):
+    # compared in the trained model's dtypes, the reload is checked, not that cast
+    dtypes = {name: param.dtype for name, param in model.named_parameters() if param.requires_grad}
     del trainer, model
     _empty_cache(device)
     reloaded = PeftModel.from_pretrained(load_4bit(path, compute_dtype, device=device), work / "adapter").eval()
+    for name, param in reloaded.named_parameters():
+        if name in dtypes:
+            param.data = param.data.to(dtypes[name])
     with torch.no_grad():
         again = reloaded(input_ids=input_ids).logits.float()
     row["reload_max_diff"] = (trained - again).abs().max().item()
@@ -298,12 +306,19 @@ def _train_and_reload(work: Path, device, smoke: bool, steps: int) -> list[dict]
 
 
 # ----------------------------------------------------------------------------------------------- report
-def run_section(name: str, function, *args) -> dict:
-    """Run one section; a crash outside its own rows becomes the section's error, never the script's."""
+def run_section(name: str, function, *args, skips_fail: bool = False) -> dict:
+    """Run one section; a crash outside its own rows becomes the section's error, never the script's.
+
+    `skips_fail` (on CUDA): a skipped row (triton or bitsandbytes missing) makes the section "incomplete", which fails
+    the run: a GPU check that left cases out has not validated them."""
     start = time.time()
     try:
         rows = function(*args)
-        status = "ok" if all(r["status"] in ("ok", "skipped") for r in rows) else "failed"
+        statuses = {r["status"] for r in rows}
+        if statuses <= {"ok", "skipped"}:
+            status = "incomplete" if skips_fail and "skipped" in statuses else "ok"
+        else:
+            status = "failed"
         section = {"status": status, "rows": rows}
     except Exception as exc:  # noqa: BLE001 (reported, the other sections still run)
         section = {"status": "error", "error": _error(exc), "traceback": traceback.format_exc()[-4000:], "rows": []}
@@ -369,7 +384,7 @@ def main() -> None:
     report = []
     for key in args.sections:
         name, function, fargs, columns = layouts[key]
-        sections[name] = run_section(name, function, *fargs)
+        sections[name] = run_section(name, function, *fargs, skips_fail=not smoke)
         report.append(table(f"({key}) {name}", sections[name], columns))
     print("\n\n".join(report))
     out = Path(args.out or ROOT / "bench" / "results" / ("gpu_check_smoke.json" if smoke else "gpu_check.json"))
