@@ -2,7 +2,7 @@
 
 The interpreter (tests/test_kernels.py) checks numerics but compiles nothing. Here the host wrappers
 (`triton_gated_hira`, `triton_gated_lora`) run forward and backward with every dtype (fp32, fp16, bf16) × W0 (dense,
-NF4) × gated/ungated × rank (8-512), with the device's shared memory set to the architecture's, and their launches
+NF4; for fp16 / bf16 also W0 stored in another dtype, `MIXED_WEIGHTS`) × gated/ungated × rank (8-512), with the device's shared memory set to the architecture's, and their launches
 are recorded instead of run: the specializations compiled are therefore exactly those the wrappers' own block
 choice (`hira_triton.choose_blocks`) and Triton's argument specialization produce. Each distinct one is compiled by
 Triton's own compiler for a CUDA target, with the ptxas the triton wheel bundles, in a subprocess without
@@ -34,6 +34,9 @@ ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block: A100
 DTYPES = ("float32", "float16", "bfloat16")
 RANKS = (8, 16, 32, 64, 128, 256, 512)
 SHAPE = (128, 128, 192)  # tokens, d_in, d_out: multiples of 16 (as LLaMA's), at least one full tile each way
+# compute dtype -> W0s stored in another dtype, "kind:dtype": an fp32 model under half autocast, and an NF4 base
+# quantised from a bf16 / fp16 checkpoint run in the other half dtype
+MIXED_WEIGHTS = {"float16": ("dense:float32", "nf4:bfloat16"), "bfloat16": ("dense:float32", "nf4:float16")}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,7 +55,8 @@ def _record_launches(arch: int) -> list[tuple]:
     n, d_in, d_out = SHAPE
     for dtype_name in DTYPES:
         dtype = getattr(torch, dtype_name)
-        for weight in ("dense", "nf4", "-"):
+        for weight in ("dense", "nf4", "-", *MIXED_WEIGHTS.get(dtype_name, ())):
+            kind, _, weight_dtype = weight.partition(":")
             for gated in (True, False):
                 for r in RANKS:
                     tags.update(arch=arch, dtype=dtype_name, weight=weight, gate="gated" if gated else "ungated", r=r)
@@ -65,7 +69,8 @@ def _record_launches(arch: int) -> list[tuple]:
                     if weight == "-":  # LoRA: no W0
                         out = triton_gated_lora(x, gate, A, B, 0.5, base=base)
                     else:
-                        weight_fn = _weight_fn(weight, torch.randn(d_out, d_in, generator=g).to(dtype))
+                        W = torch.randn(d_out, d_in, generator=g).to(getattr(torch, weight_dtype or dtype_name))
+                        weight_fn = _weight_fn(kind, W)
                         out = hira.triton_gated_hira(x, gate, A, B, weight_fn, 0.5, base=base)
                     out.backward(torch.ones_like(out))
     return launches
@@ -154,12 +159,12 @@ def measure(workers: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'kernel':<12} {'arch':<5} {'dtype':<8} {'W0':<5} {'gate':<8} {'ranks':<11} {'tiles':<24} " \
+    head = f"{'kernel':<12} {'arch':<5} {'dtype':<8} {'W0':<13} {'gate':<8} {'ranks':<11} {'tiles':<24} " \
            f"{'smem':>7} {'regs':>5} {'spills':>6}"
     lines = [head, "-" * len(head)]
     for row in rows:
         ranks = "8-16" if max(row["ranks"]) <= 16 else f"{min(row['ranks'])}-{max(row['ranks'])}"
-        lines.append(f"{row['kernel']:<12} sm_{row['arch']:<2} {row['dtype']:<8} {row['weight']:<5} {row['gate']:<8} "
+        lines.append(f"{row['kernel']:<12} sm_{row['arch']:<2} {row['dtype']:<8} {row['weight']:<13} {row['gate']:<8} "
                      f"{ranks:<11} {row['tiles']:<24} {row['smem'] if row['smem'] is not None else 'ERROR':>7} "
                      f"{row['regs'] or '':>5} {row['spills'] if row['spills'] is not None else '':>6}")
     return "\n".join(lines)
@@ -214,7 +219,7 @@ def test_every_launched_kernel_compiles_for_sm80_and_sm90(capsys):
     # the HiRA chunk kernels do not see the gate (the PyTorch ops around them apply it): gated and ungated runs
     # launch the same specializations, recorded under the first ("gated")
     hira = {(k, a, d, w, "gated") for k in ("hira_delta", "hira_mask") for a in ARCHS for d in DTYPES
-            for w in ("dense", "nf4")}
+            for w in ("dense", "nf4", *MIXED_WEIGHTS.get(d, ()))}
     lora = {(k, a, d, "-", g) for k in ("lora_fwd", "lora_bwd_db") for a in ARCHS for d in DTYPES
             for g in ("gated", "ungated")}
     assert combos == hira | lora
