@@ -223,7 +223,7 @@ class GateRALayer(BaseTunerLayer):
         weight, term_grad = gate.penalty(self.options[adapter_name])
         run, kind = self.penalty_run, gate.stats_kind
         if gate.per_token:
-            scale = run.token_scale(adapter_name, kind, weight)
+            scale = run.token_scale(adapter_name, kind, weight, run.own_positions(value))
         else:
             scale = run.module_scale(adapter_name, weight)
         flat = penalty_tap(value.reshape(-1, 1), mask, scale, term_grad, self.gate_stats[(adapter_name, kind)])

@@ -74,6 +74,7 @@ class GateStats:
 
     def __init__(self):
         self._sums: Optional[torch.Tensor] = None  # (4,) `statistics_dtype`: tokens, Σg, ΣH, Σ[g>0.5]
+        self.recorded = False  # a backward reached the gate since the layer was built (never cleared)
 
     @torch.no_grad()
     def add(self, gate: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
@@ -83,6 +84,7 @@ class GateStats:
             [weight.sum(), (g * weight).sum(), (binary_entropy(g) * weight).sum(), ((g > 0.5).float() * weight).sum()]
         ).to(statistics_dtype(g.device))
         self._sums = sums if self._sums is None else self._sums + sums.to(self._sums.device)
+        self.recorded = True
 
     def pop_tensor(self) -> Optional[torch.Tensor]:
         """The (4,) sums (tokens, Σg, ΣH, open count), then cleared; None if nothing was recorded."""
@@ -263,13 +265,27 @@ class PenaltyRun:
             return None
         return mask.to(x.device).reshape(-1, 1)
 
-    def token_scale(self, adapter_name: str, kind: str, weight: float) -> float:
-        """Factor on a per-token penalty term's gradient in this rank's backward: λ·W·loss_scale / (N·L)."""
+    def own_positions(self, x: torch.Tensor) -> Optional[int]:
+        """The positions of a layer input x (..., d) whose count is not the model input's (a vision tower's patches,
+        tokens routed to an expert), else None: x holds the model's tokens (in their layout, flattened or not)."""
+        batch = self.batch
+        positions = x.shape[:-1].numel()
+        return positions if batch.num_positions > 0 and positions != batch.num_positions else None
+
+    def token_scale(self, adapter_name: str, kind: str, weight: float, own_positions: Optional[int] = None) -> float:
+        """Factor on a per-token penalty term's gradient in this rank's backward: λ·W·loss_scale / (N·L).
+
+        `own_positions` (`own_positions(x)`): the layer does not see the model's tokens, so its term is the mean over
+        its own positions in each forward (N = own positions × forwards per step × ranks), which keeps it in [0, 1]
+        however many positions it sees (a vision tower's patches may outnumber the text's tokens).
+        """
         self._tally_forward()
         layers = self.layer_counts.get((adapter_name, kind), 0)
         if weight == 0.0 or layers == 0:
             return 0.0
-        if self.step_tokens is not None:
+        if own_positions is not None:
+            tokens = own_positions * self.step_micro_batches * self.world_size
+        elif self.step_tokens is not None:
             tokens = self.step_tokens
         else:  # this forward's tokens stand for each of the step's forwards on each rank
             tokens = self.batch_tokens * self.step_micro_batches * self.world_size

@@ -169,6 +169,7 @@ class _Normaliser:
     # under context parallelism: real tokens of the last step over all ranks, which all ranks' forwards together
     # should have seen (each forward sees its rank's part of the sequences, which no rank can predict alone)
     expected_group_tokens: Optional[float] = None
+    checked_untapped: bool = False  # `warn_of_untapped_layers` ran (after the first step whose forwards tapped)
 
 
 def _normaliser(trainer) -> _Normaliser:
@@ -183,6 +184,30 @@ _PER_FORWARD_FROM_NOW = ("From now on each forward is normalised by its own real
                          "(README, 'How the penalty is applied')")
 
 
+def warn_of_untapped_layers(trainer, tuner) -> None:
+    """After the first step that trained gates: warn (once) of gated layers that no backward reached, e.g. a VLM's
+    last vision layer, whose output LLaVA does not use (`vision_feature_layer=-2`), under `target_modules="all-linear"`.
+    They count in each penalty's `L`, so the others' mean is diluted by (L - their number) / L, and they train nothing.
+    """
+    from .layer import GateRALayer
+
+    active = set(tuner.active_adapters)
+    gated = {name: [stats for (adapter, _), stats in module.gate_stats.items() if adapter in active]
+             for name, module in tuner.model.named_modules() if isinstance(module, GateRALayer)}
+    gated = {name: stats for name, stats in gated.items() if stats}
+    untapped = [name for name, stats in gated.items() if not any(s.recorded for s in stats)]
+    if untapped and len(untapped) < len(gated):  # (none reached: no backward ran yet)
+        shown = ", ".join(untapped[:4]) + (f", ... ({len(untapped) - 4} more)" if len(untapped) > 4 else "")
+        logger.warning(
+            f"GateRA: {len(untapped)} of {len(gated)} gated layers got no gradient in {type(trainer).__name__}'s "
+            f"first optimisation step (the model does not run them, or does not use their output): {shown}. Nothing "
+            "trains them, and they still count among the L layers that each penalty is the mean over, which scales "
+            f"the penalty of the others by {len(gated) - len(untapped)}/{len(gated)}. If that holds for every step "
+            "(a vision tower's last layer, an unused head), leave them out of `target_modules` (or list them in "
+            "`exclude_modules`)."
+        )
+
+
 def _check_last_step(trainer, run) -> bool:
     """Compare the last step's expectations with the forwards that ran; warn on a difference. True: tokens differ."""
     state = _normaliser(trainer)
@@ -190,6 +215,11 @@ def _check_last_step(trainer, run) -> bool:
     expected_forwards, state.expected_forwards = state.expected_forwards, 0
     if expected_forwards == 0 or forwards == 0:  # no step yet, or no live penalty tap (nothing was normalised)
         return False
+    if not state.checked_untapped:
+        state.checked_untapped = True
+        tuner = find_gatera_model(trainer.model)
+        if tuner is not None:
+            warn_of_untapped_layers(trainer, tuner)
     name = type(trainer).__name__
     if forwards != expected_forwards:
         logger.warning(

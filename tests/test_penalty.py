@@ -198,3 +198,67 @@ def test_entropy_and_its_gradient():
     (auto,) = torch.autograd.grad(h.sum(), g)
     torch.testing.assert_close(binary_entropy_grad(g.detach()).double(), auto, rtol=1e-5, atol=1e-9)
     assert torch.isfinite(binary_entropy_grad(g.detach())).all()
+
+
+# ------------------------------------------------------------------------------- layers that do not see the tokens
+IMAGE_TOKEN, PATCHES = 100, 64  # a 32 x 32 image in 4 x 4 patches: 64 image tokens in the text
+
+
+def _tiny_llava(entropy_weight):
+    """A LLaVA (CLIP vision tower, 2 layers; tiny Llama) with GateRA on every linear layer, as TRL's VLM recipes
+    target it; gates constant at σ(0.8) (zero gate weights) and B = 0, so the gates' gradient is the penalty's alone."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from tests.helpers import tiny_llama_config
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=4)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=tiny_llama_config(),
+                                                      image_token_index=IMAGE_TOKEN))
+    return get_peft_model(model, GateRAConfig(r=4, target_modules="all-linear", gate_bias_init=0.8,
+                                              entropy_weight=entropy_weight))
+
+
+def _llava_batch(rows=2, text=20):
+    ids = torch.cat([torch.full((rows, PATCHES), IMAGE_TOKEN), torch.randint(3, 90, (rows, text))], 1)
+    mask = torch.ones_like(ids)
+    mask[1, -10:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(rows, 3, 32, 32), "labels": ids}
+
+
+def test_layers_that_do_not_see_the_tokens_are_normalised_by_their_own_positions():
+    """A vision tower's layers see patches (here 2 × 65 with CLIP's class token, the projector 2 × 64), not the
+    text's N real tokens: each such layer's penalty is the mean over its own positions, so that every layer that ran
+    gets the same gradient, λ·H'(g)·σ'/L, and the penalty stays in [0, λ] (before: 130/158 of it for the vision
+    layers, and more than 1 per layer where patches outnumber the text)."""
+    weight = 0.5
+    model = _tiny_llava(weight).train()
+    batch = _llava_batch()
+    model(**batch).loss.backward()
+    g0 = torch.sigmoid(torch.tensor(0.8))
+    per_layer = weight * float(binary_entropy_grad(g0)) * float(g0 * (1 - g0))  # a whole layer's mean, times λ
+    biases = {n: p.grad for n, p in model.named_parameters() if "gatera_gate" in n and n.endswith("bias")}
+    ran = {n: g for n, g in biases.items() if g is not None}
+    assert all(any(part in n for n in ran) for part in ("vision_tower", "multi_modal_projector", "language_model"))
+    for name, grad in ran.items():
+        assert float(grad) == pytest.approx(per_layer / len(biases), rel=1e-4), name
+
+
+def test_gated_layers_that_never_run_are_reported(tmp_path, caplog):
+    """LLaVA reads the second-to-last vision layer: the last one's gated projections get no gradient. After the first
+    step a warning names them, says how they dilute the penalty, and how to leave them out."""
+    import logging
+
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    rows = [{k: v[i] for k, v in _llava_batch().items()} for i in range(2)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to="none",
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, remove_unused_columns=False)
+    trainer = Trainer(model=_tiny_llava(0.01), args=args, train_dataset=Dataset.from_list(rows).with_format("torch"))
+    with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "got no gradient" in r.getMessage()]
+    assert len(warnings) == 1 and "6 of 28 gated layers" in warnings[0], warnings
+    assert "vision_tower.encoder.layers.1." in warnings[0] and "exclude_modules" in warnings[0]
