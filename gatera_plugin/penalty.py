@@ -257,11 +257,15 @@ class PenaltyRun:
     def token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Mask (N, 1) of real tokens for a layer input x (..., d); None when every position counts.
 
-        The mask applies when x is laid out as (batch, sequence, d) like the model input; inputs of any other layout
-        (e.g. tokens routed to an expert) count every position.
+        The mask applies when x is laid out as (batch, sequence, d) like the model input, or flattened from it to
+        (batch · sequence, d) (an MoE block's shared expert); inputs of any other layout (tokens routed to an expert,
+        a sequence-first (sequence, batch, d) layout) count every position.
         """
         mask = self.attention_mask
-        if mask is None or tuple(x.shape[:-1]) != tuple(mask.shape):
+        if mask is None:
+            return None
+        positions = tuple(x.shape[:-1])
+        if positions != tuple(mask.shape) and positions != (mask.numel(),):
             return None
         return mask.to(x.device).reshape(-1, 1)
 

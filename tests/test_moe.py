@@ -142,3 +142,21 @@ def test_classifier_head_not_trained_warns(target_modules, state):
     _, caught = _caught(lambda: get_peft_model(
         tiny_llama_classifier(), GateRAConfig(r=4, target_modules=target_modules, modules_to_save=["score"])))
     assert not _of(caught, FrozenHeadWarning)
+
+
+def test_a_shared_experts_flattened_tokens_keep_their_padding_mask():
+    """Qwen2-MoE runs its shared expert (plain `nn.Linear`s, reached by "all-linear") on the hidden states flattened to
+    (batch · sequence, d): its gates count the real tokens only, as every other gated layer does (before: padding
+    too, since the mask's (batch, sequence) shape did not match)."""
+    config = transformers.Qwen2MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=32)
+    torch.manual_seed(0)
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(config),
+                           GateRAConfig(r=4, target_modules="all-linear")).train()
+    input_ids = torch.randint(1, 64, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    model(input_ids=input_ids, attention_mask=mask, labels=input_ids).loss.backward()
+    counted = {name: int(module.gate_stats[("default", "sigmoid")].pop_tensor()[0])
+               for name, module in model.named_modules() if isinstance(module, GateRALayer)}
+    assert any(".shared_expert." in name for name in counted)
+    assert counted == {name: 9 for name in counted}
