@@ -28,6 +28,14 @@ token at T = 4096 (6KM = 352.3, +1.0%), 353.2 at T = 16384 (+0.26%), on both pat
 than the PyTorch path at any T. (The previous kernels built each `BA` tile once per token tile, 1.33x these FLOPs at
 BM = 64, and were replaced by this design.)
 
+Gated vs ungated: the token gate adds about 9K + 2M FLOPs per token on both paths (its GEMV `x·w`, the sigmoid, the
+multiply inside `addcmul`, `dg`'s `vecdot` over K, the gate's backward `dw`, `dx += dlogit · w`) and no weight-sized
+work: 75.8 kFLOP at K = 4096, M = 14336, 0.02% of 6KM. Its cost is in passes over activations (x, δ: K and M elements
+per token each), which is why the CPU benchmark sees it at all (README, "Speed and memory"). Dense vs NF4: the same
+FLOPs plus dequantisation, about 2 per W0 element (a code lookup and a multiply by its absmax), twice per step on the
+PyTorch path (forward and backward's W0) and three times in the kernels (two builds and the mask, in registers):
+(4 or 6)·KM/T, under 0.01% of 6KM at T = 4096.
+
 Weight-sized memory traffic per step, bytes per element of W0 (bf16 W0 under bf16 autocast, PEFT's fp32 A and B):
 
     PyTorch path   ≈ 50: each build writes `BA` (2) and reads it with W0 to write ΔW (6), twice; backward's dΔW (2),

@@ -10,7 +10,12 @@ otherwise cost extra passes over an N × d_out tensor:
 - backward dB, grid (d_out/BN, r/RB): loop over tokens, `dB_tile += (s · g ⊙ δ)_tileᵀ @ h_tile`, with `s · g ⊙ δ` formed
   in registers instead of as an N × d_out tensor; each program owns its dB tile, so no atomics (deterministic).
 
-FLOPs per token are LoRA's, 2·r·(d_in + d_out) forward; bytes: h once per d_out tile, B once per token tile.
+FLOPs per token (K = d_in, M = d_out) are LoRA's on both paths: forward `h = x Aᵀ` 2rK and `h Bᵀ` 2rM; backward
+`dB` 2rM, `u = (s·g⊙δ) B` 2rM, `dA` 2rK, `dx` 2rK: 6r(K + M) in all, plus the gate's 9K + 2M (see hira_triton.py).
+Bytes per token beyond the rank-r tensors: forward, the PyTorch path writes `h Bᵀ` (M) and `addcmul` reads it with
+base and writes out (3M), 4M elements; the kernel reads base and writes out, 2M. Backward, the PyTorch path writes
+and reads `s·g⊙δ` (2M) for `dB` and `u`; the dB kernel forms it in registers (reading δ, M), so 1M less. The kernels
+change passes over N × M tensors, not FLOPs: they can only win where those passes dominate (small r, large N).
 """
 
 from __future__ import annotations
