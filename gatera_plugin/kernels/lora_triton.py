@@ -8,14 +8,16 @@ otherwise cost extra passes over an N × d_out tensor:
 
 - forward, grid (N/BM, d_out/BN): `out = base + s · g ⊙ (h_tile @ B_tileᵀ)` in one pass (product, gate, residual);
 - backward dB, grid (d_out/BN, r/RB): loop over tokens, `dB_tile += (s · g ⊙ δ)_tileᵀ @ h_tile`, with `s · g ⊙ δ` formed
-  in registers instead of as an N × d_out tensor; each program owns its dB tile, so no atomics (deterministic).
+  in registers (the PyTorch path scales the rank-r `h` instead); each program owns its dB tile, so no atomics
+  (deterministic).
 
 FLOPs per token (K = d_in, M = d_out) are LoRA's on both paths: forward `h = x Aᵀ` 2rK and `h Bᵀ` 2rM; backward
 `dB` 2rM, `u = (s·g⊙δ) B` 2rM, `dA` 2rK, `dx` 2rK: 6r(K + M) in all, plus the gate's 9K + 2M (see hira_triton.py).
 Bytes per token beyond the rank-r tensors: forward, the PyTorch path writes `h Bᵀ` (M) and `addcmul` reads it with
-base and writes out (3M), 4M elements; the kernel reads base and writes out, 2M. Backward, the PyTorch path writes
-and reads `s·g⊙δ` (2M) for `dB` and `u`; the dB kernel forms it in registers (reading δ, M), so 1M less. The kernels
-change passes over N × M tensors, not FLOPs: they can only win where those passes dominate (small r, large N).
+base and writes out in place (3M), 4M elements; the kernel reads base and writes out, 2M. Backward, both read δ for
+`u` and for `dB` (2M; the PyTorch path puts the token scale on the rank-r `h`, so neither forms an N × M `s·g⊙δ`).
+The kernels change passes over N × M tensors, not FLOPs: they can only win where those passes dominate (small r,
+large N).
 """
 
 from __future__ import annotations
