@@ -51,6 +51,11 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
     return tensors
 
 
+def _adapter_parameters(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
+    """The parameters of `adapter_tensors(model, adapter_name)`, in its order."""
+    return [t for t in adapter_tensors(model, adapter_name) if isinstance(t, nn.Parameter)]
+
+
 def adapter_key_prefixes(model: nn.Module, adapter_name: Optional[str] = None) -> set[str]:
     """PEFT's state-dict key prefixes of the adapter tensors, named as `model.state_dict()` names them (without the
     names of wrapper modules)."""
@@ -296,6 +301,19 @@ class GateRAModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._count_gated_layers()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's upcast of a half-precision adapter to fp32, keeping each tensor's `requires_grad`.
+
+        PEFT reassigns a `ParameterDict` entry to upcast it, and `ParameterDict` wraps the new tensor in a fresh,
+        trainable `Parameter`: on a bf16 / fp16 base, A and B of an adapter loaded for inference (or added but not
+        active) became trainable again.
+        """
+        tensors = [(t, t.requires_grad) for t in _adapter_parameters(self.model, adapter_name)]
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for (old, requires_grad), new in zip(tensors, _adapter_parameters(self.model, adapter_name)):
+            if new is not old:
+                new.requires_grad_(requires_grad)
 
     # ----------------------------------------------------------------------------------------------- batches
     def _record_batch(self, module, args, kwargs):

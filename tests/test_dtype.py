@@ -172,3 +172,24 @@ def test_training_and_gate_statistics_on_a_device_without_float64(monkeypatch, g
     assert logs.keys() == expected.keys() and len(logs) > 2
     for key in logs:
         assert logs[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("branch", ["hira", "lora", "dora"])
+def test_an_adapter_loaded_for_inference_on_a_half_base_trains_nothing(tmp_path, dtype, branch):
+    """PEFT upcasts a half-precision adapter to fp32 by reassigning its ParameterDict entries, which made A and B
+    trainable again on a bf16 / fp16 base (`is_trainable=False` loads and `inference_mode=True` configs alike)."""
+    from peft import PeftModel
+
+    from tests.helpers import tiny_llama
+
+    config = GateRAConfig(r=4, branch=branch, target_modules=["q_proj", "v_proj"])
+    get_peft_model(tiny_llama().to(dtype), config).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama().to(dtype), tmp_path)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == []
+    assert {p.dtype for n, p in loaded.named_parameters() if "gatera_" in n} == {torch.float32}
+    frozen = get_peft_model(tiny_llama().to(dtype), GateRAConfig(r=4, branch=branch, inference_mode=True))
+    assert [n for n, p in frozen.named_parameters() if p.requires_grad] == []
+    trainable = PeftModel.from_pretrained(tiny_llama().to(dtype), tmp_path, is_trainable=True)
+    names = {n.split(".")[-2] for n, p in trainable.named_parameters() if p.requires_grad}
+    assert {"gatera_A", "gatera_B"} <= names
