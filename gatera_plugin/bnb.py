@@ -37,8 +37,12 @@ def _refuse_zero3_4bit() -> None:
 
 
 class _QuantizedLinear(Linear):
-    """Shared part of the 4-bit and 8-bit wrappers: dequantised `W0`; merging re-quantises (`_store_weight`)."""
+    """Shared part of the 4-bit and 8-bit wrappers: dequantised `W0`; merging re-quantises (`_store_weight`).
 
+    Reading the quantised weight runs eagerly under `torch.compile`: dynamo recursed without end in bitsandbytes'
+    `Params4bit.__torch_function__` when it traced the dequantisation (RecursionError with any backend)."""
+
+    @torch.compiler.disable
     def base_weight(self) -> torch.Tensor:
         base = self.get_base_layer()
         return dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))  # (d_out, d_in)
@@ -111,10 +115,12 @@ if is_bnb_4bit_available():
             super().__init__(*args, **kwargs)
             _keep_standard_4bit_layout(self.get_base_layer())
 
+        @torch.compiler.disable
         def base_weight(self) -> torch.Tensor:
             _gathered_4bit_weight(self.get_base_layer())
             return super().base_weight()
 
+        @torch.compiler.disable
         def kernel_weight(self):
             """W0 for the Triton kernels: the packed 4-bit bytes, dequantised inside the kernel."""
             from .kernels.hira_triton import Packed4bit

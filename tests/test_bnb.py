@@ -174,3 +174,29 @@ def test_qlora_recipes_bitsandbytes_optimizers_train_the_gates_at_their_ratio(ba
     moved = {n: (p.detach() - gates_before[n]).abs().max().item()
              for n, p in trainer.model.named_parameters() if n in gates_before}
     assert min(moved.values()) > 0, moved
+
+
+@pytest.mark.slow  # ~70 s: dynamo traces the whole model four times
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("branch", ["hira", "dora"])
+def test_torch_compile_of_a_quantised_model_trains_like_eager(base_dir, bits, branch):
+    """`torch.compile` of a 4-bit model with the HiRA branch hit a RecursionError while dynamo traced bitsandbytes'
+    weight; the quantised weight is now read eagerly, and the compiled step equals the eager one."""
+    input_ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def step(compiled: bool):
+        torch.manual_seed(0)
+        config = GateRAConfig(r=4, branch=branch, target_modules=LLAMA_PROJECTIONS, init_weights=False,
+                              entropy_weight=0.1)
+        model = get_peft_model(load_4bit(base_dir, bits=bits), config).train()
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        loss = run(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = step(False), step(True)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    assert compiled_grads.keys() == eager_grads.keys() and eager_grads
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
