@@ -189,6 +189,7 @@ class GateRAModel(BaseTuner):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._in_forward = False  # inside the wrapped model's forward, whose inputs are already recorded
         self._checkpointing_modules: Optional[list[nn.Module]] = None  # found on the first forward with gradient
+        self._checked_gate_dtypes = False  # `_warn_of_half_gates` ran (first training forward outside a Trainer)
         self._batch_hooks = [
             self.model.register_forward_pre_hook(self._record_batch, with_kwargs=True),
             self.model.register_forward_hook(self._leave_forward, always_call=True),
@@ -332,6 +333,33 @@ class GateRAModel(BaseTuner):
         self._in_forward = module is self.model
         if torch.is_grad_enabled():
             self._bind_checkpointing()
+            if not self._checked_gate_dtypes and self.model.training and not self.penalty_run.in_trainer:
+                self._checked_gate_dtypes = True
+                self._warn_of_half_gates()
+
+    def _warn_of_half_gates(self) -> None:
+        """Outside a Trainer (which upcasts them itself): warn once if trainable gate, structure or magnitude
+        parameters are fp16 / bf16 (e.g. `model.to(torch.bfloat16)` after `get_peft_model`), where they stop learning."""
+        half = [name for name, param in self.model.named_parameters() if param.requires_grad
+                and any(part in name for part in self.FP32_PARAMETERS) and param.dtype in (torch.float16, torch.bfloat16)]
+        if half:
+            warnings.warn(
+                f"GateRA: {len(half)} trainable gate / structure / magnitude parameters are in half precision (e.g. "
+                f"{half[0]}, {self.model.get_parameter(half[0]).dtype}). They sit near 1 and their updates (~ the "
+                "learning rate) fall below bf16's resolution there, so they would stop learning. Call "
+                "`model.base_model.upcast_gates_to_fp32()` before building the optimizer (transformers' Trainer does "
+                "this itself), unless the optimizer keeps fp32 master weights (DeepSpeed bf16, Apex).",
+                UserWarning, stacklevel=4,
+            )
+
+    def set_loss_scale(self, scale: float) -> None:
+        """Tell the penalty the loss scale of a hand-written fp16 loop (`torch.amp.GradScaler`), before each backward.
+
+        The penalty's gradient is added inside backward, where the task loss's gradient is multiplied by the scale;
+        without it the scaler's unscale divides the penalty's share by the scale (65536 by default), switching it off.
+        `model.base_model.set_loss_scale(scaler.get_scale())`; transformers' Trainer sets it itself.
+        """
+        self.penalty_run.loss_scale = float(scale)
 
     def _bind_checkpointing(self) -> None:
         """Make transformers' gradient checkpointing replay each region with the forward that ran it.

@@ -217,6 +217,11 @@ class PenaltyRun:
         """Real tokens of the current forward (counted on first use: it syncs with the device)."""
         return self.batch.tokens
 
+    @property
+    def in_trainer(self) -> bool:
+        """Whether a Trainer's step is under way (`begin_step` ran and training has not ended)."""
+        return self._tallying
+
     def begin_step(
         self, step_tokens: Optional[float], world_size: int = 1, loss_scale: float = 1.0, micro_batches: int = 1
     ):

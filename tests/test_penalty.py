@@ -262,3 +262,50 @@ def test_gated_layers_that_never_run_are_reported(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if "got no gradient" in r.getMessage()]
     assert len(warnings) == 1 and "6 of 28 gated layers" in warnings[0], warnings
     assert "vision_tower.encoder.layers.1." in warnings[0] and "exclude_modules" in warnings[0]
+
+
+# ------------------------------------------------------------------------------------------- hand-written loops
+def _gate_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "gatera_gate" in n and p.grad is not None}
+
+
+def test_a_hand_written_fp16_loop_tells_the_penalty_its_loss_scale():
+    """With `torch.amp.GradScaler` the task loss's gradient arrives multiplied by the scale, and the scaler divides
+    every gradient by it: `set_loss_scale(scale)` scales the penalty's share alike, so that the unscaled gradients are
+    the unscaled run's (without it the penalty's share ends up 1/scale of its size)."""
+    input_ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def grads(scale, tell):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), GateRAConfig(r=4, init_weights=False, gate_bias_init=0.8,
+                                                          entropy_weight=0.5)).train()
+        if tell:
+            model.base_model.set_loss_scale(scale)
+        (model(input_ids=input_ids, labels=input_ids).loss * scale).backward()
+        return {n: g / scale for n, g in _gate_grads(model).items()}
+
+    unscaled = grads(1.0, tell=False)
+    for name, grad in grads(1024.0, tell=True).items():
+        torch.testing.assert_close(grad, unscaled[name], rtol=1e-5, atol=1e-9, msg=name)
+    untold = grads(1024.0, tell=False)
+    assert any(not torch.allclose(untold[n], unscaled[n], rtol=1e-3) for n in unscaled)
+
+
+def test_half_precision_gates_in_a_hand_written_loop_are_warned_about():
+    """`model.to(torch.bfloat16)` after `get_peft_model` puts the gates in bf16, where they stop learning; outside a
+    Trainer (which upcasts them) the first training forward warns once, naming `upcast_gates_to_fp32()`."""
+    import warnings
+
+    input_ids = torch.randint(3, 100, (2, 8))
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4)).to(torch.bfloat16).train()
+    with pytest.warns(UserWarning, match=r"half precision .*upcast_gates_to_fp32\(\)"):
+        model(input_ids=input_ids)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=input_ids)  # once
+        with torch.no_grad():
+            model.eval()(input_ids=input_ids)
+        upcast = get_peft_model(tiny_llama(), GateRAConfig(r=4)).to(torch.bfloat16).train()
+        upcast.base_model.upcast_gates_to_fp32()
+        upcast(input_ids=input_ids)
+    assert not [w for w in caught if "half precision" in str(w.message)]
