@@ -7,6 +7,8 @@ rather than keeping a dequantised copy alive between the two).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -49,6 +51,14 @@ class _QuantizedLinear(Linear):
 
     def _check_base_frozen(self) -> None:  # quantised weights are never trainable
         return None
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        warnings.warn(
+            "Merging a GateRA adapter into a quantised (bitsandbytes) base re-quantises the merged weight: the merged "
+            "model's outputs differ from the unmerged one's by quantisation rounding (as for PEFT's LoRA).",
+            UserWarning, stacklevel=2,
+        )
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def _stored_weight(self) -> torch.Tensor:
         return self.base_weight()

@@ -504,6 +504,15 @@ class GateRAModel(BaseTuner):
             if config is not None and config.is_gated:
                 raise ValueError(_unmergeable_message(name, config.gate))
 
+    def add_weighted_adapter(self, *args, **kwargs):
+        """Refused: PEFT's `add_weighted_adapter` is LoRA's (and IA3's) own, not a tuner-wide API."""
+        raise NotImplementedError(
+            "add_weighted_adapter is not available for GateRA adapters (PEFT implements it for LoRA and IA3 only, by "
+            "combining their low-rank factors; a token gate has no such combination). To use several GateRA "
+            "adapters, load each with `load_adapter(..., adapter_name=...)` and switch with `set_adapter`; adapters "
+            "with gate='none' can be merged into the base with `merge_and_unload(adapter_names=[...])`."
+        )
+
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_mergeable(adapter_names)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)

@@ -101,6 +101,14 @@ def test_bad_targets_and_layers(name, build, error, message):
         build()
 
 
+def test_add_weighted_adapter_is_refused_with_the_alternatives():
+    """PEFT's `add_weighted_adapter` is LoRA's own: before, the call fell through to the base model
+    ("'LlamaForCausalLM' object has no attribute 'add_weighted_adapter'")."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4))
+    with pytest.raises(NotImplementedError, match=r"LoRA and IA3 only.*set_adapter.*merge_and_unload"):
+        model.add_weighted_adapter(["default"], [1.0], "combined")
+
+
 def test_unfrozen_base_weight_with_hira_branch():
     model = get_peft_model(TwoLinear(), GateRAConfig(target_modules=["lin0"]))
     model.base_model.model.lin0.base_layer.weight.requires_grad_(True)
