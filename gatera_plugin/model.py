@@ -340,8 +340,7 @@ class GateRAModel(BaseTuner):
     def _warn_of_half_gates(self) -> None:
         """Outside a Trainer (which upcasts them itself): warn once if trainable gate, structure or magnitude
         parameters are fp16 / bf16 (e.g. `model.to(torch.bfloat16)` after `get_peft_model`), where they stop learning."""
-        half = [name for name, param in self.model.named_parameters() if param.requires_grad
-                and any(part in name for part in self.FP32_PARAMETERS) and param.dtype in (torch.float16, torch.bfloat16)]
+        half = [name for name, param in self._half_gate_parameters() if param.requires_grad]
         if half:
             warnings.warn(
                 f"GateRA: {len(half)} trainable gate / structure / magnitude parameters are in half precision (e.g. "
@@ -397,11 +396,15 @@ class GateRAModel(BaseTuner):
         optimizer holds no state yet.
         """
         changed = []
-        for name, param in self.model.named_parameters():
-            if any(part in name for part in self.FP32_PARAMETERS) and param.dtype in (torch.float16, torch.bfloat16):
-                param.data = param.data.float()
-                changed.append(name)
+        for name, param in self._half_gate_parameters():
+            param.data = param.data.float()
+            changed.append(name)
         return changed
+
+    def _half_gate_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the gate, threshold, structure and magnitude parameters held in fp16 / bf16."""
+        return [(name, param) for name, param in self.model.named_parameters()
+                if any(part in name for part in self.FP32_PARAMETERS) and param.dtype in (torch.float16, torch.bfloat16)]
 
     # ----------------------------------------------------------------------------------------------- statistics
     def discard_gate_stats(self) -> None:

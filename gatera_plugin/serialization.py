@@ -14,8 +14,8 @@ Installed on `import gatera_plugin`, wrappers around PEFT's functions act on Gat
   (`PeftModel.from_pretrained`, `load_adapter`) hold a shared lock on the folder, so they never see half a save.
   Each save also removes the staging folders of saves that were killed (nobody holds their lock any more).
 - On file systems that lack a feature this needs (locks on Lustre without `-o flock`, or where no lock manager runs:
-  ENOLCK; hard links, renames or directory fsync on FUSE and bucket mounts), saves go on without it, as PEFT's own save would,
-  after one warning per feature that says what is lost; the `.previous` copies are then real copies.
+  ENOLCK; hard links, renames or directory fsync on FUSE and bucket mounts), saves go on without it, as PEFT's own
+  save would, after one warning per feature that says what is lost; the `.previous` copies are then real copies.
 - `save_pretrained(safe_serialization=False)` is refused unless pickles are allowed (below): it would write a file
   this package refuses to load.
 - `load_peft_weights` (what `from_pretrained` and `load_adapter` read through) checks a GateRA folder first (a local
