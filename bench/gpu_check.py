@@ -56,6 +56,12 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:600]
 
 
+def _progress(row: dict) -> None:
+    """One finished row on stderr, so that a run cut short still shows how far it got."""
+    print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+          file=sys.stderr, flush=True)
+
+
 def _cuda(device) -> bool:
     return device.type == "cuda"
 
@@ -182,6 +188,7 @@ def correctness(device, smoke: bool) -> list[dict]:
                                 row.update(status="error", detail=_error(exc))
                             _empty_cache(device)
                         rows.append(row)
+                        _progress(row)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
     return rows
@@ -218,6 +225,7 @@ def speed(device, smoke: bool, repeats: int) -> list[dict]:
                     del model
                     _empty_cache(device)
                 rows.append(row)
+                _progress(row)
             lora = measured.get("peft-lora")
             for row in measured.values():
                 if lora:
@@ -381,15 +389,17 @@ def main() -> None:
               ["model", "base", "steps", "status", "first_loss", "last_loss", "loss_falls", "adapter_effect",
                "reload_max_diff", "reloads_same", "train_seconds"]),
     }
+    out = Path(args.out or ROOT / "bench" / "results" / ("gpu_check_smoke.json" if smoke else "gpu_check.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = []
     for key in args.sections:
         name, function, fargs, columns = layouts[key]
         sections[name] = run_section(name, function, *fargs, skips_fail=not smoke)
         report.append(table(f"({key}) {name}", sections[name], columns))
+        print(report[-1] + "\n", file=sys.stderr, flush=True)
+        # written after every section: a run stopped by a time limit keeps what it measured
+        out.write_text(json.dumps({"meta": meta, "sections": sections}, indent=2, default=str))
     print("\n\n".join(report))
-    out = Path(args.out or ROOT / "bench" / "results" / ("gpu_check_smoke.json" if smoke else "gpu_check.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "sections": sections}, indent=2, default=str))
     print(f"\nwrote {out}", file=sys.stderr)
     sys.exit(0 if all(s["status"] == "ok" for s in sections.values()) else 1)
 
