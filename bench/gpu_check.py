@@ -3,7 +3,7 @@
     python bench/gpu_check.py            # CUDA: about 8 minutes at most on one H100 / H200
     python bench/gpu_check.py --smoke    # CPU smoke mode (the default without CUDA): tiny shapes, under a minute
 
-Writes bench/results/gpu_check.json (`--out`). Three sections; each catches its own failures (a failed case is a row
+Writes bench/results/gpu_check.json (`--out`). Four sections; each catches its own failures (a failed case is a row
 with status "error" and the message, and the other rows and sections still run). Exit status 1 if anything failed,
 or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomplete").
 
@@ -23,10 +23,15 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
     bf16: the loss falls (mean of the last 5 logged losses below the first 5), and the saved adapter, loaded onto a
     fresh 4-bit base, gives the trained model's logits: max difference within 2e-2 (tests/test_bnb.py's tolerance) or
     1% of the adapter's own effect on them (max |logits − logits with the adapter disabled|), whichever is larger.
+(d) model step: whole training steps (forward, backward, AdamW) of a 2-layer Llama with Llama-3-8B's layer shapes
+    (random weights, bf16, q/k/v/o/gate/up/down at r = 32, fp32 adapter weights, bf16 autocast), 1 x 4096 and
+    1 x 16384 tokens: PEFT's LoRA and HiRA, GateRA (its default token gate) and GateRA with gate="none"; median ms
+    (wall clock, so the host's own work per layer counts too) and peak memory above the built model, as ratios to
+    LoRA and to HiRA.
 
 Smoke mode runs the same code on CPU with tiny shapes; the Triton rows run under Triton's interpreter when
 TRITON_INTERPRET=1 is set (except bf16, which the interpreter mishandles) and are skipped otherwise; (c) trains a tiny
-random Llama. Its timings mean nothing; it checks that the script works (tests/test_bench_scripts.py runs it).
+random Llama and (d) a 1-layer one. Its timings mean nothing; it checks that the script works (tests/test_bench_scripts.py runs it).
 """
 
 from __future__ import annotations
@@ -313,6 +318,86 @@ def _train_and_reload(work: Path, device, smoke: bool, steps: int) -> list[dict]
     return [row]
 
 
+# ----------------------------------------------------------------------------------------------- (d) model step
+# A 2-layer Llama with Llama-3-8B's layer shapes (hidden 4096, MLP 14336, 32 heads, 8 KV heads); random weights
+MODEL_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                   num_hidden_layers=2, vocab_size=32000)
+SMOKE_MODEL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=128)
+MODEL_METHODS = ("peft-lora", "peft-hira", "gatera", "gatera-none")
+
+
+def _method_config(method: str):
+    from peft import HiraConfig, LoraConfig
+
+    from gatera_plugin import GateRAConfig
+
+    return {
+        "peft-lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS),
+        "peft-hira": lambda: HiraConfig(r=RANK, target_modules=TARGETS),
+        "gatera": lambda: GateRAConfig(r=RANK, target_modules=TARGETS),
+        "gatera-none": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, gate="none"),
+    }[method]()
+
+
+def model_step(device, smoke: bool, repeats: int) -> list[dict]:
+    """Whole training steps (forward, backward, AdamW) of each method on the same model: ms and peak memory above
+    the built model, as ratios to PEFT's LoRA. bf16 weights, fp32 adapter weights, bf16 autocast, 1 x T tokens."""
+    import torch
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = SMOKE_MODEL_SHAPE if smoke else MODEL_SHAPE
+    dtype = torch.float32 if smoke else torch.bfloat16
+    rows = []
+    for n in [16] if smoke else [4096, 16384]:
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(3, shape["vocab_size"], (1, n), generator=generator).to(device)
+        measured = {}
+        for method in MODEL_METHODS:
+            row = {"tokens": n, "method": method}
+            model = optimizer = None
+            try:
+                torch.manual_seed(0)
+                config = LlamaConfig(**shape, max_position_embeddings=max(n, 64), pad_token_id=0)
+                with torch.device(device):
+                    model = LlamaForCausalLM(config).to(dtype)
+                model = get_peft_model(model, _method_config(method), autocast_adapter_dtype=True).train()
+                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+                times = []
+                if _cuda(device):
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    start_memory = torch.cuda.memory_allocated()
+                for i in range(2 + (2 if smoke else repeats)):
+                    begin = time.perf_counter()
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not smoke):
+                        loss = model(input_ids=input_ids, labels=input_ids).loss
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if _cuda(device):
+                        torch.cuda.synchronize()
+                    if i >= 2:
+                        times.append((time.perf_counter() - begin) * 1e3)
+                peak = (torch.cuda.max_memory_allocated() - start_memory) / 2**20 if _cuda(device) else float("nan")
+                row.update(status="ok", ms=statistics.median(times), peak_mb=peak)
+                measured[method] = row
+            except Exception as exc:  # noqa: BLE001 (OOM and the like: reported in the row)
+                row.update(status="error", detail=_error(exc))
+            del model, optimizer
+            _empty_cache(device)
+            rows.append(row)
+            _progress(row)
+        for row in measured.values():
+            for other in ("peft-lora", "peft-hira"):
+                if other in measured:
+                    row[f"time_vs_{other[5:]}"] = row["ms"] / measured[other]["ms"]
+            if "peft-lora" in measured and measured["peft-lora"]["peak_mb"]:
+                row["memory_vs_lora"] = row["peak_mb"] / measured["peft-lora"]["peak_mb"]
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- report
 def run_section(name: str, function, *args, skips_fail: bool = False) -> dict:
     """Run one section; a crash outside its own rows becomes the section's error, never the script's.
@@ -357,8 +442,8 @@ def table(title: str, section: dict, columns: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU smoke mode (the default without CUDA)")
-    parser.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
-    parser.add_argument("--repeats", type=int, default=5, help="timed forward+backward runs per variant in (b)")
+    parser.add_argument("--sections", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant in (b) and (d)")
     parser.add_argument("--steps", type=int, default=30, help="SFTTrainer steps in (c)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_check.json on CUDA, "
                         "bench/results/gpu_check_smoke.json in smoke mode, which git ignores)")
@@ -388,6 +473,9 @@ def main() -> None:
         "c": ("training", training, (device, smoke, args.steps),
               ["model", "base", "steps", "status", "first_loss", "last_loss", "loss_falls", "adapter_effect",
                "reload_max_diff", "reloads_same", "train_seconds"]),
+        "d": ("model step", model_step, (device, smoke, args.repeats),
+              ["tokens", "method", "status", "ms", "peak_mb", "time_vs_lora", "time_vs_hira", "memory_vs_lora",
+               "detail"]),
     }
     out = Path(args.out or ROOT / "bench" / "results" / ("gpu_check_smoke.json" if smoke else "gpu_check.json"))
     out.parent.mkdir(parents=True, exist_ok=True)

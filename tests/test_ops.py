@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from gatera_plugin.ops import gated_hira, gated_lora
-from tests.helpers import FP32_TOLERANCE, naive_gated_hira, naive_gated_lora, within_tolerance
+from tests.helpers import (
+    FP32_TOLERANCE,
+    max_error,
+    naive_gated_hira,
+    naive_gated_lora,
+    rounding_bound,
+    within_tolerance,
+)
 
 D_IN, D_OUT, R, N = 24, 40, 6, 17
 
@@ -182,3 +189,56 @@ def test_leading_dimensions_are_preserved():
     assert out.shape == (2, 8, D_OUT)
     flat = gated_hira(x.reshape(16, D_IN), gate.reshape(16, 1), t["A"], t["B"], lambda: t["W0"])
     torch.testing.assert_close(out.reshape(16, D_OUT), flat)
+
+
+def test_gpu_blocks_keep_llama_sized_layers_whole():
+    """On a GPU a 4096 x 14336 layer is one ΔW block (three cuBLAS GEMMs with x, no fp32 sum of partial products);
+    on CPU it is split into cache-sized blocks. (Slices only: no GPU is needed to ask.)"""
+    from gatera_plugin.ops.hira import _row_blocks
+
+    for d_in, d_out in [(4096, 4096), (4096, 14336), (14336, 4096)]:
+        assert list(_row_blocks(d_out, d_in, torch.device("cuda"))) == [slice(0, d_out)]
+    assert len(list(_row_blocks(14336, 4096, torch.device("cpu")))) == 28
+    assert len(list(_row_blocks(28672, 8192, torch.device("cuda")))) == 4  # a 70B MLP: bounded blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_backward_builds_no_fp32_weight_sized_tensor(dtype, hira_blocks):
+    """Under autocast with PEFT's fp32 A and B, backward's dΔW ⊙ W0 is made in the autocast dtype, which its products
+    with A and B use: no d_out x d_in fp32 tensor is built and cast back. The gradients stay within the rounding rule
+    against fp64 (twice the naive autocast run's error, plus 2 ulp)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    t = _inputs(torch.float32)
+    t["x"] = t["x"].detach().to(dtype).requires_grad_()
+    t["W0"] = t["W0"].to(dtype)
+    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1))
+    weight_sized = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == D_IN and out.shape[0] not in (N, R) \
+                    and not func.is_view:  # a new (rows, d_in) block
+                weight_sized.append((str(func), tuple(out.shape), out.dtype))
+            return out
+
+    def run(tensors, use_ops, precision):
+        with torch.autocast("cpu", dtype=precision, enabled=precision != torch.float64):
+            out = _run("hira", tensors, 0.7, use_ops)
+        names = [k for k, v in tensors.items() if v is not None and v.requires_grad]
+        if use_ops:
+            with Record():
+                grads = torch.autograd.grad(out, [tensors[k] for k in names], grad_out.to(out.dtype))
+        else:
+            grads = torch.autograd.grad(out, [tensors[k] for k in names], grad_out.to(out.dtype))
+        return dict(zip(names, grads))
+
+    ours = run(t, True, dtype)
+    assert weight_sized and all(w[-1] == dtype for w in weight_sized), [w for w in weight_sized if w[-1] != dtype]
+    naive = run(t, False, dtype)
+    truth = run({k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None)
+                 for k, v in t.items()}, False, torch.float64)
+    for name in ("A", "B"):
+        error = max_error(ours[name], truth[name])
+        assert error <= rounding_bound(naive[name], truth[name], dtype), (name, error)

@@ -4,8 +4,8 @@ PEFT's HiRA builds `ΔW = W0 ⊙ BA` (d_out × d_in) every forward and lets auto
 matrix per adapted layer (and, on 4-bit bases, a dequantised `W0` too). Here `BA`, `ΔW` and the dequantised `W0` are
 rebuilt in backward instead, so between forward and backward a layer holds nothing of size d_out × d_in.
 
-Even transiently `ΔW` is never whole: forward and backward walk over blocks of `rows` output rows, so the largest
-temporary is `rows × d_in` (`CHUNK_ELEMENTS` elements). W0 is read only through a W0 source (`DenseWeight` here;
+Forward and backward walk over blocks of `rows` output rows, so the largest temporary is `rows × d_in`
+(`CHUNK_ELEMENTS` elements on CPU, `GPU_CHUNK_ELEMENTS` on a GPU). W0 is read only through a W0 source (`DenseWeight` here;
 the Triton path's `kernels.hira_triton.TritonWeight` builds the same blocks with fused kernels).
 
 Backward (docs/method.md, "Gradients"), with `δ = ∂L/∂out` (N × d_out) and `G = s·g ⊙ δ`:
@@ -31,12 +31,18 @@ from torch.autograd.function import once_differentiable
 from ._autocast import autocast_state, restore_autocast
 from ._tokens import apply_to_tokens
 
-# Largest temporary block of ΔW, in elements (2^21: 8 MiB in fp32).
+# Largest temporary block of ΔW, in elements. On CPU 2^21 (8 MiB in fp32): cache-sized blocks, little memory.
 CHUNK_ELEMENTS = 1 << 21
+# On a GPU 2^26 (128 MiB in bf16): a layer up to 4096 x 16384 is one block, so each of the three products with x is
+# one cuBLAS GEMM. At 2^21 a 4096 x 14336 layer took 28 narrow products each, and backward summed 28 partial
+# (N, d_in) products in fp32: 1.73x PEFT's HiRA at 16k tokens on an H200 (bench/results/gpu_check_before.json).
+GPU_CHUNK_ELEMENTS = 1 << 26
 
 
-def _row_blocks(d_out: int, d_in: int):
-    rows = max(1, min(d_out, CHUNK_ELEMENTS // max(d_in, 1)))
+def _row_blocks(d_out: int, d_in: int, device: torch.device):
+    """Slices of at most `CHUNK_ELEMENTS` (CPU) or `GPU_CHUNK_ELEMENTS` (other devices) / d_in output rows."""
+    limit = CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    rows = max(1, min(d_out, limit // max(d_in, 1)))
     for start in range(0, d_out, rows):
         yield slice(start, min(start + rows, d_out))
 
@@ -109,7 +115,7 @@ class GatedHiraFunction(torch.autograd.Function):
         weight = weight_source(weight_fn())
         dtype = _product_dtype(x, ctx.autocast)
         d_out, d_in = weight.shape
-        blocks = list(_row_blocks(d_out, d_in))
+        blocks = list(_row_blocks(d_out, d_in, x.device))
         if len(blocks) == 1:
             delta_w = weight.delta(B, A, blocks[0], dtype)  # (d_out, d_in)
             if gate is None and base is not None and base.dtype == torch.result_type(x, delta_w) \
@@ -171,18 +177,21 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need) -> tupl
             elif scaled:
                 G = go * token_scale
         factor_dtype = torch.result_type(B, A)
+        # dM's dtype: under autocast its products with A and B run in `dtype`, so it is rounded to `dtype` once, here
+        # (the same values where W0 is half precision: W0 ⊙ (Gᵀx) is exact in fp32), not built in fp32 and cast back
+        mask_dtype = dtype if autocast["enabled"] else factor_dtype
         P = None  # δ ΔW: (N, d_in)
         if need_A:
             grad_A = torch.zeros_like(A, dtype=_accumulator_dtype(factor_dtype))
         if need_B:
             grad_B = torch.empty_like(B, dtype=factor_dtype)
-        for rows in _row_blocks(d_out, d_in):
+        for rows in _row_blocks(d_out, d_in, x.device):
             if need_x or need_gate:
                 part = go[:, rows] @ weight.delta(B[rows], A, rows, dtype)  # (N, d_in)
                 P = part.to(_accumulator_dtype(part.dtype)) if P is None else P.add_(part)
                 del part
             if G is not None:
-                dM = weight.mask_((G[:, rows].t() @ xs).to(factor_dtype), rows)  # (rows, d_in)
+                dM = weight.mask_((G[:, rows].t() @ xs).to(mask_dtype), rows)  # (rows, d_in)
                 if need_B:
                     grad_B[rows] = dM @ A.t()
                 if need_A:
