@@ -31,7 +31,8 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
 
 Smoke mode runs the same code on CPU with tiny shapes; the Triton rows run under Triton's interpreter when
 TRITON_INTERPRET=1 is set (except bf16, which the interpreter mishandles) and are skipped otherwise; (c) trains a tiny
-random Llama and (d) a 1-layer one. Its timings mean nothing; it checks that the script works (tests/test_bench_scripts.py runs it).
+random Llama and (d) times a 1-layer one. Its timings mean nothing; it checks that the script works
+(tests/test_bench_scripts.py runs it).
 """
 
 from __future__ import annotations
