@@ -185,10 +185,14 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need) -> tupl
             grad_A = torch.zeros_like(A, dtype=_accumulator_dtype(factor_dtype))
         if need_B:
             grad_B = torch.empty_like(B, dtype=factor_dtype)
-        for rows in _row_blocks(d_out, d_in, x.device):
+        blocks = list(_row_blocks(d_out, d_in, x.device))
+        for rows in blocks:
             if need_x or need_gate:
                 part = go[:, rows] @ weight.delta(B[rows], A, rows, dtype)  # (N, d_in)
-                P = part.to(_accumulator_dtype(part.dtype)) if P is None else P.add_(part)
+                if P is None:  # a sum over blocks is kept in fp32; one block's product is used as it is
+                    P = part.to(_accumulator_dtype(part.dtype)) if len(blocks) > 1 else part
+                else:
+                    P.add_(part)
                 del part
             if G is not None:
                 dM = weight.mask_((G[:, rows].t() @ xs).to(mask_dtype), rows)  # (rows, d_in)
