@@ -24,9 +24,10 @@ TOKENS = [4096, 8192, 16384]
 RANK = 32
 
 
-def build(variant: str, d_in: int, d_out: int, dtype, device, fp32_adapters: bool = False):
+def build(variant: str, d_in: int, d_out: int, dtype, device, fp32_adapters: bool = False, nf4: bool = False):
     """One `d_in -> d_out` linear in `dtype` with `variant`'s adapter (B ~ N(0, 0.01)); adapter weights in `dtype`, or
-    fp32 with `fp32_adapters` (PEFT's default for a bf16 model, as under bf16 autocast training)."""
+    fp32 with `fp32_adapters` (PEFT's default for a bf16 model, as under bf16 autocast training). `nf4`: the base is
+    a bitsandbytes NF4 `Linear4bit` (compute dtype `dtype`) holding the same weight, as in a QLoRA run."""
     import torch
     from peft import HiraConfig, LoraConfig, get_peft_model
 
@@ -47,7 +48,15 @@ def build(variant: str, d_in: int, d_out: int, dtype, device, fp32_adapters: boo
         "peft-hira": lambda: HiraConfig(r=RANK, target_modules=["proj"]),
         "peft-lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["proj"]),
     }[variant]()
-    model = get_peft_model(One().to(device=device, dtype=dtype), config, autocast_adapter_dtype=fp32_adapters)
+    base = One().to(dtype=dtype)
+    if nf4:
+        import bitsandbytes as bnb
+
+        weight = base.proj.weight.data
+        base.proj = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=dtype, quant_type="nf4")
+        base.proj.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        base.is_loaded_in_4bit = True  # what transformers sets; PEFT's HiRA picks its 4-bit layer only by this flag
+    model = get_peft_model(base.to(device), config, autocast_adapter_dtype=fp32_adapters)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and ("_B" in name or "lora_B" in name):
