@@ -5,8 +5,8 @@
 
 LLaMA-sized shapes (d_in x d_out): 4096 x 4096 (attention) and 4096 x 14336 (MLP), r = 32, 4k / 8k / 16k tokens,
 bf16. For each: median milliseconds of forward + backward (CUDA events), TFLOP/s counted as the useful work of the
-layer (base GEMM 2·N·d_in·d_out forward, 4·N·d_in·d_out backward, plus the branch's own: HiRA 6·N·d_in·d_out, LoRA
-6·N·r·(d_in + d_out)), peak memory above the inputs, and ratios to PEFT's LoRA layer. Writes
+layer (the frozen base's GEMMs 2·N·d_in·d_out forward and 2·N·d_in·d_out backward for dx, plus the branch's own:
+HiRA 6·N·d_in·d_out, LoRA 6·N·r·(d_in + d_out)), peak memory above the inputs, and ratios to PEFT's LoRA layer. Writes
 bench/results/kernels.json. Without CUDA it says so and exits 0 (kernel speed is only measured on a GPU).
 """
 
@@ -65,7 +65,7 @@ def build(variant: str, d_in: int, d_out: int, dtype, device, fp32_adapters: boo
 
 
 def useful_flops(variant: str, n: int, d_in: int, d_out: int) -> float:
-    base = 6 * n * d_in * d_out
+    base = 4 * n * d_in * d_out  # forward and dx: the base weight is frozen (no dW)
     branch = 6 * n * RANK * (d_in + d_out) if variant == "peft-lora" else 6 * n * d_in * d_out
     return base + branch
 

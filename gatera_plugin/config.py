@@ -122,7 +122,7 @@ class GateRAConfig(PeftConfig):
             skip the branch entirely (gather the rest, compute, scatter); 0 (default): dense.
         cache_delta: in eval, keep the HiRA branch's dense `s·W0 ⊙ BA` between forwards (fast decoding).
         kernel: "auto" (the PyTorch path, except in cases a GPU measurement lists in `kernels.TRITON_WINS`: none
-            yet), "triton" (the Triton kernels, errors raised; off CUDA only under TRITON_INTERPRET=1) or "torch".
+            on an H200), "triton" (the Triton kernels, errors raised; off CUDA only under TRITON_INTERPRET=1) or "torch".
     """
 
     r: int = field(default=32, metadata={"help": "Rank of the branch factors A (r x d_in) and B (d_out x r)."})

@@ -5,8 +5,9 @@
 - "torch": always the PyTorch path (`gatera_plugin.ops`).
 - "auto" (default): Triton only for a case listed in `TRITON_WINS`, the cases where a GPU measurement showed the
   kernels beating the PyTorch path (device capability, compute dtype, rank, token count); the PyTorch path
-  everywhere else. No such measurement exists yet, so the table is empty and "auto" is the PyTorch path on every
-  device. Under "auto" any Triton failure (compile error, `OutOfResources`, launcher or pointer error) warns once, naming the cause, and
+  everywhere else. On an H200 (bench/results/gpu_check.json) the kernels won no case by more than noise (dense bf16:
+  0.99-1.02x the PyTorch path at 16k tokens, 1.28x slower at 4096 x 4096 with 4k tokens; NF4: 1.11-1.34x slower), so
+  the table is empty and "auto" is the PyTorch path on every device. Under "auto" any Triton failure (compile error, `OutOfResources`, launcher or pointer error) warns once, naming the cause, and
   sends that layer to the PyTorch path for good (in backward too: the gradients are then the PyTorch path's).
 - "triton": the kernels wherever they can run, errors raised: off CUDA (except under TRITON_INTERPRET=1, Triton's
   CPU interpreter, which the tests use), in float64, or where no tile configuration fits the device's shared
@@ -75,8 +76,9 @@ class TritonWin:
                 and self.quantized in (None, case.quantized))
 
 
-# Empty: no GPU measurement has shown the kernels faster than the PyTorch path (README, "Triton kernels"). Add a
-# `TritonWin` per region a measurement supports, e.g. TritonWin("hira", (9, 0), (torch.bfloat16,), 64, 4096).
+# Empty: on an H200 the kernels beat the PyTorch path in no case by more than run-to-run noise (README, "Triton
+# kernels"; bench/results/gpu_check.json). Add a `TritonWin` per region a measurement supports, e.g.
+# TritonWin("hira", (9, 0), (torch.bfloat16,), 64, 4096).
 TRITON_WINS: tuple[TritonWin, ...] = ()
 
 

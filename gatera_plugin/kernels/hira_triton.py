@@ -2,7 +2,7 @@
 branch's autograd function with W0 read by them.
 
 Design: the same algorithm as the PyTorch path (`gatera_plugin/ops/hira.py`), with its weight-sized elementwise work
-fused. That function walks `ΔW = W0 ⊙ BA` in blocks of output rows (at most `ops.hira.CHUNK_ELEMENTS` elements),
+fused. That function walks `ΔW = W0 ⊙ BA` in blocks of output rows (`ops.hira._row_blocks`),
 once in forward and once in backward, and reads W0 only through a "W0 source" with two methods: `delta` (build the
 block `W0_b ⊙ B_b A`) and `mask_` (multiply a gradient block by `W0_b`). `TritonWeight` is that source here:
 
@@ -38,20 +38,23 @@ PyTorch path (forward and backward's W0) and three times in the kernels (two bui
 
 Weight-sized memory traffic per step, bytes per element of W0 (bf16 W0 under bf16 autocast, PEFT's fp32 A and B):
 
-    PyTorch path   ≈ 50: each build writes `BA` (2) and reads it with W0 to write ΔW (6), twice; backward's dΔW (2),
-                   its fp32 copy (6), the mask (10), and the bf16 casts of dM for dA and dB (2 × 6) read twice (4 + 4)
+    PyTorch path   ≈ 28: each build writes `BA` (2) and reads it with W0 to write ΔW (6), twice; backward's dΔW (2),
+                   the mask in the autocast dtype (6) and dA, dB's reads (4)
     kernels        ≈ 20: each build reads W0 and writes ΔW (4), twice; dΔW (2), the mask (6) and dA, dB's reads (4),
                    A and B being cast to bf16 once per call by the host wrapper (r·(K + M) elements)
 
-that is 0.72 vs 0.29 MB per token at T = 4096 (0.18 vs 0.07 at 16k), beside the products' own operands. On an NF4
-base the PyTorch path also dequantises all of W0 to bf16 twice per step (reading 0.5625, writing and re-reading 2
-bytes per element, and holding a d_out × d_in bf16 copy, 117 MB at 4096 × 14336, while it runs); the kernels read
-the 0.5625 packed bytes per element in each build and mask and never hold a dequantised W0.
+that is 0.40 vs 0.29 MB per token at T = 4096 (0.10 vs 0.07 at 16k), beside the products' own operands (the
+PyTorch path's figure was ≈ 50 while it built dΔW in fp32 and cast it back). On an NF4 base the PyTorch path also
+dequantises all of W0 to bf16 twice per step (reading 0.5625, writing and re-reading 2 bytes per element, and
+holding a d_out × d_in bf16 copy, 117 MB at 4096 × 14336, while it runs); the kernels read the 0.5625 packed bytes
+per element in each build and mask and never hold a dequantised W0.
 
-Whether this is faster on a GPU is not measured (`bench/gpu_check.py`); "auto" keeps the PyTorch path until it is
-(`TRITON_WINS` in `kernels/__init__.py`). Block size: the PyTorch path's `CHUNK_ELEMENTS` (2^21) keeps the temporary
-at 4 MiB in bf16; on a GPU a larger block makes fewer, larger GEMMs (at 4096 × 14336 the down projection's blocks
-are 146 rows), which the GPU measurement should tune.
+Measured on an H200 (`bench/gpu_check.py`, bench/results/gpu_check.json): no faster. With the weight-sized traffic
+a few percent of a step at 4k+ tokens, the three cuBLAS products decide the time on both paths: dense bf16 at
+4096 × 14336, the kernels took 0.99x the PyTorch path's time at 4k tokens and 1.02x at 16k, at 4096 × 4096 1.28x
+(4k) and 0.99x (16k); on an NF4 base they took 1.34x (4k) and 1.11x (16k), with 0.81-0.93x its peak memory. So
+"auto" keeps the PyTorch path everywhere (`TRITON_WINS` in `kernels/__init__.py`). Block size: one block per
+layer up to `ops.hira.GPU_CHUNK_ELEMENTS` (2^26) on a GPU, as on the PyTorch path, so each product is one GEMM.
 
 4-bit bases: when the base layer is a bitsandbytes `Linear4bit` (NF4 or FP4), the kernels read W0 tiles straight
 from its packed bytes (two 4-bit codes per byte, row-major over (d_out, d_in), high nibble first; value =
