@@ -16,9 +16,10 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
     hundreds of terms of size ~30, and their rounding (~6e-5, also the PyTorch path's) exceeds the CPU tests' fixed
     atol of 1e-5, which fits their smaller shapes. TF32 is off for this section.
 (b) speed: forward + backward of one adapted linear, 4096 x 4096 and 4096 x 14336, r = 32, 4k and 16k tokens, bf16
-    base weight (and a bitsandbytes NF4 base at 4096 x 14336), fp32 adapter weights (PEFT's default), bf16 autocast: GateRA's PyTorch path, GateRA's Triton
-    kernels, PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs, ratios to PEFT's LoRA
-    (bench/kernel_speed.py's `build` and `time_variant`).
+    base weight (and a bitsandbytes NF4 base at 4096 x 14336), fp32 adapter weights (PEFT's default), bf16 autocast
+    (and, at 4096 x 14336 with 4k tokens, without autocast, as a bf16 model runs outside it): GateRA's PyTorch
+    path, GateRA's Triton kernels, PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs,
+    ratios to PEFT's LoRA (bench/kernel_speed.py's `build` and `time_variant`).
 (c) training: 30 SFTTrainer steps of SmolLM2-135M (`gatera_plugin.assets.smollm2_path()`) on a bitsandbytes NF4 base,
     bf16: the loss falls (mean of the last 5 logged losses below the first 5), and the saved adapter, loaded onto a
     fresh 4-bit base, gives the trained model's logits: max difference within 2e-2 (tests/test_bnb.py's tolerance) or
@@ -206,17 +207,20 @@ def speed(device, smoke: bool, repeats: int) -> list[dict]:
     from kernel_speed import build, time_variant, useful_flops
 
     tokens = [32] if smoke else [4096, 16384]
-    # (weight, d_in, d_out): dense at both shapes; an NF4 base (QLoRA) at the MLP shape
-    cases = [("dense", 64, 96), ("nf4", 64, 96)] if smoke else [
-        ("dense", 4096, 4096), ("dense", 4096, 14336), ("nf4", 4096, 14336)]
+    # (weight, d_in, d_out, autocast): dense at both shapes; an NF4 base (QLoRA) at the MLP shape; and the MLP shape
+    # outside autocast, as a bf16 model runs without it (PEFT casts the input to its fp32 adapter weights there)
+    cases = [("dense", 64, 96, True), ("nf4", 64, 96, True), ("dense", 64, 96, False)] if smoke else [
+        ("dense", 4096, 4096, True), ("dense", 4096, 14336, True), ("nf4", 4096, 14336, True),
+        ("dense", 4096, 14336, False)]
     dtype = torch.bfloat16
     rows = []
-    for weight, d_in, d_out in cases:
-        for n in tokens:
+    for weight, d_in, d_out, autocast in cases:
+        for n in tokens if autocast else tokens[:1]:
             x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
             measured = {}
             for variant in ("peft-lora", "peft-hira", "gatera-torch", "gatera-triton"):
-                row = {"weight": weight, "d_in": d_in, "d_out": d_out, "tokens": n, "variant": variant}
+                row = {"weight": weight, "autocast": autocast, "d_in": d_in, "d_out": d_out, "tokens": n,
+                       "variant": variant}
                 skip = _triton_skip(device, dtype) if variant == "gatera-triton" else None
                 if skip:
                     row.update(status="skipped", detail=skip)
@@ -224,7 +228,8 @@ def speed(device, smoke: bool, repeats: int) -> list[dict]:
                     model = None
                     try:
                         model = build(variant, d_in, d_out, dtype, device, fp32_adapters=True, nf4=weight == "nf4")
-                        ms, peak = time_variant(model, x, 2 if smoke else repeats, autocast_dtype=dtype)
+                        ms, peak = time_variant(model, x, 2 if smoke else repeats,
+                                                autocast_dtype=dtype if autocast else None)
                         row.update(status="ok", ms=ms, peak_mb=peak,
                                    tflops=useful_flops(variant, n, d_in, d_out) / ms / 1e9)
                         measured[variant] = row
@@ -471,7 +476,8 @@ def main() -> None:
         "a": ("correctness", correctness, (device, smoke),
               ["path", "dtype", "weight", "gated", "status", "error_over_bound", "detail"]),
         "b": ("speed", speed, (device, smoke, args.repeats),
-              ["weight", "d_in", "d_out", "tokens", "variant", "status", "ms", "tflops", "peak_mb", "time_vs_lora",
+              ["weight", "autocast", "d_in", "d_out", "tokens", "variant", "status", "ms", "tflops", "peak_mb",
+               "time_vs_lora",
                "memory_vs_lora", "detail"]),
         "c": ("training", training, (device, smoke, args.steps),
               ["model", "base", "steps", "status", "first_loss", "last_loss", "loss_falls", "adapter_effect",
