@@ -154,13 +154,16 @@ def _ok(done):
     assert done.returncode == 0, (done.stdout[-4000:] + done.stderr[-6000:])
 
 
-def _reload_logits(base_dir, adapter_dir, bits=0, factors_dtype=None, base_dtype=torch.float32, vocabulary=None):
+def _reload_logits(base_dir, adapter_dir, bits=0, factors_dtype=None, base_dtype=torch.float32, vocabulary=None,
+                   trained_dtypes=None):
     """The saved adapter's logits on the probe's inputs; `bits`: on a full-precision (0), 4-bit or 8-bit base, as the
     run's `load_in_4bit` / `load_in_8bit` loaded it (an 8-bit one from fp16 values, as Axolotl does); `factors_dtype`:
     compute the branch factors in that dtype, as the trained model did (TRL casts a quantised model's trainable
     parameters to bf16, see tests/test_bnb.py); `base_dtype`: the dtype the run loaded the base in (`bf16: true`),
     also the 4-bit compute dtype and, other than fp32, the autocast dtype of the forward; `vocabulary`: the rows the
-    run resized the embeddings to (new `tokens:`)."""
+    run resized the embeddings to (new `tokens:`); `trained_dtypes`: the probe's {parameter: dtype} of the trained
+    model, whose unquantised base parameters (norms, embeddings, head) are given those dtypes (the k-bit preparation
+    and Axolotl's conversion back to `torch_dtype` decided them)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -177,16 +180,16 @@ def _reload_logits(base_dir, adapter_dir, bits=0, factors_dtype=None, base_dtype
     if bits == 8:  # Axolotl's torch_dtype for 8-bit without bf16 is fp16: the int8 weights come from fp16 values
         kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": "cpu"}
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float16 if bits == 8 else base_dtype, **kwargs)
-    if bits:  # what prepare_model_for_kbit_training did: the unquantised weights in fp32
-        for param in base.parameters():
-            if type(param).__name__ not in ("Params4bit", "Int8Params"):
-                param.data = param.data.float()
     if vocabulary is not None:
         base.resize_token_embeddings(vocabulary)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     for name, param in model.named_parameters():
         if factors_dtype is not None and (".gatera_A." in name or ".gatera_B." in name):
             param.data = param.data.to(factors_dtype)
+        elif trained_dtypes and ".gatera_" not in name and type(param).__name__ not in ("Params4bit", "Int8Params"):
+            # (the probe sees the base model itself where TRL built the adapter: its names lack PEFT's prefix)
+            trained = trained_dtypes.get(name) or trained_dtypes[name.removeprefix("base_model.model.")]
+            param.data = param.data.to(getattr(torch, trained.removeprefix("torch.")))
     autocast = torch.autocast("cpu", dtype=base_dtype, enabled=base_dtype != torch.float32)  # as the probe ran
     with torch.no_grad(), autocast:
         return model(input_ids=PROBE_INPUT).logits.float()
@@ -198,9 +201,15 @@ def _saved_gatera_adapter_reloads(out: Path, base_dir: Path, bits=0, factors_dty
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "GATERA"
     probe = torch.load(out / "probe.pt")
     assert any("gatera_plugin" in t for t in probe["layer_types"])
-    reloaded = _reload_logits(base_dir, out, bits, factors_dtype)
+    reloaded = _reload_logits(base_dir, out, bits, factors_dtype, trained_dtypes=probe["dtypes"] if bits else None)
     torch.testing.assert_close(reloaded, probe["logits"], rtol=1e-4, atol=1e-4)
     return probe
+
+
+def _frozen_dtypes(probe: dict) -> set[str]:
+    """Dtypes of the trained model's unquantised base parameters: its norms, embeddings and output head."""
+    return {d for n, d in probe["dtypes"].items()
+            if ".gatera_" not in n and any(part in n for part in ("norm", "embed_tokens", "lm_head"))}
 
 
 def _train(workspace, name, example="gatera.yml", **overrides) -> str:
@@ -231,6 +240,8 @@ def test_train_loss_falls_metrics_logged_adapter_reloads(workspace, bits):
         assert len(_logged(output, key)) == 25, key
     probe = _saved_gatera_adapter_reloads(workspace / name, workspace / "base", bits)
     assert probe["optimizer"].startswith("bitsandbytes." if bits == 4 else "torch."), probe["optimizer"]
+    # norms, embeddings and head end in Axolotl's torch_dtype, as for qlora / lora (fp16 for 8-bit without bf16)
+    assert _frozen_dtypes(probe) == {"torch.float16" if bits == 8 else "torch.float32"}
 
 
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full-precision", "4bit"])
@@ -255,8 +266,10 @@ def test_bf16_run_trains_and_its_adapter_reloads_on_the_bf16_base(workspace, loa
 
     saved = load_file(workspace / name / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    if load_in_4bit:  # as Axolotl's qlora leaves them (k-bit preparation, then the conversion back to bf16)
+        assert _frozen_dtypes(torch.load(workspace / name / "probe.pt")) == {"torch.bfloat16"}
     reloaded = _reload_logits(workspace / "base", workspace / name, 4 if load_in_4bit else 0,
-                              base_dtype=torch.bfloat16)
+                              base_dtype=torch.bfloat16, trained_dtypes=trained)
     torch.testing.assert_close(reloaded, torch.load(workspace / name / "probe.pt")["logits"], rtol=1e-4, atol=1e-4)
 
 
@@ -408,13 +421,15 @@ def test_merge_lora_of_ungated_adapter_with_legacy_method(workspace):
         ({"gatera_gate": "softmax"}, r"gatera_gate"),
         ({"gatera_entropy_weight": -1}, r"gatera_entropy_weight"),
         ({"gatera_gate": "none", "gatera_entropy_weight": 0.1}, r"needs sigmoid token gates"),
+        ({"gatera_entropy_wieght": 0.1}, r"`gatera_entropy_wieght` is not a GateRA setting: did you mean "
+                                          r"`gatera_entropy_weight`\?"),
         # a QLoRA-FSDP recipe's loading (Axolotl's own messages sent the user to `adapter: qlora`)
         *[({"load_in_4bit": True, "fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}, **extra},
            r"`fsdp_config.cpu_ram_efficient_loading: true` with `load_in_4bit`.*set `cpu_ram_efficient_loading: false`")
           for extra in ({}, {"qlora_sharded_model_loading": True})],
     ],
     ids=["keys-without-adapter", "relora", "lora-kernels", "dora-option", "unknown-gate", "negative-weight",
-         "conflict", "4bit-cpu-ram-efficient-loading", "4bit-qlora-sharded-loading"],
+         "conflict", "misspelt-key", "4bit-cpu-ram-efficient-loading", "4bit-qlora-sharded-loading"],
 )
 def test_bad_configs_are_refused_clearly(workspace, overrides, message):
     done = _axolotl("train", str(_config(workspace, "bad", **overrides)), "--launcher", "python", timeout=300)
@@ -724,6 +739,20 @@ def test_the_kind_names_of_the_yaml_keys_are_the_registries():
     assert names("gatera_branch") == set(BRANCHES) and names("gatera_gate") == set(TOKEN_GATES)
 
 
+def test_a_misspelt_gatera_key_is_refused_with_the_closest_name():
+    """Axolotl's schema drops keys it does not know: a misspelt `gatera_*` key would train with the default. Refused,
+    with the closest known key (also where `adapter` is not gatera); every known key passes."""
+    from gatera_plugin.integrations.axolotl.args import GATERA_KEYS, GateRAArgs
+
+    with pytest.raises(ValueError, match=r"`gatera_gate_lr_raito` is not a GateRA setting: did you mean "
+                                         r"`gatera_gate_lr_ratio`\?"):
+        GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_raito": 4.0})
+    with pytest.raises(ValueError, match=r"`gatera_xyz` is not a GateRA setting: The GateRA keys are gatera_branch"):
+        GateRAArgs.model_validate({"adapter": "lora", "gatera_xyz": 1})
+    assert set(GATERA_KEYS) == {k for k in GateRAArgs.model_fields if k.startswith("gatera_")}
+    GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 4.0, "gatera_kernel": "torch"})
+
+
 def test_a_regex_target_string_adapts_what_it_adapts_for_lora():
     """`lora_target_modules` as one string (a regex, in many of Axolotl's recipes, e.g. to adapt a VLM's language model
     only) is handed to PEFT as a regex, as Axolotl does for LoRA: the same modules as LoRA's. Before, it became a
@@ -799,7 +828,8 @@ def test_new_tokens_on_a_tied_model_train_one_embedding_copy(workspace, variant)
     embedding, head = saved["base_model.model.model.embed_tokens.weight"], saved["base_model.model.lm_head.weight"]
     assert embedding.shape[0] >= vocab + 2 and torch.equal(head, embedding)  # one copy, resized
     assert not torch.equal(embedding[:vocab], base.get_input_embeddings().weight)  # it trained
-    reloaded = _reload_logits(workspace / "base-tied", out, bits, vocabulary=embedding.shape[0])
+    reloaded = _reload_logits(workspace / "base-tied", out, bits, vocabulary=embedding.shape[0],
+                              trained_dtypes=torch.load(out / "probe.pt")["dtypes"] if bits else None)
     if variant not in ("fsdp2", "zero3"):  # (there the probe cannot run a forward on rank 0 alone)
         torch.testing.assert_close(reloaded, torch.load(out / "probe.pt")["logits"], rtol=1e-4, atol=1e-4)
 

@@ -7,9 +7,12 @@ Installed with the package, the plugin loads for every Axolotl run through the `
 - `get_adapter_capabilities`: lets Axolotl's config validator accept the name;
 - `register`: makes `load_in_4bit` / `load_in_8bit` really quantise the base (Axolotl builds a bitsandbytes config
   only for its own LoRA adapters and would otherwise load the base unquantised without a word);
+- `post_model_build`: on a 4-bit / 8-bit base, PEFT's k-bit preparation where Axolotl runs it for `qlora` (just
+  before its post-load setup), so that Axolotl's cast of norms and embeddings back to `torch_dtype` follows it as for
+  qlora (not under FSDP or ZeRO-3: there `load_adapter` prepares, as before);
 - `load_adapter`: builds the GateRA PEFT model from the usual `lora_*` keys and the `gatera_*` keys (or loads
-  `lora_model_dir`), after the k-bit preparation and gradient checkpointing Axolotl applies to LoRA only; for
-  `rl: dpo`, `ipo`, `kto`, where TRL builds the model, only its config;
+  `lora_model_dir`), after the gradient checkpointing Axolotl applies to LoRA only; for `rl: dpo`, `ipo`, `kto`,
+  where TRL builds the model, only its config;
 - `post_trainer_create`: there, loads `lora_model_dir`'s weights into the adapter TRL built (DPO after SFT).
 
 The penalty and the gate statistics need nothing here: `import gatera_plugin` makes every `transformers.Trainer`
@@ -171,6 +174,37 @@ def _patch_quantization_config() -> None:
     ModelLoader._set_quantization_config = _set_quantization_config
 
 
+def _kbit_bits(model) -> int:
+    """4 or 8 for a bitsandbytes-quantised model (as transformers marks it), else 0."""
+    return 4 if getattr(model, "is_loaded_in_4bit", False) else 8 if getattr(model, "is_loaded_in_8bit", False) else 0
+
+
+def _sharded(cfg) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: Axolotl's qlora keeps one dtype there (no k-bit preparation)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return cfg.fsdp_config is not None or cfg.fsdp is not None or is_deepspeed_zero3_enabled()
+
+
+def _checkpointing_kwargs(cfg) -> dict:
+    """`gradient_checkpointing_kwargs` as given; unset (Axolotl fills it in, except under `rl` or
+    `unfrozen_parameters`), the default that Axolotl's Trainer applies when training starts."""
+    kwargs = cfg.gradient_checkpointing_kwargs
+    return {"use_reentrant": False} if kwargs is None else kwargs
+
+
+def _prepare_kbit(model, checkpointing: bool, checkpointing_kwargs: dict, as_axolotl_does: bool):
+    """PEFT's `prepare_model_for_kbit_training`. `as_axolotl_does`: the one Axolotl calls for qlora, looked up at call
+    time in `peft.utils.other`, where Axolotl's `embeddings_skip_upcast` patch may have replaced it (it then leaves
+    the embeddings and head in their dtype, for the conversion to `torch_dtype` that follows); else PEFT's own, bound
+    in `peft` before any patch, which upcasts every unquantised parameter (nothing is converted back after it)."""
+    import peft
+    import peft.utils.other
+
+    prepare = peft.utils.other.prepare_model_for_kbit_training if as_axolotl_does else peft.prepare_model_for_kbit_training
+    return prepare(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=checkpointing_kwargs)
+
+
 class GateRAPlugin(BasePlugin):
     """Axolotl plugin for `adapter: gatera`."""
 
@@ -183,11 +217,25 @@ class GateRAPlugin(BasePlugin):
     def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
         return [AdapterCapabilities(name=ADAPTER, lora_like=False, relora=False)]
 
+    def post_model_build(self, cfg, model):
+        """A bitsandbytes base: `prepare_model_for_kbit_training` here, where Axolotl prepares a `qlora` base (its
+        post-load setup runs next), so that Axolotl's conversion of norms, embeddings and the output head back to
+        `torch_dtype` (`should_convert_embedding_dtypes`) comes after it, as for qlora. Prepared in `load_adapter`,
+        after that conversion, they stayed fp32: twice their memory, and fp32 activations out of bf16 norms' place.
+        Under FSDP or ZeRO-3 `load_adapter` still prepares (Axolotl skips the preparation for qlora there and keeps
+        one dtype; GateRA's sharded 4-bit runs are tested as they are)."""
+        if cfg.adapter != ADAPTER or not _kbit_bits(model) or _sharded(cfg) or getattr(
+                model, "_axolotl_staged_nf4", False) or getattr(model, "_moe_experts_quantized", False):
+            return
+        checkpointing = bool(cfg.gradient_checkpointing) and not cfg.inference
+        _prepare_kbit(model, checkpointing, _checkpointing_kwargs(cfg), as_axolotl_does=True)
+        model._gatera_kbit_prepared = True
+
     def load_adapter(self, model, cfg, inference: bool = False, config_only: bool = False):
         self._load_into_trainer = None  # (set below for this run only)
         if cfg.adapter != ADAPTER:
             return None
-        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+        from peft import PeftModel, get_peft_model
 
         config = gatera_config_from_axolotl(cfg, model)
         if config_only:  # `rl: dpo`, `ipo`, `kto`: TRL builds the adapter inside its trainer from this config
@@ -198,17 +246,12 @@ class GateRAPlugin(BasePlugin):
             return None, config
         inference = inference or bool(cfg.inference)
         checkpointing = bool(cfg.gradient_checkpointing) and not inference
-        # as given; unset (Axolotl fills it in, except under `rl` or `unfrozen_parameters`), the default that
-        # Axolotl's Trainer applies when training starts
-        checkpointing_kwargs = cfg.gradient_checkpointing_kwargs
-        if checkpointing_kwargs is None:
-            checkpointing_kwargs = {"use_reentrant": False}
-        bits = 4 if getattr(model, "is_loaded_in_4bit", False) else 8 if getattr(model, "is_loaded_in_8bit", False) else 0
+        checkpointing_kwargs = _checkpointing_kwargs(cfg)
+        bits = _kbit_bits(model)
         LOG.info("GateRA on a %s base model", f"{bits}-bit (bitsandbytes)" if bits else "full-precision")
-        if bits:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                    gradient_checkpointing_kwargs=checkpointing_kwargs)
-        elif checkpointing:
+        if bits and not getattr(model, "_gatera_kbit_prepared", False):  # (else: post_model_build, checkpointing too)
+            model = _prepare_kbit(model, checkpointing, checkpointing_kwargs, as_axolotl_does=False)
+        elif checkpointing and not bits:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         # PEFT's default keeps the adapter in fp32 on a half-precision base; `peft_autocast_adapter_dtype: false` keeps
         # it in the base's dtype (GateRA's gates are returned to fp32 for training either way)
