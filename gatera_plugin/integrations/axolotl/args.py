@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, model_validator
@@ -68,7 +69,8 @@ class GateRAArgs(BaseModel):
     gatera_structure_weight: Optional[float] = Field(default=None, ge=0)
     gatera_kernel: Optional[Literal["auto", "triton", "torch"]] = Field(
         default=None,
-        json_schema_extra={"description": "auto: the PyTorch path except where measured faster in Triton (none yet)."},
+        json_schema_extra={"description": "auto: the PyTorch path except where measured faster in Triton (none "
+                                         "on an H200)."},
     )
     gatera_hira_scaling: Optional[Literal["none", "rms", "lora"]] = Field(
         default=None, json_schema_extra={"description": "HiRA branch scale: lora (default: like LoRA with lora_r / "
@@ -78,6 +80,21 @@ class GateRAArgs(BaseModel):
     gatera_gate_lr_ratio: Optional[float] = Field(
         default=None, gt=0, json_schema_extra={"description": "Gate parameters' learning rate / learning_rate."}
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def unknown_gatera_keys_are_refused(cls, data):
+        """A misspelt `gatera_*` key would be dropped by Axolotl's schema without a word (the run then trains with
+        the default): refused, with the closest known key."""
+        if not isinstance(data, dict):
+            return data
+        for key in data:
+            if isinstance(key, str) and key.startswith("gatera_") and key not in GATERA_KEYS:
+                close = difflib.get_close_matches(key.removeprefix("gatera_"),  # (not by the shared prefix)
+                                                  [k.removeprefix("gatera_") for k in GATERA_KEYS], n=1)
+                hint = f"did you mean `gatera_{close[0]}`? " if close else ""
+                raise ValueError(f"`{key}` is not a GateRA setting: {hint}The GateRA keys are {', '.join(GATERA_KEYS)}.")
+        return data
 
     @model_validator(mode="before")
     @classmethod
