@@ -934,6 +934,34 @@ def test_peft_autocast_adapter_dtype_reaches_the_adapter(tmp_path, autocast, exp
         assert {p.dtype for n, p in model.named_parameters() if ".gatera_A." in n} == {expected}
 
 
+@pytest.mark.parametrize("on_cpu", [False, True])
+def test_lora_on_cpu_loads_the_adapter_onto_the_cpu_as_for_lora(tmp_path, monkeypatch, on_cpu):
+    """`lora_on_cpu: true` (Axolotl's way to merge a large model's adapter without a GPU's memory): the plugin hands
+    PEFT the device map and memory limit Axolotl hands it for a LoRA adapter; before, the key was ignored."""
+    from axolotl.utils.dict import DictDefault
+    from peft import PeftModel
+
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+    from tests.helpers import tiny_llama
+
+    keys = {"adapter": "gatera", "lora_target_modules": ["q_proj"]}
+    built, _ = GateRAPlugin().load_adapter(tiny_llama(), DictDefault(keys))
+    built.save_pretrained(tmp_path)
+    seen = {}
+    original = PeftModel.from_pretrained.__func__
+
+    def from_pretrained(cls, model, model_id, **kwargs):
+        seen.update(kwargs)
+        return original(cls, model, model_id, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "from_pretrained", classmethod(from_pretrained))
+    loaded, _ = GateRAPlugin().load_adapter(tiny_llama(), DictDefault({**keys, "lora_model_dir": str(tmp_path),
+                                                                        "lora_on_cpu": on_cpu}))
+    expected = {"device_map": {"": "cpu"}, "max_memory": {"cpu": "256GiB"}} if on_cpu else {}
+    assert {k: seen[k] for k in ("device_map", "max_memory") if k in seen} == expected
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+
+
 @pytest.mark.parametrize("kwargs, reentrant", [(None, False), ({"use_reentrant": True}, True)])
 def test_checkpointing_at_load_follows_axolotls_default(kwargs, reentrant):
     """`gradient_checkpointing: true`: the plugin checkpoints the layers it loads as Axolotl's Trainer will

@@ -260,8 +260,11 @@ class GateRAPlugin(BasePlugin):
         if cfg.lora_model_dir:
             config = _continued_config(cfg.lora_model_dir, cfg, config)
             LOG.info("Loading GateRA adapter from %s", cfg.lora_model_dir)
+            # `lora_on_cpu` (e.g. merging a large model's adapter): the adapter's weights load onto the CPU, as
+            # Axolotl loads a LoRA adapter's
+            on_cpu = {"max_memory": {"cpu": "256GiB"}, "device_map": {"": "cpu"}} if cfg.lora_on_cpu else {}
             peft_model = PeftModel.from_pretrained(model, cfg.lora_model_dir, config=config, is_trainable=not inference,
-                                                   **autocast)
+                                                   **autocast, **on_cpu)
             return peft_model, peft_model.peft_config["default"]
         peft_model = get_peft_model(model, config, **autocast)
         if not inference:
