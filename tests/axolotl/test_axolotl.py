@@ -753,6 +753,19 @@ def test_a_misspelt_gatera_key_is_refused_with_the_closest_name():
     GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 4.0, "gatera_kernel": "torch"})
 
 
+def test_vllm_generation_is_refused_in_the_yaml_s_own_words():
+    """GRPO with `trl.use_vllm: true` on a gated adapter is refused when the config is read, naming the YAML keys
+    (the Trainer's own refusal comes later and names TRL's Python argument); an ungated adapter keeps vLLM."""
+    from gatera_plugin.integrations.axolotl.args import GateRAArgs
+
+    keys = {"adapter": "gatera", "rl": "grpo", "trl": {"use_vllm": True}}
+    with pytest.raises(ValueError, match=r"`trl.use_vllm: true` cannot generate .* `trl.use_vllm: false` .* "
+                                         r"`gatera_gate: none`"):
+        GateRAArgs.model_validate(keys)
+    GateRAArgs.model_validate({**keys, "gatera_gate": "none"})
+    GateRAArgs.model_validate({**keys, "trl": {"use_vllm": False}})
+
+
 def test_a_regex_target_string_adapts_what_it_adapts_for_lora():
     """`lora_target_modules` as one string (a regex, in many of Axolotl's recipes, e.g. to adapt a VLM's language model
     only) is handed to PEFT as a regex, as Axolotl does for LoRA: the same modules as LoRA's. Before, it became a

@@ -126,6 +126,13 @@ class GateRAArgs(BaseModel):
                 "Merging an ungated GateRA adapter (`gatera_gate: none`) needs `merge_method: legacy`: the "
                 "memory-efficient merge reads adapter_config.json as a LoRA adapter."
             )
+        trl = data.get("trl") if isinstance(data.get("trl"), dict) else {}
+        if trl.get("use_vllm") and gated:
+            raise ValueError(
+                "`trl.use_vllm: true` cannot generate from a gated GateRA adapter: TRL hands vLLM the policy by "
+                "merging the adapter into the base weights, and a per-token gate has no merged weight. Set "
+                "`trl.use_vllm: false` (generation then uses the model being trained) or train with `gatera_gate: none`."
+            )
         if data.get("relora"):
             raise ValueError("`relora` is a LoRA restart scheme; it is not supported with `adapter: gatera`.")
         kernels = [key for key in LORA_KERNEL_KEYS if data.get(key)]
