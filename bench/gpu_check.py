@@ -3,7 +3,7 @@
     python bench/gpu_check.py            # CUDA: about 8 minutes at most on one H100 / H200
     python bench/gpu_check.py --smoke    # CPU smoke mode (the default without CUDA): tiny shapes, under a minute
 
-Writes bench/results/gpu_check.json (`--out`). Four sections; each catches its own failures (a failed case is a row
+Writes bench/results/gpu_check.json (`--out`). Five sections; each catches its own failures (a failed case is a row
 with status "error" and the message, and the other rows and sections still run). Exit status 1 if anything failed,
 or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomplete").
 
@@ -29,10 +29,12 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
     1 x 16384 tokens: PEFT's LoRA and HiRA, GateRA (its default token gate) and GateRA with gate="none"; median ms
     (wall clock, so the host's own work per layer counts too) and peak memory above the built model, as ratios to
     LoRA and to HiRA.
+(e) generation: greedy `generate()` of (d)'s model in bf16, in eval and outside autocast, a 512-token prompt and 64
+    new tokens: ms per new token of PEFT's LoRA and HiRA, GateRA, and GateRA with `cache_delta=True`.
 
 Smoke mode runs the same code on CPU with tiny shapes; the Triton rows run under Triton's interpreter when
 TRITON_INTERPRET=1 is set (except bf16, which the interpreter mishandles) and are skipped otherwise; (c) trains a tiny
-random Llama and (d) times a 1-layer one. Its timings mean nothing; it checks that the script works
+random Llama and (d), (e) time a 1-layer one. Its timings mean nothing; it checks that the script works
 (tests/test_bench_scripts.py runs it).
 """
 
@@ -345,7 +347,18 @@ def _method_config(method: str):
         "peft-hira": lambda: HiraConfig(r=RANK, target_modules=TARGETS),
         "gatera": lambda: GateRAConfig(r=RANK, target_modules=TARGETS),
         "gatera-none": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, gate="none"),
+        "gatera-cache-delta": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, cache_delta=True),
     }[method]()
+
+
+def _llama(shape: dict, dtype, device, positions: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**shape, max_position_embeddings=max(positions, 64), pad_token_id=0)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype)
 
 
 def model_step(device, smoke: bool, repeats: int) -> list[dict]:
@@ -353,7 +366,6 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
     the built model, as ratios to PEFT's LoRA. bf16 weights, fp32 adapter weights, bf16 autocast, 1 x T tokens."""
     import torch
     from peft import get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = SMOKE_MODEL_SHAPE if smoke else MODEL_SHAPE
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -366,11 +378,8 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
             row = {"tokens": n, "method": method}
             model = optimizer = None
             try:
-                torch.manual_seed(0)
-                config = LlamaConfig(**shape, max_position_embeddings=max(n, 64), pad_token_id=0)
-                with torch.device(device):
-                    model = LlamaForCausalLM(config).to(dtype)
-                model = get_peft_model(model, _method_config(method), autocast_adapter_dtype=True).train()
+                model = get_peft_model(_llama(shape, dtype, device, n), _method_config(method),
+                                       autocast_adapter_dtype=True).train()
                 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
                 times = []
                 if _cuda(device):
@@ -403,6 +412,52 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
                     row[f"time_vs_{other[5:]}"] = row["ms"] / measured[other]["ms"]
             if "peft-lora" in measured and measured["peft-lora"]["peak_mb"]:
                 row["memory_vs_lora"] = row["peak_mb"] / measured["peft-lora"]["peak_mb"]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- (e) generation
+def generation(device, smoke: bool, repeats: int) -> list[dict]:
+    """Greedy `generate()` on (d)'s model in bf16, in eval and outside autocast, as an evaluation or a serving loop
+    runs it: one 512-token prompt (smoke: 8), 64 new tokens (smoke: 4); median ms per new token over `repeats`
+    calls, and the ratio to LoRA. GateRA as it is (the update rebuilt at every step) and with `cache_delta=True`."""
+    import torch
+    from peft import get_peft_model
+
+    shape = SMOKE_MODEL_SHAPE if smoke else MODEL_SHAPE
+    dtype = torch.float32 if smoke else torch.bfloat16
+    prompt, new = (8, 4) if smoke else (512, 64)
+    input_ids = torch.randint(3, shape["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(0))
+    input_ids = input_ids.to(device)
+    rows, measured = [], {}
+    for method in ("peft-lora", "peft-hira", "gatera", "gatera-cache-delta"):
+        row = {"prompt": prompt, "new_tokens": new, "method": method}
+        model = None
+        try:
+            model = get_peft_model(_llama(shape, dtype, device, prompt + new), _method_config(method)).eval()
+            times = []
+            with torch.no_grad():
+                for i in range(1 + (2 if smoke else repeats)):
+                    if _cuda(device):
+                        torch.cuda.synchronize()
+                    begin = time.perf_counter()
+                    out = model.generate(input_ids=input_ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                         pad_token_id=0)
+                    if _cuda(device):
+                        torch.cuda.synchronize()
+                    if i >= 1:
+                        times.append((time.perf_counter() - begin) * 1e3 / new)
+            assert out.shape[1] == prompt + new, out.shape
+            row.update(status="ok", ms_per_token=statistics.median(times))
+            measured[method] = row
+        except Exception as exc:  # noqa: BLE001 (reported in the row)
+            row.update(status="error", detail=_error(exc))
+        del model
+        _empty_cache(device)
+        rows.append(row)
+        _progress(row)
+    for row in measured.values():
+        if "peft-lora" in measured:
+            row["time_vs_lora"] = row["ms_per_token"] / measured["peft-lora"]["ms_per_token"]
     return rows
 
 
@@ -450,8 +505,8 @@ def table(title: str, section: dict, columns: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU smoke mode (the default without CUDA)")
-    parser.add_argument("--sections", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant in (b) and (d)")
+    parser.add_argument("--sections", nargs="+", default=["a", "b", "c", "d", "e"], choices=["a", "b", "c", "d", "e"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant in (b), (d) and (e)")
     parser.add_argument("--steps", type=int, default=30, help="SFTTrainer steps in (c)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_check.json on CUDA, "
                         "bench/results/gpu_check_smoke.json in smoke mode, which git ignores)")
@@ -485,6 +540,8 @@ def main() -> None:
         "d": ("model step", model_step, (device, smoke, args.repeats),
               ["tokens", "method", "status", "ms", "peak_mb", "time_vs_lora", "time_vs_hira", "memory_vs_lora",
                "detail"]),
+        "e": ("generation", generation, (device, smoke, args.repeats),
+              ["prompt", "new_tokens", "method", "status", "ms_per_token", "time_vs_lora", "detail"]),
     }
     out = Path(args.out or ROOT / "bench" / "results" / ("gpu_check_smoke.json" if smoke else "gpu_check.json"))
     out.parent.mkdir(parents=True, exist_ok=True)

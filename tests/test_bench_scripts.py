@@ -256,15 +256,15 @@ def test_gpu_check_passes_fp32_at_its_full_shape(gated):
 @pytest.mark.slow
 def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     """Without CUDA, bench/gpu_check.py runs its CPU smoke mode: every section runs and passes, the Triton rows in
-    Triton's interpreter (bf16 skipped), the tiny 4-bit training run's loss falls and its adapter reloads, and the
-    model-step rows carry their ratios to LoRA and HiRA."""
+    Triton's interpreter (bf16 skipped), the tiny 4-bit training run's loss falls and its adapter reloads, the
+    model-step rows carry their ratios to LoRA and HiRA, and every method generates."""
     out = tmp_path / "gpu_check.json"
     _run("bench/gpu_check.py", "--smoke", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["meta"]["mode"] == "smoke (CPU)"
     sections = result["sections"]
     assert {name: s["status"] for name, s in sections.items()} == {
-        "correctness": "ok", "speed": "ok", "training": "ok", "model step": "ok"}
+        "correctness": "ok", "speed": "ok", "training": "ok", "model step": "ok", "generation": "ok"}
     ran = {(r["path"], r["dtype"], r["weight"], r["gated"]) for r in sections["correctness"]["rows"] if r["status"] == "ok"}
     assert len(ran) == 20 and ("triton", "fp16", "nf4", True) in ran and ("torch", "bf16", "nf4", True) in ran
     training = sections["training"]["rows"][0]
@@ -272,6 +272,8 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     steps = {row["method"]: row for row in sections["model step"]["rows"]}
     assert set(steps) == {"peft-lora", "peft-hira", "gatera", "gatera-none"}
     assert steps["peft-lora"]["time_vs_lora"] == 1.0 and steps["peft-hira"]["time_vs_hira"] == 1.0
+    assert {row["method"] for row in sections["generation"]["rows"]} == {
+        "peft-lora", "peft-hira", "gatera", "gatera-cache-delta"}
 
 
 def test_cache_delta_check_benchmark_runs():
