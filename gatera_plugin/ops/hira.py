@@ -5,8 +5,8 @@ matrix per adapted layer (and, on 4-bit bases, a dequantised `W0` too). Here `BA
 rebuilt in backward instead, so between forward and backward a layer holds nothing of size d_out × d_in.
 
 Forward and backward walk over blocks of `rows` output rows, so the largest temporary is `rows × d_in`
-(`CHUNK_ELEMENTS` elements on CPU, `GPU_CHUNK_ELEMENTS` on a GPU). W0 is read only through a W0 source (`DenseWeight` here;
-the Triton path's `kernels.hira_triton.TritonWeight` builds the same blocks with fused kernels).
+(`CHUNK_ELEMENTS` elements on CPU, `GPU_CHUNK_ELEMENTS` on a GPU). W0 is read only through a W0 source
+(`DenseWeight` here; the Triton path's `kernels.hira_triton.TritonWeight` builds the same blocks with fused kernels).
 
 Backward (docs/method.md, "Gradients"), with `δ = ∂L/∂out` (N × d_out) and `G = s·g ⊙ δ`:
 
@@ -40,7 +40,7 @@ GPU_CHUNK_ELEMENTS = 1 << 26
 
 
 def _row_blocks(d_out: int, d_in: int, device: torch.device):
-    """Slices of at most `CHUNK_ELEMENTS` (CPU) or `GPU_CHUNK_ELEMENTS` (other devices) / d_in output rows."""
+    """Slices of output rows, `CHUNK_ELEMENTS // d_in` rows each on CPU (`GPU_CHUNK_ELEMENTS // d_in` elsewhere)."""
     limit = CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
     rows = max(1, min(d_out, limit // max(d_in, 1)))
     for start in range(0, d_out, rows):
