@@ -1,6 +1,6 @@
 """One command validates GateRA on a GPU: correctness, speed and a real training run, as a table and JSON.
 
-    python bench/gpu_check.py            # CUDA: about 8 minutes at most on one H100 / H200
+    python bench/gpu_check.py            # CUDA: about 3 minutes on one H200 (measured)
     python bench/gpu_check.py --smoke    # CPU smoke mode (the default without CUDA): tiny shapes, under a minute
 
 Writes bench/results/gpu_check.json (`--out`). Five sections; each catches its own failures (a failed case is a row
