@@ -71,6 +71,18 @@ def _progress(row: dict) -> None:
           file=sys.stderr, flush=True)
 
 
+def _add_ratios(measured: dict, time_key: str, baselines: tuple = ("peft-lora",), memory: bool = True) -> None:
+    """Each measured row's `time_vs_<baseline>` (its `time_key` over the baseline's) and, with `memory`,
+    `memory_vs_lora` (peak memory over LoRA's; nan without a measured peak); `measured`: method -> row."""
+    for row in measured.values():
+        for baseline in baselines:
+            if baseline in measured:
+                row[f"time_vs_{baseline.removeprefix('peft-')}"] = row[time_key] / measured[baseline][time_key]
+        lora = measured.get("peft-lora")
+        if memory and lora:
+            row["memory_vs_lora"] = row["peak_mb"] / lora["peak_mb"] if lora["peak_mb"] else float("nan")
+
+
 def _cuda(device) -> bool:
     return device.type == "cuda"
 
@@ -241,11 +253,7 @@ def speed(device, smoke: bool, repeats: int) -> list[dict]:
                     _empty_cache(device)
                 rows.append(row)
                 _progress(row)
-            lora = measured.get("peft-lora")
-            for row in measured.values():
-                if lora:
-                    row["time_vs_lora"] = row["ms"] / lora["ms"]
-                    row["memory_vs_lora"] = row["peak_mb"] / lora["peak_mb"] if lora["peak_mb"] else float("nan")
+            _add_ratios(measured, "ms")
             del x
             _empty_cache(device)
     return rows
@@ -406,12 +414,7 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
             _empty_cache(device)
             rows.append(row)
             _progress(row)
-        for row in measured.values():
-            for other in ("peft-lora", "peft-hira"):
-                if other in measured:
-                    row[f"time_vs_{other[5:]}"] = row["ms"] / measured[other]["ms"]
-            if "peft-lora" in measured and measured["peft-lora"]["peak_mb"]:
-                row["memory_vs_lora"] = row["peak_mb"] / measured["peft-lora"]["peak_mb"]
+        _add_ratios(measured, "ms", baselines=("peft-lora", "peft-hira"))
     return rows
 
 
@@ -455,9 +458,7 @@ def generation(device, smoke: bool, repeats: int) -> list[dict]:
         _empty_cache(device)
         rows.append(row)
         _progress(row)
-    for row in measured.values():
-        if "peft-lora" in measured:
-            row["time_vs_lora"] = row["ms_per_token"] / measured["peft-lora"]["ms_per_token"]
+    _add_ratios(measured, "ms_per_token", memory=False)
     return rows
 
 
@@ -532,8 +533,7 @@ def main() -> None:
               ["path", "dtype", "weight", "gated", "status", "error_over_bound", "detail"]),
         "b": ("speed", speed, (device, smoke, args.repeats),
               ["weight", "autocast", "d_in", "d_out", "tokens", "variant", "status", "ms", "tflops", "peak_mb",
-               "time_vs_lora",
-               "memory_vs_lora", "detail"]),
+               "time_vs_lora", "memory_vs_lora", "detail"]),
         "c": ("training", training, (device, smoke, args.steps),
               ["model", "base", "steps", "status", "first_loss", "last_loss", "loss_falls", "adapter_effect",
                "reload_max_diff", "reloads_same", "train_seconds"]),

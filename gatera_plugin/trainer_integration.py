@@ -12,8 +12,9 @@ Installed once on `import gatera_plugin`, these wrappers do nothing unless the t
   mismatch, warns with both numbers and switches to per-forward normalisation;
 - `__init__`: complete the copy of "default" into the "ref" adapter that TRL's DPO, KTO, GRPO and RLOO add as the
   reference of a pretrained PEFT model (`copy_reference_adapter`); refuse TRL's vLLM generation (`use_vllm=True`)
-  for token-gated adapters, which cannot be merged into the weights that TRL hands vLLM, before TRL starts vLLM; and make the trainer class's `create_optimizer`, whichever
-  class of its MRO implements it, give the gates their `gate_lr_ratio` (`optim.with_gate_groups`);
+  for token-gated adapters, which cannot be merged into the weights that TRL hands vLLM, before TRL starts vLLM;
+  and make the trainer class's `create_optimizer`, whichever class of its MRO implements it, give the gates their
+  `gate_lr_ratio` (`optim.with_gate_groups`);
 - `log`: add the gate statistics gathered since the last log (`gatera/...` keys) to training logs, before they
   reach `state.log_history` and every `report_to` backend;
 - `train`: first return gate parameters that TRL cast to bf16 to fp32 (`GateRAModel.upcast_gates_to_fp32`), before

@@ -1,5 +1,7 @@
 """The memory-lean branch functions against naive autograd references: outputs, all gradients, saved memory."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -228,10 +230,7 @@ def test_autocast_backward_keeps_large_temporaries_in_the_autocast_dtype(dtype, 
         with torch.autocast("cpu", dtype=precision, enabled=precision != torch.float64):
             out = _run("hira", tensors, 0.7, use_ops)
         names = [k for k, v in tensors.items() if v is not None and v.requires_grad]
-        if use_ops:
-            with Record():
-                grads = torch.autograd.grad(out, [tensors[k] for k in names], grad_out.to(out.dtype))
-        else:
+        with Record() if use_ops else contextlib.nullcontext():
             grads = torch.autograd.grad(out, [tensors[k] for k in names], grad_out.to(out.dtype))
         return dict(zip(names, grads))
 

@@ -7,8 +7,9 @@
   kernels beating the PyTorch path (device capability, compute dtype, rank, token count); the PyTorch path
   everywhere else. On an H200 (bench/results/gpu_check.json) the kernels won no case by more than noise (dense bf16:
   0.99-1.02x the PyTorch path at 16k tokens, 1.28x slower at 4096 x 4096 with 4k tokens; NF4: 1.11-1.34x slower), so
-  the table is empty and "auto" is the PyTorch path on every device. Under "auto" any Triton failure (compile error, `OutOfResources`, launcher or pointer error) warns once, naming the cause, and
-  sends that layer to the PyTorch path for good (in backward too: the gradients are then the PyTorch path's).
+  the table is empty and "auto" is the PyTorch path on every device. Under "auto" any Triton failure (compile
+  error, `OutOfResources`, launcher or pointer error) warns once, naming the cause, and sends that layer to the
+  PyTorch path for good (in backward too: the gradients are then the PyTorch path's).
 - "triton": the kernels wherever they can run, errors raised: off CUDA (except under TRITON_INTERPRET=1, Triton's
   CPU interpreter, which the tests use), in float64, or where no tile configuration fits the device's shared
   memory.
