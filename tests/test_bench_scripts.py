@@ -375,3 +375,13 @@ def test_quality_methods_are_the_configs_their_names_say():
         config = quality.adapter_config(method, {})
         assert (config.gate, config.keep_ratio) == ("threshold", keep)
         assert quality.LEARNING_RATES[method] == quality.LEARNING_RATES["lora"]
+
+
+def test_host_ops_counts_every_variant(tmp_path):
+    """bench/host_ops.py (README's ATen-call counts) writes one count per variant, and GateRA's gated layer issues
+    more operations than PEFT's HiRA (its gate and the penalty's taps), which is what the README explains."""
+    out = tmp_path / "host_ops.json"
+    _run("bench/host_ops.py", "--out", str(out))
+    counts = json.loads(out.read_text())["aten_calls"]
+    assert set(counts) == {"peft-lora", "peft-hira", "gatera-torch"}
+    assert counts["gatera-torch"] > counts["peft-hira"] > 0
