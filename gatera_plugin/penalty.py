@@ -43,15 +43,16 @@ ENTROPY_EPS = 1e-6
 def binary_entropy(gate: torch.Tensor) -> torch.Tensor:
     """`H(g) / log 2` elementwise, in [0, 1], with `g` clamped to [ε, 1 − ε]."""
     g = gate.float().clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
-    return -(g * torch.log(g) + (1.0 - g) * torch.log1p(-g)) / LOG2
+    log_g, log_1mg = torch.log(g), torch.log1p(-g)
+    return torch.addcmul(log_1mg, g, log_g - log_1mg).mul_(-1.0 / LOG2)  # −[log(1−g) + g (log g − log(1−g))]
 
 
 def binary_entropy_grad(gate: torch.Tensor) -> torch.Tensor:
     """`∂(H(g) / log 2)/∂g = log((1 − g) / g) / log 2`, and 0 where the clamp to [ε, 1 − ε] is active."""
     g = gate.float()
-    inside = (g >= ENTROPY_EPS) & (g <= 1.0 - ENTROPY_EPS)
     gc = g.clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
-    return torch.where(inside, (torch.log1p(-gc) - torch.log(gc)) / LOG2, torch.zeros_like(gc))
+    grad = (torch.log1p(-gc) - torch.log(gc)).mul_(1.0 / LOG2)
+    return grad.masked_fill_(gc != g, 0.0)  # (NaN too: NaN != NaN)
 
 
 # Device types without float64 arithmetic (Apple's MPS): the gate statistics are summed in float32 there.
@@ -78,12 +79,11 @@ class GateStats:
 
     @torch.no_grad()
     def add(self, gate: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        g = gate.detach().float()
-        weight = mask.float() if mask is not None else torch.ones_like(g)
-        sums = torch.stack(
-            [weight.sum(), (g * weight).sum(), (binary_entropy(g) * weight).sum(), ((g > 0.5).float() * weight).sum()]
-        ).to(statistics_dtype(g.device))
-        self._sums = sums if self._sums is None else self._sums + sums.to(self._sums.device)
+        g = gate.detach().reshape(-1).float()
+        columns = torch.stack([torch.ones_like(g), g, binary_entropy(g), (g > 0.5).to(g.dtype)], dim=1)  # (N, 4)
+        sums = columns.sum(0) if mask is None else mask.reshape(1, -1).to(g.dtype).mm(columns).reshape(-1)
+        sums = sums.to(statistics_dtype(g.device))
+        self._sums = sums if self._sums is None else self._sums.add_(sums.to(self._sums.device))
         self.recorded = True
 
     def pop_tensor(self) -> Optional[torch.Tensor]:
@@ -358,9 +358,9 @@ class _PenaltyTap(torch.autograd.Function):
         if ctx.stats is not None:
             ctx.stats.add(value, mask)
         if ctx.scale != 0.0:
-            extra = ctx.term_grad(value, mask) * ctx.scale
+            extra = ctx.term_grad(value, mask).mul(ctx.scale)
             if mask is not None:
-                extra = extra * mask
+                extra.mul_(mask)
             grad_value = grad_value + extra.to(grad_value.dtype)
         return grad_value, None, None, None, None
 

@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 
 from gatera_plugin import GateRAConfig
-from gatera_plugin.penalty import binary_entropy, binary_entropy_grad
+from gatera_plugin.penalty import GateStats, binary_entropy, binary_entropy_grad
 from tests.helpers import collect_gates, naive_entropy, offloading_checkpoint, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -200,6 +200,37 @@ def test_entropy_and_its_gradient():
     (auto,) = torch.autograd.grad(h.sum(), g)
     torch.testing.assert_close(binary_entropy_grad(g.detach()).double(), auto, rtol=1e-5, atol=1e-9)
     assert torch.isfinite(binary_entropy_grad(g.detach())).all()
+
+
+def test_entropy_gradient_is_zero_where_the_clamp_is_active_and_for_nan():
+    g = torch.tensor([0.0, 1e-7, 1.0 - 1e-7, 1.0, float("nan"), 0.3], dtype=torch.float32)
+    grad = binary_entropy_grad(g)
+    assert grad[:5].eq(0).all()
+    assert grad[5].item() == pytest.approx(float(torch.log(torch.tensor(0.7 / 0.3)) / torch.log(torch.tensor(2.0))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_stats_sums_over_real_tokens_and_pop_clears(dtype):
+    """`GateStats` sums (tokens, Σg, ΣH/log 2, count of g > 0.5) over the masked tokens, accumulates across adds, and
+    a popped tensor is not changed by later adds."""
+    g = torch.tensor([0.0, 0.2, 0.5, 0.51, 0.9, 1.0, 0.7, 0.3], dtype=dtype).reshape(-1, 1)
+    mask = torch.tensor([1, 1, 0, 1, 1, 0, 1, 1], dtype=torch.bool).reshape(-1, 1)
+
+    def reference(weights):
+        g64, w = g.double().reshape(-1), weights.double().reshape(-1)
+        h = naive_entropy(g64)
+        return torch.stack([w.sum(), (w * g64).sum(), (w * h).sum(), (w * (g64 > 0.5)).sum()])
+
+    stats = GateStats()
+    stats.add(g, mask)
+    first = stats.pop_tensor()
+    torch.testing.assert_close(first, reference(mask), rtol=1e-6, atol=1e-6)
+    kept = first.clone()
+    stats.add(g, None)
+    stats.add(g, mask)
+    torch.testing.assert_close(stats.pop_tensor(), reference(torch.ones_like(mask)) + reference(mask), rtol=1e-6,
+                               atol=1e-6)
+    assert torch.equal(first, kept) and stats.pop_tensor() is None
 
 
 # ------------------------------------------------------------------------------- layers that do not see the tokens
