@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels import run_branch
+from .kernels import rows_for, run_branch
 from .ops import gated_hira, gated_lora
 from .ops.hira import add_gated
 
@@ -30,14 +30,16 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 def hira_branch(layer, adapter_name, x, gate, result, base_out=None):
     """HiRA: `Δy = (W0 ⊙ BA) x`; W0 is re-read (and dequantised) in backward instead of kept."""
     A, B, s = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name], layer.branch_scale(adapter_name)
+    row_ops = rows_for(layer.options[adapter_name].kernel, x)
 
     def run_triton(on_failure):
         from .kernels.hira_triton import triton_gated_hira
 
-        return triton_gated_hira(x, gate, A, B, layer.kernel_weight, s, base=result, on_failure=on_failure)
+        return triton_gated_hira(x, gate, A, B, layer.kernel_weight, s, base=result, on_failure=on_failure,
+                                 row_ops=row_ops)
 
     return run_branch(layer, adapter_name, "hira", x, lambda: gated_hira(x, gate, A, B, layer.base_weight, s,
-                                                                         base=result), run_triton)
+                                                                         base=result, row_ops=row_ops), run_triton)
 
 
 def lora_branch(layer, adapter_name, x, gate, result, base_out=None):

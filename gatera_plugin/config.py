@@ -122,7 +122,9 @@ class GateRAConfig(PeftConfig):
             skip the branch entirely (gather the rest, compute, scatter); 0 (default): dense.
         cache_delta: in eval, keep the HiRA branch's dense `s·W0 ⊙ BA` between forwards (fast decoding).
         kernel: "auto" (the PyTorch path, except in cases a GPU measurement lists in `kernels.TRITON_WINS`: none
-            on an H200), "triton" (the Triton kernels, errors raised; off CUDA only under TRITON_INTERPRET=1) or "torch".
+            on an H200; on H100 / H200 class GPUs the token gate's row operations on large rows run as Triton kernels,
+            measured faster: `kernels/rows.py`), "triton" (the Triton kernels, errors raised; off CUDA only under
+            TRITON_INTERPRET=1) or "torch" (PyTorch's ops only).
     """
 
     r: int = field(default=32, metadata={"help": "Rank of the branch factors A (r x d_in) and B (d_out x r)."})
@@ -231,7 +233,8 @@ class GateRAConfig(PeftConfig):
     )
     kernel: Literal["auto", "triton", "torch"] = field(
         default="auto",
-        metadata={"help": "'auto': PyTorch path except where measured faster in Triton (none yet); 'triton'; 'torch'."},
+        metadata={"help": "'auto': PyTorch path, with Triton only where measured faster (the gate's row operations "
+                          "on large rows, CUDA); 'triton'; 'torch': PyTorch's ops only."},
     )
     format_version: int = field(
         default=FORMAT_VERSION, metadata={"help": "Version of the saved adapter format (set by the package)."}

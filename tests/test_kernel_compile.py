@@ -1,7 +1,8 @@
 """Every Triton kernel specialization the host wrappers launch, compiled for real GPUs (sm_80, sm_90) on CPU.
 
 The interpreter (tests/test_kernels.py) checks numerics but compiles nothing. Here the host wrappers
-(`triton_gated_hira`, `triton_gated_lora`) run forward and backward with every dtype (fp32, fp16, bf16) × W0 (dense,
+(`triton_gated_hira`, `triton_gated_lora`, and the token gate's row kernels of `kernels/rows.py` at two widths) run
+forward and backward with every dtype (fp32, fp16, bf16) × W0 (dense,
 NF4; for fp16 / bf16 also W0 stored in another dtype, `MIXED_WEIGHTS`) × gated/ungated × rank (8-512), with the device's shared memory set to the architecture's, and their launches
 are recorded instead of run: the specializations compiled are therefore exactly those the wrappers' own block
 choice (`hira_triton.choose_blocks`) and Triton's argument specialization produce. Each distinct one is compiled by
@@ -34,6 +35,8 @@ ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block: A100
 DTYPES = ("float32", "float16", "bfloat16")
 RANKS = (8, 16, 32, 64, 128, 256, 512)
 SHAPE = (128, 128, 192)  # tokens, d_in, d_out: multiples of 16 (as LLaMA's), at least one full tile each way
+ROW_WIDTH = 14336  # LLaMA's MLP width: the row kernels' widest chunk (2048 columns, 8 warps), looped over
+ROW_KERNELS = ("scale_rows", "scale_rows_dot")
 # compute dtype -> W0s stored in another dtype, "kind:dtype": an fp32 model under half autocast, and an NF4 base
 # quantised from a bf16 / fp16 checkpoint run in the other half dtype
 MIXED_WEIGHTS = {"float16": ("dense:float32", "nf4:bfloat16"), "bfloat16": ("dense:float32", "nf4:float16")}
@@ -46,6 +49,7 @@ def _record_launches(arch: int) -> list[tuple]:
     from triton.runtime.jit import JITFunction
 
     import gatera_plugin.kernels.hira_triton as hira
+    import gatera_plugin.kernels.rows as row_kernels
     from gatera_plugin.kernels import SMEM_BY_CAPABILITY
     from gatera_plugin.kernels.lora_triton import triton_gated_lora
 
@@ -73,6 +77,15 @@ def _record_launches(arch: int) -> list[tuple]:
                         weight_fn = _weight_fn(kind, W)
                         out = hira.triton_gated_hira(x, gate, A, B, weight_fn, 0.5, base=base)
                     out.backward(torch.ones_like(out))
+    for dtype_name in DTYPES:  # the token gate's row kernels: a layer's width in one chunk and in several
+        dtype = getattr(torch, dtype_name)
+        tags.update(arch=arch, dtype=dtype_name, weight="-", gate="gated", r=0)
+        for d in (SHAPE[1], ROW_WIDTH):
+            a, b, scale = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype), torch.rand(n, 1).to(dtype)
+            row_kernels.scale_rows(a, scale)
+            row_kernels.scale_rows(a, scale, base=b, out=a)
+            row_kernels.scale_rows_and_dot_(a, b, scale)
+            row_kernels.scale_rows_and_dot_(a.float(), b, scale)  # P summed over W0 blocks in fp32
     return launches
 
 
@@ -145,13 +158,17 @@ def measure(workers: int) -> list[dict]:
                 continue
             keys[key] = len(rows)
             _JOBS.append((fn, signature, constexprs, attrs, options.__dict__, target))
-            tiles = Blocks(kwargs.get("BM", 0), kwargs["BN"], kwargs.get("BK", 16), kwargs.get("RB", 0),
-                           kwargs["num_warps"], kwargs["num_stages"])
             name = fn.__name__.strip("_").removesuffix("_kernel")
+            if name in ROW_KERNELS:  # one row per program, BLOCK columns at a time; shared memory only for the sum
+                tiles, bound = f"1x{kwargs['BLOCK']}x-/r- w{kwargs['num_warps']} s1", 4 * kwargs["BLOCK"]
+            else:
+                blocks = Blocks(kwargs.get("BM", 0), kwargs["BN"], kwargs.get("BK", 16), kwargs.get("RB", 0),
+                                kwargs["num_warps"], kwargs["num_stages"])
+                tiles = (f"{blocks.BM or '-'}x{blocks.BN}x{kwargs.get('BK', '-')}/r{blocks.RB} w{blocks.num_warps}"
+                         f" s{blocks.num_stages}")
+                bound = blocks.smem_bound(name, {"float32": 4}.get(tags["dtype"], 2))
             rows.append({"kernel": name, **{k: tags[k] for k in ("arch", "dtype", "weight", "gate")},
-                         "ranks": [tags["r"]], "tiles": f"{tiles.BM or '-'}x{tiles.BN}x{kwargs.get('BK', '-')}/r{tiles.RB}"
-                         f" w{tiles.num_warps} s{tiles.num_stages}",
-                         "bound": tiles.smem_bound(name, {"float32": 4}.get(tags["dtype"], 2))})
+                         "ranks": [tags["r"]], "tiles": tiles, "bound": bound})
     with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
         for row, measured in zip(rows, pool.map(_compile, range(len(rows)))):
             row.update(measured)
@@ -163,7 +180,8 @@ def table(rows: list[dict]) -> str:
            f"{'smem':>7} {'regs':>5} {'spills':>6}"
     lines = [head, "-" * len(head)]
     for row in rows:
-        ranks = "8-16" if max(row["ranks"]) <= 16 else f"{min(row['ranks'])}-{max(row['ranks'])}"
+        ranks = "-" if max(row["ranks"]) == 0 else "8-16" if max(row["ranks"]) <= 16 else \
+            f"{min(row['ranks'])}-{max(row['ranks'])}"
         lines.append(f"{row['kernel']:<12} sm_{row['arch']:<2} {row['dtype']:<8} {row['weight']:<13} {row['gate']:<8} "
                      f"{ranks:<11} {row['tiles']:<24} {row['smem'] if row['smem'] is not None else 'ERROR':>7} "
                      f"{row['regs'] or '':>5} {row['spills'] if row['spills'] is not None else '':>6}")
@@ -222,7 +240,8 @@ def test_every_launched_kernel_compiles_for_sm80_and_sm90(capsys):
             for w in ("dense", "nf4", *MIXED_WEIGHTS.get(d, ()))}
     lora = {(k, a, d, "-", g) for k in ("lora_fwd", "lora_bwd_db") for a in ARCHS for d in DTYPES
             for g in ("gated", "ungated")}
-    assert combos == hira | lora
+    row_ops = {(k, a, d, "-", "gated") for k in ROW_KERNELS for a in ARCHS for d in DTYPES}
+    assert combos == hira | lora | row_ops
     assert all(sorted({r for row in rows if row["kernel"] == k and row["arch"] == 80 and row["dtype"] == "bfloat16"
                        and row["weight"] in ("dense", "-") and row["gate"] == "gated" for r in row["ranks"]})
                == list(RANKS) for k in ("hira_delta", "lora_fwd"))

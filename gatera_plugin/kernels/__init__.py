@@ -2,17 +2,20 @@
 
 `GateRAConfig(kernel=...)`:
 
-- "torch": always the PyTorch path (`gatera_plugin.ops`).
-- "auto" (default): Triton only for a case listed in `TRITON_WINS`, the cases where a GPU measurement showed the
-  kernels beating the PyTorch path (device capability, compute dtype, rank, token count); the PyTorch path
-  everywhere else. On an H200 (bench/results/gpu_check.json) the kernels won no case by more than noise (dense bf16:
-  0.99-1.02x the PyTorch path at 16k tokens, 1.28x slower at 4096 x 4096 with 4k tokens; NF4: 1.11-1.34x slower), so
-  the table is empty and "auto" is the PyTorch path on every device. Under "auto" any Triton failure (compile
-  error, `OutOfResources`, launcher or pointer error) warns once, naming the cause, and sends that layer to the
-  PyTorch path for good (in backward too: the gradients are then the PyTorch path's).
-- "triton": the kernels wherever they can run, errors raised: off CUDA (except under TRITON_INTERPRET=1, Triton's
-  CPU interpreter, which the tests use), in float64, or where no tile configuration fits the device's shared
-  memory.
+- "torch": always the PyTorch path (`gatera_plugin.ops`), with PyTorch's ops only.
+- "auto" (default): the branch's Triton kernels only for a case listed in `TRITON_WINS`, the cases where a GPU
+  measurement showed them beating the PyTorch path (device capability, compute dtype, rank, token count); the
+  PyTorch path everywhere else. On an H200 (bench/results/gpu_check.json) the branch kernels won no case by more than
+  noise (dense bf16: 0.99-1.02x the PyTorch path at 16k tokens, 1.28x slower at 4096 x 4096 with 4k tokens; NF4:
+  1.11-1.34x slower), so the table is empty. On CUDA GPUs of compute capability 9.0+ the PyTorch path of a gated
+  HiRA layer runs the token gate's row operations with the kernels of `rows.py` where the rows hold at least
+  `rows.MIN_ELEMENTS` elements (2^25, where they won on the H200: bench/results/row_ops.json), PyTorch's ops
+  elsewhere (`rows_for`). Under "auto" any Triton failure (compile error, `OutOfResources`, launcher or pointer
+  error) warns once, naming the cause, and sends that layer to the PyTorch path (the row operations: every layer to
+  PyTorch's ops) for good (in backward too: the gradients are then the PyTorch path's).
+- "triton": the kernels wherever they can run (the row kernels at every size), errors raised: off CUDA (except under
+  TRITON_INTERPRET=1, Triton's CPU interpreter, which the tests use), in float64, or where no tile configuration fits
+  the device's shared memory.
 
 No kernel accumulates with atomics (each output element is written by one program), so the kernels are
 deterministic and `torch.use_deterministic_algorithms(True)` needs no exception for them.
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ..ops.hira import TORCH_ROWS
 
 KERNELS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -186,6 +191,28 @@ def _raise_clearly(branch: str, error: BaseException) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
+def rows_for(kernel: str, x: torch.Tensor):
+    """What runs a gated HiRA layer's passes over rows of activations (`ops.hira.TorchRows`' operations) for the
+    layer's `kernel` setting and input x: PyTorch's ops for "torch" and off CUDA, the Triton row kernels
+    (`kernels/rows.py`) on CUDA for "auto" on GPUs of the measured generation (`rows.MIN_CAPABILITY`; a Triton
+    failure then warns once and PyTorch's ops take over) and for "triton" (errors raised; also on CPU under
+    TRITON_INTERPRET=1). While torch.compile traces the model, PyTorch's ops (which it compiles and fuses itself)."""
+    if kernel == "torch" or not triton_available() or torch.compiler.is_compiling() or (
+            x.device.type != "cuda" and not (kernel == "triton" and interpreting())):
+        return TORCH_ROWS
+    from .rows import MIN_CAPABILITY, TRITON_ROWS, TRITON_ROWS_RAISING
+
+    if kernel == "triton":
+        return TRITON_ROWS_RAISING
+    return TRITON_ROWS if _capability(x.device.index) >= MIN_CAPABILITY else TORCH_ROWS
+
+
+@functools.cache
+def _capability(index: Optional[int]) -> tuple[int, int]:
+    """The compute capability of CUDA device `index` (None: the current one), asked once per device."""
+    return torch.cuda.get_device_capability(index)
+
+
 def _check_triton(branch: str, device: torch.device, dtype: torch.dtype) -> None:
     """kernel="triton": raise a clear error where the kernels cannot run."""
     if dtype not in KERNEL_DTYPES:

@@ -12,10 +12,10 @@ block `W0_b ⊙ B_b A`) and `mask_` (multiply a gradient block by `W0_b`). `Trit
 - `_hira_mask_kernel`, same grid: `dΔW_b ⊙ W0_b` in place (the gradient of `B_b A`), W0 dequantised in registers.
 
 The three big products (`x ΔWᵀ`, `δ ΔW`, `δᵀ x`, each T·K·M) and the rank-r products of dA and dB stay with cuBLAS
-(torch.matmul), and the gate, the residual add and dg are the PyTorch path's ops (`add_gated`, one fused
-`addcmul`/`addmm`; `vecdot`). So the kernels change what is built, not how much: every output element is written by
-one program (no atomics, deterministic), nothing of size d_out × d_in outlives a block, and autograd saves x, g, A, B
-as on the PyTorch path.
+(torch.matmul), and the gate, the residual add and dg are the PyTorch path's (`add_gated`, one fused
+`addcmul`/`addmm`; `vecdot`; or the row kernels of `rows.py`, as `row_ops` says). So the kernels change what is
+built, not how much: every output element is written by one program (no atomics, deterministic), nothing of size
+d_out × d_in outlives a block, and autograd saves x, g, A, B as on the PyTorch path.
 
 Cost per token (K = d_in, M = d_out, rank r, T tokens per step):
 
@@ -87,7 +87,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..ops._tokens import apply_to_tokens
-from ..ops.hira import DenseWeight, GatedHiraFunction
+from ..ops.hira import TORCH_ROWS, DenseWeight, GatedHiraFunction, TorchRows
 from . import KernelUnsupported, compute_dtype, device_guard, device_smem
 
 
@@ -370,9 +370,10 @@ class TritonGatedHiraFunction(GatedHiraFunction):
     computes the gradients with the PyTorch path instead (kernel="auto")."""
 
     @staticmethod
-    def forward(ctx, base, x, gate, A, B, weight_fn, scaling, on_failure=None):
+    def forward(ctx, base, x, gate, A, B, weight_fn, scaling, on_failure=None, row_ops=TORCH_ROWS):
         ctx.kernel_weight_fn, ctx.on_failure = weight_fn, on_failure
-        return GatedHiraFunction.forward(ctx, base, x, gate, A, B, lambda: TritonWeight(weight_fn()), scaling)
+        return GatedHiraFunction.forward(ctx, base, x, gate, A, B, lambda: TritonWeight(weight_fn()), scaling,
+                                         row_ops)
 
     @staticmethod
     @once_differentiable
@@ -383,7 +384,7 @@ class TritonGatedHiraFunction(GatedHiraFunction):
             if ctx.on_failure is None or not ctx.on_failure(error):
                 raise
             grads = GatedHiraFunction.gradients(ctx, grad_out, DenseWeight(torch_weight(ctx.kernel_weight_fn())))
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def triton_gated_hira(
@@ -395,11 +396,12 @@ def triton_gated_hira(
     scaling: float = 1.0,
     base: Optional[torch.Tensor] = None,
     on_failure: Optional[Callable[[BaseException], bool]] = None,
+    row_ops: TorchRows = TORCH_ROWS,
 ) -> torch.Tensor:
     """Same contract as `ops.hira.gated_hira`, with the ΔW blocks built by the chunk kernels; `weight_fn` may also
     return a `Packed4bit` (the kernels then read the 4-bit bytes directly). Under autocast, x, A and B are cast to
     the autocast dtype first (tensor-core products, fp32 accumulation), as the PyTorch path's matmuls are;
-    `on_failure`: see `TritonGatedHiraFunction`."""
+    `on_failure`: see `TritonGatedHiraFunction`; `row_ops`: as `gated_hira`'s."""
     dtype = compute_dtype(x)
     x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)
-    return apply_to_tokens(TritonGatedHiraFunction, x, gate, base, A, B, weight_fn, scaling, on_failure)
+    return apply_to_tokens(TritonGatedHiraFunction, x, gate, base, A, B, weight_fn, scaling, on_failure, row_ops)

@@ -82,16 +82,41 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+class TorchRows:
+    """The token gate's operations on rows of activations, with PyTorch ops (every device). a, base, update, p, x:
+    (N, d); scale: (N, 1), one number per token. `kernels.rows.TritonRows` runs the same operations as Triton kernels
+    on CUDA (`kernels.rows_for` picks one per call)."""
+
+    def scale(self, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """`a ⊙ scale` (N, d)."""
+        return a * scale
+
+    def add_scaled(self, base: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`base + update ⊙ scale` (N, d), into `out` when given (which may be `update`)."""
+        return torch.addcmul(base, update, scale) if out is None else torch.addcmul(base, update, scale, out=out)
+
+    def scale_and_dot_(self, p: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """`Σ_i p ⊙ x` per row (N,), then p ← p ⊙ scale in place."""
+        dot = torch.linalg.vecdot(p, x.to(p.dtype))  # one row-wise dot product per token, no (N, d) temporary
+        p.mul_(scale)
+        return dot
+
+
+TORCH_ROWS = TorchRows()
+
+
 def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional[torch.Tensor], scaling: float,
-              reuse_update: bool = False):
+              reuse_update: bool = False, row_ops: TorchRows = TORCH_ROWS):
     """`base + s · g ⊙ update` in one pass where dtypes allow (base: (N, d_out) or None, gate: (N, 1) or None).
 
     `reuse_update=True` (a fresh, contiguous `update` nothing else reads) writes the result into `update`'s memory
-    when it has the result's dtype: no new (N, d_out) tensor, which on CPU also saves its page faults.
+    when it has the result's dtype: no new (N, d_out) tensor, which on CPU also saves its page faults. `row_ops`:
+    what runs the gated add (`TorchRows`, or the Triton kernels' `TritonRows`).
     """
     if reuse_update and base is not None and base.dtype == update.dtype and update.is_contiguous():
         if gate is not None:
-            return torch.addcmul(base, update, (gate * scaling).to(update.dtype), out=update)
+            return row_ops.add_scaled(base, update, (gate * scaling).to(update.dtype), out=update)
         return torch.add(base, update, alpha=scaling, out=update)
     if base is None:
         if gate is not None:
@@ -100,7 +125,7 @@ def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional
     if base.dtype != update.dtype:
         return base + add_gated(None, update, gate, scaling).to(base.dtype)
     if gate is not None:
-        return torch.addcmul(base, update, (gate * scaling).to(update.dtype))
+        return row_ops.add_scaled(base, update, (gate * scaling).to(update.dtype))
     return torch.add(base, update, alpha=scaling)
 
 
@@ -108,9 +133,10 @@ class GatedHiraFunction(torch.autograd.Function):
     """Autograd function for `base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)`; `g` and `base` may be `None`."""
 
     @staticmethod
-    def forward(ctx, base, x, gate, A, B, weight_fn, scaling):
+    def forward(ctx, base, x, gate, A, B, weight_fn, scaling, row_ops=TORCH_ROWS):
         """base: (N, d_out) or None, x: (N, d_in), gate: (N, 1) or None, A: (r, d_in), B: (d_out, r),
-        weight_fn() -> W0 (d_out, d_in), or a W0 source with `DenseWeight`'s methods."""
+        weight_fn() -> W0 (d_out, d_in), or a W0 source with `DenseWeight`'s methods; `row_ops`: what runs the gate's
+        row operations (`TorchRows` or `kernels.rows.TritonRows`)."""
         ctx.autocast = autocast_state(x.device.type)
         weight = weight_source(weight_fn())
         dtype = _product_dtype(x, ctx.autocast)
@@ -122,7 +148,7 @@ class GatedHiraFunction(torch.autograd.Function):
                     and not ctx.autocast["enabled"]:
                 out = torch.addmm(base, x, delta_w.t(), alpha=scaling)  # the residual add rides on the GEMM
             else:
-                out = add_gated(base, x @ delta_w.t(), gate, scaling, reuse_update=True)
+                out = add_gated(base, x @ delta_w.t(), gate, scaling, reuse_update=True, row_ops=row_ops)
         else:
             update = None  # (N, d_out), filled block by block
             for rows in blocks:
@@ -130,17 +156,18 @@ class GatedHiraFunction(torch.autograd.Function):
                 if update is None:
                     update = block.new_empty((x.shape[0], d_out))
                 update[:, rows] = block
-            out = add_gated(base, update, gate, scaling, reuse_update=True)
+            out = add_gated(base, update, gate, scaling, reuse_update=True, row_ops=row_ops)
         ctx.save_for_backward(x, gate, A, B)
         ctx.weight_fn = weight_fn
         ctx.scaling = scaling
         ctx.has_base = base is not None
+        ctx.row_ops = row_ops
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        return (*GatedHiraFunction.gradients(ctx, grad_out, weight_source(ctx.weight_fn())), None, None)
+        return (*GatedHiraFunction.gradients(ctx, grad_out, weight_source(ctx.weight_fn())), None, None, None)
 
     @staticmethod
     def gradients(ctx, grad_out: torch.Tensor, weight) -> tuple:
@@ -148,7 +175,7 @@ class GatedHiraFunction(torch.autograd.Function):
         x, gate, A, B = ctx.saved_tensors
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
         return (grad_base, *hira_grads(grad_out, x, gate, A, B, weight, ctx.scaling, ctx.autocast,
-                                       ctx.needs_input_grad[1:5]))
+                                       ctx.needs_input_grad[1:5], ctx.row_ops))
 
 
 def _product_dtype(x: torch.Tensor, autocast: dict) -> torch.dtype:
@@ -156,9 +183,10 @@ def _product_dtype(x: torch.Tensor, autocast: dict) -> torch.dtype:
     return autocast["dtype"] if autocast["enabled"] else x.dtype
 
 
-def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need) -> tuple:
+def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops: TorchRows = TORCH_ROWS) -> tuple:
     """(dx, dg, dA, dB) of `s · g ⊙ (x (W0 ⊙ BA)ᵀ)`, None where `need` (4 flags) says not needed; `weight`: a W0
-    source (`DenseWeight` or the Triton one). The formulas are in this module's docstring."""
+    source (`DenseWeight` or the Triton one); `row_ops`: what runs the gate's row operations. The formulas are in this
+    module's docstring."""
     need_x, need_gate, need_A, need_B = need
     s = scaling
     grad_x = grad_gate = grad_A = grad_B = None
@@ -173,9 +201,9 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need) -> tupl
         if need_A or need_B:
             G, xs = go, x
             if scaled and d_in < d_out:
-                xs = x * token_scale
+                xs = row_ops.scale(x, token_scale)
             elif scaled:
-                G = go * token_scale
+                G = row_ops.scale(go, token_scale)
         factor_dtype = torch.result_type(B, A)
         # dM's dtype: under autocast its products with A and B run in `dtype`, so it is rounded to `dtype` once, here
         # (the same values where W0 is half precision: W0 ⊙ (Gᵀx) is exact in fp32), not built in fp32 and cast back
@@ -201,10 +229,16 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need) -> tupl
                 if need_A:
                     grad_A.add_(B[rows].t() @ dM)
                 del dM
-        if need_gate:  # s Σ_i P ⊙ x, one row-wise dot product per token (no (N, d_in) temporary)
-            grad_gate = torch.linalg.vecdot(P, x.to(P.dtype)).unsqueeze(1).mul_(s).to(gate.dtype)
-        if need_x:  # P is this function's own temporary: scaled in place
+        # dg = s Σ_i P ⊙ x (one row-wise dot product per token) and dx = P ⊙ (s·g), in place (P is this function's)
+        if need_gate and need_x:
+            dot = row_ops.scale_and_dot_(P, x, token_scale)
+            grad_x = P.to(x.dtype)
+        elif need_gate:
+            dot = torch.linalg.vecdot(P, x.to(P.dtype))
+        elif need_x:
             grad_x = (P.mul_(token_scale) if scaled else P).to(x.dtype)
+        if need_gate:
+            grad_gate = dot.unsqueeze(1).mul_(s).to(gate.dtype)
         if need_A:
             grad_A = grad_A.to(A.dtype)
         if need_B:
@@ -220,11 +254,14 @@ def gated_hira(
     weight_fn: Callable[[], torch.Tensor],
     scaling: float = 1.0,
     base: Optional[torch.Tensor] = None,
+    row_ops: TorchRows = TORCH_ROWS,
 ) -> torch.Tensor:
     """`base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)` for x (..., d_in), gate (..., 1) or None, base (..., d_out) or None.
 
     `weight_fn` returns the frozen base weight `W0` (d_out × d_in); it is called again in backward, so it may
     dequantise or gather on demand. Passing the base layer's output as `base` lets the residual add share the GEMM
-    (ungated) or one fused pass (gated); the result then has `base`'s dtype.
+    (ungated) or one fused pass (gated); the result then has `base`'s dtype. `row_ops` runs the gate's passes over
+    rows of activations (the gated add, the token scale of δ or x and of `δ ΔW`, and dg's dot product): PyTorch's
+    ops (`TORCH_ROWS`), or the Triton kernels (`kernels.rows.TritonRows`).
     """
-    return apply_to_tokens(GatedHiraFunction, x, gate, base, A, B, weight_fn, scaling)
+    return apply_to_tokens(GatedHiraFunction, x, gate, base, A, B, weight_fn, scaling, row_ops)
