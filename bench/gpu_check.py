@@ -7,9 +7,10 @@ Writes bench/results/gpu_check.json (`--out`). Five sections; each catches its o
 with status "error" and the message, and the other rows and sections still run). Exit status 1 if anything failed,
 or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomplete").
 
-(a) correctness: the PyTorch path (`gatera_plugin.ops.gated_hira`) and the Triton kernels (`triton_gated_hira`, as
-    `kernel="triton"` runs them: errors raised, no fallback) against an fp64 reference, in fp32 / bf16 / fp16, with a
-    dense and a bitsandbytes NF4 base weight, gated and ungated: the output and every gradient (x, A, B, the gate's
+(a) correctness: the PyTorch path (`gatera_plugin.ops.gated_hira`), the same with the token gate's row kernels
+    (`kernels/rows.py`, as kernel="auto" runs it on CUDA; gated cases only) and the Triton kernels
+    (`triton_gated_hira`, as `kernel="triton"` runs them: errors raised, no fallback) against an fp64 reference, in
+    fp32 / bf16 / fp16, with a dense and a bitsandbytes NF4 base weight, gated and ungated: the output and every gradient (x, A, B, the gate's
     weight and bias, the base output). Every dtype by the CPU tests' rule for half precision
     (`tests.helpers.rounding_bound`): within twice the error of naive autograd in the same dtype against fp64, plus
     2 ulp (for the gate bias, a sum over tokens, 2 ulp of Σ|terms|). fp32 too: at this shape its gradients sum
@@ -18,7 +19,8 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
 (b) speed: forward + backward of one adapted linear, 4096 x 4096 and 4096 x 14336, r = 32, 4k and 16k tokens, bf16
     base weight (and a bitsandbytes NF4 base at 4096 x 14336), fp32 adapter weights (PEFT's default), bf16 autocast
     (and, at 4096 x 14336 with 4k tokens, without autocast, as a bf16 model runs outside it): GateRA's PyTorch
-    path, GateRA's Triton kernels, PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs,
+    path (kernel="torch"), GateRA's default (kernel="auto": on CUDA the PyTorch path with the gate's row kernels),
+    GateRA's Triton kernels, PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs,
     ratios to PEFT's LoRA (bench/kernel_speed.py's `build` and `time_variant`).
 (c) training: 30 SFTTrainer steps of SmolLM2-135M (`gatera_plugin.assets.smollm2_path()`) on a bitsandbytes NF4 base,
     bf16: the loss falls (mean of the last 5 logged losses below the first 5), and the saved adapter, loaded onto a
@@ -26,8 +28,10 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
     1% of the adapter's own effect on them (max |logits − logits with the adapter disabled|), whichever is larger.
 (d) model step: whole training steps (forward, backward, AdamW) of a 2-layer Llama with Llama-3-8B's layer shapes
     (random weights, bf16, q/k/v/o/gate/up/down at r = 32, fp32 adapter weights, bf16 autocast), 1 x 4096 and
-    1 x 16384 tokens: PEFT's LoRA and HiRA, GateRA (its default token gate) and GateRA with gate="none"; median ms
-    (wall clock, so the host's own work per layer counts too) and peak memory above the built model, as ratios to
+    1 x 16384 tokens: PEFT's LoRA and HiRA, GateRA (its default token gate and kernel="auto"), the same with
+    kernel="torch" (no row kernels) and GateRA with gate="none"; median ms
+    (wall clock, so the host's own work per layer counts too), host_ms (until the step's last call returns, before
+    waiting for the GPU: close to ms, the step is host-bound) and peak memory above the built model, as ratios to
     LoRA and to HiRA.
 (e) generation: greedy `generate()` of (d)'s model in bf16, in eval and outside autocast, a 512-token prompt and 64
     new tokens: ms per new token of PEFT's LoRA and HiRA, GateRA, and GateRA with `cache_delta=True`.
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -143,8 +148,13 @@ def check_case(path: str, dtype, weight: str, gated: bool, shape: tuple, device)
 
         weight_fn = (lambda: Packed4bit.from_params(params)) if params is not None else (lambda: W0)
     else:
-        from gatera_plugin.ops import gated_hira as function
+        from gatera_plugin.ops import gated_hira
 
+        function = gated_hira
+        if path == "rows":  # the PyTorch path with the token gate's row kernels, errors raised
+            from gatera_plugin.kernels.rows import TRITON_ROWS_RAISING
+
+            function = functools.partial(gated_hira, row_ops=TRITON_ROWS_RAISING)
         weight_fn = lambda: W0  # noqa: E731 (the layer's `base_weight` dequantises NF4 the same way)
 
     def run(precision, ours: bool):
@@ -192,13 +202,13 @@ def correctness(device, smoke: bool) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = []
     try:
-        for path in ("torch", "triton"):
+        for path in ("torch", "rows", "triton"):
             for dtype_name, dtype in dtypes.items():
                 for weight in ("dense", "nf4"):
-                    for gated in (True, False):
+                    for gated in (True, False) if path != "rows" else (True,):
                         row = {"path": path, "dtype": dtype_name, "weight": weight, "gated": gated,
                                "shape": "x".join(map(str, shape))}
-                        skip = (_triton_skip(device, dtype) if path == "triton" else None) or (
+                        skip = (_triton_skip(device, dtype) if path != "torch" else None) or (
                             nf4_skip if weight == "nf4" else None)
                         if skip:
                             row.update(status="skipped", detail=skip)
@@ -232,7 +242,7 @@ def speed(device, smoke: bool, repeats: int) -> list[dict]:
         for n in tokens if autocast else tokens[:1]:
             x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
             measured = {}
-            for variant in ("peft-lora", "peft-hira", "gatera-torch", "gatera-triton"):
+            for variant in ("peft-lora", "peft-hira", "gatera-torch", "gatera-auto", "gatera-triton"):
                 row = {"weight": weight, "autocast": autocast, "d_in": d_in, "d_out": d_out, "tokens": n,
                        "variant": variant}
                 skip = _triton_skip(device, dtype) if variant == "gatera-triton" else None
@@ -342,7 +352,7 @@ MODEL_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_head
                    num_hidden_layers=2, vocab_size=32000)
 SMOKE_MODEL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                          num_hidden_layers=1, vocab_size=128)
-MODEL_METHODS = ("peft-lora", "peft-hira", "gatera", "gatera-none")
+MODEL_METHODS = ("peft-lora", "peft-hira", "gatera", "gatera-kernel-torch", "gatera-none")
 
 
 def _method_config(method: str):
@@ -354,6 +364,7 @@ def _method_config(method: str):
         "peft-lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS),
         "peft-hira": lambda: HiraConfig(r=RANK, target_modules=TARGETS),
         "gatera": lambda: GateRAConfig(r=RANK, target_modules=TARGETS),
+        "gatera-kernel-torch": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, kernel="torch"),
         "gatera-none": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, gate="none"),
         "gatera-cache-delta": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, cache_delta=True),
     }[method]()
@@ -370,8 +381,9 @@ def _llama(shape: dict, dtype, device, positions: int):
 
 
 def model_step(device, smoke: bool, repeats: int) -> list[dict]:
-    """Whole training steps (forward, backward, AdamW) of each method on the same model: ms and peak memory above
-    the built model, as ratios to PEFT's LoRA. bf16 weights, fp32 adapter weights, bf16 autocast, 1 x T tokens."""
+    """Whole training steps (forward, backward, AdamW) of each method on the same model: ms, host_ms (the time to
+    issue the step, before waiting for the GPU) and peak memory above the built model, as ratios to PEFT's LoRA and
+    HiRA. bf16 weights, fp32 adapter weights, bf16 autocast, 1 x T tokens."""
     import torch
     from peft import get_peft_model
 
@@ -389,7 +401,7 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
                 model = get_peft_model(_llama(shape, dtype, device, n), _method_config(method),
                                        autocast_adapter_dtype=True).train()
                 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-                times = []
+                times, host_times = [], []
                 if _cuda(device):
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -401,12 +413,15 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    issued = time.perf_counter()
                     if _cuda(device):
                         torch.cuda.synchronize()
                     if i >= 2:
                         times.append((time.perf_counter() - begin) * 1e3)
+                        host_times.append((issued - begin) * 1e3)
                 peak = (torch.cuda.max_memory_allocated() - start_memory) / 2**20 if _cuda(device) else float("nan")
-                row.update(status="ok", ms=statistics.median(times), peak_mb=peak)
+                row.update(status="ok", ms=statistics.median(times), host_ms=statistics.median(host_times),
+                           peak_mb=peak)
                 measured[method] = row
             except Exception as exc:  # noqa: BLE001 (OOM and the like: reported in the row)
                 row.update(status="error", detail=_error(exc))
@@ -538,8 +553,8 @@ def main() -> None:
               ["model", "base", "steps", "status", "first_loss", "last_loss", "loss_falls", "adapter_effect",
                "reload_max_diff", "reloads_same", "train_seconds"]),
         "d": ("model step", model_step, (device, smoke, args.repeats),
-              ["tokens", "method", "status", "ms", "peak_mb", "time_vs_lora", "time_vs_hira", "memory_vs_lora",
-               "detail"]),
+              ["tokens", "method", "status", "ms", "host_ms", "peak_mb", "time_vs_lora", "time_vs_hira",
+               "memory_vs_lora", "detail"]),
         "e": ("generation", generation, (device, smoke, args.repeats),
               ["prompt", "new_tokens", "method", "status", "ms_per_token", "time_vs_lora", "detail"]),
     }

@@ -45,6 +45,8 @@ def build(variant: str, d_in: int, d_out: int, dtype, device, fp32_adapters: boo
     config = {
         "gatera-triton": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="triton"),
         "gatera-torch": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="torch"),
+        # the default: the PyTorch path, with the token gate's row kernels on CUDA (`kernels/rows.py`)
+        "gatera-auto": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="auto"),
         "peft-hira": lambda: HiraConfig(r=RANK, target_modules=["proj"]),
         "peft-lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["proj"]),
     }[variant]()

@@ -256,7 +256,7 @@ def test_gpu_check_passes_fp32_at_its_full_shape(gated):
 @pytest.mark.slow
 def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     """Without CUDA, bench/gpu_check.py runs its CPU smoke mode: every section runs and passes, the Triton rows in
-    Triton's interpreter (bf16 skipped), the tiny 4-bit training run's loss falls and its adapter reloads, the
+    Triton's interpreter (bf16 skipped; the row kernels too), the tiny 4-bit training run's loss falls and its adapter reloads, the
     model-step rows carry their ratios to LoRA and HiRA, and every method generates."""
     out = tmp_path / "gpu_check.json"
     _run("bench/gpu_check.py", "--smoke", "--out", str(out))
@@ -266,11 +266,13 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     assert {name: s["status"] for name, s in sections.items()} == {
         "correctness": "ok", "speed": "ok", "training": "ok", "model step": "ok", "generation": "ok"}
     ran = {(r["path"], r["dtype"], r["weight"], r["gated"]) for r in sections["correctness"]["rows"] if r["status"] == "ok"}
-    assert len(ran) == 20 and ("triton", "fp16", "nf4", True) in ran and ("torch", "bf16", "nf4", True) in ran
+    # 12 PyTorch path, 8 branch kernels (no bf16 in the interpreter), 4 with the row kernels (gated; no bf16)
+    assert len(ran) == 24 and ("triton", "fp16", "nf4", True) in ran and ("torch", "bf16", "nf4", True) in ran
+    assert ("rows", "fp16", "nf4", True) in ran and ("rows", "fp32", "dense", True) in ran
     training = sections["training"]["rows"][0]
     assert training["loss_falls"] and training["reloads_same"]
     steps = {row["method"]: row for row in sections["model step"]["rows"]}
-    assert set(steps) == {"peft-lora", "peft-hira", "gatera", "gatera-none"}
+    assert set(steps) == {"peft-lora", "peft-hira", "gatera", "gatera-kernel-torch", "gatera-none"}
     assert steps["peft-lora"]["time_vs_lora"] == 1.0 and steps["peft-hira"]["time_vs_hira"] == 1.0
     assert {row["method"] for row in sections["generation"]["rows"]} == {
         "peft-lora", "peft-hira", "gatera", "gatera-cache-delta"}
@@ -385,3 +387,13 @@ def test_host_ops_counts_every_variant(tmp_path):
     counts = json.loads(out.read_text())["aten_calls"]
     assert set(counts) == {"peft-lora", "peft-hira", "gatera-torch"}
     assert counts["gatera-torch"] > counts["peft-hira"] > 0
+
+
+def test_row_ops_smoke_runs_both_sides_of_every_operation(tmp_path):
+    """bench/row_ops.py (README's row-kernel table, the "auto" thresholds in kernels/rows.py) runs PyTorch's ops and
+    the kernels (under the interpreter here) for each operation and writes one row each."""
+    out = tmp_path / "row_ops.json"
+    _run("bench/row_ops.py", "--smoke", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["op"] for row in rows] == ["scale", "add_scaled", "scale_and_dot_"]
+    assert all(row["torch_host_us"] > 0 and row["triton_host_us"] > 0 for row in rows)
