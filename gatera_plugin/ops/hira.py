@@ -209,24 +209,29 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
         # (the same values where W0 is half precision: W0 ⊙ (Gᵀx) is exact in fp32), not built in fp32 and cast back
         mask_dtype = dtype if autocast["enabled"] else factor_dtype
         P = None  # δ ΔW: (N, d_in)
-        if need_A:
-            grad_A = torch.zeros_like(A, dtype=_accumulator_dtype(factor_dtype))
-        if need_B:
-            grad_B = torch.empty_like(B, dtype=factor_dtype)
         blocks = list(_row_blocks(d_out, d_in, x.device))
+        one_block = len(blocks) == 1  # (a GPU layer up to 2^26 elements): dA and dB are each one product, no buffer
+        if need_A and not one_block:
+            grad_A = torch.zeros_like(A, dtype=_accumulator_dtype(factor_dtype))
+        if need_B and not one_block:
+            grad_B = torch.empty_like(B, dtype=factor_dtype)
         for rows in blocks:
             if need_x or need_gate:
                 part = go[:, rows] @ weight.delta(B[rows], A, rows, dtype)  # (N, d_in)
                 if P is None:  # a sum over blocks is kept in fp32; one block's product is used as it is
-                    P = part.to(_accumulator_dtype(part.dtype)) if len(blocks) > 1 else part
+                    P = part if one_block else part.to(_accumulator_dtype(part.dtype))
                 else:
                     P.add_(part)
                 del part
             if G is not None:
                 dM = weight.mask_((G[:, rows].t() @ xs).to(mask_dtype), rows)  # (rows, d_in)
-                if need_B:
+                if need_B and one_block:
+                    grad_B = dM @ A.t()
+                elif need_B:
                     grad_B[rows] = dM @ A.t()
-                if need_A:
+                if need_A and one_block:
+                    grad_A = B.t() @ dM
+                elif need_A:
                     grad_A.add_(B[rows].t() @ dM)
                 del dM
         # dg = s Σ_i P ⊙ x (one row-wise dot product per token) and dx = P ⊙ (s·g), in place (P is this function's)
