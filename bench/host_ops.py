@@ -1,58 +1,104 @@
-"""Host-side work per adapted layer: ATen calls in one forward + backward, GateRA vs PEFT's HiRA and LoRA.
+"""Host-side work per adapted layer: ATen calls and host time of one forward + backward, GateRA vs PEFT's HiRA and LoRA.
 
-    python bench/host_ops.py        # table + bench/results/host_ops.json; CPU, a few seconds
+    python bench/host_ops.py        # tables + bench/results/host_ops.json; CPU, about a minute
 
 Where a layer's GPU work is small (few tokens, decoding), each operation the host issues costs its dispatch and
-launch whatever the tensor size, so the count of operations sets a floor under the step time (README, "On a GPU").
-Counted with torch's profiler on CPU: every `aten::` event (nested calls included, e.g. `aten::to` and the
-`aten::_to_copy` / `aten::copy_` inside it) of one training forward + backward of one 256 -> 512 linear, r = 32,
-64 tokens, bf16 base under bf16 autocast, fp32 adapter weights (bench/kernel_speed.py's `build`). Counts do not
-depend on the machine.
+launch whatever the tensor size, so the host's work sets a floor under the step time (README, "On a GPU").
+
+- ATen calls: counted with torch's profiler on CPU, every `aten::` event (nested calls included, e.g. `aten::to` and
+  the `aten::_to_copy` / `aten::copy_` inside it) of one training forward + backward of one 256 -> 512 linear,
+  r = 32, 64 tokens, bf16 base under bf16 autocast, fp32 adapter weights (bench/kernel_speed.py's `build`). Counts do
+  not depend on the machine.
+- Host time: wall-clock microseconds of one training forward + backward of a 64 -> 64 linear with 4 tokens (same
+  dtypes), where the arithmetic is negligible and the time is the host's: Python, dispatch, autograd. The variants
+  run in turn in one process, `--rounds` rounds of `STEPS_PER_ROUND` steps each; the table gives each variant's
+  median over rounds and its ratio to PEFT's HiRA. GateRA without the gate (`gate="none"`) and with the gate but no
+  penalty (`entropy_weight=0`) split GateRA's extra host time into the branch's, the gate's and the penalty's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_speed
 
 VARIANTS = ("peft-lora", "peft-hira", "gatera-torch")
+TIMED_VARIANTS = ("peft-lora", "peft-hira", "gatera-torch-none", "gatera-torch-no-penalty", "gatera-torch")
+STEPS_PER_ROUND = 200
+
+
+def _training_step(model, x):
+    """One forward + backward of `model` on `x` under bf16 autocast."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().pow(2).mean().backward()
+
+
+def _layer_and_input(variant: str, d_in: int, d_out: int, tokens: int):
+    import torch
+    from kernel_speed import build
+
+    model = build(variant, d_in, d_out, torch.bfloat16, torch.device("cpu"), fp32_adapters=True)
+    return model, torch.randn(tokens, d_in, dtype=torch.bfloat16, requires_grad=True)
 
 
 def count_aten_calls(variant: str, d_in: int = 256, d_out: int = 512, tokens: int = 64) -> int:
     """ATen calls (profiler events named `aten::...`) in one forward + backward of `variant`'s adapted layer."""
-    import torch
-    from kernel_speed import build
     from torch.profiler import ProfilerActivity, profile
 
-    model = build(variant, d_in, d_out, torch.bfloat16, torch.device("cpu"), fp32_adapters=True)
-    x = torch.randn(tokens, d_in, dtype=torch.bfloat16, requires_grad=True)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        out.float().pow(2).mean().backward()
-
+    model, x = _layer_and_input(variant, d_in, d_out, tokens)
     for _ in range(2):  # first calls create state (caches, warnings) that later steps do not repeat
-        step()
+        _training_step(model, x)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
+        _training_step(model, x)
     return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
+
+
+def host_microseconds(variants, rounds: int, d: int = 64, tokens: int = 4) -> dict[str, float]:
+    """Median over `rounds` of each variant's microseconds per forward + backward of a d -> d layer on `tokens` tokens,
+    the variants taking turns within each round."""
+    layers = {variant: _layer_and_input(variant, d, d, tokens) for variant in variants}
+    for model, x in layers.values():
+        for _ in range(3):
+            _training_step(model, x)
+    times = {variant: [] for variant in variants}
+    for _ in range(rounds):
+        for variant, (model, x) in layers.items():
+            start = time.perf_counter()
+            for _ in range(STEPS_PER_ROUND):
+                _training_step(model, x)
+            times[variant].append((time.perf_counter() - start) / STEPS_PER_ROUND * 1e6)
+    return {variant: statistics.median(values) for variant, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=9, help="rounds of the host-time measurement")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "host_ops.json"))
     args = parser.parse_args()
     counts = {variant: count_aten_calls(variant) for variant in VARIANTS}
     print("| variant | ATen calls per forward + backward | / PEFT HiRA |\n|---|---|---|")
     for variant, count in counts.items():
         print(f"| {variant} | {count} | {count / counts['peft-hira']:.2f}x |")
+    host_us = host_microseconds(TIMED_VARIANTS, args.rounds)
+    print("\n| variant | host µs per forward + backward (64 -> 64, 4 tokens) | / PEFT HiRA |\n|---|---|---|")
+    for variant, us in host_us.items():
+        print(f"| {variant} | {us:.0f} | {us / host_us['peft-hira']:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"aten_calls": counts}, indent=2))
+    Path(args.out).write_text(json.dumps({
+        "aten_calls": counts,
+        "host_us": {variant: round(us, 1) for variant, us in host_us.items()},
+        "host_vs_peft_hira": {variant: round(us / host_us["peft-hira"], 3) for variant, us in host_us.items()},
+        "meta": {"rounds": args.rounds, "steps_per_round": STEPS_PER_ROUND, "timed_layer": "64 -> 64, 4 tokens",
+                 "counted_layer": "256 -> 512, 64 tokens", "threads": __import__("torch").get_num_threads()},
+    }, indent=2))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,11 @@ def build(variant: str, d_in: int, d_out: int, dtype, device, fp32_adapters: boo
         "gatera-torch": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="torch"),
         # the default: the PyTorch path, with the token gate's row kernels on CUDA (`kernels/rows.py`)
         "gatera-auto": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="auto"),
+        # the PyTorch path without the token gate, and with the gate but no penalty (bench/host_ops.py's host time)
+        "gatera-torch-none": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="torch",
+                                                                gate="none"),
+        "gatera-torch-no-penalty": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="torch",
+                                                                      entropy_weight=0.0),
         "peft-hira": lambda: HiraConfig(r=RANK, target_modules=["proj"]),
         "peft-lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["proj"]),
     }[variant]()
