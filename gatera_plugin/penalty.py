@@ -79,16 +79,24 @@ class GateStats:
 
     @torch.no_grad()
     def add(self, gate: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        g = gate.detach().reshape(-1).float()
-        columns = torch.stack([torch.ones_like(g), g, binary_entropy(g), (g > 0.5).to(g.dtype)], dim=1)  # (N, 4)
-        sums = columns.sum(0) if mask is None else mask.reshape(1, -1).to(g.dtype).mm(columns).reshape(-1)
-        sums = sums.to(statistics_dtype(g.device))
-        self._sums = sums if self._sums is None else self._sums.add_(sums.to(self._sums.device))
+        """Add one backward's sums (a dozen small ops: this runs once per gated layer per micro-batch)."""
+        g = gate.detach().reshape(-1, 1).float()  # (N, 1)
+        gc = g.clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
+        # (N, 4): 1, g, log(1−g) + g (log g − log(1−g)) = −H(g) (scaled to H/log 2 in `pop_tensor`), and g rounded
+        # half to even, which is 1 exactly where g > 0.5 for g in [0, 1]
+        columns = torch.cat([torch.ones_like(g), g, torch.lerp(torch.log1p(-gc), torch.log(gc), gc), g.round()], 1)
+        sums = columns.sum(0) if mask is None else mask.reshape(1, -1).to(g.dtype).mm(columns).reshape(-1)  # (4,)
+        if self._sums is None:
+            self._sums = sums.to(statistics_dtype(g.device))
+        else:  # float32 sums into the float64 running sums, promoted inside the add
+            self._sums.add_(sums.to(self._sums.device))
         self.recorded = True
 
     def pop_tensor(self) -> Optional[torch.Tensor]:
-        """The (4,) sums (tokens, Σg, ΣH, open count), then cleared; None if nothing was recorded."""
+        """The (4,) sums (tokens, Σg, ΣH/log 2, open count), then cleared; None if nothing was recorded."""
         sums, self._sums = self._sums, None
+        if sums is not None:
+            sums[2].mul_(-1.0 / LOG2)  # `add` sums −H(g) in nats
         return sums
 
 
