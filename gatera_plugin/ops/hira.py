@@ -205,6 +205,9 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
             elif scaled:
                 G = row_ops.scale(go, token_scale)
         factor_dtype = torch.result_type(B, A)
+        A_dtype, B_dtype = A.dtype, B.dtype
+        if autocast["enabled"]:  # the factors cast once, as autocast casts them (not fp64) for each product and slice
+            A, B = (t if t.dtype == torch.float64 else t.to(dtype) for t in (A, B))
         # dM's dtype: under autocast its products with A and B run in `dtype`, so it is rounded to `dtype` once, here
         # (the same values where W0 is half precision: W0 ⊙ (Gᵀx) is exact in fp32), not built in fp32 and cast back
         mask_dtype = dtype if autocast["enabled"] else factor_dtype
@@ -245,9 +248,9 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
         if need_gate:
             grad_gate = dot.unsqueeze(1).mul_(s).to(gate.dtype)
         if need_A:
-            grad_A = grad_A.to(A.dtype)
+            grad_A = grad_A.to(A_dtype)
         if need_B:
-            grad_B = grad_B.to(B.dtype)
+            grad_B = grad_B.to(B_dtype)
     return grad_x, grad_gate, grad_A, grad_B
 
 
