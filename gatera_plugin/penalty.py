@@ -40,11 +40,15 @@ LOG2 = math.log(2.0)
 ENTROPY_EPS = 1e-6
 
 
+def _negative_entropy_nats(g: torch.Tensor) -> torch.Tensor:
+    """`−H(g)` in nats elementwise for float g, clamped to [ε, 1 − ε]: `log(1−g) + g (log g − log(1−g))`, one lerp."""
+    g = g.clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
+    return torch.lerp(torch.log1p(-g), torch.log(g), g)
+
+
 def binary_entropy(gate: torch.Tensor) -> torch.Tensor:
     """`H(g) / log 2` elementwise, in [0, 1], with `g` clamped to [ε, 1 − ε]."""
-    g = gate.float().clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
-    log_g, log_1mg = torch.log(g), torch.log1p(-g)
-    return torch.addcmul(log_1mg, g, log_g - log_1mg).mul_(-1.0 / LOG2)  # −[log(1−g) + g (log g − log(1−g))]
+    return _negative_entropy_nats(gate.float()).mul_(-1.0 / LOG2)
 
 
 def binary_entropy_grad(gate: torch.Tensor) -> torch.Tensor:
@@ -74,17 +78,16 @@ class GateStats:
     KEYS = ("tokens", "gate", "entropy", "open")
 
     def __init__(self):
-        self._sums: Optional[torch.Tensor] = None  # (4,) `statistics_dtype`: tokens, Σg, ΣH, Σ[g>0.5]
+        self._sums: Optional[torch.Tensor] = None  # (4,) `statistics_dtype`: tokens, Σg, Σ−H (nats), Σ[g>0.5]
         self.recorded = False  # a backward reached the gate since the layer was built (never cleared)
 
     @torch.no_grad()
     def add(self, gate: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Add one backward's sums (a dozen small ops: this runs once per gated layer per micro-batch)."""
         g = gate.detach().reshape(-1, 1).float()  # (N, 1)
-        gc = g.clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
-        # (N, 4): 1, g, log(1−g) + g (log g − log(1−g)) = −H(g) (scaled to H/log 2 in `pop_tensor`), and g rounded
-        # half to even, which is 1 exactly where g > 0.5 for g in [0, 1]
-        columns = torch.cat([torch.ones_like(g), g, torch.lerp(torch.log1p(-gc), torch.log(gc), gc), g.round()], 1)
+        # (N, 4): 1, g, −H(g) in nats (scaled to H/log 2 in `pop_tensor`, once), and g rounded half to even, which
+        # is 1 exactly where g > 0.5 for g in [0, 1]
+        columns = torch.cat([torch.ones_like(g), g, _negative_entropy_nats(g), g.round()], 1)
         sums = columns.sum(0) if mask is None else mask.reshape(1, -1).to(g.dtype).mm(columns).reshape(-1)  # (4,)
         if self._sums is None:
             self._sums = sums.to(statistics_dtype(g.device))
