@@ -236,7 +236,7 @@ def kernel_case(layer, adapter_name: str, branch: str, x: torch.Tensor, dtype: t
     if x.device.type != "cuda" or dtype not in KERNEL_DTYPES or not triton_available():
         return None
     quantized = getattr(layer.get_base_layer().weight, "quant_state", None) is not None
-    return KernelCase(branch, torch.cuda.get_device_capability(x.device), dtype, layer.r[adapter_name],
+    return KernelCase(branch, _capability(x.device.index), dtype, layer.r[adapter_name],
                       x.numel() // max(x.shape[-1], 1), quantized)
 
 

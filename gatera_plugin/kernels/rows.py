@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..ops.hira import TorchRows
-from . import KERNEL_DTYPES, MAX_TOKENS, _failure_cause, device_guard, is_triton_failure
+from . import KERNEL_DTYPES, MAX_TOKENS, _failure_cause, _raise_clearly, device_guard, is_triton_failure
 
 
 @triton.jit
@@ -144,15 +144,11 @@ class TritonRows(TorchRows):
         try:
             return kernel()
         except Exception as error:  # noqa: BLE001  (only Triton's own failures are handled)
+            if self.raise_errors:
+                _raise_clearly("row", error)  # (returns only for an error that is not Triton's)
             if not is_triton_failure(error):
                 raise
-            cause = _failure_cause(error)
-            if self.raise_errors:
-                raise RuntimeError(
-                    f"kernel='triton': the Triton row kernel failed ({cause}). Use kernel='auto' (the PyTorch path "
-                    "wherever the kernels are not known to work and win) or kernel='torch'."
-                ) from error
-            ROW_KERNEL_FAILURE = cause
+            cause = ROW_KERNEL_FAILURE = _failure_cause(error)
             warnings.warn(
                 f"GateRA: the Triton row kernel failed ({cause}); every gated layer uses PyTorch's ops for it from "
                 "now on (same results). Set kernel='torch' to skip the kernels.", RuntimeWarning, stacklevel=4,
