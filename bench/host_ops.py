@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9, help="rounds of the host-time measurement")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "host_ops.json"))
     args = parser.parse_args()
+    import torch
+
     counts = {variant: count_aten_calls(variant) for variant in VARIANTS}
     print("| variant | ATen calls per forward + backward | / PEFT HiRA |\n|---|---|---|")
     for variant, count in counts.items():
@@ -97,7 +99,7 @@ def main() -> None:
         "host_us": {variant: round(us, 1) for variant, us in host_us.items()},
         "host_vs_peft_hira": {variant: round(us / host_us["peft-hira"], 3) for variant, us in host_us.items()},
         "meta": {"rounds": args.rounds, "steps_per_round": STEPS_PER_ROUND, "timed_layer": "64 -> 64, 4 tokens",
-                 "counted_layer": "256 -> 512, 64 tokens", "threads": __import__("torch").get_num_threads()},
+                 "counted_layer": "256 -> 512, 64 tokens", "threads": torch.get_num_threads()},
     }, indent=2))
 
 

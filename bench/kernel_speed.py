@@ -13,6 +13,7 @@ bench/results/kernels.json. Without CUDA it says so and exits 0 (kernel speed is
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -42,16 +43,15 @@ def build(variant: str, d_in: int, d_out: int, dtype, device, fp32_adapters: boo
             return self.proj(x)
 
     torch.manual_seed(0)
+    gatera = functools.partial(gatera_plugin.GateRAConfig, r=RANK, target_modules=["proj"])
     config = {
-        "gatera-triton": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="triton"),
-        "gatera-torch": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="torch"),
+        "gatera-triton": lambda: gatera(kernel="triton"),
+        "gatera-torch": lambda: gatera(kernel="torch"),
         # the default: the PyTorch path, with the token gate's row kernels on CUDA (`kernels/rows.py`)
-        "gatera-auto": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="auto"),
+        "gatera-auto": lambda: gatera(kernel="auto"),
         # the PyTorch path without the token gate, and with the gate but no penalty (bench/host_ops.py's host time)
-        "gatera-torch-none": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="torch",
-                                                                gate="none"),
-        "gatera-torch-no-penalty": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=["proj"], kernel="torch",
-                                                                      entropy_weight=0.0),
+        "gatera-torch-none": lambda: gatera(kernel="torch", gate="none"),
+        "gatera-torch-no-penalty": lambda: gatera(kernel="torch", entropy_weight=0.0),
         "peft-hira": lambda: HiraConfig(r=RANK, target_modules=["proj"]),
         "peft-lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["proj"]),
     }[variant]()
