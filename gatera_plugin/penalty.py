@@ -40,23 +40,42 @@ LOG2 = math.log(2.0)
 ENTROPY_EPS = 1e-6
 
 
-def _negative_entropy_nats(g: torch.Tensor) -> torch.Tensor:
-    """`−H(g)` in nats elementwise for float g, clamped to [ε, 1 − ε]: `log(1−g) + g (log g − log(1−g))`, one lerp."""
-    g = g.clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
-    return torch.lerp(torch.log1p(-g), torch.log(g), g)
+class GateValues:
+    """Gate values g (any shape) in float32, as one penalty tap's backward reads them: `g`, `clamped` (g clamped to
+    [ε, 1 − ε]) and the two logs of the clamped value, which the statistics (−H) and the entropy term's gradient
+    share, each computed once (`log_g` = log g_c, `log_1mg` = log(1 − g_c))."""
+
+    def __init__(self, gate: torch.Tensor):
+        self.g = gate.float()
+        self.clamped = self.g.clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
+
+    @functools.cached_property
+    def log_g(self) -> torch.Tensor:
+        return torch.log(self.clamped)
+
+    @functools.cached_property
+    def log_1mg(self) -> torch.Tensor:
+        return torch.log1p(-self.clamped)
+
+    def negative_entropy_nats(self) -> torch.Tensor:
+        """`−H(g_c)` in nats: `log(1−g) + g (log g − log(1−g))`, one lerp."""
+        return torch.lerp(self.log_1mg, self.log_g, self.clamped)
+
+    def entropy_grad(self, factor: float = 1.0) -> torch.Tensor:
+        """`factor · ∂(H(g) / log 2)/∂g = factor · log((1 − g) / g) / log 2`, and 0 where the clamp is active (and
+        for NaN)."""
+        grad = (self.log_1mg - self.log_g).mul_(factor / LOG2)
+        return grad.masked_fill_(self.clamped != self.g, 0.0)  # (NaN too: NaN != NaN)
 
 
 def binary_entropy(gate: torch.Tensor) -> torch.Tensor:
     """`H(g) / log 2` elementwise, in [0, 1], with `g` clamped to [ε, 1 − ε]."""
-    return _negative_entropy_nats(gate.float()).mul_(-1.0 / LOG2)
+    return GateValues(gate).negative_entropy_nats().mul_(-1.0 / LOG2)
 
 
 def binary_entropy_grad(gate: torch.Tensor) -> torch.Tensor:
     """`∂(H(g) / log 2)/∂g = log((1 − g) / g) / log 2`, and 0 where the clamp to [ε, 1 − ε] is active."""
-    g = gate.float()
-    gc = g.clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
-    grad = (torch.log1p(-gc) - torch.log(gc)).mul_(1.0 / LOG2)
-    return grad.masked_fill_(gc != g, 0.0)  # (NaN too: NaN != NaN)
+    return GateValues(gate).entropy_grad()
 
 
 # Device types without float64 arithmetic (Apple's MPS): the gate statistics are summed in float32 there.
@@ -71,8 +90,9 @@ def statistics_dtype(device: torch.device) -> torch.dtype:
 class GateStats:
     """Running sums of one gated layer's statistics over real tokens, accumulated on the gate's device.
 
-    `add` takes the gate (N, 1) and a mask of real tokens (N, 1) or None; `pop` returns and clears the sums as
-    floats: `tokens`, `gate` (Σ g), `entropy` (Σ H(g)/log 2), `open` (count of g > 0.5).
+    `add` takes the gate values (`GateValues` of an (N, 1) gate) and a mask of real tokens (N, 1) or None;
+    `pop_tensor` returns and clears the sums: `tokens`, `gate` (Σ g), `entropy` (Σ H(g)/log 2), `open` (count of
+    g > 0.5).
     """
 
     KEYS = ("tokens", "gate", "entropy", "open")
@@ -82,12 +102,12 @@ class GateStats:
         self.recorded = False  # a backward reached the gate since the layer was built (never cleared)
 
     @torch.no_grad()
-    def add(self, gate: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        """Add one backward's sums (a dozen small ops: this runs once per gated layer per micro-batch)."""
-        g = gate.detach().reshape(-1, 1).float()  # (N, 1)
+    def add(self, values: GateValues, mask: Optional[torch.Tensor]) -> None:
+        """Add one backward's sums (a few small ops: this runs once per gated layer per micro-batch)."""
+        g = values.g  # (N, 1)
         # (N, 4): 1, g, −H(g) in nats (scaled to H/log 2 in `pop_tensor`, once), and g rounded half to even, which
         # is 1 exactly where g > 0.5 for g in [0, 1]
-        columns = torch.cat([torch.ones_like(g), g, _negative_entropy_nats(g), g.round()], 1)
+        columns = torch.cat([torch.ones_like(g), g, values.negative_entropy_nats(), g.round()], 1)
         sums = columns.sum(0) if mask is None else mask.reshape(1, -1).to(g.dtype).mm(columns).reshape(-1)  # (4,)
         if self._sums is None:
             self._sums = sums.to(statistics_dtype(g.device))
@@ -325,34 +345,35 @@ class PenaltyRun:
         return weight * self.loss_scale / (layers * self.step_micro_batches)
 
 
-def entropy_term_grad(gate: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-token gradient of the entropy penalty's summand `H(g)/log 2`."""
-    return binary_entropy_grad(gate)
+def entropy_term_grad(values: GateValues, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """`scale` times the per-token gradient of the entropy penalty's summand `H(g)/log 2` (N, 1) float32."""
+    return values.entropy_grad(scale)
 
 
 def keep_ratio_term_grad(target: float):
-    """Per-token gradient of `n · (k − ρ)²` with k the micro-batch's kept fraction: `2 (k − ρ)` for every token.
+    """`scale` times the per-token gradient of `n · (k − ρ)²` with k the micro-batch's kept fraction: `2 (k − ρ)`
+    for every token.
 
     The penalty is `λ_k · (1/L) Σ_layers Σ_micro-batches (n_mb / N) (k_mb − ρ)²`, the token-weighted mean over
     micro-batches of the squared deviation of each micro-batch's kept fraction; its gradient per token is known when
     the micro-batch's own backward runs.
     """
 
-    def grad(selected: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        s = selected.float()
+    def grad(values: GateValues, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        s = values.g
         kept = (s * mask).sum() / mask.sum().clamp(min=1) if mask is not None else s.mean()
-        return torch.full_like(s, 2.0) * (kept - target)
+        return torch.full_like(s, 2.0 * scale).mul_(kept - target)
 
     return grad
 
 
-def constant_term_grad(value: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Gradient of a penalty linear in the value (the structure penalty λ_s · σ(α))."""
-    return torch.ones_like(value, dtype=torch.float32)
+def constant_term_grad(values: GateValues, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """`scale` times the gradient of a penalty linear in the value (the structure penalty λ_s · σ(α))."""
+    return torch.full_like(values.g, scale)
 
 
 class _PenaltyTap(torch.autograd.Function):
-    """Identity on a gate value; backward adds `scale · term_grad(value, mask)` (masked) and records statistics."""
+    """Identity on a gate value; backward adds `term_grad(values, mask, scale)` (masked) and records statistics."""
 
     @staticmethod
     def forward(ctx, value, mask, scale, term_grad, stats):
@@ -366,10 +387,13 @@ class _PenaltyTap(torch.autograd.Function):
     def backward(ctx, grad_value):
         (value,) = ctx.saved_tensors
         mask = ctx.mask
+        if ctx.stats is None and ctx.scale == 0.0:
+            return grad_value, None, None, None, None
+        values = GateValues(value)  # float32 values and logs, shared by the statistics and the penalty's gradient
         if ctx.stats is not None:
-            ctx.stats.add(value, mask)
+            ctx.stats.add(values, mask)
         if ctx.scale != 0.0:
-            extra = ctx.term_grad(value, mask).mul(ctx.scale)
+            extra = ctx.term_grad(values, mask, ctx.scale)
             if mask is not None:
                 extra.mul_(mask)
             grad_value = grad_value + extra.to(grad_value.dtype)
@@ -377,5 +401,6 @@ class _PenaltyTap(torch.autograd.Function):
 
 
 def penalty_tap(value: torch.Tensor, mask: Optional[torch.Tensor], scale: float, term_grad, stats=None):
-    """Pass `value` (N, 1) through unchanged; its backward adds `scale · term_grad` and records `stats`."""
+    """Pass `value` (N, 1) through unchanged; its backward adds `term_grad(GateValues(value), mask, scale)`, `scale`
+    times the penalty term's gradient per value (N, 1), and records `stats`."""
     return _PenaltyTap.apply(value, mask, scale, term_grad, stats)

@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 
 from gatera_plugin import GateRAConfig
-from gatera_plugin.penalty import GateStats, binary_entropy, binary_entropy_grad
+from gatera_plugin.penalty import GateStats, GateValues, binary_entropy, binary_entropy_grad
 from tests.helpers import collect_gates, naive_entropy, offloading_checkpoint, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -222,12 +222,12 @@ def test_gate_stats_sums_over_real_tokens_and_pop_clears(dtype):
         return torch.stack([w.sum(), (w * g64).sum(), (w * h).sum(), (w * (g64 > 0.5)).sum()])
 
     stats = GateStats()
-    stats.add(g, mask)
+    stats.add(GateValues(g), mask)
     first = stats.pop_tensor()
     torch.testing.assert_close(first, reference(mask), rtol=1e-6, atol=1e-6)
     kept = first.clone()
-    stats.add(g, None)
-    stats.add(g, mask)
+    stats.add(GateValues(g), None)
+    stats.add(GateValues(g), mask)
     torch.testing.assert_close(stats.pop_tensor(), reference(torch.ones_like(mask)) + reference(mask), rtol=1e-6,
                                atol=1e-6)
     assert torch.equal(first, kept) and stats.pop_tensor() is None
