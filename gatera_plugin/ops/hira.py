@@ -58,6 +58,10 @@ class DenseWeight:
         self.weight = weight
         self.shape = tuple(weight.shape)
 
+    def _rows(self, rows: slice) -> torch.Tensor:
+        """W0's block of `rows` (W0 itself for a block of all rows: no slice op to issue)."""
+        return self.weight if rows.start == 0 and rows.stop == self.shape[0] else self.weight[rows]
+
     def delta(self, B_rows: torch.Tensor, A: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
         """`ΔW_b = W0_b ⊙ (B_b A)` (rows, d_in) in `dtype`, the dtype of the products with x.
 
@@ -65,11 +69,11 @@ class DenseWeight:
         rounded once, so a bf16 / fp16 model run outside autocast (e.g. `generate()`) gets its W0-sized products in
         bf16 / fp16 (fp32 accumulation in cuBLAS / oneDNN), not in fp32.
         """
-        return (B_rows @ A).mul_(self.weight[rows]).to(dtype)
+        return (B_rows @ A).mul_(self._rows(rows)).to(dtype)
 
     def mask_(self, grad: torch.Tensor, rows: slice) -> torch.Tensor:
         """`grad ⊙ W0_b` in place (grad: (rows, d_in), the gradient of ΔW_b): the gradient of `B_b A`."""
-        return grad.mul_(self.weight[rows])
+        return grad.mul_(self._rows(rows))
 
 
 def weight_source(weight) -> DenseWeight:
@@ -98,7 +102,7 @@ class TorchRows:
 
     def scale_and_dot_(self, p: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """`Σ_i p ⊙ x` per row (N,), then p ← p ⊙ scale in place."""
-        dot = torch.linalg.vecdot(p, x.to(p.dtype))  # one row-wise dot product per token, no (N, d) temporary
+        dot = torch.linalg.vecdot(p, x.to(p.dtype))  # (forms p ⊙ x, one (N, d) temporary; TritonRows fuses it)
         p.mul_(scale)
         return dot
 
@@ -219,15 +223,18 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
         if need_B and not one_block:
             grad_B = torch.empty_like(B, dtype=factor_dtype)
         for rows in blocks:
+            # (one block: the whole tensors, not a slice of all rows)
+            B_rows, go_rows = (B, go) if one_block else (B[rows], go[:, rows])
             if need_x or need_gate:
-                part = go[:, rows] @ weight.delta(B[rows], A, rows, dtype)  # (N, d_in)
+                part = go_rows @ weight.delta(B_rows, A, rows, dtype)  # (N, d_in)
                 if P is None:  # a sum over blocks is kept in fp32; one block's product is used as it is
                     P = part if one_block else part.to(_accumulator_dtype(part.dtype))
                 else:
                     P.add_(part)
                 del part
             if G is not None:
-                dM = weight.mask_((G[:, rows].t() @ xs).to(mask_dtype), rows)  # (rows, d_in)
+                G_rows = G if one_block else G[:, rows]
+                dM = weight.mask_((G_rows.t() @ xs).to(mask_dtype), rows)  # (rows, d_in)
                 if need_B and one_block:
                     grad_B = dM @ A.t()
                 elif need_B:
@@ -235,7 +242,7 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
                 if need_A and one_block:
                     grad_A = B.t() @ dM
                 elif need_A:
-                    grad_A.add_(B[rows].t() @ dM)
+                    grad_A.add_(B_rows.t() @ dM)
                 del dM
         # dg = s Σ_i P ⊙ x (one row-wise dot product per token) and dx = P ⊙ (s·g), in place (P is this function's)
         if need_gate and need_x:
