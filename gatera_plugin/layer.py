@@ -226,11 +226,14 @@ class GateRALayer(BaseTunerLayer):
             scale = run.token_scale(adapter_name, kind, weight, run.own_positions(value))
         else:
             scale = run.module_scale(adapter_name, weight)
-        flat = penalty_tap(value.reshape(-1, 1), mask, scale, term_grad, self.gate_stats[(adapter_name, kind)])
-        return flat.reshape(value.shape)
+        flat = value if value.dim() == 2 and value.shape[1] == 1 else value.reshape(-1, 1)
+        flat = penalty_tap(flat, mask, scale, term_grad, self.gate_stats[(adapter_name, kind)])
+        return flat if flat.shape == value.shape else flat.reshape(value.shape)
 
-    def _add_adapter_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor):
-        """`result + σ(α) · g(x) ⊙ Δy(dropout(x))` for one adapter; x (..., d_in), result and base_out (..., d_out)."""
+    def _add_adapter_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor,
+                            layout: tuple):
+        """`result + σ(α) · g(x) ⊙ Δy(dropout(x))` for one adapter; x (N, d_in), result and base_out (N, d_out): the
+        tokens as rows, laid out as `layout` (the input's leading shape) in the model."""
         A = self.gatera_A[adapter_name]
         config = self.options[adapter_name]
         if A.device != x.device:
@@ -243,7 +246,7 @@ class GateRALayer(BaseTunerLayer):
         branch = BRANCH_KINDS[self.branch_kind[adapter_name]]
         x = self._cast_input_dtype(x, branch.input_dtype(x, A.dtype))
         taps = self.training and self.penalty_run is not None
-        mask = self.penalty_run.token_mask(x) if taps else None
+        mask = self.penalty_run.token_mask(layout, x.device) if taps else None
         if branch.needs_frozen_base and self.training:
             self._check_base_frozen()
 
@@ -426,10 +429,18 @@ class Linear(nn.Module, GateRALayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = base_out = self.base_layer(x, *args, **kwargs)
-        for adapter_name in self.active_adapters:
-            if adapter_name in self.gatera_A:
-                result = self._add_adapter_update(adapter_name, x, result, base_out)
-        return result
+        adapters = [name for name in self.active_adapters if name in self.gatera_A]
+        if not adapters:
+            return result
+        # The adapters see the tokens as rows, x (N, d_in) and the outputs (N, d_out), flattened once here rather than
+        # in each gate, tap and branch (a view and an autograd node each); the token mask reads x's own layout.
+        layout = x.shape[:-1]
+        if x.dim() != 2:
+            x, result = x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1])
+        base_out = result
+        for adapter_name in adapters:
+            result = self._add_adapter_update(adapter_name, x, result, base_out, layout)
+        return result if len(layout) == 1 else result.reshape(*layout, result.shape[-1])
 
     def __repr__(self) -> str:
         return "gatera." + super().__repr__()

@@ -290,20 +290,21 @@ class PenaltyRun:
         tokens = mask.sum() if mask is not None else torch.tensor(batch.num_positions)
         self.tally_tokens = tokens if self.tally_tokens is None else self.tally_tokens + tokens.to(self.tally_tokens)
 
-    def token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Mask (N, 1) of real tokens for a layer input x (..., d); None when every position counts.
+    def token_mask(self, layout: tuple, device: torch.device) -> Optional[torch.Tensor]:
+        """Mask (N, 1) of real tokens on `device` for a layer input x laid out as `layout` (x.shape[:-1]); None when
+        every position counts.
 
-        The mask applies when x is laid out as (batch, sequence, d) like the model input, or flattened from it to
-        (batch · sequence, d) (an MoE block's shared expert); inputs of any other layout (tokens routed to an expert,
-        a sequence-first (sequence, batch, d) layout) count every position.
+        The mask applies when the input is laid out as (batch, sequence) like the model input, or flattened from it to
+        (batch · sequence,) (an MoE block's shared expert); inputs of any other layout (tokens routed to an expert,
+        a sequence-first (sequence, batch) layout) count every position.
         """
         mask = self.attention_mask
         if mask is None:
             return None
-        positions = tuple(x.shape[:-1])
+        positions = tuple(layout)
         if positions != tuple(mask.shape) and positions != (mask.numel(),):
             return None
-        return mask.to(x.device).reshape(-1, 1)
+        return mask.to(device).reshape(-1, 1)
 
     def own_positions(self, x: torch.Tensor) -> Optional[int]:
         """The positions of a layer input x (..., d) whose count is not the model input's (a vision tower's patches,

@@ -233,6 +233,27 @@ def test_gate_stats_sums_over_real_tokens_and_pop_clears(dtype):
     assert torch.equal(first, kept) and stats.pop_tensor() is None
 
 
+@pytest.mark.parametrize("layout", ["batch-sequence", "flattened", "sequence-first"])
+def test_the_token_mask_follows_the_layer_inputs_own_layout(layout):
+    """A gated layer counts the model's real tokens when its input is laid out (batch, sequence, d) or flattened from
+    it, and every position of any other layout (here sequence-first), also though the layer runs its gate, tap and
+    branch on the tokens flattened to rows."""
+    _, mask, _ = _batch()  # (3, 10), 24 real tokens
+    model = _model(LAMBDA)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    model.base_model.penalty_run.set_batch(mask, mask.numel(), None, tuple(mask.shape))
+    x = torch.randn(*mask.shape, layer.in_features)
+    if layout == "flattened":
+        x = x.reshape(-1, layer.in_features)
+    elif layout == "sequence-first":
+        x = x.transpose(0, 1).contiguous()
+    out = layer(x.requires_grad_())
+    assert out.shape == (*x.shape[:-1], layer.out_features)
+    out.sum().backward()
+    tokens = layer.gate_stats[("default", "sigmoid")].pop_tensor()[0].item()
+    assert tokens == (mask.numel() if layout == "sequence-first" else mask.sum().item())
+
+
 # ------------------------------------------------------------------------------- layers that do not see the tokens
 IMAGE_TOKEN, PATCHES = 100, 64  # a 32 x 32 image in 4 x 4 patches: 64 image tokens in the text
 
