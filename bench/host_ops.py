@@ -7,9 +7,9 @@ launch whatever the tensor size, so the host's work sets a floor under the step 
 
 - ATen calls: counted with torch's profiler on CPU, every `aten::` event (nested calls included, e.g. `aten::to` and
   the `aten::_to_copy` / `aten::copy_` inside it) of one training forward + backward of one 256 -> 512 linear,
-  r = 32, 64 tokens, bf16 base under bf16 autocast, fp32 adapter weights (bench/kernel_speed.py's `build`). Counts do
-  not depend on the machine.
-- Host time: wall-clock microseconds of one training forward + backward of a 64 -> 64 linear with 4 tokens (same
+  r = 32, 1 x 64 tokens (a (batch, sequence, d) input, as a model's layers get it), bf16 base under bf16 autocast,
+  fp32 adapter weights (bench/kernel_speed.py's `build`). Counts do not depend on the machine.
+- Host time: wall-clock microseconds of one training forward + backward of a 64 -> 64 linear with 1 x 4 tokens (same
   dtypes), where the arithmetic is negligible and the time is the host's: Python, dispatch, autograd. The variants
   run in turn in one process, `--rounds` rounds of `STEPS_PER_ROUND` steps each; the table gives each variant's
   median over rounds and its ratio to PEFT's HiRA. GateRA without the gate (`gate="none"`) and with the gate but no
@@ -46,7 +46,7 @@ def _layer_and_input(variant: str, d_in: int, d_out: int, tokens: int):
     from kernel_speed import build
 
     model = build(variant, d_in, d_out, torch.bfloat16, torch.device("cpu"), fp32_adapters=True)
-    return model, torch.randn(tokens, d_in, dtype=torch.bfloat16, requires_grad=True)
+    return model, torch.randn(1, tokens, d_in, dtype=torch.bfloat16, requires_grad=True)  # (batch, sequence, d)
 
 
 def count_aten_calls(variant: str, d_in: int = 256, d_out: int = 512, tokens: int = 64) -> int:
@@ -90,7 +90,7 @@ def main() -> None:
     for variant, count in counts.items():
         print(f"| {variant} | {count} | {count / counts['peft-hira']:.2f}x |")
     host_us = host_microseconds(TIMED_VARIANTS, args.rounds)
-    print("\n| variant | host µs per forward + backward (64 -> 64, 4 tokens) | / PEFT HiRA |\n|---|---|---|")
+    print("\n| variant | host µs per forward + backward (64 -> 64, 1 x 4 tokens) | / PEFT HiRA |\n|---|---|---|")
     for variant, us in host_us.items():
         print(f"| {variant} | {us:.0f} | {us / host_us['peft-hira']:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -98,8 +98,8 @@ def main() -> None:
         "aten_calls": counts,
         "host_us": {variant: round(us, 1) for variant, us in host_us.items()},
         "host_vs_peft_hira": {variant: round(us / host_us["peft-hira"], 3) for variant, us in host_us.items()},
-        "meta": {"rounds": args.rounds, "steps_per_round": STEPS_PER_ROUND, "timed_layer": "64 -> 64, 4 tokens",
-                 "counted_layer": "256 -> 512, 64 tokens", "threads": torch.get_num_threads()},
+        "meta": {"rounds": args.rounds, "steps_per_round": STEPS_PER_ROUND, "timed_layer": "64 -> 64, 1 x 4 tokens",
+                 "counted_layer": "256 -> 512, 1 x 64 tokens", "threads": torch.get_num_threads()},
     }, indent=2))
 
 
