@@ -1,6 +1,7 @@
 """Host-side work per adapted layer: ATen calls and host time of one forward + backward, GateRA vs PEFT's HiRA and LoRA.
 
     python bench/host_ops.py        # tables + bench/results/host_ops.json; CPU, about a minute
+    git worktree add ../old 950a1bb && python bench/host_ops.py --code ../old --out /tmp/old.json   # older code
 
 Where a layer's GPU work is small (few tokens, decoding), each operation the host issues costs its dispatch and
 launch whatever the tensor size, so the host's work sets a floor under the step time (README, "On a GPU").
@@ -82,8 +83,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9, help="rounds of the host-time measurement")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "host_ops.json"))
+    parser.add_argument("--code", help="a checkout whose gatera_plugin to measure (e.g. a git worktree of an older "
+                                       "commit), with this script's layer and input; default: the installed one")
     args = parser.parse_args()
+    if args.code:
+        sys.path.insert(0, str(Path(args.code).resolve()))
     import torch
+
+    import gatera_plugin
+
+    if args.code and not Path(gatera_plugin.__file__).resolve().is_relative_to(Path(args.code).resolve()):
+        raise SystemExit(f"--code {args.code}: gatera_plugin was imported from {gatera_plugin.__file__} instead")
 
     counts = {variant: count_aten_calls(variant) for variant in VARIANTS}
     print("| variant | ATen calls per forward + backward | / PEFT HiRA |\n|---|---|---|")
@@ -99,7 +109,8 @@ def main() -> None:
         "host_us": {variant: round(us, 1) for variant, us in host_us.items()},
         "host_vs_peft_hira": {variant: round(us / host_us["peft-hira"], 3) for variant, us in host_us.items()},
         "meta": {"rounds": args.rounds, "steps_per_round": STEPS_PER_ROUND, "timed_layer": "64 -> 64, 1 x 4 tokens",
-                 "counted_layer": "256 -> 512, 1 x 64 tokens", "threads": torch.get_num_threads()},
+                 "counted_layer": "256 -> 512, 1 x 64 tokens", "threads": torch.get_num_threads(),
+                 "code": str(Path(gatera_plugin.__file__).resolve().parent.parent)},
     }, indent=2))
 
 
