@@ -31,8 +31,9 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
     1 x 16384 tokens: PEFT's LoRA and HiRA, GateRA (its default token gate and kernel="auto"), the same with
     kernel="torch" (no row kernels) and GateRA with gate="none"; median ms
     (wall clock, so the host's own work per layer counts too), host_ms (until the step's last call returns, before
-    waiting for the GPU: close to ms, the step is host-bound) and peak memory above the built model, as ratios to
-    LoRA and to HiRA.
+    waiting for the GPU: close to ms, the step is host-bound), syncs (the host-device synchronisations in one more
+    step, counted by torch's sync debug mode, and the lines that caused them: a sync makes host_ms include waiting
+    for the GPU) and peak memory above the built model, as ratios to LoRA and to HiRA.
 (e) generation: greedy `generate()` of (d)'s model in bf16, in eval and outside autocast, a 512-token prompt and 64
     new tokens: ms per new token of PEFT's LoRA and HiRA, GateRA, and GateRA with `cache_delta=True`.
 
@@ -396,7 +397,7 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
         measured = {}
         for method in MODEL_METHODS:
             row = {"tokens": n, "method": method}
-            model = optimizer = None
+            model = optimizer = step = None
             try:
                 model = get_peft_model(_llama(shape, dtype, device, n), _method_config(method),
                                        autocast_adapter_dtype=True).train()
@@ -406,13 +407,10 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     start_memory = torch.cuda.memory_allocated()
+                step = functools.partial(_training_step, model, optimizer, input_ids, autocast=not smoke)
                 for i in range(2 + (2 if smoke else repeats)):
                     begin = time.perf_counter()
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not smoke):
-                        loss = model(input_ids=input_ids, labels=input_ids).loss
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    step()
                     issued = time.perf_counter()
                     if _cuda(device):
                         torch.cuda.synchronize()
@@ -422,15 +420,52 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
                 peak = (torch.cuda.max_memory_allocated() - start_memory) / 2**20 if _cuda(device) else float("nan")
                 row.update(status="ok", ms=statistics.median(times), host_ms=statistics.median(host_times),
                            peak_mb=peak)
+                row.update(_syncs(step, device))
                 measured[method] = row
             except Exception as exc:  # noqa: BLE001 (OOM and the like: reported in the row)
                 row.update(status="error", detail=_error(exc))
-            del model, optimizer
+            del model, optimizer, step
             _empty_cache(device)
             rows.append(row)
             _progress(row)
         _add_ratios(measured, "ms", baselines=("peft-lora", "peft-hira"))
     return rows
+
+
+def _training_step(model, optimizer, input_ids, autocast: bool) -> None:
+    """One training step (forward under bf16 autocast, backward, AdamW) on `input_ids` (1, T) as their own labels."""
+    import torch
+
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _syncs(step, device) -> dict:
+    """The host-device synchronisations in one call of `step` on CUDA (torch's sync debug mode warns at each one):
+    `syncs` (count) and `sync_sources` (the Python lines that caused them, most frequent first). Off CUDA: None. A
+    failure of the count is reported in `sync_sources`, keeping the row's timings."""
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    if not _cuda(device):
+        return {"syncs": None, "sync_sources": None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.cuda.set_sync_debug_mode("warn")
+            step()
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 (reported, not raised: the row keeps its timings)
+            return {"syncs": None, "sync_sources": f"count failed: {_error(exc)}"}
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sources = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {"syncs": sum(sources.values()), "sync_sources": [f"{where} x{n}" for where, n in sources.most_common(5)]}
 
 
 # ----------------------------------------------------------------------------------------------- (e) generation
@@ -553,7 +588,7 @@ def main() -> None:
               ["model", "base", "steps", "status", "first_loss", "last_loss", "loss_falls", "adapter_effect",
                "reload_max_diff", "reloads_same", "train_seconds"]),
         "d": ("model step", model_step, (device, smoke, args.repeats),
-              ["tokens", "method", "status", "ms", "host_ms", "peak_mb", "time_vs_lora", "time_vs_hira",
+              ["tokens", "method", "status", "ms", "host_ms", "syncs", "peak_mb", "time_vs_lora", "time_vs_hira",
                "memory_vs_lora", "detail"]),
         "e": ("generation", generation, (device, smoke, args.repeats),
               ["prompt", "new_tokens", "method", "status", "ms_per_token", "time_vs_lora", "detail"]),

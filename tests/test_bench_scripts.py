@@ -242,6 +242,38 @@ def test_gpu_check_section_failure_is_reported_not_raised():
     assert skipped["status"] == "incomplete"
 
 
+def test_gpu_check_counts_the_syncs_of_a_step(monkeypatch):
+    """(d)'s `syncs`: on CUDA one more step runs under torch's sync debug mode, whose warnings are counted by the line
+    that caused them; the mode is restored, also when the step fails, and a failure keeps the row (faked CUDA here)."""
+    import warnings
+
+    import torch
+
+    gpu_check = _gpu_check_module()
+    assert gpu_check._syncs(lambda: None, torch.device("cpu")) == {"syncs": None, "sync_sources": None}
+    modes = []
+    monkeypatch.setattr(gpu_check, "_cuda", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def step():
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # as torch warns: the line that synced
+        warnings.warn("an unrelated warning", stacklevel=1)
+
+    counted = gpu_check._syncs(step, torch.device("cuda"))
+    assert counted["syncs"] == 2 and len(counted["sync_sources"]) == 1, counted
+    assert counted["sync_sources"][0].startswith("test_bench_scripts.py:") and counted["sync_sources"][0].endswith("x2")
+    assert gpu_check._syncs(lambda: None, torch.device("cuda")) == {"syncs": 0, "sync_sources": []}
+    assert modes == ["warn", "default", "warn", "default"]
+
+    def failing():
+        raise RuntimeError("CUDA error: out of memory")
+
+    failed = gpu_check._syncs(failing, torch.device("cuda"))
+    assert failed["syncs"] is None and "out of memory" in failed["sync_sources"] and modes[-1] == "default"
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_gpu_check_passes_fp32_at_its_full_shape(gated):
     """At (a)'s full shape (257 tokens, 320 → 448, r = 32) the PyTorch path's fp32 gradients are ~6e-5 from fp64,
@@ -274,6 +306,7 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     steps = {row["method"]: row for row in sections["model step"]["rows"]}
     assert set(steps) == {"peft-lora", "peft-hira", "gatera", "gatera-kernel-torch", "gatera-none"}
     assert steps["peft-lora"]["time_vs_lora"] == 1.0 and steps["peft-hira"]["time_vs_hira"] == 1.0
+    assert all(row["syncs"] is None for row in steps.values())  # counted on CUDA only
     assert {row["method"] for row in sections["generation"]["rows"]} == {
         "peft-lora", "peft-hira", "gatera", "gatera-cache-delta"}
 
