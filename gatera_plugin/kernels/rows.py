@@ -160,11 +160,12 @@ class TritonRows(TorchRows):
             return super().scale(a, scale)
         return self._run(lambda: scale_rows(a, scale), lambda: super(TritonRows, self).scale(a, scale))
 
-    def add_scaled(self, base, update, scale, out=None):
+    def add_scaled(self, base, update, scale, out=None, value=1.0):
         if not self._takes("add_scaled", update, scale, base, out) or base.dtype != update.dtype:
-            return super().add_scaled(base, update, scale, out)
-        return self._run(lambda: scale_rows(update, scale, base=base, out=out),
-                         lambda: super(TritonRows, self).add_scaled(base, update, scale, out))
+            return super().add_scaled(base, update, scale, out, value)
+        kernel_scale = scale if value == 1.0 else scale * value  # (the kernel takes one scale per row)
+        return self._run(lambda: scale_rows(update, kernel_scale, base=base, out=out),
+                         lambda: super(TritonRows, self).add_scaled(base, update, scale, out, value))
 
     def scale_and_dot_(self, p, x, scale):
         if not self._takes("scale_and_dot_", p, scale, x, same_dtype=False):  # (p is scaled in place: keeps its dtype)

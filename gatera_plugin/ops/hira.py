@@ -96,9 +96,11 @@ class TorchRows:
         return a * scale
 
     def add_scaled(self, base: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`base + update ⊙ scale` (N, d), into `out` when given (which may be `update`)."""
-        return torch.addcmul(base, update, scale) if out is None else torch.addcmul(base, update, scale, out=out)
+                   out: Optional[torch.Tensor] = None, value: float = 1.0) -> torch.Tensor:
+        """`base + value · update ⊙ scale` (N, d), into `out` when given (which may be `update`)."""
+        if out is None:
+            return torch.addcmul(base, update, scale, value=value)
+        return torch.addcmul(base, update, scale, value=value, out=out)
 
     def scale_and_dot_(self, p: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """`Σ_i p ⊙ x` per row (N,), then p ← p ⊙ scale in place."""
@@ -119,8 +121,8 @@ def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional
     what runs the gated add (`TorchRows`, or the Triton kernels' `TritonRows`).
     """
     if reuse_update and base is not None and base.dtype == update.dtype and update.is_contiguous():
-        if gate is not None:
-            return row_ops.add_scaled(base, update, (gate * scaling).to(update.dtype), out=update)
+        if gate is not None:  # (s rides on the add: no op to form s·g)
+            return row_ops.add_scaled(base, update, gate.to(update.dtype), out=update, value=scaling)
         return torch.add(base, update, alpha=scaling, out=update)
     if base is None:
         if gate is not None:
@@ -129,7 +131,7 @@ def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional
     if base.dtype != update.dtype:
         return base + add_gated(None, update, gate, scaling).to(base.dtype)
     if gate is not None:
-        return row_ops.add_scaled(base, update, (gate * scaling).to(update.dtype))
+        return row_ops.add_scaled(base, update, gate.to(update.dtype), value=scaling)
     return torch.add(base, update, alpha=scaling)
 
 
