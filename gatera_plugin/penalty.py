@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 LOG2 = math.log(2.0)
 # Gates are clamped to [ENTROPY_EPS, 1 − ENTROPY_EPS] before the logs (docs/method.md, "Penalties").
@@ -42,35 +43,31 @@ ENTROPY_EPS = 1e-6
 
 class GateValues:
     """Gate values g (any shape) in float32, as one penalty tap's backward reads them: `g`, `clamped` (g clamped to
-    [ε, 1 − ε]) and the two logs of the clamped value, which the statistics (−H) and the entropy term's gradient
-    share, each computed once (`log_g` = log g_c, `log_1mg` = log(1 − g_c))."""
+    [ε, 1 − ε]) and `logit` = log(g_c / (1 − g_c)), computed once and shared by the statistics (H) and the entropy
+    term's gradient (−logit / log 2)."""
 
     def __init__(self, gate: torch.Tensor):
         self.g = gate.float()
         self.clamped = self.g.clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)
 
     @functools.cached_property
-    def log_g(self) -> torch.Tensor:
-        return torch.log(self.clamped)
+    def logit(self) -> torch.Tensor:
+        return torch.logit(self.clamped)
 
-    @functools.cached_property
-    def log_1mg(self) -> torch.Tensor:
-        return torch.log1p(-self.clamped)
-
-    def negative_entropy_nats(self) -> torch.Tensor:
-        """`−H(g_c)` in nats: `log(1−g) + g (log g − log(1−g))`, one lerp."""
-        return torch.lerp(self.log_1mg, self.log_g, self.clamped)
+    def entropy_nats(self) -> torch.Tensor:
+        """`H(g_c)` in nats: `softplus(l) − g l` with l = logit(g_c) (= −log(1−g) − g (log g − log(1−g)))."""
+        return torch.addcmul(F.softplus(self.logit), self.clamped, self.logit, value=-1.0)
 
     def entropy_grad(self, factor: float = 1.0) -> torch.Tensor:
-        """`factor · ∂(H(g) / log 2)/∂g = factor · log((1 − g) / g) / log 2`, and 0 where the clamp is active (and
-        for NaN)."""
-        grad = (self.log_1mg - self.log_g).mul_(factor / LOG2)
+        """`factor · ∂(H(g) / log 2)/∂g = factor · log((1 − g) / g) / log 2 = −factor · logit(g) / log 2`, and 0
+        where the clamp is active (and for NaN)."""
+        grad = self.logit.mul(-factor / LOG2)
         return grad.masked_fill_(self.clamped != self.g, 0.0)  # (NaN too: NaN != NaN)
 
 
 def binary_entropy(gate: torch.Tensor) -> torch.Tensor:
     """`H(g) / log 2` elementwise, in [0, 1], with `g` clamped to [ε, 1 − ε]."""
-    return GateValues(gate).negative_entropy_nats().mul_(-1.0 / LOG2)
+    return GateValues(gate).entropy_nats().mul_(1.0 / LOG2)
 
 
 def binary_entropy_grad(gate: torch.Tensor) -> torch.Tensor:
@@ -98,16 +95,16 @@ class GateStats:
     KEYS = ("tokens", "gate", "entropy", "open")
 
     def __init__(self):
-        self._sums: Optional[torch.Tensor] = None  # (4,) `statistics_dtype`: tokens, Σg, Σ−H (nats), Σ[g>0.5]
+        self._sums: Optional[torch.Tensor] = None  # (4,) `statistics_dtype`: tokens, Σg, ΣH (nats), Σ[g>0.5]
         self.recorded = False  # a backward reached the gate since the layer was built (never cleared)
 
     @torch.no_grad()
     def add(self, values: GateValues, mask: Optional[torch.Tensor]) -> None:
         """Add one backward's sums (a few small ops: this runs once per gated layer per micro-batch)."""
         g = values.g  # (N, 1)
-        # (N, 4): 1, g, −H(g) in nats (scaled to H/log 2 in `pop_tensor`, once), and g rounded half to even, which
+        # (N, 4): 1, g, H(g) in nats (scaled to H/log 2 in `pop_tensor`, once), and g rounded half to even, which
         # is 1 exactly where g > 0.5 for g in [0, 1]
-        columns = torch.cat([torch.ones_like(g), g, values.negative_entropy_nats(), g.round()], 1)
+        columns = torch.cat([torch.ones_like(g), g, values.entropy_nats(), g.round()], 1)
         sums = columns.sum(0) if mask is None else mask.reshape(1, -1).to(g.dtype).mm(columns).reshape(-1)  # (4,)
         if self._sums is None:
             self._sums = sums.to(statistics_dtype(g.device))
@@ -119,7 +116,7 @@ class GateStats:
         """The (4,) sums (tokens, Σg, ΣH/log 2, open count), then cleared; None if nothing was recorded."""
         sums, self._sums = self._sums, None
         if sums is not None:
-            sums[2].mul_(-1.0 / LOG2)  # `add` sums −H(g) in nats
+            sums[2].mul_(1.0 / LOG2)  # `add` sums H(g) in nats
         return sums
 
 
