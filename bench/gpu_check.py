@@ -445,8 +445,9 @@ def _training_step(model, optimizer, input_ids, autocast: bool) -> None:
 
 def _syncs(step, device) -> dict:
     """The host-device synchronisations in one call of `step` on CUDA (torch's sync debug mode warns at each one):
-    `syncs` (count) and `sync_sources` (the Python lines that caused them, most frequent first). Off CUDA: None. A
-    failure of the count is reported in `sync_sources`, keeping the row's timings."""
+    `syncs` (count) and `sync_sources` (the Python lines the warnings name, most frequent first: a sync inside
+    autograd's C++ backward is named by the `backward()` call, one inside a torch function by torch's file). Off
+    CUDA: None. A failure of the count is reported in `sync_sources`, keeping the row's timings."""
     import warnings
     from collections import Counter
 
@@ -454,6 +455,7 @@ def _syncs(step, device) -> dict:
 
     if not _cuda(device):
         return {"syncs": None, "sync_sources": None}
+    previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -463,7 +465,7 @@ def _syncs(step, device) -> dict:
         except Exception as exc:  # noqa: BLE001 (reported, not raised: the row keeps its timings)
             return {"syncs": None, "sync_sources": f"count failed: {_error(exc)}"}
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(previous)
     sources = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     return {"syncs": sum(sources.values()), "sync_sources": [f"{where} x{n}" for where, n in sources.most_common(5)]}
 

@@ -254,6 +254,7 @@ def test_gpu_check_counts_the_syncs_of_a_step(monkeypatch):
     modes = []
     monkeypatch.setattr(gpu_check, "_cuda", lambda device: True)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)  # (what the mode was: restored after)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
 
     def step():
@@ -265,13 +266,13 @@ def test_gpu_check_counts_the_syncs_of_a_step(monkeypatch):
     assert counted["syncs"] == 2 and len(counted["sync_sources"]) == 1, counted
     assert counted["sync_sources"][0].startswith("test_bench_scripts.py:") and counted["sync_sources"][0].endswith("x2")
     assert gpu_check._syncs(lambda: None, torch.device("cuda")) == {"syncs": 0, "sync_sources": []}
-    assert modes == ["warn", "default", "warn", "default"]
+    assert modes == ["warn", 0, "warn", 0]
 
     def failing():
         raise RuntimeError("CUDA error: out of memory")
 
     failed = gpu_check._syncs(failing, torch.device("cuda"))
-    assert failed["syncs"] is None and "out of memory" in failed["sync_sources"] and modes[-1] == "default"
+    assert failed["syncs"] is None and "out of memory" in failed["sync_sources"] and modes[-1] == 0
 
 
 @pytest.mark.parametrize("gated", [True, False])

@@ -18,12 +18,14 @@ from gatera_plugin import GateRAConfig
 from tests.helpers import LLAMA_PROJECTIONS, plain_trainer, tiny_llama, toy_texts
 
 # ATen ops that make the host wait for a CUDA device: reading a value (`item`, `bool`, `int`, `float` →
-# `_local_scalar_dense`, `equal`, `is_nonzero`), ops whose output size depends on the data, and tensors built from host
-# data (`torch.tensor(...)` → `lift_fresh`; moved to the GPU, a blocking copy).
+# `_local_scalar_dense`, `equal`, `is_nonzero`), ops whose output size depends on the data (and indexing with a bool
+# mask, `BOOL_INDEXING`), and tensors built from host data (`torch.tensor(...)` → `lift_fresh`; moved to the GPU, a
+# blocking copy; also flagged where it stays on the CPU). Not seen by ATen, so not checked: `.tolist()`, `.cpu()`.
 SYNCING_OPS = frozenset({
     "_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
     "unique_consecutive", "repeat_interleave", "lift_fresh",
 })
+BOOL_INDEXING = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
 PACKAGE = str(Path(gatera_plugin.__file__).parent)
 TORCH = str(Path(torch.__file__).parent)
 
@@ -38,11 +40,17 @@ class SyncRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in SYNCING_OPS:
+        if name in SYNCING_OPS or (name in BOOL_INDEXING and _bool_index(args)):
             frames = [f for f in traceback.extract_stack() if not f.filename.startswith((TORCH, __file__))]
             if frames and frames[-1].filename.startswith(PACKAGE):
                 self.hits[(name, f"{Path(frames[-1].filename).name}:{frames[-1].lineno}")] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _bool_index(args) -> bool:
+    """Whether an `index` / `index_put` call's indices (its second argument) hold a bool mask."""
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
 
 
 CONFIGS = {
@@ -73,8 +81,9 @@ def _inputs(mask: bool) -> dict:
 
 
 def _recorded_step(model, inputs, step_tokens=None) -> collections.Counter:
-    """Syncing ops from gatera_plugin in one training forward + backward (after one unrecorded step: first calls
-    create state). `step_tokens`: the step's real tokens, handed over as the Trainer integration does."""
+    """Syncing ops from gatera_plugin in one training forward + backward, after one unrecorded step (first calls
+    create state and run one-time checks, e.g. `hira_scaling`'s weight RMS). `step_tokens`: the step's real tokens,
+    handed over as the Trainer integration does."""
     for recorded in (False, True):
         if step_tokens is not None:
             model.base_model.penalty_run.begin_step(step_tokens)
@@ -94,6 +103,22 @@ def test_gated_layers_read_nothing_back_from_the_device(name, checkpointing):
     assert _recorded_step(model, _inputs(mask=False)) == {}
     inputs = _inputs(mask=True)
     assert _recorded_step(model, inputs, step_tokens=float(inputs["attention_mask"].sum())) == {}
+
+
+def test_sparse_training_reads_the_gates_back_by_design():
+    """`sparse_training=True` runs the branch only on tokens whose gate is at least ε, which it selects by value:
+    the one gated configuration that reads back in every layer (README says so); also shows that the recorder sees
+    such reads."""
+    model = _model(dict(sparse_threshold=0.3, sparse_training=True))  # (every gate starts at 0.5: all run)
+    hits = _recorded_step(model, _inputs(mask=False))
+    assert sum(n for (op, where), n in hits.items() if op == "_local_scalar_dense" and where.startswith("layer.py:")) \
+        == len(LLAMA_PROJECTIONS) * 2, hits  # one `bool(all gates ≥ ε)` per gated layer (2 layers)
+
+
+def test_bool_indexing_counts_as_a_sync():
+    x = torch.randn(4, 3)
+    assert _bool_index((x, [x[:, 0] > 0])) and _bool_index((x, [None, x[0] > 0]))
+    assert not _bool_index((x, [torch.tensor([0, 2])])) and not _bool_index((x,))
 
 
 def test_outside_a_trainer_a_masked_forward_reads_its_token_count_once():

@@ -56,6 +56,10 @@ def test_scale_and_add_scaled_equal_pytorchs_ops(dtype, d):
     loose = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-3, "atol": 4e-3}
     for rows in (TORCH_ROWS, KERNELS):
         torch.testing.assert_close(rows.add_scaled(base, a, scale, value=2.5), reference, **loose)
+        update = a.clone()
+        out = rows.add_scaled(base, update, scale, out=update, value=2.5)
+        assert out.data_ptr() == update.data_ptr()
+        torch.testing.assert_close(out, reference, **loose)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

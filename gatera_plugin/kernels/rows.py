@@ -163,8 +163,9 @@ class TritonRows(TorchRows):
     def add_scaled(self, base, update, scale, out=None, value=1.0):
         if not self._takes("add_scaled", update, scale, base, out) or base.dtype != update.dtype:
             return super().add_scaled(base, update, scale, out, value)
-        kernel_scale = scale if value == 1.0 else scale * value  # (the kernel takes one scale per row)
-        return self._run(lambda: scale_rows(update, kernel_scale, base=base, out=out),
+        # the kernel takes one scale per row and computes in fp32: s·g is formed in fp32, as `addcmul(value=s)` does
+        return self._run(lambda: scale_rows(update, scale if value == 1.0 else scale.float() * value, base=base,
+                                            out=out),
                          lambda: super(TritonRows, self).add_scaled(base, update, scale, out, value))
 
     def scale_and_dot_(self, p, x, scale):
