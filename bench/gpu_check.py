@@ -32,8 +32,8 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
     kernel="torch" (no row kernels) and GateRA with gate="none"; median ms
     (wall clock, so the host's own work per layer counts too), host_ms (until the step's last call returns, before
     waiting for the GPU: close to ms, the step is host-bound), syncs (the host-device synchronisations in one more
-    step, counted by torch's sync debug mode, and the lines that caused them: a sync makes host_ms include waiting
-    for the GPU) and peak memory above the built model, as ratios to LoRA and to HiRA.
+    step, counted by torch's sync debug mode, and the Python lines its warnings name: a sync makes host_ms include
+    waiting for the GPU) and peak memory above the built model, as ratios to LoRA and to HiRA.
 (e) generation: greedy `generate()` of (d)'s model in bf16, in eval and outside autocast, a 512-token prompt and 64
     new tokens: ms per new token of PEFT's LoRA and HiRA, GateRA, and GateRA with `cache_delta=True`.
 

@@ -4,7 +4,6 @@ once per layer: a gated step on CUDA stays asynchronous, like PEFT's LoRA and Hi
 the ATen ops that synchronise on CUDA, where they are issued from gatera_plugin's code."""
 
 import collections
-import contextlib
 import traceback
 from pathlib import Path
 
@@ -84,12 +83,14 @@ def _recorded_step(model, inputs, step_tokens=None) -> collections.Counter:
     """Syncing ops from gatera_plugin in one training forward + backward, after one unrecorded step (first calls
     create state and run one-time checks, e.g. `hira_scaling`'s weight RMS). `step_tokens`: the step's real tokens,
     handed over as the Trainer integration does."""
-    for recorded in (False, True):
+    def train_once():
         if step_tokens is not None:
             model.base_model.penalty_run.begin_step(step_tokens)
-        recorder = SyncRecorder()
-        with recorder if recorded else contextlib.nullcontext():
-            model(**inputs).loss.backward()
+        model(**inputs).loss.backward()
+
+    train_once()
+    with SyncRecorder() as recorder:
+        train_once()
     assert any(p.grad is not None for n, p in model.named_parameters() if "gatera_gate" in n or "gatera_A" in n)
     return recorder.hits
 

@@ -98,8 +98,6 @@ class TorchRows:
     def add_scaled(self, base: torch.Tensor, update: torch.Tensor, scale: torch.Tensor,
                    out: Optional[torch.Tensor] = None, value: float = 1.0) -> torch.Tensor:
         """`base + value · update ⊙ scale` (N, d), into `out` when given (which may be `update`)."""
-        if out is None:
-            return torch.addcmul(base, update, scale, value=value)
         return torch.addcmul(base, update, scale, value=value, out=out)
 
     def scale_and_dot_(self, p: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
