@@ -202,6 +202,19 @@ def test_entropy_and_its_gradient():
     assert torch.isfinite(binary_entropy_grad(g.detach())).all()
 
 
+def test_float32_entropy_and_gradient_are_within_their_stated_error_of_float64():
+    """`GateValues` in float32 (as the taps run it) against float64 on the same clamped values, over [0, 1] and
+    log-spaced towards both ends: H within 1e-6 nats (its docstring), the gradient within 2.5e-6 per unit of g."""
+    ends = torch.logspace(-8, -1, 2000, dtype=torch.float64)
+    g = torch.cat([torch.linspace(0, 1, 100001, dtype=torch.float64), ends, 1 - ends]).float()
+    values = GateValues(g)
+    c = values.clamped.double()
+    entropy = -(c * c.log() + (1 - c) * torch.log1p(-c))
+    gradient = torch.where(values.clamped == values.g, torch.log((1 - c) / c) / torch.log(torch.tensor(2.0)), 0.0)
+    assert (values.entropy_nats().double() - entropy).abs().max().item() <= 1e-6
+    assert (values.entropy_grad().double() - gradient).abs().max().item() <= 2.5e-6
+
+
 def test_entropy_gradient_is_zero_where_the_clamp_is_active_and_for_nan():
     g = torch.tensor([0.0, 1e-7, 1.0 - 1e-7, 1.0, float("nan"), 0.3], dtype=torch.float32)
     grad = binary_entropy_grad(g)
