@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import dequantize_bnb_weight
 
 from .fsdp import unsharded_weight
+from .kernels import compute_dtype
 from .layer import Linear
 
 
@@ -51,6 +52,9 @@ class _QuantizedLinear(Linear):
 
     def _check_base_frozen(self) -> None:  # quantised weights are never trainable
         return None
+
+    def _base_folds(self, x: torch.Tensor) -> bool:  # (8-bit: LLM.int8's forward is not a product with W0)
+        return False
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         warnings.warn(
@@ -129,6 +133,12 @@ if is_bnb_4bit_available():
         def base_weight(self) -> torch.Tensor:
             _gathered_4bit_weight(self.get_base_layer())
             return super().base_weight()
+
+        def _base_folds(self, x: torch.Tensor) -> bool:
+            """bitsandbytes' 4-bit forward is `x W0ᵀ + b` with W0 dequantised, in `compute_dtype`, returned in x's
+            dtype: the same as the folded product where those dtypes and autocast's agree."""
+            base = self.get_base_layer()
+            return type(base).forward is bnb.nn.Linear4bit.forward and x.dtype == base.compute_dtype == compute_dtype(x)
 
         @torch.compiler.disable
         def kernel_weight(self):

@@ -26,7 +26,7 @@ from .branches import BRANCH_KINDS, delta_weight, dora_weight_norm
 from .config import GateRAConfig
 from .fsdp import refuse_distributed_weight, unsharded_weight
 from .gates import make_structure_gate, make_token_gate
-from .ops.hira import add_gated
+from .ops.hira import add_gated, folded_hira
 from .penalty import GateStats, PenaltyRun, penalty_tap
 
 SUPPORTED_LAYERS = (
@@ -230,12 +230,8 @@ class GateRALayer(BaseTunerLayer):
         flat = penalty_tap(flat, mask, scale, term_grad, self.gate_stats[(adapter_name, kind)])
         return flat if flat.shape == value.shape else flat.reshape(value.shape)
 
-    def _add_adapter_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor,
-                            layout: tuple):
-        """`result + σ(α) · g(x) ⊙ Δy(dropout(x))` for one adapter; x (N, d_in), result and base_out (N, d_out): the
-        tokens as rows, laid out as `layout` (the input's leading shape) in the model."""
+    def _check_adapter_device(self, adapter_name: str, x: torch.Tensor) -> None:
         A = self.gatera_A[adapter_name]
-        config = self.options[adapter_name]
         if A.device != x.device:
             hint = " (never loaded: e.g. low_cpu_mem_usage without its weights)" if A.device.type == "meta" else ""
             raise RuntimeError(
@@ -243,6 +239,48 @@ class GateRALayer(BaseTunerLayer):
                 f"Move the whole PEFT model (`model.to({str(x.device)!r})`), not only its base model, or load the "
                 "adapter's weights."
             )
+
+    def _base_folds(self, x: torch.Tensor) -> bool:
+        """Whether the base layer's forward is the plain product `x W0ᵀ + b` in `compute_dtype(x)`, returned in that
+        dtype, so that `folded_hira` computes what it would (dense `nn.Linear` / `Conv1D`; bnb.py for 4-bit)."""
+        base = self.get_base_layer()
+        if type(base).forward not in (nn.Linear.forward, Conv1D.forward):
+            return False
+        return torch.is_autocast_enabled(x.device.type) or x.dtype == base.weight.dtype
+
+    def _folded_forward(self, adapters: list, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """The layer's output with its one ungated HiRA adapter folded into the base layer's product,
+        `x (W0 + s·W0 ⊙ BA)ᵀ + b` (`ops.hira.folded_hira`: three products of size N·d_in·d_out per training step
+        instead of five), or None where the layer runs the base layer and the branch apart.
+
+        It folds only where that is the same function of the same weights, computed in the same dtype: one active
+        adapter, the HiRA branch, no token or structure gate, no active dropout, not `cache_delta` in eval, `kernel`
+        not "triton" (which asks for the branch kernels), a frozen base weight, no extra forward arguments, and a base
+        layer whose forward is the plain product (`_base_folds`) and is called by nobody else: no hooks on it or
+        global ones and no replaced `forward` (ZeRO-3's parameter gathering, accelerate's offloading, a per-layer FSDP
+        unit or a user's hooks expect the base layer's own call).
+        """
+        if len(adapters) != 1 or args or kwargs:
+            return None
+        name, base = adapters[0], self.get_base_layer()
+        config = self.options[name]
+        if (self.branch_kind[name] != "hira" or name in self.gatera_gate or name in self.gatera_structure
+                or config.kernel == "triton" or (not self.training and config.cache_delta)
+                or (self.training and not isinstance(self.gatera_dropout[name], nn.Identity))
+                or base.weight.requires_grad or _called_by_others(base) or not self._base_folds(x)
+                or BRANCH_KINDS["hira"].input_dtype(x, self.gatera_A[name].dtype) != x.dtype):
+            return None
+        self._check_adapter_device(name, x)
+        return folded_hira(x, self.gatera_A[name], self.gatera_B[name], self.base_weight, self.branch_scale(name),
+                           base.bias)
+
+    def _add_adapter_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor,
+                            layout: tuple):
+        """`result + σ(α) · g(x) ⊙ Δy(dropout(x))` for one adapter; x (N, d_in), result and base_out (N, d_out): the
+        tokens as rows, laid out as `layout` (the input's leading shape) in the model."""
+        A = self.gatera_A[adapter_name]
+        config = self.options[adapter_name]
+        self._check_adapter_device(adapter_name, x)
         branch = BRANCH_KINDS[self.branch_kind[adapter_name]]
         x = self._cast_input_dtype(x, branch.input_dtype(x, A.dtype))
         taps = self.training and self.penalty_run is not None
@@ -366,6 +404,15 @@ class GateRALayer(BaseTunerLayer):
         self.merged_adapters.clear()
 
 
+def _called_by_others(module: nn.Module) -> bool:
+    """Whether anything hooks `module`'s call: its own or global module hooks, or a `forward` replaced on the instance
+    (accelerate's `add_hook_to_module`)."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    global_hooks = (getattr(torch.nn.modules.module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+    return any(hooks) or any(global_hooks) or "forward" in vars(module)
+
+
 def _evenly_spaced(tensor: torch.Tensor, count: int) -> torch.Tensor:
     """A view of at most `count` evenly spaced entries of `tensor`: it sees later in-place writes, `.data` ones too."""
     flat = tensor.detach().reshape(-1)
@@ -428,8 +475,11 @@ class Linear(nn.Module, GateRALayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        result = base_out = self.base_layer(x, *args, **kwargs)
         adapters = [name for name in self.active_adapters if name in self.gatera_A]
+        folded = self._folded_forward(adapters, x, args, kwargs)
+        if folded is not None:
+            return folded
+        result = base_out = self.base_layer(x, *args, **kwargs)
         if not adapters:
             return result
         # The adapters see the tokens as rows, x (N, d_in) and the outputs (N, d_out), flattened once here rather than

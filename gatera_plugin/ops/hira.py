@@ -76,6 +76,26 @@ class DenseWeight:
         return grad.mul_(self._rows(rows))
 
 
+class FoldedWeight(DenseWeight):
+    """W0 with an ungated HiRA update folded in, for `folded_hira`: `delta` builds `W0 ⊙ (1 + s·BA)` (the adapted
+    weight `W0 + s·ΔW`) and `mask_` gives `s · W0 ⊙ grad` (the gradient of `BA`), so the branch function run with
+    this source, no gate and scale 1 computes the base layer's product and the branch's as one."""
+
+    def __init__(self, weight: torch.Tensor, scaling: float):
+        super().__init__(weight)
+        self.scaling = scaling
+
+    def delta(self, B_rows: torch.Tensor, A: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        """`W0_b + s · W0_b ⊙ (B_b A)` (rows, d_in) in `dtype`: formed in the factors' dtype, rounded once."""
+        weight, update = self._rows(rows), B_rows @ A
+        return torch.addcmul(weight, weight, update, value=self.scaling, out=update).to(dtype)
+
+    def mask_(self, grad: torch.Tensor, rows: slice) -> torch.Tensor:
+        """`s · grad ⊙ W0_b` in place."""
+        grad = grad.mul_(self._rows(rows))
+        return grad.mul_(self.scaling) if self.scaling != 1.0 else grad
+
+
 def weight_source(weight) -> DenseWeight:
     """What `weight_fn()` returned, as a W0 source: a tensor is wrapped in `DenseWeight`; a source is kept."""
     return DenseWeight(weight) if isinstance(weight, torch.Tensor) else weight
@@ -280,3 +300,18 @@ def gated_hira(
     ops (`TORCH_ROWS`), or the Triton kernels (`kernels.rows.TritonRows`).
     """
     return apply_to_tokens(GatedHiraFunction, x, gate, base, A, B, weight_fn, scaling, row_ops)
+
+
+def folded_hira(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight_fn: Callable[[], torch.Tensor],
+                scaling: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`x (W0 + s · W0 ⊙ BA)ᵀ + bias` for x (N, d_in): an ungated HiRA adapter and its base layer as one linear map.
+
+    The base layer and the ungated branch take five products of size N·d_in·d_out per training step (each one's
+    forward and input gradient, and the branch's `dΔW`); folded, they take three (`x Wᵀ`, `δ W` and `δᵀ x`), and
+    the adapted weight is rebuilt in backward from `W0`, `A` and `B` like the branch's `ΔW`. `bias` (d_out,) or None
+    is added in the products' dtype (autocast's when it is on, else x's), as the base layer adds it.
+    """
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    base = bias.to(dtype) if bias is not None else None
+    return apply_to_tokens(GatedHiraFunction, x, None, base, A, B, lambda: FoldedWeight(weight_fn(), scaling), 1.0,
+                           TORCH_ROWS)

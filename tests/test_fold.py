@@ -1,0 +1,272 @@
+"""An ungated HiRA adapter folded into its base layer's product: `y = x (W0 + s·W0 ⊙ BA)ᵀ + b`.
+
+`ops.hira.folded_hira` against naive autograd (outputs and every gradient, fp32 and in bf16 / fp16 by the rounding
+rule of the other low-precision tests), the layer's folded forward against its separate base + branch path, and the
+conditions under which a layer folds (anything that would make the folded map a different function, or skip a call
+of the base layer that something else expects, keeps them apart).
+"""
+
+import contextlib
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from gatera_plugin import GateRAConfig
+from gatera_plugin.layer import GateRALayer
+from gatera_plugin.ops import folded_hira
+from tests.helpers import (
+    FP32_GRAD_TOLERANCE,
+    FP32_TOLERANCE,
+    LLAMA_PROJECTIONS,
+    load_4bit,
+    tiny_llama,
+    within_tolerance,
+)
+
+D_IN, D_OUT, R, N = 24, 40, 6, 17
+
+
+def _tensors(dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = dict(x=torch.randn(N, D_IN, generator=g), W0=torch.randn(D_OUT, D_IN, generator=g) * 0.5,
+             A=torch.randn(R, D_IN, generator=g) * 0.3, B=torch.randn(D_OUT, R, generator=g) * 0.3,
+             bias=torch.randn(D_OUT, generator=g) if bias else None)
+    return {k: (v.to(dtype).requires_grad_(k != "W0") if v is not None else None) for k, v in t.items()}
+
+
+def _run(t, scaling, folded: bool, grad_out):
+    if folded:
+        out = folded_hira(t["x"], t["A"], t["B"], lambda: t["W0"], scaling, t["bias"])
+    else:
+        W = t["W0"] + scaling * t["W0"] * (t["B"] @ t["A"])
+        out = t["x"] @ W.t() + (t["bias"] if t["bias"] is not None else 0)
+    names = [k for k, v in t.items() if v is not None and v.requires_grad]
+    return out, dict(zip(names, torch.autograd.grad(out, [t[k] for k in names], grad_out.to(out.dtype))))
+
+
+@pytest.fixture(params=["one-block", "many-blocks"])
+def blocks(request, monkeypatch):
+    """W0 + s·ΔW built whole, and in blocks of 2 rows (D_OUT = 40 is 20 blocks)."""
+    import gatera_plugin.ops.hira as hira_ops
+
+    if request.param == "many-blocks":
+        monkeypatch.setattr(hira_ops, "CHUNK_ELEMENTS", 2 * D_IN)
+    return request.param
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("scaling", [1.0, 0.37])
+def test_folded_hira_matches_naive_fp32(bias, scaling, blocks):
+    t = _tensors(torch.float32, bias)
+    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1))
+    out, grads = _run(t, scaling, True, grad_out)
+    ref, ref_grads = _run(t, scaling, False, grad_out)
+    torch.testing.assert_close(out, ref, **FP32_TOLERANCE)
+    assert set(grads) == set(ref_grads) == ({"x", "A", "B", "bias"} if bias else {"x", "A", "B"})
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **FP32_GRAD_TOLERANCE, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_folded_hira_low_precision_within_rounding_of_fp32(dtype, blocks):
+    """The folded weight rounds `W0 + s·ΔW` once to `dtype`; output and gradients stay within 2x the error of naive
+    autograd run in `dtype` (+2 ulp), like the separate path (`tests.helpers.rounding_bound`)."""
+    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1))
+    truth_out, truth = _run(_tensors(torch.float32), 0.37, False, grad_out)
+    low = _tensors(dtype)
+    ours_out, ours = _run(low, 0.37, True, grad_out)
+    naive_out, naive = _run(low, 0.37, False, grad_out)
+    assert ours_out.dtype == dtype
+    passed, error, bound = within_tolerance(ours_out, naive_out, truth_out)
+    assert passed, (error, bound)
+    for name in truth:
+        passed, error, bound = within_tolerance(ours[name], naive[name], truth[name], grad=True)
+        assert passed and ours[name].dtype == dtype, (name, error, bound)
+
+
+def test_folded_hira_under_autocast_computes_in_the_autocast_dtype():
+    """fp32 input, weights and bias under bf16 autocast: the product and the bias add run in bf16, as `nn.Linear`'s
+    under autocast; the factors' gradients stay fp32."""
+    t = _tensors(torch.float32)
+    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _run(t, 0.37, True, grad_out)
+        base = torch.nn.functional.linear(t["x"], t["W0"], t["bias"])
+    truth, truth_grads = _run(t, 0.37, False, grad_out)
+    assert out.dtype == base.dtype == torch.bfloat16
+    assert all(grads[k].dtype == torch.float32 for k in ("A", "B", "bias"))
+    bound = 8 * torch.finfo(torch.bfloat16).eps * truth.abs().max().item()
+    assert (out.float() - truth).abs().max().item() <= bound
+
+
+# ----------------------------------------------------------------------------------------------- the layer
+class _One(torch.nn.Module):
+    def __init__(self, bias=True):
+        super().__init__()
+        self.proj = torch.nn.Linear(D_IN, D_OUT, bias=bias)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _layer(**options):
+    torch.manual_seed(0)
+    config = dict(r=R, target_modules=["proj"], gate="none", init_weights=False)
+    return get_peft_model(_One(), GateRAConfig(**{**config, **options})).base_model.model.proj
+
+
+@contextlib.contextmanager
+def _unfolded():
+    """Every layer runs the base layer and the branch apart."""
+    original = GateRALayer._folded_forward
+    GateRALayer._folded_forward = lambda *args: None
+    try:
+        yield
+    finally:
+        GateRALayer._folded_forward = original
+
+
+def _folds(layer, x) -> bool:
+    adapters = [name for name in layer.active_adapters if name in layer.gatera_A]
+    return layer._folded_forward(adapters, x, (), {}) is not None
+
+
+@pytest.mark.parametrize("hira_scaling", ["lora", "none"])
+def test_ungated_layer_folds_and_equals_the_separate_path(hira_scaling):
+    layer = _layer(hira_scaling=hira_scaling)
+    x = torch.randn(3, 5, D_IN, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    params = [x, layer.gatera_A["default"], layer.gatera_B["default"]]
+    assert _folds(layer, x)
+    out = layer(x)
+    grads = torch.autograd.grad(out, params, torch.ones_like(out))
+    with _unfolded():
+        ref = layer(x)
+        ref_grads = torch.autograd.grad(ref, params, torch.ones_like(ref))
+    assert out.shape == ref.shape == (3, 5, D_OUT)
+    torch.testing.assert_close(out, ref, **FP32_TOLERANCE)
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, theirs, **FP32_GRAD_TOLERANCE)
+
+
+def test_trainable_bias_gets_its_gradient_when_folded():
+    layer = _layer()
+    layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(1))
+    assert _folds(layer, x)
+    layer(x).square().sum().backward()
+    folded = layer.base_layer.bias.grad.clone()
+    layer.base_layer.bias.grad = None
+    with _unfolded():
+        layer(x).square().sum().backward()
+    torch.testing.assert_close(folded, layer.base_layer.bias.grad, **FP32_GRAD_TOLERANCE)
+
+
+def _hook(layer):
+    return layer.base_layer.register_forward_hook(lambda *args: None)
+
+
+def _replace_forward(layer):  # (accelerate's add_hook_to_module replaces `forward` on the instance)
+    base = layer.base_layer
+    base.forward = torch.nn.Linear.forward.__get__(base)
+
+
+def _global_hook(layer):
+    return torch.nn.modules.module.register_module_forward_pre_hook(lambda *args: None)
+
+
+def _second_adapter(layer):
+    layer.update_layer("other", R, None, layer.options["default"])
+    layer.set_adapter(["default", "other"])
+
+
+@pytest.mark.parametrize("case, options, change", [
+    ("token gate", {"gate": "sigmoid"}, None),
+    ("structure gate", {"structure_gate": True}, None),
+    ("LoRA branch", {"branch": "lora"}, None),
+    ("DoRA branch", {"branch": "dora"}, None),
+    ("dropout in training", {"dropout": 0.1}, None),
+    ("branch kernels asked for", {"kernel": "triton"}, None),
+    ("cache_delta in eval", {"cache_delta": True}, lambda layer: layer.eval()),
+    ("base layer hooked", {}, _hook),
+    ("forward replaced", {}, _replace_forward),
+    ("global module hook", {}, _global_hook),
+    ("two active adapters", {}, _second_adapter),
+    ("trainable base weight (eval)", {}, lambda layer: (layer.eval(), layer.base_layer.weight.requires_grad_(True))),
+    ("input dtype differs from the base weight's", {}, lambda layer: layer.base_layer.to(torch.bfloat16)),
+])
+def test_layer_keeps_base_and_branch_apart_where_folding_would_change_something(case, options, change):
+    layer = _layer(**options)
+    handle = change(layer) if change is not None else None
+    try:
+        assert not _folds(layer, torch.randn(N, D_IN)), case
+    finally:
+        if isinstance(handle, torch.utils.hooks.RemovableHandle):
+            handle.remove()
+
+
+@pytest.mark.parametrize("case, options, change", [
+    ("eval", {}, lambda layer: layer.eval()),
+    ("dropout in eval", {"dropout": 0.1}, lambda layer: layer.eval()),
+    ("no bias", {}, lambda layer: setattr(layer.base_layer, "bias", None)),
+])
+def test_layer_folds_where_it_is_the_same_function(case, options, change):
+    layer = _layer(**options)
+    change(layer)
+    x = torch.randn(N, D_IN)
+    assert _folds(layer, x), case
+    with torch.no_grad():
+        out = layer(x)
+        with _unfolded():
+            ref = layer(x)
+    torch.testing.assert_close(out, ref, **FP32_TOLERANCE)
+
+
+def test_half_model_under_autocast_folds_to_the_base_layers_dtype():
+    """bf16 model under bf16 autocast and fp32 model under bf16 autocast: the output dtype is the base layer's."""
+    for model_dtype in (torch.bfloat16, torch.float32):
+        layer = _layer().to(model_dtype)
+        layer.gatera_A["default"].data = layer.gatera_A["default"].data.float()  # PEFT's fp32 adapter weights
+        layer.gatera_B["default"].data = layer.gatera_B["default"].data.float()
+        x = torch.randn(N, D_IN).to(model_dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _folds(layer, x)
+            out = layer(x)
+            base = layer.base_layer(x)
+        assert out.dtype == base.dtype == torch.bfloat16, model_dtype
+
+
+# ----------------------------------------------------------------------------------------------- 4-bit bases
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    path = tmp_path_factory.mktemp("tiny4bit_fold")
+    tiny_llama(hidden=64, intermediate=128, init_std=0.2).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("bits, compute_dtype, input_dtype, folds", [
+    (4, torch.bfloat16, torch.bfloat16, True),  # QLoRA: bf16 model, bf16 compute dtype
+    (4, torch.float32, torch.float32, True),
+    (4, torch.bfloat16, torch.float32, False),  # bitsandbytes computes in bf16 and returns fp32: kept apart
+    (8, torch.float32, torch.float32, False),  # LLM.int8's forward is not a product with the dequantised W0
+])
+def test_quantised_base_folds_only_where_its_forward_is_the_same_product(base_dir, bits, compute_dtype, input_dtype,
+                                                                         folds):
+    model = get_peft_model(load_4bit(base_dir, compute_dtype, bits=bits),
+                           GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, gate="none", init_weights=False))
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(1)).to(input_dtype)
+    assert _folds(layer, x) == folds
+    if not folds:
+        return
+    out = layer(x)
+    W0 = layer.base_weight().float()
+    s = layer.scaling["default"]
+    A, B = layer.gatera_A["default"], layer.gatera_B["default"]
+    truth = x.float() @ (W0 + s * W0 * (B.float() @ A.float())).t()
+    with _unfolded():
+        separate = layer(x)
+    assert out.dtype == separate.dtype == input_dtype
+    passed, error, bound = within_tolerance(out, separate, truth)
+    assert passed, (error, bound)
