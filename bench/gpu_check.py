@@ -20,8 +20,9 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
     base weight (and a bitsandbytes NF4 base at 4096 x 14336), fp32 adapter weights (PEFT's default), bf16 autocast
     (and, at 4096 x 14336 with 4k tokens, without autocast, as a bf16 model runs outside it): GateRA's PyTorch
     path (kernel="torch"), GateRA's default (kernel="auto": on CUDA the PyTorch path with the gate's row kernels),
-    GateRA's Triton kernels, PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs,
-    ratios to PEFT's LoRA (bench/kernel_speed.py's `build` and `time_variant`).
+    GateRA's Triton kernels, GateRA with `gate="none"` (the base layer and the branch folded into one linear map),
+    PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs, ratios to PEFT's LoRA and
+    PEFT's HiRA (bench/kernel_speed.py's `build` and `time_variant`).
 (c) training: 30 SFTTrainer steps of SmolLM2-135M (`gatera_plugin.assets.smollm2_path()`) on a bitsandbytes NF4 base,
     bf16: the loss falls (mean of the last 5 logged losses below the first 5), and the saved adapter, loaded onto a
     fresh 4-bit base, gives the trained model's logits: max difference within 2e-2 (tests/test_bnb.py's tolerance) or
@@ -243,7 +244,8 @@ def speed(device, smoke: bool, repeats: int) -> list[dict]:
         for n in tokens if autocast else tokens[:1]:
             x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
             measured = {}
-            for variant in ("peft-lora", "peft-hira", "gatera-torch", "gatera-auto", "gatera-triton"):
+            for variant in ("peft-lora", "peft-hira", "gatera-torch", "gatera-auto", "gatera-triton",
+                            "gatera-torch-none"):
                 row = {"weight": weight, "autocast": autocast, "d_in": d_in, "d_out": d_out, "tokens": n,
                        "variant": variant}
                 skip = _triton_skip(device, dtype) if variant == "gatera-triton" else None
@@ -264,7 +266,7 @@ def speed(device, smoke: bool, repeats: int) -> list[dict]:
                     _empty_cache(device)
                 rows.append(row)
                 _progress(row)
-            _add_ratios(measured, "ms")
+            _add_ratios(measured, "ms", baselines=("peft-lora", "peft-hira"))
             del x
             _empty_cache(device)
     return rows
@@ -585,7 +587,7 @@ def main() -> None:
               ["path", "dtype", "weight", "gated", "status", "error_over_bound", "detail"]),
         "b": ("speed", speed, (device, smoke, args.repeats),
               ["weight", "autocast", "d_in", "d_out", "tokens", "variant", "status", "ms", "tflops", "peak_mb",
-               "time_vs_lora", "memory_vs_lora", "detail"]),
+               "time_vs_lora", "time_vs_hira", "memory_vs_lora", "detail"]),
         "c": ("training", training, (device, smoke, args.steps),
               ["model", "base", "steps", "status", "first_loss", "last_loss", "loss_falls", "adapter_effect",
                "reload_max_diff", "reloads_same", "train_seconds"]),

@@ -17,12 +17,14 @@
 Sizes: "activation-heavy" (hidden 512, 4 layers, batch 4 x 256 tokens: activations dominate) and "weight-heavy"
 (hidden 2048, 2 layers, 1 x 128 tokens: a d_out x d_in tensor kept per adapted layer shows). Targets are the paper's
 q, k, v, up, down; rank 32. The JSON's `round_ratios` holds the quartiles over rounds of gated GateRA's step against
-`gate="none"` (the token gate's own cost) and against PEFT's HiRA.
+`gate="none"` run apart ("gatera-none-apart": the token gate's own cost) and against PEFT's HiRA, and of
+`gate="none"` (folded into one linear map per layer) against PEFT's HiRA and against itself run apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -38,7 +40,7 @@ SIZES = {
     "tiny": dict(hidden=64, layers=1, intermediate=128, heads=4, batch=1, seq=16),  # the tests' smoke run only
 }
 DEFAULT_SIZES = ["activation-heavy", "weight-heavy"]
-METHODS = ["peft-lora", "peft-hira", "gatera", "gatera-none"]
+METHODS = ["peft-lora", "peft-hira", "gatera", "gatera-none", "gatera-none-apart"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RANK = 32
 VOCAB = 1024
@@ -63,6 +65,7 @@ def build(method: str, size: dict):
         "peft-hira": lambda: HiraConfig(r=RANK, target_modules=TARGETS),
         "gatera": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=TARGETS),
         "gatera-none": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=TARGETS, gate="none"),
+        "gatera-none-apart": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=TARGETS, gate="none"),
         "gatera-lora": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=TARGETS, branch="lora"),
     }
     model = get_peft_model(model, adapters[method]())
@@ -80,10 +83,15 @@ def _batch(size: dict):
     return torch.randint(0, VOCAB, (size["batch"], size["seq"]), generator=torch.Generator().manual_seed(1))
 
 
-def _step(model, optimizer, input_ids) -> float:
-    """One training step; its CPU seconds (one thread, so CPU time is the work done)."""
+def _step(model, optimizer, input_ids, method: str) -> float:
+    """One training step; its CPU seconds (one thread, so CPU time is the work done). "gatera-none-apart" runs
+    `gate="none"` with the base layer and the branch apart (`gatera_plugin.layer.without_folding`), as gated GateRA
+    and PEFT's HiRA do: gated over it is the token gate's own cost."""
+    from gatera_plugin.layer import without_folding
+
     start = time.process_time()
-    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    with without_folding() if method == "gatera-none-apart" else contextlib.nullcontext():
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.process_time() - start
@@ -112,7 +120,7 @@ def memory_worker(method: str, size_name: str, steps: int) -> dict:
     gc.collect()
     rss_built = psutil.Process().memory_info().rss
     for _ in range(steps):
-        _step(model, optimizer, input_ids)
+        _step(model, optimizer, input_ids, method)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"method": method, "size": size_name, "overhead_mb": (peak - rss_built) / 2**20, "trainable": trainable}
@@ -126,13 +134,13 @@ def timing_worker(methods: list[str], size_name: str, rounds: int, warmup: int) 
     size = SIZES[size_name]
     input_ids = _batch(size)
     runs = {m: _setup(m, size) for m in methods}
-    for model, optimizer in runs.values():
+    for m, (model, optimizer) in runs.items():
         for _ in range(warmup):
-            _step(model, optimizer, input_ids)
+            _step(model, optimizer, input_ids, m)
     times = {m: [] for m in methods}
     for _ in range(rounds):
         for m in methods:
-            times[m].append(_step(*runs[m], input_ids))
+            times[m].append(_step(*runs[m], input_ids, m))
     return times
 
 
@@ -197,10 +205,13 @@ def main() -> None:
                      f"{s['time_vs_lora']:.2f}x | {s['overhead_mb']:.0f} | {s['memory_vs_lora']:.2f}x "
                      f"| {s['default_allocator_mb']:.0f} |")
     print("\n".join(lines))
-    pairs = {}  # the token gate's own cost (gated over gate="none") and gated over PEFT's HiRA, round by round
+    # the token gate's own cost (gated over gate="none" run apart), gated over PEFT's HiRA, and what the fold gives
+    # (gate="none" folded over PEFT's HiRA and over itself run apart), round by round
+    pairs = {}
     for size, data in raw.items():
         times = data["step_cpu_s"]
-        for method, baseline in (("gatera", "gatera-none"), ("gatera", "peft-hira")):
+        for method, baseline in (("gatera", "gatera-none-apart"), ("gatera", "peft-hira"), ("gatera-none", "peft-hira"),
+                                 ("gatera-none", "gatera-none-apart")):
             if method in times and baseline in times:
                 ratios = [t / b for t, b in zip(times[method], times[baseline])]
                 q1, median, q3 = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1

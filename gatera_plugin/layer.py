@@ -29,6 +29,22 @@ from .gates import make_structure_gate, make_token_gate
 from .ops.hira import add_gated, folded_hira
 from .penalty import GateStats, PenaltyRun, penalty_tap
 
+_folding = True  # (switched off inside `without_folding`)
+
+
+@contextlib.contextmanager
+def without_folding():
+    """Inside this block, ungated HiRA layers run the base layer and the branch apart, five products per training
+    step as PEFT's HiRA does, instead of folded into one linear map (`GateRALayer._folded_forward`): to compare the
+    two, or to rule the fold out. It sets one switch for the whole process (not per thread)."""
+    global _folding
+    previous, _folding = _folding, False
+    try:
+        yield
+    finally:
+        _folding = previous
+
+
 SUPPORTED_LAYERS = (
     "`torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`, `bitsandbytes.nn.Linear4bit`, `bitsandbytes.nn.Linear8bitLt`"
 )
@@ -258,9 +274,9 @@ class GateRALayer(BaseTunerLayer):
         not "triton" (which asks for the branch kernels), a frozen base weight, no extra forward arguments, and a base
         layer whose forward is the plain product (`_base_folds`) and is called by nobody else: no hooks on it or
         global ones and no replaced `forward` (ZeRO-3's parameter gathering, accelerate's offloading, a per-layer FSDP
-        unit or a user's hooks expect the base layer's own call).
+        unit or a user's hooks expect the base layer's own call). `without_folding()` turns it off.
         """
-        if len(adapters) != 1 or args or kwargs:
+        if not _folding or len(adapters) != 1 or args or kwargs:
             return None
         name, base = adapters[0], self.get_base_layer()
         config = self.options[name]

@@ -37,6 +37,7 @@ class Probe(TrainerCallback):
         self.kill_step = int(os.environ.get("GATERA_TEST_KILL_AT_STEP", "-1"))
         self.kill_rank = int(os.environ.get("GATERA_TEST_KILL_RANK", "-1"))
         self.fsdp = FsdpProbe() if fsdp_requested() else None
+        self.folded = _count_folded_forwards()
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         """Where each rank's adapted base weights are once the adapter is built, before FSDP or DeepSpeed wrap the
@@ -86,10 +87,27 @@ class Probe(TrainerCallback):
             model.save_pretrained(self.output_dir / "direct_save", is_main_process=self.rank == 0)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:  # the layers whose forward folded an ungated adapter into the base product
+            path = self.output_dir / f"probe_rank{self.rank}.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "folded_forwards": self.folded[0]}))
         if self.fsdp is not None and state.global_step == 1 and self.fsdp.reads["forward"]:
             probe = json.loads((self.output_dir / f"probe_rank{self.rank}.json").read_text())
             probe.update(self.fsdp.end())
             (self.output_dir / f"probe_rank{self.rank}.json").write_text(json.dumps(probe))
+
+
+def _count_folded_forwards() -> list:
+    """Count the calls of `folded_hira` by GateRA's layers; the count is in the returned list's one entry."""
+    import gatera_plugin.layer as layer_module
+
+    count, original = [0], layer_module.folded_hira
+
+    def folded_hira(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    layer_module.folded_hira = folded_hira
+    return count
 
 
 def _model_params_by_group(optimizer) -> list[list]:

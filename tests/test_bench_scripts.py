@@ -23,19 +23,22 @@ def test_kernel_speed_smoke_checks_triton_against_torch():
     assert "agree" in _run("bench/kernel_speed.py", "--smoke").stdout
 
 
-@pytest.mark.slow  # nine fresh processes, each importing torch, transformers and PEFT (about 75 CPU seconds)
+@pytest.mark.slow  # eleven fresh processes, each importing torch, transformers and PEFT (about 75 CPU seconds)
 def test_train_step_benchmark_writes_its_ratios(tmp_path):
     out = tmp_path / "train_step.json"
     _run("bench/train_step.py", "--sizes", "tiny", "--rounds", "2", "--warmup", "0", "--memory-steps", "1",
          "--out", str(out))
     result = json.loads(out.read_text())
-    assert {row["method"] for row in result["summary"]} == {"peft-lora", "peft-hira", "gatera", "gatera-none"}
-    assert set(result["round_ratios"]) == {"tiny: gatera / gatera-none", "tiny: gatera / peft-hira"}
+    assert {row["method"] for row in result["summary"]} == {"peft-lora", "peft-hira", "gatera", "gatera-none",
+                                                            "gatera-none-apart"}
+    pairs = [("gatera", "gatera-none-apart"), ("gatera", "peft-hira"), ("gatera-none", "peft-hira"),
+             ("gatera-none", "gatera-none-apart")]
+    assert set(result["round_ratios"]) == {f"tiny: {method} / {baseline}" for method, baseline in pairs}
     assert all(r["q1"] <= r["median"] <= r["q3"] for r in result["round_ratios"].values())
     times = result["raw"]["tiny"]["step_cpu_s"]  # the ratios are of the timed rounds, method over baseline
-    for name, baseline in (("gatera / gatera-none", "gatera-none"), ("gatera / peft-hira", "peft-hira")):
-        expected = statistics.median(t / b for t, b in zip(times["gatera"], times[baseline]))
-        assert result["round_ratios"][f"tiny: {name}"]["median"] == pytest.approx(expected)
+    for method, baseline in pairs:
+        expected = statistics.median(t / b for t, b in zip(times[method], times[baseline]))
+        assert result["round_ratios"][f"tiny: {method} / {baseline}"]["median"] == pytest.approx(expected)
 
 
 def test_inference_benchmark_writes_its_table(tmp_path):

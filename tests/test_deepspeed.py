@@ -23,6 +23,7 @@ from tests.distributed import (
     adapter,
     assert_gate_lr_ratio_applied,
     assert_same_adapter,
+    assert_same_run,
     free_port,
     killed,
     losses,
@@ -57,6 +58,20 @@ def test_zero_matches_single_process(single, tmp_path, stage, extra):
     assert all(p["layers"] == 10 for p in probes)
     assert all(p["partitioned"] == (stage == "zero3") for p in probes)  # ZeRO-3 really partitions the base
     assert all(p["registered"] == (stage == "zero3") for p in probes)  # and gathers W0 for the HiRA branch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_ungated_adapter_folds_under_zero2_not_zero3_and_matches_single_process(tmp_path, stage):
+    """`gate="none"`: under ZeRO-2 each layer folds the adapter into the base product, as in one process; under
+    ZeRO-3 the base layers carry DeepSpeed's gathering hooks, so they run apart (`GateRALayer._folded_forward`)."""
+    ungated = ["--gate", "none", "--entropy-weight", "0"]
+    ok(single_process(tmp_path / "single", *ungated))
+    ok(torchrun(tmp_path / "zero", "--deepspeed", ZERO[stage], *ungated))
+    assert_same_run(tmp_path / "zero", tmp_path / "single")
+    probes = [json.loads((tmp_path / "zero" / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
+    assert {p["folded_forwards"] for p in probes} == {10 if stage == "zero2" else 0}
+    assert json.loads((tmp_path / "single" / "probe_rank0.json").read_text())["folded_forwards"] == 10
 
 
 @pytest.mark.slow

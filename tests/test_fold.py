@@ -6,14 +6,12 @@ conditions under which a layer folds (anything that would make the folded map a 
 of the base layer that something else expects, keeps them apart).
 """
 
-import contextlib
-
 import pytest
 import torch
 from peft import get_peft_model
 
 from gatera_plugin import GateRAConfig
-from gatera_plugin.layer import GateRALayer
+from gatera_plugin.layer import without_folding
 from gatera_plugin.ops import folded_hira
 from tests.helpers import (
     FP32_GRAD_TOLERANCE,
@@ -116,17 +114,6 @@ def _layer(**options):
     return get_peft_model(_One(), GateRAConfig(**{**config, **options})).base_model.model.proj
 
 
-@contextlib.contextmanager
-def _unfolded():
-    """Every layer runs the base layer and the branch apart."""
-    original = GateRALayer._folded_forward
-    GateRALayer._folded_forward = lambda *args: None
-    try:
-        yield
-    finally:
-        GateRALayer._folded_forward = original
-
-
 def _folds(layer, x) -> bool:
     adapters = [name for name in layer.active_adapters if name in layer.gatera_A]
     return layer._folded_forward(adapters, x, (), {}) is not None
@@ -140,7 +127,7 @@ def test_ungated_layer_folds_and_equals_the_separate_path(hira_scaling):
     assert _folds(layer, x)
     out = layer(x)
     grads = torch.autograd.grad(out, params, torch.ones_like(out))
-    with _unfolded():
+    with without_folding():
         ref = layer(x)
         ref_grads = torch.autograd.grad(ref, params, torch.ones_like(ref))
     assert out.shape == ref.shape == (3, 5, D_OUT)
@@ -157,7 +144,7 @@ def test_trainable_bias_gets_its_gradient_when_folded():
     layer(x).square().sum().backward()
     folded = layer.base_layer.bias.grad.clone()
     layer.base_layer.bias.grad = None
-    with _unfolded():
+    with without_folding():
         layer(x).square().sum().backward()
     torch.testing.assert_close(folded, layer.base_layer.bias.grad, **FP32_GRAD_TOLERANCE)
 
@@ -217,7 +204,7 @@ def test_layer_folds_where_it_is_the_same_function(case, options, change):
     assert _folds(layer, x), case
     with torch.no_grad():
         out = layer(x)
-        with _unfolded():
+        with without_folding():
             ref = layer(x)
     torch.testing.assert_close(out, ref, **FP32_TOLERANCE)
 
@@ -265,8 +252,16 @@ def test_quantised_base_folds_only_where_its_forward_is_the_same_product(base_di
     s = layer.scaling["default"]
     A, B = layer.gatera_A["default"], layer.gatera_B["default"]
     truth = x.float() @ (W0 + s * W0 * (B.float() @ A.float())).t()
-    with _unfolded():
+    with without_folding():
         separate = layer(x)
     assert out.dtype == separate.dtype == input_dtype
     passed, error, bound = within_tolerance(out, separate, truth)
     assert passed, (error, bound)
+
+
+def test_without_folding_keeps_apart_inside_and_restores_after_an_error():
+    layer, x = _layer(), torch.randn(N, D_IN)
+    with pytest.raises(KeyError), without_folding():
+        assert not _folds(layer, x)
+        raise KeyError
+    assert _folds(layer, x)

@@ -126,6 +126,24 @@ def test_fsdp2_matches_single_process(single, tmp_path, extra):
 
 @pytest.mark.slow
 @FSDP2_ON_CPU
+def test_fsdp2_folds_an_ungated_adapter_and_matches_single_process(tmp_path):
+    """`gate="none"`: each layer folds the adapter into the base product (`GateRALayer._folded_forward`) under FSDP2
+    as in one process, reading the whole gathered W0 in forward and again in backward, and the runs agree."""
+    ungated = ["--gate", "none", "--entropy-weight", "0"]
+    ok(single_process(tmp_path / "single", *ungated))
+    ok(torchrun(tmp_path / "fsdp", "--fsdp", "2", *ungated))
+    assert_same_run(tmp_path / "fsdp", tmp_path / "single")
+    for probe in _probes(tmp_path / "fsdp"):
+        assert probe["sharded"] and probe["reads_whole"] and probe["reads_forward"] == probe["reads_backward"] == 10
+        assert probe["resharded_after_forward"] and probe["graph_nodes_checked"] > 100
+        assert probe["saved_weights_checked"] == 0  # folded, nothing saves W0 for backward (no base layer's linear)
+    # 10 adapted layers, one forward each in the first step, on each rank and in the single process
+    assert [probe["folded_forwards"] for probe in _probes(tmp_path / "fsdp")] == [10, 10]
+    assert json.loads((tmp_path / "single" / "probe_rank0.json").read_text())["folded_forwards"] == 10
+
+
+@pytest.mark.slow
+@FSDP2_ON_CPU
 def test_gate_lr_ratio_survives_fsdp2_sharding(single, tmp_path):
     """`gate_lr_ratio` under FSDP2: the optimizer is built over the sharded (DTensor) parameters, whose gate groups
     train at 3 × the rate, as in one process."""
