@@ -305,6 +305,9 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     # 12 PyTorch path, 8 branch kernels (no bf16 in the interpreter), 4 with the row kernels (gated; no bf16)
     assert len(ran) == 24 and ("triton", "fp16", "nf4", True) in ran and ("torch", "bf16", "nf4", True) in ran
     assert ("rows", "fp16", "nf4", True) in ran and ("rows", "fp32", "dense", True) in ran
+    speed = [r for r in sections["speed"]["rows"] if r["status"] == "ok"]
+    assert {r["variant"] for r in speed} >= {"peft-hira", "gatera-torch", "gatera-torch-none"}
+    assert all("time_vs_hira" in r for r in speed)  # the folded gate="none" layer's ratio to PEFT's HiRA among them
     training = sections["training"]["rows"][0]
     assert training["loss_falls"] and training["reloads_same"]
     steps = {row["method"]: row for row in sections["model step"]["rows"]}
