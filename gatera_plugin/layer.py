@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .branches import BRANCH_KINDS, delta_weight, dora_weight_norm
+from .branches import BRANCH_KINDS, HALF_DTYPES, delta_weight, dora_weight_norm
 from .config import GateRAConfig
 from .fsdp import refuse_distributed_weight, unsharded_weight
 from .gates import make_structure_gate, make_token_gate
@@ -36,7 +36,8 @@ _folding = True  # (switched off inside `without_folding`)
 def without_folding():
     """Inside this block, ungated HiRA layers run the base layer and the branch apart, five products per training
     step as PEFT's HiRA does, instead of folded into one linear map (`GateRALayer._folded_forward`): to compare the
-    two, or to rule the fold out. It sets one switch for the whole process (not per thread)."""
+    two, or to rule the fold out. Put the backward inside it too (with non-reentrant checkpointing the backward runs
+    the forward again and must take the same path). It sets one switch for the whole process (not per thread)."""
     global _folding
     previous, _folding = _folding, False
     try:
@@ -258,9 +259,16 @@ class GateRALayer(BaseTunerLayer):
 
     def _base_folds(self, x: torch.Tensor) -> bool:
         """Whether the base layer's forward is the plain product `x W0ᵀ + b` in `compute_dtype(x)`, returned in that
-        dtype, so that `folded_hira` computes what it would (dense `nn.Linear` / `Conv1D`; bnb.py for 4-bit)."""
+        dtype, so that `folded_hira` computes what it would (dense `nn.Linear` / `Conv1D`; bnb.py for 4-bit), and W0
+        is stored wider than half precision.
+
+        A bf16 / fp16 W0 already sits on the grid of the products' dtype: `W0 + s·ΔW` rounded to it is W0 again
+        wherever `|s·BA|` is below half its resolution (2^-9 in bf16), so the forward would drop small updates (those
+        of the first steps, B starting at 0) that the separate path, adding `Δy` to the base output, partly keeps.
+        An fp32 W0 is not on that grid: rounding `W0 + s·ΔW` once keeps them on average (tests/test_fold.py).
+        """
         base = self.get_base_layer()
-        if type(base).forward not in (nn.Linear.forward, Conv1D.forward):
+        if type(base).forward not in (nn.Linear.forward, Conv1D.forward) or base.weight.dtype in HALF_DTYPES:
             return False
         return torch.is_autocast_enabled(x.device.type) or x.dtype == base.weight.dtype
 
@@ -269,18 +277,21 @@ class GateRALayer(BaseTunerLayer):
         `x (W0 + s·W0 ⊙ BA)ᵀ + b` (`ops.hira.folded_hira`: three products of size N·d_in·d_out per training step
         instead of five), or None where the layer runs the base layer and the branch apart.
 
-        It folds only where that is the same function of the same weights, computed in the same dtype: one active
-        adapter, the HiRA branch, no token or structure gate, no active dropout, not `cache_delta` in eval, `kernel`
-        not "triton" (which asks for the branch kernels), a frozen base weight, no extra forward arguments, and a base
-        layer whose forward is the plain product (`_base_folds`) and is called by nobody else: no hooks on it or
-        global ones and no replaced `forward` (ZeRO-3's parameter gathering, accelerate's offloading, a per-layer FSDP
-        unit or a user's hooks expect the base layer's own call). `without_folding()` turns it off.
+        It folds only where that is the same function of the same weights, computed in the same dtype and rounded no
+        worse: one active adapter, the HiRA branch, no token or structure gate, no active dropout, not `cache_delta`
+        in eval, `kernel` not "triton" (which asks for the branch kernels), a frozen base weight, no extra forward
+        arguments, a base layer that is the wrapped layer itself (not another adapter's layer), whose forward is the
+        plain product with a W0 stored wider than half precision (`_base_folds`), and that nobody else calls: no hooks
+        on it or global ones (a profiler's or FLOP counter's too) and no replaced `forward` (ZeRO-3's parameter
+        gathering, accelerate's offloading or a user's hooks expect the base layer's own call). `without_folding()`
+        turns it off.
         """
         if not _folding or len(adapters) != 1 or args or kwargs:
             return None
         name, base = adapters[0], self.get_base_layer()
         config = self.options[name]
-        if (self.branch_kind[name] != "hira" or name in self.gatera_gate or name in self.gatera_structure
+        if (self.base_layer is not base  # (another adapter's layer in between: its forward adds its own update)
+                or self.branch_kind[name] != "hira" or name in self.gatera_gate or name in self.gatera_structure
                 or config.kernel == "triton" or (not self.training and config.cache_delta)
                 or (self.training and not isinstance(self.gatera_dropout[name], nn.Identity))
                 or base.weight.requires_grad or _called_by_others(base) or not self._base_folds(x)

@@ -162,6 +162,14 @@ def _global_hook(layer):
     return torch.nn.modules.module.register_module_forward_pre_hook(lambda *args: None)
 
 
+def _nested(layer):
+    """The base layer is another adapter's layer (here a second GateRA layer) around the plain linear."""
+    from gatera_plugin.layer import Linear
+
+    inner = Linear(layer.base_layer, "inner", layer.options["default"], R)
+    layer.base_layer = inner
+
+
 def _second_adapter(layer):
     layer.update_layer("other", R, None, layer.options["default"])
     layer.set_adapter(["default", "other"])
@@ -180,7 +188,9 @@ def _second_adapter(layer):
     ("global module hook", {}, _global_hook),
     ("two active adapters", {}, _second_adapter),
     ("trainable base weight (eval)", {}, lambda layer: (layer.eval(), layer.base_layer.weight.requires_grad_(True))),
-    ("input dtype differs from the base weight's", {}, lambda layer: layer.base_layer.to(torch.bfloat16)),
+    ("bf16 base weight (on the grid of the products)", {}, lambda layer: layer.to(torch.bfloat16)),
+    ("fp16 base weight", {}, lambda layer: layer.base_layer.half()),
+    ("another adapter's layer in between", {}, _nested),
 ])
 def test_layer_keeps_base_and_branch_apart_where_folding_would_change_something(case, options, change):
     layer = _layer(**options)
@@ -209,18 +219,47 @@ def test_layer_folds_where_it_is_the_same_function(case, options, change):
     torch.testing.assert_close(out, ref, **FP32_TOLERANCE)
 
 
-def test_half_model_under_autocast_folds_to_the_base_layers_dtype():
-    """bf16 model under bf16 autocast and fp32 model under bf16 autocast: the output dtype is the base layer's."""
-    for model_dtype in (torch.bfloat16, torch.float32):
-        layer = _layer().to(model_dtype)
-        layer.gatera_A["default"].data = layer.gatera_A["default"].data.float()  # PEFT's fp32 adapter weights
-        layer.gatera_B["default"].data = layer.gatera_B["default"].data.float()
-        x = torch.randn(N, D_IN).to(model_dtype)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert _folds(layer, x)
-            out = layer(x)
-            base = layer.base_layer(x)
-        assert out.dtype == base.dtype == torch.bfloat16, model_dtype
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_fp32_model_under_autocast_folds_to_the_base_layers_dtype(input_dtype):
+    layer = _layer()
+    x = torch.randn(N, D_IN).to(input_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _folds(layer, x)
+        out = layer(x)
+        base = layer.base_layer(x)
+    assert out.dtype == base.dtype == torch.bfloat16
+
+
+def _kept_share(layer, x, exact, base):
+    """How much of the adapter's exact effect on the output, `exact - base` (fp64), the layer's output shows: the
+    least-squares coefficient of its own change on the exact one (1: all of it, 0: none)."""
+    change = layer(x).double() - base
+    return ((change * (exact - base)).sum() / (exact - base).square().sum()).item()
+
+
+@pytest.mark.parametrize("update", [3e-4, 1e-3, 3e-3])
+def test_fold_keeps_small_updates_at_least_as_well_as_the_separate_path(update):
+    """fp32 weights under bf16 autocast, mean |s·BA| from below bf16's resolution (2^-9 ≈ 2e-3) to above it, as in
+    the first steps of training (B starts at 0): rounding `W0 + s·ΔW` to bf16 once keeps the update on average
+    (W0 is not on the bf16 grid), where the separate path's bf16 output add loses part of it."""
+    torch.manual_seed(0)
+    d = 256
+    layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d, d)), GateRAConfig(
+        r=8, target_modules=["0"], gate="none", hira_scaling="none")).base_model.model[0]
+    A, B = layer.gatera_A["default"], layer.gatera_B["default"]
+    with torch.no_grad():
+        B.normal_()
+        B.mul_(update / (B @ A).abs().mean())
+    x = torch.randn(64, d, generator=torch.Generator().manual_seed(1))
+    W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    exact = x.double() @ (W0 + W0 * (B.double() @ A.double())).t() + b
+    base = x.double() @ W0.t() + b
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _folds(layer, x)
+        folded = _kept_share(layer, x, exact, base)
+        with without_folding():
+            apart = _kept_share(layer, x, exact, base)
+    assert folded >= 0.9 and folded >= apart - 0.05, (folded, apart)
 
 
 # ----------------------------------------------------------------------------------------------- 4-bit bases
@@ -233,7 +272,7 @@ def base_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("bits, compute_dtype, input_dtype, folds", [
-    (4, torch.bfloat16, torch.bfloat16, True),  # QLoRA: bf16 model, bf16 compute dtype
+    (4, torch.bfloat16, torch.bfloat16, False),  # QLoRA: W0 dequantises to bf16, the products' grid: kept apart
     (4, torch.float32, torch.float32, True),
     (4, torch.bfloat16, torch.float32, False),  # bitsandbytes computes in bf16 and returns fp32: kept apart
     (8, torch.float32, torch.float32, False),  # LLM.int8's forward is not a product with the dequantised W0
