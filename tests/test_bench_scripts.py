@@ -308,6 +308,7 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     speed = [r for r in sections["speed"]["rows"] if r["status"] == "ok"]
     assert {r["variant"] for r in speed} >= {"peft-hira", "gatera-torch", "gatera-torch-none"}
     assert all("time_vs_hira" in r for r in speed)  # the folded gate="none" layer's ratio to PEFT's HiRA among them
+    assert ("dense-fp32", "gatera-torch-none") in {(r["weight"], r["variant"]) for r in speed}
     training = sections["training"]["rows"][0]
     assert training["loss_falls"] and training["reloads_same"]
     steps = {row["method"]: row for row in sections["model step"]["rows"]}
