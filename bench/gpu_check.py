@@ -19,9 +19,9 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
 (b) speed: forward + backward of one adapted linear, 4096 x 4096 and 4096 x 14336, r = 32, 4k and 16k tokens, bf16
     base weight (and a bitsandbytes NF4 base at 4096 x 14336), fp32 adapter weights (PEFT's default), bf16 autocast
     (and, at 4096 x 14336 with 4k tokens, without autocast, as a bf16 model runs outside it; with 16k tokens, an
-    fp32 base weight under bf16 autocast): GateRA's PyTorch path (kernel="torch"), GateRA's default (kernel="auto":
-    on CUDA the PyTorch path with the gate's row kernels), GateRA's Triton kernels, GateRA with `gate="none"`
-    (folded into the base product on the fp32 base, apart on the others), PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs, ratios to PEFT's LoRA and
+    fp32 model without autocast): GateRA's PyTorch path (kernel="torch"), GateRA's default (kernel="auto": on CUDA
+    the PyTorch path with the gate's row kernels), GateRA's Triton kernels, GateRA with `gate="none"` (folded into
+    the base product in the fp32 model, apart in bf16), PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs, ratios to PEFT's LoRA and
     PEFT's HiRA (bench/kernel_speed.py's `build` and `time_variant`).
 (c) training: 30 SFTTrainer steps of SmolLM2-135M (`gatera_plugin.assets.smollm2_path()`) on a bitsandbytes NF4 base,
     bf16: the loss falls (mean of the last 5 logged losses below the first 5), and the saved adapter, loaded onto a
@@ -235,17 +235,16 @@ def speed(device, smoke: bool, repeats: int) -> list[dict]:
     tokens = [32] if smoke else [4096, 16384]
     # (weight, d_in, d_out, autocast): dense at both shapes; an NF4 base (QLoRA) at the MLP shape; the MLP shape
     # outside autocast, as a bf16 model runs without it (PEFT casts the input to its fp32 adapter weights there); and
-    # the MLP shape with an fp32 base weight under bf16 autocast at the most tokens, where gate="none" folds the
-    # adapter into the base product (a bf16 W0 is kept apart: README, "Ungated HiRA folds into the base layer")
+    # an fp32 model at the MLP shape and the most tokens, without autocast, where gate="none" folds the adapter into
+    # the base product (with bf16 products it stays apart: README, "Ungated HiRA folds into the base layer")
     cases = [("dense", 64, 96, True), ("nf4", 64, 96, True), ("dense", 64, 96, False),
-             ("dense-fp32", 64, 96, True)] if smoke else [
+             ("dense-fp32", 64, 96, False)] if smoke else [
         ("dense", 4096, 4096, True), ("dense", 4096, 14336, True), ("nf4", 4096, 14336, True),
-        ("dense", 4096, 14336, False), ("dense-fp32", 4096, 14336, True)]
-    dtype = torch.bfloat16
+        ("dense", 4096, 14336, False), ("dense-fp32", 4096, 14336, False)]
     rows = []
     for weight, d_in, d_out, autocast in cases:
-        base_dtype = torch.float32 if weight == "dense-fp32" else dtype
-        for n in (tokens[-1:] if weight == "dense-fp32" else tokens) if autocast else tokens[:1]:
+        dtype = torch.float32 if weight == "dense-fp32" else torch.bfloat16
+        for n in tokens[-1:] if weight == "dense-fp32" else tokens if autocast else tokens[:1]:
             x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
             measured = {}
             for variant in ("peft-lora", "peft-hira", "gatera-torch", "gatera-auto", "gatera-triton",
@@ -258,8 +257,7 @@ def speed(device, smoke: bool, repeats: int) -> list[dict]:
                 else:
                     model = None
                     try:
-                        model = build(variant, d_in, d_out, base_dtype, device, fp32_adapters=True,
-                                      nf4=weight == "nf4")
+                        model = build(variant, d_in, d_out, dtype, device, fp32_adapters=True, nf4=weight == "nf4")
                         ms, peak = time_variant(model, x, 2 if smoke else repeats,
                                                 autocast_dtype=dtype if autocast else None)
                         row.update(status="ok", ms=ms, peak_mb=peak,

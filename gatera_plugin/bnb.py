@@ -14,7 +14,6 @@ from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import dequantize_bnb_weight
 
-from .branches import HALF_DTYPES
 from .fsdp import unsharded_weight
 from .kernels import compute_dtype
 from .layer import Linear
@@ -137,12 +136,9 @@ if is_bnb_4bit_available():
 
         def _base_folds(self, x: torch.Tensor) -> bool:
             """bitsandbytes' 4-bit forward is `x W0ᵀ + b` with W0 dequantised, in `compute_dtype`, returned in x's
-            dtype: the same as the folded product where those dtypes and autocast's agree, and W0 dequantises wider
-            than half precision (see `GateRALayer._base_folds`; a QLoRA run's bf16 W0 keeps the two apart)."""
+            dtype: the same as the folded product where those dtypes and autocast's agree."""
             base = self.get_base_layer()
-            dequantised = getattr(getattr(base.weight, "quant_state", None), "dtype", None)
-            return (type(base).forward is bnb.nn.Linear4bit.forward and dequantised is not None
-                    and dequantised not in HALF_DTYPES and x.dtype == base.compute_dtype == compute_dtype(x))
+            return type(base).forward is bnb.nn.Linear4bit.forward and x.dtype == base.compute_dtype == compute_dtype(x)
 
         @torch.compiler.disable
         def kernel_weight(self):

@@ -26,6 +26,7 @@ from .branches import BRANCH_KINDS, HALF_DTYPES, delta_weight, dora_weight_norm
 from .config import GateRAConfig
 from .fsdp import refuse_distributed_weight, unsharded_weight
 from .gates import make_structure_gate, make_token_gate
+from .kernels import compute_dtype
 from .ops.hira import add_gated, folded_hira
 from .penalty import GateStats, PenaltyRun, penalty_tap
 
@@ -259,16 +260,9 @@ class GateRALayer(BaseTunerLayer):
 
     def _base_folds(self, x: torch.Tensor) -> bool:
         """Whether the base layer's forward is the plain product `x W0ᵀ + b` in `compute_dtype(x)`, returned in that
-        dtype, so that `folded_hira` computes what it would (dense `nn.Linear` / `Conv1D`; bnb.py for 4-bit), and W0
-        is stored wider than half precision.
-
-        A bf16 / fp16 W0 already sits on the grid of the products' dtype: `W0 + s·ΔW` rounded to it is W0 again
-        wherever `|s·BA|` is below half its resolution (2^-9 in bf16), so the forward would drop small updates (those
-        of the first steps, B starting at 0) that the separate path, adding `Δy` to the base output, partly keeps.
-        An fp32 W0 is not on that grid: rounding `W0 + s·ΔW` once keeps them on average (tests/test_fold.py).
-        """
+        dtype, so that `folded_hira` computes what it would (dense `nn.Linear` / `Conv1D`; bnb.py for 4-bit)."""
         base = self.get_base_layer()
-        if type(base).forward not in (nn.Linear.forward, Conv1D.forward) or base.weight.dtype in HALF_DTYPES:
+        if type(base).forward not in (nn.Linear.forward, Conv1D.forward):
             return False
         return torch.is_autocast_enabled(x.device.type) or x.dtype == base.weight.dtype
 
@@ -278,19 +272,25 @@ class GateRALayer(BaseTunerLayer):
         instead of five), or None where the layer runs the base layer and the branch apart.
 
         It folds only where that is the same function of the same weights, computed in the same dtype and rounded no
-        worse: one active adapter, the HiRA branch, no token or structure gate, no active dropout, not `cache_delta`
-        in eval, `kernel` not "triton" (which asks for the branch kernels), a frozen base weight, no extra forward
-        arguments, a base layer that is the wrapped layer itself (not another adapter's layer), whose forward is the
-        plain product with a W0 stored wider than half precision (`_base_folds`), and that nobody else calls: no hooks
-        on it or global ones (a profiler's or FLOP counter's too) and no replaced `forward` (ZeRO-3's parameter
-        gathering, accelerate's offloading or a user's hooks expect the base layer's own call). `without_folding()`
-        turns it off.
+        worse: products in fp32 (or fp64), not bf16 / fp16 (see below); one active adapter, the HiRA branch, no token
+        or structure gate, no active dropout, not `cache_delta` in eval, `kernel` not "triton" (which asks for the
+        branch kernels), a frozen base weight, no extra forward arguments, a base layer that is the wrapped layer
+        itself (not another adapter's layer), whose forward is the plain product (`_base_folds`), and that nobody
+        else calls: no hooks on it or global ones (a profiler's or FLOP counter's too) and no replaced `forward`
+        (ZeRO-3's parameter gathering, accelerate's offloading or a user's hooks expect the base layer's own call).
+        `without_folding()` turns it off.
+
+        Half-precision products would need `W0 + s·ΔW` rounded to bf16 / fp16, and a W0 whose values lie on that grid
+        (a bf16 model, QLoRA's dequantised W0, and an fp32 model loaded from a bf16 checkpoint alike) comes back as W0
+        wherever `|s·BA|` is below half the grid's spacing (2^-9 of W0 in bf16): the forward would drop the small
+        updates of the first steps (B starts at 0), which the separate path, adding `Δy` to the base output, partly
+        keeps (tests/test_fold.py).
         """
         if not _folding or len(adapters) != 1 or args or kwargs:
             return None
         name, base = adapters[0], self.get_base_layer()
         config = self.options[name]
-        if (self.base_layer is not base  # (another adapter's layer in between: its forward adds its own update)
+        if (compute_dtype(x) in HALF_DTYPES or self.base_layer is not base  # (another adapter's layer in between)
                 or self.branch_kind[name] != "hira" or name in self.gatera_gate or name in self.gatera_structure
                 or config.kernel == "triton" or (not self.training and config.cache_delta)
                 or (self.training and not isinstance(self.gatera_dropout[name], nn.Identity))
