@@ -15,7 +15,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import dequantize_bnb_weight
 
 from .fsdp import unsharded_weight
-from .kernels import compute_dtype
 from .layer import Linear
 
 
@@ -136,9 +135,10 @@ if is_bnb_4bit_available():
 
         def _base_folds(self, x: torch.Tensor) -> bool:
             """bitsandbytes' 4-bit forward is `x W0ᵀ + b` with W0 dequantised, in `compute_dtype`, returned in x's
-            dtype: the same as the folded product where those dtypes and autocast's agree."""
+            dtype: the same as the folded product (outside autocast, see `GateRALayer._base_folds`) where x has that
+            dtype."""
             base = self.get_base_layer()
-            return type(base).forward is bnb.nn.Linear4bit.forward and x.dtype == base.compute_dtype == compute_dtype(x)
+            return type(base).forward is bnb.nn.Linear4bit.forward and x.dtype == base.compute_dtype
 
         @torch.compiler.disable
         def kernel_weight(self):

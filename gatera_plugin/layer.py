@@ -259,12 +259,11 @@ class GateRALayer(BaseTunerLayer):
             )
 
     def _base_folds(self, x: torch.Tensor) -> bool:
-        """Whether the base layer's forward is the plain product `x W0ᵀ + b` in `compute_dtype(x)`, returned in that
-        dtype, so that `folded_hira` computes what it would (dense `nn.Linear` / `Conv1D`; bnb.py for 4-bit)."""
+        """Whether the base layer's forward is the plain product `x W0ᵀ + b` in x's dtype outside autocast (the only
+        case `_folded_forward` asks about: autocast's products are half precision), so that `folded_hira` computes
+        what it would (dense `nn.Linear` / `Conv1D`; bnb.py for 4-bit)."""
         base = self.get_base_layer()
-        if type(base).forward not in (nn.Linear.forward, Conv1D.forward):
-            return False
-        return torch.is_autocast_enabled(x.device.type) or x.dtype == base.weight.dtype
+        return type(base).forward in (nn.Linear.forward, Conv1D.forward) and x.dtype == base.weight.dtype
 
     def _folded_forward(self, adapters: list, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         """The layer's output with its one ungated HiRA adapter folded into the base layer's product,
@@ -290,8 +289,9 @@ class GateRALayer(BaseTunerLayer):
             return None
         name, base = adapters[0], self.get_base_layer()
         config = self.options[name]
-        if (compute_dtype(x) in HALF_DTYPES or self.base_layer is not base  # (another adapter's layer in between)
-                or self.branch_kind[name] != "hira" or name in self.gatera_gate or name in self.gatera_structure
+        # (the checks that turn the default, gated, adapter away come first: this runs in every layer's forward)
+        if (name in self.gatera_gate or self.branch_kind[name] != "hira" or name in self.gatera_structure
+                or compute_dtype(x) in HALF_DTYPES or self.base_layer is not base  # (another adapter's layer between)
                 or config.kernel == "triton" or (not self.training and config.cache_delta)
                 or (self.training and not isinstance(self.gatera_dropout[name], nn.Identity))
                 or base.weight.requires_grad or _called_by_others(base) or not self._base_folds(x)

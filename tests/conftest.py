@@ -17,6 +17,16 @@ torch.set_num_threads(1)
 import gatera_plugin  # noqa: E402,F401  (registers GateRA with PEFT)
 
 
+@pytest.fixture(params=["one-block", "many-blocks"])
+def hira_blocks(request, monkeypatch):
+    """Run a HiRA test with ΔW built whole and in blocks of 2 rows (of the test module's `D_IN` columns each)."""
+    import gatera_plugin.ops.hira as hira_ops
+
+    if request.param == "many-blocks":
+        monkeypatch.setattr(hira_ops, "CHUNK_ELEMENTS", 2 * request.module.D_IN)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -43,19 +43,9 @@ def _run(t, scaling, folded: bool, grad_out):
     return out, dict(zip(names, torch.autograd.grad(out, [t[k] for k in names], grad_out.to(out.dtype))))
 
 
-@pytest.fixture(params=["one-block", "many-blocks"])
-def blocks(request, monkeypatch):
-    """W0 + s·ΔW built whole, and in blocks of 2 rows (D_OUT = 40 is 20 blocks)."""
-    import gatera_plugin.ops.hira as hira_ops
-
-    if request.param == "many-blocks":
-        monkeypatch.setattr(hira_ops, "CHUNK_ELEMENTS", 2 * D_IN)
-    return request.param
-
-
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("scaling", [1.0, 0.37])
-def test_folded_hira_matches_naive_fp32(bias, scaling, blocks):
+def test_folded_hira_matches_naive_fp32(bias, scaling, hira_blocks):
     t = _tensors(torch.float32, bias)
     grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1))
     out, grads = _run(t, scaling, True, grad_out)
@@ -67,7 +57,7 @@ def test_folded_hira_matches_naive_fp32(bias, scaling, blocks):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_folded_hira_low_precision_within_rounding_of_fp32(dtype, blocks):
+def test_folded_hira_low_precision_within_rounding_of_fp32(dtype, hira_blocks):
     """The folded weight rounds `W0 + s·ΔW` once to `dtype`; output and gradients stay within 2x the error of naive
     autograd run in `dtype` (+2 ulp), like the separate path (`tests.helpers.rounding_bound`)."""
     grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1))

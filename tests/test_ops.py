@@ -51,16 +51,6 @@ def _grads(kind, t, scaling, use_ops, grad_out):
     return out, dict(zip(names, grads))
 
 
-@pytest.fixture(params=["one-block", "many-blocks"])
-def hira_blocks(request, monkeypatch):
-    """Run HiRA tests with ΔW built whole and in blocks of 2 rows (D_OUT = 40 is 20 blocks)."""
-    import gatera_plugin.ops.hira as hira_ops
-
-    if request.param == "many-blocks":
-        monkeypatch.setattr(hira_ops, "CHUNK_ELEMENTS", 2 * D_IN)
-    return request.param
-
-
 @pytest.mark.parametrize("kind", ["hira", "lora"])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("scaling", [1.0, 0.37])

@@ -311,7 +311,6 @@ def folded_hira(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight_fn: Ca
     the adapted weight is rebuilt in backward from `W0`, `A` and `B` like the branch's `ΔW`. `bias` (d_out,) or None
     is added in the products' dtype (autocast's when it is on, else x's), as the base layer adds it.
     """
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    base = bias.to(dtype) if bias is not None else None
+    base = bias.to(_product_dtype(x, autocast_state(x.device.type))) if bias is not None else None
     return apply_to_tokens(GatedHiraFunction, x, None, base, A, B, lambda: FoldedWeight(weight_fn(), scaling), 1.0,
                            TORCH_ROWS)
