@@ -2,6 +2,7 @@
 
     python bench/train_step.py                      # both sizes, all methods; table + bench/results/train_step.json
     python bench/train_step.py --sizes weight-heavy --rounds 4     # one size, fewer rounds
+    python bench/train_step.py --precision bf16 --out bench/results/train_step_bf16.json   # as bf16 GPU runs train
 
 - step time: all methods are built in one process and trained in turn, one step each, round after round, so that the
   machine's drift (it varied by 30% within minutes here) hits them alike; reported are the median CPU seconds per
@@ -19,6 +20,10 @@ Sizes: "activation-heavy" (hidden 512, 4 layers, batch 4 x 256 tokens: activatio
 q, k, v, up, down; rank 32. The JSON's `round_ratios` holds the quartiles over rounds of gated GateRA's step against
 `gate="none"` run apart ("gatera-none-apart": the token gate's own cost) and against PEFT's HiRA, and of
 `gate="none"` (folded into one linear map per layer) against PEFT's HiRA and against itself run apart.
+
+`--precision bf16` trains as a bf16 run on a GPU does (a bf16 model, adapter weights fp32 as PEFT keeps them, the step
+under bf16 autocast): every method's large products run in bf16, and `gate="none"` folds only its backward (four
+products of size N·d_in·d_out per step instead of five; three in fp32).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ RANK = 32
 VOCAB = 1024
 
 
-def build(method: str, size: dict):
+def build(method: str, size: dict, precision: str = "fp32"):
     import torch
     from peft import HiraConfig, LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -60,6 +65,8 @@ def build(method: str, size: dict):
         max_position_embeddings=size["seq"], tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
+    if precision == "bf16":  # (get_peft_model keeps the adapter weights fp32)
+        model = model.to(torch.bfloat16)
     adapters = {
         "peft-lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS),
         "peft-hira": lambda: HiraConfig(r=RANK, target_modules=TARGETS),
@@ -83,30 +90,34 @@ def _batch(size: dict):
     return torch.randint(0, VOCAB, (size["batch"], size["seq"]), generator=torch.Generator().manual_seed(1))
 
 
-def _step(model, optimizer, input_ids, method: str) -> float:
+def _step(model, optimizer, input_ids, method: str, precision: str = "fp32") -> float:
     """One training step; its CPU seconds (one thread, so CPU time is the work done). "gatera-none-apart" runs
     `gate="none"` with the base layer and the branch apart (`gatera_plugin.layer.without_folding`), as gated GateRA
-    and PEFT's HiRA do: gated over it is the token gate's own cost."""
+    and PEFT's HiRA do: gated over it is the token gate's own cost. `precision="bf16"`: forward and backward under
+    bf16 autocast."""
+    import torch
+
     from gatera_plugin.layer import without_folding
 
     start = time.process_time()
-    with without_folding() if method == "gatera-none-apart" else contextlib.nullcontext():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with without_folding() if method == "gatera-none-apart" else contextlib.nullcontext(), autocast:
         model(input_ids=input_ids, labels=input_ids).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.process_time() - start
 
 
-def _setup(method: str, size: dict):
+def _setup(method: str, size: dict, precision: str = "fp32"):
     import torch
 
-    model = build(method, size)
+    model = build(method, size, precision)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer
 
 
-def memory_worker(method: str, size_name: str, steps: int) -> dict:
+def memory_worker(method: str, size_name: str, steps: int, precision: str) -> dict:
     """Peak-RSS overhead of training `method` alone in this process."""
     import gc
 
@@ -115,32 +126,32 @@ def memory_worker(method: str, size_name: str, steps: int) -> dict:
 
     torch.set_num_threads(1)
     size = SIZES[size_name]
-    model, optimizer = _setup(method, size)
+    model, optimizer = _setup(method, size, precision)
     input_ids = _batch(size)
     gc.collect()
     rss_built = psutil.Process().memory_info().rss
     for _ in range(steps):
-        _step(model, optimizer, input_ids, method)
+        _step(model, optimizer, input_ids, method, precision)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"method": method, "size": size_name, "overhead_mb": (peak - rss_built) / 2**20, "trainable": trainable}
 
 
-def timing_worker(methods: list[str], size_name: str, rounds: int, warmup: int) -> dict:
+def timing_worker(methods: list[str], size_name: str, rounds: int, warmup: int, precision: str) -> dict:
     """All methods in this process, one step each per round; CPU seconds per step for each."""
     import torch
 
     torch.set_num_threads(1)
     size = SIZES[size_name]
     input_ids = _batch(size)
-    runs = {m: _setup(m, size) for m in methods}
+    runs = {m: _setup(m, size, precision) for m in methods}
     for m, (model, optimizer) in runs.items():
         for _ in range(warmup):
-            _step(model, optimizer, input_ids, m)
+            _step(model, optimizer, input_ids, m, precision)
     times = {m: [] for m in methods}
     for _ in range(rounds):
         for m in methods:
-            times[m].append(_step(*runs[m], input_ids, m))
+            times[m].append(_step(*runs[m], input_ids, m, precision))
     return times
 
 
@@ -161,25 +172,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: a bf16 model (fp32 adapter weights) trained under bf16 autocast")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "memory":
-        print(json.dumps(memory_worker(args.methods[0], args.sizes[0], args.memory_steps)))
+        print(json.dumps(memory_worker(args.methods[0], args.sizes[0], args.memory_steps, args.precision)))
         return
     if args.worker == "time":
-        print(json.dumps(timing_worker(args.methods, args.sizes[0], args.rounds, args.warmup)))
+        print(json.dumps(timing_worker(args.methods, args.sizes[0], args.rounds, args.warmup, args.precision)))
         return
     if "peft-lora" not in args.methods:
         args.methods = ["peft-lora"] + args.methods  # the baseline of every ratio
 
     summary, raw = [], {}
     for size in args.sizes:
-        times = run_worker(["--worker", "time", "--sizes", size, "--methods", *args.methods,
-                            "--rounds", str(args.rounds), "--warmup", str(args.warmup)])
+        times = run_worker(["--worker", "time", "--sizes", size, "--methods", *args.methods, "--rounds",
+                            str(args.rounds), "--warmup", str(args.warmup), "--precision", args.precision])
         memory = {}
         for method in args.methods:
-            common = ["--sizes", size, "--methods", method, "--memory-steps", str(args.memory_steps)]
+            common = ["--sizes", size, "--methods", method, "--memory-steps", str(args.memory_steps),
+                      "--precision", args.precision]
             memory[method] = run_worker(["--worker", "memory", *common], eager_free=True)
             memory[method]["default_allocator_mb"] = run_worker(["--worker", "memory", *common])["overhead_mb"]
         raw[size] = {"step_cpu_s": times, "memory": memory}
@@ -222,6 +236,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"rank": RANK, "targets": TARGETS, "sizes": {k: SIZES[k] for k in args.sizes}, "threads": 1,
+            "precision": args.precision,
             "rounds": args.rounds, "warmup": args.warmup, "memory_steps": args.memory_steps}
     out.write_text(json.dumps({"meta": meta, "summary": summary, "round_ratios": pairs, "raw": raw}, indent=2))
     print(f"\nwrote {out}", file=sys.stderr)

@@ -135,8 +135,7 @@ if is_bnb_4bit_available():
 
         def _base_folds(self, x: torch.Tensor) -> bool:
             """bitsandbytes' 4-bit forward is `x W0ᵀ + b` with W0 dequantised, in `compute_dtype`, returned in x's
-            dtype: the same as the folded product (outside autocast, see `GateRALayer._base_folds`) where x has that
-            dtype."""
+            dtype: the same as the folded product (`GateRALayer._base_folds`) where x has that dtype."""
             base = self.get_base_layer()
             return type(base).forward is bnb.nn.Linear4bit.forward and x.dtype == base.compute_dtype
 

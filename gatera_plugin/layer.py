@@ -259,31 +259,33 @@ class GateRALayer(BaseTunerLayer):
             )
 
     def _base_folds(self, x: torch.Tensor) -> bool:
-        """Whether the base layer's forward is the plain product `x W0ᵀ + b` in x's dtype outside autocast (the only
-        case `_folded_forward` asks about: autocast's products are half precision), so that `folded_hira` computes
-        what it would (dense `nn.Linear` / `Conv1D`; bnb.py for 4-bit)."""
+        """Whether the base layer's forward is the plain product `x W0ᵀ + b` (`F.linear`, with autocast's casts where
+        it is on, else in x's dtype), so that `folded_hira` computes what it would (dense `nn.Linear` / `Conv1D`;
+        bnb.py for 4-bit)."""
         base = self.get_base_layer()
-        return type(base).forward in (nn.Linear.forward, Conv1D.forward) and x.dtype == base.weight.dtype
+        return type(base).forward in (nn.Linear.forward, Conv1D.forward) and (
+            x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
 
     def _folded_forward(self, adapters: list, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         """The layer's output with its one ungated HiRA adapter folded into the base layer's product,
         `x (W0 + s·W0 ⊙ BA)ᵀ + b` (`ops.hira.folded_hira`: three products of size N·d_in·d_out per training step
-        instead of five), or None where the layer runs the base layer and the branch apart.
+        instead of five; four where the products run in bf16 / fp16, see below), or None where the layer runs the
+        base layer and the branch apart.
 
-        It folds only where that is the same function of the same weights, computed in the same dtype and rounded no
-        worse: products in fp32 (or fp64), not bf16 / fp16 (see below); one active adapter, the HiRA branch, no token
-        or structure gate, no active dropout, not `cache_delta` in eval, `kernel` not "triton" (which asks for the
-        branch kernels), a frozen base weight, no extra forward arguments, a base layer that is the wrapped layer
-        itself (not another adapter's layer), whose forward is the plain product (`_base_folds`), and that nobody
-        else calls: no hooks on it or global ones (a profiler's or FLOP counter's too) and no replaced `forward`
+        It folds only where that is the same function of the same weights, computed in the same dtype: one active
+        adapter, the HiRA branch, no token or structure gate, no active dropout, not `cache_delta` in eval, `kernel`
+        not "triton" (which asks for the branch kernels), a frozen base weight, no extra forward arguments, a base
+        layer that is the wrapped layer itself (not another adapter's layer), whose forward is the plain product
+        (`_base_folds`), and that nobody else calls: no hooks on it or global ones (a profiler's or FLOP counter's too) and no replaced `forward`
         (ZeRO-3's parameter gathering, accelerate's offloading or a user's hooks expect the base layer's own call).
         `without_folding()` turns it off.
 
-        Half-precision products would need `W0 + s·ΔW` rounded to bf16 / fp16, and a W0 whose values lie on that grid
-        (a bf16 model, QLoRA's dequantised W0, and an fp32 model loaded from a bf16 checkpoint alike) comes back as W0
-        wherever `|s·BA|` is below half the grid's spacing (2^-9 of W0 in bf16): the forward would drop the small
-        updates of the first steps (B starts at 0), which the separate path, adding `Δy` to the base output, partly
-        keeps (tests/test_fold.py).
+        Where the products run in bf16 / fp16 only backward folds (`fold_forward=False`): `W0 + s·ΔW` rounded to that
+        dtype, for a W0 whose values lie on its grid (a bf16 model, QLoRA's dequantised W0, and an fp32 model loaded
+        from a bf16 checkpoint alike), comes back as W0 wherever `|s·BA|` is below half the grid's spacing (2^-9 of W0
+        in bf16). A folded forward would drop the small updates of the first steps (B starts at 0), which the separate
+        path, adding `Δy` to the base output, partly keeps; in the input gradient the same rounding is an error of
+        the size of the product's own output rounding (tests/test_fold.py).
         """
         if not _folding or len(adapters) != 1 or args or kwargs:
             return None
@@ -291,7 +293,7 @@ class GateRALayer(BaseTunerLayer):
         config = self.options[name]
         # (the checks that turn the default, gated, adapter away come first: this runs in every layer's forward)
         if (name in self.gatera_gate or self.branch_kind[name] != "hira" or name in self.gatera_structure
-                or compute_dtype(x) in HALF_DTYPES or self.base_layer is not base  # (another adapter's layer between)
+                or self.base_layer is not base  # (another adapter's layer between)
                 or config.kernel == "triton" or (not self.training and config.cache_delta)
                 or (self.training and not isinstance(self.gatera_dropout[name], nn.Identity))
                 or base.weight.requires_grad or _called_by_others(base) or not self._base_folds(x)
@@ -299,7 +301,7 @@ class GateRALayer(BaseTunerLayer):
             return None
         self._check_adapter_device(name, x)
         return folded_hira(x, self.gatera_A[name], self.gatera_B[name], self.base_weight, self.branch_scale(name),
-                           base.bias)
+                           base.bias, fold_forward=compute_dtype(x) not in HALF_DTYPES)
 
     def _add_adapter_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor,
                             layout: tuple):
