@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import dequantize_bnb_weight
 
 from .fsdp import unsharded_weight
+from .kernels import compute_dtype
 from .layer import Linear
 
 
@@ -135,9 +136,12 @@ if is_bnb_4bit_available():
 
         def _base_folds(self, x: torch.Tensor) -> bool:
             """bitsandbytes' 4-bit forward is `x W0ᵀ + b` with W0 dequantised, in `compute_dtype`, returned in x's
-            dtype: the same as the folded product (`GateRALayer._base_folds`) where x has that dtype."""
+            dtype: the same as the folded product (`GateRALayer._base_folds`) where x has that dtype and autocast is
+            off or in that dtype too. (An fp32 compute dtype under bf16 autocast stays apart: on CPU bitsandbytes
+            0.50 computes it in bf16, as the folded product would, but its CUDA kernels are not checked for that.)"""
             base = self.get_base_layer()
-            return type(base).forward is bnb.nn.Linear4bit.forward and x.dtype == base.compute_dtype
+            return (type(base).forward is bnb.nn.Linear4bit.forward and x.dtype == base.compute_dtype
+                    and compute_dtype(x) == x.dtype)
 
         @torch.compiler.disable
         def kernel_weight(self):

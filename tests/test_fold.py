@@ -402,6 +402,19 @@ def test_quantised_base_folds_only_where_its_forward_is_the_same_product(base_di
     assert passed, (error, bound)
 
 
+def test_quantised_base_under_autocast_of_another_dtype_stays_apart(base_dir):
+    """A 4-bit base with an fp32 compute dtype under bf16 autocast: not checked to compute as the folded product does
+    on every backend, so it runs apart; with a bf16 compute dtype and bf16 autocast (QLoRA with `bf16=True`) it folds
+    its backward."""
+    for compute_dtype, input_dtype, folds in ((torch.float32, torch.float32, False),
+                                              (torch.bfloat16, torch.bfloat16, True)):
+        model = get_peft_model(load_4bit(base_dir, compute_dtype),
+                               GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, gate="none", init_weights=False))
+        layer = model.base_model.model.model.layers[0].mlp.down_proj
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _folds(layer, torch.randn(2, 5, 128).to(input_dtype)) == folds, compute_dtype
+
+
 def test_without_folding_keeps_apart_inside_and_restores_after_an_error():
     layer, x = _layer(), torch.randn(N, D_IN)
     with pytest.raises(KeyError), without_folding():
