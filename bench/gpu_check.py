@@ -236,7 +236,8 @@ def speed(device, smoke: bool, repeats: int) -> list[dict]:
     # (weight, d_in, d_out, autocast): dense at both shapes; an NF4 base (QLoRA) at the MLP shape; the MLP shape
     # outside autocast, as a bf16 model runs without it (PEFT casts the input to its fp32 adapter weights there); and
     # an fp32 model at the MLP shape and the most tokens, without autocast, where gate="none" folds the adapter into
-    # the base product (with bf16 products it stays apart: README, "Ungated HiRA folds into the base layer")
+    # the base product (three products; with bf16 products it folds its backward only, four products: README,
+    # "Ungated HiRA folds into the base layer")
     cases = [("dense", 64, 96, True), ("nf4", 64, 96, True), ("dense", 64, 96, False),
              ("dense-fp32", 64, 96, False)] if smoke else [
         ("dense", 4096, 4096, True), ("dense", 4096, 14336, True), ("nf4", 4096, 14336, True),
