@@ -280,12 +280,13 @@ class GateRALayer(BaseTunerLayer):
         (ZeRO-3's parameter gathering, accelerate's offloading or a user's hooks expect the base layer's own call).
         `without_folding()` turns it off.
 
-        Where the products run in bf16 / fp16 only backward folds (`fold_forward=False`): `W0 + s·ΔW` rounded to that
-        dtype, for a W0 whose values lie on its grid (a bf16 model, QLoRA's dequantised W0, and an fp32 model loaded
-        from a bf16 checkpoint alike), comes back as W0 wherever `|s·BA|` is below half the grid's spacing (2^-9 of W0
-        in bf16). A folded forward would drop the small updates of the first steps (B starts at 0), which the separate
-        path, adding `Δy` to the base output, partly keeps; in the input gradient the same rounding is an error of
-        the size of the product's own output rounding (tests/test_fold.py).
+        Where the products run in bf16 / fp16 only backward folds (`fold_forward=False`), and without autograd (e.g.
+        `generate()`) there is nothing to fold, so the two run apart. `W0 + s·ΔW` rounded to that dtype, for a W0
+        whose values lie on its grid (a bf16 model, QLoRA's dequantised W0, and an fp32 model loaded from a bf16
+        checkpoint alike), comes back as W0 wherever `|s·BA|` is below half the grid's spacing (2^-9 of W0 in bf16).
+        A folded forward would drop the small updates of the first steps (B starts at 0), which the separate path,
+        adding `Δy` to the base output, partly keeps; in the input gradient the same rounding is an error of the size
+        of the product's own output rounding (tests/test_fold.py).
         """
         if not _folding or len(adapters) != 1 or args or kwargs:
             return None
@@ -299,9 +300,12 @@ class GateRALayer(BaseTunerLayer):
                 or base.weight.requires_grad or _called_by_others(base) or not self._base_folds(x)
                 or BRANCH_KINDS["hira"].input_dtype(x, self.gatera_A[name].dtype) != x.dtype):
             return None
+        fold_forward = compute_dtype(x) not in HALF_DTYPES
+        if not (fold_forward or torch.is_grad_enabled()):  # (no backward to fold: generate() keeps bitsandbytes' own
+            return None                                     # kernels for the base product)
         self._check_adapter_device(name, x)
         return folded_hira(x, self.gatera_A[name], self.gatera_B[name], self.base_weight, self.branch_scale(name),
-                           base.bias, fold_forward=compute_dtype(x) not in HALF_DTYPES)
+                           base.bias, fold_forward=fold_forward)
 
     def _add_adapter_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor,
                             layout: tuple):

@@ -289,6 +289,36 @@ def test_half_products_fold_backward_only(case):
         assert max_error(ours, true) <= rounding_bound(theirs, true, dtype), name
 
 
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_half_products_without_autograd_run_apart(case):
+    """No backward, nothing to fold: `no_grad` / `inference_mode` (eval, `generate()`) in half precision run the base
+    layer itself (bitsandbytes keeps its own kernels there); fp32 still folds its one forward product."""
+    layer, x, autocast = _half_products(case)
+    with autocast():
+        assert _folds(layer, x)
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                assert not _folds(layer, x), mode
+    with torch.no_grad():
+        assert _folds(_layer(), torch.randn(N, D_IN))
+
+
+@pytest.mark.parametrize("case", ["bf16 autocast, fp32 model", "bf16 model"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_half_products_forward_is_the_base_layers_own_on_any_input_layout(case, layout):
+    """The base product runs on x as the layer gets it: a non-contiguous 3-D input takes `F.linear`'s matmul-then-add
+    there (two roundings), as the base layer does, and the output stays the separate path's to the bit."""
+    layer, x, autocast = _half_products(case)
+    x = x[:16].reshape(4, 4, D_IN)
+    x = (x.transpose(0, 1) if layout == "transposed" else x).requires_grad_(True)
+    with autocast():
+        assert _folds(layer, x)
+        out = layer(x)
+        with without_folding():
+            ref = layer(x)
+    assert torch.equal(out, ref)
+
+
 def _kept_share(layer, x, exact, base):
     """How much of the adapter's exact effect on the output, `exact - base` (fp64), the layer's output shows: the
     least-squares coefficient of its own change on the exact one (1: all of it, 0: none)."""
@@ -324,7 +354,7 @@ def test_rounding_w0_plus_update_to_bf16_would_drop_small_updates(update):
     folds backward only, shows what the separate path does."""
     layer, x, exact, base = _small_update_layer(update, on_bf16_grid=True)
     A, B, bias = layer.gatera_A["default"], layer.gatera_B["default"], layer.base_layer.bias
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (with autograd: without it nothing folds in bf16)
         assert _folds(layer, x)
         kept = _kept_share(layer, x, exact, base)
         with without_folding():
@@ -413,6 +443,32 @@ def test_quantised_base_under_autocast_of_another_dtype_stays_apart(base_dir):
         layer = model.base_model.model.model.layers[0].mlp.down_proj
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert _folds(layer, torch.randn(2, 5, 128).to(input_dtype)) == folds, compute_dtype
+
+
+@pytest.mark.parametrize("weight_dtype, bias_dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_quantised_base_casts_weight_and_bias_as_bitsandbytes_does(weight_dtype, bias_dtype):
+    """A 4-bit layer computing in bf16 whose weight was quantised from fp16 (dequantised W0 in fp16), or with an fp32
+    bias (`prepare_model_for_kbit_training`): the folded base product casts both to the input's dtype, as
+    bitsandbytes' forward does; the output is within two bf16 units of its scale of the separate path's (which rounds
+    an fp16 W0 its own way) and backward runs."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(bnb.nn.Linear4bit(D_IN, D_OUT, compute_dtype=torch.bfloat16, quant_type="nf4"))
+    module[0].weight = bnb.nn.Params4bit((torch.randn(D_OUT, D_IN) * 0.3).to(weight_dtype), requires_grad=False,
+                                         quant_type="nf4")
+    module[0].bias = torch.nn.Parameter(torch.randn(D_OUT).to(bias_dtype), requires_grad=False)
+    module = module.to("cpu")  # (quantises)
+    layer = get_peft_model(module, GateRAConfig(r=R, target_modules=["0"], gate="none", init_weights=False)
+                           ).base_model.model[0]
+    x = torch.randn(3, 5, D_IN, dtype=torch.bfloat16, requires_grad=True)
+    assert _folds(layer, x)
+    out = layer(x)
+    out.float().square().sum().backward()
+    with without_folding():
+        ref = layer(x)
+    assert out.dtype == ref.dtype == torch.bfloat16 and x.grad is not None
+    difference = (out.float() - ref.float()).abs().max().item()
+    assert difference <= 2 * torch.finfo(torch.bfloat16).eps * ref.abs().max().item(), difference
 
 
 def test_without_folding_keeps_apart_inside_and_restores_after_an_error():

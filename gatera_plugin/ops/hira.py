@@ -307,41 +307,49 @@ class FoldedHiraFunction(GatedHiraFunction):
 
     Backward always folds: `dx = δ W` with the adapted weight `W = W0 ⊙ (1 + s·BA)` rebuilt from `W0`, `A`, `B`
     (`FoldedWeight`), and `dΔW = δᵀ x`: two products of size N·d_in·d_out, where the base layer and the branch apart
-    take three (`δ W0`, `δ ΔW`, `δᵀ x`). Forward folds too with `fold_forward=True` (one product, `x Wᵀ`), or runs
-    the base layer's product and the branch's apart (`x W0ᵀ + b + s · x ΔWᵀ`, two products, the separate path's
-    result to the bit), which half-precision products need (`folded_hira`)."""
+    take three (`δ W0`, `δ ΔW`, `δᵀ x`). Forward folds too where `forward_weight` is None (one product, `x Wᵀ`), or
+    adds the branch's product to the base layer's output computed outside (`folded_hira`: two products, which
+    half-precision products need)."""
 
     @staticmethod
-    def forward(ctx, bias, x, gate, A, B, weight_fn, scaling, fold_forward):
-        """bias: (d_out,) or None (in the products' dtype when `fold_forward`), x: (N, d_in), gate: None, A: (r, d_in),
-        B: (d_out, r), weight_fn() -> W0 (d_out, d_in)."""
+    def forward(ctx, base, x, gate, A, B, weight_fn, scaling, forward_weight):
+        """base: where forward folds, the bias (d_out,) in the products' dtype, or None; else the base layer's output
+        (N, d_out) computed without x's gradient, and `forward_weight` the W0 (d_out, d_in) it used, which builds ΔW
+        here (read once per forward). x: (N, d_in), gate: None, A: (r, d_in), B: (d_out, r), weight_fn() -> W0."""
         def folded():
             return FoldedWeight(weight_fn(), scaling)
 
-        if fold_forward:
-            out = GatedHiraFunction.forward(ctx, bias, x, None, A, B, folded, 1.0)
-        else:  # (F.linear is the base layer's product: `_base_folds` checked it; autocast casts as it does there)
-            base = torch.nn.functional.linear(x, weight_fn(), bias)
-            out = GatedHiraFunction.forward(ctx, base, x, None, A, B, weight_fn, scaling)
-            ctx.weight_fn, ctx.scaling = folded, 1.0
-        ctx.has_base = bias is not None  # (the bias's gradient: grad_out, which autograd sums over the tokens)
+        if forward_weight is None:
+            return GatedHiraFunction.forward(ctx, base, x, None, A, B, folded, 1.0)
+        out = GatedHiraFunction.forward(ctx, base, x, None, A, B, lambda: forward_weight, scaling)
+        ctx.weight_fn, ctx.scaling = folded, 1.0  # (backward: dx = δ (W0 + s·ΔW), which includes the base's part)
         return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*GatedHiraFunction.backward(ctx, grad_out), None)
 
 
 def folded_hira(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight_fn: Callable[[], torch.Tensor],
                 scaling: float, bias: Optional[torch.Tensor] = None, fold_forward: bool = True) -> torch.Tensor:
-    """`x (W0 + s · W0 ⊙ BA)ᵀ + bias` for x (N, d_in): an ungated HiRA adapter and its base layer as one linear map.
+    """`x (W0 + s · W0 ⊙ BA)ᵀ + bias` for x (..., d_in): an ungated HiRA adapter and its base layer as one linear map.
 
     The base layer and the ungated branch take five products of size N·d_in·d_out per training step (each one's
     forward and input gradient, and the branch's `dΔW`). Folded, they take three (`x Wᵀ`, `δ W` and `δᵀ x`), with
     the adapted weight `W` rebuilt in backward from `W0`, `A` and `B` like the branch's `ΔW`. `bias` (d_out,) or None
     is added in the products' dtype (autocast's when it is on, else x's), as the base layer adds it.
 
-    `fold_forward=False` keeps the forward's two products apart and folds backward only: four products. In bf16 /
-    fp16, `W` rounded to the products' dtype is `W0` itself wherever `|s·BA|` is below half the grid's spacing (2^-9
-    in bf16), so a folded forward would not show the small updates of the first steps; in the input gradient that
-    rounding is an error of the size of the product's own output rounding (tests/test_fold.py).
+    `fold_forward=False` keeps the forward's two products apart and folds backward only: four products. The base
+    product is `F.linear(x, W0, bias)` on x as given (W0 and bias cast to x's dtype, as bitsandbytes' 4-bit forward
+    casts them; autocast casts on top), with x detached: backward's `δ W` carries its input gradient, autograd the
+    bias's. In bf16 / fp16, `W` rounded to the products' dtype is `W0` itself wherever `|s·BA|` is below half the
+    grid's spacing (2^-9 in bf16), so a folded forward would not show the small updates of the first steps; in the
+    input gradient that rounding is an error of the size of the product's own output rounding (tests/test_fold.py).
     """
-    if fold_forward and bias is not None:
-        bias = bias.to(_product_dtype(x, autocast_state(x.device.type)))
-    return apply_to_tokens(FoldedHiraFunction, x, None, bias, A, B, weight_fn, scaling, fold_forward)
+    if fold_forward:
+        if bias is not None:
+            bias = bias.to(_product_dtype(x, autocast_state(x.device.type)))
+        return apply_to_tokens(FoldedHiraFunction, x, None, bias, A, B, weight_fn, scaling, None)
+    weight = weight_fn()
+    base = torch.nn.functional.linear(x.detach(), weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
+    return apply_to_tokens(FoldedHiraFunction, x, None, base, A, B, weight_fn, scaling, weight)
