@@ -445,6 +445,34 @@ def test_quantised_base_under_autocast_of_another_dtype_stays_apart(base_dir):
             assert _folds(layer, torch.randn(2, 5, 128).to(input_dtype)) == folds, compute_dtype
 
 
+class _WeightCasts(TorchDispatchMode):
+    """Counts the dtype casts of weight-sized (D_OUT x D_IN) tensors run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == (D_OUT, D_IN):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_half_fold_casts_the_weight_no_more_than_the_separate_path():
+    """A bf16 base weight and an fp32 input (a LayerNorm's output) under bf16 autocast: autocast casts W0 for the base
+    product once, as in the separate path; no round trip through the input's dtype (two weight-sized copies)."""
+    layer = _layer()
+    layer.base_layer.bfloat16()
+    x = torch.randn(N, D_IN, requires_grad=True)
+    counts = {}
+    for name, fold in (("folded", contextlib.nullcontext), ("apart", without_folding)):
+        with fold(), torch.autocast("cpu", dtype=torch.bfloat16), _WeightCasts() as casts:
+            assert _folds(layer, x) == (name == "folded")
+            layer(x)
+        counts[name] = casts.count
+    assert counts["folded"] <= counts["apart"], counts
+
+
 @pytest.mark.parametrize("weight_dtype, bias_dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_quantised_base_casts_weight_and_bias_as_bitsandbytes_does(weight_dtype, bias_dtype):
     """A 4-bit layer computing in bf16 whose weight was quantised from fp16 (dequantised W0 in fp16), or with an fp32

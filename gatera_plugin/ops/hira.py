@@ -325,10 +325,6 @@ class FoldedHiraFunction(GatedHiraFunction):
         ctx.weight_fn, ctx.scaling = folded, 1.0  # (backward: dx = δ (W0 + s·ΔW), which includes the base's part)
         return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (*GatedHiraFunction.backward(ctx, grad_out), None)
-
 
 def folded_hira(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight_fn: Callable[[], torch.Tensor],
                 scaling: float, bias: Optional[torch.Tensor] = None, fold_forward: bool = True) -> torch.Tensor:
@@ -340,8 +336,8 @@ def folded_hira(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight_fn: Ca
     is added in the products' dtype (autocast's when it is on, else x's), as the base layer adds it.
 
     `fold_forward=False` keeps the forward's two products apart and folds backward only: four products. The base
-    product is `F.linear(x, W0, bias)` on x as given (W0 and bias cast to x's dtype, as bitsandbytes' 4-bit forward
-    casts them; autocast casts on top), with x detached: backward's `δ W` carries its input gradient, autograd the
+    product is `F.linear(x, W0, bias)` on x as given (outside autocast W0 and bias cast to x's dtype, as bitsandbytes'
+    4-bit forward casts them; under it, autocast's casts), with x detached: backward's `δ W` carries its input gradient, autograd the
     bias's. In bf16 / fp16, `W` rounded to the products' dtype is `W0` itself wherever `|s·BA|` is below half the
     grid's spacing (2^-9 in bf16), so a folded forward would not show the small updates of the first steps; in the
     input gradient that rounding is an error of the size of the product's own output rounding (tests/test_fold.py).
@@ -351,5 +347,8 @@ def folded_hira(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight_fn: Ca
             bias = bias.to(_product_dtype(x, autocast_state(x.device.type)))
         return apply_to_tokens(FoldedHiraFunction, x, None, bias, A, B, weight_fn, scaling, None)
     weight = weight_fn()
-    base = torch.nn.functional.linear(x.detach(), weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
+    base_weight, base_bias = weight, bias
+    if not torch.is_autocast_enabled(x.device.type):  # (under autocast, F.linear casts them as in the base layer)
+        base_weight, base_bias = weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None
+    base = torch.nn.functional.linear(x.detach(), base_weight, base_bias)
     return apply_to_tokens(FoldedHiraFunction, x, None, base, A, B, weight_fn, scaling, weight)
