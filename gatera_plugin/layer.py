@@ -276,9 +276,9 @@ class GateRALayer(BaseTunerLayer):
         adapter, the HiRA branch, no token or structure gate, no active dropout, not `cache_delta` in eval, `kernel`
         not "triton" (which asks for the branch kernels), a frozen base weight, no extra forward arguments, a base
         layer that is the wrapped layer itself (not another adapter's layer), whose forward is the plain product
-        (`_base_folds`), and that nobody else calls: no hooks on it or global ones (a profiler's or FLOP counter's too) and no replaced `forward`
-        (ZeRO-3's parameter gathering, accelerate's offloading or a user's hooks expect the base layer's own call).
-        `without_folding()` turns it off.
+        (`_base_folds`), and that nobody else calls: no hooks on it or global ones (a profiler's or FLOP counter's
+        too) and no replaced `forward` (ZeRO-3's parameter gathering, accelerate's offloading or a user's hooks expect
+        the base layer's own call). `without_folding()` turns it off.
 
         Where the products run in bf16 / fp16 only backward folds (`fold_forward=False`), and without autograd (e.g.
         `generate()`) there is nothing to fold, so the two run apart. `W0 + s·ΔW` rounded to that dtype, for a W0

@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
 from gatera_plugin.penalty import ENTROPY_EPS
@@ -470,3 +471,22 @@ def plain_trainer(tmp_path, texts, entropy_weight: float, batch: int, accum: int
     )
     collate = collator(tokenizer) if collator else DataCollatorForLanguageModeling(tokenizer, mlm=False)
     return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+
+
+MATRIX_PRODUCTS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default})
+
+
+class RecordOps(TorchDispatchMode):
+    """Records (shapes, dtypes) of the tensor operands of every call of `ops` (ATen overloads) run inside it, backward
+    included, in `calls`. A dispatch mode, not module hooks (which would keep a GateRA layer from folding)."""
+
+    def __init__(self, ops=MATRIX_PRODUCTS):
+        super().__init__()
+        self.ops = ops
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.ops:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            self.calls.append(([tuple(t.shape) for t in tensors], [t.dtype for t in tensors]))
+        return func(*args, **(kwargs or {}))

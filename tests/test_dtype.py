@@ -11,26 +11,9 @@ from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gatera_plugin import GateRAConfig
-from tests.helpers import max_error, naive_gated_hira, within_tolerance
+from tests.helpers import RecordOps, max_error, naive_gated_hira, within_tolerance
 
 D_IN, D_OUT, R, N = 48, 80, 8, 33
-PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-
-
-class _RecordProducts(TorchDispatchMode):
-    """Records (shapes, dtypes) of the operands of every matrix product that runs inside it, backward included."""
-
-    def __init__(self):
-        super().__init__()
-        self.products = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in PRODUCTS:
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            self.products.append(([tuple(t.shape) for t in tensors], [t.dtype for t in tensors]))
-        return func(*args, **(kwargs or {}))
-
-
 class _One(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -61,7 +44,7 @@ def test_half_model_outside_autocast_runs_weight_sized_products_in_its_dtype(dty
     layer = model.base_model.model.proj
     assert layer.gatera_A["default"].dtype == torch.float32  # PEFT's default: fp32 adapter weights
     x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
-    recorder = _RecordProducts()
+    recorder = RecordOps()
     with recorder:
         out = model(x)
         out.backward(torch.ones_like(out))
@@ -69,11 +52,11 @@ def test_half_model_outside_autocast_runs_weight_sized_products_in_its_dtype(dty
     assert layer.gatera_A["default"].grad.dtype == torch.float32 and layer.gatera_B["default"].grad.dtype == torch.float32
     # the base's forward and dx, the branch's x ΔWᵀ, and in backward δ ΔW and δᵀ x: all in `dtype` (ungated, the base's
     # and the branch's dx are one product, δ (W0 + s·ΔW): only backward folds in half precision, tests/test_fold.py)
-    big = [dtypes for shapes, dtypes in recorder.products if _costs_n_d_in_d_out(shapes)]
-    assert len(big) == (5 if gate == "sigmoid" else 4), recorder.products
+    big = [dtypes for shapes, dtypes in recorder.calls if _costs_n_d_in_d_out(shapes)]
+    assert len(big) == (5 if gate == "sigmoid" else 4), recorder.calls
     assert all(set(dtypes) == {dtype} for dtypes in big), big
     # the rank-r products (B A, and dΔW Aᵀ, Bᵀ dΔW for the factor gradients) stay fp32
-    factor = [dtypes for shapes, dtypes in recorder.products if any(R in shape for shape in shapes)]
+    factor = [dtypes for shapes, dtypes in recorder.calls if any(R in shape for shape in shapes)]
     assert len(factor) >= 3 and all(set(dtypes) == {torch.float32} for dtypes in factor), factor
 
 

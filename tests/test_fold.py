@@ -13,7 +13,6 @@ import contextlib
 import pytest
 import torch
 from peft import get_peft_model
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gatera_plugin import GateRAConfig
 from gatera_plugin.layer import without_folding
@@ -22,6 +21,7 @@ from tests.helpers import (
     FP32_GRAD_TOLERANCE,
     FP32_TOLERANCE,
     LLAMA_PROJECTIONS,
+    RecordOps,
     load_4bit,
     max_error,
     rounding_bound,
@@ -216,21 +216,6 @@ def test_layer_folds_where_it_is_the_same_function(case, options, change):
     torch.testing.assert_close(out, ref, **FP32_TOLERANCE)
 
 
-class _ProductCount(TorchDispatchMode):
-    """Sums the sizes m·k·n of the matrix products run inside it (no module hooks, which would keep the layer from
-    folding)."""
-
-    def __init__(self):
-        super().__init__()
-        self.size = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-            a, b = args[-2], args[-1]
-            self.size += a.shape[0] * a.shape[1] * b.shape[1]
-        return func(*args, **(kwargs or {}))
-
-
 def _half_products(case):
     """(layer, input, context) for `case`: the products run in bf16 / fp16."""
     layer, x = _layer(), torch.randn(N, D_IN, generator=torch.Generator().manual_seed(1))
@@ -256,11 +241,12 @@ def test_products_per_training_step(case, products):
     else:
         layer, x, autocast = _half_products(case)
     x = torch.cat([x] * 16).requires_grad_(True)  # (many tokens: the rank-sized products fall below one)
-    with _ProductCount() as count, without_folding() if case == "fp32 apart" else contextlib.nullcontext():
-        with autocast():
+    with RecordOps({torch.ops.aten.mm.default, torch.ops.aten.addmm.default}) as record:
+        with without_folding() if case == "fp32 apart" else contextlib.nullcontext(), autocast():
             out = layer(x)
         out.backward(torch.ones_like(out))
-    assert int(count.size / (x.shape[0] * D_IN * D_OUT)) == products
+    size = sum(a[0] * a[1] * b[1] for shapes, _ in record.calls for a, b in [shapes[-2:]])  # (m·k·n of each)
+    assert int(size / (x.shape[0] * D_IN * D_OUT)) == products
 
 
 @pytest.mark.parametrize("case", HALF_CASES)
@@ -445,19 +431,6 @@ def test_quantised_base_under_autocast_of_another_dtype_stays_apart(base_dir):
             assert _folds(layer, torch.randn(2, 5, 128).to(input_dtype)) == folds, compute_dtype
 
 
-class _WeightCasts(TorchDispatchMode):
-    """Counts the dtype casts of weight-sized (D_OUT x D_IN) tensors run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == (D_OUT, D_IN):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_half_fold_casts_the_weight_no_more_than_the_separate_path():
     """A bf16 base weight and an fp32 input (a LayerNorm's output) under bf16 autocast: autocast casts W0 for the base
     product once, as in the separate path; no round trip through the input's dtype (two weight-sized copies)."""
@@ -466,10 +439,10 @@ def test_half_fold_casts_the_weight_no_more_than_the_separate_path():
     x = torch.randn(N, D_IN, requires_grad=True)
     counts = {}
     for name, fold in (("folded", contextlib.nullcontext), ("apart", without_folding)):
-        with fold(), torch.autocast("cpu", dtype=torch.bfloat16), _WeightCasts() as casts:
+        with fold(), torch.autocast("cpu", dtype=torch.bfloat16), RecordOps({torch.ops.aten._to_copy.default}) as casts:
             assert _folds(layer, x) == (name == "folded")
             layer(x)
-        counts[name] = casts.count
+        counts[name] = sum(shapes[0] == (D_OUT, D_IN) for shapes, _ in casts.calls)
     assert counts["folded"] <= counts["apart"], counts
 
 

@@ -338,17 +338,19 @@ def folded_hira(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight_fn: Ca
     `fold_forward=False` keeps the forward's two products apart and folds backward only: four products. The base
     product is `F.linear(x, W0, bias)` on x as given (outside autocast W0 and bias cast to x's dtype, as bitsandbytes'
     4-bit forward casts them; under it, autocast's casts), with x detached: backward's `δ W` carries its input
-    gradient, autograd the bias's. In bf16 / fp16, `W` rounded to the products' dtype is `W0` itself wherever `|s·BA|` is below half the
-    grid's spacing (2^-9 in bf16), so a folded forward would not show the small updates of the first steps; in the
-    input gradient that rounding is an error of the size of the product's own output rounding (tests/test_fold.py).
+    gradient, autograd the bias's. In bf16 / fp16, `W` rounded to the products' dtype is `W0` itself wherever
+    `|s·BA|` is below half the grid's spacing (2^-9 in bf16), so a folded forward would not show the small updates of
+    the first steps; in the input gradient that rounding is an error of the size of the product's own output rounding
+    (tests/test_fold.py).
     """
+    autocast = autocast_state(x.device.type)
     if fold_forward:
         if bias is not None:
-            bias = bias.to(_product_dtype(x, autocast_state(x.device.type)))
+            bias = bias.to(_product_dtype(x, autocast))
         return apply_to_tokens(FoldedHiraFunction, x, None, bias, A, B, weight_fn, scaling, None)
     weight = weight_fn()
     base_weight, base_bias = weight, bias
-    if not torch.is_autocast_enabled(x.device.type):  # (under autocast, F.linear casts them as in the base layer)
+    if not autocast["enabled"]:  # (under autocast, F.linear casts them as in the base layer)
         base_weight, base_bias = weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None
     base = torch.nn.functional.linear(x.detach(), base_weight, base_bias)
     return apply_to_tokens(FoldedHiraFunction, x, None, base, A, B, weight_fn, scaling, weight)
