@@ -161,8 +161,17 @@ class GatedHiraFunction(torch.autograd.Function):
         """base: (N, d_out) or None, x: (N, d_in), gate: (N, 1) or None, A: (r, d_in), B: (d_out, r),
         weight_fn() -> W0 (d_out, d_in), or a W0 source with `DenseWeight`'s methods; `row_ops`: what runs the gate's
         row operations (`TorchRows` or `kernels.rows.TritonRows`)."""
+        out = GatedHiraFunction.branch_forward(ctx, base, x, gate, A, B, weight_fn(), scaling, row_ops)
+        ctx.weight_fn, ctx.scaling = weight_fn, scaling  # backward rebuilds ΔW from the same W0
+        return out
+
+    @staticmethod
+    def branch_forward(ctx, base, x, gate, A, B, weight, scaling, row_ops=TORCH_ROWS):
+        """`base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)` with W0 read from `weight` (a tensor or a W0 source), saving what
+        backward needs except the W0 source and the scale that backward uses (`ctx.weight_fn`, `ctx.scaling`), which
+        the caller sets."""
         ctx.autocast = autocast_state(x.device.type)
-        weight = weight_source(weight_fn())
+        weight = weight_source(weight)
         dtype = _product_dtype(x, ctx.autocast)
         d_out, d_in = weight.shape
         blocks = list(_row_blocks(d_out, d_in, x.device))
@@ -182,8 +191,6 @@ class GatedHiraFunction(torch.autograd.Function):
                 update[:, rows] = block
             out = add_gated(base, update, gate, scaling, reuse_update=True, row_ops=row_ops)
         ctx.save_for_backward(x, gate, A, B)
-        ctx.weight_fn = weight_fn
-        ctx.scaling = scaling
         ctx.has_base = base is not None
         ctx.row_ops = row_ops
         return out
@@ -320,9 +327,10 @@ class FoldedHiraFunction(GatedHiraFunction):
             return FoldedWeight(weight_fn(), scaling)
 
         if forward_weight is None:
-            return GatedHiraFunction.forward(ctx, base, x, None, A, B, folded, 1.0)
-        out = GatedHiraFunction.forward(ctx, base, x, None, A, B, lambda: forward_weight, scaling)
-        ctx.weight_fn, ctx.scaling = folded, 1.0  # (backward: dx = δ (W0 + s·ΔW), which includes the base's part)
+            out = GatedHiraFunction.branch_forward(ctx, base, x, None, A, B, folded(), 1.0)
+        else:
+            out = GatedHiraFunction.branch_forward(ctx, base, x, None, A, B, forward_weight, scaling)
+        ctx.weight_fn, ctx.scaling = folded, 1.0  # backward: dx = δ (W0 + s·ΔW), which includes the base's part
         return out
 
 
