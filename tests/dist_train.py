@@ -89,25 +89,26 @@ class Probe(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:  # the layers whose forward folded an ungated adapter into the base product
             path = self.output_dir / f"probe_rank{self.rank}.json"
-            path.write_text(json.dumps({**json.loads(path.read_text()), "folded_forwards": self.folded[0]}))
-        if self.fsdp is not None and state.global_step == 1 and self.fsdp.reads["forward"]:
-            probe = json.loads((self.output_dir / f"probe_rank{self.rank}.json").read_text())
-            probe.update(self.fsdp.end())
-            (self.output_dir / f"probe_rank{self.rank}.json").write_text(json.dumps(probe))
+            probe = {**json.loads(path.read_text()), **self.folded}
+            if self.fsdp is not None and self.fsdp.reads["forward"]:
+                probe.update(self.fsdp.end())
+            path.write_text(json.dumps(probe))
 
 
-def _count_folded_forwards() -> list:
-    """Count the calls of `folded_hira` by GateRA's layers; the count is in the returned list's one entry."""
+def _count_folded_forwards() -> dict:
+    """Count the calls of `folded_hira` by GateRA's layers: "folded_forwards" all of them, "backward_only_folds"
+    those that fold backward only (`fold_forward=False`: the products run in bf16 / fp16)."""
     import gatera_plugin.layer as layer_module
 
-    count, original = [0], layer_module.folded_hira
+    counts, original = {"folded_forwards": 0, "backward_only_folds": 0}, layer_module.folded_hira
 
     def folded_hira(*args, **kwargs):
-        count[0] += 1
+        counts["folded_forwards"] += 1
+        counts["backward_only_folds"] += not kwargs.get("fold_forward", True)
         return original(*args, **kwargs)
 
     layer_module.folded_hira = folded_hira
-    return count
+    return counts
 
 
 def _model_params_by_group(optimizer) -> list[list]:

@@ -95,6 +95,28 @@ def test_bf16_zero_trains_like_a_single_bf16_process(tmp_path, stage):
 
 
 @pytest.mark.slow
+def test_bf16_ungated_adapter_folds_its_backward_under_zero2(tmp_path):
+    """`gate="none"` with `--bf16` under ZeRO-2 (DeepSpeed casts the whole model to bf16): each layer folds its backward
+    only (`folded_hira(..., fold_forward=False)`: the forward's bf16 products stay apart), as a single bf16 (autocast)
+    process does. The losses track that process's as the gated bf16 runs do, and the saved adapter is complete,
+    finite and trained."""
+    ungated = ["--gate", "none", "--entropy-weight", "0", "--bf16"]
+    ok(single_process(tmp_path / "single", *ungated))
+    ok(torchrun(tmp_path / "zero2", "--deepspeed", ZERO["zero2"], *ungated))
+    rtol = 1e-3 if Version(torch.__version__) >= Version("2.7") else 2e-3
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "zero2")), torch.tensor(losses(tmp_path / "single")),
+                               rtol=rtol, atol=0)
+    probes = [json.loads((tmp_path / folder / f"probe_rank{r}.json").read_text())
+              for folder, r in (("zero2", 0), ("zero2", 1), ("single", 0))]
+    # 10 adapted layers, one forward each in the first step, on each rank and in the single process
+    assert all(p["folded_forwards"] == p["backward_only_folds"] == 10 for p in probes)
+    saved, reference = adapter(tmp_path / "zero2"), adapter(tmp_path / "single")
+    assert saved.keys() == reference.keys() and len(saved) > 0
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("gatera_B"))  # trained, not the init
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_gate_lr_ratio_survives_deepspeeds_optimizer_wrapping(single, tmp_path, stage):
     """`gate_lr_ratio`: the Trainer builds the optimizer with the gates' groups and DeepSpeed wraps it; the gates train

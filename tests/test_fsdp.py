@@ -263,6 +263,31 @@ def test_bf16_mixed_precision_trains_like_a_single_bf16_process(single, tmp_path
 
 @pytest.mark.slow
 @FSDP2_ON_CPU
+def test_bf16_ungated_adapter_folds_its_backward_under_fsdp2(tmp_path):
+    """`gate="none"` with `--bf16` under FSDP2 (bf16 parameters for compute, A and B included): each layer folds its
+    backward only (`folded_hira(..., fold_forward=False)`: the forward's bf16 products stay apart), reading whole,
+    gathered W0s, as a single bf16 (autocast) process does. The losses track that process's within 1e-3, and the
+    saved adapter is complete, fp32, finite and trained."""
+    ungated = ["--gate", "none", "--entropy-weight", "0", "--bf16"]
+    ok(single_process(tmp_path / "single", *ungated))
+    ok(torchrun(tmp_path / "fsdp", "--fsdp", "2", *ungated))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "fsdp")), torch.tensor(losses(tmp_path / "single")),
+                               rtol=1e-3, atol=0)
+    single_probe = json.loads((tmp_path / "single" / "probe_rank0.json").read_text())
+    # 10 adapted layers, one forward each in the first step, on each rank and in the single process
+    for probe in [*_probes(tmp_path / "fsdp"), single_probe]:
+        assert probe["folded_forwards"] == probe["backward_only_folds"] == 10
+    for probe in _probes(tmp_path / "fsdp"):
+        assert probe["sharded"] and probe["reads_whole"] and probe["resharded_after_forward"]
+        assert probe["reads_forward"] == probe["reads_backward"] == 10
+    saved, reference = adapter(tmp_path / "fsdp"), adapter(tmp_path / "single")
+    assert saved.keys() == reference.keys() and len(saved) > 0
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())
+    assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("gatera_B"))  # trained, not the init
+
+
+@pytest.mark.slow
+@FSDP2_ON_CPU
 def test_killed_rank_fails_loudly_and_last_checkpoint_loads(single, tmp_path):
     done = torchrun(tmp_path, "--fsdp", "2", GATERA_TEST_KILL_AT_STEP="3", GATERA_TEST_KILL_RANK="1")
     assert done.returncode != 0
