@@ -249,6 +249,24 @@ def test_products_per_training_step(case, products):
     assert int(size / (x.shape[0] * D_IN * D_OUT)) == products
 
 
+@pytest.mark.parametrize("case, products", [("gated", 4), ("ungated apart", 3), ("ungated folded", 2)])
+def test_products_per_training_step_when_the_input_needs_no_gradient(case, products):
+    """A layer whose input needs no gradient (a model's first layer: the frozen embeddings' output, unless
+    `enable_input_require_grads` is on, as gradient checkpointing sets it) skips the input gradient's products. The
+    ungated layer keeps the forward's and dΔW's: two folded, three apart (as PEFT's HiRA). The gated layer still
+    forms δ ΔW, which the gate's gradient needs (dg = s Σ δΔW ⊙ x): four. In bench/train_step.py's 4-layer models the
+    first layer's q, k and v are three of the 20 adapted layers, so part of the gated step's cost against HiRA's."""
+    layer = _layer(gate="sigmoid") if case == "gated" else _layer()
+    x = torch.randn(16 * N, D_IN)  # (many tokens: the rank-sized products fall below one)
+    with RecordOps({torch.ops.aten.mm.default, torch.ops.aten.addmm.default}) as record:
+        with without_folding() if case == "ungated apart" else contextlib.nullcontext():
+            out = layer(x)
+        out.backward(torch.ones_like(out))
+    size = sum(a[0] * a[1] * b[1] for shapes, _ in record.calls for a, b in [shapes[-2:]])  # (m·k·n of each)
+    assert int(size / (x.shape[0] * D_IN * D_OUT)) == products
+    assert layer.gatera_B["default"].grad is not None
+
+
 @pytest.mark.parametrize("case", HALF_CASES)
 def test_half_products_fold_backward_only(case):
     """bf16 / fp16 products: the layer folds (`fold_forward=False`), its output is the separate path's to the bit, and
