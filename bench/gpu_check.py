@@ -9,9 +9,11 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
 
 (a) correctness: the PyTorch path (`gatera_plugin.ops.gated_hira`), the same with the token gate's row kernels
     (`kernels/rows.py`, as kernel="auto" runs it on CUDA; gated cases only) and the Triton kernels
-    (`triton_gated_hira`, as `kernel="triton"` runs them: errors raised, no fallback) against an fp64 reference, in
-    fp32 / bf16 / fp16, with a dense and a bitsandbytes NF4 base weight, gated and ungated: the output and every gradient (x, A, B, the gate's
-    weight and bias, the base output). Every dtype by the CPU tests' rule for half precision
+    (`triton_gated_hira`, as `kernel="triton"` runs them: errors raised, no fallback), and for ungated adapters the
+    base layer and the branch folded into one linear map (`ops.hira.folded_hira`, as the layer runs `gate="none"`:
+    forward and backward folded in fp32, backward only in bf16 / fp16), against an fp64 reference, in fp32 / bf16 /
+    fp16, with a dense and a bitsandbytes NF4 base weight, gated and ungated: the output and every gradient (x, A, B,
+    the gate's weight and bias, the base output; folded: the bias's). Every dtype by the CPU tests' rule for half precision
     (`tests.helpers.rounding_bound`): within twice the error of naive autograd in the same dtype against fp64, plus
     2 ulp (for the gate bias, a sum over tokens, 2 ulp of Σ|terms|). fp32 too: at this shape its gradients sum
     hundreds of terms of size ~30, and their rounding (~6e-5, also the PyTorch path's) exceeds the CPU tests' fixed
@@ -21,7 +23,7 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
     (and, at 4096 x 14336 with 4k tokens, without autocast, as a bf16 model runs outside it; with 16k tokens, an
     fp32 model without autocast): GateRA's PyTorch path (kernel="torch"), GateRA's default (kernel="auto": on CUDA
     the PyTorch path with the gate's row kernels), GateRA's Triton kernels, GateRA with `gate="none"` (folded into
-    the base product in the fp32 model, apart in bf16), PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs, ratios to PEFT's LoRA and
+    the base product in the fp32 model, its backward only in bf16), PEFT's HiRA and PEFT's LoRA, in one run; median ms, peak memory above the inputs, ratios to PEFT's LoRA and
     PEFT's HiRA (bench/kernel_speed.py's `build` and `time_variant`).
 (c) training: 30 SFTTrainer steps of SmolLM2-135M (`gatera_plugin.assets.smollm2_path()`) on a bitsandbytes NF4 base,
     bf16: the loss falls (mean of the last 5 logged losses below the first 5), and the saved adapter, loaded onto a
@@ -127,16 +129,25 @@ def _nf4(W, device):
 
 
 def check_case(path: str, dtype, weight: str, gated: bool, shape: tuple, device) -> dict:
-    """Output and every gradient of one case against naive autograd in `dtype` and in fp64 (the truth)."""
+    """Output and every gradient of one case against naive autograd in `dtype` and in fp64 (the truth). `path`:
+    "torch", "rows", "triton" (the branch added to a given base output) or "folded" (ungated: the base layer
+    `x W0ᵀ + bias` and the branch as one map)."""
     import torch
 
     from tests.helpers import max_error, naive_gated_hira, rounding_bound
 
     n, d_in, d_out, r = shape
+    folded = path == "folded"
+    if folded and gated:
+        raise ValueError("the folded path is ungated only")
     g = torch.Generator().manual_seed(0)
     W = (torch.randn(d_out, d_in, generator=g) * 0.5).to(dtype)
     inputs = {"x": torch.randn(n, d_in, generator=g), "A": torch.randn(r, d_in, generator=g) * 0.3,
-              "B": torch.randn(d_out, r, generator=g) * 0.3, "base": torch.randn(n, d_out, generator=g)}
+              "B": torch.randn(d_out, r, generator=g) * 0.3}
+    if folded:
+        inputs["bias"] = torch.randn(d_out, generator=g)
+    else:
+        inputs["base"] = torch.randn(n, d_out, generator=g)
     if gated:
         inputs["gate_weight"] = torch.randn(1, d_in, generator=g) * 0.3
         inputs["gate_bias"] = torch.randn(1, generator=g)
@@ -145,7 +156,15 @@ def check_case(path: str, dtype, weight: str, gated: bool, shape: tuple, device)
         params, W0 = _nf4(W, device)
     else:
         params, W0 = None, W.to(device)
-    if path == "triton":
+    if folded:
+        from gatera_plugin.ops.hira import folded_hira
+
+        def function(x, gate, A, B, weight_fn, scaling, bias):  # (the layer's choice: fold forward in fp32 only)
+            return folded_hira(x, A, B, weight_fn, scaling, bias=bias,
+                               fold_forward=x.dtype not in (torch.float16, torch.bfloat16))
+
+        weight_fn = lambda: W0  # noqa: E731
+    elif path == "triton":
         from gatera_plugin.kernels.hira_triton import Packed4bit, triton_gated_hira as function
 
         weight_fn = (lambda: Packed4bit.from_params(params)) if params is not None else (lambda: W0)
@@ -161,13 +180,16 @@ def check_case(path: str, dtype, weight: str, gated: bool, shape: tuple, device)
 
     def run(precision, ours: bool):
         t = {k: v.to(device=device, dtype=precision).requires_grad_() for k, v in inputs.items()}
-        if ours:
+        if ours and folded:
+            out = function(t["x"], None, t["A"], t["B"], weight_fn, SCALING, bias=t["bias"])
+        elif ours:
             gate = torch.sigmoid(t["x"] @ t["gate_weight"].t() + t["gate_bias"]) if gated else None
             out = function(t["x"], gate, t["A"], t["B"], weight_fn, SCALING, base=t["base"])
         else:
             update = naive_gated_hira(t["x"], W0.to(precision), t["A"], t["B"], t.get("gate_weight"),
                                       t.get("gate_bias"), SCALING)
-            out = t["base"] + update
+            base = torch.nn.functional.linear(t["x"], W0.to(precision), t["bias"]) if folded else t["base"]
+            out = base + update
         grads = torch.autograd.grad(out, list(t.values()), grad_out.to(device=device, dtype=out.dtype))
         return {"out": out, **{f"d{k}": gr for k, gr in zip(t, grads)}}
 
@@ -204,13 +226,13 @@ def correctness(device, smoke: bool) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = []
     try:
-        for path in ("torch", "rows", "triton"):
+        for path in ("torch", "rows", "folded", "triton"):
             for dtype_name, dtype in dtypes.items():
                 for weight in ("dense", "nf4"):
-                    for gated in (True, False) if path != "rows" else (True,):
+                    for gated in {"rows": (True,), "folded": (False,)}.get(path, (True, False)):
                         row = {"path": path, "dtype": dtype_name, "weight": weight, "gated": gated,
                                "shape": "x".join(map(str, shape))}
-                        skip = (_triton_skip(device, dtype) if path != "torch" else None) or (
+                        skip = (_triton_skip(device, dtype) if path in ("rows", "triton") else None) or (
                             nf4_skip if weight == "nf4" else None)
                         if skip:
                             row.update(status="skipped", detail=skip)

@@ -320,8 +320,10 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     assert {name: s["status"] for name, s in sections.items()} == {
         "correctness": "ok", "speed": "ok", "training": "ok", "model step": "ok", "generation": "ok"}
     ran = {(r["path"], r["dtype"], r["weight"], r["gated"]) for r in sections["correctness"]["rows"] if r["status"] == "ok"}
-    # 12 PyTorch path, 8 branch kernels (no bf16 in the interpreter), 4 with the row kernels (gated; no bf16)
-    assert len(ran) == 24 and ("triton", "fp16", "nf4", True) in ran and ("torch", "bf16", "nf4", True) in ran
+    # 12 PyTorch path, 6 folded (ungated), 8 branch kernels (no bf16 in the interpreter), 4 with the row kernels
+    # (gated; no bf16)
+    assert len(ran) == 30 and ("triton", "fp16", "nf4", True) in ran and ("torch", "bf16", "nf4", True) in ran
+    assert ("folded", "bf16", "nf4", False) in ran and ("folded", "fp32", "dense", False) in ran
     assert ("rows", "fp16", "nf4", True) in ran and ("rows", "fp32", "dense", True) in ran
     speed = [r for r in sections["speed"]["rows"] if r["status"] == "ok"]
     assert {r["variant"] for r in speed} >= {"peft-hira", "gatera-torch", "gatera-torch-none"}
@@ -351,18 +353,22 @@ def test_threshold_gradient_table():
     assert float(rows[3][2]) == 0  # τ = 0.05, r/τ = 10⁴: exactly 0 before
 
 
+@pytest.mark.parametrize("path", ["torch", "folded"])
 @pytest.mark.parametrize("dtype, factor", [("float32", 1.001), ("bfloat16", 1.1)])
-def test_gpu_check_correctness_catches_a_wrong_path(monkeypatch, dtype, factor):
-    """(a) passes the PyTorch path and fails one whose output is off by 0.1% in fp32, 10% in bf16 (a few bf16 ulps
-    pass: the bf16 rule allows twice naive autograd's own rounding error), gradients untouched."""
+def test_gpu_check_correctness_catches_a_wrong_path(monkeypatch, path, dtype, factor):
+    """(a) passes the PyTorch path (gated) and the folded one (ungated), and fails one whose output is off by 0.1% in
+    fp32, 10% in bf16 (a few bf16 ulps pass: the bf16 rule allows twice naive autograd's own rounding error),
+    gradients untouched."""
     import torch
 
     import gatera_plugin.ops
+    import gatera_plugin.ops.hira
 
     gpu_check = _gpu_check_module()
-    case = ("torch", getattr(torch, dtype), "dense", True, (9, 64, 24, 8), torch.device("cpu"))
+    case = (path, getattr(torch, dtype), "dense", path == "torch", (9, 64, 24, 8), torch.device("cpu"))
     assert gpu_check.check_case(*case)["status"] == "ok"
-    right = gatera_plugin.ops.gated_hira
+    module, name = (gatera_plugin.ops, "gated_hira") if path == "torch" else (gatera_plugin.ops.hira, "folded_hira")
+    right = getattr(module, name)
 
     class _Off(torch.autograd.Function):
         @staticmethod
@@ -373,7 +379,7 @@ def test_gpu_check_correctness_catches_a_wrong_path(monkeypatch, dtype, factor):
         def backward(ctx, grad):
             return grad
 
-    monkeypatch.setattr(gatera_plugin.ops, "gated_hira", lambda *a, **k: _Off.apply(right(*a, **k)))
+    monkeypatch.setattr(module, name, lambda *a, **k: _Off.apply(right(*a, **k)))
     result = gpu_check.check_case(*case)
     assert result["status"] == "failed" and result["detail"].startswith("out error")
 
