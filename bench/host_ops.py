@@ -15,6 +15,9 @@ launch whatever the tensor size, so the host's work sets a floor under the step 
   run in turn in one process, `--rounds` rounds of `STEPS_PER_ROUND` steps each; the table gives each variant's
   median over rounds and its ratio to PEFT's HiRA. GateRA without the gate (`gate="none"`) and with the gate but no
   penalty (`entropy_weight=0`) split GateRA's extra host time into the branch's, the gate's and the penalty's.
+- Decode host time: wall-clock microseconds of one forward of the same 64 -> 64 layer on one token in eval under
+  `no_grad`, the bf16 model outside autocast with PEFT's fp32 adapter weights, as `generate()` runs a decoding step
+  (the layer alone, not the PEFT model around it), same rounds and turns.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_speed
 
 VARIANTS = ("peft-lora", "peft-hira", "gatera-torch")
 TIMED_VARIANTS = ("peft-lora", "peft-hira", "gatera-torch-none", "gatera-torch-no-penalty", "gatera-torch")
+DECODE_VARIANTS = ("peft-lora", "peft-hira", "gatera-torch-none", "gatera-torch")
 STEPS_PER_ROUND = 200
 
 
@@ -79,6 +83,30 @@ def host_microseconds(variants, rounds: int, d: int = 64, tokens: int = 4) -> di
     return {variant: statistics.median(values) for variant, values in times.items()}
 
 
+def decode_microseconds(variants, rounds: int, d: int = 64) -> dict[str, float]:
+    """Median over `rounds` of each variant's microseconds per eval forward of a d -> d layer on one token under
+    `no_grad`, outside autocast (a decoding step of `generate()`), the variants taking turns within each round."""
+    import torch
+
+    layers = {}
+    for variant in variants:
+        model, _ = _layer_and_input(variant, d, d, 1)
+        layers[variant] = model.eval().base_model.model.proj  # (the adapted layer: what each decoding step runs)
+    x = torch.randn(1, 1, d, dtype=torch.bfloat16)
+    times = {variant: [] for variant in variants}
+    with torch.no_grad():
+        for layer in layers.values():
+            for _ in range(20):
+                layer(x)
+        for _ in range(rounds):
+            for variant, layer in layers.items():
+                start = time.perf_counter()
+                for _ in range(STEPS_PER_ROUND):
+                    layer(x)
+                times[variant].append((time.perf_counter() - start) / STEPS_PER_ROUND * 1e6)
+    return {variant: statistics.median(values) for variant, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9, help="rounds of the host-time measurement")
@@ -103,13 +131,20 @@ def main() -> None:
     print("\n| variant | host µs per forward + backward (64 -> 64, 1 x 4 tokens) | / PEFT HiRA |\n|---|---|---|")
     for variant, us in host_us.items():
         print(f"| {variant} | {us:.0f} | {us / host_us['peft-hira']:.2f}x |")
+    decode_us = decode_microseconds(DECODE_VARIANTS, args.rounds)
+    print("\n| variant | host µs per decoding forward (64 -> 64, 1 token, no_grad, bf16) | / PEFT HiRA |\n|---|---|---|")
+    for variant, us in decode_us.items():
+        print(f"| {variant} | {us:.0f} | {us / decode_us['peft-hira']:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "aten_calls": counts,
         "host_us": {variant: round(us, 1) for variant, us in host_us.items()},
         "host_vs_peft_hira": {variant: round(us / host_us["peft-hira"], 3) for variant, us in host_us.items()},
+        "decode_us": {variant: round(us, 1) for variant, us in decode_us.items()},
+        "decode_vs_peft_hira": {variant: round(us / decode_us["peft-hira"], 3) for variant, us in decode_us.items()},
         "meta": {"rounds": args.rounds, "steps_per_round": STEPS_PER_ROUND, "timed_layer": "64 -> 64, 1 x 4 tokens",
-                 "counted_layer": "256 -> 512, 1 x 64 tokens", "threads": torch.get_num_threads(),
+                 "counted_layer": "256 -> 512, 1 x 64 tokens", "decode_layer": "64 -> 64, 1 token, eval, no_grad",
+                 "threads": torch.get_num_threads(),
                  "code": str(Path(gatera_plugin.__file__).resolve().parent.parent)},
     }, indent=2))
 

@@ -457,6 +457,8 @@ def test_host_ops_counts_every_variant(tmp_path):
     assert set(result["host_us"]) == {"peft-lora", "peft-hira", "gatera-torch-none", "gatera-torch-no-penalty",
                                       "gatera-torch"}
     assert all(us > 0 for us in result["host_us"].values()) and result["host_vs_peft_hira"]["peft-hira"] == 1.0
+    assert set(result["decode_us"]) == {"peft-lora", "peft-hira", "gatera-torch-none", "gatera-torch"}
+    assert all(us > 0 for us in result["decode_us"].values()) and result["decode_vs_peft_hira"]["peft-hira"] == 1.0
 
 
 def test_row_ops_smoke_runs_both_sides_of_every_operation(tmp_path):

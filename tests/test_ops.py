@@ -234,3 +234,56 @@ def test_autocast_backward_keeps_large_temporaries_in_the_autocast_dtype(dtype, 
     for name in ("A", "B"):
         error = max_error(ours[name], truth[name])
         assert error <= rounding_bound(naive[name], truth[name], dtype), (name, error)
+
+
+NO_GRAPH_CASES = {  # (input dtype, factor dtype, autocast dtype or None)
+    "fp32": (torch.float32, torch.float32, None),
+    "bf16 model": (torch.bfloat16, torch.bfloat16, None),
+    "bf16 input, fp32 factors": (torch.bfloat16, torch.float32, None),
+    "bf16 autocast": (torch.float32, torch.float32, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("kind", ["hira", "lora"])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("case", list(NO_GRAPH_CASES))
+def test_without_a_graph_the_output_is_the_autograd_functions_own(kind, gated, with_base, case, hira_blocks,
+                                                                  monkeypatch):
+    """Where autograd records nothing (`no_grad`, as `generate()` runs; adapters that do not train), the branch runs
+    its forward's operations without the autograd function (no context, no saved tensors: less host work per layer
+    and token when decoding). Its output is the function's bit for bit, in every dtype case, and the function is
+    called only where a graph is recorded."""
+    import gatera_plugin.ops.hira as hira_ops
+    import gatera_plugin.ops.lora as lora_ops
+
+    x_dtype, factor_dtype, autocast = NO_GRAPH_CASES[case]
+    if kind == "lora" and x_dtype != factor_dtype:
+        pytest.skip("the layer casts x to LoRA's factors (PEFT's cast); only HiRA keeps a bf16 input as it is")
+    t = _inputs(torch.float32, gated)
+    t = {k: (v.detach().to(x_dtype if k in ("x", "w", "b") else factor_dtype) if v is not None else None)
+         for k, v in t.items()}
+    if with_base:
+        t["base"] = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(3)).to(x_dtype)
+    function = hira_ops.GatedHiraFunction if kind == "hira" else lora_ops.GatedLoraFunction
+    calls, apply = [], function.apply
+    monkeypatch.setattr(function, "apply", staticmethod(lambda *args: calls.append(1) or apply(*args)))
+    context = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+
+    def run(**requires_grad):
+        tensors = {k: v.detach().requires_grad_(requires_grad.get(k, False)) if v is not None else None
+                   for k, v in t.items()}
+        with context:
+            return _run(kind, tensors, 0.37, use_ops=True)
+
+    with torch.no_grad():
+        without = run(A=True, B=True)
+    assert calls == []
+    frozen = run()  # grad mode on, nothing requires grad: no graph either
+    assert calls == [] and frozen.grad_fn is None
+    recorded = run(A=True, B=True)
+    assert calls == [1] and recorded.grad_fn is not None
+    assert without.dtype == recorded.dtype and torch.equal(without, recorded.detach())
+    assert torch.equal(frozen, recorded.detach())
+    run(x=True)  # only the input needs a gradient (frozen adapters inside a trained model): the function runs
+    assert calls == [1, 1]

@@ -18,3 +18,9 @@ def apply_to_tokens(function, x: torch.Tensor, gate: Optional[torch.Tensor], bas
     b2 = base.reshape(-1, base.shape[-1]) if base is not None and base.dim() > 1 else base  # (a bias stays 1-D)
     out = function.apply(b2, x2, g2, *args)
     return out.reshape(*lead, out.shape[-1])
+
+
+def records_graph(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd would record an operation on `tensors` (None entries skipped): grad mode is on and one of
+    them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -29,7 +29,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_state, restore_autocast
-from ._tokens import apply_to_tokens
+from ._tokens import apply_to_tokens, records_graph
 
 # Largest temporary block of ΔW, in elements. On CPU 2^21 (8 MiB in fp32): cache-sized blocks, little memory.
 CHUNK_ELEMENTS = 1 << 21
@@ -153,6 +153,28 @@ def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional
     return torch.add(base, update, alpha=scaling)
 
 
+def branch_output(base, x, gate, A, B, weight, scaling, row_ops, autocast: dict) -> torch.Tensor:
+    """`base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)` (N, d_out), W0 read from `weight` (a tensor or a W0 source), the products in
+    autocast's dtype where `autocast` (`autocast_state`) is on, else x's; shapes as `GatedHiraFunction.forward`."""
+    weight = weight_source(weight)
+    dtype = _product_dtype(x, autocast)
+    d_out, d_in = weight.shape
+    blocks = list(_row_blocks(d_out, d_in, x.device))
+    if len(blocks) == 1:
+        delta_w = weight.delta(B, A, blocks[0], dtype)  # (d_out, d_in)
+        if gate is None and base is not None and base.dtype == torch.result_type(x, delta_w) \
+                and not autocast["enabled"]:
+            return torch.addmm(base, x, delta_w.t(), alpha=scaling)  # the residual add rides on the GEMM
+        return add_gated(base, x @ delta_w.t(), gate, scaling, reuse_update=True, row_ops=row_ops)
+    update = None  # (N, d_out), filled block by block
+    for rows in blocks:
+        block = x @ weight.delta(B[rows], A, rows, dtype).t()  # x ΔW_bᵀ: (N, rows)
+        if update is None:
+            update = block.new_empty((x.shape[0], d_out))
+        update[:, rows] = block
+    return add_gated(base, update, gate, scaling, reuse_update=True, row_ops=row_ops)
+
+
 class GatedHiraFunction(torch.autograd.Function):
     """Autograd function for `base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)`; `g` and `base` may be `None`."""
 
@@ -171,25 +193,7 @@ class GatedHiraFunction(torch.autograd.Function):
         backward needs except the W0 source and the scale that backward uses (`ctx.weight_fn`, `ctx.scaling`), which
         the caller sets."""
         ctx.autocast = autocast_state(x.device.type)
-        weight = weight_source(weight)
-        dtype = _product_dtype(x, ctx.autocast)
-        d_out, d_in = weight.shape
-        blocks = list(_row_blocks(d_out, d_in, x.device))
-        if len(blocks) == 1:
-            delta_w = weight.delta(B, A, blocks[0], dtype)  # (d_out, d_in)
-            if gate is None and base is not None and base.dtype == torch.result_type(x, delta_w) \
-                    and not ctx.autocast["enabled"]:
-                out = torch.addmm(base, x, delta_w.t(), alpha=scaling)  # the residual add rides on the GEMM
-            else:
-                out = add_gated(base, x @ delta_w.t(), gate, scaling, reuse_update=True, row_ops=row_ops)
-        else:
-            update = None  # (N, d_out), filled block by block
-            for rows in blocks:
-                block = x @ weight.delta(B[rows], A, rows, dtype).t()  # x ΔW_bᵀ: (N, rows)
-                if update is None:
-                    update = block.new_empty((x.shape[0], d_out))
-                update[:, rows] = block
-            out = add_gated(base, update, gate, scaling, reuse_update=True, row_ops=row_ops)
+        out = branch_output(base, x, gate, A, B, weight, scaling, row_ops, ctx.autocast)
         ctx.save_for_backward(x, gate, A, B)
         ctx.has_base = base is not None
         ctx.row_ops = row_ops
@@ -306,7 +310,18 @@ def gated_hira(
     rows of activations (the gated add, the token scale of δ or x and of `δ ΔW`, and dg's dot product): PyTorch's
     ops (`TORCH_ROWS`), or the Triton kernels (`kernels.rows.TritonRows`).
     """
-    return apply_to_tokens(GatedHiraFunction, x, gate, base, A, B, weight_fn, scaling, row_ops)
+    function = GatedHiraFunction if records_graph(x, gate, A, B, base) else _GatedHiraOutput
+    return apply_to_tokens(function, x, gate, base, A, B, weight_fn, scaling, row_ops)
+
+
+class _GatedHiraOutput:
+    """`GatedHiraFunction`'s forward without autograd's bookkeeping (a context, saved tensors, a graph node): what
+    `gated_hira` runs where autograd records nothing (`no_grad`, `generate()`, adapters that do not train), the same
+    operations on the same tensors."""
+
+    @staticmethod
+    def apply(base, x, gate, A, B, weight_fn, scaling, row_ops=TORCH_ROWS):
+        return branch_output(base, x, gate, A, B, weight_fn(), scaling, row_ops, autocast_state(x.device.type))
 
 
 class FoldedHiraFunction(GatedHiraFunction):

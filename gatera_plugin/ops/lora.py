@@ -19,8 +19,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_state, restore_autocast
-from ._tokens import apply_to_tokens
+from ._tokens import apply_to_tokens, records_graph
 from .hira import add_gated
+
+
+def lora_output(base, x, gate, A, B, scaling, autocast: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`base + s · g ⊙ (x Aᵀ Bᵀ)` (N, d_out), `h = x Aᵀ` (N, r)); `autocast`: `autocast_state`'s settings now."""
+    h = x @ A.t()
+    if gate is None and base is not None and base.dtype == h.dtype and not autocast["enabled"]:
+        return torch.addmm(base, h, B.t(), alpha=scaling), h
+    return add_gated(base, h @ B.t(), gate, scaling, reuse_update=True), h
 
 
 class GatedLoraFunction(torch.autograd.Function):
@@ -30,11 +38,7 @@ class GatedLoraFunction(torch.autograd.Function):
     def forward(ctx, base, x, gate, A, B, scaling):
         """base: (N, d_out) or None, x: (N, d_in), gate: (N, 1) or None, A: (r, d_in), B: (d_out, r)."""
         ctx.autocast = autocast_state(x.device.type)
-        h = x @ A.t()  # (N, r)
-        if gate is None and base is not None and base.dtype == h.dtype and not ctx.autocast["enabled"]:
-            out = torch.addmm(base, h, B.t(), alpha=scaling)
-        else:
-            out = add_gated(base, h @ B.t(), gate, scaling, reuse_update=True)
+        out, h = lora_output(base, x, gate, A, B, scaling, ctx.autocast)
         ctx.save_for_backward(x, gate, A, B, h)
         ctx.scaling = scaling
         ctx.has_base = base is not None
@@ -73,4 +77,14 @@ def gated_lora(
     base: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`base + s · g ⊙ (x Aᵀ Bᵀ)` for x (..., d_in), gate (..., 1) or None, base (..., d_out) or None."""
-    return apply_to_tokens(GatedLoraFunction, x, gate, base, A, B, scaling)
+    function = GatedLoraFunction if records_graph(x, gate, A, B, base) else _GatedLoraOutput
+    return apply_to_tokens(function, x, gate, base, A, B, scaling)
+
+
+class _GatedLoraOutput:
+    """`GatedLoraFunction`'s forward without autograd's bookkeeping: what `gated_lora` runs where autograd records
+    nothing (`no_grad`, `generate()`, adapters that do not train), the same operations on the same tensors."""
+
+    @staticmethod
+    def apply(base, x, gate, A, B, scaling):
+        return lora_output(base, x, gate, A, B, scaling, autocast_state(x.device.type))[0]
