@@ -18,6 +18,9 @@ Backward (docs/method.md, "Gradients"), with `δ = ∂L/∂out` (N × d_out) and
 
 so the gate's gradient costs no extra product with `ΔW`: three matmuls of size N·d_in·d_out in all (one forward, two
 backward), as many as PEFT's HiRA, plus the cheap rebuild of `BA` (d_out·r·d_in).
+
+Where autograd records nothing (`no_grad`, `generate()`), `gated_hira` runs the forward's arithmetic
+(`branch_output`) without the autograd function: the same output, less host work per layer and decoding step.
 """
 
 from __future__ import annotations
