@@ -91,6 +91,15 @@ def adapter(folder):
     return load_file(Path(folder) / "adapter_model.safetensors")
 
 
+def assert_trained_adapter(out, reference, dtype):
+    """The adapter saved in `out` holds the tensors that the `reference` run saved, all of `dtype` and finite, with B
+    trained (not its initial zeros)."""
+    saved, expected = adapter(out), adapter(reference)
+    assert saved.keys() == expected.keys() and len(saved) > 0
+    assert all(t.dtype == dtype and torch.isfinite(t).all() for t in saved.values())
+    assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("gatera_B"))
+
+
 def assert_same_adapter(a, b, atol=ADAPTER_ATOL):
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
