@@ -156,18 +156,14 @@ def check_case(path: str, dtype, weight: str, gated: bool, shape: tuple, device)
         params, W0 = _nf4(W, device)
     else:
         params, W0 = None, W.to(device)
+    weight_fn = lambda: W0  # noqa: E731 (the layer's `base_weight` dequantises NF4 the same way)
     if folded:
-        from gatera_plugin.ops.hira import folded_hira
-
-        def function(x, gate, A, B, weight_fn, scaling, bias):  # (the layer's choice: fold forward in fp32 only)
-            return folded_hira(x, A, B, weight_fn, scaling, bias=bias,
-                               fold_forward=x.dtype not in (torch.float16, torch.bfloat16))
-
-        weight_fn = lambda: W0  # noqa: E731
+        from gatera_plugin.ops.hira import folded_hira as function
     elif path == "triton":
         from gatera_plugin.kernels.hira_triton import Packed4bit, triton_gated_hira as function
 
-        weight_fn = (lambda: Packed4bit.from_params(params)) if params is not None else (lambda: W0)
+        if params is not None:
+            weight_fn = lambda: Packed4bit.from_params(params)  # noqa: E731
     else:
         from gatera_plugin.ops import gated_hira
 
@@ -176,12 +172,12 @@ def check_case(path: str, dtype, weight: str, gated: bool, shape: tuple, device)
             from gatera_plugin.kernels.rows import TRITON_ROWS_RAISING
 
             function = functools.partial(gated_hira, row_ops=TRITON_ROWS_RAISING)
-        weight_fn = lambda: W0  # noqa: E731 (the layer's `base_weight` dequantises NF4 the same way)
 
     def run(precision, ours: bool):
         t = {k: v.to(device=device, dtype=precision).requires_grad_() for k, v in inputs.items()}
-        if ours and folded:
-            out = function(t["x"], None, t["A"], t["B"], weight_fn, SCALING, bias=t["bias"])
+        if ours and folded:  # (as the layer folds: forward and backward in fp32, backward only in bf16 / fp16)
+            out = function(t["x"], t["A"], t["B"], weight_fn, SCALING, bias=t["bias"],
+                           fold_forward=precision not in (torch.float16, torch.bfloat16))
         elif ours:
             gate = torch.sigmoid(t["x"] @ t["gate_weight"].t() + t["gate_bias"]) if gated else None
             out = function(t["x"], gate, t["A"], t["B"], weight_fn, SCALING, base=t["base"])
