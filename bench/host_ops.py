@@ -23,6 +23,7 @@ launch whatever the tensor size, so the host's work sets a floor under the step 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -66,21 +67,28 @@ def count_aten_calls(variant: str, d_in: int = 256, d_out: int = 512, tokens: in
     return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
 
 
+def _median_microseconds(steps: dict, rounds: int, warmup: int) -> dict[str, float]:
+    """Median over `rounds` of each variant's microseconds per call of its `steps[variant]()`, after `warmup` calls
+    each, the variants taking turns within each round (`STEPS_PER_ROUND` calls per turn)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {variant: [] for variant in steps}
+    for _ in range(rounds):
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(STEPS_PER_ROUND):
+                step()
+            times[variant].append((time.perf_counter() - start) / STEPS_PER_ROUND * 1e6)
+    return {variant: statistics.median(values) for variant, values in times.items()}
+
+
 def host_microseconds(variants, rounds: int, d: int = 64, tokens: int = 4) -> dict[str, float]:
     """Median over `rounds` of each variant's microseconds per forward + backward of a d -> d layer on `tokens` tokens,
     the variants taking turns within each round."""
     layers = {variant: _layer_and_input(variant, d, d, tokens) for variant in variants}
-    for model, x in layers.values():
-        for _ in range(3):
-            _training_step(model, x)
-    times = {variant: [] for variant in variants}
-    for _ in range(rounds):
-        for variant, (model, x) in layers.items():
-            start = time.perf_counter()
-            for _ in range(STEPS_PER_ROUND):
-                _training_step(model, x)
-            times[variant].append((time.perf_counter() - start) / STEPS_PER_ROUND * 1e6)
-    return {variant: statistics.median(values) for variant, values in times.items()}
+    steps = {variant: functools.partial(_training_step, model, x) for variant, (model, x) in layers.items()}
+    return _median_microseconds(steps, rounds, warmup=3)
 
 
 def decode_microseconds(variants, rounds: int, d: int = 64) -> dict[str, float]:
@@ -88,23 +96,14 @@ def decode_microseconds(variants, rounds: int, d: int = 64) -> dict[str, float]:
     `no_grad`, outside autocast (a decoding step of `generate()`), the variants taking turns within each round."""
     import torch
 
-    layers = {}
+    x = torch.randn(1, 1, d, dtype=torch.bfloat16)
+    steps = {}
     for variant in variants:
         model, _ = _layer_and_input(variant, d, d, 1)
-        layers[variant] = model.eval().base_model.model.proj  # (the adapted layer: what each decoding step runs)
-    x = torch.randn(1, 1, d, dtype=torch.bfloat16)
-    times = {variant: [] for variant in variants}
+        layer = model.eval().base_model.model.proj  # (the adapted layer: what each decoding step runs)
+        steps[variant] = functools.partial(layer, x)
     with torch.no_grad():
-        for layer in layers.values():
-            for _ in range(20):
-                layer(x)
-        for _ in range(rounds):
-            for variant, layer in layers.items():
-                start = time.perf_counter()
-                for _ in range(STEPS_PER_ROUND):
-                    layer(x)
-                times[variant].append((time.perf_counter() - start) / STEPS_PER_ROUND * 1e6)
-    return {variant: statistics.median(values) for variant, values in times.items()}
+        return _median_microseconds(steps, rounds, warmup=20)
 
 
 def main() -> None:
