@@ -232,6 +232,19 @@ def _half_products(case):
 HALF_CASES = ["bf16 autocast, fp32 model", "bf16 autocast, bf16 input", "bf16 model", "fp16 model"]
 
 
+def _products_per_training_step(layer, x, *contexts) -> int:
+    """Matrix products of size N·d_in·d_out (N = x's rows; their m·k·n summed, in that unit, rounded down: the
+    rank-sized ones fall below one) in one forward and backward of `layer` on x, run inside `contexts`."""
+    with RecordOps({torch.ops.aten.mm.default, torch.ops.aten.addmm.default}) as record:
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
+            out = layer(x)
+        out.backward(torch.ones_like(out))
+    size = sum(a[0] * a[1] * b[1] for shapes, _ in record.calls for a, b in [shapes[-2:]])  # (m·k·n of each)
+    return int(size / (x.shape[0] * D_IN * D_OUT))
+
+
 @pytest.mark.parametrize("case, products", [("fp32", 3), ("fp32 apart", 5), *((case, 4) for case in HALF_CASES)])
 def test_products_per_training_step(case, products):
     """Products of size N·d_in·d_out in one forward and backward: three folded in fp32, four where only backward
@@ -241,12 +254,8 @@ def test_products_per_training_step(case, products):
     else:
         layer, x, autocast = _half_products(case)
     x = torch.cat([x] * 16).requires_grad_(True)  # (many tokens: the rank-sized products fall below one)
-    with RecordOps({torch.ops.aten.mm.default, torch.ops.aten.addmm.default}) as record:
-        with without_folding() if case == "fp32 apart" else contextlib.nullcontext(), autocast():
-            out = layer(x)
-        out.backward(torch.ones_like(out))
-    size = sum(a[0] * a[1] * b[1] for shapes, _ in record.calls for a, b in [shapes[-2:]])  # (m·k·n of each)
-    assert int(size / (x.shape[0] * D_IN * D_OUT)) == products
+    fold = without_folding() if case == "fp32 apart" else contextlib.nullcontext()
+    assert _products_per_training_step(layer, x, fold, autocast()) == products
 
 
 @pytest.mark.parametrize("case, products", [("gated", 4), ("ungated apart", 3), ("ungated folded", 2)])
@@ -258,12 +267,8 @@ def test_products_per_training_step_when_the_input_needs_no_gradient(case, produ
     first layer's q, k and v are three of the 20 adapted layers, so part of the gated step's cost against HiRA's."""
     layer = _layer(gate="sigmoid") if case == "gated" else _layer()
     x = torch.randn(16 * N, D_IN)  # (many tokens: the rank-sized products fall below one)
-    with RecordOps({torch.ops.aten.mm.default, torch.ops.aten.addmm.default}) as record:
-        with without_folding() if case == "ungated apart" else contextlib.nullcontext():
-            out = layer(x)
-        out.backward(torch.ones_like(out))
-    size = sum(a[0] * a[1] * b[1] for shapes, _ in record.calls for a, b in [shapes[-2:]])  # (m·k·n of each)
-    assert int(size / (x.shape[0] * D_IN * D_OUT)) == products
+    fold = without_folding() if case == "ungated apart" else contextlib.nullcontext()
+    assert _products_per_training_step(layer, x, fold) == products
     assert layer.gatera_B["default"].grad is not None
 
 
