@@ -23,8 +23,9 @@ ADAPTER_ATOL = 2e-5  # after 6 AdamW steps at lr 1e-3 (s = 10) on O(0.1) weights
 
 
 def env(**extra):
+    # PYTHONFAULTHANDLER: a rank that dies of a signal (the abort at exit below) prints where each thread was
     environment = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
-                       WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+                       WANDB_MODE="disabled", PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
     environment.pop("TRITON_INTERPRET", None)
     environment.update(extra)
     return environment
@@ -41,34 +42,37 @@ def run(command, **extra_env) -> subprocess.CompletedProcess:
 
 
 # A CPU rank now and then aborts at interpreter exit, after training, saving and the process group's teardown
-# (C++ std::terminate from a thread left running, seen with gloo under FSDP2 and DeepSpeed ZeRO-3).
+# (C++ std::terminate from a thread left running, seen with gloo under torchrun and accelerate launch, FSDP2 and
+# DeepSpeed ZeRO-3; about one launch in a few hundred).
 ABORT_AT_EXIT = "terminate called without an active exception"
 
 
-def aborted_at_exit(done) -> bool:
-    """The run finished training (rank 0 logged its summary) and a rank then aborted at exit."""
-    return done.returncode != 0 and ABORT_AT_EXIT in done.stderr and "'train_runtime'" in done.stdout
+def aborted_at_exit(*launches) -> bool:
+    """The run finished training (rank 0 logged its summary) and then every launcher that failed (one, or one per
+    node) failed because a rank aborted at exit."""
+    failed = [done for done in launches if done.returncode != 0]
+    return (bool(failed) and all(ABORT_AT_EXIT in done.stderr for done in failed)
+            and any("'train_runtime'" in done.stdout for done in launches))
+
+
+def launch(command_on, out, **extra_env) -> subprocess.CompletedProcess:
+    """Run the distributed launch `command_on(port)` (torchrun, accelerate launch: a fresh free port each time), which
+    writes into `out`. A run that aborted at exit after finishing (`aborted_at_exit`) is run once more, from an
+    empty output folder, so that the test judges a run that exited cleanly; a second abort fails the test."""
+    done = run(command_on(free_port()), **extra_env)
+    if aborted_at_exit(done) and "GATERA_TEST_KILL_AT_STEP" not in extra_env:
+        print(f"a rank aborted at exit after training ({ABORT_AT_EXIT!r}); running once more", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+        done = run(command_on(free_port()), **extra_env)
+    return done
 
 
 def torchrun(out, *args, nproc=2, **extra_env):
-    """tests/dist_train.py on `nproc` processes, 2 sequences each per step (the single run takes 4 in one).
-
-    A run that aborted at exit after finishing (`aborted_at_exit`) is run once more, from an empty output folder, so
-    that the test judges a run that exited cleanly; a second abort fails the test.
-    """
-
-    def launch():
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                   free_port(), SCRIPT, *COMMON, "--batch", "2", "--output-dir", str(out), *args]
-        return run(command, **extra_env)
-
-    done = launch()
-    if aborted_at_exit(done) and "GATERA_TEST_KILL_AT_STEP" not in extra_env:
-        print(f"torchrun: a rank aborted at exit after training ({ABORT_AT_EXIT!r}); running once more",
-              file=sys.stderr)
-        shutil.rmtree(out, ignore_errors=True)
-        done = launch()
-    return done
+    """tests/dist_train.py on `nproc` processes, 2 sequences each per step (the single run takes 4 in one), through
+    `launch` (run once more after an abort at exit)."""
+    return launch(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                "--master_port", port, SCRIPT, *COMMON, "--batch", "2", "--output-dir", str(out), *args],
+                  out, **extra_env)
 
 
 def single_process(out, *args, extra_env=None):
@@ -133,13 +137,24 @@ def assert_gate_lr_ratio_applied(out, reference, ratio_one_reference):
     assert moved > 100 * ADAPTER_ATOL, moved
 
 
-def run_nodes(commands: list[list[str]]) -> None:
-    """Start one process per node at once (they rendezvous with each other) and require every one to succeed."""
-    nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
-             for c in commands]
-    for node in nodes:
-        _, stderr = node.communicate(timeout=900)
-        assert node.returncode == 0, stderr[-5000:]
+def run_nodes(commands_on, out) -> None:
+    """Start the launchers `commands_on(port)`, one per node, at once (they rendezvous with each other at `port`) and
+    require every one to succeed. As in `launch`, a run that aborted at exit after finishing is run once more, from
+    an empty `out`, on a fresh port."""
+
+    def start(commands):
+        nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+                 for c in commands]
+        outputs = [node.communicate(timeout=900) for node in nodes]
+        return [subprocess.CompletedProcess(node.args, node.returncode, *output) for node, output in zip(nodes, outputs)]
+
+    finished = start(commands_on(free_port()))
+    if aborted_at_exit(*finished):
+        print(f"a rank aborted at exit after training ({ABORT_AT_EXIT!r}); running once more", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+        finished = start(commands_on(free_port()))
+    for done in finished:
+        assert done.returncode == 0, done.stderr[-5000:]
 
 
 def killed(done) -> bool:

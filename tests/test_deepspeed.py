@@ -25,7 +25,6 @@ from tests.distributed import (
     assert_same_adapter,
     assert_same_run,
     assert_trained_adapter,
-    free_port,
     killed,
     losses,
     ok,
@@ -227,18 +226,17 @@ def test_killed_rank_fails_loudly_and_last_checkpoint_loads(single, tmp_path):
 @pytest.mark.slow
 def test_two_node_accelerate_recipe_on_loopback(single, tmp_path):
     """Two 'nodes' of one process each, launched with the accelerate config users copy (machine_rank 0 and 1)."""
-    port = free_port()
-    commands = [
+    out = tmp_path / "out"
+    run_nodes(lambda port: [
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
          str(ROOT / "integrations" / "accelerate" / "zero3_multinode.yaml"), "--machine_rank", str(rank),
          "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--num_machines", "2",
          "--num_processes", "2", SCRIPT, *COMMON, "--batch", "2", "--deepspeed", ZERO["zero3"],
-         "--output-dir", str(tmp_path)]
+         "--output-dir", str(out)]
         for rank in (0, 1)
-    ]
-    run_nodes(commands)
-    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(single)), rtol=LOSS_RTOL, atol=0)
-    assert_same_adapter(adapter(tmp_path), adapter(single))
+    ], out)
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(single)), rtol=LOSS_RTOL, atol=0)
+    assert_same_adapter(adapter(out), adapter(single))
 
 
 @pytest.mark.slow
@@ -246,14 +244,12 @@ def test_two_node_deepspeed_hostfile_recipe_on_loopback(single, tmp_path):
     """`deepspeed --hostfile` with `--no_ssh --node_rank` (the recipe for clusters without ssh between nodes)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = free_port()
-    commands = [
+    run_nodes(lambda port: [
         [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank",
          str(rank), "--master_addr", "127.0.0.1", "--master_port", port, SCRIPT, *COMMON, "--batch", "2",
          "--deepspeed", ZERO["zero2"], "--output-dir", str(tmp_path / "out")]
         for rank in (0, 1)
-    ]
-    run_nodes(commands)
+    ], tmp_path / "out")
     assert_same_adapter(adapter(tmp_path / "out"), adapter(single))
 
 

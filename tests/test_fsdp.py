@@ -32,6 +32,7 @@ from tests.distributed import (
     env,
     free_port,
     killed,
+    launch,
     losses,
     ok,
     run,
@@ -50,6 +51,40 @@ def test_only_a_run_that_finished_and_then_aborted_at_exit_is_run_again():
     assert not aborted_at_exit(subprocess.CompletedProcess([], -6, stdout="{'loss': '7.1'}", stderr=ABORT_AT_EXIT))
     assert not aborted_at_exit(subprocess.CompletedProcess([], 1, stdout=finished, stderr="Traceback (most recent"))
     assert not aborted_at_exit(subprocess.CompletedProcess([], 0, stdout=finished, stderr=ABORT_AT_EXIT))
+    # two nodes: rank 0's launcher logged the summary, rank 1's aborted at exit (or both did)
+    node_0, node_1 = (subprocess.CompletedProcess([], 0, stdout=finished, stderr=""),
+                      subprocess.CompletedProcess([], -6, stdout="", stderr=ABORT_AT_EXIT))
+    assert aborted_at_exit(node_0, node_1)
+    assert aborted_at_exit(node_1, subprocess.CompletedProcess([], -6, stdout=finished, stderr=ABORT_AT_EXIT))
+    assert not aborted_at_exit(node_0, subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback (most recent"))
+    assert not aborted_at_exit(node_1, subprocess.CompletedProcess([], 0, stdout="", stderr=""))
+    assert not aborted_at_exit(node_0, node_0)
+
+
+def test_a_launch_that_aborted_at_exit_runs_once_more_on_a_fresh_port_into_an_empty_folder(tmp_path, monkeypatch):
+    import tests.distributed as distributed
+
+    finished, out = "{'train_runtime': '1.669'}", tmp_path / "out"
+    results = iter([subprocess.CompletedProcess([], -6, stdout=finished, stderr=ABORT_AT_EXIT),
+                    subprocess.CompletedProcess([], -6, stdout=finished, stderr=ABORT_AT_EXIT)])
+    seen = []
+
+    def fake_run(command, **extra_env):
+        seen.append((command, out.exists()))
+        return next(results)
+
+    monkeypatch.setattr(distributed, "run", fake_run)
+    out.mkdir()
+    (out / "checkpoint-2").mkdir()
+    done = distributed.launch(lambda port: ["launcher", port], out)
+    assert done.returncode == -6  # a second abort is returned, for the test to fail on
+    assert [exists for _, exists in seen] == [True, False]  # the first run's output was removed before the second
+    assert seen[0][0][1] != seen[1][0][1]  # on another port
+    calls = []
+    monkeypatch.setattr(distributed, "run", lambda command, **extra_env: calls.append(command) or
+                        subprocess.CompletedProcess([], 1, stdout=finished, stderr="Traceback (most recent"))
+    assert distributed.launch(lambda port: ["launcher", port], out).returncode == 1
+    assert len(calls) == 1  # any other failure is not run again
 
 
 # torch 2.6's FSDP2 does not run on CPU ("'Stream' object has no attribute 'record_event'"; on a GPU it does); 2.7 to
@@ -85,15 +120,21 @@ def _assert_branch_saw_whole_weights(out, checkpointing=None):
             assert probe["saved_weights_checked"] > 0  # and the W0s autograd saved are FSDP's, freed at the reshard
 
 
-def _accelerate(config, out, *args, machine_rank=None, port=None):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
-               "--mixed_precision", "no", "--main_process_port", port or free_port()]
-    if machine_rank is not None:
-        command += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1", "--num_machines", "2",
-                    "--num_processes", "2"]
-    else:
-        command += ["--num_processes", "2"]
-    return command + [SCRIPT, *COMMON, "--batch", "2", "--output-dir", str(out), *args]
+def _accelerate(config, out, *args, machine_rank=None):
+    """`accelerate launch` of tests/dist_train.py with `config` (integrations/accelerate/): 2 processes on one node
+    or, with `machine_rank`, node `machine_rank` of 2. Returns the command for a given port, for `launch`."""
+
+    def command_on(port):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
+                   "--mixed_precision", "no", "--main_process_port", port]
+        if machine_rank is not None:
+            command += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1", "--num_machines", "2",
+                        "--num_processes", "2"]
+        else:
+            command += ["--num_processes", "2"]
+        return command + [SCRIPT, *COMMON, "--batch", "2", "--output-dir", str(out), *args]
+
+    return command_on
 
 
 def _load(folder):
@@ -181,16 +222,16 @@ def test_accelerate_configs_sharded_checkpoint_and_resume(single, tmp_path):
     """Two 'nodes' of one process each with fsdp2_multinode.yaml and reentrant gradient checkpointing reproduce the
     single-process run and write sharded checkpoints (and whole adapters); the one-node fsdp2.yaml, 2 processes,
     resumes from checkpoint-4 and continues exactly as the uninterrupted run."""
-    port = free_port()
-    run_nodes([_accelerate("fsdp2_multinode.yaml", tmp_path / "full", "--gradient-checkpointing", "--reentrant",
-                           machine_rank=rank, port=port) for rank in (0, 1)])
+    nodes = [_accelerate("fsdp2_multinode.yaml", tmp_path / "full", "--gradient-checkpointing", "--reentrant",
+                         machine_rank=rank) for rank in (0, 1)]
+    run_nodes(lambda port: [node(port) for node in nodes], tmp_path / "full")
     assert_same_run(tmp_path / "full", single)
     _assert_branch_saw_whole_weights(tmp_path / "full", checkpointing="reentrant")
     checkpoint = tmp_path / "full" / "checkpoint-4"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()  # sharded
     assert_same_adapter(adapter(checkpoint), adapter(single / "checkpoint-4"))  # and a whole adapter beside them
 
-    ok(run(_accelerate("fsdp2.yaml", tmp_path / "resumed", "--resume", str(checkpoint))))
+    ok(launch(_accelerate("fsdp2.yaml", tmp_path / "resumed", "--resume", str(checkpoint)), tmp_path / "resumed"))
     resumed = losses(tmp_path / "resumed")  # the checkpoint's log history, then steps 5 and 6
     assert len(resumed) == 6
     torch.testing.assert_close(torch.tensor(resumed[4:]), torch.tensor(losses(single)[4:]), rtol=LOSS_RTOL, atol=0)
@@ -215,7 +256,7 @@ def test_cpu_ram_efficient_loading_builds_the_other_ranks_adapters_on_meta_and_m
     config.write_text(shipped.replace("fsdp_cpu_ram_efficient_loading: false", "fsdp_cpu_ram_efficient_loading: true"))
     assert config.read_text() != shipped
     ok(single_process(tmp_path / "single", "--model", str(base)))
-    ok(run(_accelerate(config, tmp_path / "fsdp", "--model", str(base))))
+    ok(launch(_accelerate(config, tmp_path / "fsdp", "--model", str(base)), tmp_path / "fsdp"))
     assert_same_run(tmp_path / "fsdp", tmp_path / "single")
     probes = _probes(tmp_path / "fsdp")
     assert [p["meta_base_weights_at_init"] for p in probes] == [0, 10]  # rank 1 really loaded nothing
