@@ -38,7 +38,8 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
     step, counted by torch's sync debug mode, and the Python lines its warnings name: a sync makes host_ms include
     waiting for the GPU) and peak memory above the built model, as ratios to LoRA and to HiRA.
 (e) generation: greedy `generate()` of (d)'s model in bf16, in eval and outside autocast, a 512-token prompt and 64
-    new tokens: ms per new token of PEFT's LoRA and HiRA, GateRA, and GateRA with `cache_delta=True`.
+    new tokens: ms per new token of PEFT's LoRA and HiRA, GateRA, GateRA forming ΔW at every step (`gatera-formed`,
+    as before the factored update) and GateRA with `cache_delta=True`.
 
 Smoke mode runs the same code on CPU with tiny shapes; the Triton rows run under Triton's interpreter when
 TRITON_INTERPRET=1 is set (except bf16, which the interpreter mishandles) and are skipped otherwise; (c) trains a tiny
@@ -392,6 +393,7 @@ def _method_config(method: str):
         "gatera-kernel-torch": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, kernel="torch"),
         "gatera-none": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, gate="none"),
         "gatera-cache-delta": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, cache_delta=True),
+        "gatera-formed": lambda: GateRAConfig(r=RANK, target_modules=TARGETS),  # run under `without_factoring()`
     }[method]()
 
 
@@ -498,9 +500,15 @@ def _syncs(step, device) -> dict:
 def generation(device, smoke: bool, repeats: int) -> list[dict]:
     """Greedy `generate()` on (d)'s model in bf16, in eval and outside autocast, as an evaluation or a serving loop
     runs it: one 512-token prompt (smoke: 8), 64 new tokens (smoke: 4); median ms per new token over `repeats`
-    calls, and the ratio to LoRA. GateRA as it is (the update rebuilt at every step) and with `cache_delta=True`."""
+    calls, and the ratio to LoRA. GateRA as it is (a decoding step's token gets the factored update, a prefill forms
+    `W0 ⊙ BA`), with ΔW formed at every step too (`gatera-formed`: `ops.hira.without_factoring()`, as before the
+    factored update), and with `cache_delta=True`."""
+    import contextlib
+
     import torch
     from peft import get_peft_model
+
+    from gatera_plugin.ops.hira import without_factoring
 
     shape = SMOKE_MODEL_SHAPE if smoke else MODEL_SHAPE
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -508,13 +516,14 @@ def generation(device, smoke: bool, repeats: int) -> list[dict]:
     input_ids = torch.randint(3, shape["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(0))
     input_ids = input_ids.to(device)
     rows, measured = [], {}
-    for method in ("peft-lora", "peft-hira", "gatera", "gatera-cache-delta"):
+    for method in ("peft-lora", "peft-hira", "gatera", "gatera-formed", "gatera-cache-delta"):
         row = {"prompt": prompt, "new_tokens": new, "method": method}
         model = None
         try:
             model = get_peft_model(_llama(shape, dtype, device, prompt + new), _method_config(method)).eval()
             times = []
-            with torch.no_grad():
+            forming = without_factoring() if method == "gatera-formed" else contextlib.nullcontext()
+            with torch.no_grad(), forming:
                 for i in range(1 + (2 if smoke else repeats)):
                     if _cuda(device):
                         torch.cuda.synchronize()

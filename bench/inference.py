@@ -5,8 +5,11 @@
 
 Variants, all in one process and timed in turn, round after round (the machine drifts; ratios are taken per round):
 - base: the model without adapter;
-- gatera-dense: GateRA (HiRA branch, r=16, q/k/v/up/down) computing the branch for every token, rebuilding
-  `W0 ⊙ BA` at each forward as in training;
+- gatera-dense: GateRA (HiRA branch, r=16, q/k/v/up/down) computing the branch for every token: a prefill rebuilds
+  `W0 ⊙ BA` as in training, a decoding step's one token gets the factored update (`ops.hira.factored_update`, no
+  ΔW formed);
+- gatera-dense-formed (closed fraction 0 only): the same adapter with ΔW formed at every decoding step too (as
+  before the factored update: `ops.hira.without_factoring()` while it runs);
 - gatera-sparse-cached: the same adapter with `sparse_threshold=0.01` (tokens whose gate is below skip the branch)
   and `cache_delta=True` (the dense `s·W0 ⊙ BA` is built once and kept).
 
@@ -19,6 +22,7 @@ fractions 0, 0.5 and 0.9 are measured. Prefill: one forward over a 128-token pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -117,15 +121,24 @@ def main() -> None:
     variants = {"base": base}
     for fraction in args.fractions:
         variants[f"gatera-dense@{fraction:g}"] = adapt(load(args.tiny), fraction, prompt)
+        if fraction == 0:
+            variants["gatera-dense-formed@0"] = variants["gatera-dense@0"]  # (the same model, run forming ΔW)
         variants[f"gatera-sparse-cached@{fraction:g}"] = adapt(load(args.tiny), fraction, prompt,
                                                               sparse_threshold=0.01, cache_delta=True)
     closed = {name: closed_fraction_of(m, prompt) for name, m in variants.items() if name != "base"}
-    for model in variants.values():
-        measure(model, prompt, 4)  # warm-up
+
+    def run(name, new_tokens):
+        from gatera_plugin.ops.hira import without_factoring
+
+        with without_factoring() if name.startswith("gatera-dense-formed") else contextlib.nullcontext():
+            return measure(variants[name], prompt, new_tokens)
+
+    for name in variants:
+        run(name, 4)  # warm-up
     times = {name: {"prefill": [], "decode": []} for name in variants}
     for _ in range(args.rounds):
-        for name, model in variants.items():
-            prefill, decode = measure(model, prompt, args.new_tokens)
+        for name in variants:
+            prefill, decode = run(name, args.new_tokens)
             times[name]["prefill"].append(prefill)
             times[name]["decode"].append(decode)
 

@@ -27,7 +27,7 @@ from .config import GateRAConfig
 from .fsdp import refuse_distributed_weight, unsharded_weight
 from .gates import make_structure_gate, make_token_gate
 from .kernels import compute_dtype
-from .ops.hira import add_gated, folded_hira
+from .ops.hira import add_gated, factored_pays, folded_hira
 from .penalty import GateStats, PenaltyRun, penalty_tap
 
 _folding = True  # (switched off inside `without_folding`)
@@ -281,7 +281,8 @@ class GateRALayer(BaseTunerLayer):
         the base layer's own call). `without_folding()` turns it off.
 
         Where the products run in bf16 / fp16 only backward folds (`fold_forward=False`), and without autograd (e.g.
-        `generate()`) there is nothing to fold, so the two run apart. `W0 + s·ΔW` rounded to that dtype, for a W0
+        `generate()`) there is nothing to fold, so the two run apart; so do a decoding step's few tokens in fp32 (the
+        factored update reads W0 once and forms no `W0 + s·ΔW`). `W0 + s·ΔW` rounded to that dtype, for a W0
         whose values lie on its grid (a bf16 model, QLoRA's dequantised W0, and an fp32 model loaded from a bf16
         checkpoint alike), comes back as W0 wherever `|s·BA|` is below half the grid's spacing (2^-9 of W0 in bf16).
         A folded forward would drop the small updates of the first steps (B starts at 0), which the separate path,
@@ -301,8 +302,12 @@ class GateRALayer(BaseTunerLayer):
                 or BRANCH_KINDS["hira"].input_dtype(x, self.gatera_A[name].dtype) != x.dtype):
             return None
         fold_forward = compute_dtype(x) not in HALF_DTYPES
-        if not (fold_forward or torch.is_grad_enabled()):  # (no backward to fold: generate() keeps bitsandbytes' own
-            return None                                     # kernels for the base product)
+        # without grad mode there is no backward to fold: half precision keeps the base layer's own product
+        # (bitsandbytes' kernels on 4-bit), and a decoding step's few tokens the factored update, which forms no ΔW
+        if not torch.is_grad_enabled() and (
+                not fold_forward or factored_pays(x.numel() // x.shape[-1], self.gatera_A[name].shape[0],
+                                                  self.in_features * self.out_features)):
+            return None
         self._check_adapter_device(name, x)
         return folded_hira(x, self.gatera_A[name], self.gatera_B[name], self.base_weight, self.branch_scale(name),
                            base.bias, fold_forward=fold_forward)

@@ -45,7 +45,9 @@ def test_inference_benchmark_writes_its_table(tmp_path):
     out = tmp_path / "inference.json"
     _run("bench/inference.py", "--tiny", "--fractions", "0.0", "0.9", "--rounds", "1", "--new-tokens", "2",
          "--prompt-length", "8", "--out", str(out))
-    assert json.loads(out.read_text())
+    variants = [row["variant"] for row in json.loads(out.read_text())["rows"]]
+    assert variants == ["base", "gatera-dense@0", "gatera-dense-formed@0", "gatera-sparse-cached@0",
+                        "gatera-dense@0.9", "gatera-sparse-cached@0.9"]
 
 
 def test_quality_table_from_result_files(tmp_path):
@@ -336,7 +338,7 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     assert steps["peft-lora"]["time_vs_lora"] == 1.0 and steps["peft-hira"]["time_vs_hira"] == 1.0
     assert all(row["syncs"] is None for row in steps.values())  # counted on CUDA only
     assert {row["method"] for row in sections["generation"]["rows"]} == {
-        "peft-lora", "peft-hira", "gatera", "gatera-cache-delta"}
+        "peft-lora", "peft-hira", "gatera", "gatera-formed", "gatera-cache-delta"}
 
 
 def test_cache_delta_check_benchmark_runs():
@@ -469,3 +471,15 @@ def test_row_ops_smoke_runs_both_sides_of_every_operation(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [row["op"] for row in rows] == ["scale", "add_scaled", "scale_and_dot_"]
     assert all(row["torch_host_us"] > 0 and row["triton_host_us"] > 0 for row in rows)
+
+
+def test_decode_branch_smoke_measures_both_paths_and_says_which_is_taken(tmp_path):
+    """bench/decode_branch.py (README's decoding table, `ops.hira.FACTORED_LIMITS`) times the formed and the
+    factored update for each size, rank and token count, and says which one `factored_pays` takes; the two outputs
+    agree to bf16 rounding."""
+    out = tmp_path / "decode_branch.json"
+    _run("bench/decode_branch.py", "--smoke", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["d_in"], row["tokens"], row["taken"]) for row in rows] == [(64, 1, False), (64, 4, False),
+                                                                             (256, 1, True), (256, 4, False)]
+    assert all(row["formed_ms"] > 0 and row["factored_ms"] > 0 and row["max_difference"] < 1e-2 for row in rows)

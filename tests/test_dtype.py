@@ -95,6 +95,43 @@ def test_half_model_outside_autocast_within_rounding_of_fp64(dtype):
         assert passed, f"grad of {name}: error {error:.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("gate", ["sigmoid", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_decoding_step_takes_the_factored_update_within_rounding_of_fp64(dtype, gate, monkeypatch):
+    """A decoding step as `generate()` runs it: eval, `no_grad`, the model outside autocast, one token per sequence
+    (2 sequences here). The layer takes `ops.hira.factored_update` (no ΔW formed), the output keeps the model's dtype
+    and stays within the rounding rule against fp64, and many tokens (a prefill) still form ΔW, as does a smaller
+    weight than `FACTORED_LIMITS` allows (set to this layer's size here)."""
+    import gatera_plugin.ops.hira as hira_ops
+
+    monkeypatch.setattr(hira_ops, "FACTORED_LIMITS", ((D_OUT * D_IN, 3.0),))
+    model = _model(dtype, gate).eval()
+    layer = model.base_model.model.proj
+    calls, factored = [], hira_ops.factored_update
+    monkeypatch.setattr(hira_ops, "factored_update", lambda *args: calls.append(args[0].shape) or factored(*args))
+    W0 = layer.base_layer.weight.detach()
+    x = torch.randn(2, 1, D_IN, generator=torch.Generator().manual_seed(1))
+    gate_module = layer.gatera_gate["default"] if gate == "sigmoid" else None
+
+    def reference(precision):
+        xr, W = x.to(precision), W0.to(precision)
+        A, B = (layer.gatera_A["default"].detach().to(precision), layer.gatera_B["default"].detach().to(precision))
+        w, b = ((gate_module.weight.detach().to(precision), gate_module.bias.detach().to(precision)) if gate_module
+                else (None, None))
+        return xr @ W.t() + naive_gated_hira(xr, W, A, B, w, b, layer.scaling["default"])
+
+    with torch.no_grad():
+        out = model(x.to(dtype))
+        assert calls == [(2, D_IN)] and out.dtype == dtype
+        passed, error, bound = within_tolerance(out, reference(dtype), reference(torch.float64))
+        assert passed, f"output: error {error:.3g} > {bound:.3g}"
+        model(torch.randn(2, N, D_IN).to(dtype))
+        assert calls == [(2, D_IN)]  # 66 tokens: ΔW formed
+        monkeypatch.setattr(hira_ops, "FACTORED_LIMITS", ((D_OUT * D_IN + 1, 3.0),))
+        model(x.to(dtype))
+    assert calls == [(2, D_IN)]  # a smaller weight than the threshold: ΔW formed
+
+
 def test_cache_delta_keeps_the_inference_delta_in_the_input_dtype():
     """`cache_delta` on a bf16 model outside autocast: the cached `s·W0 ⊙ BA` is bf16 like the input (not the fp32
     adapter dtype), gives the uncached branch's output within bf16 rounding, and is rebuilt for an fp32 input."""

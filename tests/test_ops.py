@@ -257,6 +257,7 @@ def test_without_a_graph_the_output_is_the_autograd_functions_own(kind, gated, w
     import gatera_plugin.ops.hira as hira_ops
     import gatera_plugin.ops.lora as lora_ops
 
+    assert not hira_ops.factored_pays(N, R, 1 << 30)  # (N tokens: the function's own operations; few: the next test)
     x_dtype, factor_dtype, autocast = NO_GRAPH_CASES[case]
     if kind == "lora" and x_dtype != factor_dtype:
         pytest.skip("the layer casts x to LoRA's factors (PEFT's cast); only HiRA keeps a bf16 input as it is")
@@ -287,3 +288,69 @@ def test_without_a_graph_the_output_is_the_autograd_functions_own(kind, gated, w
     assert torch.equal(frozen, recorded.detach())
     run(x=True)  # only the input needs a gradient (frozen adapters inside a trained model): the function runs
     assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("case", list(NO_GRAPH_CASES))
+def test_a_decoding_step_forms_no_delta_weight(tokens, gated, with_base, case, hira_blocks, monkeypatch):
+    """Without a graph, a decoding step's few tokens get the factored update `Σ_k B_k ⊙ W0 (A_k ⊙ x)`: no d_out x d_in
+    tensor is made (forming `W0 ⊙ BA` writes and reads three), its output has the function's dtype and is within the
+    rounding rule against fp64 (twice the error of the function's own output in that dtype, plus 2 ulp). (Under
+    autocast an fp32 W0 is cast to the autocast dtype, as the base layer's own product casts it. A weight this small
+    forms ΔW by default, `FACTORED_LIMITS`: lowered here.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import gatera_plugin.ops.hira as hira_ops
+
+    monkeypatch.setattr(hira_ops, "FACTORED_LIMITS", ((D_OUT * D_IN, 3.0),))  # (a small weight here)
+    assert hira_ops.factored_pays(tokens, R, D_OUT * D_IN)
+    with hira_ops.without_factoring():  # (the benchmarks' comparison: ΔW formed at every step)
+        assert not hira_ops.factored_pays(tokens, R, D_OUT * D_IN)
+    assert hira_ops.factored_pays(tokens, R, D_OUT * D_IN) and not hira_ops.factored_pays(tokens, R, D_OUT * D_IN - 1)
+    x_dtype, factor_dtype, autocast = NO_GRAPH_CASES[case]
+    t = {k: (v.detach()[:tokens] if k == "x" else v.detach()) if v is not None else None
+         for k, v in _inputs(torch.float32, gated).items()}
+    if with_base:
+        t["base"] = torch.randn(tokens, D_OUT, generator=torch.Generator().manual_seed(3))
+    exact = {k: v.double() if v is not None else None for k, v in t.items()}
+    t = {k: (v.to(x_dtype if k in ("x", "w", "b", "base", "W0") else factor_dtype) if v is not None else None)
+         for k, v in t.items()}
+    context = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    weight_sized = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == D_IN \
+                    and out.shape[0] != tokens * R and not func.is_view \
+                    and func is not torch.ops.aten._to_copy.default:  # (autocast's cast of an fp32 W0, as F.linear's)
+                weight_sized.append((str(func), tuple(out.shape)))  # ΔW, or a block of its rows
+            return out
+
+    with torch.no_grad(), context, Record():
+        factored = _run("hira", t, 0.37, use_ops=True)
+    assert not weight_sized, weight_sized
+    with context:  # the autograd function's forward (a graph is recorded), which forms ΔW
+        A, B = (v.detach().requires_grad_() for v in (t["A"], t["B"]))
+        recorded = _run("hira", dict(t, A=A, B=B), 0.37, use_ops=True).detach()
+    truth = _run("hira", exact, 0.37, use_ops=False)
+    assert factored.dtype == recorded.dtype
+    if x_dtype == factor_dtype == torch.float32 and not autocast:
+        torch.testing.assert_close(factored, recorded, **FP32_TOLERANCE)
+    else:
+        assert max_error(factored, truth) <= rounding_bound(recorded, truth, factored.dtype), case
+
+
+def test_the_factored_update_is_taken_by_token_count_rank_and_weight_size():
+    """`factored_pays` by `FACTORED_LIMITS` (bench/decode_branch.py): one token from 2^16 weight elements on (the
+    FLOP ratio N·r / (N + r) is below 1), up to a FLOP ratio of 3 from 2^20 on, never below 2^16 or under
+    `without_factoring()`."""
+    from gatera_plugin.ops.hira import factored_pays, without_factoring
+
+    assert factored_pays(1, 128, 1 << 16) and not factored_pays(1, 8, (1 << 16) - 1)
+    assert not factored_pays(2, 8, 576 * 576) and factored_pays(2, 128, 1 << 20)
+    assert factored_pays(4, 8, 4096 * 4096) and not factored_pays(4, 16, 4096 * 4096)  # FLOP ratio 2.67, 3.2
+    with without_factoring():
+        assert not factored_pays(1, 8, 4096 * 4096)

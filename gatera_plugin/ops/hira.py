@@ -20,11 +20,13 @@ so the gate's gradient costs no extra product with `ΔW`: three matmuls of size 
 backward), as many as PEFT's HiRA, plus the cheap rebuild of `BA` (d_out·r·d_in).
 
 Where autograd records nothing (`no_grad`, `generate()`), `gated_hira` runs the forward's arithmetic
-(`branch_output`) without the autograd function: the same output, less host work per layer and decoding step.
+(`branch_output`) without the autograd function: the same output, less host work per layer and decoding step. For a
+decoding step's few tokens it forms no ΔW at all (`factored_update`: `Σ_k B_k ⊙ W0 (A_k ⊙ x)`, W0 read once).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Optional
 
@@ -319,12 +321,70 @@ def gated_hira(
 
 class _GatedHiraOutput:
     """`GatedHiraFunction`'s forward without autograd's bookkeeping (a context, saved tensors, a graph node): what
-    `gated_hira` runs where autograd records nothing (`no_grad`, `generate()`, adapters that do not train), the same
-    operations on the same tensors."""
+    `gated_hira` runs where autograd records nothing (`no_grad`, `generate()`, adapters that do not train). Few
+    tokens (a decoding step: `factored_pays`) get `factored_update`, which forms no ΔW; more get the function's own
+    operations on the same tensors (`branch_output`)."""
 
     @staticmethod
     def apply(base, x, gate, A, B, weight_fn, scaling, row_ops=TORCH_ROWS):
-        return branch_output(base, x, gate, A, B, weight_fn(), scaling, row_ops, autocast_state(x.device.type))
+        autocast, weight = autocast_state(x.device.type), weight_fn()
+        if isinstance(weight, torch.Tensor) and factored_pays(x.shape[0], A.shape[0], weight.numel()):
+            update = factored_update(x, A, B, weight, _product_dtype(x, autocast))
+            return add_gated(base, update, gate, scaling, reuse_update=True, row_ops=row_ops)
+        return branch_output(base, x, gate, A, B, weight, scaling, row_ops, autocast)
+
+
+# `factored_update` costs N·r / (N + r) times the FLOPs of forming BA and the product x ΔWᵀ (less than 1 for one
+# token), and reads W0 once where forming ΔW writes and reads d_out × d_in values three times more (BA in the factors'
+# dtype, W0 ⊙ BA, its cast). It is taken up to a FLOP ratio that depends on the weight's size (d_out · d_in):
+# (at least this many elements, at most this FLOP ratio), the largest first. bench/decode_branch.py, on this CPU:
+# 1.2-5x faster at every taken point (256 x 256 to 4096 x 4096, r = 8 to 128); slower for 4 tokens at r = 128 (FLOP
+# ratio 3.9: 1.3-1.5x) even at 4096 x 4096, for 4 tokens at r = 32 at 1024 x 1024 (1.12x), for 2 tokens below that
+# (256 x 256, r = 128: 1.18x), and for any token count below 256 x 256 (128 x 128: 1.06-1.09x for one token), where
+# the fixed cost of a small half-precision product with N·r rows outweighs the traffic it saves. A GPU, with more
+# FLOPs per byte of memory traffic, should cross over later; not measured there (bench/gpu_check.py (e),
+# `python bench/decode_branch.py --device cuda`).
+FACTORED_LIMITS = ((1 << 20, 3.0), (1 << 16, 1.0))
+_factoring = True
+
+
+@contextlib.contextmanager
+def without_factoring():
+    """Inside this block every forward forms ΔW, as training does, also for a decoding step's few tokens: to compare
+    the two (bench/inference.py, bench/gpu_check.py) or to rule the factored update out. One switch for the whole
+    process (not per thread), like `layer.without_folding`."""
+    global _factoring
+    previous, _factoring = _factoring, False
+    try:
+        yield
+    finally:
+        _factoring = previous
+
+
+def factored_pays(tokens: int, rank: int, weight_elements: int) -> bool:
+    """Whether `factored_update` is taken for `tokens` rows at rank `rank` and a W0 of `weight_elements` elements
+    (d_out · d_in), by `FACTORED_LIMITS`: one token on a weight that is not tiny, a few on a large one."""
+    if not _factoring:
+        return False
+    flop_ratio = tokens * rank / (tokens + rank)
+    for min_elements, max_flop_ratio in FACTORED_LIMITS:
+        if weight_elements >= min_elements:
+            return flop_ratio <= max_flop_ratio
+    return False
+
+
+def factored_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """`x (W0 ⊙ BA)ᵀ` (N, d_out) in `dtype` without forming `ΔW = W0 ⊙ BA`: row n is `Σ_k B_k ⊙ W0 (A_k ⊙ x_n)`, one
+    product of W0 with the N·r rows `A_k ⊙ x_n` (in `dtype`, as `branch_output`'s products), then the sum over k in
+    B's precision (fp32 for PEFT's fp32 factors), rounded once. Four operations, as many as forming ΔW and its
+    product. x: (N, d_in), A: (r, d_in), B: (d_out, r), weight: W0 (d_out, d_in)."""
+    tokens, d_in = x.shape
+    rank = A.shape[0]
+    rows = torch.mul(x.unsqueeze(1), A, out=x.new_empty((tokens, rank, d_in), dtype=dtype))  # A_k ⊙ x_n, rounded once
+    products = rows.view(tokens * rank, d_in) @ weight.to(dtype).t()  # W0 (A_k ⊙ x_n): (N·r, d_out)
+    update = products.new_empty((tokens, products.shape[1]), dtype=dtype)
+    return torch.sum(products.view(tokens, rank, -1) * B.t(), 1, out=update)  # Σ_k B_k ⊙ ·: (N, d_out)
 
 
 class FoldedHiraFunction(GatedHiraFunction):
