@@ -55,15 +55,24 @@ def aborted_at_exit(*launches) -> bool:
             and any("'train_runtime'" in done.stdout for done in launches))
 
 
-def launch(command_on, out, **extra_env) -> subprocess.CompletedProcess:
-    """Run the distributed launch `command_on(port)` (torchrun, accelerate launch: a fresh free port each time), which
-    writes into `out`. A run that aborted at exit after finishing (`aborted_at_exit`) is run once more, from an
-    empty output folder, so that the test judges a run that exited cleanly; a second abort fails the test."""
-    done = run(command_on(free_port()), **extra_env)
-    if aborted_at_exit(done) and "GATERA_TEST_KILL_AT_STEP" not in extra_env:
+def _once_more_after_abort(start, out, retry=True) -> list:
+    """Run `start(port) -> [CompletedProcess, ...]` (one launcher, or one per node) on a fresh free port. A run that
+    aborted at exit after finishing (`aborted_at_exit`) is run once more, from an empty output folder `out`, on
+    another port, so that the test judges a run that exited cleanly; a second abort is returned for the test to
+    fail on."""
+    finished = start(free_port())
+    if retry and aborted_at_exit(*finished):
         print(f"a rank aborted at exit after training ({ABORT_AT_EXIT!r}); running once more", file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)
-        done = run(command_on(free_port()), **extra_env)
+        finished = start(free_port())
+    return finished
+
+
+def launch(command_on, out, **extra_env) -> subprocess.CompletedProcess:
+    """Run the distributed launch `command_on(port)` (torchrun, accelerate launch), which writes into `out`, once
+    more after an abort at exit (`_once_more_after_abort`); a run killed on purpose is not retried."""
+    retry = "GATERA_TEST_KILL_AT_STEP" not in extra_env
+    [done] = _once_more_after_abort(lambda port: [run(command_on(port), **extra_env)], out, retry)
     return done
 
 
@@ -139,21 +148,15 @@ def assert_gate_lr_ratio_applied(out, reference, ratio_one_reference):
 
 def run_nodes(commands_on, out) -> None:
     """Start the launchers `commands_on(port)`, one per node, at once (they rendezvous with each other at `port`) and
-    require every one to succeed. As in `launch`, a run that aborted at exit after finishing is run once more, from
-    an empty `out`, on a fresh port."""
+    require every one to succeed, once more after an abort at exit (`_once_more_after_abort`)."""
 
-    def start(commands):
+    def start(port):
         nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
-                 for c in commands]
+                 for c in commands_on(port)]
         outputs = [node.communicate(timeout=900) for node in nodes]
         return [subprocess.CompletedProcess(node.args, node.returncode, *output) for node, output in zip(nodes, outputs)]
 
-    finished = start(commands_on(free_port()))
-    if aborted_at_exit(*finished):
-        print(f"a rank aborted at exit after training ({ABORT_AT_EXIT!r}); running once more", file=sys.stderr)
-        shutil.rmtree(out, ignore_errors=True)
-        finished = start(commands_on(free_port()))
-    for done in finished:
+    for done in _once_more_after_abort(start, out):
         assert done.returncode == 0, done.stderr[-5000:]
 
 

@@ -87,6 +87,32 @@ def test_a_launch_that_aborted_at_exit_runs_once_more_on_a_fresh_port_into_an_em
     assert len(calls) == 1  # any other failure is not run again
 
 
+def test_two_nodes_whose_launcher_aborted_at_exit_run_once_more_both_on_a_fresh_port(tmp_path, monkeypatch):
+    import tests.distributed as distributed
+
+    finished, out = "{'train_runtime': '1.669'}", tmp_path / "out"
+    returns = iter([(0, finished, ""), (-6, "", ABORT_AT_EXIT), (0, finished, ""), (0, "", "")])
+    started = []
+
+    class FakeNode:
+        def __init__(self, command, **kwargs):
+            started.append((command, out.exists()))
+            self.args, (self.returncode, *self.output) = command, next(returns)
+
+        def communicate(self, timeout):
+            return tuple(self.output)
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", FakeNode)
+    out.mkdir()
+    distributed.run_nodes(lambda port: [["node0", port], ["node1", port]], out)
+    assert [exists for _, exists in started] == [True, True, False, False]  # both nodes again, from an empty folder
+    assert started[0][0][1] == started[1][0][1] != started[2][0][1] == started[3][0][1]  # one port per attempt
+    returns = iter([(0, finished, ""), (1, "", "Traceback (most recent")])
+    with pytest.raises(AssertionError, match="Traceback"):
+        distributed.run_nodes(lambda port: [["node0", port], ["node1", port]], out)
+    assert len(started) == 6  # any other failure is not run again
+
+
 # torch 2.6's FSDP2 does not run on CPU ("'Stream' object has no attribute 'record_event'"; on a GPU it does); 2.7 to
 # 2.12 are untested here, 2.13 runs these tests
 FSDP2_ON_CPU = pytest.mark.skipif(Version(torch.__version__) < Version("2.7"),
