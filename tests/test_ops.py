@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gatera_plugin.ops import gated_hira, gated_lora
 from tests.helpers import (
@@ -28,6 +29,22 @@ def _inputs(dtype, gated=True, seed=0):
     b = torch.randn(1, generator=g) if gated else None
     tensors = dict(x=x, W0=W0, A=A, B=B, w=w, b=b)
     return {k: (v.to(dtype).requires_grad_(k != "W0") if v is not None else None) for k, v in tensors.items()}
+
+
+class _RecordNewRowsOfDIn(TorchDispatchMode):
+    """Records (op, shape, dtype) of each new (rows, D_IN) tensor that an op makes (ΔW, a block of its rows, or
+    N x d_in), except those of `other_rows` rows and those that an op in `ignored` makes; views are not new."""
+
+    def __init__(self, other_rows, ignored=()):
+        super().__init__()
+        self.other_rows, self.ignored, self.made = other_rows, ignored, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == D_IN \
+                and out.shape[0] != self.other_rows and not func.is_view and func not in self.ignored:
+            self.made.append((str(func), tuple(out.shape), out.dtype))
+        return out
 
 
 def _run(kind, t, scaling, use_ops):
@@ -200,34 +217,24 @@ def test_autocast_backward_keeps_large_temporaries_in_the_autocast_dtype(dtype, 
     with A and B use: no d_out x d_in fp32 tensor is built and cast back. With one block, δ ΔW (N x d_in) is used in
     that dtype too (no fp32 copy: a sum over several blocks is kept in fp32). The gradients stay within the rounding
     rule against fp64 (twice the naive autocast run's error, plus 2 ulp)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     t = _inputs(torch.float32)
     t["x"] = t["x"].detach().to(dtype).requires_grad_()
     t["W0"] = t["W0"].to(dtype)
     grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1))
-    weight_sized = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == D_IN and out.shape[0] != R \
-                    and not func.is_view:  # a new (rows, d_in) block, or (N, d_in)
-                weight_sized.append((str(func), tuple(out.shape), out.dtype))
-            return out
+    record = _RecordNewRowsOfDIn(other_rows=R)  # A's gradient is not a weight-sized block
 
     def run(tensors, use_ops, precision):
         with torch.autocast("cpu", dtype=precision, enabled=precision != torch.float64):
             out = _run("hira", tensors, 0.7, use_ops)
         names = [k for k, v in tensors.items() if v is not None and v.requires_grad]
-        with Record() if use_ops else contextlib.nullcontext():
+        with record if use_ops else contextlib.nullcontext():
             grads = torch.autograd.grad(out, [tensors[k] for k in names], grad_out.to(out.dtype))
         return dict(zip(names, grads))
 
     ours = run(t, True, dtype)
     fp32_sum = hira_blocks == "many-blocks"  # P = Σ_blocks δ_b ΔW_b, kept in fp32
-    wrong = [w for w in weight_sized if w[-1] != dtype and not (fp32_sum and w[1] == (N, D_IN))]
-    assert weight_sized and not wrong, wrong
+    wrong = [w for w in record.made if w[-1] != dtype and not (fp32_sum and w[1] == (N, D_IN))]
+    assert record.made and not wrong, wrong
     naive = run(t, False, dtype)
     truth = run({k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None)
                  for k, v in t.items()}, False, torch.float64)
@@ -300,8 +307,6 @@ def test_a_decoding_step_forms_no_delta_weight(tokens, gated, with_base, case, h
     rounding rule against fp64 (twice the error of the function's own output in that dtype, plus 2 ulp). (Under
     autocast an fp32 W0 is cast to the autocast dtype, as the base layer's own product casts it. A weight this small
     forms ΔW by default, `FACTORED_LIMITS`: lowered here.)"""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import gatera_plugin.ops.hira as hira_ops
 
     monkeypatch.setattr(hira_ops, "FACTORED_LIMITS", ((D_OUT * D_IN, 3.0),))  # (a small weight here)
@@ -318,20 +323,12 @@ def test_a_decoding_step_forms_no_delta_weight(tokens, gated, with_base, case, h
     t = {k: (v.to(x_dtype if k in ("x", "w", "b", "base", "W0") else factor_dtype) if v is not None else None)
          for k, v in t.items()}
     context = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
-    weight_sized = []
+    # the rows A_k ⊙ x_n are not a weight-sized block; autocast's cast of an fp32 W0 is F.linear's own
+    record = _RecordNewRowsOfDIn(other_rows=tokens * R, ignored=(torch.ops.aten._to_copy.default,))
 
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == D_IN \
-                    and out.shape[0] != tokens * R and not func.is_view \
-                    and func is not torch.ops.aten._to_copy.default:  # (autocast's cast of an fp32 W0, as F.linear's)
-                weight_sized.append((str(func), tuple(out.shape)))  # ΔW, or a block of its rows
-            return out
-
-    with torch.no_grad(), context, Record():
+    with torch.no_grad(), context, record:
         factored = _run("hira", t, 0.37, use_ops=True)
-    assert not weight_sized, weight_sized
+    assert not record.made, record.made  # no ΔW, nor a block of its rows
     with context:  # the autograd function's forward (a graph is recorded), which forms ΔW
         A, B = (v.detach().requires_grad_() for v in (t["A"], t["B"]))
         recorded = _run("hira", dict(t, A=A, B=B), 0.37, use_ops=True).detach()
