@@ -125,7 +125,9 @@ def main() -> None:
             variants["gatera-dense-formed@0"] = variants["gatera-dense@0"]  # (the same model, run forming ΔW)
         variants[f"gatera-sparse-cached@{fraction:g}"] = adapt(load(args.tiny), fraction, prompt,
                                                               sparse_threshold=0.01, cache_delta=True)
-    closed = {name: closed_fraction_of(m, prompt) for name, m in variants.items() if name != "base"}
+    adapted = {id(m): m for name, m in variants.items() if name != "base"}  # (the formed variant shares its model)
+    closed_by_model = {key: closed_fraction_of(m, prompt) for key, m in adapted.items()}
+    closed = {name: closed_by_model[id(m)] for name, m in variants.items() if name != "base"}
 
     def run(name, new_tokens):
         from gatera_plugin.ops.hira import without_factoring
