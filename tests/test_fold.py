@@ -258,13 +258,14 @@ def test_products_per_training_step(case, products):
     assert _products_per_training_step(layer, x, fold, autocast()) == products
 
 
-@pytest.mark.parametrize("case, products", [("gated", 4), ("ungated apart", 3), ("ungated folded", 2)])
+@pytest.mark.parametrize("case, products", [("gated", 3), ("ungated apart", 3), ("ungated folded", 2)])
 def test_products_per_training_step_when_the_input_needs_no_gradient(case, products):
     """A layer whose input needs no gradient (a model's first layer: the frozen embeddings' output, unless
     `enable_input_require_grads` is on, as gradient checkpointing sets it) skips the input gradient's products. The
-    ungated layer keeps the forward's and dΔW's: two folded, three apart (as PEFT's HiRA). The gated layer still
-    forms δ ΔW, which the gate's gradient needs (dg = s Σ δΔW ⊙ x): four. In bench/train_step.py's 4-layer models the
-    first layer's q, k and v are three of the 20 adapted layers, so part of the gated step's cost against HiRA's."""
+    ungated layer keeps the forward's and dΔW's: two folded, three apart (as PEFT's HiRA). The gated layer takes
+    three too: its gate's gradient comes from the update `x ΔWᵀ` that forward keeps there, not from a product δ ΔW
+    (four, as it was; in bench/train_step.py's 4-layer models the first layer's q, k and v are three of the 20 adapted
+    layers)."""
     layer = _layer(gate="sigmoid") if case == "gated" else _layer()
     x = torch.randn(16 * N, D_IN)  # (many tokens: the rank-sized products fall below one)
     fold = without_folding() if case == "ungated apart" else contextlib.nullcontext()

@@ -165,6 +165,38 @@ def test_hira_keeps_no_weight_sized_tensor():
     assert D_OUT * D_IN in naive  # the check above would catch a materialised ΔW
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_an_input_without_gradient_gets_the_gates_gradient_from_the_kept_update(dtype, hira_blocks):
+    """Where x needs no gradient (a first layer's q, k, v) and the gate does, backward makes no product `δ ΔW`
+    (N x d_in, of size N·d_in·d_out), which would serve the gate's gradient alone: forward keeps `x ΔWᵀ` (N x d_out)
+    instead, and `dg = s Σ_j δ ⊙ x ΔWᵀ`. The gradients of the gate's w and b and of A and B are the naive reference's
+    (fp32) or within the rounding rule against fp32 (bf16, fp16)."""
+    def inputs(precision):
+        t = _inputs(precision)
+        t["x"] = t["x"].detach()
+        return t
+
+    t, truth_t = inputs(dtype), inputs(torch.float32)
+    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1))
+    record = _RecordNewRowsOfDIn(other_rows=R)
+    out = _run("hira", t, 0.37, use_ops=True)
+    names = ["A", "B", "w", "b"]
+    with record:
+        grads = dict(zip(names, torch.autograd.grad(out, [t[k] for k in names], grad_out.to(dtype))))
+    products = [m for m in record.made if m[1] == (N, D_IN) and "mm" in m[0]]
+    assert not products, products
+    _, naive = _grads("hira", t, 0.37, False, grad_out.to(dtype))
+    _, truth = _grads("hira", truth_t, 0.37, False, grad_out)
+    for name in names:
+        if dtype == torch.float32:
+            torch.testing.assert_close(grads[name], naive[name], **FP32_TOLERANCE, msg=name)
+        else:
+            assert within_tolerance(grads[name], naive[name], truth[name], grad=True)[0], name
+    gate = torch.sigmoid(t["x"] @ t["w"].t() + t["b"])
+    kept = _saved_numels(lambda: gated_hira(t["x"], gate, t["A"], t["B"], lambda: t["W0"]))
+    assert sum(kept) == N * D_IN + N + R * D_IN + D_OUT * R + N * D_OUT  # x, g, A, B and the update
+
+
 def test_lora_keeps_no_output_sized_tensor():
     """The gated LoRA function keeps x, g, A, B and the rank-r activation, not the branch output (N × d_out)."""
     t = _inputs(torch.float32)

@@ -17,7 +17,9 @@ Backward (docs/method.md, "Gradients"), with `δ = ∂L/∂out` (N × d_out) and
     dB_b = dM_b Aᵀ,  dA = Σ_blocks B_bᵀ dM_b
 
 so the gate's gradient costs no extra product with `ΔW`: three matmuls of size N·d_in·d_out in all (one forward, two
-backward), as many as PEFT's HiRA, plus the cheap rebuild of `BA` (d_out·r·d_in).
+backward), as many as PEFT's HiRA, plus the cheap rebuild of `BA` (d_out·r·d_in). Where x needs no gradient (a
+first layer's q, k, v) and the gate does, `P` would serve dg alone: forward keeps the update `x ΔWᵀ` (N × d_out)
+instead and `dg = s Σ_j δ ⊙ x ΔWᵀ`, two products, as PEFT's HiRA takes there.
 
 Where autograd records nothing (`no_grad`, `generate()`), `gated_hira` runs the forward's arithmetic
 (`branch_output`) without the autograd function: the same output, less host work per layer and decoding step. For a
@@ -158,26 +160,34 @@ def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional
     return torch.add(base, update, alpha=scaling)
 
 
-def branch_output(base, x, gate, A, B, weight, scaling, row_ops, autocast: dict) -> torch.Tensor:
-    """`base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)` (N, d_out), W0 read from `weight` (a tensor or a W0 source), the products in
-    autocast's dtype where `autocast` (`autocast_state`) is on, else x's; shapes as `GatedHiraFunction.forward`."""
-    weight = weight_source(weight)
-    dtype = _product_dtype(x, autocast)
+def branch_update(x, A, B, weight, dtype: torch.dtype) -> torch.Tensor:
+    """`x (W0 ⊙ BA)ᵀ` (N, d_out) in `dtype`, W0 read from `weight` (a W0 source), ΔW formed block by block."""
     d_out, d_in = weight.shape
     blocks = list(_row_blocks(d_out, d_in, x.device))
     if len(blocks) == 1:
-        delta_w = weight.delta(B, A, blocks[0], dtype)  # (d_out, d_in)
-        if gate is None and base is not None and base.dtype == torch.result_type(x, delta_w) \
-                and not autocast["enabled"]:
-            return torch.addmm(base, x, delta_w.t(), alpha=scaling)  # the residual add rides on the GEMM
-        return add_gated(base, x @ delta_w.t(), gate, scaling, reuse_update=True, row_ops=row_ops)
+        return x @ weight.delta(B, A, blocks[0], dtype).t()
     update = None  # (N, d_out), filled block by block
     for rows in blocks:
         block = x @ weight.delta(B[rows], A, rows, dtype).t()  # x ΔW_bᵀ: (N, rows)
         if update is None:
             update = block.new_empty((x.shape[0], d_out))
         update[:, rows] = block
-    return add_gated(base, update, gate, scaling, reuse_update=True, row_ops=row_ops)
+    return update
+
+
+def branch_output(base, x, gate, A, B, weight, scaling, row_ops, autocast: dict) -> torch.Tensor:
+    """`base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)` (N, d_out), W0 read from `weight` (a tensor or a W0 source), the products in
+    autocast's dtype where `autocast` (`autocast_state`) is on, else x's; shapes as `GatedHiraFunction.forward`."""
+    weight = weight_source(weight)
+    dtype = _product_dtype(x, autocast)
+    d_out, d_in = weight.shape
+    if gate is None and base is not None and not autocast["enabled"] \
+            and len(list(_row_blocks(d_out, d_in, x.device))) == 1:
+        delta_w = weight.delta(B, A, slice(0, d_out), dtype)  # (d_out, d_in)
+        if base.dtype == torch.result_type(x, delta_w):
+            return torch.addmm(base, x, delta_w.t(), alpha=scaling)  # the residual add rides on the GEMM
+        return add_gated(base, x @ delta_w.t(), gate, scaling, reuse_update=True, row_ops=row_ops)
+    return add_gated(base, branch_update(x, A, B, weight, dtype), gate, scaling, reuse_update=True, row_ops=row_ops)
 
 
 class GatedHiraFunction(torch.autograd.Function):
@@ -198,8 +208,15 @@ class GatedHiraFunction(torch.autograd.Function):
         backward needs except the W0 source and the scale that backward uses (`ctx.weight_fn`, `ctx.scaling`), which
         the caller sets."""
         ctx.autocast = autocast_state(x.device.type)
-        out = branch_output(base, x, gate, A, B, weight, scaling, row_ops, ctx.autocast)
-        ctx.save_for_backward(x, gate, A, B)
+        update = None
+        if gate is not None and ctx.needs_input_grad[2] and not ctx.needs_input_grad[1]:
+            # x needs no gradient (a first layer's q, k, v): backward would form `δ ΔW` for the gate's gradient
+            # alone, a product of size N·d_in·d_out; the update `x ΔWᵀ` (N, d_out), kept, gives it by a row dot
+            update = branch_update(x, A, B, weight_source(weight), _product_dtype(x, ctx.autocast))
+            out = add_gated(base, update, gate, scaling, row_ops=row_ops)
+        else:
+            out = branch_output(base, x, gate, A, B, weight, scaling, row_ops, ctx.autocast)
+        ctx.save_for_backward(x, gate, A, B, update)
         ctx.has_base = base is not None
         ctx.row_ops = row_ops
         return out
@@ -212,10 +229,10 @@ class GatedHiraFunction(torch.autograd.Function):
     @staticmethod
     def gradients(ctx, grad_out: torch.Tensor, weight) -> tuple:
         """(d base, dx, dg, dA, dB) from what forward saved, with W0 read from `weight` (a W0 source)."""
-        x, gate, A, B = ctx.saved_tensors
+        x, gate, A, B, update = ctx.saved_tensors
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
         return (grad_base, *hira_grads(grad_out, x, gate, A, B, weight, ctx.scaling, ctx.autocast,
-                                       ctx.needs_input_grad[1:5], ctx.row_ops))
+                                       ctx.needs_input_grad[1:5], ctx.row_ops, update))
 
 
 def _product_dtype(x: torch.Tensor, autocast: dict) -> torch.dtype:
@@ -223,10 +240,12 @@ def _product_dtype(x: torch.Tensor, autocast: dict) -> torch.dtype:
     return autocast["dtype"] if autocast["enabled"] else x.dtype
 
 
-def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops: TorchRows = TORCH_ROWS) -> tuple:
+def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops: TorchRows = TORCH_ROWS,
+               update: Optional[torch.Tensor] = None) -> tuple:
     """(dx, dg, dA, dB) of `s · g ⊙ (x (W0 ⊙ BA)ᵀ)`, None where `need` (4 flags) says not needed; `weight`: a W0
-    source (`DenseWeight` or the Triton one); `row_ops`: what runs the gate's row operations. The formulas are in this
-    module's docstring."""
+    source (`DenseWeight` or the Triton one); `row_ops`: what runs the gate's row operations; `update`: the forward's
+    `x ΔWᵀ` (N, d_out) where it kept it (x needs no gradient), which gives `dg = s Σ_j δ ⊙ update` without `δ ΔW`.
+    The formulas are in this module's docstring."""
     need_x, need_gate, need_A, need_B = need
     s = scaling
     grad_x = grad_gate = grad_A = grad_B = None
@@ -261,7 +280,7 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
         for rows in blocks:
             # (one block: the whole tensors, not a slice of all rows)
             B_rows, go_rows = (B, go) if one_block else (B[rows], go[:, rows])
-            if need_x or need_gate:
+            if need_x or (need_gate and update is None):
                 part = go_rows @ weight.delta(B_rows, A, rows, dtype)  # (N, d_in)
                 if P is None:  # a sum over blocks is kept in fp32; one block's product is used as it is
                     P = part if one_block else part.to(_accumulator_dtype(part.dtype))
@@ -284,6 +303,8 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
         if need_gate and need_x:
             dot = row_ops.scale_and_dot_(P, x, token_scale)
             grad_x = P.to(x.dtype)
+        elif need_gate and update is not None:
+            dot = torch.linalg.vecdot(update, go.to(update.dtype))
         elif need_gate:
             dot = torch.linalg.vecdot(P, x.to(P.dtype))
         elif need_x:
