@@ -46,10 +46,15 @@ CHUNK_ELEMENTS = 1 << 21
 GPU_CHUNK_ELEMENTS = 1 << 26
 
 
-def _row_blocks(d_out: int, d_in: int, device: torch.device):
-    """Slices of output rows, `CHUNK_ELEMENTS // d_in` rows each on CPU (`GPU_CHUNK_ELEMENTS // d_in` elsewhere)."""
+def _block_rows(d_out: int, d_in: int, device: torch.device) -> int:
+    """Output rows per block: `CHUNK_ELEMENTS // d_in` on CPU (`GPU_CHUNK_ELEMENTS // d_in` elsewhere), 1 to d_out."""
     limit = CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
-    rows = max(1, min(d_out, limit // max(d_in, 1)))
+    return max(1, min(d_out, limit // max(d_in, 1)))
+
+
+def _row_blocks(d_out: int, d_in: int, device: torch.device):
+    """Slices of output rows, `_block_rows` rows each (the last may be shorter)."""
+    rows = _block_rows(d_out, d_in, device)
     for start in range(0, d_out, rows):
         yield slice(start, min(start + rows, d_out))
 
@@ -163,11 +168,10 @@ def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional
 def branch_update(x, A, B, weight, dtype: torch.dtype) -> torch.Tensor:
     """`x (W0 ⊙ BA)ᵀ` (N, d_out) in `dtype`, W0 read from `weight` (a W0 source), ΔW formed block by block."""
     d_out, d_in = weight.shape
-    blocks = list(_row_blocks(d_out, d_in, x.device))
-    if len(blocks) == 1:
-        return x @ weight.delta(B, A, blocks[0], dtype).t()
+    if _block_rows(d_out, d_in, x.device) == d_out:  # one block: ΔW whole
+        return x @ weight.delta(B, A, slice(0, d_out), dtype).t()
     update = None  # (N, d_out), filled block by block
-    for rows in blocks:
+    for rows in _row_blocks(d_out, d_in, x.device):
         block = x @ weight.delta(B[rows], A, rows, dtype).t()  # x ΔW_bᵀ: (N, rows)
         if update is None:
             update = block.new_empty((x.shape[0], d_out))
@@ -181,13 +185,14 @@ def branch_output(base, x, gate, A, B, weight, scaling, row_ops, autocast: dict)
     weight = weight_source(weight)
     dtype = _product_dtype(x, autocast)
     d_out, d_in = weight.shape
-    if gate is None and base is not None and not autocast["enabled"] \
-            and len(list(_row_blocks(d_out, d_in, x.device))) == 1:
+    if gate is None and base is not None and not autocast["enabled"] and _block_rows(d_out, d_in, x.device) == d_out:
         delta_w = weight.delta(B, A, slice(0, d_out), dtype)  # (d_out, d_in)
         if base.dtype == torch.result_type(x, delta_w):
             return torch.addmm(base, x, delta_w.t(), alpha=scaling)  # the residual add rides on the GEMM
-        return add_gated(base, x @ delta_w.t(), gate, scaling, reuse_update=True, row_ops=row_ops)
-    return add_gated(base, branch_update(x, A, B, weight, dtype), gate, scaling, reuse_update=True, row_ops=row_ops)
+        update = x @ delta_w.t()
+    else:
+        update = branch_update(x, A, B, weight, dtype)
+    return add_gated(base, update, gate, scaling, reuse_update=True, row_ops=row_ops)
 
 
 class GatedHiraFunction(torch.autograd.Function):
