@@ -41,6 +41,23 @@ def test_train_step_benchmark_writes_its_ratios(tmp_path):
         assert result["round_ratios"][f"tiny: {method} / {baseline}"]["median"] == pytest.approx(expected)
 
 
+def test_gate_cost_benchmark_splits_the_gates_ops_from_the_ungated_step(tmp_path):
+    out = tmp_path / "gate_cost.json"
+    printed = _run("bench/gate_cost.py", "--size", "tiny", "--rounds", "1", "--warmup", "0", "--out", str(out)).stdout
+    result = json.loads(out.read_text())
+    assert set(result["steps"]) == {"gatera", "gatera-none-apart"}
+    rows = {row["op"]: row for row in result["rows"]}
+    # only the gated step runs the gate's sigmoid, its GEMV-shaped products and its penalty tap's ops
+    assert rows["sigmoid.default per-token"]["gated_calls"] > 0 == rows["sigmoid.default per-token"]["apart_calls"]
+    assert rows["mm|addmm vector"]["gated_calls"] > 0 == rows["mm|addmm vector"]["apart_calls"]
+    assert rows["mm|addmm large"]["gated_calls"] == rows["mm|addmm large"]["apart_calls"]  # same products
+    assert sum(row["diff_ms"] for row in result["rows"]) == pytest.approx(
+        sum(row["gated_ms"] - row["apart_ms"] for row in result["rows"]))
+    assert [row["diff_ms"] for row in result["rows"]] == sorted((row["diff_ms"] for row in result["rows"]),
+                                                                reverse=True)
+    assert "all ops" in printed
+
+
 def test_inference_benchmark_writes_its_table(tmp_path):
     out = tmp_path / "inference.json"
     _run("bench/inference.py", "--tiny", "--fractions", "0.0", "0.9", "--rounds", "1", "--new-tokens", "2",
