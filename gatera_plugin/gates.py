@@ -39,6 +39,7 @@ class SigmoidGate(nn.Module):
         self.bias_init = bias_init
         self.weight = nn.Parameter(torch.zeros(1, in_features))
         self.bias = nn.Parameter(torch.full((1,), float(bias_init)))
+        self.passed_input = None  # (set by forward(x, pass_input=True) until the layer takes it)
 
     @classmethod
     def from_config(cls, in_features: int, config) -> SigmoidGate:
@@ -58,8 +59,24 @@ class SigmoidGate(nn.Module):
         """The gate's value at step 0, for every token: `σ(bias_init)`."""
         return 1.0 / (1.0 + math.exp(-self.bias_init))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype)))
+    def forward(self, x: torch.Tensor, pass_input: bool = False) -> torch.Tensor:
+        """`g(x)` (..., 1). With `pass_input=True` (the layer's call) it also leaves in `passed_input` the x for the
+        branch to read, which the layer takes right after the call: where x (N, d_in) needs a gradient, x passed on
+        by `_LogitsAndInput`, so that x's gradients from the gate and from the branch add in one pass; else x itself.
+        (An attribute, not a second output or an argument to fill: forward hooks that record the gate's output, and
+        hooks that rebuild a module's arguments, as DeepSpeed ZeRO-3's do, see the gate alone.)"""
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if pass_input and torch.is_grad_enabled() and x.requires_grad and x.dim() == 2:
+            self.passed_input, logits = _LogitsAndInput.apply(x, weight, bias)
+            return torch.sigmoid(logits)
+        if pass_input:
+            self.passed_input = x
+        return torch.sigmoid(F.linear(x, weight, bias))
+
+    def take_passed_input(self) -> torch.Tensor:
+        """The x that the last `forward(x, pass_input=True)` left for the branch; the gate keeps no reference to it."""
+        passed, self.passed_input = self.passed_input, None
+        return passed
 
     @staticmethod
     def penalty(config) -> tuple[float, Callable]:
@@ -74,6 +91,41 @@ class SigmoidGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, bias_init={self.bias_init}"
+
+
+class _LogitsAndInput(torch.autograd.Function):
+    """`(x, x wᵀ + b)`: x passed on (a view, for the branch to read) and the gate's logits (N, 1), as one node.
+
+    With the logits apart (`F.linear`), autograd forms the logits' input gradient `dz w` as a new (N, d_in) tensor and
+    adds it to the branch's dx as another. Here the branch's dx arrives as the gradient of the x passed on, and
+    backward adds `dz w` to it in place (`addmm_`, one pass): two fewer activation-sized tensors per layer and step.
+    Only the layer's branch reads the x passed on, so its gradient is a tensor of the branch's own.
+    x: (N, d_in), weight: (1, d_in), bias: (1,), in x's dtype (the layer casts them as for `F.linear`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight)
+        return x.view_as(x), F.linear(x, weight, bias)  # (autocast, where on, casts inside F.linear as it would)
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_logits):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        if grad_logits is None:
+            return grad_x if need_x else None, None, None
+        with torch.autocast(x.device.type, enabled=False):
+            dz = grad_logits.to(x.dtype)  # (N, 1)
+            if need_x and grad_x is not None and grad_x.dtype == x.dtype and grad_x.is_contiguous():
+                grad_x = grad_x.addmm_(dz, weight)  # (the branch's own dx: written in place)
+            elif need_x and grad_x is not None:
+                grad_x = grad_x + dz @ weight
+            elif need_x:
+                grad_x = dz @ weight
+            grad_weight = dz.t() @ x if need_weight else None  # (1, d_in)
+            grad_bias = dz.sum(0) if need_bias else None  # (1,)
+        return grad_x, grad_weight, grad_bias
 
 
 # τ's extra slope in the straight-through surrogate, as a fraction of 1/T: a tenth of the logistic's peak slope 1/4.

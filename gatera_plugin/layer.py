@@ -329,7 +329,9 @@ class GateRALayer(BaseTunerLayer):
         token_gate = self.gatera_gate[adapter_name] if adapter_name in self.gatera_gate else None
         multiplier = None  # (..., 1) or None
         if token_gate is not None and not token_gate.reads_branch_output:  # (GateRA's σ(w·x + b))
-            multiplier = self._penalised(adapter_name, token_gate, token_gate(x), mask, taps)
+            gate = token_gate(x, pass_input=True)
+            x = token_gate.take_passed_input()  # (x's gradients from the gate and from the branch then add in one pass)
+            multiplier = self._penalised(adapter_name, token_gate, gate, mask, taps)
         if adapter_name in self.gatera_structure:
             structure_gate = self.gatera_structure[adapter_name]
             structure = self._penalised(adapter_name, structure_gate, structure_gate(), None, taps)  # (1,)

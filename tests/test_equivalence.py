@@ -1,6 +1,7 @@
 """The anchors of the suite (docs/method.md, "Branches"): ungated GateRA equals PEFT's HiRA and LoRA; gated equals the
 formula."""
 
+import contextlib
 import copy
 
 import pytest
@@ -109,6 +110,80 @@ def test_gated_layer_equals_naive_formula(branch, dropout):
     ref = torch.autograd.grad(expected, inputs, grad_out)
     for name, a, b in zip(["x", "A", "B", "gate.weight", "gate.bias"], ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+                         ids=["fp32", "bf16", "fp32-bf16-autocast"])
+@pytest.mark.parametrize("branch_reads_x", [True, False], ids=["branch-grad", "gate-grad-only"])
+def test_gate_passes_x_on_with_the_gradients_of_its_linear_map(dtype, autocast, branch_reads_x):
+    """The x that the sigmoid gate passes on to the branch (`pass_input`) is x itself, and the gradients that reach
+    x, w and b are those of plain autograd through `σ(F.linear(x, w, b))` and the branch: x's gradient is the branch's
+    with the gate's `dz w` added (in place), in fp32 within the fp32 tolerance, in bf16 (a bf16 model, and fp32 under
+    bf16 autocast) within the rounding rule against fp64."""
+    from gatera_plugin.gates import SigmoidGate
+    from tests.helpers import FP32_GRAD_TOLERANCE, max_error, rounding_bound
+
+    g = torch.Generator().manual_seed(0)
+    x0, M = torch.randn(13, 24, generator=g), torch.randn(24, 16, generator=g) / 5
+    R1, R2 = torch.randn(13, 16, generator=g), torch.randn(13, 1, generator=g)
+    gate = SigmoidGate(24, bias_init=0.5)
+    gate.reset_parameters(random=True)
+
+    def run(x_dtype, joint):
+        """(gate, grad x, grad w, grad b) with the branch `x' M` (a product of the x passed on) and the gate both
+        feeding the loss; `joint`: through `pass_input`, else plain autograd."""
+        x = x0.to(x_dtype).requires_grad_()
+        w, b = gate.weight.detach().double().requires_grad_(), gate.bias.detach().double().requires_grad_()
+        if x_dtype != torch.float64:
+            w, b = gate.weight, gate.bias
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast and x_dtype != torch.float64 else \
+            contextlib.nullcontext()
+        with context:
+            if joint and x_dtype != torch.float64:
+                value = gate(x, pass_input=True)
+                passed = gate.take_passed_input()
+                assert gate.passed_input is None
+                assert passed is not x and passed.data_ptr() == x.data_ptr() and passed.shape == x.shape
+            else:
+                value, passed = torch.sigmoid(torch.nn.functional.linear(x, w.to(x_dtype), b.to(x_dtype))), x
+            loss = (value.float() * R2).sum()
+            if branch_reads_x:
+                loss = loss + ((passed @ M.to(passed.dtype)).float() * R1).sum()
+        grads = torch.autograd.grad(loss, [x, w, b])
+        return (value, *grads)
+
+    ours, naive, truth = run(dtype, joint=True), run(dtype, joint=False), run(torch.float64, joint=False)
+    for name, a, n, t in zip(["gate", "x", "w", "b"], ours, naive, truth):
+        assert a.dtype == n.dtype, name
+        if dtype == torch.float32 and not autocast:
+            torch.testing.assert_close(a, n, **FP32_GRAD_TOLERANCE, msg=name)
+        else:  # (bf16 products: ours no further from fp64 than twice plain autograd's error, plus 2 ulp)
+            error, bound = max_error(a, t), rounding_bound(n, t, torch.bfloat16)
+            assert error <= bound, f"{name}: error {error:.3g} > {bound:.3g}"
+
+
+def test_gated_layer_adds_the_gates_input_gradient_into_the_branchs_in_place():
+    """In a gated layer whose input needs a gradient, backward adds the gate's `dz w` into the branch's dx with one
+    `addmm_` (N, d_in): no (N, 1) x (1, d_in) outer product and no more (N, d_in) additions than the same layer
+    without the gate (whose only one adds the base layer's dx to the branch's)."""
+    from gatera_plugin.layer import without_folding
+    from tests.helpers import RecordOps
+
+    aten = torch.ops.aten
+    x = torch.randn(11, 20, requires_grad=True)
+    counts = {}
+    for gate in ("sigmoid", "none"):
+        torch.manual_seed(0)
+        model = get_peft_model(TwoLinear(), GateRAConfig(r=3, target_modules=["lin1"], gate=gate, init_weights=False))
+        layer = model.base_model.model.lin1
+        with without_folding(), RecordOps({aten.mm.default, aten.add.Tensor, aten.addmm_.default}) as recorder:
+            layer(x).sum().backward()
+        counts[gate] = {
+            "outer": sum(shapes[:2] == [(11, 1), (1, 20)] for shapes, _ in recorder.calls),
+            "in place": sum(shapes == [(11, 20), (11, 1), (1, 20)] for shapes, _ in recorder.calls),
+            "adds": sum(shapes == [(11, 20), (11, 20)] for shapes, _ in recorder.calls),
+        }
+    assert counts["sigmoid"] == {"outer": 0, "in place": 1, "adds": counts["none"]["adds"]}, counts
 
 
 def test_init_is_identity_and_gate_starts_at_sigmoid_of_bias():
