@@ -39,7 +39,7 @@ class SigmoidGate(nn.Module):
         self.bias_init = bias_init
         self.weight = nn.Parameter(torch.zeros(1, in_features))
         self.bias = nn.Parameter(torch.full((1,), float(bias_init)))
-        self.passed_input = None  # (set by forward(x, pass_input=True) until the layer takes it)
+        self.passed_input = None  # (x passed on by forward(x, pass_input=True), until the layer takes it)
 
     @classmethod
     def from_config(cls, in_features: int, config) -> SigmoidGate:
@@ -60,22 +60,24 @@ class SigmoidGate(nn.Module):
         return 1.0 / (1.0 + math.exp(-self.bias_init))
 
     def forward(self, x: torch.Tensor, pass_input: bool = False) -> torch.Tensor:
-        """`g(x)` (..., 1). With `pass_input=True` (the layer's call) it also leaves in `passed_input` the x for the
-        branch to read, which the layer takes right after the call: where x (N, d_in) needs a gradient, x passed on
-        by `_LogitsAndInput`, so that x's gradients from the gate and from the branch add in one pass; else x itself.
+        """`g(x)` (..., 1). With `pass_input=True` (the layer's call), where x (N, d_in) needs a gradient, it also
+        leaves in `passed_input` x passed on by `_LogitsAndInput`, for the branch to read, so that x's gradients from
+        the gate and from the branch add in one pass; the layer takes it right after the call (`take_passed_input`).
         (An attribute, not a second output or an argument to fill: forward hooks that record the gate's output, and
         hooks that rebuild a module's arguments, as DeepSpeed ZeRO-3's do, see the gate alone.)"""
         weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
         if pass_input and torch.is_grad_enabled() and x.requires_grad and x.dim() == 2:
             self.passed_input, logits = _LogitsAndInput.apply(x, weight, bias)
             return torch.sigmoid(logits)
-        if pass_input:
-            self.passed_input = x
         return torch.sigmoid(F.linear(x, weight, bias))
 
-    def take_passed_input(self) -> torch.Tensor:
-        """The x that the last `forward(x, pass_input=True)` left for the branch; the gate keeps no reference to it."""
-        passed, self.passed_input = self.passed_input, None
+    def take_passed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The x for the branch to read after `forward(x, pass_input=True)`: the x it passed on, which the gate then
+        drops, or x itself where it passed none (no gradient: decoding pays no module attribute writes)."""
+        passed = self.passed_input
+        if passed is None:
+            return x
+        self.passed_input = None
         return passed
 
     @staticmethod

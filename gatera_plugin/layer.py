@@ -330,7 +330,7 @@ class GateRALayer(BaseTunerLayer):
         multiplier = None  # (..., 1) or None
         if token_gate is not None and not token_gate.reads_branch_output:  # (GateRA's σ(w·x + b))
             gate = token_gate(x, pass_input=True)
-            x = token_gate.take_passed_input()  # (x's gradients from the gate and from the branch then add in one pass)
+            x = token_gate.take_passed_input(x)  # (x's gradients from the gate and from the branch add in one pass)
             multiplier = self._penalised(adapter_name, token_gate, gate, mask, taps)
         if adapter_name in self.gatera_structure:
             structure_gate = self.gatera_structure[adapter_name]

@@ -128,6 +128,9 @@ def test_gate_passes_x_on_with_the_gradients_of_its_linear_map(dtype, autocast, 
     R1, R2 = torch.randn(13, 16, generator=g), torch.randn(13, 1, generator=g)
     gate = SigmoidGate(24, bias_init=0.5)
     gate.reset_parameters(random=True)
+    with torch.no_grad():  # nothing to pass on without autograd: the branch reads x, the gate keeps nothing
+        gate(x0, pass_input=True)
+        assert gate.passed_input is None and gate.take_passed_input(x0) is x0
 
     def run(x_dtype, joint):
         """(gate, grad x, grad w, grad b) with the branch `x' M` (a product of the x passed on) and the gate both
@@ -141,7 +144,7 @@ def test_gate_passes_x_on_with_the_gradients_of_its_linear_map(dtype, autocast, 
         with context:
             if joint and x_dtype != torch.float64:
                 value = gate(x, pass_input=True)
-                passed = gate.take_passed_input()
+                passed = gate.take_passed_input(x)
                 assert gate.passed_input is None
                 assert passed is not x and passed.data_ptr() == x.data_ptr() and passed.shape == x.shape
             else:
