@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops._autocast import autocast_off
 from .penalty import constant_term_grad, entropy_term_grad, keep_ratio_term_grad
 
 
@@ -117,7 +118,7 @@ class _LogitsAndInput(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad
         if grad_logits is None:
             return grad_x if need_x else None, None, None
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             dz = grad_logits.to(x.dtype)  # (N, 1)
             if need_x and grad_x is not None and grad_x.dtype == x.dtype and grad_x.is_contiguous():
                 grad_x = grad_x.addmm_(dz, weight)  # (the branch's own dx: written in place)

@@ -189,6 +189,30 @@ def test_gated_layer_adds_the_gates_input_gradient_into_the_branchs_in_place():
     assert counts["sigmoid"] == {"outer": 0, "in place": 1, "adds": counts["none"]["adds"]}, counts
 
 
+@pytest.mark.parametrize("branch", ["hira", "lora"])
+def test_backward_inside_an_autocast_region_computes_as_the_forward_did(branch):
+    """A gated layer run forward in fp32 outside autocast, with its backward called inside a bf16 autocast region (a
+    loop that wraps `loss.backward()` in autocast too): the custom backward nodes (the branch's and the gate's) turn
+    autocast off, so the adapter's gradients equal those of a backward outside it, bit for bit (a product in bf16
+    would move them by ~1e-3). (x's gradient also holds the base layer's `δ W0`, whose built-in backward autocast does
+    cast: PyTorch's behaviour, not compared.) Where autocast is off they enter no autocast context
+    (`ops._autocast.autocast_off`)."""
+    torch.manual_seed(0)
+    model = get_peft_model(TwoLinear(), GateRAConfig(r=3, target_modules=["lin1"], branch=branch, init_weights=False,
+                                                     lora_alpha=6 if branch == "lora" else None))
+    layer = model.base_model.model.lin1
+    layer.gatera_gate["default"].reset_parameters(random=True)
+    x = torch.randn(9, 20, requires_grad=True)
+    inputs = [layer.gatera_A["default"], layer.gatera_B["default"], *layer.gatera_gate["default"].parameters()]
+    grad_out = torch.randn(9, layer.out_features)
+    outside = torch.autograd.grad(layer(x), inputs, grad_out)
+    out = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = torch.autograd.grad(out, inputs, grad_out)
+    for name, a, b in zip(["A", "B", "gate.weight", "gate.bias"], inside, outside):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name
+
+
 def test_init_is_identity_and_gate_starts_at_sigmoid_of_bias():
     """Default init: B = 0 so the adapted model equals the base model; every gate starts at σ(gate_bias_init)."""
     base = tiny_llama()
