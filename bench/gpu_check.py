@@ -31,8 +31,9 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
     1% of the adapter's own effect on them (max |logits − logits with the adapter disabled|), whichever is larger.
 (d) model step: whole training steps (forward, backward, AdamW) of a 2-layer Llama with Llama-3-8B's layer shapes
     (random weights, bf16, q/k/v/o/gate/up/down at r = 32, fp32 adapter weights, bf16 autocast), 1 x 4096 and
-    1 x 16384 tokens: PEFT's LoRA and HiRA, GateRA (its default token gate and kernel="auto"), the same with
-    kernel="torch" (no row kernels) and GateRA with gate="none"; median ms
+    1 x 16384 tokens: PEFT's LoRA and HiRA, GateRA (its default token gate and kernel="auto"), the same with the
+    gate's input gradient added in place (`gatera-pass-input`: `gates.passing_input_on`, the CPU default, not yet a
+    GPU's), with kernel="torch" (no row kernels) and GateRA with gate="none"; median ms
     (wall clock, so the host's own work per layer counts too), host_ms (until the step's last call returns, before
     waiting for the GPU: close to ms, the step is host-bound), syncs (the host-device synchronisations in one more
     step, counted by torch's sync debug mode, and the Python lines its warnings name: a sync makes host_ms include
@@ -378,7 +379,7 @@ MODEL_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_head
                    num_hidden_layers=2, vocab_size=32000)
 SMOKE_MODEL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                          num_hidden_layers=1, vocab_size=128)
-MODEL_METHODS = ("peft-lora", "peft-hira", "gatera", "gatera-kernel-torch", "gatera-none")
+MODEL_METHODS = ("peft-lora", "peft-hira", "gatera", "gatera-pass-input", "gatera-kernel-torch", "gatera-none")
 
 
 def _method_config(method: str):
@@ -394,6 +395,8 @@ def _method_config(method: str):
         "gatera-none": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, gate="none"),
         "gatera-cache-delta": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, cache_delta=True),
         "gatera-formed": lambda: GateRAConfig(r=RANK, target_modules=TARGETS),  # run under `without_factoring()`
+        # run under `gates.passing_input_on(device)`: the gate's input gradient added in place, as on CPU
+        "gatera-pass-input": lambda: GateRAConfig(r=RANK, target_modules=TARGETS),
     }[method]()
 
 
@@ -434,6 +437,8 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
                     torch.cuda.reset_peak_memory_stats()
                     start_memory = torch.cuda.memory_allocated()
                 step = functools.partial(_training_step, model, optimizer, input_ids, autocast=not smoke)
+                if method == "gatera-pass-input":
+                    step = functools.partial(_passing_input, device, step)
                 for i in range(2 + (2 if smoke else repeats)):
                     begin = time.perf_counter()
                     step()
@@ -456,6 +461,15 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
             _progress(row)
         _add_ratios(measured, "ms", baselines=("peft-lora", "peft-hira"))
     return rows
+
+
+def _passing_input(device, step) -> None:
+    """`step()` with the sigmoid gate passing x on through `gates._LogitsAndInput` on `device` (the CPU default; not
+    yet on a GPU: this row measures it there)."""
+    from gatera_plugin.gates import passing_input_on
+
+    with passing_input_on(device.type):
+        step()
 
 
 def _training_step(model, optimizer, input_ids, autocast: bool) -> None:

@@ -14,6 +14,7 @@ the token gates, `reads_branch_output` (whether it runs after the branch).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -61,13 +62,15 @@ class SigmoidGate(nn.Module):
         return 1.0 / (1.0 + math.exp(-self.bias_init))
 
     def forward(self, x: torch.Tensor, pass_input: bool = False) -> torch.Tensor:
-        """`g(x)` (..., 1). With `pass_input=True` (the layer's call), where x (N, d_in) needs a gradient, it also
-        leaves in `passed_input` x passed on by `_LogitsAndInput`, for the branch to read, so that x's gradients from
-        the gate and from the branch add in one pass; the layer takes it right after the call (`take_passed_input`).
+        """`g(x)` (..., 1). With `pass_input=True` (the layer's call), where x (N, d_in) needs a gradient on a device
+        of `PASS_INPUT_DEVICE_TYPES`, it also leaves in `passed_input` x passed on by `_LogitsAndInput`, for the branch
+        to read, so that x's gradients from the gate and from the branch add in one pass; the layer takes it right
+        after the call (`take_passed_input`).
         (An attribute, not a second output or an argument to fill: forward hooks that record the gate's output, and
         hooks that rebuild a module's arguments, as DeepSpeed ZeRO-3's do, see the gate alone.)"""
         weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
-        if pass_input and torch.is_grad_enabled() and x.requires_grad and x.dim() == 2:
+        if (pass_input and torch.is_grad_enabled() and x.requires_grad and x.dim() == 2
+                and x.device.type in PASS_INPUT_DEVICE_TYPES):
             self.passed_input, logits = _LogitsAndInput.apply(x, weight, bias)
             return torch.sigmoid(logits)
         return torch.sigmoid(F.linear(x, weight, bias))
@@ -94,6 +97,29 @@ class SigmoidGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, bias_init={self.bias_init}"
+
+
+# The device types where the sigmoid gate passes x on through `_LogitsAndInput`. Its in-place add saves two
+# activation-sized passes per layer and step, and its Python backward costs about 15-30 µs more host time than
+# `F.linear`'s (bench/gate_node.py). Measured on CPU only: on a GPU a small model's step is host-bound and would pay the
+# host time, a large one's would gain the passes; until `bench/gpu_check.py` measures it (the "gatera-pass-input"
+# rows), a GPU keeps `F.linear`.
+PASS_INPUT_DEVICE_TYPES = {"cpu"}
+
+
+@contextlib.contextmanager
+def passing_input_on(*device_types: str):
+    """Inside this block the sigmoid gate passes x on through `_LogitsAndInput` on exactly `device_types` (none:
+    nowhere), to compare the two paths on a device. Put the backward inside it too. One switch for the whole process
+    (not per thread), like `layer.without_folding`."""
+    previous = set(PASS_INPUT_DEVICE_TYPES)
+    PASS_INPUT_DEVICE_TYPES.clear()
+    PASS_INPUT_DEVICE_TYPES.update(device_types)
+    try:
+        yield
+    finally:
+        PASS_INPUT_DEVICE_TYPES.clear()
+        PASS_INPUT_DEVICE_TYPES.update(previous)
 
 
 class _LogitsAndInput(torch.autograd.Function):

@@ -351,7 +351,8 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     training = sections["training"]["rows"][0]
     assert training["loss_falls"] and training["reloads_same"]
     steps = {row["method"]: row for row in sections["model step"]["rows"]}
-    assert set(steps) == {"peft-lora", "peft-hira", "gatera", "gatera-kernel-torch", "gatera-none"}
+    assert set(steps) == {"peft-lora", "peft-hira", "gatera", "gatera-pass-input", "gatera-kernel-torch",
+                          "gatera-none"}
     assert steps["peft-lora"]["time_vs_lora"] == 1.0 and steps["peft-hira"]["time_vs_hira"] == 1.0
     assert all(row["syncs"] is None for row in steps.values())  # counted on CUDA only
     assert {row["method"] for row in sections["generation"]["rows"]} == {
@@ -500,3 +501,15 @@ def test_decode_branch_smoke_measures_both_paths_and_says_which_is_taken(tmp_pat
     assert [(row["d_in"], row["tokens"], row["taken"]) for row in rows] == [(64, 1, False), (64, 4, False),
                                                                              (256, 1, True), (256, 4, False)]
     assert all(row["formed_ms"] > 0 and row["factored_ms"] > 0 and row["max_difference"] < 1e-2 for row in rows)
+
+
+def test_gate_node_benchmark_times_both_paths_of_the_gate(tmp_path):
+    """bench/gate_node.py (README's table of the gate's two paths to x, `gates.PASS_INPUT_DEVICE_TYPES`) times one
+    gated layer with the gate's node and with `F.linear` (the script checks each path's graph holds the node or not)
+    and writes one row per size. (Times are not compared here: timed tests are flaky.)"""
+    out = tmp_path / "gate_node.json"
+    printed = _run("bench/gate_node.py", "--sizes", "16x4", "32x8", "--rounds", "1", "--out", str(out)).stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["d"], row["tokens"]) for row in rows] == [(16, 4), (32, 8)]
+    assert all(row["node_us"] > 0 and row["linear_us"] > 0 for row in rows)
+    assert printed.count("| 16 | 4 |") == 1 and printed.count("| 32 | 8 |") == 1

@@ -165,6 +165,28 @@ def test_gate_passes_x_on_with_the_gradients_of_its_linear_map(dtype, autocast, 
             assert error <= bound, f"{name}: error {error:.3g} > {bound:.3g}"
 
 
+def test_gate_passes_x_on_only_on_the_devices_where_that_is_measured():
+    """The gate passes x on (`_LogitsAndInput`) on CPU, where bench/gate_node.py measured it, and takes `F.linear` on
+    any other device (a GPU until bench/gpu_check.py's "gatera-pass-input" rows measure it there; here a meta
+    device stands for one) unless `passing_input_on` names it; the block restores the default."""
+    from gatera_plugin.gates import PASS_INPUT_DEVICE_TYPES, SigmoidGate, passing_input_on
+
+    assert PASS_INPUT_DEVICE_TYPES == {"cpu"}
+    gate = SigmoidGate(8).to("meta")
+    x = torch.empty(5, 8, device="meta", requires_grad=True)
+    gate(x, pass_input=True)
+    assert gate.take_passed_input(x) is x  # (F.linear: nothing passed on)
+    with passing_input_on("meta"):
+        gate(x, pass_input=True)
+        passed = gate.take_passed_input(x)
+        assert passed is not x and passed.grad_fn.name().startswith("_LogitsAndInput")
+        with passing_input_on():
+            cpu_gate = SigmoidGate(8)
+            cpu_gate(torch.randn(5, 8, requires_grad=True), pass_input=True)  # (nowhere: not on CPU either)
+            assert cpu_gate.passed_input is None
+    assert PASS_INPUT_DEVICE_TYPES == {"cpu"}
+
+
 def test_gated_layer_adds_the_gates_input_gradient_into_the_branchs_in_place():
     """In a gated layer whose input needs a gradient, backward adds the gate's `dz w` into the branch's dx with one
     `addmm_` (N, d_in): no (N, 1) x (1, d_in) outer product and no more (N, d_in) additions than the same layer
