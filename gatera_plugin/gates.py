@@ -100,18 +100,19 @@ class SigmoidGate(nn.Module):
 
 
 # The device types where the sigmoid gate passes x on through `_LogitsAndInput`. Its in-place add saves two
-# activation-sized passes per layer and step, and its Python backward costs about 15-30 µs more host time than
-# `F.linear`'s (bench/gate_node.py). Measured on CPU only: on a GPU a small model's step is host-bound and would pay the
-# host time, a large one's would gain the passes; until `bench/gpu_check.py` measures it (the "gatera-pass-input"
-# rows), a GPU keeps `F.linear`.
+# activation-sized passes per layer and step; its Python backward costs more host time than `F.linear`'s C++ one (on
+# this project's CPU 27-62 µs per layer and step, bench/gate_node.py). Measured on CPU only: on a GPU a small model's
+# step is host-bound and would pay the host time, a large one's would gain the passes; until `bench/gpu_check.py`
+# measures it (its "gatera-pass-input" row), a GPU keeps `F.linear`.
 PASS_INPUT_DEVICE_TYPES = {"cpu"}
 
 
 @contextlib.contextmanager
 def passing_input_on(*device_types: str):
     """Inside this block the sigmoid gate passes x on through `_LogitsAndInput` on exactly `device_types` (none:
-    nowhere), to compare the two paths on a device. Put the backward inside it too. One switch for the whole process
-    (not per thread), like `layer.without_folding`."""
+    nowhere), to compare the two paths on a device. With gradient checkpointing put the backward inside it too (the
+    recomputed forward must take the same path). One switch for the whole process (not per thread), like
+    `layer.without_folding`."""
     previous = set(PASS_INPUT_DEVICE_TYPES)
     PASS_INPUT_DEVICE_TYPES.clear()
     PASS_INPUT_DEVICE_TYPES.update(device_types)
