@@ -1,15 +1,15 @@
 """The sigmoid gate's two paths to x, side by side: through `gates._LogitsAndInput` (x passed on, the gate's input
 gradient added into the branch's in place) and through `F.linear` (autograd adds it as a new tensor).
 
-    python bench/gate_node.py                       # table + bench/results/gate_node.json; CPU, about 3 minutes
+    python bench/gate_node.py                       # table + bench/results/gate_node.json; CPU, about 30 s
     python bench/gate_node.py --device cuda --precision bf16 --out bench/results/gate_node_gpu.json
 
 One training forward + backward of one gated GateRA layer (d -> d, r = 32, the default config) on tokens x d inputs, at
 sizes from a layer whose time is the host's (64 x 4 tokens) to one whose time is its products. The two paths take
 turns in each of `--rounds` rounds in one process (`gates.passing_input_on`); the table gives each path's median
-microseconds, their difference (the node's extra host time where negative gains are absent) and the ratio
-node / F.linear. `gates.PASS_INPUT_DEVICE_TYPES` (where the node is the default) is set by this table: on CPU the node
-gains or ties from about 2^18 tokens x d_in elements, and costs its Python backward's host time below.
+microseconds, their difference and the ratio node / F.linear. On this project's CPU the node costs its Python
+backward's host time on small layers (27-62 µs per layer and step); on large ones the ratios move by 3-5% between runs,
+and the whole-model A/B with bench/train_step.py (README) decided the CPU default (`gates.PASS_INPUT_DEVICE_TYPES`).
 `--precision bf16`: a bf16 model with PEFT's fp32 adapter weights, under bf16 autocast, as a GPU run trains.
 """
 
@@ -67,16 +67,17 @@ def measure(d: int, tokens: int, precision: str, rounds: int, device) -> dict:
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
     cuda = device.type == "cuda"
 
-    def step():
+    def forward():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(x)
-        out.float().pow(2).mean().backward()
+            return model(x)
+
+    def step():
+        forward().float().pow(2).mean().backward()
 
     paths = {"node_us": (device.type,), "linear_us": ()}
     for name, devices in paths.items():  # (what each path measures: the node in the graph, or not)
-        with passing_input_on(*devices), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                          enabled=precision == "bf16"):
-            uses_node = _graph_has(model(x), "_LogitsAndInputBackward")
+        with passing_input_on(*devices):
+            uses_node = _graph_has(forward(), "_LogitsAndInputBackward")
         if uses_node != (name == "node_us"):
             raise RuntimeError(f"{name}: the gate's node is {'' if uses_node else 'not '}in the graph")
     for devices in paths.values():  # warm-up, and the steps per turn from the first path's time
