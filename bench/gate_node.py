@@ -133,10 +133,14 @@ def main() -> None:
         rows.append(row)
         print(f"| {d} | {tokens} | {row['elements']} | {row['node_us']:.1f} | {row['linear_us']:.1f} | "
               f"{row['node_minus_linear_us']:+.1f} | {row['node_over_linear']:.3f} |", flush=True)
+    from _machine import describe, machine_info
+
+    machine = machine_info()
+    print(f"machine: {describe(machine)}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "rows": rows,
-        "meta": {"device": args.device, "precision": args.precision, "rounds": args.rounds,
+        "meta": {"machine": machine, "device": args.device, "precision": args.precision, "rounds": args.rounds,
                  "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "command": "python bench/gate_node.py " + " ".join(
                      f"--{k} {v}" for k, v in (("device", args.device), ("precision", args.precision),

@@ -618,6 +618,9 @@ def main() -> None:
     device = torch.device("cpu" if smoke else "cuda")
     meta = {"mode": "smoke (CPU)" if smoke else "cuda", "torch": torch.__version__, "python": platform.python_version(),
             "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
+    from _machine import machine_info
+
+    meta["machine"] = machine_info()
     if _cuda(device):
         meta["device"] = torch.cuda.get_device_name(device)
         meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))

@@ -161,7 +161,11 @@ def main() -> None:
     print("\n".join(lines))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from _machine import describe, machine_info
+
     meta = {k: v for k, v in vars(args).items() if k != "out"}
+    meta["machine"] = machine_info()
+    print(f"machine: {describe(meta['machine'])}")
     out.write_text(json.dumps({"meta": meta, "rows": rows, "raw": times}, indent=2))
 
 

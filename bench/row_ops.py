@@ -109,7 +109,9 @@ def main() -> None:
     smoke = args.smoke or not torch.cuda.is_available()
     print("tokens | d | op | torch ms | torch host us | triton ms | triton host us | triton / torch time")
     rows = measure(smoke, args.repeats)
-    meta = {"mode": "smoke" if smoke else "cuda", "torch": torch.__version__}
+    from _machine import machine_info
+
+    meta = {"mode": "smoke" if smoke else "cuda", "torch": torch.__version__, "machine": machine_info()}
     if not smoke:
         import triton
 

@@ -486,7 +486,9 @@ def test_row_ops_smoke_runs_both_sides_of_every_operation(tmp_path):
     the kernels (under the interpreter here) for each operation and writes one row each."""
     out = tmp_path / "row_ops.json"
     _run("bench/row_ops.py", "--smoke", "--out", str(out))
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["meta"]["machine"]["cpu"]  # (what _machine.machine_info gives: test below)
     assert [row["op"] for row in rows] == ["scale", "add_scaled", "scale_and_dot_"]
     assert all(row["torch_host_us"] > 0 and row["triton_host_us"] > 0 for row in rows)
 
@@ -509,7 +511,30 @@ def test_gate_node_benchmark_times_both_paths_of_the_gate(tmp_path):
     and writes one row per size. (Times are not compared here: timed tests are flaky.)"""
     out = tmp_path / "gate_node.json"
     printed = _run("bench/gate_node.py", "--sizes", "16x4", "32x8", "--rounds", "1", "--out", str(out)).stdout
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["meta"]["machine"]["cpu"] and "machine: " in printed
     assert [(row["d"], row["tokens"]) for row in rows] == [(16, 4), (32, 8)]
     assert all(row["node_us"] > 0 and row["linear_us"] > 0 for row in rows)
     assert printed.count("| 16 | 4 |") == 1 and printed.count("| 32 | 8 |") == 1
+
+
+def test_benchmarks_record_the_machine_and_the_commit_they_ran_on(monkeypatch):
+    """Each benchmark's JSON names the CPU (and its bf16/AMX instructions), GPU, torch and commit it ran on
+    (`bench/_machine.py`): this project's CPU machine changed between sessions and the same script's ratios with it."""
+    machine = _bench_module("_machine")
+    info = machine.machine_info()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # (a git checkout: CI's clone is one)
+        assert info["commit"].split("+")[0] == head.stdout.strip()
+    assert info["cpu"] and set(info["cpu_flags"]) <= set(machine.PRODUCT_FLAGS) and info["cores"] >= 1
+    base = dict(info, gpu=None, torch="2.13.0+cpu", commit="ab12cd3", cpu="Some CPU")
+    assert machine.describe(dict(base, cpu_flags=["amx_bf16", "amx_tile", "avx512_bf16", "avx512f"])) == (
+        "Some CPU (AMX), torch 2.13.0+cpu, commit ab12cd3")
+    assert machine.describe(dict(base, cpu_flags=["avx512_bf16", "avx512f", "avx2"])).startswith(
+        "Some CPU (avx512_bf16, no AMX)")
+    assert machine.describe(dict(base, cpu_flags=["avx2"])).startswith("Some CPU (avx2)")
+    assert machine.describe(dict(base, gpu="NVIDIA H200", commit=None)) == (
+        "NVIDIA H200, torch 2.13.0+cpu, commit unknown")
+    monkeypatch.setattr(machine.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("git")))
+    assert machine.machine_info()["commit"] is None  # no git: no commit, no error
