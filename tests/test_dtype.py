@@ -214,3 +214,29 @@ def test_an_adapter_loaded_for_inference_on_a_half_base_trains_nothing(tmp_path,
     trainable = PeftModel.from_pretrained(tiny_llama().to(dtype), tmp_path, is_trainable=True)
     names = {n.split(".")[-2] for n, p in trainable.named_parameters() if p.requires_grad}
     assert {"gatera_A", "gatera_B"} <= names
+
+
+@pytest.mark.parametrize("branch, gate", [("hira", "sigmoid"), ("hira", "none"), ("lora", "sigmoid")])
+def test_autocast_casts_each_factor_once_per_training_step(branch, gate):
+    """A bf16 model trained under bf16 autocast, PEFT's fp32 A and B (a user's GPU run): the branch's forward casts A
+    and B to bf16 once and saves the casts, so backward casts neither again (`ops._autocast.autocast_factors`), as
+    autograd's own linear layers save autocast's cast of their weight; the gradients come back fp32."""
+    torch.manual_seed(0)
+    config = GateRAConfig(r=R, target_modules=["proj"], gate=gate, branch=branch, init_weights=False)
+    model = get_peft_model(_One().to(torch.bfloat16), config).train()
+    layer = model.base_model.model.proj
+    A, B = layer.gatera_A["default"], layer.gatera_B["default"]
+    assert A.dtype == B.dtype == torch.float32
+    x = torch.randn(N, D_IN).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), RecordOps({torch.ops.aten._to_copy.default}) as casts:
+        out = model(x)
+    with RecordOps({torch.ops.aten._to_copy.default}) as backward_casts:
+        out.float().pow(2).mean().backward()
+    shapes = {tuple(A.shape): "A", tuple(A.t().shape): "A", tuple(B.shape): "B", tuple(B.t().shape): "B"}  # (or a
+    # transpose: autocast casts the operand a product gets)
+    factor_casts = sorted((shapes[operands[0]], str(dtypes[0])) for operands, dtypes in casts.calls + backward_casts.calls
+                          if operands[0] in shapes)
+    # fp32 → bf16 once each (forward), bf16 → fp32 once each (the gradients, backward)
+    assert factor_casts == [("A", "torch.bfloat16"), ("A", "torch.float32"), ("B", "torch.bfloat16"),
+                            ("B", "torch.float32")], factor_casts
+    assert A.grad.dtype == B.grad.dtype == torch.float32 and A.grad.abs().sum() > 0 and B.grad.abs().sum() > 0

@@ -16,6 +16,16 @@ def autocast_state(device_type: str) -> dict:
     }
 
 
+def autocast_factors(state: dict, *factors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`factors` (the adapter's A and B) in the autocast dtype where `state` (`autocast_state`) has autocast on, as
+    autocast casts them for each product (fp64 kept, as autocast keeps it); unchanged where it is off. A branch's
+    forward casts them once and saves the casts, so its backward does not cast them again (two casts per layer and
+    step fewer, as autograd's own linear layers save the weight autocast cast)."""
+    if not state["enabled"]:
+        return factors
+    return tuple(t if t.dtype in (torch.float64, state["dtype"]) else t.to(state["dtype"]) for t in factors)
+
+
 def restore_autocast(state: dict):
     """Context manager re-entering the autocast state saved by `autocast_state` (autocast off, as `autocast_off`,
     when it was off)."""

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._autocast import autocast_state, restore_autocast
+from ._autocast import autocast_factors, autocast_state, restore_autocast
 from ._tokens import apply_to_tokens, records_graph
 
 # Largest temporary block of ΔW, in elements. On CPU 2^21 (8 MiB in fp32): cache-sized blocks, little memory.
@@ -211,8 +211,11 @@ class GatedHiraFunction(torch.autograd.Function):
     def branch_forward(ctx, base, x, gate, A, B, weight, scaling, row_ops=TORCH_ROWS):
         """`base + s · g ⊙ (x (W0 ⊙ BA)ᵀ)` with W0 read from `weight` (a tensor or a W0 source), saving what
         backward needs except the W0 source and the scale that backward uses (`ctx.weight_fn`, `ctx.scaling`), which
-        the caller sets."""
+        the caller sets. Under autocast A and B are cast to its dtype once here, and the casts saved
+        (`autocast_factors`); `ctx.factor_dtypes` keeps their own dtypes, which their gradients take."""
         ctx.autocast = autocast_state(x.device.type)
+        ctx.factor_dtypes = (A.dtype, B.dtype)
+        A, B = autocast_factors(ctx.autocast, A, B)
         update = None
         if gate is not None and ctx.needs_input_grad[2] and not ctx.needs_input_grad[1]:
             # x needs no gradient (a first layer's q, k, v): backward would form `δ ΔW` for the gate's gradient
@@ -237,7 +240,7 @@ class GatedHiraFunction(torch.autograd.Function):
         x, gate, A, B, update = ctx.saved_tensors
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
         return (grad_base, *hira_grads(grad_out, x, gate, A, B, weight, ctx.scaling, ctx.autocast,
-                                       ctx.needs_input_grad[1:5], ctx.row_ops, update))
+                                       ctx.needs_input_grad[1:5], ctx.row_ops, update, ctx.factor_dtypes))
 
 
 def _product_dtype(x: torch.Tensor, autocast: dict) -> torch.dtype:
@@ -246,11 +249,12 @@ def _product_dtype(x: torch.Tensor, autocast: dict) -> torch.dtype:
 
 
 def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops: TorchRows = TORCH_ROWS,
-               update: Optional[torch.Tensor] = None) -> tuple:
+               update: Optional[torch.Tensor] = None, factor_dtypes: Optional[tuple] = None) -> tuple:
     """(dx, dg, dA, dB) of `s · g ⊙ (x (W0 ⊙ BA)ᵀ)`, None where `need` (4 flags) says not needed; `weight`: a W0
     source (`DenseWeight` or the Triton one); `row_ops`: what runs the gate's row operations; `update`: the forward's
-    `x ΔWᵀ` (N, d_out) where it kept it (x needs no gradient), which gives `dg = s Σ_j δ ⊙ update` without `δ ΔW`.
-    The formulas are in this module's docstring."""
+    `x ΔWᵀ` (N, d_out) where it kept it (x needs no gradient), which gives `dg = s Σ_j δ ⊙ update` without `δ ΔW`;
+    `factor_dtypes`: the dtypes of A's and B's parameters where A and B are the forward's autocast casts of them
+    (default: A's and B's). The formulas are in this module's docstring."""
     need_x, need_gate, need_A, need_B = need
     s = scaling
     grad_x = grad_gate = grad_A = grad_B = None
@@ -268,10 +272,10 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
                 xs = row_ops.scale(x, token_scale)
             elif scaled:
                 G = row_ops.scale(go, token_scale)
-        factor_dtype = torch.result_type(B, A)
-        A_dtype, B_dtype = A.dtype, B.dtype
+        A_dtype, B_dtype = factor_dtypes or (A.dtype, B.dtype)
+        factor_dtype = A_dtype if A_dtype == B_dtype else torch.promote_types(B_dtype, A_dtype)  # (no dispatch)
         if autocast["enabled"]:  # the factors cast once, as autocast casts them (not fp64) for each product and slice
-            A, B = (t if t.dtype == torch.float64 else t.to(dtype) for t in (A, B))
+            A, B = autocast_factors(autocast, A, B)  # (a no-op where they are the forward's casts, as saved)
         # dM's dtype: under autocast its products with A and B run in `dtype`, so it is rounded to `dtype` once, here
         # (the same values where W0 is half precision: W0 ⊙ (Gᵀx) is exact in fp32), not built in fp32 and cast back
         mask_dtype = dtype if autocast["enabled"] else factor_dtype

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._autocast import autocast_state, restore_autocast
+from ._autocast import autocast_factors, autocast_state, restore_autocast
 from ._tokens import apply_to_tokens, records_graph
 from .hira import add_gated
 
@@ -36,8 +36,11 @@ class GatedLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base, x, gate, A, B, scaling):
-        """base: (N, d_out) or None, x: (N, d_in), gate: (N, 1) or None, A: (r, d_in), B: (d_out, r)."""
+        """base: (N, d_out) or None, x: (N, d_in), gate: (N, 1) or None, A: (r, d_in), B: (d_out, r). Under autocast
+        A and B are cast to its dtype once, and the casts saved for backward (`autocast_factors`)."""
         ctx.autocast = autocast_state(x.device.type)
+        ctx.factor_dtypes = (A.dtype, B.dtype)
+        A, B = autocast_factors(ctx.autocast, A, B)
         out, h = lora_output(base, x, gate, A, B, scaling, ctx.autocast)
         ctx.save_for_backward(x, gate, A, B, h)
         ctx.scaling = scaling
@@ -53,18 +56,20 @@ class GatedLoraFunction(torch.autograd.Function):
         grad_x = grad_gate = grad_A = grad_B = None
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
         token_scale = gate * s if gate is not None else s
+        A_dtype, B_dtype = ctx.factor_dtypes
         with torch.no_grad(), restore_autocast(ctx.autocast):
             go = grad_out.to(x.dtype)
-            u = go @ B.to(go.dtype)  # (N, r)
+            autocast_on = ctx.autocast["enabled"]  # (then A and B are the forward's casts: autocast's products take them)
+            u = go @ (B if autocast_on else B.to(go.dtype))  # (N, r)
             if need_gate:
                 grad_gate = (u * h).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
             dh = u * token_scale  # (N, r)
             if need_x:
-                grad_x = (dh @ A.to(dh.dtype)).to(x.dtype)
+                grad_x = (dh @ (A if autocast_on else A.to(dh.dtype))).to(x.dtype)
             if need_A:
-                grad_A = (dh.t() @ x.to(dh.dtype)).to(A.dtype)
+                grad_A = (dh.t() @ x.to(dh.dtype)).to(A_dtype)
             if need_B:
-                grad_B = (go.t() @ (h * token_scale).to(go.dtype)).to(B.dtype)
+                grad_B = (go.t() @ (h * token_scale).to(go.dtype)).to(B_dtype)
         return grad_base, grad_x, grad_gate, grad_A, grad_B, None
 
 
