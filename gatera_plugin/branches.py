@@ -105,12 +105,15 @@ class Branch:
     `update`: the gated update (see the module docstring). `delta`: `(W0, A, B, scaling, magnitude)` -> the additive
     weight update of an ungated adapter (d_out × d_in, fp32), `W' = W0 + delta`. `keeps_half_input`: the update's
     products with x are as large as the base layer's own (HiRA's `W0 ⊙ BA`), so a bf16 / fp16 input keeps its dtype
-    (see `input_dtype`). `needs_frozen_base`: the update reads W0 in a custom backward that gives W0 no gradient.
+    (see `input_dtype`); `keeps_half_input_in_autocast`: it does so under autocast (which runs the products in its own
+    dtype whatever x's), so that the branch's function saves x as it came, not a copy in the adapter's dtype.
+    `needs_frozen_base`: the update reads W0 in a custom backward that gives W0 no gradient.
     `learns_magnitude`: the adapter has a magnitude vector (d_out,), `gatera_magnitude` (DoRA)."""
 
     update: Callable
     delta: Callable
     keeps_half_input: bool = False
+    keeps_half_input_in_autocast: bool = False
     needs_frozen_base: bool = False
     learns_magnitude: bool = False
 
@@ -121,14 +124,21 @@ class Branch:
         adapter weights are fp32) the branch then runs its W0-sized products in bf16 / fp16 with fp32 accumulation,
         like the base layer and like bf16 autocast, instead of in fp32 (about 15x slower on an H100). `BA` is still
         formed in the adapter's dtype and rounded once, and A, B and their gradients stay fp32. LoRA and DoRA keep
-        PEFT's cast (their adapter products are rank-r sized).
+        PEFT's cast outside autocast (their adapter products are rank-r sized). Under autocast LoRA keeps the input's
+        dtype too: autocast runs its products in autocast's dtype either way, and the cast's fp32 copy of x (N, d_in)
+        is what its function would save for backward, twice the memory of the bf16 input that PEFT's LoRA, whose
+        linear layers save autocast's casts, keeps. (DoRA's elementwise combination runs in x's dtype: it keeps the
+        cast.)
         """
-        return x.dtype if self.keeps_half_input and x.dtype in HALF_DTYPES else adapter_dtype
+        if x.dtype in HALF_DTYPES and (self.keeps_half_input or (
+                self.keeps_half_input_in_autocast and torch.is_autocast_enabled(x.device.type))):
+            return x.dtype
+        return adapter_dtype
 
 
 BRANCH_KINDS: dict[str, Branch] = {
     "hira": Branch(hira_branch, hira_delta, keeps_half_input=True, needs_frozen_base=True),
-    "lora": Branch(lora_branch, lora_delta),
+    "lora": Branch(lora_branch, lora_delta, keeps_half_input_in_autocast=True),
     "dora": Branch(dora_branch, dora_delta, learns_magnitude=True),
 }
 

@@ -240,3 +240,39 @@ def test_autocast_casts_each_factor_once_per_training_step(branch, gate):
     assert factor_casts == [("A", "torch.bfloat16"), ("A", "torch.float32"), ("B", "torch.bfloat16"),
                             ("B", "torch.float32")], factor_casts
     assert A.grad.dtype == B.grad.dtype == torch.float32 and A.grad.abs().sum() > 0 and B.grad.abs().sum() > 0
+
+
+def test_lora_branch_under_autocast_saves_the_half_input_not_an_fp32_copy():
+    """A bf16 model with `branch="lora"` trained under bf16 autocast: the layer keeps x bf16 (`Branch.input_dtype`), so
+    nothing saved for backward is an fp32 copy of x (PEFT's cast to the fp32 factors made one, which the branch's
+    function and the gate's node saved: twice the memory of the bf16 x). Autocast runs the products in bf16 either
+    way: the output and A's and B's gradients equal those of the same layer given x already cast to fp32, bit for bit;
+    the gate's gradients within bf16 rounding (its weight gradient is now a bf16 product, as autocast's linear layers
+    and the HiRA branch, which keeps a bf16 x everywhere, compute theirs)."""
+    torch.manual_seed(0)
+    config = GateRAConfig(r=R, target_modules=["proj"], gate="sigmoid", branch="lora", init_weights=False)
+    model = get_peft_model(_One().to(torch.bfloat16), config).train()
+    x_bf16 = torch.randn(N, D_IN).to(torch.bfloat16)
+    runs = {}
+    for name, x in (("bf16 input", x_bf16), ("fp32 input", x_bf16.float())):
+        saved = []
+
+        def pack(tensor, saved=saved):
+            saved.append((tuple(tensor.shape), tensor.dtype))
+            return tensor
+
+        x = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        out.float().pow(2).mean().backward()
+        grads = {n.split("proj.")[-1]: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[name] = (out.detach(), grads, {dtype for shape, dtype in saved if shape == (N, D_IN)})
+        model.zero_grad()
+    (out, grads, saved_x_dtypes), (ref_out, ref_grads, ref_saved) = runs["bf16 input"], runs["fp32 input"]
+    assert saved_x_dtypes == {torch.bfloat16} and torch.float32 in ref_saved
+    assert torch.equal(out, ref_out)
+    for name in ("gatera_A.default", "gatera_B.default"):
+        assert grads[name].dtype == torch.float32 and torch.equal(grads[name], ref_grads[name]), name
+    for name in ("gatera_gate.default.weight", "gatera_gate.default.bias"):
+        scale = ref_grads[name].abs().max()
+        assert scale > 0 and (grads[name] - ref_grads[name]).abs().max() <= 2 ** -7 * scale, name
