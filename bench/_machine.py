@@ -5,8 +5,10 @@ between them (README, "This machine changed between sessions"). Also the commit,
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 # CPU features that decide how fast this machine runs bf16 and fp32 products (Linux /proc/cpuinfo flag names).
@@ -40,8 +42,6 @@ def _commit() -> str | None:
 
 def machine_info() -> dict:
     """{"cpu", "cpu_flags", "cores", "gpu", "torch", "python", "commit"}: the machine and code a result came from."""
-    import os
-
     import torch
 
     cpu, flags = _cpu()
@@ -57,3 +57,11 @@ def describe(info: dict) -> str:
                                              ", ".join(flags) or "no AVX-512")
     device = info["gpu"] or f"{info['cpu']} ({isa})"
     return f"{device}, torch {info['torch']}, commit {info['commit'] or 'unknown'}"
+
+
+def recorded(file=None) -> dict:
+    """`machine_info()`, for a result's `meta["machine"]`, after printing it as one line ("machine: ...", `describe`)
+    under the table the script printed (to `file`, default stdout)."""
+    info = machine_info()
+    print(f"\nmachine: {describe(info)}", file=file or sys.stdout)
+    return info

@@ -111,14 +111,14 @@ def main() -> None:
                 print(f"| {d_in} x {d_out} | {rank} | {tokens} | {row['flop_ratio']} | {row['formed_ms']} | "
                       f"{row['factored_ms']} | {row['factored_vs_formed']:.2f} | {'yes' if row['taken'] else 'no'} |",
                       flush=True)
-    from _machine import describe, machine_info
+    from _machine import recorded
 
-    machine = machine_info()
-    print(f"machine: {describe(machine)}")
+    machine = recorded()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "rows": rows,
-        "meta": {"machine": machine, "rounds": rounds, "threads": torch.get_num_threads(), "dtype": "bf16 x and W0, fp32 A and B",
+        "meta": {"machine": machine, "rounds": rounds, "threads": torch.get_num_threads(),
+                 "dtype": "bf16 x and W0, fp32 A and B",
                  "factored_limits": FACTORED_LIMITS, "device": args.device,
                  "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"},
     }, indent=2))

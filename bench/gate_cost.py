@@ -124,13 +124,12 @@ def main() -> None:
         run = runs[method]
         print(f"{method}: step {run['untimed_s'] * 1e3:.1f} ms untimed, {run['timed_s'] * 1e3:.1f} ms under the timer "
               f"({run['timed_s'] / run['untimed_s']:.2f}x)")
-    from _machine import describe, machine_info
+    from _machine import recorded
 
-    print(f"machine: {describe(machine_info())}")
     result = {
         "meta": {"size": args.size, "precision": args.precision, "rounds": args.rounds, "warmup": args.warmup,
                  "torch": torch.__version__, "command": " ".join(["python", "bench/gate_cost.py", *sys.argv[1:]]),
-                 "machine": machine_info()},
+                 "machine": recorded()},
         "steps": {method: {"untimed_s": runs[method]["untimed_s"], "timed_s": runs[method]["timed_s"]}
                   for method in METHODS},
         "rows": rows,

@@ -133,10 +133,9 @@ def main() -> None:
         rows.append(row)
         print(f"| {d} | {tokens} | {row['elements']} | {row['node_us']:.1f} | {row['linear_us']:.1f} | "
               f"{row['node_minus_linear_us']:+.1f} | {row['node_over_linear']:.3f} |", flush=True)
-    from _machine import describe, machine_info
+    from _machine import recorded
 
-    machine = machine_info()
-    print(f"machine: {describe(machine)}")
+    machine = recorded()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "rows": rows,

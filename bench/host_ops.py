@@ -134,10 +134,9 @@ def main() -> None:
     print("\n| variant | host µs per decoding forward (64 -> 64, 1 token, no_grad, bf16) | / PEFT HiRA |\n|---|---|---|")
     for variant, us in decode_us.items():
         print(f"| {variant} | {us:.0f} | {us / decode_us['peft-hira']:.2f}x |")
-    from _machine import describe, machine_info
+    from _machine import recorded
 
-    machine = machine_info()
-    print(f"\nmachine: {describe(machine)}")
+    machine = recorded()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "aten_calls": counts,
@@ -145,7 +144,8 @@ def main() -> None:
         "host_vs_peft_hira": {variant: round(us / host_us["peft-hira"], 3) for variant, us in host_us.items()},
         "decode_us": {variant: round(us, 1) for variant, us in decode_us.items()},
         "decode_vs_peft_hira": {variant: round(us / decode_us["peft-hira"], 3) for variant, us in decode_us.items()},
-        "meta": {"machine": machine, "rounds": args.rounds, "steps_per_round": STEPS_PER_ROUND, "timed_layer": "64 -> 64, 1 x 4 tokens",
+        "meta": {"machine": machine, "rounds": args.rounds, "steps_per_round": STEPS_PER_ROUND,
+                 "timed_layer": "64 -> 64, 1 x 4 tokens",
                  "counted_layer": "256 -> 512, 1 x 64 tokens", "decode_layer": "64 -> 64, 1 token, eval, no_grad",
                  "threads": torch.get_num_threads(),
                  "code": str(Path(gatera_plugin.__file__).resolve().parent.parent)},

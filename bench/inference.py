@@ -161,11 +161,10 @@ def main() -> None:
     print("\n".join(lines))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from _machine import describe, machine_info
+    from _machine import recorded
 
     meta = {k: v for k, v in vars(args).items() if k != "out"}
-    meta["machine"] = machine_info()
-    print(f"machine: {describe(meta['machine'])}")
+    meta["machine"] = recorded()
     out.write_text(json.dumps({"meta": meta, "rows": rows, "raw": times}, indent=2))
 
 

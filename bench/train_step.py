@@ -235,13 +235,13 @@ def main() -> None:
                       f"{q3:.3f})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from _machine import describe, machine_info
+    from _machine import recorded
 
     meta = {"rank": RANK, "targets": TARGETS, "sizes": {k: SIZES[k] for k in args.sizes}, "threads": 1,
-            "precision": args.precision, "machine": machine_info(),
+            "precision": args.precision, "machine": recorded(file=sys.stderr),
             "rounds": args.rounds, "warmup": args.warmup, "memory_steps": args.memory_steps}
     out.write_text(json.dumps({"meta": meta, "summary": summary, "round_ratios": pairs, "raw": raw}, indent=2))
-    print(f"\nmachine: {describe(meta['machine'])}\nwrote {out}", file=sys.stderr)
+    print(f"\nwrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
