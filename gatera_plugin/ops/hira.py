@@ -274,8 +274,9 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
                 G = row_ops.scale(go, token_scale)
         A_dtype, B_dtype = factor_dtypes or (A.dtype, B.dtype)
         factor_dtype = A_dtype if A_dtype == B_dtype else torch.promote_types(B_dtype, A_dtype)  # (no dispatch)
-        if autocast["enabled"]:  # the factors cast once, as autocast casts them (not fp64) for each product and slice
-            A, B = autocast_factors(autocast, A, B)  # (a no-op where they are the forward's casts, as saved)
+        # the factors cast once, as autocast casts them for each product and slice (a no-op where they are the forward's
+        # casts, as saved, or where autocast is off)
+        A, B = autocast_factors(autocast, A, B)
         # dM's dtype: under autocast its products with A and B run in `dtype`, so it is rounded to `dtype` once, here
         # (the same values where W0 is half precision: W0 ⊙ (Gᵀx) is exact in fp32), not built in fp32 and cast back
         mask_dtype = dtype if autocast["enabled"] else factor_dtype
