@@ -74,6 +74,8 @@ def build(method: str, size: dict, precision: str = "fp32"):
         "gatera-none": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=TARGETS, gate="none"),
         "gatera-none-apart": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=TARGETS, gate="none"),
         "gatera-lora": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=TARGETS, branch="lora"),
+        "peft-dora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, use_dora=True),
+        "gatera-dora": lambda: gatera_plugin.GateRAConfig(r=RANK, target_modules=TARGETS, branch="dora"),
     }
     model = get_peft_model(model, adapters[method]())
     # non-zero B, as after some training (B = 0 would let autograd skip nothing, but keep it realistic)
