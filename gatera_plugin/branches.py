@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import rows_for, run_branch
-from .ops import gated_hira, gated_lora
-from .ops.hira import add_gated
+from .ops import gated_channel_scale, gated_hira, gated_lora
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -61,25 +60,25 @@ def dora_weight_norm(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling
 
 
 def dora_branch(layer, adapter_name, x, gate, result, base_out):
-    """DoRA: `Δy = DoRA(x) − base(x) = (m/‖W0 + sBA‖ − 1) ⊙ W0 x + (m/‖W0 + sBA‖) ⊙ s·BA x` (PEFT's formula).
+    """DoRA: `Δy = DoRA(x) − base(x) = (c − 1) ⊙ W0 x + c ⊙ s·BA x`, `c = m / ‖W0 + sBA‖` (PEFT's formula).
 
-    Plain autograd (DoRA's magnitude needs the weight norm, a d_out × d_in computation, which is detached and not
-    kept); `W0 x` is the base output minus bias, or recomputed from the dropped-out input when dropout is active.
+    A gated channel scale of `W0 x` plus a gated LoRA with B's rows scaled by c (`ops.dora`); `W0 x` is the base
+    output minus bias, or recomputed from the dropped-out input when dropout is active. The weight norm (a d_out × d_in
+    computation) is detached and not kept (DoRA section 4.3, as PEFT).
     """
     A, B = layer.gatera_A[adapter_name], layer.gatera_B[adapter_name]
     magnitude = layer.gatera_magnitude[adapter_name]  # (d_out,)
     s = layer.branch_scale(adapter_name)
     W0 = layer.base_weight()
-    scale = (magnitude / dora_weight_norm(W0, A, B, s).to(magnitude.dtype)).to(x.dtype)  # (d_out,)
+    scale = magnitude / dora_weight_norm(W0, A, B, s).to(magnitude.dtype)  # c (d_out,)
     dropout_active = layer.training and not isinstance(layer.gatera_dropout[adapter_name], torch.nn.Identity)
     if dropout_active:
         base_wx = F.linear(x, W0.to(x.dtype))
     else:
         bias = layer.get_base_layer().bias
-        base_wx = (base_out - bias if bias is not None else base_out).to(x.dtype)
-    lora_out = (x @ A.t()) @ B.t()
-    update = (scale - 1) * base_wx + scale * lora_out * s
-    return add_gated(result, update, gate, 1.0)
+        base_wx = base_out - bias if bias is not None else base_out
+    result = gated_channel_scale(base_wx, gate, scale - 1, base=result)
+    return gated_lora(x, gate, A, B * scale.unsqueeze(1).to(B.dtype), s, base=result)
 
 
 def hira_delta(W0, A, B, scaling, magnitude=None) -> torch.Tensor:
@@ -124,11 +123,10 @@ class Branch:
         adapter weights are fp32) the branch then runs its W0-sized products in bf16 / fp16 with fp32 accumulation,
         like the base layer and like bf16 autocast, instead of in fp32 (about 15x slower on an H100). `BA` is still
         formed in the adapter's dtype and rounded once, and A, B and their gradients stay fp32. LoRA and DoRA keep
-        PEFT's cast outside autocast (their adapter products are rank-r sized). Under autocast LoRA keeps the input's
-        dtype too: autocast runs its products in autocast's dtype either way, and the cast's fp32 copy of x (N, d_in)
-        is what its function would save for backward, twice the memory of the bf16 input that PEFT's LoRA, whose
-        linear layers save autocast's casts, keeps. (DoRA's elementwise combination runs in x's dtype: it keeps the
-        cast.)
+        PEFT's cast outside autocast (their adapter products are rank-r sized). Under autocast they keep the input's
+        dtype too: autocast runs their products in autocast's dtype either way, and the cast's fp32 copy of x (N, d_in)
+        is what their function would save for backward, twice the memory of the bf16 input that PEFT's LoRA, whose
+        linear layers save autocast's casts, keeps.
         """
         if x.dtype in HALF_DTYPES and (self.keeps_half_input or (
                 self.keeps_half_input_in_autocast and torch.is_autocast_enabled(x.device.type))):
@@ -139,7 +137,7 @@ class Branch:
 BRANCH_KINDS: dict[str, Branch] = {
     "hira": Branch(hira_branch, hira_delta, keeps_half_input=True, needs_frozen_base=True),
     "lora": Branch(lora_branch, lora_delta, keeps_half_input_in_autocast=True),
-    "dora": Branch(dora_branch, dora_delta, learns_magnitude=True),
+    "dora": Branch(dora_branch, dora_delta, keeps_half_input_in_autocast=True, learns_magnitude=True),
 }
 
 

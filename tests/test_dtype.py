@@ -242,15 +242,16 @@ def test_autocast_casts_each_factor_once_per_training_step(branch, gate):
     assert A.grad.dtype == B.grad.dtype == torch.float32 and A.grad.abs().sum() > 0 and B.grad.abs().sum() > 0
 
 
-def test_lora_branch_under_autocast_saves_the_half_input_not_an_fp32_copy():
-    """A bf16 model with `branch="lora"` trained under bf16 autocast: the layer keeps x bf16 (`Branch.input_dtype`), so
-    nothing saved for backward is an fp32 copy of x (PEFT's cast to the fp32 factors made one, which the branch's
+@pytest.mark.parametrize("branch", ["lora", "dora"])
+def test_lora_and_dora_branches_under_autocast_save_the_half_input_not_an_fp32_copy(branch):
+    """A bf16 model with `branch="lora"` or `"dora"` trained under bf16 autocast: the layer keeps x bf16
+    (`Branch.input_dtype`), so nothing saved for backward is an fp32 copy of x (PEFT's cast to the fp32 factors made one, which the branch's
     function and the gate's node saved: twice the memory of the bf16 x). Autocast runs the products in bf16 either
     way: the output and A's and B's gradients equal those of the same layer given x already cast to fp32, bit for bit;
     the gate's gradients within bf16 rounding (its weight gradient is now a bf16 product, as autocast's linear layers
     and the HiRA branch, which keeps a bf16 x everywhere, compute theirs)."""
     torch.manual_seed(0)
-    config = GateRAConfig(r=R, target_modules=["proj"], gate="sigmoid", branch="lora", init_weights=False)
+    config = GateRAConfig(r=R, target_modules=["proj"], gate="sigmoid", branch=branch, init_weights=False)
     model = get_peft_model(_One().to(torch.bfloat16), config).train()
     x_bf16 = torch.randn(N, D_IN).to(torch.bfloat16)
     runs = {}
@@ -271,8 +272,40 @@ def test_lora_branch_under_autocast_saves_the_half_input_not_an_fp32_copy():
     (out, grads, saved_x_dtypes), (ref_out, ref_grads, ref_saved) = runs["bf16 input"], runs["fp32 input"]
     assert saved_x_dtypes == {torch.bfloat16} and torch.float32 in ref_saved
     assert torch.equal(out, ref_out)
-    for name in ("gatera_A.default", "gatera_B.default"):
+    for name in ("gatera_A.default", "gatera_B.default") + (("gatera_magnitude.default",) if branch == "dora" else ()):
         assert grads[name].dtype == torch.float32 and torch.equal(grads[name], ref_grads[name]), name
     for name in ("gatera_gate.default.weight", "gatera_gate.default.bias"):
         scale = ref_grads[name].abs().max()
         assert scale > 0 and (grads[name] - ref_grads[name]).abs().max() <= 2 ** -7 * scale, name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_gated_dora_keeps_less_per_token_for_backward_than_peft_dora(precision):
+    """Gated DoRA (`ops.dora`) keeps, per token, x, the rank-r activation, the base output and the gate; PEFT's
+    ungated DoRA keeps the same but its LoRA output (N × d_out) in place of the gate (N × 1). Plain autograd on the
+    gated formula kept both (N × d_out) products and, under autocast, fp32 copies of x and of the base output."""
+    from peft import LoraConfig
+
+    configs = {"ours": GateRAConfig(r=R, target_modules=["proj"], branch="dora", init_weights=False),
+               "peft": LoraConfig(r=R, target_modules=["proj"], use_dora=True, init_lora_weights=False)}
+    dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float32
+    token_bytes = {}
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = get_peft_model(_One().to(dtype), config).train()
+        saved = {}
+
+        def pack(tensor, saved=saved, name=name):
+            if tensor.dim() >= 1 and tensor.shape[0] == N:  # (one entry per storage: a tensor saved twice counts once)
+                saved[tensor.untyped_storage().data_ptr()] = tensor.numel() * tensor.element_size()
+                assert tensor.dtype == dtype, (name, tuple(tensor.shape), tensor.dtype)
+            return tensor
+
+        x = torch.randn(N, D_IN).to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        out.float().pow(2).mean().backward()
+        token_bytes[name] = sum(saved.values())
+    itemsize = torch.finfo(dtype).bits // 8
+    assert token_bytes["ours"] <= token_bytes["peft"] - N * (D_OUT - 1) * itemsize, token_bytes

@@ -79,14 +79,15 @@ def test_ungated_lora_equals_peft_lora(builder, targets, dropout):
              input_ids)
 
 
-@pytest.mark.parametrize("branch", ["hira", "lora"])
+@pytest.mark.parametrize("branch", ["hira", "lora", "dora"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_gated_layer_equals_naive_formula(branch, dropout):
     """y = W0 x + b0 + s·σ(w·x + b)·Δy(dropout(x)): output and every gradient against the formula written out, with
-    the default scales (HiRA: `1 / (RMS(W0) · σ(0))`, LoRA: lora_alpha / r)."""
+    the default scales (HiRA: `1 / (RMS(W0) · σ(0))`, LoRA and DoRA: lora_alpha / r). DoRA's Δy is PEFT's
+    `(c − 1) ⊙ W0 x + c ⊙ s·BA x`, `c = m / ‖W0 + sBA‖` (the norm detached), with a magnitude m ≠ ‖W0‖."""
     model = TwoLinear()
     config = GateRAConfig(r=3, target_modules=["lin0", "lin1"], branch=branch, init_weights=False, dropout=dropout,
-                          lora_alpha=6 if branch == "lora" else None, entropy_weight=0.0)
+                          lora_alpha=6 if branch != "hira" else None, entropy_weight=0.0)
     peft_model = get_peft_model(model, config)
     layer = peft_model.base_model.model.lin1
     x = torch.randn(5, 7, 20, requires_grad=True)
@@ -95,20 +96,30 @@ def test_gated_layer_equals_naive_formula(branch, dropout):
     A, B = layer.gatera_A["default"], layer.gatera_B["default"]
     gate = layer.gatera_gate["default"]
     W0, b0 = layer.base_layer.weight, layer.base_layer.bias
+    inputs = [x, A, B, gate.weight, gate.bias]
+    if branch == "dora":
+        magnitude = layer.gatera_magnitude["default"]
+        with torch.no_grad():
+            magnitude.mul_(torch.rand_like(magnitude) + 0.5)
+        torch.manual_seed(11)
+        out = layer(x)
+        inputs.append(magnitude)
     torch.manual_seed(11)
     x_drop = torch.nn.functional.dropout(x, p=dropout, training=True) if dropout else x
     g = torch.sigmoid(x @ gate.weight.t() + gate.bias)
     if branch == "hira":
         delta = naive_gated_hira(x_drop, W0, A, B, None, None) / (W0.square().mean().sqrt() * 0.5)
-    else:
+    elif branch == "lora":
         delta = naive_gated_lora(x_drop, A, B, None, None, scaling=2.0)
+    else:
+        c = magnitude / torch.linalg.norm(W0 + 2.0 * (B @ A), dim=1).detach()
+        delta = (c - 1) * (x_drop @ W0.t()) + c * naive_gated_lora(x_drop, A, B, None, None, scaling=2.0)
     expected = x @ W0.t() + b0 + g * delta
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     grad_out = torch.randn_like(out)
-    inputs = [x, A, B, gate.weight, gate.bias]
     ours = torch.autograd.grad(out, inputs, grad_out)
     ref = torch.autograd.grad(expected, inputs, grad_out)
-    for name, a, b in zip(["x", "A", "B", "gate.weight", "gate.bias"], ours, ref):
+    for name, a, b in zip(["x", "A", "B", "gate.weight", "gate.bias", "magnitude"], ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gatera_plugin.ops import gated_hira, gated_lora
+from gatera_plugin.ops import gated_channel_scale, gated_hira, gated_lora
 from tests.helpers import (
     FP32_TOLERANCE,
     max_error,
@@ -205,6 +205,61 @@ def test_lora_keeps_no_output_sized_tensor():
     assert sum(ours) == N * D_IN + N + R * D_IN + D_OUT * R + N * R
     naive = _saved_numels(lambda: naive_gated_lora(t["x"], t["A"], t["B"], t["w"], t["b"]))
     assert N * D_OUT in naive
+
+
+def _channel_scale_inputs(y_dtype, gated, base_dtype):
+    g = torch.Generator().manual_seed(5)
+    t = dict(y=torch.randn(N, D_OUT, generator=g).to(y_dtype), k=torch.randn(D_OUT, generator=g) * 0.2,
+             gate=torch.rand(N, 1, generator=g) if gated else None,
+             base=torch.randn(N, D_OUT, generator=g).to(base_dtype) if base_dtype is not None else None)
+    return {name: v.requires_grad_() if v is not None else None for name, v in t.items()}
+
+
+def _naive_channel_scale(y, gate, k, base):
+    update = k * y if gate is None else gate * (k * y)  # (plain autograd keeps k ⊙ y for the gate's gradient)
+    return update if base is None else base + update.to(base.dtype)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("base_dtype", [None, torch.float32, torch.bfloat16], ids=["no-base", "base", "bf16-base"])
+def test_channel_scale_matches_plain_autograd(gated, y_dtype, base_dtype):
+    """DoRA's gated magnitude term `base + g ⊙ (k ⊙ y)` (k fp32, y the base output, fp32 or bf16): output and the
+    gradients of y, g, k and base equal plain autograd's, which computes them in the same dtypes."""
+    t = _channel_scale_inputs(y_dtype, gated, base_dtype)
+    out_dtype = base_dtype or torch.float32
+    grad_out = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(1)).to(out_dtype)
+    names = [name for name, v in t.items() if v is not None]
+    out = gated_channel_scale(t["y"], t["gate"], t["k"], base=t["base"])
+    ref = _naive_channel_scale(t["y"], t["gate"], t["k"], t["base"])
+    assert out.dtype == ref.dtype == out_dtype
+    grads = torch.autograd.grad(out, [t[n] for n in names], grad_out)
+    ref_grads = torch.autograd.grad(ref, [t[n] for n in names], grad_out)
+    torch.testing.assert_close(out, ref, **FP32_TOLERANCE)
+    for name, a, b in zip(names, grads, ref_grads):
+        assert a.dtype == b.dtype == t[name].dtype, name
+        torch.testing.assert_close(a, b, **FP32_TOLERANCE, msg=f"grad of {name}")
+    with torch.no_grad():  # (no graph: the same values without the function)
+        torch.testing.assert_close(gated_channel_scale(t["y"], t["gate"], t["k"], base=t["base"]), out, rtol=0,
+                                   atol=0)
+
+
+def test_channel_scale_keeps_no_gated_product():
+    """It keeps y (N × d_out, which PEFT's DoRA keeps too), g and k; plain autograd keeps the gated product `k ⊙ y`
+    (N × d_out) beside them."""
+    t = _channel_scale_inputs(torch.float32, True, torch.float32)
+    ours = _saved_numels(lambda: gated_channel_scale(t["y"], t["gate"], t["k"], base=t["base"]))
+    assert sorted(ours) == sorted([N * D_OUT, N, D_OUT])
+    naive = _saved_numels(lambda: _naive_channel_scale(t["y"], t["gate"], t["k"], t["base"]))
+    assert naive.count(N * D_OUT) == 2
+
+
+def test_channel_scale_keeps_leading_dimensions():
+    t = _channel_scale_inputs(torch.float32, True, torch.float32)
+    y, gate, base = t["y"][:16].reshape(2, 8, D_OUT), t["gate"][:16].reshape(2, 8, 1), t["base"][:16].reshape(2, 8, -1)
+    out = gated_channel_scale(y, gate, t["k"], base=base)
+    assert out.shape == (2, 8, D_OUT)
+    torch.testing.assert_close(out, _naive_channel_scale(y, gate, t["k"], base), **FP32_TOLERANCE)
 
 
 def test_weight_fn_called_again_in_backward():
