@@ -221,13 +221,15 @@ def main() -> None:
                      f"{s['time_vs_lora']:.2f}x | {s['overhead_mb']:.0f} | {s['memory_vs_lora']:.2f}x "
                      f"| {s['default_allocator_mb']:.0f} |")
     print("\n".join(lines))
-    # the token gate's own cost (gated over gate="none" run apart), gated over PEFT's HiRA, and what the fold gives
-    # (gate="none" folded over PEFT's HiRA and over itself run apart), round by round
+    # the token gate's own cost (gated over gate="none" run apart), gated over PEFT's HiRA, what the fold gives
+    # (gate="none" folded over PEFT's HiRA and over itself run apart), and the LoRA and DoRA branches gated over PEFT's
+    # LoRA and DoRA, round by round
     pairs = {}
     for size, data in raw.items():
         times = data["step_cpu_s"]
         for method, baseline in (("gatera", "gatera-none-apart"), ("gatera", "peft-hira"), ("gatera-none", "peft-hira"),
-                                 ("gatera-none", "gatera-none-apart")):
+                                 ("gatera-none", "gatera-none-apart"), ("gatera-lora", "peft-lora"),
+                                 ("gatera-dora", "peft-dora")):
             if method in times and baseline in times:
                 ratios = [t / b for t, b in zip(times[method], times[baseline])]
                 q1, median, q3 = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1

@@ -41,6 +41,18 @@ def test_train_step_benchmark_writes_its_ratios(tmp_path):
         assert result["round_ratios"][f"tiny: {method} / {baseline}"]["median"] == pytest.approx(expected)
 
 
+@pytest.mark.slow  # nine fresh processes
+def test_train_step_benchmark_compares_the_lora_and_dora_branches_with_peft(tmp_path):
+    out = tmp_path / "train_step.json"
+    _run("bench/train_step.py", "--sizes", "tiny", "--rounds", "2", "--warmup", "0", "--memory-steps", "1",
+         "--methods", "peft-dora", "gatera-dora", "gatera-lora", "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = {row["method"]: row for row in result["summary"]}
+    assert set(rows) == {"peft-lora", "peft-dora", "gatera-dora", "gatera-lora"}  # (PEFT's LoRA: every ratio's base)
+    assert rows["gatera-dora"]["trainable"] > rows["peft-dora"]["trainable"]  # (the gate's d_in + 1 per layer)
+    assert set(result["round_ratios"]) == {"tiny: gatera-lora / peft-lora", "tiny: gatera-dora / peft-dora"}
+
+
 def test_gate_cost_benchmark_splits_the_gates_ops_from_the_ungated_step(tmp_path):
     out = tmp_path / "gate_cost.json"
     printed = _run("bench/gate_cost.py", "--size", "tiny", "--rounds", "1", "--warmup", "0", "--out", str(out)).stdout
