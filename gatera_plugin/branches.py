@@ -53,10 +53,26 @@ def lora_branch(layer, adapter_name, x, gate, result, base_out=None):
     return run_branch(layer, adapter_name, "lora", x, lambda: gated_lora(x, gate, A, B, s, base=result), run_triton)
 
 
+# Largest fp32 block of `W0 + s·BA` that `dora_weight_norm` forms at once, in elements (64 MiB): a 4096 x 4096 layer
+# is one block, a 14336 x 4096 one four. Formed whole, three d_out x d_in fp32 temporaries were alive at once (W0's
+# fp32 copy, s·BA and their sum: 705 MB at 14336 x 4096, in every DoRA layer's forward, on top of a 4-bit base's
+# dequantised W0).
+NORM_BLOCK_ELEMENTS = 1 << 24
+
+
 def dora_weight_norm(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """`‖W0 + s·BA‖` per output row (d_out,), detached (DoRA section 4.3, as PEFT)."""
+    """`‖W0 + s·BA‖` per output row (d_out,), fp32, detached (DoRA section 4.3, as PEFT). Formed a block of rows at a
+    time, one fp32 temporary of at most `NORM_BLOCK_ELEMENTS` (each row's norm is its own: the blocks change nothing)."""
+    d_out, d_in = W0.shape
+    rows = max(1, min(d_out, NORM_BLOCK_ELEMENTS // max(d_in, 1)))
     with torch.no_grad():
-        return torch.linalg.norm(W0.float() + scaling * (B.float() @ A.float()), dim=1)
+        A, B = A.float(), B.float()
+        norm = torch.empty(d_out, dtype=torch.float32, device=W0.device)
+        for start in range(0, d_out, rows):
+            block = slice(start, start + rows)
+            weight = W0[block].to(torch.float32, copy=True).addmm_(B[block], A, alpha=scaling)  # W0 + s·BA, rows
+            norm[block] = torch.linalg.norm(weight, dim=1)
+        return norm
 
 
 def dora_branch(layer, adapter_name, x, gate, result, base_out):

@@ -262,6 +262,40 @@ def test_channel_scale_keeps_leading_dimensions():
     torch.testing.assert_close(out, _naive_channel_scale(y, gate, t["k"], base), **FP32_TOLERANCE)
 
 
+class _RecordNewTensors(TorchDispatchMode):
+    """Records the numel of every tensor an op makes (views excepted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and not func.is_view:
+            self.numels.append(out.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_rows", [7, D_OUT], ids=["blocks", "whole"])
+def test_dora_weight_norm_forms_blocks_of_rows_with_the_same_norms(dtype, block_rows, monkeypatch):
+    """DoRA's `‖W0 + s·BA‖` per row, formed `NORM_BLOCK_ELEMENTS` at a time (7 rows: five blocks and a shorter last
+    one), equals the norm of the whole fp32 matrix, and makes no temporary larger than a block; W0 is not written."""
+    from gatera_plugin import branches
+
+    monkeypatch.setattr(branches, "NORM_BLOCK_ELEMENTS", block_rows * D_IN + 3)
+    t = _inputs(torch.float32)
+    W0 = t["W0"].detach().to(dtype)
+    original = W0.clone()
+    with _RecordNewTensors() as made:
+        norm = branches.dora_weight_norm(W0, t["A"], t["B"], 0.37)
+    expected = torch.linalg.norm(W0.float() + 0.37 * (t["B"] @ t["A"]), dim=1)
+    assert norm.dtype == torch.float32 and not norm.requires_grad
+    torch.testing.assert_close(norm, expected, **FP32_TOLERANCE)
+    assert max(made.numels) <= max(block_rows * D_IN, D_OUT * R), made.numels
+    assert torch.equal(W0, original)
+
+
 def test_weight_fn_called_again_in_backward():
     """The base weight is re-read in backward (so a dequantised copy need not be kept alive)."""
     t = _inputs(torch.float32)
