@@ -97,6 +97,9 @@ def main() -> None:
 
     from gatera_plugin.ops.hira import FACTORED_LIMITS, factored_pays
 
+    if args.device == "cpu":  # (one thread, as the docstring says: torch takes every core unless OMP_NUM_THREADS is set)
+        torch.set_num_threads(1)
+
     sizes, tokens_by_rank = (SMOKE["sizes"], SMOKE["tokens"]) if args.smoke else (SIZES, TOKENS)
     rounds = 1 if args.smoke else args.rounds
     rows = []
