@@ -123,8 +123,8 @@ class GateRAConfig(PeftConfig):
         cache_delta: in eval, keep the HiRA branch's dense `s·W0 ⊙ BA` between forwards (fast decoding).
         kernel: "auto" (the PyTorch path, except in cases a GPU measurement lists in `kernels.TRITON_WINS`: none
             on an H200; on H100 / H200 class GPUs the token gate's row operations on large rows run as Triton kernels,
-            measured faster: `kernels/rows.py`), "triton" (the Triton kernels, errors raised; off CUDA only under
-            TRITON_INTERPRET=1) or "torch" (PyTorch's ops only).
+            measured faster: `kernels/rows.py`), "triton" (the Triton kernels of the HiRA and LoRA branches, errors raised;
+            off CUDA only under TRITON_INTERPRET=1) or "torch" (PyTorch's ops only).
     """
 
     r: int = field(default=32, metadata={"help": "Rank of the branch factors A (r x d_in) and B (d_out x r)."})
@@ -264,6 +264,11 @@ class GateRAConfig(PeftConfig):
         _check_choice("kernel", self.kernel, KERNELS)
         if self.kernel == "triton" and not triton_available():
             raise ValueError("kernel='triton' needs the `triton` package: `pip install gatera-plugin[triton]`.")
+        if self.kernel == "triton" and self.branch == "dora":
+            raise ValueError(
+                "kernel='triton' has no kernels for branch='dora' (DoRA runs PyTorch's ops: `ops/dora.py`), so it would "
+                "not run them. Use kernel='auto' or kernel='torch' with branch='dora'."
+            )
         self.hira_scaling = resolved_hira_scaling(self.branch, self.hira_scaling)
         _check_choice("hira_scaling", self.hira_scaling, HIRA_SCALINGS)
         if self.lora_alpha is not None:

@@ -27,6 +27,8 @@ CONFIG_CASES = [
     (dict(branch="dora2"), r"`branch` must be one of \['hira', 'lora', 'dora'\], got 'dora2'"),
     (dict(gate="softmax"), r"`gate` must be one of \['sigmoid', 'threshold', 'none'\], got 'softmax'"),
     (dict(kernel="cuda"), r"`kernel` must be one of \['auto', 'triton', 'torch'\], got 'cuda'"),
+    (dict(branch="dora", kernel="triton"), r"kernel='triton' has no kernels for branch='dora'.*Use kernel='auto' or "
+                                          r"kernel='torch'"),
     (dict(lora_alpha=16, hira_scaling="none"), r"`lora_alpha` only applies to branch='lora' or 'dora'.*Remove "
                                                r"`lora_alpha`.*hira_scaling='lora'"),
     (dict(lora_alpha=16, hira_scaling="rms"), r"`lora_alpha` only applies.*hira_scaling='rms'"),
