@@ -61,6 +61,22 @@ def test_zero_matches_single_process(single, tmp_path, stage, extra):
 
 
 @pytest.mark.slow
+def test_zero3_trains_the_dora_branch_like_a_single_process(tmp_path):
+    """`branch="dora"` under ZeRO-3: the branch gets the gathered W0 for DoRA's weight norm (the base weights are
+    partitioned outside forward and registered with the GateRA layers), and the run agrees with one process,
+    magnitudes included."""
+    dora = ["--branch", "dora"]
+    ok(single_process(tmp_path / "single", *dora))
+    ok(torchrun(tmp_path / "zero3", "--deepspeed", ZERO["zero3"], *dora))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "zero3")), torch.tensor(losses(tmp_path / "single")),
+                               rtol=LOSS_RTOL, atol=0)
+    assert_same_adapter(adapter(tmp_path / "zero3"), adapter(tmp_path / "single"))
+    assert any(key.endswith("gatera_magnitude") for key in adapter(tmp_path / "zero3"))
+    probes = [json.loads((tmp_path / "zero3" / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(p["layers"] == 10 and p["partitioned"] and p["registered"] for p in probes)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_ungated_adapter_folds_under_zero2_not_zero3_and_matches_single_process(tmp_path, stage):
     """`gate="none"`: under ZeRO-2 each layer folds the adapter into the base product, as in one process; under

@@ -212,6 +212,23 @@ def test_fsdp2_folds_an_ungated_adapter_and_matches_single_process(tmp_path):
 
 @pytest.mark.slow
 @FSDP2_ON_CPU
+def test_fsdp2_trains_the_dora_branch_like_a_single_process(tmp_path):
+    """`branch="dora"` under FSDP2: the branch reads the whole gathered W0 once per layer in forward (DoRA's weight
+    norm; its backward reads no W0), nothing keeps a gathered copy, and the run agrees with one process, magnitudes
+    included."""
+    dora = ["--branch", "dora"]
+    ok(single_process(tmp_path / "single", *dora))
+    ok(torchrun(tmp_path / "fsdp", "--fsdp", "2", *dora))
+    assert_same_run(tmp_path / "fsdp", tmp_path / "single")
+    assert any(key.endswith("gatera_magnitude") for key in adapter(tmp_path / "fsdp"))
+    for probe in _probes(tmp_path / "fsdp"):
+        assert probe["layers"] == 10 and probe["sharded"] and probe["reads_whole"]
+        assert probe["reads_forward"] == 10 and probe["reads_backward"] == 0
+        assert probe["resharded_after_forward"] and probe["graph_nodes_checked"] > 100
+
+
+@pytest.mark.slow
+@FSDP2_ON_CPU
 def test_gate_lr_ratio_survives_fsdp2_sharding(single, tmp_path):
     """`gate_lr_ratio` under FSDP2: the optimizer is built over the sharded (DTensor) parameters, whose gate groups
     train at 3 × the rate, as in one process."""
