@@ -262,13 +262,13 @@ class GateRAConfig(PeftConfig):
         _check_choice("branch", self.branch, BRANCHES)
         _check_choice("gate", self.gate, TOKEN_GATES)
         _check_choice("kernel", self.kernel, KERNELS)
-        if self.kernel == "triton" and not triton_available():
-            raise ValueError("kernel='triton' needs the `triton` package: `pip install gatera-plugin[triton]`.")
         if self.kernel == "triton" and self.branch == "dora":
             raise ValueError(
                 "kernel='triton' has no kernels for branch='dora' (DoRA runs PyTorch's ops: `ops/dora.py`), so it would "
                 "not run them. Use kernel='auto' or kernel='torch' with branch='dora'."
             )
+        if self.kernel == "triton" and not triton_available():
+            raise ValueError("kernel='triton' needs the `triton` package: `pip install gatera-plugin[triton]`.")
         self.hira_scaling = resolved_hira_scaling(self.branch, self.hira_scaling)
         _check_choice("hira_scaling", self.hira_scaling, HIRA_SCALINGS)
         if self.lora_alpha is not None:

@@ -244,6 +244,20 @@ def test_channel_scale_matches_plain_autograd(gated, y_dtype, base_dtype):
                                    atol=0)
 
 
+@pytest.mark.parametrize("frozen", ["nothing", "y", "y-and-base"])
+def test_channel_scale_gradients_pass_gradcheck_with_an_expanded_gate(frozen):
+    """fp64 gradcheck with the gate as the structure gate passes it (one value expanded over the tokens, stride 0) and
+    some inputs frozen (a frozen base's output needs no gradient)."""
+    g = torch.Generator().manual_seed(6)
+    y = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=frozen == "nothing")
+    base = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=frozen != "y-and-base")
+    k = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    structure = torch.rand(1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda y, structure, k, base: gated_channel_scale(y, structure.expand(5, 1), k, base=base),
+        (y, structure, k, base))
+
+
 def test_channel_scale_keeps_no_gated_product():
     """It keeps y (N × d_out, which PEFT's DoRA keeps too), g and k; plain autograd keeps the gated product `k ⊙ y`
     (N × d_out) beside them."""
