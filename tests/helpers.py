@@ -77,6 +77,11 @@ def tiny_gpt2(hidden: int = 32, layers: int = 2, vocab: int = 128, seed: int = 0
     return GPT2LMHeadModel(config)
 
 
+# GateRA's DoRA tensors -> PEFT's `LoraConfig(use_dora=True)` names, for `copy_adapter_weights`
+PEFT_DORA_NAMES = {"gatera_A.default": "lora_A.default.weight", "gatera_B.default": "lora_B.default.weight",
+                   "gatera_magnitude.default": "lora_magnitude_vector.default.weight"}
+
+
 def copy_adapter_weights(src_model, dst_model, mapping: dict[str, str]) -> None:
     """Copy adapter tensors between two PEFT models whose parameter names differ by `mapping` substrings."""
     dst = dict(dst_model.named_parameters())

@@ -323,7 +323,7 @@ def test_dora_on_a_bf16_model_rounds_its_output_as_peft_dora(autocast):
     error against fp64 is PEFT's. Rounding the terms into the output one at a time made it 1.11x PEFT's here."""
     from peft import LoraConfig
 
-    from tests.helpers import copy_adapter_weights
+    from tests.helpers import PEFT_DORA_NAMES, copy_adapter_weights
 
     torch.manual_seed(0)
     base = _One()
@@ -335,9 +335,7 @@ def test_dora_on_a_bf16_model_rounds_its_output_as_peft_dora(autocast):
     with torch.no_grad():
         magnitude = models["ours"].base_model.model.proj.gatera_magnitude["default"]
         magnitude.mul_(torch.rand_like(magnitude) + 0.5)
-    copy_adapter_weights(models["ours"], models["peft"], {
-        "gatera_A.default": "lora_A.default.weight", "gatera_B.default": "lora_B.default.weight",
-        "gatera_magnitude.default": "lora_magnitude_vector.default.weight"})
+    copy_adapter_weights(models["ours"], models["peft"], PEFT_DORA_NAMES)
     x = torch.randn(256, D_IN)
     with torch.no_grad():
         truth = copy.deepcopy(models["ours"]).double()(x.double())

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from gatera_plugin import GateRAConfig, GateRALayer
-from tests.helpers import LLAMA_PROJECTIONS, TwoLinear, copy_adapter_weights, tiny_llama
+from tests.helpers import LLAMA_PROJECTIONS, PEFT_DORA_NAMES, TwoLinear, copy_adapter_weights, tiny_llama
 
 GATES = ["sigmoid", "threshold", "none"]
 BRANCHES = ["hira", "lora", "dora"]
@@ -165,8 +165,7 @@ def test_ungated_dora_equals_peft_dora():
                                                      target_modules=TARGETS, init_weights=False))
     theirs = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS,
                                                      init_lora_weights=False))
-    mapping = {"gatera_A.default": "lora_A.default.weight", "gatera_B.default": "lora_B.default.weight",
-               "gatera_magnitude.default": "lora_magnitude_vector.default.weight"}
+    mapping = PEFT_DORA_NAMES
     with torch.no_grad():  # the same random magnitude on both sides
         for name, p in ours.named_parameters():
             if "gatera_magnitude" in name:
