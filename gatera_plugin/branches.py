@@ -94,12 +94,12 @@ def dora_branch(layer, adapter_name, x, gate, result, base_out):
         bias = layer.get_base_layer().bias
         base_wx = base_out - bias if bias is not None else base_out
     B_scaled = B * scale.unsqueeze(1).to(B.dtype)  # c ⊙ B (d_out, r)
-    if result is not None and result.dtype != torch.promote_types(base_wx.dtype, scale.dtype):
-        # a bf16 / fp16 output of an fp32 update (PEFT's fp32 magnitude): the two terms are summed in fp32 and added
-        # to the output with one rounding, as PEFT's DoRA does, not rounded into it one term at a time
-        update = gated_lora(x, gate, A, B_scaled, s, base=gated_channel_scale(base_wx, gate, scale - 1))
-        return (result + update).to(result.dtype)
-    return gated_lora(x, gate, A, B_scaled, s, base=gated_channel_scale(base_wx, gate, scale - 1, base=result))
+    # a bf16 / fp16 output of an fp32 update (PEFT's fp32 magnitude): the two terms are summed in fp32 and added to
+    # the output with one rounding, as PEFT's DoRA does, not rounded into it one term at a time
+    add_after = result is not None and result.dtype != torch.promote_types(base_wx.dtype, scale.dtype)
+    so_far = gated_channel_scale(base_wx, gate, scale - 1, base=None if add_after else result)
+    out = gated_lora(x, gate, A, B_scaled, s, base=so_far)
+    return (result + out).to(result.dtype) if add_after else out
 
 
 def hira_delta(W0, A, B, scaling, magnitude=None) -> torch.Tensor:

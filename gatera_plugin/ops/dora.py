@@ -53,17 +53,17 @@ class GatedChannelScaleFunction(torch.autograd.Function):
         dtype = torch.promote_types(y.dtype, k.dtype)
         with torch.no_grad(), autocast_off(y.device.type):
             go = grad_out.to(dtype)
-            k_ = k.to(dtype)
+            k_cast = k.to(dtype)
             if need_gate or need_k:
                 go_y = go * y  # (N, d_out)
                 if need_gate:
-                    grad_gate = (go_y @ k_).unsqueeze(-1).to(gate.dtype)
+                    grad_gate = (go_y @ k_cast).unsqueeze(-1).to(gate.dtype)
                 if need_k:
                     grad_k = (go_y.t() @ gate.to(dtype)).squeeze(-1) if gate is not None else go_y.sum(dim=0)
                     grad_k = grad_k.to(k.dtype)
                 del go_y
             if need_y:
-                grad_y = go * k_ if gate is None else (go * gate.to(dtype)).mul_(k_)
+                grad_y = go * k_cast if gate is None else (go * gate.to(dtype)).mul_(k_cast)
                 grad_y = grad_y.to(y.dtype)
         return grad_base, grad_y, grad_gate, grad_k
 
