@@ -349,3 +349,41 @@ def test_dora_on_a_bf16_model_rounds_its_output_as_peft_dora(autocast):
         assert torch.equal(outputs["ours"], outputs["peft"])
     errors = {name: (out.double() - truth).abs().mean().item() for name, out in outputs.items()}
     assert errors["ours"] <= 1.02 * errors["peft"], errors
+
+
+@pytest.mark.parametrize("gate", ["none", "sigmoid"])
+def test_lora_branch_on_a_bf16_model_outside_autocast_adds_its_fp32_update_with_one_rounding(gate):
+    """A bf16 model, PEFT's fp32 adapter weights, `branch="lora"`, no autocast (e.g. `generate()`): the fp32 update
+    `s · g ⊙ x Aᵀ Bᵀ` is added to the bf16 base output in fp32 and rounded once, as PEFT's LoRA does
+    (`(result + update).to(result.dtype)`); ungated, the output equals PEFT's bit for bit. Rounding the update to
+    bf16 before the add (two roundings) differs from both."""
+    from peft import LoraConfig
+
+    from tests.helpers import copy_adapter_weights
+
+    torch.manual_seed(0)
+    base = _One()
+    with torch.no_grad():
+        base.proj.weight.mul_(20.0)
+    ours = get_peft_model(copy.deepcopy(base), GateRAConfig(r=R, target_modules=["proj"], branch="lora", gate=gate,
+                                                            init_weights=False, entropy_weight=0.0))
+    peft_lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=R, target_modules=["proj"], init_lora_weights=False))
+    copy_adapter_weights(ours, peft_lora, {"gatera_A.default": "lora_A.default.weight",
+                                           "gatera_B.default": "lora_B.default.weight"})
+    layer = ours.base_model.model.proj
+    A, B, scaling = layer.gatera_A["default"], layer.gatera_B["default"], layer.scaling["default"]
+    x = torch.randn(256, D_IN).to(torch.bfloat16)
+    with torch.no_grad():
+        for model in (ours, peft_lora):
+            model.base_model.model.proj.base_layer.to(torch.bfloat16)
+        out = ours(x)
+        g = layer.gatera_gate["default"](x.float()) if gate == "sigmoid" else torch.ones(len(x), 1)
+        gated_update = ((x.float() @ A.t()) @ B.t()) * (g * scaling)  # fp32, (N, d_out)
+        base_out = layer.base_layer(x)  # bf16
+        one_rounding = (gated_update + base_out).to(torch.bfloat16)
+        two_roundings = base_out + gated_update.to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, one_rounding)
+    assert not torch.equal(out, two_roundings)
+    if gate == "none":
+        assert torch.equal(out, peft_lora(x))

@@ -58,7 +58,7 @@ def _run(kind, t, scaling, use_ops):
         update = naive_gated_hira(t["x"], t["W0"], t["A"], t["B"], t["w"], t["b"], scaling)
     else:
         update = naive_gated_lora(t["x"], t["A"], t["B"], t["w"], t["b"], scaling)
-    return update if base is None else base + update.to(base.dtype)
+    return update if base is None else (base + update).to(base.dtype)  # (a bf16 base: summed in fp32, rounded once)
 
 
 def _grads(kind, t, scaling, use_ops, grad_out):
@@ -217,7 +217,7 @@ def _channel_scale_inputs(y_dtype, gated, base_dtype):
 
 def _naive_channel_scale(y, gate, k, base):
     update = k * y if gate is None else gate * (k * y)  # (plain autograd keeps k ⊙ y for the gate's gradient)
-    return update if base is None else base + update.to(base.dtype)
+    return update if base is None else (base + update).to(base.dtype)  # (a bf16 base: summed in fp32, rounded once)
 
 
 @pytest.mark.parametrize("gated", [True, False])

@@ -147,7 +147,8 @@ def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional
     """`base + s · g ⊙ update` in one pass where dtypes allow (base: (N, d_out) or None, gate: (N, 1) or None).
 
     `reuse_update=True` (a fresh, contiguous `update` nothing else reads) writes the result into `update`'s memory
-    when it has the result's dtype: no new (N, d_out) tensor, which on CPU also saves its page faults. `row_ops`:
+    when it has the result's dtype: no new (N, d_out) tensor, which on CPU also saves its page faults. A base of
+    another dtype than `update` (a bf16 output, an fp32 update) takes the sum in the wider dtype, rounded once. `row_ops`:
     what runs the gated add (`TorchRows`, or the Triton kernels' `TritonRows`).
     """
     if reuse_update and base is not None and base.dtype == update.dtype and update.is_contiguous():
@@ -158,8 +159,14 @@ def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional
         if gate is not None:
             return update * (gate * scaling)
         return update * scaling if scaling != 1.0 else update
-    if base.dtype != update.dtype:
-        return base + add_gated(None, update, gate, scaling).to(base.dtype)
+    if base.dtype != update.dtype:  # e.g. a bf16 base output, an fp32 update: summed in fp32, rounded once (PEFT's)
+        if reuse_update and update.is_contiguous() and torch.promote_types(base.dtype, update.dtype) == update.dtype:
+            if gate is not None:
+                update.mul_(gate * scaling)
+            elif scaling != 1.0:
+                update.mul_(scaling)
+            return update.add_(base).to(base.dtype)
+        return (add_gated(None, update, gate, scaling) + base).to(base.dtype)
     if gate is not None:
         return row_ops.add_scaled(base, update, gate.to(update.dtype), value=scaling)
     return torch.add(base, update, alpha=scaling)
