@@ -33,11 +33,12 @@ or, on CUDA, was skipped (triton or bitsandbytes missing: the section is "incomp
     (random weights, bf16, q/k/v/o/gate/up/down at r = 32, fp32 adapter weights, bf16 autocast), 1 x 4096 and
     1 x 16384 tokens: PEFT's LoRA and HiRA, GateRA (its default token gate and kernel="auto"), the same with the
     gate's input gradient added in place (`gatera-pass-input`: `gates.passing_input_on`, the CPU default, not yet a
-    GPU's), with kernel="torch" (no row kernels) and GateRA with gate="none"; median ms
+    GPU's), with kernel="torch" (no row kernels) and GateRA with gate="none", and PEFT's DoRA against GateRA's gated
+    DoRA branch (`branch="dora"`, the same lora_alpha); median ms
     (wall clock, so the host's own work per layer counts too), host_ms (until the step's last call returns, before
     waiting for the GPU: close to ms, the step is host-bound), syncs (the host-device synchronisations in one more
     step, counted by torch's sync debug mode, and the Python lines its warnings name: a sync makes host_ms include
-    waiting for the GPU) and peak memory above the built model, as ratios to LoRA and to HiRA.
+    waiting for the GPU) and peak memory above the built model, as ratios to LoRA, HiRA and DoRA.
 (e) generation: greedy `generate()` of (d)'s model in bf16, in eval and outside autocast, a 512-token prompt and 64
     new tokens: ms per new token of PEFT's LoRA and HiRA, GateRA, GateRA forming ΔW at every step (`gatera-formed`,
     as before the factored update) and GateRA with `cache_delta=True`.
@@ -84,14 +85,16 @@ def _progress(row: dict) -> None:
 
 def _add_ratios(measured: dict, time_key: str, baselines: tuple = ("peft-lora",), memory: bool = True) -> None:
     """Each measured row's `time_vs_<baseline>` (its `time_key` over the baseline's) and, with `memory`,
-    `memory_vs_lora` (peak memory over LoRA's; nan without a measured peak); `measured`: method -> row."""
+    `memory_vs_<baseline>` (peak memory over the baseline's; nan without a measured peak); `measured`: method -> row."""
     for row in measured.values():
         for baseline in baselines:
-            if baseline in measured:
-                row[f"time_vs_{baseline.removeprefix('peft-')}"] = row[time_key] / measured[baseline][time_key]
-        lora = measured.get("peft-lora")
-        if memory and lora:
-            row["memory_vs_lora"] = row["peak_mb"] / lora["peak_mb"] if lora["peak_mb"] else float("nan")
+            if baseline not in measured:
+                continue
+            name = baseline.removeprefix("peft-")
+            row[f"time_vs_{name}"] = row[time_key] / measured[baseline][time_key]
+            if memory:
+                peak = measured[baseline]["peak_mb"]
+                row[f"memory_vs_{name}"] = row["peak_mb"] / peak if peak else float("nan")
 
 
 def _cuda(device) -> bool:
@@ -379,7 +382,8 @@ MODEL_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_head
                    num_hidden_layers=2, vocab_size=32000)
 SMOKE_MODEL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                          num_hidden_layers=1, vocab_size=128)
-MODEL_METHODS = ("peft-lora", "peft-hira", "gatera", "gatera-pass-input", "gatera-kernel-torch", "gatera-none")
+MODEL_METHODS = ("peft-lora", "peft-hira", "gatera", "gatera-pass-input", "gatera-kernel-torch", "gatera-none",
+                 "peft-dora", "gatera-dora")
 
 
 def _method_config(method: str):
@@ -390,6 +394,8 @@ def _method_config(method: str):
     return {
         "peft-lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS),
         "peft-hira": lambda: HiraConfig(r=RANK, target_modules=TARGETS),
+        "peft-dora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, use_dora=True),
+        "gatera-dora": lambda: GateRAConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, branch="dora"),
         "gatera": lambda: GateRAConfig(r=RANK, target_modules=TARGETS),
         "gatera-kernel-torch": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, kernel="torch"),
         "gatera-none": lambda: GateRAConfig(r=RANK, target_modules=TARGETS, gate="none"),
@@ -412,8 +418,8 @@ def _llama(shape: dict, dtype, device, positions: int):
 
 def model_step(device, smoke: bool, repeats: int) -> list[dict]:
     """Whole training steps (forward, backward, AdamW) of each method on the same model: ms, host_ms (the time to
-    issue the step, before waiting for the GPU) and peak memory above the built model, as ratios to PEFT's LoRA and
-    HiRA. bf16 weights, fp32 adapter weights, bf16 autocast, 1 x T tokens."""
+    issue the step, before waiting for the GPU) and peak memory above the built model, as ratios to PEFT's LoRA, HiRA
+    and DoRA. bf16 weights, fp32 adapter weights, bf16 autocast, 1 x T tokens."""
     import torch
     from peft import get_peft_model
 
@@ -459,7 +465,7 @@ def model_step(device, smoke: bool, repeats: int) -> list[dict]:
             _empty_cache(device)
             rows.append(row)
             _progress(row)
-        _add_ratios(measured, "ms", baselines=("peft-lora", "peft-hira"))
+        _add_ratios(measured, "ms", baselines=("peft-lora", "peft-hira", "peft-dora"))
     return rows
 
 
@@ -641,7 +647,7 @@ def main() -> None:
                "reload_max_diff", "reloads_same", "train_seconds"]),
         "d": ("model step", model_step, (device, smoke, args.repeats),
               ["tokens", "method", "status", "ms", "host_ms", "syncs", "peak_mb", "time_vs_lora", "time_vs_hira",
-               "memory_vs_lora", "detail"]),
+               "time_vs_dora", "memory_vs_lora", "memory_vs_dora", "detail"]),
         "e": ("generation", generation, (device, smoke, args.repeats),
               ["prompt", "new_tokens", "method", "status", "ms_per_token", "time_vs_lora", "detail"]),
     }

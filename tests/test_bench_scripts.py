@@ -364,8 +364,9 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     assert training["loss_falls"] and training["reloads_same"]
     steps = {row["method"]: row for row in sections["model step"]["rows"]}
     assert set(steps) == {"peft-lora", "peft-hira", "gatera", "gatera-pass-input", "gatera-kernel-torch",
-                          "gatera-none"}
+                          "gatera-none", "peft-dora", "gatera-dora"}
     assert steps["peft-lora"]["time_vs_lora"] == 1.0 and steps["peft-hira"]["time_vs_hira"] == 1.0
+    assert steps["peft-dora"]["time_vs_dora"] == 1.0 and "time_vs_dora" in steps["gatera-dora"]
     assert all(row["syncs"] is None for row in steps.values())  # counted on CUDA only
     assert {row["method"] for row in sections["generation"]["rows"]} == {
         "peft-lora", "peft-hira", "gatera", "gatera-formed", "gatera-cache-delta"}
