@@ -68,7 +68,7 @@ and B to it, as autocast casts the PyTorch path's matmuls). The rank chunks of B
 dtype (fp32 exactly, "ieee"; fp16/bf16 on tensor cores) accumulating in fp32; W0 ⊙ BA and the mask are computed in
 fp32 and rounded once. Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests)
 mishandles bf16 `tl.dot`, so the tests run fp32 and fp16; tests/test_kernel_compile.py compiles every launched
-specialization, bf16 included, for sm_80 and sm_90.
+specialization, bf16 included, for sm_80, sm_86, sm_89 and sm_90.
 
 Launch: the rank is walked in chunks of RB = 16 (r <= 16) or 32, so no tile grows with r (r = 512 uses the shared
 memory of r = 32); tile sizes come from `choose_blocks` (dtype, r, the device's opt-in shared memory); all offsets
