@@ -34,6 +34,9 @@ pytest.importorskip("bitsandbytes")  # the NF4 specializations
 
 # opt-in shared memory per block: A100; RTX 30xx, A10; RTX 40xx, L4; H100 / H200
 ARCHS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# reported on request only (`python tests/test_kernel_compile.py --arch 75`), not checked: a T4's kernels spill in
+# fp16 / bf16, and kernel="auto" never launches the branch kernels there (README, "Kernels")
+REPORTED_ARCHS = {75: 64 * 1024}
 DTYPES = ("float32", "float16", "bfloat16")
 RANKS = (8, 16, 32, 64, 128, 256, 512)
 SHAPE = (128, 128, 192)  # tokens, d_in, d_out: multiples of 16 (as LLaMA's), at least one full tile each way
@@ -134,8 +137,8 @@ def _compile(index: int) -> dict:
     return row
 
 
-def measure(workers: int) -> list[dict]:
-    """One row per distinct compiled specialization (ranks that share it are listed together)."""
+def measure(workers: int, archs=tuple(ARCHS)) -> list[dict]:
+    """One row per distinct compiled specialization (ranks that share it are listed together), for each of `archs`."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -146,7 +149,7 @@ def measure(workers: int) -> list[dict]:
     from gatera_plugin.kernels.hira_triton import Blocks
 
     rows, keys = [], {}
-    for arch in ARCHS:
+    for arch in archs:
         target = GPUTarget("cuda", arch, 32)
         backend = make_backend(target)
         for fn, args, kwargs, tags in _record_launches(arch):
@@ -192,12 +195,13 @@ def table(rows: list[dict]) -> str:
 
 def summary(rows: list[dict]) -> str:
     """Markdown, kernel × dtype → per arch the tiles and the largest shared memory, registers, spills (README)."""
+    archs = list(dict.fromkeys(row["arch"] for row in rows))
     lines = ["| kernel | dtype | tiles (BMxBNxBK, stages) | " + " | ".join(
-        f"sm_{arch} smem KiB / regs / spill bytes" for arch in ARCHS) + " |", "| --- | --- | --- |" + " --- |" * len(ARCHS)]
+        f"sm_{arch} smem KiB / regs / spill bytes" for arch in archs) + " |", "| --- | --- | --- |" + " --- |" * len(archs)]
     seen = dict.fromkeys((row["kernel"], row["dtype"]) for row in rows)
     for kernel, dtype in seen:
         cells, tiles = [], set()
-        for arch in ARCHS:
+        for arch in archs:
             group = [row for row in rows if (row["kernel"], row["dtype"], row["arch"]) == (kernel, dtype, arch)]
             tiles |= {row["tiles"].split("/")[0] + ", " + row["tiles"].split()[-1] for row in group}
             cells.append(f"{max(row['smem'] or 0 for row in group) / 1024:.0f} / {max(row['regs'] or 0 for row in group)}"
@@ -213,8 +217,9 @@ def problems(rows: list[dict]) -> list[str]:
         if row["error"]:
             found.append(f"{where}: compile error {row['error']}")
             continue
-        if row["smem"] > ARCHS[row["arch"]]:
-            found.append(f"{where}: {row['smem']} bytes of shared memory > sm_{row['arch']}'s {ARCHS[row['arch']]}")
+        limit = {**ARCHS, **REPORTED_ARCHS}[row["arch"]]
+        if row["smem"] > limit:
+            found.append(f"{where}: {row['smem']} bytes of shared memory > sm_{row['arch']}'s {limit}")
         if row["smem"] > row["bound"]:
             found.append(f"{where}: {row['smem']} bytes of shared memory > Blocks.smem_bound {row['bound']}")
         if row["spills"] and row["dtype"] != "float32":
@@ -269,7 +274,8 @@ def test_problems_names_each_limit():
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "0"
     sys.path.insert(0, str(ROOT))
-    measured = measure(workers=max(1, min(4, os.cpu_count() or 1)))
+    archs = [int(sys.argv[sys.argv.index("--arch") + 1])] if "--arch" in sys.argv else list(ARCHS)  # e.g. --arch 75
+    measured = measure(workers=max(1, min(4, os.cpu_count() or 1)), archs=archs)
     if "--json" in sys.argv:
         print(json.dumps(measured))
     else:

@@ -379,6 +379,27 @@ def test_triton_raises_kernel_failures_naming_the_setting(monkeypatch, where):
         _model_step("hira", "triton", torch.randint(3, 128, (2, 7)))
 
 
+def test_triton_on_a_gpu_before_sm80_warns_once_that_half_kernels_spill(monkeypatch):
+    """A T4 (sm_75): the fp16 / bf16 kernels compile there but spill registers (`python tests/test_kernel_compile.py
+    --arch 75`), so kernel="triton" warns once per capability, naming kernel='auto'; fp32 there and half precision
+    on sm_80+ (compile-checked without spills) do not warn."""
+    import gatera_plugin.kernels as dispatch
+
+    capability = {0: (7, 5)}
+    monkeypatch.setattr(dispatch, "_capability", lambda index: capability[index])
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    cuda = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match=r"kernel='triton' on a GPU of compute capability 7\.5 .*the hira kernels "
+                                            r"compile, but in float16 they spill registers.*kernel='auto'"):
+        dispatch._check_triton("hira", cuda, torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dispatch._check_triton("lora", cuda, torch.bfloat16)  # warned once for this capability
+        dispatch._check_triton("hira", cuda, torch.float32)
+        for capability[0] in [(8, 0), (8, 6), (8, 9), (9, 0)]:
+            dispatch._check_triton("hira", cuda, torch.bfloat16)
+
+
 def test_no_tile_configuration_fits_refused_up_front(auto_takes_triton, monkeypatch):
     """A device with too little shared memory: "triton" refuses before launching, "auto" falls back."""
     import gatera_plugin.kernels.hira_triton as hira_kernels

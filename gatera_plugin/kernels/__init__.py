@@ -40,6 +40,9 @@ from ..ops.hira import TORCH_ROWS
 KERNELS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TOKENS = 2**31 - 1  # grid axis 0 and the int32 token-count argument; offsets themselves are int64
+# below it (a T4, sm_75) the fp16 / bf16 branch kernels spill up to 1.5 KB of registers per thread
+# (`python tests/test_kernel_compile.py --arch 75`): kernel="triton" warns there
+SPILL_FREE_CAPABILITY = (8, 0)
 
 
 @functools.cache
@@ -228,6 +231,18 @@ def _check_triton(branch: str, device: torch.device, dtype: torch.dtype) -> None
             "exact PyTorch path off CUDA) or kernel='torch'; to run the kernels on CPU in Triton's interpreter "
             "(slow, for tests) set TRITON_INTERPRET=1 before importing triton."
         )
+    if device.type == "cuda" and dtype != torch.float32:
+        capability = _capability(device.index)
+        cause = f"spills on sm_{capability[0]}{capability[1]}"
+        if capability < SPILL_FREE_CAPABILITY and cause not in _WARNED:
+            _WARNED.add(cause)
+            warnings.warn(
+                f"GateRA: kernel='triton' on a GPU of compute capability {capability[0]}.{capability[1]} (before "
+                f"{SPILL_FREE_CAPABILITY[0]}.{SPILL_FREE_CAPABILITY[1]}, e.g. a T4): the {branch} kernels compile, "
+                f"but in {str(dtype).removeprefix('torch.')} they spill registers and run slowly. Use kernel='auto' "
+                "(the PyTorch path there) or kernel='torch'.",
+                RuntimeWarning, stacklevel=4,
+            )
 
 
 def kernel_case(layer, adapter_name: str, branch: str, x: torch.Tensor, dtype: torch.dtype) -> Optional[KernelCase]:
