@@ -99,7 +99,7 @@ def dora_branch(layer, adapter_name, x, gate, result, base_out):
     add_after = result is not None and result.dtype != torch.promote_types(base_wx.dtype, scale.dtype)
     so_far = gated_channel_scale(base_wx, gate, scale - 1, base=None if add_after else result)
     out = gated_lora(x, gate, A, B_scaled, s, base=so_far)
-    return (result + out).to(result.dtype) if add_after else out
+    return out.add_(result).to(result.dtype) if add_after else out  # (out: fresh, saved by no backward)
 
 
 def hira_delta(W0, A, B, scaling, magnitude=None) -> torch.Tensor:
