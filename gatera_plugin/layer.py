@@ -365,9 +365,10 @@ class GateRALayer(BaseTunerLayer):
         rows = result.reshape(-1, result.shape[-1])
         if index.numel() == 0:
             return result
-        update = self._branch(adapter_name, x.reshape(-1, x.shape[-1])[index], flat[index].unsqueeze(1), None,
-                              base_out.reshape(-1, base_out.shape[-1])[index])
-        return rows.index_add(0, index, update.to(rows.dtype)).reshape(result.shape)
+        # the open rows through the branch with their own outputs as its base: each rounds as on the dense path
+        open_rows = self._branch(adapter_name, x.reshape(-1, x.shape[-1])[index], flat[index].unsqueeze(1),
+                                 rows[index], base_out.reshape(-1, base_out.shape[-1])[index])
+        return rows.index_copy(0, index, open_rows).reshape(result.shape)
 
     # ----------------------------------------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

@@ -387,3 +387,28 @@ def test_lora_branch_on_a_bf16_model_outside_autocast_adds_its_fp32_update_with_
     assert not torch.equal(out, two_roundings)
     if gate == "none":
         assert torch.equal(out, peft_lora(x))
+
+
+@pytest.mark.parametrize("branch", ["lora", "dora"])
+def test_sparse_execution_on_a_bf16_model_rounds_each_open_token_as_the_dense_path(branch):
+    """`sparse_threshold`: the branch runs on the open tokens only, and their fp32 update meets the bf16 output with
+    the dense path's one rounding, so an open token's output does not depend on which other tokens are closed."""
+    torch.manual_seed(0)
+    base = _One()
+    with torch.no_grad():
+        base.proj.weight.mul_(20.0)
+    models = {threshold: get_peft_model(copy.deepcopy(base), GateRAConfig(
+        r=R, target_modules=["proj"], branch=branch, init_weights=False, sparse_threshold=threshold)).eval()
+        for threshold in (0.0, 0.5)}
+    models[0.5].load_state_dict(models[0.0].state_dict())
+    x = torch.randn(256, D_IN).to(torch.bfloat16)
+    with torch.no_grad():
+        for model in models.values():
+            model.base_model.model.proj.base_layer.to(torch.bfloat16)
+        layer = models[0.5].base_model.model.proj
+        open_ = (layer.gatera_gate["default"](x.float()) >= 0.5).squeeze(1)
+        assert 0.2 < open_.float().mean() < 0.8
+        dense, sparse = models[0.0](x), models[0.5](x)
+    assert sparse.dtype == torch.bfloat16
+    assert torch.equal(sparse[~open_], layer.base_layer(x)[~open_])
+    assert torch.equal(sparse[open_], dense[open_])

@@ -486,3 +486,32 @@ def test_the_factored_update_is_taken_by_token_count_rank_and_weight_size():
     assert factored_pays(4, 8, 4096 * 4096) and not factored_pays(4, 16, 4096 * 4096)  # FLOP ratio 2.67, 3.2
     with without_factoring():
         assert not factored_pays(1, 8, 4096 * 4096)
+
+
+HALF_AND_FULL = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("reuse_update", [False, True])
+@pytest.mark.parametrize("gate_dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("update_dtype", HALF_AND_FULL)
+@pytest.mark.parametrize("base_dtype", HALF_AND_FULL)
+def test_add_gated_sums_in_the_promoted_dtype_and_rounds_once(base_dtype, update_dtype, gate_dtype, reuse_update):
+    """`add_gated(base, update, g, s)` has base's dtype, and where the dtypes differ it is `base + s·g ⊙ update`
+    summed in their promoted dtype and rounded once (an fp32 base is never rounded to a half update's dtype);
+    `reuse_update` changes only where the result is written."""
+    from gatera_plugin.ops.hira import add_gated
+
+    g = torch.Generator().manual_seed(7)
+    base = (torch.randn(N, D_OUT, generator=g) * 30).to(base_dtype)
+    update = torch.randn(N, D_OUT, generator=g).to(update_dtype)
+    gate = torch.rand(N, 1, generator=g).to(gate_dtype) if gate_dtype is not None else None
+    scaling = 0.37
+    gated = update * (gate * scaling) if gate is not None else update * scaling
+    promoted = torch.promote_types(base_dtype, update_dtype)
+    out = add_gated(base, update.clone(), gate, scaling, reuse_update=reuse_update)
+    assert out.dtype == base_dtype
+    if base_dtype != update_dtype:
+        assert torch.equal(out, (base.to(promoted) + gated.to(promoted)).to(base_dtype))
+    else:  # one fused pass in the common dtype: within 2 ulp of the largest output, against fp64
+        exact = base.double() + update.double() * (gate.double() if gate is not None else 1.0) * scaling
+        assert (out.double() - exact).abs().max() <= 2 * torch.finfo(base_dtype).eps * exact.abs().max()

@@ -148,7 +148,7 @@ def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional
 
     `reuse_update=True` (a fresh, contiguous `update` nothing else reads) writes the result into `update`'s memory
     when it has the result's dtype: no new (N, d_out) tensor, which on CPU also saves its page faults. A base of
-    another dtype than `update` (a bf16 output, an fp32 update) takes the sum in the wider dtype, rounded once. `row_ops`:
+    another dtype than `update` (a bf16 output, an fp32 update) takes the sum in their promoted dtype, rounded once. `row_ops`:
     what runs the gated add (`TorchRows`, or the Triton kernels' `TritonRows`).
     """
     if reuse_update and base is not None and base.dtype == update.dtype and update.is_contiguous():
