@@ -275,6 +275,8 @@ if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "0"
     sys.path.insert(0, str(ROOT))
     archs = [int(sys.argv[sys.argv.index("--arch") + 1])] if "--arch" in sys.argv else list(ARCHS)  # e.g. --arch 75
+    if not set(archs) <= {*ARCHS, *REPORTED_ARCHS}:
+        sys.exit(f"--arch: one of {sorted({*ARCHS, *REPORTED_ARCHS})} (their shared memory is in ARCHS / REPORTED_ARCHS)")
     measured = measure(workers=max(1, min(4, os.cpu_count() or 1)), archs=archs)
     if "--json" in sys.argv:
         print(json.dumps(measured))

@@ -231,16 +231,15 @@ def _check_triton(branch: str, device: torch.device, dtype: torch.dtype) -> None
             "exact PyTorch path off CUDA) or kernel='torch'; to run the kernels on CPU in Triton's interpreter "
             "(slow, for tests) set TRITON_INTERPRET=1 before importing triton."
         )
-    if device.type == "cuda" and dtype != torch.float32:
+    if device.type == "cuda" and dtype != torch.float32 and not torch.compiler.is_compiling():
         capability = _capability(device.index)
-        cause = f"spills on sm_{capability[0]}{capability[1]}"
-        if capability < SPILL_FREE_CAPABILITY and cause not in _WARNED:
+        if capability < SPILL_FREE_CAPABILITY and (cause := f"spills on sm_{capability[0]}{capability[1]}") not in _WARNED:
             _WARNED.add(cause)
             warnings.warn(
                 f"GateRA: kernel='triton' on a GPU of compute capability {capability[0]}.{capability[1]} (before "
-                f"{SPILL_FREE_CAPABILITY[0]}.{SPILL_FREE_CAPABILITY[1]}, e.g. a T4): the {branch} kernels compile, "
-                f"but in {str(dtype).removeprefix('torch.')} they spill registers and run slowly. Use kernel='auto' "
-                "(the PyTorch path there) or kernel='torch'.",
+                f"{SPILL_FREE_CAPABILITY[0]}.{SPILL_FREE_CAPABILITY[1]}): in {str(dtype).removeprefix('torch.')} the "
+                f"{branch} kernels spill registers there (compile-checked for a T4, sm_75) and run slowly. Use "
+                "kernel='auto' (the PyTorch path there) or kernel='torch'.",
                 RuntimeWarning, stacklevel=4,
             )
 
