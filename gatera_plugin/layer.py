@@ -27,6 +27,8 @@ from .config import GateRAConfig
 from .fsdp import refuse_distributed_weight, unsharded_weight
 from .gates import make_structure_gate, make_token_gate
 from .kernels import compute_dtype
+from .ops._autocast import autocast_off
+from .ops._tokens import records_graph
 from .ops.hira import add_gated, factored_pays, folded_hira
 from .penalty import GateStats, PenaltyRun, penalty_tap
 
@@ -211,7 +213,8 @@ class GateRALayer(BaseTunerLayer):
         return base_out - bias if bias is not None else base_out
 
     def _cached_delta(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
-        """`s · W0 ⊙ BA` (d_out, d_in) in `dtype` for inference, rebuilt only when A, B, W0 or `dtype` changed.
+        """`s · W0 ⊙ BA` (d_out, d_in) in `dtype` for inference, rebuilt only when A, B, W0 or `dtype` changed; formed
+        in fp32 with autocast off (an autocast region around the first forward must not round it for later ones).
 
         The key reads storage pointers and version counters and, because writes through `.data` (EMA swaps, some
         optimizers and engines) bump no version, compares up to 256 evenly spaced entries of A and of B and 1024 of
@@ -224,7 +227,7 @@ class GateRALayer(BaseTunerLayer):
         cached = self._delta_cache.get(adapter_name)
         if cached is not None and cached[0] == key and torch.equal(torch.cat(cached[1]), cached[2]):
             return cached[3]
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off(A.device.type):
             probes = [_evenly_spaced(A, 256), _evenly_spaced(B, 256), _evenly_spaced(weight, 1024)]
             branch = BRANCH_KINDS[self.branch_kind[adapter_name]]
             delta = branch.delta(self.base_weight(), A, B, self.branch_scale(adapter_name)).to(dtype)
@@ -351,8 +354,11 @@ class GateRALayer(BaseTunerLayer):
         return self._branch(adapter_name, x_branch, multiplier, result, base_out)
 
     def _branch(self, adapter_name, x, multiplier, result, base_out):
-        if not self.training and self.options[adapter_name].cache_delta:
-            return add_gated(result, x @ self._cached_delta(adapter_name, x.dtype).t(), multiplier, 1.0)
+        if not self.training and self.options[adapter_name].cache_delta and not records_graph(
+                self.gatera_A[adapter_name], self.gatera_B[adapter_name], self.gatera_magnitude.get(adapter_name)):
+            # (a forward that trains the factors in eval takes the branch: the cached delta has no graph)
+            delta = self._cached_delta(adapter_name, compute_dtype(x))  # in the products' dtype: autocast's, or x's
+            return add_gated(result, x @ delta.t(), multiplier, 1.0)
         return BRANCH_KINDS[self.branch_kind[adapter_name]].update(self, adapter_name, x, multiplier, result, base_out)
 
     def _sparse_update(self, adapter_name, x, multiplier, result, base_out):
@@ -380,13 +386,13 @@ class GateRALayer(BaseTunerLayer):
         if self.gate_kind[adapter_name] != "none":
             raise ValueError(_unmergeable_message(adapter_name, self.gate_kind[adapter_name]))
         base = self._original_weight()
-        delta = delta_weight(
-            self.branch_kind[adapter_name], base, self.gatera_A[adapter_name], self.gatera_B[adapter_name],
-            self.branch_scale(adapter_name), self.gatera_magnitude[adapter_name] if adapter_name in self.gatera_magnitude
-            else None,
-        )
-        if adapter_name in self.gatera_structure:
-            delta = delta * self.gatera_structure[adapter_name]().float()
+        with autocast_off(base.device.type):  # in fp32, also when merged inside an autocast region
+            delta = delta_weight(
+                self.branch_kind[adapter_name], base, self.gatera_A[adapter_name], self.gatera_B[adapter_name],
+                self.branch_scale(adapter_name), self.gatera_magnitude.get(adapter_name),
+            )
+            if adapter_name in self.gatera_structure:
+                delta = delta * self.gatera_structure[adapter_name]().float()
         delta = delta.to(base.dtype)
         return delta.t() if self.weight_is_transposed else delta
 

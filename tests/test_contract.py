@@ -633,6 +633,19 @@ def test_merge_unmerge_and_merge_and_unload(case):
     torch.testing.assert_close(_no_grad_output(case, unloaded), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_merge_inside_autocast_merges_the_fp32_update(case):
+    """A merge called inside an autocast region (e.g. a training loop's) adds the update formed in fp32, as outside
+    it; autocast would form `BA` in bf16 (about 1% off) and merge that."""
+    _skip_unless_mergeable(case)
+    model = case.peft()
+    in_autocast = copy.deepcopy(model)
+    model.merge_adapter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast.merge_adapter()
+    merged, merged_in_autocast = model.state_dict(), in_autocast.state_dict()
+    assert all(torch.equal(merged[k], merged_in_autocast[k]) for k in merged)
+
+
 def test_unmerge_restores_the_base_weights_exactly(case):
     _skip_unless_mergeable(case)
     base_state = case.base().state_dict()

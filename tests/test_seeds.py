@@ -440,6 +440,48 @@ def test_cached_delta_equals_uncached_and_follows_updates():
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_cached_delta_built_under_autocast_does_not_serve_an_fp32_forward():
+    """The cache holds the delta in the dtype of the products it served: one built inside a bf16 autocast region is
+    not reused, rounded to bf16, by a later fp32 forward outside it, and the delta is formed in fp32 either way."""
+    x = torch.randn(6, 12)
+    torch.manual_seed(0)
+    plain = get_peft_model(TwoLinear(), GateRAConfig(r=4, target_modules=["lin1"], init_weights=False)).eval()
+    torch.manual_seed(0)
+    cached = get_peft_model(TwoLinear(), GateRAConfig(r=4, target_modules=["lin1"], init_weights=False,
+                                                      cache_delta=True)).eval()
+    layer = cached.base_model.model.lin1
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cached(x)
+            in_autocast = layer._cached_delta("default", torch.bfloat16)
+        assert in_autocast.dtype == torch.bfloat16
+        torch.testing.assert_close(cached(x), plain(x), rtol=1e-5, atol=1e-6)
+        delta = layer._cached_delta("default", torch.float32)
+    assert torch.equal(in_autocast, delta.to(torch.bfloat16))  # (formed in fp32, rounded once)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "none"])
+def test_cached_delta_in_eval_with_autograd_on_trains_the_factors(gate):
+    """A forward in eval that records a graph through A and B (grad mode on) takes the branch, not the cached
+    delta (built without a graph): A and B get the uncached model's gradients."""
+    x = torch.randn(6, 12)
+    models = []
+    for cache in (False, True):
+        torch.manual_seed(0)  # (the same base and adapter: HiRA's scale is read from W0 when the adapter is made)
+        models.append(get_peft_model(TwoLinear(), GateRAConfig(r=4, target_modules=["lin1"], gate=gate,
+                                                               init_weights=False, cache_delta=cache)))
+    grads = []
+    for model in models:
+        model.eval()
+        with torch.no_grad():
+            model(x)  # (builds the cache)
+        model(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert all(grads[1][n] is not None for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
 def test_sparse_training_skips_closed_tokens_in_backward():
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], init_weights=False,
                                                       sparse_threshold=0.5, sparse_training=True))

@@ -98,8 +98,9 @@ def triton_wins(case: KernelCase) -> bool:
 
 # ----------------------------------------------------------------------------------------------- helpers for the kernels
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a branch computes in: the autocast dtype when autocast is on for x's device, else x's dtype."""
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+    """The dtype a branch computes in: the autocast dtype when autocast is on for x's device, else x's dtype (also
+    for float64, which autocast does not cast)."""
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
