@@ -119,7 +119,8 @@ class GateRAConfig(PeftConfig):
         structure_gate / structure_init / structure_weight: one learnable `σ(α)` per adapted module, its initial
             `α`, and the weight λ_s of the sparsity penalty `λ_s · mean σ(α)` (see `prune_structure`).
         sparse_threshold: ε > 0: in eval (and in training with `sparse_training=True`) tokens whose gate is below ε
-            skip the branch entirely (gather the rest, compute, scatter); 0 (default): dense.
+            skip the branch entirely (gather the rest, compute, scatter); 0 (default): dense. The threshold gate
+            reads the branch's output to select, so its branch runs for every token.
         cache_delta: in eval, keep the HiRA branch's dense `s·W0 ⊙ BA` between forwards (fast decoding).
         kernel: "auto" (the PyTorch path, except in cases a GPU measurement lists in `kernels.TRITON_WINS`: none
             on an H200; on H100 / H200 class GPUs the token gate's row operations on large rows run as Triton kernels,
