@@ -178,7 +178,8 @@ class GateRALayer(BaseTunerLayer):
         return scale
 
     def _base_weight_rms(self, setting: str) -> float:
-        """RMS of the frozen base weight W0 (gathered first under DeepSpeed ZeRO-3, dequantised for 4-bit bases)."""
+        """RMS of the frozen base weight W0 (gathered first under DeepSpeed ZeRO-3, dequantised for 4-bit bases; the
+        unmerged W0 while other adapters are merged into the stored weight)."""
         weight = self.get_base_layer().weight
         if weight.device.type == "meta":
             raise ValueError(f"hira_scaling={setting!r} reads the base weights, but they are still on the meta device "
@@ -190,7 +191,7 @@ class GateRALayer(BaseTunerLayer):
 
             gathered = deepspeed.zero.GatheredParameters([weight])
         with gathered, torch.no_grad():
-            rms = self.base_weight().float().square().mean().sqrt().item()
+            rms = self._original_weight().float().square().mean().sqrt().item()
         if not math.isfinite(rms) or rms <= 0:
             raise ValueError(f"hira_scaling={setting!r} needs a nonzero, finite base weight, but its RMS is {rms}. "
                              "Use hira_scaling='none' for this model.")

@@ -646,6 +646,33 @@ def test_merge_inside_autocast_merges_the_fp32_update(case):
     assert all(torch.equal(merged[k], merged_in_autocast[k]) for k in merged)
 
 
+def test_an_adapter_added_while_another_is_merged_reads_the_unmerged_base_weight():
+    """hira_scaling="lora" (the default) reads RMS(W0) when an adapter is added: with an ungated adapter merged into
+    the stored weight, a second adapter's scale and outputs are those it has on the plain base."""
+    from tests.helpers import tiny_llama
+
+    def scales(model, name):
+        return [m.scaling[name] for m in model.modules() if isinstance(m, GateRALayer) and name in m.scaling]
+
+    input_ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    second = GateRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False)
+    alone = get_peft_model(tiny_llama(init_std=0.2), second, adapter_name="second").eval()
+    model = get_peft_model(tiny_llama(init_std=0.2), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                 gate="none", init_weights=False)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "gatera_B" in name:
+                param.mul_(5.0)  # (a merged update large enough to move RMS(W0 + ΔW))
+    model.merge_adapter()
+    model.add_adapter("second", second)
+    assert scales(model, "second") == scales(alone, "second")
+    model.unmerge_adapter()
+    model.set_adapter("second")
+    model.load_state_dict(alone.state_dict(), strict=False)  # the same random factors and gate
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, alone(input_ids=input_ids).logits)
+
+
 def test_unmerge_restores_the_base_weights_exactly(case):
     _skip_unless_mergeable(case)
     base_state = case.base().state_dict()
