@@ -74,8 +74,11 @@ STAMP = "structure_stamp"
 STRUCTURE_FIELDS = (
     "branch", "gate", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "structure_gate", "modules_to_save", "trainable_token_indices",
-    "sparse_threshold", "hira_scaling", "ensure_weight_tying",
+    "sparse_threshold", "hira_scaling", "ensure_weight_tying", "gate_bias_init", "structure_init",
 )
+# STRUCTURE_FIELDS that existed before saves stamped them (the gates' initial values, which set hira_scaling="lora"'s
+# scale): a stamp without them was written before, and holds nothing to compare them with
+STAMPED_SINCE_LATER = ("gate_bias_init", "structure_init")
 _MARK = "__gatera_wrapped__"
 _allow_pickle_depth = 0
 _loading = contextvars.ContextVar("gatera_loading", default=None)  # ((model_id, subfolder), folder) of the load under way
@@ -130,6 +133,8 @@ def _canonical(name: str, value) -> str:
         value = {}
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         value = sorted(value)
+    if name in STAMPED_SINCE_LATER and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # (0 and 0.0 build the same gates)
     return json.dumps(value, sort_keys=True)
 
 
@@ -179,7 +184,8 @@ def _check_stamp(config: dict, config_path: Path, weights: Path) -> None:
                          "Restore the file from a checkpoint or re-save the adapter.")
     expected = structure_stamp(config, weights)
     edited = [name for name in STRUCTURE_FIELDS if stamp.get(name) != expected[name]
-              and not _added_after_the_save(name, stamp, config)]
+              and not _added_after_the_save(name, stamp, config)
+              and not (name in STAMPED_SINCE_LATER and name not in stamp)]
     if edited:
         raise ValueError(
             f"{config_path}: field(s) {', '.join(f'`{n}`' for n in edited)} differ from what the save recorded in "

@@ -91,6 +91,7 @@ JSON_KEYS = ["peft_type", "r", "branch", "gate", "lora_alpha", "target_modules",
              "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save", "structure_gate", "sparse_threshold",
              "entropy_weight", "dropout", "kernel", "cache_delta", "task_type", "inference_mode", "format_version",
              "weights_sha256", "structure_stamp", "base_model_name_or_path", "init_weights", "ensure_weight_tying",
+             "gate_bias_init", "structure_init",
              "new_field"]
 
 

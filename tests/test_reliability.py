@@ -439,6 +439,9 @@ EDITS = [
     ("structure-gate-off", {"structure_gate": True}, {"structure_gate": False, "structure_init": None,
                                                       "structure_weight": None}, "structure_gate"),
     ("sparse-threshold", {}, {"sparse_threshold": 0.5}, "sparse_threshold"),
+    # the gates' initial values set hira_scaling="lora"'s scale: logits off by 3.0 and 4.8 when loaded unrefused
+    ("gate-bias-init", {}, {"gate_bias_init": 2.0}, "gate_bias_init"),
+    ("structure-init", {"structure_gate": True}, {"structure_init": -2.0}, "structure_init"),
 ]
 
 
@@ -466,6 +469,24 @@ def test_a_config_edited_after_the_save_is_refused_naming_the_field(tmp_path, so
     with pytest.raises(ValueError, match=rf"adapter_config.json: field\(s\) .*`{field}`.*differ from what the save "
                                          r"recorded in `structure_stamp`"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_a_stamp_from_before_the_gate_inits_were_stamped_still_loads(tmp_path):
+    """`gate_bias_init` and `structure_init` joined the stamp later: a stamp without them loads as before (nothing to
+    compare), and 0 spelled as 0.0 is the same value."""
+    saved = _save_random(tmp_path, structure_gate=True)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for name in ("gate_bias_init", "structure_init"):
+        del config["structure_stamp"][name]
+    path.write_text(json.dumps(config))
+    input_ids = torch.randint(3, 128, (2, 7))
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=input_ids).logits, saved.eval()(input_ids=input_ids).logits)
+    _save_random(tmp_path / "spelled", gate_bias_init=0)
+    _edit_config(tmp_path / "spelled", {"gate_bias_init": 0.0})
+    PeftModel.from_pretrained(tiny_llama(), tmp_path / "spelled")
 
 
 UNSTAMPED_EDITS = [
