@@ -68,6 +68,20 @@ def _check_number(name: str, value, *, low=None, high=None, low_open=False, high
         raise ValueError(f"`{name}` must be {bound}, got {value!r}.")
 
 
+MAX_GATE_INIT = 20.0  # |initial logit| of a sigmoid gate: σ'(±20) = 2e-9, a gate started further out never moves
+
+
+def _check_gate_init(name: str, value) -> None:
+    """A sigmoid gate's initial logit: a finite number within ±MAX_GATE_INIT."""
+    _check_number(name, value)
+    if abs(value) > MAX_GATE_INIT:
+        raise ValueError(
+            f"`{name}`={value!r} starts a sigmoid gate at σ = {1 / (1 + math.exp(-max(min(value, 700), -700))):.3g}, "
+            f"where its gradient (< 2e-9) can never move it, and hira_scaling='lora' divides the scale by that "
+            f"level. Use a value within ±{MAX_GATE_INIT:g} (e.g. -4 for gates starting almost closed, σ = 0.018)."
+        )
+
+
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
@@ -288,7 +302,7 @@ class GateRAConfig(PeftConfig):
             )
         _check_number("gate_lr_ratio", self.gate_lr_ratio, low=0, low_open=True)
         _check_number("dropout", self.dropout, low=0, high=1, high_open=True)
-        _check_number("gate_bias_init", self.gate_bias_init)
+        _check_gate_init("gate_bias_init", self.gate_bias_init)
         if self.entropy_weight is None:
             self.entropy_weight = DEFAULT_ENTROPY_WEIGHT if self.gate == "sigmoid" else 0.0
         _check_number("entropy_weight", self.entropy_weight, low=0)
@@ -420,7 +434,7 @@ class GateRAConfig(PeftConfig):
                 self.structure_init = DEFAULT_STRUCTURE_INIT
             if self.structure_weight is None:
                 self.structure_weight = DEFAULT_STRUCTURE_WEIGHT
-            _check_number("structure_init", self.structure_init)
+            _check_gate_init("structure_init", self.structure_init)
             _check_number("structure_weight", self.structure_weight, low=0)
         _check_number("sparse_threshold", self.sparse_threshold, low=0, high=1, high_open=True)
         for name in ("sparse_training", "cache_delta"):

@@ -37,6 +37,9 @@ CONFIG_CASES = [
     (dict(dropout=1.0), r"`dropout` must be < 1"),
     (dict(dropout=-0.1), r"`dropout` must be >= 0"),
     (dict(gate_bias_init=float("inf")), r"`gate_bias_init` must be finite"),
+    (dict(gate_bias_init=-800.0), r"`gate_bias_init`=-800.0 starts a sigmoid gate at σ = .*within ±20"),  # (was
+    # a bare OverflowError from math.exp at the first forward)
+    (dict(structure_gate=True, structure_init=25), r"`structure_init`=25 starts a sigmoid gate at σ = 1, .*±20"),
     (dict(entropy_weight=-0.1), r"`entropy_weight` must be >= 0"),
     (dict(entropy_weight="high"), r"`entropy_weight` must be a number"),
     (dict(gate="none", entropy_weight=0.1), r"`entropy_weight`=0.1 needs sigmoid token gates.*Set entropy_weight=0"),
