@@ -612,6 +612,16 @@ def _check_adapter_files(folder: Path) -> None:
     _check_stamp(config, folder / CONFIG, weights)
 
 
+def _refuse_a_replaced_config(folder: Path, peft_type) -> None:
+    """Another method's config (`peft_type`) beside GateRA weights: the config was replaced or edited."""
+    if _holds_gatera_weights(folder):
+        raise ValueError(
+            f"{folder / CONFIG} describes a {peft_type} adapter, but {WEIGHTS} there holds GateRA weights "
+            "(gatera_* tensors): the config was replaced. Restore the GateRA adapter_config.json (from a "
+            "checkpoint) before loading."
+        )
+
+
 def _holds_gatera_weights(folder: Path) -> bool:
     weights = folder / WEIGHTS
     if not weights.exists():
@@ -707,12 +717,8 @@ def wrap_load_peft_weights(original):
             gatera = is_gatera_type(peft_type)
             if gatera and not checked:
                 check_adapter_folder(folder)
-            elif not gatera and _holds_gatera_weights(folder):
-                raise ValueError(
-                    f"{folder / CONFIG} describes a {peft_type} adapter, but {WEIGHTS} there holds GateRA weights "
-                    "(gatera_* tensors): the config was replaced. Restore the GateRA adapter_config.json (from a "
-                    "checkpoint) before loading."
-                )
+            elif not gatera:
+                _refuse_a_replaced_config(folder, peft_type)
         state = original(model_id, *args, **kwargs)
         if gatera:
             check_tensors(state, folder / WEIGHTS if (folder / WEIGHTS).exists() else folder / PICKLED_WEIGHTS)
@@ -743,6 +749,8 @@ def _reading(model_id, kwargs):
         raise ValueError(f"{folder / CONFIG}: field `peft_type` is {peft_type!r}, not a PEFT method this installation "
                          "knows (a GateRA adapter has \"GATERA\"). Restore the file from a checkpoint or re-save it.")
     gatera = is_gatera_type(peft_type)
+    if not gatera:  # (before PEFT builds that method's model from a GateRA config's fields)
+        _refuse_a_replaced_config(folder, peft_type)
     with folder_lock(folder, exclusive=False) if gatera else contextlib.nullcontext():
         if gatera:
             check_adapter_folder(folder)

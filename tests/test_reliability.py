@@ -471,6 +471,23 @@ def test_a_config_edited_after_the_save_is_refused_naming_the_field(tmp_path, so
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
+@pytest.mark.parametrize("replace", ["peft-type-edited", "lora-config-copied"])
+def test_another_methods_config_beside_gatera_weights_is_refused_before_peft_builds_it(tmp_path, replace):
+    """A GateRA folder whose config says another method: refused naming the file, before PEFT builds that method's
+    model from it (an edited `peft_type` failed with a TypeError deep in PEFT's LoRA code)."""
+    from peft import LoraConfig
+
+    _save_random(tmp_path)
+    if replace == "peft-type-edited":
+        _edit_config(tmp_path, {"peft_type": "LORA"})
+    else:
+        get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=TARGETS)).save_pretrained(tmp_path / "lora")
+        (tmp_path / "adapter_config.json").write_text((tmp_path / "lora" / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match=r"adapter_config.json describes a LORA adapter, but "
+                                         r"adapter_model.safetensors there holds GateRA weights"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
 def test_a_stamp_from_before_the_gate_inits_were_stamped_still_loads(tmp_path):
     """`gate_bias_init` and `structure_init` joined the stamp later: a stamp without them loads as before (nothing to
     compare), and 0 spelled as 0.0 is the same value."""
