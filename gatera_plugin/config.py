@@ -68,6 +68,10 @@ def _check_number(name: str, value, *, low=None, high=None, low_open=False, high
         raise ValueError(f"`{name}` must be {bound}, got {value!r}.")
 
 
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 MAX_GATE_INIT = 20.0  # |initial logit| of a sigmoid gate: σ'(±20) = 2e-9, a gate started further out never moves
 
 
@@ -367,6 +371,10 @@ class GateRAConfig(PeftConfig):
                                  "or pass a list of module names (matched exactly or as a suffix).") from None
         if isinstance(self.target_modules, set) and not self.target_modules:
             raise ValueError("`target_modules` is an empty list; name at least one module or use 'all-linear'.")
+        layers = self.layers_to_transform
+        if layers is not None and not (_is_index(layers) or (isinstance(layers, list) and all(map(_is_index, layers)))):
+            raise ValueError(f"`layers_to_transform` must be a layer index or a list of them (e.g. [0, 1]), got "
+                             f"{layers!r} ({type(layers).__name__}).")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:

@@ -37,6 +37,8 @@ CONFIG_CASES = [
     (dict(dropout=1.0), r"`dropout` must be < 1"),
     (dict(dropout=-0.1), r"`dropout` must be >= 0"),
     (dict(gate_bias_init=float("inf")), r"`gate_bias_init` must be finite"),
+    (dict(layers_to_transform="0"), r"`layers_to_transform` must be a layer index or a list of them .*got '0' \(str\)"),
+    (dict(layers_to_transform=[0, "1"]), r"`layers_to_transform` must be a layer index"),
     (dict(gate_bias_init=-800.0), r"`gate_bias_init`=-800.0 starts a sigmoid gate at σ = .*within ±20"),  # (was
     # a bare OverflowError from math.exp at the first forward)
     (dict(structure_gate=True, structure_init=25), r"`structure_init`=25 starts a sigmoid gate at σ = 1, .*±20"),
