@@ -278,10 +278,12 @@ class PenaltyRun:
     def _tally_forward(self) -> None:
         """Count the current forward (once) in the step's tally; called by the taps, so only forwards with gradient.
 
-        A recomputation inside backward (gradient checkpointing) is not a new forward and is not counted.
+        A recomputation inside backward (gradient checkpointing) counts the forward it replays (`batch`) if that
+        forward's own run made no tap (reentrant checkpointing runs the layers without gradient), and nothing if it
+        did (`tallied`).
         """
-        batch = self._latest
-        if not self._tallying or batch.tallied or torch._C._current_graph_task_id() != -1:
+        batch = self.batch
+        if not self._tallying or batch.tallied:
             return
         batch.tallied = True
         self.tally_forwards += 1
