@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 from contextlib import contextmanager
@@ -358,7 +359,12 @@ class GateRAModel(BaseTuner):
         without it the scaler's unscale divides the penalty's share by the scale (65536 by default), switching it off.
         `model.base_model.set_loss_scale(scaler.get_scale())`; transformers' Trainer sets it itself.
         """
-        self.penalty_run.loss_scale = float(scale)
+        number = isinstance(scale, (int, float, torch.Tensor)) and not isinstance(scale, bool)
+        value = float(scale) if number and (not isinstance(scale, torch.Tensor) or scale.numel() == 1) else math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"set_loss_scale: the loss scale must be a finite number > 0 (`scaler.get_scale()`), got "
+                             f"{scale!r}. Without fp16 loss scaling, do not call it (the scale is 1).")
+        self.penalty_run.loss_scale = value
 
     def _bind_checkpointing(self) -> None:
         """Make transformers' gradient checkpointing replay each region with the forward that ran it.

@@ -378,3 +378,13 @@ def test_half_precision_gates_in_a_hand_written_loop_are_warned_about():
         upcast.base_model.upcast_gates_to_fp32()
         upcast(input_ids=input_ids)
     assert not [w for w in caught if "half precision" in str(w.message)]
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), None, "1024"])
+def test_set_loss_scale_refuses_what_no_scaler_gives(scale):
+    """A loss scale is a finite number > 0 (`scaler.get_scale()`); anything else is refused naming the call (NaN made
+    every gate gradient NaN, 0 switched the penalty off, None failed with a bare TypeError)."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4))
+    with pytest.raises(ValueError, match=r"set_loss_scale: the loss scale must be a finite number > 0"):
+        model.base_model.set_loss_scale(scale)
+    assert model.base_model.penalty_run.loss_scale == 1.0
