@@ -439,7 +439,7 @@ EDITS = [
     ("structure-gate-off", {"structure_gate": True}, {"structure_gate": False, "structure_init": None,
                                                       "structure_weight": None}, "structure_gate"),
     ("sparse-threshold", {}, {"sparse_threshold": 0.5}, "sparse_threshold"),
-    # the gates' initial values set hira_scaling="lora"'s scale: logits off by 3.0 and 4.8 when loaded unrefused
+    # the gates' initial values set hira_scaling="lora"'s scale: edited, they loaded unrefused as another model
     ("gate-bias-init", {}, {"gate_bias_init": 2.0}, "gate_bias_init"),
     ("structure-init", {"structure_gate": True}, {"structure_init": -2.0}, "structure_init"),
 ]

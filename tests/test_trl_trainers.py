@@ -290,7 +290,7 @@ def test_a_wrong_count_is_said_and_corrected(trainer_cls, expected, reentrant, t
     """When a trainer's forwards do not see what its batches held, a warning gives both numbers and later steps are
     normalised by what the forwards really saw; also under gradient checkpointing, where a reentrant checkpoint runs
     the layers without gradient and their taps first appear in backward's recomputation (the check never ran
-    there: 17% off in every step, unsaid)."""
+    there: the penalty stayed at the wrong scale in every step, unsaid)."""
     trainer = plain_trainer(tmp_path, texts_of_unequal_length(), LAMBDA, batch=2, accum=2)
     trainer.__class__ = trainer_cls
     trainer.args.max_steps = 2
