@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .kernels import rows_for, run_branch
 from .ops import gated_channel_scale, gated_hira, gated_lora
+from .ops.hira import add_gated
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -99,7 +100,7 @@ def dora_branch(layer, adapter_name, x, gate, result, base_out):
     add_after = result is not None and result.dtype != torch.promote_types(base_wx.dtype, scale.dtype)
     so_far = gated_channel_scale(base_wx, gate, scale - 1, base=None if add_after else result)
     out = gated_lora(x, gate, A, B_scaled, s, base=so_far)
-    return out.add_(result).to(result.dtype) if add_after else out  # (out: fresh, saved by no backward)
+    return add_gated(result, out, None, 1.0, reuse_update=True) if add_after else out  # (out: fresh, saved by no backward)
 
 
 def hira_delta(W0, A, B, scaling, magnitude=None) -> torch.Tensor:
