@@ -715,10 +715,11 @@ def wrap_load_peft_weights(original):
         if folder is not None:
             peft_type = read_config(folder).get("peft_type")
             gatera = is_gatera_type(peft_type)
-            if gatera and not checked:
-                check_adapter_folder(folder)
-            elif not gatera:
-                _refuse_a_replaced_config(folder, peft_type)
+            if not checked:  # (a load that checked the folder, `_reading`, has made these checks)
+                if gatera:
+                    check_adapter_folder(folder)
+                else:
+                    _refuse_a_replaced_config(folder, peft_type)
         state = original(model_id, *args, **kwargs)
         if gatera:
             check_tensors(state, folder / WEIGHTS if (folder / WEIGHTS).exists() else folder / PICKLED_WEIGHTS)
