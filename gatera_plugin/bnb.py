@@ -18,6 +18,8 @@ from .fsdp import unsharded_weight
 from .kernels import compute_dtype
 from .layer import Linear
 
+_WARNED: set[str] = set()  # warnings given once per process
+
 
 def _refuse_zero3_4bit() -> None:
     """4-bit bases under DeepSpeed ZeRO-3 are refused rather than half-supported.
@@ -105,7 +107,25 @@ if is_bnb_4bit_available():
         if state is not None and getattr(state, "packing_format_for_cpu", False):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-            base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+            data, state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+            if not state.nested and state.absmax.dim() == 2:
+                # bitsandbytes 0.50's inverse re-nests a double-quantised absmax but leaves a plain one as the repacking
+                # stored it, (d_in / blocksize, d_out) in bf16: back to one scale per block, in row-major block order
+                state.absmax = state.absmax.t().reshape(-1).float().contiguous()
+            storage = getattr(state, "original_storage_type", None)  # (bnb_4bit_quant_storage, e.g. bf16 for FSDP)
+            base.weight.data = data.view(storage) if storage is not None else data
+            base.weight.quant_state = state
+            if "repacked" in _WARNED:
+                return
+            _WARNED.add("repacked")
+            warnings.warn(
+                "A 4-bit (bitsandbytes) layer ran an eval forward on this CPU before GateRA wrapped it, and bitsandbytes "
+                "repacked its weight for CPU inference, rounding its quantisation scales (absmax) to bf16. GateRA "
+                "restored the standard layout, but W0 now differs from the loaded one by that rounding (up to 0.4%). "
+                "For the exact base, load the model again and apply or load the adapter before any eval forward. "
+                "(Said once; other layers may be affected too.)",
+                UserWarning, stacklevel=3,
+            )
 
     def _gathered_4bit_weight(base) -> None:
         """Make `base.weight` readable as 4-bit W0 under FSDP2, then keep its standard layout.
@@ -150,6 +170,23 @@ if is_bnb_4bit_available():
 
             _gathered_4bit_weight(self.get_base_layer())
             return Packed4bit.from_params(self.get_base_layer().weight)
+
+        def _keep_for_unmerge(self):
+            """The packed `Params4bit` itself (merging puts a new one in its place, never writes into it): unmerge
+            puts it back as it was. Quantising a dequantised copy again would not restore it under double quant (the
+            nested absmax re-quantises to other values, so each merge / unmerge cycle moved W0), and the copy was a
+            dense fp32 d_out × d_in tensor per layer."""
+            return self.get_base_layer().weight
+
+        def _read_kept(self, kept) -> torch.Tensor:
+            return dequantize_bnb_weight(kept)
+
+        def _restore_kept(self, kept) -> None:
+            base = self.get_base_layer()
+            if kept.device != base.weight.device:  # (the model moved while merged)
+                kept = kept.to(base.weight.device)
+            base.weight = kept
+            base.quant_state = kept.quant_state  # (bitsandbytes keeps it on the module too; the merge replaced it)
 
         def _store_weight(self, weight: torch.Tensor) -> None:
             base = self.get_base_layer()

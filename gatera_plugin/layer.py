@@ -398,10 +398,10 @@ class GateRALayer(BaseTunerLayer):
         return delta.t() if self.weight_is_transposed else delta
 
     def _original_weight(self) -> torch.Tensor:
-        """The unmerged `W0` as (d_out, d_in): the copy kept at the first merge, else the base weight itself."""
+        """The unmerged `W0` as (d_out, d_in): the one kept at the first merge, else the base weight itself."""
         if self._weight_before_merge is None:
             return self.base_weight()
-        weight = self._weight_before_merge.to(self.get_base_layer().weight.device)
+        weight = self._read_kept(self._weight_before_merge).to(self.get_base_layer().weight.device)
         return weight.t() if self.weight_is_transposed else weight
 
     def _stored_weight(self) -> torch.Tensor:
@@ -409,8 +409,20 @@ class GateRALayer(BaseTunerLayer):
         return self.get_base_layer().weight.data
 
     def _store_weight(self, weight: torch.Tensor) -> None:
-        """Write a merged (or restored) `W0` back in the base layer's layout (quantised bases: re-quantise)."""
+        """Write a merged `W0` back in the base layer's layout (quantised bases: re-quantise)."""
         self.get_base_layer().weight.data.copy_(weight)
+
+    def _keep_for_unmerge(self):
+        """What the first merge keeps so that unmerge restores `W0` exactly: here a copy of the stored weight."""
+        return self._stored_weight().detach().clone()
+
+    def _read_kept(self, kept) -> torch.Tensor:
+        """`W0` in the base layer's layout from what `_keep_for_unmerge` kept."""
+        return kept
+
+    def _restore_kept(self, kept) -> None:
+        """Put back the weight `_keep_for_unmerge` kept."""
+        self._store_weight(kept)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold ungated adapters into the base weight; gated adapters are refused (no single merged weight).
@@ -429,7 +441,7 @@ class GateRALayer(BaseTunerLayer):
         weight = self._stored_weight()
         first_merge = self._weight_before_merge is None
         if first_merge:
-            self._weight_before_merge = weight.detach().clone()
+            self._weight_before_merge = self._keep_for_unmerge()
         merged = weight.float()
         for name in adapter_names:
             merged = merged + self.get_delta_weight(name).float()
@@ -447,7 +459,7 @@ class GateRALayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        self._store_weight(self._weight_before_merge)
+        self._restore_kept(self._weight_before_merge)
         self._weight_before_merge = None
         self.merged_adapters.clear()
 

@@ -407,15 +407,18 @@ def one_step_output_change(config, lr: float = 1e-3) -> float:
     return ((after - before).norm() / before.norm()).item()
 
 
-def load_4bit(path, compute_dtype=torch.float32, bits: int = 4, device: str = "cpu"):
-    """The causal LM saved at `path`, quantised by bitsandbytes on load: NF4 (`bits=4`) or LLM.int8 (`bits=8`)."""
+def load_4bit(path, compute_dtype=torch.float32, bits: int = 4, device: str = "cpu", double_quant: bool = False,
+              quant_storage=torch.uint8):
+    """The causal LM saved at `path`, quantised by bitsandbytes on load: NF4 (`bits=4`, `double_quant` as QLoRA's
+    `bnb_4bit_use_double_quant`) or LLM.int8 (`bits=8`)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if bits == 8:
         quantization = BitsAndBytesConfig(load_in_8bit=True)
     else:
         quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=double_quant, bnb_4bit_quant_storage=quant_storage,
         )
     kwargs = {"dtype": compute_dtype} if compute_dtype != torch.float32 else {}
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map={"": str(device)},

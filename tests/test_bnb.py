@@ -1,6 +1,7 @@
 """GateRA on 4-bit bitsandbytes bases (QLoRA style), on CPU."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -102,6 +103,70 @@ def test_4bit_ungated_merge_matches_unmerged(base_dir):
     # re-quantising the merged weight rounds it to NF4 again: close, not equal
     assert (merged - expected).abs().max() < 0.1 * expected.abs().max()
     torch.testing.assert_close(unmerged, expected, rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_4bit_unmerge_puts_back_the_packed_weight_it_merged_into(base_dir, double_quant):
+    """Unmerge restores W0 bit for bit, cycle after cycle, also under QLoRA's double quant (where quantising a
+    dequantised copy again gives the nested absmax other values: W0 moved a little with every merge / unmerge), and
+    keeps no dense copy while merged."""
+    model = get_peft_model(load_4bit(base_dir, double_quant=double_quant),
+                           GateRAConfig(r=4, target_modules=["q_proj", "down_proj"], gate="none"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gatera_" in name:
+                p.normal_(0, 0.04)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    packed, absmax = layer.base_layer.weight.data.clone(), layer.base_layer.weight.quant_state.absmax.clone()
+    model.eval()
+    input_ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        kept_sizes = []
+        for _ in range(3):
+            with pytest.warns(UserWarning, match="re-quantises the merged weight"):
+                model.merge_adapter()
+            assert layer.merged and layer._original_weight().shape == (64, 128)
+            kept_sizes.append(layer._weight_before_merge.numel())
+            model.unmerge_adapter()
+        torch.testing.assert_close(model(input_ids=input_ids).logits, expected, rtol=0, atol=0)
+        assert torch.equal(layer.base_layer.weight.data, packed)
+        assert torch.equal(layer.base_layer.weight.quant_state.absmax, absmax)
+        assert layer.base_layer.quant_state is layer.base_layer.weight.quant_state
+    assert max(kept_sizes) < 64 * 128  # what merge kept: the packed bytes, not a dense W0
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16])
+def test_4bit_weight_repacked_for_cpu_inference_before_wrapping_is_read_back(base_dir, monkeypatch, double_quant,
+                                                                             quant_storage):
+    """bitsandbytes repacks a 4-bit weight on its first eval forward on an AVX512-BF16 CPU (here forced, on any CPU),
+    storing absmax transposed in bf16; GateRA undoes that when it wraps the layer. Its W0 is the loaded one up to
+    absmax's bf16 rounding (said in a warning), with the blocks in their places (d_in = 128: two blocks per row, which
+    bitsandbytes' own inverse left transposed without double quant)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit, dequantize_blockwise
+
+    import gatera_plugin.bnb as gatera_bnb
+
+    monkeypatch.setattr(gatera_bnb, "_WARNED", set(), raising=False)
+    base = load_4bit(base_dir, double_quant=double_quant, quant_storage=quant_storage)
+    linear = base.model.layers[0].mlp.down_proj
+    weight = linear.weight
+    state = weight.quant_state
+    absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+    rounded = type(state)(absmax=absmax.bfloat16().float(), shape=state.shape, code=state.code,
+                          blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
+    expected = dequantize_4bit(weight.data.view(torch.uint8), rounded)  # W0 with bf16-rounded scales
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, state)  # as bitsandbytes' forward
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        model = get_peft_model(base, GateRAConfig(r=4, target_modules=["down_proj", "q_proj"]))
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    W0 = layer.base_weight()
+    tolerance = 4e-3 * expected.abs().max().item() if double_quant else 0  # (double quant: absmax nested again)
+    torch.testing.assert_close(W0, expected.to(W0.dtype), rtol=0, atol=tolerance)
+    assert layer.base_layer.weight.dtype == quant_storage
+    assert sum("repacked its weight for CPU inference" in str(w.message) for w in said) == 1
 
 
 @pytest.mark.slow
