@@ -55,14 +55,14 @@ VARIANTS = {
     "grpo-kl": {"beta": 0.04, "num_iterations": 2},
 }
 PER_FORWARD = {  # N = this forward's tokens × forwards × ranks
-    "grpo", "grpo-kl", "rloo", "distillation", "online_dpo", "gkd", "gold", "sdft", "sdpo", "iw_opd",
+    "grpo", "grpo-kl", "rloo", "gmpo", "distillation", "online_dpo", "gkd", "gold", "sdft", "sdpo", "iw_opd",
 }
 # every TRL trainer that takes `peft_config` (test_every_trl_trainer_with_peft_config_is_tested_here) -> its kind here
 TESTED = {
     "SFTTrainer": "sft", "DPOTrainer": "dpo", "KTOTrainer": "kto", "RewardTrainer": "reward", "GRPOTrainer": "grpo",
     "RLOOTrainer": "rloo", "DistillationTrainer": "distillation", "ORPOTrainer": "orpo", "CPOTrainer": "cpo",
     "TPOTrainer": "tpo", "OnlineDPOTrainer": "online_dpo", "GKDTrainer": "gkd", "GOLDTrainer": "gold",
-    "SDFTTrainer": "sdft", "SDPOTrainer": "sdpo", "IWOPDTrainer": "iw_opd",
+    "SDFTTrainer": "sdft", "SDPOTrainer": "sdpo", "IWOPDTrainer": "iw_opd", "GMPOTrainer": "gmpo",
 }
 UNTESTED = {  # -> why not here (README, "How the penalty is applied", says the same)
     "AsyncGRPOTrainer": "generates through a vLLM server",
@@ -128,9 +128,13 @@ def _trainer(kind, tmp_path, entropy_weight, steps):
                  "rejected": [p + r for p, r in zip(PROMPTS, REJECTED)] * 2}
         return trl.RewardTrainer(model=tiny_llama_classifier(), args=trl.RewardConfig(**common),
                                  train_dataset=Dataset.from_dict(pairs), **shared)
-    if kind in ("grpo", "rloo"):
-        config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if kind == "grpo" else (trl.RLOOConfig,
-                                                                                            trl.RLOOTrainer)
+    if kind in ("grpo", "rloo", "gmpo"):
+        if kind == "gmpo":  # GRPO with a geometric-mean loss (trl.experimental since TRL 1.16)
+            gmpo = pytest.importorskip("trl.experimental.gmpo")
+            config_cls, trainer_cls = gmpo.GMPOConfig, gmpo.GMPOTrainer
+        else:
+            config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if kind == "grpo" else (trl.RLOOConfig,
+                                                                                                trl.RLOOTrainer)
         args = config_cls(**common, num_generations=2, max_completion_length=4, **variant_args)
         return trainer_cls(model=tiny_llama(), reward_funcs=_length_reward, args=args, train_dataset=prompts, **shared)
     if kind == "distillation":
@@ -377,8 +381,9 @@ def test_reward_trainer_says_when_the_score_head_is_not_trained(tmp_path):
 
 
 def _trainers_taking_peft_config():
-    """Names of the trainer classes in `trl` and `trl.experimental` whose own `__init__` takes `peft_config` (an
-    import-path alias or a deprecated subclass counts as the class it wraps)."""
+    """Names of the trainer classes in `trl` and `trl.experimental` whose `__init__` takes `peft_config`, their own or
+    an inherited one (an import-path alias or a deprecated subclass of the same name counts as the class it wraps; a
+    subclass of another name, such as GMPO's of GRPO, is a trainer of its own)."""
     import importlib
     import inspect
     import pkgutil
@@ -403,6 +408,7 @@ def _trainers_taking_peft_config():
                 init = owner.__dict__.get("__init__")
                 if init is not None and "peft_config" in inspect.signature(init).parameters:
                     found.add(owner.__name__)
+                    found.add(cls.__name__)
                     break
     return found
 
