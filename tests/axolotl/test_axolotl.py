@@ -6,6 +6,7 @@ saved adapter can be checked to reproduce them.
 """
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -626,7 +627,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(workspace):
 
 
 @pytest.mark.parametrize("scaling, expected_alpha", [(None, 32), ("lora", 32), ("none", None), ("rms", None)])
-def test_lora_alpha_reaches_the_hira_branch_only_where_its_scale_uses_it(scaling, expected_alpha):
+def test_lora_alpha_reaches_the_hira_branch_only_where_its_scale_uses_it(scaling, expected_alpha, caplog):
     """A recipe switched from `adapter: lora` keeps its lora_r / lora_alpha: `gatera_hira_scaling: lora` scales the
     HiRA branch by them (and by lora_alpha_pattern); the other scales drop them with a warning."""
     from axolotl.utils.dict import DictDefault
@@ -635,12 +636,17 @@ def test_lora_alpha_reaches_the_hira_branch_only_where_its_scale_uses_it(scaling
     from gatera_plugin.integrations.axolotl.plugin import gatera_config_from_axolotl
 
     keys = {"adapter": "gatera", "gatera_hira_scaling": scaling} if scaling else {"adapter": "gatera"}
+    keys.update(lora_r=16, lora_alpha=32, lora_alpha_pattern={"v_proj": 8}, lora_target_modules=["q_proj", "v_proj"])
     GateRAArgs.model_validate(keys)  # Axolotl's schema accepts every value
-    cfg = DictDefault({**keys, "lora_r": 16, "lora_alpha": 32, "lora_alpha_pattern": {"v_proj": 8},
-                       "lora_target_modules": ["q_proj", "v_proj"]})
-    config = gatera_config_from_axolotl(cfg, model=None)
+    with caplog.at_level(logging.WARNING):
+        config = gatera_config_from_axolotl(DictDefault(keys), model=None)
     assert config.hira_scaling == (scaling or "lora") and config.lora_alpha == expected_alpha
     assert config.alpha_pattern == ({"v_proj": 8} if expected_alpha else {})
+    dropped = [r.getMessage() for r in caplog.records if "not used by GateRA's HiRA branch" in r.getMessage()]
+    assert dropped == ([] if expected_alpha else [f"lora_alpha=32 and lora_alpha_pattern={{'v_proj': 8}} not used by "
+                                                  f"GateRA's HiRA branch with gatera_hira_scaling={scaling!r} (set "
+                                                  "gatera_hira_scaling: lora to scale it like LoRA; docs/method.md, "
+                                                  "section 'Branches')."])
 
 
 @pytest.mark.parametrize("rl,dataset_type,load_in_4bit", [
@@ -723,7 +729,8 @@ def test_lora_options_without_a_gatera_counterpart_are_refused(options):
     with pytest.raises(ValueError, match=rf"`{re.escape(key)}` is a LoRA option that `adapter: gatera` would ignore"):
         GateRAArgs.model_validate({"adapter": "gatera", **options})
     GateRAArgs.model_validate({"adapter": "lora", **options})
-    GateRAArgs.model_validate({"adapter": "gatera", "peft_init_lora_weights": True, "peft_use_dora": False})
+    GateRAArgs.model_validate({"adapter": "gatera", "peft_init_lora_weights": True, "peft_use_dora": False,
+                               "lora_target_modules": ["q_proj"]})
 
 
 def test_the_kind_names_of_the_yaml_keys_are_the_registries():
@@ -750,7 +757,8 @@ def test_a_misspelt_gatera_key_is_refused_with_the_closest_name():
     with pytest.raises(ValueError, match=r"`gatera_xyz` is not a GateRA setting: The GateRA keys are gatera_branch"):
         GateRAArgs.model_validate({"adapter": "lora", "gatera_xyz": 1})
     assert set(GATERA_KEYS) == {k for k in GateRAArgs.model_fields if k.startswith("gatera_")}
-    GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 4.0, "gatera_kernel": "torch"})
+    GateRAArgs.model_validate({"adapter": "gatera", "gatera_gate_lr_ratio": 4.0, "gatera_kernel": "torch",
+                               "lora_target_linear": True})
 
 
 def test_vllm_generation_is_refused_in_the_yaml_s_own_words():
@@ -758,7 +766,7 @@ def test_vllm_generation_is_refused_in_the_yaml_s_own_words():
     (the Trainer's own refusal comes later and names TRL's Python argument); an ungated adapter keeps vLLM."""
     from gatera_plugin.integrations.axolotl.args import GateRAArgs
 
-    keys = {"adapter": "gatera", "rl": "grpo", "trl": {"use_vllm": True}}
+    keys = {"adapter": "gatera", "rl": "grpo", "trl": {"use_vllm": True}, "lora_target_linear": True}
     with pytest.raises(ValueError, match=r"`trl.use_vllm: true` cannot generate .* `trl.use_vllm: false` .* "
                                          r"`gatera_gate: none`"):
         GateRAArgs.model_validate(keys)
@@ -1041,3 +1049,96 @@ def test_evaluate_cli_evaluates_the_trained_adapter(workspace):
         losses[label] = [float(v) for v in re.findall(r"train_loss: ([-0-9.e]+)", output)]
     assert len(losses["trained"]) == len(losses["new"]) == 1, losses
     assert losses["trained"][0] < 0.5 * losses["new"][0], losses  # measured: 2.09 against 7.49
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"gatera_keep_ratio": 0.5}, r"keep_ratio` only applies to gate='threshold'.*`gatera_keep_ratio` sets keep_ratio"),
+    ({"lora_r": 0}, r"`lora_r` sets r"),
+    ({"lora_dropout": 1.0}, r"`lora_dropout` sets dropout"),
+    ({"gatera_gate_bias_init": 30.0}, r"`gatera_gate_bias_init` sets gate_bias_init"),
+    ({"lora_target_modules": None}, r"needs `lora_target_modules` or `lora_target_linear: true`"),
+    ({"lora_target_modules": r".*\.q_proj", "peft_layers_to_transform": [0]}, r"`peft_layers_to_transform` sets "
+                                                                             r"layers_to_transform"),
+], ids=["keep-ratio-without-threshold", "rank-0", "dropout-1", "gate-bias-init-30", "no-targets", "regex-and-layers"])
+def test_settings_gatera_refuses_together_fail_when_the_config_is_read_naming_the_yaml_keys(keys, message):
+    """Settings that GateRAConfig refuses in combination (or out of its ranges) fail at config validation, before the
+    dataset and model load, with the YAML keys named (the message had GateRAConfig's field names only). `lora_r: 0`
+    is refused, where it had become r = 32."""
+    from gatera_plugin.integrations.axolotl.args import GateRAArgs
+
+    with pytest.raises(ValueError, match=r"`adapter: gatera`: .*" + message):
+        GateRAArgs.model_validate({"adapter": "gatera", "lora_target_modules": ["q_proj"], **keys})
+
+
+@pytest.mark.parametrize("saved_gate, yaml_gate, refused", [("none", None, False), ("sigmoid", "none", True)])
+@pytest.mark.parametrize("where", ["lora_model_dir", "output_dir"])
+def test_merge_lora_judges_the_saved_adapters_gate_not_the_yamls(tmp_path, saved_gate, yaml_gate, refused, where):
+    """`merge_lora` (Axolotl's `merge-lora` CLI) merges the adapter saved in `lora_model_dir` (else `output_dir`): an
+    ungated one passes even where the YAML leaves `gatera_gate` at its default, and a gated one is refused even where
+    the YAML says `gatera_gate: none`."""
+    from peft import get_peft_model
+
+    from gatera_plugin import GateRAConfig
+    from gatera_plugin.integrations.axolotl.args import GateRAArgs
+    from tests.helpers import tiny_llama
+
+    get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], gate=saved_gate)).save_pretrained(
+        tmp_path)
+    keys = {"adapter": "gatera", "lora_target_modules": ["q_proj"], "merge_lora": True, "merge_method": "legacy",
+            where: str(tmp_path), **({"gatera_gate": yaml_gate} if yaml_gate else {})}
+    if refused:
+        with pytest.raises(ValueError, match=r"`merge_lora` cannot be used with `adapter: gatera`"):
+            GateRAArgs.model_validate(keys)
+    else:
+        GateRAArgs.model_validate(keys)
+
+
+def test_a_continued_adapter_keeps_its_dropout_unless_the_yaml_sets_one_and_reports_every_structural_key(
+        tmp_path, caplog):
+    """With `lora_model_dir`, Axolotl's validation fills in `lora_dropout: 0.0` for a YAML without the key: the saved
+    adapter's dropout stays (it was replaced by 0.0); one the YAML (or a CLI override) sets applies. YAML keys that
+    would change the saved structure (targets, modules_to_save, layers, rank / alpha patterns) are reported, not
+    ignored without a word."""
+    from axolotl.utils.dict import DictDefault
+    from peft import get_peft_model
+
+    from gatera_plugin import GateRAConfig
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+    from tests.helpers import tiny_llama
+
+    saved_dir = tmp_path / "adapter"
+    get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"], dropout=0.1)).save_pretrained(
+        saved_dir)
+    written = {"adapter": "gatera", "lora_target_modules": ["o_proj"], "lora_model_dir": str(saved_dir), "lora_r": 4,
+               "lora_modules_to_save": ["lm_head"], "peft_layers_to_transform": [1],
+               "lora_rank_pattern": {"o_proj": 2}, "axolotl_config_path": str(tmp_path / "run.yml")}
+    plugin = GateRAPlugin()
+    for yaml_dropout, expected in ((None, 0.1), (0.0, 0.0), (0.2, 0.2)):
+        as_written = dict(written, **({} if yaml_dropout is None else {"lora_dropout": yaml_dropout}))
+        plugin.register(DictDefault(as_written))
+        validated = DictDefault(dict(as_written, lora_dropout=yaml_dropout or 0.0))  # Axolotl's filled-in default
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            _, config = plugin.load_adapter(tiny_llama(), validated, config_only=True)
+        assert config.dropout == expected, yaml_dropout
+        report = next(r.getMessage() for r in caplog.records if "saved with other settings" in r.getMessage())
+        for key in ("lora_target_modules", "lora_modules_to_save", "peft_layers_to_transform", "lora_rank_pattern"):
+            assert f"'{key}'" in report, report
+        assert config.target_modules == {"q_proj", "v_proj"} and not config.modules_to_save
+
+
+def test_the_plugin_listed_by_its_module_path_too_declares_its_keys_once(monkeypatch):
+    """`plugins: [gatera_plugin.integrations.axolotl.plugin.GateRAPlugin]` registers a second instance beside the entry
+    point's (Axolotl tells plugins apart by the name given): only the first declares the YAML keys and the adapter
+    (two declarations made Axolotl's config class fail with "duplicate base class GateRAArgs")."""
+    from axolotl.integrations.base import PluginManager
+
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+
+    manager = PluginManager.get_instance()
+    first, second = GateRAPlugin(), GateRAPlugin()
+    monkeypatch.setattr(manager, "plugins", {"gatera_plugin.integrations.axolotl.GateRAPlugin": first,
+                                             "gatera_plugin.integrations.axolotl.plugin.GateRAPlugin": second})
+    assert first.get_input_args() == "gatera_plugin.integrations.axolotl.GateRAArgs"
+    assert second.get_input_args() is None and second.get_adapter_capabilities() == []
+    assert [c.name for c in first.get_adapter_capabilities()] == ["gatera"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import json
+import re
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, model_validator
@@ -33,6 +36,21 @@ def _lora_option_set(data: dict, key: str) -> bool:
     if key == "peft_init_lora_weights":  # true is LoRA's default initialisation; false, PiSSA, ... are not
         return value not in (None, True)
     return value not in (None, False)
+
+
+def _saved_gate(data: dict) -> str:
+    """The gate kind of the adapter the config continues or merges: the saved `adapter_config.json`'s (in
+    `lora_model_dir`, or for `merge_lora` the `output_dir` Axolotl's merge reads without one), which governs over the
+    YAML; the YAML's `gatera_gate` (default sigmoid) where no adapter is saved."""
+    folder = data.get("lora_model_dir") or (data.get("output_dir") if data.get("merge_lora") else None)
+    if folder:
+        try:
+            saved = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, dict) and isinstance(saved.get("gate"), str):
+            return saved["gate"]
+    return data.get("gatera_gate") or "sigmoid"
 
 
 class GateRAArgs(BaseModel):
@@ -83,6 +101,27 @@ class GateRAArgs(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def settings_that_do_not_go_together_are_refused_before_loading(cls, data):
+        """(Defined first, so it runs after the other checks: pydantic runs "before" validators last-defined first.)
+        Builds the GateRAConfig the YAML describes (with a placeholder for `lora_target_linear`'s layer names), so
+        that settings it refuses together (`gatera_keep_ratio` without `gatera_gate: threshold`, `lora_r: 0`, ...)
+        fail when the config is read, not after the dataset and model have loaded, with the YAML keys named."""
+        if not isinstance(data, dict) or data.get("adapter") != "gatera":
+            return data
+        from .plugin import _CONFIG_KEYS, gatera_config_from_axolotl
+
+        try:
+            gatera_config_from_axolotl(data, model=None, warn=False)
+        except (ValueError, TypeError) as error:
+            message = str(error)
+            named = [f"`{key}` sets {field}" for field, key in _CONFIG_KEYS.items()
+                     if key != field and re.search(rf"(?<![\w.]){re.escape(field)}(?!\w)", message)]
+            keys = f" (In the YAML: {', '.join(named)}.)" if named else ""
+            raise ValueError(f"`adapter: gatera`: {message}{keys}") from None
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def unknown_gatera_keys_are_refused(cls, data):
         """A misspelt `gatera_*` key would be dropped by Axolotl's schema without a word (the run then trains with
         the default): refused, with the closest known key."""
@@ -114,7 +153,7 @@ class GateRAArgs(BaseModel):
     def refuse_what_gatera_cannot_do(cls, data):
         if not isinstance(data, dict) or data.get("adapter") != "gatera":
             return data
-        gated = (data.get("gatera_gate") or "sigmoid") != "none"
+        gated = _saved_gate(data) != "none"
         if data.get("merge_lora") and gated:
             raise ValueError(
                 "`merge_lora` cannot be used with `adapter: gatera`: a GateRA adapter has a per-token gate, so no "

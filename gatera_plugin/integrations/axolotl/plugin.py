@@ -58,40 +58,44 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def gatera_config_from_axolotl(cfg, model) -> gatera_plugin.GateRAConfig:
-    """The GateRAConfig an Axolotl config describes."""
+def gatera_config_from_axolotl(cfg, model, warn: bool = True) -> gatera_plugin.GateRAConfig:
+    """The GateRAConfig an Axolotl config describes (`model=None`: a placeholder for `lora_target_linear`'s names, as
+    the config check before loading uses; `warn`: log the keys it drops)."""
     options = {field: cfg.get(key) for field, key in _OPTION_KEYS.items() if cfg.get(key) is not None}
     branch = options.get("branch", "hira")
     # as Axolotl's LoRA: a string is PEFT's regex, matched against full module names; with `lora_target_linear` it
     # joins the linear layers' names as one more name
-    targets = cfg.lora_target_modules or []
-    if cfg.lora_target_linear:
+    targets = cfg.get("lora_target_modules") or []
+    if cfg.get("lora_target_linear"):
         targets = [targets] if isinstance(targets, str) else list(targets)
-        targets = sorted(set(targets) | set(linear_module_names(model)))
+        targets = sorted(set(targets) | set(linear_module_names(model) if model is not None else ["q_proj"]))
     elif not isinstance(targets, str):
         targets = list(targets)
     if not targets:
         raise ValueError("`adapter: gatera` needs `lora_target_modules` or `lora_target_linear: true`.")
-    lora_alpha = cfg.lora_alpha
+    lora_alpha, alpha_pattern = cfg.get("lora_alpha"), dict(cfg.get("lora_alpha_pattern") or {})
     hira_scaling = resolved_hira_scaling(branch, options.get("hira_scaling"))
-    uses_alpha = lora_alpha_applies(branch, hira_scaling)
-    if not uses_alpha and lora_alpha is not None:
-        LOG.warning("lora_alpha=%s is not used by GateRA's HiRA branch with gatera_hira_scaling=%r (set "
-                    "gatera_hira_scaling: lora to scale it like LoRA; docs/method.md, section 'Branches').",
-                    lora_alpha, hira_scaling)
-        lora_alpha = None
+    if not lora_alpha_applies(branch, hira_scaling):
+        dropped = {key: value for key, value in (("lora_alpha", lora_alpha), ("lora_alpha_pattern", alpha_pattern))
+                   if value}
+        if dropped and warn:
+            LOG.warning("%s not used by GateRA's HiRA branch with gatera_hira_scaling=%r (set gatera_hira_scaling: "
+                        "lora to scale it like LoRA; docs/method.md, section 'Branches').",
+                        " and ".join(f"{key}={value}" for key, value in dropped.items()), hira_scaling)
+        lora_alpha, alpha_pattern = None, {}
+    r = cfg.get("lora_r")
     return gatera_plugin.GateRAConfig(
-        r=cfg.lora_r or 32,
+        r=32 if r is None else r,
         lora_alpha=lora_alpha,
         target_modules=targets,
-        dropout=cfg.lora_dropout or 0.0,
-        modules_to_save=cfg.lora_modules_to_save or None,
-        ensure_weight_tying=bool(cfg.peft_ensure_weight_tying),
-        layers_to_transform=cfg.peft_layers_to_transform,
-        layers_pattern=cfg.peft_layers_pattern,
-        rank_pattern=dict(cfg.lora_rank_pattern or {}),
-        trainable_token_indices=cfg.peft_trainable_token_indices or None,
-        alpha_pattern=dict(cfg.lora_alpha_pattern or {}) if uses_alpha else {},
+        dropout=cfg.get("lora_dropout") or 0.0,
+        modules_to_save=cfg.get("lora_modules_to_save") or None,
+        ensure_weight_tying=bool(cfg.get("peft_ensure_weight_tying")),
+        layers_to_transform=cfg.get("peft_layers_to_transform"),
+        layers_pattern=cfg.get("peft_layers_pattern"),
+        rank_pattern=dict(cfg.get("lora_rank_pattern") or {}),
+        trainable_token_indices=cfg.get("peft_trainable_token_indices") or None,
+        alpha_pattern=alpha_pattern,
         task_type="CAUSAL_LM",
         **options,
     )
@@ -104,7 +108,39 @@ _TRAINING_OPTIONS = ("entropy_weight", "gate_lr_ratio", "keep_ratio", "keep_rati
                      "threshold_temperature", "per_layer_stats", "kernel", "dropout")
 # GateRAConfig field -> the Axolotl key that sets it, for the options above and the structural fields it can set
 _CONFIG_KEYS = {**_OPTION_KEYS, "dropout": "lora_dropout", "r": "lora_r", "lora_alpha": "lora_alpha",
-                "ensure_weight_tying": "peft_ensure_weight_tying"}
+                "ensure_weight_tying": "peft_ensure_weight_tying", "target_modules": "lora_target_modules",
+                "modules_to_save": "lora_modules_to_save", "layers_to_transform": "peft_layers_to_transform",
+                "layers_pattern": "peft_layers_pattern", "rank_pattern": "lora_rank_pattern",
+                "alpha_pattern": "lora_alpha_pattern", "trainable_token_indices": "peft_trainable_token_indices"}
+_TARGET_KEYS = ("lora_target_modules", "lora_target_linear")  # (either sets target_modules)
+
+
+def _same(field: str, a, b) -> bool:
+    """Whether two values of GateRAConfig field `field` describe the same adapter (name lists as sets)."""
+    if field in ("target_modules", "modules_to_save") and not isinstance(a, str) and not isinstance(b, str):
+        return set(a or ()) == set(b or ())
+    if field == "layers_to_transform":  # (an index or a list of them)
+        a, b = ([v] if isinstance(v, int) else v for v in (a, b))
+    return a == b
+
+
+def _written(cfg, key: str) -> bool:
+    """Whether the user's config sets `key` (`lora_target_modules`: or `lora_target_linear`), as the config file and
+    CLI overrides were when `register` saw them, before Axolotl's validation filled in defaults (`lora_dropout: 0.0`
+    for any adapter). Without that record of this config (the plugin called outside Axolotl's CLI): whether it is set
+    at all."""
+    if key == "lora_target_modules":
+        return any(_written_as(cfg, k) and cfg.get(k) for k in _TARGET_KEYS)
+    return _written_as(cfg, key)
+
+
+def _written_as(cfg, key: str) -> bool:
+    record = _CONFIG_AS_WRITTEN.get(cfg.get("axolotl_config_path")) if cfg.get("axolotl_config_path") else None
+    return cfg.get(key) is not None and (record is None or key in record)
+
+
+# config file path -> the keys it and the CLI overrides set (`GateRAPlugin.register`, before validation)
+_CONFIG_AS_WRITTEN: dict = {}
 
 
 def _continued_config(folder, cfg, wanted: gatera_plugin.GateRAConfig) -> gatera_plugin.GateRAConfig:
@@ -115,14 +151,14 @@ def _continued_config(folder, cfg, wanted: gatera_plugin.GateRAConfig) -> gatera
     saved = _saved_gatera_config(folder)
     applied = {}
     for field in _TRAINING_OPTIONS:
-        if cfg.get(_CONFIG_KEYS[field]) is not None and getattr(wanted, field) != getattr(saved, field):
+        if _written(cfg, _CONFIG_KEYS[field]) and getattr(wanted, field) != getattr(saved, field):
             applied[field] = getattr(wanted, field)
             setattr(saved, field, applied[field])
     if applied:
         LOG.info("GateRA adapter from %s trains with this config's %s", folder, applied)
-    ignored = {key: (cfg.get(key), getattr(saved, field)) for field, key in _CONFIG_KEYS.items()
-               if field in STRUCTURE_FIELDS and cfg.get(key) is not None
-               and getattr(wanted, field) != getattr(saved, field)}
+    ignored = {key: (getattr(wanted, field), getattr(saved, field)) for field, key in _CONFIG_KEYS.items()
+               if field in STRUCTURE_FIELDS and _written(cfg, key)
+               and not _same(field, getattr(wanted, field), getattr(saved, field))}
     if ignored:
         LOG.warning("GateRA: the adapter in %s was saved with other settings than this config's %s (config, saved); "
                     "the saved adapter's govern. Remove `lora_model_dir` to train a new adapter with them.",
@@ -210,12 +246,22 @@ class GateRAPlugin(BasePlugin):
 
     def register(self, cfg: dict):
         _patch_quantization_config()  # inert unless adapter == "gatera"
+        if cfg.get("axolotl_config_path"):
+            _CONFIG_AS_WRITTEN[cfg["axolotl_config_path"]] = frozenset(k for k, v in cfg.items() if v is not None)
 
-    def get_input_args(self) -> str:
-        return "gatera_plugin.integrations.axolotl.GateRAArgs"
+    def _registered_twice(self) -> bool:
+        """Whether another instance of this plugin came first (listed under `plugins:` by its module path as well as
+        found through the entry point: Axolotl tells them apart by name), so that only one declares the YAML keys."""
+        from axolotl.integrations.base import PluginManager
+
+        first = next((p for p in PluginManager.get_instance().plugins.values() if isinstance(p, GateRAPlugin)), self)
+        return first is not self
+
+    def get_input_args(self) -> str | None:
+        return None if self._registered_twice() else "gatera_plugin.integrations.axolotl.GateRAArgs"
 
     def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
-        return [AdapterCapabilities(name=ADAPTER, lora_like=False, relora=False)]
+        return [] if self._registered_twice() else [AdapterCapabilities(name=ADAPTER, lora_like=False, relora=False)]
 
     def post_model_build(self, cfg, model):
         """A bitsandbytes base: `prepare_model_for_kbit_training` here, where Axolotl prepares a `qlora` base (its
