@@ -21,6 +21,13 @@ from .layer import Linear
 _WARNED: set[str] = set()  # warnings given once per process
 
 
+class _KeptPacked:
+    """A packed 4-bit weight kept while merged (`Linear4bit._keep_for_unmerge`), out of sight of `nn.Module`."""
+
+    def __init__(self, weight) -> None:
+        self.weight = weight
+
+
 def _refuse_zero3_4bit() -> None:
     """4-bit bases under DeepSpeed ZeRO-3 are refused rather than half-supported.
 
@@ -120,8 +127,9 @@ if is_bnb_4bit_available():
             _WARNED.add("repacked")
             warnings.warn(
                 "A 4-bit (bitsandbytes) layer ran an eval forward on this CPU before GateRA wrapped it, and bitsandbytes "
-                "repacked its weight for CPU inference, rounding its quantisation scales (absmax) to bf16. GateRA "
-                "restored the standard layout, but W0 now differs from the loaded one by that rounding (up to 0.4%). "
+                "repacked its weight for CPU inference, rounding its quantisation scales (absmax) to bf16 (and under "
+                "double quant quantising them again on the way back). GateRA restored the standard layout, but W0 now "
+                "differs from the loaded one by that rounding (up to 0.4% per block, about 1% under double quant). "
                 "For the exact base, load the model again and apply or load the adapter before any eval forward. "
                 "(Said once; other layers may be affected too.)",
                 UserWarning, stacklevel=3,
@@ -172,21 +180,22 @@ if is_bnb_4bit_available():
             return Packed4bit.from_params(self.get_base_layer().weight)
 
         def _keep_for_unmerge(self):
-            """The packed `Params4bit` itself (merging puts a new one in its place, never writes into it): unmerge
-            puts it back as it was. Quantising a dequantised copy again would not restore it under double quant (the
+            """The packed `Params4bit` itself (merging puts a new one in its place, never writes into it), for unmerge
+            to put back as it was. Quantising a dequantised copy again would not restore it under double quant (the
             nested absmax re-quantises to other values, so each merge / unmerge cycle moved W0), and the copy was a
-            dense fp32 d_out × d_in tensor per layer."""
-            return self.get_base_layer().weight
+            dense fp32 d_out × d_in tensor per layer. Held in a `_KeptPacked`, not as a module attribute of its own:
+            a parameter would join the layer's parameters and state_dict."""
+            return _KeptPacked(self.get_base_layer().weight)
 
         def _read_kept(self, kept) -> torch.Tensor:
-            return dequantize_bnb_weight(kept)
+            return dequantize_bnb_weight(kept.weight)
 
         def _restore_kept(self, kept) -> None:
-            base = self.get_base_layer()
-            if kept.device != base.weight.device:  # (the model moved while merged)
-                kept = kept.to(base.weight.device)
-            base.weight = kept
-            base.quant_state = kept.quant_state  # (bitsandbytes keeps it on the module too; the merge replaced it)
+            base, weight = self.get_base_layer(), kept.weight
+            if weight.device != base.weight.device:  # (the model moved while merged)
+                weight = weight.to(base.weight.device)
+            base.weight = weight
+            base.quant_state = weight.quant_state  # (bitsandbytes keeps it on the module too; the merge replaced it)
 
         def _store_weight(self, weight: torch.Tensor) -> None:
             base = self.get_base_layer()
