@@ -1066,7 +1066,7 @@ def test_settings_gatera_refuses_together_fail_when_the_config_is_read_naming_th
     is refused, where it had become r = 32."""
     from gatera_plugin.integrations.axolotl.args import GateRAArgs
 
-    with pytest.raises(ValueError, match=r"`adapter: gatera`: .*" + message):
+    with pytest.raises(ValueError, match=r"`adapter: gatera`.*" + message):
         GateRAArgs.model_validate({"adapter": "gatera", "lora_target_modules": ["q_proj"], **keys})
 
 
@@ -1142,3 +1142,41 @@ def test_the_plugin_listed_by_its_module_path_too_declares_its_keys_once(monkeyp
     assert first.get_input_args() == "gatera_plugin.integrations.axolotl.GateRAArgs"
     assert second.get_input_args() is None and second.get_adapter_capabilities() == []
     assert [c.name for c in first.get_adapter_capabilities()] == ["gatera"]
+
+
+def test_the_config_check_reads_numbers_as_pydantic_does_and_names_only_keys_the_yaml_sets():
+    """YAML reads `1e-3` as a string and Axolotl leaves some CLI overrides as strings; pydantic converts them, and so
+    does the config-time check (it had refused them). Its note names the YAML keys that are set, not every field name
+    the message happens to contain; every numeric key is converted."""
+    import typing
+
+    from gatera_plugin.integrations.axolotl.args import NUMBER_KEYS, GateRAArgs
+
+    floats = {k for k, f in GateRAArgs.model_fields.items() if float in typing.get_args(f.annotation)}
+    assert set(NUMBER_KEYS) == floats | {"lora_r", "lora_alpha", "lora_dropout"}
+    GateRAArgs.model_validate({"adapter": "gatera", "lora_target_linear": True, "gatera_entropy_weight": "1e-3",
+                               "lora_dropout": "5e-2", "lora_r": "16"})
+    with pytest.raises(ValueError) as refused:
+        GateRAArgs.model_validate({"adapter": "gatera", "lora_target_linear": True, "gatera_gate_bias_init": 30})
+    assert "(In the YAML: `gatera_gate_bias_init` sets gate_bias_init.)" in str(refused.value)
+    with pytest.raises(ValueError) as refused:
+        GateRAArgs.model_validate({"adapter": "gatera"})
+    assert "`adapter: gatera` needs" in str(refused.value) and "`adapter: gatera`: `adapter" not in str(refused.value)
+
+
+def test_a_continued_all_linear_adapter_is_not_reported_as_other_targets(tmp_path, caplog):
+    """PEFT saves `all-linear` as the names it expanded it to: the same YAML continuing the adapter is not reported
+    as having other targets."""
+    from axolotl.utils.dict import DictDefault
+    from peft import get_peft_model
+
+    from gatera_plugin import GateRAConfig
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+    from tests.helpers import tiny_llama
+
+    get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules="all-linear")).save_pretrained(tmp_path)
+    cfg = DictDefault({"adapter": "gatera", "lora_target_modules": "all-linear", "lora_r": 4,
+                       "lora_model_dir": str(tmp_path)})
+    with caplog.at_level(logging.WARNING):
+        GateRAPlugin().load_adapter(tiny_llama(), cfg, config_only=True)
+    assert not [r for r in caplog.records if "saved with other settings" in r.getMessage()], caplog.text

@@ -38,6 +38,24 @@ def _lora_option_set(data: dict, key: str) -> bool:
     return value not in (None, False)
 
 
+# the keys whose values are numbers (GateRAArgs' float fields and Axolotl's LoRA numbers)
+NUMBER_KEYS = ("gatera_entropy_weight", "gatera_gate_bias_init", "gatera_threshold_init",
+               "gatera_threshold_temperature", "gatera_keep_ratio", "gatera_keep_ratio_weight", "gatera_structure_init",
+               "gatera_structure_weight", "gatera_gate_lr_ratio", "lora_r", "lora_alpha", "lora_dropout")
+
+
+def _as_number(value):
+    """A number given as a string (`"1e-3"`, `"16"`) as the number pydantic will make of it; anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            continue
+    return value
+
+
 def _saved_gate(data: dict) -> str:
     """The gate kind of the adapter the config continues or merges: the saved `adapter_config.json`'s (in
     `lora_model_dir`, or for `merge_lora` the `output_dir` Axolotl's merge reads without one), which governs over the
@@ -108,16 +126,22 @@ class GateRAArgs(BaseModel):
         fail when the config is read, not after the dataset and model have loaded, with the YAML keys named."""
         if not isinstance(data, dict) or data.get("adapter") != "gatera":
             return data
-        from .plugin import _CONFIG_KEYS, gatera_config_from_axolotl
+        from .plugin import _CONFIG_KEYS, _TARGET_KEYS, gatera_config_from_axolotl
 
+        # (the raw values, before pydantic converts them: a number YAML reads as a string, `1e-3`, or a CLI override
+        # Axolotl leaves as one, as pydantic's lax mode will read it)
+        values = {key: _as_number(value) if key in NUMBER_KEYS else value for key, value in data.items()}
         try:
-            gatera_config_from_axolotl(data, model=None, warn=False)
+            gatera_config_from_axolotl(values, model=None, warn=False)
         except (ValueError, TypeError) as error:
             message = str(error)
             named = [f"`{key}` sets {field}" for field, key in _CONFIG_KEYS.items()
-                     if key != field and re.search(rf"(?<![\w.]){re.escape(field)}(?!\w)", message)]
+                     if key != field and any(values.get(k) is not None for k in (
+                         _TARGET_KEYS if key == "lora_target_modules" else (key,)))
+                     and re.search(rf"(?<![\w.]){re.escape(field)}(?!\w)", message)]
             keys = f" (In the YAML: {', '.join(named)}.)" if named else ""
-            raise ValueError(f"`adapter: gatera`: {message}{keys}") from None
+            prefix = "" if message.startswith("`adapter: gatera`") else "`adapter: gatera`: "
+            raise ValueError(f"{prefix}{message}{keys}") from None
         return data
 
     @model_validator(mode="before")

@@ -117,6 +117,8 @@ _TARGET_KEYS = ("lora_target_modules", "lora_target_linear")  # (either sets tar
 
 def _same(field: str, a, b) -> bool:
     """Whether two values of GateRAConfig field `field` describe the same adapter (name lists as sets)."""
+    if field == "target_modules" and "all-linear" in (a, b):  # (PEFT saves the names it expanded it to)
+        return True
     if field in ("target_modules", "modules_to_save") and not isinstance(a, str) and not isinstance(b, str):
         return set(a or ()) == set(b or ())
     if field == "layers_to_transform":  # (an index or a list of them)
