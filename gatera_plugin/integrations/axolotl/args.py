@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from pathlib import Path
 from typing import Literal, Optional
@@ -60,13 +59,15 @@ def _saved_gate(data: dict) -> str:
     """The gate kind of the adapter the config continues or merges: the saved `adapter_config.json`'s (in
     `lora_model_dir`, or for `merge_lora` the `output_dir` Axolotl's merge reads without one), which governs over the
     YAML; the YAML's `gatera_gate` (default sigmoid) where no adapter is saved."""
+    from gatera_plugin.serialization import read_config
+
     folder = data.get("lora_model_dir") or (data.get("output_dir") if data.get("merge_lora") else None)
     if folder:
-        try:
-            saved = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+        try:  # (a missing or unreadable config is reported where the adapter loads)
+            saved = read_config(Path(folder))
         except (OSError, ValueError):
-            saved = None
-        if isinstance(saved, dict) and isinstance(saved.get("gate"), str):
+            saved = {}
+        if isinstance(saved.get("gate"), str):
             return saved["gate"]
     return data.get("gatera_gate") or "sigmoid"
 
