@@ -129,7 +129,7 @@ if is_bnb_4bit_available():
                 "A 4-bit (bitsandbytes) layer ran an eval forward on this CPU before GateRA wrapped it, and bitsandbytes "
                 "repacked its weight for CPU inference, rounding its quantisation scales (absmax) to bf16 (and under "
                 "double quant quantising them again on the way back). GateRA restored the standard layout, but W0 now "
-                "differs from the loaded one by that rounding (up to 0.4% per block, about 1% under double quant). "
+                "differs from the loaded one by that rounding (up to 2^-8, 0.4%, per scale; more under double quant). "
                 "For the exact base, load the model again and apply or load the adapter before any eval forward. "
                 "(Said once; other layers may be affected too.)",
                 UserWarning, stacklevel=3,
