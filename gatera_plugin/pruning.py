@@ -15,7 +15,14 @@ from pathlib import Path
 
 import torch
 
-from .serialization import check_adapter_folder, check_tensors, is_gatera_type, read_config, stamp_config
+from .serialization import (
+    check_adapter_folder,
+    check_tensors,
+    folder_lock,
+    is_gatera_type,
+    read_config,
+    stamp_config,
+)
 
 STRUCTURE_KEY = ".gatera_structure.alpha"
 PEFT_PREFIX = "base_model.model."
@@ -58,13 +65,14 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
             raise FileNotFoundError(f"{path} is missing: `gatera prune` needs a saved GateRA adapter folder.")
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; choose a new output folder (nothing is overwritten).")
-    config = read_config(src)
-    if not is_gatera_type(config.get("peft_type")):
-        raise ValueError(f"{src} holds a {config.get('peft_type')!r} adapter, not a GateRA one.")
-    check_adapter_folder(src)  # checksum, structure stamp, readable tensors: prune only what would load
-    if not config.get("structure_gate"):
-        raise ValueError(f"{src} was trained without structure gates (structure_gate=False): nothing to prune by.")
-    state = load_file(weights_path)
+    with folder_lock(src, exclusive=False):  # config and weights of one save, not of two (a save landing meanwhile)
+        config = read_config(src)
+        if not is_gatera_type(config.get("peft_type")):
+            raise ValueError(f"{src} holds a {config.get('peft_type')!r} adapter, not a GateRA one.")
+        check_adapter_folder(src)  # checksum, structure stamp, readable tensors: prune only what would load
+        if not config.get("structure_gate"):
+            raise ValueError(f"{src} was trained without structure gates (structure_gate=False): nothing to prune by.")
+        state = load_file(weights_path)
     check_tensors(state, weights_path)
     values = {
         key.removesuffix(STRUCTURE_KEY).removeprefix(PEFT_PREFIX): torch.sigmoid(tensor.float()).item()
@@ -79,6 +87,10 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
     try:
+        probe = partial / "mode"  # the mode `mkdir` gives under this umask (mkdtemp's is private to its owner)
+        probe.mkdir()
+        partial.chmod(probe.stat().st_mode & 0o777)
+        probe.rmdir()
         for extra in src.iterdir():  # README, tokenizer files, ... travel along
             if extra.name not in (config_path.name, weights_path.name) and extra.is_file():
                 shutil.copy2(extra, partial / extra.name)

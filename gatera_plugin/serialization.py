@@ -3,7 +3,7 @@
 Installed on `import gatera_plugin`, wrappers around PEFT's functions act on GateRA adapters only:
 
 - `PeftModel.save_pretrained` writes the whole adapter (weights, config, model card) into a staging folder
-  `.gatera-save-*` inside the target, stamps into adapter_config.json the weights' SHA-256 (`weights_sha256`) and a
+  `.gatera-save-*/adapter` inside the target, stamps into adapter_config.json the weights' SHA-256 (`weights_sha256`) and a
   stamp of its structure (`structure_stamp`: a digest of each structural field and of the weights' tensor names and
   shapes), then moves each file into place with an atomic rename, weights first and config last. An interrupted save
   leaves either the previous files or the new ones: never a truncated file. Should it stop between the two renames,
@@ -366,6 +366,16 @@ def _move_into_place(staging: Path, target: Path) -> None:
             backups.append(backup)
         _replace(source, destination)
         _fsync_dir(destination.parent)
+        if source.name in (WEIGHTS, PICKLED_WEIGHTS):
+            # the previous save's weights in the other format are replaced too: left there, loads (PEFT's and
+            # transformers', which prefer safetensors) could read them with this save's config
+            other = destination.with_name(PICKLED_WEIGHTS if source.name == WEIGHTS else WEIGHTS)
+            if other.exists() and not source.with_name(other.name).exists():
+                backup = other.with_name(other.name + PREVIOUS)
+                _keep_previous(other, backup)
+                backups.append(backup)
+                other.unlink()
+                _fsync_dir(other.parent)
     for backup in backups:
         backup.unlink(missing_ok=True)
 
@@ -378,6 +388,10 @@ def _stamp_and_check(staging: Path, target: Path) -> None:
         if weights.exists():
             stamp_config(config_path, weights)
             check_tensors(load_file(weights), target / weights.relative_to(staging))
+        elif (config_path.parent / PICKLED_WEIGHTS).exists():  # (allowed pickles) their checksum, without unpickling
+            config = json.loads(config_path.read_text())
+            config["weights_sha256"] = file_sha256(config_path.parent / PICKLED_WEIGHTS)
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def _check_complete(peft_model, staging: Path, target: Path) -> None:
@@ -447,12 +461,12 @@ def _holds_whole_tensors(staging: Path, target: Path) -> bool:
     )
 
 
-def _warn_if_replacing_another_method(target: Path) -> None:
-    if (target / CONFIG).exists():
-        peft_type = _peft_type(target)
+def _warn_if_replacing_another_method(folder: Path) -> None:
+    if (folder / CONFIG).exists():
+        peft_type = _peft_type(folder)
         if not is_gatera_type(peft_type):
             what = peft_type or "unreadable"
-            warnings.warn(f"Saving a GateRA adapter over the {what} adapter in {target}.", UserWarning, stacklevel=3)
+            warnings.warn(f"Saving a GateRA adapter over the {what} adapter in {folder}.", UserWarning, stacklevel=3)
 
 
 def _refuse_pickle(options: dict) -> None:
@@ -481,14 +495,17 @@ def wrap_save_pretrained(original):
         _refuse_pickle(options)
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
-        _warn_if_replacing_another_method(target)
         with folder_lock(target, exclusive=True):  # no window in which another save could take our staging folder
             _remove_dead_staging(target)
-            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
-            own = _open_dir(staging)
+            alive = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
+            own = _open_dir(alive)
             if own is not None and fcntl is not None:
-                _without(LOCKS, staging, lambda: fcntl.flock(own, fcntl.LOCK_EX))  # held until the save ends: alive
+                _without(LOCKS, alive, lambda: fcntl.flock(own, fcntl.LOCK_EX))  # held until the save ends: alive
+        # PEFT writes one level further down: the leftovers of a killed save then hold no adapter files directly, which
+        # the Trainer, resuming from a checkpoint, would take for a second adapter named after the staging folder
+        staging = alive / "adapter"
         try:
+            staging.mkdir()
             if (target / "README.md").exists():  # PEFT updates an existing model card rather than replacing it
                 shutil.copy2(target / "README.md", staging / "README.md")
             original(self, str(staging), *args, **kwargs)
@@ -496,13 +513,15 @@ def wrap_save_pretrained(original):
                 return
             _check_complete(self, staging, target)
             _stamp_and_check(staging, target)
+            for config in staging.rglob(CONFIG):  # the folders whose adapter this save replaces
+                _warn_if_replacing_another_method(target / config.parent.relative_to(staging))
             subfolders = sorted({target / p.parent.relative_to(staging) for p in staging.rglob("*") if p.is_file()})
             for folder in subfolders:
                 folder.mkdir(parents=True, exist_ok=True)
             with _locks([target] + [f for f in subfolders if f != target]):
                 _move_into_place(staging, target)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(alive, ignore_errors=True)
             if own is not None:
                 os.close(own)
 
@@ -574,6 +593,7 @@ def _check_adapter_files(folder: Path) -> None:
     if not weights.exists():
         if pickled.exists():
             if _pickle_allowed():
+                _check_checksum(config, pickled)
                 return
             raise ValueError(
                 f"{pickled} holds pickled weights: GateRA loads safetensors only, because unpickling a file can run "
@@ -592,24 +612,30 @@ def _check_adapter_files(folder: Path) -> None:
                 handle.get_slice(key)
     except Exception as error:  # safetensors raises its own error types for bad headers and short files
         raise ValueError(
-            f"{weights} is corrupted or truncated ({type(error).__name__}: {error}). Restore it from a checkpoint "
-            "(checkpoint-*/) or save the adapter again."
+            f"{weights} is corrupted or truncated ({type(error).__name__}: {error})." + _how_to_restore(weights)
         ) from error
     expected = config.get("weights_sha256")
     if config.get(STAMP) is not None and not (isinstance(expected, str) and expected):
         raise ValueError(f"{folder / CONFIG}: field `weights_sha256` is {expected!r}, but a stamped save always writes "
                          "the weights' SHA-256 there. Restore the file from a checkpoint or re-save the adapter.")
+    _check_checksum(config, weights)
+    _check_stamp(config, folder / CONFIG, weights)
+
+
+def _how_to_restore(weights: Path) -> str:
+    previous = weights.with_name(weights.name + PREVIOUS)
+    if previous.exists():
+        return f" The previous adapter's weights are kept as {previous.name}: rename it to {weights.name} to restore it."
+    return " Restore the adapter from a checkpoint (checkpoint-*/) or save it again."
+
+
+def _check_checksum(config: dict, weights: Path) -> None:
+    expected = config.get("weights_sha256")
     if expected and file_sha256(weights) != expected:
-        previous = weights.with_name(WEIGHTS + PREVIOUS)
-        restore = (
-            f" The previous adapter's weights are kept as {previous.name}: rename it to {WEIGHTS} to restore it."
-            if previous.exists() else " Restore the adapter from a checkpoint (checkpoint-*/) or save it again."
-        )
         raise ValueError(
             f"{weights} does not match the checksum saved in {CONFIG}: the two files come from different saves (an "
-            "interrupted save_pretrained) or the weights were modified." + restore
+            "interrupted save_pretrained) or the weights were modified." + _how_to_restore(weights)
         )
-    _check_stamp(config, folder / CONFIG, weights)
 
 
 def _refuse_a_replaced_config(folder: Path, peft_type) -> None:
@@ -804,9 +830,30 @@ def wrap_load_adapter(original):
     return load_adapter
 
 
+def wrap_transformers_load_adapter(original):
+    """transformers' own adapter loading (`model.load_adapter`, and `from_pretrained` on an adapter folder through it)
+    reads the config through PEFT (checked there) and then the weights itself: a local GateRA folder gets a shared
+    lock for the whole load, as PEFT's loads do, so that a save landing in between cannot pair its weights with the
+    config read before it."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def load_adapter(self, *args, **kwargs):
+        options = signature.bind_partial(self, *args, **kwargs).arguments
+        subfolder = (options.get("kwargs") or {}).get("subfolder") or (options.get("adapter_kwargs") or {}).get("subfolder")
+        folder = _local_folder(options.get("peft_model_id"), subfolder)
+        if folder is None or not is_gatera_type(_peft_type(folder)):
+            return original(self, *args, **kwargs)
+        with folder_lock(folder, exclusive=False):
+            return original(self, *args, **kwargs)
+
+    setattr(load_adapter, _MARK, True)
+    return load_adapter
+
+
 def install() -> None:
-    """Wrap PeftModel's save_pretrained, from_pretrained, load_adapter, PeftConfig's from_pretrained and every reference
-    to load_peft_weights, once."""
+    """Wrap PeftModel's save_pretrained, from_pretrained, load_adapter, PeftConfig's from_pretrained, transformers'
+    load_adapter and every reference to load_peft_weights, once."""
     import peft.config
     import peft.peft_model
     import peft.utils
@@ -824,6 +871,10 @@ def install() -> None:
     raw = config_cls.__dict__["from_pretrained"]
     if not getattr(raw.__func__, _MARK, False):
         config_cls.from_pretrained = wrap_config_from_pretrained(raw)
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    if not getattr(PeftAdapterMixin.load_adapter, _MARK, False):
+        PeftAdapterMixin.load_adapter = wrap_transformers_load_adapter(PeftAdapterMixin.load_adapter)
     for module in (peft.peft_model, peft.utils, peft.utils.save_and_load):
         current = getattr(module, "load_peft_weights", None)
         if current is not None and not getattr(current, _MARK, False):

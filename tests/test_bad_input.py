@@ -185,7 +185,7 @@ def test_missing_weights(saved):
 def test_truncated_weights(saved):
     data = (saved / "adapter_model.safetensors").read_bytes()
     (saved / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors is corrupted or truncated.*Restore it"):
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors is corrupted or truncated.*Restore the adapter from a checkpoint"):
         _load(saved)
 
 

@@ -138,6 +138,70 @@ def test_a_failure_between_the_renames_is_detected_on_load(tmp_path, monkeypatch
     torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), expected)
 
 
+def test_a_save_in_the_other_weights_format_replaces_the_previous_weights(tmp_path):
+    """A pickled save over a safetensors one (and back) leaves one weights file, this save's: left there, the other
+    file was what PEFT and transformers loaded (they prefer safetensors), with the new config."""
+    import gatera_plugin
+
+    ids = torch.randint(3, 128, (2, 7))
+    first, second = _trained(0), _trained(1)
+    first.save_pretrained(tmp_path)
+    with gatera_plugin.allow_pickle():
+        second.save_pretrained(tmp_path, safe_serialization=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+        torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids),
+                                   eval_logits(second, ids))
+        with open(tmp_path / "adapter_model.bin", "ab") as handle:  # the pickled weights are checksummed too
+            handle.write(b"\0")
+        with pytest.raises(ValueError, match="adapter_model.bin does not match the checksum"):
+            PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    first.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), eval_logits(first, ids))
+
+
+def test_truncated_weights_name_the_previous_copy_where_there_is_one(tmp_path):
+    """Without renames a save killed while copying leaves the weights cut short and the previous ones as `.previous`:
+    the refusal says so, as the checksum's does."""
+    _trained(0).save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    os.link(weights, tmp_path / "adapter_model.safetensors.previous")
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="corrupted or truncated.*kept as adapter_model.safetensors.previous"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_transformers_own_adapter_loading_holds_the_folder_lock_until_the_weights_are_read(tmp_path, monkeypatch):
+    """`model.load_adapter` (transformers') reads the config through PEFT, then the weights itself: a save must not land
+    in between (it would pair its weights with the config read before)."""
+    import peft
+
+    first = _trained(0)
+    first.save_pretrained(tmp_path)
+    real_inject = peft.inject_adapter_in_model
+    writer_blocked = []
+
+    def inject(*args, **kwargs):  # between transformers' config read and its weights read
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a save takes before its renames
+        except BlockingIOError:
+            writer_blocked.append(True)
+        finally:
+            os.close(fd)
+        return real_inject(*args, **kwargs)
+
+    monkeypatch.setattr(peft, "inject_adapter_in_model", inject)
+    model = tiny_llama()
+    model.load_adapter(str(tmp_path))
+    assert writer_blocked == [True]
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, eval_logits(first, ids))
+
+
 # What a file system can lack (the call, its error there, the feature the warning names; None: no warning, because
 # the save keeps every guarantee, e.g. `.previous` as a copy instead of a hard link).
 LACKING = {
@@ -274,6 +338,24 @@ def test_saving_over_another_methods_adapter_warns(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{ broken")
     with pytest.warns(UserWarning, match="over the unreadable adapter"):
         _trained().save_pretrained(tmp_path)
+
+
+def test_saving_over_another_methods_adapter_in_a_subfolder_warns_naming_it(tmp_path):
+    """The folders a save writes configs into are the ones checked: a second adapter's subfolder, not the root it
+    leaves alone."""
+    from peft import LoraConfig
+
+    lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    lora.add_adapter("other", LoraConfig(target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path)  # root: "default", other/: "other", both LoRA
+    gatera = _trained()
+    gatera.add_adapter("other", GateRAConfig(r=4, target_modules=TARGETS))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gatera.save_pretrained(tmp_path, selected_adapters=["other"])
+    replaced = [str(w.message) for w in caught if "over the" in str(w.message)]
+    assert replaced == [f"Saving a GateRA adapter over the LORA adapter in {tmp_path / 'other'}."]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"  # left alone
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -711,6 +793,37 @@ def test_pruning_every_module_is_refused(tmp_path):
         model.base_model.prune_structure(1.0)
     assert main(["prune", str(tmp_path / "full"), "--threshold", "1.0", "--out", str(tmp_path / "pruned")]) == 2
     assert not (tmp_path / "pruned").exists()
+
+
+def test_gatera_prune_reads_its_source_under_the_folder_lock_and_writes_a_readable_folder(tmp_path, monkeypatch):
+    """A save landing in the source while it is read must wait (else the copy could pair one save's config with
+    another's weights, and be stamped as sound); the output folder gets the mode `mkdir` gives, not mkdtemp's 0700."""
+    from gatera_plugin.cli import main
+
+    _structure_model(GateRAConfig(r=4, target_modules=TARGETS, structure_gate=True)).save_pretrained(tmp_path / "full")
+    from safetensors import torch as safetensors_torch
+
+    real_load = safetensors_torch.load_file
+    writer_blocked = []
+
+    def load_file(path, *args, **kwargs):
+        fd = os.open(tmp_path / "full", os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a save takes before its renames
+        except BlockingIOError:
+            writer_blocked.append(True)
+        finally:
+            os.close(fd)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors_torch, "load_file", load_file)
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["prune", str(tmp_path / "full"), "--threshold", "0.5", "--out", str(tmp_path / "pruned")]) == 0
+    finally:
+        os.umask(old_umask)
+    assert writer_blocked == [True]
+    assert (tmp_path / "pruned").stat().st_mode & 0o777 == 0o755
 
 
 # ------------------------------------------------------------------------------------------------ cache_delta

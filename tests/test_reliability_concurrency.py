@@ -108,9 +108,12 @@ def test_concurrent_saves_and_loads_of_one_folder(tmp_path):
 
 
 def _save_and_hang(folder, seed, stage, ready):
-    """Save, but stop for good at `stage` ("writing": weights staged; "renaming": weights renamed into place, the
-    folder's lock held), after touching `ready`; the parent then kills this process with SIGKILL."""
+    """Save, but stop for good at `stage` ("writing": weights written by PEFT; "staged": the whole adapter staged and
+    stamped, before the first rename; "renaming": weights renamed into place, the folder's lock held), after touching
+    `ready`; the parent then kills this process with SIGKILL."""
     import peft.peft_model
+
+    import gatera_plugin.serialization
 
     def hang():
         open(ready, "w").close()
@@ -124,6 +127,8 @@ def _save_and_hang(folder, seed, stage, ready):
             hang()
 
         peft.peft_model.safe_save_file = save_then_hang
+    elif stage == "staged":
+        gatera_plugin.serialization._move_into_place = lambda *args: hang()
     else:
         real_replace = os.replace
 
@@ -136,8 +141,21 @@ def _save_and_hang(folder, seed, stage, ready):
     _model(seed).save_pretrained(folder)
 
 
-@pytest.mark.parametrize("stage", ["writing", "renaming"])
+def _resume(checkpoint):
+    """What the Trainer does with a checkpoint folder when it resumes (it takes a subfolder holding adapter weights
+    for a second adapter); returns the model."""
+    from transformers import Trainer, TrainingArguments
+
+    model = _model(3)
+    args = TrainingArguments(output_dir=str(checkpoint.parent / "run"), use_cpu=True, report_to="none")
+    Trainer(model=model, args=args)._load_from_checkpoint(str(checkpoint))
+    return model
+
+
+@pytest.mark.parametrize("stage", ["writing", "staged", "renaming"])
 def test_a_save_killed_with_sigkill_is_cleaned_up_by_the_next_save(tmp_path, stage):
+    """Until the next save, the folder holds the previous adapter (a Trainer resumes from it, as from a checkpoint, not
+    taking the dead staging folder for a second adapter), or, killed between the renames, refuses to load."""
     folder = tmp_path / "adapter"
     _model(0).save_pretrained(folder)
     ready = tmp_path / "ready"
@@ -155,6 +173,10 @@ def test_a_save_killed_with_sigkill_is_cleaned_up_by_the_next_save(tmp_path, sta
     if stage == "renaming":  # killed between the renames, holding the lock: the kernel released it
         with pytest.raises(ValueError, match="does not match the checksum"):
             PeftModel.from_pretrained(tiny_llama(), folder)
+    else:
+        resumed = _resume(folder)
+        assert list(resumed.peft_config) == ["default"]
+        assert _same(_state(resumed), _state(_model(0)))
     _model(2).save_pretrained(folder)  # must neither hang on the dead save's lock nor keep its staging folder
     assert not [p for p in folder.iterdir() if p.name.startswith(".gatera-save-")]
     assert _same(_state(PeftModel.from_pretrained(tiny_llama(), folder)), _state(_model(2)))
