@@ -9,7 +9,7 @@ Each class also holds what the layer and the logs need to know of its kind: `sta
 statistics are recorded), `per_token` (one value per token, or one per module), `penalty(config)` (the penalty's
 weight and per-value gradient for its tap), `log_entries` (what its statistics and penalty are called in the logs,
 from the per-layer means that `GateStats` records: (layers, 3) = mean value, mean H/log 2, fraction open) and, for
-the token gates, `reads_branch_output` (whether it runs after the branch).
+the token gates, `reads_branch_output` (whether it runs after the branch); `Gate.trains()` they share.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ from .ops._autocast import autocast_off
 from .penalty import constant_term_grad, entropy_term_grad, keep_ratio_term_grad
 
 
-class SigmoidGate(nn.Module):
+class Gate(nn.Module):
+    """What every gate kind shares."""
+
+    def trains(self) -> bool:
+        """Whether any of its parameters is trained (requires grad): a frozen gate is not penalised."""
+        return any(param.requires_grad for param in self._parameters.values())  # (its own: a gate has no children)
+
+
+class SigmoidGate(Gate):
     """GateRA's gate `g(x) = σ(w·x + b)`: (..., d_in) → (..., 1); `d_in + 1` parameters.
 
     `weight` (1, d_in) starts at 0 and `bias` (1,) at `bias_init`, so every token starts with `g = σ(bias_init)`.
@@ -190,7 +198,7 @@ class _ThresholdSTE(torch.autograd.Function):
         return grad_ratio, grad_threshold, None
 
 
-class ThresholdGate(nn.Module):
+class ThresholdGate(Gate):
     """TS-PEFT's token selector `S(x) = 1[r(x) ≥ τ]`, `r(x) = ‖Δy(x)‖₂ / ‖W0 x‖₂`, with one learnable τ (1,).
 
     The selection is hard in forward (a dropped token gets exactly no update) and trained by a straight-through
@@ -253,7 +261,7 @@ class ThresholdGate(nn.Module):
         return f"threshold_init={self.threshold_init}, temperature={self.temperature}"
 
 
-class StructureGate(nn.Module):
+class StructureGate(Gate):
     """The Structure-Learnable Adapter's per-module gate `σ(α)`: `alpha` (1,), no input."""
 
     stats_kind = "structure"
@@ -291,11 +299,11 @@ class StructureGate(nn.Module):
 
 
 # The gate classes by the kind under which a layer records their statistics (`GateRALayer.gate_stats`).
-GATES_BY_STATS_KIND: dict[str, type[nn.Module]] = {gate.stats_kind: gate for gate in (SigmoidGate, ThresholdGate,
+GATES_BY_STATS_KIND: dict[str, type[Gate]] = {gate.stats_kind: gate for gate in (SigmoidGate, ThresholdGate,
                                                                                     StructureGate)}
 
 # The token gate classes by the name a user gives as `GateRAConfig(gate=...)`; "none" stores no module.
-TOKEN_GATE_KINDS: dict[str, type[nn.Module]] = {"sigmoid": SigmoidGate, "threshold": ThresholdGate}
+TOKEN_GATE_KINDS: dict[str, type[Gate]] = {"sigmoid": SigmoidGate, "threshold": ThresholdGate}
 
 
 def make_token_gate(kind: str, in_features: int, config) -> nn.Module | None:

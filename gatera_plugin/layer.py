@@ -131,6 +131,11 @@ class GateRALayer(BaseTunerLayer):
         return [gates[adapter_name].stats_kind for gates in (self.gatera_gate, self.gatera_structure)
                 if adapter_name in gates]
 
+    def trained_gate_stats(self, adapter_names) -> list[GateStats]:
+        """The statistics of the gates of `adapter_names` here whose parameters train (those a backward records)."""
+        return [self.gate_stats[(name, gates[name].stats_kind)] for name in adapter_names
+                for gates in (self.gatera_gate, self.gatera_structure) if name in gates and gates[name].trains()]
+
     def reset_gatera_parameters(self, adapter_name: str, init_weights: bool) -> None:
         """HiRA's init: `A` Kaiming-uniform (a=√5), `B = 0`, gates at their initial values; DoRA's magnitude is
         `‖W0 + s·BA‖`. `init_weights=False` randomises `B` and the sigmoid gate's weight (tests, debugging)."""
@@ -228,7 +233,9 @@ class GateRALayer(BaseTunerLayer):
         cached = self._delta_cache.get(adapter_name)
         if cached is not None and cached[0] == key and torch.equal(torch.cat(cached[1]), cached[2]):
             return cached[3]
-        with torch.no_grad(), autocast_off(A.device.type):
+        # (a normal tensor, also when built under inference_mode: a later forward that records a graph through x,
+        # e.g. an input attribution in eval, must be able to save it for backward)
+        with torch.inference_mode(False), torch.no_grad(), autocast_off(A.device.type):
             probes = [_evenly_spaced(A, 256), _evenly_spaced(B, 256), _evenly_spaced(weight, 1024)]
             branch = BRANCH_KINDS[self.branch_kind[adapter_name]]
             delta = branch.delta(self.base_weight(), A, B, self.branch_scale(adapter_name)).to(dtype)
@@ -238,9 +245,11 @@ class GateRALayer(BaseTunerLayer):
     # ----------------------------------------------------------------------------------------------- forward
     def _penalised(self, adapter_name, gate, value, mask, taps: bool):
         """`gate`'s `value` routed through its penalty tap (backward adds the penalty's gradient and records
-        statistics), or as it is where no penalty run taps this forward (`taps` False) or nothing trains the gate.
-        `mask`: the tokens' mask for a per-token gate, or None (every token; a per-module gate)."""
-        if not taps or not value.requires_grad:
+        statistics), or as it is where no penalty run taps this forward (`taps` False) or nothing trains the gate
+        (its parameters are frozen: a frozen adapter active beside the trained one; its value may still require grad
+        through x, and its penalty would reach the trained adapters upstream). `mask`: the tokens' mask for a
+        per-token gate, or None (every token; a per-module gate)."""
+        if not taps or not value.requires_grad or not gate.trains():
             return value
         weight, term_grad = gate.penalty(self.options[adapter_name])
         run, kind = self.penalty_run, gate.stats_kind
@@ -371,7 +380,10 @@ class GateRALayer(BaseTunerLayer):
         index = active.nonzero().squeeze(1)
         rows = result.reshape(-1, result.shape[-1])
         if index.numel() == 0:
-            return result
+            # every token skips; the multiplier stays in the graph (a zero task gradient) so that its penalty tap
+            # still gives the gates their penalty's gradient and records their statistics, as for skipped tokens
+            # beside open ones
+            return result + multiplier.sum().mul(0).to(result.dtype) if multiplier.requires_grad else result
         # the open rows through the branch with their own outputs as its base: each rounds as on the dense path
         open_rows = self._branch(adapter_name, x.reshape(-1, x.shape[-1])[index], flat[index].unsqueeze(1),
                                  rows[index], base_out.reshape(-1, base_out.shape[-1])[index])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import re
 import warnings
@@ -50,6 +51,23 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
             entry = container[adapter_name]
             tensors.extend(entry.state_dict(keep_vars=True).values() if isinstance(entry, nn.Module) else [entry])
     return tensors
+
+
+def _inputs_by_name(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A forward's arguments given by position and by name, as one dict by parameter name (its `**kwargs` merged in);
+    those not bound by the forward's signature are left out."""
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):  # (no signature, or one these arguments do not fit: the forward itself says so)
+        return kwargs
+    named = {}
+    for name, value in bound.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return named
 
 
 def _adapter_parameters(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
@@ -320,6 +338,9 @@ class GateRAModel(BaseTuner):
     # ----------------------------------------------------------------------------------------------- batches
     def _record_batch(self, module, args, kwargs):
         """Forward pre-hook on the wrapped model: remember this batch's attention mask for the gated layers."""
+        if len(args) > 1:  # `model(input_ids, attention_mask)`: the inputs by their names
+            kwargs = _inputs_by_name(module, args, kwargs)
+            args = ()
         reference = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if reference is None and args and isinstance(args[0], torch.Tensor):
             reference = args[0]

@@ -192,8 +192,7 @@ def warn_of_untapped_layers(trainer, tuner) -> None:
     """
     from .layer import GateRALayer
 
-    active = set(tuner.active_adapters)
-    gated = {name: [stats for (adapter, _), stats in module.gate_stats.items() if adapter in active]
+    gated = {name: module.trained_gate_stats(tuner.active_adapters)
              for name, module in tuner.model.named_modules() if isinstance(module, GateRALayer)}
     gated = {name: stats for name, stats in gated.items() if stats}
     untapped = [name for name, stats in gated.items() if not any(s.recorded for s in stats)]

@@ -455,7 +455,8 @@ def multipack_collator(tokenizer, rows: int = 2, pad_to_multiple_of: int = 16):
     return collate
 
 
-def plain_trainer(tmp_path, texts, entropy_weight: float, batch: int, accum: int, collator=None):
+def plain_trainer(tmp_path, texts, entropy_weight: float, batch: int, accum: int, collator=None,
+                  target_modules=LLAMA_PROJECTIONS):
     """A transformers `Trainer` (not TRL's) for one step of a gated tiny LLaMA on `texts`, logging every step.
 
     `collator`: a function of the tokenizer that builds the data collator (default: causal LM with padding)."""
@@ -468,7 +469,7 @@ def plain_trainer(tmp_path, texts, entropy_weight: float, batch: int, accum: int
     tokenizer = word_tokenizer(toy_texts(64))
     torch.manual_seed(0)
     config = GateRAConfig(
-        r=4, target_modules=LLAMA_PROJECTIONS, init_weights=False, gate_bias_init=0.8, entropy_weight=entropy_weight
+        r=4, target_modules=target_modules, init_weights=False, gate_bias_init=0.8, entropy_weight=entropy_weight
     )
     model = get_peft_model(tiny_llama(), config)
     dataset = Dataset.from_dict({"text": texts}).map(lambda e: tokenizer(e["text"]), remove_columns=["text"])

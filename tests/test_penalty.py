@@ -8,7 +8,7 @@ from peft import get_peft_model
 
 from gatera_plugin import GateRAConfig
 from gatera_plugin.penalty import GateStats, GateValues, binary_entropy, binary_entropy_grad
-from tests.helpers import collect_gates, naive_entropy, offloading_checkpoint, tiny_llama
+from tests.helpers import collect_gates, naive_entropy, offloading_checkpoint, randomize_adapters, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 LAMBDA = 0.7
@@ -68,17 +68,18 @@ def test_injected_gradient_equals_explicit_penalty_gradient():
     assert differs > 0
 
 
-def test_padding_tokens_carry_no_penalty_and_no_statistics():
-    """Changing what sits under padding changes neither the penalty gradient of the gates nor the statistics."""
+@pytest.mark.parametrize("call", ["by-name", "by-position"])
+def test_padding_tokens_carry_no_penalty_and_no_statistics(call):
+    """Changing what sits under padding changes neither the penalty gradient of the gates nor the statistics; also
+    for a mask given by position, `model(input_ids, attention_mask)` (a PeftModel without a task type passes it on so)."""
     input_ids, mask, _ = _batch()
     results = []
     for pad_token in (0, 77):
         model = _model(LAMBDA)
         ids = input_ids.masked_fill(mask == 0, pad_token)
         # no task loss: only the penalty drives gradients, so any dependence on padded positions would show
-        model(input_ids=ids, attention_mask=mask)
         gates, handles = collect_gates(model)
-        out = model(input_ids=ids, attention_mask=mask)
+        out = model(input_ids=ids, attention_mask=mask) if call == "by-name" else model(ids, mask)
         (out.logits.sum() * 0).backward()
         for h in handles:
             h.remove()
@@ -88,6 +89,54 @@ def test_padding_tokens_carry_no_penalty_and_no_statistics():
     for name in g0:
         torch.testing.assert_close(g0[name], g1[name], rtol=1e-5, atol=1e-8)
     assert s0 == pytest.approx(s1, rel=1e-6)
+
+
+def test_a_frozen_adapter_active_beside_the_trained_one_is_neither_penalised_nor_logged():
+    """Its gates' values require grad through x (downstream of the trained adapter): penalising them would push the
+    trained adapter's parameters upstream, by the frozen adapter's weight."""
+    input_ids, mask, labels = _batch()
+    results = []
+    for frozen_weight in (0.0, 5.0):
+        model = _model(LAMBDA)
+        model.add_adapter("frozen", GateRAConfig(r=4, target_modules=TARGETS, init_weights=False,
+                                                 entropy_weight=frozen_weight, structure_gate=True,
+                                                 structure_weight=frozen_weight))
+        torch.manual_seed(1)
+        randomize_adapters(model, adapter_name="frozen")
+        model.base_model.set_adapter(["default", "frozen"])
+        for name, param in model.named_parameters():
+            param.requires_grad_(".default" in name)
+        model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+        results.append((_grads(model), model.base_model.pop_gate_stats()))
+    (g0, s0), (g1, s1) = results
+    assert g0.keys() == g1.keys() and g0 and all(".default" in name for name in g0)
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], rtol=0, atol=0)
+    assert s0 == s1 and not [key for key in s1 if key.endswith("/frozen")]
+
+
+def test_a_layer_whose_tokens_all_skip_under_sparse_training_keeps_its_penalty():
+    """`sparse_training`: tokens below `sparse_threshold` skip the branch but keep the entropy penalty's gradient,
+    also where every token of the batch skips (a whole layer gated shut), and its statistics."""
+    input_ids, mask, _ = _batch()
+    results = []
+    for threshold in (0.0, 0.1):
+        torch.manual_seed(0)
+        options = dict(sparse_threshold=threshold, sparse_training=True) if threshold else {}
+        model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, init_weights=False,
+                                                          entropy_weight=LAMBDA, **options)).train()
+        gate = model.base_model.model.model.layers[0].self_attn.q_proj.gatera_gate["default"]  # the first gated layer
+        with torch.no_grad():  # shut for every token (σ(-2.9) = 0.052)
+            gate.weight.zero_()
+            gate.bias.fill_(-2.9)
+        out = model(input_ids=input_ids, attention_mask=mask)
+        (out.logits.sum() * 0).backward()  # only the penalty drives the gates
+        stats = model.base_model.pop_gate_stats(per_layer=True)
+        results.append((gate.bias.grad, stats["gatera/gate_mean/layers.0.self_attn.q_proj"]))
+    (dense_grad, dense_mean), (sparse_grad, sparse_mean) = results
+    assert sparse_grad is not None and dense_grad.abs().item() > 0
+    torch.testing.assert_close(sparse_grad, dense_grad)  # its input is the same: nothing upstream is adapted
+    assert sparse_mean == pytest.approx(dense_mean)
 
 
 def test_statistics_equal_the_explicit_means():
@@ -331,6 +380,24 @@ def test_gated_layers_that_never_run_are_reported(tmp_path, caplog):
     # (transformers 5.0 names the tower's layers `vision_tower.vision_model.encoder...`, later releases without it)
     assert re.search(r"vision_tower\.(vision_model\.)?encoder\.layers\.1\.", warnings[0]), warnings[0]
     assert "exclude_modules" in warnings[0]
+
+
+def test_a_frozen_adapter_on_other_layers_is_not_reported_as_untrained(tmp_path, caplog):
+    """Its gates are not penalised and record nothing: they are not layers that "got no gradient"."""
+    import logging
+
+    from tests.helpers import plain_trainer, toy_texts
+
+    trainer = plain_trainer(tmp_path, toy_texts(8), entropy_weight=0.1, batch=4, accum=1,
+                            target_modules=["q_proj", "v_proj"])
+    model = trainer.model
+    model.add_adapter("frozen", GateRAConfig(r=4, target_modules=["k_proj", "o_proj"], init_weights=False))
+    model.base_model.set_adapter(["default", "frozen"])
+    for name, param in model.named_parameters():
+        param.requires_grad_(".default" in name)
+    with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
+        trainer.train()
+    assert not [r.getMessage() for r in caplog.records if "got no gradient" in r.getMessage()]
 
 
 # ------------------------------------------------------------------------------------------- hand-written loops

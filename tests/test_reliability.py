@@ -855,6 +855,22 @@ def test_cache_delta_sees_writes_through_data(write):
     torch.testing.assert_close(cached, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_an_update_cached_under_inference_mode_serves_a_later_forward_that_records_a_graph():
+    """A pipeline's forward under `torch.inference_mode()` fills the cache; an input attribution in eval (a graph
+    through x, frozen adapters) must not then fail on an inference tensor saved for backward."""
+    model = _cached_model().requires_grad_(False)
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.inference_mode():
+        model(input_ids=ids)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    model(inputs_embeds=embeds).logits[:, -1].sum().backward()
+    fresh = _cached_model().requires_grad_(False)
+    fresh.load_state_dict(model.state_dict())
+    expected = model.get_input_embeddings()(ids).detach().requires_grad_()
+    fresh(inputs_embeds=expected).logits[:, -1].sum().backward()
+    torch.testing.assert_close(embeds.grad, expected.grad)
+
+
 def test_train_drops_the_cached_update():
     """`Linear(nn.Module, GateRALayer)` resolved train() to nn.Module.train, so the cache outlived eval."""
     model = _cached_model()
