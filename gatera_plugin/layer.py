@@ -151,7 +151,9 @@ class GateRALayer(BaseTunerLayer):
             if adapter_name in container:
                 container[adapter_name].reset_parameters(random=not init_weights)
         if adapter_name in self.gatera_magnitude:
-            norm = dora_weight_norm(self._original_weight(), A, B, self.branch_scale(adapter_name))
+            scale = self.branch_scale(adapter_name)  # (first: it may gather W0 itself)
+            with self._gathered_base_weight():
+                norm = dora_weight_norm(self._original_weight(), A, B, scale)
             with torch.no_grad():
                 self.gatera_magnitude[adapter_name].copy_(norm)
 
@@ -190,17 +192,22 @@ class GateRALayer(BaseTunerLayer):
             raise ValueError(f"hira_scaling={setting!r} reads the base weights, but they are still on the meta device "
                              "(not loaded) when the adapter is first used. Load the base model's weights before "
                              "the first forward, or use hira_scaling='none'.")
-        gathered = contextlib.nullcontext()
-        if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters([weight])
-        with gathered, torch.no_grad():
+        with self._gathered_base_weight(), torch.no_grad():
             rms = self._original_weight().float().square().mean().sqrt().item()
         if not math.isfinite(rms) or rms <= 0:
             raise ValueError(f"hira_scaling={setting!r} needs a nonzero, finite base weight, but its RMS is {rms}. "
                              "Use hira_scaling='none' for this model.")
         return rms
+
+    def _gathered_base_weight(self):
+        """A context in which the base weight is whole: gathered under DeepSpeed ZeRO-3 (outside a forward, a rank holds
+        an empty (0,) shard of it), else nothing to do."""
+        weight = self.get_base_layer().weight
+        if not hasattr(weight, "ds_id"):  # (not a ZeRO-3 partitioned parameter)
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([weight])
 
     def kernel_weight(self):
         """W0 as the Triton kernels read it (a dense (d_out, d_in) view here; packed bytes for 4-bit bases)."""

@@ -109,13 +109,20 @@ def count_real_tokens(batches) -> Optional[torch.Tensor]:
 def loss_scale_of(trainer) -> float:
     """The factor the trainer multiplies the loss by before backward (fp16 loss scaling), else 1.
 
-    Accelerate's GradScaler for plain fp16 training; under DeepSpeed, the ZeRO optimizer's loss scaler (which
-    `engine.backward` applies; bf16 and fp32 runs have none or a static scale of 1).
+    Accelerate's GradScaler for plain fp16 training; under DeepSpeed, what `engine.backward` scales the loss by, in
+    the order its optimizer's `scale_if_loss` looks: a custom scale, the torch GradScaler of `torch_autocast` with
+    fp16 (the ZeRO optimizer's, or without ZeRO the engine's), else the ZeRO optimizer's loss scaler (bf16 and fp32
+    runs have none or a static scale of 1).
     """
     if getattr(trainer, "is_deepspeed_enabled", False):
-        optimizer = getattr(getattr(trainer, "model_wrapped", None), "optimizer", None)
+        engine = getattr(trainer, "model_wrapped", None)
+        optimizer = getattr(engine, "optimizer", None)
         if getattr(optimizer, "custom_loss_scaler", False):
             return float(optimizer.external_loss_scale)
+        for autocast_scaler in (getattr(optimizer, "torch_autocast_gradscaler", None),
+                                getattr(engine, "torch_autocast_z0_gradscaler", None)):
+            if autocast_scaler is not None and autocast_scaler.is_enabled():
+                return float(autocast_scaler.get_scale())
         scaler = getattr(optimizer, "loss_scaler", None)
         return float(getattr(scaler, "loss_scale", 1.0)) if scaler is not None else 1.0
     scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)

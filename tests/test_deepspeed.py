@@ -287,6 +287,47 @@ def test_4bit_base_under_zero3_is_refused_clearly(tmp_path):
         del keep_alive
 
 
+# One process: a base loaded by `from_pretrained` while a ZeRO-3 config is live (what `TrainingArguments(deepspeed=...)`
+# sets up) comes partitioned, each weight an empty (0,) shard outside forward; the adapter is added onto that.
+ZERO3_LOADED_BASE = """
+import sys, deepspeed, torch
+deepspeed.init_distributed(dist_backend="gloo")
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+from gatera_plugin import GateRAConfig
+from gatera_plugin.layer import GateRALayer
+config = GateRAConfig(r=4, target_modules=["q_proj", "v_proj"], branch=sys.argv[2])
+reference = get_peft_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), config)
+keep_alive = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+assert base.model.layers[0].self_attn.q_proj.weight.shape == (0,), "not partitioned"
+model = get_peft_model(base, config)
+layers = [[m for m in peft.modules() if isinstance(m, GateRALayer)] for peft in (model, reference)]
+assert len(layers[0]) == 4
+for ours, single in zip(*layers):
+    assert ours.branch_scale("default") == single.branch_scale("default")
+    assert ours.gatera_magnitude.keys() == single.gatera_magnitude.keys()
+    for key, value in single.gatera_magnitude.items():
+        torch.testing.assert_close(ours.gatera_magnitude[key], value)
+print("same adapter")
+"""
+
+
+@pytest.mark.parametrize("branch", ["hira", "dora"])
+def test_adapter_added_to_a_base_loaded_partitioned_by_zero3(tmp_path, branch):
+    """DoRA's magnitude starts at ‖W0‖ per row, read from the gathered W0 (it read the empty shard and failed), as
+    the HiRA scale's RMS(W0) does: the same adapter as on an unpartitioned base."""
+    from tests.distributed import free_port, run
+    from tests.helpers import tiny_llama
+
+    tiny_llama(hidden=64, intermediate=128).save_pretrained(tmp_path)
+    done = run([sys.executable, "-c", ZERO3_LOADED_BASE, str(tmp_path), branch], MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=free_port(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    ok(done)
+    assert "same adapter" in done.stdout
+
+
 def test_loss_scale_is_read_from_deepspeed_and_accelerate():
     from types import SimpleNamespace
 
@@ -300,6 +341,52 @@ def test_loss_scale_is_read_from_deepspeed_and_accelerate():
     scaler = SimpleNamespace(is_enabled=lambda: True, get_scale=lambda: 512.0)
     amp = SimpleNamespace(is_deepspeed_enabled=False, accelerator=SimpleNamespace(scaler=scaler))
     assert loss_scale_of(amp) == 512.0
+    autocast = SimpleNamespace(is_deepspeed_enabled=True, model_wrapped=SimpleNamespace(optimizer=SimpleNamespace(
+        custom_loss_scaler=False, torch_autocast_gradscaler=scaler, loss_scaler=SimpleNamespace(loss_scale=1.0))))
+    assert loss_scale_of(autocast) == 512.0  # DeepSpeed's `torch_autocast` with fp16 scales with a torch GradScaler
+
+
+# DeepSpeed engines of each precision setting on one process: the scale GateRA gives the penalty is the one the engine
+# multiplies the loss by (`torch_autocast` fp16 keeps it in a torch GradScaler, which was missed: scale 1 instead of
+# 65536, the penalty effectively off)
+DEEPSPEED_LOSS_SCALES = """
+import types, deepspeed, torch
+deepspeed.init_distributed(dist_backend="gloo")
+from gatera_plugin.trainer_integration import loss_scale_of
+# (DeepSpeed's own fp16, with its loss scaler, needs an accelerator: test_loss_scale_is_read_from_deepspeed_and_accelerate)
+precisions = {"bf16": {"bf16": {"enabled": True}}, "fp32": {},
+              "torch_autocast-fp16": {"torch_autocast": {"enabled": True, "dtype": "fp16"}}}
+for stage in (0, 2):
+    for name, precision in precisions.items():
+        model = torch.nn.Linear(8, 8)
+        config = dict(train_micro_batch_size_per_gpu=1, zero_optimization={"stage": stage},
+                      zero_allow_untested_optimizer=True, **precision)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                          config=config)
+        probe = model(torch.ones(1, 8, dtype=next(model.parameters()).dtype)).float().sum() * 0 + 1.0
+        applied = float(engine.scale(probe).detach())
+        read = loss_scale_of(types.SimpleNamespace(is_deepspeed_enabled=True, model_wrapped=engine))
+        print(f"stage {stage} {name}: applied {applied} read {read}")
+"""
+
+
+def test_loss_scale_is_what_each_deepspeed_engine_applies(tmp_path):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from tests.distributed import free_port, run
+
+    if not hasattr(DeepSpeedEngine, "scale"):
+        pytest.skip("this DeepSpeed has no `engine.scale(loss)` that says what it multiplies the loss by")
+
+    done = run([sys.executable, "-c", DEEPSPEED_LOSS_SCALES], MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(),
+               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    ok(done)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("stage ")]
+    assert len(lines) == 6, done.stdout
+    for line in lines:
+        applied, read = (float(v) for v in line.split(" applied ")[1].split(" read "))
+        assert applied == read, line
+    assert any("torch_autocast-fp16: applied 65536.0" in line for line in lines), lines
 
 
 @pytest.mark.parametrize("transformers_release,stage,deepspeed_release,expected", [
