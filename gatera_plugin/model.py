@@ -167,6 +167,8 @@ def _warn_untrained_classifier_head(model: nn.Module, config: GateRAConfig) -> N
         return
     if any(name == head_name or name.endswith(f".{head_name}") for name in (config.modules_to_save or ())):
         return
+    if config.task_type in ("SEQ_CLS", "TOKEN_CLS"):  # PEFT trains the head in full (TOKEN_CLS names it after this)
+        return
     head = getattr(model, head_name)
     state = "gets a GateRA branch over its frozen weight" if isinstance(head, GateRALayer) else "stays frozen"
     warnings.warn(
@@ -341,7 +343,9 @@ class GateRAModel(BaseTuner):
         if len(args) > 1:  # `model(input_ids, attention_mask)`: the inputs by their names
             kwargs = _inputs_by_name(module, args, kwargs)
             args = ()
-        reference = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        reference = kwargs.get("input_ids")  # (PEFT's task models pass input_ids=None with inputs_embeds)
+        if reference is None:
+            reference = kwargs.get("inputs_embeds")
         if reference is None and args and isinstance(args[0], torch.Tensor):
             reference = args[0]
         if reference is None:

@@ -144,6 +144,21 @@ def test_classifier_head_not_trained_warns(target_modules, state):
     assert not _of(caught, FrozenHeadWarning)
 
 
+def test_a_token_classifiers_head_trained_by_peft_is_not_warned_about():
+    """task_type="TOKEN_CLS": PEFT trains the head in full (it names it in modules_to_save only after the layers are
+    injected, where the warning looked)."""
+    from transformers import LlamaForTokenClassification
+
+    from tests.helpers import tiny_llama_config
+
+    config = tiny_llama_config()
+    config.num_labels = 3
+    model, caught = _caught(lambda: get_peft_model(LlamaForTokenClassification(config),
+                                                   GateRAConfig(r=4, target_modules=["q_proj"], task_type="TOKEN_CLS")))
+    assert not _of(caught, FrozenHeadWarning)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "score.modules_to_save" in n)
+
+
 def test_a_shared_experts_flattened_tokens_keep_their_padding_mask():
     """Qwen2-MoE runs its shared expert (plain `nn.Linear`s, reached by "all-linear") on the hidden states flattened to
     (batch · sequence, d): its gates count the real tokens only, as every other gated layer does (before: padding

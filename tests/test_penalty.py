@@ -91,6 +91,25 @@ def test_padding_tokens_carry_no_penalty_and_no_statistics(call):
     assert s0 == pytest.approx(s1, rel=1e-6)
 
 
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_inputs_embeds_without_a_mask_carry_the_penalty(task_type):
+    """`model(inputs_embeds=...)`: PEFT's task models pass `input_ids=None` by name beside it; the penalty then read no
+    positions and was 0. Same penalty gradient as from input_ids."""
+    input_ids, _, _ = _batch()
+    grads = []
+    for by_embeds in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, init_weights=False,
+                                                          entropy_weight=LAMBDA, task_type=task_type)).train()
+        inputs = {"inputs_embeds": model.get_input_embeddings()(input_ids).detach()} if by_embeds else {
+            "input_ids": input_ids}
+        (model(**inputs).logits.sum() * 0).backward()  # only the penalty drives the gates
+        grads.append({n: g for n, g in _grads(model).items() if "gatera_gate" in n})
+    assert grads[0] and all(g.abs().sum() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name])
+
+
 def test_a_frozen_adapter_active_beside_the_trained_one_is_neither_penalised_nor_logged():
     """Its gates' values require grad through x (downstream of the trained adapter): penalising them would push the
     trained adapter's parameters upstream, by the frozen adapter's weight."""
