@@ -16,10 +16,25 @@ def _prune(args) -> int:
     return 0
 
 
+def _check_image_path(path: str) -> None:
+    """Refuse an `--out` whose extension names no image format matplotlib writes (without one it would write
+    `path.png` under another name than the one printed)."""
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise ValueError(f"--out {path!r}: give an image file name ending in one of "
+                         f"{', '.join('.' + f for f in sorted(formats))} (e.g. gates.png).")
+
+
 def _plot(args) -> int:
     from .visualize import check_record_options, load_adapter, plot_gates, record_gates
 
     check_record_options(args.prompt, args.answer, args.max_new_tokens)  # before the minutes of loading a model
+    _check_image_path(args.out)
     model, tokenizer = load_adapter(args.adapter, args.base_model)
     trace = record_gates(model, tokenizer, args.prompt, args.answer, args.max_new_tokens)
     plot_gates(trace, args.out, args.title)

@@ -236,7 +236,7 @@ class GateRALayer(BaseTunerLayer):
         """
         A, B = self.gatera_A[adapter_name], self.gatera_B[adapter_name]
         weight = self.get_base_layer().weight
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), weight.data_ptr(), weight._version, dtype)
+        key = (_version_of(A), _version_of(B), A.data_ptr(), B.data_ptr(), weight.data_ptr(), _version_of(weight), dtype)
         cached = self._delta_cache.get(adapter_name)
         if cached is not None and cached[0] == key and torch.equal(torch.cat(cached[1]), cached[2]):
             return cached[3]
@@ -412,7 +412,10 @@ class GateRALayer(BaseTunerLayer):
                 self.branch_scale(adapter_name), self.gatera_magnitude.get(adapter_name),
             )
             if adapter_name in self.gatera_structure:
-                delta = delta * self.gatera_structure[adapter_name]().float()
+                level = self.gatera_structure[adapter_name]().float()
+                if level.item() < self.options[adapter_name].sparse_threshold:  # (eval skips this module: merge 0)
+                    level = torch.zeros_like(level)
+                delta = delta * level
         delta = delta.to(base.dtype)
         return delta.t() if self.weight_is_transposed else delta
 
@@ -461,18 +464,25 @@ class GateRALayer(BaseTunerLayer):
         first_merge = self._weight_before_merge is None
         if first_merge:
             self._weight_before_merge = self._keep_for_unmerge()
-        merged = weight.float()
-        for name in adapter_names:
-            merged = merged + self.get_delta_weight(name).float()
+        merged = self._merged_weight(weight, adapter_names)
         if safe_merge and not torch.isfinite(merged).all():
             if first_merge:
                 self._weight_before_merge = None
-            raise ValueError(
-                f"NaNs detected in the merged weights. The adapter {','.join(adapter_names)} seems to be broken "
-                "(its merged weight holds NaN or inf; the base weight was left unchanged)."
-            )
-        self._store_weight(merged.to(weight.dtype))
+            raise ValueError(_broken_merge_message(adapter_names))
+        self._store_weight(merged)
         self.merged_adapters.extend(adapter_names)
+
+    def _merged_weight(self, weight: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """`weight + Σ deltas` of `adapter_names`, summed in fp32 and cast once to `weight`'s dtype."""
+        merged = weight.float()
+        for name in adapter_names:
+            merged = merged + self.get_delta_weight(name).float()
+        return merged.to(weight.dtype)
+
+    def refuse_non_finite_merge(self, adapter_names: list[str]) -> None:
+        """Raise (PEFT's `safe_merge` wording) if merging `adapter_names` here would give NaN / inf; changes nothing."""
+        if adapter_names and not torch.isfinite(self._merged_weight(self._stored_weight(), adapter_names)).all():
+            raise ValueError(_broken_merge_message(adapter_names))
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -496,6 +506,17 @@ def _evenly_spaced(tensor: torch.Tensor, count: int) -> torch.Tensor:
     """A view of at most `count` evenly spaced entries of `tensor`: it sees later in-place writes, `.data` ones too."""
     flat = tensor.detach().reshape(-1)
     return flat[:: max(1, flat.numel() // count)][:count]
+
+
+def _version_of(tensor: torch.Tensor) -> int:
+    """The version counter of `tensor`; -1 for an inference tensor (made under `torch.inference_mode`), which has
+    none and cannot be written in place outside inference mode (the value probes still see what it may be)."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
+def _broken_merge_message(adapter_names: list[str]) -> str:
+    return (f"NaNs detected in the merged weights. The adapter {','.join(adapter_names)} seems to be broken (its merged "
+            "weight holds NaN or inf; no base weight was changed).")
 
 
 def _register_base_weight_with_zero3(layer: GateRALayer) -> None:

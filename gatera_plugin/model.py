@@ -509,6 +509,9 @@ class GateRAModel(BaseTuner):
             raise ValueError(f"Adapter {adapter_name!r} has no structure gates (structure_gate=False): nothing to prune by.")
         layers = {name: module for name, module in self.model.named_modules()
                   if isinstance(module, GateRALayer) and adapter_name in module.gatera_structure}
+        if any(adapter_name in module.merged_adapters for module in layers.values()):
+            raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights: call `unmerge_adapter()` "
+                             "before `prune_structure` (a pruned module would keep its update in the base weight).")
         values = {name: module.gatera_structure[adapter_name]().item() for name, module in layers.items()}
         kept, pruned = split_by_threshold(values, threshold)
         for name in pruned:
@@ -547,12 +550,25 @@ class GateRAModel(BaseTuner):
             "with gate='none' can be merged into the base with `merge_and_unload(adapter_names=[...])`."
         )
 
+    def _refuse_a_broken_merge(self, adapter_names: Optional[list[str]]) -> None:
+        """`safe_merge=True`: check every layer's merged weight before any layer is merged (PEFT merges layer by
+        layer, so a NaN in a later layer used to leave the earlier ones merged)."""
+        for module in self.model.modules():
+            if isinstance(module, GateRALayer):
+                names = module.active_adapters if adapter_names is None else adapter_names
+                module.refuse_non_finite_merge([n for n in names if n in module.gatera_A
+                                                and n not in module.merged_adapters])
+
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_mergeable(adapter_names)
+        if safe_merge:
+            self._refuse_a_broken_merge(adapter_names)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         self._check_mergeable(adapter_names)
+        if safe_merge:
+            self._refuse_a_broken_merge(adapter_names)
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     @contextmanager
@@ -563,11 +579,12 @@ class GateRAModel(BaseTuner):
         yield
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        for hook in self._batch_hooks:
-            hook.remove()
-        return super()._unload_and_optionally_merge(
+        model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        for hook in self._batch_hooks:  # (only once unloaded: a refused merge leaves a model that still trains)
+            hook.remove()
+        return model
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod

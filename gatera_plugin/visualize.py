@@ -126,8 +126,15 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
             hook.remove()
     # one gate per token and module: the prompt's tokens from the prefill call, then one per decode step; the last
     # decode step's input is the last generated token, so gates cover prompt + generated tokens minus the final one
-    names = [name.replace("base_model.model.", "").replace(".gatera_gate.default", "") for name, _ in gate_modules]
-    gates = torch.stack([torch.cat(per_module[name]) for name, _ in gate_modules])
+    ran = [name for name, _ in gate_modules if per_module[name]]  # (an inactive adapter's gates do not run)
+    if not ran:
+        raise ValueError("No token gate ran: the model's active adapters have none (gate='none'?). Activate a gated "
+                         "adapter with `model.set_adapter(name)`.")
+    gates = torch.stack([torch.cat(per_module[name]) for name in ran])
+    names = []
+    for name in ran:
+        module, _, adapter = name.removeprefix("base_model.model.").rpartition(".gatera_gate.")
+        names.append(module if adapter == "default" else f"{module} [{adapter}]")
     token_ids = prompt_ids[0].tolist() + generated
     tokens = [tokenizer.decode([t]) for t in token_ids][: gates.shape[1]]
     if len(tokens) <= prompt_ids.shape[1]:

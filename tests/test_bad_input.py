@@ -301,6 +301,8 @@ CLI_CASES = [
     ("empty-prompt", ["--prompt", ""], r"`prompt` is empty \(CLI: --prompt\)"),
     ("missing-base-model", ["--base-model", "/no/such"], r"Cannot load the base model '/no/such' named by base_model "
                                                          r"\(CLI: --base-model\)"),
+    ("out-without-extension", ["--out", "gates"], r"--out 'gates': give an image file name ending in one of .*\.png"),
+    ("out-unknown-format", ["--out", "gates.xyz"], r"--out 'gates.xyz': give an image file name ending in one of"),
 ]
 
 

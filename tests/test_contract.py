@@ -748,21 +748,27 @@ def test_safe_merge(case):
     assert all(v.is_contiguous() for v in unloaded.state_dict().values())
 
 
+@pytest.mark.parametrize("merge", ["merge_adapter", "merge_and_unload"])
+@pytest.mark.parametrize("broken", ["every-layer", "last-layer"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_safe_merge_of_a_broken_adapter_raises_peft_error(case, bad):
+def test_safe_merge_of_a_broken_adapter_raises_peft_error(case, bad, broken, merge):
+    """Refused before any layer is merged, also where only the last layer is broken (PEFT merges layer by layer:
+    the earlier ones were left merged, and merge_and_unload had unwrapped them)."""
     _skip_unless_mergeable(case)
     model = case.peft()
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "gatera_A" in name:
-                param[0] = bad
+        factors = [param for name, param in model.named_parameters() if "gatera_A" in name]
+        for param in factors if broken == "every-layer" else factors[-1:]:
+            param[0] = bad
     before = get_base_model_state_dict(model)
     before = {k: v.clone() for k, v in before.items()}
+    layers = len(_gatera_layers(model))
     with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default seems to be broken"):
-        model.merge_and_unload(safe_merge=True)
+        getattr(model, merge)(safe_merge=True)
     after = get_base_model_state_dict(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(layer.merged for layer in _gatera_layers(model))
+    assert len(_gatera_layers(model)) == layers
 
 
 def test_delete_merged_adapter_raises(case):

@@ -1,5 +1,6 @@
 """GateRA through PEFT's machinery: save/load, AutoPeftModel, merging rules, adapters, checkpointing, registration."""
 
+import copy
 import json
 import re
 import subprocess
@@ -447,3 +448,59 @@ def test_trainable_token_indices_train_only_their_rows_and_reload(tmp_path, tied
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama(tied=tied), tmp_path)
     torch.testing.assert_close(eval_logits(loaded, ids), expected, rtol=0, atol=0)
+
+
+def test_a_refused_merge_and_unload_leaves_a_model_that_still_masks_padding():
+    """The batch hooks (which hand the gated layers the attention mask) go only once the model is unloaded."""
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("ungated", GateRAConfig(r=4, target_modules=["q_proj", "v_proj"], gate="none",
+                                             init_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "gatera_A.ungated" in name:
+                param.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaNs detected"):
+        model.merge_and_unload(adapter_names=["ungated"], safe_merge=True)
+    ids = torch.randint(3, 128, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    model.train()
+    model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(model.base_model.penalty_run.attention_mask, mask.bool())
+
+
+def test_prune_structure_of_a_merged_adapter_is_refused():
+    """Pruning unwraps the pruned modules: a merged update would stay in their base weight for good."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"], gate="none",
+                                                      structure_gate=True, init_weights=False))
+    with torch.no_grad():
+        for i, (_, param) in enumerate(n for n in model.named_parameters() if "gatera_structure" in n[0]):
+            param.fill_(-5.0 if i % 2 else 5.0)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"merged into the base weights: call `unmerge_adapter\(\)` before"):
+        model.base_model.prune_structure(0.5)
+    model.unmerge_adapter()
+    assert len(model.base_model.prune_structure(0.5)["pruned"]) == 2
+
+
+def test_a_module_that_eval_skips_by_its_structure_gate_merges_nothing():
+    """gate="none", a structure gate and `sparse_threshold`: in eval a module with σ(α) below the threshold adds
+    nothing, so its merged update is nothing too (it was σ(α)·ΔW: the merged model differed from the one evaluated)."""
+    torch.manual_seed(1)
+    config = GateRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], gate="none", branch="lora",
+                          structure_gate=True, init_weights=False, sparse_threshold=0.2)
+    model = get_peft_model(tiny_llama(), config).eval()
+    with torch.no_grad():
+        for i, (_, param) in enumerate(n for n in model.named_parameters() if "gatera_structure" in n[0]):
+            param.fill_(-2.0 if i % 2 else 2.0)  # σ = 0.12 (skipped) or 0.88
+        for name, param in model.named_parameters():
+            if "gatera_B" in name:
+                param.normal_(0, 1.0)
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        evaluated = model(input_ids=ids).logits
+        merged = copy.deepcopy(model).merge_and_unload()(input_ids=ids).logits
+        base = tiny_llama().eval()(input_ids=ids).logits
+    torch.testing.assert_close(merged, evaluated, rtol=1e-4, atol=1e-4)
+    assert (evaluated - base).abs().max() > 1e-2  # (the open modules do change it)

@@ -49,6 +49,20 @@ def test_recorded_gates_equal_a_full_forward_without_cache():
     torch.testing.assert_close(prompt_mean[0], trace.gates[:3, : len(prompt_ids)].mean())
 
 
+def test_recorded_gates_are_the_active_adapters_only():
+    """A second gated adapter, loaded but inactive, runs no gate: it is left out (it made torch.cat fail); when it
+    is the active one, its gates are recorded, named with the adapter."""
+    from gatera_plugin.visualize import record_gates
+
+    model, tokenizer = _model()
+    model.add_adapter("other", GateRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False))
+    trace = record_gates(model, tokenizer, "Question: Tell me about Neon", max_new_tokens=3)
+    assert trace.modules[0] == "model.layers.0.self_attn.q_proj" and len(trace.modules) == 6
+    model.set_adapter("other")
+    trace = record_gates(model, tokenizer, "Question: Tell me about Neon", max_new_tokens=3)
+    assert trace.modules[0] == "model.layers.0.self_attn.q_proj [other]" and len(trace.modules) == 4
+
+
 def test_gatera_plot_command_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     base_dir = tmp_path / "base"

@@ -871,6 +871,20 @@ def test_an_update_cached_under_inference_mode_serves_a_later_forward_that_recor
     torch.testing.assert_close(embeds.grad, expected.grad)
 
 
+def test_cache_delta_on_a_model_made_under_inference_mode():
+    """Parameters made under `torch.inference_mode()` (a model loaded there) are inference tensors, which have no
+    version counter for the cache's key to read."""
+    ids = torch.randint(3, 128, (2, 7))
+    reference = _cached_model()
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    with torch.inference_mode():
+        model = _cached_model()
+        model.load_state_dict(reference.state_dict())
+        torch.testing.assert_close(model(input_ids=ids).logits, expected)
+        torch.testing.assert_close(model(input_ids=ids).logits, expected)  # (from the cache)
+
+
 def test_train_drops_the_cached_update():
     """`Linear(nn.Module, GateRALayer)` resolved train() to nn.Module.train, so the cache outlived eval."""
     model = _cached_model()
