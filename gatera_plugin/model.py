@@ -152,6 +152,28 @@ def warn_unreached_parameters(model: nn.Module, config: GateRAConfig) -> None:
             stacklevel=2,
         )
     _warn_untrained_classifier_head(model, config)
+    _warn_encoder_decoder_masks(model, config)
+
+
+def _warn_encoder_decoder_masks(model: nn.Module, config: GateRAConfig) -> None:
+    """Token gates in the decoder of an encoder-decoder model (T5, BART): their penalty and statistics are masked and
+    normalised by the encoder's `attention_mask`, not the decoder's tokens (a known limitation: docs/method.md)."""
+    if config.gate == "none" or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if not isinstance(decoder, nn.Module) or not any(isinstance(m, GateRALayer) for m in decoder.modules()):
+        return
+    warnings.warn(
+        f"{type(model).__name__} is an encoder-decoder model. GateRA's entropy penalty and gate statistics mask and "
+        "count tokens by the encoder's `attention_mask` in every gated layer, decoder layers included: there the "
+        "decoder's padding can count and its real tokens can be left out (where the encoder pads), and the penalty "
+        "is normalised by the encoder's real tokens. The decoder's own mask is not read yet: leave the decoder out "
+        "of `target_modules` (e.g. `exclude_modules=r\".*decoder.*\"`) or use gate=\"none\" there. See "
+        "docs/method.md, section \"Entropy penalty\", \"Encoder-decoder models\".",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _warn_untrained_classifier_head(model: nn.Module, config: GateRAConfig) -> None:

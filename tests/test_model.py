@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -504,3 +505,18 @@ def test_a_module_that_eval_skips_by_its_structure_gate_merges_nothing():
         base = tiny_llama().eval()(input_ids=ids).logits
     torch.testing.assert_close(merged, evaluated, rtol=1e-4, atol=1e-4)
     assert (evaluated - base).abs().max() > 1e-2  # (the open modules do change it)
+
+
+def test_token_gates_in_an_encoder_decoders_decoder_warn_of_the_encoder_mask():
+    """A known limitation, said at creation: the penalty's mask and count follow the encoder's attention_mask."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    for options, warned in (({}, True), ({"exclude_modules": r".*decoder.*"}, False), ({"gate": "none"}, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            get_peft_model(T5ForConditionalGeneration(config),
+                           GateRAConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM", **options))
+        messages = [str(w.message) for w in caught if "encoder-decoder model" in str(w.message)]
+        assert len(messages) == warned, (options, messages)
+        assert not warned or "exclude_modules" in messages[0]
