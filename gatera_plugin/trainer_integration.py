@@ -381,6 +381,24 @@ def check_generation_backend(trainer) -> None:
         )
 
 
+def refuse_data_parallel(trainer) -> None:
+    """Refuse the Trainer's `nn.DataParallel` (what it uses when one process sees several GPUs, `args.n_gpu > 1`).
+
+    DataParallel runs shallow replicas of the model in threads: they share each GateRA layer's penalty run, gate
+    statistics and cached update, so a replica could read another's attention mask and the statistics and caches would
+    mix devices. One process per GPU (DDP) runs each replica apart.
+    """
+    if find_gatera_model(trainer.model) is None or getattr(trainer.args, "n_gpu", 1) <= 1:
+        return
+    raise ValueError(
+        f"{type(trainer).__name__} sees {trainer.args.n_gpu} GPUs in one process and would train with "
+        "torch.nn.DataParallel, which GateRA does not support (its replicas share each layer's penalty state across "
+        "threads). Launch one process per GPU, e.g. `torchrun --nproc_per_node "
+        f"{trainer.args.n_gpu} train.py` or `accelerate launch train.py` (distributed data parallel), or use one GPU "
+        "(`CUDA_VISIBLE_DEVICES=0`)."
+    )
+
+
 def copy_reference_adapter(trainer) -> None:
     """Make the frozen "ref" adapter that TRL adds for a pretrained PEFT model a real copy of "default".
 
@@ -420,6 +438,7 @@ def install() -> None:
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
+        refuse_data_parallel(self)
         copy_reference_adapter(self)
         check_generation_backend(self)
         with_gate_groups(type(self))

@@ -387,3 +387,13 @@ def test_per_layer_stats_andplain_trainer_logs(tmp_path):
     assert logged["gatera/penalty"] == pytest.approx(LAMBDA * logged["gatera/entropy"])
     # after training the model is back to per-forward normalisation
     assert trainer.model.base_model.penalty_run.step_tokens is None
+
+
+def test_one_process_on_several_gpus_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):
+    """The Trainer would wrap the model in nn.DataParallel, whose threaded replicas share each layer's penalty state:
+    refused, naming the launchers that run one process per GPU. (The GPU count is faked: no GPU here.)"""
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(ValueError, match=r"sees 2 GPUs in one process.*DataParallel.*torchrun --nproc_per_node 2"):
+        plain_trainer(tmp_path, toy_texts(8), entropy_weight=0.1, batch=4, accum=1)
