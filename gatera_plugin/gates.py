@@ -30,7 +30,8 @@ class Gate(nn.Module):
     """What every gate kind shares."""
 
     def trains(self) -> bool:
-        """Whether any of its parameters is trained (requires grad): a frozen gate is not penalised."""
+        """Whether any of its parameters is trained (requires grad): a frozen gate is not penalised (a threshold gate
+        still is while its branch's factors train: `GateRALayer._gate_trains`)."""
         return any(param.requires_grad for param in self._parameters.values())  # (its own: a gate has no children)
 
 

@@ -131,10 +131,17 @@ class GateRALayer(BaseTunerLayer):
         return [gates[adapter_name].stats_kind for gates in (self.gatera_gate, self.gatera_structure)
                 if adapter_name in gates]
 
+    def _gate_trains(self, adapter_name: str, gate) -> bool:
+        """Whether the penalty on `gate` trains anything of its adapter here: the gate's own parameters, or, for a gate
+        that reads the branch's output (TS-PEFT's threshold), the branch's factors through it."""
+        return gate.trains() or (getattr(gate, "reads_branch_output", False) and (
+            self.gatera_A[adapter_name].requires_grad or self.gatera_B[adapter_name].requires_grad))
+
     def trained_gate_stats(self, adapter_names) -> list[GateStats]:
-        """The statistics of the gates of `adapter_names` here whose parameters train (those a backward records)."""
+        """The statistics of the gates of `adapter_names` here that a training backward penalises and records."""
         return [self.gate_stats[(name, gates[name].stats_kind)] for name in adapter_names
-                for gates in (self.gatera_gate, self.gatera_structure) if name in gates and gates[name].trains()]
+                for gates in (self.gatera_gate, self.gatera_structure)
+                if name in gates and self._gate_trains(name, gates[name])]
 
     def reset_gatera_parameters(self, adapter_name: str, init_weights: bool) -> None:
         """HiRA's init: `A` Kaiming-uniform (a=√5), `B = 0`, gates at their initial values; DoRA's magnitude is
@@ -256,7 +263,7 @@ class GateRALayer(BaseTunerLayer):
         (its parameters are frozen: a frozen adapter active beside the trained one; its value may still require grad
         through x, and its penalty would reach the trained adapters upstream). `mask`: the tokens' mask for a
         per-token gate, or None (every token; a per-module gate)."""
-        if not taps or not value.requires_grad or not gate.trains():
+        if not taps or not value.requires_grad or not self._gate_trains(adapter_name, gate):
             return value
         weight, term_grad = gate.penalty(self.options[adapter_name])
         run, kind = self.penalty_run, gate.stats_kind

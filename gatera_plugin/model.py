@@ -53,21 +53,32 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
     return tensors
 
 
-def _inputs_by_name(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """A forward's arguments given by position and by name, as one dict by parameter name (its `**kwargs` merged in);
-    those not bound by the forward's signature are left out."""
+_FORWARD_SIGNATURES: dict[type, inspect.Signature] = {}  # a module class -> its forward's signature (with self)
+
+
+def _inputs_by_name(module: nn.Module, args: tuple, kwargs: dict) -> Optional[dict]:
+    """A forward's arguments given by position and by name, as one dict by parameter name (its `**kwargs` merged in),
+    where the forward names its inputs (`input_ids` / `inputs_embeds`); else None (a `forward(*args)` wrapper)."""
+    cls = type(module)
+    signature = _FORWARD_SIGNATURES.get(cls)
     try:
-        signature = inspect.signature(module.forward)
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        if signature is None or "forward" in vars(module):
+            signature = inspect.signature(getattr(module.forward, "__func__", cls.forward))
+            if "forward" not in vars(module):
+                _FORWARD_SIGNATURES[cls] = signature
+        bound = signature.bind_partial(module, *args, **kwargs).arguments
     except (TypeError, ValueError):  # (no signature, or one these arguments do not fit: the forward itself says so)
-        return kwargs
+        return None
     named = {}
     for name, value in bound.items():
-        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        if kind is inspect.Parameter.VAR_KEYWORD:
             named.update(value)
         else:
             named[name] = value
-    return named
+    return named if "input_ids" in named or "inputs_embeds" in named else None
 
 
 def _adapter_parameters(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
@@ -179,7 +190,7 @@ def _warn_encoder_decoder_masks(model: nn.Module, config: GateRAConfig) -> None:
 def _warn_untrained_classifier_head(model: nn.Module, config: GateRAConfig) -> None:
     """A classification model (no output embeddings, a `score` / `classifier` head) whose head is not trained in full.
 
-    PEFT trains the head in full only with `task_type="SEQ_CLS"` (or `modules_to_save`); otherwise it stays as loaded
+    PEFT trains the head in full only with `task_type="SEQ_CLS"` or "TOKEN_CLS" (or `modules_to_save`); otherwise it stays as loaded
     (random if the checkpoint had none), or, with "all-linear", gets a GateRA branch over its random weight.
     """
     if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is not None:
@@ -362,9 +373,9 @@ class GateRAModel(BaseTuner):
     # ----------------------------------------------------------------------------------------------- batches
     def _record_batch(self, module, args, kwargs):
         """Forward pre-hook on the wrapped model: remember this batch's attention mask for the gated layers."""
-        if len(args) > 1:  # `model(input_ids, attention_mask)`: the inputs by their names
-            kwargs = _inputs_by_name(module, args, kwargs)
-            args = ()
+        named = _inputs_by_name(module, args, kwargs) if len(args) > 1 else None
+        if named is not None:  # `model(input_ids, attention_mask)`: the inputs by their names
+            args, kwargs = (), named
         reference = kwargs.get("input_ids")  # (PEFT's task models pass input_ids=None with inputs_embeds)
         if reference is None:
             reference = kwargs.get("inputs_embeds")

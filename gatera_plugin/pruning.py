@@ -89,7 +89,7 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
     try:
         probe = partial / "mode"  # the mode `mkdir` gives under this umask (mkdtemp's is private to its owner)
         probe.mkdir()
-        partial.chmod(probe.stat().st_mode & 0o777)
+        partial.chmod(probe.stat().st_mode & 0o7777)  # (setgid too, where the parent folder has it)
         probe.rmdir()
         for extra in src.iterdir():  # README, tokenizer files, ... travel along
             if extra.name not in (config_path.name, weights_path.name) and extra.is_file():

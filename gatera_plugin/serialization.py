@@ -11,7 +11,8 @@ Installed on `import gatera_plugin`, wrappers around PEFT's functions act on Gat
   two saves, and the previous weights are still there as `adapter_model.safetensors.previous`.
 - Saves into one folder from several processes (every data-parallel rank saving) are serialised by an exclusive
   `flock` on the folder around the renames; the last one to take the lock wins. Loads through PEFT
-  (`PeftModel.from_pretrained`, `load_adapter`) hold a shared lock on the folder, so they never see half a save.
+  (`PeftModel.from_pretrained`, `load_adapter`) and transformers' `load_adapter` hold a shared lock on the folder, so
+  they never see half a save.
   Each save also removes the staging folders of saves that were killed (nobody holds their lock any more).
 - On file systems that lack a feature this needs (locks on Lustre without `-o flock`, or where no lock manager runs:
   ENOLCK; hard links, renames or directory fsync on FUSE and bucket mounts), saves go on without it, as PEFT's own
@@ -592,8 +593,8 @@ def _check_adapter_files(folder: Path) -> None:
     config = read_config(folder)
     if not weights.exists():
         if pickled.exists():
+            _check_checksum(config, pickled)  # (reads bytes, unpickles nothing: an interrupted save is said first)
             if _pickle_allowed():
-                _check_checksum(config, pickled)
                 return
             raise ValueError(
                 f"{pickled} holds pickled weights: GateRA loads safetensors only, because unpickling a file can run "
@@ -623,9 +624,13 @@ def _check_adapter_files(folder: Path) -> None:
 
 
 def _how_to_restore(weights: Path) -> str:
-    previous = weights.with_name(weights.name + PREVIOUS)
-    if previous.exists():
-        return f" The previous adapter's weights are kept as {previous.name}: rename it to {weights.name} to restore it."
+    """How to get back the adapter that an interrupted save over `weights` replaced: its `.previous` weights (in
+    either format: the save may have changed it), else a checkpoint."""
+    for name in (weights.name, PICKLED_WEIGHTS if weights.name == WEIGHTS else WEIGHTS):
+        previous = weights.with_name(name + PREVIOUS)
+        if previous.exists():
+            remove = f" and remove {weights.name}" if name != weights.name else ""
+            return f" The previous adapter's weights are kept as {previous.name}: rename it to {name}{remove} to restore it."
     return " Restore the adapter from a checkpoint (checkpoint-*/) or save it again."
 
 
@@ -840,11 +845,12 @@ def wrap_transformers_load_adapter(original):
     @functools.wraps(original)
     def load_adapter(self, *args, **kwargs):
         options = signature.bind_partial(self, *args, **kwargs).arguments
-        subfolder = (options.get("kwargs") or {}).get("subfolder") or (options.get("adapter_kwargs") or {}).get("subfolder")
-        folder = _local_folder(options.get("peft_model_id"), subfolder)
-        if folder is None or not is_gatera_type(_peft_type(folder)):
+        model_id = options.get("peft_model_id")
+        download = getattr(options.get("load_config"), "download_kwargs", None) or {}
+        subfolder = (options.get("adapter_kwargs") or {}).get("subfolder") or download.get("subfolder")
+        if _local_folder(model_id, subfolder) is None:  # (a Hub adapter: transformers fetches and reads it itself)
             return original(self, *args, **kwargs)
-        with folder_lock(folder, exclusive=False):
+        with _reading(model_id, {"subfolder": subfolder}):  # the checks and shared lock of PEFT's loads
             return original(self, *args, **kwargs)
 
     setattr(load_adapter, _MARK, True)

@@ -390,6 +390,8 @@ def refuse_data_parallel(trainer) -> None:
     """
     if find_gatera_model(trainer.model) is None or getattr(trainer.args, "n_gpu", 1) <= 1:
         return
+    if getattr(trainer.model, "is_loaded_in_8bit", False) or getattr(trainer.model, "is_loaded_in_4bit", False):
+        return  # (the Trainer does not wrap quantised models: they run in one process, spread by their device map)
     raise ValueError(
         f"{type(trainer).__name__} sees {trainer.args.n_gpu} GPUs in one process and would train with "
         "torch.nn.DataParallel, which GateRA does not support (its replicas share each layer's penalty state across "

@@ -110,6 +110,27 @@ def test_inputs_embeds_without_a_mask_carry_the_penalty(task_type):
         torch.testing.assert_close(grads[1][name], grads[0][name])
 
 
+def test_a_forward_that_takes_only_positional_inputs_still_carries_the_penalty():
+    """A wrapper `forward(self, *args)` names no input: its first positional input counts its positions, as before the
+    inputs were read by name (binding them gave no `input_ids`, and the penalty was 0)."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = tiny_llama()
+
+        def forward(self, *args):
+            return self.lm(input_ids=args[0], attention_mask=args[1]).logits
+
+    input_ids, _, _ = _batch()
+    torch.manual_seed(0)
+    model = get_peft_model(Wrapper(), GateRAConfig(r=4, target_modules=TARGETS, init_weights=False,
+                                                   entropy_weight=LAMBDA)).train()
+    (model(input_ids, torch.ones_like(input_ids)).sum() * 0).backward()  # only the penalty drives the gates
+    grads = {n: g for n, g in _grads(model).items() if "gatera_gate" in n}
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())
+
+
 def test_a_frozen_adapter_active_beside_the_trained_one_is_neither_penalised_nor_logged():
     """Its gates' values require grad through x (downstream of the trained adapter): penalising them would push the
     trained adapter's parameters upstream, by the frozen adapter's weight."""
@@ -399,6 +420,24 @@ def test_gated_layers_that_never_run_are_reported(tmp_path, caplog):
     # (transformers 5.0 names the tower's layers `vision_tower.vision_model.encoder...`, later releases without it)
     assert re.search(r"vision_tower\.(vision_model\.)?encoder\.layers\.1\.", warnings[0]), warnings[0]
     assert "exclude_modules" in warnings[0]
+
+
+def test_a_threshold_gate_with_its_threshold_frozen_still_gives_its_branch_the_keep_ratio_penalty():
+    """The keep-ratio penalty reaches the branch's factors through the threshold gate's straight-through estimator: it
+    applies while they train, even with τ frozen."""
+    input_ids, mask, _ = _batch()
+    grads = []
+    for keep_ratio_weight in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), GateRAConfig(
+            r=4, target_modules=TARGETS, init_weights=False, gate="threshold", keep_ratio=0.2,
+            keep_ratio_weight=keep_ratio_weight, threshold_temperature=5.0)).train()  # (T: a slope where r lies)
+        for name, param in model.named_parameters():
+            if "gatera_gate" in name:
+                param.requires_grad_(False)
+        (model(input_ids=input_ids, attention_mask=mask).logits.sum() * 0).backward()
+        grads.append(_grads(model))
+    assert any((grads[0][name] - grads[1][name]).abs().max() > 0 for name in grads[0])
 
 
 def test_a_frozen_adapter_on_other_layers_is_not_reported_as_untrained(tmp_path, caplog):

@@ -160,6 +160,36 @@ def test_a_save_in_the_other_weights_format_replaces_the_previous_weights(tmp_pa
     torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), eval_logits(first, ids))
 
 
+def test_a_save_switching_format_killed_between_the_renames_names_the_previous_weights(tmp_path, monkeypatch):
+    """Killed after the pickled weights replaced the safetensors ones, before the config: the refusal (with or without
+    the pickle opt-in) names the interrupted save and the previous weights kept in the other format."""
+    import gatera_plugin
+
+    ids = torch.randint(3, 128, (2, 7))
+    first = _trained(0)
+    first.save_pretrained(tmp_path)
+    real_replace = os.replace
+
+    def die_before_config(src, dst):
+        if str(dst).endswith("adapter_config.json"):
+            raise KeyboardInterrupt("killed between the renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", die_before_config)
+    with gatera_plugin.allow_pickle(), pytest.raises(KeyboardInterrupt):
+        _trained(1).save_pretrained(tmp_path, safe_serialization=False)
+    monkeypatch.undo()
+    message = (r"adapter_model.bin does not match the checksum.*kept as adapter_model.safetensors.previous: rename it "
+               r"to adapter_model.safetensors and remove adapter_model.bin")
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with gatera_plugin.allow_pickle(), pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    os.replace(tmp_path / "adapter_model.safetensors.previous", tmp_path / "adapter_model.safetensors")
+    os.remove(tmp_path / "adapter_model.bin")
+    torch.testing.assert_close(eval_logits(PeftModel.from_pretrained(tiny_llama(), tmp_path), ids), eval_logits(first, ids))
+
+
 def test_truncated_weights_name_the_previous_copy_where_there_is_one(tmp_path):
     """Without renames a save killed while copying leaves the weights cut short and the previous ones as `.previous`:
     the refusal says so, as the checksum's does."""
@@ -173,18 +203,21 @@ def test_truncated_weights_name_the_previous_copy_where_there_is_one(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
-def test_transformers_own_adapter_loading_holds_the_folder_lock_until_the_weights_are_read(tmp_path, monkeypatch):
+@pytest.mark.parametrize("subfolder", [None, "sft"])
+def test_transformers_own_adapter_loading_holds_the_folder_lock_until_the_weights_are_read(tmp_path, monkeypatch,
+                                                                                           subfolder):
     """`model.load_adapter` (transformers') reads the config through PEFT, then the weights itself: a save must not land
     in between (it would pair its weights with the config read before)."""
     import peft
 
     first = _trained(0)
-    first.save_pretrained(tmp_path)
+    folder = tmp_path / subfolder if subfolder else tmp_path
+    first.save_pretrained(folder)
     real_inject = peft.inject_adapter_in_model
     writer_blocked = []
 
     def inject(*args, **kwargs):  # between transformers' config read and its weights read
-        fd = os.open(tmp_path, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a save takes before its renames
         except BlockingIOError:
@@ -195,7 +228,7 @@ def test_transformers_own_adapter_loading_holds_the_folder_lock_until_the_weight
 
     monkeypatch.setattr(peft, "inject_adapter_in_model", inject)
     model = tiny_llama()
-    model.load_adapter(str(tmp_path))
+    model.load_adapter(str(tmp_path), adapter_kwargs={"subfolder": subfolder} if subfolder else None)
     assert writer_blocked == [True]
     ids = torch.randint(3, 128, (2, 7))
     with torch.no_grad():

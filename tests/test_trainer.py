@@ -397,3 +397,12 @@ def test_one_process_on_several_gpus_is_refused_when_the_trainer_is_built(tmp_pa
     monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
     with pytest.raises(ValueError, match=r"sees 2 GPUs in one process.*DataParallel.*torchrun --nproc_per_node 2"):
         plain_trainer(tmp_path, toy_texts(8), entropy_weight=0.1, batch=4, accum=1)
+    # a quantised model, which the Trainer does not wrap (it runs spread over the GPUs by its device map), is not refused
+    from types import SimpleNamespace
+
+    from gatera_plugin.trainer_integration import refuse_data_parallel
+
+    monkeypatch.undo()
+    quantised = plain_trainer(tmp_path, toy_texts(8), entropy_weight=0.1, batch=4, accum=1).model
+    quantised.base_model.model.is_loaded_in_4bit = True
+    refuse_data_parallel(SimpleNamespace(model=quantised, args=SimpleNamespace(n_gpu=2)))
