@@ -228,7 +228,12 @@ def test_transformers_own_adapter_loading_holds_the_folder_lock_until_the_weight
 
     monkeypatch.setattr(peft, "inject_adapter_in_model", inject)
     model = tiny_llama()
-    model.load_adapter(str(tmp_path), adapter_kwargs={"subfolder": subfolder} if subfolder else None)
+    try:
+        model.load_adapter(str(tmp_path), adapter_kwargs={"subfolder": subfolder} if subfolder else None)
+    except ValueError as error:
+        if subfolder and "adapter model file not found" in str(error):  # (transformers 5.0)
+            pytest.skip("this transformers' load_adapter does not find an adapter in `adapter_kwargs['subfolder']`")
+        raise
     assert writer_blocked == [True]
     ids = torch.randint(3, 128, (2, 7))
     with torch.no_grad():
