@@ -132,7 +132,8 @@ def _group_by_layer(names) -> dict[str, list[str]]:
 
 
 def warn_unreached_parameters(model: nn.Module, config: GateRAConfig) -> None:
-    """Warn (naming them) about fused expert parameters no target can reach, and about an untrained classifier head.
+    """Warn (naming them) about fused expert parameters no target can reach, about an untrained classifier head, and
+    about token gates in an encoder-decoder model's decoder.
 
     Called after injection in training mode (not when an adapter is loaded for inference); docs/method.md, section
     "Mixture-of-experts models and classification heads".
@@ -567,12 +568,21 @@ class GateRAModel(BaseTuner):
         return {"kept": kept, "pruned": pruned, "values": values}
 
     # ----------------------------------------------------------------------------------------------- merging
-    def _check_mergeable(self, adapter_names: Optional[list[str]]) -> None:
+    def _check_mergeable(self, adapter_names: Optional[list[str]], safe_merge: bool) -> None:
+        """Refuse, before any layer is merged, a gated adapter (no merged weight exists) and, with `safe_merge`, a
+        merged weight holding NaN / inf in any layer (PEFT merges layer by layer, so a NaN in a later layer used to
+        leave the earlier ones merged)."""
         names = self.active_adapters if adapter_names is None else adapter_names
         for name in names:
             config = self.peft_config.get(name)
             if config is not None and config.is_gated:
                 raise ValueError(_unmergeable_message(name, config.gate))
+        if safe_merge:
+            for module in self.model.modules():
+                if isinstance(module, GateRALayer):
+                    names = module.active_adapters if adapter_names is None else adapter_names
+                    module.refuse_non_finite_merge([n for n in names if n in module.gatera_A
+                                                    and n not in module.merged_adapters])
 
     def add_weighted_adapter(self, *args, **kwargs):
         """Refused: PEFT's `add_weighted_adapter` is LoRA's (and IA3's) own, not a tuner-wide API."""
@@ -583,25 +593,12 @@ class GateRAModel(BaseTuner):
             "with gate='none' can be merged into the base with `merge_and_unload(adapter_names=[...])`."
         )
 
-    def _refuse_a_broken_merge(self, adapter_names: Optional[list[str]]) -> None:
-        """`safe_merge=True`: check every layer's merged weight before any layer is merged (PEFT merges layer by
-        layer, so a NaN in a later layer used to leave the earlier ones merged)."""
-        for module in self.model.modules():
-            if isinstance(module, GateRALayer):
-                names = module.active_adapters if adapter_names is None else adapter_names
-                module.refuse_non_finite_merge([n for n in names if n in module.gatera_A
-                                                and n not in module.merged_adapters])
-
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        self._check_mergeable(adapter_names)
-        if safe_merge:
-            self._refuse_a_broken_merge(adapter_names)
+        self._check_mergeable(adapter_names, safe_merge)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        self._check_mergeable(adapter_names)
-        if safe_merge:
-            self._refuse_a_broken_merge(adapter_names)
+        self._check_mergeable(adapter_names, safe_merge)
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     @contextmanager

@@ -203,6 +203,18 @@ def test_truncated_weights_name_the_previous_copy_where_there_is_one(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
+def _a_save_would_wait(folder) -> bool:
+    """Whether a save into `folder` would wait now: the exclusive lock it takes before its renames is not free."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("subfolder", [None, "sft"])
 def test_transformers_own_adapter_loading_holds_the_folder_lock_until_the_weights_are_read(tmp_path, monkeypatch,
                                                                                            subfolder):
@@ -217,13 +229,7 @@ def test_transformers_own_adapter_loading_holds_the_folder_lock_until_the_weight
     writer_blocked = []
 
     def inject(*args, **kwargs):  # between transformers' config read and its weights read
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a save takes before its renames
-        except BlockingIOError:
-            writer_blocked.append(True)
-        finally:
-            os.close(fd)
+        writer_blocked.append(_a_save_would_wait(folder))
         return real_inject(*args, **kwargs)
 
     monkeypatch.setattr(peft, "inject_adapter_in_model", inject)
@@ -845,13 +851,7 @@ def test_gatera_prune_reads_its_source_under_the_folder_lock_and_writes_a_readab
     writer_blocked = []
 
     def load_file(path, *args, **kwargs):
-        fd = os.open(tmp_path / "full", os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a save takes before its renames
-        except BlockingIOError:
-            writer_blocked.append(True)
-        finally:
-            os.close(fd)
+        writer_blocked.append(_a_save_would_wait(tmp_path / "full"))
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(safetensors_torch, "load_file", load_file)
