@@ -28,7 +28,7 @@ from .config import GateRAConfig
 from .fsdp import refuse_tensor_parallel
 from .gates import GATES_BY_STATS_KIND
 from .layer import MIXED_BATCHES_REFUSED, SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
-from .penalty import GateStats, PenaltyRun, statistics_dtype
+from .penalty import GateStats, PenaltyRun, collective_device, statistics_dtype
 
 # torch's checkpoint_wrapper (FSDP's activation checkpointing: `fsdp_config={"activation_checkpointing": True}`,
 # Axolotl's `fsdp_activation_checkpointing`) puts a module of this name between a layer and its children. Its state-dict
@@ -499,12 +499,14 @@ class GateRAModel(BaseTuner):
                     device = device or module.gatera_A[adapter_name].device
         if not rows:
             return {}
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        device = collective_device(device) if distributed else device
         table = torch.zeros(len(rows), len(GateStats.KEYS), dtype=statistics_dtype(device), device=device)  # (rows, 4)
         for i, row in enumerate(rows):
             sums = row[3].pop_tensor()
             if sums is not None:
                 table[i] = sums.to(table.dtype).to(device)  # (a CPU layer's float64 sums, an MPS table)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed:
             torch.distributed.all_reduce(table)
         table = table.cpu()
         logs: dict[str, float] = {}

@@ -86,6 +86,20 @@ def statistics_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type in DEVICES_WITHOUT_FLOAT64 else torch.float64
 
 
+def collective_device(device: torch.device) -> torch.device:
+    """Where the default process group can all-reduce a tensor that lives on `device`: `device` itself, or the current
+    CUDA device for a CPU tensor under a NCCL-only group (FSDP2's CPU offload keeps the adapter on the CPU, and
+    `torchrun` with `init_process_group("nccl")` gives no CPU backend; accelerate adds gloo)."""
+    backend = str(torch.distributed.get_backend())  # "nccl", "gloo" or "cpu:gloo,cuda:nccl"
+    if ":" in backend:
+        device_types = {part.split(":")[0] for part in backend.split(",")}
+    else:
+        device_types = set(torch.distributed.Backend.backend_capability.get(backend, [device.type]))
+    if device.type in device_types or "cuda" not in device_types or not torch.cuda.is_available():
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class GateStats:
     """Running sums of one gated layer's statistics over real tokens, accumulated on the gate's device.
 

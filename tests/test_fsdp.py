@@ -659,3 +659,22 @@ def test_rank_0_decides_which_base_tensors_are_saved_for_every_rank(monkeypatch,
         state = fsdp.adapter_state_dict(model)
         assert head in state and len(state) == 1 + 2 * 4  # the head; A, B, gate weight and bias of 2 q_proj
     assert asked == ([0] if rank == 0 else [])
+
+
+@pytest.mark.parametrize(
+    "backend, device, expected",
+    [("nccl", "cpu", "cuda:0"), ("cpu:gloo,cuda:nccl", "cpu", "cpu"), ("gloo", "cpu", "cpu"), ("nccl", "cuda:1", "cuda:1"),
+     ("gloo", "cuda:0", "cuda:0")],
+)
+def test_gate_statistics_are_reduced_where_the_process_group_can_reduce_them(monkeypatch, backend, device, expected):
+    """FSDP2's CPU offload keeps the adapter on the CPU; `torchrun` with `init_process_group("nccl")` has no CPU
+    backend, so `pop_gate_stats` must all-reduce its table on the current CUDA device (it raised "No backend type
+    associated with device type cpu" at the first log). accelerate's "cpu:gloo,cuda:nccl" groups reduce CPU tensors."""
+    import torch
+
+    from gatera_plugin.penalty import collective_device
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert collective_device(torch.device(device)) == torch.device(expected)
