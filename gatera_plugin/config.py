@@ -140,9 +140,9 @@ class GateRAConfig(PeftConfig):
             skip the branch entirely (gather the rest, compute, scatter); 0 (default): dense. The threshold gate
             reads the branch's output to select, so its branch runs for every token.
         cache_delta: in eval, keep the HiRA branch's dense `s·W0 ⊙ BA` between forwards (fast decoding).
-        kernel: "auto" (the PyTorch path, except in cases a GPU measurement lists in `kernels.TRITON_WINS`: none
-            on an H200; on H100 / H200 class GPUs the token gate's row operations on large rows run as Triton kernels,
-            measured faster: `kernels/rows.py`), "triton" (the Triton kernels of the HiRA and LoRA branches, errors raised;
+        kernel: "auto" (the branch's PyTorch path, except in cases a GPU measurement lists in
+            `kernels.TRITON_WINS`, none so far; on H100 / H200 class GPUs the token gate's row operations on large
+            rows run as Triton kernels, measured faster: `kernels/rows.py`), "triton" (the Triton kernels of the HiRA and LoRA branches, errors raised;
             off CUDA only under TRITON_INTERPRET=1) or "torch" (PyTorch's ops only).
     """
 
@@ -167,7 +167,7 @@ class GateRAConfig(PeftConfig):
         default_factory=dict, metadata={"help": "Per-module rank overrides: {regex: rank}."}
     )
     alpha_pattern: Optional[dict] = field(
-        default_factory=dict, metadata={"help": "Per-module lora_alpha overrides: {regex: alpha} (lora branch)."}
+        default_factory=dict, metadata={"help": "Per-module lora_alpha overrides: {regex: alpha} (the scale lora_alpha / r of every branch kind that uses it)."}
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}

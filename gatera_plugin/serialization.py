@@ -475,7 +475,7 @@ def _refuse_pickle(options: dict) -> None:
         raise ValueError(
             "save_pretrained(safe_serialization=False) would write pickled weights (adapter_model.bin), which GateRA "
             "loads only with GATERA_ALLOW_PICKLE=1 or inside `with gatera_plugin.allow_pickle():` (unpickling can run "
-            "code). Save with safe_serialization=True (the default; Trainer: save_safetensors=True), or opt in to "
+            "code). Save with safe_serialization=True (the default, and what the Trainer does), or opt in to "
             "pickles as above."
         )
 

@@ -73,7 +73,7 @@ def _saved_gate(data: dict) -> str:
 
 
 class GateRAArgs(BaseModel):
-    """GateRA options for `adapter: gatera`; the usual `lora_r`, `lora_alpha` (LoRA/DoRA branches), `lora_dropout`,
+    """GateRA options for `adapter: gatera`; the usual `lora_r`, `lora_alpha` (the LoRA scale; HiRA uses it too under the default `gatera_hira_scaling: lora`), `lora_dropout`,
     `lora_target_modules`, `lora_target_linear`, `lora_modules_to_save`, `peft_layers_to_transform` apply too."""
 
     gatera_branch: Optional[Literal["hira", "lora", "dora"]] = Field(
@@ -106,8 +106,9 @@ class GateRAArgs(BaseModel):
     gatera_structure_weight: Optional[float] = Field(default=None, ge=0)
     gatera_kernel: Optional[Literal["auto", "triton", "torch"]] = Field(
         default=None,
-        json_schema_extra={"description": "auto: the PyTorch path except where measured faster in Triton (none "
-                                         "on an H200)."},
+        json_schema_extra={"description": "auto: the branch's PyTorch path (no Triton branch "
+                                         "kernel has measured faster), and on H100/H200 class GPUs Triton kernels for "
+                                         "the gate's row operations on large rows."},
     )
     gatera_hira_scaling: Optional[Literal["none", "rms", "lora"]] = Field(
         default=None, json_schema_extra={"description": "HiRA branch scale: lora (default: like LoRA with lora_r / "
