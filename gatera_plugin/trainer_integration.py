@@ -425,6 +425,12 @@ def copy_reference_adapter(trainer) -> None:
             copy.copy_(source)
 
 
+def is_evaluation_log(logs: dict) -> bool:
+    """Whether `Trainer.log` got `evaluate()`'s metrics: keys "eval_*", or any `metric_key_prefix` (its
+    "<prefix>_runtime"), which keep the gate statistics of training for the next training log."""
+    return any(key.startswith("eval_") or (key.endswith("_runtime") and key != "train_runtime") for key in logs)
+
+
 def install() -> None:
     """Wrap `Trainer.__init__`, `get_batch_samples`, `log`, `train` and `_inner_training_loop` once (idempotent)."""
     from transformers import Trainer
@@ -454,7 +460,7 @@ def install() -> None:
     @functools.wraps(original_log)
     def log(self, logs, *args, **kwargs):
         tuner = find_gatera_model(self.model)
-        if tuner is not None and not any(key.startswith("eval_") for key in logs):
+        if tuner is not None and not is_evaluation_log(logs):
             logs.update(tuner.pop_gate_stats())
         return original_log(self, logs, *args, **kwargs)
 

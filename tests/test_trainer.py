@@ -38,7 +38,8 @@ def _sft_trainer(
     torch.manual_seed(0)
     args = SFTConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-        max_steps=steps, learning_rate=extra.pop("learning_rate", 1e-2), logging_steps=1, report_to="none",
+        max_steps=steps, learning_rate=extra.pop("learning_rate", 1e-2), logging_steps=extra.pop("logging_steps", 1),
+        report_to="none",
         use_cpu=True, bf16=extra.pop("bf16", False), save_strategy=extra.pop("save_strategy", "no"), max_grad_norm=0.0,
         seed=0, max_length=32,
         gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": reentrant},
@@ -406,3 +407,24 @@ def test_one_process_on_several_gpus_is_refused_when_the_trainer_is_built(tmp_pa
     quantised = plain_trainer(tmp_path, toy_texts(8), entropy_weight=0.1, batch=4, accum=1).model
     quantised.base_model.model.is_loaded_in_4bit = True
     refuse_data_parallel(SimpleNamespace(model=quantised, args=SimpleNamespace(n_gpu=2)))
+
+
+def test_an_evaluation_with_its_own_metric_prefix_leaves_the_gate_statistics_to_training(tmp_path):
+    """`trainer.evaluate(metric_key_prefix="test")` in the middle of training (e.g. from a callback) logs "test_*"
+    keys: the pending statistics of the training steps stay for the next training log (they went into the test
+    entry before; TRL's SFTTrainer adds "eval_*" keys of its own, which hid this, so here a plain Trainer)."""
+    from transformers import TrainerCallback
+
+    class EvaluateWithOwnPrefix(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                trainer.evaluate(eval_dataset=trainer.train_dataset, metric_key_prefix="test")
+
+    trainer = plain_trainer(tmp_path, toy_texts(16), 0.01, batch=4, accum=1)
+    trainer.args.max_steps, trainer.args.logging_steps = 2, 2
+    trainer.add_callback(EvaluateWithOwnPrefix())
+    trainer.train()
+    test_logs = [h for h in trainer.state.log_history if "test_loss" in h]
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(test_logs) == 1 and not any(k.startswith("gatera") for k in test_logs[0])
+    assert len(train_logs) == 1 and "gatera/entropy" in train_logs[0]
