@@ -125,8 +125,8 @@ class GateRAConfig(PeftConfig):
             relative to the optimizer's, applied by the Trainer integration when it builds the optimizer.
         dropout: dropout probability on the branch input (the gate always reads the undropped input).
         gate_bias_init: initial gate bias `b`; 0 gives `g = 0.5` at step 0.
-        entropy_weight: weight λ of the entropy penalty; 0 switches it off. Default: `DEFAULT_ENTROPY_WEIGHT` when
-            gated, 0 for `gate="none"`.
+        entropy_weight: weight λ of the entropy penalty on sigmoid gates; 0 switches it off. Default:
+            `DEFAULT_ENTROPY_WEIGHT` for `gate="sigmoid"`, else 0.
         init_weights: `True`: `B = 0` so the adapted model equals the base model at step 0; `False`: random `B`
             (for tests and debugging only).
         per_layer_stats: also log mean gate, entropy and open fraction per adapted module.
@@ -204,8 +204,8 @@ class GateRAConfig(PeftConfig):
     entropy_weight: Optional[float] = field(
         default=None,
         metadata={
-            "help": f"Weight of the entropy penalty on the token gates; 0 switches it off. Default "
-            f"{DEFAULT_ENTROPY_WEIGHT} for gated adapters, 0 for gate='none'."
+            "help": f"Weight of the entropy penalty on the sigmoid token gates; 0 switches it off. Default "
+            f"{DEFAULT_ENTROPY_WEIGHT} for gate='sigmoid', else 0."
         },
     )
     init_weights: bool = field(

@@ -8,8 +8,9 @@ input before the branch runs; `ThresholdGate` reads the branch's output and the 
 Each class also holds what the layer and the logs need to know of its kind: `stats_kind` (the key under which its
 statistics are recorded), `per_token` (one value per token, or one per module), `penalty(config)` (the penalty's
 weight and per-value gradient for its tap), `log_entries` (what its statistics and penalty are called in the logs,
-from the per-layer means that `GateStats` records: (layers, 3) = mean value, mean H/log 2, fraction open) and, for
-the token gates, `reads_branch_output` (whether it runs after the branch); `Gate.trains()` they share.
+from the per-layer means that `GateStats` records: (layers, 3) = mean value, mean H/log 2, fraction open) and
+`reads_branch_output` (whether it runs after the branch: only TS-PEFT's threshold); `Gate.trains()` and
+`Gate.penalty_trains()` they share.
 """
 
 from __future__ import annotations
@@ -29,10 +30,17 @@ from .penalty import constant_term_grad, entropy_term_grad, keep_ratio_term_grad
 class Gate(nn.Module):
     """What every gate kind shares."""
 
+    reads_branch_output = False
+
     def trains(self) -> bool:
-        """Whether any of its parameters is trained (requires grad): a frozen gate is not penalised (a threshold gate
-        still is while its branch's factors train: `GateRALayer._gate_trains`)."""
+        """Whether any of its parameters is trained (requires grad)."""
         return any(param.requires_grad for param in self._parameters.values())  # (its own: a gate has no children)
+
+    def penalty_trains(self, factors_train: bool) -> bool:
+        """Whether the penalty on this gate trains anything of its adapter: its own parameters, or, for a gate that
+        reads the branch's output (TS-PEFT's threshold), the branch's factors through it (`factors_train`). A frozen
+        gate is not penalised."""
+        return self.trains() or (self.reads_branch_output and factors_train)
 
 
 class SigmoidGate(Gate):
@@ -41,7 +49,6 @@ class SigmoidGate(Gate):
     `weight` (1, d_in) starts at 0 and `bias` (1,) at `bias_init`, so every token starts with `g = σ(bias_init)`.
     """
 
-    reads_branch_output = False
     stats_kind = "sigmoid"
     per_token = True
 

@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from .branches import BRANCH_KINDS, HALF_DTYPES, delta_weight, dora_weight_norm
 from .config import GateRAConfig
 from .fsdp import refuse_distributed_weight, unsharded_weight
-from .gates import make_structure_gate, make_token_gate
+from .gates import Gate, make_structure_gate, make_token_gate
 from .kernels import compute_dtype
 from .ops._autocast import autocast_off
 from .ops._tokens import records_graph
@@ -58,7 +58,7 @@ class GateRALayer(BaseTunerLayer):
     # Trainable, saved per-adapter state.
     adapter_layer_names: tuple[str, ...] = ("gatera_A", "gatera_B", "gatera_gate", "gatera_structure", "gatera_magnitude")
     # Other per-adapter state (plain dicts / dropout modules keyed by adapter name).
-    other_param_names: tuple[str, ...] = ("r", "scaling", "_lora_alpha", "branch_kind", "gate_kind", "gatera_dropout",
+    other_param_names: tuple[str, ...] = ("r", "scaling", "_lora_alpha", "branch_kind", "gatera_dropout",
                                           "options")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -67,7 +67,6 @@ class GateRALayer(BaseTunerLayer):
         self.scaling: dict[str, Optional[float]] = {}  # read through branch_scale() (None until computed)
         self._lora_alpha: dict[str, Optional[float]] = {}
         self.branch_kind: dict[str, str] = {}
-        self.gate_kind: dict[str, str] = {}
         self.options: dict[str, GateRAConfig] = {}  # the adapter's config: penalty weights, sparsity, caching
         self.gatera_dropout = nn.ModuleDict({})
         self.gatera_A = nn.ParameterDict({})  # (r, d_in)
@@ -104,7 +103,6 @@ class GateRALayer(BaseTunerLayer):
             raise ValueError(f"`r` must be a positive integer, got {r} for adapter {adapter_name!r}.")
         self.r[adapter_name] = r
         self.branch_kind[adapter_name] = config.branch
-        self.gate_kind[adapter_name] = config.gate
         self.options[adapter_name] = config
         self.gatera_dropout[adapter_name] = nn.Dropout(p=config.dropout) if config.dropout > 0 else nn.Identity()
         self.gatera_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
@@ -126,22 +124,22 @@ class GateRALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters)
         _register_base_weight_with_zero3(self)
 
+    def gates_of(self, adapter_name: str) -> list[Gate]:
+        """The gates `adapter_name` has here: its token gate (absent for gate="none"), then its structure gate."""
+        return [gates[adapter_name] for gates in (self.gatera_gate, self.gatera_structure) if adapter_name in gates]
+
     def _gate_kinds(self, adapter_name: str) -> list[str]:
         """The penalised gate kinds this adapter has here: "sigmoid" / "threshold", and "structure"."""
-        return [gates[adapter_name].stats_kind for gates in (self.gatera_gate, self.gatera_structure)
-                if adapter_name in gates]
+        return [gate.stats_kind for gate in self.gates_of(adapter_name)]
 
-    def _gate_trains(self, adapter_name: str, gate) -> bool:
-        """Whether the penalty on `gate` trains anything of its adapter here: the gate's own parameters, or, for a gate
-        that reads the branch's output (TS-PEFT's threshold), the branch's factors through it."""
-        return gate.trains() or (getattr(gate, "reads_branch_output", False) and (
-            self.gatera_A[adapter_name].requires_grad or self.gatera_B[adapter_name].requires_grad))
+    def _gate_trains(self, adapter_name: str, gate: Gate) -> bool:
+        """Whether the penalty on `gate` trains anything of `adapter_name` here (`Gate.penalty_trains`)."""
+        return gate.penalty_trains(self.gatera_A[adapter_name].requires_grad or self.gatera_B[adapter_name].requires_grad)
 
     def trained_gate_stats(self, adapter_names) -> list[GateStats]:
         """The statistics of the gates of `adapter_names` here that a training backward penalises and records."""
-        return [self.gate_stats[(name, gates[name].stats_kind)] for name in adapter_names
-                for gates in (self.gatera_gate, self.gatera_structure)
-                if name in gates and self._gate_trains(name, gates[name])]
+        return [self.gate_stats[(name, gate.stats_kind)] for name in adapter_names for gate in self.gates_of(name)
+                if self._gate_trains(name, gate)]
 
     def reset_gatera_parameters(self, adapter_name: str, init_weights: bool) -> None:
         """HiRA's init: `A` Kaiming-uniform (a=√5), `B = 0`, gates at their initial values; DoRA's magnitude is
@@ -154,9 +152,8 @@ class GateRALayer(BaseTunerLayer):
             nn.init.zeros_(B)
         else:
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        for container in (self.gatera_gate, self.gatera_structure):
-            if adapter_name in container:
-                container[adapter_name].reset_parameters(random=not init_weights)
+        for gate in self.gates_of(adapter_name):
+            gate.reset_parameters(random=not init_weights)
         if adapter_name in self.gatera_magnitude:
             scale = self.branch_scale(adapter_name)  # (first: it may gather W0 itself)
             with self._gathered_base_weight():
@@ -182,9 +179,7 @@ class GateRALayer(BaseTunerLayer):
         scale = self.scaling[adapter_name]
         if scale is None:
             config = self.options[adapter_name]
-            gate_level = math.prod(container[adapter_name].initial_level()
-                                   for container in (self.gatera_gate, self.gatera_structure)
-                                   if adapter_name in container)
+            gate_level = math.prod(gate.initial_level() for gate in self.gates_of(adapter_name))
             scale = config.scaling_for(self.r[adapter_name], self._lora_alpha[adapter_name],
                                        weight_rms=lambda: self._base_weight_rms(config.hira_scaling),
                                        gate_level=gate_level)
@@ -270,7 +265,7 @@ class GateRALayer(BaseTunerLayer):
         if gate.per_token:
             scale = run.token_scale(adapter_name, kind, weight, run.own_positions(value))
         else:
-            scale = run.module_scale(adapter_name, weight)
+            scale = run.module_scale(adapter_name, kind, weight)
         flat = value if value.dim() == 2 and value.shape[1] == 1 else value.reshape(-1, 1)
         flat = penalty_tap(flat, mask, scale, term_grad, self.gate_stats[(adapter_name, kind)])
         return flat if flat.shape == value.shape else flat.reshape(value.shape)
@@ -404,14 +399,20 @@ class GateRALayer(BaseTunerLayer):
         return rows.index_copy(0, index, open_rows).reshape(result.shape)
 
     # ----------------------------------------------------------------------------------------------- merging
+    def _refuse_gated(self, adapter_names) -> None:
+        """Raise for the first of `adapter_names` with a token gate: its update depends on each token, so no merged
+        weight exists."""
+        for name in adapter_names:
+            if self.options[name].is_gated:
+                raise ValueError(_unmergeable_message(name, self.options[name].gate))
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Additive update of an ungated adapter in the base weight's layout: `W' = W + get_delta_weight(...)`.
 
         HiRA's update `W0 ⊙ BA` and DoRA's norm `‖W0 + s·BA‖` read the original `W0`, also while other adapters
         are merged into the stored weight, so merging adapters one at a time equals merging them together.
         """
-        if self.gate_kind[adapter_name] != "none":
-            raise ValueError(_unmergeable_message(adapter_name, self.gate_kind[adapter_name]))
+        self._refuse_gated([adapter_name])
         base = self._original_weight()
         with autocast_off(base.device.type):  # in fp32, also when merged inside an autocast region
             delta = delta_weight(
@@ -462,9 +463,7 @@ class GateRALayer(BaseTunerLayer):
         for NaN / inf before anything is written, with PEFT's error wording.
         """
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.gatera_A]
-        for name in adapter_names:
-            if self.gate_kind[name] != "none":
-                raise ValueError(_unmergeable_message(name, self.gate_kind[name]))
+        self._refuse_gated(adapter_names)
         if not adapter_names:
             return
         weight = self._stored_weight()

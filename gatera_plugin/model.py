@@ -170,7 +170,7 @@ def warn_unreached_parameters(model: nn.Module, config: GateRAConfig) -> None:
 def _warn_encoder_decoder_masks(model: nn.Module, config: GateRAConfig) -> None:
     """Token gates in the decoder of an encoder-decoder model (T5, BART): their penalty and statistics are masked and
     normalised by the encoder's `attention_mask`, not the decoder's tokens (a known limitation: docs/method.md)."""
-    if config.gate == "none" or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if not config.is_gated or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None

@@ -29,11 +29,10 @@ def gate_parameter_ratios(model: torch.nn.Module) -> dict[int, float]:
         if not isinstance(module, GateRALayer):
             continue
         for adapter_name, config in module.options.items():
-            for container in (module.gatera_gate, module.gatera_structure):
-                if adapter_name in container:
-                    for param in container[adapter_name].parameters():
-                        if param.requires_grad:
-                            ratios[id(param)] = config.gate_lr_ratio
+            for gate in module.gates_of(adapter_name):
+                for param in gate.parameters():
+                    if param.requires_grad:
+                        ratios[id(param)] = config.gate_lr_ratio
     return ratios
 
 

@@ -1,6 +1,7 @@
-"""The entropy penalty on token gates, applied inside each gated layer's backward, and the gate statistics.
+"""The gate penalties (entropy on token gates, TS-PEFT's keep ratio, the structure gates' sparsity), applied inside
+each gated layer's backward, and the gate statistics.
 
-The penalty (docs/method.md, "Penalties and their normalisation"; the normalisation is ours) is
+The entropy penalty (docs/method.md, "Penalties and their normalisation"; the normalisation is ours) is
 
     P = λ · (1 / (N · L)) · Σ_layers Σ_real tokens H(g) / log 2,      H(g) = −[g log g + (1−g) log(1−g)]
 
@@ -9,7 +10,7 @@ ranks) and `L` the number of gated layers; `P` lies in [0, λ].
 
 Why not `loss = task_loss + P`: TRL's SFTTrainer recomputes the loss from a fused LM head and never reads a loss the
 model adds to its outputs, and with reentrant gradient checkpointing (forced by TRL for ZeRO-3) a penalty tensor
-stashed during forward has no graph. Instead each gated layer passes its gate through `_EntropyTap`, an identity in
+stashed during forward has no graph. Instead each gated layer passes its gate through `_PenaltyTap`, an identity in
 forward whose backward adds `∂P/∂g` to the incoming gradient (the pattern Megatron uses for MoE auxiliary losses).
 Every trainer, every checkpointing mode and every parallelism that runs the layer's backward once per micro-batch
 therefore applies the penalty exactly once, with no code outside this package.
@@ -279,7 +280,7 @@ class PenaltyRun:
         self.world_size = int(world_size)
         self.loss_scale = float(loss_scale)
         self.step_micro_batches = int(micro_batches)
-        self.tally_forwards, self.tally_tokens, self._tallying, self._tallied = 0, None, True, False
+        self.tally_forwards, self.tally_tokens, self._tallying = 0, None, True
 
     def end_training(self) -> None:
         """Return to per-forward normalisation (used after a Trainer run)."""
@@ -349,13 +350,13 @@ class PenaltyRun:
             return 0.0
         return weight * self.world_size * self.loss_scale / (tokens * layers)
 
-    def module_scale(self, adapter_name: str, weight: float) -> float:
+    def module_scale(self, adapter_name: str, kind: str, weight: float) -> float:
         """Factor on a per-module penalty term's gradient per forward: λ_s·loss_scale / (L_s · micro-batches).
 
         Every rank adds the whole penalty's gradient (its forwards sum to it), so the data-parallel average keeps it.
         """
         self._tally_forward()
-        layers = self.layer_counts.get((adapter_name, "structure"), 0)
+        layers = self.layer_counts.get((adapter_name, kind), 0)
         if weight == 0.0 or layers == 0:
             return 0.0
         return weight * self.loss_scale / (layers * self.step_micro_batches)

@@ -371,7 +371,7 @@ def check_generation_backend(trainer) -> None:
     if tuner is None or not getattr(trainer.args, "use_vllm", False):
         return
     gated = {name: tuner.peft_config[name].gate for name in tuner.active_adapters
-             if tuner.peft_config[name].gate != "none"}
+             if tuner.peft_config[name].is_gated}
     if gated:
         raise ValueError(
             f"{type(trainer).__name__} with `use_vllm=True` cannot generate from this model: GateRA adapter(s) "

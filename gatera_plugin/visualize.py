@@ -93,11 +93,11 @@ def check_record_options(prompt: str, answer: Optional[str], max_new_tokens: int
 @torch.no_grad()
 def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 24) -> GateTrace:
     """Prefill `prompt`, then decode with the KV cache: the given `answer`'s tokens, or greedily `max_new_tokens`."""
-    from .gates import SigmoidGate, ThresholdGate
+    from .gates import Gate
 
     check_record_options(prompt, answer, max_new_tokens)
     model.eval()
-    gate_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, (SigmoidGate, ThresholdGate))]
+    gate_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, Gate) and m.per_token]
     if not gate_modules:
         raise ValueError("The model has no token gates to record (gate='none'?).")
     per_module: dict[str, list[torch.Tensor]] = {name: [] for name, _ in gate_modules}

@@ -399,8 +399,11 @@ def triton_gated_hira(
     row_ops: TorchRows = TORCH_ROWS,
 ) -> torch.Tensor:
     """Same contract as `ops.hira.gated_hira`, with the ΔW blocks built by the chunk kernels; `weight_fn` may also
-    return a `Packed4bit` (the kernels then read the 4-bit bytes directly). Under autocast, x, A and B are cast to
-    the autocast dtype first (tensor-core products, fp32 accumulation), as the PyTorch path's matmuls are;
+    return a `Packed4bit` (the kernels then read the 4-bit bytes directly). x, A and B are cast to `compute_dtype(x)`
+    first (tensor-core products, fp32 accumulation): the autocast dtype under autocast, as the PyTorch path's matmuls
+    are, else x's dtype. Outside autocast a bf16 / fp16 x therefore also rounds fp32 A and B before `BA` is formed,
+    where the PyTorch path forms `BA` in the adapter's dtype and rounds once (`kernel="triton"` only: "auto" takes
+    the PyTorch path);
     `on_failure`: see `TritonGatedHiraFunction`; `row_ops`: as `gated_hira`'s."""
     dtype = compute_dtype(x)
     x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)

@@ -171,8 +171,8 @@ def triton_gated_lora(
     x: torch.Tensor, gate: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0,
     base: Optional[torch.Tensor] = None, on_failure: Optional[Callable[[BaseException], bool]] = None,
 ) -> torch.Tensor:
-    """Same contract as `ops.lora.gated_lora`, with the d_out-wide steps in Triton; under autocast x, A and B are cast
-    to the autocast dtype first; `on_failure`: see `hira_triton.TritonGatedHiraFunction`."""
+    """Same contract as `ops.lora.gated_lora`, with the d_out-wide steps in Triton; x, A and B are cast to
+    `compute_dtype(x)` first (the autocast dtype under autocast, else x's); `on_failure`: see `hira_triton.TritonGatedHiraFunction`."""
     dtype = compute_dtype(x)
     x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)
     return apply_to_tokens(TritonGatedLoraFunction, x, gate, base, A, B, scaling, on_failure)

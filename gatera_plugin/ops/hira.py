@@ -120,7 +120,7 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class TorchRows:
     """The token gate's operations on rows of activations, with PyTorch ops (every device). a, base, update, p, x:
-    (N, d); scale: (N, 1), one number per token. `kernels.rows.TritonRows` runs the same operations as Triton kernels
+    (N, d); scale: (N, 1), one number per token, or a Python float (ungated, s ≠ 1). `kernels.rows.TritonRows` runs the same operations as Triton kernels
     on CUDA (`kernels.rows_for` picks one per call)."""
 
     def scale(self, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
