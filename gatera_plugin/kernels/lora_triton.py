@@ -31,6 +31,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..ops._tokens import apply_to_tokens
+from ..ops.lora import rank_r_grads
 from . import compute_dtype, device_guard, torch_path_grads
 from .hira_triton import _shrink, check_blocks
 
@@ -143,15 +144,9 @@ def _lora_backward(grad_out, x, gate, A, B, h, s, need):
     """(dx, dg, dA, dB), None where not needed: rank-r products in PyTorch, dB in the kernel."""
     need_x, need_gate, need_A, need_B = need
     dy = grad_out.contiguous().to(x.dtype)
-    grad_x = grad_gate = grad_A = grad_B = None
-    u = dy @ B.to(dy.dtype)  # (N, r)
-    if need_gate:
-        grad_gate = (u * h).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
-    dh = u * (gate * s if gate is not None else s)
-    if need_x:
-        grad_x = (dh @ A.to(dh.dtype)).to(x.dtype)
-    if need_A:
-        grad_A = (dh.t() @ x.to(dh.dtype)).to(A.dtype)
+    grad_B = None
+    grad_x, grad_gate, grad_A, _ = rank_r_grads(dy, x, gate, A.to(dy.dtype), B.to(dy.dtype), h, s, need_x, need_gate,
+                                                need_A, A.dtype)
     if need_B:
         r = A.shape[0]
         n_tokens, d_out = x.shape[0], B.shape[0]

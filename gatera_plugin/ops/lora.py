@@ -31,6 +31,22 @@ def lora_output(base, x, gate, A, B, scaling, autocast: dict) -> tuple[torch.Ten
     return add_gated(base, h @ B.t(), gate, scaling, reuse_update=True), h
 
 
+def rank_r_grads(go, x, gate, A, B, h, s, need_x, need_gate, need_A, A_dtype):
+    """The backward's rank-r part: `(dx, dg, dA, dh)`, None where not needed (dh always). `go` (N, d_out) is the
+    output gradient in x's dtype; A (r, d_in) and B (d_out, r) come already in the dtype their products take; dA is
+    cast to `A_dtype`. dB, the only d_out-wide reduction, is the caller's (`δᵀ (s·g ⊙ h)`)."""
+    grad_x = grad_gate = grad_A = None
+    u = go @ B  # (N, r)
+    if need_gate:
+        grad_gate = (u * h).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
+    dh = u * (gate * s if gate is not None else s)  # (N, r)
+    if need_x:
+        grad_x = (dh @ A).to(x.dtype)
+    if need_A:
+        grad_A = (dh.t() @ x.to(dh.dtype)).to(A_dtype)
+    return grad_x, grad_gate, grad_A, dh
+
+
 class GatedLoraFunction(torch.autograd.Function):
     """Autograd function for `base + s · g ⊙ (x Aᵀ Bᵀ)`; `g` and `base` may be `None`."""
 
@@ -53,22 +69,16 @@ class GatedLoraFunction(torch.autograd.Function):
         x, gate, A, B, h = ctx.saved_tensors
         need_x, need_gate, need_A, need_B = ctx.needs_input_grad[1:5]
         s = ctx.scaling
-        grad_x = grad_gate = grad_A = grad_B = None
+        grad_B = None
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[0] else None
-        token_scale = gate * s if gate is not None else s
         A_dtype, B_dtype = ctx.factor_dtypes
         with torch.no_grad(), restore_autocast(ctx.autocast):
             go = grad_out.to(x.dtype)
-            autocast_on = ctx.autocast["enabled"]  # (then A and B are the forward's casts: autocast's products take them)
-            u = go @ (B if autocast_on else B.to(go.dtype))  # (N, r)
-            if need_gate:
-                grad_gate = (u * h).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
-            dh = u * token_scale  # (N, r)
-            if need_x:
-                grad_x = (dh @ (A if autocast_on else A.to(dh.dtype))).to(x.dtype)
-            if need_A:
-                grad_A = (dh.t() @ x.to(dh.dtype)).to(A_dtype)
+            if not ctx.autocast["enabled"]:  # (under autocast A and B are the forward's casts, which its products take)
+                A, B = A.to(go.dtype), B.to(go.dtype)
+            grad_x, grad_gate, grad_A, _ = rank_r_grads(go, x, gate, A, B, h, s, need_x, need_gate, need_A, A_dtype)
             if need_B:
+                token_scale = gate * s if gate is not None else s
                 grad_B = (go.t() @ (h * token_scale).to(go.dtype)).to(B_dtype)
         return grad_base, grad_x, grad_gate, grad_A, grad_B, None
 
