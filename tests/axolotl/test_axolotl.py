@@ -1180,3 +1180,54 @@ def test_a_continued_all_linear_adapter_is_not_reported_as_other_targets(tmp_pat
     with caplog.at_level(logging.WARNING):
         GateRAPlugin().load_adapter(tiny_llama(), cfg, config_only=True)
     assert not [r for r in caplog.records if "saved with other settings" in r.getMessage()], caplog.text
+
+
+@pytest.mark.parametrize("head, task_type", [("SequenceClassification", "SEQ_CLS"), ("TokenClassification", "TOKEN_CLS")])
+def test_reward_models_get_their_task_type_and_train_their_head(head, task_type):
+    """`reward_model: true` (Axolotl loads a SequenceClassification model) and `process_reward_model: true`
+    (TokenClassification): the adapter is built for that task, as Axolotl's LoRA is, so PEFT trains and saves the new
+    `score` head. Before, the plugin always asked for a causal LM, and PEFT's causal-LM wrapper failed with
+    "object has no attribute 'prepare_inputs_for_generation'" once the model had loaded."""
+    import transformers
+    from axolotl.utils.dict import DictDefault
+
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+    from tests.helpers import tiny_llama_config
+
+    torch.manual_seed(0)
+    base = getattr(transformers, f"LlamaFor{head}")(tiny_llama_config())
+    model, _ = GateRAPlugin().load_adapter(base, DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"]}))
+    assert model.peft_config["default"].task_type == task_type
+    assert any(p.requires_grad for n, p in model.named_parameters() if "score" in n)
+    output = model(input_ids=torch.randint(3, 100, (2, 6)), labels=torch.zeros(2, dtype=torch.long)
+                   if head == "SequenceClassification" else torch.zeros(2, 6, dtype=torch.long))
+    output.loss.backward()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe", "jamba", "falcon_h1"])
+@pytest.mark.parametrize("bits, lora_like", [(4, "qlora"), (8, "lora")])
+def test_load_in_kbit_quantises_as_axolotl_does_for_its_own_adapter(model_type, bits, lora_like):
+    """`load_in_4bit` / `load_in_8bit` with `adapter: gatera` build the bitsandbytes config Axolotl builds for
+    `qlora` / `lora`, with its per-architecture settings: fp32 quant storage for qwen2_moe and jamba (Axolotl: bf16
+    storage puts the loss off by an order of magnitude there), modules left unquantised for falcon_h1 and jamba.
+    Before, the plugin built a generic config of its own and quantised those differently, silently."""
+    import types
+
+    from axolotl.loaders.model import ModelLoader
+    from axolotl.utils.dict import DictDefault
+
+    from gatera_plugin.integrations.axolotl.plugin import _patch_quantization_config
+
+    _patch_quantization_config()
+
+    def quantization(adapter):
+        loader = ModelLoader.__new__(ModelLoader)
+        loader.cfg = DictDefault({"adapter": adapter, f"load_in_{bits}bit": True, "torch_dtype": torch.bfloat16,
+                                  "model_config_type": model_type})
+        loader.model_kwargs, loader.model_config = {}, types.SimpleNamespace()
+        ModelLoader._set_quantization_config(loader)
+        assert loader.cfg.adapter == adapter
+        return loader.model_kwargs["quantization_config"].to_dict()
+
+    assert quantization("gatera") == quantization(lora_like)
+    assert quantization("gatera")[f"load_in_{bits}bit"]

@@ -96,9 +96,21 @@ def gatera_config_from_axolotl(cfg, model, warn: bool = True) -> gatera_plugin.G
         rank_pattern=dict(cfg.get("lora_rank_pattern") or {}),
         trainable_token_indices=cfg.get("peft_trainable_token_indices") or None,
         alpha_pattern=alpha_pattern,
-        task_type="CAUSAL_LM",
+        task_type=_task_type_of(model),
         **options,
     )
+
+
+def _task_type_of(model) -> str:
+    """PEFT's task type for the model Axolotl loaded, as its LoRA adapters get: a reward model (`reward_model: true`,
+    a SequenceClassification head) and a process reward model (TokenClassification) train their new head with the
+    adapter; everything else (and the config check before loading, `model=None`) is a causal LM."""
+    name = type(model).__name__
+    if "SequenceClassification" in name:
+        return "SEQ_CLS"
+    if "TokenClassification" in name:
+        return "TOKEN_CLS"
+    return "CAUSAL_LM"
 
 
 # Options that only steer training (penalties, the gates' rate, dropout, the kernel, logging): a YAML that sets them
@@ -183,10 +195,10 @@ def _saved_gatera_config(folder) -> gatera_plugin.GateRAConfig:
 
 
 def _patch_quantization_config() -> None:
-    """Give `adapter: gatera` the bitsandbytes config Axolotl builds for `qlora` (4-bit) and `lora` (8-bit)."""
-    import torch
+    """Give `adapter: gatera` the bitsandbytes config Axolotl builds for `qlora` (4-bit) and `lora` (8-bit): Axolotl's
+    own code runs, as for those adapters, so its per-architecture settings apply too (fp32 quant storage for jamba,
+    qwen2_moe and nemotron_h, modules it leaves unquantised for falcon_h1, jamba and others)."""
     from axolotl.loaders.model import ModelLoader
-    from transformers import BitsAndBytesConfig
 
     original = ModelLoader._set_quantization_config
     if getattr(original, "__gatera__", False):
@@ -194,19 +206,14 @@ def _patch_quantization_config() -> None:
 
     @functools.wraps(original)
     def _set_quantization_config(self):
-        original(self)
         cfg = self.cfg
-        if cfg.adapter != ADAPTER or "quantization_config" in self.model_kwargs:
-            return
-        if cfg.load_in_4bit:
-            quantization = {
-                "load_in_4bit": True, "bnb_4bit_compute_dtype": cfg.torch_dtype, "bnb_4bit_use_double_quant": True,
-                "bnb_4bit_quant_type": "nf4", "bnb_4bit_quant_storage": torch.bfloat16,
-                **(cfg.bnb_config_kwargs or {}),
-            }
-            self.model_kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
-        elif cfg.load_in_8bit:
-            self.model_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        if cfg.adapter != ADAPTER or not (cfg.load_in_4bit or cfg.load_in_8bit):
+            return original(self)
+        cfg.adapter = "qlora" if cfg.load_in_4bit else "lora"  # (read by that method only, and put back at once)
+        try:
+            return original(self)
+        finally:
+            cfg.adapter = ADAPTER
 
     _set_quantization_config.__gatera__ = True
     ModelLoader._set_quantization_config = _set_quantization_config
