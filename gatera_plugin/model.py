@@ -388,7 +388,10 @@ class GateRAModel(BaseTuner):
             shape = reference.shape[:-1]
         else:
             shape = reference.shape
-        self.penalty_run.set_batch(kwargs.get("attention_mask"), 0 if reference is None else shape.numel(),
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:  # (dropped by the trainer after collation: the collated one, if it has it)
+            attention_mask = self.penalty_run.collated_mask_for(kwargs.get("position_ids"))
+        self.penalty_run.set_batch(attention_mask, 0 if reference is None else shape.numel(),
                                    kwargs.get("position_ids"), shape)
         self._in_forward = module is self.model
         if torch.is_grad_enabled():

@@ -211,6 +211,18 @@ class PenaltyRun:
     _latest: ForwardBatch = field(default_factory=lambda: ForwardBatch(None, 0), repr=False)
     _latest_with_grad: ForwardBatch = field(default_factory=lambda: ForwardBatch(None, 0), repr=False)
     _replaying: Optional[ForwardBatch] = field(default=None, repr=False)
+    # the step's collated micro-batches' (position_ids, attention_mask), for a trainer that drops the mask before the
+    # forward (`collated_mask_for`)
+    collated_masks: list = field(default_factory=list, repr=False)
+
+    def collated_mask_for(self, position_ids) -> Optional[torch.Tensor]:
+        """The collated `attention_mask` (B, T) of the micro-batch whose `position_ids` tensor (the very object) a
+        forward without a mask got, else None. Axolotl deletes the mask of Gemma 3 / 4 `sample_packing` batches
+        before the forward, so that transformers builds per-sequence masks from the position ids; those alone cannot
+        tell the collator's padding (position ids 0, 1, ...) from one more packed sequence."""
+        if not isinstance(position_ids, torch.Tensor):
+            return None
+        return next((mask for positions, mask in self.collated_masks if positions is position_ids), None)
 
     def set_batch(self, attention_mask: Optional[torch.Tensor], num_positions: int, position_ids=None,
                   shape=()) -> None:
@@ -289,6 +301,7 @@ class PenaltyRun:
         self.loss_scale = 1.0
         self.step_micro_batches = 1
         self.tally_forwards, self.tally_tokens, self._tallying = 0, None, False
+        self.collated_masks = []
 
     def _tally_forward(self) -> None:
         """Count the current forward (once) in the step's tally; called by the taps, so only forwards with gradient.

@@ -281,6 +281,9 @@ def begin_step(trainer, batch_samples) -> None:
     if tuner is None:
         return
     run, state = tuner.penalty_run, _normaliser(trainer)
+    run.collated_masks = [(batch["position_ids"], batch["attention_mask"]) for batch in batch_samples
+                          if isinstance(batch, Mapping) and isinstance(batch.get("position_ids"), torch.Tensor)
+                          and isinstance(batch.get("attention_mask"), torch.Tensor)]
     accelerator = trainer.accelerator
     world_size, replicas = accelerator.num_processes, batch_replicas(trainer, batch_samples)
     mismatch = _check_last_step(trainer, run)

@@ -263,12 +263,13 @@ def real_tokens(inputs: dict) -> torch.Tensor:
     return real
 
 
-def explicit_penalty_gradient(capture: FirstStepCapture, weight: float, per_forward: bool = False) -> dict:
+def explicit_penalty_gradient(capture: FirstStepCapture, weight: float, per_forward: bool = False,
+                              masks: Optional[list] = None) -> dict:
     """∇ of `weight` · mean over gated layers of the token mean of H(g)/log 2 over the first step's forwards, by plain
     autograd from the weights at the start of training (the naive reference for the injected penalty gradient).
 
     Step level: one token mean over all the step's forwards. Per forward: the mean over forwards of each forward's
-    token mean.
+    token mean. `masks`: each forward's real tokens (B, T), where its inputs do not say (default: `real_tokens`).
     """
     model = capture.start
     for config in model.peft_config.values():
@@ -277,7 +278,7 @@ def explicit_penalty_gradient(capture: FirstStepCapture, weight: float, per_forw
         model.get_base_model().gradient_checkpointing_disable()  # reentrant checkpointing records gates without graph
     model.train()
     params = gate_params(model)
-    masks = [real_tokens(inputs) for inputs in capture.inputs]
+    masks = [real_tokens(inputs) for inputs in capture.inputs] if masks is None else [m != 0 for m in masks]
     counts = [mask.sum() for mask in masks]
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     for inputs, mask, count in zip(capture.inputs, masks, counts):  # each forward's term, its backward right after
@@ -430,10 +431,11 @@ def texts_of_unequal_length() -> list[str]:
     return ["count one two", "count three four five six seven eight nine", "count two three four five", "count six"]
 
 
-def multipack_collator(tokenizer, rows: int = 2, pad_to_multiple_of: int = 16):
+def multipack_collator(tokenizer, rows: int = 2, pad_to_multiple_of: int = 16, positions_of_padding: str = "zeros"):
     """Packs each micro-batch into `rows` rows as Axolotl's `sample_packing` collator does: `attention_mask` numbers
     the sequences of a row 1, 2, ... (0 is padding), `position_ids` restart at each sequence, and the rows are padded
-    to a multiple of `pad_to_multiple_of`."""
+    to a multiple of `pad_to_multiple_of`; the padding's position ids are 0 ("zeros") or 0, 1, ... ("range", as
+    Axolotl's `DataCollatorForSeq2Seq` pads them)."""
 
     def collate(features):
         packed = []
@@ -449,7 +451,11 @@ def multipack_collator(tokenizer, rows: int = 2, pad_to_multiple_of: int = 16):
 
         input_ids, attention_mask = padded(0, tokenizer.pad_token_id), padded(1, 0)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": padded(2, 0),
+        if positions_of_padding == "range":
+            position_ids = torch.tensor([p[2] + list(range(width - len(p[2]))) for p in packed])
+        else:
+            position_ids = padded(2, 0)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                 "labels": labels}
 
     return collate

@@ -116,6 +116,41 @@ def test_rows_packed_as_axolotl_numbers_them_get_the_exact_step_level_penalty(tm
         torch.testing.assert_close(penalty[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_a_trainer_that_drops_the_collated_mask_before_the_forward_still_counts_only_real_tokens(tmp_path, caplog):
+    """Axolotl deletes `attention_mask` from Gemma 3 / 4 `sample_packing` batches before the forward (so that
+    transformers builds per-sequence masks from `position_ids`), and its collator pads `position_ids` with 0, 1, ...,
+    which from the position ids alone looks like one more packed sequence. The gated layers take the collated mask
+    of that micro-batch instead: the same penalty gradient as with the mask, and no count mismatch. Before, the
+    padding was counted: the first step was normalised by the wrong count (with a warning), the later ones per
+    forward, with padding penalised and in the statistics."""
+
+    def collator(tokenizer):
+        return multipack_collator(tokenizer, positions_of_padding="range")
+
+    dropped_masks = []
+
+    def trainer_dropping_the_mask(*args, **kwargs):
+        trainer = plain_trainer(*args, collator=collator, **kwargs)
+
+        def compute_loss(self, model, inputs, *rest, **options):
+            dropped_masks.append(inputs.pop("attention_mask"))
+            return type(trainer).compute_loss(self, model, inputs, *rest, **options)
+
+        trainer.compute_loss = compute_loss.__get__(trainer)
+        return trainer
+
+    with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
+        penalty, capture = _penalty_gradient(trainer_dropping_the_mask, tmp_path, toy_texts(32), batch=4, accum=2)
+    assert not [r.getMessage() for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]
+    assert all(inputs.get("attention_mask") is None for inputs in capture.inputs)
+    masks = dropped_masks[:2]  # (the first step of the run with λ; its padding is what the position ids hide)
+    assert all((mask == 0).any() for mask in masks)
+    explicit = explicit_penalty_gradient(capture, LAMBDA, masks=masks)
+    for name in penalty:
+        assert penalty[name].abs().max() > 1e-6, name
+        torch.testing.assert_close(penalty[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_a_step_with_no_micro_batches_changes_no_normalisation(tmp_path, caplog):
     """transformers 5.0, resumed mid-epoch, asks the exhausted epoch iterator for the skipped steps' batches and gets
     none (4 times at the epoch boundary in tests/test_reliability.py's resume test). Such an empty step runs no forward:
