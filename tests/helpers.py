@@ -264,7 +264,7 @@ def real_tokens(inputs: dict) -> torch.Tensor:
 
 
 def explicit_penalty_gradient(capture: FirstStepCapture, weight: float, per_forward: bool = False,
-                              masks: Optional[list] = None) -> dict:
+                              masks: list | None = None) -> dict:
     """∇ of `weight` · mean over gated layers of the token mean of H(g)/log 2 over the first step's forwards, by plain
     autograd from the weights at the start of training (the naive reference for the injected penalty gradient).
 
