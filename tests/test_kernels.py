@@ -174,13 +174,15 @@ def test_model_with_triton_kernels_equals_torch_kernels(branch):
         r=8, target_modules=["q_proj", "down_proj"], branch=branch, init_weights=False, kernel=kernel, **extra)))
 
 
-def test_4bit_model_with_triton_kernels_equals_torch_kernels(tmp_path):
-    """The same on an NF4 base: the kernel dequantises the packed bytes itself."""
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16, torch.float32])
+def test_4bit_model_with_triton_kernels_equals_torch_kernels(tmp_path, quant_storage):
+    """The same on an NF4 base: the kernel dequantises the packed bytes itself, whatever dtype holds them
+    (`bnb_4bit_quant_storage`: bf16 for FSDP / ZeRO-3, fp32 as Axolotl's qlora for qwen2_moe, jamba, nemotron_h)."""
     pytest.importorskip("bitsandbytes")
     from tests.helpers import load_4bit
 
     tiny_llama(hidden=64, intermediate=128, init_std=0.2).save_pretrained(tmp_path)
-    _assert_triton_model_equals_torch_model(lambda kernel: get_peft_model(load_4bit(tmp_path), GateRAConfig(
+    _assert_triton_model_equals_torch_model(lambda kernel: get_peft_model(load_4bit(tmp_path, quant_storage=quant_storage), GateRAConfig(
         r=8, target_modules=["down_proj"], init_weights=False, kernel=kernel)))
 
 
