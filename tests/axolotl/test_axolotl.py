@@ -1231,3 +1231,28 @@ def test_load_in_kbit_quantises_as_axolotl_does_for_its_own_adapter(model_type, 
 
     assert quantization("gatera") == quantization(lora_like)
     assert quantization("gatera")[f"load_in_{bits}bit"]
+
+
+def test_a_continued_threshold_adapter_reports_a_yaml_threshold_init_it_does_not_use(tmp_path, caplog):
+    """`gatera_threshold_init` sets a new threshold gate's τ; a continued adapter (`lora_model_dir`) keeps its trained
+    τ, and a YAML value other than the saved one is reported with the structural keys (it was dropped silently)."""
+    from axolotl.utils.dict import DictDefault
+    from peft import get_peft_model
+
+    from gatera_plugin import GateRAConfig
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+    from tests.helpers import tiny_llama
+
+    saved_dir = tmp_path / "adapter"
+    get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], gate="threshold",
+                                              threshold_init=0.1)).save_pretrained(saved_dir)
+    written = {"adapter": "gatera", "lora_target_modules": ["q_proj"], "lora_model_dir": str(saved_dir), "lora_r": 4,
+               "gatera_gate": "threshold", "gatera_threshold_init": 0.3,
+               "axolotl_config_path": str(tmp_path / "run.yml")}
+    plugin = GateRAPlugin()
+    plugin.register(DictDefault(written))
+    with caplog.at_level(logging.WARNING):
+        _, config = plugin.load_adapter(tiny_llama(), DictDefault(written), config_only=True)
+    assert config.threshold_init == 0.1
+    report = next(r.getMessage() for r in caplog.records if "saved with other settings" in r.getMessage())
+    assert "'gatera_threshold_init': (0.3, 0.1)" in report, report

@@ -125,6 +125,8 @@ _CONFIG_KEYS = {**_OPTION_KEYS, "dropout": "lora_dropout", "r": "lora_r", "lora_
                 "layers_pattern": "peft_layers_pattern", "rank_pattern": "lora_rank_pattern",
                 "alpha_pattern": "lora_alpha_pattern", "trainable_token_indices": "peft_trainable_token_indices"}
 _TARGET_KEYS = ("lora_target_modules", "lora_target_linear")  # (either sets target_modules)
+# initial values of a new adapter's parameters, not in the saved structure: a continued adapter's trained ones govern
+_INITIAL_VALUES = ("threshold_init",)
 
 
 def _same(field: str, a, b) -> bool:
@@ -171,7 +173,7 @@ def _continued_config(folder, cfg, wanted: gatera_plugin.GateRAConfig) -> gatera
     if applied:
         LOG.info("GateRA adapter from %s trains with this config's %s", folder, applied)
     ignored = {key: (getattr(wanted, field), getattr(saved, field)) for field, key in _CONFIG_KEYS.items()
-               if field in STRUCTURE_FIELDS and _written(cfg, key)
+               if (field in STRUCTURE_FIELDS or field in _INITIAL_VALUES) and _written(cfg, key)
                and not _same(field, getattr(wanted, field), getattr(saved, field))}
     if ignored:
         LOG.warning("GateRA: the adapter in %s was saved with other settings than this config's %s (config, saved); "
