@@ -81,6 +81,7 @@ class GateRALayer(BaseTunerLayer):
         # Not adapter state (plain attributes, never saved): statistics, the model-wide penalty context, caches.
         self.gate_stats: dict[tuple[str, str], GateStats] = {}  # (adapter, "sigmoid" | "threshold" | "structure")
         self.penalty_run: Optional[PenaltyRun] = None
+        self.in_decoder = False  # in an encoder-decoder model's decoder: it counts the decoder's tokens (model.py)
         self._weight_before_merge: Optional[torch.Tensor] = None
         self._delta_cache: dict[str, tuple] = {}  # adapter -> (key, probe views, their values, delta)
         self.triton_failures: dict[str, str] = {}  # adapter -> the Triton error that sent it to the PyTorch path
@@ -263,7 +264,8 @@ class GateRALayer(BaseTunerLayer):
         weight, term_grad = gate.penalty(self.options[adapter_name])
         run, kind = self.penalty_run, gate.stats_kind
         if gate.per_token:
-            scale = run.token_scale(adapter_name, kind, weight, run.own_positions(value))
+            scale = run.token_scale(adapter_name, kind, weight, run.own_positions(value, self.in_decoder),
+                                    self.in_decoder)
         else:
             scale = run.module_scale(adapter_name, kind, weight)
         flat = value if value.dim() == 2 and value.shape[1] == 1 else value.reshape(-1, 1)
@@ -344,7 +346,7 @@ class GateRALayer(BaseTunerLayer):
         branch = BRANCH_KINDS[self.branch_kind[adapter_name]]
         x = self._cast_input_dtype(x, branch.input_dtype(x, A.dtype))
         taps = self.training and self.penalty_run is not None
-        mask = self.penalty_run.token_mask(layout, x.device) if taps else None
+        mask = self.penalty_run.token_mask(layout, x.device, self.in_decoder) if taps else None
         if branch.needs_frozen_base and self.training:
             self._check_base_frozen()
 

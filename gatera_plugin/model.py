@@ -28,7 +28,7 @@ from .config import GateRAConfig
 from .fsdp import refuse_tensor_parallel
 from .gates import GATES_BY_STATS_KIND
 from .layer import MIXED_BATCHES_REFUSED, SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
-from .penalty import GateStats, PenaltyRun, collective_device, statistics_dtype
+from .penalty import ForwardBatch, GateStats, PenaltyRun, collective_device, statistics_dtype
 
 # torch's checkpoint_wrapper (FSDP's activation checkpointing: `fsdp_config={"activation_checkpointing": True}`,
 # Axolotl's `fsdp_activation_checkpointing`) puts a module of this name between a layer and its children. Its state-dict
@@ -132,8 +132,7 @@ def _group_by_layer(names) -> dict[str, list[str]]:
 
 
 def warn_unreached_parameters(model: nn.Module, config: GateRAConfig) -> None:
-    """Warn (naming them) about fused expert parameters no target can reach, about an untrained classifier head, and
-    about token gates in an encoder-decoder model's decoder.
+    """Warn (naming them) about fused expert parameters no target can reach and about an untrained classifier head.
 
     Called after injection in training mode (not when an adapter is loaded for inference); docs/method.md, section
     "Mixture-of-experts models and classification heads".
@@ -164,28 +163,44 @@ def warn_unreached_parameters(model: nn.Module, config: GateRAConfig) -> None:
             stacklevel=2,
         )
     _warn_untrained_classifier_head(model, config)
-    _warn_encoder_decoder_masks(model, config)
 
 
-def _warn_encoder_decoder_masks(model: nn.Module, config: GateRAConfig) -> None:
-    """Token gates in the decoder of an encoder-decoder model (T5, BART): their penalty and statistics are masked and
-    normalised by the encoder's `attention_mask`, not the decoder's tokens (a known limitation: docs/method.md)."""
-    if not config.is_gated or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return
+def _decoder_of(model: nn.Module) -> Optional[nn.Module]:
+    """The decoder stack of an encoder-decoder model (T5, BART: `config.is_encoder_decoder`), else None."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
-    if not isinstance(decoder, nn.Module) or not any(isinstance(m, GateRALayer) for m in decoder.modules()):
-        return
-    warnings.warn(
-        f"{type(model).__name__} is an encoder-decoder model. GateRA's entropy penalty and gate statistics mask and "
-        "count tokens by the encoder's `attention_mask` in every gated layer, decoder layers included: there the "
-        "decoder's padding can count and its real tokens can be left out (where the encoder pads), and the penalty "
-        "is normalised by the encoder's real tokens. The decoder's own mask is not read yet: leave the decoder out "
-        "of `target_modules` (e.g. `exclude_modules=r\".*decoder.*\"`) or use gate=\"none\" there. See "
-        "docs/method.md, section \"Entropy penalty\", \"Encoder-decoder models\".",
-        UserWarning,
-        stacklevel=2,
-    )
+    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
+
+
+CROSS_ATTENTION_NAMES = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")  # T5; BART, Whisper; ...
+QUERY_NAMES = ("q", "q_proj", "query")
+
+
+def _reads_encoder_states(name: str) -> bool:
+    """Whether the decoder's module `name` reads the encoder's output: a cross-attention's key and value projections
+    (its query reads the decoder's states)."""
+    parts = name.split(".")
+    return any(marker.lower() in part.lower() for part in parts[:-1] for marker in CROSS_ATTENTION_NAMES) and (
+        parts[-1] not in QUERY_NAMES)
+
+
+def _decoder_batch(kwargs: dict) -> Optional[ForwardBatch]:
+    """An encoder-decoder forward's decoder inputs: their real tokens are `decoder_attention_mask`'s nonzero entries,
+    else the positions whose `labels` are not -100 (the decoder's position t predicts label t; a seq2seq collator
+    pads labels with -100), else all; None without decoder inputs or labels (the model then makes none, or starts
+    from its start token alone)."""
+    reference = next((kwargs[key] for key in ("decoder_input_ids", "labels") if isinstance(kwargs.get(key), torch.Tensor)),
+                     None)
+    embeds = kwargs.get("decoder_inputs_embeds")
+    shape = reference.shape if reference is not None else embeds.shape[:-1] if isinstance(embeds, torch.Tensor) else None
+    if shape is None or len(shape) != 2:
+        return None
+    mask, labels = kwargs.get("decoder_attention_mask"), kwargs.get("labels")
+    if not (isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(shape)):
+        mask = labels != -100 if isinstance(labels, torch.Tensor) and tuple(labels.shape) == tuple(shape) else None
+    return ForwardBatch(mask.bool() if mask is not None else None, shape.numel())
 
 
 def _warn_untrained_classifier_head(model: nn.Module, config: GateRAConfig) -> None:
@@ -344,11 +359,16 @@ class GateRAModel(BaseTuner):
         peft_config.modules_to_tie = set(tied_weight_keys)
 
     def _count_gated_layers(self) -> None:
-        """Layers per (adapter, gate kind): the `L` each penalty's mean divides by."""
+        """Layers per (adapter, gate kind): the `L` each penalty's mean divides by. Also tells the layers in an
+        encoder-decoder model's decoder so (`GateRALayer.in_decoder`: they count the decoder's tokens)."""
         counts: dict[tuple[str, str], int] = {}
+        decoder = _decoder_of(self.model)
+        in_decoder = {id(m) for name, m in decoder.named_modules() if not _reads_encoder_states(name)} if (
+            decoder is not None) else set()
         for module in self.model.modules():
             if isinstance(module, GateRALayer):
                 module.penalty_run = self.penalty_run
+                module.in_decoder = id(module) in in_decoder
                 for adapter_name in module.gatera_A:
                     for kind in module._gate_kinds(adapter_name):
                         counts[(adapter_name, kind)] = counts.get((adapter_name, kind), 0) + 1
@@ -391,8 +411,9 @@ class GateRAModel(BaseTuner):
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:  # (dropped by the trainer after collation: the collated one, if it has it)
             attention_mask = self.penalty_run.collated_mask_for(kwargs.get("position_ids"))
+        decoder = _decoder_batch(kwargs) if _decoder_of(module) is not None else None
         self.penalty_run.set_batch(attention_mask, 0 if reference is None else shape.numel(),
-                                   kwargs.get("position_ids"), shape)
+                                   kwargs.get("position_ids"), shape, decoder)
         self._in_forward = module is self.model
         if torch.is_grad_enabled():
             self._bind_checkpointing()

@@ -176,6 +176,8 @@ class ForwardBatch:
     attention_mask: Optional[torch.Tensor]  # (B, T) bool, or None: every position is a real token
     num_positions: int  # batch × sequence length
     tallied: bool = False  # counted in the step's tally of forwards with gradient
+    # an encoder-decoder model's decoder inputs (their own mask and positions), which its decoder's layers read
+    decoder: Optional[ForwardBatch] = None
     _tokens: Optional[int] = field(default=None, repr=False)
 
     @property
@@ -225,10 +227,11 @@ class PenaltyRun:
         return next((mask for positions, mask in self.collated_masks if positions is position_ids), None)
 
     def set_batch(self, attention_mask: Optional[torch.Tensor], num_positions: int, position_ids=None,
-                  shape=()) -> None:
+                  shape=(), decoder: Optional[ForwardBatch] = None) -> None:
         """Record the token mask of a new forward (`real_token_mask`); `num_positions` = batch × sequence length,
-        `shape` the inputs' (batch, sequence)."""
-        self._latest = ForwardBatch(real_token_mask(attention_mask, position_ids, shape), num_positions)
+        `shape` the inputs' (batch, sequence); `decoder`: an encoder-decoder model's decoder inputs."""
+        self._latest = ForwardBatch(real_token_mask(attention_mask, position_ids, shape), num_positions,
+                                    decoder=decoder)
         if torch.is_grad_enabled():
             self._latest_with_grad = self._latest
 
@@ -268,6 +271,12 @@ class PenaltyRun:
     def attention_mask(self) -> Optional[torch.Tensor]:
         """(B, T) bool mask of the current forward's real tokens, or None: every position is real."""
         return self.batch.attention_mask
+
+    def stack_batch(self, in_decoder: bool = False) -> ForwardBatch:
+        """The inputs a layer sees: the current forward's, or, for a layer in an encoder-decoder model's decoder
+        (`in_decoder`), the decoder's where the forward recorded them."""
+        batch = self.batch
+        return batch.decoder if in_decoder and batch.decoder is not None else batch
 
     @property
     def batch_tokens(self) -> int:
@@ -319,15 +328,15 @@ class PenaltyRun:
         tokens = mask.sum() if mask is not None else torch.tensor(batch.num_positions)
         self.tally_tokens = tokens if self.tally_tokens is None else self.tally_tokens + tokens.to(self.tally_tokens)
 
-    def token_mask(self, layout: tuple, device: torch.device) -> Optional[torch.Tensor]:
+    def token_mask(self, layout: tuple, device: torch.device, in_decoder: bool = False) -> Optional[torch.Tensor]:
         """Mask (N, 1) of real tokens on `device` for a layer input x laid out as `layout` (x.shape[:-1]); None when
-        every position counts.
+        every position counts. `in_decoder`: the layer is in an encoder-decoder model's decoder (`stack_batch`).
 
         The mask applies when the input is laid out as (batch, sequence) like the model input, or flattened from it to
         (batch · sequence,) (an MoE block's shared expert); inputs of any other layout (tokens routed to an expert,
         a sequence-first (sequence, batch) layout) count every position.
         """
-        mask = self.attention_mask
+        mask = self.stack_batch(in_decoder).attention_mask
         if mask is None:
             return None
         positions = tuple(layout)
@@ -335,26 +344,34 @@ class PenaltyRun:
             return None
         return mask.to(device).reshape(-1, 1)
 
-    def own_positions(self, x: torch.Tensor) -> Optional[int]:
+    def own_positions(self, x: torch.Tensor, in_decoder: bool = False) -> Optional[int]:
         """The positions of a layer input x (..., d) whose count is not the model input's (a vision tower's patches,
-        tokens routed to an expert), else None: x holds the model's tokens (in their layout, flattened or not)."""
-        batch = self.batch
+        tokens routed to an expert), else None: x holds the model's tokens (in their layout, flattened or not), or, in
+        an encoder-decoder model's decoder, the decoder's."""
+        batch = self.stack_batch(in_decoder)
         positions = x.shape[:-1].numel()
         return positions if batch.num_positions > 0 and positions != batch.num_positions else None
 
-    def token_scale(self, adapter_name: str, kind: str, weight: float, own_positions: Optional[int] = None) -> float:
+    def token_scale(self, adapter_name: str, kind: str, weight: float, own_positions: Optional[int] = None,
+                    in_decoder: bool = False) -> float:
         """Factor on a per-token penalty term's gradient in this rank's backward: λ·W·loss_scale / (N·L).
 
         `own_positions` (`own_positions(x)`): the layer does not see the model's tokens, so its term is the mean over
         its own positions in each forward (N = own positions × forwards per step × ranks), which keeps it in [0, 1]
-        however many positions it sees (a vision tower's patches may outnumber the text's tokens).
+        however many positions it sees (a vision tower's patches may outnumber the text's tokens). A layer in an
+        encoder-decoder model's decoder (`in_decoder`, with the decoder's inputs recorded) takes the mean over the
+        decoder's real tokens of each forward (N = those × forwards per step × ranks): the step's count is the
+        encoder's.
         """
         self._tally_forward()
         layers = self.layer_counts.get((adapter_name, kind), 0)
         if weight == 0.0 or layers == 0:
             return 0.0
+        decoder = self.batch.decoder if in_decoder else None
         if own_positions is not None:
             tokens = own_positions * self.step_micro_batches * self.world_size
+        elif decoder is not None:
+            tokens = decoder.tokens * self.step_micro_batches * self.world_size
         elif self.step_tokens is not None:
             tokens = self.step_tokens
         else:  # this forward's tokens stand for each of the step's forwards on each rank

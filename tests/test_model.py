@@ -507,16 +507,30 @@ def test_a_module_that_eval_skips_by_its_structure_gate_merges_nothing():
     assert (evaluated - base).abs().max() > 1e-2  # (the open modules do change it)
 
 
-def test_token_gates_in_an_encoder_decoders_decoder_warn_of_the_encoder_mask():
-    """A known limitation, said at creation: the penalty's mask and count follow the encoder's attention_mask."""
-    from transformers import T5Config, T5ForConditionalGeneration
+@pytest.mark.parametrize("architecture", ["t5", "bart"])
+def test_the_layers_of_an_encoder_decoder_know_which_stacks_tokens_they_read(architecture):
+    """The decoder's self-attention and cross-attention queries read the decoder's states (they count its tokens:
+    tests/test_penalty.py); the cross-attention's keys and values, like the encoder, read the encoder's output. No
+    warning of the encoder's mask any more (there was one while decoder layers took it)."""
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
-    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
-    for options, warned in (({}, True), ({"exclude_modules": r".*decoder.*"}, False), ({"gate": "none"}, False)):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            get_peft_model(T5ForConditionalGeneration(config),
-                           GateRAConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM", **options))
-        messages = [str(w.message) for w in caught if "encoder-decoder model" in str(w.message)]
-        assert len(messages) == warned, (options, messages)
-        assert not warned or "exclude_modules" in messages[0]
+    from gatera_plugin.layer import GateRALayer
+
+    if architecture == "t5":
+        base = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                   num_heads=2, decoder_start_token_id=0))
+        targets, cross = ["q", "k", "v"], "EncDecAttention"
+    else:
+        base = BartForConditionalGeneration(BartConfig(
+            vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64))
+        targets, cross = ["q_proj", "k_proj", "v_proj"], "encoder_attn"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(base, GateRAConfig(r=2, target_modules=targets, task_type="SEQ_2_SEQ_LM"))
+    assert not [w for w in caught if "encoder-decoder" in str(w.message)]
+    reads_decoder = {name.rsplit("decoder.", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, GateRALayer) and module.in_decoder}
+    layer = "block.0.layer.0.SelfAttention" if architecture == "t5" else "layers.0.self_attn"
+    cross_layer = f"block.0.layer.1.{cross}" if architecture == "t5" else f"layers.0.{cross}"
+    assert reads_decoder == {f"{layer}.{t}" for t in targets} | {f"{cross_layer}.{targets[0]}"}

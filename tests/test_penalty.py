@@ -513,3 +513,55 @@ def test_set_loss_scale_refuses_what_no_scaler_gives(scale):
     with pytest.raises(ValueError, match=r"set_loss_scale: the loss scale must be a finite number > 0"):
         model.base_model.set_loss_scale(scale)
     assert model.base_model.penalty_run.loss_scale == 1.0
+
+
+@pytest.mark.parametrize("source_length, target_length", [(7, 4), (5, 5)], ids=["other-lengths", "same-length"])
+def test_encoder_decoder_layers_count_the_tokens_of_the_stack_they_read(source_length, target_length):
+    """T5: encoder layers and the decoder's cross-attention keys and values (which read the encoder's output) mask and
+    count by the encoder's `attention_mask`; the decoder's self-attention and cross-attention queries by the decoder's
+    real tokens (labels not -100, as a seq2seq collator pads them). The injected gradient equals the explicit
+    penalty's, each layer's term a mean over its own stack's real tokens. Before, decoder layers took the encoder's
+    mask where the lengths were equal and counted every position otherwise."""
+    import copy
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from gatera_plugin.layer import GateRALayer
+
+    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0,
+                      dropout_rate=0.0)
+    torch.manual_seed(0)
+    model = get_peft_model(T5ForConditionalGeneration(config), GateRAConfig(
+        r=2, target_modules=["q", "k", "v"], task_type="SEQ_2_SEQ_LM", init_weights=False, entropy_weight=0.5))
+    model.train()
+    ids = torch.randint(3, 60, (2, source_length))
+    mask = torch.ones(2, source_length, dtype=torch.long)
+    mask[0, 3:] = 0
+    labels = torch.randint(3, 60, (2, target_length))
+    labels[1, 2:] = -100
+    reference = copy.deepcopy(model)
+    reference.peft_config["default"].entropy_weight = 0.0
+
+    model(input_ids=ids, attention_mask=mask, labels=labels).logits.mul(0).sum().backward()
+    injected = {n: p.grad for n, p in model.named_parameters() if "gatera_gate" in n}
+
+    layers = {n.removeprefix("base_model.model."): m for n, m in reference.named_modules() if isinstance(m, GateRALayer)}
+    reads_decoder = {n for n in layers if n.startswith("decoder.") and not re.search(r"EncDecAttention\.[kv]$", n)}
+    assert len(layers) == 9 and len(reads_decoder) == 4  # (self-attention q, k, v and the cross-attention's q)
+    gates, handles = {}, []
+    for name, layer in layers.items():
+        handles.append(layer.gatera_gate["default"].register_forward_hook(
+            lambda module, args, output, name=name: gates.__setitem__(name, output)))
+    reference(input_ids=ids, attention_mask=mask, labels=labels)
+    for handle in handles:
+        handle.remove()
+    terms = []
+    for name, gate in gates.items():
+        real = (labels != -100) if name in reads_decoder else mask.bool()
+        terms.append((naive_entropy(gate.reshape(real.shape)) * real).sum() / real.sum())
+    penalty = 0.5 * torch.stack(terms).mean()
+    params = {n: p for n, p in reference.named_parameters() if "gatera_gate" in n}
+    explicit = dict(zip(params, torch.autograd.grad(penalty, list(params.values()))))
+    for name in params:
+        assert explicit[name].abs().max() > 1e-6, name
+        torch.testing.assert_close(injected[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
