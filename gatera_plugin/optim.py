@@ -15,6 +15,13 @@ import functools
 
 import torch
 
+# optimizers whose groups cannot carry another rate for the gates: {class name: why}
+UNSPLITTABLE_OPTIMIZERS = {
+    "Lomo": "it applies one learning rate to every parameter, whatever its param group says",
+    "AdaLomo": "it applies one learning rate to every parameter, whatever its param group says",
+    "GrokAdamW": "its update of a parameter depends on the parameter's position in its param group, so splitting the "
+                 "groups would change the other parameters' updates too",
+}
 _MARK = "__gatera_gate_lr__"
 _BUILDING = "_gatera_building_optimizer"  # set on a trainer while its create_optimizer runs
 _SPLIT = "_gatera_gate_groups_split"  # set on an optimizer whose gate groups are split
@@ -50,18 +57,25 @@ def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
     ratios = _raised_ratios(model)
     if not ratios or getattr(optimizer, _SPLIT, False):  # (split already: a second split would apply ratio²)
         return optimizer
-    if optimizer.state:
+    if _has_stepped(optimizer):
         raise RuntimeError(
             "`gate_lr_ratio` regroups the optimizer's parameters, which must happen before its first step, but this "
             "optimizer has state already. Call `split_gate_groups(optimizer, model)` right after building the "
             "optimizer (the Trainer integration does), or set gate_lr_ratio=1."
         )
+    _refuse_unsplittable(optimizer, ratios)
     groups = []
     for group in optimizer.param_groups:
         by_ratio: dict[float, list] = {}
         for param in group["params"]:
             by_ratio.setdefault(ratios.get(id(param), 1.0), []).append(param)
         for ratio, params in by_ratio.items():
+            if ratio != 1.0 and (not isinstance(group.get("lr"), (int, float)) or group.get("relative_step")):
+                raise ValueError(
+                    f"`gate_lr_ratio`={ratio:g} needs a fixed learning rate to scale, but this {type(optimizer).__name__} "
+                    f"param group has lr={group.get('lr')!r}" + (" with relative_step=True" if group.get(
+                        "relative_step") else "") + " (Adafactor's own schedule). Give it an `lr` with "
+                    "relative_step=False, or set gate_lr_ratio=1.")
             extra = {"lr": group["lr"] * ratio} if ratio != 1.0 else {}
             groups.append({**group, "params": params, **extra})
     optimizer.param_groups.clear()
@@ -73,21 +87,67 @@ def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
     return optimizer
 
 
+def _has_stepped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer has taken a step: state with a `step` above 0, or state without a step count (SGD's
+    momentum). Adagrad fills its state (step 0) when it is built."""
+    return any(float(state["step"]) > 0 if "step" in state else True for state in optimizer.state.values())
+
+
+def _refuse_unsplittable(optimizer, ratios: dict) -> None:
+    """Refuse an optimizer that does not hold the gates in param groups whose rate it uses."""
+    name = type(optimizer).__name__
+    held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group["params"]}
+    if name in UNSPLITTABLE_OPTIMIZERS:
+        why = UNSPLITTABLE_OPTIMIZERS[name]
+    elif not isinstance(optimizer, torch.optim.Optimizer):
+        why = "it is not a `torch.optim.Optimizer` with param groups to split"
+    elif not set(ratios) <= held:  # (transformers' LayerWiseDummyOptimizer: GaLore / APOLLO `*_layerwise`)
+        why = ("its param groups do not hold the gate parameters (a layer-wise optimizer steps each parameter in a "
+               "gradient hook of its own)")
+    else:
+        return
+    raise ValueError(
+        f"`gate_lr_ratio`={sorted(set(ratios.values()))} cannot be applied to {name}: {why}. Use another optimizer "
+        "(e.g. optim=\"adamw_torch\"), or set gate_lr_ratio=1."
+    )
+
+
 def check_gate_groups(optimizer, model: torch.nn.Module) -> None:
-    """Refuse an optimizer built elsewhere (by the user, or by DeepSpeed from its config) whose param groups mix
-    gate parameters that want another rate with the rest: `gate_lr_ratio` would silently not apply."""
+    """Check an optimizer built elsewhere (passed to the Trainer): refuse one whose param groups mix gate parameters
+    that want another rate with the rest, or that ignores its groups' rates (`UNSPLITTABLE_OPTIMIZERS`), and warn
+    where the gates sit in groups of their own whose rate is not `gate_lr_ratio` × another group's: the ratio would
+    silently not apply."""
+    import math
+    import warnings
+
     ratios = _raised_ratios(model)
     groups = getattr(optimizer, "param_groups", None)
     if not ratios or groups is None:
         return
+    if type(optimizer).__name__ in UNSPLITTABLE_OPTIMIZERS:
+        _refuse_unsplittable(optimizer, ratios)
     mixed = any(len({ratios.get(id(p), 1.0) for p in group["params"]}) > 1 for group in groups)
     if mixed:
         raise ValueError(
             f"`gate_lr_ratio`={sorted(set(ratios.values()))} cannot be applied: the optimizer was built outside "
-            "`Trainer.create_optimizer` (passed to the Trainer, or by DeepSpeed from an `optimizer` block in its "
-            "config) and puts gate parameters in one group with the others. Call "
-            "`gatera_plugin.split_gate_groups(optimizer, model)` before building the scheduler, let the Trainer build "
-            "the optimizer (remove the DeepSpeed `optimizer` block), or set gate_lr_ratio=1."
+            "`Trainer.create_optimizer` (passed to the Trainer) and puts gate parameters in one group with the "
+            "others. Call `gatera_plugin.split_gate_groups(optimizer, model)` before building the scheduler, let "
+            "the Trainer build the optimizer, or set gate_lr_ratio=1."
+        )
+    if getattr(optimizer, _SPLIT, False):
+        return
+    other_rates = [group["lr"] for group in groups if group["params"] and id(group["params"][0]) not in ratios]
+    unapplied = sorted({group["lr"] for group in groups if group["params"] and id(group["params"][0]) in ratios
+                        and not any(math.isclose(group["lr"], ratios[id(group["params"][0])] * rate, rel_tol=1e-6)
+                                    for rate in other_rates)})
+    if other_rates and unapplied:
+        warnings.warn(
+            f"`gate_lr_ratio`={sorted(set(ratios.values()))} does not show in the optimizer passed to the Trainer: "
+            f"its gate parameters sit in param groups of their own at lr {unapplied}, the others at "
+            f"{sorted(set(other_rates))}. GateRA leaves an optimizer built elsewhere as it is: give the gates their "
+            "rate yourself, or build the optimizer with the gates in their usual groups and call "
+            "`gatera_plugin.split_gate_groups(optimizer, model)` before the scheduler.",
+            stacklevel=3,
         )
 
 
@@ -181,18 +241,9 @@ def _regrouping(build):
             check_gate_groups(optimizer, model)
         elif isinstance(optimizer, torch.optim.Optimizer):
             split_gate_groups(optimizer, model)
-        else:
-            _refuse_unsplittable(optimizer, model)
+        elif _raised_ratios(model):
+            _refuse_unsplittable(optimizer, _raised_ratios(model))
         return optimizer
 
     setattr(create_optimizer, _MARK, True)
     return create_optimizer
-
-
-def _refuse_unsplittable(optimizer, model) -> None:
-    ratios = sorted(set(_raised_ratios(model).values()))
-    if ratios:
-        raise ValueError(
-            f"`gate_lr_ratio`={ratios} cannot be applied: the trainer built a {type(optimizer).__name__}, which is "
-            "not a `torch.optim.Optimizer` with param groups to split. Use a torch optimizer, or set gate_lr_ratio=1."
-        )

@@ -320,10 +320,70 @@ def test_an_optimizer_without_param_groups_to_split_is_refused(tmp_path):
 
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    with pytest.raises(ValueError, match=r"`gate_lr_ratio`=\[3\.0\] cannot be applied: the trainer built a object"):
+    with pytest.raises(ValueError, match=r"`gate_lr_ratio`=\[3\.0\] cannot be applied to object: it is not a `torch\.optim\.Optimizer`"):
         Unsplittable(model=model, args=args).create_optimizer()
     plain = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS))
     Unsplittable(model=plain, args=args).create_optimizer()  # ratio 1: nothing to apply
+
+
+def test_adagrads_state_from_its_constructor_is_no_step():
+    """torch's Adagrad fills its state (step 0) when it is built: `optim="adagrad"` with a ratio was refused as an
+    optimizer that had stepped, with advice that could not work."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
+    optimizer = torch.optim.Adagrad([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert optimizer.state
+    split_gate_groups(optimizer, model)
+    assert gate_group_rates(optimizer, model) == {True: {3e-2}, False: {1e-2}}
+    model(input_ids=torch.randint(3, 128, (1, 5)), labels=torch.randint(3, 128, (1, 5))).loss.backward()
+    optimizer.step()  # (the state keyed by parameter still fits)
+
+
+@pytest.mark.parametrize("case", ["relative-step", "no-lr", "one-rate", "position-dependent", "layer-wise"])
+def test_an_optimizer_that_cannot_give_the_gates_their_rate_is_refused_by_name(case):
+    """Adafactor's own schedule (`lr=None, relative_step=True`: the usual T5 recipe) has no rate to scale (it
+    crashed with a TypeError); LOMO applies one rate to every parameter and GrokAdamW's update depends on a
+    parameter's position in its group (both trained the gates at the base rate, silently); transformers' layer-wise
+    optimizers (GaLore / APOLLO `*_layerwise`) hold one dummy tensor in their groups (the gates trained at the base
+    rate, silently). Each is refused with the setting and the way out."""
+    from transformers.optimization import Adafactor
+    from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if case == "relative-step":
+        optimizer, match = Adafactor(params, lr=None, relative_step=True, warmup_init=True), "relative_step=True"
+    elif case == "no-lr":
+        optimizer, match = torch.optim.SGD(params, lr=1e-2), "lr=None"
+        optimizer.param_groups[0]["lr"] = None
+    elif case == "layer-wise":
+        optimizer = LayerWiseDummyOptimizer(optimizer_dict={p: torch.optim.AdamW([p], lr=1e-3) for p in params})
+        match = "do not hold the gate parameters"
+    else:
+        name = "Lomo" if case == "one-rate" else "GrokAdamW"
+        optimizer = type(name, (torch.optim.SGD,), {})(params, lr=1e-2)  # (the packages' classes, by their names)
+        match = "one learning rate to every parameter" if case == "one-rate" else "position in its param group"
+    with pytest.raises(ValueError, match=rf"gate_lr_ratio.*{match}.*gate_lr_ratio=1"):
+        split_gate_groups(optimizer, model)
+
+
+def test_a_passed_optimizer_whose_gate_groups_miss_the_ratio_is_warned_of():
+    """`Trainer(optimizers=(AdamW([{"params": [p]} for p in ...]), None))` with a ratio: the gates sit in groups of
+    their own at the base rate, so the ratio silently did not apply; now a warning says so. Groups at the ratio
+    (split_gate_groups's) pass without a word."""
+    import warnings
+
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    per_parameter = torch.optim.AdamW([{"params": [p]} for p in model.parameters() if p.requires_grad], lr=1e-4)
+    with pytest.warns(UserWarning, match=r"`gate_lr_ratio`=\[3\.0\] does not show"):
+        Trainer(model=model, args=args, optimizers=(per_parameter, None)).create_optimizer()
+    by_hand = torch.optim.AdamW([{"params": [p], "lr": 3e-4 if "gatera_gate" in n else 1e-4}
+                                 for n, p in model.named_parameters() if p.requires_grad], lr=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(model=model, args=args, optimizers=(by_hand, None)).create_optimizer()
 
 
 def test_an_optimizer_built_elsewhere_with_gates_mixed_in_is_refused():
