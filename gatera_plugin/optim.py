@@ -162,7 +162,8 @@ def check_deepspeed_optimizer(trainer) -> None:
         raise ValueError(
             f"`gate_lr_ratio`={ratios} cannot be applied: the DeepSpeed config has an `optimizer` block, so DeepSpeed "
             "builds the optimizer itself with one learning rate. Remove the `optimizer` block (the Trainer then builds "
-            "it and GateRA gives the gates their rate; integrations/deepspeed/*.json have none) or set gate_lr_ratio=1."
+            "it and GateRA gives the gates their rate; integrations/deepspeed/*.json have none; with ZeRO-Offload also "
+            "set `zero_force_ds_cpu_optimizer: false`, as zero3_offload.json does) or set gate_lr_ratio=1."
         )
 
 
