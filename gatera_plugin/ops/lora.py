@@ -33,15 +33,15 @@ def lora_output(base, x, gate, A, B, scaling, autocast: dict) -> tuple[torch.Ten
 
 def rank_r_grads(go, x, gate, A, B, h, s, need_x, need_gate, need_A, A_dtype):
     """The backward's rank-r part: `(dx, dg, dA, dh)`, None where not needed (dh always). `go` (N, d_out) is the
-    output gradient in x's dtype; A (r, d_in) and B (d_out, r) come already in the dtype their products take; dA is
+    output gradient in x's dtype; A (r, d_in) and B (d_out, r) come in the dtype their products with it take; dA is
     cast to `A_dtype`. dB, the only d_out-wide reduction, is the caller's (`δᵀ (s·g ⊙ h)`)."""
     grad_x = grad_gate = grad_A = None
     u = go @ B  # (N, r)
     if need_gate:
         grad_gate = (u * h).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
     dh = u * (gate * s if gate is not None else s)  # (N, r)
-    if need_x:
-        grad_x = (dh @ A).to(x.dtype)
+    if need_x:  # (dh takes the gate's dtype too: an fp32 structure gate on a half x)
+        grad_x = (dh @ A.to(dh.dtype)).to(x.dtype)
     if need_A:
         grad_A = (dh.t() @ x.to(dh.dtype)).to(A_dtype)
     return grad_x, grad_gate, grad_A, dh
