@@ -661,31 +661,39 @@ class GateRAModel(BaseTuner):
             if not key.startswith("base_model.model."):  # layers injected without a PeftModel around them
                 model_key_of["base_model.model." + saved] = key
         remapped = {model_key_of.get(k, k): v for k, v in state_dict.items()}
-        base_name = getattr(config, "base_model_name_or_path", None) or "the base model it was trained on"
+        base_name = getattr(config, "base_model_name_or_path", None) or "the model it was trained on"
         model_state = model.state_dict()
         shapes = {}  # checkpoint key -> (its shape, the model's), where they differ (adapter or base tensors)
         for key, value in remapped.items():
             ours = model_state.get(key, model_state.get(key.removeprefix("base_model.model.")))
             if ours is not None and ours.numel() and tuple(value.shape) != tuple(ours.shape):  # (0: ZeRO-3's stub)
                 shapes[key] = (tuple(value.shape), tuple(ours.shape))
-        vocabulary = _resized_vocabulary(model, shapes) if shapes else None
+        from .serialization import ignoring_mismatched_sizes
+
+        ignoring = ignoring_mismatched_sizes.get()
+        vocabulary = _resized_vocabulary(model, shapes) if shapes and not ignoring else None
         if vocabulary is not None:
+            named = f"; it names {config.base_model_name_or_path}" if getattr(config, "base_model_name_or_path",
+                                                                               None) else ""
             raise ValueError(
                 f"The GateRA adapter was trained with {vocabulary} tokens and this base model has "
                 f"{_embedding_rows(model.get_input_embeddings())}: new tokens resized the embeddings for training (or "
-                f"the adapter belongs to another model; it names {base_name}). Resize the base model first "
+                f"the adapter belongs to another model{named}). Resize the base model first "
                 f"(`model.resize_token_embeddings({vocabulary})`, or `len(tokenizer)` with the tokenizer saved beside "
-                "the adapter), then load the adapter."
+                "the adapter), then load the adapter; if this base was resized on purpose, load with "
+                "`ignore_mismatched_sizes=True` (the resized tensors then keep this base's values, as with LoRA)."
             )
         # the adapter's own tensors; other ones (a `modules_to_save` head of another size, ...) are left to PEFT, which
         # skips them under `ignore_mismatched_sizes=True`
         mismatched = [f"{key}: {saved} in the adapter, {ours} in this model" for key, (saved, ours) in shapes.items()
                       if key in expected]
         if mismatched:
+            ignored = (" `ignore_mismatched_sizes=True` skips only tensors outside the adapter's own (a resized head "
+                       "or embedding): without its own tensors the adapter would not be the trained one.") if ignoring else ""
             raise ValueError(
                 f"The GateRA adapter does not fit this base model ({len(mismatched)} tensor(s) differ in shape), so it "
-                f"was trained on another model or with another rank. Load it onto {base_name}. First differences:\n  "
-                + "\n  ".join(mismatched[:5])
+                f"was trained on another model or with another rank. Load it onto {base_name}.{ignored} First "
+                "differences:\n  " + "\n  ".join(mismatched[:5])
             )
         model_keys, embeddings = set(model_state), _embedding_names(model)
         unexpected = sorted(k for k in remapped if k not in model_keys and k.removeprefix("base_model.model.") not in model_keys

@@ -83,6 +83,8 @@ STAMPED_SINCE_LATER = ("gate_bias_init", "structure_init")
 _MARK = "__gatera_wrapped__"
 _allow_pickle_depth = 0
 _loading = contextvars.ContextVar("gatera_loading", default=None)  # ((model_id, subfolder), folder) of the load under way
+# `load_adapter(..., ignore_mismatched_sizes=True)` under way (PEFT hands the flag to its own shape check only)
+ignoring_mismatched_sizes = contextvars.ContextVar("gatera_ignoring_mismatched_sizes", default=False)
 
 
 @contextlib.contextmanager
@@ -828,8 +830,12 @@ def wrap_from_pretrained(original):
 def wrap_load_adapter(original):
     @functools.wraps(original)
     def load_adapter(self, model_id, *args, **kwargs):
-        with _reading(model_id, kwargs):
-            return original(self, model_id, *args, **kwargs)
+        token = ignoring_mismatched_sizes.set(bool(kwargs.get("ignore_mismatched_sizes", False)))
+        try:
+            with _reading(model_id, kwargs):
+                return original(self, model_id, *args, **kwargs)
+        finally:
+            ignoring_mismatched_sizes.reset(token)
 
     setattr(load_adapter, _MARK, True)
     return load_adapter

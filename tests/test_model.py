@@ -329,6 +329,28 @@ def test_adapter_trained_with_new_tokens_reloads(tmp_path, tied, extra):
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
 
 
+def test_ignore_mismatched_sizes_loads_onto_a_base_resized_on_purpose_as_for_lora(tmp_path):
+    """`PeftModel.from_pretrained(base, path, ignore_mismatched_sizes=True)` onto a base whose vocabulary grew after the
+    save (new tokens added on purpose): the resized `modules_to_save` head keeps the base's values, as PEFT does for
+    LoRA; the adapter's own tensors load. Before, GateRA refused, suggesting to shrink the base back. The adapter's own
+    tensors (another rank) are still refused, and the message says why the flag does not skip them."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                                      init_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    base = tiny_llama()
+    base.resize_token_embeddings(136)
+    with pytest.warns(UserWarning):  # (PEFT's, naming the skipped head)
+        loaded = PeftModel.from_pretrained(base, tmp_path / "adapter", ignore_mismatched_sizes=True)
+    saved = model.base_model.model.model.layers[0].self_attn.q_proj.gatera_B["default"]
+    assert torch.equal(loaded.base_model.model.model.layers[0].self_attn.q_proj.gatera_B["default"], saved)
+    assert eval_logits(loaded, torch.tensor([[5, 130, 7]])).shape[-1] == 136
+    other_rank = get_peft_model(tiny_llama(), GateRAConfig(r=8, target_modules=["q_proj"]))
+    other_rank.save_pretrained(tmp_path / "rank8")
+    with pytest.raises(ValueError, match=r"`ignore_mismatched_sizes=True` skips only tensors outside the adapter's own"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "rank8", ignore_mismatched_sizes=True,
+                                  config=GateRAConfig(r=4, target_modules=["q_proj"]))
+
+
 def test_ensure_weight_tying_whatever_the_embedding_is_called(tmp_path):
     """GPT-2 calls its embedding `transformer.wte`, not `embed_tokens`: PEFT alone would recognise the saved
     `modules_to_save` only at training time, and reload the adapter untied, writing the trained copy into the base's
