@@ -141,7 +141,7 @@ class GateRAConfig(PeftConfig):
             reads the branch's output to select, so its branch runs for every token.
         cache_delta: in eval, keep the HiRA branch's dense `s·W0 ⊙ BA` between forwards (fast decoding).
         kernel: "auto" (the branch's PyTorch path, except in cases a GPU measurement lists in
-            `kernels.TRITON_WINS`, none so far; on H100 / H200 class GPUs the token gate's row operations on large
+            `kernels.TRITON_WINS`, none so far; on H100 / H200 class GPUs the gated HiRA branch's row operations on large
             rows run as Triton kernels, measured faster: `kernels/rows.py`), "triton" (the Triton kernels of the HiRA and LoRA branches, errors raised;
             off CUDA only under TRITON_INTERPRET=1) or "torch" (PyTorch's ops only).
     """
@@ -252,8 +252,8 @@ class GateRAConfig(PeftConfig):
     )
     kernel: Literal["auto", "triton", "torch"] = field(
         default="auto",
-        metadata={"help": "'auto': PyTorch path, with Triton only where measured faster (the gate's row operations "
-                          "on large rows, CUDA); 'triton'; 'torch': PyTorch's ops only."},
+        metadata={"help": "'auto': PyTorch path, with Triton only where measured faster (the gated HiRA branch's row "
+                          "operations on large rows, CUDA); 'triton'; 'torch': PyTorch's ops only."},
     )
     format_version: int = field(
         default=FORMAT_VERSION, metadata={"help": "Version of the saved adapter format (set by the package)."}

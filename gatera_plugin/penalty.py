@@ -224,7 +224,9 @@ class PenaltyRun:
         tell the collator's padding (position ids 0, 1, ...) from one more packed sequence."""
         if not isinstance(position_ids, torch.Tensor):
             return None
-        return next((mask for positions, mask in self.collated_masks if positions is position_ids), None)
+        masks = [mask for positions, mask in self.collated_masks if positions is position_ids]
+        # (one tensor shared by several micro-batches cannot tell them apart)
+        return masks[0] if len(masks) == 1 and masks[0].shape == position_ids.shape else None
 
     def set_batch(self, attention_mask: Optional[torch.Tensor], num_positions: int, position_ids=None,
                   shape=(), decoder: Optional[ForwardBatch] = None) -> None:

@@ -429,9 +429,11 @@ def copy_reference_adapter(trainer) -> None:
 
 
 def is_evaluation_log(logs: dict) -> bool:
-    """Whether `Trainer.log` got `evaluate()`'s metrics: keys "eval_*", or any `metric_key_prefix` (its
-    "<prefix>_runtime"), which keep the gate statistics of training for the next training log."""
-    return any(key.startswith("eval_") or (key.endswith("_runtime") and key != "train_runtime") for key in logs)
+    """Whether `Trainer.log` got `evaluate()`'s metrics: keys "eval_*", or those of any `metric_key_prefix`
+    ("<prefix>_runtime", "train" included, without the end of training's `total_flos`), which keep the gate
+    statistics of training for the next training log."""
+    return any(key.startswith("eval_") for key in logs) or (
+        any(key.endswith("_runtime") for key in logs) and "total_flos" not in logs)
 
 
 def install() -> None:

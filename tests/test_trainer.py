@@ -463,3 +463,14 @@ def test_an_evaluation_with_its_own_metric_prefix_leaves_the_gate_statistics_to_
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(test_logs) == 1 and not any(k.startswith("gatera") for k in test_logs[0])
     assert len(train_logs) == 1 and "gatera/entropy" in train_logs[0]
+
+
+def test_which_logs_are_evaluations():
+    """Training logs (with any keys), the end-of-training summary ("train_runtime" with "total_flos") take the gate
+    statistics; `evaluate()`'s do not, whatever its `metric_key_prefix`, "train" included."""
+    from gatera_plugin.trainer_integration import is_evaluation_log
+
+    assert not is_evaluation_log({"loss": 1.0, "grad_norm": 0.1, "learning_rate": 1e-3})
+    assert not is_evaluation_log({"train_runtime": 1.0, "train_loss": 1.0, "total_flos": 5.0})
+    for prefix in ("eval", "test", "train"):
+        assert is_evaluation_log({f"{prefix}_loss": 1.0, f"{prefix}_runtime": 0.1})

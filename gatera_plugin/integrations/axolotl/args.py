@@ -108,7 +108,7 @@ class GateRAArgs(BaseModel):
         default=None,
         json_schema_extra={"description": "auto: the branch's PyTorch path (no Triton branch "
                                          "kernel has measured faster), and on H100/H200 class GPUs Triton kernels for "
-                                         "the gate's row operations on large rows."},
+                                         "the gated HiRA branch's row operations on large rows."},
     )
     gatera_hira_scaling: Optional[Literal["none", "rms", "lora"]] = Field(
         default=None, json_schema_extra={"description": "HiRA branch scale: lora (default: like LoRA with lora_r / "

@@ -110,7 +110,12 @@ def _task_type_of(model) -> str:
         return "SEQ_CLS"
     if "TokenClassification" in name:
         return "TOKEN_CLS"
+    if getattr(getattr(model, "config", None), "model_type", None) in DIFFUSION_MODEL_TYPES:
+        return None  # (Axolotl's diffusion LMs: no causal-LM wrapper, as for its LoRA)
     return "CAUSAL_LM"
+
+
+DIFFUSION_MODEL_TYPES = ("diffusion_gemma", "Dream", "nemotron_labs_diffusion")
 
 
 # Options that only steer training (penalties, the gates' rate, dropout, the kernel, logging): a YAML that sets them
