@@ -174,16 +174,19 @@ def _decoder_of(model: nn.Module) -> Optional[nn.Module]:
     return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
 
 
-CROSS_ATTENTION_NAMES = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")  # T5; BART, Whisper; ...
-QUERY_NAMES = ("q", "q_proj", "query")
+# cross-attention modules (T5; BART, Whisper, ...; BERT2BERT, GPT-2; T5Gemma, ProphetNet; NLLB-MoE; Pix2Struct) and
+# their key and value projections, which read the encoder's output (its query and output projection read the decoder's)
+CROSS_ATTENTION_NAMES = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn", "cross_attention",
+                         "encoder_decoder_attention")
+KEY_VALUE_NAMES = ("k", "v", "k_proj", "v_proj", "key", "value", "key_proj", "value_proj", "c_attn")
 
 
 def _reads_encoder_states(name: str) -> bool:
     """Whether the decoder's module `name` reads the encoder's output: a cross-attention's key and value projections
-    (its query reads the decoder's states)."""
+    (GPT-2's `c_attn` there is the two fused)."""
     parts = name.split(".")
-    return any(marker.lower() in part.lower() for part in parts[:-1] for marker in CROSS_ATTENTION_NAMES) and (
-        parts[-1] not in QUERY_NAMES)
+    return parts[-1] in KEY_VALUE_NAMES and any(
+        marker.lower() in part.lower() for part in parts[:-1] for marker in CROSS_ATTENTION_NAMES)
 
 
 def _decoder_batch(kwargs: dict) -> Optional[ForwardBatch]:
@@ -411,6 +414,8 @@ class GateRAModel(BaseTuner):
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:  # (dropped by the trainer after collation: the collated one, if it has it)
             attention_mask = self.penalty_run.collated_mask_for(kwargs.get("position_ids"))
+        if reference is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            reference, shape = attention_mask, attention_mask.shape  # (features, not tokens: Pix2Struct's patches)
         decoder = _decoder_batch(kwargs) if _decoder_of(module) is not None else None
         self.penalty_run.set_batch(attention_mask, 0 if reference is None else shape.numel(),
                                    kwargs.get("position_ids"), shape, decoder)

@@ -352,7 +352,7 @@ class PenaltyRun:
         an encoder-decoder model's decoder, the decoder's."""
         batch = self.stack_batch(in_decoder)
         positions = x.shape[:-1].numel()
-        return positions if batch.num_positions > 0 and positions != batch.num_positions else None
+        return positions if positions != batch.num_positions else None  # (0: no tokens recorded, e.g. audio features)
 
     def token_scale(self, adapter_name: str, kind: str, weight: float, own_positions: Optional[int] = None,
                     in_decoder: bool = False) -> float:

@@ -531,9 +531,9 @@ def test_a_module_that_eval_skips_by_its_structure_gate_merges_nothing():
 
 @pytest.mark.parametrize("architecture", ["t5", "bart"])
 def test_the_layers_of_an_encoder_decoder_know_which_stacks_tokens_they_read(architecture):
-    """The decoder's self-attention and cross-attention queries read the decoder's states (they count its tokens:
-    tests/test_penalty.py); the cross-attention's keys and values, like the encoder, read the encoder's output. No
-    warning of the encoder's mask any more (there was one while decoder layers took it)."""
+    """The decoder's self-attention and the cross-attention's query and output projections read the decoder's states
+    (they count its tokens: tests/test_penalty.py); the cross-attention's keys and values, like the encoder, read the
+    encoder's output. No warning of the encoder's mask any more (there was one while decoder layers took it)."""
     from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
     from gatera_plugin.layer import GateRALayer
@@ -541,12 +541,12 @@ def test_the_layers_of_an_encoder_decoder_know_which_stacks_tokens_they_read(arc
     if architecture == "t5":
         base = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
                                                    num_heads=2, decoder_start_token_id=0))
-        targets, cross = ["q", "k", "v"], "EncDecAttention"
+        targets, cross = ["q", "k", "v", "o"], "EncDecAttention"
     else:
         base = BartForConditionalGeneration(BartConfig(
             vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
             decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64))
-        targets, cross = ["q_proj", "k_proj", "v_proj"], "encoder_attn"
+        targets, cross = ["q_proj", "k_proj", "v_proj", "out_proj"], "encoder_attn"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = get_peft_model(base, GateRAConfig(r=2, target_modules=targets, task_type="SEQ_2_SEQ_LM"))
@@ -555,4 +555,4 @@ def test_the_layers_of_an_encoder_decoder_know_which_stacks_tokens_they_read(arc
                      if isinstance(module, GateRALayer) and module.in_decoder}
     layer = "block.0.layer.0.SelfAttention" if architecture == "t5" else "layers.0.self_attn"
     cross_layer = f"block.0.layer.1.{cross}" if architecture == "t5" else f"layers.0.{cross}"
-    assert reads_decoder == {f"{layer}.{t}" for t in targets} | {f"{cross_layer}.{targets[0]}"}
+    assert reads_decoder == {f"{layer}.{t}" for t in targets} | {f"{cross_layer}.{t}" for t in (targets[0], targets[3])}

@@ -515,50 +515,82 @@ def test_set_loss_scale_refuses_what_no_scaler_gives(scale):
     assert model.base_model.penalty_run.loss_scale == 1.0
 
 
-@pytest.mark.parametrize("source_length, target_length", [(7, 4), (5, 5)], ids=["other-lengths", "same-length"])
-def test_encoder_decoder_layers_count_the_tokens_of_the_stack_they_read(source_length, target_length):
-    """T5: encoder layers and the decoder's cross-attention keys and values (which read the encoder's output) mask and
-    count by the encoder's `attention_mask`; the decoder's self-attention and cross-attention queries by the decoder's
-    real tokens (labels not -100, as a seq2seq collator pads them). The injected gradient equals the explicit
-    penalty's, each layer's term a mean over its own stack's real tokens. Before, decoder layers took the encoder's
-    mask where the lengths were equal and counted every position otherwise."""
-    import copy
+def _tiny_encoder_decoder(architecture):
+    """(model, targets: the attention projections, the regex of the decoder's cross-attention keys and values, which
+    read the encoder's output), dropout off."""
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+    )
 
-    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    if architecture == "t5":
+        config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                          decoder_start_token_id=0, dropout_rate=0.0)
+        return T5ForConditionalGeneration(config), ["q", "k", "v", "o"], r"EncDecAttention\.[kv]$"
+    sizes = {"vocab_size": 64, "d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+             "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "dropout": 0.0,
+             "attention_dropout": 0.0, "activation_dropout": 0.0}
+    if architecture == "bart":
+        model = BartForConditionalGeneration(BartConfig(max_position_embeddings=64, **sizes))
+    else:
+        model = WhisperForConditionalGeneration(WhisperConfig(
+            num_mel_bins=8, max_source_positions=6, max_target_positions=16, decoder_start_token_id=1,
+            pad_token_id=0, eos_token_id=2, bos_token_id=1, **sizes))
+    return model, ["q_proj", "k_proj", "v_proj", "out_proj"], r"encoder_attn\.[kv]_proj$"
+
+
+@pytest.mark.parametrize("architecture, source_length, target_length",
+                         [("t5", 7, 4), ("t5", 5, 5), ("bart", 7, 4), ("whisper", 12, 4)],
+                         ids=["t5-other-lengths", "t5-same-length", "bart", "whisper-features"])
+def test_encoder_decoder_layers_count_the_tokens_of_the_stack_they_read(architecture, source_length, target_length):
+    """Encoder layers and the decoder's cross-attention keys and values (which read the encoder's output) mask and
+    count by the encoder's `attention_mask`; the decoder's self-attention and the cross-attention's query and output
+    projections by the decoder's real tokens (labels not -100, as a seq2seq collator pads them). Whisper's encoder
+    reads audio features (no token ids; its 12 frames become 6 positions): each of its layers takes the mean over its
+    own positions. The injected gradient equals the explicit penalty's, each layer's term a mean over its own stack's
+    real tokens. Before, decoder layers took the encoder's mask where the lengths were equal and counted every position
+    otherwise, and Whisper's encoder got no penalty at all."""
+    import copy
 
     from gatera_plugin.layer import GateRALayer
 
-    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0,
-                      dropout_rate=0.0)
-    torch.manual_seed(0)
-    model = get_peft_model(T5ForConditionalGeneration(config), GateRAConfig(
-        r=2, target_modules=["q", "k", "v"], task_type="SEQ_2_SEQ_LM", init_weights=False, entropy_weight=0.5))
+    base, targets, cross_key_value = _tiny_encoder_decoder(architecture)
+    model = get_peft_model(base, GateRAConfig(r=2, target_modules=targets, init_weights=False, entropy_weight=0.5))
     model.train()
-    ids = torch.randint(3, 60, (2, source_length))
-    mask = torch.ones(2, source_length, dtype=torch.long)
-    mask[0, 3:] = 0
     labels = torch.randint(3, 60, (2, target_length))
     labels[1, 2:] = -100
+    if architecture == "whisper":
+        inputs, mask = {"input_features": torch.randn(2, 8, source_length)}, None
+    else:
+        mask = torch.ones(2, source_length, dtype=torch.long)
+        mask[0, 3:] = 0
+        inputs = {"input_ids": torch.randint(3, 60, (2, source_length)), "attention_mask": mask}
     reference = copy.deepcopy(model)
     reference.peft_config["default"].entropy_weight = 0.0
 
-    model(input_ids=ids, attention_mask=mask, labels=labels).logits.mul(0).sum().backward()
+    model(**inputs, labels=labels).logits.mul(0).sum().backward()
     injected = {n: p.grad for n, p in model.named_parameters() if "gatera_gate" in n}
 
-    layers = {n.removeprefix("base_model.model."): m for n, m in reference.named_modules() if isinstance(m, GateRALayer)}
-    reads_decoder = {n for n in layers if n.startswith("decoder.") and not re.search(r"EncDecAttention\.[kv]$", n)}
-    assert len(layers) == 9 and len(reads_decoder) == 4  # (self-attention q, k, v and the cross-attention's q)
+    layers = {n: m for n, m in reference.named_modules() if isinstance(m, GateRALayer)}
+    reads_decoder = {n for n in layers if ".decoder." in n and not re.search(cross_key_value, n)}
+    assert len(layers) == 12 and len(reads_decoder) == 6  # (self-attention's 4, the cross-attention's query and output)
     gates, handles = {}, []
     for name, layer in layers.items():
         handles.append(layer.gatera_gate["default"].register_forward_hook(
             lambda module, args, output, name=name: gates.__setitem__(name, output)))
-    reference(input_ids=ids, attention_mask=mask, labels=labels)
+    reference(**inputs, labels=labels)
     for handle in handles:
         handle.remove()
     terms = []
     for name, gate in gates.items():
-        real = (labels != -100) if name in reads_decoder else mask.bool()
-        terms.append((naive_entropy(gate.reshape(real.shape)) * real).sum() / real.sum())
+        real = (labels != -100) if name in reads_decoder else mask.bool() if mask is not None else None
+        entropy = naive_entropy(gate.reshape(-1))
+        terms.append(entropy.mean() if real is None else (entropy * real.reshape(-1)).sum() / real.sum())
     penalty = 0.5 * torch.stack(terms).mean()
     params = {n: p for n, p in reference.named_parameters() if "gatera_gate" in n}
     explicit = dict(zip(params, torch.autograd.grad(penalty, list(params.values()))))
