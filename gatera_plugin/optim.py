@@ -242,8 +242,8 @@ def _regrouping(build):
             check_gate_groups(optimizer, model)
         elif isinstance(optimizer, torch.optim.Optimizer):
             split_gate_groups(optimizer, model)
-        elif _raised_ratios(model):
-            _refuse_unsplittable(optimizer, _raised_ratios(model))
+        elif ratios := _raised_ratios(model):
+            _refuse_unsplittable(optimizer, ratios)
         return optimizer
 
     setattr(create_optimizer, _MARK, True)

@@ -145,7 +145,7 @@ def _lora_backward(grad_out, x, gate, A, B, h, s, need):
     need_x, need_gate, need_A, need_B = need
     dy = grad_out.contiguous().to(x.dtype)
     grad_B = None
-    grad_x, grad_gate, grad_A, _ = rank_r_grads(dy, x, gate, A.to(dy.dtype), B.to(dy.dtype), h, s, need_x, need_gate,
+    grad_x, grad_gate, grad_A = rank_r_grads(dy, x, gate, A.to(dy.dtype), B.to(dy.dtype), h, s, need_x, need_gate,
                                                 need_A, A.dtype)
     if need_B:
         r = A.shape[0]

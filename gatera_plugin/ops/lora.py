@@ -32,7 +32,7 @@ def lora_output(base, x, gate, A, B, scaling, autocast: dict) -> tuple[torch.Ten
 
 
 def rank_r_grads(go, x, gate, A, B, h, s, need_x, need_gate, need_A, A_dtype):
-    """The backward's rank-r part: `(dx, dg, dA, dh)`, None where not needed (dh always). `go` (N, d_out) is the
+    """The backward's rank-r part: `(dx, dg, dA)`, None where not needed. `go` (N, d_out) is the
     output gradient in x's dtype; A (r, d_in) and B (d_out, r) come in the dtype their products with it take; dA is
     cast to `A_dtype`. dB, the only d_out-wide reduction, is the caller's (`δᵀ (s·g ⊙ h)`)."""
     grad_x = grad_gate = grad_A = None
@@ -44,7 +44,7 @@ def rank_r_grads(go, x, gate, A, B, h, s, need_x, need_gate, need_A, A_dtype):
         grad_x = (dh @ A.to(dh.dtype)).to(x.dtype)
     if need_A:
         grad_A = (dh.t() @ x.to(dh.dtype)).to(A_dtype)
-    return grad_x, grad_gate, grad_A, dh
+    return grad_x, grad_gate, grad_A
 
 
 class GatedLoraFunction(torch.autograd.Function):
@@ -76,7 +76,7 @@ class GatedLoraFunction(torch.autograd.Function):
             go = grad_out.to(x.dtype)
             if not ctx.autocast["enabled"]:  # (under autocast A and B are the forward's casts, which its products take)
                 A, B = A.to(go.dtype), B.to(go.dtype)
-            grad_x, grad_gate, grad_A, _ = rank_r_grads(go, x, gate, A, B, h, s, need_x, need_gate, need_A, A_dtype)
+            grad_x, grad_gate, grad_A = rank_r_grads(go, x, gate, A, B, h, s, need_x, need_gate, need_A, A_dtype)
             if need_B:
                 token_scale = gate * s if gate is not None else s
                 grad_B = (go.t() @ (h * token_scale).to(go.dtype)).to(B_dtype)
