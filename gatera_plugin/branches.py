@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from .kernels import rows_for, run_branch
 from .ops import gated_channel_scale, gated_hira, gated_lora
+from .ops._autocast import HALF_DTYPES
 from .ops.hira import add_gated
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def hira_branch(layer, adapter_name, x, gate, result, base_out=None):

@@ -22,12 +22,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .branches import BRANCH_KINDS, HALF_DTYPES, delta_weight, dora_weight_norm
+from .branches import BRANCH_KINDS, delta_weight, dora_weight_norm
 from .config import GateRAConfig
 from .fsdp import refuse_distributed_weight, unsharded_weight
 from .gates import Gate, make_structure_gate, make_token_gate
 from .kernels import compute_dtype
-from .ops._autocast import autocast_off
+from .ops._autocast import HALF_DTYPES, autocast_off
 from .ops._tokens import records_graph
 from .ops.hira import add_gated, factored_pays, folded_hira
 from .penalty import GateStats, PenaltyRun, penalty_tap

@@ -28,6 +28,7 @@ from .config import GateRAConfig
 from .fsdp import refuse_tensor_parallel
 from .gates import GATES_BY_STATS_KIND
 from .layer import MIXED_BATCHES_REFUSED, SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
+from .ops._autocast import HALF_DTYPES
 from .penalty import ForwardBatch, GateStats, PenaltyRun, collective_device, statistics_dtype
 
 # torch's checkpoint_wrapper (FSDP's activation checkpointing: `fsdp_config={"activation_checkpointing": True}`,
@@ -498,7 +499,7 @@ class GateRAModel(BaseTuner):
     def _half_gate_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of the gate, threshold, structure and magnitude parameters held in fp16 / bf16."""
         return [(name, param) for name, param in self.model.named_parameters()
-                if any(part in name for part in self.FP32_PARAMETERS) and param.dtype in (torch.float16, torch.bfloat16)]
+                if any(part in name for part in self.FP32_PARAMETERS) and param.dtype in HALF_DTYPES]
 
     # ----------------------------------------------------------------------------------------------- statistics
     def discard_gate_stats(self) -> None:

@@ -86,6 +86,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ..ops._autocast import HALF_DTYPES
 from ..ops._tokens import apply_to_tokens
 from ..ops.hira import TORCH_ROWS, DenseWeight, GatedHiraFunction, TorchRows
 from . import KernelUnsupported, compute_dtype, device_guard, device_smem
@@ -137,7 +138,7 @@ def choose_blocks(kernel: str, dtype: torch.dtype, r: int, smem: int) -> Optiona
     """The tiles `kernel` launches with for compute `dtype`, rank `r` and `smem` bytes of shared memory per block
     (opt-in maximum); None when no candidate fits (the host wrappers then refuse to launch, see `check_blocks`)."""
     for half, single in _CANDIDATES[kernel]:
-        BM, BN, BK, stages = half if dtype in (torch.float16, torch.bfloat16) else single
+        BM, BN, BK, stages = half if dtype in HALF_DTYPES else single
         blocks = Blocks(BM, BN, max(BK, 16), rank_block(r), num_stages=stages)
         if blocks.smem_bound(kernel, dtype.itemsize) <= smem:
             return blocks

@@ -1,10 +1,14 @@
-"""Carry the forward pass's autocast state into a custom backward (what `torch.amp.custom_bwd` does, any device)."""
+"""Carry the forward pass's autocast state into a custom backward (what `torch.amp.custom_bwd` does, any device);
+which dtypes are half precision."""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+"""The half-precision dtypes: sums over their products are kept in fp32, fp32 parameters are kept fp32 beside them."""
 
 
 def autocast_state(device_type: str) -> dict:

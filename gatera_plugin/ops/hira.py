@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._autocast import autocast_factors, autocast_state, restore_autocast
+from ._autocast import HALF_DTYPES, autocast_factors, autocast_state, restore_autocast
 from ._tokens import apply_to_tokens, records_graph
 
 # Largest temporary block of ΔW, in elements. On CPU 2^21 (8 MiB in fp32): cache-sized blocks, little memory.
@@ -115,7 +115,7 @@ def weight_source(weight) -> DenseWeight:
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sums over blocks are kept in fp32 when the operands are half precision."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 class TorchRows:
