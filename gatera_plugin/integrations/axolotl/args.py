@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, model_validator
+
+from gatera_plugin.config import DEFAULT_ENTROPY_WEIGHT, GateRAConfig
+
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GateRAConfig)}  # (the texts below quote them)
 
 GATERA_KEYS = (
     "gatera_branch", "gatera_gate", "gatera_entropy_weight", "gatera_gate_bias_init", "gatera_per_layer_stats",
@@ -69,7 +74,7 @@ def _saved_gate(data: dict) -> str:
             saved = {}
         if isinstance(saved.get("gate"), str):
             return saved["gate"]
-    return data.get("gatera_gate") or "sigmoid"
+    return data.get("gatera_gate") or _DEFAULTS["gate"]
 
 
 class GateRAArgs(BaseModel):
@@ -77,16 +82,18 @@ class GateRAArgs(BaseModel):
     `lora_target_modules`, `lora_target_linear`, `lora_modules_to_save`, `peft_layers_to_transform` apply too."""
 
     gatera_branch: Optional[Literal["hira", "lora", "dora"]] = Field(
-        default=None, json_schema_extra={"description": "Branch kind (default hira)."}
+        default=None, json_schema_extra={"description": f"Branch kind (default {_DEFAULTS['branch']})."}
     )
     gatera_gate: Optional[Literal["sigmoid", "threshold", "none"]] = Field(
-        default=None, json_schema_extra={"description": "Token gate kind (default sigmoid, GateRA)."}
+        default=None, json_schema_extra={"description": f"Token gate kind (default {_DEFAULTS['gate']}, GateRA)."}
     )
     gatera_entropy_weight: Optional[float] = Field(
-        default=None, ge=0, json_schema_extra={"description": "Weight of the gate entropy penalty (default 0.01)."}
+        default=None, ge=0, json_schema_extra={"description": "Weight of the gate entropy penalty (default "
+                                                          f"{DEFAULT_ENTROPY_WEIGHT} for sigmoid gates)."}
     )
     gatera_gate_bias_init: Optional[float] = Field(
-        default=None, json_schema_extra={"description": "Initial gate bias (default 0: gates start at 0.5)."}
+        default=None, json_schema_extra={
+            "description": f"Initial gate bias (default {_DEFAULTS['gate_bias_init']:g}: gates start at 0.5)."}
     )
     gatera_per_layer_stats: Optional[bool] = Field(
         default=None, json_schema_extra={"description": "Also log gate statistics per adapted module."}
