@@ -488,6 +488,28 @@ def test_the_factored_update_is_taken_by_token_count_rank_and_weight_size():
         assert not factored_pays(1, 8, 4096 * 4096)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_factored_update_sums_over_the_rank_in_fp32_and_rounds_once(dtype):
+    """`factored_update`'s sum over k of `B_k ⊙ W0 (A_k ⊙ x)` (fp32 B) is kept in fp32 and rounded to the half dtype
+    once: against the same half-precision products summed in fp64, the rounded results differ only where fp32's own
+    summation order tips a rounding (a sum written into a half output tensor rounds every term first: ~40% of
+    entries differ)."""
+    from gatera_plugin.ops.hira import factored_update
+
+    g = torch.Generator().manual_seed(3)
+    tokens, rank, d_in, d_out = 2, 32, 64, 512
+    x = torch.randn(tokens, d_in, generator=g).to(dtype)
+    A = torch.randn(rank, d_in, generator=g) * torch.linspace(0.5, 2, rank)[:, None]
+    B = torch.randn(d_out, rank, generator=g)
+    W0 = torch.randn(d_out, d_in, generator=g).to(dtype)
+    update = factored_update(x, A, B, W0, dtype)
+    rows = torch.mul(x.unsqueeze(1), A).to(dtype)  # (the products in the half dtype, as the update forms them)
+    products = (rows.view(tokens * rank, d_in) @ W0.t()).view(tokens, rank, d_out)
+    once = (products.double() * B.t().double()).sum(1).to(dtype)
+    assert update.dtype == dtype
+    assert (update != once).float().mean().item() < 0.02
+
+
 HALF_AND_FULL = [torch.float32, torch.bfloat16, torch.float16]
 
 

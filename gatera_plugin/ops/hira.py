@@ -421,8 +421,8 @@ def factored_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight: t
     rank = A.shape[0]
     rows = torch.mul(x.unsqueeze(1), A, out=x.new_empty((tokens, rank, d_in), dtype=dtype))  # A_k ⊙ x_n, rounded once
     products = rows.view(tokens * rank, d_in) @ weight.to(dtype).t()  # W0 (A_k ⊙ x_n): (N·r, d_out)
-    update = products.new_empty((tokens, products.shape[1]), dtype=dtype)
-    return torch.sum(products.view(tokens, rank, -1) * B.t(), 1, out=update)  # Σ_k B_k ⊙ ·: (N, d_out)
+    # Σ_k B_k ⊙ ·: (N, d_out) summed in B's promoted precision, then rounded (a half `out=` would round each term)
+    return (products.view(tokens, rank, -1) * B.t()).sum(1).to(dtype)
 
 
 class FoldedHiraFunction(GatedHiraFunction):
