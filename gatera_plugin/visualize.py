@@ -92,7 +92,9 @@ def check_record_options(prompt: str, answer: Optional[str], max_new_tokens: int
 
 @torch.no_grad()
 def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 24) -> GateTrace:
-    """Prefill `prompt`, then decode with the KV cache: the given `answer`'s tokens, or greedily `max_new_tokens`."""
+    """Prefill `prompt`, then decode with the KV cache: the given `answer`'s tokens, or greedily `max_new_tokens`.
+    The token ids go to the input embedding's device (a model on a GPU, or split over several); the gates come back
+    on the CPU."""
     from .gates import Gate
 
     check_record_options(prompt, answer, max_new_tokens)
@@ -106,13 +108,14 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
         for name, module in gate_modules
     ]
     try:
+        device = model.get_input_embeddings().weight.device
         prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         forced = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer is not None else None
         if prompt_ids.shape[1] == 0:
             raise ValueError(f"`prompt` {prompt!r} (CLI: --prompt) tokenizes to no tokens; give a longer prompt.")
         if forced is not None and not forced:
             raise ValueError(f"`answer` {answer!r} (CLI: --answer) tokenizes to no tokens; give a longer answer.")
-        output = model(input_ids=prompt_ids, use_cache=True)
+        output = model(input_ids=prompt_ids.to(device), use_cache=True)
         generated: list[int] = []
         steps = len(forced) if forced is not None else max_new_tokens
         for step in range(steps):
@@ -120,7 +123,7 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
             generated.append(next_id)
             if forced is None and next_id == tokenizer.eos_token_id:
                 break
-            output = model(input_ids=torch.tensor([[next_id]]), past_key_values=output.past_key_values, use_cache=True)
+            output = model(input_ids=torch.tensor([[next_id]], device=device), past_key_values=output.past_key_values, use_cache=True)
     finally:
         for hook in hooks:
             hook.remove()
@@ -130,7 +133,7 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
     if not ran:
         raise ValueError("No token gate ran: the model's active adapters have none (gate='none'?). Activate a gated "
                          "adapter with `model.set_adapter(name)`.")
-    gates = torch.stack([torch.cat(per_module[name]) for name in ran])
+    gates = torch.stack([torch.cat(per_module[name]) for name in ran]).cpu()
     names = []
     for name in ran:
         module, _, adapter = name.removeprefix("base_model.model.").rpartition(".gatera_gate.")

@@ -63,6 +63,29 @@ def test_recorded_gates_are_the_active_adapters_only():
     assert trace.modules[0] == "model.layers.0.self_attn.q_proj [other]" and len(trace.modules) == 4
 
 
+def test_recorded_gates_feed_the_token_ids_on_the_input_embeddings_device(monkeypatch):
+    """On a GPU model the prompt and each decoded token go to the input embedding's device (they stayed on the CPU:
+    the embedding lookup failed). Here the embedding reports the meta device and the model's forward, wrapped,
+    records the device of each call's ids and runs the ids it was due (the prompt's, then the answer's one by one)
+    on the CPU."""
+    from gatera_plugin.visualize import record_gates
+
+    model, tokenizer = _model()
+    prompt, answer = "Question: Tell me about Neon", " Neon has"
+    due = [tokenizer(prompt)["input_ids"]] + [[t] for t in tokenizer(answer, add_special_tokens=False)["input_ids"]]
+    devices, forward = [], model.forward
+
+    def recording_forward(input_ids=None, **kwargs):
+        devices.append(input_ids.device.type)
+        return forward(input_ids=torch.tensor([due[len(devices) - 1]]), **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    monkeypatch.setattr(model, "get_input_embeddings", lambda: torch.nn.Embedding(2, 2, device="meta"))
+    trace = record_gates(model, tokenizer, prompt, answer)
+    assert devices == ["meta"] * len(due)
+    assert trace.gates.device.type == "cpu" and trace.gates.shape[1] == sum(map(len, due))
+
+
 def test_gatera_plot_command_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     base_dir = tmp_path / "base"
