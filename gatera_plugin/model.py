@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import (
     BaseTuner,
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
+    delete_adapter,
     find_parameter_name_by_module,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -234,6 +235,24 @@ def _warn_untrained_classifier_head(model: nn.Module, config: GateRAConfig) -> N
     )
 
 
+def _refuse_tensor_name(model: nn.Module, adapter_name: str) -> None:
+    """Refuse an adapter name that is also the last part of a tensor's name (`weight`, `bias`, a gate's `threshold`,
+    ...): PEFT saves each adapter without the keys that end in another adapter's name. (The adapter's own entries in
+    per-adapter dicts, GateRA's `gatera_A.<adapter_name>` or PEFT's `trainable_tokens_delta.<adapter_name>`, end in
+    it by design.)"""
+    from peft.tuners._buffer_dict import BufferDict
+
+    clash = next((f"{module_name}.{adapter_name}".lstrip(".") for module_name, module in model.named_modules()
+                  if not isinstance(module, (nn.ParameterDict, BufferDict))
+                  and (adapter_name in module._parameters or adapter_name in module._buffers)), None)
+    if clash is not None:
+        raise ValueError(
+            f"adapter_name {adapter_name!r} is also the name of tensors of this model (e.g. {clash!r}). PEFT saves an "
+            "adapter without every tensor whose key ends in another adapter's name, so the adapters would be saved "
+            f"without their tensors named {adapter_name!r}. Choose another adapter name."
+        )
+
+
 class GateRAModel(BaseTuner):
     """
     Creates a GateRA model from a pretrained transformers model; built by `get_peft_model` / `PeftModel` from a
@@ -329,7 +348,14 @@ class GateRAModel(BaseTuner):
                 f"adapters would be saved without their tensors under '.{adapter_name}.'. Choose another adapter name."
             )
         _check_token_indices(model, self.peft_config[adapter_name])
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            _refuse_tensor_name(model, adapter_name)
+        except Exception:
+            # (nothing of a refused adapter stays behind: PEFT drops its config, this its layers' entries, which would
+            # otherwise make the name clash with modules of the model when the adapter is added again)
+            delete_adapter(model, adapter_name, self.prefix, self.tuner_layer_cls)
+            raise
         self._count_gated_layers()  # also reached by `PeftModel.add_adapter`
         config = self.peft_config[adapter_name]
         if not config.inference_mode:  # training: say what the targets did not reach

@@ -92,6 +92,43 @@ def test_an_adapter_named_like_a_module_is_refused():
         get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS), adapter_name="layers")
 
 
+@pytest.mark.parametrize("name", ["weight", "bias", "threshold", "alpha"])
+def test_an_adapter_named_like_a_tensor_is_refused_and_leaves_the_model_as_it_was(name, tmp_path):
+    """Beside an adapter named like a tensor (`weight`, a gate's `threshold`, a structure gate's `alpha`), PEFT would
+    save the others without those tensors (the completeness check then refused every save, naming wrapper
+    modules). The name is refused when the adapter is added; nothing of it stays behind: the model's outputs, its
+    adapters and its save are those of before."""
+    model = _trained(0)
+    x = torch.randint(0, 64, (2, 7))
+    before = eval_logits(model, x)
+    config = GateRAConfig(r=4, target_modules=TARGETS, structure_gate=True,
+                          gate="threshold" if name == "threshold" else "sigmoid")
+    model.add_adapter("other", config)  # (its tensors hold the names the refused one takes)
+    with pytest.raises(ValueError, match=rf"adapter_name '{name}' is also the name of tensors of this model .* "
+                                         "Choose another"):
+        model.add_adapter(name, GateRAConfig(r=4, target_modules=TARGETS))
+    assert list(model.peft_config) == ["default", "other"]
+    assert not any(name in module.gatera_A for module in model.modules() if hasattr(module, "gatera_A"))
+    torch.testing.assert_close(eval_logits(model, x), before, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["other"]
+
+
+def test_an_adapter_refused_half_way_can_be_added_again():
+    """An adapter whose targets include a layer GateRA cannot adapt is refused after it reached some layers: those
+    layers' entries are removed with it, so the name can be added again with the right targets (its leftover
+    modules made the name clash with the model's own), and it trains."""
+    model = _trained(0)
+    with pytest.raises(ValueError, match="GateRA cannot adapt target module of type LlamaRMSNorm"):
+        model.add_adapter("late", GateRAConfig(r=4, target_modules=["q_proj", "norm"]))
+    assert not any("late" in module.gatera_A for module in model.modules() if hasattr(module, "gatera_A"))
+    model.add_adapter("late", GateRAConfig(r=4, target_modules=["q_proj"]))
+    model.set_adapter("late")
+    x = torch.randint(0, 64, (2, 7))
+    model(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".late" in n)
+
+
 def test_a_frozen_adapter_saved_incomplete_is_warned_about(tmp_path, monkeypatch):
     """DeepSpeed ZeRO-3's consolidated state dict, which the Trainer saves, leaves frozen parameters out: a frozen
     second adapter (e.g. a reference adapter) arrives without its tensors. That save goes on, with a warning naming
