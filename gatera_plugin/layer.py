@@ -492,6 +492,18 @@ class GateRALayer(BaseTunerLayer):
         if adapter_names and not torch.isfinite(self._merged_weight(self._stored_weight(), adapter_names)).all():
             raise ValueError(_broken_merge_message(adapter_names))
 
+    def _warn_unmerged_active(self) -> None:
+        """A merged layer runs its merged weight only (PEFT's way): warn where an active adapter is not merged in (a
+        gated one beside a merged ungated one), which would otherwise be skipped silently."""
+        skipped = [name for name in self.active_adapters if name in self.gatera_A and name not in self.merged_adapters]
+        if skipped:
+            warnings.warn(
+                f"Adapter(s) {skipped} are active, but the layers hold {self.merged_adapters} merged into their weights "
+                "and run that weight only (as PEFT's LoRA layers do), so the adapter(s) do not run. Call "
+                "`unmerge_adapter()` to run every active adapter, or `set_adapter` to the merged one(s).",
+                stacklevel=3,
+            )
+
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
@@ -582,6 +594,7 @@ class Linear(nn.Module, GateRALayer):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
+            self._warn_unmerged_active()
             return self.base_layer(x, *args, **kwargs)
         adapters = [name for name in self.active_adapters if name in self.gatera_A]
         folded = self._folded_forward(adapters, x, args, kwargs)

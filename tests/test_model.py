@@ -119,6 +119,26 @@ def test_gated_adapter_refuses_to_merge_and_leaves_model_intact():
     torch.testing.assert_close(eval_logits(model, input_ids), before, rtol=0, atol=0)
 
 
+def test_a_merged_layer_warns_of_an_active_adapter_it_does_not_run():
+    """With an ungated adapter merged and a gated one active beside it (which cannot merge), the merged layers run
+    their merged weight only, as PEFT's LoRA layers do: a warning names the skipped adapter (the model differed
+    silently); unmerged, both run again."""
+    model = randomize_adapters(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], gate="none"),
+                                              adapter_name="plain"), adapter_name="plain")
+    model.add_adapter("gated", GateRAConfig(r=4, target_modules=["q_proj"]))
+    randomize_adapters(model, adapter_name="gated")
+    model.base_model.set_adapter(["plain", "gated"])
+    input_ids = torch.randint(3, 128, (2, 9))
+    both = eval_logits(model, input_ids)
+    model.merge_adapter(["plain"])
+    with pytest.warns(UserWarning, match=r"Adapter\(s\) \['gated'\] are active, but the layers hold \['plain'\] merged"):
+        eval_logits(model, input_ids)
+    model.unmerge_adapter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(eval_logits(model, input_ids), both, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("branch", ["hira", "lora"])
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
 def test_ungated_adapter_merges_exactly(branch, builder):
@@ -333,7 +353,8 @@ def test_ignore_mismatched_sizes_loads_onto_a_base_resized_on_purpose_as_for_lor
     """`PeftModel.from_pretrained(base, path, ignore_mismatched_sizes=True)` onto a base whose vocabulary grew after the
     save (new tokens added on purpose): the resized `modules_to_save` head keeps the base's values, as PEFT does for
     LoRA; the adapter's own tensors load. Before, GateRA refused, suggesting to shrink the base back. The adapter's own
-    tensors (another rank) are still refused, and the message says why the flag does not skip them."""
+    tensors (another rank, from a `config` passed that differs from the saved one) are still refused, naming the
+    field."""
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
                                                       init_weights=False))
     model.save_pretrained(tmp_path / "adapter")
@@ -346,7 +367,8 @@ def test_ignore_mismatched_sizes_loads_onto_a_base_resized_on_purpose_as_for_lor
     assert eval_logits(loaded, torch.tensor([[5, 130, 7]])).shape[-1] == 136
     other_rank = get_peft_model(tiny_llama(), GateRAConfig(r=8, target_modules=["q_proj"]))
     other_rank.save_pretrained(tmp_path / "rank8")
-    with pytest.raises(ValueError, match=r"`ignore_mismatched_sizes=True` skips only tensors outside the adapter's own"):
+    with pytest.raises(ValueError, match=r"`config` passed to `PeftModel.from_pretrained`\).* its `r` differs from the "
+                                         r"saved adapter's \(e.g. r=4 here, 8 saved\)"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path / "rank8", ignore_mismatched_sizes=True,
                                   config=GateRAConfig(r=4, target_modules=["q_proj"]))
 
