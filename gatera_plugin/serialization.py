@@ -134,6 +134,8 @@ def _canonical(name: str, value) -> str:
     """One JSON spelling per meaning: module lists in any order, unset patterns as {}."""
     if name in ("rank_pattern", "alpha_pattern") and value is None:
         value = {}
+    if isinstance(value, (set, frozenset)):  # (a config in memory holds module lists as sets)
+        value = list(value)
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         value = sorted(value)
     if name in STAMPED_SINCE_LATER and isinstance(value, int) and not isinstance(value, bool):
@@ -828,17 +830,47 @@ def wrap_from_pretrained(original):
 
 
 def wrap_load_adapter(original):
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
     def load_adapter(self, model_id, *args, **kwargs):
         token = ignoring_mismatched_sizes.set(bool(kwargs.get("ignore_mismatched_sizes", False)))
         try:
             with _reading(model_id, kwargs):
+                loading = _loading.get()
+                if loading is not None:
+                    adapter_name = signature.bind(self, model_id, *args, **kwargs).arguments.get("adapter_name")
+                    _refuse_another_structure(self, loading[1], adapter_name)
                 return original(self, model_id, *args, **kwargs)
         finally:
             ignoring_mismatched_sizes.reset(token)
 
     setattr(load_adapter, _MARK, True)
     return load_adapter
+
+
+def _refuse_another_structure(peft_model, folder: Path, adapter_name) -> None:
+    """`load_adapter` into an adapter the model has already (the Trainer's resume does so) keeps that adapter's
+    config, as PEFT does: refuse where the folder's config builds another model (a STRUCTURE_FIELDS value differs:
+    another branch, gate, scale, ...), which would otherwise take its weights silently."""
+    existing = (getattr(peft_model, "peft_config", None) or {}).get(adapter_name)
+    if existing is None or not is_gatera_type(getattr(existing, "peft_type", None)) or not is_gatera_type(
+            read_config(folder).get("peft_type")):
+        return
+    from .config import GateRAConfig
+
+    saved, now = GateRAConfig.from_pretrained(str(folder)).to_dict(), existing.to_dict()
+    differing = [name for name in STRUCTURE_FIELDS if _canonical(name, saved.get(name)) != _canonical(name, now.get(name))]
+    if differing:
+        raise ValueError(
+            f"Loading {folder} into this model's adapter {adapter_name!r}, which exists already (built by "
+            "`get_peft_model` / `add_adapter`, or from the `config` passed to `PeftModel.from_pretrained`): the "
+            f"adapter keeps its own config, and its {', '.join(f'`{n}`' for n in differing)} differ{'s' if len(differing) == 1 else ''} "
+            "from the saved adapter's (e.g. "
+            f"{differing[0]}={now.get(differing[0])!r} here, {saved.get(differing[0])!r} saved), so the weights would "
+            f"build another model than the one saved. Load it under a new `adapter_name`, or call "
+            f"`delete_adapter({adapter_name!r})` first; to resume a Trainer from it, run with the saved settings."
+        )
 
 
 def wrap_transformers_load_adapter(original):
