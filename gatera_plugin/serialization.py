@@ -134,8 +134,6 @@ def _canonical(name: str, value) -> str:
     """One JSON spelling per meaning: module lists in any order, unset patterns as {}."""
     if name in ("rank_pattern", "alpha_pattern") and value is None:
         value = {}
-    if isinstance(value, (set, frozenset)):  # (a config in memory holds module lists as sets)
-        value = list(value)
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         value = sorted(value)
     if name in STAMPED_SINCE_LATER and isinstance(value, int) and not isinstance(value, bool):
@@ -849,18 +847,42 @@ def wrap_load_adapter(original):
     return load_adapter
 
 
+def _structure_key(name: Optional[str], value):
+    """`value` of config field `name` in one spelling per meaning, to compare a config in memory with a saved one:
+    numbers as floats, module lists and layer indices as sorted sets (PEFT extends `modules_to_save` in place, so a
+    reused config holds duplicates), one layer index or pattern as a list of one, unset patterns as {}. (`name` None:
+    an item inside a field's value.)"""
+    if name in ("rank_pattern", "alpha_pattern") and value is None:
+        value = {}
+    if name in ("layers_to_transform", "layers_pattern") and isinstance(value, (int, str)):
+        value = [value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(key), _structure_key(None, item)) for key, item in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(sorted({_structure_key(None, item) for item in value}, key=repr))
+    return repr(value)
+
+
 def _refuse_another_structure(peft_model, folder: Path, adapter_name) -> None:
     """`load_adapter` into an adapter the model has already (the Trainer's resume does so) keeps that adapter's
     config, as PEFT does: refuse where the folder's config builds another model (a STRUCTURE_FIELDS value differs:
     another branch, gate, scale, ...), which would otherwise take its weights silently."""
     existing = (getattr(peft_model, "peft_config", None) or {}).get(adapter_name)
+    saved = read_config(folder)
     if existing is None or not is_gatera_type(getattr(existing, "peft_type", None)) or not is_gatera_type(
-            read_config(folder).get("peft_type")):
+            saved.get("peft_type")):
         return
-    from .config import GateRAConfig
+    from .config import BEFORE_FIELD_EXISTED, GateRAConfig
 
-    saved, now = GateRAConfig.from_pretrained(str(folder)).to_dict(), existing.to_dict()
-    differing = [name for name in STRUCTURE_FIELDS if _canonical(name, saved.get(name)) != _canonical(name, now.get(name))]
+    defaults = {field.name: None if field.default is dataclasses.MISSING else field.default
+                for field in dataclasses.fields(GateRAConfig)}
+    saved, now = {**defaults, **BEFORE_FIELD_EXISTED, **saved}, existing.to_dict()
+    differing = [name for name in STRUCTURE_FIELDS
+                 if _structure_key(name, saved.get(name)) != _structure_key(name, now.get(name))]
     if differing:
         raise ValueError(
             f"Loading {folder} into this model's adapter {adapter_name!r}, which exists already (built by "

@@ -152,6 +152,48 @@ def test_loading_into_an_existing_adapter_of_another_structure_is_refused(existi
     torch.testing.assert_close(eval_logits(same, x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"])
+def test_a_classifier_adapter_reloads_with_from_pretrained_and_resumes_with_its_config_reused(task_type, tmp_path):
+    """PEFT extends a classifier's `modules_to_save` in place (`score`, `classifier`, `qa_outputs`), so a config that
+    went through it twice holds duplicates, and `from_pretrained` loads into the adapter it built from the saved
+    config: both compare as the same structure (the refusal above refused them), and the reload is exact."""
+    from transformers import LlamaForQuestionAnswering, LlamaForTokenClassification
+
+    from tests.helpers import tiny_llama_classifier, tiny_llama_config
+
+    def base():
+        if task_type == "SEQ_CLS":
+            return tiny_llama_classifier(2)
+        config = tiny_llama_config()
+        config.num_labels = 2
+        torch.manual_seed(0)
+        return (LlamaForTokenClassification if task_type == "TOKEN_CLS" else LlamaForQuestionAnswering)(config)
+
+    config = GateRAConfig(r=4, target_modules=TARGETS, task_type=task_type, init_weights=False)
+    model = get_peft_model(base(), config).eval()
+    model.save_pretrained(tmp_path)
+    x = torch.randint(3, 64, (2, 6))
+    output = "start_logits" if task_type == "QUESTION_ANS" else "logits"
+    with torch.no_grad():
+        expected = getattr(model(input_ids=x), output)
+        loaded = PeftModel.from_pretrained(base(), tmp_path).eval()
+        torch.testing.assert_close(getattr(loaded(input_ids=x), output), expected, rtol=0, atol=0)
+        again = get_peft_model(base(), config)  # (the config reused, as a second Trainer would: duplicates)
+        again.load_adapter(tmp_path, adapter_name="default", is_trainable=True)
+        torch.testing.assert_close(getattr(again.eval()(input_ids=x), output), expected, rtol=0, atol=0)
+
+
+def test_the_same_structure_spelled_otherwise_loads_into_an_existing_adapter(tmp_path):
+    """A resumed run that spells a value otherwise (16 and 16.0, one layer index and a list of one, a list in
+    another order or with a repeat) builds the same model: it is not refused."""
+    saved = dict(r=4, target_modules=TARGETS, lora_alpha=16, layers_to_transform=[1, 0], layers_pattern="layers",
+                 modules_to_save=["lm_head"], alpha_pattern={"q_proj": 3}, sparse_threshold=0)
+    get_peft_model(tiny_llama(), GateRAConfig(**saved)).save_pretrained(tmp_path)
+    spelled = dict(saved, lora_alpha=16.0, layers_to_transform=[0, 1], layers_pattern=["layers"],
+                   modules_to_save=["lm_head", "lm_head"], alpha_pattern={"q_proj": 3.0}, sparse_threshold=0.0)
+    get_peft_model(tiny_llama(), GateRAConfig(**spelled)).load_adapter(tmp_path, adapter_name="default")
+
+
 def test_a_frozen_adapter_saved_incomplete_is_warned_about(tmp_path, monkeypatch):
     """DeepSpeed ZeRO-3's consolidated state dict, which the Trainer saves, leaves frozen parameters out: a frozen
     second adapter (e.g. a reference adapter) arrives without its tensors. That save goes on, with a warning naming
