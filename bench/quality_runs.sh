@@ -3,7 +3,7 @@
 # bench/results/quality/; `python bench/quality_table.py` prints the tables from whatever has finished.
 #
 #   bash bench/quality_runs.sh sweep     # learning rates on hyperbaton's val split (~1.3 h on 2 cores)
-#   bash bench/quality_runs.sh lambda    # entropy_weight of GateRA on hyperbaton's val split (~20 min)
+#   bash bench/quality_runs.sh lambda    # entropy_weight of GateRA (s = 1) on hyperbaton's val split (6 runs, ~40 min)
 #   bash bench/quality_runs.sh main      # 3 tasks x 2 seeds x 7 methods, test split (~7.5 h of one thread, ~4 h on 2 cores)
 #
 # Issue 14's stages (NOT RUN YET; thread-hours estimated from README's recorded totals, ~11 min per 100-step run on
@@ -53,7 +53,7 @@ jobs_for() {
       done
       run --task "$SWEEP_TASK" --method gatera --seed 0 --lr 3e-2 --eval-split val --eval-limit 200 ;;
     lambda)
-      for l in 0 0.1 1.0; do
+      for l in 0 0.01 0.1 1.0 3.0 10.0; do  # (3 and 10: λ = 1 had the best accuracy, at the grid's edge)
         run --task "$SWEEP_TASK" --method gatera --seed 0 --entropy-weight "$l" --eval-split val --eval-limit 200 \
             --out "bench/results/quality/${SWEEP_TASK}__gatera__seed0__val__lambda$l.json"
       done ;;

@@ -105,7 +105,11 @@ def bigbench_sdist() -> Path:
     html = urllib.request.urlopen(BIGBENCH_INDEX, timeout=60).read().decode()
     match = re.search(r'href="([^"#]*' + re.escape(BIGBENCH_SDIST) + r')[^"]*"', html)
     if match is None:
-        raise FileNotFoundError(f"{BIGBENCH_SDIST} is not listed on {BIGBENCH_INDEX}.")
+        listed = sorted(set(re.findall(r"bigbench-[^\"#<>/]*?\.tar\.gz", html))) or ["nothing"]
+        raise FileNotFoundError(
+            f"{BIGBENCH_SDIST} is not listed on {BIGBENCH_INDEX} as this network reaches it (it lists "
+            f"{', '.join(listed)}). Copy the sdist (sha256 {BIGBENCH_SHA256}) from a machine that has it to {target} "
+            "(or set GATERA_CACHE to a folder whose downloads/ holds it).")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     digest = hashlib.sha256()

@@ -177,3 +177,21 @@ def test_quality_benchmark_smoke(tmp_path):
     zero = subprocess.run([*command[:4], "--method", "zero-shot", "--tiny", "--eval-limit", "5", "--out",
                            str(tmp_path / "zs.json")], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert zero.returncode == 0, zero.stderr[-3000:]
+
+
+def test_a_bigbench_index_without_the_sdist_names_what_it_lists_and_where_to_put_it(tmp_path, monkeypatch):
+    """The quality benchmark's task files come from the bigbench 1.0.0 sdist on PyPI's simple index; where the index
+    this network reaches lists only other versions, the error names them, the sha256 and the cache path to copy the
+    sdist to (it said only "not listed")."""
+    import io
+    import urllib.request
+
+    from gatera_plugin import assets
+
+    html = b'<a href="https://files.example/bigbench-0.0.1.tar.gz#sha256=00">bigbench-0.0.1.tar.gz</a>'
+    monkeypatch.setenv("GATERA_CACHE", str(tmp_path))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: io.BytesIO(html))
+    target = tmp_path / "downloads" / assets.BIGBENCH_SDIST
+    with pytest.raises(FileNotFoundError, match=rf"it lists bigbench-0.0.1.tar.gz\). Copy the sdist \(sha256 "
+                                                rf"{assets.BIGBENCH_SHA256}\) .* to {target}"):
+        assets.bigbench_sdist()
