@@ -15,7 +15,6 @@ from peft.tuners.tuners_utils import (
     BaseTuner,
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
-    delete_adapter,
     find_parameter_name_by_module,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -27,7 +26,7 @@ from transformers import PreTrainedModel
 from ._registration import PREFIX
 from .config import GateRAConfig
 from .fsdp import refuse_tensor_parallel
-from .gates import GATES_BY_STATS_KIND
+from .gates import GATES_BY_STATS_KIND, make_structure_gate, make_token_gate
 from .layer import MIXED_BATCHES_REFUSED, SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
 from .ops._autocast import HALF_DTYPES
 from .penalty import ForwardBatch, GateStats, PenaltyRun, collective_device, statistics_dtype
@@ -235,22 +234,48 @@ def _warn_untrained_classifier_head(model: nn.Module, config: GateRAConfig) -> N
     )
 
 
-def _refuse_tensor_name(model: nn.Module, adapter_name: str) -> None:
-    """Refuse an adapter name that is also the last part of a tensor's name (`weight`, `bias`, a gate's `threshold`,
-    ...): PEFT saves each adapter without the keys that end in another adapter's name. (The adapter's own entries in
-    per-adapter dicts, GateRA's `gatera_A.<adapter_name>` or PEFT's `trainable_tokens_delta.<adapter_name>`, end in
-    it by design.)"""
+def _gate_tensor_names(config: GateRAConfig) -> set[str]:
+    """The names of the tensors that a layer's gates hold under `config` (`weight` and `bias`, `threshold`, `alpha`)."""
+    gates = (make_token_gate(config.gate, 1, config), make_structure_gate(config))
+    return {name for gate in gates if gate is not None for name, _ in gate.named_parameters()}
+
+
+def _refuse_tensor_names(model: nn.Module, adapter_name: str, configs: dict) -> None:
+    """Before `adapter_name` (config in `configs`, {name: config}) is injected: refuse a name that is also the last
+    part of a tensor's name (`weight`, `bias`, a gate's `threshold`, ...) of the model or of the adapter's gates, and
+    gates whose tensors are named like another adapter. PEFT saves each adapter without the keys that end in another
+    adapter's name. (Entries of per-adapter dicts, GateRA's `gatera_A.<name>` or PEFT's
+    `trainable_tokens_delta.<name>`, end in their adapter's name by design.)"""
     from peft.tuners._buffer_dict import BufferDict
 
+    gate_names = _gate_tensor_names(configs[adapter_name])
     clash = next((f"{module_name}.{adapter_name}".lstrip(".") for module_name, module in model.named_modules()
                   if not isinstance(module, (nn.ParameterDict, BufferDict))
                   and (adapter_name in module._parameters or adapter_name in module._buffers)), None)
+    if clash is None and adapter_name in gate_names:
+        clash = f"<layer>.{PREFIX}gate.{adapter_name}.{adapter_name}"
     if clash is not None:
         raise ValueError(
             f"adapter_name {adapter_name!r} is also the name of tensors of this model (e.g. {clash!r}). PEFT saves an "
             "adapter without every tensor whose key ends in another adapter's name, so the adapters would be saved "
             f"without their tensors named {adapter_name!r}. Choose another adapter name."
         )
+    taken = sorted(gate_names & (set(configs) - {adapter_name}))
+    if taken:
+        raise ValueError(
+            f"Adapter {adapter_name!r}'s gates hold tensors named {taken}, and so are adapter(s) {taken} of this model. "
+            "PEFT saves an adapter without every tensor whose key ends in another adapter's name, so this adapter "
+            f"would be saved without its {taken} tensors. Give the adapter(s) {taken} another name (save them and "
+            "load them under it)."
+        )
+
+
+def _remove_from_layers(model: nn.Module, adapter_name: str) -> None:
+    """Remove `adapter_name`'s entries from the GateRA layers that hold them (an adapter refused half-way), changing
+    nothing else."""
+    for module in model.modules():
+        if isinstance(module, GateRALayer) and adapter_name in module.gatera_A:
+            module.delete_adapter(adapter_name)
 
 
 class GateRAModel(BaseTuner):
@@ -348,13 +373,20 @@ class GateRAModel(BaseTuner):
                 f"adapters would be saved without their tensors under '.{adapter_name}.'. Choose another adapter name."
             )
         _check_token_indices(model, self.peft_config[adapter_name])
+        _refuse_tensor_names(model, adapter_name, self.peft_config)
+        trainable = [(param, param.requires_grad) for param in model.parameters()]
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-            _refuse_tensor_name(model, adapter_name)
-        except Exception:
-            # (nothing of a refused adapter stays behind: PEFT drops its config, this its layers' entries, which would
-            # otherwise make the name clash with modules of the model when the adapter is added again)
-            delete_adapter(model, adapter_name, self.prefix, self.tuner_layer_cls)
+        except Exception as error:
+            # (nothing of a refused adapter stays in the layers: PEFT drops its config, this its layers' entries, which
+            # would otherwise make the name clash with modules of the model when the adapter is added again, and the
+            # other adapters' parameters are as trainable as before (each layer it reached re-activated them))
+            try:
+                _remove_from_layers(model, adapter_name)
+                for param, requires_grad in trainable:
+                    param.requires_grad_(requires_grad)
+            except Exception as cleanup:  # noqa: BLE001  (the refusal is what the user needs to see)
+                error.add_note(f"(Removing {adapter_name!r} from the layers it reached failed too: {cleanup!r}.)")
             raise
         self._count_gated_layers()  # also reached by `PeftModel.add_adapter`
         config = self.peft_config[adapter_name]

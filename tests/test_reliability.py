@@ -114,14 +114,36 @@ def test_an_adapter_named_like_a_tensor_is_refused_and_leaves_the_model_as_it_wa
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["other"]
 
 
-def test_an_adapter_refused_half_way_can_be_added_again():
+@pytest.mark.parametrize("gate", ["threshold", "structure"])
+def test_gates_whose_tensors_are_named_like_another_adapter_are_refused(gate):
+    """The other way round: beside an adapter named "threshold" (or "alpha"), an adapter with threshold gates (or
+    structure gates) would be saved without those tensors (a warning blamed ZeRO-3). Refused before anything is
+    injected."""
+    name = "threshold" if gate == "threshold" else "alpha"
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS), adapter_name=name)
+    config = (GateRAConfig(r=4, target_modules=TARGETS, gate="threshold") if gate == "threshold"
+              else GateRAConfig(r=4, target_modules=TARGETS, structure_gate=True))
+    with pytest.raises(ValueError, match=rf"Adapter 'second''s gates hold tensors named \['{name}'\], and so are "
+                                         rf"adapter\(s\) \['{name}'\]"):
+        model.add_adapter("second", config)
+    assert list(model.peft_config) == [name]
+    assert not any("second" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("trainable_tokens", [None, [3, 4]])
+def test_an_adapter_refused_half_way_can_be_added_again(trainable_tokens):
     """An adapter whose targets include a layer GateRA cannot adapt is refused after it reached some layers: those
     layers' entries are removed with it, so the name can be added again with the right targets (its leftover
-    modules made the name clash with the model's own), and it trains."""
-    model = _trained(0)
+    modules made the name clash with the model's own), and it trains. The other adapters' parameters stay as
+    trainable as they were (frozen here; each layer it reached re-activated them), trainable tokens included, and
+    the refusal is the one the user sees."""
+    model = randomize_adapters(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS,
+                                                                         trainable_token_indices=trainable_tokens)))
+    model.requires_grad_(False)
     with pytest.raises(ValueError, match="GateRA cannot adapt target module of type LlamaRMSNorm"):
         model.add_adapter("late", GateRAConfig(r=4, target_modules=["q_proj", "norm"]))
     assert not any("late" in module.gatera_A for module in model.modules() if hasattr(module, "gatera_A"))
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
     model.add_adapter("late", GateRAConfig(r=4, target_modules=["q_proj"]))
     model.set_adapter("late")
     x = torch.randint(0, 64, (2, 7))

@@ -415,7 +415,7 @@ def factored_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight: t
                     dtype: torch.dtype) -> torch.Tensor:
     """`x (W0 ⊙ BA)ᵀ` (N, d_out) in `dtype` without forming `ΔW = W0 ⊙ BA`: row n is `Σ_k B_k ⊙ W0 (A_k ⊙ x_n)`, one
     product of W0 with the N·r rows `A_k ⊙ x_n` (in `dtype`, as `branch_output`'s products), then the sum over k in
-    B's precision (fp32 for PEFT's fp32 factors), rounded once. Four operations, as many as forming ΔW and its
+    B's precision (fp32 for PEFT's fp32 factors: rounded to `dtype` once; half factors round each term first). Four operations, as many as forming ΔW and its
     product. x: (N, d_in), A: (r, d_in), B: (d_out, r), weight: W0 (d_out, d_in)."""
     tokens, d_in = x.shape
     rank = A.shape[0]
