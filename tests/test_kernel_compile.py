@@ -6,7 +6,7 @@ The interpreter (tests/test_kernels.py) checks numerics but compiles nothing. He
 forward and backward with every dtype (fp32, fp16, bf16) × W0 (dense,
 NF4; for fp16 / bf16 also W0 stored in another dtype, `MIXED_WEIGHTS`) × gated/ungated × rank (8-512), with the device's shared memory set to the architecture's, and their launches
 are recorded instead of run: the specializations compiled are therefore exactly those the wrappers' own block
-choice (`hira_triton.choose_blocks`) and Triton's argument specialization produce. Each distinct one is compiled by
+choice (`kernels.blocks.choose_blocks`) and Triton's argument specialization produce. Each distinct one is compiled by
 Triton's own compiler for a CUDA target, with the ptxas the triton wheel bundles, in a subprocess without
 TRITON_INTERPRET (which conftest sets). The test fails on a compile error, on shared memory above the architecture's
 opt-in limit or above the bound the block choice assumed, on register spills in fp16/bf16 kernels, or on a pointer
@@ -53,6 +53,7 @@ def _record_launches(arch: int) -> list[tuple]:
     import torch
     from triton.runtime.jit import JITFunction
 
+    import gatera_plugin.kernels.blocks as blocks
     import gatera_plugin.kernels.hira_triton as hira
     import gatera_plugin.kernels.rows as row_kernels
     from gatera_plugin.kernels import SMEM_BY_CAPABILITY
@@ -60,7 +61,7 @@ def _record_launches(arch: int) -> list[tuple]:
 
     launches, tags = [], {}
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs, dict(tags)))
-    hira.device_smem = lambda device: SMEM_BY_CAPABILITY[(arch // 10, arch % 10)]
+    blocks.device_smem = lambda device: SMEM_BY_CAPABILITY[(arch // 10, arch % 10)]
     n, d_in, d_out = SHAPE
     for dtype_name in DTYPES:
         dtype = getattr(torch, dtype_name)
@@ -146,7 +147,7 @@ def measure(workers: int, archs=tuple(ARCHS)) -> list[dict]:
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from gatera_plugin.kernels.hira_triton import Blocks
+    from gatera_plugin.kernels.blocks import Blocks
 
     rows, keys = [], {}
     for arch in archs:

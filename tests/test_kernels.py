@@ -427,9 +427,10 @@ def test_triton_on_a_gpu_before_sm80_warns_once_that_half_kernels_spill(monkeypa
 
 def test_no_tile_configuration_fits_refused_up_front(auto_takes_triton, monkeypatch):
     """A device with too little shared memory: "triton" refuses before launching, "auto" falls back."""
+    import gatera_plugin.kernels.blocks as blocks
     import gatera_plugin.kernels.hira_triton as hira_kernels
 
-    monkeypatch.setattr(hira_kernels, "device_smem", lambda device: 8 * 1024)
+    monkeypatch.setattr(blocks, "device_smem", lambda device: 8 * 1024)
     calls = _counting(monkeypatch, hira_kernels, "_hira_delta_kernel")
     input_ids = torch.randint(3, 128, (2, 7))
     with pytest.raises(RuntimeError, match="kernel='triton'.*KernelUnsupported: the hira_delta kernel needs more shared "
@@ -485,7 +486,7 @@ def test_kernels_compute_in_the_autocast_dtype(monkeypatch, kind):
 def test_block_choice_fits_every_rank_and_device():
     """Ranks are walked in chunks, so r = 512 launches the tiles of r = 32 on every GPU from sm_75 up."""
     from gatera_plugin.kernels import SMEM_BY_CAPABILITY
-    from gatera_plugin.kernels.hira_triton import KERNEL_NAMES, choose_blocks
+    from gatera_plugin.kernels.blocks import KERNEL_NAMES, choose_blocks
 
     for kernel in KERNEL_NAMES:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):

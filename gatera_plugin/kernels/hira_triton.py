@@ -71,7 +71,7 @@ mishandles bf16 `tl.dot`, so the tests run fp32 and fp16; tests/test_kernel_comp
 specialization, bf16 included, for sm_80, sm_86, sm_89 and sm_90.
 
 Launch: the rank is walked in chunks of RB = 16 (r <= 16) or 32, so no tile grows with r (r = 512 uses the shared
-memory of r = 32); tile sizes come from `choose_blocks` (dtype, r, the device's opt-in shared memory); all offsets
+memory of r = 32); tile sizes come from `blocks.choose_blocks` (dtype, r, the device's opt-in shared memory); all offsets
 are int64; launches run under `torch.cuda.device(x.device)`.
 """
 
@@ -86,80 +86,10 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ..ops._autocast import HALF_DTYPES
 from ..ops._tokens import apply_to_tokens
 from ..ops.hira import TORCH_ROWS, DenseWeight, GatedHiraFunction, TorchRows
-from . import KernelUnsupported, compute_dtype, device_guard, device_smem
-
-
-# ----------------------------------------------------------------------------------------------- launch configuration
-@dataclass(frozen=True)
-class Blocks:
-    """Tile sizes and launch options of one kernel: BM tokens × BN outputs × BK inputs, ranks in chunks of RB."""
-
-    BM: int
-    BN: int
-    BK: int
-    RB: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def smem_bound(self, kernel: str, itemsize: int) -> int:
-        """Upper bound (bytes) on the shared memory Triton gives `kernel` with these tiles: every tile loaded in the
-        loop, `num_stages` times over, plus an fp32 staging buffer per `tl.dot` operand and result (checked against
-        the compiled kernels by tests/test_kernel_compile.py)."""
-        BM, BN, BK, RB = self.BM, self.BN, self.BK, self.RB
-        rank_tiles = (BN + BK) * RB  # B[n, r-chunk] and A[r-chunk, k]
-        loads, dots = {
-            "hira_delta": (BN * BK + rank_tiles, rank_tiles + BN * BK),
-            "hira_mask": (2 * BN * BK, 0),
-            "lora_fwd": ((BM + BN) * RB, (BM + BN) * RB + BM * BN),
-            "lora_bwd_db": (BM * BN + BM * RB, BM * BN + BM * RB + BN * RB),
-        }[kernel]
-        return itemsize * self.num_stages * loads + 4 * dots
-
-
-# The rank is walked in chunks of RB (16 for r <= 16, else 32), so no tile grows with r: r = 512 needs the shared
-# memory of r = 32. Candidates, largest first; the first whose bound fits the device's shared memory is launched.
-_CANDIDATES = {  # kernel -> [(blocks for 2-byte dtypes, blocks for fp32)]; BM is unused by the HiRA chunk kernels
-    "hira_delta": [((0, 64, 64, 2), (0, 32, 32, 2)), ((0, 32, 32, 2), (0, 32, 32, 1))],
-    "hira_mask": [((0, 32, 64, 1), (0, 32, 64, 1))],
-    "lora_fwd": [((64, 64, 0, 3), (64, 64, 0, 2)), ((32, 32, 0, 2), (32, 32, 0, 1))],
-    "lora_bwd_db": [((64, 64, 0, 3), (32, 32, 0, 2)), ((32, 32, 0, 2), (32, 32, 0, 1))],
-}
-KERNEL_NAMES = tuple(_CANDIDATES)
-
-
-def rank_block(r: int) -> int:
-    return 16 if r <= 16 else 32
-
-
-def choose_blocks(kernel: str, dtype: torch.dtype, r: int, smem: int) -> Optional[Blocks]:
-    """The tiles `kernel` launches with for compute `dtype`, rank `r` and `smem` bytes of shared memory per block
-    (opt-in maximum); None when no candidate fits (the host wrappers then refuse to launch, see `check_blocks`)."""
-    for half, single in _CANDIDATES[kernel]:
-        BM, BN, BK, stages = half if dtype in HALF_DTYPES else single
-        blocks = Blocks(BM, BN, max(BK, 16), rank_block(r), num_stages=stages)
-        if blocks.smem_bound(kernel, dtype.itemsize) <= smem:
-            return blocks
-    return None
-
-
-def check_blocks(kernel: str, dtype: torch.dtype, r: int, device: torch.device) -> Blocks:
-    """`choose_blocks` for `device`; `KernelUnsupported` when nothing fits ("auto" then falls back)."""
-    smem = device_smem(device)
-    blocks = choose_blocks(kernel, dtype, r, smem)
-    if blocks is None:
-        raise KernelUnsupported(
-            f"the {kernel} kernel needs more shared memory than {device} offers ({smem} bytes per block) even at its "
-            "smallest tiles"
-        )
-    return blocks
-
-
-def _shrink(size: int, block: int) -> int:
-    """A block no larger than needed for `size` (small inputs), at least 16 (tl.dot's minimum)."""
-    return max(16, min(block, triton.next_power_of_2(size)))
+from . import compute_dtype, device_guard
+from .blocks import check_blocks, shrink
 
 
 # ----------------------------------------------------------------------------------------------- 4-bit weights
@@ -313,7 +243,7 @@ def _launch(kernel: str, dtype: torch.dtype, device: torch.device, rows: int, d_
     """Launch keywords for `kernel` on a rows × d_in block: the device's tiles, shrunk to small blocks. `r` is the
     rank; a kernel without rank tiles (hira_mask) leaves it 0, its tiles do not depend on it."""
     b = check_blocks(kernel, dtype, r, device)
-    launch = {"BN": _shrink(rows, b.BN), "BK": _shrink(d_in, b.BK), "num_warps": b.num_warps,
+    launch = {"BN": shrink(rows, b.BN), "BK": shrink(d_in, b.BK), "num_warps": b.num_warps,
               "num_stages": b.num_stages}
     return {**launch, "RB": b.RB} if kernel == "hira_delta" else launch
 

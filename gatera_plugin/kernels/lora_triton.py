@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from ..ops._tokens import apply_to_tokens
 from ..ops.lora import rank_r_grads
 from . import compute_dtype, device_guard, torch_path_grads
-from .hira_triton import _shrink, check_blocks
+from .blocks import check_blocks, shrink
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def _lora_bwd_db_kernel(dy_ptr, h_ptr, g_ptr, db_ptr, n_tokens, d_out, r, scalin
 
 def _blocks(kernel: str, x: torch.Tensor, r: int, n_tokens: int, d_out: int) -> dict:
     b = check_blocks(kernel, x.dtype, r, x.device)
-    return {"BM": _shrink(n_tokens, b.BM), "BN": _shrink(d_out, b.BN), "RB": b.RB, "num_warps": b.num_warps,
+    return {"BM": shrink(n_tokens, b.BM), "BN": shrink(d_out, b.BN), "RB": b.RB, "num_warps": b.num_warps,
             "num_stages": b.num_stages}
 
 
