@@ -36,7 +36,8 @@ def _paths(d_in: int, d_out: int, rank: int, tokens: int, device: str):
     import torch
 
     from gatera_plugin.ops._autocast import autocast_state
-    from gatera_plugin.ops.hira import TORCH_ROWS, add_gated, branch_output, factored_update
+    from gatera_plugin.ops.hira import branch_output, factored_update
+    from gatera_plugin.ops.rows import TORCH_ROWS, add_gated
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, d_in, generator=g).bfloat16().to(device)

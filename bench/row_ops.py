@@ -73,7 +73,7 @@ def measure(smoke: bool, repeats: int) -> list[dict]:
     import torch
 
     from gatera_plugin.kernels.rows import TRITON_ROWS_RAISING
-    from gatera_plugin.ops.hira import TORCH_ROWS
+    from gatera_plugin.ops.rows import TORCH_ROWS
 
     cuda = torch.cuda.is_available() and not smoke
     device = torch.device("cuda" if cuda else "cpu")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .kernels import rows_for, run_branch
 from .ops import gated_channel_scale, gated_hira, gated_lora
 from .ops._autocast import HALF_DTYPES
-from .ops.hira import add_gated
+from .ops.rows import add_gated
 
 
 def hira_branch(layer, adapter_name, x, gate, result, base_out=None):

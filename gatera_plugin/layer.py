@@ -29,7 +29,8 @@ from .gates import Gate, make_structure_gate, make_token_gate
 from .kernels import compute_dtype
 from .ops._autocast import HALF_DTYPES, autocast_off
 from .ops._tokens import records_graph
-from .ops.hira import add_gated, factored_pays, folded_hira
+from .ops.hira import factored_pays, folded_hira
+from .ops.rows import add_gated
 from .penalty import GateStats, PenaltyRun, penalty_tap
 
 _folding = True  # (switched off inside `without_folding`)

@@ -521,7 +521,7 @@ def test_add_gated_sums_in_the_promoted_dtype_and_rounds_once(base_dtype, update
     """`add_gated(base, update, g, s)` has base's dtype, and where the dtypes differ it is `base + s·g ⊙ update`
     summed in their promoted dtype and rounded once (an fp32 base is never rounded to a half update's dtype);
     `reuse_update` changes only where the result is written."""
-    from gatera_plugin.ops.hira import add_gated
+    from gatera_plugin.ops.rows import add_gated
 
     g = torch.Generator().manual_seed(7)
     base = (torch.randn(N, D_OUT, generator=g) * 30).to(base_dtype)

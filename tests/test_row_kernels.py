@@ -20,7 +20,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "conftest sets TRITON_INTERPRE
 import gatera_plugin.kernels.rows as row_kernels  # noqa: E402
 from gatera_plugin.kernels import rows_for  # noqa: E402
 from gatera_plugin.ops import gated_hira  # noqa: E402
-from gatera_plugin.ops.hira import TORCH_ROWS  # noqa: E402
+from gatera_plugin.ops.rows import TORCH_ROWS  # noqa: E402
 
 # Not bf16: the interpreter rounds fp32 -> bf16 toward zero (1 ulp off PyTorch's round-to-nearest); bf16 runs on a
 # GPU in bench/gpu_check.py (a) and is compiled for sm_80 / sm_90 by tests/test_kernel_compile.py.

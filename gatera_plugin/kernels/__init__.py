@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.hira import TORCH_ROWS
+from ..ops.rows import TORCH_ROWS
 
 KERNELS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -196,7 +196,7 @@ def _raise_clearly(branch: str, error: BaseException) -> bool:
 
 # ----------------------------------------------------------------------------------------------- dispatch
 def rows_for(kernel: str, x: torch.Tensor):
-    """What runs a gated HiRA layer's passes over rows of activations (`ops.hira.TorchRows`' operations) for the
+    """What runs a gated HiRA layer's passes over rows of activations (`ops.rows.TorchRows`' operations) for the
     layer's `kernel` setting and input x: PyTorch's ops for "torch" and off CUDA, the Triton row kernels
     (`kernels/rows.py`) on CUDA for "auto" on GPUs of the measured generation (`rows.MIN_CAPABILITY`; a Triton
     failure then warns once and PyTorch's ops take over) and for "triton" (errors raised; also on CPU under

@@ -87,7 +87,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..ops._tokens import apply_to_tokens
-from ..ops.hira import TORCH_ROWS, DenseWeight, GatedHiraFunction, TorchRows
+from ..ops.hira import DenseWeight, GatedHiraFunction
+from ..ops.rows import TORCH_ROWS, TorchRows
 from . import compute_dtype, device_guard
 from .blocks import check_blocks, shrink
 

@@ -14,7 +14,7 @@ Values are loaded, multiplied and added in fp32 and rounded once to the output's
 ops on half-precision tensors compute them (a bf16 `a * s` is the same number on both); the dot product accumulates
 in fp32 (PyTorch's `vecdot` of bf16 rows returns bf16). Offsets are int64; launches run under the input's device.
 
-`TorchRows` (in `ops/hira.py`) is the PyTorch version of the same three operations, for every device and for
+`TorchRows` (in `ops/rows.py`) is the PyTorch version of the same three operations, for every device and for
 kernel="torch"; `TritonRows` here runs the kernels. `kernels.rows_for(kernel, x)` picks one for a call.
 """
 
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.hira import TorchRows
+from ..ops.rows import TorchRows
 from . import KERNEL_DTYPES, MAX_TOKENS, _failure_cause, _raise_clearly, device_guard, is_triton_failure
 
 

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_off
 from ._tokens import apply_to_tokens, records_graph
-from .hira import add_gated
+from .rows import add_gated
 
 
 def channel_scale_output(base, y, gate, k) -> torch.Tensor:

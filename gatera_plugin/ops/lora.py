@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_factors, autocast_state, restore_autocast
 from ._tokens import apply_to_tokens, records_graph
-from .hira import add_gated
+from .rows import add_gated
 
 
 def lora_output(base, x, gate, A, B, scaling, autocast: dict) -> tuple[torch.Tensor, torch.Tensor]:
