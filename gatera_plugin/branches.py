@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import rows_for, run_branch
-from .ops import gated_channel_scale, gated_hira, gated_lora
+from .ops import folded_hira, gated_channel_scale, gated_hira, gated_lora
 from .ops._autocast import HALF_DTYPES
 from .ops.rows import add_gated
 
@@ -128,7 +128,10 @@ class Branch:
     (see `input_dtype`); `keeps_half_input_in_autocast`: it does so under autocast (which runs the products in its own
     dtype whatever x's), so that the branch's function saves x as it came, not a copy in the adapter's dtype.
     `needs_frozen_base`: the update reads W0 in a custom backward that gives W0 no gradient.
-    `learns_magnitude`: the adapter has a magnitude vector (d_out,), `gatera_magnitude` (DoRA)."""
+    `learns_magnitude`: the adapter has a magnitude vector (d_out,), `gatera_magnitude` (DoRA). `folded`: the layer's
+    output with an ungated adapter folded into the base layer's product, `(x, A, B, weight_fn, scaling, bias,
+    fold_forward)` -> (N, d_out) (`ops.hira.folded_hira`), or None where the kind does not fold
+    (`GateRALayer._folded_forward` decides where it may)."""
 
     update: Callable
     delta: Callable
@@ -136,6 +139,7 @@ class Branch:
     keeps_half_input_in_autocast: bool = False
     needs_frozen_base: bool = False
     learns_magnitude: bool = False
+    folded: Optional[Callable] = None
 
     def input_dtype(self, x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
         """The dtype the layer input is cast to before the gate and the branch (PEFT casts it to the adapter's).
@@ -156,7 +160,7 @@ class Branch:
 
 
 BRANCH_KINDS: dict[str, Branch] = {
-    "hira": Branch(hira_branch, hira_delta, keeps_half_input=True, needs_frozen_base=True),
+    "hira": Branch(hira_branch, hira_delta, keeps_half_input=True, needs_frozen_base=True, folded=folded_hira),
     "lora": Branch(lora_branch, lora_delta, keeps_half_input_in_autocast=True),
     "dora": Branch(dora_branch, dora_delta, keeps_half_input_in_autocast=True, learns_magnitude=True),
 }

@@ -29,7 +29,7 @@ from .gates import Gate, make_structure_gate, make_token_gate
 from .kernels import compute_dtype
 from .ops._autocast import HALF_DTYPES, autocast_off
 from .ops._tokens import records_graph
-from .ops.hira import factored_pays, folded_hira
+from .ops.hira import factored_pays
 from .ops.rows import add_gated
 from .penalty import GateStats, PenaltyRun, penalty_tap
 
@@ -317,14 +317,14 @@ class GateRALayer(BaseTunerLayer):
         if not _folding or len(adapters) != 1 or args or kwargs:
             return None
         name, base = adapters[0], self.get_base_layer()
-        config = self.options[name]
+        config, branch = self.options[name], BRANCH_KINDS[self.branch_kind[name]]
         # (the checks that turn the default, gated, adapter away come first: this runs in every layer's forward)
-        if (name in self.gatera_gate or self.branch_kind[name] != "hira" or name in self.gatera_structure
+        if (name in self.gatera_gate or branch.folded is None or name in self.gatera_structure
                 or self.base_layer is not base  # (another adapter's layer between)
                 or config.kernel == "triton" or (not self.training and config.cache_delta)
                 or (self.training and not isinstance(self.gatera_dropout[name], nn.Identity))
                 or base.weight.requires_grad or _called_by_others(base) or not self._base_folds(x)
-                or BRANCH_KINDS["hira"].input_dtype(x, self.gatera_A[name].dtype) != x.dtype):
+                or branch.input_dtype(x, self.gatera_A[name].dtype) != x.dtype):
             return None
         fold_forward = compute_dtype(x) not in HALF_DTYPES
         # without grad mode there is no backward to fold: half precision keeps the base layer's own product
@@ -334,8 +334,8 @@ class GateRALayer(BaseTunerLayer):
                                                   self.in_features * self.out_features)):
             return None
         self._check_adapter_device(name, x)
-        return folded_hira(x, self.gatera_A[name], self.gatera_B[name], self.base_weight, self.branch_scale(name),
-                           base.bias, fold_forward=fold_forward)
+        return branch.folded(x, self.gatera_A[name], self.gatera_B[name], self.base_weight, self.branch_scale(name),
+                             base.bias, fold_forward=fold_forward)
 
     def _add_adapter_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor,
                             layout: tuple):

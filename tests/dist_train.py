@@ -98,16 +98,18 @@ class Probe(TrainerCallback):
 def _count_folded_forwards() -> dict:
     """Count the calls of `folded_hira` by GateRA's layers: "folded_forwards" all of them, "backward_only_folds"
     those that fold backward only (`fold_forward=False`: the products run in bf16 / fp16)."""
-    import gatera_plugin.layer as layer_module
+    import dataclasses
 
-    counts, original = {"folded_forwards": 0, "backward_only_folds": 0}, layer_module.folded_hira
+    from gatera_plugin.branches import BRANCH_KINDS
+
+    counts, original = {"folded_forwards": 0, "backward_only_folds": 0}, BRANCH_KINDS["hira"].folded
 
     def folded_hira(*args, **kwargs):
         counts["folded_forwards"] += 1
         counts["backward_only_folds"] += not kwargs.get("fold_forward", True)
         return original(*args, **kwargs)
 
-    layer_module.folded_hira = folded_hira
+    BRANCH_KINDS["hira"] = dataclasses.replace(BRANCH_KINDS["hira"], folded=folded_hira)
     return counts
 
 

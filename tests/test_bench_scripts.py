@@ -220,16 +220,19 @@ def test_quality_runs_main3_runs_each_method_at_its_own_and_at_loras_best_rate(t
 def test_train_step_bf16_trains_a_bf16_model_under_autocast(monkeypatch):
     """`--precision bf16`: the base model in bf16, the adapter weights fp32 (PEFT's), and each step under bf16
     autocast, where `gate="none"` folds only its backward (`folded_hira(..., fold_forward=False)`)."""
+    import dataclasses
+
     import torch
 
-    from gatera_plugin import layer as layer_module
+    from gatera_plugin.branches import BRANCH_KINDS
 
     train_step = _bench_module("train_step")
     model, _ = train_step._setup("gatera-none", train_step.SIZES["tiny"], "bf16")
     dtypes = {name.split(".")[-1]: p.dtype for name, p in model.named_parameters() if "layers.0.self_attn.q_proj" in name}
     assert dtypes == {"weight": torch.bfloat16, "default": torch.float32}, dtypes
-    calls, original = [], layer_module.folded_hira
-    monkeypatch.setattr(layer_module, "folded_hira", lambda *a, **k: (calls.append(k), original(*a, **k))[1])
+    calls, hira = [], BRANCH_KINDS["hira"]
+    monkeypatch.setitem(BRANCH_KINDS, "hira", dataclasses.replace(
+        hira, folded=lambda *a, **k: (calls.append(k), hira.folded(*a, **k))[1]))
     times = train_step.timing_worker(["gatera-none", "peft-hira"], "tiny", 1, 0, "bf16")
     assert set(times) == {"gatera-none", "peft-hira"} and all(len(t) == 1 for t in times.values())
     assert calls and all(k["fold_forward"] is False for k in calls)
