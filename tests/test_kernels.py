@@ -325,6 +325,21 @@ def test_auto_takes_the_kernels_where_the_predicate_says(auto_takes_triton, monk
     assert {(c.branch, c.n_tokens, c.rank) for c in auto_takes_triton} == {(branch, 14, 8)}
 
 
+@pytest.mark.parametrize("branch", ["hira", "lora"])
+def test_auto_takes_the_pytorch_path_while_torch_compile_traces(auto_takes_triton, monkeypatch, branch):
+    """Under torch.compile "auto" runs PyTorch's ops, which it compiles itself (as for the row kernels), without
+    judging the case: on CUDA that query reads the device's capability, a graph break per layer."""
+    import gatera_plugin.kernels.hira_triton as hira_kernels
+    import gatera_plugin.kernels.lora_triton as lora_kernels
+
+    module, name = (hira_kernels, "_hira_delta_kernel") if branch == "hira" else (lora_kernels, "_lora_fwd_kernel")
+    calls = _counting(monkeypatch, module, name)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    input_ids = torch.randint(3, 128, (2, 7))
+    _model_step(branch, "auto", input_ids)
+    assert calls == [] and auto_takes_triton == []
+
+
 TRITON_FAILURES = {
     "out-of-resources": lambda: __import__("triton").runtime.errors.OutOfResources(232448, 166912, "shared memory"),
     "compile-error": lambda: __import__("triton").compiler.errors.CompilationError("def k(): ...", None, "boom"),

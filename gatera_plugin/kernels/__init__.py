@@ -256,7 +256,9 @@ def kernel_case(layer, adapter_name: str, branch: str, x: torch.Tensor, dtype: t
 
 
 def _auto_takes_triton(layer, adapter_name: str, branch: str, x: torch.Tensor, dtype: torch.dtype) -> bool:
-    if adapter_name in layer.triton_failures:
+    """Whether "auto" runs the branch kernels: never while torch.compile traces the model (PyTorch's ops, which it
+    compiles itself, as `rows_for`; the device query `kernel_case` makes would cost a graph break per layer)."""
+    if adapter_name in layer.triton_failures or torch.compiler.is_compiling():
         return False
     case = kernel_case(layer, adapter_name, branch, x, dtype)
     return case is not None and triton_wins(case)
