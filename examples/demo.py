@@ -11,6 +11,7 @@ answers after, and saves the adapter (adapter_config.json + adapter_model.safete
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 import time
@@ -81,6 +82,24 @@ def answers(model, tokenizer, rows, max_new_tokens=24) -> list[str]:
     return out
 
 
+def claim_folder(parser: argparse.ArgumentParser, out: Path) -> Path:
+    """Make `out` this run's: created if missing, refused if it holds anything (a file, an earlier adapter) or
+    another run has claimed it. The claim is a file created exclusively, removed when the run ends, so that two runs
+    started with the same --out cannot both write the adapter."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; pass a new folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    claim = out / ".demo-running"
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        parser.error(f"--out {out}: another demo run is writing there ({claim} exists; remove it if none is).")
+    if any(path != claim for path in out.iterdir()):
+        claim.unlink()
+        parser.error(f"--out {out} already exists and is not empty; pass a new folder.")
+    return claim
+
+
 def main() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
@@ -89,9 +108,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 40, tiny: 60)")
     parser.add_argument("--out", default=None, help="new folder for the adapter (default: outputs/demo-<model>-<time>)")
     args = parser.parse_args()
+    if args.steps is not None and args.steps < 2:
+        parser.error(f"--steps {args.steps}: give at least 2 (the demo checks that the training loss falls).")
     args.out = args.out or time.strftime(f"outputs/demo-{'tiny' if args.tiny else 'smollm2'}-%Y%m%d-%H%M%S")
-    if Path(args.out).exists() and any(Path(args.out).iterdir()):
-        raise SystemExit(f"{args.out} already exists and is not empty; pass a new --out folder.")
+    atexit.register(claim_folder(parser, Path(args.out)).unlink, missing_ok=True)  # (also when the run fails)
 
     start = time.time()
     if args.tiny:
@@ -114,7 +134,7 @@ def main() -> None:
     config = gatera_plugin.GateRAConfig(r=rank, target_modules=TARGETS)  # the one setting GateRA needs
     training = SFTConfig(
         output_dir="outputs/demo-run", max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
-        lr_scheduler_type="constant", logging_steps=5, report_to="none", save_strategy="no", use_cpu=True,
+        lr_scheduler_type="constant", logging_steps=min(5, steps // 2), report_to="none", save_strategy="no", use_cpu=True,
         bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0,
     )
     trainer = SFTTrainer(model=model, args=training, train_dataset=Dataset.from_list(train_rows),
@@ -139,7 +159,7 @@ def main() -> None:
         smollm2_path(), dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, args.out)
     same = answers(reloaded, tokenizer, test_rows) == after
-    print(f"Saved the adapter to {args.out}/ ({', '.join(sorted(os.listdir(args.out)))}); "
+    print(f"Saved the adapter to {args.out}/ ({', '.join(sorted(n for n in os.listdir(args.out) if not n.startswith('.')))}); "
           f"reloaded answers identical: {same}. Total {time.time() - start:.0f} s.")
     if not same:
         raise SystemExit("the reloaded adapter does not reproduce the trained model")

@@ -16,28 +16,14 @@ def _prune(args) -> int:
     return 0
 
 
-def _check_image_path(path: str) -> None:
-    """Refuse an `--out` whose extension names no image format matplotlib writes (without one it would write
-    `path.png` under another name than the one printed)."""
-    from pathlib import Path
-
-    from matplotlib.figure import Figure
-
-    formats = Figure().canvas.get_supported_filetypes()
-    suffix = Path(path).suffix.lower().lstrip(".")
-    if suffix not in formats:
-        raise ValueError(f"--out {path!r}: give an image file name ending in one of "
-                         f"{', '.join('.' + f for f in sorted(formats))} (e.g. gates.png).")
-
-
 def _plot(args) -> int:
-    from .visualize import check_record_options, load_adapter, plot_gates, record_gates
+    from .visualize import check_image_path, check_record_options, load_adapter, plot_gates, record_gates
 
     check_record_options(args.prompt, args.answer, args.max_new_tokens)  # before the minutes of loading a model
-    _check_image_path(args.out)
+    check_image_path(args.out, args.overwrite)
     model, tokenizer = load_adapter(args.adapter, args.base_model)
     trace = record_gates(model, tokenizer, args.prompt, args.answer, args.max_new_tokens)
-    plot_gates(trace, args.out, args.title)
+    plot_gates(trace, args.out, args.title, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(trace.modules)} gated modules x {len(trace.tokens)} tokens; mean gate on prompt "
           f"{trace.summary['prompt_mean']:.3f}, on answer {trace.summary['answer_mean']:.3f}; "
           f"answer: {trace.summary['generated']!r}")
@@ -84,14 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--threshold", type=float, required=True, help="keep modules with σ(α) >= threshold")
     prune.add_argument("--out", required=True, help="new folder for the pruned adapter (must not exist)")
     prune.set_defaults(run=_prune)
-    plot = commands.add_parser("plot", help="per-layer x per-token gate heatmap of a generation (PNG)")
+    plot = commands.add_parser("plot", help="per-layer x per-token gate heatmap of a generation (an image: PNG, SVG, PDF, ...)")
     plot.add_argument("adapter", help="saved GateRA adapter folder")
     plot.add_argument("--prompt", required=True)
     plot.add_argument("--answer", default=None, help="decode these tokens (default: generate greedily)")
     plot.add_argument("--base-model", default=None, help="base model folder (default: the adapter's base_model_name_or_path)")
     plot.add_argument("--max-new-tokens", type=int, default=24)
     plot.add_argument("--title", default=None)
-    plot.add_argument("--out", required=True, help="image path, e.g. gates.png")
+    plot.add_argument("--out", required=True, help="new image file, e.g. gates.png (its suffix names the format)")
+    plot.add_argument("--overwrite", action="store_true", help="replace an existing --out file (atomically)")
     plot.set_defaults(run=_plot)
     commands.add_parser(
         "eval", add_help=False,

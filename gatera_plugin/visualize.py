@@ -9,8 +9,12 @@ tokenizer for both. `gatera plot` is the command-line front end.
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -150,8 +154,11 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
     return trace
 
 
-def plot_gates(trace: GateTrace, path: str, title: Optional[str] = None) -> None:
-    """Heatmap of gates (modules x tokens) and per-layer prompt vs answer means, saved as an image at `path`."""
+def plot_gates(trace: GateTrace, path: str, title: Optional[str] = None, overwrite: bool = False) -> None:
+    """Heatmap of gates (modules x tokens) and per-layer prompt vs answer means, saved as an image at `path` (its
+    suffix names the format). An existing `path` is refused unless `overwrite`, which replaces it atomically; a new
+    file is created exclusively (a concurrent writer's file is never replaced) and removed if the write fails."""
+    check_image_path(path, overwrite)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,5 +190,53 @@ def plot_gates(trace: GateTrace, path: str, title: Optional[str] = None) -> None
     fig.suptitle(title or f"GateRA gates: prompt mean {trace.summary.get('prompt_mean', 0):.2f}, "
                           f"answer mean {trace.summary.get('answer_mean', 0):.2f}")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))  # keep the title clear of the heatmap
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format=Path(path).suffix.lstrip(".").lower())
     plt.close(fig)
+    _write_image(Path(path), image.getvalue(), overwrite)
+
+
+def check_image_path(path: str, overwrite: bool = False) -> None:
+    """Refuse an image path whose suffix names no format matplotlib writes (without one it would write `path.png`,
+    another name than the one printed), one that exists unless `overwrite` (a folder always), or whose parent is a
+    file."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--out {path!r} is a folder; give an image file name inside it (e.g. {target / 'gates.png'}).")
+    if target.suffix.lower().lstrip(".") not in formats:
+        raise ValueError(f"--out {path!r}: give an image file name ending in one of "
+                         f"{', '.join('.' + f for f in sorted(formats))} (e.g. gates.png).")
+    if target.exists() and not overwrite:
+        raise ValueError(f"--out {path!r} exists; give a new file name, or pass --overwrite (Python: overwrite=True) "
+                         "to replace it.")
+    parent = next((p for p in target.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {path!r}: {parent} is a file, not a folder.")
+
+
+def _write_image(path: Path, data: bytes, overwrite: bool) -> None:
+    """`data` into a new file at `path` (created exclusively), or with `overwrite` a temporary file renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        staged = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)  # noqa: SIM115
+        try:
+            with staged:
+                staged.write(data)
+            os.replace(staged.name, path)
+        except BaseException:
+            Path(staged.name).unlink(missing_ok=True)
+            raise
+        return
+    try:
+        file = open(path, "xb")  # noqa: SIM115  (closed below; the file is ours only once this succeeded)
+    except FileExistsError:
+        raise ValueError(f"--out {str(path)!r} was created by someone else meanwhile; give a new file name.") from None
+    try:
+        with file:
+            file.write(data)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

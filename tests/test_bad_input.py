@@ -329,3 +329,29 @@ def test_gatera_prune_on_invalid_json_names_the_file(saved, tmp_path, capsys):
     assert main(["prune", str(saved), "--threshold", "0.5", "--out", str(tmp_path / "pruned")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{saved / 'adapter_config.json'} is not valid JSON" in err, err
+
+
+def test_gatera_plot_keeps_an_existing_image_unless_told_and_replaces_it_whole(plot_setup, capsys, monkeypatch):
+    """An existing `--out` is refused before the model loads, and kept as it was (it was overwritten in place: a
+    failure half-way left a stub); a folder is refused; `--overwrite` replaces the file atomically, so a failing
+    write leaves the old image whole."""
+    from gatera_plugin import visualize
+    from gatera_plugin.cli import main
+
+    image = plot_setup / "g.png"
+    image.write_bytes(b"an earlier plot")
+    args = ["plot", str(plot_setup / "adapter"), "--prompt", "Question: Neon?", "--base-model", str(plot_setup / "base")]
+    assert main([*args, "--out", str(image)]) == 2
+    assert "exists; give a new file name, or pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(plot_setup)]) == 2 and "is a folder" in capsys.readouterr().err
+
+    def failing(path, data, overwrite):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(visualize.os, "replace", lambda *a: failing(None, None, None))
+        assert main([*args, "--out", str(image), "--overwrite"]) == 2
+    assert image.read_bytes() == b"an earlier plot" and sorted(p.name for p in plot_setup.iterdir()) == [
+        "adapter", "base", "g.png"]
+    assert main([*args, "--out", str(image), "--overwrite"]) == 0
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,45 @@
+"""The demo's command line: what it refuses before loading a model, and the claim that keeps two runs from writing
+one adapter folder (CI runs the demo itself: `bash examples/demo.sh --steps 10`)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+
+def _refused(monkeypatch, capsys, *argv) -> str:
+    import demo
+
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--tiny", *argv])
+    with pytest.raises(SystemExit) as exited:
+        demo.main()
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_the_demo_refuses_too_few_steps_and_an_out_that_is_a_file_or_not_empty(tmp_path, monkeypatch, capsys):
+    """`--steps` below 2 (it trained 60 steps for 0, failed "the loss did not fall" for 1-9 with one logged loss);
+    `--out` naming a file (a traceback) or a folder with anything in it: exit code 2, one line naming the option."""
+    assert "--steps 1: give at least 2" in _refused(monkeypatch, capsys, "--steps", "1")
+    assert "--steps 0: give at least 2" in _refused(monkeypatch, capsys, "--steps", "0")
+    (tmp_path / "file").write_text("x")
+    assert "is a file; pass a new folder" in _refused(monkeypatch, capsys, "--out", str(tmp_path / "file"))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "adapter_config.json").write_text("{}")
+    assert "already exists and is not empty" in _refused(monkeypatch, capsys, "--out", str(tmp_path / "full"))
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["adapter_config.json"]
+
+
+def test_a_second_run_into_the_same_new_folder_is_refused_while_the_first_runs(tmp_path, monkeypatch, capsys):
+    """Two runs started with one --out: the first claims the folder at start, the second is refused at once (both
+    trained and the second replaced the first's adapter); the claim goes when the first run ends."""
+    import demo
+
+    parser = demo.argparse.ArgumentParser()
+    claim = demo.claim_folder(parser, tmp_path / "new")
+    assert "another demo run is writing there" in _refused(monkeypatch, capsys, "--out", str(tmp_path / "new"))
+    assert claim.exists()
+    claim.unlink()
+    assert demo.claim_folder(parser, tmp_path / "new") == claim
