@@ -54,6 +54,10 @@ def run_lm_eval(argv: list[str]) -> int:
         if isinstance(exit_.code, str):
             print(f"gatera eval: {exit_.code}", file=sys.stderr)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except (ValueError, OSError, KeyError) as error:  # a model / adapter path that does not load, an unknown task
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"gatera eval: {type(error).__name__}: {message}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved_argv
     return 0

@@ -45,6 +45,20 @@ def test_eval_returns_lm_eval_exit_code(monkeypatch):
     assert main(["eval", "--no-such-option"]) == 2
 
 
+@pytest.mark.parametrize("error", [OSError("/no/such is not a folder"), ValueError("The GateRA adapter does not fit"),
+                                   KeyError("nosuchtask")], ids=lambda e: type(e).__name__)
+def test_eval_reports_a_model_or_task_that_does_not_load_in_one_line(monkeypatch, capsys, error):
+    """What lm-eval raises for a `pretrained=` / `peft=` path that does not load (GateRA's own "does not fit this base
+    model" included) or an unknown task: one line naming it, exit code 2 (a traceback, exit code 1)."""
+    def fails():
+        raise error
+
+    monkeypatch.setattr(lm_eval_main, "cli_evaluate", fails)
+    assert main(["eval", "--model", "hf", "--tasks", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"gatera eval: {type(error).__name__}: ")
+
+
 def test_eval_without_lm_eval_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval.__main__", None)  # import fails as if lm-eval were not installed
     assert main(["eval", "--tasks", "x"]) == 2
