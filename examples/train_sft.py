@@ -60,7 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true", help="train on CPU (with DeepSpeed: DS_ACCELERATOR=cpu, gloo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--output-dir {out} is a file; pass a folder.")
+    if args.resume is None and (out / "adapter_config.json").exists():  # (the end of a run saves the adapter there)
+        parser.error(f"--output-dir {out} holds a trained adapter (adapter_config.json) that this run would replace; "
+                     "pass a new folder, or --resume last to continue that run from its last checkpoint.")
+    return args
 
 
 def build_trainer(args: argparse.Namespace, callbacks=()):

@@ -1,5 +1,6 @@
-"""The demo's command line: what it refuses before loading a model, and the claim that keeps two runs from writing
-one adapter folder (CI runs the demo itself: `bash examples/demo.sh --steps 10`)."""
+"""The examples' command lines: what the demo and examples/train_sft.py refuse before loading a model, and the claim
+that keeps two demo runs from writing one adapter folder (CI runs the demo itself: `bash examples/demo.sh --steps
+10`; the distributed tests run train_sft.py)."""
 
 import sys
 from pathlib import Path
@@ -43,3 +44,18 @@ def test_a_second_run_into_the_same_new_folder_is_refused_while_the_first_runs(t
     assert claim.exists()
     claim.unlink()
     assert demo.claim_folder(parser, tmp_path / "new") == claim
+
+
+def test_train_sft_refuses_to_replace_a_finished_adapter_unless_resuming(tmp_path, capsys):
+    """examples/train_sft.py into an --output-dir that holds a trained adapter (a finished run) replaced its adapter
+    and metrics.json; it is refused before anything loads, unless --resume continues that run; a file is refused."""
+    import train_sft
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    for argv, message in ((["--output-dir", str(tmp_path)], "holds a trained adapter (adapter_config.json)"),
+                          (["--output-dir", str(tmp_path / "adapter_config.json")], "is a file; pass a folder")):
+        with pytest.raises(SystemExit) as exited:
+            train_sft.parse_args(argv)
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert train_sft.parse_args(["--output-dir", str(tmp_path), "--resume", "last"]).resume == "last"
+    assert train_sft.parse_args(["--output-dir", str(tmp_path / "new")]).output_dir == str(tmp_path / "new")
