@@ -31,7 +31,9 @@ def main() -> None:
     from gatera_plugin.visualize import load_adapter, record_gates
 
     model, tokenizer = load_adapter(args.adapter, args.base_model)
-    rows = examples(load_task(args.task), "test", args.limit)
+    task = load_task(args.task)
+    name = task.get("name", Path(args.task).stem)  # (a task file's path names its JSON by the task, as quality.py)
+    rows = examples(task, "test", args.limit)
     prompt_means, answer_means, prompt_closed, answer_closed, layer_prompt, layer_answer = [], [], [], [], [], []
     for row in rows:
         trace = record_gates(model, tokenizer, row["prompt"], answer=" " + row["options"][row["answer"]])
@@ -44,7 +46,7 @@ def main() -> None:
         layer_prompt.append(by_layer_prompt)
         layer_answer.append(by_layer_answer)
     result = {
-        "task": args.task, "adapter": args.adapter, "examples": len(rows),
+        "task": name, "task_source": args.task, "adapter": args.adapter, "examples": len(rows),
         "prompt_gate_mean": statistics.mean(prompt_means), "answer_gate_mean": statistics.mean(answer_means),
         "prompt_closed_frac": statistics.mean(prompt_closed), "answer_closed_frac": statistics.mean(answer_closed),
         "answer_above_prompt_frac": statistics.mean(a > p for a, p in zip(answer_means, prompt_means)),
@@ -58,7 +60,7 @@ def main() -> None:
     print("layer  prompt  answer")
     for layer, p, a in zip(layers, result["layer_prompt_mean"], result["layer_answer_mean"]):
         print(f"{layer:5d}  {p:.3f}   {a:.3f}")
-    out = Path(args.out) if args.out else RESULTS / "gates" / f"{args.task}.json"
+    out = Path(args.out) if args.out else RESULTS / "gates" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 

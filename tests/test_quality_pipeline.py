@@ -195,3 +195,31 @@ def test_a_bigbench_index_without_the_sdist_names_what_it_lists_and_where_to_put
     with pytest.raises(FileNotFoundError, match=rf"it lists bigbench-0.0.1.tar.gz\). Copy the sdist \(sha256 "
                                                 rf"{assets.BIGBENCH_SHA256}\) .* to {target}"):
         assets.bigbench_sdist()
+
+
+def test_gate_summary_names_its_json_by_the_task_not_by_the_task_files_path(tmp_path, monkeypatch):
+    """bench/gate_summary.py with `--task path/to/task.json` wrote `path/to/task.json.json` beside the task file; its
+    JSON goes under results/quality/gates/, named by the task (as bench/quality.py names its runs)."""
+    import importlib.util
+
+    model, tokenizer = _model(save_base_to=tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    elements = ["Neon", "Lithium", "Helium", "Oxygen", "Carbon", "Nickel", "Cerium", "Erbium"]
+    task = {"name": "tinytask", "examples": [
+        {"input": f"Tell me about the element {e} number {i}", "target_scores": {"Yes": 1, "No": 0}}
+        for i in range(5) for e in elements]}
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mytask.json").write_text(json.dumps(task))
+    spec = importlib.util.spec_from_file_location("gate_summary", ROOT / "bench" / "gate_summary.py")
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    gate_summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gate_summary)
+    monkeypatch.setattr(gate_summary, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(sys, "argv", ["gate_summary.py", "--adapter", str(tmp_path / "adapter"), "--base-model",
+                                      str(tmp_path / "base"), "--task", str(tmp_path / "tasks" / "mytask.json"),
+                                      "--limit", "2"])
+    gate_summary.main()
+    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == ["mytask.json"]
+    written = json.loads((tmp_path / "results" / "gates" / "tinytask.json").read_text())
+    assert written["task"] == "tinytask" and written["examples"] == 2
