@@ -53,20 +53,25 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
     adapter folder when it holds one, else from the base model. An adapter trained with new tokens saved its resized
     embeddings: the base is resized to their rows first.
     """
-    import json
-    from pathlib import Path
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import GateRAConfig  # noqa: F401  (registers GateRA with PEFT)
-    from .serialization import saved_vocabulary_size
+    from .serialization import is_gatera_type, read_config, saved_vocabulary_size
 
     folder = Path(adapter)
     config_path = folder / "adapter_config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} is missing: pass a saved GateRA adapter folder.")
-    base = base_model or json.loads(config_path.read_text()).get("base_model_name_or_path")
+    saved = read_config(folder)
+    if not is_gatera_type(saved.get("peft_type")):
+        raise ValueError(f"{folder} holds a {saved.get('peft_type')} adapter, not a GateRA one: it has no gates to "
+                         "record. Pass a saved GateRA adapter folder.")
+    if base_model and (Path(base_model) / "adapter_config.json").exists():
+        raise ValueError(f"base_model (CLI: --base-model) {base_model!r} is an adapter folder; pass the base model "
+                         "it was trained on.")
+    base = base_model or saved.get("base_model_name_or_path")
     if not base:
         raise ValueError("The adapter does not name its base model; pass base_model (CLI: --base-model PATH).")
     try:

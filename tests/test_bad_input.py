@@ -303,6 +303,8 @@ CLI_CASES = [
                                                          r"\(CLI: --base-model\)"),
     ("out-without-extension", ["--out", "gates"], r"--out 'gates': give an image file name ending in one of .*\.png"),
     ("out-unknown-format", ["--out", "gates.xyz"], r"--out 'gates.xyz': give an image file name ending in one of"),
+    ("base-model-is-an-adapter", ["--base-model", "ADAPTER"], r"base_model \(CLI: --base-model\) '.*adapter' is an "
+                                                              r"adapter folder; pass the base model"),
 ]
 
 
@@ -316,6 +318,7 @@ def test_gatera_plot_bad_options(plot_setup, capsys, extra, message):
     args = ["plot", str(plot_setup / "adapter"), "--prompt", "Question: Neon?", "--out", str(plot_setup / "g.png")]
     if "--base-model" not in extra:
         args += ["--base-model", str(plot_setup / "base")]
+    extra = [str(plot_setup / "adapter") if item == "ADAPTER" else item for item in extra]
     assert main(args + extra) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("gatera plot: ") and re.search(message, err), err
@@ -355,3 +358,17 @@ def test_gatera_plot_keeps_an_existing_image_unless_told_and_replaces_it_whole(p
         "adapter", "base", "g.png"]
     assert main([*args, "--out", str(image), "--overwrite"]) == 0
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gatera_plot_of_another_methods_adapter_says_so(plot_setup, capsys):
+    """A LoRA adapter folder: "holds a LORA adapter, not a GateRA one" (it said "no token gates (gate='none'?)")."""
+    from peft import LoraConfig
+
+    from gatera_plugin.cli import main
+    from tests.helpers import tiny_llama
+
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(plot_setup / "lora")
+    args = ["plot", str(plot_setup / "lora"), "--prompt", "Question: Neon?", "--base-model", str(plot_setup / "base"),
+            "--out", str(plot_setup / "g.png")]
+    assert main(args) == 2
+    assert "holds a LORA adapter, not a GateRA one" in capsys.readouterr().err
