@@ -240,25 +240,36 @@ def _gate_tensor_names(config: GateRAConfig) -> set[str]:
     return {name for gate in gates if gate is not None for name, _ in gate.named_parameters()}
 
 
-def _refuse_tensor_names(model: nn.Module, adapter_name: str, configs: dict) -> None:
-    """Before `adapter_name` (config in `configs`, {name: config}) is injected: refuse a name that is also the last
-    part of a tensor's name (`weight`, `bias`, a gate's `threshold`, ...) of the model or of the adapter's gates, and
-    gates whose tensors are named like another adapter. PEFT saves each adapter without the keys that end in another
-    adapter's name. (Entries of per-adapter dicts, GateRA's `gatera_A.<name>` or PEFT's
-    `trainable_tokens_delta.<name>`, end in their adapter's name by design.)"""
+def _refuse_adapter_name(model: nn.Module, adapter_name: str, configs: dict) -> None:
+    """Before `adapter_name` (config in `configs`, {name: config}) is injected: refuse a name that PEFT's save would
+    confuse with the model's own keys. PEFT saves each adapter without the keys that hold another adapter's name, so
+    refused are: a name that is also a module name (a part of a dotted module path), or the last part of a tensor's
+    name (`weight`, `bias`, a gate's `threshold`, ...) of the model or of the adapter's gates; and gates whose tensors
+    are named like another adapter. (Entries of per-adapter dicts, GateRA's `gatera_A.<name>` or PEFT's
+    `trainable_tokens_delta.<name>`, end in their adapter's name by design.) The modules are walked once."""
     from peft.tuners._buffer_dict import BufferDict
 
-    gate_names = _gate_tensor_names(configs[adapter_name])
-    clash = next((f"{module_name}.{adapter_name}".lstrip(".") for module_name, module in model.named_modules()
-                  if not isinstance(module, (nn.ParameterDict, BufferDict))
-                  and (adapter_name in module._parameters or adapter_name in module._buffers)), None)
-    if clash is None and adapter_name in gate_names:
-        clash = f"<layer>.{PREFIX}gate.{adapter_name}.{adapter_name}"
-    if clash is not None:
+    module_clash = tensor_clash = None
+    for module_name, module in model.named_modules():
+        if module_clash is None and adapter_name in module_name.split("."):
+            module_clash = module_name
+        if (tensor_clash is None and not isinstance(module, (nn.ParameterDict, BufferDict))
+                and (adapter_name in module._parameters or adapter_name in module._buffers)):
+            tensor_clash = f"{module_name}.{adapter_name}".lstrip(".")
+    if module_clash is not None:
         raise ValueError(
-            f"adapter_name {adapter_name!r} is also the name of tensors of this model (e.g. {clash!r}). PEFT saves an "
-            "adapter without every tensor whose key ends in another adapter's name, so the adapters would be saved "
-            f"without their tensors named {adapter_name!r}. Choose another adapter name."
+            f"adapter_name {adapter_name!r} is also the name of modules of this model (e.g. {module_clash!r}). "
+            "PEFT saves an adapter without every tensor whose key holds another adapter's name, so the other "
+            f"adapters would be saved without their tensors under '.{adapter_name}.'. Choose another adapter name."
+        )
+    gate_names = _gate_tensor_names(configs[adapter_name])
+    if tensor_clash is None and adapter_name in gate_names:
+        tensor_clash = f"<layer>.{PREFIX}gate.{adapter_name}.{adapter_name}"
+    if tensor_clash is not None:
+        raise ValueError(
+            f"adapter_name {adapter_name!r} is also the name of tensors of this model (e.g. {tensor_clash!r}). PEFT "
+            "saves an adapter without every tensor whose key ends in another adapter's name, so the adapters would be "
+            f"saved without their tensors named {adapter_name!r}. Choose another adapter name."
         )
     taken = sorted(gate_names & (set(configs) - {adapter_name}))
     if taken:
@@ -365,15 +376,8 @@ class GateRAModel(BaseTuner):
                 module.to(device)
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs) -> None:
-        clashes = [name for name, _ in model.named_modules() if adapter_name in name.split(".")]
-        if clashes:
-            raise ValueError(
-                f"adapter_name {adapter_name!r} is also the name of modules of this model (e.g. {clashes[0]!r}). "
-                "PEFT saves an adapter without every tensor whose key holds another adapter's name, so the other "
-                f"adapters would be saved without their tensors under '.{adapter_name}.'. Choose another adapter name."
-            )
+        _refuse_adapter_name(model, adapter_name, self.peft_config)
         _check_token_indices(model, self.peft_config[adapter_name])
-        _refuse_tensor_names(model, adapter_name, self.peft_config)
         trainable = [(param, param.requires_grad) for param in model.parameters()]
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
