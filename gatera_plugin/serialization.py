@@ -872,9 +872,10 @@ def _refuse_another_structure(peft_model, folder: Path, adapter_name) -> None:
     config, as PEFT does: refuse where the folder's config builds another model (a STRUCTURE_FIELDS value differs:
     another branch, gate, scale, ...), which would otherwise take its weights silently."""
     existing = (getattr(peft_model, "peft_config", None) or {}).get(adapter_name)
+    if existing is None or not is_gatera_type(getattr(existing, "peft_type", None)):
+        return  # (a load into a new name, the usual case, reads nothing more)
     saved = read_config(folder)
-    if existing is None or not is_gatera_type(getattr(existing, "peft_type", None)) or not is_gatera_type(
-            saved.get("peft_type")):
+    if not is_gatera_type(saved.get("peft_type")):
         return
     from .config import BEFORE_FIELD_EXISTED, GateRAConfig
 
