@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,17 +224,20 @@ def check_image_path(path: str, overwrite: bool = False) -> None:
 
 
 def _write_image(path: Path, data: bytes, overwrite: bool) -> None:
-    """`data` into a new file at `path` (created exclusively), or with `overwrite` a temporary file renamed over it."""
+    """`data` into a new file at `path` (created exclusively), or with `overwrite` a temporary file renamed over it
+    (copied over it, with a warning, where the file system cannot rename files, as adapter saves do)."""
+    from .serialization import RENAMES, _without
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if overwrite:
         staged = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)  # noqa: SIM115
         try:
             with staged:
                 staged.write(data)
-            os.replace(staged.name, path)
-        except BaseException:
+            _without(RENAMES, path.parent, lambda: os.replace(staged.name, path),
+                     lambda: shutil.copyfile(staged.name, path))
+        finally:
             Path(staged.name).unlink(missing_ok=True)
-            raise
         return
     try:
         file = open(path, "xb")  # noqa: SIM115  (closed below; the file is ours only once this succeeded)

@@ -360,6 +360,26 @@ def test_gatera_plot_keeps_an_existing_image_unless_told_and_replaces_it_whole(p
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_gatera_plot_overwrite_copies_where_the_file_system_cannot_rename(plot_setup, monkeypatch):
+    """`--overwrite` on a file system without renames (EXDEV/EOPNOTSUPP) copies the image over the old one with one
+    warning, as adapter saves do, instead of failing with the OS's error; no staging file stays behind."""
+    import errno
+
+    from gatera_plugin import serialization, visualize
+    from gatera_plugin.cli import main
+
+    image = plot_setup / "g.png"
+    image.write_bytes(b"an earlier plot")
+    monkeypatch.setattr(serialization, "_warned_lacking", set())
+    monkeypatch.setattr(visualize.os, "replace", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.EOPNOTSUPP, "Operation not supported")))
+    with pytest.warns(UserWarning, match="does not support renaming files"):
+        assert main(["plot", str(plot_setup / "adapter"), "--prompt", "Question: Neon?", "--base-model",
+                     str(plot_setup / "base"), "--out", str(image), "--overwrite"]) == 0
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in plot_setup.iterdir()) == ["adapter", "base", "g.png"]
+
+
 def test_gatera_plot_of_another_methods_adapter_says_so(plot_setup, capsys):
     """A LoRA adapter folder: "holds a LORA adapter, not a GateRA one" (it said "no token gates (gate='none'?)")."""
     from peft import LoraConfig
