@@ -130,10 +130,15 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
+def _unset_pattern_as_empty(name: Optional[str], value):
+    """`value` of config field `name`, with an unset (None) `rank_pattern` / `alpha_pattern` as {} (PEFT's meaning)."""
+    return {} if name in ("rank_pattern", "alpha_pattern") and value is None else value
+
+
 def _canonical(name: str, value) -> str:
-    """One JSON spelling per meaning: module lists in any order, unset patterns as {}."""
-    if name in ("rank_pattern", "alpha_pattern") and value is None:
-        value = {}
+    """One JSON spelling per meaning, for the saved stamps (which must not change): module lists in any order, unset
+    patterns as {}."""
+    value = _unset_pattern_as_empty(name, value)
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         value = sorted(value)
     if name in STAMPED_SINCE_LATER and isinstance(value, int) and not isinstance(value, bool):
@@ -852,8 +857,7 @@ def _structure_key(name: Optional[str], value):
     numbers as floats, module lists and layer indices as sorted sets (PEFT extends `modules_to_save` in place, so a
     reused config holds duplicates), one layer index or pattern as a list of one, unset patterns as {}. (`name` None:
     an item inside a field's value.)"""
-    if name in ("rank_pattern", "alpha_pattern") and value is None:
-        value = {}
+    value = _unset_pattern_as_empty(name, value)
     if name in ("layers_to_transform", "layers_pattern") and isinstance(value, (int, str)):
         value = [value]
     if isinstance(value, bool) or value is None or isinstance(value, str):
