@@ -97,7 +97,13 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
         save_file(new_state, partial / weights_path.name, metadata={"format": "pt"})
         (partial / config_path.name).write_text(json.dumps(config, indent=2, sort_keys=True))
         stamp_config(partial / config_path.name, partial / weights_path.name)
-        partial.rename(dst)
+        try:
+            partial.rename(dst)
+        except OSError as error:
+            if not dst.exists():
+                raise
+            raise FileExistsError(f"{dst} was created by someone else while the pruned copy was written; it is left "
+                                  "as it is and nothing was written. Choose a new output folder.") from error
     finally:
         if partial.exists():
             shutil.rmtree(partial)

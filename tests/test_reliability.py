@@ -988,6 +988,29 @@ def test_gatera_prune_reads_its_source_under_the_folder_lock_and_writes_a_readab
     assert (tmp_path / "pruned").stat().st_mode & 0o777 == 0o755
 
 
+def test_gatera_prune_that_loses_a_race_for_its_out_folder_names_it_and_leaves_it_alone(tmp_path, monkeypatch, capsys):
+    """Another writer fills `--out` while the pruned copy is written: one line naming `--out` (it named the hidden
+    staging folder, in the OS's words), the other writer's files kept, no staging folder left."""
+    from safetensors import torch as safetensors_torch
+
+    from gatera_plugin.cli import main
+
+    _structure_model(GateRAConfig(r=4, target_modules=TARGETS, structure_gate=True)).save_pretrained(tmp_path / "full")
+    real_save = safetensors_torch.save_file
+
+    def save_file(*args, **kwargs):
+        (tmp_path / "pruned").mkdir()
+        (tmp_path / "pruned" / "theirs.txt").write_text("the other writer's")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors_torch, "save_file", save_file)
+    assert main(["prune", str(tmp_path / "full"), "--threshold", "0.5", "--out", str(tmp_path / "pruned")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'pruned'} was created by someone else" in err, err
+    assert [p.name for p in (tmp_path / "pruned").iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "pruned"]
+
+
 # ------------------------------------------------------------------------------------------------ cache_delta
 def _cached_model():
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, cache_delta=True, init_weights=False))
