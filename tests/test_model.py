@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -131,8 +132,9 @@ def test_a_merged_layer_warns_of_an_active_adapter_it_does_not_run():
     input_ids = torch.randint(3, 128, (2, 9))
     both = eval_logits(model, input_ids)
     model.merge_adapter(["plain"])
-    with pytest.warns(UserWarning, match=r"Adapter\(s\) \['gated'\] are active, but the layers hold \['plain'\] merged"):
+    with pytest.warns(UserWarning, match=r"Adapter\(s\) \['gated'\] are active, but the layers hold \['plain'\] merged") as caught:
         eval_logits(model, input_ids)
+    assert caught[0].filename.endswith(os.path.join("tests", "helpers.py")), caught[0].filename  # (the line that ran it)
     model.unmerge_adapter()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
