@@ -14,6 +14,7 @@ from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import dequantize_bnb_weight
 
+from ._stack import user_stacklevel
 from .fsdp import unsharded_weight
 from .kernels import compute_dtype
 from .layer import Linear
@@ -132,7 +133,7 @@ if is_bnb_4bit_available():
                 "differs from the loaded one by that rounding (up to 2^-8, 0.4%, per scale; more under double quant). "
                 "For the exact base, load the model again and apply or load the adapter before any eval forward. "
                 "(Said once; other layers may be affected too.)",
-                UserWarning, stacklevel=3,
+                UserWarning, stacklevel=user_stacklevel(),
             )
 
     def _gathered_4bit_weight(base) -> None:

@@ -22,6 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._stack import user_stacklevel
 from .branches import BRANCH_KINDS, delta_weight, dora_weight_norm
 from .config import GateRAConfig
 from .fsdp import refuse_distributed_weight, unsharded_weight
@@ -53,23 +54,6 @@ def without_folding():
 SUPPORTED_LAYERS = (
     "`torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`, `bitsandbytes.nn.Linear4bit`, `bitsandbytes.nn.Linear8bitLt`"
 )
-
-
-def _stacklevel_of_caller() -> int:
-    """The `stacklevel` that makes a warning raised by the caller of this point to the first frame outside installed
-    packages (torch, transformers, PEFT, hub kernels, a Trainer, ...), the standard library and this package: the
-    user's line that ran the model (the depth varies with the model)."""
-    import os
-    import sys
-    import sysconfig
-
-    paths = sysconfig.get_paths()
-    skipped = tuple({os.path.join(paths[key], "") for key in ("stdlib", "platstdlib", "purelib", "platlib")}
-                    | {os.path.join(os.path.dirname(os.path.abspath(__file__)), "")})
-    frame, level = sys._getframe(2), 2  # (level 1: the function that warns)
-    while frame is not None and frame.f_code.co_filename.startswith(skipped + ("<",)):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class GateRALayer(BaseTunerLayer):
@@ -519,7 +503,7 @@ class GateRALayer(BaseTunerLayer):
                 f"Adapter(s) {skipped} are active, but the layers hold {self.merged_adapters} merged into their weights "
                 "and run that weight only (as PEFT's LoRA layers do), so the adapter(s) do not run. Call "
                 "`unmerge_adapter()` to run every active adapter, or `set_adapter` to the merged one(s).",
-                stacklevel=_stacklevel_of_caller(),
+                stacklevel=user_stacklevel(),
             )
 
     def unmerge(self) -> None:

@@ -375,6 +375,7 @@ def test_auto_falls_back_once_per_cause_with_the_torch_paths_results(auto_takes_
     messages = [str(w.message) for w in record if "Triton" in str(w.message)]
     assert len(messages) == 1, messages
     assert type(error()).__name__ in messages[0] and "kernel='torch'" in messages[0]
+    assert [w.filename for w in record if "Triton" in str(w.message)] == [__file__]  # (the line that ran the step)
     model = got[0]
     failed = [m for m in model.modules() if getattr(m, "triton_failures", None)]
     assert len(failed) == 4 and all(set(m.triton_failures) == {"default"} for m in failed)

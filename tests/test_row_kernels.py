@@ -199,8 +199,9 @@ def test_a_failure_under_auto_warns_once_then_pytorchs_ops(monkeypatch):
 
     monkeypatch.setattr(row_kernels, "scale_rows", failing)
     a, base, scale = _rows(3, 16, torch.float32)
-    with pytest.warns(RuntimeWarning, match=r"row kernel failed \(OutOfResources.*kernel='torch'"):
+    with pytest.warns(RuntimeWarning, match=r"row kernel failed \(OutOfResources.*kernel='torch'") as record:
         torch.testing.assert_close(auto.scale(a, scale), a * scale)
+    assert record[0].filename == __file__  # (the caller's line, not the package's)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(auto.add_scaled(base, a, scale), torch.addcmul(base, a, scale))

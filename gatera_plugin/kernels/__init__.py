@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from .._stack import user_stacklevel
 from ..ops.rows import TORCH_ROWS
 
 KERNELS = ("auto", "triton", "torch")
@@ -179,7 +180,7 @@ def _fall_back(layer, adapter_name: str, branch: str, error: BaseException) -> b
             f"GateRA: the Triton {branch} kernel failed ({cause}); this layer, and any other that fails the same "
             "way, uses the PyTorch path from now on (same results). Set kernel='torch' to skip the kernels, or "
             "kernel='triton' to raise such errors.",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning, stacklevel=user_stacklevel(),
         )
     return True
 
@@ -241,7 +242,7 @@ def _check_triton(branch: str, device: torch.device, dtype: torch.dtype) -> None
                 f"{SPILL_FREE_CAPABILITY[0]}.{SPILL_FREE_CAPABILITY[1]}): in {str(dtype).removeprefix('torch.')} the "
                 f"{branch} kernels spill registers there (compile-checked for a T4, sm_75) and run slowly. Use "
                 "kernel='auto' (the PyTorch path there) or kernel='torch'.",
-                RuntimeWarning, stacklevel=4,
+                RuntimeWarning, stacklevel=user_stacklevel(),
             )
 
 

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._stack import user_stacklevel
 from ..ops.rows import TorchRows
 from . import KERNEL_DTYPES, MAX_TOKENS, _failure_cause, _raise_clearly, device_guard, is_triton_failure
 
@@ -151,7 +152,7 @@ class TritonRows(TorchRows):
             cause = ROW_KERNEL_FAILURE = _failure_cause(error)
             warnings.warn(
                 f"GateRA: the Triton row kernel failed ({cause}); every gated layer uses PyTorch's ops for it from "
-                "now on (same results). Set kernel='torch' to skip the kernels.", RuntimeWarning, stacklevel=4,
+                "now on (same results). Set kernel='torch' to skip the kernels.", RuntimeWarning, stacklevel=user_stacklevel(),
             )
             return fallback()
 
