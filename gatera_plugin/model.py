@@ -645,9 +645,13 @@ class GateRAModel(BaseTuner):
         for name in pruned:
             module = layers[name]
             active = [a for a in module.active_adapters if a != adapter_name]
+            # (the other adapters stay as trainable as they were: `set_adapter` would make a frozen one trainable here)
+            trainable = [(param, param.requires_grad) for param in module.parameters()]
             module.delete_adapter(adapter_name)
             if module.gatera_A:
                 module.set_adapter(active)
+                for param, requires_grad in trainable:
+                    param.requires_grad_(requires_grad)
             else:
                 parent_name, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent_name), child, module.get_base_layer())

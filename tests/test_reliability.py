@@ -951,6 +951,21 @@ def test_pruning_leaves_a_model_sharing_the_config_alone(tmp_path):
     assert sum(1 for n, _ in loaded.named_parameters() if n.endswith("gatera_A.default")) == 6
 
 
+def test_pruning_one_adapter_leaves_the_others_as_trainable_as_they_were(tmp_path):
+    """Pruning adapter "b" re-activates the other adapters in the pruned modules: a frozen adapter (loaded for
+    inference) stayed frozen everywhere else but became trainable there."""
+    model = _structure_model(GateRAConfig(r=4, target_modules=TARGETS, structure_gate=True))
+    model.save_pretrained(tmp_path / "x")
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "x", adapter_name="a")  # frozen
+    model.load_adapter(tmp_path / "x", adapter_name="b")
+    model.base_model.set_adapter(["a", "b"])
+    for param in model.parameters():
+        param.requires_grad_(False)
+    result = model.base_model.prune_structure(0.5, adapter_name="b")
+    assert len(result["pruned"]) == 3
+    assert [name for name, param in model.named_parameters() if param.requires_grad] == []
+
+
 def test_pruning_every_module_is_refused(tmp_path):
     from gatera_plugin.cli import main
 
