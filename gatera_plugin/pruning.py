@@ -9,6 +9,7 @@ minus those modules' contributions, and its `target_modules` lists the modules t
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +33,12 @@ def split_by_threshold(values: dict[str, float], threshold: float) -> tuple[list
     """(kept, pruned) module names: a module stays when its σ(α) ≥ threshold."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"`threshold` compares with σ(α) in [0, 1], got {threshold}.")
+    broken = sorted(name for name, value in values.items() if not math.isfinite(value))
+    if broken:
+        raise ValueError(
+            f"The structure gates of {len(broken)} module(s) hold NaN, e.g. {broken[0]!r} (training diverged), so they "
+            "can be neither kept nor pruned. Prune a checkpoint saved before the loss went NaN."
+        )
     kept = sorted(name for name, value in values.items() if value >= threshold)
     pruned = sorted(name for name, value in values.items() if value < threshold)
     if values and not kept:

@@ -966,6 +966,23 @@ def test_pruning_one_adapter_leaves_the_others_as_trainable_as_they_were(tmp_pat
     assert [name for name, param in model.named_parameters() if param.requires_grad] == []
 
 
+def test_pruning_structure_gates_that_went_nan_is_refused_naming_a_module(tmp_path):
+    """σ(α) = NaN (a diverged run) is neither ≥ nor < the threshold: the module was in neither list, left out of
+    `target_modules` but kept in the model, and the saved adapter failed to load, blaming an edited config."""
+    from gatera_plugin.cli import main
+
+    model = _structure_model(GateRAConfig(r=4, target_modules=TARGETS, structure_gate=True))
+    with torch.no_grad():
+        model.base_model.model.model.layers[1].self_attn.q_proj.gatera_structure["default"].alpha.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "full")
+    message = r"structure gates of 1 module\(s\) hold NaN, e.g. 'model.layers.1.self_attn.q_proj' \(training diverged\)"
+    with pytest.raises(ValueError, match=message):
+        model.base_model.prune_structure(0.5)
+    assert set(model.peft_config["default"].target_modules) == set(TARGETS)
+    assert main(["prune", str(tmp_path / "full"), "--threshold", "0.5", "--out", str(tmp_path / "pruned")]) == 2
+    assert not (tmp_path / "pruned").exists()
+
+
 def test_pruning_every_module_is_refused(tmp_path):
     from gatera_plugin.cli import main
 
