@@ -27,7 +27,8 @@ Installed on `import gatera_plugin`, wrappers around PEFT's functions act on Gat
   code. Which tensors the config expects is checked when they are loaded (`GateRAModel._remap_adapter_state_dict_for_load`).
 - `PeftConfig.from_pretrained` runs the same folder checks for a GateRA folder with weights: transformers' own adapter
   loading (`AutoModelForCausalLM.from_pretrained(adapter_folder)`, `model.load_adapter`) reads the config that way and
-  then the weights itself, past PEFT's loading.
+  then the weights itself, past PEFT's loading; and its saved fields get `GateRAConfig.check_kwargs` (a field missing
+  from an older save means what it meant then), as through `GateRAConfig.from_pretrained`.
 
 Adapters saved before the structure stamp existed (no `structure_stamp` field; the format version is unchanged) still
 load, with a warning: their tensor set, shapes and gate kinds are checked against the config, but an edit of a field
@@ -822,6 +823,24 @@ def wrap_config_from_pretrained(original):
     return classmethod(from_pretrained)
 
 
+def wrap_check_kwargs(original):
+    """`PeftConfig.check_kwargs`, which PEFT's config loading calls on the saved fields with the class it was called on
+    (`PeftConfig.from_pretrained`: transformers' `load_adapter`, AutoPeftModel): saved GateRA fields get
+    `GateRAConfig.check_kwargs` whichever class reads them, so that a field missing from an older save means what it
+    meant then (`BEFORE_FIELD_EXISTED`), as through `GateRAConfig.from_pretrained`."""
+
+    @functools.wraps(original.__func__)
+    def check_kwargs(cls, **kwargs):
+        from .config import GateRAConfig
+
+        if is_gatera_type(kwargs.get("peft_type")) and not issubclass(cls, GateRAConfig):
+            return GateRAConfig.check_kwargs(**kwargs)
+        return original.__get__(None, cls)(**kwargs)
+
+    setattr(check_kwargs, _MARK, True)
+    return classmethod(check_kwargs)
+
+
 def wrap_from_pretrained(original):
     @functools.wraps(original.__func__)
     def from_pretrained(cls, model, model_id, *args, **kwargs):
@@ -923,8 +942,8 @@ def wrap_transformers_load_adapter(original):
 
 
 def install() -> None:
-    """Wrap PeftModel's save_pretrained, from_pretrained, load_adapter, PeftConfig's from_pretrained, transformers'
-    load_adapter and every reference to load_peft_weights, once."""
+    """Wrap PeftModel's save_pretrained, from_pretrained, load_adapter, PeftConfig's from_pretrained and check_kwargs,
+    transformers' load_adapter and every reference to load_peft_weights, once."""
     import peft.config
     import peft.peft_model
     import peft.utils
@@ -942,6 +961,9 @@ def install() -> None:
     raw = config_cls.__dict__["from_pretrained"]
     if not getattr(raw.__func__, _MARK, False):
         config_cls.from_pretrained = wrap_config_from_pretrained(raw)
+    raw = config_cls.__dict__["check_kwargs"]
+    if not getattr(raw.__func__, _MARK, False):
+        config_cls.check_kwargs = wrap_check_kwargs(raw)
     from transformers.integrations.peft import PeftAdapterMixin
 
     if not getattr(PeftAdapterMixin.load_adapter, _MARK, False):

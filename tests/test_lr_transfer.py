@@ -434,6 +434,18 @@ def test_an_adapter_saved_before_hira_scaling_existed_loads_unscaled(tmp_path):
     assert reloaded.peft_config["default"].hira_scaling == "none"
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, logits)
+    # the same through the routes that read the config with PeftConfig (they built it with today's default, "lora")
+    from peft import AutoPeftModelForCausalLM, PeftConfig
+
+    assert PeftConfig.from_pretrained(tmp_path).hira_scaling == "none"
+    tiny_llama().save_pretrained(tmp_path / "base")  # (AutoPeftModel loads the base the adapter config names)
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    config_path.write_text(json.dumps(config))
+    transformers_loaded, auto_loaded = tiny_llama(), AutoPeftModelForCausalLM.from_pretrained(tmp_path)
+    transformers_loaded.load_adapter(str(tmp_path))
+    for other in (transformers_loaded.eval(), auto_loaded.eval()):
+        with torch.no_grad():
+            torch.testing.assert_close(other(input_ids=ids).logits, logits)
     config["hira_scaling"] = "rms"  # but a value that the save did not stamp is an edit
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="`hira_scaling` differ"):
