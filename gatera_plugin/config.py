@@ -422,6 +422,13 @@ class GateRAConfig(PeftConfig):
             if self.threshold_temperature is None:
                 self.threshold_temperature = DEFAULT_THRESHOLD_TEMPERATURE
             _check_number("threshold_init", self.threshold_init)
+            if self.threshold_init > 0 and self.init_weights is True and not self.inference_mode:
+                raise ValueError(
+                    f"`threshold_init`={self.threshold_init} with init_weights=True: B = 0 at step 0, so every token's "
+                    "r = ‖Δy‖ / ‖W0 x‖ is 0, below τ; every token is dropped and the adapter never gets a gradient. "
+                    "Use threshold_init <= 0 (the default 0 starts dense and τ learns from there), or "
+                    "init_weights=False (a random B)."
+                )
             _check_number("threshold_temperature", self.threshold_temperature, low=0, low_open=True)
             if self.keep_ratio is not None:
                 _check_number("keep_ratio", self.keep_ratio, low=0, high=1, low_open=True)

@@ -63,6 +63,8 @@ CONFIG_CASES = [
     (dict(gate="threshold", keep_ratio=1.5), r"`keep_ratio` must be <= 1"),
     (dict(gate="threshold", keep_ratio_weight=1.0), r"`keep_ratio_weight` needs a `keep_ratio` target"),
     (dict(gate="threshold", threshold_temperature=0), r"`threshold_temperature` must be > 0"),
+    (dict(gate="threshold", threshold_init=0.05), r"`threshold_init`=0.05 with init_weights=True: B = 0 at step 0.*"
+                                                  r"never gets a gradient.*threshold_init <= 0.*init_weights=False"),
     (dict(structure_weight=0.1), r"`structure_weight` only applies with structure_gate=True"),
     (dict(structure_gate=True, structure_weight=-1.0), r"`structure_weight` must be >= 0"),
     (dict(structure_gate="yes"), r"`structure_gate` must be True or False"),
@@ -79,6 +81,29 @@ CONFIG_CASES = [
 def test_bad_config_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GateRAConfig(target_modules=kwargs.pop("target_modules", ["q_proj"]), **kwargs)
+
+
+def test_a_positive_threshold_init_closes_every_token_of_a_new_adapter_but_a_saved_one_loads(tmp_path):
+    """Why `threshold_init` > 0 is refused with B = 0: every token is dropped and no parameter gets a gradient. With a
+    random B it trains; a saved config (PEFT saves inference_mode=True) with it still loads."""
+    from peft import PeftModel
+
+    def gradient_norm(init_weights):
+        model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], gate="threshold",
+                                                          threshold_init=0.0, init_weights=init_weights))
+        for module in model.modules():
+            if hasattr(module, "threshold"):
+                module.threshold.data.fill_(0.05)
+        input_ids = torch.randint(3, 128, (2, 9))
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        return sum(p.grad.abs().sum().item() for p in model.parameters() if p.grad is not None), model
+
+    dead, _ = gradient_norm(init_weights=True)
+    alive, model = gradient_norm(init_weights=False)
+    assert dead < 1e-3 < alive  # (only τ's small leak term moves)
+    model.peft_config["default"].threshold_init = 0.05  # (as a run that was not refused yet saved it)
+    model.save_pretrained(tmp_path)
+    assert PeftModel.from_pretrained(tiny_llama(), tmp_path).peft_config["default"].threshold_init == 0.05
 
 
 # ---------------------------------------------------------------------------------------------- applying a config

@@ -1056,10 +1056,13 @@ def test_evaluate_cli_evaluates_the_trained_adapter(workspace):
     ({"lora_r": 0}, r"`lora_r` sets r"),
     ({"lora_dropout": 1.0}, r"`lora_dropout` sets dropout"),
     ({"gatera_gate_bias_init": 30.0}, r"`gatera_gate_bias_init` sets gate_bias_init"),
+    ({"gatera_gate": "threshold", "gatera_threshold_init": 0.2}, r"B = 0 at step 0.*`gatera_threshold_init` sets "
+                                                                  r"threshold_init"),
     ({"lora_target_modules": None}, r"needs `lora_target_modules` or `lora_target_linear: true`"),
     ({"lora_target_modules": r".*\.q_proj", "peft_layers_to_transform": [0]}, r"`peft_layers_to_transform` sets "
                                                                              r"layers_to_transform"),
-], ids=["keep-ratio-without-threshold", "rank-0", "dropout-1", "gate-bias-init-30", "no-targets", "regex-and-layers"])
+], ids=["keep-ratio-without-threshold", "rank-0", "dropout-1", "gate-bias-init-30", "threshold-init-without-update",
+        "no-targets", "regex-and-layers"])
 def test_settings_gatera_refuses_together_fail_when_the_config_is_read_naming_the_yaml_keys(keys, message):
     """Settings that GateRAConfig refuses in combination (or out of its ranges) fail at config validation, before the
     dataset and model load, with the YAML keys named (the message had GateRAConfig's field names only). `lora_r: 0`
@@ -1244,8 +1247,8 @@ def test_a_continued_threshold_adapter_reports_a_yaml_threshold_init_it_does_not
     from tests.helpers import tiny_llama
 
     saved_dir = tmp_path / "adapter"
-    get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], gate="threshold",
-                                              threshold_init=0.1)).save_pretrained(saved_dir)
+    get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], gate="threshold", threshold_init=0.1,
+                                              init_weights=False)).save_pretrained(saved_dir)
     written = {"adapter": "gatera", "lora_target_modules": ["q_proj"], "lora_model_dir": str(saved_dir), "lora_r": 4,
                "gatera_gate": "threshold", "gatera_threshold_init": 0.3,
                "axolotl_config_path": str(tmp_path / "run.yml")}

@@ -97,6 +97,9 @@ def gatera_config_from_axolotl(cfg, model, warn: bool = True) -> gatera_plugin.G
         trainable_token_indices=cfg.get("peft_trainable_token_indices") or None,
         alpha_pattern=alpha_pattern,
         task_type=_task_type_of(model),
+        # (with `lora_model_dir` the saved adapter's config governs and this one only describes the YAML: its initial
+        # values (`_INITIAL_VALUES`) are not used, and so not refused as a new adapter's would be)
+        inference_mode=bool(cfg.get("lora_model_dir")),
         **options,
     )
 
