@@ -63,6 +63,13 @@ def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
             "optimizer has state already. Call `split_gate_groups(optimizer, model)` right after building the "
             "optimizer (the Trainer integration does), or set gate_lr_ratio=1."
         )
+    if any("initial_lr" in group for group in optimizer.param_groups):  # (set by a scheduler built on it)
+        raise RuntimeError(
+            "`gate_lr_ratio` regroups the optimizer's parameters, which must happen before the learning-rate "
+            "scheduler is built (a scheduler holds one rate per param group), but this optimizer has a scheduler "
+            "already (its groups hold `initial_lr`). Call `split_gate_groups(optimizer, model)` right after building "
+            "the optimizer and build the scheduler after it, or set gate_lr_ratio=1."
+        )
     _refuse_unsplittable(optimizer, ratios)
     groups = []
     for group in optimizer.param_groups:
@@ -80,8 +87,6 @@ def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
             groups.append({**group, "params": params, **extra})
     optimizer.param_groups.clear()
     for group in groups:
-        if "initial_lr" in group:
-            group["initial_lr"] = group["lr"]
         optimizer.add_param_group(group)
     setattr(optimizer, _SPLIT, True)
     return optimizer

@@ -162,6 +162,21 @@ def test_split_after_a_step_is_refused_naming_the_fix():
     assert len(optimizer.param_groups) == 1
 
 
+def test_split_after_the_scheduler_is_built_is_refused_naming_the_fix():
+    """A scheduler holds one rate per param group: split after it, its next step failed deep in torch (zip() argument
+    2 is shorter), and `initial_lr` became the warmup's current rate (0), so a scheduler built again kept every group
+    at rate 0 for the whole run."""
+    from transformers import get_linear_schedule_with_warmup
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=10.0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    get_linear_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=100)
+    with pytest.raises(RuntimeError, match=r"before the learning-rate scheduler is built.*has a scheduler already.*"
+                                           r"split_gate_groups\(optimizer, model\)` right after building the optimizer"):
+        split_gate_groups(optimizer, model)
+    assert len(optimizer.param_groups) == 1
+
+
 @pytest.mark.slow
 def test_sft_trainer_trains_gates_at_their_ratio(tmp_path):
     """Through TRL with nothing but the config: the scheduler keeps the gates' rate at ratio × the rest's."""
