@@ -461,6 +461,33 @@ def test_loraplus_is_refused_because_it_would_raise_the_gate_biases_rate_not_the
     GateRAArgs.model_validate({"adapter": "lora", "loraplus_lr_ratio": 16})
 
 
+def test_one_cycle_with_a_gate_lr_ratio_is_refused_because_it_sets_one_rate_for_every_group():
+    """Axolotl's `lr_scheduler: one_cycle` builds `OneCycleLR(optimizer, max_lr=learning_rate)`: one rate for every
+    param group (checked with the same call), so the gates' ratio was cancelled silently. Refused with the ratio;
+    alone, or with the schedulers that scale each group's own rate, it stays allowed."""
+    from peft import get_peft_model
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    from gatera_plugin import GateRAConfig, split_gate_groups
+    from gatera_plugin.integrations.axolotl.args import GateRAArgs
+    from tests.helpers import tiny_llama
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], gate_lr_ratio=10.0))
+    optimizer = split_gate_groups(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4), model)
+    scheduler = OneCycleLR(optimizer, max_lr=2e-4, total_steps=10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert len({group["lr"] for group in optimizer.param_groups}) == 1  # (the ratio is gone)
+    with pytest.raises(ValueError, match=r"`lr_scheduler: one_cycle` with `gatera_gate_lr_ratio: 10`.*one rate .*for "
+                                         r"every param group.*Use another `lr_scheduler`.*or remove `gatera_gate_lr_ratio`"):
+        GateRAArgs.model_validate({"adapter": "gatera", "lora_target_modules": ["q_proj"], "lr_scheduler": "one_cycle",
+                                   "gatera_gate_lr_ratio": 10})
+    for allowed in ({"lr_scheduler": "one_cycle"}, {"lr_scheduler": "one_cycle", "gatera_gate_lr_ratio": 1},
+                    {"lr_scheduler": "rex", "gatera_gate_lr_ratio": 10}):
+        GateRAArgs.model_validate({"adapter": "gatera", "lora_target_modules": ["q_proj"], **allowed})
+
+
 def test_gate_lr_ratio_reaches_axolotls_own_optimizers_and_param_groups(workspace):
     """`optimizer: adopt_adamw` (one of the optimizers Axolotl builds itself, without `Trainer.create_optimizer`) with
     `lr_groups`: the gates get `gatera_gate_lr_ratio` × the rate of the group Axolotl put them in, the other

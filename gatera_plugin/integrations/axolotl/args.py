@@ -236,4 +236,12 @@ class GateRAArgs(BaseModel):
                 "alone and raise the rate of the gate biases (and thresholds, structure logits, DoRA magnitudes) "
                 "instead. Remove it (`gatera_gate_lr_ratio` sets the gates' rate)."
             )
+        ratio = _as_number(data.get("gatera_gate_lr_ratio"))
+        if data.get("lr_scheduler") == "one_cycle" and isinstance(ratio, (int, float)) and ratio != 1:
+            raise ValueError(
+                f"`lr_scheduler: one_cycle` with `gatera_gate_lr_ratio: {data.get('gatera_gate_lr_ratio')}`: Axolotl's "
+                "one-cycle scheduler sets one rate (`learning_rate`) for every param group, so the gates would train "
+                "at the others' rate. Use another `lr_scheduler` (cosine, linear, rex, ...: they scale each group's "
+                "own rate), or remove `gatera_gate_lr_ratio`."
+            )
         return data
