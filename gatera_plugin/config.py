@@ -459,6 +459,19 @@ class GateRAConfig(PeftConfig):
             raise ValueError("`sparse_training=True` needs `sparse_threshold` > 0 (the gate value below which tokens skip).")
         if self.cache_delta and self.branch != "hira":
             raise ValueError("`cache_delta` caches the HiRA branch's dense update; it needs branch='hira'.")
+        if not self.inference_mode:  # (settings a new adapter would ignore; a saved config with them still loads)
+            if self.gate != "sigmoid" and self.gate_bias_init != 0:
+                raise ValueError(
+                    f"`gate_bias_init`={self.gate_bias_init} sets a sigmoid token gate's initial bias, but "
+                    f"gate={self.gate!r}, which has none: it would be ignored. Remove `gate_bias_init`, or set "
+                    "gate='sigmoid'."
+                )
+            if self.gate_lr_ratio != 1 and self.gate == "none" and not self.structure_gate:
+                raise ValueError(
+                    f"`gate_lr_ratio`={self.gate_lr_ratio} sets the rate of the gates' parameters, but gate='none' "
+                    "without structure_gate has none: it would be ignored. Remove `gate_lr_ratio`, or add gates "
+                    "(gate='sigmoid' / 'threshold', or structure_gate=True)."
+                )
 
     @property
     def is_gated(self) -> bool:

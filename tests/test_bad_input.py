@@ -63,6 +63,11 @@ CONFIG_CASES = [
     (dict(gate="threshold", keep_ratio=1.5), r"`keep_ratio` must be <= 1"),
     (dict(gate="threshold", keep_ratio_weight=1.0), r"`keep_ratio_weight` needs a `keep_ratio` target"),
     (dict(gate="threshold", threshold_temperature=0), r"`threshold_temperature` must be > 0"),
+    (dict(gate="threshold", gate_bias_init=-2.0), r"`gate_bias_init`=-2.0 sets a sigmoid token gate's initial bias, "
+                                                  r"but gate='threshold', which has none.*Remove `gate_bias_init`"),
+    (dict(gate="none", gate_bias_init=1), r"`gate_bias_init`=1 sets .*gate='none'"),
+    (dict(gate="none", gate_lr_ratio=10), r"`gate_lr_ratio`=10 sets the rate of the gates' parameters, but gate='none' "
+                                          r"without structure_gate has none.*Remove `gate_lr_ratio`, or add gates"),
     (dict(gate="threshold", threshold_init=0.05), r"`threshold_init`=0.05 with init_weights=True: B = 0 at step 0.*"
                                                   r"never gets a gradient.*threshold_init <= 0.*init_weights=False"),
     (dict(structure_weight=0.1), r"`structure_weight` only applies with structure_gate=True"),
@@ -81,6 +86,15 @@ CONFIG_CASES = [
 def test_bad_config_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GateRAConfig(target_modules=kwargs.pop("target_modules", ["q_proj"]), **kwargs)
+
+
+def test_settings_a_new_adapter_would_ignore_are_refused_for_training_only():
+    """A saved config (PEFT saves inference_mode=True) that holds them still builds, to load what was saved."""
+    for kwargs in (dict(gate="threshold", gate_bias_init=-2.0), dict(gate="none", gate_lr_ratio=10.0),
+                   dict(gate="threshold", threshold_init=0.05)):
+        with pytest.raises(ValueError):
+            GateRAConfig(target_modules=["q_proj"], **kwargs)
+        assert GateRAConfig(target_modules=["q_proj"], inference_mode=True, **kwargs).gate == kwargs["gate"]
 
 
 def test_a_positive_threshold_init_closes_every_token_of_a_new_adapter_but_a_saved_one_loads(tmp_path):
