@@ -77,13 +77,19 @@ def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
         for param in group["params"]:
             by_ratio.setdefault(ratios.get(id(param), 1.0), []).append(param)
         for ratio, params in by_ratio.items():
-            if ratio != 1.0 and (not isinstance(group.get("lr"), (int, float)) or group.get("relative_step")):
+            lr = group.get("lr")
+            if ratio != 1.0 and (lr is None or group.get("relative_step")):
                 raise ValueError(
                     f"`gate_lr_ratio`={ratio:g} needs a fixed learning rate to scale, but this {type(optimizer).__name__} "
-                    f"param group has lr={group.get('lr')!r}" + (" with relative_step=True" if group.get(
+                    f"param group has lr={lr!r}" + (" with relative_step=True" if group.get(
                         "relative_step") else "") + " (Adafactor's own schedule). Give it an `lr` with "
                     "relative_step=False, or set gate_lr_ratio=1.")
-            extra = {"lr": group["lr"] * ratio} if ratio != 1.0 else {}
+            if ratio != 1.0 and not (isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1)):
+                raise ValueError(
+                    f"`gate_lr_ratio`={ratio:g} scales a param group's learning rate, but this {type(optimizer).__name__} "
+                    f"param group has lr={lr!r}, not a number. Give it a number (or a one-element tensor), or set "
+                    "gate_lr_ratio=1.")
+            extra = {"lr": lr * ratio} if ratio != 1.0 else {}  # (a tensor rate stays a tensor, on its device)
             groups.append({**group, "params": params, **extra})
     optimizer.param_groups.clear()
     for group in groups:

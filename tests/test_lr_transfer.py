@@ -162,6 +162,19 @@ def test_split_after_a_step_is_refused_naming_the_fix():
     assert len(optimizer.param_groups) == 1
 
 
+def test_a_tensor_learning_rate_is_scaled_too():
+    """torch's optimizers take `lr` as a tensor (for capturable / compiled steps): the gates get ratio × it, as a
+    tensor (it was refused as "Adafactor's own schedule")."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=10.0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=torch.tensor(1e-4))
+    split_gate_groups(optimizer, model)
+    rates = {float(group["lr"]) for group in optimizer.param_groups}
+    assert len(optimizer.param_groups) == 2 and all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups)
+    assert sorted(rates) == pytest.approx([1e-4, 1e-3])
+    model(input_ids=torch.randint(3, 128, (1, 5)), labels=torch.randint(3, 128, (1, 5))).loss.backward()
+    optimizer.step()
+
+
 def test_split_after_the_scheduler_is_built_is_refused_naming_the_fix():
     """A scheduler holds one rate per param group: split after it, its next step failed deep in torch (zip() argument
     2 is shorter), and `initial_lr` became the warmup's current rate (0), so a scheduler built again kept every group
