@@ -8,7 +8,8 @@ input before the branch runs; `ThresholdGate` reads the branch's output and the 
 Each class also holds what the layer and the logs need to know of its kind: `stats_kind` (the key under which its
 statistics are recorded), `per_token` (one value per token, or one per module), `penalty(config)` (the penalty's
 weight and per-value gradient for its tap), `log_entries` (what its statistics and penalty are called in the logs,
-from the per-layer means that `GateStats` records: (layers, 3) = mean value, mean H/log 2, fraction open) and
+from the per-layer means that `GateStats` records: (layers, 4) = mean value, mean H/log 2, fraction open, and the
+micro-batches' token-weighted mean of their squared mean value) and
 `reads_branch_output` (whether it runs after the branch: only TS-PEFT's threshold); `Gate.trains()` and
 `Gate.penalty_trains()` they share.
 """
@@ -261,7 +262,10 @@ class ThresholdGate(Gate):
         (TS-PEFT)."""
         penalties = {}
         if config.keep_ratio is not None:
-            deviation = ((means[:, 0] - config.keep_ratio) ** 2).mean().item()
+            # the applied penalty's mean over micro-batches m of n_m (k_m − ρ)², per layer: Σ n k² − 2ρ Σ n k + ρ² Σ n
+            # over Σ n (not (k̄ − ρ)² of the pooled fraction k̄, which is lower wherever the micro-batches differ)
+            rho = config.keep_ratio
+            deviation = (means[:, 3] - 2 * rho * means[:, 0] + rho * rho).clamp(min=0).mean().item()
             penalties["keep_penalty"] = config.keep_ratio_weight * deviation
         return {"kept_frac": means[:, 0]}, penalties, True
 

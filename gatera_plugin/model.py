@@ -593,7 +593,7 @@ class GateRAModel(BaseTuner):
             return {}
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         device = collective_device(device) if distributed else device
-        table = torch.zeros(len(rows), len(GateStats.KEYS), dtype=statistics_dtype(device), device=device)  # (rows, 4)
+        table = torch.zeros(len(rows), len(GateStats.KEYS), dtype=statistics_dtype(device), device=device)  # (rows, 5)
         for i, row in enumerate(rows):
             sums = row[3].pop_tensor()
             if sums is not None:
@@ -609,7 +609,7 @@ class GateRAModel(BaseTuner):
             config = self.peft_config[adapter_name]
             suffix = "" if adapter_name == "default" else f"/{adapter_name}"
             # per-layer means, then their mean: every gated layer weighs the same, as in the penalties
-            means = table[index, 1:] / table[index, :1]  # (layers, 3): mean value, mean H/log 2, open fraction
+            means = table[index, 1:] / table[index, :1]  # (layers, 4): mean value, mean H/log 2, open fraction, Σ n ḡ² / N
             modules = [rows[i][2] for i in index]
             stats, penalties, always_per_layer = GATES_BY_STATS_KIND[kind].log_entries(means, config)
             show = always_per_layer or (config.per_layer_stats if per_layer is None else per_layer)

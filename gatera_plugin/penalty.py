@@ -106,13 +106,14 @@ class GateStats:
 
     `add` takes the gate values (`GateValues` of an (N, 1) gate) and a mask of real tokens (N, 1) or None;
     `pop_tensor` returns and clears the sums: `tokens`, `gate` (Σ g), `entropy` (Σ H(g)/log 2), `open` (count of
-    g > 0.5).
+    g > 0.5) and `batch_gate_sq` (Σ over backwards of n · (the micro-batch's mean g)²: with `gate` and `tokens`, the
+    token-weighted mean of a squared deviation of each micro-batch's mean, which the keep-ratio penalty applies).
     """
 
-    KEYS = ("tokens", "gate", "entropy", "open")
+    KEYS = ("tokens", "gate", "entropy", "open", "batch_gate_sq")
 
     def __init__(self):
-        self._sums: Optional[torch.Tensor] = None  # (4,) `statistics_dtype`: tokens, Σg, ΣH (nats), Σ[g>0.5]
+        self._sums: Optional[torch.Tensor] = None  # (5,) `statistics_dtype`: tokens, Σg, ΣH (nats), Σ[g>0.5], Σ n ḡ²
         self.recorded = False  # a backward reached the gate since the layer was built (never cleared)
 
     @torch.no_grad()
@@ -123,6 +124,7 @@ class GateStats:
         # is 1 exactly where g > 0.5 for g in [0, 1]
         columns = torch.cat([torch.ones_like(g), g, values.entropy_nats(), g.round()], 1)
         sums = columns.sum(0) if mask is None else mask.reshape(1, -1).to(g.dtype).mm(columns).reshape(-1)  # (4,)
+        sums = torch.cat([sums, (sums[1] * sums[1] / sums[0].clamp(min=1)).reshape(1)])  # (5,): n ḡ² = (Σg)² / n
         if self._sums is None:
             self._sums = sums.to(statistics_dtype(g.device))
         else:  # float32 sums into the float64 running sums, promoted inside the add
@@ -130,7 +132,7 @@ class GateStats:
         self.recorded = True
 
     def pop_tensor(self) -> Optional[torch.Tensor]:
-        """The (4,) sums (tokens, Σg, ΣH/log 2, open count), then cleared; None if nothing was recorded."""
+        """The (5,) sums (tokens, Σg, ΣH/log 2, open count, Σ n ḡ²), then cleared; None if nothing was recorded."""
         sums, self._sums = self._sums, None
         if sums is not None:
             sums[2].mul_(1.0 / LOG2)  # `add` sums H(g) in nats

@@ -313,15 +313,16 @@ def test_entropy_gradient_is_zero_where_the_clamp_is_active_and_for_nan():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gate_stats_sums_over_real_tokens_and_pop_clears(dtype):
-    """`GateStats` sums (tokens, Σg, ΣH/log 2, count of g > 0.5) over the masked tokens, accumulates across adds, and
-    a popped tensor is not changed by later adds."""
+    """`GateStats` sums (tokens, Σg, ΣH/log 2, count of g > 0.5, n ḡ²) over the masked tokens, accumulates across
+    adds (n ḡ² per add: per micro-batch), and a popped tensor is not changed by later adds."""
     g = torch.tensor([0.0, 0.2, 0.5, 0.51, 0.9, 1.0, 0.7, 0.3], dtype=dtype).reshape(-1, 1)
     mask = torch.tensor([1, 1, 0, 1, 1, 0, 1, 1], dtype=torch.bool).reshape(-1, 1)
 
     def reference(weights):
         g64, w = g.double().reshape(-1), weights.double().reshape(-1)
         h = naive_entropy(g64)
-        return torch.stack([w.sum(), (w * g64).sum(), (w * h).sum(), (w * (g64 > 0.5)).sum()])
+        return torch.stack([w.sum(), (w * g64).sum(), (w * h).sum(), (w * (g64 > 0.5)).sum(),
+                            (w * g64).sum() ** 2 / w.sum()])
 
     stats = GateStats()
     stats.add(GateValues(g), mask)

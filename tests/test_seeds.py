@@ -299,6 +299,33 @@ def test_logged_penalties_of_threshold_and_structure_gates_are_their_formulas():
     assert logs["gatera/structure_penalty"] == pytest.approx(0.4 * structure)
 
 
+def test_logged_keep_penalty_over_several_micro_batches_is_the_applied_one():
+    """Over micro-batches m (gradient accumulation, a logging window) the penalty applied is λ · mean over layers of
+    Σ_m n_m (k_m − ρ)² / Σ_m n_m; the log gave (k̄ − ρ)² of the pooled fraction k̄ instead, lower wherever the
+    micro-batches' kept fractions differ."""
+    torch.manual_seed(0)
+    config = GateRAConfig(r=3, target_modules=["lin0", "lin1"], gate="threshold", keep_ratio=0.5, keep_ratio_weight=2.0,
+                          init_weights=False)
+    model = get_peft_model(TwoLinear(), config)
+    first = torch.randn(4, 5, 12)
+    _median_threshold(model.base_model.model.lin0, first)
+    _median_threshold(model.base_model.model.lin1, model.base_model.model.lin0(first))
+    model.train()
+    kept = {}  # layer -> [(tokens, kept fraction) per micro-batch]
+    hooks = [module.register_forward_hook(lambda mod, args, out, name=name: kept.setdefault(name, []).append(
+        (out.numel(), out.float().mean().item()))) for name, module in model.named_modules()
+        if type(module).__name__ == "ThresholdGate"]
+    for x in (first, torch.randn(2, 5, 12) + 4 * torch.randn(12)):  # (shifted inputs: other ratios, other fractions)
+        model(x).sum().backward()
+    for hook in hooks:
+        hook.remove()
+    logs = model.base_model.pop_gate_stats()
+    per_layer = [sum(n * (k - 0.5) ** 2 for n, k in batches) / sum(n for n, _ in batches) for batches in kept.values()]
+    pooled = [(sum(n * k for n, k in batches) / sum(n for n, _ in batches) - 0.5) ** 2 for batches in kept.values()]
+    assert len(per_layer) == 2 and sum(pooled) < 0.9 * sum(per_layer)  # (the case tells them apart)
+    assert logs["gatera/keep_penalty"] == pytest.approx(2.0 * sum(per_layer) / 2, rel=1e-6)
+
+
 def test_structure_penalty_gradient_is_applied_once_per_step():
     """λ_s · mean σ(α): the injected gradient equals the explicit one, and two micro-batches of a step add up to it."""
     weight = 0.4
