@@ -466,6 +466,12 @@ class GateRAConfig(PeftConfig):
                     f"gate={self.gate!r}, which has none: it would be ignored. Remove `gate_bias_init`, or set "
                     "gate='sigmoid'."
                 )
+            if self.sparse_threshold > 0 and self.gate == "none" and not self.structure_gate:
+                raise ValueError(
+                    f"`sparse_threshold`={self.sparse_threshold} skips the tokens whose gate is below it, but gate='none' "
+                    "without structure_gate has no gate: it would be ignored. Remove `sparse_threshold`, or add gates "
+                    "(gate='sigmoid', or structure_gate=True)."
+                )
             if self.gate_lr_ratio != 1 and self.gate == "none" and not self.structure_gate:
                 raise ValueError(
                     f"`gate_lr_ratio`={self.gate_lr_ratio} sets the rate of the gates' parameters, but gate='none' "

@@ -66,6 +66,8 @@ CONFIG_CASES = [
     (dict(gate="threshold", gate_bias_init=-2.0), r"`gate_bias_init`=-2.0 sets a sigmoid token gate's initial bias, "
                                                   r"but gate='threshold', which has none.*Remove `gate_bias_init`"),
     (dict(gate="none", gate_bias_init=1), r"`gate_bias_init`=1 sets .*gate='none'"),
+    (dict(gate="none", sparse_threshold=0.1), r"`sparse_threshold`=0.1 skips the tokens whose gate is below it, but "
+                                              r"gate='none' without structure_gate has no gate.*Remove `sparse_threshold`"),
     (dict(gate="none", gate_lr_ratio=10), r"`gate_lr_ratio`=10 sets the rate of the gates' parameters, but gate='none' "
                                           r"without structure_gate has none.*Remove `gate_lr_ratio`, or add gates"),
     (dict(gate="threshold", threshold_init=0.05), r"`threshold_init`=0.05 with init_weights=True: B = 0 at step 0.*"
@@ -91,6 +93,7 @@ def test_bad_config_values(kwargs, message):
 def test_settings_a_new_adapter_would_ignore_are_refused_for_training_only():
     """A saved config (PEFT saves inference_mode=True) that holds them still builds, to load what was saved."""
     for kwargs in (dict(gate="threshold", gate_bias_init=-2.0), dict(gate="none", gate_lr_ratio=10.0),
+                   dict(gate="none", sparse_threshold=0.1),
                    dict(gate="threshold", threshold_init=0.05)):
         with pytest.raises(ValueError):
             GateRAConfig(target_modules=["q_proj"], **kwargs)
