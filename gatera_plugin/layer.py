@@ -416,6 +416,10 @@ class GateRALayer(BaseTunerLayer):
         HiRA's update `W0 ⊙ BA` and DoRA's norm `‖W0 + s·BA‖` read the original `W0`, also while other adapters
         are merged into the stored weight, so merging adapters one at a time equals merging them together.
         """
+        return self._delta_weight_fp32(adapter_name).to(self._original_weight().dtype)
+
+    def _delta_weight_fp32(self, adapter_name: str) -> torch.Tensor:
+        """`get_delta_weight` before its cast to the base weight's dtype: fp32 (merging sums these and rounds once)."""
         self._refuse_gated([adapter_name])
         base = self._original_weight()
         with autocast_off(base.device.type):  # in fp32, also when merged inside an autocast region
@@ -428,7 +432,7 @@ class GateRALayer(BaseTunerLayer):
                 if level.item() < self.options[adapter_name].sparse_threshold:  # (eval skips this module: merge 0)
                     level = torch.zeros_like(level)
                 delta = delta * level
-        delta = delta.to(base.dtype)
+        delta = delta.float()
         return delta.t() if self.weight_is_transposed else delta
 
     def _original_weight(self) -> torch.Tensor:
@@ -486,7 +490,7 @@ class GateRALayer(BaseTunerLayer):
         """`weight + Σ deltas` of `adapter_names`, summed in fp32 and cast once to `weight`'s dtype."""
         merged = weight.float()
         for name in adapter_names:
-            merged = merged + self.get_delta_weight(name).float()
+            merged = merged + self._delta_weight_fp32(name)
         return merged.to(weight.dtype)
 
     def refuse_non_finite_merge(self, adapter_names: list[str]) -> None:
