@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as error:  # ours name the option or file; OSError covers missing / unreadable files
+    except (ValueError, OSError, ImportError) as error:  # ours name the option, file or missing package; OSError
+        # covers missing / unreadable files
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"gatera {args.command}: {message}", file=sys.stderr)
         return 2

@@ -205,8 +205,12 @@ def plot_gates(trace: GateTrace, path: str, title: Optional[str] = None, overwri
 def check_image_path(path: str, overwrite: bool = False) -> None:
     """Refuse an image path whose suffix names no format matplotlib writes (without one it would write `path.png`,
     another name than the one printed), one that exists unless `overwrite` (a folder always), or whose parent is a
-    file."""
-    from matplotlib.figure import Figure
+    file; and, first, a missing matplotlib (with the install command)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("Gate plots are drawn with matplotlib, which is not installed here: pip install "
+                          "'gatera-plugin[plot]' (or 'matplotlib>=3.7').") from error
 
     formats = Figure().canvas.get_supported_filetypes()
     target = Path(path)

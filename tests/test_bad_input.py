@@ -402,6 +402,21 @@ def test_gatera_plot_keeps_an_existing_image_unless_told_and_replaces_it_whole(p
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_gatera_plot_without_matplotlib_says_how_to_install_it(plot_setup, capsys, monkeypatch):
+    """matplotlib is an extra (`plot`): without it `gatera plot` printed a traceback from deep in the import; now one
+    line with the install command, exit code 2, before the model loads."""
+    import sys
+
+    from gatera_plugin.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # (an import of it raises ImportError)
+    assert main(["plot", str(plot_setup / "adapter"), "--prompt", "Question: Neon?", "--base-model",
+                 str(plot_setup / "base"), "--out", str(plot_setup / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib, which is not installed here: pip install 'gatera-plugin[plot]'" in err
+    assert not (plot_setup / "g.png").exists()
+
+
 def test_gatera_plot_overwrite_copies_where_the_file_system_cannot_rename(plot_setup, monkeypatch):
     """`--overwrite` on a file system without renames (EXDEV/EOPNOTSUPP) copies the image over the old one with one
     warning, as adapter saves do, instead of failing with the OS's error; no staging file stays behind."""
