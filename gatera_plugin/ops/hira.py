@@ -8,13 +8,13 @@ Forward and backward walk over blocks of `rows` output rows, so the largest temp
 (`CHUNK_ELEMENTS` elements on CPU, `GPU_CHUNK_ELEMENTS` on a GPU). W0 is read only through a W0 source
 (`DenseWeight` here; the Triton path's `kernels.hira_triton.TritonWeight` builds the same blocks with fused kernels).
 
-Backward (docs/method.md, "Gradients"), with `δ = ∂L/∂out` (N × d_out) and `G = s·g ⊙ δ`:
+Backward (docs/method.md, "Gradients"), with `δ = ∂L/∂out` (N × d_out) and `G = g ⊙ δ`:
 
     P  = δ ΔW = Σ_blocks δ_b ΔW_b    (N × d_in)   one product serves both:
     dx = s·g ⊙ P                                   dx_t = s g_t ΔWᵀ δ_t
     dg = s · Σ_i P ⊙ x                             dg_t = s δ_tᵀ (ΔW x_t) = s (δ_t ΔW) · x_t
     dM_b = W0_b ⊙ (G_bᵀ x)           (rows × d_in, per block)
-    dB_b = dM_b Aᵀ,  dA = Σ_blocks B_bᵀ dM_b
+    dB_b = s · dM_b Aᵀ,  dA = s · Σ_blocks B_bᵀ dM_b   (s applied last, in the factors' dtype)
 
 so the gate's gradient costs no extra product with `ΔW`: three matmuls of size N·d_in·d_out in all (one forward, two
 backward), as many as PEFT's HiRA, plus the cheap rebuild of `BA` (d_out·r·d_in). Where x needs no gradient (a
@@ -218,14 +218,16 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
         d_out, d_in = weight.shape
         scaled = gate is not None or s != 1.0
         token_scale = (gate * s).to(x.dtype) if gate is not None else s  # (N, 1) or scalar
-        # dΔW = (s·g ⊙ δ)ᵀ x = δᵀ (s·g ⊙ x): the token scale goes on the narrower of δ (N × d_out) and x (N × d_in)
+        # dΔW = s · (g ⊙ δ)ᵀ x = s · δᵀ (g ⊙ x): the gate goes on the narrower of δ (N × d_out) and x (N × d_in), the
+        # scale s on dA and dB at the end, in their own dtype (s ≈ 1 / RMS(W0) ~ 100 would make the half-precision
+        # products below s times larger than the gradients they give: fp16 overflowed at a loss scale s times lower)
         G = xs = None
         if need_A or need_B:
             G, xs = go, x
-            if scaled and d_in < d_out:
-                xs = row_ops.scale(x, token_scale)
-            elif scaled:
-                G = row_ops.scale(go, token_scale)
+            if gate is not None and d_in < d_out:
+                xs = row_ops.scale(x, gate.to(x.dtype))
+            elif gate is not None:
+                G = row_ops.scale(go, gate.to(go.dtype))
         A_dtype, B_dtype = factor_dtypes or (A.dtype, B.dtype)
         factor_dtype = A_dtype if A_dtype == B_dtype else torch.promote_types(B_dtype, A_dtype)  # (no dispatch)
         # the factors cast once, as autocast casts them for each product and slice (a no-op where they are the forward's
@@ -276,10 +278,15 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
         if need_gate:
             grad_gate = dot.unsqueeze(1).mul_(s).to(gate.dtype)
         if need_A:
-            grad_A = grad_A.to(A_dtype)
+            grad_A = _scaled(grad_A.to(A_dtype), s)
         if need_B:
-            grad_B = grad_B.to(B_dtype)
+            grad_B = _scaled(grad_B.to(B_dtype), s)
     return grad_x, grad_gate, grad_A, grad_B
+
+
+def _scaled(grad: torch.Tensor, s: float) -> torch.Tensor:
+    """`s · grad` (in place where grad is a new tensor of the factor's dtype)."""
+    return grad if s == 1.0 else grad.mul_(s)
 
 
 def gated_hira(
