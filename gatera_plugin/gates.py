@@ -89,8 +89,12 @@ class SigmoidGate(Gate):
         if (pass_input and torch.is_grad_enabled() and x.requires_grad and x.dim() == 2
                 and x.device.type in PASS_INPUT_DEVICE_TYPES):
             self.passed_input, logits = _LogitsAndInput.apply(x, weight, bias)
-            return torch.sigmoid(logits)
-        return torch.sigmoid(F.linear(x, weight, bias))
+        else:
+            logits = F.linear(x, weight, bias)
+        # σ in fp32, then g in the logits' dtype (N values): its backward reads the fp32 g, so g(1 − g) stays exact
+        # where a half-precision g is coarse near 1 (bf16: 2^-8 apart) or is 1 exactly (a logit above ~6), which
+        # made the gate's gradient up to 8% off per token, or 0
+        return torch.sigmoid(logits.float()).to(logits.dtype)
 
     def take_passed_input(self, x: torch.Tensor) -> torch.Tensor:
         """The x for the branch to read after `forward(x, pass_input=True)`: the x it passed on, which the gate then

@@ -302,7 +302,9 @@ def test_gated_dora_keeps_less_per_token_for_backward_than_peft_dora(precision):
         def pack(tensor, saved=saved, name=name):
             if tensor.dim() >= 1 and tensor.shape[0] == N:  # (one entry per storage: a tensor saved twice counts once)
                 saved[tensor.untyped_storage().data_ptr()] = tensor.numel() * tensor.element_size()
-                assert name != "ours" or tensor.dtype == dtype, (tuple(tensor.shape), tensor.dtype)
+                # (one (N, 1) fp32 tensor is the gate's: σ runs in fp32 and keeps its output for an exact g(1 − g))
+                assert name != "ours" or tensor.dtype == dtype or tuple(tensor.shape) == (N, 1), (
+                    tuple(tensor.shape), tensor.dtype)
             return tensor
 
         x = torch.randn(N, D_IN).to(dtype).requires_grad_()
@@ -312,7 +314,8 @@ def test_gated_dora_keeps_less_per_token_for_backward_than_peft_dora(precision):
         out.float().pow(2).mean().backward()
         token_bytes[name] = sum(saved.values())
     itemsize = torch.finfo(dtype).bits // 8
-    assert token_bytes["ours"] <= token_bytes["peft"] - N * (D_OUT - 1) * itemsize, token_bytes
+    fp32_gate = N * 4 if dtype != torch.float32 else 0  # (σ's fp32 output, kept for its backward)
+    assert token_bytes["ours"] <= token_bytes["peft"] - N * (D_OUT - 1) * itemsize + fp32_gate, token_bytes
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["outside-autocast", "bf16-autocast"])
@@ -437,3 +440,26 @@ def test_merging_on_a_half_base_rounds_once(dtype, branch):
     assert layer.get_delta_weight("default").dtype == dtype  # (PEFT's public delta stays in the weight's dtype)
     model.unmerge_adapter()
     assert torch.equal(layer.base_layer.weight, W0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_sigmoid_gate_on_a_half_input_takes_its_gradient_from_an_fp32_sigma(dtype):
+    """A half-precision x (a bf16 model outside autocast, or autocast's logits): σ runs in fp32, so its backward's
+    g(1 − g) is exact where a half g is coarse near 1 (bf16: 2^-8 apart) or exactly 1 (a logit above ~6 in bf16),
+    which made gradients up to 8% off per token, or 0; g itself is returned in x's dtype."""
+    from gatera_plugin.gates import SigmoidGate
+
+    torch.manual_seed(0)
+    gate = SigmoidGate(D_IN, bias_init=6.0)
+    gate.reset_parameters(random=True)
+    x = torch.randn(N, D_IN).to(dtype)
+    weights = torch.randn(N, 1, dtype=torch.float64)
+    g = gate(x)
+    assert g.dtype == dtype
+    (g.double() * weights).sum().backward()
+    logits = torch.nn.functional.linear(x, gate.weight.detach().to(dtype), gate.bias.detach().to(dtype))
+    truth_g = torch.sigmoid(logits.double())  # (σ of the same half-precision logits, exactly)
+    terms = weights * truth_g * (1 - truth_g)
+    assert (truth_g > 1 - 2.0 ** -9).any()  # (some gates that a bf16 σ rounds to 1: a logit above ~6.2)
+    # (the gradient of the half logits, and the linear map's backward, round to x's dtype: a few ulp of the terms)
+    assert abs(gate.bias.grad.double().item() - terms.sum().item()) <= 2 * torch.finfo(dtype).eps * terms.abs().sum()

@@ -319,7 +319,8 @@ def _padding_free_run(tmp_path, pad_to_multiple_of, caplog):
     args = trl.SFTConfig(output_dir=str(tmp_path / str(pad_to_multiple_of)), per_device_train_batch_size=BATCH,
                          gradient_accumulation_steps=ACCUM, max_steps=1, learning_rate=1e-2, logging_steps=1,
                          report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, padding_free=True,
-                         pad_to_multiple_of=pad_to_multiple_of, max_length=None, seed=0)
+                         pad_to_multiple_of=pad_to_multiple_of, max_length=None, seed=0,
+                         bf16=False)  # (fp32: bf16 reductions over 30 or 64 positions round differently)
     torch.manual_seed(0)
     trainer = trl.SFTTrainer(model=tiny_llama(), args=args, processing_class=_tokenizer(),
                              train_dataset=Dataset.from_dict({"text": [p + c for p, c in zip(PROMPTS, CHOSEN)] * 2}),
