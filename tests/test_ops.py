@@ -381,8 +381,9 @@ def test_autocast_backward_keeps_large_temporaries_in_the_autocast_dtype(dtype, 
 def test_fp16_backward_applies_the_branch_scale_after_its_half_products(hira_blocks):
     """Under fp16 autocast the products of backward (g ⊙ δ)ᵀ x run in fp16; with s ≈ 1 / (RMS(W0) · g0) ~ 100
     (hira_scaling="lora") applied to δ before them, they overflowed at a loss scale s times lower than where the
-    gradients themselves overflow (2^14 here, below GradScaler's initial 2^16). s now goes on dA and dB, in fp32: at
-    2^16 the gradients are finite and equal the fp32 run's, scaled, within fp16 rounding."""
+    gradients themselves overflow (2^14 here, below GradScaler's initial 2^16). s now goes on dA and dB, in fp32, also
+    where an ungated adapter is folded into its base layer (its W0 source held s): at 2^19 the gradients are finite and
+    equal the fp32 run's, scaled, within fp16 rounding."""
     g = torch.Generator().manual_seed(0)
     d, r, n = 256, 8, 64
     W0 = (torch.randn(d, d, generator=g) * 0.02).half().float()
@@ -393,19 +394,25 @@ def test_fp16_backward_applies_the_branch_scale_after_its_half_products(hira_blo
     gate = torch.sigmoid(torch.randn(n, 1, generator=g) + 2)
     grad_out = torch.randn(n, d, generator=g) * 1e-3
 
-    def grads(loss_scale, dtype):
+    from gatera_plugin.ops.hira import folded_hira
+
+    def grads(loss_scale, dtype, folded):
         A_, B_ = A.clone().requires_grad_(), B.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.float16, enabled=dtype == torch.float16):
-            out = gated_hira(x, gate, A_, B_, lambda: W0, s)
+            if folded:  # (an ungated adapter folded into its base layer: s rides on the folded W0 source)
+                out = folded_hira(x, A_, B_, lambda: W0, s, fold_forward=False)
+            else:
+                out = gated_hira(x, gate, A_, B_, lambda: W0, s)
         out.backward((grad_out * loss_scale).to(out.dtype))
         return A_.grad, B_.grad
 
-    scale = 2.0 ** 16
-    half, full = grads(scale, torch.float16), grads(1.0, torch.float32)
-    for name, ours, reference in zip("AB", half, full):
-        assert torch.isfinite(ours).all(), name
-        torch.testing.assert_close(ours / scale, reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item(),
-                                   msg=name)
+    scale = 2.0 ** 19
+    for folded in (False, True):
+        half, full = grads(scale, torch.float16, folded), grads(1.0, torch.float32, folded)
+        for name, ours, reference in zip("AB", half, full):
+            assert torch.isfinite(ours).all(), (name, folded)
+            torch.testing.assert_close(ours / scale, reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item(),
+                                       msg=f"{name}, folded={folded}")
 
 
 NO_GRAPH_CASES = {  # (input dtype, factor dtype, autocast dtype or None)

@@ -67,6 +67,8 @@ class DenseWeight:
     in `kernels/hira_triton.py`, which read 4-bit bytes directly) plugs in with the same two methods and `shape`.
     """
 
+    factor_scale = 1.0  # what the gradients of A and B take besides the branch scale (a folded source: its s)
+
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self.shape = tuple(weight.shape)
@@ -91,8 +93,9 @@ class DenseWeight:
 
 class FoldedWeight(DenseWeight):
     """W0 with an ungated HiRA update folded in, for `folded_hira`: `delta` builds `W0 ⊙ (1 + s·BA)` (the adapted
-    weight `W0 + s·ΔW`) and `mask_` gives `s · W0 ⊙ grad` (the gradient of `BA`), so the branch function run with
-    this source, no gate and scale 1 computes the base layer's product and the branch's as one."""
+    weight `W0 + s·ΔW`) and `mask_` gives `W0 ⊙ grad`, with `factor_scale` s for the factors' gradients (applied last,
+    as the branch scale is), so the branch function run with this source, no gate and scale 1 computes the base
+    layer's product and the branch's as one."""
 
     def __init__(self, weight: torch.Tensor, scaling: float):
         super().__init__(weight)
@@ -103,10 +106,10 @@ class FoldedWeight(DenseWeight):
         weight, update = self._rows(rows), B_rows @ A
         return torch.addcmul(weight, weight, update, value=self.scaling, out=update).to(dtype)
 
-    def mask_(self, grad: torch.Tensor, rows: slice) -> torch.Tensor:
-        """`s · grad ⊙ W0_b` in place."""
-        grad = grad.mul_(self._rows(rows))
-        return grad.mul_(self.scaling) if self.scaling != 1.0 else grad
+    @property
+    def factor_scale(self) -> float:
+        """s, which the gradients of A and B take on top of the branch scale (1 here)."""
+        return self.scaling
 
 
 def weight_source(weight) -> DenseWeight:
@@ -277,10 +280,11 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
             grad_x = (P.mul_(token_scale) if scaled else P).to(x.dtype)
         if need_gate:
             grad_gate = dot.unsqueeze(1).mul_(s).to(gate.dtype)
+        factor_scale = s * getattr(weight, "factor_scale", 1.0)  # (a folded W0 source's own s)
         if need_A:
-            grad_A = _scaled(grad_A.to(A_dtype), s)
+            grad_A = _scaled(grad_A.to(A_dtype), factor_scale)
         if need_B:
-            grad_B = _scaled(grad_B.to(B_dtype), s)
+            grad_B = _scaled(grad_B.to(B_dtype), factor_scale)
     return grad_x, grad_gate, grad_A, grad_B
 
 
