@@ -422,13 +422,6 @@ class GateRAConfig(PeftConfig):
             if self.threshold_temperature is None:
                 self.threshold_temperature = DEFAULT_THRESHOLD_TEMPERATURE
             _check_number("threshold_init", self.threshold_init)
-            if self.threshold_init > 0 and self.init_weights is True and not self.inference_mode:
-                raise ValueError(
-                    f"`threshold_init`={self.threshold_init} with init_weights=True: B = 0 at step 0, so every token's "
-                    "r = ‖Δy‖ / ‖W0 x‖ is 0, below τ; every token is dropped and the adapter never gets a gradient. "
-                    "Use threshold_init <= 0 (the default 0 starts dense and τ learns from there), or "
-                    "init_weights=False (a random B)."
-                )
             _check_number("threshold_temperature", self.threshold_temperature, low=0, low_open=True)
             if self.keep_ratio is not None:
                 _check_number("keep_ratio", self.keep_ratio, low=0, high=1, low_open=True)
@@ -459,25 +452,42 @@ class GateRAConfig(PeftConfig):
             raise ValueError("`sparse_training=True` needs `sparse_threshold` > 0 (the gate value below which tokens skip).")
         if self.cache_delta and self.branch != "hira":
             raise ValueError("`cache_delta` caches the HiRA branch's dense update; it needs branch='hira'.")
-        if not self.inference_mode:  # (settings a new adapter would ignore; a saved config with them still loads)
-            if self.gate != "sigmoid" and self.gate_bias_init != 0:
-                raise ValueError(
-                    f"`gate_bias_init`={self.gate_bias_init} sets a sigmoid token gate's initial bias, but "
-                    f"gate={self.gate!r}, which has none: it would be ignored. Remove `gate_bias_init`, or set "
-                    "gate='sigmoid'."
-                )
-            if self.sparse_threshold > 0 and self.gate == "none" and not self.structure_gate:
-                raise ValueError(
-                    f"`sparse_threshold`={self.sparse_threshold} skips the tokens whose gate is below it, but gate='none' "
-                    "without structure_gate has no gate: it would be ignored. Remove `sparse_threshold`, or add gates "
-                    "(gate='sigmoid', or structure_gate=True)."
-                )
-            if self.gate_lr_ratio != 1 and self.gate == "none" and not self.structure_gate:
-                raise ValueError(
-                    f"`gate_lr_ratio`={self.gate_lr_ratio} sets the rate of the gates' parameters, but gate='none' "
-                    "without structure_gate has none: it would be ignored. Remove `gate_lr_ratio`, or add gates "
-                    "(gate='sigmoid' / 'threshold', or structure_gate=True)."
-                )
+        self._check_new_adapter_settings()
+
+    def _check_new_adapter_settings(self) -> None:
+        """Refuse settings that a new adapter would ignore, or that would train nothing; not for a config read from a
+        saved folder (`serialization.reading_saved_config`) or built for inference, which load what was saved."""
+        from .serialization import reading_saved_config
+
+        if self.inference_mode or reading_saved_config.get():
+            return
+        if (self.gate == "threshold" and self.threshold_init > 0 and self.init_weights is True
+                and self.keep_ratio is None):
+            raise ValueError(
+                f"`threshold_init`={self.threshold_init} with init_weights=True and no keep_ratio: B = 0 at step 0, so "
+                "every token's r = ‖Δy‖ / ‖W0 x‖ is 0, below τ; every token is dropped and the adapter never gets a "
+                "gradient. Use threshold_init <= 0 (the default 0 starts dense and τ learns from there), "
+                "init_weights=False (a random B), or a keep_ratio (its penalty pulls τ down)."
+            )
+        if self.gate != "sigmoid" and self.gate_bias_init != 0:
+            raise ValueError(
+                f"`gate_bias_init`={self.gate_bias_init} sets a sigmoid token gate's initial bias, but "
+                f"gate={self.gate!r}, which has none: it would be ignored. Remove `gate_bias_init`, or set "
+                "gate='sigmoid'."
+            )
+        if self.sparse_threshold > 0 and self.gate != "sigmoid" and not self.structure_gate:
+            raise ValueError(
+                f"`sparse_threshold`={self.sparse_threshold} skips the tokens whose sigmoid or structure gate is "
+                f"below it, but gate={self.gate!r} without structure_gate has neither (a threshold gate reads every "
+                "token's branch output): it would be ignored. Remove `sparse_threshold`, or set gate='sigmoid' or "
+                "structure_gate=True."
+            )
+        if self.gate_lr_ratio != 1 and self.gate == "none" and not self.structure_gate:
+            raise ValueError(
+                f"`gate_lr_ratio`={self.gate_lr_ratio} sets the rate of the gates' parameters, but gate='none' "
+                "without structure_gate has none: it would be ignored. Remove `gate_lr_ratio`, or add gates "
+                "(gate='sigmoid' / 'threshold', or structure_gate=True)."
+            )
 
     @property
     def is_gated(self) -> bool:

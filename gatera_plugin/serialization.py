@@ -86,6 +86,9 @@ _allow_pickle_depth = 0
 _loading = contextvars.ContextVar("gatera_loading", default=None)  # ((model_id, subfolder), folder) of the load under way
 # `load_adapter(..., ignore_mismatched_sizes=True)` under way (PEFT hands the flag to its own shape check only)
 ignoring_mismatched_sizes = contextvars.ContextVar("gatera_ignoring_mismatched_sizes", default=False)
+# a config is being read from a saved folder (`PeftConfig.from_pretrained` and every load through it): GateRAConfig
+# then skips the refusals meant for a new adapter's settings (what was saved must load)
+reading_saved_config = contextvars.ContextVar("gatera_reading_saved_config", default=False)
 
 
 @contextlib.contextmanager
@@ -817,7 +820,11 @@ def wrap_config_from_pretrained(original):
                     and ((folder / WEIGHTS).exists() or (folder / PICKLED_WEIGHTS).exists())):
                 with folder_lock(folder, exclusive=False):
                     check_adapter_folder(folder)
-        return original.__get__(None, cls)(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        token = reading_saved_config.set(True)
+        try:
+            return original.__get__(None, cls)(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        finally:
+            reading_saved_config.reset(token)
 
     setattr(from_pretrained, _MARK, True)
     return classmethod(from_pretrained)

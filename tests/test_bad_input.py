@@ -66,12 +66,16 @@ CONFIG_CASES = [
     (dict(gate="threshold", gate_bias_init=-2.0), r"`gate_bias_init`=-2.0 sets a sigmoid token gate's initial bias, "
                                                   r"but gate='threshold', which has none.*Remove `gate_bias_init`"),
     (dict(gate="none", gate_bias_init=1), r"`gate_bias_init`=1 sets .*gate='none'"),
-    (dict(gate="none", sparse_threshold=0.1), r"`sparse_threshold`=0.1 skips the tokens whose gate is below it, but "
-                                              r"gate='none' without structure_gate has no gate.*Remove `sparse_threshold`"),
+    (dict(gate="none", sparse_threshold=0.1), r"`sparse_threshold`=0.1 skips the tokens whose sigmoid or structure "
+                                              r"gate is below it, but gate='none' without structure_gate has neither.*"
+                                              r"Remove `sparse_threshold`"),
+    (dict(gate="threshold", sparse_threshold=0.1), r"`sparse_threshold`=0.1 .*gate='threshold' without structure_gate "
+                                                   r"has neither \(a threshold gate reads every token's branch output\)"),
     (dict(gate="none", gate_lr_ratio=10), r"`gate_lr_ratio`=10 sets the rate of the gates' parameters, but gate='none' "
                                           r"without structure_gate has none.*Remove `gate_lr_ratio`, or add gates"),
-    (dict(gate="threshold", threshold_init=0.05), r"`threshold_init`=0.05 with init_weights=True: B = 0 at step 0.*"
-                                                  r"never gets a gradient.*threshold_init <= 0.*init_weights=False"),
+    (dict(gate="threshold", threshold_init=0.05), r"`threshold_init`=0.05 with init_weights=True and no keep_ratio: "
+                                                  r"B = 0 at step 0.*never gets a gradient.*threshold_init <= 0.*"
+                                                  r"init_weights=False.*keep_ratio"),
     (dict(structure_weight=0.1), r"`structure_weight` only applies with structure_gate=True"),
     (dict(structure_gate=True, structure_weight=-1.0), r"`structure_weight` must be >= 0"),
     (dict(structure_gate="yes"), r"`structure_gate` must be True or False"),
@@ -90,14 +94,42 @@ def test_bad_config_values(kwargs, message):
         GateRAConfig(target_modules=kwargs.pop("target_modules", ["q_proj"]), **kwargs)
 
 
-def test_settings_a_new_adapter_would_ignore_are_refused_for_training_only():
-    """A saved config (PEFT saves inference_mode=True) that holds them still builds, to load what was saved."""
-    for kwargs in (dict(gate="threshold", gate_bias_init=-2.0), dict(gate="none", gate_lr_ratio=10.0),
-                   dict(gate="none", sparse_threshold=0.1),
-                   dict(gate="threshold", threshold_init=0.05)):
-        with pytest.raises(ValueError):
-            GateRAConfig(target_modules=["q_proj"], **kwargs)
-        assert GateRAConfig(target_modules=["q_proj"], inference_mode=True, **kwargs).gate == kwargs["gate"]
+NEW_ADAPTER_ONLY = [dict(gate="threshold", gate_bias_init=-2.0), dict(gate="none", gate_lr_ratio=10.0),
+                    dict(gate="none", sparse_threshold=0.1), dict(gate="threshold", threshold_init=0.05)]
+
+
+@pytest.mark.parametrize("kwargs", NEW_ADAPTER_ONLY, ids=[str(k) for k in NEW_ADAPTER_ONLY])
+def test_settings_a_new_adapter_would_ignore_are_refused_for_training_only(kwargs, tmp_path):
+    """Refused for a new adapter; a config built for inference, or read from a saved folder, still builds (to load
+    what was saved), also one saved with inference_mode=False (transformers' `save_pretrained` of a model given an
+    adapter with `add_adapter`, `config.save_pretrained`), by every route that reads it."""
+    import json
+
+    from peft import PeftConfig
+
+    with pytest.raises(ValueError):
+        GateRAConfig(target_modules=["q_proj"], **kwargs)
+    assert GateRAConfig(target_modules=["q_proj"], inference_mode=True, **kwargs).gate == kwargs["gate"]
+    saved = GateRAConfig(target_modules=["q_proj"], inference_mode=True, **kwargs)
+    saved.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "inference_mode": False}))
+    for read in (PeftConfig.from_pretrained, GateRAConfig.from_pretrained):
+        config = read(tmp_path)
+        assert not config.inference_mode and all(getattr(config, k) == v for k, v in kwargs.items())
+    assert GateRAConfig(target_modules=["q_proj"], gate="threshold", threshold_init=0.05, keep_ratio=0.5).keep_ratio
+
+
+def test_a_positive_threshold_init_is_pulled_down_by_a_keep_ratio():
+    """With a keep_ratio its penalty gives τ a gradient through the straight-through estimator, also where every
+    token is dropped (B = 0): τ falls, so that setting is allowed."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], gate="threshold",
+                                                      threshold_init=0.05, keep_ratio=0.5, keep_ratio_weight=1.0))
+    input_ids = torch.randint(3, 128, (2, 9))
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    grads = [m.threshold.grad for m in model.modules() if hasattr(m, "threshold") and isinstance(m.threshold,
+                                                                                                   torch.nn.Parameter)]
+    assert grads and all(g is not None and g.item() > 0 for g in grads)  # (a step of -lr·grad lowers τ)
 
 
 def test_a_positive_threshold_init_closes_every_token_of_a_new_adapter_but_a_saved_one_loads(tmp_path):
