@@ -416,12 +416,14 @@ class GateRALayer(BaseTunerLayer):
         HiRA's update `W0 ⊙ BA` and DoRA's norm `‖W0 + s·BA‖` read the original `W0`, also while other adapters
         are merged into the stored weight, so merging adapters one at a time equals merging them together.
         """
-        return self._delta_weight_fp32(adapter_name).to(self._original_weight().dtype)
+        base = self._original_weight()  # (read once: a quantised base dequantises)
+        return self._delta_weight_fp32(adapter_name, base).to(base.dtype)
 
-    def _delta_weight_fp32(self, adapter_name: str) -> torch.Tensor:
-        """`get_delta_weight` before its cast to the base weight's dtype: fp32 (merging sums these and rounds once)."""
+    def _delta_weight_fp32(self, adapter_name: str, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`get_delta_weight` before its cast to the base weight's dtype: fp32 (merging sums these and rounds once);
+        `base`: `_original_weight()` where the caller has it."""
         self._refuse_gated([adapter_name])
-        base = self._original_weight()
+        base = self._original_weight() if base is None else base
         with autocast_off(base.device.type):  # in fp32, also when merged inside an autocast region
             delta = delta_weight(
                 self.branch_kind[adapter_name], base, self.gatera_A[adapter_name], self.gatera_B[adapter_name],
