@@ -263,7 +263,7 @@ def _without(feature: _Feature, folder: Path, call, fallback=lambda: None):
             _warned_lacking.add(feature.name)
             warnings.warn(
                 f"GateRA: the file system of {folder} does not support {feature.name} ({error.strerror}), so "
-                f"{feature.without}. Adapters are saved and loaded all the same; this is said once per process.",
+                f"{feature.without}. Saving and loading go on all the same; this is said once per process.",
                 UserWarning, stacklevel=4,
             )
         return fallback()

@@ -10,9 +10,7 @@ tokenizer for both. `gatera plot` is the command-line front end.
 from __future__ import annotations
 
 import io
-import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,7 +228,7 @@ def check_image_path(path: str, overwrite: bool = False) -> None:
 def _write_image(path: Path, data: bytes, overwrite: bool) -> None:
     """`data` into a new file at `path` (created exclusively), or with `overwrite` a temporary file renamed over it
     (copied over it, with a warning, where the file system cannot rename files, as adapter saves do)."""
-    from .serialization import RENAMES, _without
+    from .serialization import _replace
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if overwrite:
@@ -238,8 +236,7 @@ def _write_image(path: Path, data: bytes, overwrite: bool) -> None:
         try:
             with staged:
                 staged.write(data)
-            _without(RENAMES, path.parent, lambda: os.replace(staged.name, path),
-                     lambda: shutil.copyfile(staged.name, path))
+            _replace(Path(staged.name), path)
         finally:
             Path(staged.name).unlink(missing_ok=True)
         return

@@ -412,7 +412,7 @@ def test_gatera_plot_keeps_an_existing_image_unless_told_and_replaces_it_whole(p
     """An existing `--out` is refused before the model loads, and kept as it was (it was overwritten in place: a
     failure half-way left a stub); a folder is refused; `--overwrite` replaces the file atomically, so a failing
     write leaves the old image whole."""
-    from gatera_plugin import visualize
+    from gatera_plugin import serialization
     from gatera_plugin.cli import main
 
     image = plot_setup / "g.png"
@@ -426,7 +426,7 @@ def test_gatera_plot_keeps_an_existing_image_unless_told_and_replaces_it_whole(p
         raise OSError("disk full")
 
     with monkeypatch.context() as patched:
-        patched.setattr(visualize.os, "replace", lambda *a: failing(None, None, None))
+        patched.setattr(serialization.os, "replace", lambda *a: failing(None, None, None))
         assert main([*args, "--out", str(image), "--overwrite"]) == 2
     assert image.read_bytes() == b"an earlier plot" and sorted(p.name for p in plot_setup.iterdir()) == [
         "adapter", "base", "g.png"]
@@ -454,13 +454,13 @@ def test_gatera_plot_overwrite_copies_where_the_file_system_cannot_rename(plot_s
     warning, as adapter saves do, instead of failing with the OS's error; no staging file stays behind."""
     import errno
 
-    from gatera_plugin import serialization, visualize
+    from gatera_plugin import serialization
     from gatera_plugin.cli import main
 
     image = plot_setup / "g.png"
     image.write_bytes(b"an earlier plot")
     monkeypatch.setattr(serialization, "_warned_lacking", set())
-    monkeypatch.setattr(visualize.os, "replace", lambda *a: (_ for _ in ()).throw(
+    monkeypatch.setattr(serialization.os, "replace", lambda *a: (_ for _ in ()).throw(
         OSError(errno.EOPNOTSUPP, "Operation not supported")))
     with pytest.warns(UserWarning, match="does not support renaming files"):
         assert main(["plot", str(plot_setup / "adapter"), "--prompt", "Question: Neon?", "--base-model",
