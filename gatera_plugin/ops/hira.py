@@ -99,17 +99,12 @@ class FoldedWeight(DenseWeight):
 
     def __init__(self, weight: torch.Tensor, scaling: float):
         super().__init__(weight)
-        self.scaling = scaling
+        self.factor_scale = scaling  # s: the folded update's scale
 
     def delta(self, B_rows: torch.Tensor, A: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
         """`W0_b + s · W0_b ⊙ (B_b A)` (rows, d_in) in `dtype`: formed in the factors' dtype, rounded once."""
         weight, update = self._rows(rows), B_rows @ A
-        return torch.addcmul(weight, weight, update, value=self.scaling, out=update).to(dtype)
-
-    @property
-    def factor_scale(self) -> float:
-        """s, which the gradients of A and B take on top of the branch scale (1 here)."""
-        return self.scaling
+        return torch.addcmul(weight, weight, update, value=self.factor_scale, out=update).to(dtype)
 
 
 def weight_source(weight) -> DenseWeight:
