@@ -21,6 +21,7 @@ The penalty and the gate statistics need nothing here: `import gatera_plugin` ma
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -173,12 +174,12 @@ def _continued_config(folder, cfg, wanted: gatera_plugin.GateRAConfig) -> gatera
     from gatera_plugin.serialization import STRUCTURE_FIELDS
 
     saved = _saved_gatera_config(folder)
-    applied = {}
-    for field in _TRAINING_OPTIONS:
-        if _written(cfg, _CONFIG_KEYS[field]) and getattr(wanted, field) != getattr(saved, field):
-            applied[field] = getattr(wanted, field)
-            setattr(saved, field, applied[field])
+    applied = {field: getattr(wanted, field) for field in _TRAINING_OPTIONS
+               if _written(cfg, _CONFIG_KEYS[field]) and getattr(wanted, field) != getattr(saved, field)}
     if applied:
+        _check_applies(saved, applied, folder)
+        for field, value in applied.items():
+            setattr(saved, field, value)
         LOG.info("GateRA adapter from %s trains with this config's %s", folder, applied)
     ignored = {key: (getattr(wanted, field), getattr(saved, field)) for field, key in _CONFIG_KEYS.items()
                if (field in STRUCTURE_FIELDS or field in _INITIAL_VALUES) and _written(cfg, key)
@@ -188,6 +189,28 @@ def _continued_config(folder, cfg, wanted: gatera_plugin.GateRAConfig) -> gatera
                     "the saved adapter's govern. Remove `lora_model_dir` to train a new adapter with them.",
                     folder, ignored)
     return saved
+
+
+def _check_applies(saved: gatera_plugin.GateRAConfig, applied: dict, folder) -> None:
+    """Refuse training options `applied` (field -> value) that a new adapter of the saved structure would refuse, e.g.
+    a keep_ratio for a sigmoid gate: training would ignore them. A refusal that the saved config earns without them is
+    not this config's to report."""
+    def refusal(**changes):
+        try:
+            dataclasses.replace(saved, inference_mode=False, **changes)
+        except ValueError as error:
+            return error
+        return None
+
+    error = refusal(**applied)
+    if error is None or refusal() is not None:
+        return
+    keys = ", ".join(f"`{_CONFIG_KEYS[field]}`" for field in applied)
+    raise ValueError(
+        f"`lora_model_dir` ({folder}): this config's {keys} cannot train the GateRA adapter saved there "
+        f"(gate={saved.gate!r}, structure_gate={saved.structure_gate}), whose structure governs: {error} Remove "
+        f"{keys} from the config, or remove `lora_model_dir` to train a new adapter with it."
+    )
 
 
 def _saved_gatera_config(folder) -> gatera_plugin.GateRAConfig:
