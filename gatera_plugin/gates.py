@@ -79,7 +79,7 @@ class SigmoidGate(Gate):
         return 1.0 / (1.0 + math.exp(-self.bias_init))
 
     def forward(self, x: torch.Tensor, pass_input: bool = False) -> torch.Tensor:
-        """`g(x)` (..., 1). With `pass_input=True` (the layer's call), where x (N, d_in) needs a gradient on a device
+        """`g(x)` (..., 1) in fp32 (the layer casts it to the logits' dtype, `compute_dtype(x)`). With `pass_input=True` (the layer's call), where x (N, d_in) needs a gradient on a device
         of `PASS_INPUT_DEVICE_TYPES`, it also leaves in `passed_input` x passed on by `_LogitsAndInput`, for the branch
         to read, so that x's gradients from the gate and from the branch add in one pass; the layer takes it right
         after the call (`take_passed_input`).
@@ -91,10 +91,10 @@ class SigmoidGate(Gate):
             self.passed_input, logits = _LogitsAndInput.apply(x, weight, bias)
         else:
             logits = F.linear(x, weight, bias)
-        # σ in fp32, then g in the logits' dtype (N values): its backward reads the fp32 g, so g(1 − g) stays exact
-        # where a half-precision g is coarse near 1 (bf16: 2^-8 apart) or is 1 exactly (a logit above ~6), which
-        # made the gate's gradient up to 8% off per token, or 0
-        return torch.sigmoid(logits.float()).to(logits.dtype)
+        # σ in fp32 (N values), which the layer casts to the logits' dtype after the penalty tap: σ's backward and the
+        # tap (entropy and its gradient) read the fp32 g, exact where a half-precision g is coarse near 1 (bf16: 2^-8
+        # apart) or is 1 exactly (a logit above ~6), which made the gate's gradient up to 8% off per token, or 0
+        return torch.sigmoid(logits.float())
 
     def take_passed_input(self, x: torch.Tensor) -> torch.Tensor:
         """The x for the branch to read after `forward(x, pass_input=True)`: the x it passed on, which the gate then

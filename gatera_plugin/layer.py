@@ -357,7 +357,8 @@ class GateRALayer(BaseTunerLayer):
         if token_gate is not None and not token_gate.reads_branch_output:  # (GateRA's σ(w·x + b))
             gate = token_gate(x, pass_input=True)
             x = token_gate.take_passed_input(x)  # (x's gradients from the gate and from the branch add in one pass)
-            multiplier = self._penalised(adapter_name, token_gate, gate, mask, taps)
+            # (g is fp32: its penalty reads it so, and the branch takes it in the products' dtype, as the logits)
+            multiplier = self._penalised(adapter_name, token_gate, gate, mask, taps).to(compute_dtype(x))
         if adapter_name in self.gatera_structure:
             structure_gate = self.gatera_structure[adapter_name]
             structure = self._penalised(adapter_name, structure_gate, structure_gate(), None, taps)  # (1,)

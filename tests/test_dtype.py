@@ -6,6 +6,7 @@ PEFT keeps adapter weights in fp32 and casts the layer input to them; for HiRA t
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -447,7 +448,8 @@ def test_merging_on_a_half_base_rounds_once(dtype, branch):
 def test_the_sigmoid_gate_on_a_half_input_takes_its_gradient_from_an_fp32_sigma(dtype):
     """A half-precision x (a bf16 model outside autocast, or autocast's logits): σ runs in fp32, so its backward's
     g(1 − g) is exact where a half g is coarse near 1 (bf16: 2^-8 apart) or exactly 1 (a logit above ~6 in bf16),
-    which made gradients up to 8% off per token, or 0; g itself is returned in x's dtype."""
+    which made gradients up to 8% off per token, or 0; g itself is returned in fp32 too (the layer casts it to the
+    logits' dtype after its penalty tap)."""
     from gatera_plugin.gates import SigmoidGate
 
     torch.manual_seed(0)
@@ -456,7 +458,7 @@ def test_the_sigmoid_gate_on_a_half_input_takes_its_gradient_from_an_fp32_sigma(
     x = torch.randn(N, D_IN).to(dtype)
     weights = torch.randn(N, 1, dtype=torch.float64)
     g = gate(x)
-    assert g.dtype == dtype
+    assert g.dtype == torch.float32
     (g.double() * weights).sum().backward()
     logits = torch.nn.functional.linear(x, gate.weight.detach().to(dtype), gate.bias.detach().to(dtype))
     truth_g = torch.sigmoid(logits.double())  # (σ of the same half-precision logits, exactly)
@@ -464,3 +466,38 @@ def test_the_sigmoid_gate_on_a_half_input_takes_its_gradient_from_an_fp32_sigma(
     assert (truth_g > 1 - 2.0 ** -9).any()  # (some gates that a bf16 σ rounds to 1: a logit above ~6.2)
     # (the gradient of the half logits, and the linear map's backward, round to x's dtype: a few ulp of the terms)
     assert abs(gate.bias.grad.double().item() - terms.sum().item()) <= 2 * torch.finfo(dtype).eps * terms.abs().sum()
+
+
+@pytest.mark.parametrize("where", ["bf16-model", "fp32-model-bf16-autocast", "fp16-model"])
+def test_the_entropy_penalty_reads_the_fp32_gate_not_its_half_precision_copy(where):
+    """The entropy penalty's gradient and its logged entropy come from σ in fp32, as the gate's own backward does.
+    They read the gate after its cast to the logits' dtype: near 1 a bf16 g is 2^-8 apart, or 1 exactly above a logit
+    of ~6 (the clamp then gave that token no penalty gradient at all), which put the penalty's gradient on the gate's
+    bias 10% and more off at the saturated gates a trained entropy penalty makes."""
+    dtype = torch.float16 if where == "fp16-model" else torch.bfloat16
+    model = _model(torch.float32 if "autocast" in where else dtype)
+    layer = model.base_model.model.proj
+    layer.options["default"].entropy_weight = 0.7
+    gate = layer.gatera_gate["default"]
+    with torch.no_grad():
+        gate.weight.normal_(0.0, 2.0 / D_IN ** 0.5)
+        gate.bias.fill_(5.0)  # (most gates near 1, as an entropy penalty drives them)
+    inputs = []
+    handle = gate.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    x = torch.randn(N, D_IN).to(torch.float32 if "autocast" in where else dtype)
+    with torch.autocast("cpu", dtype=dtype, enabled="autocast" in where):
+        (model(x).float().sum() * 0).backward()  # (the task's gradient is 0: the bias's is the penalty's alone)
+    handle.remove()
+    with torch.autocast("cpu", dtype=dtype, enabled="autocast" in where):
+        logits = torch.nn.functional.linear(inputs[0], gate.weight.detach().to(inputs[0].dtype),
+                                            gate.bias.detach().to(inputs[0].dtype))
+    z = logits.double().reshape(-1)  # (the logits as the gate computed them)
+    g = torch.sigmoid(z)
+    truth_grad = 0.7 / N * (-z * g * (1 - g)).sum() / math.log(2)  # ∂/∂b of λ · mean_t H(σ(z_t)) / log 2
+    truth_entropy = (-(g * g.log() + (1 - g) * (1 - g).log()) / math.log(2)).mean()
+    assert (g > 1 - 2.0 ** -9).any() and (g < 1 - 2.0 ** -6).any()
+    # (the bias's gradient: the tokens' penalty gradients, each rounded to the logits' dtype, summed and rounded;
+    # read from the cast g, bf16's was 1.7% off here)
+    assert gate.bias.grad.item() == pytest.approx(truth_grad.item(), rel=torch.finfo(dtype).eps)
+    stats = model.base_model.pop_gate_stats()
+    assert stats["gatera/entropy"] == pytest.approx(truth_entropy.item(), rel=1e-4)

@@ -159,7 +159,8 @@ def test_gate_passes_x_on_with_the_gradients_of_its_linear_map(dtype, autocast, 
                 assert gate.passed_input is None
                 assert passed is not x and passed.data_ptr() == x.data_ptr() and passed.shape == x.shape
             else:
-                value, passed = torch.sigmoid(torch.nn.functional.linear(x, w.to(x_dtype), b.to(x_dtype))), x
+                logits = torch.nn.functional.linear(x, w.to(x_dtype), b.to(x_dtype))
+                value, passed = torch.sigmoid(logits if x_dtype == torch.float64 else logits.float()), x  # (σ in fp32)
             loss = (value.float() * R2).sum()
             if branch_reads_x:
                 loss = loss + ((passed @ M.to(passed.dtype)).float() * R1).sum()
