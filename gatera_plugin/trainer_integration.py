@@ -19,8 +19,9 @@ Installed once on `import gatera_plugin`, these wrappers do nothing unless the t
   reach `state.log_history` and every `report_to` backend;
 - `train`: first return gate parameters that TRL cast to bf16 to fp32 (`GateRAModel.upcast_gates_to_fp32`), before
   the optimizer is built or restored from a checkpoint; afterwards return the model to per-forward normalisation;
-- `_inner_training_loop` (run again with a smaller batch by `auto_find_batch_size` after an out-of-memory error): a
-  loop that raises leaves no unfinished step behind for the next one to check or log.
+- `_inner_training_loop` (run again with a smaller batch by `auto_find_batch_size` after an out-of-memory error):
+  the same preparation as `train` for a model that `train` built with `model_init` (hyperparameter search); a loop
+  that raises leaves no unfinished step behind for the next one to check or log.
 
 Wrapping the base class keeps working for subclasses that override these methods and call `super()` (TRL does).
 """
@@ -428,6 +429,18 @@ def copy_reference_adapter(trainer) -> None:
             copy.copy_(source)
 
 
+def prepare_model(trainer) -> None:
+    """Before the optimizer exists (or loads a checkpoint's state), so that its state follows the fp32 parameters:
+    refuse a DeepSpeed optimizer that cannot give the gates their rate, and return half-precision gate parameters to
+    fp32 (`GateRAModel.upcast_gates_to_fp32`; DeepSpeed keeps its own fp32 master copy). Idempotent."""
+    tuner = find_gatera_model(trainer.model)
+    if tuner is None:
+        return
+    check_deepspeed_optimizer(trainer)
+    if not trainer.is_deepspeed_enabled:
+        tuner.upcast_gates_to_fp32()
+
+
 def is_evaluation_log(logs: dict) -> bool:
     """Whether `Trainer.log` got `evaluate()`'s metrics: keys "eval_*", or those of any `metric_key_prefix`
     ("<prefix>_runtime", "train" included, without the end of training's `total_flos`), which keep the gate
@@ -471,12 +484,7 @@ def install() -> None:
 
     @functools.wraps(original_train)
     def train(self, *args, **kwargs):
-        tuner = find_gatera_model(self.model)
-        if tuner is not None:
-            check_deepspeed_optimizer(self)
-        if tuner is not None and not self.is_deepspeed_enabled:
-            # before the optimizer exists (or loads a checkpoint's state), so its state follows the fp32 params
-            tuner.upcast_gates_to_fp32()
+        prepare_model(self)
         try:
             result = original_train(self, *args, **kwargs)
         except BaseException:  # also where a subclass replaces `_inner_training_loop`
@@ -487,6 +495,7 @@ def install() -> None:
 
     @functools.wraps(original_inner_loop)
     def _inner_training_loop(self, *args, **kwargs):
+        prepare_model(self)  # (again: `train` replaced the model with `model_init`'s, where one is given)
         tuner = find_gatera_model(self.model)
         if tuner is not None and kwargs.get("resume_from_checkpoint"):
             check_resumed_ratios(self.model, tuner.peft_config, kwargs["resume_from_checkpoint"])

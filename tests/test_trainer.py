@@ -474,3 +474,30 @@ def test_which_logs_are_evaluations():
     assert not is_evaluation_log({"train_runtime": 1.0, "train_loss": 1.0, "total_flos": 5.0})
     for prefix in ("eval", "test", "train"):
         assert is_evaluation_log({f"{prefix}_loss": 1.0, f"{prefix}_runtime": 0.1})
+
+
+def test_a_model_from_model_init_gets_its_half_precision_gates_returned_to_fp32(tmp_path):
+    """`Trainer(model_init=...)` (hyperparameter search's route): `train` builds the model after the plugin's wrapper
+    had looked for half-precision gates on the trainer's previous model, so a bf16 model's gates stayed bf16, where
+    an update of ~lr is below the rounding of a bias near 1: they never moved, without a word. Now they are returned
+    to fp32 before the optimizer is built, as for `model=`, and learn."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    tokenizer = word_tokenizer(toy_texts(64))
+    dataset = Dataset.from_dict({"text": toy_texts(16)}).map(lambda e: tokenizer(e["text"]), remove_columns=["text"])
+
+    def model_init(trial=None):
+        torch.manual_seed(0)
+        config = GateRAConfig(r=4, target_modules=TARGETS, init_weights=False, gate_bias_init=0.8, entropy_weight=0.3)
+        return get_peft_model(tiny_llama(), config).to(torch.bfloat16)
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                             report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model_init=model_init, args=args, train_dataset=dataset,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train()
+    biases = [p for name, p in trainer.model.named_parameters() if "gatera_gate" in name and name.endswith("bias")]
+    assert biases and all(b.dtype == torch.float32 for b in biases)
+    # (bf16 rounds 0.8 to 0.80078, 2^-8 from its neighbours: a bf16 bias stays there; the fp32 ones moved by ~lr)
+    start = torch.tensor(0.8).bfloat16().float()
+    assert all((b.detach() - start).abs().max() > 5e-4 for b in biases)
