@@ -179,6 +179,7 @@ class _Normaliser:
     # should have seen (each forward sees its rank's part of the sequences, which no rank can predict alone)
     expected_group_tokens: Optional[float] = None
     checked_untapped: bool = False  # `warn_of_untapped_layers` ran (after the first step whose forwards tapped)
+    step_begun_at: int = 0  # the Trainer's `global_step` when the last step began (it is one more once that step ran)
 
 
 def _normaliser(trainer) -> _Normaliser:
@@ -222,6 +223,10 @@ def _check_last_step(trainer, run) -> bool:
     forwards, tokens = run.tally_forwards, run.tally_tokens
     expected_forwards, state.expected_forwards = state.expected_forwards, 0
     if expected_forwards == 0 or forwards == 0:  # no step yet, or no live penalty tap (nothing was normalised)
+        return False
+    if trainer.state.global_step == state.step_begun_at:
+        # no optimizer step took it: the loop stopped inside it (a callback's `should_training_stop`), after fewer
+        # micro-batches than it prefetched; nothing to judge
         return False
     if not state.checked_untapped:
         state.checked_untapped = True
@@ -330,6 +335,7 @@ def begin_step(trainer, batch_samples) -> None:
     micro_batches = len(batch_samples)
     forwards = max(1, round(micro_batches * state.forwards_per_batch))
     state.micro_batches, state.expected_forwards = micro_batches, forwards
+    state.step_begun_at = trainer.state.global_step
     state.expected_tokens = None if state.per_forward or replicas > 1 else int(tokens)
     state.expected_group_tokens = step_tokens if replicas > 1 and not state.per_forward else None
     run.begin_step(

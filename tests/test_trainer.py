@@ -196,18 +196,22 @@ def test_context_parallel_ranks_count_their_shared_batches_once(caplog):
     def step(trainer, batches, seen_last_step):
         run.tally_forwards, run.tally_tokens = (1, torch.tensor(seen_last_step)) if seen_last_step else (0, None)
         begin_step(trainer, batches)
+        trainer.state.global_step += 1  # (the step's optimizer step)
+
+    def new_trainer():
+        return SimpleNamespace(model=model, accelerator=accelerator, state=SimpleNamespace(global_step=0))
 
     def warnings():
         return [r.getMessage() for r in caplog.records if r.name == "gatera_plugin.trainer_integration"]
 
     with caplog.at_level(logging.WARNING, logger="gatera_plugin.trainer_integration"):
         for batches, step_tokens, checked in (([batch], 13.0, None), ([{**batch, PRE_SHARDED_KEY: {}}], 26.0, 13)):
-            trainer = SimpleNamespace(model=model, accelerator=accelerator)
+            trainer = new_trainer()
             step(trainer, batches, None)
             assert run.step_tokens == step_tokens and run.world_size == 2
             assert trainer._gatera_normaliser.expected_tokens == checked
             assert trainer._gatera_normaliser.expected_forwards == 1
-        trainer = SimpleNamespace(model=model, accelerator=accelerator)
+        trainer = new_trainer()
         step(trainer, [batch], None)
         step(trainer, [batch], 6.5)  # each rank's forward saw half of the 13: together, the step's tokens
         assert not warnings() and run.step_tokens == 13.0
@@ -215,7 +219,7 @@ def test_context_parallel_ranks_count_their_shared_batches_once(caplog):
         assert len(warnings()) == 1 and "saw 16 real tokens" in warnings()[0] and "batches held 13" in warnings()[0]
         assert trainer._gatera_normaliser.per_forward and run.step_tokens is None
     accelerator.parallelism_config.cp_enabled = False  # plain data parallelism: the ranks' batches add up
-    trainer = SimpleNamespace(model=model, accelerator=accelerator)
+    trainer = new_trainer()
     step(trainer, [batch], None)
     assert run.step_tokens == 26.0 and trainer._gatera_normaliser.expected_tokens == 13
 
@@ -501,3 +505,25 @@ def test_a_model_from_model_init_gets_its_half_precision_gates_returned_to_fp32(
     # (bf16 rounds 0.8 to 0.80078, 2^-8 from its neighbours: a bf16 bias stays there; the fp32 ones moved by ~lr)
     start = torch.tensor(0.8).bfloat16().float()
     assert all((b.detach() - start).abs().max() > 5e-4 for b in biases)
+
+
+def test_a_step_the_trainer_abandons_is_not_judged_as_a_short_one(tmp_path, caplog):
+    """A callback that stops training inside an accumulation step (e.g. a wall-clock budget: `should_training_stop`
+    in `on_step_begin`) ends the loop after one of the step's micro-batches, with no optimizer step. The check at the
+    end of training took that for a trainer running 0.5 forwards per micro-batch and changing its inputs: two false
+    warnings, and the normalisation kept on the trainer, so that a second `train()` applied the structure penalty at
+    2x. Now a step that no optimizer step took is not judged."""
+    class StopInsideStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                control.should_training_stop = True
+
+    trainer = plain_trainer(tmp_path, texts_of_unequal_length(), LAMBDA, batch=2, accum=2)
+    trainer.args.max_steps = 3
+    trainer.add_callback(StopInsideStep())
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert trainer.state.global_step == 1
+    assert not [r for r in caplog.records if "GateRA" in r.getMessage()], caplog.text
+    state = trainer._gatera_normaliser
+    assert (state.forwards_per_batch, state.per_forward) == (1.0, False)
