@@ -169,6 +169,7 @@ class GateRALayer(BaseTunerLayer):
         for key in [k for k in self.gate_stats if k[0] == adapter_name]:
             del self.gate_stats[key]
         self._delta_cache.pop(adapter_name, None)
+        self.triton_failures.pop(adapter_name, None)
 
     # ----------------------------------------------------------------------------------------------- weights
     def base_weight(self) -> torch.Tensor:

@@ -283,10 +283,18 @@ def _refuse_adapter_name(model: nn.Module, adapter_name: str, configs: dict) -> 
 
 def _remove_from_layers(model: nn.Module, adapter_name: str) -> None:
     """Remove `adapter_name`'s entries from the GateRA layers that hold them (an adapter refused half-way), changing
-    nothing else."""
-    for module in model.modules():
+    nothing else: a layer wrapped for it alone is its base layer again."""
+    for name, module in list(model.named_modules()):
         if isinstance(module, GateRALayer) and adapter_name in module.gatera_A:
             module.delete_adapter(adapter_name)
+            if not module.gatera_A:
+                _unwrap(model, name, module)
+
+
+def _unwrap(model: nn.Module, name: str, layer: GateRALayer) -> None:
+    """Put the base layer of `layer`, a GateRA layer left without adapters, back in its place `name` in `model`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
 
 
 class GateRAModel(BaseTuner):
@@ -369,7 +377,8 @@ class GateRAModel(BaseTuner):
         setattr(parent, child_name, new_module)
         if hasattr(child, "base_layer"):
             child = child.base_layer
-        new_module.penalty_run = self.penalty_run
+        if isinstance(new_module, GateRALayer):  # (PEFT's unload puts a plain base layer back through here too)
+            new_module.penalty_run = self.penalty_run
         device = child.weight.device
         for name, module in new_module.named_modules():
             if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
@@ -632,6 +641,9 @@ class GateRAModel(BaseTuner):
         """
         from .pruning import split_by_threshold
 
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"This model has no adapter {adapter_name!r} to prune; it has {list(self.peft_config)}. "
+                             "Pass one of them as `adapter_name`.")
         config = copy.copy(self.peft_config[adapter_name])  # the caller's config object may be shared by other models
         if not config.structure_gate:
             raise ValueError(f"Adapter {adapter_name!r} has no structure gates (structure_gate=False): nothing to prune by.")
@@ -653,8 +665,7 @@ class GateRAModel(BaseTuner):
                 for param, requires_grad in trainable:
                     param.requires_grad_(requires_grad)
             else:
-                parent_name, _, child = name.rpartition(".")
-                setattr(self.model.get_submodule(parent_name), child, module.get_base_layer())
+                _unwrap(self.model, name, module)
         config.target_modules = set(kept)
         config.layers_to_transform = config.layers_pattern = None
         self.peft_config[adapter_name] = config

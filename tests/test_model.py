@@ -531,6 +531,15 @@ def test_prune_structure_of_a_merged_adapter_is_refused():
     assert len(model.base_model.prune_structure(0.5)["pruned"]) == 2
 
 
+def test_prune_structure_of_an_unknown_adapter_names_the_adapters():
+    """An adapter name the model does not have: a ValueError naming it and the model's adapters (a bare KeyError)."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], structure_gate=True),
+                           adapter_name="first")
+    for name in ("default", "other"):
+        with pytest.raises(ValueError, match=rf"has no adapter {name!r} to prune; it has \['first'\]"):
+            model.base_model.prune_structure(0.5, name)
+
+
 def test_a_module_that_eval_skips_by_its_structure_gate_merges_nothing():
     """gate="none", a structure gate and `sparse_threshold`: in eval a module with σ(α) below the threshold adds
     nothing, so its merged update is nothing too (it was σ(α)·ΔW: the merged model differed from the one evaluated)."""

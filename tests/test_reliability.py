@@ -136,13 +136,17 @@ def test_an_adapter_refused_half_way_can_be_added_again(trainable_tokens):
     layers' entries are removed with it, so the name can be added again with the right targets (its leftover
     modules made the name clash with the model's own), and it trains. The other adapters' parameters stay as
     trainable as they were (frozen here; each layer it reached re-activated them), trainable tokens included, and
-    the refusal is the one the user sees."""
+    the refusal is the one the user sees. A module it wrapped for itself alone (k_proj) is its base layer again (it
+    stayed a GateRA layer without adapters, its weight renamed `base_layer.weight` in the state dict)."""
     model = randomize_adapters(get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS,
                                                                          trainable_token_indices=trainable_tokens)))
     model.requires_grad_(False)
+    keys = list(model.state_dict())
     with pytest.raises(ValueError, match="GateRA cannot adapt target module of type LlamaRMSNorm"):
-        model.add_adapter("late", GateRAConfig(r=4, target_modules=["q_proj", "norm"]))
+        model.add_adapter("late", GateRAConfig(r=4, target_modules=["q_proj", "k_proj", "norm"]))
     assert not any("late" in module.gatera_A for module in model.modules() if hasattr(module, "gatera_A"))
+    assert type(model.base_model.model.model.layers[0].self_attn.k_proj) is torch.nn.Linear
+    assert list(model.state_dict()) == keys
     assert not [n for n, p in model.named_parameters() if p.requires_grad]
     model.add_adapter("late", GateRAConfig(r=4, target_modules=["q_proj"]))
     model.set_adapter("late")
