@@ -294,7 +294,7 @@ def _remove_from_layers(model: nn.Module, adapter_name: str) -> None:
 def _unwrap(model: nn.Module, name: str, layer: GateRALayer) -> None:
     """Put the base layer of `layer`, a GateRA layer left without adapters, back in its place `name` in `model`."""
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
+    setattr(model.get_submodule(parent_name), child, layer.base_layer)  # (another tuner's layer below stays)
 
 
 class GateRAModel(BaseTuner):

@@ -162,13 +162,13 @@ def check_gate_groups(optimizer, model: torch.nn.Module) -> None:
         )
 
 
-def check_deepspeed_optimizer(trainer) -> None:
-    """Refuse `gate_lr_ratio` != 1 when DeepSpeed builds the optimizer from its config (the Trainer's
-    `create_optimizer`, where the gate groups are split, is then never called)."""
+def check_deepspeed_optimizer(trainer, model=None) -> None:
+    """Refuse `gate_lr_ratio` != 1 in `model` (default: the trainer's) when DeepSpeed builds the optimizer from its
+    config (the Trainer's `create_optimizer`, where the gate groups are split, is then never called)."""
     config = getattr(getattr(trainer.args, "hf_deepspeed_config", None), "config", None) or {}
     if not trainer.is_deepspeed_enabled or "optimizer" not in config:
         return
-    ratios = sorted(set(_raised_ratios(trainer.model).values()))
+    ratios = sorted(set(_raised_ratios(trainer.model if model is None else model).values()))
     if ratios:
         raise ValueError(
             f"`gate_lr_ratio`={ratios} cannot be applied: the DeepSpeed config has an `optimizer` block, so DeepSpeed "

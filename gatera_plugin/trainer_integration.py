@@ -19,9 +19,10 @@ Installed once on `import gatera_plugin`, these wrappers do nothing unless the t
   reach `state.log_history` and every `report_to` backend;
 - `train`: first return gate parameters that TRL cast to bf16 to fp32 (`GateRAModel.upcast_gates_to_fp32`), before
   the optimizer is built or restored from a checkpoint; afterwards return the model to per-forward normalisation;
-- `_inner_training_loop` (run again with a smaller batch by `auto_find_batch_size` after an out-of-memory error):
-  the same preparation as `train` for a model that `train` built with `model_init` (hyperparameter search); a loop
-  that raises leaves no unfinished step behind for the next one to check or log.
+- `call_model_init` (`Trainer(model_init=...)`, hyperparameter search): the same for the model it builds, before
+  `train` loads a checkpoint into it;
+- `_inner_training_loop` (run again with a smaller batch by `auto_find_batch_size` after an out-of-memory error): a
+  loop that raises leaves no unfinished step behind for the next one to check or log.
 
 Wrapping the base class keeps working for subclasses that override these methods and call `super()` (TRL does).
 """
@@ -217,6 +218,12 @@ def warn_of_untapped_layers(trainer, tuner) -> None:
         )
 
 
+def _stopped_inside(trainer, state: _Normaliser) -> bool:
+    """Whether no optimizer step took the last step: the loop stopped inside it (a callback's `should_training_stop`
+    or `should_epoch_stop` between its micro-batches), after fewer forwards than it prefetched; nothing to judge."""
+    return trainer.state.global_step == state.step_begun_at
+
+
 def _check_last_step(trainer, run) -> bool:
     """Compare the last step's expectations with the forwards that ran; warn on a difference. True: tokens differ."""
     state = _normaliser(trainer)
@@ -224,9 +231,7 @@ def _check_last_step(trainer, run) -> bool:
     expected_forwards, state.expected_forwards = state.expected_forwards, 0
     if expected_forwards == 0 or forwards == 0:  # no step yet, or no live penalty tap (nothing was normalised)
         return False
-    if trainer.state.global_step == state.step_begun_at:
-        # no optimizer step took it: the loop stopped inside it (a callback's `should_training_stop`), after fewer
-        # micro-batches than it prefetched; nothing to judge
+    if _stopped_inside(trainer, state):
         return False
     if not state.checked_untapped:
         state.checked_untapped = True
@@ -292,6 +297,7 @@ def begin_step(trainer, batch_samples) -> None:
                           and isinstance(batch.get("attention_mask"), torch.Tensor)]
     accelerator = trainer.accelerator
     world_size, replicas = accelerator.num_processes, batch_replicas(trainer, batch_samples)
+    stopped_inside = _stopped_inside(trainer, state)
     mismatch = _check_last_step(trainer, run)
     replaces = any(cls.__name__ in REPLACES_INPUTS for cls in type(trainer).__mro__)
     tokens = None if state.per_forward or mismatch or replaces else count_real_tokens(batch_samples)
@@ -303,7 +309,8 @@ def begin_step(trainer, batch_samples) -> None:
                               float(run.tally_forwards > 0)], device=accelerator.device)
         gathered = accelerator.gather(local.reshape(1, 4)).reshape(-1, 4)
         group_seen = float(gathered[:, 2].sum())
-        if expected_group is not None and bool(gathered[:, 3].all()) and abs(group_seen - expected_group) > 0.5:
+        if (expected_group is not None and not stopped_inside and bool(gathered[:, 3].all())
+                and abs(group_seen - expected_group) > 0.5):
             logger.warning(
                 f"GateRA: {type(trainer).__name__}'s forwards with gradient saw {group_seen:.0f} real tokens in the "
                 f"last optimisation step on all {world_size} ranks together, but its prefetched batches held "
@@ -435,14 +442,14 @@ def copy_reference_adapter(trainer) -> None:
             copy.copy_(source)
 
 
-def prepare_model(trainer) -> None:
-    """Before the optimizer exists (or loads a checkpoint's state), so that its state follows the fp32 parameters:
-    refuse a DeepSpeed optimizer that cannot give the gates their rate, and return half-precision gate parameters to
-    fp32 (`GateRAModel.upcast_gates_to_fp32`; DeepSpeed keeps its own fp32 master copy). Idempotent."""
-    tuner = find_gatera_model(trainer.model)
+def prepare_model(trainer, model) -> None:
+    """Before the optimizer exists or a checkpoint is loaded into `model` (the trainer's), so that both follow the fp32
+    parameters: refuse a DeepSpeed optimizer that cannot give the gates their rate, and return half-precision gate
+    parameters to fp32 (`GateRAModel.upcast_gates_to_fp32`; DeepSpeed keeps its own fp32 master copy). Idempotent."""
+    tuner = find_gatera_model(model)
     if tuner is None:
         return
-    check_deepspeed_optimizer(trainer)
+    check_deepspeed_optimizer(trainer, model)
     if not trainer.is_deepspeed_enabled:
         tuner.upcast_gates_to_fp32()
 
@@ -456,7 +463,8 @@ def is_evaluation_log(logs: dict) -> bool:
 
 
 def install() -> None:
-    """Wrap `Trainer.__init__`, `get_batch_samples`, `log`, `train` and `_inner_training_loop` once (idempotent)."""
+    """Wrap `Trainer.__init__`, `get_batch_samples`, `log`, `train`, `call_model_init` and `_inner_training_loop` once
+    (idempotent)."""
     from transformers import Trainer
 
     if getattr(Trainer.get_batch_samples, _MARK, False):
@@ -466,6 +474,7 @@ def install() -> None:
     original_log = Trainer.log
     original_train = Trainer.train
     original_inner_loop = Trainer._inner_training_loop
+    original_call_model_init = Trainer.call_model_init
 
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
@@ -490,7 +499,7 @@ def install() -> None:
 
     @functools.wraps(original_train)
     def train(self, *args, **kwargs):
-        prepare_model(self)
+        prepare_model(self, self.model)
         try:
             result = original_train(self, *args, **kwargs)
         except BaseException:  # also where a subclass replaces `_inner_training_loop`
@@ -499,9 +508,14 @@ def install() -> None:
         end_training(self)
         return result
 
+    @functools.wraps(original_call_model_init)
+    def call_model_init(self, *args, **kwargs):
+        model = original_call_model_init(self, *args, **kwargs)
+        prepare_model(self, model)  # (`train` builds the model here with `model_init`, then loads a checkpoint into it)
+        return model
+
     @functools.wraps(original_inner_loop)
     def _inner_training_loop(self, *args, **kwargs):
-        prepare_model(self)  # (again: `train` replaced the model with `model_init`'s, where one is given)
         tuner = find_gatera_model(self.model)
         if tuner is not None and kwargs.get("resume_from_checkpoint"):
             check_resumed_ratios(self.model, tuner.peft_config, kwargs["resume_from_checkpoint"])
@@ -511,10 +525,11 @@ def install() -> None:
             forget_unfinished_step(self)
             raise
 
-    for wrapper in (__init__, get_batch_samples, log, train, _inner_training_loop):
+    for wrapper in (__init__, get_batch_samples, log, train, call_model_init, _inner_training_loop):
         setattr(wrapper, _MARK, True)
     Trainer.__init__ = __init__
     Trainer.get_batch_samples = get_batch_samples
     Trainer.log = log
     Trainer.train = train
     Trainer._inner_training_loop = _inner_training_loop
+    Trainer.call_model_init = call_model_init

@@ -1114,3 +1114,15 @@ def test_train_drops_the_cached_update():
     assert len(layers) == 6 and all(layer._delta_cache for layer in layers)
     model.train()
     assert not any(layer._delta_cache for layer in layers)
+
+
+def test_a_refused_adapter_leaves_another_tuners_layer_below_it_in_place():
+    """A layer GateRA wrapped for a refused adapter alone is unwrapped to the layer it wrapped, which may be another
+    tuner's (a LoRA layer injected before): `get_base_layer()` would go down to the bare `nn.Linear` and drop it."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["k_proj"]), tiny_llama(), adapter_name="lo")
+    with pytest.raises(ValueError, match="GateRA cannot adapt target module of type LlamaRMSNorm"):
+        get_peft_model(model, GateRAConfig(r=4, target_modules=["k_proj", "norm"]), adapter_name="ga")
+    assert isinstance(model.model.layers[0].self_attn.k_proj, LoraLayer)

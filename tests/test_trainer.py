@@ -193,10 +193,10 @@ def test_context_parallel_ranks_count_their_shared_batches_once(caplog):
         parallelism_config=SimpleNamespace(cp_enabled=True, cp_size=2),
     )
 
-    def step(trainer, batches, seen_last_step):
+    def step(trainer, batches, seen_last_step, completed=True):
         run.tally_forwards, run.tally_tokens = (1, torch.tensor(seen_last_step)) if seen_last_step else (0, None)
         begin_step(trainer, batches)
-        trainer.state.global_step += 1  # (the step's optimizer step)
+        trainer.state.global_step += completed  # (the step's optimizer step)
 
     def new_trainer():
         return SimpleNamespace(model=model, accelerator=accelerator, state=SimpleNamespace(global_step=0))
@@ -211,6 +211,10 @@ def test_context_parallel_ranks_count_their_shared_batches_once(caplog):
             assert run.step_tokens == step_tokens and run.world_size == 2
             assert trainer._gatera_normaliser.expected_tokens == checked
             assert trainer._gatera_normaliser.expected_forwards == 1
+        trainer = new_trainer()
+        step(trainer, [batch], None, completed=False)  # a step that training stopped inside: no optimizer step took it
+        step(trainer, [batch], 3)  # (its forwards saw part of its tokens: not judged)
+        assert not warnings() and not trainer._gatera_normaliser.per_forward
         trainer = new_trainer()
         step(trainer, [batch], None)
         step(trainer, [batch], 6.5)  # each rank's forward saw half of the 13: together, the step's tokens
@@ -484,7 +488,8 @@ def test_a_model_from_model_init_gets_its_half_precision_gates_returned_to_fp32(
     """`Trainer(model_init=...)` (hyperparameter search's route): `train` builds the model after the plugin's wrapper
     had looked for half-precision gates on the trainer's previous model, so a bf16 model's gates stayed bf16, where
     an update of ~lr is below the rounding of a bias near 1: they never moved, without a word. Now they are returned
-    to fp32 before the optimizer is built, as for `model=`, and learn."""
+    to fp32 when `model_init` has built the model, as for `model=`, and learn; a resumed run loads the checkpoint's
+    fp32 gates into fp32 (not rounded through bf16)."""
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     tokenizer = word_tokenizer(toy_texts(64))
@@ -495,16 +500,27 @@ def test_a_model_from_model_init_gets_its_half_precision_gates_returned_to_fp32(
         config = GateRAConfig(r=4, target_modules=TARGETS, init_weights=False, gate_bias_init=0.8, entropy_weight=0.3)
         return get_peft_model(tiny_llama(), config).to(torch.bfloat16)
 
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
-                             report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
-    trainer = Trainer(model_init=model_init, args=args, train_dataset=dataset,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    trainer.train()
-    biases = [p for name, p in trainer.model.named_parameters() if "gatera_gate" in name and name.endswith("bias")]
-    assert biases and all(b.dtype == torch.float32 for b in biases)
+    def trainer():
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                                 learning_rate=1e-3, report_to="none", use_cpu=True, save_strategy="steps",
+                                 save_steps=2, disable_tqdm=True)
+        return Trainer(model_init=model_init, args=args, train_dataset=dataset,
+                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+
+    def biases(model):
+        return [p.detach().clone() for name, p in model.named_parameters()
+                if "gatera_gate" in name and name.endswith("bias")]
+
+    first = trainer()
+    first.train()
+    trained = biases(first.model)
+    assert trained and all(b.dtype == torch.float32 for b in trained)
     # (bf16 rounds 0.8 to 0.80078, 2^-8 from its neighbours: a bf16 bias stays there; the fp32 ones moved by ~lr)
     start = torch.tensor(0.8).bfloat16().float()
-    assert all((b.detach() - start).abs().max() > 5e-4 for b in biases)
+    assert all((b - start).abs().max() > 5e-4 for b in trained)
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # (no step left: loads the checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(biases(resumed.model), trained))
 
 
 def test_a_step_the_trainer_abandons_is_not_judged_as_a_short_one(tmp_path, caplog):

@@ -1067,12 +1067,13 @@ def test_a_continued_adapter_takes_the_configs_training_options_and_keeps_its_st
 @pytest.mark.parametrize(("saved", "keys"), [
     ({"gate": "none"}, {"gatera_gate_lr_ratio": 3.0}),
     ({"gate": "threshold"}, {"gatera_entropy_weight": 0.1}),
-    ({"gate": "sigmoid"}, {"gatera_gate": "threshold", "gatera_keep_ratio": 0.5}),
+    ({"gate": "sigmoid"}, {"gatera_gate": "threshold", "gatera_keep_ratio": 0.5, "gatera_gate_lr_ratio": 3.0}),
 ], ids=["gate-rate-without-gates", "entropy-on-a-threshold-gate", "keep-ratio-on-a-sigmoid-gate"])
 def test_a_continued_adapter_refuses_training_options_its_structure_ignores(tmp_path, saved, keys, config_only):
     """`lora_model_dir` with a training option that the saved adapter's structure has no use for (the gates' rate for
     an adapter without gates, a keep_ratio for a sigmoid gate, ...): it was applied to the saved config unchecked and
-    ignored in training without a word (a new adapter refuses it); now refused, naming the key and the saved gate."""
+    ignored in training without a word (a new adapter refuses it); now refused, naming that key (not the options the
+    adapter can use) and the saved gate. Loaded for inference (or merging) it is not refused: nothing trains."""
     from axolotl.utils.dict import DictDefault
     from peft import get_peft_model
 
@@ -1083,9 +1084,13 @@ def test_a_continued_adapter_refuses_training_options_its_structure_ignores(tmp_
     get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], **saved)).save_pretrained(tmp_path)
     cfg = DictDefault({"adapter": "gatera", "lora_target_modules": ["q_proj"], "lora_model_dir": str(tmp_path),
                        "lora_r": 4, **keys})
-    applied = [key for key in keys if key != "gatera_gate"]
-    with pytest.raises(ValueError, match=f"this config's `{applied[0]}` .*gate={saved['gate']!r}.*Remove"):
+    offending = next(key for key in keys if key != "gatera_gate")
+    with pytest.raises(ValueError, match=f"this config's `{offending}` cannot .*gate={saved['gate']!r}.*Remove "
+                                         f"`{offending}` from the config") as refusal:
         GateRAPlugin().load_adapter(tiny_llama(), cfg, config_only=config_only)
+    assert len(re.findall("`gatera_", str(refusal.value))) == 2, refusal.value  # (that key alone, twice)
+    if not config_only:
+        GateRAPlugin().load_adapter(tiny_llama(), cfg, inference=True)
 
 
 def test_evaluate_cli_evaluates_the_trained_adapter(workspace):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
@@ -168,15 +169,16 @@ def _written_as(cfg, key: str) -> bool:
 _CONFIG_AS_WRITTEN: dict = {}
 
 
-def _continued_config(folder, cfg, wanted: gatera_plugin.GateRAConfig) -> gatera_plugin.GateRAConfig:
+def _continued_config(folder, cfg, wanted: gatera_plugin.GateRAConfig,
+                      training: bool = True) -> gatera_plugin.GateRAConfig:
     """The config of the GateRA adapter saved in `folder`, with the training options `cfg` sets (`wanted`: the config
-    `cfg` describes)."""
+    `cfg` describes); for `training`, refused where the saved structure has no use for one of them."""
     from gatera_plugin.serialization import STRUCTURE_FIELDS
 
     saved = _saved_gatera_config(folder)
     applied = {field: getattr(wanted, field) for field in _TRAINING_OPTIONS
                if _written(cfg, _CONFIG_KEYS[field]) and getattr(wanted, field) != getattr(saved, field)}
-    if applied:
+    if applied and training:
         _check_applies(saved, applied, folder)
         for field, value in applied.items():
             setattr(saved, field, value)
@@ -205,11 +207,15 @@ def _check_applies(saved: gatera_plugin.GateRAConfig, applied: dict, folder) -> 
     error = refusal(**applied)
     if error is None or refusal() is not None:
         return
-    keys = ", ".join(f"`{_CONFIG_KEYS[field]}`" for field in applied)
+    offending = [field for field in applied if refusal(**{field: applied[field]}) is not None] or list(applied)
+    error = refusal(**{field: applied[field] for field in offending})
+    reason = re.split(r"(?<=\.)\s+(?=[A-Z])", str(error))[0]  # (what is wrong; its remedy names a new adapter's fields)
+    keys = ", ".join(f"`{_CONFIG_KEYS[field]}`" for field in offending)
     raise ValueError(
         f"`lora_model_dir` ({folder}): this config's {keys} cannot train the GateRA adapter saved there "
-        f"(gate={saved.gate!r}, structure_gate={saved.structure_gate}), whose structure governs: {error} Remove "
-        f"{keys} from the config, or remove `lora_model_dir` to train a new adapter with it."
+        f"(gate={saved.gate!r}, structure_gate={saved.structure_gate}), whose structure governs: {reason} Remove "
+        f"{keys} from the config, or remove `lora_model_dir` to train a new adapter with "
+        f"{'it' if len(offending) == 1 else 'them'}."
     )
 
 
@@ -346,7 +352,7 @@ class GateRAPlugin(BasePlugin):
         autocast = {} if cfg.peft_autocast_adapter_dtype is None else {
             "autocast_adapter_dtype": bool(cfg.peft_autocast_adapter_dtype)}
         if cfg.lora_model_dir:
-            config = _continued_config(cfg.lora_model_dir, cfg, config)
+            config = _continued_config(cfg.lora_model_dir, cfg, config, training=not inference)
             LOG.info("Loading GateRA adapter from %s", cfg.lora_model_dir)
             # `lora_on_cpu` (e.g. merging a large model's adapter): the adapter's weights load onto the CPU, as
             # Axolotl loads a LoRA adapter's
