@@ -155,13 +155,17 @@ def real_token_mask(attention_mask, position_ids, shape) -> Optional[torch.Tenso
     """(B, T) bool mask of the real tokens of a forward whose inputs have `shape` (B, T), or None: every position is
     real.
 
-    A 2-D `attention_mask` is nonzero at real tokens. Without one, a padding-free batch (TRL's `padding_free` /
+    A 2-D `attention_mask` is nonzero at real tokens; one longer than the inputs (a forward continuing from a KV cache:
+    transformers takes the mask of the cached positions and the new ones) is read at its last T columns, the inputs'
+    own. Without one, a padding-free batch (TRL's `padding_free` /
     `packing=True`: sequences flattened into one row, `position_ids` (B, T) restarting at 0 for each) that was padded
     to a multiple (`pad_to_multiple_of`) ends in padding with `position_ids` 0: the positions after a row's last
     positive position id are padding. (A last sequence of one token is then counted as padding too; a row without a
     positive position id counts in full.)
     """
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        if len(shape) == 2 and attention_mask.shape[0] == shape[0] and 0 < shape[1] < attention_mask.shape[1]:
+            attention_mask = attention_mask[:, -shape[1]:]
         return attention_mask.bool()
     if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != tuple(shape) or len(shape) != 2:
         return None

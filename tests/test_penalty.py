@@ -598,3 +598,35 @@ def test_encoder_decoder_layers_count_the_tokens_of_the_stack_they_read(architec
     for name in params:
         assert explicit[name].abs().max() > 1e-6, name
         torch.testing.assert_close(injected[name], explicit[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["full-rows", "left-padded-prompt"])
+def test_a_forward_with_a_kv_cache_is_normalised_by_its_new_tokens(padding):
+    """A training-mode forward with gradient that continues from a KV cache (a cached prompt prefix) gets the mask of
+    the prefix and the new tokens, as transformers expects, while the layers see the new tokens only: its penalty was
+    divided by the whole mask's real tokens (7 / 1 times too small here). The new tokens' columns (the mask's last)
+    count, as for the same tokens run alone."""
+    torch.manual_seed(0)
+    prompt, new = torch.randint(3, 100, (2, 6)), torch.randint(3, 100, (2, 1))
+    prompt_mask = torch.ones(2, 6, dtype=torch.long)
+    if padding:
+        prompt_mask[0, :3] = 0
+
+    def bias_grad(cached):
+        model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], gate_bias_init=1.0,
+                                                          entropy_weight=1.0))
+        model.train()
+        if cached:
+            with torch.no_grad():
+                past = model(input_ids=prompt, attention_mask=prompt_mask, use_cache=True).past_key_values
+            mask = torch.cat([prompt_mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            out = model(input_ids=new, attention_mask=mask, past_key_values=past, use_cache=True)
+        else:  # (layer 0's q_proj sees the same x, the new tokens' embeddings)
+            out = model(input_ids=new, attention_mask=torch.ones(2, 1, dtype=torch.long))
+        (out.logits.sum() * 0).backward()  # (the penalty's gradient alone)
+        stats = model.base_model.pop_gate_stats()
+        return model.base_model.model.model.layers[0].self_attn.q_proj.gatera_gate["default"].bias.grad, stats
+
+    (cached, cached_stats), (alone, alone_stats) = bias_grad(True), bias_grad(False)
+    torch.testing.assert_close(cached, alone, rtol=1e-5, atol=0)
+    assert cached_stats == pytest.approx(alone_stats, rel=1e-5)
