@@ -64,9 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         parser.error(f"--output-dir {out} is a file; pass a folder.")
+    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
     if args.resume is None and (out / "adapter_config.json").exists():  # (the end of a run saves the adapter there)
+        hint = (", or --resume last to continue that run from its last checkpoint" if checkpoints else
+                " (it holds no checkpoint-* folder to resume from: --save-steps N saves them)")
         parser.error(f"--output-dir {out} holds a trained adapter (adapter_config.json) that this run would replace; "
-                     "pass a new folder, or --resume last to continue that run from its last checkpoint.")
+                     f"pass a new folder{hint}.")
+    if args.resume == "last" and not checkpoints:
+        parser.error(f"--resume last: --output-dir {out} holds no checkpoint-* folder to resume from (a run saves "
+                     "them with --save-steps N); pass a checkpoint folder, or leave --resume out to start anew in a "
+                     "new folder.")
     return args
 
 

@@ -10,6 +10,7 @@ tokenizer for both. `gatera plot` is the command-line front end.
 from __future__ import annotations
 
 import io
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import GateRAConfig  # noqa: F401  (registers GateRA with PEFT)
-    from .serialization import is_gatera_type, read_config, saved_vocabulary_size
+    from .serialization import check_adapter_folder, is_gatera_type, read_config, saved_vocabulary_size
 
     folder = Path(adapter)
     config_path = folder / "adapter_config.json"
@@ -67,20 +68,25 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
     if not is_gatera_type(saved.get("peft_type")):
         raise ValueError(f"{folder} holds a {saved.get('peft_type')} adapter, not a GateRA one: it has no gates to "
                          "record. Pass a saved GateRA adapter folder.")
+    check_adapter_folder(folder)  # (its weights, before minutes of loading the base model)
     if base_model and (Path(base_model) / "adapter_config.json").exists():
         raise ValueError(f"base_model (CLI: --base-model) {base_model!r} is an adapter folder; pass the base model "
                          "it was trained on.")
     base = base_model or saved.get("base_model_name_or_path")
     if not base:
         raise ValueError("The adapter does not name its base model; pass base_model (CLI: --base-model PATH).")
+    source = "base_model (CLI: --base-model)" if base_model else f"base_model_name_or_path in {config_path}"
+    tokenizer_source = folder if (folder / "tokenizer_config.json").exists() else base
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder if (folder / "tokenizer_config.json").exists() else base)
+        what = f"the tokenizer of {str(tokenizer_source)!r}"
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        what = f"the base model {base!r}"
         base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    except OSError as error:  # transformers' "not a local folder and not on the Hub", missing files, no network
-        source = "base_model (CLI: --base-model)" if base_model else f"base_model_name_or_path in {config_path}"
+    except (OSError, ValueError) as error:  # not a local folder and not on the Hub, missing files, no network; a
+        # folder without a tokenizer (transformers then blames a missing library)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"Cannot load the base model {base!r} named by {source}: {first_line} Pass a local model "
-                         "folder or a Hub id (CLI: --base-model PATH).") from None
+        raise ValueError(f"Cannot load {what} (named by {source}): {first_line} Pass a local model folder with its "
+                         "tokenizer, or a Hub id (CLI: --base-model PATH).") from None
     rows = saved_vocabulary_size(folder, base_model)
     if rows is not None and rows > base_model.get_input_embeddings().weight.shape[0]:  # trained with new tokens
         base_model.resize_token_embeddings(rows, mean_resizing=False)  # (the adapter's saved rows replace these)
@@ -152,9 +158,12 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
         raise ValueError("The model ended its answer at once (end-of-sequence first), so no answer token has gates to "
                          "record. Pass the answer to score with `answer` (CLI: --answer TEXT) or change the prompt.")
     trace = GateTrace(names, tokens, gates[:, : len(tokens)], prompt_ids.shape[1])
-    layers, prompt_mean, answer_mean = trace.layer_means()
-    trace.summary = {"generated": tokenizer.decode(generated), "prompt_mean": prompt_mean.mean().item(),
-                     "answer_mean": answer_mean.mean().item(), "closed_frac": (trace.gates < 0.5).float().mean().item()}
+    # (the means over every gate, module × token, as bench/gate_summary.py takes them: not the mean of the layers'
+    # means, which weighs a layer with one gated module like one with seven)
+    trace.summary = {"generated": tokenizer.decode(generated),
+                     "prompt_mean": trace.gates[:, : trace.prompt_length].mean().item(),
+                     "answer_mean": trace.gates[:, trace.prompt_length:].mean().item(),
+                     "closed_frac": (trace.gates < 0.5).float().mean().item()}
     return trace
 
 
@@ -225,6 +234,14 @@ def check_image_path(path: str, overwrite: bool = False) -> None:
         raise ValueError(f"--out {path!r}: {parent} is a file, not a folder.")
 
 
+def _new_file_mode(folder: Path) -> int:
+    """The permission bits a file newly created in `folder` gets under the umask (from a probe file, removed)."""
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        probe = Path(scratch) / "mode"
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        return probe.stat().st_mode & 0o777
+
+
 def _write_image(path: Path, data: bytes, overwrite: bool) -> None:
     """`data` into a new file at `path` (created exclusively), or with `overwrite` a temporary file renamed over it
     (copied over it, with a warning, where the file system cannot rename files, as adapter saves do)."""
@@ -236,6 +253,9 @@ def _write_image(path: Path, data: bytes, overwrite: bool) -> None:
         try:
             with staged:
                 staged.write(data)
+            # (the staged file is private to its owner: the image keeps the mode of the one it replaces, else gets a
+            # new file's under this umask)
+            os.chmod(staged.name, path.stat().st_mode & 0o777 if path.exists() else _new_file_mode(path.parent))
             _replace(Path(staged.name), path)
         finally:
             Path(staged.name).unlink(missing_ok=True)

@@ -373,12 +373,15 @@ CLI_CASES = [
     ("max-new-tokens-negative", ["--max-new-tokens", "-3"], r"--max-new-tokens\) must be an integer >= 1, got -3"),
     ("empty-answer", ["--answer", ""], r"`answer` is empty \(CLI: --answer\)"),
     ("empty-prompt", ["--prompt", ""], r"`prompt` is empty \(CLI: --prompt\)"),
-    ("missing-base-model", ["--base-model", "/no/such"], r"Cannot load the base model '/no/such' named by base_model "
-                                                         r"\(CLI: --base-model\)"),
+    ("missing-base-model", ["--base-model", "/no/such"], r"Cannot load the base model '/no/such' \(named by "
+                                                         r"base_model \(CLI: --base-model\)\)"),
     ("out-without-extension", ["--out", "gates"], r"--out 'gates': give an image file name ending in one of .*\.png"),
     ("out-unknown-format", ["--out", "gates.xyz"], r"--out 'gates.xyz': give an image file name ending in one of"),
     ("base-model-is-an-adapter", ["--base-model", "ADAPTER"], r"base_model \(CLI: --base-model\) '.*adapter' is an "
                                                               r"adapter folder; pass the base model"),
+    ("base-model-without-tokenizer", ["--base-model", "NO_TOKENIZER"], r"Cannot load the tokenizer of '.*no-tokenizer' "
+                                                                       r"\(named by base_model \(CLI: --base-model\)\)"),
+    ("truncated-weights", ["TRUNCATE"], r"adapter_model.safetensors"),
 ]
 
 
@@ -392,11 +395,30 @@ def test_gatera_plot_bad_options(plot_setup, capsys, extra, message):
     args = ["plot", str(plot_setup / "adapter"), "--prompt", "Question: Neon?", "--out", str(plot_setup / "g.png")]
     if "--base-model" not in extra:
         args += ["--base-model", str(plot_setup / "base")]
-    extra = [str(plot_setup / "adapter") if item == "ADAPTER" else item for item in extra]
+    if "NO_TOKENIZER" in extra:  # (the adapter folder without its tokenizer, the base without one: a model only)
+        (plot_setup / "adapter" / "tokenizer_config.json").unlink()
+        (plot_setup / "no-tokenizer").mkdir()
+        (plot_setup / "base" / "config.json").rename(plot_setup / "no-tokenizer" / "config.json")
+    if "TRUNCATE" in extra:  # (an interrupted copy: a traceback from safetensors, after the base model had loaded)
+        weights = plot_setup / "adapter" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        extra = []
+    extra = [str(plot_setup / "adapter") if item == "ADAPTER" else str(plot_setup / "no-tokenizer")
+             if item == "NO_TOKENIZER" else item for item in extra]
     assert main(args + extra) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("gatera plot: ") and re.search(message, err), err
     assert not (plot_setup / "g.png").exists()
+
+
+def test_gatera_prune_out_below_a_file_names_the_option(saved, tmp_path, capsys):
+    """`--out` inside a path whose parent is a file: one line naming `--out` (it printed `[Errno 17] File exists`)."""
+    from gatera_plugin.cli import main
+
+    (tmp_path / "a-file").write_text("")
+    assert main(["prune", str(saved), "--threshold", "0.5", "--out", str(tmp_path / "a-file" / "pruned")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out '{tmp_path / 'a-file' / 'pruned'}': {tmp_path / 'a-file'} is a file" in err
 
 
 def test_gatera_prune_on_invalid_json_names_the_file(saved, tmp_path, capsys):
@@ -417,6 +439,7 @@ def test_gatera_plot_keeps_an_existing_image_unless_told_and_replaces_it_whole(p
 
     image = plot_setup / "g.png"
     image.write_bytes(b"an earlier plot")
+    image.chmod(0o644)
     args = ["plot", str(plot_setup / "adapter"), "--prompt", "Question: Neon?", "--base-model", str(plot_setup / "base")]
     assert main([*args, "--out", str(image)]) == 2
     assert "exists; give a new file name, or pass --overwrite" in capsys.readouterr().err
@@ -432,6 +455,7 @@ def test_gatera_plot_keeps_an_existing_image_unless_told_and_replaces_it_whole(p
         "adapter", "base", "g.png"]
     assert main([*args, "--out", str(image), "--overwrite"]) == 0
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert image.stat().st_mode & 0o777 == 0o644  # (the staged file's 0600 made the replaced image private)
 
 
 def test_gatera_plot_without_matplotlib_says_how_to_install_it(plot_setup, capsys, monkeypatch):

@@ -48,14 +48,21 @@ def test_a_second_run_into_the_same_new_folder_is_refused_while_the_first_runs(t
 
 def test_train_sft_refuses_to_replace_a_finished_adapter_unless_resuming(tmp_path, capsys):
     """examples/train_sft.py into an --output-dir that holds a trained adapter (a finished run) replaced its adapter
-    and metrics.json; it is refused before anything loads, unless --resume continues that run; a file is refused."""
+    and metrics.json; it is refused before anything loads, unless --resume continues that run; a file is refused.
+    `--resume last` is offered, and taken, only where the folder holds a checkpoint (a run without --save-steps saves
+    none: the advice led to a traceback from the Trainer)."""
     import train_sft
 
     (tmp_path / "adapter_config.json").write_text("{}")
-    for argv, message in ((["--output-dir", str(tmp_path)], "holds a trained adapter (adapter_config.json)"),
+    for argv, message in ((["--output-dir", str(tmp_path)], "holds no checkpoint-* folder to resume from"),
+                          (["--output-dir", str(tmp_path), "--resume", "last"], "--resume last: --output-dir"),
                           (["--output-dir", str(tmp_path / "adapter_config.json")], "is a file; pass a folder")):
         with pytest.raises(SystemExit) as exited:
             train_sft.parse_args(argv)
         assert exited.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.raises(SystemExit):
+        train_sft.parse_args(["--output-dir", str(tmp_path)])
+    assert "or --resume last to continue that run" in capsys.readouterr().err
     assert train_sft.parse_args(["--output-dir", str(tmp_path), "--resume", "last"]).resume == "last"
     assert train_sft.parse_args(["--output-dir", str(tmp_path / "new")]).output_dir == str(tmp_path / "new")

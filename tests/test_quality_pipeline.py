@@ -49,6 +49,28 @@ def test_recorded_gates_equal_a_full_forward_without_cache():
     torch.testing.assert_close(prompt_mean[0], trace.gates[:3, : len(prompt_ids)].mean())
 
 
+def test_the_summary_means_are_over_every_gate():
+    """The summary's (and `gatera plot`'s printed) mean gate on prompt and on answer is the mean over every gate
+    (module × token), as bench/gate_summary.py takes it. It was the mean of the layers' means, which weighs a layer
+    with one gated module like one with three: with layer 0's q_proj alone gated here it read 0.496 against 0.171."""
+    from gatera_plugin.visualize import record_gates
+    from tests.helpers import randomize_adapters
+
+    model, tokenizer = _model()
+    model = get_peft_model(model.unload(), GateRAConfig(r=4, target_modules=r".*(0\.self_attn\.q_proj|1\..*_proj)",
+                                                        init_weights=False, gate_bias_init=-1.0))
+    randomize_adapters(model)
+    with torch.no_grad():  # (layer 0's one gate wide open, layer 1's seven nearly closed: the two means differ)
+        for name, param in model.named_parameters():
+            if "gatera_gate" in name and name.endswith("bias"):
+                param.fill_(4.0 if ".layers.0." in name else -3.0)
+    trace = record_gates(model, tokenizer, "Question: Tell me about Neon", answer=" Neon is a gas")
+    assert len({name.split(".")[2] for name in trace.modules}) == 2 and len(trace.modules) > 2
+    for key, part in (("prompt_mean", slice(None, trace.prompt_length)), ("answer_mean", slice(trace.prompt_length,
+                                                                                                 None))):
+        assert trace.summary[key] == pytest.approx(trace.gates[:, part].mean().item(), rel=1e-6)
+
+
 def test_recorded_gates_are_the_active_adapters_only():
     """A second gated adapter, loaded but inactive, runs no gate: it is left out (it made torch.cat fail); when it
     is the active one, its gates are recorded, named with the adapter."""
