@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         parser.error(f"--output-dir {out} is a file; pass a folder.")
-    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+    # (the folders the Trainer resumes from: checkpoint-<step>, as transformers' get_last_checkpoint finds them)
+    checkpoints = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)] \
+        if out.is_dir() else []
     if args.resume is None and (out / "adapter_config.json").exists():  # (the end of a run saves the adapter there)
         hint = (", or --resume last to continue that run from its last checkpoint" if checkpoints else
                 " (it holds no checkpoint-* folder to resume from: --save-steps N saves them)")

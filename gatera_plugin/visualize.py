@@ -9,6 +9,7 @@ tokenizer for both. `gatera plot` is the command-line front end.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -58,7 +59,7 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import GateRAConfig  # noqa: F401  (registers GateRA with PEFT)
-    from .serialization import check_adapter_folder, is_gatera_type, read_config, saved_vocabulary_size
+    from .serialization import check_adapter_folder, folder_lock, is_gatera_type, read_config, saved_vocabulary_size
 
     folder = Path(adapter)
     config_path = folder / "adapter_config.json"
@@ -68,7 +69,8 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
     if not is_gatera_type(saved.get("peft_type")):
         raise ValueError(f"{folder} holds a {saved.get('peft_type')} adapter, not a GateRA one: it has no gates to "
                          "record. Pass a saved GateRA adapter folder.")
-    check_adapter_folder(folder)  # (its weights, before minutes of loading the base model)
+    with folder_lock(folder, exclusive=False):  # (its weights, before minutes of loading the base model; a save
+        check_adapter_folder(folder)  # under way is waited for, as the load below waits)
     if base_model and (Path(base_model) / "adapter_config.json").exists():
         raise ValueError(f"base_model (CLI: --base-model) {base_model!r} is an adapter folder; pass the base model "
                          "it was trained on.")
@@ -76,17 +78,20 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
     if not base:
         raise ValueError("The adapter does not name its base model; pass base_model (CLI: --base-model PATH).")
     source = "base_model (CLI: --base-model)" if base_model else f"base_model_name_or_path in {config_path}"
-    tokenizer_source = folder if (folder / "tokenizer_config.json").exists() else base
+    fix = "Pass a local model folder with its tokenizer, or a Hub id (CLI: --base-model PATH)."
+    if (folder / "tokenizer_config.json").exists():
+        what, tokenizer_source = f"the tokenizer saved with the adapter in {str(folder)!r}", folder
+        tokenizer_fix = "Save the tokenizer with the adapter again, or remove its files there to use the base model's."
+    else:
+        what, tokenizer_source, tokenizer_fix = f"the tokenizer of {base!r} (named by {source})", base, fix
     try:
-        what = f"the tokenizer of {str(tokenizer_source)!r}"
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        what = f"the base model {base!r}"
+        what, tokenizer_fix = f"the base model {base!r} (named by {source})", fix
         base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     except (OSError, ValueError) as error:  # not a local folder and not on the Hub, missing files, no network; a
         # folder without a tokenizer (transformers then blames a missing library)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"Cannot load {what} (named by {source}): {first_line} Pass a local model folder with its "
-                         "tokenizer, or a Hub id (CLI: --base-model PATH).") from None
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise ValueError(f"Cannot load {what}: {reason} {tokenizer_fix}") from None
     rows = saved_vocabulary_size(folder, base_model)
     if rows is not None and rows > base_model.get_input_embeddings().weight.shape[0]:  # trained with new tokens
         base_model.resize_token_embeddings(rows, mean_resizing=False)  # (the adapter's saved rows replace these)
@@ -255,7 +260,8 @@ def _write_image(path: Path, data: bytes, overwrite: bool) -> None:
                 staged.write(data)
             # (the staged file is private to its owner: the image keeps the mode of the one it replaces, else gets a
             # new file's under this umask)
-            os.chmod(staged.name, path.stat().st_mode & 0o777 if path.exists() else _new_file_mode(path.parent))
+            with contextlib.suppress(OSError):  # (a file system without permissions: the image is written all the same)
+                os.chmod(staged.name, path.stat().st_mode & 0o777 if path.exists() else _new_file_mode(path.parent))
             _replace(Path(staged.name), path)
         finally:
             Path(staged.name).unlink(missing_ok=True)

@@ -382,6 +382,8 @@ CLI_CASES = [
     ("base-model-without-tokenizer", ["--base-model", "NO_TOKENIZER"], r"Cannot load the tokenizer of '.*no-tokenizer' "
                                                                        r"\(named by base_model \(CLI: --base-model\)\)"),
     ("truncated-weights", ["TRUNCATE"], r"adapter_model.safetensors"),
+    ("broken-tokenizer-in-the-adapter", ["BREAK_TOKENIZER"], r"Cannot load the tokenizer saved with the adapter in "
+                                                             r"'.*adapter'.*Save the tokenizer with the adapter again"),
 ]
 
 
@@ -399,6 +401,12 @@ def test_gatera_plot_bad_options(plot_setup, capsys, extra, message):
         (plot_setup / "adapter" / "tokenizer_config.json").unlink()
         (plot_setup / "no-tokenizer").mkdir()
         (plot_setup / "base" / "config.json").rename(plot_setup / "no-tokenizer" / "config.json")
+    if "BREAK_TOKENIZER" in extra:  # (its config kept, its files gone)
+        for file in (plot_setup / "adapter").iterdir():
+            if file.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")) and file.name != \
+                    "tokenizer_config.json":
+                file.unlink()
+        extra = []
     if "TRUNCATE" in extra:  # (an interrupted copy: a traceback from safetensors, after the base model had loaded)
         weights = plot_setup / "adapter" / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-100])

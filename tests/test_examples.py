@@ -60,6 +60,10 @@ def test_train_sft_refuses_to_replace_a_finished_adapter_unless_resuming(tmp_pat
         with pytest.raises(SystemExit) as exited:
             train_sft.parse_args(argv)
         assert exited.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "checkpoint-best.tar").write_text("")  # (not a checkpoint the Trainer resumes from)
+    with pytest.raises(SystemExit):
+        train_sft.parse_args(["--output-dir", str(tmp_path), "--resume", "last"])
+    assert "holds no checkpoint-* folder" in capsys.readouterr().err
     (tmp_path / "checkpoint-2").mkdir()
     with pytest.raises(SystemExit):
         train_sft.parse_args(["--output-dir", str(tmp_path)])
