@@ -88,8 +88,9 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         what, tokenizer_fix = f"the base model {base!r} (named by {source})", fix
         base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    except (OSError, ValueError) as error:  # not a local folder and not on the Hub, missing files, no network; a
-        # folder without a tokenizer (transformers then blames a missing library)
+    except (OSError, ValueError, ImportError) as error:  # not a local folder and not on the Hub, missing files, no
+        # network; a folder without a tokenizer or a broken one (transformers then blames a missing library: a
+        # ValueError, or in older releases an ImportError naming protobuf)
         reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise ValueError(f"Cannot load {what}: {reason} {tokenizer_fix}") from None
     rows = saved_vocabulary_size(folder, base_model)
