@@ -1089,8 +1089,11 @@ def test_a_continued_adapter_refuses_training_options_its_structure_ignores(tmp_
                                          f"`{offending}` from the config") as refusal:
         GateRAPlugin().load_adapter(tiny_llama(), cfg, config_only=config_only)
     assert len(re.findall("`gatera_", str(refusal.value))) == 2, refusal.value  # (that key alone, twice)
-    if not config_only:
-        GateRAPlugin().load_adapter(tiny_llama(), cfg, inference=True)
+    if not config_only:  # (for inference the options apply unchecked, as they did: e.g. another kernel)
+        model, _ = GateRAPlugin().load_adapter(tiny_llama(), cfg, inference=True)
+        applied = model.peft_config["default"]
+        assert all(getattr(applied, key.removeprefix("gatera_")) == value for key, value in keys.items()
+                   if key != "gatera_gate")
 
 
 def test_evaluate_cli_evaluates_the_trained_adapter(workspace):

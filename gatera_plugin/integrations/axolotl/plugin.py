@@ -172,14 +172,16 @@ _CONFIG_AS_WRITTEN: dict = {}
 def _continued_config(folder, cfg, wanted: gatera_plugin.GateRAConfig,
                       training: bool = True) -> gatera_plugin.GateRAConfig:
     """The config of the GateRA adapter saved in `folder`, with the training options `cfg` sets (`wanted`: the config
-    `cfg` describes); for `training`, refused where the saved structure has no use for one of them."""
+    `cfg` describes); for `training`, refused where the saved structure has no use for one of them (for inference
+    they apply unchecked, as before: e.g. `gatera_kernel`)."""
     from gatera_plugin.serialization import STRUCTURE_FIELDS
 
     saved = _saved_gatera_config(folder)
     applied = {field: getattr(wanted, field) for field in _TRAINING_OPTIONS
                if _written(cfg, _CONFIG_KEYS[field]) and getattr(wanted, field) != getattr(saved, field)}
-    if applied and training:
-        _check_applies(saved, applied, folder)
+    if applied:
+        if training:
+            _check_applies(saved, applied, folder)
         for field, value in applied.items():
             setattr(saved, field, value)
         LOG.info("GateRA adapter from %s trains with this config's %s", folder, applied)
