@@ -79,8 +79,9 @@ class SigmoidGate(Gate):
         return 1.0 / (1.0 + math.exp(-self.bias_init))
 
     def forward(self, x: torch.Tensor, pass_input: bool = False) -> torch.Tensor:
-        """`g(x)` (..., 1) in fp32 (the layer casts it to the logits' dtype, `compute_dtype(x)`). With `pass_input=True` (the layer's call), where x (N, d_in) needs a gradient on a device
-        of `PASS_INPUT_DEVICE_TYPES`, it also leaves in `passed_input` x passed on by `_LogitsAndInput`, for the branch
+        """`g(x)` (..., 1) in fp32 (the layer casts it to the logits' dtype, `compute_dtype(x)`). With
+        `pass_input=True` (the layer's call), where x (N, d_in) needs a gradient on a device of
+        `PASS_INPUT_DEVICE_TYPES`, it also leaves in `passed_input` x passed on by `_LogitsAndInput`, for the branch
         to read, so that x's gradients from the gate and from the branch add in one pass; the layer takes it right
         after the call (`take_passed_input`).
         (An attribute, not a second output or an argument to fill: forward hooks that record the gate's output, and
