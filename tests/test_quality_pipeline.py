@@ -51,8 +51,8 @@ def test_recorded_gates_equal_a_full_forward_without_cache():
 
 def test_the_summary_means_are_over_every_gate():
     """The summary's (and `gatera plot`'s printed) mean gate on prompt and on answer is the mean over every gate
-    (module × token), as bench/gate_summary.py takes it. It was the mean of the layers' means, which weighs a layer
-    with one gated module like one with three: with layer 0's q_proj alone gated here it read 0.496 against 0.171."""
+    (module × token), as bench/gate_summary.py takes it. It was the mean of the layers' means, which weighs layer 0's
+    one gated module like layer 1's seven: on the prompt here it read 0.539 against 0.269."""
     from gatera_plugin.visualize import record_gates
     from tests.helpers import randomize_adapters
 
