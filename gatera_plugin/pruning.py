@@ -19,6 +19,7 @@ import torch
 from .serialization import (
     check_adapter_folder,
     check_tensors,
+    file_in_the_way,
     folder_lock,
     is_gatera_type,
     read_config,
@@ -72,7 +73,7 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
             raise FileNotFoundError(f"{path} is missing: `gatera prune` needs a saved GateRA adapter folder.")
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; choose a new output folder (nothing is overwritten).")
-    blocking = next((p for p in dst.absolute().parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(dst)
     if blocking is not None:
         raise ValueError(f"--out {str(dst)!r}: {blocking} is a file, not a folder; choose an output folder elsewhere.")
     with folder_lock(src, exclusive=False):  # config and weights of one save, not of two (a save landing meanwhile)

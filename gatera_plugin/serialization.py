@@ -560,6 +560,13 @@ def saved_vocabulary_size(folder: Path, model) -> int | None:
     return max(rows) if rows else None
 
 
+def file_in_the_way(path: Path) -> Optional[Path]:
+    """The file that an output `path` would have to be created below (its nearest existing ancestor, where that is a
+    file, not a folder), else None."""
+    parent = next((p for p in Path(path).absolute().parents if p.exists()), None)
+    return parent if parent is not None and not parent.is_dir() else None
+
+
 def read_config(folder: Path) -> dict:
     path = folder / CONFIG
     try:

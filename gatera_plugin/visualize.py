@@ -235,9 +235,11 @@ def check_image_path(path: str, overwrite: bool = False) -> None:
     if target.exists() and not overwrite:
         raise ValueError(f"--out {path!r} exists; give a new file name, or pass --overwrite (Python: overwrite=True) "
                          "to replace it.")
-    parent = next((p for p in target.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ValueError(f"--out {path!r}: {parent} is a file, not a folder.")
+    from .serialization import file_in_the_way
+
+    blocking = file_in_the_way(target)
+    if blocking is not None:
+        raise ValueError(f"--out {path!r}: {blocking} is a file, not a folder.")
 
 
 def _new_file_mode(folder: Path) -> int:
