@@ -383,6 +383,7 @@ CLI_CASES = [
     ("base-model-without-tokenizer", ["--base-model", "NO_TOKENIZER"], r"Cannot load the (tokenizer of|base model) "
                                                                        r"'.*no-tokenizer' \(named by base_model \(CLI: "
                                                                        r"--base-model\)\)"),
+    ("out-below-a-file", ["--out", "BELOW_A_FILE"], r"--out '.*a-file/g.png': .*a-file is a file, not a folder"),
     ("truncated-weights", ["TRUNCATE"], r"adapter_model.safetensors"),
     ("broken-tokenizer-in-the-adapter", ["BREAK_TOKENIZER"], r"Cannot load the tokenizer saved with the adapter in "
                                                              r"'.*adapter'.*Save the tokenizer with the adapter again"),
@@ -409,6 +410,9 @@ def test_gatera_plot_bad_options(plot_setup, capsys, extra, message):
                     "tokenizer_config.json":
                 file.unlink()
         extra = []
+    if "BELOW_A_FILE" in extra:
+        (plot_setup / "a-file").write_text("")
+        extra = [str(plot_setup / "a-file" / "g.png") if item == "BELOW_A_FILE" else item for item in extra]
     if "TRUNCATE" in extra:  # (an interrupted copy: a traceback from safetensors, after the base model had loaded)
         weights = plot_setup / "adapter" / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-100])
