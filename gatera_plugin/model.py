@@ -654,6 +654,7 @@ class GateRAModel(BaseTuner):
                              "before `prune_structure` (a pruned module would keep its update in the base weight).")
         values = {name: module.gatera_structure[adapter_name]().item() for name, module in layers.items()}
         kept, pruned = split_by_threshold(values, threshold)
+        unwrapped = set()  # modules left without adapters (a module another adapter still adapts stays targeted)
         for name in pruned:
             module = layers[name]
             active = [a for a in module.active_adapters if a != adapter_name]
@@ -666,13 +667,14 @@ class GateRAModel(BaseTuner):
                     param.requires_grad_(requires_grad)
             else:
                 _unwrap(self.model, name, module)
+                unwrapped.add(name)
         config.target_modules = set(kept)
         config.layers_to_transform = config.layers_pattern = None
         self.peft_config[adapter_name] = config
         for module in layers.values():
             if adapter_name in module.options:
                 module.options[adapter_name] = config
-        self.targeted_module_names = [n for n in self.targeted_module_names if n not in set(pruned)]
+        self.targeted_module_names = [n for n in self.targeted_module_names if n not in unwrapped]
         self._count_gated_layers()
         return {"kept": kept, "pruned": pruned, "values": values}
 

@@ -965,9 +965,11 @@ def test_pruning_one_adapter_leaves_the_others_as_trainable_as_they_were(tmp_pat
     model.base_model.set_adapter(["a", "b"])
     for param in model.parameters():
         param.requires_grad_(False)
+    targeted = list(model.base_model.targeted_module_names)
     result = model.base_model.prune_structure(0.5, adapter_name="b")
     assert len(result["pruned"]) == 3
     assert [name for name, param in model.named_parameters() if param.requires_grad] == []
+    assert model.base_model.targeted_module_names == targeted  # adapter "a" still adapts the pruned modules
 
 
 def test_pruning_structure_gates_that_went_nan_is_refused_naming_a_module(tmp_path):
