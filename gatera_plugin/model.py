@@ -250,6 +250,8 @@ def _refuse_adapter_name(model: nn.Module, adapter_name: str, configs: dict) -> 
     from peft.tuners._buffer_dict import BufferDict
 
     module_clash = tensor_clash = None
+    if adapter_name in (*GateRALayer.adapter_layer_names, "base_layer"):  # (the layers that will hold them)
+        module_clash = f"<layer>.{adapter_name}"
     for module_name, module in model.named_modules():
         if module_clash is None and adapter_name in module_name.split("."):
             module_clash = module_name
