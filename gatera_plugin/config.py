@@ -72,6 +72,27 @@ def _is_index(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _checked_token_indices(indices):
+    """`trainable_token_indices` as PEFT takes it: a list of token ids (≥ 0) for the input embedding, or {embedding
+    module name: such a list}; empty lists mean no rows (None, or the entry dropped). Anything else is refused, naming
+    the setting (PEFT failed at the first forward, deep in `index_copy_`)."""
+    def token_ids(value, where):
+        if not isinstance(value, (list, tuple)) or not all(map(_is_index, value)):
+            raise ValueError(f"`trainable_token_indices`{where} must be a list of token ids (integers ≥ 0), e.g. "
+                             f"[0, 5], got {value!r}. Use `tokenizer.convert_tokens_to_ids(new_tokens)`.")
+        return list(value)
+
+    if indices is None:
+        return None
+    if isinstance(indices, dict):
+        if not all(isinstance(key, str) for key in indices):
+            raise ValueError(f"`trainable_token_indices` as a dict maps embedding module names (e.g. 'embed_tokens') "
+                             f"to lists of token ids, got keys {list(indices)!r}.")
+        checked = {key: token_ids(value, f"[{key!r}]") for key, value in indices.items()}
+        return {key: value for key, value in checked.items() if value} or None
+    return token_ids(indices, "") or None
+
+
 MAX_GATE_INIT = 20.0  # |initial logit| of a sigmoid gate: σ'(±20) = 2e-9, a gate started further out never moves
 
 
@@ -360,6 +381,11 @@ class GateRAConfig(PeftConfig):
             if not isinstance(value, (list, set, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"`{name}` must be a list of module names or a regex string, got {value!r}.")
             setattr(self, name, set(value))
+        saved = self.modules_to_save
+        if saved is not None and (not isinstance(saved, (list, set, tuple)) or not all(isinstance(v, str) for v in saved)):
+            example = f"[{saved!r}]" if isinstance(saved, str) else "['lm_head']"
+            raise ValueError(f"`modules_to_save` must be a list of module names, e.g. {example}, got {saved!r}.")
+        self.trainable_token_indices = _checked_token_indices(self.trainable_token_indices)
         patterns = [(name, getattr(self, name)) for name in ("target_modules", "exclude_modules")
                     if isinstance(getattr(self, name), str)]
         patterns += [(f"{name} key", key) for name in ("rank_pattern", "alpha_pattern") for key in getattr(self, name)]

@@ -85,6 +85,14 @@ CONFIG_CASES = [
     (dict(target_modules="q_proj("), r"`target_modules` 'q_proj\(' is not a valid regular expression.*Fix the pattern"),
     (dict(exclude_modules="[v_proj"), r"`exclude_modules` '\[v_proj' is not a valid regular expression"),
     (dict(rank_pattern={"*q": 4}), r"`rank_pattern key` '\*q' is not a valid regular expression"),
+    # (PEFT's own errors: a ModuleDict TypeError, an AttributeError on int, or at the first forward in `index_copy_`)
+    (dict(modules_to_save="lm_head"), r"`modules_to_save` must be a list of module names, e\.g\. \['lm_head'\]"),
+    (dict(modules_to_save=[1]), r"`modules_to_save` must be a list of module names"),
+    (dict(trainable_token_indices=[-1]), r"`trainable_token_indices` must be a list of token ids \(integers ≥ 0\)"),
+    (dict(trainable_token_indices=[1.5]), r"`trainable_token_indices` must be a list of token ids"),
+    (dict(trainable_token_indices="5"), r"`trainable_token_indices` must be a list of token ids.*got '5'"),
+    (dict(trainable_token_indices={"embed_tokens": 5}), r"`trainable_token_indices`\['embed_tokens'\] must be a list"),
+    (dict(trainable_token_indices={0: [5]}), r"`trainable_token_indices` as a dict maps embedding module names"),
 ]
 
 
@@ -92,6 +100,14 @@ CONFIG_CASES = [
 def test_bad_config_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GateRAConfig(target_modules=kwargs.pop("target_modules", ["q_proj"]), **kwargs)
+
+
+@pytest.mark.parametrize("indices", [[], {"embed_tokens": []}])
+def test_empty_trainable_token_indices_train_no_rows(indices):
+    """An empty list (new tokens that turned out to be none) means no rows; PEFT failed at the first forward."""
+    config = GateRAConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices)
+    assert config.trainable_token_indices is None
+    get_peft_model(tiny_llama(), config)(torch.randint(0, 64, (1, 5))).logits.sum().backward()
 
 
 NEW_ADAPTER_ONLY = [dict(gate="threshold", gate_bias_init=-2.0), dict(gate="none", gate_lr_ratio=10.0),
