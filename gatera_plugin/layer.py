@@ -244,7 +244,7 @@ class GateRALayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         key = (_version_of(A), _version_of(B), A.data_ptr(), B.data_ptr(), weight.data_ptr(), _version_of(weight), dtype)
         cached = self._delta_cache.get(adapter_name)
-        if cached is not None and cached[0] == key and torch.equal(torch.cat(cached[1]), cached[2]):
+        if cached is not None and cached[0] == key and torch.equal(_bits(cached[1]), cached[2]):
             return cached[3]
         # (a normal tensor, also when built under inference_mode: a later forward that records a graph through x,
         # e.g. an input attribution in eval, must be able to save it for backward)
@@ -252,7 +252,7 @@ class GateRALayer(BaseTunerLayer):
             probes = [_evenly_spaced(A, 256), _evenly_spaced(B, 256), _evenly_spaced(weight, 1024)]
             branch = BRANCH_KINDS[self.branch_kind[adapter_name]]
             delta = branch.delta(self.base_weight(), A, B, self.branch_scale(adapter_name)).to(dtype)
-            self._delta_cache[adapter_name] = (key, probes, torch.cat(probes), delta)
+            self._delta_cache[adapter_name] = (key, probes, _bits(probes), delta)
         return delta
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -536,6 +536,15 @@ def _evenly_spaced(tensor: torch.Tensor, count: int) -> torch.Tensor:
     """A view of at most `count` evenly spaced entries of `tensor`: it sees later in-place writes, `.data` ones too."""
     flat = tensor.detach().reshape(-1)
     return flat[:: max(1, flat.numel() // count)][:count]
+
+
+_SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(probes: list[torch.Tensor]) -> torch.Tensor:
+    """The probes' bit patterns as one integer tensor: compared bitwise, so that a NaN equals itself (the packed
+    bytes of a 4-bit W0 stored as bf16, FSDP-QLoRA's `bnb_4bit_quant_storage`, read as bf16 are often NaN)."""
+    return torch.cat([p.view(_SAME_SIZE_INTEGER[p.element_size()]) if p.is_floating_point() else p for p in probes])
 
 
 def _version_of(tensor: torch.Tensor) -> int:

@@ -75,6 +75,24 @@ def test_4bit_eval_forward_equals_training_forward(base_dir):
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
+def test_cache_delta_reuses_its_update_on_a_4bit_base_stored_as_bf16(base_dir):
+    """FSDP-QLoRA's `bnb_4bit_quant_storage=bf16`: the cache's probes of W0 read packed bytes as bf16, often NaN, and
+    NaN ≠ NaN made every forward rebuild the update there (outputs right, the option silently doing nothing)."""
+    from gatera_plugin.layer import _evenly_spaced
+
+    config = GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, init_weights=False, cache_delta=True)
+    model = get_peft_model(load_4bit(base_dir, quant_storage=torch.bfloat16), config).eval()
+    layers = [m for m in model.modules() if hasattr(m, "_delta_cache")]
+    assert any(bool(_evenly_spaced(layer.base_layer.weight, 1024).isnan().any()) for layer in layers)
+    input_ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        first = model(input_ids=input_ids).logits
+        built = [layer._delta_cache["default"][3] for layer in layers]
+        second = model(input_ids=input_ids).logits
+    assert all(layer._delta_cache["default"][3] is delta for layer, delta in zip(layers, built))
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
 def test_4bit_branch_keeps_no_dequantised_weight(base_dir):
     """Between forward and backward the HiRA branch holds no d_out × d_in tensor (PEFT's HiRA keeps W0 ⊙ BA and the
     dequantised W0)."""
