@@ -213,10 +213,11 @@ def _check_stamp(config: dict, config_path: Path, weights: Path) -> None:
 
 
 def check_tensors(state: dict, source) -> None:
-    """Refuse non-floating tensors; warn, naming them, about tensors holding NaN or inf."""
+    """Refuse non-floating GateRA tensors (`.gatera_` keys; other modules saved along, `modules_to_save`, may hold
+    integer buffers such as BatchNorm's `num_batches_tracked`); warn, naming them, about tensors holding NaN or inf."""
     import torch
 
-    not_float = [f"{k} ({v.dtype})" for k, v in state.items() if not torch.is_floating_point(v)]
+    not_float = [f"{k} ({v.dtype})" for k, v in state.items() if ".gatera_" in k and not torch.is_floating_point(v)]
     if not_float:
         raise ValueError(f"{source} holds non-floating-point adapter tensors: {', '.join(not_float[:5])}. GateRA "
                          "saves floating-point tensors only: the file was modified. Restore it from a checkpoint.")

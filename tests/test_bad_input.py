@@ -535,3 +535,34 @@ def test_gatera_plot_of_another_methods_adapter_says_so(plot_setup, capsys):
             "--out", str(plot_setup / "g.png")]
     assert main(args) == 2
     assert "holds a LORA adapter, not a GateRA one" in capsys.readouterr().err
+
+
+class _LinearNormHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.norm, self.head = nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.lin(x)))
+
+
+def test_modules_to_save_with_integer_buffers_saves_and_loads(tmp_path):
+    """BatchNorm's `num_batches_tracked` (int64) saved along by `modules_to_save` was refused as a modified file, so
+    the model could not be saved at all; only GateRA's own tensors must be floating point."""
+    model = get_peft_model(_LinearNormHead(), GateRAConfig(r=2, target_modules=["lin"], modules_to_save=["norm"]))
+    model(torch.randn(4, 16)).sum().backward()  # (training mode: the norm's running statistics and count move)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_LinearNormHead(), tmp_path).eval()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    assert loaded.base_model.model.norm.modules_to_save["default"].num_batches_tracked.item() == 1
+
+
+def test_a_gatera_tensor_that_is_not_floating_point_is_refused():
+    from gatera_plugin.serialization import check_tensors
+
+    check_tensors({"base_model.model.norm.num_batches_tracked": torch.tensor(3)}, "x")
+    with pytest.raises(ValueError, match=r"x holds non-floating-point adapter tensors: .*lin\.gatera_A\.default "
+                                         r"\(torch\.int64\)"):
+        check_tensors({"base_model.model.lin.gatera_A.default": torch.zeros(2, 3, dtype=torch.int64)}, "x")
