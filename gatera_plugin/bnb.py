@@ -84,6 +84,13 @@ if is_bnb_available():
     class Linear8bitLt(_QuantizedLinear):
         """GateRA on `bitsandbytes.nn.Linear8bitLt`."""
 
+        @torch.compiler.disable
+        def base_weight(self) -> torch.Tensor:
+            """W0: dequantised, or as it is where `llm_int8_has_fp16_weight=True` keeps it dense (quantised in each
+            forward; PEFT's helper failed on its missing scales)."""
+            weight = self.get_base_layer().weight
+            return weight if weight.dtype != torch.int8 else super().base_weight()
+
         def _store_weight(self, weight: torch.Tensor) -> None:
             base = self.get_base_layer()
             old = base.weight

@@ -45,6 +45,28 @@ def test_quantised_layer_equals_naive_with_dequantised_weight(base_dir, bits):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_8bit_base_keeping_dense_weights_trains_on_them(base_dir):
+    """`llm_int8_has_fp16_weight=True` keeps an 8-bit layer's weight dense (quantised in each forward, no scales):
+    PEFT's dequantisation helper failed on the missing scales inside `get_peft_model`; W0 is that weight."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization, device_map={"": "cpu"})
+    config = GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, init_weights=False, entropy_weight=0.0)
+    layer = get_peft_model(base, config).base_model.model.model.layers[0].mlp.down_proj
+    W0 = layer.base_layer.weight.detach().float()
+    assert W0.dtype == torch.float32 and layer.base_layer.state.SCB is None
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    gate, A, B = layer.gatera_gate["default"], layer.gatera_A["default"], layer.gatera_B["default"]
+    assert layer.scaling["default"] == pytest.approx(1 / (W0.square().mean().sqrt().item() * 0.5), rel=1e-5)
+    out = layer(x)
+    expected = layer.base_layer(x) + layer.scaling["default"] * naive_gated_hira(x, W0, A, B, gate.weight, gate.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad_out, inputs = torch.randn_like(out), [x, A, B, gate.weight, gate.bias]
+    for ours, ref in zip(torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out)):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_rms_scaling_reads_the_dequantised_weight(base_dir, bits):
     """hira_scaling='rms' on a quantised base: s = 1 / RMS of the dequantised W0 (not of the packed bytes)."""
