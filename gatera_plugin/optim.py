@@ -74,9 +74,12 @@ def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
     groups = []
     for group in optimizer.param_groups:
         by_ratio: dict[float, list] = {}
-        for param in group["params"]:
-            by_ratio.setdefault(ratios.get(id(param), 1.0), []).append(param)
-        for ratio, params in by_ratio.items():
+        names = group.get("param_names")  # (an optimizer built from `named_parameters()`: split with the params)
+        for index, param in enumerate(group["params"]):
+            by_ratio.setdefault(ratios.get(id(param), 1.0), []).append(index)
+        for ratio, indices in by_ratio.items():
+            params = [group["params"][i] for i in indices]
+            named = {"param_names": [names[i] for i in indices]} if names is not None else {}
             lr = group.get("lr")
             if ratio != 1.0 and (lr is None or group.get("relative_step")):
                 raise ValueError(
@@ -90,7 +93,7 @@ def split_gate_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
                     f"param group has lr={lr!r}, not a number. Give it a number (or a one-element tensor), or set "
                     "gate_lr_ratio=1.")
             extra = {"lr": lr * ratio} if ratio != 1.0 else {}  # (a tensor rate stays a tensor, on its device)
-            groups.append({**group, "params": params, **extra})
+            groups.append({**group, "params": params, **named, **extra})
     optimizer.param_groups.clear()
     for group in groups:
         optimizer.add_param_group(group)

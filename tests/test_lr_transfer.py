@@ -145,6 +145,23 @@ def test_split_gate_groups_gives_gates_their_rate_and_keeps_other_hyperparameter
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
 
 
+def test_split_gate_groups_splits_the_names_of_an_optimizer_built_from_named_parameters():
+    """torch ≥ 2.6 optimizers take `named_parameters()` and keep `param_names` per group (in their state_dict); each
+    split group had the whole group's names, naming A where the gate's weight stood."""
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_lr_ratio=3.0))
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(named, lr=1e-4)
+    if "param_names" not in optimizer.param_groups[0]:
+        pytest.skip("this torch keeps no param_names")
+    split_gate_groups(optimizer, model)
+    name_of = {id(p): name for name, p in named}
+    assert len(optimizer.param_groups) == 2
+    for group in optimizer.param_groups:
+        assert group["param_names"] == [name_of[id(p)] for p in group["params"]]
+    assert sorted(optimizer.state_dict()["param_groups"][1]["param_names"]) == sorted(
+        name for name, _ in named if "gatera_gate" in name)
+
+
 def test_ratio_one_leaves_the_optimizer_alone():
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
