@@ -690,12 +690,37 @@ class GateRAModel(BaseTuner):
             config = self.peft_config.get(name)
             if config is not None and config.is_gated:
                 raise ValueError(_unmergeable_message(name, config.gate))
+        self._refuse_tied_merge(adapter_names)
         if safe_merge:
             for module in self.model.modules():
                 if isinstance(module, GateRALayer):
                     names = module.active_adapters if adapter_names is None else adapter_names
                     module.refuse_non_finite_merge([n for n in names if n in module.gatera_A
                                                     and n not in module.merged_adapters])
+
+    def _refuse_tied_merge(self, adapter_names: Optional[list[str]]) -> None:
+        """Refuse to merge into a base weight that another module shares (a tied `lm_head`, whose weight is the input
+        embedding's): the merge would change that module too, a silently different model (PEFT only warns)."""
+        owners: dict[int, dict[int, str]] = {}  # {id(param): {id(module holding it): its name}}
+        for module_name, module in self.model.named_modules(remove_duplicate=False):
+            for param_name, param in module._parameters.items():
+                if param is not None:
+                    owners.setdefault(id(param), {})[id(module)] = f"{module_name}.{param_name}".lstrip(".")
+        for name, module in self.model.named_modules():
+            if not isinstance(module, GateRALayer):
+                continue
+            names = module.active_adapters if adapter_names is None else adapter_names
+            if not any(n in module.gatera_A and n not in module.merged_adapters for n in names):
+                continue
+            base = module.get_base_layer()
+            shared = [n for holder, n in owners.get(id(base.weight), {}).items() if holder != id(base)]
+            if shared:
+                raise ValueError(
+                    f"{name}'s base weight is also {shared[0]!r} (tied weights, e.g. `tie_word_embeddings`): merging "
+                    "the adapter into it would change that module too, so the merged model would not be the adapted "
+                    "one. Untie it first (`layer.base_layer.weight = torch.nn.Parameter(layer.base_layer.weight."
+                    "detach().clone())` and `model.config.tie_word_embeddings = False`), or keep the adapter unmerged."
+                )
 
     def add_weighted_adapter(self, *args, **kwargs):
         """Refused: PEFT's `add_weighted_adapter` is LoRA's (and IA3's) own, not a tuner-wide API."""
