@@ -422,6 +422,18 @@ class GateRAModel(BaseTuner):
             return
         super()._check_tied_modules(model, peft_config)
 
+    def _add_targets_to_tie(self, peft_config: GateRAConfig, tied_weight_keys: list[str]) -> None:
+        """`ensure_weight_tying` with a tied layer (`lm_head`) in `target_modules` (PEFT calls this while injecting;
+        LoRA then adapts the input embedding too, tied to it). GateRA adapts linear layers, not the embedding: refused,
+        rather than PEFT's warning and an untied adapter."""
+        head = tied_weight_keys[0]
+        raise ValueError(
+            f"`ensure_weight_tying=True` with the tied {head!r} in `target_modules`: GateRA cannot adapt the input "
+            f"embedding that {head!r} is tied to (it adapts linear layers), so the two cannot share an adapter. Leave "
+            f"{head!r} out of `target_modules`, or set ensure_weight_tying=False to adapt the output head alone (its "
+            "adapter then cannot be merged while the weights stay tied)."
+        )
+
     def _add_modules_to_save_to_tie(self, peft_config: GateRAConfig, tied_weight_keys: list[str]) -> None:
         """`ensure_weight_tying` on a tied model whose `modules_to_save` names a tied embedding (PEFT calls this while
         injecting): the input embedding's copy is the one trained and saved, and the layers tied to it

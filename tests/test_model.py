@@ -178,6 +178,18 @@ def test_merging_into_a_tied_lm_head_is_refused_and_the_untying_it_names_merges_
     torch.testing.assert_close(eval_logits(model.merge_and_unload(), input_ids), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], r".*(q_proj|lm_head)"])
+def test_ensure_weight_tying_with_a_tied_lm_head_target_is_refused(targets):
+    """LoRA ties an lm_head's adapter to one on the embedding; GateRA cannot adapt the embedding, and PEFT only
+    warned ("no implementation exists") and built the adapter untied, although the user asked for tying."""
+    base = tiny_llama(tied=True)
+    config = GateRAConfig(r=4, target_modules=targets, ensure_weight_tying=True)
+    with pytest.raises(ValueError, match=r"`ensure_weight_tying=True` with the tied 'lm_head' in `target_modules`.*"
+                                         r"Leave 'lm_head' out of `target_modules`, or set ensure_weight_tying=False"):
+        get_peft_model(base, config)
+    assert not any(isinstance(m, GateRALayer) for m in base.modules())
+
+
 def test_unload_disable_and_delete_adapter():
     base = tiny_llama()
     input_ids = torch.randint(3, 128, (2, 9))
