@@ -23,10 +23,12 @@ _WARNED: set[str] = set()  # warnings given once per process
 
 
 class _KeptPacked:
-    """A packed 4-bit weight kept while merged (`Linear4bit._keep_for_unmerge`), out of sight of `nn.Module`."""
+    """A quantised weight kept while merged (`_keep_for_unmerge` of the 4-bit and 8-bit wrappers), out of sight of
+    `nn.Module`; `scales`: an 8-bit weight's row scales (bitsandbytes moves them from the weight to the layer's state
+    at its first forward, and the merge resets that state)."""
 
-    def __init__(self, weight) -> None:
-        self.weight = weight
+    def __init__(self, weight, scales=None) -> None:
+        self.weight, self.scales = weight, scales
 
 
 def _refuse_zero3_4bit() -> None:
@@ -90,6 +92,30 @@ if is_bnb_available():
             forward; PEFT's helper failed on its missing scales)."""
             weight = self.get_base_layer().weight
             return weight if weight.dtype != torch.int8 else super().base_weight()
+
+        def _keep_for_unmerge(self):
+            """The `Int8Params` itself and its row scales (merging puts a new one in its place): no dense fp32 copy
+            of W0, 4x the int8 weight, while merged (a dense weight, `llm_int8_has_fp16_weight`: its copy)."""
+            base = self.get_base_layer()
+            if base.weight.dtype != torch.int8:
+                return super()._keep_for_unmerge()
+            scales = base.weight.SCB if base.weight.SCB is not None else base.state.SCB
+            return _KeptPacked(base.weight, scales)
+
+        def _read_kept(self, kept) -> torch.Tensor:
+            if not isinstance(kept, _KeptPacked):
+                return super()._read_kept(kept)
+            return bnb.functional.int8_vectorwise_dequant(kept.weight.data, kept.scales.to(kept.weight.device))
+
+        def _restore_kept(self, kept) -> None:
+            if not isinstance(kept, _KeptPacked):
+                return super()._restore_kept(kept)
+            base, weight, scales = self.get_base_layer(), kept.weight, kept.scales
+            if weight.device != base.weight.device:  # (the model moved while merged)
+                weight, scales = weight.to(base.weight.device), scales.to(base.weight.device)
+            weight.CB, weight.SCB = weight.data, scales  # (as quantising left them: the layer's first forward takes them)
+            base.weight = weight
+            base.state.reset_grads()
 
         def _store_weight(self, weight: torch.Tensor) -> None:
             base = self.get_base_layer()

@@ -115,6 +115,39 @@ def test_cache_delta_reuses_its_update_on_a_4bit_base_stored_as_bf16(base_dir):
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("forward_first", [False, True])
+def test_8bit_unmerge_puts_back_the_int8_weight_it_merged_into(base_dir, forward_first):
+    """While merged, an 8-bit layer kept a dense fp32 copy of W0 (4x its int8 weight) for unmerge; it keeps the int8
+    weight and its row scales (which bitsandbytes moves to the layer's state at the first forward), restored exactly."""
+    model = get_peft_model(load_4bit(base_dir, bits=8), GateRAConfig(r=4, target_modules=LLAMA_PROJECTIONS, gate="none"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gatera_B" in name:
+                p.normal_(0, 0.04)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    int8 = layer.base_layer.weight.data.clone()
+    model.eval()
+    input_ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        if forward_first:  # (the scales have moved from the weight to the layer's state)
+            model(input_ids=input_ids)
+        expected = model(input_ids=input_ids).logits
+        for _ in range(3):
+            with pytest.warns(UserWarning, match="re-quantises the merged weight"):
+                model.merge_adapter()
+            kept = layer._weight_before_merge
+            assert kept.weight.dtype == torch.int8 and kept.weight.numel() * kept.weight.element_size() == 64 * 128
+            assert not torch.equal(layer.base_layer.weight.data, int8)
+            model(input_ids=input_ids)  # (the merged weight's first forward takes its scales into the state)
+            model.unmerge_adapter()
+            assert torch.equal(layer.base_layer.weight.data, int8)
+            torch.testing.assert_close(model(input_ids=input_ids).logits, expected, rtol=0, atol=0)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    layer.train()
+    layer(x).sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
 def test_4bit_branch_keeps_no_dequantised_weight(base_dir):
     """Between forward and backward the HiRA branch holds no d_out × d_in tensor (PEFT's HiRA keeps W0 ⊙ BA and the
     dequantised W0)."""
