@@ -245,3 +245,10 @@ if is_bnb_4bit_available():
         if isinstance(base, bnb.nn.Linear4bit):
             return Linear4bit(target, adapter_name, config=config, **kwargs)
         return None
+
+
+def refuse_4bit_under_zero3(model: torch.nn.Module) -> None:
+    """`_refuse_zero3_4bit` for a model whose 4-bit layers were wrapped before the ZeRO-3 config existed
+    (`get_peft_model` before `TrainingArguments(deepspeed=...)`): the Trainer integration calls it on its model."""
+    if is_bnb_4bit_available() and any(isinstance(module, Linear4bit) for module in model.modules()):
+        _refuse_zero3_4bit()

@@ -449,6 +449,10 @@ def prepare_model(trainer, model) -> None:
     tuner = find_gatera_model(model)
     if tuner is None:
         return
+    if trainer.is_deepspeed_enabled:
+        from .bnb import refuse_4bit_under_zero3
+
+        refuse_4bit_under_zero3(model)
     check_deepspeed_optimizer(trainer, model)
     if not trainer.is_deepspeed_enabled:
         tuner.upcast_gates_to_fp32()

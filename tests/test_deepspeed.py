@@ -288,6 +288,29 @@ def test_4bit_base_under_zero3_is_refused_clearly(tmp_path):
         del keep_alive
 
 
+def test_4bit_adapter_made_before_the_zero3_config_is_refused_by_the_trainer(tmp_path):
+    """`get_peft_model` before `TrainingArguments(deepspeed=zero3)`: the layers' own check found no ZeRO-3 config yet,
+    so the Trainer's preparation of its model refuses it (what ZeRO-3 does to the packed weights is untested)."""
+    pytest.importorskip("bitsandbytes")
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from gatera_plugin import GateRAConfig
+    from gatera_plugin.trainer_integration import prepare_model
+    from tests.helpers import load_4bit, tiny_llama
+
+    tiny_llama(hidden=64, intermediate=128).save_pretrained(tmp_path)
+    model = get_peft_model(load_4bit(tmp_path), GateRAConfig(r=4, target_modules=["q_proj"]))
+    keep_alive = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        with pytest.raises(ValueError, match="4-bit .* under DeepSpeed ZeRO-3.*Use ZeRO-2"):
+            prepare_model(SimpleNamespace(is_deepspeed_enabled=True), model)
+    finally:
+        del keep_alive
+
+
 # One process: a base loaded by `from_pretrained` while a ZeRO-3 config is live (what `TrainingArguments(deepspeed=...)`
 # sets up) comes partitioned, each weight an empty (0,) shard outside forward; the adapter is added onto that.
 ZERO3_LOADED_BASE = """
