@@ -354,7 +354,8 @@ class GateRALayer(BaseTunerLayer):
             self._check_base_frozen()
 
         token_gate = self.gatera_gate[adapter_name] if adapter_name in self.gatera_gate else None
-        multiplier = None  # (..., 1) or None
+        sparse = config.sparse_threshold > 0 and (not self.training or config.sparse_training)
+        multiplier = structure = None  # (..., 1) or None; the structure gate's σ(α) (1,) or None
         if token_gate is not None and not token_gate.reads_branch_output:  # (GateRA's σ(w·x + b))
             gate = token_gate(x, pass_input=True)
             x = token_gate.take_passed_input(x)  # (x's gradients from the gate and from the branch add in one pass)
@@ -363,18 +364,22 @@ class GateRALayer(BaseTunerLayer):
         if adapter_name in self.gatera_structure:
             structure_gate = self.gatera_structure[adapter_name]
             structure = self._penalised(adapter_name, structure_gate, structure_gate(), None, taps)  # (1,)
-            structure = structure.to(x.dtype).expand(*x.shape[:-1], 1)
-            multiplier = structure if multiplier is None else multiplier * structure
+            expanded = structure.to(x.dtype).expand(*x.shape[:-1], 1)
+            multiplier = expanded if multiplier is None else multiplier * expanded
         x_branch = self.gatera_dropout[adapter_name](x)
 
         if token_gate is not None and token_gate.reads_branch_output:  # (TS-PEFT's selection by the branch's output)
+            if sparse and structure is not None and bool(structure < config.sparse_threshold):
+                # the structure gate closes the module: no branch, so the threshold gate, which reads the branch's
+                # output, has nothing to select from (σ(α) stays in the graph for its penalty, as for skipped tokens)
+                return _without_update(result, multiplier)
             update = self._branch(adapter_name, x_branch, None, None, base_out)
             selection = token_gate(update, self._without_bias(base_out).to(update.dtype))
             selection = self._penalised(adapter_name, token_gate, selection, mask, taps)
             multiplier = selection if multiplier is None else selection * multiplier
             return add_gated(result, update, multiplier, 1.0)
 
-        if multiplier is not None and config.sparse_threshold > 0 and (not self.training or config.sparse_training):
+        if multiplier is not None and sparse:
             return self._sparse_update(adapter_name, x_branch, multiplier, result, base_out)
         return self._branch(adapter_name, x_branch, multiplier, result, base_out)
 
@@ -395,10 +400,7 @@ class GateRALayer(BaseTunerLayer):
         index = active.nonzero().squeeze(1)
         rows = result.reshape(-1, result.shape[-1])
         if index.numel() == 0:
-            # every token skips; the multiplier stays in the graph (a zero task gradient) so that its penalty tap
-            # still gives the gates their penalty's gradient and records their statistics, as for skipped tokens
-            # beside open ones
-            return result + multiplier.sum().mul(0).to(result.dtype) if multiplier.requires_grad else result
+            return _without_update(result, multiplier)
         # the open rows through the branch with their own outputs as its base: each rounds as on the dense path
         open_rows = self._branch(adapter_name, x.reshape(-1, x.shape[-1])[index], flat[index].unsqueeze(1),
                                  rows[index], base_out.reshape(-1, base_out.shape[-1])[index])
@@ -530,6 +532,13 @@ def _called_by_others(module: nn.Module) -> bool:
     global_hooks = (getattr(torch.nn.modules.module, name, None) for name in (
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
     return any(hooks) or any(global_hooks) or "forward" in vars(module)
+
+
+def _without_update(result: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """`result` for tokens that all skip the branch; the multiplier stays in the graph (a zero task gradient) so that
+    its penalty tap still gives the gates their penalty's gradient and records their statistics, as for skipped
+    tokens beside open ones."""
+    return result + multiplier.sum().mul(0).to(result.dtype) if multiplier.requires_grad else result
 
 
 def _evenly_spaced(tensor: torch.Tensor, count: int) -> torch.Tensor:

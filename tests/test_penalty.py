@@ -179,6 +179,38 @@ def test_a_layer_whose_tokens_all_skip_under_sparse_training_keeps_its_penalty()
     assert sparse_mean == pytest.approx(dense_mean)
 
 
+def test_a_structure_gate_below_sparse_threshold_skips_a_threshold_gated_module():
+    """gate='threshold' with structure_gate and sparse_threshold: the setting was accepted and then ignored (the
+    threshold gate's path returned before the sparse check), so a module whose σ(α) was below ε still ran in eval. It
+    is skipped now, in eval and under sparse_training, with the structure penalty's gradient kept."""
+    input_ids, mask, _ = _batch()
+    outputs, grads = {}, {}
+    for sparse in (False, True):
+        options = dict(sparse_threshold=0.5, sparse_training=True) if sparse else {}
+        model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate="threshold", init_weights=False,
+                                                          threshold_init=0.0, structure_gate=True, structure_weight=LAMBDA,
+                                                          **options))
+        randomize_adapters(model)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("alpha"):
+                    param.fill_(-2.0)  # σ(α) = 0.12 < ε = 0.5: every module closed
+        for training in (False, True):
+            model.train(training)
+            out = model(input_ids=input_ids, attention_mask=mask).logits
+            outputs[sparse, training] = out.detach()
+        (out.sum() * 0).backward()  # only the penalty drives the structure gates
+        grads[sparse] = {n: p.grad for n, p in model.named_parameters() if n.endswith("alpha")}
+    with torch.no_grad():
+        base = tiny_llama()(input_ids=input_ids, attention_mask=mask).logits
+    assert not torch.allclose(outputs[False, False], base, atol=1e-3)
+    torch.testing.assert_close(outputs[True, False], base, rtol=0, atol=0)  # eval: skipped
+    torch.testing.assert_close(outputs[True, True], base, rtol=0, atol=0)  # sparse_training: skipped
+    assert grads[True] and all(g is not None and g.abs().item() > 0 for g in grads[True].values())
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad)
+
+
 def test_statistics_equal_the_explicit_means():
     input_ids, mask, labels = _batch()
     model = _model(LAMBDA)
