@@ -245,13 +245,17 @@ class ThresholdGate(Gate):
 
     @staticmethod
     def ratio(update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """`‖Δy‖ / ‖W0 x‖` per token: update, base (..., d_out) → (..., 1)."""
+        """`‖Δy‖ / ‖W0 x‖` per token in fp32: update, base (..., d_out) → (..., 1)."""
         base_norm = base.detach().float().norm(dim=-1, keepdim=True)
-        return (update.float().norm(dim=-1, keepdim=True) / base_norm.clamp(min=1e-12)).to(update.dtype)
+        return update.float().norm(dim=-1, keepdim=True) / base_norm.clamp(min=1e-12)
 
     def forward(self, update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Selection (..., 1) in {0, 1} for the branch output `update` and the base output without bias `base`."""
-        return _ThresholdSTE.apply(self.ratio(update, base), self.threshold.to(update.dtype), self.temperature)
+        """Selection (..., 1) in {0, 1} (fp32) for the branch output `update` and the base output without bias `base`.
+
+        r and τ are compared in fp32 whatever the update's dtype: rounded to bf16 (2^-8 relative) τ ≈ 0.05 moved
+        in steps of 2.4e-4, coarser than an Adam step of 1e-4, and tokens within that of τ were kept or dropped by the
+        rounding."""
+        return _ThresholdSTE.apply(self.ratio(update, base), self.threshold.float(), self.temperature)
 
     @staticmethod
     def penalty(config) -> tuple[float, Callable]:

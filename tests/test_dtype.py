@@ -501,3 +501,24 @@ def test_the_entropy_penalty_reads_the_fp32_gate_not_its_half_precision_copy(whe
     assert gate.bias.grad.item() == pytest.approx(truth_grad.item(), rel=torch.finfo(dtype).eps)
     stats = model.base_model.pop_gate_stats()
     assert stats["gatera/entropy"] == pytest.approx(truth_entropy.item(), rel=1e-4)
+
+
+def test_threshold_gate_compares_r_and_tau_in_fp32_for_a_bf16_update():
+    """r and τ were rounded to the update's bf16 before `r ≥ τ`: a token with r = v (a bf16 value near 0.05, where
+    bf16's spacing is 2.4e-4) and τ = v + 1e-4 was kept (both v in bf16), and τ's Adam steps of ~1e-4 moved the
+    selection in jumps. Compared in fp32, the selection is the exact one."""
+    from gatera_plugin.gates import ThresholdGate
+
+    v = torch.tensor(0.05).bfloat16()
+    spacing = 2.0 ** (math.floor(math.log2(v.item())) - 7)
+    base = torch.zeros(3, 4, dtype=torch.bfloat16)
+    base[:, 0] = 1.0
+    update = torch.zeros(3, 4, dtype=torch.bfloat16)
+    update[:, 1] = torch.stack([v - spacing, v, v + spacing])  # r: three neighbouring bf16 values
+    ratio = update.double().norm(dim=-1, keepdim=True)
+    gate = ThresholdGate(threshold_init=0.0)
+    for offset in (-1e-4, 1e-4, spacing + 1e-4):
+        tau = v.item() + offset
+        gate.threshold.data.fill_(tau)
+        expected = (ratio >= torch.tensor(tau, dtype=torch.float32).double()).float()
+        torch.testing.assert_close(gate(update, base).float(), expected, rtol=0, atol=0)
