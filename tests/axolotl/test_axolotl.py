@@ -1157,6 +1157,38 @@ def test_merge_lora_judges_the_saved_adapters_gate_not_the_yamls(tmp_path, saved
         GateRAArgs.model_validate(keys)
 
 
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+@pytest.mark.parametrize("where", ["lora_model_dir", "output_dir"])
+def test_a_saved_gatera_adapter_under_another_adapter_kind_is_refused(tmp_path, adapter, where):
+    """A LoRA YAML pointed at a GateRA adapter: with `adapter: lora` Axolotl loaded the GateRA folder and its LoRA
+    kernel patches failed on it (AttributeError), and `merge-lora` merged no tensor and wrote the base model
+    unchanged, exit 0. Refused when the config is read, naming `adapter: gatera`; a LoRA folder passes."""
+    from peft import LoraConfig, get_peft_model
+
+    from gatera_plugin import GateRAConfig
+    from gatera_plugin.integrations.axolotl.args import GateRAArgs
+    from tests.helpers import tiny_llama
+
+    get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], gate="none")).save_pretrained(
+        tmp_path / "gatera")
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    keys = {"adapter": adapter, "lora_target_modules": ["q_proj"], **({"merge_lora": True} if where == "output_dir"
+                                                                      else {})}
+    with pytest.raises(ValueError, match=rf"`{where}: .*gatera` holds a GateRA adapter, but this config has adapter: "
+                                         rf"'{adapter}'.*Set `adapter: gatera`"):
+        GateRAArgs.model_validate({**keys, where: str(tmp_path / "gatera")})
+    GateRAArgs.model_validate({**keys, where: str(tmp_path / "lora")})
+
+
+def test_4bit_and_8bit_together_are_refused():
+    """Axolotl refuses both for `qlora` and takes 8-bit for `lora`; `adapter: gatera` silently loaded 4-bit."""
+    from gatera_plugin.integrations.axolotl.args import GateRAArgs
+
+    with pytest.raises(ValueError, match=r"`load_in_4bit` and `load_in_8bit` are both set.*Keep one"):
+        GateRAArgs.model_validate({"adapter": "gatera", "lora_target_modules": ["q_proj"], "load_in_4bit": True,
+                                   "load_in_8bit": True})
+
+
 def test_a_continued_adapter_keeps_its_dropout_unless_the_yaml_sets_one_and_reports_every_structural_key(
         tmp_path, caplog):
     """With `lora_model_dir`, Axolotl's validation fills in `lora_dropout: 0.0` for a YAML without the key: the saved

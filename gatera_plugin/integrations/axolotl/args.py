@@ -60,20 +60,27 @@ def _as_number(value):
     return value
 
 
-def _saved_gate(data: dict) -> str:
-    """The gate kind of the adapter the config continues or merges: the saved `adapter_config.json`'s (in
-    `lora_model_dir`, or for `merge_lora` the `output_dir` Axolotl's merge reads without one), which governs over the
-    YAML; the YAML's `gatera_gate` (default sigmoid) where no adapter is saved."""
+def _saved_config(data: dict) -> tuple[Optional[str], dict]:
+    """(folder, its `adapter_config.json`) of the adapter the config continues or merges: `lora_model_dir`, or for
+    `merge_lora` the `output_dir` Axolotl's merge reads without one; {} where none is saved or it cannot be read (a
+    missing or unreadable config is reported where the adapter loads)."""
     from gatera_plugin.serialization import read_config
 
     folder = data.get("lora_model_dir") or (data.get("output_dir") if data.get("merge_lora") else None)
-    if folder:
-        try:  # (a missing or unreadable config is reported where the adapter loads)
-            saved = read_config(Path(folder))
-        except (OSError, ValueError):
-            saved = {}
-        if isinstance(saved.get("gate"), str):
-            return saved["gate"]
+    if not folder:
+        return None, {}
+    try:
+        return str(folder), read_config(Path(folder))
+    except (OSError, ValueError):
+        return str(folder), {}
+
+
+def _saved_gate(data: dict) -> str:
+    """The gate kind of the adapter the config continues or merges (`_saved_config`), which governs over the YAML;
+    the YAML's `gatera_gate` (default sigmoid) where no adapter is saved."""
+    saved = _saved_config(data)[1]
+    if isinstance(saved.get("gate"), str):
+        return saved["gate"]
     return data.get("gatera_gate") or _DEFAULTS["gate"]
 
 
@@ -171,6 +178,9 @@ class GateRAArgs(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def gatera_keys_need_gatera_adapter(cls, data):
+        """`gatera_*` keys, or a saved GateRA adapter to continue or merge, under another `adapter:` are refused: with
+        `adapter: lora` Axolotl loaded the GateRA folder, then its LoRA kernel patches failed on it, and `merge-lora`
+        merged no tensor and wrote the base model unchanged."""
         if not isinstance(data, dict) or data.get("adapter") == "gatera":
             return data
         stray = [key for key in GATERA_KEYS if data.get(key) is not None]
@@ -178,6 +188,14 @@ class GateRAArgs(BaseModel):
             raise ValueError(
                 f"{', '.join(stray)} only apply with `adapter: gatera` (this config has adapter: "
                 f"{data.get('adapter')!r}). Set `adapter: gatera` or remove them."
+            )
+        folder, saved = _saved_config(data)
+        if data.get("adapter") and str(saved.get("peft_type", "")).upper() == "GATERA":
+            key = "lora_model_dir" if data.get("lora_model_dir") else "output_dir"
+            raise ValueError(
+                f"`{key}: {folder}` holds a GateRA adapter, but this config has adapter: {data.get('adapter')!r}, "
+                "which would load or merge it as a LoRA adapter. Set `adapter: gatera` (with `load_in_4bit: true` "
+                "for a 4-bit base, as `qlora` loads)."
             )
         return data
 
@@ -204,6 +222,11 @@ class GateRAArgs(BaseModel):
                 "`trl.use_vllm: true` cannot generate from a gated GateRA adapter: TRL hands vLLM the policy by "
                 "merging the adapter into the base weights, and a per-token gate has no merged weight. Set "
                 "`trl.use_vllm: false` (generation then uses the model being trained) or train with `gatera_gate: none`."
+            )
+        if data.get("load_in_4bit") and data.get("load_in_8bit"):
+            raise ValueError(
+                "`load_in_4bit` and `load_in_8bit` are both set: `adapter: gatera` loads the base in 4-bit with "
+                "`load_in_4bit`, in 8-bit with `load_in_8bit`. Keep one."
             )
         if data.get("relora"):
             raise ValueError("`relora` is a LoRA restart scheme; it is not supported with `adapter: gatera`.")
