@@ -1180,13 +1180,21 @@ def test_a_saved_gatera_adapter_under_another_adapter_kind_is_refused(tmp_path, 
     GateRAArgs.model_validate({**keys, where: str(tmp_path / "lora")})
 
 
-def test_4bit_and_8bit_together_are_refused():
-    """Axolotl refuses both for `qlora` and takes 8-bit for `lora`; `adapter: gatera` silently loaded 4-bit."""
+@pytest.mark.parametrize("keys,message", [
+    ({"load_in_4bit": True, "load_in_8bit": True}, r"`load_in_4bit` and `load_in_8bit` are both set.*Keep one"),
+    ({"flash_attn_fuse_mlp": True}, r"`flash_attn_fuse_mlp: true` replaces the MLP's gate_proj / up_proj"),
+    ({"use_onebitllms": True}, r"`use_onebitllms` .* not supported with `adapter: gatera`"),
+    ({"rl": "dpo", "load_in_4bit": True, "gradient_checkpointing": True, "capabilities": {"n_gpu": 2},
+      "gradient_checkpointing_kwargs": {"use_reentrant": True}}, r"Set `use_reentrant: False`"),
+], ids=["4bit-and-8bit", "fused-mlp", "onebitllms", "distributed-rl-4bit-reentrant"])
+def test_what_axolotl_refuses_for_lora_and_qlora_is_refused_for_gatera(keys, message):
+    """Axolotl's checks for `adapter: lora` / `qlora` that `adapter: gatera` passed: both bit widths (qlora refuses
+    them, lora takes 8-bit; gatera silently loaded 4-bit), fused MLP modules, BitNet training, and distributed RL on
+    a 4-bit base with reentrant checkpointing."""
     from gatera_plugin.integrations.axolotl.args import GateRAArgs
 
-    with pytest.raises(ValueError, match=r"`load_in_4bit` and `load_in_8bit` are both set.*Keep one"):
-        GateRAArgs.model_validate({"adapter": "gatera", "lora_target_modules": ["q_proj"], "load_in_4bit": True,
-                                   "load_in_8bit": True})
+    with pytest.raises(ValueError, match=message):
+        GateRAArgs.model_validate({"adapter": "gatera", "lora_target_modules": ["q_proj"], **keys})
 
 
 def test_a_continued_adapter_keeps_its_dropout_unless_the_yaml_sets_one_and_reports_every_structural_key(

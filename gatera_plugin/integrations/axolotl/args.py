@@ -228,6 +228,22 @@ class GateRAArgs(BaseModel):
                 "`load_in_4bit` and `load_in_8bit` are both set: `adapter: gatera` loads the base in 4-bit with "
                 "`load_in_4bit`, in 8-bit with `load_in_8bit`. Keep one."
             )
+        if data.get("flash_attn_fuse_mlp"):  # (Axolotl refuses it for lora and qlora alike)
+            raise ValueError(
+                "`flash_attn_fuse_mlp: true` replaces the MLP's gate_proj / up_proj with one fused module that GateRA "
+                "cannot adapt (as LoRA cannot: Axolotl refuses it with `adapter: lora`). Remove it."
+            )
+        if data.get("use_onebitllms"):
+            raise ValueError("`use_onebitllms` (BitNet 1.58-bit training) is not supported with `adapter: gatera`, as "
+                             "Axolotl does not support it with LoRA: GateRA would read the latent weights as W0.")
+        checkpointing = data.get("gradient_checkpointing_kwargs") or {}
+        if (data.get("rl") and data.get("load_in_4bit") and data.get("gradient_checkpointing")
+                and checkpointing.get("use_reentrant") and (data.get("capabilities") or {}).get("n_gpu", 1) > 1):
+            raise ValueError(  # (Axolotl's own check for qlora: distributed RL with reentrant checkpointing fails)
+                "The `use_reentrant: True` implementation of gradient checkpointing is not supported for distributed "
+                "RL training on a 4-bit base (as Axolotl says for QLoRA). Set `use_reentrant: False` in "
+                "`gradient_checkpointing_kwargs`."
+            )
         if data.get("relora"):
             raise ValueError("`relora` is a LoRA restart scheme; it is not supported with `adapter: gatera`.")
         kernels = [key for key in LORA_KERNEL_KEYS if data.get(key)]
