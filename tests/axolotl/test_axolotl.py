@@ -1260,6 +1260,9 @@ def test_the_config_check_reads_numbers_as_pydantic_does_and_names_only_keys_the
     assert set(NUMBER_KEYS) == floats | {"lora_r", "lora_alpha", "lora_dropout"}
     GateRAArgs.model_validate({"adapter": "gatera", "lora_target_linear": True, "gatera_entropy_weight": "1e-3",
                                "lora_dropout": "5e-2", "lora_r": "16"})
+    GateRAArgs.model_validate({"adapter": "gatera", "lora_target_linear": True, "lora_r": 16.0})  # (int field: 16)
+    with pytest.raises(ValueError, match=r"`r` must be an integer"):
+        GateRAArgs.model_validate({"adapter": "gatera", "lora_target_linear": True, "lora_r": 16.5})
     with pytest.raises(ValueError) as refused:
         GateRAArgs.model_validate({"adapter": "gatera", "lora_target_linear": True, "gatera_gate_bias_init": 30})
     assert "(In the YAML: `gatera_gate_bias_init` sets gate_bias_init.)" in str(refused.value)

@@ -147,6 +147,8 @@ class GateRAArgs(BaseModel):
         # (the raw values, before pydantic converts them: a number YAML reads as a string, `1e-3`, or a CLI override
         # Axolotl leaves as one, as pydantic's lax mode will read it)
         values = {key: _as_number(value) if key in NUMBER_KEYS else value for key, value in data.items()}
+        if isinstance(values.get("lora_r"), float) and values["lora_r"].is_integer():  # (Axolotl's int field takes 16.0)
+            values["lora_r"] = int(values["lora_r"])
         try:
             gatera_config_from_axolotl(values, model=None, warn=False)
         except (ValueError, TypeError) as error:
