@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,11 +77,22 @@ def _checked_token_indices(indices):
     """`trainable_token_indices` as PEFT takes it: a list of token ids (≥ 0) for the input embedding, or {embedding
     module name: such a list}; empty lists mean no rows (None, or the entry dropped). Anything else is refused, naming
     the setting (PEFT failed at the first forward, deep in `index_copy_`)."""
+    def token_id(value) -> Optional[int]:
+        """An integer ≥ 0 as a Python int (NumPy's integers too, as PEFT takes them); None for anything else."""
+        if isinstance(value, bool):
+            return None
+        try:
+            index = operator.index(value)
+        except TypeError:
+            return None
+        return index if index >= 0 else None
+
     def token_ids(value, where):
-        if not isinstance(value, (list, tuple)) or not all(map(_is_index, value)):
+        ids = [token_id(v) for v in value] if isinstance(value, (list, tuple)) else [None]
+        if None in ids:
             raise ValueError(f"`trainable_token_indices`{where} must be a list of token ids (integers ≥ 0), e.g. "
                              f"[0, 5], got {value!r}. Use `tokenizer.convert_tokens_to_ids(new_tokens)`.")
-        return list(value)
+        return ids
 
     if indices is None:
         return None
@@ -385,6 +397,8 @@ class GateRAConfig(PeftConfig):
         if saved is not None and (not isinstance(saved, (list, set, tuple)) or not all(isinstance(v, str) for v in saved)):
             example = f"[{saved!r}]" if isinstance(saved, str) else "['lm_head']"
             raise ValueError(f"`modules_to_save` must be a list of module names, e.g. {example}, got {saved!r}.")
+        if saved is not None:
+            self.modules_to_save = list(dict.fromkeys(saved))  # (PEFT extends it: a list, whatever was given)
         self.trainable_token_indices = _checked_token_indices(self.trainable_token_indices)
         patterns = [(name, getattr(self, name)) for name in ("target_modules", "exclude_modules")
                     if isinstance(getattr(self, name), str)]

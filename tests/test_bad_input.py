@@ -110,6 +110,21 @@ def test_empty_trainable_token_indices_train_no_rows(indices):
     get_peft_model(tiny_llama(), config)(torch.randint(0, 64, (1, 5))).logits.sum().backward()
 
 
+def test_token_indices_from_numpy_and_modules_to_save_as_a_tuple_are_taken_as_peft_takes_them():
+    """NumPy's integers (`np.where`, a pandas column) are token ids for PEFT's LoRA; a tuple or set of module names
+    becomes a list (PEFT extends it for a classifier's head: a tuple raised AttributeError there)."""
+    import numpy as np
+
+    from tests.helpers import tiny_llama_classifier
+
+    config = GateRAConfig(r=4, target_modules=["q_proj"], trainable_token_indices=list(np.array([5, 7])))
+    assert config.trainable_token_indices == [5, 7] and all(type(i) is int for i in config.trainable_token_indices)
+    get_peft_model(tiny_llama(), config)(torch.randint(0, 64, (1, 5))).logits.sum().backward()
+    config = GateRAConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS", modules_to_save=("norm",))
+    model = get_peft_model(tiny_llama_classifier(), config)
+    assert set(model.peft_config["default"].modules_to_save) >= {"norm", "score"}
+
+
 NEW_ADAPTER_ONLY = [dict(gate="threshold", gate_bias_init=-2.0), dict(gate="none", gate_lr_ratio=10.0),
                     dict(gate="none", sparse_threshold=0.1), dict(gate="threshold", threshold_init=0.05)]
 
