@@ -522,3 +522,33 @@ def test_threshold_gate_compares_r_and_tau_in_fp32_for_a_bf16_update():
         gate.threshold.data.fill_(tau)
         expected = (ratio >= torch.tensor(tau, dtype=torch.float32).double()).float()
         torch.testing.assert_close(gate(update, base).float(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gate", ["none", "sigmoid"])
+def test_sparse_threshold_compares_the_fp32_gate_on_a_bf16_model(gate):
+    """A structure gate of 0.09995 (bf16: 0.1001) against ε = 0.1: the bf16 multiplier was compared, so the module
+    ran in eval although its gate is below ε, while the merge, which reads σ(α) in fp32, dropped it (with a token
+    gate at 1 beside it too)."""
+    from tests.helpers import tiny_llama
+
+    ids = torch.randint(3, 128, (2, 9))
+    value = 0.09995
+    logit = math.log(value / (1 - value))
+    assert torch.tensor(value).bfloat16().item() > 0.1
+    base = tiny_llama(init_std=0.2).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    model = get_peft_model(base, GateRAConfig(r=4, target_modules=["q_proj", "up_proj"], gate=gate, init_weights=False,
+                                              structure_gate=True, sparse_threshold=0.1))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("alpha"):
+                param.fill_(logit)
+            elif name.endswith(".bias") and "gatera_gate" in name:
+                param.fill_(20.0)  # every token's gate at σ(20) = 1 in fp32
+            elif "gatera_gate" in name:
+                param.zero_()
+            elif "gatera_B" in name:
+                param.normal_(0, 0.3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, expected, rtol=0, atol=0)
