@@ -346,7 +346,22 @@ TRITON_FAILURES = {
     # what the CUDA launcher raises (from inside the triton package) for a CPU tensor or a failed launch
     "launcher": lambda: _raised_in_triton(ValueError("Pointer argument (at 0) cannot be accessed from Triton "
                                                      "(cpu tensor?)")),
+    # raised outside the triton package by what Triton calls: gcc failing on the launcher's C source (no Python.h),
+    # the kernel cache's folder under a read-only home (the innermost frames are subprocess's and os's)
+    "launcher-build": lambda: _raised_below_triton("import subprocess, sys\n"
+                                                   "subprocess.check_call([sys.executable, '-c', 'raise SystemExit(1)'])"),
+    "cache-folder": lambda: _raised_below_triton("import os\nos.makedirs(os.devnull + '/triton-cache')"),
 }
+
+
+def _raised_below_triton(code):
+    """The error that `code` raises when a triton module runs it (its own frames are the standard library's)."""
+    scope = {"__name__": "triton.runtime.build"}
+    exec("def build():\n" + "".join(f"    {line}\n" for line in code.splitlines()), scope)  # noqa: S102
+    try:
+        scope["build"]()
+    except Exception as raised:  # noqa: BLE001
+        return raised
 
 
 def _raised_in_triton(error):

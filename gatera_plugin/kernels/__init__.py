@@ -55,6 +55,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_runs_here() -> bool:
+    """Whether kernel='triton' can run on this machine: triton installed, and a CUDA device (or the interpreter)."""
+    return triton_available() and (interpreting() or torch.cuda.is_available())
+
+
 # ----------------------------------------------------------------------------------------------- where Triton wins
 @dataclass(frozen=True)
 class KernelCase:
@@ -152,11 +157,24 @@ def is_triton_failure(error: BaseException) -> bool:
     triton_errors = sys.modules.get("triton.errors")
     if triton_errors is not None and isinstance(error, triton_errors.TritonError):
         return True
-    traceback = error.__traceback__
-    while traceback is not None and traceback.tb_next is not None:
-        traceback = traceback.tb_next
-    module = traceback.tb_frame.f_globals.get("__name__", "") if traceback is not None else ""
-    return module == "triton" or module.startswith("triton.")
+    return _raised_inside_triton(error)
+
+
+def _raised_inside_triton(error: BaseException) -> bool:
+    """Whether any frame between the launch and the raise belongs to the triton package, for `error` or an error it
+    was raised from (not only the innermost frame: Triton's launcher build raises `CalledProcessError` in
+    `subprocess` when gcc fails, its cache `PermissionError` in `os` under a read-only home)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback = error.__traceback__
+        while traceback is not None:
+            module = traceback.tb_frame.f_globals.get("__name__", "")
+            if module == "triton" or module.startswith("triton."):
+                return True
+            traceback = traceback.tb_next
+        error = error.__cause__ or error.__context__
+    return False
 
 
 _WARNED: set[str] = set()
