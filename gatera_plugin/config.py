@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from peft.config import PeftConfig
 from ._registration import PEFT_TYPE
 from .branches import BRANCH_KINDS
 from .gates import TOKEN_GATE_KINDS
-from .kernels import KERNELS, triton_available
+from .kernels import KERNELS, triton_available, triton_runs_here
 
 # The kinds a user may pick: the registries of `gates.py` / `branches.py`, where adding a kind means adding its class
 # (and its name to the `Literal`s of `branch` / `gate` below and of Axolotl's args, which tests/test_config.py compares).
@@ -319,8 +320,19 @@ class GateRAConfig(PeftConfig):
                 "kernel='triton' has no kernels for branch='dora' (DoRA runs PyTorch's ops: `ops/dora.py`), so it would "
                 "not run them. Use kernel='auto' or kernel='torch' with branch='dora'."
             )
-        if self.kernel == "triton" and not triton_available():
-            raise ValueError("kernel='triton' needs the `triton` package: `pip install gatera-plugin[triton]`.")
+        if self.kernel == "triton" and not triton_runs_here():
+            from .serialization import reading_saved_config
+
+            if not reading_saved_config.get():
+                if not triton_available():
+                    raise ValueError("kernel='triton' needs the `triton` package: `pip install gatera-plugin[triton]`.")
+            else:  # (an adapter trained with the kernels, loaded where they cannot run: same results either way)
+                warnings.warn(
+                    "This adapter was saved with kernel='triton', whose kernels cannot run here (no `triton` package, "
+                    "or no CUDA device); it is loaded with kernel='auto', the PyTorch path (the same results).",
+                    UserWarning, stacklevel=2,
+                )
+                self.kernel = "auto"
         self.hira_scaling = resolved_hira_scaling(self.branch, self.hira_scaling)
         _check_choice("hira_scaling", self.hira_scaling, HIRA_SCALINGS)
         if self.lora_alpha is not None:

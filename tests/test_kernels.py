@@ -572,3 +572,22 @@ def test_every_launch_runs_on_the_inputs_device(monkeypatch):
     assert [name for name, _ in launched] == ["_hira_delta_kernel", "_hira_delta_kernel", "_hira_mask_kernel",
                                               "_lora_fwd_kernel", "_lora_bwd_db_kernel"]
     assert all(devices == [torch.device("cpu")] for _, devices in launched)
+
+
+def test_an_adapter_saved_with_triton_loads_where_the_kernels_cannot_run(tmp_path, monkeypatch):
+    """An adapter trained with kernel='triton' on a GPU could not be loaded for inference on a machine without triton
+    (macOS, a CPU box): the config refused it. It loads with kernel='auto' (the same results) and a warning; a new
+    config asking for the kernels there is still refused."""
+    from peft import PeftModel
+
+    import gatera_plugin.config as config_module
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"], kernel="triton"))
+    model.save_pretrained(tmp_path)
+    monkeypatch.setattr(config_module, "triton_runs_here", lambda: False)
+    monkeypatch.setattr(config_module, "triton_available", lambda: False)
+    with pytest.warns(UserWarning, match=r"saved with kernel='triton', whose kernels cannot run here .* kernel='auto'"):
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].kernel == "auto"
+    with pytest.raises(ValueError, match=r"kernel='triton' needs the `triton` package"):
+        GateRAConfig(r=4, target_modules=["q_proj"], kernel="triton")
