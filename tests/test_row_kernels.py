@@ -8,6 +8,7 @@ kernels against PyTorch's ops (both dΔW arrangements: the token scale on x and 
 """
 
 import os
+import sys
 import types
 import warnings
 
@@ -166,8 +167,36 @@ def test_rows_for_each_kernel_setting(monkeypatch):
     assert rows_for("auto", cuda) is row_kernels.TRITON_ROWS
     capability[0] = (8, 9)  # an RTX 40: compile-checked, not timed
     assert rows_for("auto", cuda) is TORCH_ROWS
+    for unmeasured in ((10, 0), (12, 0)):  # Blackwell: neither compiled nor timed
+        capability[0] = unmeasured
+        assert rows_for("auto", cuda) is TORCH_ROWS
+    capability[0] = (9, 0)
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # an MI250X under ROCm reports 9.0 too
+    assert rows_for("auto", cuda) is TORCH_ROWS
+    monkeypatch.setattr(torch.version, "hip", None)
     assert rows_for("triton", cuda) is row_kernels.TRITON_ROWS_RAISING
     assert rows_for("triton", cpu) is row_kernels.TRITON_ROWS_RAISING  # under TRITON_INTERPRET=1 (the tests)
+
+
+def test_a_triton_that_fails_to_import_gives_pytorchs_ops_and_one_warning(monkeypatch):
+    """`rows_for("auto")` imported the row kernels (and triton) on every CUDA forward, before the capability check: a
+    broken triton install crashed every default gated HiRA forward, also on GPUs that never take the kernels."""
+    import gatera_plugin.kernels as dispatch
+
+    cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
+    capability = {0: (8, 0)}
+    monkeypatch.setattr(dispatch, "_capability", lambda index: capability[index])
+    monkeypatch.setitem(sys.modules, "gatera_plugin.kernels.rows", None)  # (importing it raises ImportError)
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rows_for("auto", cuda) is TORCH_ROWS  # an A100: never imported
+    capability[0] = (9, 0)
+    with pytest.warns(RuntimeWarning, match=r"triton is installed but fails to import .* set kernel='torch'"):
+        assert rows_for("auto", cuda) is TORCH_ROWS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rows_for("auto", cuda) is TORCH_ROWS  # (said once)
 
 
 def test_auto_takes_a_kernel_only_from_its_measured_size(monkeypatch):

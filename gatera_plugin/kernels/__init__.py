@@ -41,6 +41,11 @@ from ..ops.rows import TORCH_ROWS
 KERNELS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TOKENS = 2**31 - 1  # grid axis 0 and the int32 token-count argument; offsets themselves are int64
+# "auto" takes the token gate's row kernels (`kernels/rows.py`) on NVIDIA GPUs of these compute capabilities only:
+# 9.0 (H100 / H200), the generation measured. Elsewhere (A100, RTX 30/40: compile-checked for sm_80 only, not timed;
+# Blackwell, sm_100 / sm_120: neither; AMD GPUs under ROCm, whose gfx90a / gfx942 torch reports as 9.0 / 9.4: never
+# run) it keeps PyTorch's ops.
+ROW_KERNEL_CAPABILITIES = frozenset({(9, 0)})
 # below it (a T4, sm_75) the fp16 / bf16 branch kernels spill up to 1.5 KB of registers per thread
 # (`python tests/test_kernel_compile.py --arch 75`): kernel="triton" warns there
 SPILL_FREE_CAPABILITY = (8, 0)
@@ -217,17 +222,32 @@ def _raise_clearly(branch: str, error: BaseException) -> bool:
 def rows_for(kernel: str, x: torch.Tensor):
     """What runs a gated HiRA layer's passes over rows of activations (`ops.rows.TorchRows`' operations) for the
     layer's `kernel` setting and input x: PyTorch's ops for "torch" and off CUDA, the Triton row kernels
-    (`kernels/rows.py`) on CUDA for "auto" on GPUs of the measured generation (`rows.MIN_CAPABILITY`; a Triton
-    failure then warns once and PyTorch's ops take over) and for "triton" (errors raised; also on CPU under
-    TRITON_INTERPRET=1). While torch.compile traces the model, PyTorch's ops (which it compiles and fuses itself)."""
+    (`kernels/rows.py`) on CUDA for "auto" on the NVIDIA GPUs measured (`ROW_KERNEL_CAPABILITIES`; a Triton
+    failure then warns once and PyTorch's ops take over; a triton that fails to import too) and for "triton" (errors
+    raised; also on CPU under TRITON_INTERPRET=1). While torch.compile traces the model, PyTorch's ops (which it
+    compiles and fuses itself)."""
     if kernel == "torch" or not triton_available() or torch.compiler.is_compiling() or (
             x.device.type != "cuda" and not (kernel == "triton" and interpreting())):
         return TORCH_ROWS
-    from .rows import MIN_CAPABILITY, TRITON_ROWS, TRITON_ROWS_RAISING
-
     if kernel == "triton":
+        from .rows import TRITON_ROWS_RAISING
+
         return TRITON_ROWS_RAISING
-    return TRITON_ROWS if _capability(x.device.index) >= MIN_CAPABILITY else TORCH_ROWS
+    if torch.version.hip is not None or _capability(x.device.index) not in ROW_KERNEL_CAPABILITIES:
+        return TORCH_ROWS
+    try:
+        from .rows import TRITON_ROWS
+    except Exception as error:  # noqa: BLE001  (a broken triton install: optional acceleration must not fail a run)
+        cause = f"import: {_failure_cause(error)}"
+        if cause not in _WARNED:
+            _WARNED.add(cause)
+            warnings.warn(
+                f"GateRA: triton is installed but fails to import ({_failure_cause(error)}), so the token gate's row "
+                "operations use PyTorch's ops (the same results). Repair or uninstall triton, or set kernel='torch'.",
+                RuntimeWarning, stacklevel=user_stacklevel(),
+            )
+        return TORCH_ROWS
+    return TRITON_ROWS
 
 
 @functools.cache
@@ -277,8 +297,8 @@ def kernel_case(layer, adapter_name: str, branch: str, x: torch.Tensor, dtype: t
 def _auto_takes_triton(layer, adapter_name: str, branch: str, x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether "auto" runs the branch kernels: never while torch.compile traces the model (PyTorch's ops, which it
     compiles itself, as `rows_for`; the device query `kernel_case` makes would cost a graph break per layer)."""
-    if adapter_name in layer.triton_failures or torch.compiler.is_compiling():
-        return False
+    if adapter_name in layer.triton_failures or torch.compiler.is_compiling() or torch.version.hip is not None:
+        return False  # (ROCm: the measurements are NVIDIA's)
     case = kernel_case(layer, adapter_name, branch, x, dtype)
     return case is not None and triton_wins(case)
 

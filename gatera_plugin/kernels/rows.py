@@ -74,9 +74,7 @@ def _launch_config(n_cols: int) -> tuple[int, int]:
 # all three: with the dot product's kernel from 2^24, a one-layer forward + backward at 4096 x 4096 and 4k tokens,
 # where the host's work sets the pace, ran 1.06x slower (bench/results/gpu_check_rows_2p24.json, section (b)).
 MIN_ELEMENTS = {"scale": 1 << 25, "add_scaled": 1 << 25, "scale_and_dot_": 1 << 25}
-# "auto" takes them on GPUs of compute capability 9.0 and newer (H100 / H200), the generation measured; on older ones
-# (A100, RTX 30/40: compile-checked for sm_80 only, not timed) it keeps PyTorch's ops.
-MIN_CAPABILITY = (9, 0)
+# (On which GPUs "auto" takes them: `kernels.ROW_KERNEL_CAPABILITIES`.)
 
 
 def _row_major(*tensors: Optional[torch.Tensor]) -> bool:
