@@ -329,7 +329,8 @@ class GateRAConfig(PeftConfig):
             else:  # (an adapter trained with the kernels, loaded where they cannot run: same results either way)
                 warnings.warn(
                     "This adapter was saved with kernel='triton', whose kernels cannot run here (no `triton` package, "
-                    "or no CUDA device); it is loaded with kernel='auto', the PyTorch path (the same results).",
+                    "or no CUDA device); it is loaded with kernel='auto', the PyTorch path (the same results), which "
+                    "a later save_pretrained writes. Set `kernel` on the loaded config to keep another.",
                     UserWarning, stacklevel=2,
                 )
                 self.kernel = "auto"

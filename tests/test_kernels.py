@@ -417,6 +417,25 @@ def test_auto_falls_back_on_a_4bit_base_in_backward(auto_takes_triton, monkeypat
             r=8, target_modules=["down_proj"], init_weights=False, kernel="auto" if kernel == "triton" else kernel)))
 
 
+def test_errors_chained_through_triton_are_classified_by_the_whole_chain():
+    """An OOM anywhere in the chain is the run's (not a kernel failure to fall back from); a context the code
+    suppressed (`raise ... from None`) is not read."""
+    from gatera_plugin.kernels import is_triton_failure
+
+    inside = _raised_in_triton(RuntimeError("launch failed"))
+    assert is_triton_failure(inside)
+    try:
+        raise ValueError("our own error") from None
+    except ValueError as suppressed:
+        suppressed.__context__ = inside
+        assert not is_triton_failure(suppressed)
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    assert not is_triton_failure(_raised_in_triton(RuntimeError("CUDA error: out of memory")))
+    wrapped = RuntimeError("while launching")
+    wrapped.__cause__ = oom
+    assert not is_triton_failure(wrapped)
+
+
 def test_auto_does_not_swallow_errors_that_are_not_tritons(auto_takes_triton, monkeypatch):
     import gatera_plugin.kernels.hira_triton as hira_kernels
 

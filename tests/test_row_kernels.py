@@ -187,16 +187,25 @@ def test_a_triton_that_fails_to_import_gives_pytorchs_ops_and_one_warning(monkey
     capability = {0: (8, 0)}
     monkeypatch.setattr(dispatch, "_capability", lambda index: capability[index])
     monkeypatch.setitem(sys.modules, "gatera_plugin.kernels.rows", None)  # (importing it raises ImportError)
+    monkeypatch.delattr(dispatch, "rows", raising=False)
     monkeypatch.setattr(dispatch, "_WARNED", set())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert rows_for("auto", cuda) is TORCH_ROWS  # an A100: never imported
-    capability[0] = (9, 0)
-    with pytest.warns(RuntimeWarning, match=r"triton is installed but fails to import .* set kernel='torch'"):
-        assert rows_for("auto", cuda) is TORCH_ROWS
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert rows_for("auto", cuda) is TORCH_ROWS  # (said once)
+    dispatch._row_kernels.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert rows_for("auto", cuda) is TORCH_ROWS  # an A100: never imported
+        assert dispatch._row_kernels.cache_info().misses == 0
+        capability[0] = (9, 0)
+        with pytest.warns(RuntimeWarning, match=r"triton is installed but fails to import .* set kernel='torch'"):
+            assert rows_for("auto", cuda) is TORCH_ROWS
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert rows_for("auto", cuda) is TORCH_ROWS  # (said once, and tried once)
+        assert dispatch._row_kernels.cache_info().misses == 1
+        with pytest.raises(RuntimeError, match=r"kernel='triton': triton fails to import .*kernel='auto'"):
+            rows_for("triton", cuda)
+    finally:
+        dispatch._row_kernels.cache_clear()
 
 
 def test_auto_takes_a_kernel_only_from_its_measured_size(monkeypatch):

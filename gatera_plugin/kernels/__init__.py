@@ -169,16 +169,20 @@ def _raised_inside_triton(error: BaseException) -> bool:
     """Whether any frame between the launch and the raise belongs to the triton package, for `error` or an error it
     was raised from (not only the innermost frame: Triton's launcher build raises `CalledProcessError` in
     `subprocess` when gcc fails, its cache `PermissionError` in `os` under a read-only home)."""
-    seen = set()
+    chain, seen = [], set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    if any(isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) for e in chain):
+        return False  # (memory is the run's to manage, not a kernel failure to fall back from)
+    for error in chain:
         traceback = error.__traceback__
         while traceback is not None:
             module = traceback.tb_frame.f_globals.get("__name__", "")
             if module == "triton" or module.startswith("triton."):
                 return True
             traceback = traceback.tb_next
-        error = error.__cause__ or error.__context__
     return False
 
 
@@ -230,24 +234,36 @@ def rows_for(kernel: str, x: torch.Tensor):
             x.device.type != "cuda" and not (kernel == "triton" and interpreting())):
         return TORCH_ROWS
     if kernel == "triton":
-        from .rows import TRITON_ROWS_RAISING
-
-        return TRITON_ROWS_RAISING
+        rows = _row_kernels()
+        if isinstance(rows, BaseException):
+            raise RuntimeError(f"kernel='triton': triton fails to import ({_failure_cause(rows)}). Repair or reinstall "
+                               "triton, or use kernel='auto' or kernel='torch'.") from rows
+        return rows.TRITON_ROWS_RAISING
     if torch.version.hip is not None or _capability(x.device.index) not in ROW_KERNEL_CAPABILITIES:
         return TORCH_ROWS
-    try:
-        from .rows import TRITON_ROWS
-    except Exception as error:  # noqa: BLE001  (a broken triton install: optional acceleration must not fail a run)
-        cause = f"import: {_failure_cause(error)}"
+    rows = _row_kernels()
+    if isinstance(rows, BaseException):  # (a broken triton install: optional acceleration must not fail a run)
+        cause = f"import: {_failure_cause(rows)}"
         if cause not in _WARNED:
             _WARNED.add(cause)
             warnings.warn(
-                f"GateRA: triton is installed but fails to import ({_failure_cause(error)}), so the token gate's row "
+                f"GateRA: triton is installed but fails to import ({_failure_cause(rows)}), so the token gate's row "
                 "operations use PyTorch's ops (the same results). Repair or uninstall triton, or set kernel='torch'.",
                 RuntimeWarning, stacklevel=user_stacklevel(),
             )
         return TORCH_ROWS
-    return TRITON_ROWS
+    return rows.TRITON_ROWS
+
+
+@functools.cache
+def _row_kernels():
+    """The `kernels.rows` module, or the error importing it (and triton) raised: tried once per process (a failed
+    import leaves no module behind, so each forward would run triton's `__init__` again)."""
+    try:
+        from . import rows
+    except Exception as error:  # noqa: BLE001  (the callers decide: warn under "auto", raise under "triton")
+        return error
+    return rows
 
 
 @functools.cache
