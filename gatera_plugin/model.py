@@ -415,6 +415,9 @@ class GateRAModel(BaseTuner):
         earlier model is dropped first."""
         peft_config.modules_to_tie = None
         tied = self._get_module_names_tied_with_embedding() if peft_config.ensure_weight_tying else []
+        targeted = [name for name in tied if self._check_target_module_exists(peft_config, name)]
+        if targeted:
+            self._refuse_tied_target(targeted[0])
         embedding = _embedding_name(model)
         if tied and embedding and any(_names_module(entry, module) for entry in peft_config.modules_to_save or []
                                       for module in (embedding, *tied)):
@@ -423,10 +426,16 @@ class GateRAModel(BaseTuner):
         super()._check_tied_modules(model, peft_config)
 
     def _add_targets_to_tie(self, peft_config: GateRAConfig, tied_weight_keys: list[str]) -> None:
-        """`ensure_weight_tying` with a tied layer (`lm_head`) in `target_modules` (PEFT calls this while injecting;
-        LoRA then adapts the input embedding too, tied to it). GateRA adapts linear layers, not the embedding: refused,
-        rather than PEFT's warning and an untied adapter."""
-        head = tied_weight_keys[0]
+        """PEFT calls this while injecting under `ensure_weight_tying` when `target_modules` names an embedding layer
+        (LoRA then ties the adapters of the embedding and the layers tied to it). A tied head among the targets was
+        refused before (`_check_tied_modules`); the input embedding itself gets the refusal of an `Embedding` target,
+        which GateRA cannot adapt, at injection."""
+        return None
+
+    @staticmethod
+    def _refuse_tied_target(head: str) -> None:
+        """`ensure_weight_tying` with a layer tied to the input embedding (`lm_head`) in `target_modules`: GateRA adapts
+        linear layers, not the embedding, so the two cannot share an adapter (PEFT warned and built it untied)."""
         raise ValueError(
             f"`ensure_weight_tying=True` with the tied {head!r} in `target_modules`: GateRA cannot adapt the input "
             f"embedding that {head!r} is tied to (it adapts linear layers), so the two cannot share an adapter. Leave "
@@ -730,8 +739,9 @@ class GateRAModel(BaseTuner):
                 raise ValueError(
                     f"{name}'s base weight is also {shared[0]!r} (tied weights, e.g. `tie_word_embeddings`): merging "
                     "the adapter into it would change that module too, so the merged model would not be the adapted "
-                    "one. Untie it first (`layer.base_layer.weight = torch.nn.Parameter(layer.base_layer.weight."
-                    "detach().clone())` and `model.config.tie_word_embeddings = False`), or keep the adapter unmerged."
+                    f"one. Untie it first (on the PeftModel: `layer = model.base_model.model.{name}; "
+                    "layer.base_layer.weight = torch.nn.Parameter(layer.base_layer.weight.detach().clone()); "
+                    "model.config.tie_word_embeddings = False`), or keep the adapter unmerged (load it for inference)."
                 )
 
     def add_weighted_adapter(self, *args, **kwargs):

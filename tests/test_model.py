@@ -168,7 +168,8 @@ def test_merging_into_a_tied_lm_head_is_refused_and_the_untying_it_names_merges_
     expected = eval_logits(model, input_ids)
     for call in (model.merge_adapter, model.merge_and_unload):
         with pytest.raises(ValueError, match=r"lm_head's base weight is also 'model.embed_tokens.weight' \(tied "
-                                             r"weights.*Untie it first"):
+                                             r"weights.*Untie it first \(on the PeftModel: `layer = model\.base_model"
+                                             r"\.model\.lm_head; "):
             call()
     assert not any(m.merged for m in model.modules() if isinstance(m, GateRALayer))
     torch.testing.assert_close(eval_logits(model, input_ids), expected, rtol=0, atol=0)
@@ -178,16 +179,27 @@ def test_merging_into_a_tied_lm_head_is_refused_and_the_untying_it_names_merges_
     torch.testing.assert_close(eval_logits(model.merge_and_unload(), input_ids), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], r".*(q_proj|lm_head)"])
-def test_ensure_weight_tying_with_a_tied_lm_head_target_is_refused(targets):
+@pytest.mark.parametrize("targets,saved", [(["q_proj", "lm_head"], None), (r".*(q_proj|lm_head)", None),
+                                           (["q_proj", "lm_head"], ["embed_tokens"])])
+def test_ensure_weight_tying_with_a_tied_lm_head_target_is_refused(targets, saved):
     """LoRA ties an lm_head's adapter to one on the embedding; GateRA cannot adapt the embedding, and PEFT only
-    warned ("no implementation exists") and built the adapter untied, although the user asked for tying."""
+    warned ("no implementation exists") and built the adapter untied, although the user asked for tying (with the
+    embedding in `modules_to_save` too, PEFT failed on the wrapped head: "cannot be applied to modules of type")."""
     base = tiny_llama(tied=True)
-    config = GateRAConfig(r=4, target_modules=targets, ensure_weight_tying=True)
+    config = GateRAConfig(r=4, target_modules=targets, ensure_weight_tying=True, modules_to_save=saved)
     with pytest.raises(ValueError, match=r"`ensure_weight_tying=True` with the tied 'lm_head' in `target_modules`.*"
                                          r"Leave 'lm_head' out of `target_modules`, or set ensure_weight_tying=False"):
         get_peft_model(base, config)
     assert not any(isinstance(m, GateRALayer) for m in base.modules())
+
+
+def test_ensure_weight_tying_with_the_embedding_in_target_modules_names_the_embedding():
+    """The embedding itself among the targets got the tied-head refusal, naming `lm_head`, which the user had not
+    named: it gets the refusal of an `Embedding` target instead."""
+    with pytest.raises(ValueError, match=r"Embedding") as refused:
+        get_peft_model(tiny_llama(tied=True), GateRAConfig(r=4, target_modules=["q_proj", "embed_tokens"],
+                                                           ensure_weight_tying=True))
+    assert "lm_head" not in str(refused.value)
 
 
 def test_unload_disable_and_delete_adapter():
