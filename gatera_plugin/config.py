@@ -323,10 +323,7 @@ class GateRAConfig(PeftConfig):
         if self.kernel == "triton" and not triton_runs_here():
             from .serialization import reading_saved_config
 
-            if not reading_saved_config.get():
-                if not triton_available():
-                    raise ValueError("kernel='triton' needs the `triton` package: `pip install gatera-plugin[triton]`.")
-            else:  # (an adapter trained with the kernels, loaded where they cannot run: same results either way)
+            if reading_saved_config.get():  # (an adapter trained with the kernels, loaded where they cannot run)
                 warnings.warn(
                     "This adapter was saved with kernel='triton', whose kernels cannot run here (no `triton` package, "
                     "or no CUDA device); it is loaded with kernel='auto', the PyTorch path (the same results), which "
@@ -334,6 +331,8 @@ class GateRAConfig(PeftConfig):
                     UserWarning, stacklevel=2,
                 )
                 self.kernel = "auto"
+            elif not triton_available():
+                raise ValueError("kernel='triton' needs the `triton` package: `pip install gatera-plugin[triton]`.")
         self.hira_scaling = resolved_hira_scaling(self.branch, self.hira_scaling)
         _check_choice("hira_scaling", self.hira_scaling, HIRA_SCALINGS)
         if self.lora_alpha is not None:
@@ -407,10 +406,10 @@ class GateRAConfig(PeftConfig):
                 raise ValueError(f"`{name}` must be a list of module names or a regex string, got {value!r}.")
             setattr(self, name, set(value))
         saved = self.modules_to_save
-        if saved is not None and (not isinstance(saved, (list, set, tuple)) or not all(isinstance(v, str) for v in saved)):
-            example = f"[{saved!r}]" if isinstance(saved, str) else "['lm_head']"
-            raise ValueError(f"`modules_to_save` must be a list of module names, e.g. {example}, got {saved!r}.")
         if saved is not None:
+            if not isinstance(saved, (list, set, tuple)) or not all(isinstance(v, str) for v in saved):
+                example = f"[{saved!r}]" if isinstance(saved, str) else "['lm_head']"
+                raise ValueError(f"`modules_to_save` must be a list of module names, e.g. {example}, got {saved!r}.")
             self.modules_to_save = list(dict.fromkeys(saved))  # (PEFT extends it: a list, whatever was given)
         self.trainable_token_indices = _checked_token_indices(self.trainable_token_indices)
         patterns = [(name, getattr(self, name)) for name in ("target_modules", "exclude_modules")

@@ -715,9 +715,7 @@ class GateRAModel(BaseTuner):
         if safe_merge:
             for module in self.model.modules():
                 if isinstance(module, GateRALayer):
-                    names = module.active_adapters if adapter_names is None else adapter_names
-                    module.refuse_non_finite_merge([n for n in names if n in module.gatera_A
-                                                    and n not in module.merged_adapters])
+                    module.refuse_non_finite_merge(_to_merge(module, adapter_names))
 
     def _refuse_tied_merge(self, adapter_names: Optional[list[str]]) -> None:
         """Refuse to merge into a base weight that another module shares (a tied `lm_head`, whose weight is the input
@@ -728,10 +726,7 @@ class GateRAModel(BaseTuner):
                 if param is not None:
                     owners.setdefault(id(param), {})[id(module)] = f"{module_name}.{param_name}".lstrip(".")
         for name, module in self.model.named_modules():
-            if not isinstance(module, GateRALayer):
-                continue
-            names = module.active_adapters if adapter_names is None else adapter_names
-            if not any(n in module.gatera_A and n not in module.merged_adapters for n in names):
+            if not isinstance(module, GateRALayer) or not _to_merge(module, adapter_names):
                 continue
             base = module.get_base_layer()
             shared = [n for holder, n in owners.get(id(base.weight), {}).items() if holder != id(base)]
@@ -864,6 +859,12 @@ def _saved_with_resized_embeddings(key: str, embeddings: set[str]) -> bool:
     saved_key = key.removeprefix("base_model.model.")
     return any(saved_key.startswith(name + ".") and saved_key[len(name) + 1:].split(".")[0] in _EMBEDDING_WRAPPER_PARTS
                for name in embeddings)
+
+
+def _to_merge(layer: GateRALayer, adapter_names: Optional[list[str]]) -> list[str]:
+    """The adapters a merge of `adapter_names` (None: the active ones) merges into `layer`: those it holds, unmerged."""
+    names = layer.active_adapters if adapter_names is None else adapter_names
+    return [name for name in names if name in layer.gatera_A and name not in layer.merged_adapters]
 
 
 def _names_module(entry: str, module: str) -> bool:

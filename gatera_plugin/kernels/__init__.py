@@ -155,7 +155,7 @@ def is_triton_failure(error: BaseException) -> bool:
     """A failure of Triton itself: its own errors (compilation, `OutOfResources`, PTXAS), an error raised inside the
     triton package (its launcher: CUDA errors, "Pointer argument cannot be accessed from Triton", ...), or a launch
     our host wrappers refuse up front (`KernelUnsupported`)."""
-    if isinstance(error, (torch.OutOfMemoryError, KeyboardInterrupt)):
+    if isinstance(error, KeyboardInterrupt):  # (an OOM: `_raised_inside_triton` reads the whole chain for one)
         return False
     if isinstance(error, KernelUnsupported):
         return True
@@ -243,11 +243,11 @@ def rows_for(kernel: str, x: torch.Tensor):
         return TORCH_ROWS
     rows = _row_kernels()
     if isinstance(rows, BaseException):  # (a broken triton install: optional acceleration must not fail a run)
-        cause = f"import: {_failure_cause(rows)}"
-        if cause not in _WARNED:
-            _WARNED.add(cause)
+        cause = _failure_cause(rows)
+        if f"import: {cause}" not in _WARNED:
+            _WARNED.add(f"import: {cause}")
             warnings.warn(
-                f"GateRA: triton is installed but fails to import ({_failure_cause(rows)}), so the token gate's row "
+                f"GateRA: triton is installed but fails to import ({cause}), so the token gate's row "
                 "operations use PyTorch's ops (the same results). Repair or uninstall triton, or set kernel='torch'.",
                 RuntimeWarning, stacklevel=user_stacklevel(),
             )
