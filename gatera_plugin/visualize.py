@@ -110,15 +110,34 @@ def check_record_options(prompt: str, answer: Optional[str], max_new_tokens: int
         raise ValueError(f"`max_new_tokens` (CLI: --max-new-tokens) must be an integer >= 1, got {max_new_tokens!r}.")
 
 
+def _check_positions(model, prompt_tokens: int, new_tokens: int, option: str) -> None:
+    """Refuse prompt + new tokens beyond the model's positions (`max_position_embeddings`, GPT-2's `n_positions`):
+    a model with learned position embeddings fails deep in torch's embedding lookup there."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and prompt_tokens + new_tokens > limit:
+        raise ValueError(f"The prompt ({prompt_tokens} tokens) and {new_tokens} answer tokens ({option}) exceed the "
+                         f"{limit} positions the model takes (config.max_position_embeddings): shorten the prompt or "
+                         f"lower {option}.")
+
+
 @torch.no_grad()
 def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 24) -> GateTrace:
     """Prefill `prompt`, then decode with the KV cache: the given `answer`'s tokens, or greedily `max_new_tokens`.
     The token ids go to the input embedding's device (a model on a GPU, or split over several); the gates come back
     on the CPU."""
+    check_record_options(prompt, answer, max_new_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        return _record_gates(model, tokenizer, prompt, answer, max_new_tokens)
+    finally:
+        model.train(was_training)  # (a training loop that plots gates every N steps keeps its dropout and penalty)
+
+
+def _record_gates(model, tokenizer, prompt: str, answer: Optional[str], max_new_tokens: int) -> GateTrace:
     from .gates import Gate
 
-    check_record_options(prompt, answer, max_new_tokens)
-    model.eval()
     gate_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, Gate) and m.per_token]
     if not gate_modules:
         raise ValueError("The model has no token gates to record (gate='none'?).")
@@ -135,6 +154,8 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
             raise ValueError(f"`prompt` {prompt!r} (CLI: --prompt) tokenizes to no tokens; give a longer prompt.")
         if forced is not None and not forced:
             raise ValueError(f"`answer` {answer!r} (CLI: --answer) tokenizes to no tokens; give a longer answer.")
+        _check_positions(model, prompt_ids.shape[1], len(forced) if forced is not None else max_new_tokens,
+                         "--answer" if forced is not None else "--max-new-tokens")
         output = model(input_ids=prompt_ids.to(device), use_cache=True)
         generated: list[int] = []
         steps = len(forced) if forced is not None else max_new_tokens
@@ -210,15 +231,20 @@ def plot_gates(trace: GateTrace, path: str, title: Optional[str] = None, overwri
                           f"answer mean {trace.summary.get('answer_mean', 0):.2f}")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))  # keep the title clear of the heatmap
     image = io.BytesIO()
-    fig.savefig(image, dpi=110, format=Path(path).suffix.lstrip(".").lower())
-    plt.close(fig)
+    try:
+        fig.savefig(image, dpi=110, format=Path(path).suffix.lstrip(".").lower())
+    except (RuntimeError, OSError) as error:  # (a format that needs a program this machine lacks)
+        raise ValueError(f"--out {path!r}: matplotlib could not write this format here ({error}); choose another "
+                         "format, e.g. gates.png.") from error
+    finally:
+        plt.close(fig)
     _write_image(Path(path), image.getvalue(), overwrite)
 
 
 def check_image_path(path: str, overwrite: bool = False) -> None:
     """Refuse an image path whose suffix names no format matplotlib writes (without one it would write `path.png`,
-    another name than the one printed), one that exists unless `overwrite` (a folder always), or whose parent is a
-    file; and, first, a missing matplotlib (with the install command)."""
+    another name than the one printed) or .pgf without its TeX program, one that exists unless `overwrite` (a folder
+    always), or whose parent is a file; and, first, a missing matplotlib (with the install command)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
@@ -232,6 +258,14 @@ def check_image_path(path: str, overwrite: bool = False) -> None:
     if target.suffix.lower().lstrip(".") not in formats:
         raise ValueError(f"--out {path!r}: give an image file name ending in one of "
                          f"{', '.join('.' + f for f in sorted(formats))} (e.g. gates.png).")
+    if target.suffix.lower() == ".pgf":
+        import shutil
+
+        from matplotlib import rcParams
+
+        if shutil.which(rcParams["pgf.texsystem"]) is None:
+            raise ValueError(f"--out {path!r}: matplotlib writes .pgf with {rcParams['pgf.texsystem']}, which is not "
+                             "installed here; install a TeX distribution, or choose another format (e.g. gates.pdf).")
     if target.exists() and not overwrite:
         raise ValueError(f"--out {path!r} exists; give a new file name, or pass --overwrite (Python: overwrite=True) "
                          "to replace it.")

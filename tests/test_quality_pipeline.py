@@ -108,6 +108,68 @@ def test_recorded_gates_feed_the_token_ids_on_the_input_embeddings_device(monkey
     assert trace.gates.device.type == "cpu" and trace.gates.shape[1] == sum(map(len, due))
 
 
+def test_recording_gates_gives_a_training_model_back_in_training_mode():
+    """`record_gates` switches to eval for the recording; a training loop that plots its gates every N steps got its
+    model back in eval mode (no dropout, no gate penalty from then on: `Trainer` hides it, a custom loop does not).
+    A model in eval mode stays in eval mode; a refused recording gives the model back as well."""
+    from gatera_plugin.visualize import record_gates
+
+    model, tokenizer = _model()
+    model.train()
+    record_gates(model, tokenizer, "Question: Tell me about Neon", max_new_tokens=2)
+    assert model.training and all(m.training for m in model.modules())
+    with pytest.raises(ValueError, match="tokenizes to no tokens"):
+        record_gates(model, tokenizer, "Question: Tell me about Neon", answer=" ")
+    assert model.training
+    model.eval()
+    record_gates(model, tokenizer, "Question: Tell me about Neon", max_new_tokens=2)
+    assert not model.training
+
+
+def test_recording_past_the_models_positions_is_refused_naming_the_option():
+    """A model with learned positions (GPT-2: `n_positions`) asked for more tokens than it has positions: an
+    `IndexError` from deep in torch's embedding lookup, after the prefill; now a ValueError naming --max-new-tokens
+    (or --answer) before any forward."""
+    from common import tiny_model_and_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gatera_plugin.visualize import record_gates
+
+    tokenizer = tiny_model_and_tokenizer()[1]
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    model = get_peft_model(base, GateRAConfig(r=2, target_modules=["c_fc"], init_weights=False))
+    prompt = "Question: Tell me about Neon"
+    with pytest.raises(ValueError, match=r"exceed the 16 positions .* lower --max-new-tokens"):
+        record_gates(model, tokenizer, prompt, max_new_tokens=20)
+    with pytest.raises(ValueError, match=r"lower --answer"):
+        record_gates(model, tokenizer, prompt, answer=" Neon" * 20)
+    assert record_gates(model, tokenizer, prompt, max_new_tokens=16 - len(tokenizer(prompt)["input_ids"])).gates.numel()
+
+
+def test_an_image_format_this_machine_cannot_write_is_refused_naming_out(tmp_path, monkeypatch):
+    """`--out gates.pgf` passed the check (matplotlib lists pgf) and, after the model loaded and generated, ended in
+    a RuntimeError traceback: pgf needs a TeX program. It is refused up front where that program is missing, and any
+    format whose writer fails names --out."""
+    pytest.importorskip("matplotlib")
+    from matplotlib import rcParams
+    from matplotlib.figure import Figure
+
+    from gatera_plugin.visualize import GateTrace, check_image_path, plot_gates
+
+    monkeypatch.setattr("shutil.which", lambda program: None)  # (no TeX program on the PATH)
+    with pytest.raises(ValueError, match=rf"--out .*gates\.pgf.*{rcParams['pgf.texsystem']}, which is not installed"):
+        check_image_path(str(tmp_path / "gates.pgf"))
+
+    def failing_savefig(*args, **kwargs):
+        raise RuntimeError("a program this format needs is missing")
+
+    monkeypatch.setattr(Figure, "savefig", failing_savefig)
+    trace = GateTrace(["model.layers.0.mlp.down_proj"], ["a", "b"], torch.tensor([[0.2, 0.7]]), 1)
+    with pytest.raises(ValueError, match=r"--out .*gates\.svg.*could not write this format here .*program"):
+        plot_gates(trace, str(tmp_path / "gates.svg"))
+    assert not (tmp_path / "gates.svg").exists()
+
+
 def test_gatera_plot_command_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     base_dir = tmp_path / "base"
