@@ -148,8 +148,8 @@ class GateRALayer(BaseTunerLayer):
         """HiRA's init: `A` Kaiming-uniform (a=√5), `B = 0`, gates at their initial values; DoRA's magnitude is
         `‖W0 + s·BA‖`. `init_weights=False` randomises `B` and the sigmoid gate's weight (tests, debugging)."""
         A, B = self.gatera_A[adapter_name], self.gatera_B[adapter_name]
-        if A.device.type == "meta":
-            return
+        if A.device.type == "meta" or self.get_base_layer().weight.device.type == "meta":
+            return  # (the adapter goes to the base's meta device: its values arrive with rank 0's, or a load's)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         if init_weights:
             nn.init.zeros_(B)

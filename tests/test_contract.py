@@ -317,6 +317,31 @@ def test_low_cpu_mem_usage(case, tmp_path):
     assert "meta" in {p.device.type for p in injected.parameters()}
 
 
+def test_adapter_built_on_a_meta_base_takes_rank_0s_weights(case, tmp_path):
+    """What the other ranks do under FSDP2's `cpu_ram_efficient_loading`: the base is built on the meta device, the
+    adapter is added there (or loaded with `is_trainable`, Axolotl's `lora_model_dir`) without values, and rank 0's
+    weights arrive afterwards. DoRA computed its magnitude from the meta W0 at once: a RuntimeError from deep in
+    torch on every rank but 0. The model built so gives rank 0's outputs once it holds rank 0's tensors."""
+    reference = case.peft()
+    reference.save_pretrained(tmp_path)
+    expected = _no_grad_output(case, reference)
+    for build in ("get_peft_model", "from_pretrained"):
+        with torch.device("meta"):
+            base = ARCHS[case.arch][0]().eval()
+        if build == "get_peft_model":
+            model = get_peft_model(base, case.config()).eval()
+        else:
+            model = PeftModel.from_pretrained(base, tmp_path, is_trainable=True, low_cpu_mem_usage=True).eval()
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+        model.to_empty(device="cpu")
+        model.load_state_dict(reference.state_dict())
+        buffers = dict(reference.named_buffers())  # (non-persistent ones, e.g. rotary frequencies, too)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+        torch.testing.assert_close(_no_grad_output(case, model), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_direct_injection_state_dict_roundtrip(case):
     """`inject_adapter_in_model` without a PeftModel: its state dict moves the adapter to another injected model."""
     base = case.base()
