@@ -203,6 +203,14 @@ def _kept_base_tensors(model, state: dict, save_embedding_layers) -> set[str]:
     return set(decided[0])
 
 
+def _full_tensor(value) -> torch.Tensor:
+    """The whole tensor of a DTensor, gathered on its mesh's device: a shard that CPU offload keeps on the CPU goes to
+    the GPU first, as torch's own `get_model_state_dict` does (an NCCL-only process group cannot gather CPU tensors)."""
+    if value.device.type != value.device_mesh.device_type:
+        value = value.to(value.device_mesh.device_type)
+    return value.full_tensor()
+
+
 def adapter_state_dict(model, save_embedding_layers="auto", keep: bool = True) -> dict[str, torch.Tensor]:
     """The adapter's tensors (GateRA parameters, `modules_to_save`, anything trainable, and the base embedding layers
     that PEFT saves with an adapter when the vocabulary was resized), gathered whole, on CPU.
@@ -222,7 +230,7 @@ def adapter_state_dict(model, save_embedding_layers="auto", keep: bool = True) -
         if not (PREFIX in key or ".modules_to_save." in key or key in trainable or key in kept):
             continue
         if id(value) not in gathered:
-            whole = value.full_tensor() if DTensor is not None and isinstance(value, DTensor) else value
+            whole = _full_tensor(value) if DTensor is not None and isinstance(value, DTensor) else value
             gathered[id(value)] = (whole.detach().cpu() if keep
                                    else torch.empty(whole.shape, dtype=whole.dtype, device="meta"))
         result[key] = gathered[id(value)]

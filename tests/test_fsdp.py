@@ -678,3 +678,26 @@ def test_gate_statistics_are_reduced_where_the_process_group_can_reduce_them(mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert collective_device(torch.device(device)) == torch.device(expected)
+
+
+@pytest.mark.parametrize("shard_device, mesh_device, gathered_on", [("cpu", "cuda", "cuda"), ("cuda", "cuda", "cuda"),
+                                                                    ("cpu", "cpu", "cpu")])
+def test_an_offloaded_shard_is_gathered_on_its_meshs_device(shard_device, mesh_device, gathered_on):
+    """FSDP2's CPU offload keeps the adapter's shards on the CPU; under `torchrun` with an NCCL-only process group
+    gathering them there fails, so the save moves each to its mesh's device first, as torch's `get_model_state_dict`
+    does (faked DTensors: no GPU here)."""
+    from types import SimpleNamespace
+
+    from gatera_plugin.fsdp import _full_tensor
+
+    class FakeDTensor:
+        def __init__(self, device):
+            self.device, self.device_mesh = torch.device(device), SimpleNamespace(device_type=mesh_device)
+
+        def to(self, device):
+            return FakeDTensor(device)
+
+        def full_tensor(self):
+            return torch.full((2,), float(self.device.type == gathered_on))
+
+    assert _full_tensor(FakeDTensor(shard_device)).tolist() == [1.0, 1.0]
