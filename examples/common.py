@@ -10,10 +10,29 @@ import torch
 DATA = Path(__file__).parent / "data" / "elements.jsonl"
 
 
+def read_jsonl(path: Path = DATA) -> list[dict]:
+    """The rows of a JSONL file of {"prompt", "completion"} objects (blank lines skipped); a ValueError names the file
+    and line of a row that is not one."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON object ({error.msg}).") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("prompt", "completion")):
+            raise ValueError(f"{path}:{number}: a row needs the text fields \"prompt\" and \"completion\".")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows.")
+    return rows
+
+
 def load_rows(split: str, path: Path = DATA) -> list[dict]:
     """Prompt/completion pairs of one split ("train" or "test") of a JSONL file with a `split` field."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
-    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows if r.get("split", "train") == split]
+    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(path)
+            if r.get("split", "train") == split]
 
 
 def tiny_model_and_tokenizer(path: Path = DATA, hidden: int = 64, layers: int = 2, seed: int = 0):
@@ -21,7 +40,7 @@ def tiny_model_and_tokenizer(path: Path = DATA, hidden: int = 64, layers: int = 
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    rows = read_jsonl(path)
     words = sorted({w for r in rows for w in (r["prompt"] + r["completion"]).split()})
     vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

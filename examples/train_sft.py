@@ -73,10 +73,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                 " (it holds no checkpoint-* folder to resume from: --save-steps N saves them)")
         parser.error(f"--output-dir {out} holds a trained adapter (adapter_config.json) that this run would replace; "
                      f"pass a new folder{hint}.")
+    if args.resume is None and checkpoints:  # (a run stopped before its end: a crash, a preempted job)
+        last = max(checkpoints, key=lambda path: int(path.name.removeprefix("checkpoint-"))).name
+        parser.error(f"--output-dir {out} holds {last} of an earlier run that this run would overwrite; pass --resume "
+                     "last to continue that run, or a new folder.")
     if args.resume == "last" and not checkpoints:
         parser.error(f"--resume last: --output-dir {out} holds no checkpoint-* folder to resume from (a run saves "
                      "them with --save-steps N); pass a checkpoint folder, or leave --resume out to start anew in a "
                      "new folder.")
+    if args.data is not None:
+        from common import read_jsonl
+
+        try:
+            read_jsonl(Path(args.data))
+        except (OSError, ValueError) as error:  # (a missing file, a row that is not a prompt/completion object)
+            parser.error(f"--data: {error}")
     return args
 
 

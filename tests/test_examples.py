@@ -70,3 +70,42 @@ def test_train_sft_refuses_to_replace_a_finished_adapter_unless_resuming(tmp_pat
     assert "or --resume last to continue that run" in capsys.readouterr().err
     assert train_sft.parse_args(["--output-dir", str(tmp_path), "--resume", "last"]).resume == "last"
     assert train_sft.parse_args(["--output-dir", str(tmp_path / "new")]).output_dir == str(tmp_path / "new")
+
+
+def test_train_sft_refuses_to_overwrite_an_interrupted_runs_checkpoints(tmp_path, capsys):
+    """A run that crashed or was preempted leaves checkpoint-* folders but no final adapter: a new run into that
+    folder without --resume overwrote its checkpoints (and metrics.json). Refused, naming the last checkpoint (by
+    step, not by name: checkpoint-10 after checkpoint-9) and --resume last, which is then taken."""
+    import train_sft
+
+    for step in (9, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    with pytest.raises(SystemExit) as exited:
+        train_sft.parse_args(["--output-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "holds checkpoint-10 of an earlier run" in capsys.readouterr().err
+    assert train_sft.parse_args(["--output-dir", str(tmp_path), "--resume", "last"]).resume == "last"
+
+
+def test_train_sft_data_errors_name_the_file_and_line(tmp_path, capsys):
+    """--data that is missing, or holds a line that is not a prompt/completion object, ended in a traceback after
+    the model loaded (a JSONDecodeError naming neither file nor line); it is refused before anything loads. Blank
+    lines (a trailing one, as editors leave) are skipped."""
+    import train_sft
+    from common import DATA, load_rows
+
+    lines = DATA.read_text().splitlines()[:3]
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n".join(lines) + "\n\n")
+    assert train_sft.parse_args(["--output-dir", str(tmp_path / "o"), "--data", str(blank)]).data == str(blank)
+    assert len(load_rows("train", blank)) + len(load_rows("test", blank)) == 3
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(lines[0] + "\n{not json\n")
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(lines[0] + '\n{"question": "?"}\n')
+    for data, message in ((tmp_path / "missing.jsonl", "No such file"), (broken, f"{broken}:2: not a JSON object"),
+                          (wrong, f"{wrong}:2: a row needs the text fields \"prompt\" and \"completion\"")):
+        with pytest.raises(SystemExit) as exited:
+            train_sft.parse_args(["--output-dir", str(tmp_path / "o"), "--data", str(data)])
+        assert exited.value.code == 2
+        assert message in capsys.readouterr().err
