@@ -12,6 +12,9 @@ def _prune(args) -> int:
 
     result = prune_saved_adapter(args.adapter, args.out, args.threshold)
     print(report(result["values"], result["kept"], result["pruned"]))
+    for name, other in result["other_adapters"].items():  # (the other adapters of a multi-adapter save)
+        print(f"adapter {name!r}: " + ("copied unchanged (no structure gates)" if other is None else
+                                       report(other["values"], other["kept"], other["pruned"])))
     print(f"wrote {args.out}: {result['tensors_after']} of {result['tensors_before']} tensors")
     return 0
 

@@ -27,6 +27,7 @@ from .serialization import (
 )
 
 STRUCTURE_KEY = ".gatera_structure.alpha"
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -61,14 +62,13 @@ def report(values: dict[str, float], kept: list[str], pruned: list[str]) -> str:
 def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> dict:
     """Write a pruned copy of the adapter folder `src` to the new folder `dst`; returns what stayed and what went.
 
+    The other adapters a multi-adapter save holds (PEFT puts each in a subfolder named after it) are pruned alike,
+    or copied unchanged where they have no structure gates (`result["other_adapters"]`: name -> result or None).
     `dst` must not exist yet (nothing saved is overwritten); the copy is written to a temporary folder beside it and
     renamed into place, so an interrupted run leaves no half-written adapter.
     """
-    from safetensors.torch import load_file, save_file
-
     src, dst = Path(src), Path(dst)
-    config_path, weights_path = src / "adapter_config.json", src / "adapter_model.safetensors"
-    for path in (config_path, weights_path):
+    for path in (src / CONFIG_NAME, src / WEIGHTS_NAME):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: `gatera prune` needs a saved GateRA adapter folder.")
     if dst.exists():
@@ -76,24 +76,6 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
     blocking = file_in_the_way(dst)
     if blocking is not None:
         raise ValueError(f"--out {str(dst)!r}: {blocking} is a file, not a folder; choose an output folder elsewhere.")
-    with folder_lock(src, exclusive=False):  # config and weights of one save, not of two (a save landing meanwhile)
-        config = read_config(src)
-        if not is_gatera_type(config.get("peft_type")):
-            raise ValueError(f"{src} holds a {config.get('peft_type')!r} adapter, not a GateRA one.")
-        check_adapter_folder(src)  # checksum, structure stamp, readable tensors: prune only what would load
-        if not config.get("structure_gate"):
-            raise ValueError(f"{src} was trained without structure gates (structure_gate=False): nothing to prune by.")
-        state = load_file(weights_path)
-    check_tensors(state, weights_path)
-    values = {
-        key.removesuffix(STRUCTURE_KEY).removeprefix(PEFT_PREFIX): torch.sigmoid(tensor.float()).item()
-        for key, tensor in state.items()
-        if key.endswith(STRUCTURE_KEY)
-    }
-    kept, pruned = split_by_threshold(values, threshold)
-    pruned_prefixes = tuple(PEFT_PREFIX + name + ".gatera_" for name in pruned)
-    new_state = {k: v for k, v in state.items() if not k.startswith(pruned_prefixes)}
-    config.update(target_modules=kept, layers_to_transform=None, layers_pattern=None)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
@@ -102,12 +84,15 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
         probe.mkdir()
         partial.chmod(probe.stat().st_mode & 0o7777)  # (setgid too, where the parent folder has it)
         probe.rmdir()
-        for extra in src.iterdir():  # README, tokenizer files, ... travel along
-            if extra.name not in (config_path.name, weights_path.name) and extra.is_file():
-                shutil.copy2(extra, partial / extra.name)
-        save_file(new_state, partial / weights_path.name, metadata={"format": "pt"})
-        (partial / config_path.name).write_text(json.dumps(config, indent=2, sort_keys=True))
-        stamp_config(partial / config_path.name, partial / weights_path.name)
+        result = _write_pruned(src, partial, threshold, required=True)
+        result["other_adapters"] = {}
+        for folder in sorted(path for path in src.iterdir() if path.is_dir()):
+            if (folder / CONFIG_NAME).exists():  # another adapter of the save
+                (partial / folder.name).mkdir()
+                result["other_adapters"][folder.name] = _write_pruned(folder, partial / folder.name, threshold,
+                                                                      required=False)
+            else:
+                shutil.copytree(folder, partial / folder.name)
         try:
             partial.rename(dst)
         except OSError as error:
@@ -118,5 +103,48 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
     finally:
         if partial.exists():
             shutil.rmtree(partial)
+    return result
+
+
+def _write_pruned(src: Path, out: Path, threshold: float, required: bool) -> dict | None:
+    """Write the pruned copy of the one adapter saved in `src` (its files, not its subfolders) into the folder `out`;
+    an adapter without structure gates is refused where `required`, else copied unchanged (returns None)."""
+    from safetensors.torch import load_file, save_file
+
+    with folder_lock(src, exclusive=False):  # config and weights of one save, not of two (a save landing meanwhile)
+        config = read_config(src)
+        gatera = is_gatera_type(config.get("peft_type"))
+        if required and not gatera:
+            raise ValueError(f"{src} holds a {config.get('peft_type')!r} adapter, not a GateRA one.")
+        if gatera:
+            check_adapter_folder(src)  # checksum, structure stamp, readable tensors: prune only what would load
+        if not (gatera and config.get("structure_gate")):
+            if required:
+                raise ValueError(f"{src} was trained without structure gates (structure_gate=False): nothing to "
+                                 "prune by.")
+            for extra in src.iterdir():
+                if extra.is_file():
+                    shutil.copy2(extra, out / extra.name)
+            return None
+        state = load_file(src / WEIGHTS_NAME)
+        extras = [extra for extra in src.iterdir() if extra.is_file() and extra.name not in (CONFIG_NAME, WEIGHTS_NAME)]
+        for extra in extras:  # README, tokenizer files, ... travel along
+            shutil.copy2(extra, out / extra.name)
+    check_tensors(state, src / WEIGHTS_NAME)
+    values = {
+        key.removesuffix(STRUCTURE_KEY).removeprefix(PEFT_PREFIX): torch.sigmoid(tensor.float()).item()
+        for key, tensor in state.items()
+        if key.endswith(STRUCTURE_KEY)
+    }
+    try:
+        kept, pruned = split_by_threshold(values, threshold)
+    except ValueError as error:
+        raise ValueError(f"{src}: {error}") from None
+    pruned_prefixes = tuple(PEFT_PREFIX + name + ".gatera_" for name in pruned)
+    new_state = {k: v for k, v in state.items() if not k.startswith(pruned_prefixes)}
+    config.update(target_modules=kept, layers_to_transform=None, layers_pattern=None)
+    save_file(new_state, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    stamp_config(out / CONFIG_NAME, out / WEIGHTS_NAME)
     return {"kept": kept, "pruned": pruned, "values": values,
             "tensors_before": len(state), "tensors_after": len(new_state)}

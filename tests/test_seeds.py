@@ -519,3 +519,33 @@ def test_sparse_training_skips_closed_tokens_in_backward():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if "gatera_A" in n)
+
+
+def test_gatera_prune_prunes_every_adapter_of_a_multi_adapter_save(tmp_path):
+    """PEFT saves the adapters other than "default" in subfolders named after them; `gatera prune` copied only the
+    folder's files, so the pruned save silently lost them. Each is pruned by its own σ(α) (or copied unchanged
+    without structure gates) and loads into the model that `prune_structure` gives in memory."""
+    from gatera_plugin.cli import main
+
+    model = _structure_model()
+    model.add_adapter("other", GateRAConfig(r=4, target_modules=TARGETS, structure_gate=True, init_weights=False))
+    model.add_adapter("plain", GateRAConfig(r=4, target_modules=["q_proj"], init_weights=False))
+    with torch.no_grad():  # (the other adapter closes other modules than the default one)
+        for i, p in enumerate(p for n, p in model.named_parameters() if "gatera_structure.other" in n):
+            p.fill_(-4.0 if i % 2 == 0 else 2.0)
+    model.save_pretrained(tmp_path / "full")
+    assert main(["prune", str(tmp_path / "full"), "--threshold", "0.5", "--out", str(tmp_path / "pruned")]) == 0
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir() if p.is_dir()) == ["other", "plain"]
+    input_ids = torch.randint(3, 128, (2, 9))
+    for name in ("default", "other"):
+        model.base_model.prune_structure(0.5, adapter_name=name)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "pruned").eval()
+    for name in ("other", "plain"):
+        loaded.load_adapter(tmp_path / "pruned" / name, adapter_name=name)
+    for name in ("default", "other", "plain"):
+        model.set_adapter(name)
+        loaded.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=input_ids).logits, model(input_ids=input_ids).logits,
+                                       rtol=0, atol=0)
+    assert len(loaded.peft_config["other"].target_modules) == 7
