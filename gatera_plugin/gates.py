@@ -302,7 +302,9 @@ class StructureGate(Gate):
         return 1.0 / (1.0 + math.exp(-self.alpha_init))
 
     def forward(self) -> torch.Tensor:
-        return torch.sigmoid(self.alpha)
+        """σ(α) in fp32 (1,), also for an adapter cast to half precision: pruning, the sparse skip and merges compare
+        and scale by the same value as `gatera prune` reads from the saved α."""
+        return torch.sigmoid(self.alpha.float())
 
     @staticmethod
     def penalty(config) -> tuple[float, Callable]:

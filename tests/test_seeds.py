@@ -549,3 +549,16 @@ def test_gatera_prune_prunes_every_adapter_of_a_multi_adapter_save(tmp_path):
             torch.testing.assert_close(loaded(input_ids=input_ids).logits, model(input_ids=input_ids).logits,
                                        rtol=0, atol=0)
     assert len(loaded.peft_config["other"].target_modules) == 7
+
+
+def test_prune_structure_of_a_half_precision_adapter_compares_the_fp32_gate_as_gatera_prune_does(tmp_path):
+    """An adapter cast to bf16 computed σ(α) in bf16 in memory (0.1001 for α = -2.1875), in fp32 in `gatera prune`
+    (0.1009): a module near the threshold could be kept by one and pruned by the other."""
+    model = _structure_model().to(torch.bfloat16)
+    with torch.no_grad():
+        alphas = [p for n, p in model.named_parameters() if "gatera_structure" in n]
+        alphas[0].fill_(-2.1875)
+    expected = torch.sigmoid(alphas[0].float()).item()
+    assert torch.sigmoid(alphas[0]).item() != expected
+    values = model.base_model.prune_structure(0.01)["values"]
+    assert next(iter(values.values())) == expected
