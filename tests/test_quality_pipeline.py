@@ -281,6 +281,55 @@ def test_a_bigbench_index_without_the_sdist_names_what_it_lists_and_where_to_put
         assets.bigbench_sdist()
 
 
+def test_two_processes_downloading_the_bigbench_sdist_write_separate_files(tmp_path, monkeypatch):
+    """Two cold-cache processes downloaded into one fixed `.partial` file, each checking only its own stream's
+    sha256: the file that was renamed into place could hold the other's bytes, and the second rename failed. Each
+    download has a file of its own (another's is left alone), and only a checked one takes the cache's name; a
+    download that fails its check leaves nothing behind."""
+    import hashlib
+    import io
+    import urllib.request
+
+    from gatera_plugin import assets
+
+    sdist = b"the sdist's bytes" * 1000
+    html = f'<a href="https://files.example/{assets.BIGBENCH_SDIST}#sha256=00">x</a>'.encode()
+    monkeypatch.setenv("GATERA_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "BIGBENCH_SHA256", hashlib.sha256(sdist).hexdigest())
+    served = [html, b"corrupted", html, sdist]
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: io.BytesIO(served.pop(0)))
+    target = tmp_path / "downloads" / assets.BIGBENCH_SDIST
+    target.parent.mkdir(parents=True)
+    theirs = target.with_suffix(".partial")  # (where another process's download used to be written too)
+    theirs.write_bytes(b"another process's half download")
+    with pytest.raises(ValueError, match="does not match"):
+        assets.bigbench_sdist()
+    assert sorted(p.name for p in target.parent.iterdir()) == [theirs.name]
+    assert assets.bigbench_sdist() == target and target.read_bytes() == sdist
+    assert theirs.read_bytes() == b"another process's half download"
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([theirs.name, target.name])
+
+
+def test_a_prepared_model_that_another_process_published_first_is_kept(tmp_path):
+    """Two processes preparing SmolLM2 at once: the later one removed the folder the earlier had published (and was
+    loading) and renamed its own into place. A complete folder found at the end is kept, this process's copy
+    dropped; an incomplete one (an interrupted older run) is replaced."""
+    from gatera_plugin.assets import _publish
+
+    target, ours = tmp_path / "smollm2", tmp_path / ".smollm2-ours"
+    for folder in (target, ours):
+        folder.mkdir()
+        (folder / "config.json").write_text(folder.name)
+        (folder / "model.safetensors").write_text(folder.name)
+    inode = target.stat().st_ino
+    _publish(ours, target)
+    assert target.stat().st_ino == inode and (target / "config.json").read_text() == "smollm2"
+    (target / "model.safetensors").unlink()  # (incomplete)
+    _publish(ours, target)
+    assert (target / "config.json").read_text() == ".smollm2-ours" and not ours.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]
+
+
 def test_gate_summary_names_its_json_by_the_task_not_by_the_task_files_path(tmp_path, monkeypatch):
     """bench/gate_summary.py with `--task path/to/task.json` wrote `path/to/task.json.json` beside the task file; its
     JSON goes under results/quality/gates/, named by the task (as bench/quality.py names its runs)."""
