@@ -121,6 +121,14 @@ def _check_positions(model, prompt_tokens: int, new_tokens: int, option: str) ->
                          f"lower {option}.")
 
 
+def _end_of_sequence_ids(model, tokenizer) -> set[int]:
+    """The ids that end a greedy answer: the tokenizer's end of sequence and those of the model's generation config
+    (an instruct model's end of turn, e.g. Llama 3's <|eot_id|>), as `generate` stops."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return {i for i in [tokenizer.eos_token_id, *ids] if i is not None}
+
+
 @torch.no_grad()
 def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 24) -> GateTrace:
     """Prefill `prompt`, then decode with the KV cache: the given `answer`'s tokens, or greedily `max_new_tokens`.
@@ -156,13 +164,14 @@ def _record_gates(model, tokenizer, prompt: str, answer: Optional[str], max_new_
             raise ValueError(f"`answer` {answer!r} (CLI: --answer) tokenizes to no tokens; give a longer answer.")
         _check_positions(model, prompt_ids.shape[1], len(forced) if forced is not None else max_new_tokens,
                          "--answer" if forced is not None else "--max-new-tokens")
+        stop_ids = _end_of_sequence_ids(model, tokenizer)
         output = model(input_ids=prompt_ids.to(device), use_cache=True)
         generated: list[int] = []
         steps = len(forced) if forced is not None else max_new_tokens
         for step in range(steps):
             next_id = forced[step] if forced is not None else int(output.logits[0, -1].argmax())
             generated.append(next_id)
-            if forced is None and next_id == tokenizer.eos_token_id:
+            if forced is None and next_id in stop_ids:
                 break
             output = model(input_ids=torch.tensor([[next_id]], device=device), past_key_values=output.past_key_values, use_cache=True)
     finally:

@@ -126,6 +126,21 @@ def test_recording_gates_gives_a_training_model_back_in_training_mode():
     assert not model.training
 
 
+def test_a_greedy_recording_stops_at_the_generation_configs_end_of_turn():
+    """An instruct model ends its turn with an id of its generation config (Llama 3's <|eot_id|>), not always the
+    tokenizer's end of sequence: the recording went on past it, as `generate` does not."""
+    from gatera_plugin.visualize import record_gates
+
+    model, tokenizer = _model()
+    prompt = "Question: Tell me about Neon"
+    free = record_gates(model, tokenizer, prompt, max_new_tokens=6)
+    generated = tokenizer(free.summary["generated"], add_special_tokens=False)["input_ids"]
+    assert len(generated) == 6
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, generated[1]]  # (the 2nd answer token ends a turn)
+    stopped = record_gates(model, tokenizer, prompt, max_new_tokens=6)
+    assert tokenizer(stopped.summary["generated"], add_special_tokens=False)["input_ids"] == generated[:2]
+
+
 def test_recording_past_the_models_positions_is_refused_naming_the_option():
     """A model with learned positions (GPT-2: `n_positions`) asked for more tokens than it has positions: an
     `IndexError` from deep in torch's embedding lookup, after the prefill; now a ValueError naming --max-new-tokens
