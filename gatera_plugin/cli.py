@@ -20,12 +20,22 @@ def _prune(args) -> int:
 
 
 def _plot(args) -> int:
-    from .visualize import check_image_path, check_record_options, load_adapter, plot_gates, record_gates
+    from .visualize import (
+        DTYPES,
+        check_device,
+        check_image_path,
+        check_record_options,
+        load_adapter,
+        plot_gates,
+        record_gates,
+    )
 
     check_record_options(args.prompt, args.answer, args.max_new_tokens)  # before the minutes of loading a model
     check_image_path(args.out, args.overwrite)
-    model, tokenizer = load_adapter(args.adapter, args.base_model)
-    trace = record_gates(model, tokenizer, args.prompt, args.answer, args.max_new_tokens)
+    check_device(args.device)
+    model, tokenizer = load_adapter(args.adapter, args.base_model, DTYPES[args.dtype],
+                                    None if args.device == "cpu" else args.device)
+    trace = record_gates(model, tokenizer, args.prompt, args.answer, args.max_new_tokens, chat=args.chat)
     plot_gates(trace, args.out, args.title, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(trace.modules)} gated modules x {len(trace.tokens)} tokens; mean gate on prompt "
           f"{trace.summary['prompt_mean']:.3f}, on answer {trace.summary['answer_mean']:.3f}; "
@@ -83,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--answer", default=None, help="decode these tokens (default: generate greedily)")
     plot.add_argument("--base-model", default=None, help="base model folder (default: the adapter's base_model_name_or_path)")
     plot.add_argument("--max-new-tokens", type=int, default=24)
+    plot.add_argument("--chat", action="store_true",
+                      help="the prompt is the user turn of the tokenizer's chat template (for instruct models)")
+    plot.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                      help="the base model's dtype")
+    plot.add_argument("--device", default="cpu",
+                      help="where the model runs: cpu, cuda, cuda:1, or auto (spread over the GPUs with accelerate)")
     plot.add_argument("--title", default=None)
     plot.add_argument("--out", required=True, help="new image file, e.g. gates.png (its suffix names the format)")
     plot.add_argument("--overwrite", action="store_true", help="replace an existing --out file (atomically)")

@@ -47,8 +47,13 @@ def _layer_index(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def load_adapter(adapter: str, base_model: Optional[str] = None):
-    """(model, tokenizer) of a saved GateRA adapter folder on its base model (fp32, eval mode).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_adapter(adapter: str, base_model: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                 device_map=None):
+    """(model, tokenizer) of a saved GateRA adapter folder on its base model (in `dtype`, eval mode; `device_map` as
+    `from_pretrained` takes it, e.g. "cuda" or "auto", default the CPU).
 
     The base model is `base_model` or else the one named in adapter_config.json; the tokenizer comes from the
     adapter folder when it holds one, else from the base model. An adapter trained with new tokens saved its resized
@@ -87,7 +92,7 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         what, tokenizer_fix = f"the base model {base!r} (named by {source})", fix
-        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map=device_map)
     except (OSError, ValueError, ImportError) as error:  # not a local folder and not on the Hub, missing files, no
         # network; a folder without a tokenizer or a broken one (transformers then blames a missing library: a
         # ValueError, or in older releases an ImportError naming protobuf)
@@ -98,6 +103,19 @@ def load_adapter(adapter: str, base_model: Optional[str] = None):
         base_model.resize_token_embeddings(rows, mean_resizing=False)  # (the adapter's saved rows replace these)
     model = PeftModel.from_pretrained(base_model, folder)
     return model.eval(), tokenizer
+
+
+def check_device(device: str) -> None:
+    """Refuse, before minutes of loading, a `--device` that names no device, or a GPU this machine lacks ("cpu" and
+    "auto", accelerate's spread over what there is, always pass)."""
+    if device in ("cpu", "auto"):
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} names no device; pass cpu, cuda, cuda:N or auto.") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: this machine has no CUDA GPU that torch can use; pass --device cpu.")
 
 
 def check_record_options(prompt: str, answer: Optional[str], max_new_tokens: int) -> None:
@@ -130,20 +148,34 @@ def _end_of_sequence_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 24) -> GateTrace:
+def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 24,
+                 chat: bool = False) -> GateTrace:
     """Prefill `prompt`, then decode with the KV cache: the given `answer`'s tokens, or greedily `max_new_tokens`.
-    The token ids go to the input embedding's device (a model on a GPU, or split over several); the gates come back
-    on the CPU."""
+    With `chat`, the prompt is the user turn of the tokenizer's chat template (as an instruct model is trained and
+    prompted). The token ids go to the input embedding's device (a model on a GPU, or split over several); the gates
+    come back on the CPU."""
     check_record_options(prompt, answer, max_new_tokens)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("`chat` (CLI: --chat) needs a tokenizer with a chat template; this one has none. Leave "
+                         "--chat out to record the prompt as plain text.")
     was_training = model.training
     model.eval()
     try:
-        return _record_gates(model, tokenizer, prompt, answer, max_new_tokens)
+        return _record_gates(model, tokenizer, prompt, answer, max_new_tokens, chat)
     finally:
         model.train(was_training)  # (a training loop that plots gates every N steps keeps its dropout and penalty)
 
 
-def _record_gates(model, tokenizer, prompt: str, answer: Optional[str], max_new_tokens: int) -> GateTrace:
+def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """(1, T) ids of the prompt: as plain text, or with `chat` as the user turn of the chat template, followed by the
+    start of the assistant's turn."""
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def _record_gates(model, tokenizer, prompt: str, answer: Optional[str], max_new_tokens: int, chat: bool) -> GateTrace:
     from .gates import Gate
 
     gate_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, Gate) and m.per_token]
@@ -156,7 +188,7 @@ def _record_gates(model, tokenizer, prompt: str, answer: Optional[str], max_new_
     ]
     try:
         device = model.get_input_embeddings().weight.device
-        prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        prompt_ids = _prompt_ids(tokenizer, prompt, chat)
         forced = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer is not None else None
         if prompt_ids.shape[1] == 0:
             raise ValueError(f"`prompt` {prompt!r} (CLI: --prompt) tokenizes to no tokens; give a longer prompt.")

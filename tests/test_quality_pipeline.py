@@ -141,6 +141,36 @@ def test_a_greedy_recording_stops_at_the_generation_configs_end_of_turn():
     assert tokenizer(stopped.summary["generated"], add_special_tokens=False)["input_ids"] == generated[:2]
 
 
+def test_a_chat_recording_prompts_through_the_chat_template_and_a_half_precision_load(tmp_path, capsys):
+    """`gatera plot --chat --dtype bfloat16`: an instruct adapter is trained on its chat template, so its gates are
+    recorded on the prompt as the template's user turn; a 7B base loads in bf16 (it loaded in fp32 only, on the
+    CPU only). A tokenizer without a template, and a --device that is no device or a GPU this machine lacks, are
+    refused naming the option (the device before anything loads)."""
+    from gatera_plugin.cli import main
+    from gatera_plugin.visualize import load_adapter, record_gates
+
+    model, tokenizer = _model(save_base_to=tmp_path / "base")
+    prompt = "Tell me about Neon"
+    with pytest.raises(ValueError, match=r"`chat` \(CLI: --chat\) needs a tokenizer with a chat template"):
+        record_gates(model, tokenizer, prompt, max_new_tokens=2, chat=True)
+    tokenizer.chat_template = "{% for m in messages %}Question: {{ m['content'] }}{% endfor %} Answer:"
+    model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    loaded, loaded_tokenizer = load_adapter(str(tmp_path / "adapter"), str(tmp_path / "base"), dtype=torch.bfloat16)
+    assert {p.dtype for n, p in loaded.named_parameters() if "gatera" not in n} == {torch.bfloat16}
+    trace = record_gates(loaded, loaded_tokenizer, prompt, max_new_tokens=2, chat=True)
+    templated = tokenizer("Question: Tell me about Neon Answer:", add_special_tokens=False)["input_ids"]
+    assert trace.prompt_length == len(templated) and trace.tokens[: len(templated)] == [
+        tokenizer.decode([t]) for t in templated]
+    argv = ["plot", str(tmp_path / "adapter"), "--base-model", str(tmp_path / "base"), "--prompt", prompt, "--out",
+            str(tmp_path / "gates.png")]
+    for device, message in (("gpu", "--device 'gpu' names no device"), ("cuda:1", "has no CUDA GPU")):
+        if device != "gpu" and torch.cuda.is_available():
+            continue
+        assert main([*argv, "--device", device]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_recording_past_the_models_positions_is_refused_naming_the_option():
     """A model with learned positions (GPT-2: `n_positions`) asked for more tokens than it has positions: an
     `IndexError` from deep in torch's embedding lookup, after the prefill; now a ValueError naming --max-new-tokens
