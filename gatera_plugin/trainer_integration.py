@@ -458,12 +458,12 @@ def prepare_model(trainer, model) -> None:
         tuner.upcast_gates_to_fp32()
 
 
-def is_evaluation_log(logs: dict) -> bool:
-    """Whether `Trainer.log` got `evaluate()`'s metrics: keys "eval_*", or those of any `metric_key_prefix`
-    ("<prefix>_runtime", "train" included, without the end of training's `total_flos`), which keep the gate
-    statistics of training for the next training log."""
-    return any(key.startswith("eval_") for key in logs) or (
-        any(key.endswith("_runtime") for key in logs) and "total_flos" not in logs)
+def is_training_log(logs: dict) -> bool:
+    """Whether `Trainer.log` got a log of the training loop, which every rank makes, so that the gate statistics'
+    all-reduce can run in it: a step's log ("loss") or the end of training's summary ("total_flos"). `evaluate()`'s
+    metrics (whatever its `metric_key_prefix`, "train" included) and a user's own `trainer.log({...})`, perhaps made
+    on rank 0 alone, keep the statistics for the next training log (a collective there would wait for ever)."""
+    return "loss" in logs or "total_flos" in logs
 
 
 def install() -> None:
@@ -497,7 +497,7 @@ def install() -> None:
     @functools.wraps(original_log)
     def log(self, logs, *args, **kwargs):
         tuner = find_gatera_model(self.model)
-        if tuner is not None and not is_evaluation_log(logs):
+        if tuner is not None and is_training_log(logs):
             logs.update(tuner.pop_gate_stats())
         return original_log(self, logs, *args, **kwargs)
 

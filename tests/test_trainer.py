@@ -473,15 +473,42 @@ def test_an_evaluation_with_its_own_metric_prefix_leaves_the_gate_statistics_to_
     assert len(train_logs) == 1 and "gatera/entropy" in train_logs[0]
 
 
-def test_which_logs_are_evaluations():
-    """Training logs (with any keys), the end-of-training summary ("train_runtime" with "total_flos") take the gate
-    statistics; `evaluate()`'s do not, whatever its `metric_key_prefix`, "train" included."""
-    from gatera_plugin.trainer_integration import is_evaluation_log
+def test_which_logs_take_the_gate_statistics():
+    """Training logs ("loss", whatever else they hold: TRL adds its own metrics) and the end-of-training summary
+    ("train_runtime" with "total_flos") take the gate statistics; `evaluate()`'s do not, whatever its
+    `metric_key_prefix`, "train" included, nor a user's own log."""
+    from gatera_plugin.trainer_integration import is_training_log
 
-    assert not is_evaluation_log({"loss": 1.0, "grad_norm": 0.1, "learning_rate": 1e-3})
-    assert not is_evaluation_log({"train_runtime": 1.0, "train_loss": 1.0, "total_flos": 5.0})
+    assert is_training_log({"loss": 1.0, "grad_norm": 0.1, "learning_rate": 1e-3, "completions/mean_length": 3.0})
+    assert is_training_log({"train_runtime": 1.0, "train_loss": 1.0, "total_flos": 5.0})
     for prefix in ("eval", "test", "train"):
-        assert is_evaluation_log({f"{prefix}_loss": 1.0, f"{prefix}_runtime": 0.1})
+        assert not is_training_log({f"{prefix}_loss": 1.0, f"{prefix}_runtime": 0.1})
+    assert not is_training_log({"my_metric": 1.0})
+
+
+def test_a_users_own_log_on_one_rank_makes_no_collective_and_leaves_the_statistics_to_training(tmp_path):
+    """`if trainer.is_world_process_zero(): trainer.log({"my_metric": 1.0})`, harmless with any other model, all-
+    reduced the gate statistics on rank 0 alone: under torchrun it waited for the other ranks for ever (confirmed on
+    2 gloo ranks: a timeout). A log that is not the training loop's gathers nothing, and the statistics stay for
+    the next training log."""
+    from transformers import TrainerCallback
+
+    class LogOwnMetric(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                tuner = trainer.model.base_model
+                real_pop, tuner.pop_gate_stats = tuner.pop_gate_stats, None  # (a call would fail: no collective)
+                trainer.log({"my_metric": 1.0})
+                tuner.pop_gate_stats = real_pop
+
+    trainer = plain_trainer(tmp_path, toy_texts(16), 0.01, batch=4, accum=1)
+    trainer.args.max_steps, trainer.args.logging_steps = 2, 2
+    trainer.add_callback(LogOwnMetric())
+    trainer.train()
+    own = [h for h in trainer.state.log_history if "my_metric" in h]
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(own) == 1 and not any(k.startswith("gatera") for k in own[0])
+    assert len(train_logs) == 1 and "gatera/entropy" in train_logs[0]
 
 
 def test_a_model_from_model_init_gets_its_half_precision_gates_returned_to_fp32(tmp_path):
