@@ -448,6 +448,7 @@ def prepare_model(trainer, model) -> None:
     parameters to fp32 (`GateRAModel.upcast_gates_to_fp32`; DeepSpeed keeps its own fp32 master copy). Idempotent."""
     tuner = find_gatera_model(model)
     if tuner is None:
+        _refuse_layers_without_tuner(model)
         return
     if trainer.is_deepspeed_enabled:
         from .bnb import refuse_4bit_under_zero3
@@ -456,6 +457,24 @@ def prepare_model(trainer, model) -> None:
     check_deepspeed_optimizer(trainer, model)
     if not trainer.is_deepspeed_enabled:
         tuner.upcast_gates_to_fp32()
+
+
+def _refuse_layers_without_tuner(model) -> None:
+    """Refuse to train GateRA layers that no `GateRAModel` holds (attached with transformers' `load_adapter` /
+    `add_adapter`, or PEFT's `inject_adapter_in_model`, which drop it): nothing would scale the penalty to the step's
+    tokens (each forward normalised itself: several times the configured strength under gradient accumulation), log
+    the statistics or keep half-precision gates in fp32."""
+    from .layer import GateRALayer
+
+    if any(isinstance(module, GateRALayer) and any(p.requires_grad for p in module.parameters())
+           for module in model.modules()):
+        raise ValueError(
+            "The model holds trainable GateRA layers outside a PEFT model (attached with transformers' "
+            "`model.load_adapter(..., is_trainable=True)` / `add_adapter`, or `inject_adapter_in_model`), so the "
+            "Trainer cannot scale the gate penalty to each step's tokens, log the gate statistics or keep the gates in "
+            "fp32: the run would train another model than the one configured. Wrap it with PEFT instead: "
+            "`PeftModel.from_pretrained(base, path, is_trainable=True)`, or `get_peft_model(base, GateRAConfig(...))`."
+        )
 
 
 def is_training_log(logs: dict) -> bool:

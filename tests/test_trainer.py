@@ -570,3 +570,24 @@ def test_a_step_the_trainer_abandons_is_not_judged_as_a_short_one(tmp_path, capl
     assert not [r for r in caplog.records if "GateRA" in r.getMessage()], caplog.text
     state = trainer._gatera_normaliser
     assert (state.forwards_per_batch, state.per_forward) == (1.0, False)
+
+
+def test_training_gatera_layers_that_no_peft_model_holds_is_refused(tmp_path):
+    """transformers' `model.load_adapter(folder, is_trainable=True)` (or PEFT's `inject_adapter_in_model`) attaches
+    GateRA layers and drops the GateRA model that the Trainer integration works through: the run trained with each
+    forward normalising its own penalty (3.2x the configured strength's gradient under gradient accumulation 4) and
+    logged no statistics, without a word. Refused at `train()`, naming the PEFT way; a frozen adapter (inference,
+    evaluation) is not refused."""
+    from peft import inject_adapter_in_model
+    from transformers import Trainer, TrainingArguments
+
+    model = inject_adapter_in_model(GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.5), tiny_llama())
+    data = [{"input_ids": list(range(3, 15)), "labels": list(range(3, 15))}] * 4
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1,
+                             per_device_train_batch_size=2, save_strategy="no")
+    with pytest.raises(ValueError, match=r"trainable GateRA layers outside a PEFT model .*PeftModel.from_pretrained"):
+        Trainer(model=model, args=args, train_dataset=data).train()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    Trainer(model=model, args=args, train_dataset=data).train()
