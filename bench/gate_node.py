@@ -116,8 +116,10 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--sizes", nargs="*", help="d x tokens pairs as DxT (default: the CPU or GPU grid)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gate_node.json"))
+    parser.add_argument("--out", default=None,
+                        help="JSON to write (default: bench/results/gate_node.json, gate_node_bf16.json with --precision bf16)")
     args = parser.parse_args()
+    args.out = args.out or str(Path(__file__).parent / "results" / f"gate_node{'_bf16' if args.precision == 'bf16' else ''}.json")
     import torch
 
     device = torch.device(args.device)

@@ -176,9 +176,11 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: a bf16 model (fp32 adapter weights) trained under bf16 autocast")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    parser.add_argument("--out", default=None,
+                        help="JSON to write (default: bench/results/train_step.json, train_step_bf16.json with --precision bf16)")
     parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = args.out or str(Path(__file__).parent / "results" / f"train_step{'_bf16' if args.precision == 'bf16' else ''}.json")
     if args.worker == "memory":
         print(json.dumps(memory_worker(args.methods[0], args.sizes[0], args.memory_steps, args.precision)))
         return
