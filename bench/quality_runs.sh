@@ -6,7 +6,7 @@
 #   bash bench/quality_runs.sh lambda    # entropy_weight of GateRA (s = 1) on hyperbaton's val split (6 runs, ~40 min)
 #   bash bench/quality_runs.sh main      # 3 tasks x 2 seeds x 7 methods, test split (~7.5 h of one thread, ~4 h on 2 cores)
 #
-# Issue 14's stages (NOT RUN YET; thread-hours estimated from README's recorded totals, ~11 min per 100-step run on
+# Issue 14's stages (README, "Issue 14's sweeps", says which have run; thread-hours estimated from the totals, ~11 min per 100-step run on
 # one thread: the earlier 13-run sweep took 2.5 thread-hours and the 42-run main table 7.5; HiRA-family runs are the
 # slower ones; no result JSONs were in the repo to time them from):
 #   CANDIDATES="task_a task_b" bash bench/quality_runs.sh pick
@@ -17,8 +17,8 @@
 #                                        # GateRA-lorascale (the default hira_scaling="lora") on hyperbaton and TASK2,
 #                                        # val split (80 runs, ~15 thread-hours, ~7.5 h on 2 cores)
 #   TASK2=... bash bench/quality_runs.sh gatelr  # gate_lr_ratio of the default (GateRA-lorascale) at its best rate
-#                                        # (10 runs, ~3 h); GateRA-rms too when asked:
-#                                        # GATELR_METHODS="gatera-lorascale gatera-rms" (20 runs)
+#                                        # (12 runs: 6 ratios x 2 tasks, ~3.5 h); GateRA-rms too when asked:
+#                                        # GATELR_METHODS="gatera-lorascale gatera-rms" (24 runs)
 #   TASK2=... [GLR=k] bash bench/quality_runs.sh main3
 #                                        # test split, 3 seeds, each method at its own best rate and at LoRA's
 #                                        # (up to 38 runs; ~12 min each on hyperbaton, 20-30 on multiemo). GateRA-rms, the
