@@ -786,7 +786,8 @@ def _reading(model_id, kwargs):
     build another model).
 
     Checks that the config parses and names a PEFT method this installation knows (PEFT would fail with a bare
-    KeyError), then, for GateRA folders, `check_adapter_folder`. Reads of the same adapter nested in it (PEFT's own
+    KeyError; a config given to the load, which PEFT uses instead, may lack the field), then, for GateRA folders,
+    `check_adapter_folder`. Reads of the same adapter nested in it (PEFT's own
     config read, `load_peft_weights`) neither look it up nor check it again.
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -796,9 +797,16 @@ def _reading(model_id, kwargs):
         yield
         return
     peft_type = read_config(folder).get("peft_type")
-    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        raise ValueError(f"{folder / CONFIG}: field `peft_type` is {peft_type!r}, not a PEFT method this installation "
-                         "knows (a GateRA adapter has \"GATERA\"). Restore the file from a checkpoint or re-save it.")
+    given_config = kwargs.get("config") is not None or kwargs.get("peft_config") is not None  # (the saved one unread)
+    if isinstance(peft_type, str) and peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        import peft
+
+        raise ValueError(f"{folder / CONFIG}: field `peft_type` names the PEFT method {peft_type!r}, which peft "
+                         f"{peft.__version__} does not know: the adapter was saved by another PEFT release. Install "
+                         "one that knows it (`pip install -U peft`).")
+    if not isinstance(peft_type, str) and not given_config:
+        raise ValueError(f"{folder / CONFIG}: field `peft_type` is {peft_type!r}, not a PEFT method (a GateRA adapter "
+                         "has \"GATERA\"). Restore the file from a checkpoint or re-save it.")
     gatera = is_gatera_type(peft_type)
     if not gatera:  # (before PEFT builds that method's model from a GateRA config's fields)
         _refuse_a_replaced_config(folder, peft_type)
@@ -949,7 +957,8 @@ def wrap_transformers_load_adapter(original):
         subfolder = (options.get("adapter_kwargs") or {}).get("subfolder") or download.get("subfolder")
         if _local_folder(model_id, subfolder) is None:  # (a Hub adapter: transformers fetches and reads it itself)
             return original(self, *args, **kwargs)
-        with _reading(model_id, {"subfolder": subfolder}):  # the checks and shared lock of PEFT's loads
+        with _reading(model_id, {"subfolder": subfolder, "peft_config": options.get("peft_config")}):  # the checks
+            # and shared lock of PEFT's loads
             return original(self, *args, **kwargs)
 
     setattr(load_adapter, _MARK, True)

@@ -1137,3 +1137,31 @@ def test_a_refused_adapter_leaves_another_tuners_layer_below_it_in_place():
     with pytest.raises(ValueError, match="GateRA cannot adapt target module of type LlamaRMSNorm"):
         get_peft_model(model, GateRAConfig(r=4, target_modules=["k_proj", "norm"]), adapter_name="ga")
     assert isinstance(model.model.layers[0].self_attn.k_proj, LoraLayer)
+
+
+def test_another_methods_adapter_of_a_newer_peft_is_named_as_such_and_a_given_config_is_not_second_guessed(tmp_path):
+    """With the plugin imported, every adapter load reads the config's `peft_type` first. A LoRA-family method that a
+    newer PEFT added (a string this PEFT does not know) was told to "restore the file or re-save it", as if it were
+    broken; it is named as another PEFT release's, with the upgrade. A config passed to the load (`config=`,
+    transformers' `peft_config=`) is what PEFT uses, so the saved one's missing `peft_type` no longer refuses a load
+    that works without the plugin."""
+    from peft import LoraConfig
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "peft_type": "SHINYNEW"}))
+    with pytest.raises(ValueError, match=r"names the PEFT method 'SHINYNEW', which peft .* does not know: the adapter "
+                                         r"was saved by another PEFT release.*pip install -U peft"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    del saved["peft_type"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"field `peft_type` is None, not a PEFT method.*Restore the file"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    given = LoraConfig(r=2, target_modules=["q_proj"])
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, config=given).eval()
+    input_ids = torch.randint(3, 128, (1, 6))
+    torch.testing.assert_close(eval_logits(loaded, input_ids), eval_logits(model, input_ids), rtol=0, atol=0)
+    base = tiny_llama()
+    base.load_adapter(str(tmp_path), peft_config=LoraConfig(r=2, target_modules=["q_proj"]))
+    torch.testing.assert_close(eval_logits(base, input_ids), eval_logits(model, input_ids), rtol=0, atol=0)
