@@ -769,6 +769,10 @@ class GateRAModel(BaseTuner):
         )
         for hook in self._batch_hooks:  # (only once unloaded: a refused merge leaves a model that still trains)
             hook.remove()
+        for module in self._checkpointing_modules or ():  # the base's checkpointing as it was (nor our last batch kept)
+            function = module.__dict__.get("_gradient_checkpointing_func")
+            if getattr(function, "gatera_penalty_run", None) is self.penalty_run:
+                module._gradient_checkpointing_func = function.__wrapped__
         return model
 
     # ----------------------------------------------------------------------------------------------- loading

@@ -562,6 +562,24 @@ def test_a_refused_merge_and_unload_leaves_a_model_that_still_masks_padding():
     assert torch.equal(model.base_model.penalty_run.attention_mask, mask.bool())
 
 
+def test_unloading_gives_the_base_its_own_gradient_checkpointing_back():
+    """Under gradient checkpointing, GateRA wraps each layer's checkpoint function (to replay a region with its own
+    batch); after `unload()` / `merge_and_unload()` the base kept the wrapper, and with it GateRA's last batch, into
+    whatever ran on it next (a LoRA run on the same base went through it)."""
+    for unload in ("unload", "merge_and_unload"):
+        base = tiny_llama()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = [m for m in base.modules() if hasattr(m, "gradient_checkpointing")]
+        own = [m.__dict__.get("_gradient_checkpointing_func") for m in layers]
+        model = get_peft_model(base, GateRAConfig(r=4, target_modules=["q_proj"], gate="none", init_weights=False))
+        model.train()
+        model(input_ids=torch.randint(3, 128, (1, 6))).logits.sum().backward()
+        assert any(hasattr(m._gradient_checkpointing_func, "gatera_penalty_run") for m in layers)
+        unloaded = getattr(model, unload)()
+        assert [m.__dict__.get("_gradient_checkpointing_func") for m in layers] == own
+        unloaded(input_ids=torch.randint(3, 128, (1, 6))).logits.sum().backward()
+
+
 def test_prune_structure_of_a_merged_adapter_is_refused():
     """Pruning unwraps the pruned modules: a merged update would stay in their base weight for good."""
     model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"], gate="none",
