@@ -15,6 +15,8 @@ def _prune(args) -> int:
     for name, other in result["other_adapters"].items():  # (the other adapters of a multi-adapter save)
         print(f"adapter {name!r}: " + ("copied unchanged (no structure gates)" if other is None else
                                        report(other["values"], other["kept"], other["pruned"])))
+    if result["left_out"]:
+        print(f"left out (not adapters of this save): {', '.join(result['left_out'])}")
     print(f"wrote {args.out}: {result['tensors_after']} of {result['tensors_before']} tensors")
     return 0
 

@@ -8,8 +8,10 @@ minus those modules' contributions, and its `target_modules` lists the modules t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,7 +65,8 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
     """Write a pruned copy of the adapter folder `src` to the new folder `dst`; returns what stayed and what went.
 
     The other adapters a multi-adapter save holds (PEFT puts each in a subfolder named after it) are pruned alike,
-    or copied unchanged where they have no structure gates (`result["other_adapters"]`: name -> result or None).
+    or copied unchanged where they have no structure gates (`result["other_adapters"]`: name -> result or None);
+    other subfolders (Trainer checkpoints, ...) are left out (`result["left_out"]`).
     `dst` must not exist yet (nothing saved is overwritten); the copy is written to a temporary folder beside it and
     renamed into place, so an interrupted run leaves no half-written adapter.
     """
@@ -77,6 +80,7 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
     if blocking is not None:
         raise ValueError(f"--out {str(dst)!r}: {blocking} is a file, not a folder; choose an output folder elsewhere.")
 
+    others, left_out = _other_adapters(src, dst)  # (listed before this prune's own folder may appear in `src`)
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
     try:
@@ -84,15 +88,15 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
         probe.mkdir()
         partial.chmod(probe.stat().st_mode & 0o7777)  # (setgid too, where the parent folder has it)
         probe.rmdir()
-        result = _write_pruned(src, partial, threshold, required=True)
-        result["other_adapters"] = {}
-        for folder in sorted(path for path in src.iterdir() if path.is_dir()):
-            if (folder / CONFIG_NAME).exists():  # another adapter of the save
+        with contextlib.ExitStack() as locks:  # one save's adapters, not two saves' (a save locks them in this order)
+            for folder in (src, *others):
+                locks.enter_context(folder_lock(folder, exclusive=False))
+            result = _write_pruned(src, partial, threshold, required=True)
+            result["other_adapters"], result["left_out"] = {}, left_out
+            for folder in others:
                 (partial / folder.name).mkdir()
                 result["other_adapters"][folder.name] = _write_pruned(folder, partial / folder.name, threshold,
                                                                       required=False)
-            else:
-                shutil.copytree(folder, partial / folder.name)
         try:
             partial.rename(dst)
         except OSError as error:
@@ -106,29 +110,40 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
     return result
 
 
+def _other_adapters(src: Path, dst: Path) -> tuple[list[Path], list[str]]:
+    """The subfolders of `src` holding the other adapters of a multi-adapter save, and the names of those left out:
+    Trainer checkpoints (`checkpoint-N`, or with a trainer_state.json), folders without an adapter, and `dst` (an
+    output inside the source). Hidden folders (a save's staging) are passed over."""
+    others, left_out = [], []
+    for folder in sorted(path for path in src.iterdir() if path.is_dir() and not path.name.startswith(".")):
+        adapter = ((folder / CONFIG_NAME).exists() and not (folder / "trainer_state.json").exists()
+                   and not re.fullmatch(r"checkpoint-\d+", folder.name) and folder.resolve() != dst.resolve())
+        (others.append(folder) if adapter else left_out.append(folder.name))
+    return others, left_out
+
+
 def _write_pruned(src: Path, out: Path, threshold: float, required: bool) -> dict | None:
     """Write the pruned copy of the one adapter saved in `src` (its files, not its subfolders) into the folder `out`;
-    an adapter without structure gates is refused where `required`, else copied unchanged (returns None)."""
+    an adapter without structure gates is refused where `required`, else copied unchanged (returns None). The
+    caller holds `src`'s shared lock: its config and weights are one save's."""
     from safetensors.torch import load_file, save_file
 
-    with folder_lock(src, exclusive=False):  # config and weights of one save, not of two (a save landing meanwhile)
-        config = read_config(src)
-        gatera = is_gatera_type(config.get("peft_type"))
-        if required and not gatera:
-            raise ValueError(f"{src} holds a {config.get('peft_type')!r} adapter, not a GateRA one.")
-        if gatera:
-            check_adapter_folder(src)  # checksum, structure stamp, readable tensors: prune only what would load
-        if not (gatera and config.get("structure_gate")):
-            if required:
-                raise ValueError(f"{src} was trained without structure gates (structure_gate=False): nothing to "
-                                 "prune by.")
-            for extra in src.iterdir():
-                if extra.is_file():
-                    shutil.copy2(extra, out / extra.name)
-            return None
-        state = load_file(src / WEIGHTS_NAME)
-        extras = [extra for extra in src.iterdir() if extra.is_file() and extra.name not in (CONFIG_NAME, WEIGHTS_NAME)]
-        for extra in extras:  # README, tokenizer files, ... travel along
+    config = read_config(src)
+    gatera = is_gatera_type(config.get("peft_type"))
+    if required and not gatera:
+        raise ValueError(f"{src} holds a {config.get('peft_type')!r} adapter, not a GateRA one.")
+    if gatera:
+        check_adapter_folder(src)  # checksum, structure stamp, readable tensors: prune only what would load
+    if not (gatera and config.get("structure_gate")):
+        if required:
+            raise ValueError(f"{src} was trained without structure gates (structure_gate=False): nothing to prune by.")
+        for extra in src.iterdir():
+            if extra.is_file():
+                shutil.copy2(extra, out / extra.name)
+        return None
+    state = load_file(src / WEIGHTS_NAME)
+    for extra in src.iterdir():  # README, tokenizer files, ... travel along
+        if extra.is_file() and extra.name not in (CONFIG_NAME, WEIGHTS_NAME):
             shutil.copy2(extra, out / extra.name)
     check_tensors(state, src / WEIGHTS_NAME)
     values = {

@@ -521,10 +521,12 @@ def test_sparse_training_skips_closed_tokens_in_backward():
     assert all(p.grad is not None for n, p in model.named_parameters() if "gatera_A" in n)
 
 
-def test_gatera_prune_prunes_every_adapter_of_a_multi_adapter_save(tmp_path):
+def test_gatera_prune_prunes_every_adapter_of_a_multi_adapter_save(tmp_path, capsys):
     """PEFT saves the adapters other than "default" in subfolders named after them; `gatera prune` copied only the
     folder's files, so the pruned save silently lost them. Each is pruned by its own σ(α) (or copied unchanged
-    without structure gates) and loads into the model that `prune_structure` gives in memory."""
+    without structure gates) and loads into the model that `prune_structure` gives in memory; a Trainer checkpoint
+    beside them, and an --out inside the source folder, are not taken for adapters (the checkpoint is named as left
+    out)."""
     from gatera_plugin.cli import main
 
     model = _structure_model()
@@ -534,8 +536,12 @@ def test_gatera_prune_prunes_every_adapter_of_a_multi_adapter_save(tmp_path):
         for i, p in enumerate(p for n, p in model.named_parameters() if "gatera_structure.other" in n):
             p.fill_(-4.0 if i % 2 == 0 else 2.0)
     model.save_pretrained(tmp_path / "full")
-    assert main(["prune", str(tmp_path / "full"), "--threshold", "0.5", "--out", str(tmp_path / "pruned")]) == 0
-    assert sorted(p.name for p in (tmp_path / "pruned").iterdir() if p.is_dir()) == ["other", "plain"]
+    model.save_pretrained(tmp_path / "full" / "checkpoint-10")  # (a Trainer's output folder holds its checkpoints)
+    (tmp_path / "full" / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    assert main(["prune", str(tmp_path / "full"), "--threshold", "0.5", "--out", str(tmp_path / "full" / "pruned")]) == 0
+    assert "left out (not adapters of this save): checkpoint-10" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "full" / "pruned").iterdir() if p.is_dir()) == ["other", "plain"]
+    (tmp_path / "full" / "pruned").rename(tmp_path / "pruned")
     input_ids = torch.randint(3, 128, (2, 9))
     for name in ("default", "other"):
         model.base_model.prune_structure(0.5, adapter_name=name)
