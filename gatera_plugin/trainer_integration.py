@@ -466,7 +466,8 @@ def _refuse_layers_without_tuner(model) -> None:
     the statistics or keep half-precision gates in fp32."""
     from .layer import GateRALayer
 
-    if any(isinstance(module, GateRALayer) and any(p.requires_grad for p in module.parameters())
+    if any(isinstance(module, GateRALayer) and any(param.requires_grad for name, param in module.named_parameters()
+                                                    if not name.startswith("base_layer."))  # (a trained base is not)
            for module in model.modules()):
         raise ValueError(
             "The model holds trainable GateRA layers outside a PEFT model (attached with transformers' "

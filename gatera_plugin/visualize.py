@@ -106,16 +106,21 @@ def load_adapter(adapter: str, base_model: Optional[str] = None, dtype: torch.dt
 
 
 def check_device(device: str) -> None:
-    """Refuse, before minutes of loading, a `--device` that names no device, or a GPU this machine lacks ("cpu" and
+    """Refuse, before minutes of loading, a `--device` that names no device, or one this machine lacks ("cpu" and
     "auto", accelerate's spread over what there is, always pass)."""
     if device in ("cpu", "auto"):
         return
     try:
-        kind = torch.device(device).type
+        wanted = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r} names no device; pass cpu, cuda, cuda:N or auto.") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: this machine has no CUDA GPU that torch can use; pass --device cpu.")
+    here = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if here is None or here.type != wanted.type:
+        raise ValueError(f"--device {device!r}: this machine has no {wanted.type} device that torch can use "
+                         f"({'only the CPU' if here is None else f'it has {here.type}'}); pass --device cpu or auto.")
+    if wanted.index is not None and wanted.index >= torch.accelerator.device_count():
+        raise ValueError(f"--device {device!r}: this machine has {torch.accelerator.device_count()} {wanted.type} "
+                         f"device(s), numbered from 0.")
 
 
 def check_record_options(prompt: str, answer: Optional[str], max_new_tokens: int) -> None:
@@ -158,12 +163,13 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
     if chat and not getattr(tokenizer, "chat_template", None):
         raise ValueError("`chat` (CLI: --chat) needs a tokenizer with a chat template; this one has none. Leave "
                          "--chat out to record the prompt as plain text.")
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         return _record_gates(model, tokenizer, prompt, answer, max_new_tokens, chat)
-    finally:
-        model.train(was_training)  # (a training loop that plots gates every N steps keeps its dropout and penalty)
+    finally:  # (a training loop that plots gates every N steps keeps its dropout and penalty)
+        for module, training in modes:
+            module.training = training
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:

@@ -111,13 +111,16 @@ def test_recorded_gates_feed_the_token_ids_on_the_input_embeddings_device(monkey
 def test_recording_gates_gives_a_training_model_back_in_training_mode():
     """`record_gates` switches to eval for the recording; a training loop that plots its gates every N steps got its
     model back in eval mode (no dropout, no gate penalty from then on: `Trainer` hides it, a custom loop does not).
-    A model in eval mode stays in eval mode; a refused recording gives the model back as well."""
+    Every module gets its own mode back (a part kept in eval stays so); a refused recording gives the model back as
+    well."""
     from gatera_plugin.visualize import record_gates
 
     model, tokenizer = _model()
     model.train()
+    frozen = model.base_model.model.model.layers[0]  # (a part the caller keeps in eval mode stays there)
+    frozen.eval()
     record_gates(model, tokenizer, "Question: Tell me about Neon", max_new_tokens=2)
-    assert model.training and all(m.training for m in model.modules())
+    assert all(m.training == (m not in set(frozen.modules())) for m in model.modules())
     with pytest.raises(ValueError, match="tokenizes to no tokens"):
         record_gates(model, tokenizer, "Question: Tell me about Neon", answer=" ")
     assert model.training
@@ -164,8 +167,9 @@ def test_a_chat_recording_prompts_through_the_chat_template_and_a_half_precision
         tokenizer.decode([t]) for t in templated]
     argv = ["plot", str(tmp_path / "adapter"), "--base-model", str(tmp_path / "base"), "--prompt", prompt, "--out",
             str(tmp_path / "gates.png")]
-    for device, message in (("gpu", "--device 'gpu' names no device"), ("cuda:1", "has no CUDA GPU")):
-        if device != "gpu" and torch.cuda.is_available():
+    for device, message in (("gpu", "--device 'gpu' names no device"), ("cuda:1", "has no cuda device"),
+                            ("mps", "has no mps device"), ("meta", "has no meta device")):
+        if device != "gpu" and torch.accelerator.is_available():
             continue
         assert main([*argv, "--device", device]) == 2
         assert message in capsys.readouterr().err

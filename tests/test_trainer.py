@@ -577,11 +577,12 @@ def test_training_gatera_layers_that_no_peft_model_holds_is_refused(tmp_path):
     GateRA layers and drops the GateRA model that the Trainer integration works through: the run trained with each
     forward normalising its own penalty (3.2x the configured strength's gradient under gradient accumulation 4) and
     logged no statistics, without a word. Refused at `train()`, naming the PEFT way; a frozen adapter (inference,
-    evaluation) is not refused."""
+    evaluation; also over base weights being trained) is not refused."""
     from peft import inject_adapter_in_model
     from transformers import Trainer, TrainingArguments
 
-    model = inject_adapter_in_model(GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.5), tiny_llama())
+    model = inject_adapter_in_model(GateRAConfig(r=4, target_modules=TARGETS, entropy_weight=0.5, branch="lora",
+                                                 lora_alpha=8), tiny_llama())  # (LoRA: its base may be trained)
     data = [{"input_ids": list(range(3, 15)), "labels": list(range(3, 15))}] * 4
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1,
                              per_device_train_batch_size=2, save_strategy="no")
@@ -590,4 +591,5 @@ def test_training_gatera_layers_that_no_peft_model_holds_is_refused(tmp_path):
     for param in model.parameters():
         param.requires_grad_(False)
     model.lm_head.weight.requires_grad_(True)
+    model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)  # (the base under an adapter)
     Trainer(model=model, args=args, train_dataset=data).train()
