@@ -21,12 +21,24 @@ def read_jsonl(path: Path = DATA) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not a JSON object ({error.msg}).") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("prompt", "completion")):
-            raise ValueError(f"{path}:{number}: a row needs the text fields \"prompt\" and \"completion\".")
+        if not isinstance(row, dict) or not all(_is_text_or_turns(row.get(key)) for key in ("prompt", "completion")):
+            raise ValueError(f"{path}:{number}: a row needs the fields \"prompt\" and \"completion\", each a text or "
+                             "a list of {\"role\", \"content\"} messages (TRL's conversational form).")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no rows.")
     return rows
+
+
+def _is_text_or_turns(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(
+        isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)
+        for turn in value))
+
+
+def _text(value) -> str:
+    """A field's text: itself, or its messages' contents."""
+    return value if isinstance(value, str) else " ".join(turn["content"] for turn in value)
 
 
 def load_rows(split: str, path: Path = DATA) -> list[dict]:
@@ -41,7 +53,7 @@ def tiny_model_and_tokenizer(path: Path = DATA, hidden: int = 64, layers: int = 
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     rows = read_jsonl(path)
-    words = sorted({w for r in rows for w in (r["prompt"] + r["completion"]).split()})
+    words = sorted({w for r in rows for w in (_text(r["prompt"]) + " " + _text(r["completion"])).split()})
     vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

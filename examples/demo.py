@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="new folder for the adapter (default: outputs/demo-<model>-<time>)")
     args = parser.parse_args()
     if args.steps is not None and args.steps < 2:
-        parser.error(f"--steps {args.steps}: give at least 2 (the demo checks that the training loss falls).")
+        parser.error(f"--steps {args.steps}: give at least 2 (the demo logs every steps // 2 steps).")
     args.out = args.out or time.strftime(f"outputs/demo-{'tiny' if args.tiny else 'smollm2'}-%Y%m%d-%H%M%S")
     atexit.register(claim_folder(parser, Path(args.out)).unlink, missing_ok=True)  # (also when the run fails)
 

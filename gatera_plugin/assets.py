@@ -93,19 +93,17 @@ def _is_complete(folder: Path) -> bool:
 
 
 def _publish(partial: Path, target: Path) -> None:
-    """Rename the prepared folder `partial` to `target`. A complete `target` that another process published meanwhile
-    is kept (a run may be loading it; `partial` is left for the caller to remove); an incomplete one, from an
-    interrupted older version, is moved aside and removed first."""
-    if target.exists() and not _is_complete(target):
-        stale = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-stale-"))
-        with contextlib.suppress(FileNotFoundError):  # (another process moved it aside first)
-            target.rename(stale / target.name)
-        shutil.rmtree(stale)
-    try:
+    """Rename the prepared folder `partial` to `target`, one process at a time (a lock on the cache folder). A
+    complete `target` that another process published meanwhile is kept (a run may be loading it; `partial` is left
+    for the caller to remove); an incomplete one, from an interrupted older version, is removed first."""
+    from .serialization import folder_lock
+
+    with folder_lock(target.parent, exclusive=True):
+        if _is_complete(target):
+            return
+        if target.exists():
+            shutil.rmtree(target)
         partial.rename(target)
-    except OSError:
-        if not _is_complete(target):
-            raise
 
 
 # BIG-bench task files: the `bigbench==1.0.0` sdist on PyPI (Apache-2.0) carries every task's task.json. It cannot be

@@ -99,12 +99,16 @@ def test_train_sft_data_errors_name_the_file_and_line(tmp_path, capsys):
     blank.write_text("\n".join(lines) + "\n\n")
     assert train_sft.parse_args(["--output-dir", str(tmp_path / "o"), "--data", str(blank)]).data == str(blank)
     assert len(load_rows("train", blank)) + len(load_rows("test", blank)) == 3
+    chat = tmp_path / "chat.jsonl"  # (TRL's conversational rows pass too)
+    chat.write_text('{"prompt": [{"role": "user", "content": "Neon?"}], '
+                    '"completion": [{"role": "assistant", "content": "A gas."}]}\n')
+    assert train_sft.parse_args(["--output-dir", str(tmp_path / "o"), "--data", str(chat)]).data == str(chat)
     broken = tmp_path / "broken.jsonl"
     broken.write_text(lines[0] + "\n{not json\n")
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(lines[0] + '\n{"question": "?"}\n')
     for data, message in ((tmp_path / "missing.jsonl", "No such file"), (broken, f"{broken}:2: not a JSON object"),
-                          (wrong, f"{wrong}:2: a row needs the text fields \"prompt\" and \"completion\"")):
+                          (wrong, f"{wrong}:2: a row needs the fields \"prompt\" and \"completion\"")):
         with pytest.raises(SystemExit) as exited:
             train_sft.parse_args(["--output-dir", str(tmp_path / "o"), "--data", str(data)])
         assert exited.value.code == 2

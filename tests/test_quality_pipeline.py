@@ -359,10 +359,14 @@ def test_two_processes_downloading_the_bigbench_sdist_write_separate_files(tmp_p
     assert sorted(p.name for p in target.parent.iterdir()) == sorted([theirs.name, target.name])
 
 
-def test_a_prepared_model_that_another_process_published_first_is_kept(tmp_path):
+def test_a_prepared_model_that_another_process_published_first_is_kept(tmp_path, monkeypatch):
     """Two processes preparing SmolLM2 at once: the later one removed the folder the earlier had published (and was
     loading) and renamed its own into place. A complete folder found at the end is kept, this process's copy
-    dropped; an incomplete one (an interrupted older run) is replaced."""
+    dropped; an incomplete one (an interrupted older run) is replaced, under a lock on the cache folder (so that two
+    processes never both replace it)."""
+    import fcntl
+    import os
+
     from gatera_plugin.assets import _publish
 
     target, ours = tmp_path / "smollm2", tmp_path / ".smollm2-ours"
@@ -374,7 +378,22 @@ def test_a_prepared_model_that_another_process_published_first_is_kept(tmp_path)
     _publish(ours, target)
     assert target.stat().st_ino == inode and (target / "config.json").read_text() == "smollm2"
     (target / "model.safetensors").unlink()  # (incomplete)
+    real_rename, locked = Path.rename, []
+
+    def rename(self, new):  # (is the cache folder locked while the folder is replaced? a second lock must fail)
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked.append(False)
+        except BlockingIOError:
+            locked.append(True)
+        finally:
+            os.close(fd)
+        return real_rename(self, new)
+
+    monkeypatch.setattr(Path, "rename", rename)
     _publish(ours, target)
+    assert locked == [True]
     assert (target / "config.json").read_text() == ".smollm2-ours" and not ours.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]
 
