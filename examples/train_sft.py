@@ -43,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sequence-parallel", type=int, default=1,
                         help="split each sequence across this many ranks (DeepSpeed Ulysses; needs --deepspeed)")
     parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--max-length", type=int, default=64,
+                        help="tokens per example, longer ones cut (64 fits the bundled data; raise it for yours)")
+    parser.add_argument("--max-grad-norm", type=float, default=0.0,
+                        help="gradient clipping (0: off, as the tests compare runs exactly; 1.0 is the usual)")
     parser.add_argument("--batch", type=int, default=4, help="per-device micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -100,6 +104,7 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
     from trl import SFTConfig, SFTTrainer
 
     import gatera_plugin
+    from gatera_plugin.fsdp import requested_fsdp_version
 
     if args.deepspeed and args.cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -139,8 +144,9 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
         if args.fsdp else None,
         use_cpu=args.cpu, ddp_backend="gloo" if args.cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         bf16=args.bf16, fp16=False,
-        gradient_checkpointing=args.gradient_checkpointing, max_length=64,
-        gradient_checkpointing_kwargs={"use_reentrant": True} if args.reentrant else None, disable_tqdm=True, max_grad_norm=0.0,
+        gradient_checkpointing=args.gradient_checkpointing, max_length=args.max_length,
+        gradient_checkpointing_kwargs={"use_reentrant": True} if args.reentrant else None, disable_tqdm=True,
+        max_grad_norm=args.max_grad_norm,
         # under DDP, transformers turns find_unused_parameters off for checkpointed models, but not for a PEFT model
         # (any adapter: LoRA's too), and reentrant checkpointing then fails ("marked as ready twice")
         ddp_find_unused_parameters=False if args.gradient_checkpointing else None,
@@ -161,9 +167,11 @@ def build_trainer(args: argparse.Namespace, callbacks=()):
     if args.model != "tiny" or args.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
-        quantization = BitsAndBytesConfig(  # FSDP shards only floating-point storage: pack the 4-bit bytes in bf16
+        # FSDP shards only floating-point storage: pack the 4-bit bytes in bf16 under --fsdp or an accelerate config
+        sharded = args.fsdp is not None or requested_fsdp_version(config) is not None
+        quantization = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
-            bnb_4bit_quant_storage=torch.bfloat16 if args.fsdp else torch.uint8,
+            bnb_4bit_quant_storage=torch.bfloat16 if sharded else torch.uint8,
         ) if args.load_in_4bit else None
         device_map = "cpu" if args.cpu and args.load_in_4bit and not args.deepspeed else None
         kernels = {}

@@ -113,3 +113,32 @@ def test_train_sft_data_errors_name_the_file_and_line(tmp_path, capsys):
             train_sft.parse_args(["--output-dir", str(tmp_path / "o"), "--data", str(data)])
         assert exited.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_train_sft_packs_a_4bit_base_for_fsdp2_under_an_accelerate_config(tmp_path, monkeypatch):
+    """`accelerate launch --config_file integrations/accelerate/fsdp2.yaml examples/train_sft.py --load-in-4bit`
+    (integrations/README.md's QLoRA-FSDP command) stored the 4-bit bytes as uint8, which FSDP2 does not shard: every
+    GPU held the whole base. The bytes are packed in bf16 under an accelerate FSDP config as under --fsdp 2."""
+    import torch
+    import train_sft
+    import transformers
+
+    storages = []
+
+    class Stop(Exception):
+        pass
+
+    class RecordingConfig(transformers.BitsAndBytesConfig):
+        def __init__(self, **kwargs):
+            storages.append(kwargs.get("bnb_4bit_quant_storage"))
+            raise Stop
+
+    monkeypatch.setattr(transformers, "BitsAndBytesConfig", RecordingConfig)
+    argv = ["--output-dir", str(tmp_path / "o"), "--load-in-4bit", "--cpu"]
+    for env, expected in (({}, torch.uint8), ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, torch.bfloat16)):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(Stop):
+            train_sft.build_trainer(train_sft.parse_args(argv))
+        assert storages[-1] == expected
+    assert train_sft.parse_args(argv + ["--max-length", "512", "--max-grad-norm", "1"]).max_length == 512
