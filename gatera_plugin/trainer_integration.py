@@ -30,6 +30,7 @@ Wrapping the base class keeps working for subclasses that override these methods
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
@@ -457,6 +458,24 @@ def prepare_model(trainer, model) -> None:
     check_deepspeed_optimizer(trainer, model)
     if not trainer.is_deepspeed_enabled:
         tuner.upcast_gates_to_fp32()
+    warn_of_closed_gates_in_fp16(trainer.args, tuner)
+
+
+def warn_of_closed_gates_in_fp16(args, tuner) -> None:
+    """Warn of an fp16 run (`fp16=True`: autocast and a loss scaler) whose sigmoid gates start nearly closed: the
+    branch's scale s grows as 1/σ(gate_bias_init), and the gate's gradient, formed in fp16 before σ′ shrinks it, with
+    it (README, "bf16 / fp16 models outside autocast")."""
+    if not getattr(args, "fp16", False):
+        return
+    closed = sorted({config.gate_bias_init for config in tuner.peft_config.values()
+                     if getattr(config, "gate", None) == "sigmoid" and config.gate_bias_init < 0})
+    if closed:
+        logger.warning(
+            f"GateRA: gate_bias_init={closed[0]} under fp16: the gates start at σ(b) = {1 / (1 + math.exp(-closed[0])):.3g}, "
+            "and their gradient, formed in fp16 before σ′ shrinks it, is 1/σ(b) times larger than at 0: the loss "
+            "scaler will skip steps and lower its scale by about σ(b) (or, where the branch scale passes 65504, the "
+            "gates' gradient overflows). Train in bf16 where the GPU has it, or keep gate_bias_init at 0 in fp16."
+        )
 
 
 def _refuse_layers_without_tuner(model) -> None:

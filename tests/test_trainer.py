@@ -593,3 +593,21 @@ def test_training_gatera_layers_that_no_peft_model_holds_is_refused(tmp_path):
     model.lm_head.weight.requires_grad_(True)
     model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)  # (the base under an adapter)
     Trainer(model=model, args=args, train_dataset=data).train()
+
+
+def test_an_fp16_run_with_gates_started_nearly_closed_is_warned_of(caplog):
+    """Under fp16 a negative `gate_bias_init` makes the gate's gradient, formed in fp16 before σ′, 1/σ(b) times
+    larger: GradScaler skips steps and lowers its scale (overflows where the branch scale passes 65504). The
+    Trainer's `train()` warns of it for fp16 runs; bf16 / fp32 runs and gates started at 0 are not warned of."""
+    from types import SimpleNamespace
+
+    from gatera_plugin.trainer_integration import warn_of_closed_gates_in_fp16
+
+    closed = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_bias_init=-4.0)).base_model
+    open_ = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS)).base_model
+    for args, tuner, warned in ((SimpleNamespace(fp16=True), closed, True), (SimpleNamespace(fp16=False), closed, False),
+                                (SimpleNamespace(fp16=True), open_, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            warn_of_closed_gates_in_fp16(args, tuner)
+        assert ("gate_bias_init=-4.0 under fp16" in caplog.text) == warned
