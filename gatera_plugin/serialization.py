@@ -796,20 +796,23 @@ def _reading(model_id, kwargs):
     if folder is None:
         yield
         return
-    peft_type = read_config(folder).get("peft_type")
-    given_config = kwargs.get("config") is not None or kwargs.get("peft_config") is not None  # (the saved one unread)
-    if isinstance(peft_type, str) and peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        import peft
+    given = kwargs.get("config") if kwargs.get("config") is not None else kwargs.get("peft_config")
+    if given is not None:  # PEFT builds the adapter from this config and does not read the saved one
+        gatera = is_gatera_type(getattr(given, "peft_type", None))
+    else:
+        peft_type = read_config(folder).get("peft_type")
+        if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+            import peft
 
-        raise ValueError(f"{folder / CONFIG}: field `peft_type` names the PEFT method {peft_type!r}, which peft "
-                         f"{peft.__version__} does not know: the adapter was saved by another PEFT release. Install "
-                         "one that knows it (`pip install -U peft`).")
-    if not isinstance(peft_type, str) and not given_config:
-        raise ValueError(f"{folder / CONFIG}: field `peft_type` is {peft_type!r}, not a PEFT method (a GateRA adapter "
-                         "has \"GATERA\"). Restore the file from a checkpoint or re-save it.")
-    gatera = is_gatera_type(peft_type)
-    if not gatera:  # (before PEFT builds that method's model from a GateRA config's fields)
-        _refuse_a_replaced_config(folder, peft_type)
+            raise ValueError(
+                f"{folder / CONFIG}: field `peft_type` is {peft_type!r}, not a PEFT method peft {peft.__version__} "
+                "knows (a GateRA adapter has \"GATERA\"). If the file was edited or damaged, restore it from a "
+                "checkpoint or re-save it; if another PEFT release saved it (a method added since), load it with "
+                "that release."
+            )
+        gatera = is_gatera_type(peft_type)
+        if not gatera:  # (before PEFT builds that method's model from a GateRA config's fields)
+            _refuse_a_replaced_config(folder, peft_type)
     with folder_lock(folder, exclusive=False) if gatera else contextlib.nullcontext():
         if gatera:
             check_adapter_folder(folder)

@@ -462,20 +462,28 @@ def prepare_model(trainer, model) -> None:
 
 
 def warn_of_closed_gates_in_fp16(args, tuner) -> None:
-    """Warn of an fp16 run (`fp16=True`: autocast and a loss scaler) whose sigmoid gates start nearly closed: the
-    branch's scale s grows as 1/σ(gate_bias_init), and the gate's gradient, formed in fp16 before σ′ shrinks it, with
-    it (README, "bf16 / fp16 models outside autocast")."""
+    """Warn of an fp16 run (`fp16=True`: autocast and a loss scaler) of a HiRA adapter with `hira_scaling="lora"` whose
+    gates start nearly closed (their product g0 at step 0 below 0.1: `gate_bias_init` / `structure_init` well below
+    0): its scale s grows as 1/g0, and the gates' gradient, formed in fp16 before σ′ shrinks it, with it (README,
+    "bf16 / fp16 models outside autocast")."""
+    from .gates import make_structure_gate, make_token_gate
+
     if not getattr(args, "fp16", False):
         return
-    closed = sorted({config.gate_bias_init for config in tuner.peft_config.values()
-                     if getattr(config, "gate", None) == "sigmoid" and config.gate_bias_init < 0})
-    if closed:
-        logger.warning(
-            f"GateRA: gate_bias_init={closed[0]} under fp16: the gates start at σ(b) = {1 / (1 + math.exp(-closed[0])):.3g}, "
-            "and their gradient, formed in fp16 before σ′ shrinks it, is 1/σ(b) times larger than at 0: the loss "
-            "scaler will skip steps and lower its scale by about σ(b) (or, where the branch scale passes 65504, the "
-            "gates' gradient overflows). Train in bf16 where the GPU has it, or keep gate_bias_init at 0 in fp16."
-        )
+    for name, config in tuner.peft_config.items():
+        if getattr(config, "branch", None) != "hira" or config.hira_scaling != "lora":
+            continue
+        gates = [gate for gate in (make_token_gate(config.gate, 1, config), make_structure_gate(config)) if gate]
+        level = math.prod(gate.initial_level() for gate in gates)
+        if level < 0.1:
+            logger.warning(
+                f"GateRA: adapter {name!r} starts its gates at {level:.3g} (gate_bias_init={config.gate_bias_init}, "
+                f"structure_init={config.structure_init if config.structure_gate else None}) under fp16: with "
+                "hira_scaling='lora' its branch scale, and the gates' gradient formed in fp16 before σ′ shrinks it, are "
+                f"{0.5 / level:.3g} times those of gates started at 0.5: the loss scaler will skip steps and lower its "
+                "scale (or, where the scale passes 65504, the gates' gradient overflows). Train in bf16 where the GPU "
+                "has it, or start the gates at 0 in fp16."
+            )
 
 
 def _refuse_layers_without_tuner(model) -> None:

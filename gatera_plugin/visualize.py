@@ -108,12 +108,14 @@ def load_adapter(adapter: str, base_model: Optional[str] = None, dtype: torch.dt
 def check_device(device: str) -> None:
     """Refuse, before minutes of loading, a `--device` that names no device, or one this machine lacks ("cpu" and
     "auto", accelerate's spread over what there is, always pass)."""
-    if device in ("cpu", "auto"):
+    if device == "auto":
         return
     try:
         wanted = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r} names no device; pass cpu, cuda, cuda:N or auto.") from None
+    if wanted.type == "cpu":
+        return
     here = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if here is None or here.type != wanted.type:
         raise ValueError(f"--device {device!r}: this machine has no {wanted.type} device that torch can use "
@@ -168,7 +170,8 @@ def record_gates(model, tokenizer, prompt: str, answer: Optional[str] = None, ma
     try:
         return _record_gates(model, tokenizer, prompt, answer, max_new_tokens, chat)
     finally:  # (a training loop that plots gates every N steps keeps its dropout and penalty)
-        for module, training in modes:
+        model.train(modes[0][1])  # (the modules' own train(): GateRA drops its cached deltas, transformers its kernels')
+        for module, training in modes:  # (a part the caller kept in the other mode)
             module.training = training
 
 

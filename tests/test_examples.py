@@ -135,6 +135,8 @@ def test_train_sft_packs_a_4bit_base_for_fsdp2_under_an_accelerate_config(tmp_pa
 
     monkeypatch.setattr(transformers, "BitsAndBytesConfig", RecordingConfig)
     argv = ["--output-dir", str(tmp_path / "o"), "--load-in-4bit", "--cpu"]
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):  # (not launched by accelerate first)
+        monkeypatch.delenv(key, raising=False)
     for env, expected in (({}, torch.uint8), ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, torch.bfloat16)):
         for key, value in env.items():
             monkeypatch.setenv(key, value)

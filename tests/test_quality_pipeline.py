@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from gatera_plugin import GateRAConfig
+from gatera_plugin import GateRAConfig, GateRALayer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -127,8 +127,15 @@ def test_recording_gates_gives_a_training_model_back_in_training_mode():
     model.eval()
     record_gates(model, tokenizer, "Question: Tell me about Neon", max_new_tokens=2)
     assert not model.training
+    # the modules' own train() runs on the way back: GateRA drops the deltas it cached for the eval-mode recording
+    from common import tiny_model_and_tokenizer
 
-
+    cached = get_peft_model(tiny_model_and_tokenizer()[0], GateRAConfig(r=4, target_modules=["q_proj"],
+                                                                       cache_delta=True, init_weights=False))
+    cached.train()
+    layers = [m for m in cached.modules() if isinstance(m, GateRALayer)]
+    record_gates(cached, tokenizer, "Question: Tell me about Neon", max_new_tokens=2)
+    assert cached.training and layers and not any(layer._delta_cache for layer in layers)
 def test_a_greedy_recording_stops_at_the_generation_configs_end_of_turn():
     """An instruct model ends its turn with an id of its generation config (Llama 3's <|eot_id|>), not always the
     tokenizer's end of sequence: the recording went on past it, as `generate` does not."""
@@ -173,6 +180,20 @@ def test_a_chat_recording_prompts_through_the_chat_template_and_a_half_precision
             continue
         assert main([*argv, "--device", device]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused(monkeypatch):
+    """`--device cuda:1` on a one-GPU machine (faked here: no GPU) is refused before loading; cuda:0, cpu and cpu:0
+    pass."""
+    from gatera_plugin.visualize import check_device
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *args: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"--device 'cuda:1': this machine has 1 cuda device\(s\), numbered from 0"):
+        check_device("cuda:1")
+    for device in ("cuda:0", "cuda", "cpu", "cpu:0", "auto"):
+        check_device(device)
 
 
 def test_recording_past_the_models_positions_is_refused_naming_the_option():

@@ -1140,23 +1140,26 @@ def test_a_refused_adapter_leaves_another_tuners_layer_below_it_in_place():
 
 
 def test_another_methods_adapter_of_a_newer_peft_is_named_as_such_and_a_given_config_is_not_second_guessed(tmp_path):
-    """With the plugin imported, every adapter load reads the config's `peft_type` first. A LoRA-family method that a
-    newer PEFT added (a string this PEFT does not know) was told to "restore the file or re-save it", as if it were
-    broken; it is named as another PEFT release's, with the upgrade. A config passed to the load (`config=`,
-    transformers' `peft_config=`) is what PEFT uses, so the saved one's missing `peft_type` no longer refuses a load
-    that works without the plugin."""
+    """With the plugin imported, every adapter load reads the config's `peft_type` first. A method that a newer PEFT
+    added (a string this PEFT does not know) was told only to "restore the file or re-save it", as if it were broken;
+    the message names both causes now. A config passed to the load (`config=`, transformers' `peft_config=`) is what
+    PEFT uses, so the saved one's `peft_type` (unknown, or missing) no longer refuses a load that works without the
+    plugin."""
     from peft import LoraConfig
 
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).eval()
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "peft_type": "SHINYNEW"}))
-    with pytest.raises(ValueError, match=r"names the PEFT method 'SHINYNEW', which peft .* does not know: the adapter "
-                                         r"was saved by another PEFT release.*pip install -U peft"):
+    with pytest.raises(ValueError, match=r"is 'SHINYNEW', not a PEFT method peft .* knows .*edited or damaged.*if "
+                                         r"another PEFT release saved it .*load it with that release"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, config=LoraConfig(r=2, target_modules=["q_proj"]))
+    torch.testing.assert_close(eval_logits(loaded.eval(), torch.arange(3, 9)[None]),
+                               eval_logits(model, torch.arange(3, 9)[None]), rtol=0, atol=0)
     del saved["peft_type"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"field `peft_type` is None, not a PEFT method.*Restore the file"):
+    with pytest.raises(ValueError, match=r"field `peft_type` is None, not a PEFT method.*restore it"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
     given = LoraConfig(r=2, target_modules=["q_proj"])
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, config=given).eval()

@@ -596,18 +596,26 @@ def test_training_gatera_layers_that_no_peft_model_holds_is_refused(tmp_path):
 
 
 def test_an_fp16_run_with_gates_started_nearly_closed_is_warned_of(caplog):
-    """Under fp16 a negative `gate_bias_init` makes the gate's gradient, formed in fp16 before σ′, 1/σ(b) times
-    larger: GradScaler skips steps and lowers its scale (overflows where the branch scale passes 65504). The
-    Trainer's `train()` warns of it for fp16 runs; bf16 / fp32 runs and gates started at 0 are not warned of."""
+    """Under fp16, a HiRA adapter with hira_scaling='lora' whose gates start nearly closed (a negative
+    `gate_bias_init`, or `structure_init`) has a scale 1/g0 times larger, and the gate's gradient, formed in fp16
+    before σ′, with it: GradScaler skips steps and lowers its scale. The Trainer's `train()` (`prepare_model`) warns of
+    it for fp16 runs; bf16 / fp32 runs, gates started open, and branches or scalings whose s does not depend on the
+    gates are not warned of."""
     from types import SimpleNamespace
 
-    from gatera_plugin.trainer_integration import warn_of_closed_gates_in_fp16
+    from gatera_plugin.trainer_integration import prepare_model
 
-    closed = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, gate_bias_init=-4.0)).base_model
-    open_ = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS)).base_model
-    for args, tuner, warned in ((SimpleNamespace(fp16=True), closed, True), (SimpleNamespace(fp16=False), closed, False),
-                                (SimpleNamespace(fp16=True), open_, False)):
+    def warned(fp16, **config):
+        model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, **config))
+        trainer = SimpleNamespace(args=SimpleNamespace(fp16=fp16), is_deepspeed_enabled=False)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            warn_of_closed_gates_in_fp16(args, tuner)
-        assert ("gate_bias_init=-4.0 under fp16" in caplog.text) == warned
+            prepare_model(trainer, model)
+        return "under fp16" in caplog.text
+
+    assert warned(True, gate_bias_init=-4.0)
+    assert warned(True, gate="none", structure_gate=True, structure_init=-4.0)
+    assert not warned(False, gate_bias_init=-4.0)
+    assert not warned(True)
+    assert not warned(True, gate_bias_init=-4.0, branch="lora", lora_alpha=8)
+    assert not warned(True, gate_bias_init=-4.0, hira_scaling="rms")
