@@ -27,6 +27,9 @@ def read_jsonl(path: Path = DATA) -> list[dict]:
         rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no rows.")
+    forms = {isinstance(row[key], str) for row in rows for key in ("prompt", "completion")}
+    if len(forms) > 1:
+        raise ValueError(f"{path} mixes texts and message lists; TRL takes one form per dataset.")
     return rows
 
 

@@ -89,9 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         from common import read_jsonl
 
         try:
-            read_jsonl(Path(args.data))
+            rows = read_jsonl(Path(args.data))
         except (OSError, ValueError) as error:  # (a missing file, a row that is not a prompt/completion object)
             parser.error(f"--data: {error}")
+        if args.model == "tiny" and not isinstance(rows[0]["prompt"], str):
+            parser.error("--data holds conversational rows, which need a model whose tokenizer has a chat template; "
+                         "--model tiny has none: pass --model PATH.")
+    if args.max_grad_norm < 0 or args.max_length < 1:
+        parser.error("--max-grad-norm must be >= 0 (0: no clipping) and --max-length >= 1.")
     return args
 
 

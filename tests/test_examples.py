@@ -102,7 +102,15 @@ def test_train_sft_data_errors_name_the_file_and_line(tmp_path, capsys):
     chat = tmp_path / "chat.jsonl"  # (TRL's conversational rows pass too)
     chat.write_text('{"prompt": [{"role": "user", "content": "Neon?"}], '
                     '"completion": [{"role": "assistant", "content": "A gas."}]}\n')
-    assert train_sft.parse_args(["--output-dir", str(tmp_path / "o"), "--data", str(chat)]).data == str(chat)
+    assert train_sft.parse_args(["--output-dir", str(tmp_path / "o"), "--data", str(chat), "--model", "m"]).data
+    with pytest.raises(SystemExit):  # (the tiny model's tokenizer has no chat template)
+        train_sft.parse_args(["--output-dir", str(tmp_path / "o"), "--data", str(chat)])
+    assert "--model tiny has none" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(chat.read_text() + lines[0] + "\n")
+    with pytest.raises(SystemExit):
+        train_sft.parse_args(["--output-dir", str(tmp_path / "o"), "--data", str(mixed), "--model", "m"])
+    assert "mixes texts and message lists" in capsys.readouterr().err
     broken = tmp_path / "broken.jsonl"
     broken.write_text(lines[0] + "\n{not json\n")
     wrong = tmp_path / "wrong.jsonl"
