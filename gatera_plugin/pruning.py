@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from .serialization import (
+    CONFIG,
+    WEIGHTS,
     check_adapter_folder,
     check_tensors,
     file_in_the_way,
@@ -29,7 +31,6 @@ from .serialization import (
 )
 
 STRUCTURE_KEY = ".gatera_structure.alpha"
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -71,7 +72,7 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
     renamed into place, so an interrupted run leaves no half-written adapter.
     """
     src, dst = Path(src), Path(dst)
-    for path in (src / CONFIG_NAME, src / WEIGHTS_NAME):
+    for path in (src / CONFIG, src / WEIGHTS):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: `gatera prune` needs a saved GateRA adapter folder.")
     if dst.exists():
@@ -116,10 +117,17 @@ def _other_adapters(src: Path, dst: Path) -> tuple[list[Path], list[str]]:
     output inside the source). Hidden folders (a save's staging) are passed over."""
     others, left_out = [], []
     for folder in sorted(path for path in src.iterdir() if path.is_dir() and not path.name.startswith(".")):
-        adapter = ((folder / CONFIG_NAME).exists() and not (folder / "trainer_state.json").exists()
+        adapter = ((folder / CONFIG).exists() and not (folder / "trainer_state.json").exists()
                    and not re.fullmatch(r"checkpoint-\d+", folder.name) and folder.resolve() != dst.resolve())
         (others.append(folder) if adapter else left_out.append(folder.name))
     return others, left_out
+
+
+def _copy_files(src: Path, out: Path, leave_out: tuple[str, ...] = ()) -> None:
+    """Copy the files (not the subfolders) of `src` into `out`, but those named in `leave_out`."""
+    for extra in src.iterdir():
+        if extra.is_file() and extra.name not in leave_out:
+            shutil.copy2(extra, out / extra.name)
 
 
 def _write_pruned(src: Path, out: Path, threshold: float, required: bool) -> dict | None:
@@ -137,15 +145,11 @@ def _write_pruned(src: Path, out: Path, threshold: float, required: bool) -> dic
     if not (gatera and config.get("structure_gate")):
         if required:
             raise ValueError(f"{src} was trained without structure gates (structure_gate=False): nothing to prune by.")
-        for extra in src.iterdir():
-            if extra.is_file():
-                shutil.copy2(extra, out / extra.name)
+        _copy_files(src, out)
         return None
-    state = load_file(src / WEIGHTS_NAME)
-    for extra in src.iterdir():  # README, tokenizer files, ... travel along
-        if extra.is_file() and extra.name not in (CONFIG_NAME, WEIGHTS_NAME):
-            shutil.copy2(extra, out / extra.name)
-    check_tensors(state, src / WEIGHTS_NAME)
+    state = load_file(src / WEIGHTS)
+    _copy_files(src, out, leave_out=(CONFIG, WEIGHTS))  # README, tokenizer files, ... travel along
+    check_tensors(state, src / WEIGHTS)
     values = {
         key.removesuffix(STRUCTURE_KEY).removeprefix(PEFT_PREFIX): torch.sigmoid(tensor.float()).item()
         for key, tensor in state.items()
@@ -158,8 +162,8 @@ def _write_pruned(src: Path, out: Path, threshold: float, required: bool) -> dic
     pruned_prefixes = tuple(PEFT_PREFIX + name + ".gatera_" for name in pruned)
     new_state = {k: v for k, v in state.items() if not k.startswith(pruned_prefixes)}
     config.update(target_modules=kept, layers_to_transform=None, layers_pattern=None)
-    save_file(new_state, out / WEIGHTS_NAME, metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-    stamp_config(out / CONFIG_NAME, out / WEIGHTS_NAME)
+    save_file(new_state, out / WEIGHTS, metadata={"format": "pt"})
+    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    stamp_config(out / CONFIG, out / WEIGHTS)
     return {"kept": kept, "pruned": pruned, "values": values,
             "tensors_before": len(state), "tensors_after": len(new_state)}
