@@ -30,7 +30,6 @@ Wrapping the base class keeps working for subclasses that override these methods
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
@@ -466,16 +465,18 @@ def warn_of_closed_gates_in_fp16(args, tuner) -> None:
     gates start nearly closed (their product g0 at step 0 below 0.1: `gate_bias_init` / `structure_init` well below
     0): its scale s grows as 1/g0, and the gates' gradient, formed in fp16 before σ′ shrinks it, with it (README,
     "bf16 / fp16 models outside autocast")."""
-    from .gates import make_structure_gate, make_token_gate
+    from .layer import GateRALayer
 
     if not getattr(args, "fp16", False):
         return
-    for name, config in tuner.peft_config.items():
-        if getattr(config, "branch", None) != "hira" or config.hira_scaling != "lora":
-            continue
-        gates = [gate for gate in (make_token_gate(config.gate, 1, config), make_structure_gate(config)) if gate]
-        level = math.prod(gate.initial_level() for gate in gates)
-        if level < 0.1:
+    levels = {}  # adapter -> g0, from a layer that has it
+    for module in tuner.model.modules():
+        if isinstance(module, GateRALayer):
+            for name in module.options:
+                levels.setdefault(name, module.initial_gate_level(name))
+    for name, level in levels.items():
+        config = tuner.peft_config[name]
+        if config.branch == "hira" and config.hira_scaling == "lora" and level < 0.1:
             logger.warning(
                 f"GateRA: adapter {name!r} starts its gates at {level:.3g} (gate_bias_init={config.gate_bias_init}, "
                 f"structure_init={config.structure_init if config.structure_gate else None}) under fp16: with "
