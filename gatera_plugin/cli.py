@@ -23,7 +23,6 @@ def _prune(args) -> int:
 
 def _plot(args) -> int:
     from .visualize import (
-        DTYPES,
         check_device,
         check_image_path,
         check_record_options,
@@ -35,7 +34,9 @@ def _plot(args) -> int:
     check_record_options(args.prompt, args.answer, args.max_new_tokens)  # before the minutes of loading a model
     check_image_path(args.out, args.overwrite)
     check_device(args.device)
-    model, tokenizer = load_adapter(args.adapter, args.base_model, DTYPES[args.dtype],
+    import torch
+
+    model, tokenizer = load_adapter(args.adapter, args.base_model, getattr(torch, args.dtype),
                                     None if args.device == "cpu" else args.device)
     trace = record_gates(model, tokenizer, args.prompt, args.answer, args.max_new_tokens, chat=args.chat)
     plot_gates(trace, args.out, args.title, overwrite=args.overwrite)

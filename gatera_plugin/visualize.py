@@ -47,9 +47,6 @@ def _layer_index(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def load_adapter(adapter: str, base_model: Optional[str] = None, dtype: torch.dtype = torch.float32,
                  device_map=None):
     """(model, tokenizer) of a saved GateRA adapter folder on its base model (in `dtype`, eval mode; `device_map` as
