@@ -456,21 +456,9 @@ def test_an_evaluation_with_its_own_metric_prefix_leaves_the_gate_statistics_to_
     """`trainer.evaluate(metric_key_prefix="test")` in the middle of training (e.g. from a callback) logs "test_*"
     keys: the pending statistics of the training steps stay for the next training log (they went into the test
     entry before; TRL's SFTTrainer adds "eval_*" keys of its own, which hid this, so here a plain Trainer)."""
-    from transformers import TrainerCallback
-
-    class EvaluateWithOwnPrefix(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                trainer.evaluate(eval_dataset=trainer.train_dataset, metric_key_prefix="test")
-
-    trainer = plain_trainer(tmp_path, toy_texts(16), 0.01, batch=4, accum=1)
-    trainer.args.max_steps, trainer.args.logging_steps = 2, 2
-    trainer.add_callback(EvaluateWithOwnPrefix())
-    trainer.train()
-    test_logs = [h for h in trainer.state.log_history if "test_loss" in h]
-    train_logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(test_logs) == 1 and not any(k.startswith("gatera") for k in test_logs[0])
-    assert len(train_logs) == 1 and "gatera/entropy" in train_logs[0]
+    _side_log_leaves_the_statistics_to_training(
+        tmp_path, lambda trainer: trainer.evaluate(eval_dataset=trainer.train_dataset, metric_key_prefix="test"),
+        "test_loss")
 
 
 def test_which_logs_take_the_gate_statistics():
@@ -491,23 +479,32 @@ def test_a_users_own_log_on_one_rank_makes_no_collective_and_leaves_the_statisti
     reduced the gate statistics on rank 0 alone: under torchrun it waited for the other ranks for ever (confirmed on
     2 gloo ranks: a timeout). A log that is not the training loop's gathers nothing, and the statistics stay for
     the next training log."""
+    def log_own_metric(trainer):
+        tuner = trainer.model.base_model
+        real_pop, tuner.pop_gate_stats = tuner.pop_gate_stats, None  # (a call would fail: no collective)
+        trainer.log({"my_metric": 1.0})
+        tuner.pop_gate_stats = real_pop
+
+    _side_log_leaves_the_statistics_to_training(tmp_path, log_own_metric, "my_metric")
+
+
+def _side_log_leaves_the_statistics_to_training(tmp_path, side_log, key: str) -> None:
+    """Train 2 steps with one training log at the end and `side_log(trainer)` after step 1; check that the side log
+    (the history entry holding `key`) took no gate statistics and the training log has them."""
     from transformers import TrainerCallback
 
-    class LogOwnMetric(TrainerCallback):
+    class SideLog(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 1:
-                tuner = trainer.model.base_model
-                real_pop, tuner.pop_gate_stats = tuner.pop_gate_stats, None  # (a call would fail: no collective)
-                trainer.log({"my_metric": 1.0})
-                tuner.pop_gate_stats = real_pop
+                side_log(trainer)
 
     trainer = plain_trainer(tmp_path, toy_texts(16), 0.01, batch=4, accum=1)
     trainer.args.max_steps, trainer.args.logging_steps = 2, 2
-    trainer.add_callback(LogOwnMetric())
+    trainer.add_callback(SideLog())
     trainer.train()
-    own = [h for h in trainer.state.log_history if "my_metric" in h]
+    side = [h for h in trainer.state.log_history if key in h]
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(own) == 1 and not any(k.startswith("gatera") for k in own[0])
+    assert len(side) == 1 and not any(k.startswith("gatera") for k in side[0])
     assert len(train_logs) == 1 and "gatera/entropy" in train_logs[0]
 
 
