@@ -81,6 +81,7 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
     if blocking is not None:
         raise ValueError(f"--out {str(dst)!r}: {blocking} is a file, not a folder; choose an output folder elsewhere.")
 
+    _refuse_unprunable(src, read_config(src))  # (before any folder is made; checked again under the lock)
     others, left_out = _other_adapters(src, dst)  # (listed before this prune's own folder may appear in `src`)
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
@@ -130,6 +131,14 @@ def _copy_files(src: Path, out: Path, leave_out: tuple[str, ...] = ()) -> None:
             shutil.copy2(extra, out / extra.name)
 
 
+def _refuse_unprunable(src: Path, config: dict) -> None:
+    """Raise where the adapter saved in `src` (its config `config`) is not a GateRA adapter with structure gates."""
+    if not is_gatera_type(config.get("peft_type")):
+        raise ValueError(f"{src} holds a {config.get('peft_type')!r} adapter, not a GateRA one.")
+    if not config.get("structure_gate"):
+        raise ValueError(f"{src} was trained without structure gates (structure_gate=False): nothing to prune by.")
+
+
 def _write_pruned(src: Path, out: Path, threshold: float, required: bool) -> dict | None:
     """Write the pruned copy of the one adapter saved in `src` (its files, not its subfolders) into the folder `out`;
     an adapter without structure gates is refused where `required`, else copied unchanged (returns None). The
@@ -137,14 +146,12 @@ def _write_pruned(src: Path, out: Path, threshold: float, required: bool) -> dic
     from safetensors.torch import load_file, save_file
 
     config = read_config(src)
+    if required:
+        _refuse_unprunable(src, config)
     gatera = is_gatera_type(config.get("peft_type"))
-    if required and not gatera:
-        raise ValueError(f"{src} holds a {config.get('peft_type')!r} adapter, not a GateRA one.")
     if gatera:
         check_adapter_folder(src)  # checksum, structure stamp, readable tensors: prune only what would load
     if not (gatera and config.get("structure_gate")):
-        if required:
-            raise ValueError(f"{src} was trained without structure gates (structure_gate=False): nothing to prune by.")
         _copy_files(src, out)
         return None
     state = load_file(src / WEIGHTS)

@@ -411,8 +411,9 @@ def test_gatera_prune_command(tmp_path):
     no_structure = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj"]))
     no_structure.save_pretrained(tmp_path / "plain")
     refused = subprocess.run(command[:4] + [str(tmp_path / "plain"), "--threshold", "0.5", "--out",
-                                            str(tmp_path / "x")], capture_output=True, text=True)
+                                            str(tmp_path / "new" / "x")], capture_output=True, text=True)
     assert refused.returncode == 2 and "without structure gates" in refused.stderr
+    assert not (tmp_path / "new").exists()  # (a refusal makes no folder: it made --out's parents)
 
 
 # ------------------------------------------------------------------------------------------------------ sparse
