@@ -79,7 +79,7 @@ class SigmoidGate(Gate):
         return 1.0 / (1.0 + math.exp(-self.bias_init))
 
     def forward(self, x: torch.Tensor, pass_input: bool = False) -> torch.Tensor:
-        """`g(x)` (..., 1) in fp32 (the layer casts it to the logits' dtype, `compute_dtype(x)`). With
+        """`g(x)` (..., 1) in fp32 (which the branch takes as it is: its gradient is formed in fp32). With
         `pass_input=True` (the layer's call), where x (N, d_in) needs a gradient on a device of
         `PASS_INPUT_DEVICE_TYPES`, it also leaves in `passed_input` x passed on by `_LogitsAndInput`, for the branch
         to read, so that x's gradients from the gate and from the branch add in one pass; the layer takes it right
@@ -92,7 +92,7 @@ class SigmoidGate(Gate):
             self.passed_input, logits = _LogitsAndInput.apply(x, weight, bias)
         else:
             logits = F.linear(x, weight, bias)
-        # σ in fp32 (N values), which the layer casts to the logits' dtype after the penalty tap: σ's backward and the
+        # σ in fp32 (N values), which the penalty tap and the branch read as it is: σ's backward and the
         # tap (entropy and its gradient) read the fp32 g, exact where a half-precision g is coarse near 1 (bf16: 2^-8
         # apart) or is 1 exactly (a logit above ~6), which made the gate's gradient up to 8% off per token, or 0
         return torch.sigmoid(logits.float())

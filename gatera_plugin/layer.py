@@ -358,19 +358,19 @@ class GateRALayer(BaseTunerLayer):
 
         token_gate = self.gatera_gate[adapter_name] if adapter_name in self.gatera_gate else None
         sparse = config.sparse_threshold > 0 and (not self.training or config.sparse_training)
-        multiplier = structure = None  # (..., 1) or None; the structure gate's σ(α) (1,) or None
+        multiplier = structure = None  # (..., 1) fp32 or None; the structure gate's σ(α) (1,) fp32 or None
         level = None  # where `sparse`: the multiplier in fp32, without graph, which ε is compared with (..., 1)
         if token_gate is not None and not token_gate.reads_branch_output:  # (GateRA's σ(w·x + b))
             gate = token_gate(x, pass_input=True)
             x = token_gate.take_passed_input(x)  # (x's gradients from the gate and from the branch add in one pass)
-            # (g is fp32: its penalty reads it so, and the branch takes it in the products' dtype, as the logits)
-            gate = self._penalised(adapter_name, token_gate, gate, mask, taps)
-            multiplier = gate.to(compute_dtype(x))
-            level = gate.detach() if sparse else None
+            # (g stays fp32 into the branch: its penalty reads it so, and the branch forms g's gradient in fp32, where
+            # a half-precision one times s ~ 1 / (RMS(W0)·g0) overflowed fp16 for gates started nearly closed)
+            multiplier = self._penalised(adapter_name, token_gate, gate, mask, taps)
+            level = multiplier.detach() if sparse else None
         if adapter_name in self.gatera_structure:
             structure_gate = self.gatera_structure[adapter_name]
             structure = self._penalised(adapter_name, structure_gate, structure_gate(), None, taps)  # (1,) fp32
-            expanded = structure.to(x.dtype).expand(*x.shape[:-1], 1)
+            expanded = structure.expand(*x.shape[:-1], 1)  # (fp32, as the token gate: its gradient sums N tokens)
             multiplier = expanded if multiplier is None else multiplier * expanded
             if sparse:
                 level = structure.detach().expand(*x.shape[:-1], 1) if level is None else level * structure.detach()

@@ -457,34 +457,6 @@ def prepare_model(trainer, model) -> None:
     check_deepspeed_optimizer(trainer, model)
     if not trainer.is_deepspeed_enabled:
         tuner.upcast_gates_to_fp32()
-    warn_of_closed_gates_in_fp16(trainer.args, tuner)
-
-
-def warn_of_closed_gates_in_fp16(args, tuner) -> None:
-    """Warn of an fp16 run (`fp16=True`: autocast and a loss scaler) of a HiRA adapter with `hira_scaling="lora"` whose
-    gates start nearly closed (their product g0 at step 0 below 0.1: `gate_bias_init` / `structure_init` well below
-    0): its scale s grows as 1/g0, and the gates' gradient, formed in fp16 before σ′ shrinks it, with it (README,
-    "bf16 / fp16 models outside autocast")."""
-    from .layer import GateRALayer
-
-    if not getattr(args, "fp16", False):
-        return
-    levels = {}  # adapter -> g0, from a layer that has it
-    for module in tuner.model.modules():
-        if isinstance(module, GateRALayer):
-            for name in module.options:
-                levels.setdefault(name, module.initial_gate_level(name))
-    for name, level in levels.items():
-        config = tuner.peft_config[name]
-        if config.branch == "hira" and config.hira_scaling == "lora" and level < 0.1:
-            logger.warning(
-                f"GateRA: adapter {name!r} starts its gates at {level:.3g} (gate_bias_init={config.gate_bias_init}, "
-                f"structure_init={config.structure_init if config.structure_gate else None}) under fp16: with "
-                "hira_scaling='lora' its branch scale, and the gates' gradient formed in fp16 before σ′ shrinks it, are "
-                f"{0.5 / level:.3g} times those of gates started at 0.5: the loss scaler will skip steps and lower its "
-                "scale (or, where the scale passes 65504, the gates' gradient overflows). Train in bf16 where the GPU "
-                "has it, or start the gates at 0 in fp16."
-            )
 
 
 def _refuse_layers_without_tuner(model) -> None:

@@ -448,8 +448,8 @@ def test_merging_on_a_half_base_rounds_once(dtype, branch):
 def test_the_sigmoid_gate_on_a_half_input_takes_its_gradient_from_an_fp32_sigma(dtype):
     """A half-precision x (a bf16 model outside autocast, or autocast's logits): σ runs in fp32, so its backward's
     g(1 − g) is exact where a half g is coarse near 1 (bf16: 2^-8 apart) or exactly 1 (a logit above ~6 in bf16),
-    which made gradients up to 8% off per token, or 0; g itself is returned in fp32 too (the layer casts it to the
-    logits' dtype after its penalty tap)."""
+    which made gradients up to 8% off per token, or 0; g itself is returned in fp32 too (its penalty tap and the branch
+    read it so)."""
     from gatera_plugin.gates import SigmoidGate
 
     torch.manual_seed(0)
@@ -552,3 +552,40 @@ def test_sparse_threshold_compares_the_fp32_gate_on_a_bf16_model(gate):
                 param.normal_(0, 0.3)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["fp32-model", "fp16-base"])
+@pytest.mark.parametrize("gates", ["token", "structure", "token+structure"])
+@pytest.mark.parametrize("branch", ["hira", "lora", "dora"])
+def test_fp16_autocast_gradients_of_gates_started_nearly_closed_match_fp32(branch, gates, where):
+    """Under fp16 autocast (an fp32 model, or an fp16 base with PEFT's fp32 adapter: a T4's QLoRA-style run) at a loss
+    scale of 2^12, gates started at σ(-10) = 4.5e-5 (HiRA's hira_scaling='lora' makes s 1/g0 times larger): every
+    gradient is finite and within 2% of the largest of the fp32 run's. The gates enter the branch in fp32 and their
+    gradient `s · dot` is formed there; in fp16 it overflowed at any loss scale (HiRA: inf / nan on the gates)."""
+    config = {"token": {"gate_bias_init": -10.0},
+              "structure": {"gate": "none", "structure_gate": True, "structure_init": -10.0},
+              "token+structure": {"gate_bias_init": -10.0, "structure_gate": True}}[gates]
+    if "structure" in gates:
+        config["structure_weight"] = 0.0
+    scale = 2.0 ** 12
+
+    def gradients(half):
+        torch.manual_seed(0)
+        base = _One()
+        model = get_peft_model(base.half() if half and where == "fp16-base" else base, GateRAConfig(
+            r=R, target_modules=["proj"], branch=branch, init_weights=False, entropy_weight=0.0, **config)).train()
+        trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        assert {p.dtype for p in trained.values()} == {torch.float32}
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(N, D_IN, generator=g)
+        weights = torch.randn(N, D_OUT, generator=g)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=half):
+            out = model(x.half() if half and where == "fp16-base" else x)
+        ((out.float() * weights).sum() / N * (scale if half else 1.0)).backward()
+        return {name: p.grad.double() / (scale if half else 1.0) for name, p in trained.items()}
+
+    half, full = gradients(True), gradients(False)
+    for name, reference in full.items():
+        assert torch.isfinite(half[name]).all(), name
+        torch.testing.assert_close(half[name], reference, rtol=0.0, atol=2e-2 * reference.abs().max().item(),
+                                   msg=name)

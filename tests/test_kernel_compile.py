@@ -74,8 +74,9 @@ def _record_launches(arch: int) -> list[tuple]:
                     x, base = torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
                     A, B = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
                     gate = torch.rand(n, 1, generator=g) if gated else None
-                    leaves = [t.to(dtype).requires_grad_() if t is not None else None for t in (x, gate, A, B, base)]
-                    x, gate, A, B, base = leaves
+                    leaves = [t.to(dtype).requires_grad_() if t is not None else None for t in (x, A, B, base)]
+                    x, A, B, base = leaves  # (the gate stays fp32: the layers pass it so)
+                    gate = gate.requires_grad_() if gated else None
                     if weight == "-":  # LoRA: no W0
                         out = triton_gated_lora(x, gate, A, B, 0.5, base=base)
                     else:

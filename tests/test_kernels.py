@@ -188,6 +188,17 @@ def test_triton_lora_with_a_structure_gate_under_autocast_equals_torch(gate):
         init_weights=False, kernel=kernel)), autocast_dtype=torch.float16)
 
 
+@pytest.mark.parametrize("branch", ["hira", "lora"])
+def test_triton_model_with_gates_started_nearly_closed_under_fp16_autocast_equals_torch(branch):
+    """Token gates started at σ(-10) under fp16 autocast: the Triton functions get the fp32 gate beside fp16 x, A and
+    B (the layer no longer casts it to the products' dtype, so that its gradient, s · dot with HiRA's s 1/g0 times
+    larger, is formed in fp32), and give the torch path's logits and gradients."""
+    extra = {"lora_alpha": 8} if branch == "lora" else {}
+    _assert_triton_model_equals_torch_model(lambda kernel: get_peft_model(tiny_llama(), GateRAConfig(
+        r=8, target_modules=["q_proj", "down_proj"], branch=branch, gate_bias_init=-10.0, init_weights=False,
+        kernel=kernel, **extra)), autocast_dtype=torch.float16)
+
+
 @pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16, torch.float32])
 def test_4bit_model_with_triton_kernels_equals_torch_kernels(tmp_path, quant_storage):
     """The same on an NF4 base: the kernel dequantises the packed bytes itself, whatever dtype holds them

@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from ._autocast import HALF_DTYPES, autocast_factors, autocast_state, restore_autocast
 from ._tokens import apply_to_tokens, records_graph
-from .rows import TORCH_ROWS, TorchRows, add_gated
+from .rows import TORCH_ROWS, TorchRows, add_gated, gate_grad
 
 # Largest temporary block of ΔW, in elements. On CPU 2^21 (8 MiB in fp32): cache-sized blocks, little memory.
 CHUNK_ELEMENTS = 1 << 21
@@ -274,7 +274,7 @@ def hira_grads(grad_out, x, gate, A, B, weight, scaling, autocast, need, row_ops
         elif need_x:
             grad_x = (P.mul_(token_scale) if scaled else P).to(x.dtype)
         if need_gate:
-            grad_gate = dot.unsqueeze(1).mul_(s).to(gate.dtype)
+            grad_gate = gate_grad(dot.unsqueeze(1), s, gate)
         factor_scale = s * getattr(weight, "factor_scale", 1.0)  # (a folded W0 source's own s)
         if need_A:
             grad_A = _scaled(grad_A.to(A_dtype), factor_scale)

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_factors, autocast_state, restore_autocast
 from ._tokens import apply_to_tokens, records_graph
-from .rows import add_gated
+from .rows import add_gated, gate_grad
 
 
 def lora_output(base, x, gate, A, B, scaling, autocast: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +38,9 @@ def rank_r_grads(go, x, gate, A, B, h, s, need_x, need_gate, need_A, A_dtype):
     grad_x = grad_gate = grad_A = None
     u = go @ B  # (N, r)
     if need_gate:
-        grad_gate = (u * h).sum(dim=-1, keepdim=True).mul_(s).to(gate.dtype)
-    dh = u * (gate * s if gate is not None else s)  # (N, r)
-    if need_x:  # (dh takes the gate's dtype too: an fp32 structure gate on a half x)
+        grad_gate = gate_grad((u * h).sum(dim=-1, keepdim=True), s, gate)
+    dh = u * ((gate * s).to(u.dtype) if gate is not None else s)  # (N, r)
+    if need_x:
         grad_x = (dh @ A.to(dh.dtype)).to(x.dtype)
     if need_A:
         grad_A = (dh.t() @ x.to(dh.dtype)).to(A_dtype)

@@ -33,6 +33,14 @@ class TorchRows:
 TORCH_ROWS = TorchRows()
 
 
+def gate_grad(dot: torch.Tensor, scaling: float, gate: torch.Tensor) -> torch.Tensor:
+    """The gate's gradient `s · dot` (N, 1) in the gate's dtype, from the per-token dot product `dot` (N, 1), a fresh
+    tensor, of the branch's dtype. s multiplies after the cast to the gate's fp32: a half-precision `s · dot`, with
+    s ~ 1 / (RMS(W0) · g0) for gates started nearly closed (hira_scaling="lora"), overflowed fp16 under a loss scale
+    before σ′ shrank it."""
+    return dot.to(torch.promote_types(dot.dtype, gate.dtype)).mul_(scaling).to(gate.dtype)
+
+
 def add_gated(base: Optional[torch.Tensor], update: torch.Tensor, gate: Optional[torch.Tensor], scaling: float,
               reuse_update: bool = False, row_ops: TorchRows = TORCH_ROWS):
     """`base + s · g ⊙ update` in one pass where dtypes allow (base: (N, d_out) or None, gate: (N, 1) or None).
