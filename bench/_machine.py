@@ -27,9 +27,10 @@ def _cpu() -> tuple[str, list[str]]:
     return fields.get("model name", platform.machine()), [flag for flag in PRODUCT_FLAGS if flag in flags]
 
 
-def _commit() -> str | None:
-    """This checkout's commit, with "+changes" when tracked files differ from it; None outside a git checkout."""
-    repo = Path(__file__).resolve().parent.parent
+def _commit(repo: Path | None = None) -> str | None:
+    """The commit of the checkout `repo` (default: this one), with "+changes" when tracked files differ from it; None
+    outside a git checkout."""
+    repo = repo or Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 check=True, timeout=10).stdout.strip()
@@ -40,14 +41,15 @@ def _commit() -> str | None:
     return commit + ("+changes" if dirty else "")
 
 
-def machine_info() -> dict:
-    """{"cpu", "cpu_flags", "cores", "gpu", "torch", "python", "commit"}: the machine and code a result came from."""
+def machine_info(code: Path | None = None) -> dict:
+    """{"cpu", "cpu_flags", "cores", "gpu", "torch", "python", "commit"}: the machine and code a result came from
+    (`code`: the checkout measured, where not this one)."""
     import torch
 
     cpu, flags = _cpu()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version(), "commit": _commit()}
+            "python": platform.python_version(), "commit": _commit(code)}
 
 
 def describe(info: dict) -> str:
@@ -59,9 +61,9 @@ def describe(info: dict) -> str:
     return f"{device}, torch {info['torch']}, commit {info['commit'] or 'unknown'}"
 
 
-def recorded(file=None) -> dict:
-    """`machine_info()`, for a result's `meta["machine"]`, after printing it as one line ("machine: ...", `describe`)
-    under the table the script printed (to `file`, default stdout)."""
-    info = machine_info()
+def recorded(file=None, code: Path | None = None) -> dict:
+    """`machine_info(code)`, for a result's `meta["machine"]`, after printing it as one line ("machine: ...",
+    `describe`) under the table the script printed (to `file`, default stdout)."""
+    info = machine_info(code)
     print(f"\nmachine: {describe(info)}", file=file or sys.stdout)
     return info

@@ -136,7 +136,7 @@ def main() -> None:
         print(f"| {variant} | {us:.0f} | {us / decode_us['peft-hira']:.2f}x |")
     from _machine import recorded
 
-    machine = recorded()
+    machine = recorded(code=Path(args.code).resolve() if args.code else None)  # (the commit of the code measured)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "aten_calls": counts,
