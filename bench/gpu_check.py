@@ -184,7 +184,9 @@ def check_case(path: str, dtype, weight: str, gated: bool, shape: tuple, device)
             out = function(t["x"], t["A"], t["B"], weight_fn, SCALING, bias=t["bias"],
                            fold_forward=precision not in (torch.float16, torch.bfloat16))
         elif ours:
-            gate = torch.sigmoid(t["x"] @ t["gate_weight"].t() + t["gate_bias"]) if gated else None
+            # (as the layer: σ of the logits in fp32 at least, and the gate passed in that dtype)
+            gate = torch.sigmoid((t["x"] @ t["gate_weight"].t() + t["gate_bias"]).to(
+                torch.promote_types(precision, torch.float32))) if gated else None
             out = function(t["x"], gate, t["A"], t["B"], weight_fn, SCALING, base=t["base"])
         else:
             update = naive_gated_hira(t["x"], W0.to(precision), t["A"], t["B"], t.get("gate_weight"),
