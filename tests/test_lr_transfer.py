@@ -495,3 +495,31 @@ def test_an_adapter_saved_before_hira_scaling_existed_loads_unscaled(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="`hira_scaling` differ"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "threshold"])
+def test_weight_decay_reaches_the_gates_as_readme_says(tmp_path, gate):
+    """README ("Weight decay"): the Trainer's own rule (no decay for names with "bias" and for norms) decays a sigmoid
+    gate's w, a threshold gate's τ and a structure gate's α, and not a sigmoid gate's b; GateRA's groups keep it."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    texts = toy_texts(8)
+    tokenizer = word_tokenizer(texts)
+    extra = {"keep_ratio": 0.5, "keep_ratio_weight": 0.1} if gate == "threshold" else {}
+    trainer = SFTTrainer(
+        model=tiny_llama(vocab=len(tokenizer)), processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{"text": text} for text in texts]),
+        peft_config=GateRAConfig(r=4, target_modules=TARGETS, gate=gate, structure_gate=True, gate_lr_ratio=3.0,
+                                 **extra),
+        args=SFTConfig(output_dir=str(tmp_path), max_steps=1, weight_decay=0.1, report_to="none", use_cpu=True,
+                       bf16=False, save_strategy="no", disable_tqdm=True),
+    )
+    optimizer = trainer.create_optimizer()
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    by_kind = {}
+    for name, param in trainer.model.named_parameters():
+        if "gatera_gate" in name or "gatera_structure" in name:
+            by_kind.setdefault(name.rsplit(".", 1)[-1], set()).add(decay[id(param)])
+    expected = {"alpha": {0.1}, **({"weight": {0.1}, "bias": {0.0}} if gate == "sigmoid" else {"threshold": {0.1}})}
+    assert by_kind == expected
