@@ -359,21 +359,17 @@ class GateRALayer(BaseTunerLayer):
         token_gate = self.gatera_gate[adapter_name] if adapter_name in self.gatera_gate else None
         sparse = config.sparse_threshold > 0 and (not self.training or config.sparse_training)
         multiplier = structure = None  # (..., 1) fp32 or None; the structure gate's σ(α) (1,) fp32 or None
-        level = None  # where `sparse`: the multiplier in fp32, without graph, which ε is compared with (..., 1)
         if token_gate is not None and not token_gate.reads_branch_output:  # (GateRA's σ(w·x + b))
             gate = token_gate(x, pass_input=True)
             x = token_gate.take_passed_input(x)  # (x's gradients from the gate and from the branch add in one pass)
             # (g stays fp32 into the branch: its penalty reads it so, and the branch forms g's gradient in fp32, where
             # a half-precision one times s ~ 1 / (RMS(W0)·g0) overflowed fp16 for gates started nearly closed)
             multiplier = self._penalised(adapter_name, token_gate, gate, mask, taps)
-            level = multiplier.detach() if sparse else None
         if adapter_name in self.gatera_structure:
             structure_gate = self.gatera_structure[adapter_name]
             structure = self._penalised(adapter_name, structure_gate, structure_gate(), None, taps)  # (1,) fp32
             expanded = structure.expand(*x.shape[:-1], 1)  # (fp32, as the token gate: its gradient sums N tokens)
             multiplier = expanded if multiplier is None else multiplier * expanded
-            if sparse:
-                level = structure.detach().expand(*x.shape[:-1], 1) if level is None else level * structure.detach()
         x_branch = self.gatera_dropout[adapter_name](x)
 
         if token_gate is not None and token_gate.reads_branch_output:  # (TS-PEFT's selection by the branch's output)
@@ -388,7 +384,7 @@ class GateRALayer(BaseTunerLayer):
             return add_gated(result, update, multiplier, 1.0)
 
         if multiplier is not None and sparse:
-            return self._sparse_update(adapter_name, x_branch, multiplier, result, base_out, level)
+            return self._sparse_update(adapter_name, x_branch, multiplier, result, base_out)
         return self._branch(adapter_name, x_branch, multiplier, result, base_out)
 
     def _branch(self, adapter_name, x, multiplier, result, base_out):
@@ -399,12 +395,12 @@ class GateRALayer(BaseTunerLayer):
             return add_gated(result, x @ delta.t(), multiplier, 1.0)
         return BRANCH_KINDS[self.branch_kind[adapter_name]].update(self, adapter_name, x, multiplier, result, base_out)
 
-    def _sparse_update(self, adapter_name, x, multiplier, result, base_out, level):
-        """Run the branch only on tokens whose multiplier is at least ε; the others get no update at all. `level`: the
-        multiplier in fp32 (..., 1), which ε is compared with (rounded to a bf16 model's dtype, a gate within 0.4% of
-        ε was kept or dropped by the rounding, and a module the merge drops by its fp32 σ(α) still ran in eval)."""
+    def _sparse_update(self, adapter_name, x, multiplier, result, base_out):
+        """Run the branch only on tokens whose multiplier (fp32, (..., 1)) is at least ε; the others get no update at
+        all. (ε is compared with the fp32 gates: rounded to a bf16 model's dtype, a gate within 0.4% of ε was kept or
+        dropped by the rounding, and a module the merge drops by its fp32 σ(α) still ran in eval.)"""
         flat = multiplier.reshape(-1)
-        active = level.reshape(-1) >= self.options[adapter_name].sparse_threshold
+        active = flat.detach() >= self.options[adapter_name].sparse_threshold
         if bool(active.all()):
             return self._branch(adapter_name, x, multiplier, result, base_out)
         index = active.nonzero().squeeze(1)

@@ -39,7 +39,9 @@ def rank_r_grads(go, x, gate, A, B, h, s, need_x, need_gate, need_A, A_dtype):
     u = go @ B  # (N, r)
     if need_gate:
         grad_gate = gate_grad((u * h).sum(dim=-1, keepdim=True), s, gate)
-    dh = u * ((gate * s).to(u.dtype) if gate is not None else s)  # (N, r)
+    # (N, r) in u's dtype; s·g times the loss-scaled u in the gate's fp32 first: s·g alone, rounded to fp16, is
+    # subnormal for gates nearly closed (below 6e-5) and lost A's gradient
+    dh = (u * (gate * s)).to(u.dtype) if gate is not None else u * s
     if need_x:
         grad_x = (dh @ A.to(dh.dtype)).to(x.dtype)
     if need_A:
