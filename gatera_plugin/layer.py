@@ -177,19 +177,16 @@ class GateRALayer(BaseTunerLayer):
         weight = unsharded_weight(self.get_base_layer().weight)
         return weight.t() if self.weight_is_transposed else weight
 
-    def initial_gate_level(self, adapter_name: str) -> float:
-        """The product of `adapter_name`'s gates here at step 0 (`g0` of `hira_scaling="lora"`)."""
-        return math.prod(gate.initial_level() for gate in self.gates_of(adapter_name))
-
     def branch_scale(self, adapter_name: str) -> float:
         """The branch scale `s` of `adapter_name` (`GateRAConfig.scaling_for`), computed at the first call: when the
         adapter is created, or at its first use if W0 was still on the meta device then (meta-device loading)."""
         scale = self.scaling[adapter_name]
         if scale is None:
             config = self.options[adapter_name]
+            gate_level = math.prod(gate.initial_level() for gate in self.gates_of(adapter_name))
             scale = config.scaling_for(self.r[adapter_name], self._lora_alpha[adapter_name],
                                        weight_rms=lambda: self._base_weight_rms(config.hira_scaling),
-                                       gate_level=self.initial_gate_level(adapter_name))
+                                       gate_level=gate_level)
             self.scaling[adapter_name] = scale
         return scale
 
