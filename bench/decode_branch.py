@@ -19,7 +19,6 @@ the table gives each one's median milliseconds and the median over rounds of fac
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -92,8 +91,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
     parser.add_argument("--device", default="cpu", help="cpu (one thread) or cuda")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_branch.json"))
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/decode_branch.json")
     args = parser.parse_args()
+    out = output_path(parser, args, Path(__file__).parent / "results" / "decode_branch.json")
     import torch
 
     from gatera_plugin.ops.hira import FACTORED_LIMITS, factored_pays
@@ -118,14 +120,13 @@ def main() -> None:
     from _machine import recorded
 
     machine = recorded()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    write_json(out, {
         "rows": rows,
         "meta": {"machine": machine, "rounds": rounds, "threads": torch.get_num_threads(),
                  "dtype": "bf16 x and W0, fp32 A and B",
                  "factored_limits": FACTORED_LIMITS, "device": args.device,
                  "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"},
-    }, indent=2))
+    }, args.overwrite, indent=2)
 
 
 if __name__ == "__main__":

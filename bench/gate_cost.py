@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import time
 from pathlib import Path
@@ -93,8 +92,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-share", type=float, default=0.001,
                         help="rows whose difference is below this share of the untimed ungated step are summed")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gate_cost.json"))
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/gate_cost.json")
     args = parser.parse_args()
+    out = output_path(parser, args, Path(__file__).parent / "results" / "gate_cost.json")
 
     import torch
 
@@ -134,8 +136,7 @@ def main() -> None:
                   for method in METHODS},
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result, args.overwrite, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ and the whole-model A/B with bench/train_step.py (README) decided the CPU defaul
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -116,10 +115,12 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--sizes", nargs="*", help="d x tokens pairs as DxT (default: the CPU or GPU grid)")
-    parser.add_argument("--out", default=None,
-                        help="JSON to write (default: bench/results/gate_node.json, gate_node_bf16.json with --precision bf16)")
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/gate_node.json, gate_node_bf16.json with --precision bf16")
     args = parser.parse_args()
-    args.out = args.out or str(Path(__file__).parent / "results" / f"gate_node{'_bf16' if args.precision == 'bf16' else ''}.json")
+    out = output_path(parser, args,
+                      Path(__file__).parent / "results" / f"gate_node{'_bf16' if args.precision == 'bf16' else ''}.json")
     import torch
 
     device = torch.device(args.device)
@@ -138,15 +139,14 @@ def main() -> None:
     from _machine import recorded
 
     machine = recorded()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    write_json(out, {
         "rows": rows,
         "meta": {"machine": machine, "device": args.device, "precision": args.precision, "rounds": args.rounds,
                  "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "command": "python bench/gate_node.py " + " ".join(
                      f"--{k} {v}" for k, v in (("device", args.device), ("precision", args.precision),
                                                 ("rounds", args.rounds)))},
-    }, indent=2))
+    }, args.overwrite, indent=2)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ and prints them with the per-layer means. `gatera plot` draws the same quantitie
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -25,14 +24,18 @@ def main() -> None:
     parser.add_argument("--base-model", default=None, help="base model path (default: the one the adapter names)")
     parser.add_argument("--task", required=True)
     parser.add_argument("--limit", type=int, default=100, help="test examples to record")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/quality/gates/<task>.json)")
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/quality/gates/<task>.json")
     args = parser.parse_args()
+
+    task = load_task(args.task)
+    name = task.get("name", Path(args.task).stem)  # (a task file's path names its JSON by the task, as quality.py)
+    out = output_path(parser, args, RESULTS / "gates" / f"{name}.json")
 
     from gatera_plugin.visualize import load_adapter, record_gates
 
     model, tokenizer = load_adapter(args.adapter, args.base_model)
-    task = load_task(args.task)
-    name = task.get("name", Path(args.task).stem)  # (a task file's path names its JSON by the task, as quality.py)
     rows = examples(task, "test", args.limit)
     prompt_means, answer_means, prompt_closed, answer_closed, layer_prompt, layer_answer = [], [], [], [], [], []
     for row in rows:
@@ -60,9 +63,7 @@ def main() -> None:
     print("layer  prompt  answer")
     for layer, p, a in zip(layers, result["layer_prompt_mean"], result["layer_answer_mean"]):
         print(f"{layer:5d}  {p:.3f}   {a:.3f}")
-    out = Path(args.out) if args.out else RESULTS / "gates" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result, args.overwrite, indent=2)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import platform
 import statistics
@@ -616,13 +615,19 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["a", "b", "c", "d", "e"], choices=["a", "b", "c", "d", "e"])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant in (b), (d) and (e)")
     parser.add_argument("--steps", type=int, default=30, help="SFTTrainer steps in (c)")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_check.json on CUDA, "
-                        "bench/results/gpu_check_smoke.json in smoke mode, which git ignores)")
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/gpu_check.json on CUDA, bench/results/gpu_check_smoke.json in "
+                         "smoke mode, which git ignores and each smoke run replaces")
     args = parser.parse_args()
 
     import torch
 
     smoke = args.smoke or not torch.cuda.is_available()
+    if smoke and not args.out:
+        out, overwrite = ROOT / "bench" / "results" / "gpu_check_smoke.json", True
+    else:
+        out, overwrite = output_path(parser, args, ROOT / "bench" / "results" / "gpu_check.json"), args.overwrite
     device = torch.device("cpu" if smoke else "cuda")
     meta = {"mode": "smoke (CPU)" if smoke else "cuda", "torch": torch.__version__, "python": platform.python_version(),
             "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
@@ -653,8 +658,6 @@ def main() -> None:
         "e": ("generation", generation, (device, smoke, args.repeats),
               ["prompt", "new_tokens", "method", "status", "ms_per_token", "time_vs_lora", "detail"]),
     }
-    out = Path(args.out or ROOT / "bench" / "results" / ("gpu_check_smoke.json" if smoke else "gpu_check.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = []
     for key in args.sections:
         name, function, fargs, columns = layouts[key]
@@ -662,7 +665,8 @@ def main() -> None:
         report.append(table(f"({key}) {name}", sections[name], columns))
         print(report[-1] + "\n", file=sys.stderr, flush=True)
         # written after every section: a run stopped by a time limit keeps what it measured
-        out.write_text(json.dumps({"meta": meta, "sections": sections}, indent=2, default=str))
+        out = write_json(out, {"meta": meta, "sections": sections}, overwrite, indent=2, default=str)
+        overwrite = True  # (later sections replace this run's own file)
     print("\n\n".join(report))
     print(f"\nwrote {out}", file=sys.stderr)
     sys.exit(0 if all(s["status"] == "ok" for s in sections.values()) else 1)

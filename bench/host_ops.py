@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import time
@@ -109,10 +108,13 @@ def decode_microseconds(variants, rounds: int, d: int = 64) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9, help="rounds of the host-time measurement")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "host_ops.json"))
     parser.add_argument("--code", help="a checkout whose gatera_plugin to measure (e.g. a git worktree of an older "
                                        "commit), with this script's layer and input; default: the installed one")
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/host_ops.json")
     args = parser.parse_args()
+    out = output_path(parser, args, Path(__file__).parent / "results" / "host_ops.json")
     if args.code:
         sys.path.insert(0, str(Path(args.code).resolve()))
     import torch
@@ -137,8 +139,7 @@ def main() -> None:
     from _machine import recorded
 
     machine = recorded(code=Path(args.code).resolve() if args.code else None)  # (the commit of the code measured)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    write_json(out, {
         "aten_calls": counts,
         "host_us": {variant: round(us, 1) for variant, us in host_us.items()},
         "host_vs_peft_hira": {variant: round(us / host_us["peft-hira"], 3) for variant, us in host_us.items()},
@@ -149,7 +150,7 @@ def main() -> None:
                  "counted_layer": "256 -> 512, 1 x 64 tokens", "decode_layer": "64 -> 64, 1 token, eval, no_grad",
                  "threads": torch.get_num_threads(),
                  "code": str(Path(gatera_plugin.__file__).resolve().parent.parent)},
-    }, indent=2))
+    }, args.overwrite, indent=2)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import time
@@ -111,8 +110,11 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "inference.json"))
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/inference.json")
     args = parser.parse_args()
+    out = output_path(parser, args, Path(__file__).parent / "results" / "inference.json")
     torch.set_num_threads(1)
 
     base = load(args.tiny).eval()
@@ -159,13 +161,11 @@ def main() -> None:
         lines.append(f"| {r['variant']} | {closed_text} | {r['prefill_s']:.3f} | {r['prefill_vs_base']:.2f}x | "
                      f"{1000 * r['decode_s']:.1f} | {r['decode_vs_base']:.2f}x |")
     print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     from _machine import recorded
 
-    meta = {k: v for k, v in vars(args).items() if k != "out"}
+    meta = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}
     meta["machine"] = recorded()
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "raw": times}, indent=2))
+    write_json(out, {"meta": meta, "rows": rows, "raw": times}, args.overwrite, indent=2)
 
 
 if __name__ == "__main__":

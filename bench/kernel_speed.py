@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -130,11 +129,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/kernels.json")
     args = parser.parse_args()
     if args.smoke:
         smoke()
         return
+    out = output_path(parser, args, Path(__file__).parent / "results" / "kernels.json")
     import torch
 
     if not torch.cuda.is_available():
@@ -165,9 +167,7 @@ def main() -> None:
         lines.append(f"| {r['d_in']}x{r['d_out']} | {r['tokens']} | {r['variant']} | {r['ms']:.2f} | "
                      f"{r['tflops']:.1f} | {r['peak_mb']:.0f} | {r['time_vs_lora']:.2f}x | {r['memory_vs_lora']:.2f}x |")
     print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))
+    write_json(out, {"device": torch.cuda.get_device_name(), "rows": rows}, args.overwrite, indent=2)
 
 
 if __name__ == "__main__":

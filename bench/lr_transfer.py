@@ -15,7 +15,6 @@ bench/results/lr_transfer.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -37,8 +36,11 @@ def weight_rms(model) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="skip SmolLM2 (smoke test)")
-    parser.add_argument("--out", default="bench/results/lr_transfer.json")
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/lr_transfer.json")
     args = parser.parse_args()
+    out = output_path(parser, args, Path(__file__).parent / "results" / "lr_transfer.json")
     torch.manual_seed(0)
     from peft import LoraConfig
 
@@ -68,8 +70,7 @@ def main() -> None:
     print("\n| method | logits change after one step (lr 1e-3) | / LoRA |\n|---|---|---|")
     for name, row in result["one_step_change"].items():
         print(f"| {name} | {row['relative_change']:.2e} | {row['ratio_to_lora']:.3f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(out, result, args.overwrite, indent=1)
 
 
 if __name__ == "__main__":

@@ -226,9 +226,11 @@ def main() -> None:
     parser.add_argument("--gate-lr-ratio", type=float, default=None,
                         help="GateRA's gate_lr_ratio: the gates' learning rate / --lr (default: the package's)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model (smoke test)")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/quality/<run>.json)")
     parser.add_argument("--save-adapter", default=None, help="also save the trained adapter here (for gatera plot)")
     parser.add_argument("--skip-existing", action="store_true", help="do nothing if the output JSON exists")
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/quality/<run>.json")
     args = parser.parse_args()
     if args.method not in GATERA_METHODS and (args.gate_lr_ratio is not None or args.entropy_weight is not None):
         parser.error(f"--gate-lr-ratio and --entropy-weight are GateRA settings; --method {args.method} has no gates "
@@ -240,6 +242,7 @@ def main() -> None:
     out = result_path(name, args)
     if args.skip_existing and out.exists():
         return
+    output_path(parser, args, out)  # (an existing result stops the run here, before training)
     train_rows = examples(task, "train")
     eval_rows = examples(task, args.eval_split, args.eval_limit)
     model, tokenizer = load_model(args.tiny, [r["prompt"] + " " + " ".join(r["options"]) for r in train_rows])
@@ -253,8 +256,7 @@ def main() -> None:
             model.save_pretrained(args.save_adapter)
             tokenizer.save_pretrained(args.save_adapter)
     result.update(evaluate(model, tokenizer, eval_rows))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result, args.overwrite, indent=2)
     print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "gate_history")}))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import time
@@ -102,11 +101,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=None)
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/row_ops.json on CUDA, bench/results/row_ops_smoke.json in smoke "
+                         "mode, which git ignores and each smoke run replaces")
     args = parser.parse_args()
     import torch
 
     smoke = args.smoke or not torch.cuda.is_available()
+    if smoke and not args.out:
+        out, overwrite = ROOT / "bench" / "results" / "row_ops_smoke.json", True
+    else:
+        out, overwrite = output_path(parser, args, ROOT / "bench" / "results" / "row_ops.json"), args.overwrite
     print("tokens | d | op | torch ms | torch host us | triton ms | triton host us | triton / torch time")
     rows = measure(smoke, args.repeats)
     from _machine import machine_info
@@ -116,9 +122,7 @@ def main() -> None:
         import triton
 
         meta.update(device=torch.cuda.get_device_name(), triton=triton.__version__)
-    out = Path(args.out or ROOT / "bench" / "results" / ("row_ops_smoke.json" if smoke else "row_ops.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out = write_json(out, {"meta": meta, "rows": rows}, overwrite, indent=2)
     print(f"wrote {out}")
 
 

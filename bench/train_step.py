@@ -176,17 +176,19 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: a bf16 model (fp32 adapter weights) trained under bf16 autocast")
-    parser.add_argument("--out", default=None,
-                        help="JSON to write (default: bench/results/train_step.json, train_step_bf16.json with --precision bf16)")
     parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    from _results import add_output_arguments, output_path, write_json
+
+    add_output_arguments(parser, "bench/results/train_step.json, train_step_bf16.json with --precision bf16")
     args = parser.parse_args()
-    args.out = args.out or str(Path(__file__).parent / "results" / f"train_step{'_bf16' if args.precision == 'bf16' else ''}.json")
     if args.worker == "memory":
         print(json.dumps(memory_worker(args.methods[0], args.sizes[0], args.memory_steps, args.precision)))
         return
     if args.worker == "time":
         print(json.dumps(timing_worker(args.methods, args.sizes[0], args.rounds, args.warmup, args.precision)))
         return
+    out = output_path(parser, args,
+                      Path(__file__).parent / "results" / f"train_step{'_bf16' if args.precision == 'bf16' else ''}.json")
     if "peft-lora" not in args.methods:
         args.methods = ["peft-lora"] + args.methods  # the baseline of every ratio
 
@@ -239,14 +241,13 @@ def main() -> None:
                 pairs[f"{size}: {method} / {baseline}"] = {"median": median, "q1": q1, "q3": q3}
                 print(f"{size}: {method} / {baseline} = {median:.3f} (median over rounds; quartiles {q1:.3f}-"
                       f"{q3:.3f})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     from _machine import recorded
 
     meta = {"rank": RANK, "targets": TARGETS, "sizes": {k: SIZES[k] for k in args.sizes}, "threads": 1,
             "precision": args.precision, "machine": recorded(file=sys.stderr),
             "rounds": args.rounds, "warmup": args.warmup, "memory_steps": args.memory_steps}
-    out.write_text(json.dumps({"meta": meta, "summary": summary, "round_ratios": pairs, "raw": raw}, indent=2))
+    out = write_json(out, {"meta": meta, "summary": summary, "round_ratios": pairs, "raw": raw}, args.overwrite,
+                     indent=2)
     print(f"\nwrote {out}", file=sys.stderr)
 
 

@@ -24,17 +24,26 @@ sys.path.insert(0, str(ROOT))
 
 from tests.distributed import ADAPTER_ATOL, adapter, losses, ok, single_process, torchrun  # noqa: E402
 
+SCRATCH_MARKER = ".zero3_repeat_scratch"  # (in --out: this script made the folder, and may empty it)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--out", type=Path, required=True, help="scratch folder for the runs (emptied first)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="scratch folder for the runs: new, empty, or one this script made before (then emptied)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    marker = args.out / SCRATCH_MARKER
+    if args.out.exists() and any(args.out.iterdir()) and not marker.exists():
+        parser.error(f"--out {args.out} holds files this script did not make; it empties --out before its runs, so "
+                     f"give it a new folder")
     import deepspeed
     import torch
 
     shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
+    marker.touch()
     ok(single_process(args.out / "single"))
     reference, reference_losses = adapter(args.out / "single"), losses(args.out / "single")
     rows = []

@@ -554,3 +554,62 @@ def test_benchmarks_record_the_machine_and_the_commit_they_ran_on(monkeypatch):
         "NVIDIA H200, torch 2.13.0+cpu, commit unknown")
     monkeypatch.setattr(machine.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("git")))
     assert machine.machine_info()["commit"] is None  # no git: no commit, no error
+
+
+# every script that writes a JSON, with the arguments it needs besides --out
+_WRITERS = {
+    "decode_branch": [], "gate_cost": [], "gate_node": [], "gpu_check": [], "host_ops": [], "inference": [],
+    "kernel_speed": [], "lr_transfer": [], "row_ops": [], "train_step": [],
+    "quality": ["--task", str(ROOT / "tests" / "data" / "tiny_task.json"), "--method", "lora", "--tiny"],
+    "gate_summary": ["--adapter", "no-adapter-needed", "--task", str(ROOT / "tests" / "data" / "tiny_task.json")],
+}
+
+
+def test_every_bench_script_that_writes_json_goes_through_the_refusing_writer():
+    """A new script writing JSON its own way would bypass the refusal below: every `write_text` of bench/ is checked."""
+    writers = {path.stem for path in (ROOT / "bench").glob("[!_]*.py") if "write_json(" in path.read_text()}
+    raw = {path.stem for path in (ROOT / "bench").glob("*.py") if ".write_text(json.dumps" in path.read_text()}
+    assert writers == set(_WRITERS) and raw == {"zero3_repeat"}  # (zero3_repeat appends to its --json list)
+
+
+@pytest.mark.parametrize("script", sorted(_WRITERS))
+def test_a_bench_script_refuses_an_existing_out_before_it_measures(script, tmp_path, monkeypatch, capsys):
+    """README's tables quote the JSONs in bench/results/: a script given an existing --out (or whose default exists)
+    stops at once with a message naming --overwrite, and leaves the file as it was."""
+    out = tmp_path / "quoted.json"
+    out.write_text('{"quoted": true}')
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *_WRITERS[script], "--out", str(out)])
+    with pytest.raises(SystemExit) as stopped:
+        _bench_module(script).main()
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{out} exists" in error and "--overwrite" in error
+    assert out.read_text() == '{"quoted": true}'
+
+
+def test_write_json_never_replaces_a_file_written_meanwhile_unless_told(tmp_path, monkeypatch, capsys):
+    """A file that another run wrote while this one measured is kept: this run's result goes to `<stem>-2.json`;
+    `overwrite=True` replaces it; no temporary file is left behind."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from _results import write_json
+
+    out = tmp_path / "sub" / "r.json"
+    assert write_json(out, {"run": 1}, False) == out
+    assert write_json(out, {"run": 2}, False) == tmp_path / "sub" / "r-2.json"
+    assert "appeared while this ran" in capsys.readouterr().err
+    assert write_json(out, {"run": 3}, False) == tmp_path / "sub" / "r-3.json"
+    assert [json.loads((tmp_path / "sub" / n).read_text())["run"] for n in ("r.json", "r-2.json", "r-3.json")] == [1, 2, 3]
+    assert write_json(out, {"run": 4}, True) == out and json.loads(out.read_text()) == {"run": 4}
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["r-2.json", "r-3.json", "r.json"]
+
+
+def test_zero3_repeat_refuses_to_empty_a_folder_it_did_not_make(tmp_path, monkeypatch, capsys):
+    """bench/zero3_repeat.py empties its scratch --out before the runs: a folder with files it did not make (say,
+    bench/results given by mistake) is refused, untouched."""
+    (tmp_path / "keep.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["zero3_repeat.py", "--runs", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stopped:
+        _bench_module("zero3_repeat").main()
+    assert stopped.value.code == 2 and "did not make" in capsys.readouterr().err
+    assert (tmp_path / "keep.json").read_text() == "{}"
