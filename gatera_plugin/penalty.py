@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -161,18 +162,37 @@ def real_token_mask(attention_mask, position_ids, shape) -> Optional[torch.Tenso
     `packing=True`: sequences flattened into one row, `position_ids` (B, T) restarting at 0 for each) that was padded
     to a multiple (`pad_to_multiple_of`) ends in padding with `position_ids` 0: the positions after a row's last
     positive position id are padding. (A last sequence of one token is then counted as padding too; a row without a
-    positive position id counts in full.)
+    positive position id counts in full.) A mask of another shape (a 4-D one of custom packing, from which padding
+    cannot be told: padded rows often attend to themselves) is read as no mask, with a warning (once) where the
+    position ids do not tell the padding either.
     """
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         if len(shape) == 2 and attention_mask.shape[0] == shape[0] and 0 < shape[1] < attention_mask.shape[1]:
             attention_mask = attention_mask[:, -shape[1]:]
         return attention_mask.bool()
     if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != tuple(shape) or len(shape) != 2:
+        if isinstance(attention_mask, torch.Tensor):
+            _warn_of_unread_mask(tuple(attention_mask.shape), tuple(shape))
         return None
     positions = torch.arange(position_ids.shape[1], device=position_ids.device)
     last_positive = torch.where(position_ids > 0, positions, -1).amax(dim=1, keepdim=True)  # (B, 1)
     last_real = torch.where(last_positive >= 0, last_positive, position_ids.shape[1] - 1)
     return positions <= last_real
+
+
+_UNREAD_MASK_DIMS: set[int] = set()  # numbers of dimensions of attention masks warned about
+
+
+def _warn_of_unread_mask(mask_shape: tuple, input_shape: tuple) -> None:
+    """Once per number of mask dimensions: GateRA cannot read padding from this `attention_mask`."""
+    if len(mask_shape) in _UNREAD_MASK_DIMS:
+        return
+    _UNREAD_MASK_DIMS.add(len(mask_shape))
+    warnings.warn(f"GateRA reads padding from a 2-D (batch, sequence) attention_mask only: with one of shape "
+                  f"{mask_shape} (inputs {input_shape}) and no position_ids, the gate penalty's token mean and the "
+                  f"gate statistics count every position as a real token, padding included. To leave padding out, "
+                  f"pass position_ids (each packed sequence from 0, padding at a row's end as 0) or the 2-D mask.",
+                  stacklevel=4)
 
 
 @dataclass

@@ -662,3 +662,32 @@ def test_a_forward_with_a_kv_cache_is_normalised_by_its_new_tokens(padding):
     (cached, cached_stats), (alone, alone_stats) = bias_grad(True), bias_grad(False)
     torch.testing.assert_close(cached, alone, rtol=1e-5, atol=0)
     assert cached_stats == pytest.approx(alone_stats, rel=1e-5)
+
+
+def test_a_mask_the_penalty_cannot_read_padding_from_is_warned_about_once(monkeypatch):
+    """A 4-D (batch, 1, query, key) mask, as custom packing builds it, does not tell padding (a padded row that attends
+    to itself looks like a one-token sequence): without position ids the penalty and statistics count every position,
+    so a warning says so, once, naming the fixes; with position ids, which tell the padding, none."""
+    import warnings
+
+    from gatera_plugin import penalty
+
+    monkeypatch.setattr(penalty, "_UNREAD_MASK_DIMS", set())
+    input_ids, mask, _ = _batch()
+    causal = torch.tril(torch.ones(10, 10, dtype=torch.bool))
+    mask_4d = (causal & mask.bool()[:, None, :] | torch.eye(10, dtype=torch.bool))[:, None]  # (3, 1, 10, 10)
+    model = _model(LAMBDA)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model(input_ids=input_ids, attention_mask=mask_4d).logits.sum().backward()
+    messages = [str(w.message) for w in caught if "GateRA reads padding" in str(w.message)]
+    assert len(messages) == 1 and "(3, 1, 10, 10)" in messages[0]
+    assert "position_ids" in messages[0] and "2-D mask" in messages[0]
+
+    monkeypatch.setattr(penalty, "_UNREAD_MASK_DIMS", set())
+    positions = torch.arange(10).expand(3, 10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=input_ids, attention_mask=mask_4d, position_ids=positions).logits.sum().backward()
+    assert not [w for w in caught if "GateRA reads padding" in str(w.message)]
