@@ -377,14 +377,16 @@ def test_lora_run_is_unaffected_by_the_installed_plugin(workspace):
 
 
 def test_resume_from_lora_model_dir_and_inference(workspace):
-    """`lora_model_dir` continues from a saved GateRA adapter; `axolotl inference` loads it through the plugin."""
+    """`lora_model_dir` continues from a saved GateRA adapter; `axolotl inference` loads it through the plugin. Both
+    YAMLs leave out the targets, as for LoRA: the saved adapter's govern (they were refused at config read)."""
     first = workspace / "run-fp32"
     fresh_losses = _logged(_train(workspace, "run-fp32"), "loss")
-    output = _train(workspace, "resumed", lora_model_dir=str(first), max_steps=3)
+    output = _train(workspace, "resumed", lora_model_dir=str(first), max_steps=3, lora_target_modules=None)
     assert f"Loading GateRA adapter from {first}" in output
     resumed_losses = _logged(output, "loss")
     assert resumed_losses[0] < 0.8 * fresh_losses[0]  # it starts where the first run ended, not from scratch
-    inference = _axolotl("inference", str(_config(workspace, "infer", lora_model_dir=str(first))),
+    inference = _axolotl("inference", str(_config(workspace, "infer", lora_model_dir=str(first),
+                                                   lora_target_modules=None)),
                          stdin="Tell me about the element Neon.\n", timeout=600)
     _ok(inference)
     assert f"Loading GateRA adapter from {first}" in inference.stdout + inference.stderr
@@ -1157,6 +1159,34 @@ def test_merge_lora_judges_the_saved_adapters_gate_not_the_yamls(tmp_path, saved
         GateRAArgs.model_validate(keys)
 
 
+@pytest.mark.parametrize("config_only", [False, True], ids=["axolotl-builds", "trl-builds"])
+def test_a_config_continuing_a_saved_adapter_is_read_as_describing_it(tmp_path, config_only):
+    """With `lora_model_dir` the saved adapter's structure governs, so a YAML may leave it out: without targets it was
+    refused at config read ("needs `lora_target_modules`"; `adapter: lora` takes such a YAML), and a
+    `gatera_keep_ratio` for a saved threshold gate was refused as a sigmoid gate's unless the YAML repeated
+    `gatera_gate: threshold`. Now both are read against the saved adapter: accepted, loaded with the saved targets and
+    the YAML's keep_ratio; the same keep_ratio for a saved sigmoid gate is still refused, naming that gate."""
+    from axolotl.utils.dict import DictDefault
+    from peft import get_peft_model
+
+    from gatera_plugin import GateRAConfig
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+    from gatera_plugin.integrations.axolotl.args import GateRAArgs
+    from tests.helpers import tiny_llama
+
+    for gate in ("threshold", "sigmoid"):
+        get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=["q_proj", "v_proj"], gate=gate)
+                       ).save_pretrained(tmp_path / gate)
+    keys = {"adapter": "gatera", "lora_model_dir": str(tmp_path / "threshold"), "gatera_keep_ratio": 0.3}
+    GateRAArgs.model_validate(keys)
+    model, config = GateRAPlugin().load_adapter(tiny_llama(), DictDefault(keys), config_only=config_only)
+    config = model.peft_config["default"] if not config_only else config
+    assert set(config.target_modules) == {"q_proj", "v_proj"} and (config.gate, config.keep_ratio) == ("threshold", 0.3)
+    with pytest.raises(ValueError, match=r"`keep_ratio` only applies to gate='threshold', got gate='sigmoid'.*"
+                                         r"`gatera_keep_ratio` sets keep_ratio"):
+        GateRAArgs.model_validate({**keys, "lora_model_dir": str(tmp_path / "sigmoid")})
+
+
 @pytest.mark.parametrize("adapter", ["lora", "qlora"])
 @pytest.mark.parametrize("where", ["lora_model_dir", "output_dir"])
 def test_a_saved_gatera_adapter_under_another_adapter_kind_is_refused(tmp_path, adapter, where):
@@ -1363,3 +1393,18 @@ def test_a_continued_threshold_adapter_reports_a_yaml_threshold_init_it_does_not
     assert config.threshold_init == 0.1
     report = next(r.getMessage() for r in caplog.records if "saved with other settings" in r.getMessage())
     assert "'gatera_threshold_init': (0.3, 0.1)" in report, report
+
+
+def test_a_gatera_key_on_the_command_line_is_refused_naming_the_yaml_key(monkeypatch):
+    """`axolotl train x.yml --launcher python --gatera-entropy-weight=0.2` trained with the YAML's weight (Axolotl's
+    CLI hands options it does not know to the launcher, which the python launcher drops): refused when the plugin
+    registers, naming the key to set in the YAML; other options pass."""
+    from gatera_plugin.integrations.axolotl import GateRAPlugin
+
+    monkeypatch.setattr(sys, "argv", ["axolotl", "train", "x.yml", "--launcher", "python", "--learning-rate=0.5"])
+    GateRAPlugin().register({})
+    monkeypatch.setattr(sys, "argv", ["axolotl", "train", "x.yml", "--launcher", "python",
+                                      "--gatera-entropy-weight=0.2"])
+    with pytest.raises(ValueError, match=r"--gatera-entropy-weight=0.2: Axolotl's command line passes on only "
+                                         r"Axolotl's own options.*Set `gatera_entropy_weight` in the YAML"):
+        GateRAPlugin().register({})

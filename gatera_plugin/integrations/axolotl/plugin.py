@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import sys
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
@@ -62,7 +63,24 @@ def linear_module_names(model) -> list[str]:
 
 def gatera_config_from_axolotl(cfg, model, warn: bool = True) -> gatera_plugin.GateRAConfig:
     """The GateRAConfig an Axolotl config describes (`model=None`: a placeholder for `lora_target_linear`'s names, as
-    the config check before loading uses; `warn`: log the keys it drops)."""
+    the config check before loading uses; `warn`: log the keys it drops). With a saved GateRA adapter to continue or
+    merge (`lora_model_dir`), the keys of its structure that the config leaves out take the saved values."""
+    saved = _saved_structure_keys(cfg)
+    if not saved:
+        return _config_from_keys(cfg, model, warn)
+    written = {key: value for key, value in cfg.items() if value is not None}
+    try:
+        return _config_from_keys({**saved, **written}, model, warn)
+    except (ValueError, TypeError):
+        # a training option that the saved structure has no use for (an entropy weight for a saved threshold gate) is
+        # judged where the adapter loads, naming the saved adapter (`_continued_config`: refused for training, applied
+        # for inference); the YAML is read as before, with the saved targets only
+        targets = {key: saved[key] for key in ("lora_target_modules",) if key in saved}
+        return _config_from_keys({**targets, **written}, model, warn=False)
+
+
+def _config_from_keys(cfg, model, warn: bool) -> gatera_plugin.GateRAConfig:
+    """`gatera_config_from_axolotl` of the keys `cfg` holds."""
     options = {field: cfg.get(key) for field, key in _OPTION_KEYS.items() if cfg.get(key) is not None}
     branch = options.get("branch", "hira")
     # as Axolotl's LoRA: a string is PEFT's regex, matched against full module names; with `lora_target_linear` it
@@ -104,6 +122,26 @@ def gatera_config_from_axolotl(cfg, model, warn: bool = True) -> gatera_plugin.G
         inference_mode=bool(cfg.get("lora_model_dir")),
         **options,
     )
+
+
+def _saved_structure_keys(cfg) -> dict:
+    """{Axolotl key: value} of the structure of the GateRA adapter that `cfg` continues or merges (`lora_model_dir`),
+    for the keys `cfg` leaves out; {} without one. That adapter's structure governs (`_continued_config`), so a config
+    that leaves out its targets or `gatera_gate` describes it: it needs no targets of its own, and its training options
+    are checked against the saved gate kind (`gatera_keep_ratio` for a saved threshold gate is not refused as a sigmoid
+    gate's)."""
+    from gatera_plugin.serialization import STRUCTURE_FIELDS
+
+    from .args import _saved_config
+
+    saved = _saved_config(cfg)[1]
+    if str(saved.get("peft_type", "")).upper() != "GATERA":
+        return {}
+    unset = {key for key in _CONFIG_KEYS.values() if cfg.get(key) is None}
+    if cfg.get("lora_target_linear"):
+        unset.discard("lora_target_modules")
+    return {_CONFIG_KEYS[field]: saved[field] for field in STRUCTURE_FIELDS
+            if field in _CONFIG_KEYS and saved.get(field) is not None and _CONFIG_KEYS[field] in unset}
 
 
 def _task_type_of(model) -> str:
@@ -291,10 +329,22 @@ def _prepare_kbit(model, checkpointing: bool, checkpointing_kwargs: dict, as_axo
     return prepare(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=checkpointing_kwargs)
 
 
+def _refuse_gatera_options_on_the_command_line(argv: list[str]) -> None:
+    """`axolotl train x.yml --gatera-entropy-weight=0.2`: Axolotl's CLI knows only its own config options and hands
+    the others to the launcher, where `--launcher python` dropped them without a word (the run trained with the YAML's
+    value) and accelerate refuses them as unrecognized. Refused, naming the YAML key to set instead."""
+    given = [arg for arg in argv if arg.startswith(("--gatera-", "--gatera_"))]
+    if given:
+        keys = ", ".join(f"`{arg.split('=', 1)[0][2:].replace('-', '_')}`" for arg in given)
+        raise ValueError(f"{' '.join(given)}: Axolotl's command line passes on only Axolotl's own options, not a "
+                         f"plugin's (this one would be ignored). Set {keys} in the YAML instead.")
+
+
 class GateRAPlugin(BasePlugin):
     """Axolotl plugin for `adapter: gatera`."""
 
     def register(self, cfg: dict):
+        _refuse_gatera_options_on_the_command_line(sys.argv)
         _patch_quantization_config()  # inert unless adapter == "gatera"
         if cfg.get("axolotl_config_path"):
             _CONFIG_AS_WRITTEN[cfg["axolotl_config_path"]] = frozenset(k for k, v in cfg.items() if v is not None)
