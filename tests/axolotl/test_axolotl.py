@@ -1122,10 +1122,11 @@ def test_evaluate_cli_evaluates_the_trained_adapter(workspace):
     ({"gatera_gate": "threshold", "gatera_threshold_init": 0.2}, r"B = 0 at step 0.*`gatera_threshold_init` sets "
                                                                   r"threshold_init"),
     ({"lora_target_modules": None}, r"needs `lora_target_modules` or `lora_target_linear: true`"),
+    ({"lora_target_modules": 5}, r"`lora_target_modules` is a list of module names or one regex string, got 5"),
     ({"lora_target_modules": r".*\.q_proj", "peft_layers_to_transform": [0]}, r"`peft_layers_to_transform` sets "
                                                                              r"layers_to_transform"),
 ], ids=["keep-ratio-without-threshold", "rank-0", "dropout-1", "gate-bias-init-30", "threshold-init-without-update",
-        "no-targets", "regex-and-layers"])
+        "no-targets", "targets-a-number", "regex-and-layers"])
 def test_settings_gatera_refuses_together_fail_when_the_config_is_read_naming_the_yaml_keys(keys, message):
     """Settings that GateRAConfig refuses in combination (or out of its ranges) fail at config validation, before the
     dataset and model load, with the YAML keys named (the message had GateRAConfig's field names only). `lora_r: 0`

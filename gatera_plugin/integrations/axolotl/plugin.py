@@ -86,6 +86,9 @@ def _config_from_keys(cfg, model, warn: bool) -> gatera_plugin.GateRAConfig:
     # as Axolotl's LoRA: a string is PEFT's regex, matched against full module names; with `lora_target_linear` it
     # joins the linear layers' names as one more name
     targets = cfg.get("lora_target_modules") or []
+    if not isinstance(targets, str) and not (isinstance(targets, (list, tuple)) and all(isinstance(t, str)
+                                                                                       for t in targets)):
+        raise ValueError(f"`lora_target_modules` is a list of module names or one regex string, got {targets!r}.")
     if cfg.get("lora_target_linear"):
         targets = [targets] if isinstance(targets, str) else list(targets)
         targets = sorted(set(targets) | set(linear_module_names(model) if model is not None else ["q_proj"]))
