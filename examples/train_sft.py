@@ -20,7 +20,6 @@ import re
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,7 +29,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="model folder, or 'tiny' (a small random Llama, offline)")
+    parser.add_argument("--model", default="tiny",
+                        help="model folder or Hub id, or 'tiny' (a small random Llama, offline)")
     parser.add_argument("--data", default=None, help="JSONL with prompt/completion (default: the bundled elements)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (integrations/deepspeed/)")
@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = parser.parse_args(argv)
+    if args.model == "tiny":  # (nothing to download; a Hub id in --model downloads as transformers does)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         parser.error(f"--output-dir {out} is a file; pass a folder.")

@@ -152,3 +152,23 @@ def test_train_sft_packs_a_4bit_base_for_fsdp2_under_an_accelerate_config(tmp_pa
             train_sft.build_trainer(train_sft.parse_args(argv))
         assert storages[-1] == expected
     assert train_sft.parse_args(argv + ["--max-length", "512", "--max-grad-norm", "1"]).max_length == 512
+
+
+def test_train_sft_goes_offline_only_for_its_tiny_model(tmp_path):
+    """examples/train_sft.py set HF_HUB_OFFLINE=1 for every run, so `--model HuggingFaceTB/SmolLM2-135M-Instruct`
+    (a Hub id, as the Axolotl YAMLs name it) failed on a machine with network unless already cached. Only the tiny
+    model, which downloads nothing, runs offline now."""
+    import os
+    import subprocess
+
+    code = ("import os, sys; sys.path.insert(0, 'examples'); import train_sft; "
+            "train_sft.parse_args(sys.argv[1:]); print(os.environ.get('HF_HUB_OFFLINE'))")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    root = Path(__file__).resolve().parents[1]
+    offline = {}
+    for model in ("tiny", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        done = subprocess.run([sys.executable, "-c", code, "--model", model, "--output-dir", str(tmp_path / "out")],
+                              capture_output=True, text=True, env=env, cwd=root, timeout=120)
+        assert done.returncode == 0, done.stderr
+        offline[model] = done.stdout.strip()
+    assert offline == {"tiny": "1", "HuggingFaceTB/SmolLM2-135M-Instruct": "None"}
