@@ -31,7 +31,7 @@ def main() -> None:
 
     task = load_task(args.task)
     name = task.get("name", Path(args.task).stem)  # (a task file's path names its JSON by the task, as quality.py)
-    out = output_path(parser, args, RESULTS / "gates" / f"{name}.json")
+    out = output_path(parser, args, RESULTS / "gates" / f"{name}.json", default_may_move=False)
 
     from gatera_plugin.visualize import load_adapter, record_gates
 

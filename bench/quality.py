@@ -242,7 +242,7 @@ def main() -> None:
     out = result_path(name, args)
     if args.skip_existing and out.exists():
         return
-    output_path(parser, args, out)  # (an existing result stops the run here, before training)
+    output_path(parser, args, out, default_may_move=False)  # (an existing result stops the run here, before training)
     train_rows = examples(task, "train")
     eval_rows = examples(task, args.eval_split, args.eval_limit)
     model, tokenizer = load_model(args.tiny, [r["prompt"] + " " + " ".join(r["options"]) for r in train_rows])

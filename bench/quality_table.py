@@ -12,6 +12,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -39,6 +40,11 @@ EDGE = "edge: widen the grid"
 def load(results: Path) -> list[dict]:
     rows = []
     for path in sorted(results.glob("*.json")):
+        if re.search(r"-\d+\.json$", path.name):  # (bench/_results.py's name for a second result of one run)
+            first = re.sub(r"-\d+(?=\.json$)", "", path.name)
+            print(f"skipped {path}: a second result of the run that wrote {first} (two runs of it at once); keep one "
+                  "of the two under that name", file=sys.stderr)
+            continue
         row = json.loads(path.read_text())
         row["file"] = path.name
         rows.append(row)

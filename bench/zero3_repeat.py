@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     marker = args.out / SCRATCH_MARKER
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give it a new folder")
     if args.out.exists() and any(args.out.iterdir()) and not marker.exists():
         parser.error(f"--out {args.out} holds files this script did not make; it empties --out before its runs, so "
                      f"give it a new folder")
@@ -42,7 +44,7 @@ def main() -> None:
     import torch
 
     shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     marker.touch()
     ok(single_process(args.out / "single"))
     reference, reference_losses = adapter(args.out / "single"), losses(args.out / "single")

@@ -588,6 +588,40 @@ def test_a_bench_script_refuses_an_existing_out_before_it_measures(script, tmp_p
     assert out.read_text() == '{"quoted": true}'
 
 
+@pytest.mark.parametrize("script, moves", [("gpu_check", True), ("host_ops", True), ("quality", False)])
+def test_an_existing_default_path_gives_the_run_a_free_name_where_the_name_means_nothing(script, moves, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """`python bench/gpu_check.py` (README's one command on a GPU) on a clone, whose gpu_check.json is committed, was
+    refused: a default path that exists gives the run the first free `-N` name instead (told on stderr). bench/quality.py
+    names a result by its run (task, method, seed, ...), so there it stops as for --out."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from _results import add_output_arguments, output_path
+
+    parser = __import__("argparse").ArgumentParser(prog=script)
+    add_output_arguments(parser, "x")
+    (tmp_path / "r.json").write_text("{}")
+    (tmp_path / "r-2.json").write_text("{}")
+    args = parser.parse_args([])
+    if moves:
+        assert output_path(parser, args, tmp_path / "r.json") == tmp_path / "r-3.json"
+        assert "r.json exists (a committed result); this run writes" in capsys.readouterr().err
+    else:
+        with pytest.raises(SystemExit):
+            output_path(parser, args, tmp_path / "r.json", default_may_move=False)
+    assert output_path(parser, parser.parse_args(["--overwrite"]), tmp_path / "r.json") == tmp_path / "r.json"
+
+
+def test_quality_tables_skip_a_second_result_of_one_run(tmp_path, capsys):
+    """Two runs of one bench/quality.py run at once leave `<run>.json` and `<run>-2.json`: the tables counted the copy
+    as another seed; now it is skipped, with a note."""
+    row = {"task": "t", "method": "lora", "seed": 0, "eval_split": "val", "accuracy": 0.5, "gold_nll": 0.5}
+    (tmp_path / "t__lora__seed0__val__lr0.001.json").write_text(json.dumps(row))
+    (tmp_path / "t__lora__seed0__val__lr0.001-2.json").write_text(json.dumps({**row, "accuracy": 0.9}))
+    rows = _bench_module("quality_table").load(tmp_path)
+    assert [r["file"] for r in rows] == ["t__lora__seed0__val__lr0.001.json"]
+    assert "a second result of the run that wrote t__lora__seed0__val__lr0.001.json" in capsys.readouterr().err
+
+
 def test_write_json_never_replaces_a_file_written_meanwhile_unless_told(tmp_path, monkeypatch, capsys):
     """A file that another run wrote while this one measured is kept: this run's result goes to `<stem>-2.json`;
     `overwrite=True` replaces it; no temporary file is left behind."""
@@ -602,12 +636,30 @@ def test_write_json_never_replaces_a_file_written_meanwhile_unless_told(tmp_path
     assert [json.loads((tmp_path / "sub" / n).read_text())["run"] for n in ("r.json", "r-2.json", "r-3.json")] == [1, 2, 3]
     assert write_json(out, {"run": 4}, True) == out and json.loads(out.read_text()) == {"run": 4}
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["r-2.json", "r-3.json", "r.json"]
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "sub").iterdir()} == {oct(0o666 & ~_umask())}
+
+    def no_links(*args):  # a filesystem without hard links (vfat, some network mounts): the result was lost
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr("os.link", no_links)
+    assert write_json(out, {"run": 5}, False) == tmp_path / "sub" / "r-4.json"
+    assert json.loads((tmp_path / "sub" / "r-4.json").read_text()) == {"run": 5}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_zero3_repeat_refuses_to_empty_a_folder_it_did_not_make(tmp_path, monkeypatch, capsys):
     """bench/zero3_repeat.py empties its scratch --out before the runs: a folder with files it did not make (say,
-    bench/results given by mistake) is refused, untouched."""
+    bench/results given by mistake) is refused, untouched; so is a file."""
     (tmp_path / "keep.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["zero3_repeat.py", "--out", str(tmp_path / "keep.json")])
+    with pytest.raises(SystemExit):
+        _bench_module("zero3_repeat").main()
+    assert "is a file" in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", ["zero3_repeat.py", "--runs", "1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as stopped:
         _bench_module("zero3_repeat").main()
