@@ -29,7 +29,7 @@ from .fsdp import refuse_tensor_parallel
 from .gates import GATES_BY_STATS_KIND, make_structure_gate, make_token_gate
 from .layer import MIXED_BATCHES_REFUSED, SUPPORTED_LAYERS, GateRALayer, _unmergeable_message, dispatch_default
 from .ops._autocast import HALF_DTYPES
-from .penalty import ForwardBatch, GateStats, PenaltyRun, collective_device, statistics_dtype
+from .penalty import ForwardBatch, GateStats, PenaltyRun, collective_device, statistics_dtype, warn_of_unread_mask
 
 # torch's checkpoint_wrapper (FSDP's activation checkpointing: `fsdp_config={"activation_checkpointing": True}`,
 # Axolotl's `fsdp_activation_checkpointing`) puts a module of this name between a layer and its children. Its state-dict
@@ -512,10 +512,12 @@ class GateRAModel(BaseTuner):
         if reference is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             reference, shape = attention_mask, attention_mask.shape  # (features, not tokens: Pix2Struct's patches)
         decoder = _decoder_batch(kwargs) if _decoder_of(module) is not None else None
-        self.penalty_run.set_batch(attention_mask, 0 if reference is None else shape.numel(),
-                                   kwargs.get("position_ids"), shape, decoder)
+        recorded = self.penalty_run.set_batch(attention_mask, 0 if reference is None else shape.numel(),
+                                              kwargs.get("position_ids"), shape, decoder)
         self._in_forward = module is self.model
         if torch.is_grad_enabled():
+            if recorded.attention_mask is None and isinstance(attention_mask, torch.Tensor) and self.model.training:
+                warn_of_unread_mask(tuple(attention_mask.shape), tuple(shape))
             self._bind_checkpointing()
             if not self._checked_gate_dtypes and self.model.training and not self.penalty_run.in_trainer:
                 self._checked_gate_dtypes = True

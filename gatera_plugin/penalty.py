@@ -163,16 +163,13 @@ def real_token_mask(attention_mask, position_ids, shape) -> Optional[torch.Tenso
     to a multiple (`pad_to_multiple_of`) ends in padding with `position_ids` 0: the positions after a row's last
     positive position id are padding. (A last sequence of one token is then counted as padding too; a row without a
     positive position id counts in full.) A mask of another shape (a 4-D one of custom packing, from which padding
-    cannot be told: padded rows often attend to themselves) is read as no mask, with a warning (once) where the
-    position ids do not tell the padding either.
+    cannot be told: padded rows often attend to themselves) is read as no mask (`warn_of_unread_mask`).
     """
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         if len(shape) == 2 and attention_mask.shape[0] == shape[0] and 0 < shape[1] < attention_mask.shape[1]:
             attention_mask = attention_mask[:, -shape[1]:]
         return attention_mask.bool()
     if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != tuple(shape) or len(shape) != 2:
-        if isinstance(attention_mask, torch.Tensor):
-            _warn_of_unread_mask(tuple(attention_mask.shape), tuple(shape))
         return None
     positions = torch.arange(position_ids.shape[1], device=position_ids.device)
     last_positive = torch.where(position_ids > 0, positions, -1).amax(dim=1, keepdim=True)  # (B, 1)
@@ -183,8 +180,9 @@ def real_token_mask(attention_mask, position_ids, shape) -> Optional[torch.Tenso
 _UNREAD_MASK_DIMS: set[int] = set()  # numbers of dimensions of attention masks warned about
 
 
-def _warn_of_unread_mask(mask_shape: tuple, input_shape: tuple) -> None:
-    """Once per number of mask dimensions: GateRA cannot read padding from this `attention_mask`."""
+def warn_of_unread_mask(mask_shape: tuple, input_shape: tuple) -> None:
+    """Once per number of mask dimensions: GateRA could not read padding from the `attention_mask` of a training
+    forward (`real_token_mask` gave None for it)."""
     if len(mask_shape) in _UNREAD_MASK_DIMS:
         return
     _UNREAD_MASK_DIMS.add(len(mask_shape))
@@ -192,7 +190,7 @@ def _warn_of_unread_mask(mask_shape: tuple, input_shape: tuple) -> None:
                   f"{mask_shape} (inputs {input_shape}) and no position_ids, the gate penalty's token mean and the "
                   f"gate statistics count every position as a real token, padding included. To leave padding out, "
                   f"pass position_ids (each packed sequence from 0, padding at a row's end as 0) or the 2-D mask.",
-                  stacklevel=4)
+                  stacklevel=2)
 
 
 @dataclass
@@ -255,13 +253,14 @@ class PenaltyRun:
         return masks[0] if len(masks) == 1 and masks[0].shape == position_ids.shape else None
 
     def set_batch(self, attention_mask: Optional[torch.Tensor], num_positions: int, position_ids=None,
-                  shape=(), decoder: Optional[ForwardBatch] = None) -> None:
+                  shape=(), decoder: Optional[ForwardBatch] = None) -> ForwardBatch:
         """Record the token mask of a new forward (`real_token_mask`); `num_positions` = batch × sequence length,
-        `shape` the inputs' (batch, sequence); `decoder`: an encoder-decoder model's decoder inputs."""
+        `shape` the inputs' (batch, sequence); `decoder`: an encoder-decoder model's decoder inputs. Returns the record."""
         self._latest = ForwardBatch(real_token_mask(attention_mask, position_ids, shape), num_positions,
                                     decoder=decoder)
         if torch.is_grad_enabled():
             self._latest_with_grad = self._latest
+        return self._latest
 
     @property
     def batch(self) -> ForwardBatch:

@@ -690,4 +690,9 @@ def test_a_mask_the_penalty_cannot_read_padding_from_is_warned_about_once(monkey
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model(input_ids=input_ids, attention_mask=mask_4d, position_ids=positions).logits.sum().backward()
+        model.eval()  # (nothing is recorded in eval, with or without gradient: nothing to warn of)
+        model(input_ids=input_ids, attention_mask=mask_4d).logits.sum().backward()
+        with torch.no_grad():
+            model.train()
+            model(input_ids=input_ids, attention_mask=mask_4d)
     assert not [w for w in caught if "GateRA reads padding" in str(w.message)]

@@ -1397,15 +1397,18 @@ def test_a_continued_threshold_adapter_reports_a_yaml_threshold_init_it_does_not
 
 
 def test_a_gatera_key_on_the_command_line_is_refused_naming_the_yaml_key(monkeypatch):
-    """`axolotl train x.yml --launcher python --gatera-entropy-weight=0.2` trained with the YAML's weight (Axolotl's
-    CLI hands options it does not know to the launcher, which the python launcher drops): refused when the plugin
-    registers, naming the key to set in the YAML; other options pass."""
+    """`axolotl train x.yml --launcher python --gatera-entropy-weight=0.2` trained with the YAML's weight (the `axolotl`
+    command hands options it does not know to the launcher, which the python launcher drops): refused when the plugin
+    registers, naming the key to set in the YAML; other options, and `python -m axolotl.cli.train`'s, pass."""
     from gatera_plugin.integrations.axolotl import GateRAPlugin
 
     monkeypatch.setattr(sys, "argv", ["axolotl", "train", "x.yml", "--launcher", "python", "--learning-rate=0.5"])
     GateRAPlugin().register({})
     monkeypatch.setattr(sys, "argv", ["axolotl", "train", "x.yml", "--launcher", "python",
                                       "--gatera-entropy-weight=0.2"])
-    with pytest.raises(ValueError, match=r"--gatera-entropy-weight=0.2: Axolotl's command line passes on only "
+    with pytest.raises(ValueError, match=r"--gatera-entropy-weight=0.2: the `axolotl` command passes on only "
                                          r"Axolotl's own options.*Set `gatera_entropy_weight` in the YAML"):
         GateRAPlugin().register({})
+    # `python -m axolotl.cli.train x.yml --gatera_entropy_weight=0.3` (fire) applies it: not refused
+    monkeypatch.setattr(sys, "argv", ["/env/lib/axolotl/cli/train.py", "x.yml", "--gatera_entropy_weight=0.3"])
+    GateRAPlugin().register({})

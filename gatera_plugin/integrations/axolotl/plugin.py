@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import re
 import sys
+from pathlib import Path
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
@@ -333,13 +334,16 @@ def _prepare_kbit(model, checkpointing: bool, checkpointing_kwargs: dict, as_axo
 
 
 def _refuse_gatera_options_on_the_command_line(argv: list[str]) -> None:
-    """`axolotl train x.yml --gatera-entropy-weight=0.2`: Axolotl's CLI knows only its own config options and hands
-    the others to the launcher, where `--launcher python` dropped them without a word (the run trained with the YAML's
-    value) and accelerate refuses them as unrecognized. Refused, naming the YAML key to set instead."""
+    """`axolotl train x.yml --gatera-entropy-weight=0.2`: the `axolotl` command knows only Axolotl's own config
+    options and hands the others to the launcher, where `--launcher python` dropped them without a word (the run
+    trained with the YAML's value) and accelerate refuses them as unrecognized. Refused, naming the YAML key to set
+    instead. (`python -m axolotl.cli.train x.yml --gatera_entropy_weight=0.2` does apply them: left alone.)"""
+    if not argv or Path(argv[0]).name != "axolotl":
+        return
     given = [arg for arg in argv if arg.startswith(("--gatera-", "--gatera_"))]
     if given:
         keys = ", ".join(f"`{arg.split('=', 1)[0][2:].replace('-', '_')}`" for arg in given)
-        raise ValueError(f"{' '.join(given)}: Axolotl's command line passes on only Axolotl's own options, not a "
+        raise ValueError(f"{' '.join(given)}: the `axolotl` command passes on only Axolotl's own options, not a "
                          f"plugin's (this one would be ignored). Set {keys} in the YAML instead.")
 
 
