@@ -20,12 +20,14 @@ import torch
 
 from .serialization import (
     CONFIG,
+    PICKLED_WEIGHTS,
     WEIGHTS,
     check_adapter_folder,
     check_tensors,
     file_in_the_way,
     folder_lock,
     is_gatera_type,
+    missing_adapter_config,
     read_config,
     stamp_config,
 )
@@ -72,9 +74,14 @@ def prune_saved_adapter(src: str | Path, dst: str | Path, threshold: float) -> d
     renamed into place, so an interrupted run leaves no half-written adapter.
     """
     src, dst = Path(src), Path(dst)
-    for path in (src / CONFIG, src / WEIGHTS):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: `gatera prune` needs a saved GateRA adapter folder.")
+    if not (src / CONFIG).exists():
+        raise missing_adapter_config(src, "`gatera prune` needs a saved GateRA adapter folder")
+    if not (src / WEIGHTS).exists():
+        if (src / PICKLED_WEIGHTS).exists():
+            raise ValueError(f"{src} holds {PICKLED_WEIGHTS} (pickled weights): `gatera prune` reads and writes "
+                             f"{WEIGHTS} only. Load the adapter (with GATERA_ALLOW_PICKLE=1 if you trust the file) and "
+                             "save_pretrained it, which writes safetensors, then prune that copy.")
+        raise FileNotFoundError(f"{src / WEIGHTS} is missing: `gatera prune` needs a saved GateRA adapter folder.")
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; choose a new output folder (nothing is overwritten).")
     blocking = file_in_the_way(dst)

@@ -595,6 +595,17 @@ def _files_signature(folder: Path) -> tuple:
 _passed_checks: dict[str, tuple] = {}  # folder -> _files_signature when it last passed check_adapter_folder
 
 
+def missing_adapter_config(folder: Path, needs: str) -> FileNotFoundError:
+    """The error for an adapter folder without adapter_config.json, `needs` saying what the caller takes. A save under
+    another adapter name than "default" (or with `selected_adapters`) puts each adapter in a subfolder named after it:
+    those are named."""
+    folder = Path(folder)
+    named = sorted(path.parent.name for path in folder.glob(f"*/{CONFIG}")) if folder.is_dir() else []
+    hint = (f"; it holds adapters saved under their names in subfolders ({', '.join(named)}): pass one of them, e.g. "
+            f"{folder / named[0]}" if named else "")
+    return FileNotFoundError(f"{folder / CONFIG} is missing: {needs}{hint}.")
+
+
 def check_adapter_folder(folder: Path) -> None:
     """Refuse, with the reason and the fix, a local GateRA adapter folder whose weights cannot be trusted.
 

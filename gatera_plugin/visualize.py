@@ -61,12 +61,19 @@ def load_adapter(adapter: str, base_model: Optional[str] = None, dtype: torch.dt
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import GateRAConfig  # noqa: F401  (registers GateRA with PEFT)
-    from .serialization import check_adapter_folder, folder_lock, is_gatera_type, read_config, saved_vocabulary_size
+    from .serialization import (
+        check_adapter_folder,
+        folder_lock,
+        is_gatera_type,
+        missing_adapter_config,
+        read_config,
+        saved_vocabulary_size,
+    )
 
     folder = Path(adapter)
     config_path = folder / "adapter_config.json"
     if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} is missing: pass a saved GateRA adapter folder.")
+        raise missing_adapter_config(folder, "pass a saved GateRA adapter folder")
     saved = read_config(folder)
     if not is_gatera_type(saved.get("peft_type")):
         raise ValueError(f"{folder} holds a {saved.get('peft_type')} adapter, not a GateRA one: it has no gates to "

@@ -569,3 +569,33 @@ def test_prune_structure_of_a_half_precision_adapter_compares_the_fp32_gate_as_g
     assert torch.sigmoid(alphas[0]).item() != expected
     values = model.base_model.prune_structure(0.01)["values"]
     assert next(iter(values.values())) == expected
+
+
+def test_gatera_prune_and_plot_name_the_subfolder_a_named_adapter_was_saved_in_and_refuse_pickles_clearly(
+        tmp_path, capsys):
+    """A save under another adapter name than "default" (or with `selected_adapters`) holds the adapter in a
+    subfolder named after it: prune and plot said "adapter_config.json is missing: pass a saved GateRA adapter
+    folder" of the folder the user had saved, and prune called a .bin save's safetensors "missing" (even with
+    GATERA_ALLOW_PICKLE=1). Both now name what to pass."""
+    from gatera_plugin.cli import main
+    from gatera_plugin.visualize import load_adapter
+
+    model = get_peft_model(tiny_llama(), GateRAConfig(r=4, target_modules=TARGETS, structure_gate=True),
+                           adapter_name="mine")
+    model.save_pretrained(tmp_path / "named")
+    assert main(["prune", str(tmp_path / "named"), "--threshold", "0.5", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "saved under their names in subfolders (mine): pass one of them, e.g. " in error
+    assert str(tmp_path / "named" / "mine") in error
+    with pytest.raises(FileNotFoundError, match=r"subfolders \(mine\): pass one of them"):
+        load_adapter(str(tmp_path / "named"))
+    assert main(["prune", str(tmp_path / "named" / "mine"), "--threshold", "0.5", "--out", str(tmp_path / "out")]) == 0
+
+    import gatera_plugin
+
+    with gatera_plugin.allow_pickle():
+        model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert main(["prune", str(tmp_path / "pickled" / "mine"), "--threshold", "0.5", "--out", str(tmp_path / "o2")]) == 2
+    assert "holds adapter_model.bin (pickled weights): `gatera prune` reads and writes adapter_model.safetensors " \
+           "only" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
