@@ -19,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-# a name that `write_json` gave a result because its own was taken: `<stem>-<n>.json`
-SIBLING_SUFFIX = r"-\d+\.json$"
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # (read once: os.umask is the only way, and it is process-wide)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, default: str) -> None:
@@ -37,14 +37,16 @@ def output_path(parser: argparse.ArgumentParser, args: argparse.Namespace, defau
     not set; else `default`, or where that exists, its first free sibling (`default_may_move=False`: refused as
     `args.out` is, for names that mean something, as bench/quality.py's)."""
     out = Path(args.out or default)
+    folder = next(path for path in out.parents if path.exists())
+    if not folder.is_dir():
+        parser.error(f"{out}: {folder} is a file, not a folder; pass --out elsewhere")
     if not out.exists() or args.overwrite:
         return out
     if args.out or not default_may_move:
         parser.error(f"{out} exists (README's tables quote the committed results): pass --out with a new path, "
                      f"or --overwrite to replace it")
     free = _free_sibling(out)
-    print(f"{out} exists (a committed result); this run writes {free} (--overwrite replaces {out.name})",
-          file=sys.stderr)
+    print(f"{out} exists (kept); this run writes {free} (--overwrite replaces {out.name})", file=sys.stderr)
     return free
 
 
@@ -64,9 +66,7 @@ def write_json(out: Path, data, overwrite: bool, **dumps_kwargs) -> Path:
     text = json.dumps(data, **dumps_kwargs) + "\n"
     with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False) as tmp:
         tmp.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp.name, 0o666 & ~umask)  # (as a plain write makes it: NamedTemporaryFile's are 0600)
+    os.chmod(tmp.name, 0o666 & ~_UMASK)  # (as a plain write makes it: NamedTemporaryFile's are 0600)
     try:
         if overwrite:
             os.replace(tmp.name, out)
@@ -87,7 +87,7 @@ def write_json(out: Path, data, overwrite: bool, **dumps_kwargs) -> Path:
 
 def _create_from(tmp: str, path: Path, text: str) -> None:
     """Give the written file `tmp` the name `path`, which must not exist (FileExistsError): a hard link, atomic; on a
-    filesystem without them, an exclusive create of `path` written with `text`."""
+    filesystem without them, an exclusive create of `path` written with `text` (not atomic there)."""
     try:
         os.link(tmp, path)
     except FileExistsError:

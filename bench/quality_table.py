@@ -40,8 +40,8 @@ EDGE = "edge: widen the grid"
 def load(results: Path) -> list[dict]:
     rows = []
     for path in sorted(results.glob("*.json")):
-        if re.search(r"-\d+\.json$", path.name):  # (bench/_results.py's name for a second result of one run)
-            first = re.sub(r"-\d+(?=\.json$)", "", path.name)
+        first = re.sub(r"-\d+(?=\.json$)", "", path.name)  # (bench/_results.py's name for a second result of one run)
+        if first != path.name and (results / first).exists():  # (not `__lr1e-05.json`: a rate's own exponent)
             print(f"skipped {path}: a second result of the run that wrote {first} (two runs of it at once); keep one "
                   "of the two under that name", file=sys.stderr)
             continue

@@ -43,8 +43,9 @@ def main() -> None:
     import deepspeed
     import torch
 
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
     marker.touch()
     ok(single_process(args.out / "single"))
     reference, reference_losses = adapter(args.out / "single"), losses(args.out / "single")

@@ -604,11 +604,14 @@ def test_an_existing_default_path_gives_the_run_a_free_name_where_the_name_means
     args = parser.parse_args([])
     if moves:
         assert output_path(parser, args, tmp_path / "r.json") == tmp_path / "r-3.json"
-        assert "r.json exists (a committed result); this run writes" in capsys.readouterr().err
+        assert "r.json exists (kept); this run writes" in capsys.readouterr().err
     else:
         with pytest.raises(SystemExit):
             output_path(parser, args, tmp_path / "r.json", default_may_move=False)
     assert output_path(parser, parser.parse_args(["--overwrite"]), tmp_path / "r.json") == tmp_path / "r.json"
+    with pytest.raises(SystemExit):  # (an --out below a file stops before measuring, not at the write)
+        output_path(parser, parser.parse_args(["--out", str(tmp_path / "r.json" / "x.json")]), tmp_path / "y.json")
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_quality_tables_skip_a_second_result_of_one_run(tmp_path, capsys):
@@ -617,8 +620,9 @@ def test_quality_tables_skip_a_second_result_of_one_run(tmp_path, capsys):
     row = {"task": "t", "method": "lora", "seed": 0, "eval_split": "val", "accuracy": 0.5, "gold_nll": 0.5}
     (tmp_path / "t__lora__seed0__val__lr0.001.json").write_text(json.dumps(row))
     (tmp_path / "t__lora__seed0__val__lr0.001-2.json").write_text(json.dumps({**row, "accuracy": 0.9}))
+    (tmp_path / "t__lora__seed0__val__lr1e-05.json").write_text(json.dumps(row))  # (a rate's exponent, not a copy)
     rows = _bench_module("quality_table").load(tmp_path)
-    assert [r["file"] for r in rows] == ["t__lora__seed0__val__lr0.001.json"]
+    assert [r["file"] for r in rows] == ["t__lora__seed0__val__lr0.001.json", "t__lora__seed0__val__lr1e-05.json"]
     assert "a second result of the run that wrote t__lora__seed0__val__lr0.001.json" in capsys.readouterr().err
 
 
