@@ -50,6 +50,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -600,9 +601,16 @@ def missing_adapter_config(folder: Path, needs: str) -> FileNotFoundError:
     another adapter name than "default" (or with `selected_adapters`) puts each adapter in a subfolder named after it:
     those are named."""
     folder = Path(folder)
-    named = sorted(path.parent.name for path in folder.glob(f"*/{CONFIG}")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return FileNotFoundError(f"{folder} {'is a file' if folder.exists() else 'does not exist'}: {needs}.")
+    held = [path.parent.name for path in folder.glob(f"*/{CONFIG}")]
+    checkpoints = sorted((name for name in held if re.fullmatch(r"checkpoint-\d+", name)),
+                         key=lambda name: int(name.removeprefix("checkpoint-")))
+    named = sorted(set(held) - set(checkpoints))
     hint = (f"; it holds adapters saved under their names in subfolders ({', '.join(named)}): pass one of them, e.g. "
-            f"{folder / named[0]}" if named else "")
+            f"{folder / named[0]}" if named else
+            f"; it holds Trainer checkpoints ({', '.join(checkpoints)}): pass one, e.g. the last, {folder / checkpoints[-1]}"
+            if checkpoints else "")
     return FileNotFoundError(f"{folder / CONFIG} is missing: {needs}{hint}.")
 
 

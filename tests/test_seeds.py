@@ -2,6 +2,7 @@
 then each kind's own behaviour (TS-PEFT threshold, structure pruning, DoRA = PEFT's DoRA, gate-sparse execution)."""
 
 import itertools
+import shutil
 import subprocess
 import sys
 
@@ -590,6 +591,16 @@ def test_gatera_prune_and_plot_name_the_subfolder_a_named_adapter_was_saved_in_a
     with pytest.raises(FileNotFoundError, match=r"subfolders \(mine\): pass one of them"):
         load_adapter(str(tmp_path / "named"))
     assert main(["prune", str(tmp_path / "named" / "mine"), "--threshold", "0.5", "--out", str(tmp_path / "out")]) == 0
+    for step in (200, 1000):  # a Trainer's output folder: its checkpoints are named, the last one suggested
+        model.save_pretrained(tmp_path / "run" / f"checkpoint-{step}", selected_adapters=["mine"])
+        (tmp_path / "run" / f"checkpoint-{step}" / "mine").rename(tmp_path / "run" / f"c{step}")
+        shutil.rmtree(tmp_path / "run" / f"checkpoint-{step}")
+        (tmp_path / "run" / f"c{step}").rename(tmp_path / "run" / f"checkpoint-{step}")
+    with pytest.raises(FileNotFoundError, match=r"Trainer checkpoints \(checkpoint-200, checkpoint-1000\): pass one, "
+                                                r"e\.g\. the last, .*checkpoint-1000"):
+        load_adapter(str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match=r"missing-folder does not exist"):
+        load_adapter(str(tmp_path / "missing-folder"))
 
     import gatera_plugin
 

@@ -1186,6 +1186,9 @@ def test_a_config_continuing_a_saved_adapter_is_read_as_describing_it(tmp_path, 
     with pytest.raises(ValueError, match=r"`keep_ratio` only applies to gate='threshold', got gate='sigmoid'.*"
                                          r"`gatera_keep_ratio` sets keep_ratio"):
         GateRAArgs.model_validate({**keys, "lora_model_dir": str(tmp_path / "sigmoid")})
+    # both an option the saved threshold gate refuses and one it takes: the reason given is the saved gate's
+    with pytest.raises(ValueError, match=r"`entropy_weight`=0.1 needs sigmoid token gates, but gate='threshold'"):
+        GateRAArgs.model_validate({**keys, "gatera_entropy_weight": 0.1})
 
 
 @pytest.mark.parametrize("adapter", ["lora", "qlora"])
@@ -1396,19 +1399,20 @@ def test_a_continued_threshold_adapter_reports_a_yaml_threshold_init_it_does_not
     assert "'gatera_threshold_init': (0.3, 0.1)" in report, report
 
 
-def test_a_gatera_key_on_the_command_line_is_refused_naming_the_yaml_key(monkeypatch):
+def test_a_gatera_key_on_the_command_line_is_refused_naming_the_yaml_key():
     """`axolotl train x.yml --launcher python --gatera-entropy-weight=0.2` trained with the YAML's weight (the `axolotl`
-    command hands options it does not know to the launcher, which the python launcher drops): refused when the plugin
-    registers, naming the key to set in the YAML; other options, and `python -m axolotl.cli.train`'s, pass."""
+    command, a click command, hands options it does not know to the launcher as extra arguments, which the python
+    launcher drops): refused when the plugin registers inside that command, naming the key to set in the YAML; other
+    extra arguments, and registering outside a click command (`python -m axolotl.cli.train`, fire), pass."""
+    import click
+
     from gatera_plugin.integrations.axolotl import GateRAPlugin
 
-    monkeypatch.setattr(sys, "argv", ["axolotl", "train", "x.yml", "--launcher", "python", "--learning-rate=0.5"])
     GateRAPlugin().register({})
-    monkeypatch.setattr(sys, "argv", ["axolotl", "train", "x.yml", "--launcher", "python",
-                                      "--gatera-entropy-weight=0.2"])
-    with pytest.raises(ValueError, match=r"--gatera-entropy-weight=0.2: the `axolotl` command passes on only "
-                                         r"Axolotl's own options.*Set `gatera_entropy_weight` in the YAML"):
+    with click.Context(click.Command("train")) as context:
+        context.args = ["--some-launcher-flag"]
         GateRAPlugin().register({})
-    # `python -m axolotl.cli.train x.yml --gatera_entropy_weight=0.3` (fire) applies it: not refused
-    monkeypatch.setattr(sys, "argv", ["/env/lib/axolotl/cli/train.py", "x.yml", "--gatera_entropy_weight=0.3"])
-    GateRAPlugin().register({})
+        context.args = ["--gatera-entropy-weight=0.2"]
+        with pytest.raises(ValueError, match=r"--gatera-entropy-weight=0.2: the `axolotl` command passes on only "
+                                             r"Axolotl's own options.*Set `gatera_entropy_weight` in the YAML"):
+            GateRAPlugin().register({})

@@ -24,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import sys
-from pathlib import Path
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
@@ -72,12 +70,16 @@ def gatera_config_from_axolotl(cfg, model, warn: bool = True) -> gatera_plugin.G
     written = {key: value for key, value in cfg.items() if value is not None}
     try:
         return _config_from_keys({**saved, **written}, model, warn)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError) as error:
         # a training option that the saved structure has no use for (an entropy weight for a saved threshold gate) is
         # judged where the adapter loads, naming the saved adapter (`_continued_config`: refused for training, applied
-        # for inference); the YAML is read as before, with the saved targets only
+        # for inference): the YAML is read as before, with the saved targets only; where that fails too, the reason
+        # judged against the saved structure is the one to give
         targets = {key: saved[key] for key in ("lora_target_modules",) if key in saved}
-        return _config_from_keys({**targets, **written}, model, warn=False)
+        try:
+            return _config_from_keys({**targets, **written}, model, warn=False)
+        except (ValueError, TypeError):
+            raise error from None
 
 
 def _config_from_keys(cfg, model, warn: bool) -> gatera_plugin.GateRAConfig:
@@ -333,14 +335,17 @@ def _prepare_kbit(model, checkpointing: bool, checkpointing_kwargs: dict, as_axo
     return prepare(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=checkpointing_kwargs)
 
 
-def _refuse_gatera_options_on_the_command_line(argv: list[str]) -> None:
-    """`axolotl train x.yml --gatera-entropy-weight=0.2`: the `axolotl` command knows only Axolotl's own config
-    options and hands the others to the launcher, where `--launcher python` dropped them without a word (the run
-    trained with the YAML's value) and accelerate refuses them as unrecognized. Refused, naming the YAML key to set
-    instead. (`python -m axolotl.cli.train x.yml --gatera_entropy_weight=0.2` does apply them: left alone.)"""
-    if not argv or Path(argv[0]).name != "axolotl":
-        return
-    given = [arg for arg in argv if arg.startswith(("--gatera-", "--gatera_"))]
+def _refuse_gatera_options_on_the_command_line() -> None:
+    """`axolotl train x.yml --gatera-entropy-weight=0.2` (also `python -m axolotl.cli.main train ...`): the `axolotl`
+    command knows only Axolotl's own config options and hands the others to the launcher (click's extra arguments),
+    where `--launcher python` dropped them without a word (the run trained with the YAML's value) and accelerate
+    refuses them as unrecognized. Refused, naming the YAML key to set instead. (`python -m axolotl.cli.train x.yml
+    --gatera_entropy_weight=0.2`, a fire command line without a click context, reads them into the config.)"""
+    import click
+
+    context = click.get_current_context(silent=True)
+    given = [arg for arg in (context.args if context is not None else ())
+             if isinstance(arg, str) and arg.startswith(("--gatera-", "--gatera_"))]
     if given:
         keys = ", ".join(f"`{arg.split('=', 1)[0][2:].replace('-', '_')}`" for arg in given)
         raise ValueError(f"{' '.join(given)}: the `axolotl` command passes on only Axolotl's own options, not a "
@@ -351,7 +356,7 @@ class GateRAPlugin(BasePlugin):
     """Axolotl plugin for `adapter: gatera`."""
 
     def register(self, cfg: dict):
-        _refuse_gatera_options_on_the_command_line(sys.argv)
+        _refuse_gatera_options_on_the_command_line()
         _patch_quantization_config()  # inert unless adapter == "gatera"
         if cfg.get("axolotl_config_path"):
             _CONFIG_AS_WRITTEN[cfg["axolotl_config_path"]] = frozenset(k for k, v in cfg.items() if v is not None)
