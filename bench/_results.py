@@ -50,6 +50,15 @@ def output_path(parser: argparse.ArgumentParser, args: argparse.Namespace, defau
     return free
 
 
+def output_path_by_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, smoke: bool,
+                        results: Path, name: str) -> tuple[Path, bool]:
+    """(path, overwrite) of a script with a CPU smoke mode: `results/<name>_smoke.json` for a smoke run without
+    `--out` (git ignores it; each smoke run replaces it), else `output_path` of `results/<name>.json`."""
+    if smoke and not args.out:
+        return results / f"{name}_smoke.json", True
+    return output_path(parser, args, results / f"{name}.json"), args.overwrite
+
+
 def _siblings(out: Path):
     """`<stem>-2.json`, `<stem>-3.json`, ..."""
     return (out.with_name(f"{out.stem}-{n}{out.suffix}") for n in itertools.count(2))

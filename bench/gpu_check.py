@@ -615,7 +615,7 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["a", "b", "c", "d", "e"], choices=["a", "b", "c", "d", "e"])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant in (b), (d) and (e)")
     parser.add_argument("--steps", type=int, default=30, help="SFTTrainer steps in (c)")
-    from _results import add_output_arguments, output_path, write_json
+    from _results import add_output_arguments, output_path_by_mode, write_json
 
     add_output_arguments(parser, "bench/results/gpu_check.json on CUDA, bench/results/gpu_check_smoke.json in "
                          "smoke mode, which git ignores and each smoke run replaces")
@@ -624,10 +624,7 @@ def main() -> None:
     import torch
 
     smoke = args.smoke or not torch.cuda.is_available()
-    if smoke and not args.out:
-        out, overwrite = ROOT / "bench" / "results" / "gpu_check_smoke.json", True
-    else:
-        out, overwrite = output_path(parser, args, ROOT / "bench" / "results" / "gpu_check.json"), args.overwrite
+    out, overwrite = output_path_by_mode(parser, args, smoke, ROOT / "bench" / "results", "gpu_check")
     device = torch.device("cpu" if smoke else "cuda")
     meta = {"mode": "smoke (CPU)" if smoke else "cuda", "torch": torch.__version__, "python": platform.python_version(),
             "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}

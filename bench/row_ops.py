@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeats", type=int, default=20)
-    from _results import add_output_arguments, output_path, write_json
+    from _results import add_output_arguments, output_path_by_mode, write_json
 
     add_output_arguments(parser, "bench/results/row_ops.json on CUDA, bench/results/row_ops_smoke.json in smoke "
                          "mode, which git ignores and each smoke run replaces")
@@ -109,10 +109,7 @@ def main() -> None:
     import torch
 
     smoke = args.smoke or not torch.cuda.is_available()
-    if smoke and not args.out:
-        out, overwrite = ROOT / "bench" / "results" / "row_ops_smoke.json", True
-    else:
-        out, overwrite = output_path(parser, args, ROOT / "bench" / "results" / "row_ops.json"), args.overwrite
+    out, overwrite = output_path_by_mode(parser, args, smoke, ROOT / "bench" / "results", "row_ops")
     print("tokens | d | op | torch ms | torch host us | triton ms | triton host us | triton / torch time")
     rows = measure(smoke, args.repeats)
     from _machine import machine_info
