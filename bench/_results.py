@@ -25,10 +25,11 @@ os.umask(_UMASK)  # (read once: os.umask is the only way, and it is process-wide
 
 def add_output_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     """`--out` (default: `default`, as the help shows it) and `--overwrite`."""
-    parser.add_argument("--out", default=None, help=f"JSON path (default {default}, or its first free -N sibling)")
+    parser.add_argument("--out", default=None, help=f"JSON path (default {default})")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the JSON if it exists (without it, an existing --out stops the script before it "
-                             "runs, and an existing default path gives this run a free -N sibling name)")
+                        help="replace the JSON if it exists (without it an existing file is kept: an existing --out "
+                             "stops the script before it runs; an existing default path gives this run a free -N "
+                             "sibling name, where the name does not identify the run)")
 
 
 def output_path(parser: argparse.ArgumentParser, args: argparse.Namespace, default: str | Path,

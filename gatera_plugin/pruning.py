@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from .serialization import (
     file_in_the_way,
     folder_lock,
     is_gatera_type,
+    is_trainer_checkpoint,
     missing_adapter_config,
     read_config,
     stamp_config,
@@ -125,8 +125,8 @@ def _other_adapters(src: Path, dst: Path) -> tuple[list[Path], list[str]]:
     output inside the source). Hidden folders (a save's staging) are passed over."""
     others, left_out = [], []
     for folder in sorted(path for path in src.iterdir() if path.is_dir() and not path.name.startswith(".")):
-        adapter = ((folder / CONFIG).exists() and not (folder / "trainer_state.json").exists()
-                   and not re.fullmatch(r"checkpoint-\d+", folder.name) and folder.resolve() != dst.resolve())
+        adapter = ((folder / CONFIG).exists() and not is_trainer_checkpoint(folder)
+                   and folder.resolve() != dst.resolve())
         (others.append(folder) if adapter else left_out.append(folder.name))
     return others, left_out
 

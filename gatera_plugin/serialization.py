@@ -596,21 +596,36 @@ def _files_signature(folder: Path) -> tuple:
 _passed_checks: dict[str, tuple] = {}  # folder -> _files_signature when it last passed check_adapter_folder
 
 
+def checkpoint_step(folder: Path) -> Optional[int]:
+    """N of a Trainer checkpoint folder `checkpoint-N`; None for any other name."""
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(folder).name)
+    return int(match[1]) if match else None
+
+
+def is_trainer_checkpoint(folder: Path) -> bool:
+    """Whether `folder` is a Trainer checkpoint (`checkpoint-N`, or one holding trainer_state.json), not an adapter
+    saved under its name."""
+    return checkpoint_step(folder) is not None or (Path(folder) / "trainer_state.json").exists()
+
+
 def missing_adapter_config(folder: Path, needs: str) -> FileNotFoundError:
     """The error for an adapter folder without adapter_config.json, `needs` saying what the caller takes. A save under
     another adapter name than "default" (or with `selected_adapters`) puts each adapter in a subfolder named after it:
-    those are named."""
+    those are named; so are a Trainer output folder's checkpoints (the last one suggested)."""
     folder = Path(folder)
     if not folder.is_dir():
         return FileNotFoundError(f"{folder} {'is a file' if folder.exists() else 'does not exist'}: {needs}.")
-    held = [path.parent.name for path in folder.glob(f"*/{CONFIG}")]
-    checkpoints = sorted((name for name in held if re.fullmatch(r"checkpoint-\d+", name)),
-                         key=lambda name: int(name.removeprefix("checkpoint-")))
-    named = sorted(set(held) - set(checkpoints))
-    hint = (f"; it holds adapters saved under their names in subfolders ({', '.join(named)}): pass one of them, e.g. "
-            f"{folder / named[0]}" if named else
-            f"; it holds Trainer checkpoints ({', '.join(checkpoints)}): pass one, e.g. the last, {folder / checkpoints[-1]}"
-            if checkpoints else "")
+    held = [path.parent for path in folder.glob(f"*/{CONFIG}")]
+    checkpoints = sorted((path for path in held if is_trainer_checkpoint(path)),
+                         key=lambda path: (checkpoint_step(path) or -1, path.name))
+    named = sorted(path.name for path in held if path not in checkpoints)
+    hint = ""
+    if named:
+        hint = (f"; it holds adapters saved under their names in subfolders ({', '.join(named)}): pass one of them, "
+                f"e.g. {folder / named[0]}")
+    elif checkpoints:
+        hint = (f"; it holds Trainer checkpoints ({', '.join(path.name for path in checkpoints)}): pass one, e.g. the "
+                f"last, {checkpoints[-1]}")
     return FileNotFoundError(f"{folder / CONFIG} is missing: {needs}{hint}.")
 
 
